@@ -1,0 +1,362 @@
+"""Configuration: one YAML file, validated at start into frozen dataclasses.
+
+Every problem is reported as one ``ConfigError`` naming the key, the value and
+what was expected; programs turn it into exit code 2. Relative paths are
+resolved against ``root_dir``, which defaults to the parent of the folder that
+holds the config file (the project root for ``config/config.yaml``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from shared.errors import ConfigError
+
+DEFAULT_CONFIG = "config/config.yaml"
+DEFAULT_REMOTE_COMMAND = "python interpreter.py && python moquisim.py"
+DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<total>\d+) batches\)"
+GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
+TRANSFER_METHODS = ("scp", "tar", "rsync")
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class ScannerConfig:
+    watch_path: Path
+    quiescence_period_seconds: float = 5.0
+    ready_marker: str | None = None
+    rescan_interval_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class HpcConfig:
+    host: str
+    user: str
+    identity_file: Path
+    known_hosts_file: Path
+    remote_base_dir: str
+    port: int = 22
+    ssh_command: tuple[str, ...] = ("ssh",)
+    scp_command: tuple[str, ...] = ("scp",)
+    pueue_command: tuple[str, ...] = ("pueue",)
+    connect_timeout_seconds: float = 10.0
+    command_timeout_seconds: float = 60.0
+    upload_timeout_seconds: float = 3600.0
+    control_dir: Path | None = None
+    control_persist_seconds: int = 600
+    remote_command: str = DEFAULT_REMOTE_COMMAND
+    transfer: str = "scp"
+    result_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    gpu: str | None = None
+    parallel: int = 1
+
+
+@dataclass(frozen=True)
+class PueueConfig:
+    groups: tuple[GroupConfig, ...]
+    resume_paused_groups: bool = False
+    log_lines: int = 15
+    progress_pattern: str = DEFAULT_PROGRESS_PATTERN
+
+
+@dataclass(frozen=True)
+class MainLoopConfig:
+    interval_seconds: float = 1.0
+    running_case_timeout_hours: float = 24.0
+    stuck_after_minutes: float = 60.0
+    max_attempts: int = 5
+    backoff_base_seconds: float = 30.0
+    backoff_cap_seconds: float = 900.0
+    lease_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    file: Path
+    level: str = "INFO"
+    max_bytes: int = 10 * 1024 * 1024
+    backup_count: int = 5
+    timezone: str = "Asia/Seoul"
+    json_stdout: bool = True
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass(frozen=True)
+class Config:
+    root_dir: Path
+    source: Path
+    scanner: ScannerConfig
+    hpc: HpcConfig
+    pueue: PueueConfig
+    main_loop: MainLoopConfig
+    database_path: Path
+    spool_path: Path
+    logging: LoggingConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    unhealthy_after_seconds: float = 300.0
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.logging.timezone)
+
+
+class _Section:
+    """Reads one mapping of the YAML file, remembering which keys were used."""
+
+    def __init__(self, name: str, data: Any, root: Path):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: got {data!r}, expected a mapping of keys")
+        self.name, self.data, self.root, self.used = name, data, root, set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def raw(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        value = self.data.get(key, default)
+        if value is _REQUIRED:
+            raise ConfigError(f"{self.key(key)}: missing, this key is required")
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED, *, minimum: float = 0,
+               integer: bool = False, positive: bool = False) -> Any:
+        value = self.raw(key, default)
+        kind = "an integer" if integer else "a number"
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            raise ConfigError(f"{self.key(key)}: got {value!r}, expected {kind}")
+        if value < minimum or (positive and value <= 0):
+            bound = f"> {minimum}" if positive else f">= {minimum}"
+            raise ConfigError(f"{self.key(key)}: got {value!r}, expected {kind} {bound}")
+        return value
+
+    def text(self, key: str, default: Any = _REQUIRED, *, optional: bool = False) -> Any:
+        value = self.raw(key, default)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{self.key(key)}: got {value!r}, expected a non-empty string")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(key)}: got {value!r}, expected true or false")
+        return value
+
+    def path(self, key: str, default: Any = _REQUIRED) -> Path:
+        value = Path(os.path.expanduser(self.text(key, default)))
+        return value if value.is_absolute() else (self.root / value)
+
+    def command(self, key: str, default: str) -> tuple[str, ...]:
+        value = self.text(key, default)
+        try:
+            words = tuple(shlex.split(value))
+        except ValueError as exc:
+            raise ConfigError(f"{self.key(key)}: got {value!r}, expected a command line ({exc})") from None
+        if not words:
+            raise ConfigError(f"{self.key(key)}: got {value!r}, expected a command line")
+        return words
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(key, default)
+        if value not in choices:
+            raise ConfigError(f"{self.key(key)}: got {value!r}, expected one of {', '.join(choices)}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used, key=str)
+        if unknown:
+            raise ConfigError(f"{self.key(str(unknown[0]))}: unknown key (check the spelling; "
+                              f"known keys: {', '.join(sorted(self.used))})")
+
+
+def _refuse_secrets(data: Any, prefix: str = "") -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{prefix}{key}"
+            if SECRET_KEY.search(str(key)):
+                raise ConfigError(f"{name}: passwords and passphrases are never accepted in the "
+                                  f"config; use key authentication (hpc.identity_file) with ssh-agent")
+            _refuse_secrets(value, f"{name}.")
+
+
+def _scanner(s: _Section) -> ScannerConfig:
+    marker = s.text("ready_marker", None, optional=True)
+    if marker is not None and ("/" in marker or marker in (".", "..")):
+        raise ConfigError(f"scanner.ready_marker: got {marker!r}, expected a plain file name")
+    return ScannerConfig(
+        watch_path=s.path("watch_path"),
+        quiescence_period_seconds=s.number("quiescence_period_seconds", 5),
+        ready_marker=marker,
+        rescan_interval_seconds=s.number("rescan_interval_seconds", 10, positive=True),
+    )
+
+
+def _hpc(s: _Section) -> HpcConfig:
+    control_dir = s.raw("control_dir", None)
+    return HpcConfig(
+        host=s.text("host"),
+        user=s.text("user"),
+        port=s.number("port", 22, minimum=1, integer=True),
+        identity_file=s.path("identity_file"),
+        known_hosts_file=s.path("known_hosts_file"),
+        remote_base_dir=s.text("remote_base_dir"),
+        ssh_command=s.command("ssh_command", "ssh"),
+        scp_command=s.command("scp_command", "scp"),
+        pueue_command=s.command("pueue_command", "pueue"),
+        connect_timeout_seconds=s.number("connect_timeout_seconds", 10, positive=True),
+        command_timeout_seconds=s.number("command_timeout_seconds", 60, positive=True),
+        upload_timeout_seconds=s.number("upload_timeout_seconds", 3600, positive=True),
+        control_dir=None if control_dir is None else s.path("control_dir"),
+        control_persist_seconds=s.number("control_persist_seconds", 600, integer=True),
+        remote_command=s.text("remote_command", DEFAULT_REMOTE_COMMAND),
+        transfer=s.choice("transfer", "scp", TRANSFER_METHODS),
+        result_files=_string_list(s, "result_files"),
+    )
+
+
+def _string_list(s: _Section, key: str) -> tuple[str, ...]:
+    value = s.raw(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{s.key(key)}: got {value!r}, expected a list of file names or globs")
+    for item in value:
+        if item.startswith("/") or ".." in Path(item).parts:
+            raise ConfigError(f"{s.key(key)}: got {item!r}, expected a path inside the case folder")
+    return tuple(value)
+
+
+def _group(name: Any, spec: Any) -> GroupConfig:
+    if not isinstance(name, str) or not GROUP_NAME.match(name):
+        raise ConfigError(f"pueue.groups: got group name {name!r}, expected letters, digits, '_', '-', '.'")
+    s = _Section(f"pueue.groups.{name}", spec, Path("."))
+    gpu = s.raw("gpu", None)
+    if gpu is not None and (isinstance(gpu, bool) or not re.fullmatch(r"[0-9A-Za-z,:-]+", str(gpu))):
+        raise ConfigError(f"pueue.groups.{name}.gpu: got {gpu!r}, expected a GPU index such as 0 or '0,1'")
+    group = GroupConfig(name=name, gpu=None if gpu is None else str(gpu),
+                        parallel=s.number("parallel", 1, minimum=1, integer=True))
+    s.finish()
+    return group
+
+
+def _pueue(s: _Section) -> PueueConfig:
+    raw_groups = s.raw("groups", {"default": {}})
+    if isinstance(raw_groups, list):
+        raw_groups = {name: {} for name in raw_groups}
+    if not isinstance(raw_groups, dict) or not raw_groups:
+        raise ConfigError(f"pueue.groups: got {raw_groups!r}, expected a non-empty mapping of group names")
+    pattern = s.text("progress_pattern", DEFAULT_PROGRESS_PATTERN)
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"pueue.progress_pattern: got {pattern!r}, expected a regular expression ({exc})") from None
+    if not {"done", "total"} <= set(compiled.groupindex):
+        raise ConfigError(f"pueue.progress_pattern: got {pattern!r}, expected named groups 'done' and 'total'")
+    return PueueConfig(
+        groups=tuple(_group(name, spec) for name, spec in raw_groups.items()),
+        resume_paused_groups=s.flag("resume_paused_groups", False),
+        log_lines=s.number("log_lines", 15, minimum=1, integer=True),
+        progress_pattern=pattern,
+    )
+
+
+def _main_loop(s: _Section) -> MainLoopConfig:
+    return MainLoopConfig(
+        interval_seconds=s.number("interval_seconds", 1, positive=True),
+        running_case_timeout_hours=s.number("running_case_timeout_hours", 24, positive=True),
+        stuck_after_minutes=s.number("stuck_after_minutes", 60, positive=True),
+        max_attempts=s.number("max_attempts", 5, minimum=1, integer=True),
+        backoff_base_seconds=s.number("backoff_base_seconds", 30),
+        backoff_cap_seconds=s.number("backoff_cap_seconds", 900),
+        lease_seconds=s.number("lease_seconds", 120, positive=True),
+    )
+
+
+def _logging(s: _Section) -> LoggingConfig:
+    tz = s.text("timezone", "Asia/Seoul")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"logging.timezone: got {tz!r}, expected an IANA time zone such as Asia/Seoul") from None
+    return LoggingConfig(
+        file=s.path("file", "logs/communicator_local.log"),
+        level=s.choice("level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        max_bytes=s.number("max_bytes", 10 * 1024 * 1024, minimum=1024, integer=True),
+        backup_count=s.number("backup_count", 5, integer=True),
+        timezone=tz,
+        json_stdout=s.flag("json_stdout", True),
+    )
+
+
+SECTIONS = ("root_dir", "scanner", "hpc", "pueue", "main_loop", "database", "spool",
+            "logging", "metrics", "health")
+
+
+def parse_config(data: Any, source: Path) -> Config:
+    """Validate the parsed YAML ``data`` read from ``source``; raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: got {type(data).__name__}, expected a mapping of sections")
+    _refuse_secrets(data)
+    for key in data:
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
+    root = Path(os.path.expanduser(str(data.get("root_dir") or source.resolve().parent.parent)))
+    sections = {name: _Section(name, data.get(name), root) for name in SECTIONS[1:]}
+    config = Config(
+        root_dir=root,
+        source=source,
+        scanner=_scanner(sections["scanner"]),
+        hpc=_hpc(sections["hpc"]),
+        pueue=_pueue(sections["pueue"]),
+        main_loop=_main_loop(sections["main_loop"]),
+        database_path=sections["database"].path("path", "database/mqi_communicator.db"),
+        spool_path=sections["spool"].path("path", "spool"),
+        logging=_logging(sections["logging"]),
+        metrics=MetricsConfig(host=sections["metrics"].text("host", "127.0.0.1"),
+                              port=sections["metrics"].number("port", 8000, minimum=1, integer=True)),
+        unhealthy_after_seconds=sections["health"].number("unhealthy_after_seconds", 300, positive=True),
+    )
+    for section in sections.values():
+        section.finish()
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the YAML file at ``path``; raise ConfigError naming the problem."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found (pass --config PATH or set MQIC_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    return parse_config(data, source)
+
+
+def default_config_path() -> str:
+    """``$MQIC_CONFIG`` when set, else ``config/config.yaml``."""
+    return os.environ.get("MQIC_CONFIG") or DEFAULT_CONFIG

@@ -1,0 +1,181 @@
+"""SQLite connection, transactions and forward-only schema migrations.
+
+One ``connect()`` sets WAL, ``busy_timeout``, ``synchronous=NORMAL`` and foreign
+keys, and brings the schema up to date. Connections are passed explicitly.
+Writers use ``transaction()`` (``BEGIN IMMEDIATE``); readers such as the monitor
+open with ``readonly=True`` (``query_only``) and never migrate.
+"""
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from shared.errors import MqicError
+
+CASE_STATUSES = "'submitted','submitting','running','completed','failed'"
+SLOT_STATUSES = "'available','assigned','zombie'"
+OUTCOMES = ("'success','failed','killed','timed_out','failed_to_spawn','vanished',"
+            "'cancelled','submit_error','rejected'")
+STAGES = "'incoming','queued','active','done','failed'"
+
+# Each entry moves the schema from version i to i+1. Never edit a released entry:
+# append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema.
+    f"""
+    CREATE TABLE cases (
+        case_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        case_name TEXT NOT NULL,
+        case_path TEXT NOT NULL,
+        source_path TEXT NOT NULL,
+        spool_stage TEXT NOT NULL CHECK (spool_stage IN ({STAGES})),
+        status TEXT NOT NULL CHECK (status IN ({CASE_STATUSES})),
+        progress REAL NOT NULL DEFAULT 0,
+        pueue_group TEXT,
+        pueue_task_id INTEGER,
+        remote_dir TEXT,
+        submitted_at REAL NOT NULL,
+        status_updated_at REAL NOT NULL,
+        started_at REAL,
+        completed_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        claimed_by TEXT,
+        lease_until REAL,
+        outcome TEXT CHECK (outcome IS NULL OR outcome IN ({OUTCOMES})),
+        exit_code INTEGER,
+        error_type TEXT,
+        error_message TEXT,
+        log_tail TEXT
+    );
+    CREATE TABLE gpu_resources (
+        pueue_group TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ({SLOT_STATUSES})),
+        assigned_case_id INTEGER REFERENCES cases(case_id),
+        gpu TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE case_events (
+        event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        case_id INTEGER NOT NULL REFERENCES cases(case_id),
+        from_status TEXT,
+        to_status TEXT NOT NULL,
+        at REAL NOT NULL,
+        worker TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE slot_events (
+        event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        pueue_group TEXT NOT NULL,
+        from_status TEXT,
+        to_status TEXT NOT NULL,
+        case_id INTEGER,
+        at REAL NOT NULL,
+        worker TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX cases_by_status ON cases(status, submitted_at, case_id);
+    CREATE INDEX events_by_case ON case_events(case_id, event_id);
+    """,
+    # 2: operator review flags, worker heartbeats, and the indexes the monitor needs.
+    """
+    ALTER TABLE cases ADD COLUMN needs_review INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE cases ADD COLUMN review_reason TEXT;
+    CREATE TABLE workers (
+        name TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat REAL NOT NULL
+    );
+    CREATE INDEX cases_by_update ON cases(status_updated_at);
+    CREATE INDEX cases_for_review ON cases(needs_review) WHERE needs_review = 1;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(MqicError):
+    """The database was written by a newer version of this program."""
+
+
+class IntegrityError(MqicError):
+    """``PRAGMA integrity_check`` reported damage."""
+
+
+def connect(path: str | Path, *, readonly: bool = False, busy_timeout_ms: int = 10_000,
+            migrate: bool = True) -> sqlite3.Connection:
+    """Open the database at ``path`` with the house pragmas.
+
+    Writers (default) get WAL, ``synchronous=NORMAL``, foreign keys and an
+    up-to-date schema. ``readonly=True`` opens an existing file in
+    ``query_only`` mode and never writes. Rows come back as ``sqlite3.Row``.
+    """
+    path = Path(path)
+    if readonly:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                               isolation_level=None, timeout=busy_timeout_ms / 1000)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    if migrate:
+        migrate_schema(conn)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolls back on any exception.
+
+    Re-entrant: inside an open transaction it simply joins it, so helpers that
+    each use ``transaction()`` can be combined into one atomic step.
+    """
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate_schema(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Apply the missing migrations up to ``target``; return the resulting version."""
+    with transaction(conn):
+        current = schema_version(conn)
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(f"database schema version {current} is newer than this "
+                               f"program's {SCHEMA_VERSION}; upgrade MQI Communicator")
+        for version in range(current, target):
+            for statement in _statements(MIGRATIONS[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        return schema_version(conn)
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def check_integrity(conn: sqlite3.Connection) -> None:
+    """Raise IntegrityError unless ``PRAGMA integrity_check`` says ok."""
+    rows = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+    if rows != ["ok"]:
+        raise IntegrityError("database integrity check failed: " + "; ".join(rows[:5]))

@@ -1,0 +1,48 @@
+"""Typed failures shared by every module.
+
+A remote call never returns ``None`` for "it went wrong": it raises one of the
+``RemoteFailure`` subclasses below, and only the caller decides what the failure
+means for a case. "Could not tell" (``Unreachable``, ``BadOutput``) is never
+"failed".
+"""
+from __future__ import annotations
+
+
+class MqicError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(MqicError):
+    """The configuration file is missing, unreadable or invalid (exit code 2)."""
+
+
+class ForbiddenTransition(MqicError):
+    """A status change that the ALLOWED table does not permit."""
+
+
+class UnknownStatus(MqicError):
+    """A status value read from the database that no enum member names."""
+
+
+class RemoteFailure(MqicError):
+    """Base of the failures of a remote (ssh/scp/pueue) action."""
+
+
+class Unreachable(RemoteFailure):
+    """The host could not be reached: ssh exit 255, a timeout, a refused connection."""
+
+
+class RemoteError(RemoteFailure):
+    """The remote command ran and failed."""
+
+    def __init__(self, argv: list[str], exit_code: int, stderr: str, stdout: str = ""):
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.stderr = stderr
+        self.stdout = stdout
+        detail = (stderr.strip() or stdout.strip())[-500:]
+        super().__init__(f"remote command exited {exit_code}: {' '.join(self.argv)[:300]}: {detail}")
+
+
+class BadOutput(RemoteFailure):
+    """The remote answered, but its output could not be parsed."""

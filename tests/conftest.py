@@ -1,0 +1,66 @@
+"""Shared fixtures: real SQLite files and real folders in tmp_path, never mocks."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from shared.config import Config, parse_config
+from shared.db import connect
+from shared.spool import Spool
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.05,
+               message: str = "condition") -> object:
+    """Poll ``condition`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def base_config_data(tmp_path: Path) -> dict:
+    """A valid config dict whose paths all live under ``tmp_path``."""
+    return {
+        "root_dir": str(tmp_path),
+        "scanner": {"watch_path": "incoming", "quiescence_period_seconds": 2},
+        "hpc": {"host": "127.0.0.1", "user": "root", "identity_file": "keys/id",
+                "known_hosts_file": "keys/known_hosts", "remote_base_dir": "remote"},
+        "pueue": {"groups": {"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}}},
+        "database": {"path": "db/test.db"},
+        "spool": {"path": "spool"},
+        "logging": {"file": "logs/test.log", "json_stdout": True},
+    }
+
+
+def make_config(tmp_path: Path, **overrides: dict) -> Config:
+    data = base_config_data(tmp_path)
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    source = tmp_path / "config.yaml"
+    source.write_text(yaml.safe_dump(data))
+    return parse_config(data, source)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "db" / "state.db"
+
+
+@pytest.fixture
+def conn(db_path: Path):
+    connection = connect(db_path)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool").ensure()

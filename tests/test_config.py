@@ -1,0 +1,109 @@
+"""Configuration: defaults, and one precise message (key, value, expectation) per mistake."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.config import load_config, parse_config
+from shared.errors import ConfigError
+from tests.conftest import base_config_data, make_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_is_valid():
+    config = load_config(REPO / "config" / "config.yaml")
+    assert config.root_dir == REPO
+    assert config.database_path == REPO / "database" / "mqi_communicator.db"
+    assert [g.name for g in config.pueue.groups] == ["gpu_a", "gpu_b"]
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    config = make_config(tmp_path)
+    assert config.scanner.watch_path == tmp_path / "incoming"
+    assert config.scanner.ready_marker is None
+    assert config.main_loop.running_case_timeout_hours == 24
+    assert config.hpc.remote_command == "python interpreter.py && python moquisim.py"
+    assert config.hpc.ssh_command == ("ssh",)
+    assert config.metrics.port == 8000 and config.metrics.host == "127.0.0.1"
+    assert config.logging.timezone == "Asia/Seoul"
+    assert config.pueue.groups[0].gpu == "0"
+
+
+def test_commands_are_split_into_words(tmp_path):
+    config = make_config(tmp_path, hpc={"ssh_command": "ssh -o 'ProxyJump=bastion host'"})
+    assert config.hpc.ssh_command == ("ssh", "-o", "ProxyJump=bastion host")
+
+
+BAD = [
+    ({"scanner": {"quiescence_period_seconds": "soon"}},
+     "scanner.quiescence_period_seconds: got 'soon', expected a number"),
+    ({"scanner": {"quiescence_period_seconds": -1}},
+     "scanner.quiescence_period_seconds: got -1, expected a number >= 0"),
+    ({"hpc": {"port": "22x"}}, "hpc.port: got '22x', expected an integer"),
+    ({"hpc": {"port": 0}}, "hpc.port: got 0, expected an integer >= 1"),
+    ({"hpc": {"host": ""}}, "hpc.host: got '', expected a non-empty string"),
+    ({"hpc": {"password": "hunter2"}}, "hpc.password: passwords and passphrases are never accepted"),
+    ({"hpc": {"key_passphrase": "x"}}, "hpc.key_passphrase: passwords and passphrases are never accepted"),
+    ({"hpc": {"transfer": "ftp"}}, "hpc.transfer: got 'ftp', expected one of scp, tar, rsync"),
+    ({"hpc": {"hots": "x"}}, "hpc.hots: unknown key"),
+    ({"hpc": {"ssh_command": "ssh -o 'unclosed"}}, "hpc.ssh_command: got \"ssh -o 'unclosed\", expected a command line"),
+    ({"hpc": {"result_files": ["/etc/passwd"]}}, "hpc.result_files: got '/etc/passwd', expected a path inside the case folder"),
+    ({"pueue": {"groups": {}}}, "pueue.groups: got {}, expected a non-empty mapping"),
+    ({"pueue": {"groups": {"gpu a;rm": {}}}}, "pueue.groups: got group name 'gpu a;rm'"),
+    ({"pueue": {"groups": {"gpu_a": {"gpu": "0; rm -rf /"}}}}, "pueue.groups.gpu_a.gpu: got '0; rm -rf /'"),
+    ({"pueue": {"progress_pattern": "(unclosed"}}, "pueue.progress_pattern: got '(unclosed', expected a regular expression"),
+    ({"pueue": {"progress_pattern": "batch (\\d+)"}}, "expected named groups 'done' and 'total'"),
+    ({"main_loop": {"max_attempts": 0}}, "main_loop.max_attempts: got 0, expected an integer >= 1"),
+    ({"main_loop": {"interval_seconds": 0}}, "main_loop.interval_seconds: got 0, expected a number > 0"),
+    ({"logging": {"timezone": "Mars/Olympus"}}, "logging.timezone: got 'Mars/Olympus', expected an IANA time zone"),
+    ({"logging": {"json_stdout": "yes"}}, "logging.json_stdout: got 'yes', expected true or false"),
+    ({"scanner": {"ready_marker": "../x"}}, "scanner.ready_marker: got '../x', expected a plain file name"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_values_name_key_value_and_expectation(tmp_path, override, message):
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, **override)
+    assert message in str(caught.value)
+
+
+def test_missing_required_key(tmp_path):
+    data = base_config_data(tmp_path)
+    del data["hpc"]["remote_base_dir"]
+    with pytest.raises(ConfigError, match=r"hpc.remote_base_dir: missing, this key is required"):
+        parse_config(data, tmp_path / "c.yaml")
+
+
+def test_unknown_section_and_non_mapping(tmp_path):
+    data = base_config_data(tmp_path) | {"hcp": {}}
+    with pytest.raises(ConfigError, match="hcp: unknown section"):
+        parse_config(data, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="scanner: got 'x', expected a mapping"):
+        parse_config(base_config_data(tmp_path) | {"scanner": "x"}, tmp_path / "c.yaml")
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("scanner: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_program_exits_2_with_one_clear_line(tmp_path):
+    data = base_config_data(tmp_path)
+    data["hpc"]["password"] = "secret"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = subprocess.run([sys.executable, "-m", "console.cli", "--config", str(path), "status"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert "hpc.password: passwords and passphrases are never accepted" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,208 @@
+"""The state machine: every allowed and forbidden move, compare-and-set races, migrations."""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from shared.db import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version
+from shared.errors import ForbiddenTransition, UnknownStatus
+from shared.states import ALLOWED, SLOT_ALLOWED, CaseStatus, SlotStatus
+from shared.store import (case_events, claim_next_case, get_case, get_slot, register_case,
+                          release_slot_of, sync_slots, transition, transition_slot, case_from_row)
+
+NOW = 1_700_000_000.0
+
+
+def new_case(conn, name="case", now=NOW):
+    return register_case(conn, case_name=name, source_path=f"/drop/{name}", now=now, worker="test")
+
+
+def force_status(conn, case_id, status):
+    conn.execute("UPDATE cases SET status = ? WHERE case_id = ?", (status.value, case_id))
+
+
+ALL_CASE_MOVES = list(itertools.product(CaseStatus, CaseStatus))
+
+
+@pytest.mark.parametrize("frm,to", ALL_CASE_MOVES, ids=[f"{a.value}->{b.value}" for a, b in ALL_CASE_MOVES])
+def test_every_case_move_is_allowed_or_refused(conn, frm, to):
+    case = new_case(conn)
+    force_status(conn, case.case_id, frm)
+    if to in ALLOWED[frm]:
+        assert transition(conn, case.case_id, frm, to, now=NOW + 1, worker="w", detail="why")
+        row = get_case(conn, case.case_id)
+        assert row.status is to and row.status_updated_at == NOW + 1
+        last = case_events(conn, case.case_id)[-1]
+        assert (last["from_status"], last["to_status"], last["worker"], last["detail"]) == (frm.value, to.value, "w", "why")
+    else:
+        with pytest.raises(ForbiddenTransition):
+            transition(conn, case.case_id, frm, to, now=NOW + 1, worker="w")
+        assert get_case(conn, case.case_id).status is frm
+
+
+def test_lifecycle_matches_the_specification():
+    s = CaseStatus
+    assert ALLOWED[s.SUBMITTED] >= {s.SUBMITTING}
+    assert ALLOWED[s.SUBMITTING] >= {s.RUNNING, s.SUBMITTED}
+    assert ALLOWED[s.RUNNING] >= {s.COMPLETED, s.FAILED}
+    assert ALLOWED[s.COMPLETED] == frozenset()
+    assert SLOT_ALLOWED == {
+        SlotStatus.AVAILABLE: {SlotStatus.ASSIGNED},
+        SlotStatus.ASSIGNED: {SlotStatus.AVAILABLE, SlotStatus.ZOMBIE},
+        SlotStatus.ZOMBIE: {SlotStatus.AVAILABLE},
+    }
+
+
+def test_stale_transition_loses_and_writes_no_event(conn):
+    case = new_case(conn)
+    assert transition(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTING, now=NOW, worker="a")
+    events = len(case_events(conn, case.case_id))
+    assert not transition(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTING, now=NOW, worker="b")
+    assert len(case_events(conn, case.case_id)) == events
+
+
+def test_guard_columns_must_still_hold(conn):
+    case = new_case(conn)
+    transition(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTING, now=NOW, worker="a",
+               fields={"claimed_by": "a"})
+    assert not transition(conn, case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=NOW,
+                          worker="b", guard={"claimed_by": "b"})
+    assert transition(conn, case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=NOW,
+                      worker="a", guard={"claimed_by": "a"}, fields={"pueue_task_id": 3})
+    assert get_case(conn, case.case_id).pueue_task_id == 3
+
+
+@pytest.mark.parametrize("frm,to", list(itertools.product(SlotStatus, SlotStatus)))
+def test_every_slot_move_is_allowed_or_refused(conn, frm, to):
+    case = new_case(conn)
+    sync_slots(conn, [("gpu_a", "0")], now=NOW, worker="t")
+    conn.execute("UPDATE gpu_resources SET status = ?, assigned_case_id = ?",
+                 (frm.value, None if frm is SlotStatus.AVAILABLE else case.case_id))
+    holder = None if frm is SlotStatus.AVAILABLE else case.case_id
+    if to in SLOT_ALLOWED[frm]:
+        assert transition_slot(conn, "gpu_a", frm, to, now=NOW, worker="w", case_id=case.case_id if holder is None else holder)
+        slot = get_slot(conn, "gpu_a")
+        assert slot.status is to
+        assert slot.assigned_case_id == (None if to is SlotStatus.AVAILABLE else case.case_id)
+    else:
+        with pytest.raises(ForbiddenTransition):
+            transition_slot(conn, "gpu_a", frm, to, now=NOW, worker="w", case_id=holder)
+
+
+def test_claim_takes_oldest_case_and_a_slot_atomically(conn):
+    sync_slots(conn, [("gpu_a", "0")], now=NOW, worker="t")
+    older, newer = new_case(conn, "old", NOW), new_case(conn, "new", NOW + 5)
+    claim = claim_next_case(conn, worker="sub-1", now=NOW + 10, lease_seconds=60)
+    assert claim.case.case_id == older.case_id and claim.group == "gpu_a" and claim.gpu == "0"
+    assert claim.case.status is CaseStatus.SUBMITTING and claim.case.claimed_by == "sub-1"
+    assert claim.case.lease_until == NOW + 70 and claim.case.attempts == 1
+    slot = get_slot(conn, "gpu_a")
+    assert slot.status is SlotStatus.ASSIGNED and slot.assigned_case_id == older.case_id
+    # No free slot: the newer case waits untouched.
+    assert claim_next_case(conn, worker="sub-1", now=NOW + 10, lease_seconds=60) is None
+    assert get_case(conn, newer.case_id).status is CaseStatus.SUBMITTED
+
+
+def test_claim_respects_backoff(conn):
+    sync_slots(conn, [("gpu_a", None)], now=NOW, worker="t")
+    case = new_case(conn)
+    conn.execute("UPDATE cases SET next_attempt_at = ? WHERE case_id = ?", (NOW + 100, case.case_id))
+    assert claim_next_case(conn, worker="w", now=NOW + 99, lease_seconds=60) is None
+    assert get_slot(conn, "gpu_a").status is SlotStatus.AVAILABLE
+    assert claim_next_case(conn, worker="w", now=NOW + 100, lease_seconds=60).case.case_id == case.case_id
+
+
+def test_release_slot_only_by_its_holder(conn):
+    sync_slots(conn, [("gpu_a", None)], now=NOW, worker="t")
+    new_case(conn)
+    claim = claim_next_case(conn, worker="w", now=NOW, lease_seconds=60)
+    other = new_case(conn, "other")
+    assert not transition_slot(conn, "gpu_a", SlotStatus.ASSIGNED, SlotStatus.AVAILABLE, now=NOW,
+                               worker="w", case_id=other.case_id)
+    assert release_slot_of(conn, claim.case, SlotStatus.ZOMBIE, now=NOW, worker="w")
+    assert get_slot(conn, "gpu_a").assigned_case_id == claim.case.case_id  # a zombie remembers whose
+
+
+def test_unknown_status_in_a_row_raises(conn):
+    case = new_case(conn)
+    conn.execute("PRAGMA ignore_check_constraints = ON")
+    conn.execute("UPDATE cases SET status = 'exploded' WHERE case_id = ?", (case.case_id,))
+    row = conn.execute("SELECT * FROM cases WHERE case_id = ?", (case.case_id,)).fetchone()
+    with pytest.raises(UnknownStatus):
+        case_from_row(row)
+
+
+def test_check_constraint_refuses_unknown_status(conn):
+    case = new_case(conn)
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE cases SET status = 'exploded' WHERE case_id = ?", (case.case_id,))
+
+
+def _claimer(db_path, worker, rounds, queue):
+    conn = connect(db_path)
+    won = []
+    for _ in range(rounds):
+        claim = claim_next_case(conn, worker=worker, now=NOW, lease_seconds=60)
+        if claim:
+            won.append(claim.case.case_id)
+            # Give the slot back so the race goes on for the next case.
+            transition(conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=NOW, worker=worker)
+            release_slot_of(conn, claim.case, SlotStatus.AVAILABLE, now=NOW, worker=worker)
+    queue.put(won)
+
+
+def test_processes_racing_for_the_same_cases_never_share_one(db_path):
+    conn = connect(db_path)
+    sync_slots(conn, [("gpu_a", None), ("gpu_b", None)], now=NOW, worker="t")
+    ids = [new_case(conn, f"c{i}").case_id for i in range(40)]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(db_path, f"w{i}", 40, queue)) for i in range(4)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    claimed = [cid for won in results for cid in won]
+    assert sorted(claimed) == ids  # every case exactly once
+    assert all(len(won) > 0 for won in results) or len(claimed) == len(ids)
+    moves = conn.execute("SELECT case_id, COUNT(*) FROM case_events WHERE to_status='submitting' GROUP BY case_id").fetchall()
+    assert all(count == 1 for _, count in moves)
+
+
+def test_migrates_an_old_database_forward_keeping_rows(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    migrate_schema(old, target=1)
+    old.execute("INSERT INTO cases (case_name, case_path, source_path, spool_stage, status, submitted_at,"
+                " status_updated_at) VALUES ('legacy', '/s/q/1_legacy', '/d/legacy', 'queued', 'submitted', 1, 1)")
+    old.close()
+    conn = connect(path)
+    assert schema_version(conn) == SCHEMA_VERSION == len(MIGRATIONS)
+    case = get_case(conn, 1)
+    assert case.case_name == "legacy" and case.needs_review is False
+    assert conn.execute("SELECT COUNT(*) FROM workers").fetchone()[0] == 0
+    check_integrity(conn)
+    connect(path).close()  # opening again is a no-op
+
+
+def test_refuses_a_database_from_a_newer_program(tmp_path):
+    path = tmp_path / "new.db"
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(SchemaTooNew):
+        connect(path)
+
+
+def test_connection_pragmas_and_readonly(db_path, conn):
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    new_case(conn)
+    reader = connect(db_path, readonly=True)
+    assert reader.execute("SELECT COUNT(*) FROM cases").fetchone()[0] == 1
+    with pytest.raises(sqlite3.OperationalError):
+        reader.execute("DELETE FROM cases")
