@@ -25,6 +25,10 @@ DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<tot
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
 TRANSFER_METHODS = ("scp", "tar", "rsync")
+SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")
+INSECURE_SSH_OPTION = re.compile(
+    r"StrictHostKeyChecking\s*=?\s*(no|off|accept-new)|PasswordAuthentication\s*=?\s*yes|"
+    r"BatchMode\s*=?\s*no|UserKnownHostsFile\s*=?\s*/dev/null", re.IGNORECASE)
 _REQUIRED = object()
 
 
@@ -170,6 +174,9 @@ class _Section:
 
     def command(self, key: str, default: str) -> tuple[str, ...]:
         value = self.text(key, default)
+        if INSECURE_SSH_OPTION.search(value):
+            raise ConfigError(f"{self.key(key)}: got {value!r}, expected no option that weakens "
+                              f"key or host-key checking (hosts are verified against hpc.known_hosts_file)")
         try:
             words = tuple(shlex.split(value))
         except ValueError as exc:
@@ -221,7 +228,7 @@ def _hpc(s: _Section) -> HpcConfig:
         port=s.number("port", 22, minimum=1, integer=True),
         identity_file=s.path("identity_file"),
         known_hosts_file=s.path("known_hosts_file"),
-        remote_base_dir=s.text("remote_base_dir"),
+        remote_base_dir=_remote_path(s, "remote_base_dir"),
         ssh_command=s.command("ssh_command", "ssh"),
         scp_command=s.command("scp_command", "scp"),
         pueue_command=s.command("pueue_command", "pueue"),
@@ -234,6 +241,16 @@ def _hpc(s: _Section) -> HpcConfig:
         transfer=s.choice("transfer", "scp", TRANSFER_METHODS),
         result_files=_string_list(s, "result_files"),
     )
+
+
+def _remote_path(s: _Section, key: str) -> str:
+    value = s.text(key)
+    if not SAFE_REMOTE_PATH.match(value) or value.startswith("~") and value not in ("~",) and not value.startswith("~/"):
+        raise ConfigError(f"{s.key(key)}: got {value!r}, expected an absolute path or one under ~/ "
+                          f"made of letters, digits and _ . / + -")
+    if not value.startswith(("/", "~")):
+        raise ConfigError(f"{s.key(key)}: got {value!r}, expected an absolute path or one under ~/")
+    return value.rstrip("/") or "/"
 
 
 def _string_list(s: _Section, key: str) -> tuple[str, ...]:

@@ -1,6 +1,9 @@
 """Shared fixtures: real SQLite files and real folders in tmp_path, never mocks."""
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,7 +35,7 @@ def base_config_data(tmp_path: Path) -> dict:
         "root_dir": str(tmp_path),
         "scanner": {"watch_path": "incoming", "quiescence_period_seconds": 2},
         "hpc": {"host": "127.0.0.1", "user": "root", "identity_file": "keys/id",
-                "known_hosts_file": "keys/known_hosts", "remote_base_dir": "remote"},
+                "known_hosts_file": "keys/known_hosts", "remote_base_dir": "/tmp/mqic-remote"},
         "pueue": {"groups": {"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}}},
         "database": {"path": "db/test.db"},
         "spool": {"path": "spool"},
@@ -64,3 +67,38 @@ def conn(db_path: Path):
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool").ensure()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """One real sshd on 127.0.0.1 for the whole session (tests that stop it restart it)."""
+    from sandbox.sshd import SandboxSshd
+
+    server = SandboxSshd(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def hpc_overrides(endpoint, remote_base: Path, control_dir: Path, **extra) -> dict:
+    return {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user,
+            "identity_file": str(endpoint.identity_file),
+            "known_hosts_file": str(endpoint.known_hosts_file),
+            "remote_base_dir": str(remote_base), "control_dir": str(control_dir),
+            "connect_timeout_seconds": 3, "command_timeout_seconds": 20, **extra}
+
+
+@pytest.fixture
+def remote_config(tmp_path, sshd):
+    """A config whose HPC is the sandbox sshd; the remote base dir lives in tmp_path."""
+    if not sshd.is_running():
+        sshd.start()
+    control = Path(f"/tmp/mqic-t-{os.getpid()}-{next(_counter)}")
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", control))
+    yield config
+    from shared.remote import Remote
+    Remote(config.hpc).close()
+    shutil.rmtree(control, ignore_errors=True)
+
+
+_counter = itertools.count()

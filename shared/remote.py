@@ -1,0 +1,309 @@
+"""Everything that crosses to the HPC: ssh commands, uploads and downloads, through plumbum.
+
+Security: key authentication only (``BatchMode``, no passwords), strict host-key
+checking against ``hpc.known_hosts_file``, and every word that reaches the remote
+shell is quoted with ``shlex.quote``. Our mandatory options come first on every
+command line because ssh keeps the first value it sees for an option.
+
+Speed: one shared connection per host (``ControlMaster``) under a private control
+directory, so all workers multiplex over it. The master is started explicitly and
+detached; commands use ``ControlMaster=no``, which multiplexes when the master is up
+and quietly connects directly when it is not, so a dead master never blocks a call.
+
+Failures are typed (``shared.errors``): ``Unreachable`` for ssh exit 255, timeouts
+and connection errors; ``RemoteError`` when the remote command failed; the caller
+decides what they mean. No retries and no sleeps here.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import tarfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from filelock import FileLock
+from plumbum import local
+from plumbum.commands.processes import ProcessTimedOut
+
+from shared.config import HpcConfig
+from shared.errors import BadOutput, RemoteError, RemoteFailure, Unreachable
+
+SSH_UNREACHABLE = 255
+UPLOAD_PREFIX = ".mqic-upload-"
+CONNECTION_TROUBLE = re.compile(
+    r"Connection (refused|closed|reset|timed out)|lost connection|Broken pipe|"
+    r"Could not resolve|No route to host|Network is unreachable|kex_exchange_identification|"
+    r"Connection to .* closed by remote host|port \d+: Operation timed out", re.IGNORECASE)
+
+
+class VerifyFailed(RemoteFailure):
+    """An upload arrived, but its file count or size differs from the local folder."""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    remote_dir: str
+    files: int
+    bytes: int
+
+
+def folder_manifest(folder: Path) -> tuple[int, int]:
+    """(file count, total bytes) of the regular files under ``folder``, as find(1) sees them."""
+    files = size = 0
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                files += 1
+                size += os.path.getsize(path)
+    return files, size
+
+
+def remote_path_expr(path: str) -> str:
+    """A shell word for ``path`` with a leading ``~`` expanded by the remote shell."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+# Verify an upload by file count and bytes, then rename it into place; exit 4 on mismatch.
+FINALIZE_SCRIPT = r"""
+tmp=$1 final=$2 want="$3 $4"
+got=$(cd -- "$tmp" && find . -type f -printf '%s\n' | awk '{n++; b+=$1} END {printf "%.0f %.0f", n, b}') || exit 3
+if [ "$got" != "$want" ]; then echo "upload mismatch: got files/bytes $got, want $want" >&2; exit 4; fi
+rm -rf -- "$final" && mv -- "$tmp" "$final" && printf 'moved:%s' "$final"
+"""
+
+# Stream the named result files (globs relative to the case dir) as a tar archive.
+RESULTS_SCRIPT = r"""
+cd -- "$1" || exit 3
+shift
+for pattern in "$@"; do
+  for f in $pattern; do [ -e "$f" ] && printf '%s\0' "$f"; done
+done | tar --null -T - -cf -
+"""
+
+
+class Remote:
+    """The HPC as seen over ssh. Implements the ``Runner`` protocol of ``shared.pueue``."""
+
+    def __init__(self, hpc: HpcConfig):
+        self.hpc = hpc
+        self.control_dir = hpc.control_dir or Path(f"/tmp/mqic-ssh-{os.getuid()}")
+        key = f"{hpc.user}@{hpc.host}:{hpc.port}".encode()
+        self.control_path = self.control_dir / hashlib.sha1(key).hexdigest()[:20]
+        self._base_dir: str | None = None
+        self._master_lock = threading.Lock()
+
+    # -- command lines -------------------------------------------------------------------
+    def _common_options(self) -> list[str]:
+        hpc = self.hpc
+        return [
+            "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
+            "-o", "KbdInteractiveAuthentication=no", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={hpc.known_hosts_file}", "-o", "IdentitiesOnly=yes",
+            "-i", str(hpc.identity_file), "-o", f"ConnectTimeout={int(hpc.connect_timeout_seconds)}",
+            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+            "-o", f"ControlPath={self.control_path}",
+        ]
+
+    @property
+    def destination(self) -> str:
+        return f"{self.hpc.user}@{self.hpc.host}"
+
+    def ssh_command(self, *, master: bool = False):
+        exe, *extra = self.hpc.ssh_command
+        mux = (["-M", "-N", "-f", "-o", "ControlMaster=yes",
+                "-o", f"ControlPersist={self.hpc.control_persist_seconds}"]
+               if master else ["-o", "ControlMaster=no"])
+        return local[exe][(*self._common_options(), *mux, "-p", str(self.hpc.port), *extra)]
+
+    def scp_command(self):
+        exe, *extra = self.hpc.scp_command
+        return local[exe][(*self._common_options(), "-o", "ControlMaster=no", "-P", str(self.hpc.port),
+                           "-q", *extra)]
+
+    # -- connection reuse ---------------------------------------------------------------
+    def ensure_master(self) -> None:
+        """Start the shared ControlMaster connection unless one is already listening."""
+        self.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.control_dir, 0o700)
+        with self._master_lock, FileLock(str(self.control_dir / f"{self.hpc.host}.lock"), timeout=60):
+            if self._master_alive():
+                return
+            self.control_path.unlink(missing_ok=True)  # stale: its master is gone
+            master = self.ssh_command(master=True)[self.destination]
+            try:
+                master.run(retcode=None, timeout=self.hpc.connect_timeout_seconds + 5,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            except ProcessTimedOut:
+                pass  # commands then connect directly and report the real problem
+
+    def _master_alive(self) -> bool:
+        if not self.control_path.exists():
+            return False
+        check = self.ssh_command()["-O", "check", self.destination]
+        code, _out, _err = check.run(retcode=None, timeout=5)
+        return code == 0
+
+    def close(self) -> None:
+        """Stop the shared master connection (other workers start a new one when needed)."""
+        self.ssh_command()["-O", "exit", self.destination].run(retcode=None, timeout=5)
+
+    # -- running commands -----------------------------------------------------------------
+    def run(self, argv: Sequence[str], *, timeout: float | None = None) -> str:
+        """Run ``argv`` on the HPC (each word quoted); return stdout or raise a RemoteFailure."""
+        return self.run_shell(" ".join(shlex.quote(str(word)) for word in argv), timeout=timeout,
+                              argv=argv)
+
+    def run_shell(self, command: str, *, timeout: float | None = None,
+                  argv: Sequence[str] | None = None) -> str:
+        """Run an already quoted shell ``command`` on the HPC; return stdout."""
+        self.ensure_master()
+        ssh = self.ssh_command()[self.destination, "--", command]
+        limit = timeout or self.hpc.command_timeout_seconds
+        try:
+            code, out, err = ssh.run(retcode=None, timeout=limit, stdin=subprocess.DEVNULL)
+        except ProcessTimedOut:
+            raise Unreachable(f"{self.hpc.host}: no answer within {limit:g}s") from None
+        if code == SSH_UNREACHABLE:
+            raise Unreachable(f"{self.hpc.host}: ssh failed: {err.strip()[-300:] or 'exit 255'}")
+        if code != 0:
+            raise RemoteError(list(argv) if argv is not None else [command], code, err, out)
+        return out
+
+    def run_script(self, script: str, *args: str, timeout: float | None = None) -> str:
+        """Run a POSIX ``sh`` script with positional ``args`` (never interpolated into it)."""
+        return self.run(["sh", "-c", script, "sh", *args], timeout=timeout)
+
+    # -- paths ------------------------------------------------------------------------------
+    def base_dir(self) -> str:
+        """The absolute remote base directory (``~`` expanded remotely), created if missing."""
+        if self._base_dir is None:
+            word = remote_path_expr(self.hpc.remote_base_dir)
+            out = self.run_shell(f"mkdir -p -- {word} && cd -- {word} && pwd -P")
+            lines = [line for line in out.splitlines() if line.strip()]
+            if not lines or not lines[-1].startswith("/"):
+                raise BadOutput(f"cannot resolve remote_base_dir {self.hpc.remote_base_dir!r}: {out[-200:]!r}")
+            self._base_dir = lines[-1]
+        return self._base_dir
+
+    def remote_case_dir(self, folder_name: str) -> str:
+        return f"{self.base_dir()}/{folder_name}"
+
+    # -- transfers ----------------------------------------------------------------------------
+    def upload(self, local_dir: Path, folder_name: str, *, case_id: int,
+               timeout: float | None = None) -> UploadResult:
+        """Copy ``local_dir`` to ``<base>/<folder_name>`` so that it is complete or absent.
+
+        The copy lands under a temporary name, is verified by file count and bytes,
+        and only then renamed into place (replacing an earlier partial attempt).
+        Raises Unreachable, RemoteError or VerifyFailed.
+        """
+        files, size = folder_manifest(local_dir)
+        base = self.base_dir()
+        temp = f"{base}/{UPLOAD_PREFIX}{case_id}-{secrets.token_hex(4)}"
+        self.run_shell(f"rm -rf -- {shlex.quote(base)}/{UPLOAD_PREFIX}{case_id}-*")
+        limit = timeout or self.hpc.upload_timeout_seconds
+        if self.hpc.transfer == "tar":
+            self._upload_tar(local_dir, temp, limit)
+        elif self.hpc.transfer == "rsync":
+            self._upload_rsync(local_dir, temp, limit)
+        else:
+            self._upload_scp(local_dir, temp, limit)
+        final = f"{base}/{folder_name}"
+        self.finalize_upload(temp, final, files, size)
+        return UploadResult(remote_dir=final, files=files, bytes=size)
+
+    def finalize_upload(self, temp: str, final: str, files: int, size: int) -> None:
+        """Verify ``temp`` holds ``files`` files of ``size`` bytes, then rename it to ``final``."""
+        try:
+            out = self.run_script(FINALIZE_SCRIPT, temp, final, str(files), str(size))
+        except RemoteError as exc:
+            if exc.exit_code == 4:
+                raise VerifyFailed(exc.stderr.strip()) from None
+            raise
+        if not out.endswith(f"moved:{final}"):
+            raise BadOutput(f"upload finalize printed {out[-200:]!r}")
+
+    def _transfer(self, command, limit: float, what: str) -> None:
+        try:
+            code, out, err = command.run(retcode=None, timeout=limit, stdin=subprocess.DEVNULL)
+        except ProcessTimedOut:
+            raise Unreachable(f"{what}: no progress within {limit:g}s") from None
+        if code == 0:
+            return
+        if code == SSH_UNREACHABLE or CONNECTION_TROUBLE.search(err):
+            raise Unreachable(f"{what}: {err.strip()[-300:] or f'exit {code}'}")
+        raise RemoteError([what], code, err, out)
+
+    def _upload_scp(self, local_dir: Path, temp: str, limit: float) -> None:
+        self.ensure_master()
+        scp = self.scp_command()["-r", "--", str(local_dir), f"{self.destination}:{temp}"]
+        self._transfer(scp, limit, "scp upload")
+
+    def _upload_tar(self, local_dir: Path, temp: str, limit: float) -> None:
+        self.ensure_master()
+        remote = f"mkdir -p -- {shlex.quote(temp)} && tar -C {shlex.quote(temp)} -xf -"
+        pipeline = local["tar"]["-C", str(local_dir), "-cf", "-", "."] | \
+            self.ssh_command()[self.destination, "--", remote]
+        self._transfer(pipeline, limit, "tar upload")
+
+    def _upload_rsync(self, local_dir: Path, temp: str, limit: float) -> None:
+        self.ensure_master()
+        exe, *extra = self.hpc.ssh_command
+        shell = " ".join(shlex.quote(w) for w in (exe, *self._common_options(), "-o", "ControlMaster=no",
+                                                   "-p", str(self.hpc.port), *extra))
+        rsync = local["rsync"]["-a", "--partial", "-e", shell, "--", f"{local_dir}/",
+                               f"{self.destination}:{temp}/"]
+        self._transfer(rsync, limit, "rsync upload")
+
+    def download_results(self, remote_dir: str, patterns: Sequence[str], local_dir: Path, *,
+                         timeout: float | None = None) -> list[str]:
+        """Fetch the files matching ``patterns`` in ``remote_dir`` into ``local_dir``.
+
+        Streams one tar archive over the shared connection and extracts it with the
+        ``data`` filter, so nothing can land outside ``local_dir``. Returns the
+        extracted names (possibly empty when nothing matched).
+        """
+        if not patterns:
+            return []
+        self.ensure_master()
+        command = " ".join(shlex.quote(w) for w in ("sh", "-c", RESULTS_SCRIPT, "sh", remote_dir, *patterns))
+        ssh = self.ssh_command()[self.destination, "--", command]
+        proc = ssh.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        names = []
+        timer = threading.Timer(timeout or self.hpc.command_timeout_seconds, proc.kill)
+        timer.start()
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
+                for member in archive:
+                    archive.extract(member, local_dir, filter="data")
+                    names.append(member.name)
+        except tarfile.ReadError as exc:
+            proc.wait()
+            self._raise_for(proc, "download results", exc)
+        finally:
+            timer.cancel()
+        proc.wait()
+        self._raise_for(proc, "download results", None)
+        return names
+
+    def _raise_for(self, proc, what: str, problem: Exception | None) -> None:
+        err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+        if proc.returncode == 0 and problem is None:
+            return
+        if proc.returncode in (SSH_UNREACHABLE, -9) or CONNECTION_TROUBLE.search(err):
+            raise Unreachable(f"{what}: {err.strip()[-300:] or f'exit {proc.returncode}'}")
+        if proc.returncode != 0:
+            raise RemoteError([what], proc.returncode, err)
+        raise BadOutput(f"{what}: not a tar stream ({problem})")

@@ -1,0 +1,152 @@
+"""The remote layer against a real sshd: quoting, typed failures, uploads, downloads, reuse."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from sandbox.sshd import SandboxSshd
+from shared.errors import RemoteError, Unreachable
+from shared.remote import Remote, VerifyFailed, folder_manifest
+from tests.conftest import hpc_overrides, make_config
+
+HOSTILE = ["plain", "with space", "quote'single", 'quote"double', "dollar $(touch pwned) ${HOME}",
+           "semi;colon", "back`tick`", "유니코드 케이스", "-leading-dash", "new\nline", "star*glob?"]
+
+
+def make_case(folder, files=3):
+    folder.mkdir(parents=True)
+    for i in range(files):
+        (folder / f"layer_{i}.ptn").write_bytes(os.urandom(1000 + i))
+    (folder / "sub dir").mkdir()
+    (folder / "sub dir" / "PlanInfo.txt").write_text("DICOM_BEAM_NUMBER,1\n")
+    return folder
+
+
+def test_run_returns_stdout_and_quotes_every_word(remote_config):
+    remote = Remote(remote_config.hpc)
+    for word in HOSTILE:
+        assert remote.run(["printf", "%s", word]) == word
+    assert not os.path.exists("pwned")
+
+
+def test_remote_command_failure_is_remote_error(remote_config):
+    remote = Remote(remote_config.hpc)
+    with pytest.raises(RemoteError) as caught:
+        remote.run(["sh", "-c", "echo nope >&2; exit 3"])
+    assert caught.value.exit_code == 3 and "nope" in caught.value.stderr
+
+
+def test_tilde_base_dir_is_expanded_remotely(tmp_path, sshd):
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path, tmp_path / "cm",
+                                                     remote_base_dir="~/mqic-test-base"))
+    remote = Remote(config.hpc)
+    assert remote.base_dir() == os.path.expanduser("~/mqic-test-base")
+    os.rmdir(os.path.expanduser("~/mqic-test-base"))
+    remote.close()
+
+
+@pytest.mark.parametrize("transfer", ["scp", "tar", "rsync"])
+def test_upload_lands_complete_under_final_name(tmp_path, sshd, transfer):
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm",
+                                                     transfer=transfer))
+    remote = Remote(config.hpc)
+    local = make_case(tmp_path / "local" / "case")
+    for case_id, name in enumerate(HOSTILE):
+        result = remote.upload(local, f"{case_id}_{name}", case_id=case_id)
+        assert result.remote_dir == f"{tmp_path}/remote/{case_id}_{name}"
+        assert folder_manifest(tmp_path / "remote" / f"{case_id}_{name}") == folder_manifest(local)
+        assert (tmp_path / "remote" / f"{case_id}_{name}" / "sub dir" / "PlanInfo.txt").exists()
+    assert not [p for p in os.listdir(tmp_path / "remote") if p.startswith(".mqic-upload")]
+    remote.close()
+
+
+def test_upload_replaces_a_leftover_partial_attempt(remote_config, tmp_path):
+    remote = Remote(remote_config.hpc)
+    local = make_case(tmp_path / "local" / "c")
+    base = tmp_path / "remote"
+    base.mkdir()
+    (base / ".mqic-upload-7-deadbeef").mkdir()  # a crashed attempt
+    (base / "7_c").mkdir()
+    (base / "7_c" / "stale").write_text("old")
+    remote.upload(local, "7_c", case_id=7)
+    assert not (base / ".mqic-upload-7-deadbeef").exists()
+    assert not (base / "7_c" / "stale").exists()
+
+
+def test_verify_catches_a_mismatch(remote_config, tmp_path):
+    remote = Remote(remote_config.hpc)
+    local = make_case(tmp_path / "local" / "c")
+    with pytest.raises(VerifyFailed, match="upload mismatch"):
+        remote.finalize_upload(str(local), str(tmp_path / "final"), 999, 1)
+    assert not (tmp_path / "final").exists()
+
+
+def test_unwritable_remote_dir_is_remote_error(tmp_path, sshd):
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, "/proc/mqic-nope", tmp_path / "cm"))
+    with pytest.raises(RemoteError):
+        Remote(config.hpc).upload(make_case(tmp_path / "c"), "1_c", case_id=1)
+
+
+def test_download_results_fetches_globs_and_stays_inside(remote_config, tmp_path):
+    remote = Remote(remote_config.hpc)
+    rdir = tmp_path / "remote" / "5_case"
+    (rdir / "output").mkdir(parents=True)
+    (rdir / "output" / "dose.raw").write_bytes(b"\0" * 100)
+    (rdir / "Dose.mhd").write_text("hdr")
+    (rdir / "other.txt").write_text("no")
+    dest = tmp_path / "local"
+    dest.mkdir()
+    names = remote.download_results(str(rdir), ["output/*.raw", "*.mhd", "missing*"], dest)
+    assert sorted(names) == ["Dose.mhd", "output/dose.raw"]
+    assert (dest / "output" / "dose.raw").stat().st_size == 100 and not (dest / "other.txt").exists()
+
+
+def test_unreachable_when_sshd_is_down(tmp_path, sshd):
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "r", tmp_path / "cm"))
+    remote = Remote(config.hpc)
+    assert remote.run(["true"]) == ""
+    sshd.stop(kill_sessions=True)
+    try:
+        with pytest.raises(Unreachable):
+            remote.run(["true"])
+        with pytest.raises(Unreachable):
+            remote.upload(make_case(tmp_path / "c"), "1_c", case_id=1)
+    finally:
+        sshd.start()
+    assert remote.run(["echo", "back"]) == "back\n"  # heals by itself on the same port
+    remote.close()
+
+
+def test_unknown_host_key_is_refused_not_accepted(tmp_path, sshd):
+    other = tmp_path / "known_hosts"
+    other.write_text(f"[127.0.0.1]:{sshd.endpoint.port} ssh-ed25519 "
+                     "AAAAC3NzaC1lZDI1NTE5AAAAIEqNVu7jyOBmT6zcxLjSkuGhDA8j2W95GsOyXHMVsZkm\n")
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "r", tmp_path / "cm",
+                                                     known_hosts_file=str(other)))
+    with pytest.raises(Unreachable, match="[Hh]ost key verification failed"):
+        Remote(config.hpc).run(["true"])
+
+
+def test_missing_key_file_is_refused(tmp_path, sshd):
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "r", tmp_path / "cm",
+                                                     identity_file=str(tmp_path / "no-such-key")))
+    with pytest.raises(Unreachable, match="Permission denied"):
+        Remote(config.hpc).run(["true"])
+
+
+def test_repeated_commands_reuse_one_connection(remote_config, sshd):
+    remote = Remote(remote_config.hpc)
+    remote.run(["true"])  # starts the master
+    log = sshd.endpoint.identity_file.parent / "sshd.log"
+    accepted_before = log.read_text().count("Accepted publickey")
+    started = time.monotonic()
+    for _ in range(10):
+        remote.run(["true"])
+    per_call = (time.monotonic() - started) / 10
+    accepted_after = log.read_text().count("Accepted publickey")
+    print(f"\n10 multiplexed commands: {per_call * 1000:.0f} ms each, new ssh logins: "
+          f"{accepted_after - accepted_before}")
+    assert accepted_after == accepted_before
