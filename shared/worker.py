@@ -1,0 +1,120 @@
+"""The loop every worker process runs around its ``tick(ctx, now)``.
+
+``tick`` does one bounded pass and never sleeps; ``run_worker`` owns the stop event,
+the interval, heartbeats and signals. Signal handlers only set the stop event, so
+SIGTERM lets the step in hand finish and the process exits 0. Database errors are
+not caught: the process exits non-zero and supervisord restarts it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from shared.config import Config
+from shared.db import check_integrity, connect
+from shared.logs import for_case, setup_logging
+from shared.remote import Remote
+from shared.spool import Spool
+from shared.store import beat, sync_slots
+
+
+@dataclass
+class Context:
+    """What a worker's tick needs; built once per process."""
+    config: Config
+    conn: sqlite3.Connection
+    spool: Spool
+    remote: Remote
+    name: str
+    log: logging.Logger
+    stop: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)
+    state: dict[str, Any] = field(default_factory=dict)  # per-process observations only
+    clock: Callable[[], float] = time.time  # real time for leases and stamps after long steps
+
+    @property
+    def worker_id(self) -> str:
+        """Unique per process: what ``claimed_by`` records."""
+        return f"{self.name}:{os.getpid()}"
+
+    @property
+    def pueue_cmd(self) -> list[str]:
+        return list(self.config.hpc.pueue_command)
+
+
+@contextmanager
+def per_item(ctx: "Context", case_id: int | None, operation: str) -> Iterator[None]:
+    """The per-item error boundary inside a tick: log and go on, but let database errors through."""
+    try:
+        yield
+    except sqlite3.Error:
+        raise
+    except Exception as exc:
+        ctx.log.exception("case %s: %s failed unexpectedly", case_id, operation,
+                          extra=for_case(case_id, operation, exc))
+
+
+def build_context(config: Config, name: str, *, log: logging.Logger | None = None) -> Context:
+    """Open the database (migrating it), check integrity, make the spool and slot rows."""
+    conn = connect(config.database_path)
+    check_integrity(conn)
+    spool = Spool(config.spool_path).ensure()
+    config.scanner.watch_path.mkdir(parents=True, exist_ok=True)
+    sync_slots(conn, [(g.name, g.gpu) for g in config.pueue.groups], now=time.time(), worker=name)
+    return Context(config=config, conn=conn, spool=spool, remote=Remote(config.hpc), name=name,
+                   log=log or logging.getLogger(f"mqic.{name}"))
+
+
+def install_signal_handlers(ctx: Context) -> None:
+    def request_stop(signum: int, _frame: object) -> None:
+        ctx.stop.set()
+        ctx.wake.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+
+def run_worker(ctx: Context, tick: Callable[[Context, float], int], *,
+               idle_wait: Callable[[Context], float] | None = None, once: bool = False,
+               drain: bool = False) -> int:
+    """Call ``tick`` until stopped; return the process exit code (0 on a clean stop).
+
+    Between passes it waits the interval (or ``idle_wait(ctx)``) unless woken;
+    with ``drain`` a pass that did work is followed at once by another.
+    """
+    ctx.log.info("%s started (pid %d)", ctx.name, os.getpid())
+    interval = ctx.config.main_loop.interval_seconds
+    while not ctx.stop.is_set():
+        done = tick(ctx, time.time())
+        beat(ctx.conn, ctx.name, now=time.time())
+        if once:
+            break
+        wait = 0.0 if (done and drain) else (idle_wait(ctx) if idle_wait else interval)
+        ctx.wake.wait(wait)
+        ctx.wake.clear()
+    ctx.log.info("%s stopped", ctx.name)
+    return 0
+
+
+def worker_main(program: str, name: str, tick: Callable[[Context, float], int], argv=None, *,
+                prepare: Callable[[Context], None] | None = None,
+                idle_wait: Callable[[Context], float] | None = None, drain: bool = False) -> int:
+    """Entry point shared by the worker programs: config, logging, context, loop."""
+    from shared.app import load_or_exit, worker_args
+
+    args = worker_args(program, argv)
+    config = load_or_exit(args.config, program)
+    worker_name = args.name or name
+    log = setup_logging(config.logging, worker_name)
+    ctx = build_context(config, worker_name, log=log)
+    install_signal_handlers(ctx)
+    if prepare:
+        prepare(ctx)
+    return run_worker(ctx, tick, idle_wait=idle_wait, once=args.once, drain=drain)

@@ -1,0 +1,176 @@
+"""submitter: claims a ``submitted`` case with a free GPU slot, uploads it, submits it to pueue.
+
+Exactly-once rule: a failure *before* ``pueue add`` was sent (upload, verify) sends
+the case back to ``submitted`` at once; a failure *at or after* it (the add may
+have happened) leaves the case ``submitting`` with its lease cut short, so that
+``recover_claim`` looks the task up by label before anything is retried.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from shared import pueue
+from shared.db import connect
+from shared.errors import MqicError, RemoteError, RemoteFailure
+from shared.lifecycle import move_case, retry_or_fail
+from shared.logs import for_case
+from shared.recovery import recover_claim
+from shared.states import CaseStatus
+from shared.store import Case, Claim, claim_next_case, expired_leases, renew_lease, update_case
+from shared.worker import Context, per_item, worker_main
+
+
+class LeaseLost(MqicError):
+    """Another worker recovered this claim while we were still working on it."""
+
+
+def render_command(template: str, case: Case, remote_dir: str) -> str:
+    """The remote command for a case; ``{case_id}``, ``{case_name}``, ``{remote_dir}`` are quoted."""
+    return template.format(case_id=case.case_id, case_name=shlex.quote(case.case_name),
+                           remote_dir=shlex.quote(remote_dir))
+
+
+def gpu_env(gpu: str | None) -> dict[str, str]:
+    return {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
+
+
+@contextmanager
+def lease_keeper(ctx: Context, case_id: int) -> Iterator[threading.Event]:
+    """Renew the claim's lease in the background while a long upload runs.
+
+    Yields an event that is set if the lease was lost (someone recovered the claim).
+    """
+    stop, lost = threading.Event(), threading.Event()
+    lease = ctx.config.main_loop.lease_seconds
+
+    def renew() -> None:
+        conn = connect(ctx.config.database_path, migrate=False)
+        try:
+            while not stop.wait(lease / 3):
+                if not renew_lease(conn, case_id, worker=ctx.worker_id, now=ctx.clock(), lease_seconds=lease):
+                    lost.set()
+                    return
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=renew, name=f"lease-{case_id}", daemon=True)
+    thread.start()
+    try:
+        yield lost
+    finally:
+        stop.set()
+        thread.join()
+
+
+def upload(ctx: Context, claim: Claim) -> str:
+    case = claim.case
+    with lease_keeper(ctx, case.case_id) as lost:
+        result = ctx.remote.upload(Path(case.case_path), case.folder_name, case_id=case.case_id)
+    if lost.is_set():
+        raise LeaseLost(f"case {case.case_id}: claim lost during upload")
+    return result.remote_dir
+
+
+def submit_task(ctx: Context, claim: Claim, remote_dir: str) -> int:
+    """Send ``pueue add``; first make sure our claim still stands (with a fresh lease)."""
+    case = claim.case
+    if not renew_lease(ctx.conn, case.case_id, worker=ctx.worker_id, now=ctx.clock(),
+                       lease_seconds=ctx.config.main_loop.lease_seconds):
+        raise LeaseLost(f"case {case.case_id}: claim lost before pueue add")
+    update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, {"remote_dir": remote_dir},
+                guard={"claimed_by": ctx.worker_id})
+    return pueue.submit(ctx.remote, ctx.pueue_cmd, group=claim.group, label=case.label,
+                        workdir=remote_dir, command=render_command(ctx.config.hpc.remote_command, case, remote_dir),
+                        env=gpu_env(claim.gpu), timeout=ctx.config.hpc.command_timeout_seconds)
+
+
+def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, now: float) -> None:
+    case = claim.case
+    moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name,
+                      detail=f"pueue task {task_id} in group {claim.group}",
+                      fields={"pueue_task_id": task_id, "remote_dir": remote_dir, "claimed_by": None,
+                              "lease_until": None, "started_at": now, "progress": 0.0,
+                              "error_type": None, "error_message": None},
+                      guard={"claimed_by": ctx.worker_id})
+    if moved:
+        ctx.log.info("case %d submitted as pueue task %d (%s)", case.case_id, task_id, claim.group,
+                     extra=for_case(case.case_id, "submit"))
+
+
+def leave_for_recovery(ctx: Context, case: Case, error: Exception, now: float) -> None:
+    """``pueue add`` may or may not have happened: let recovery decide by label, now."""
+    update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING,
+                {"lease_until": now, "error_type": type(error).__name__, "error_message": str(error)[:2000]},
+                guard={"claimed_by": ctx.worker_id})
+    ctx.log.warning("case %d: pueue add outcome unknown (%s); reconciling by label", case.case_id,
+                    error, extra=for_case(case.case_id, "submit", error))
+
+
+def process_claim(ctx: Context, claim: Claim, now: float) -> None:
+    case = claim.case
+    guard = {"claimed_by": ctx.worker_id}
+    try:
+        remote_dir = upload(ctx, claim)
+        now = ctx.clock()
+    except LeaseLost as exc:
+        ctx.log.warning("%s", exc, extra=for_case(case.case_id, "upload", exc))
+        return
+    except RemoteFailure as exc:
+        status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
+                               worker=ctx.name, operation="upload", guard=guard)
+        ctx.log.warning("case %d: upload failed (%s); case is now %s", case.case_id, exc,
+                        status and status.value, extra=for_case(case.case_id, "upload", exc))
+        return
+    try:
+        task_id = submit_task(ctx, claim, remote_dir)
+    except LeaseLost as exc:
+        ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
+        return
+    except RemoteError as exc:  # pueue refused: no task was created
+        status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
+                               worker=ctx.name, operation="pueue add", guard=guard)
+        ctx.log.error("case %d: pueue add failed (%s); case is now %s", case.case_id, exc,
+                      status and status.value, extra=for_case(case.case_id, "submit", exc))
+        return
+    except RemoteFailure as exc:
+        leave_for_recovery(ctx, case, exc, now)
+        return
+    record_running(ctx, claim, task_id, remote_dir, ctx.clock())
+
+
+def recover_expired(ctx: Context, now: float) -> int:
+    done = 0
+    for case in expired_leases(ctx.conn, now, limit=20):
+        with per_item(ctx, case.case_id, "recover_claim"):
+            if recover_claim(ctx.conn, ctx.spool, ctx.remote, ctx.config, case, now=now,
+                             worker=ctx.name) != "unreachable":
+                done += 1
+    return done
+
+
+def tick(ctx: Context, now: float) -> int:
+    """One pass: recover dead claims, then claim and submit at most one case."""
+    done = recover_expired(ctx, now)
+    claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
+                            lease_seconds=ctx.config.main_loop.lease_seconds,
+                            groups=[g.name for g in ctx.config.pueue.groups])
+    if claim is None:
+        return done
+    ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.group,
+                 claim.case.attempts, extra=for_case(claim.case.case_id, "claim"))
+    with per_item(ctx, claim.case.case_id, "submit"):  # on a crash the lease expires; recovery takes over
+        process_claim(ctx, claim, now)
+    return done + 1
+
+
+def main(argv=None) -> int:
+    return worker_main("mqic-submitter", "submitter", tick, argv, drain=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
