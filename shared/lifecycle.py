@@ -20,6 +20,7 @@ from shared.store import Case, release_slot_of, transition
 TRANSIENT_REMOTE_TEXT = (
     "No space left on device", "Disk quota exceeded", "Resource temporarily unavailable",
     "while connecting to daemon", "Connection refused (os error 111)", "Too many open files",
+    "doesn't exists. Use one of these",  # a pueue group vanished; the submitter recreates it
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -102,3 +103,62 @@ def remote_config(tmp_path, sshd):
 
 
 _counter = itertools.count()
+
+
+class Hpc:
+    """A per-test sandbox HPC: the session sshd plus a fresh pueue stand-in daemon."""
+
+    def __init__(self, root: Path, sshd, **sections):
+        from sandbox.hpc import config_data
+        from sandbox.pueue_standin import write_wrappers
+        from shared.config import parse_config
+
+        self.root, self.sshd = root, sshd
+        self.bin = write_wrappers(root / "bin", root / "pueue")
+        self.ctl("format", sections.pop("pueue_format", "v4"))
+        subprocess.run([str(self.bin["pueued"]), "-d"], check=True, capture_output=True, timeout=30)
+        groups = sections.pop("groups", None)
+        overrides = {"main_loop": {"backoff_base_seconds": 10, "lease_seconds": 60},
+                     "scanner": {"ready_marker": None}}
+        for section, values in sections.items():
+            overrides.setdefault(section, {}).update(values)
+        data = config_data(root, sshd.endpoint, self.bin["pueue"], project_root=root, groups=groups,
+                           **overrides)
+        data["hpc"]["control_dir"] = f"/tmp/mqic-t-{os.getpid()}-{next(_counter)}"
+        (root / "incoming").mkdir(exist_ok=True)
+        self.config = parse_config(data, root / "config.yaml")
+
+    def ctl(self, *args: str) -> str:
+        return subprocess.run([str(self.bin["pueue-standin-ctl"]), *args], check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    def pueue(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin["pueue"]), *args], capture_output=True, text=True, timeout=60)
+
+    def status(self) -> dict:
+        import json
+        return json.loads(self.pueue("status", "--json").stdout)
+
+    def tasks_labelled(self, label: str) -> list[dict]:
+        return [t for t in self.status()["tasks"].values() if t["label"] == label]
+
+    def close(self) -> None:
+        subprocess.run([str(self.bin["pueue-standin-ctl"]), "stop"], capture_output=True, timeout=60)
+        from shared.remote import Remote
+        Remote(self.config.hpc).close()
+        shutil.rmtree(self.config.hpc.control_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def hpc(tmp_path, sshd):
+    if not sshd.is_running():
+        sshd.start()
+    made = []
+
+    def build(**sections) -> Hpc:
+        made.append(Hpc(tmp_path / f"hpc{len(made)}", sshd, **sections))
+        return made[-1]
+
+    yield build
+    for item in made:
+        item.close()

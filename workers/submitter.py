@@ -25,6 +25,10 @@ from shared.store import Case, Claim, claim_next_case, expired_leases, renew_lea
 from shared.worker import Context, per_item, worker_main
 
 
+GROUPS_READY = "groups_ready"
+UNKNOWN_GROUP = "doesn't exists"  # sic: pueue's own wording
+
+
 class LeaseLost(MqicError):
     """Another worker recovered this claim while we were still working on it."""
 
@@ -132,6 +136,8 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
         return
     except RemoteError as exc:  # pueue refused: no task was created
+        if UNKNOWN_GROUP in f"{exc.stdout}{exc.stderr}":
+            ctx.state[GROUPS_READY] = False  # recreate it before the retry
         status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
                                worker=ctx.name, operation="pueue add", guard=guard)
         ctx.log.error("case %d: pueue add failed (%s); case is now %s", case.case_id, exc,
@@ -153,9 +159,29 @@ def recover_expired(ctx: Context, now: float) -> int:
     return done
 
 
+def groups_ready(ctx: Context) -> bool:
+    """Create missing pueue groups once per process (and again after pueue forgot one)."""
+    if ctx.state.get(GROUPS_READY):
+        return True
+    wanted = {g.name: g.parallel for g in ctx.config.pueue.groups}
+    try:
+        created = pueue.ensure_groups(ctx.remote, ctx.pueue_cmd, wanted,
+                                      timeout=ctx.config.hpc.command_timeout_seconds)
+    except RemoteFailure as exc:
+        ctx.log.warning("cannot check pueue groups (%s); not submitting this pass", exc,
+                        extra=for_case(None, "ensure_groups", exc))
+        return False
+    if created:
+        ctx.log.info("created pueue groups %s", ", ".join(created), extra=for_case(None, "ensure_groups"))
+    ctx.state[GROUPS_READY] = True
+    return True
+
+
 def tick(ctx: Context, now: float) -> int:
     """One pass: recover dead claims, then claim and submit at most one case."""
     done = recover_expired(ctx, now)
+    if not groups_ready(ctx):
+        return done
     claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
                             lease_seconds=ctx.config.main_loop.lease_seconds,
                             groups=[g.name for g in ctx.config.pueue.groups])

@@ -1,0 +1,375 @@
+"""Each worker's tick driven through its branches against the real sshd and the pueue stand-in."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox.casegen import make_case
+from shared.states import CaseStatus, SlotStatus
+from shared.store import case_events, get_case, get_slot, register_case
+from shared.worker import build_context
+from tests.conftest import wait_until
+from workers import poller, reaper, scanner, submitter
+
+T0 = time.time()
+
+
+def ctx_for(hpc_obj, name="test"):
+    ctx = build_context(hpc_obj.config, name)
+    ctx.clock = time.time
+    return ctx
+
+
+def drop(config, name, **kwargs):
+    kwargs.setdefault("seconds", 0.2)
+    kwargs.setdefault("batches", 4)
+    kwargs.setdefault("deliveries", 1)
+    kwargs.setdefault("layers_per_delivery", 2)
+    return make_case(config.scanner.watch_path, name, atomic=True, **kwargs)
+
+
+def registered(ctx, name, **kwargs):
+    drop(ctx.config, name, **kwargs)
+    assert scanner.tick(ctx, T0) == 0
+    assert scanner.tick(ctx, T0 + 100) == 1
+    return get_case(ctx.conn, max(r[0] for r in ctx.conn.execute("SELECT case_id FROM cases")))
+
+
+def submitted(ctx, name, **kwargs):
+    case = registered(ctx, name, **kwargs)
+    submitter.tick(ctx, time.time())
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.RUNNING, case
+    return case
+
+
+def poll_until_final(ctx, case_id, timeout=20):
+    def final():
+        poller.tick(ctx, time.time())
+        case = get_case(ctx.conn, case_id)
+        return case if case.status in (CaseStatus.COMPLETED, CaseStatus.FAILED) else None
+    return wait_until(final, timeout=timeout, interval=0.1, message=f"case {case_id} final")
+
+
+# -- scanner ---------------------------------------------------------------------------------
+
+def test_scanner_registers_a_quiet_folder_and_moves_it_into_the_spool(hpc):
+    ctx = ctx_for(hpc())
+    folder = drop(ctx.config, "case one")
+    assert scanner.tick(ctx, T0) == 0          # first sight: not quiet long enough
+    assert scanner.tick(ctx, T0 + 1) == 0
+    assert scanner.tick(ctx, T0 + 2) == 1      # quiescence_period_seconds = 2
+    case = get_case(ctx.conn, 1)
+    assert case.status is CaseStatus.SUBMITTED and case.case_name == "case one"
+    assert case.submitted_at == T0 + 2
+    assert not folder.exists() and Path(case.case_path).is_dir()
+    assert Path(case.case_path).parent == ctx.spool.stage_dir("queued")
+
+
+def test_scanner_never_takes_a_folder_that_is_still_growing(hpc):
+    ctx = ctx_for(hpc())
+    folder = ctx.config.scanner.watch_path / "growing"
+    folder.mkdir()
+    for step in range(5):
+        (folder / f"layer_{step}.ptn").write_bytes(b"x" * 100)
+        assert scanner.tick(ctx, T0 + 1.5 * step) == 0
+    assert scanner.tick(ctx, T0 + 7.5) == 0     # last change seen at T0 + 6
+    assert scanner.tick(ctx, T0 + 8) == 1
+
+
+def test_scanner_ready_marker_takes_folder_at_once(hpc):
+    ctx = ctx_for(hpc(scanner={"ready_marker": "_CASE_READY"}))
+    drop(ctx.config, "marked", marker="_CASE_READY")
+    assert scanner.tick(ctx, T0) == 1
+    assert get_case(ctx.conn, 1).status is CaseStatus.SUBMITTED
+
+
+@pytest.mark.parametrize("make_item,reason", [
+    (lambda w: (w / "notes.txt").write_text("hi"), "is a file, not a folder"),
+    (lambda w: os.symlink("/etc", w / "link"), "is a symlink"),
+    (lambda w: (w / "empty").mkdir(), "is an empty folder"),
+    (lambda w: (make_case(w, "escape", deliveries=1, layers_per_delivery=1),
+                os.symlink("/etc/passwd", w / "escape" / "passwd")), "symlink leading outside the case"),
+    (lambda w: (make_case(w, "fifo", deliveries=1, layers_per_delivery=1), os.mkfifo(w / "fifo" / "pipe")),
+     "contains a special file"),
+])
+def test_scanner_sets_bad_items_aside_with_a_reason(hpc, make_item, reason):
+    ctx = ctx_for(hpc())
+    make_item(ctx.config.scanner.watch_path)
+    scanner.tick(ctx, T0)
+    scanner.tick(ctx, T0 + 10)
+    rejected = ctx.spool.stage_dir("rejected")
+    reasons = [p.read_text() for p in rejected.glob("*.reason.txt")]
+    assert len(reasons) == 1 and reason in reasons[0]
+    assert os.listdir(ctx.config.scanner.watch_path) == []
+    assert ctx.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0] == 0
+
+
+def test_scanner_keeps_hostile_names_intact_and_same_name_twice_is_two_cases(hpc):
+    ctx = ctx_for(hpc())
+    name = "pt $(id); `x` 'q' \"d\" 환자"
+    drop(ctx.config, name)
+    scanner.tick(ctx, T0)
+    scanner.tick(ctx, T0 + 5)
+    drop(ctx.config, name)
+    scanner.tick(ctx, T0 + 6)
+    scanner.tick(ctx, T0 + 10)
+    names = [r[0] for r in ctx.conn.execute("SELECT case_name FROM cases ORDER BY case_id")]
+    assert names == [name, name]
+
+
+def test_scanner_folder_removed_after_detection_is_forgotten(hpc):
+    ctx = ctx_for(hpc())
+    folder = drop(ctx.config, "fleeting")
+    scanner.tick(ctx, T0)
+    for path in sorted(folder.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    folder.rmdir()
+    assert scanner.tick(ctx, T0 + 10) == 0
+    assert ctx.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0] == 0
+
+
+# -- submitter -------------------------------------------------------------------------------
+
+def test_submitter_uploads_and_submits_with_label_group_and_gpu(hpc):
+    h = hpc()
+    ctx = ctx_for(h)
+    case = registered(ctx, "happy")
+    assert submitter.tick(ctx, time.time()) == 1
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.RUNNING and case.pueue_task_id is not None
+    assert Path(case.case_path).parent == ctx.spool.stage_dir("active")
+    assert os.path.isdir(case.remote_dir) and case.remote_dir.endswith(case.folder_name)
+    [task] = h.tasks_labelled(f"mqic_case_{case.case_id}")
+    assert task["group"] == case.pueue_group == "gpu_a" and task["path"] == case.remote_dir
+    assert task["envs"]["CUDA_VISIBLE_DEVICES"] == "0"
+    slot = get_slot(ctx.conn, "gpu_a")
+    assert slot.status is SlotStatus.ASSIGNED and slot.assigned_case_id == case.case_id
+    moves = [(e["from_status"], e["to_status"]) for e in case_events(ctx.conn, case.case_id)]
+    assert moves == [(None, "submitted"), ("submitted", "submitting"), ("submitting", "running")]
+
+
+def test_submitter_waits_when_no_slot_is_free(hpc):
+    ctx = ctx_for(hpc(groups={"gpu_a": {"gpu": 0}}))
+    submitted(ctx, "first", seconds=5)
+    second = registered(ctx, "second")
+    assert submitter.tick(ctx, time.time()) == 0
+    assert get_case(ctx.conn, second.case_id).status is CaseStatus.SUBMITTED
+
+
+def test_unreachable_upload_goes_back_to_submitted_with_backoff(hpc, sshd):
+    ctx = ctx_for(hpc())
+    case = registered(ctx, "outage")
+    assert submitter.groups_ready(ctx)
+    sshd.stop(kill_sessions=True)
+    try:
+        now = time.time()
+        submitter.tick(ctx, now)
+    finally:
+        sshd.start()
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.SUBMITTED and case.attempts == 1
+    assert case.error_type == "Unreachable" and case.next_attempt_at == pytest.approx(now + 10, abs=5)
+    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE
+    assert submitter.tick(ctx, now + 1) == 0                 # backing off
+    submitter.tick(ctx, case.next_attempt_at + 1)
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
+
+
+def test_attempts_exhausted_fail_the_case_for_good(hpc, sshd):
+    ctx = ctx_for(hpc(main_loop={"max_attempts": 1}))
+    case = registered(ctx, "doomed")
+    assert submitter.groups_ready(ctx)
+    sshd.stop(kill_sessions=True)
+    try:
+        submitter.tick(ctx, time.time())
+    finally:
+        sshd.start()
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.FAILED and case.outcome == "submit_error"
+    assert Path(case.case_path).parent == ctx.spool.stage_dir("failed")
+    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE
+
+
+def test_pueue_missing_on_the_hpc_holds_cases_back_with_a_clear_log(hpc, caplog):
+    ctx = ctx_for(hpc(hpc={"pueue_command": "/nonexistent/pueue"}))
+    case = registered(ctx, "no pueue")
+    submitter.tick(ctx, time.time())
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.SUBMITTED
+    assert "/nonexistent/pueue: No such file or directory" in caplog.text
+
+
+def test_remote_error_during_upload_is_a_permanent_failure(hpc):
+    ctx = ctx_for(hpc(hpc={"remote_base_dir": "/proc/mqic-not-writable"}))
+    case = registered(ctx, "unwritable")
+    submitter.groups_ready(ctx)
+    submitter.tick(ctx, time.time())
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.FAILED and case.error_type == "RemoteError"
+    assert "mkdir" in case.error_message and case.outcome == "submit_error"
+
+
+def claim_and_die(ctx, name, *, add_task: bool, hpc_obj=None):
+    """Leave a case as a crashed submitter would: submitting, lease expired, maybe task added."""
+    from shared import pueue
+    from shared.store import claim_next_case
+    case = registered(ctx, name)
+    assert submitter.groups_ready(ctx)
+    claim = claim_next_case(ctx.conn, worker="dead:1", now=time.time() - 1000, lease_seconds=10)
+    if add_task:
+        remote_dir = ctx.remote.upload(Path(claim.case.case_path), claim.case.folder_name, case_id=case.case_id).remote_dir
+        pueue.submit(ctx.remote, ctx.pueue_cmd, group=claim.group, label=claim.case.label,
+                     workdir=remote_dir, command="true")
+    return case
+
+
+def test_recovery_finds_the_task_of_a_crashed_submitter_by_label(hpc):
+    h = hpc()
+    ctx = ctx_for(h)
+    case = claim_and_die(ctx, "crashed after add", add_task=True)
+    submitter.tick(ctx, time.time())
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.RUNNING and case.pueue_task_id is not None
+    assert len(h.tasks_labelled(case.label)) == 1          # never a second remote job
+
+
+def test_recovery_retries_when_the_task_is_proven_absent(hpc):
+    ctx = ctx_for(hpc())
+    case = claim_and_die(ctx, "crashed before add", add_task=False)
+    reaper.recover_claims(ctx, time.time())
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.SUBMITTED and case.claimed_by is None
+    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE
+
+
+def test_recovery_waits_while_the_hpc_cannot_tell(hpc):
+    h = hpc()
+    ctx = ctx_for(h)
+    case = claim_and_die(ctx, "crashed, daemon down", add_task=False)
+    h.ctl("stop")
+    reaper.recover_claims(ctx, time.time())
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.SUBMITTING
+    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.ASSIGNED
+
+
+# -- poller ----------------------------------------------------------------------------------
+
+def test_poller_completes_a_successful_case_and_fetches_results(hpc):
+    ctx = ctx_for(hpc())
+    case = submitted(ctx, "success", seconds=0.3)
+    case = poll_until_final(ctx, case.case_id)
+    assert case.status is CaseStatus.COMPLETED and case.outcome == "success" and case.progress == 100
+    assert Path(case.case_path).parent == ctx.spool.stage_dir("done")
+    assert list(Path(case.case_path, "output").iterdir())  # result_files: output/*
+    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE
+
+
+def test_poller_fails_a_failed_case_with_exit_code_and_log_tail(hpc):
+    ctx = ctx_for(hpc())
+    case = submitted(ctx, "failure", mode="fail")
+    case = poll_until_final(ctx, case.case_id)
+    assert case.status is CaseStatus.FAILED and case.outcome == "failed" and case.exit_code == 1
+    assert "FATAL ERROR" in case.log_tail
+    assert Path(case.case_path).parent == ctx.spool.stage_dir("failed")
+    slot = get_slot(ctx.conn, case.pueue_group)
+    assert slot.status is SlotStatus.ZOMBIE
+    reaper.tick(ctx, time.time())                         # group idle: the zombie is reclaimed
+    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
+
+
+def test_poller_reports_an_external_kill_as_killed(hpc):
+    h = hpc()
+    ctx = ctx_for(h)
+    case = submitted(ctx, "killed outside", seconds=30)
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Running"), message="task running")
+    h.pueue("kill", str(case.pueue_task_id))
+    case = poll_until_final(ctx, case.case_id)
+    assert case.outcome == "killed" and case.exit_code is None
+
+
+def test_poller_tracks_progress_only_when_it_changes(hpc):
+    ctx = ctx_for(hpc())
+    case = submitted(ctx, "progress", seconds=3, batches=4)
+    wait_until(lambda: poller.tick(ctx, time.time()) and get_case(ctx.conn, case.case_id).progress > 0,
+               timeout=15, message="progress")
+    progress = get_case(ctx.conn, case.case_id).progress
+    assert 0 < progress <= 100
+
+
+def test_poller_changes_nothing_when_unreachable_or_garbage(hpc, sshd):
+    h = hpc()
+    ctx = ctx_for(h)
+    case = submitted(ctx, "steady", seconds=30)
+    before = get_case(ctx.conn, case.case_id)
+    h.ctl("garbage", "2")
+    assert poller.tick(ctx, time.time()) == 0
+    sshd.stop(kill_sessions=True)
+    try:
+        assert poller.tick(ctx, time.time()) == 0
+    finally:
+        sshd.start()
+    after = get_case(ctx.conn, case.case_id)
+    assert after.status is CaseStatus.RUNNING and after.status_updated_at == before.status_updated_at
+
+
+def test_poller_retries_a_case_whose_task_vanished(hpc):
+    h = hpc()
+    ctx = ctx_for(h, )
+    case = submitted(ctx, "vanishing", seconds=0.1)
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
+    h.pueue("clean")
+    poller.tick(ctx, time.time())
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.SUBMITTED and case.error_type == "TaskVanished"
+
+
+def test_poller_resumes_a_group_paused_by_a_daemon_restart(hpc):
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx = ctx_for(h)
+    first = submitted(ctx, "running at restart", seconds=30)
+    h.pueue("add", "-g", "gpu_a", "--", "sleep 1")        # a queued task makes pueued pause the group
+    h.ctl("restart")
+    assert h.status()["groups"]["gpu_a"]["status"] == "Paused"
+    poll_until_final(ctx, first.case_id)
+    assert get_case(ctx.conn, first.case_id).outcome == "killed"
+    assert h.status()["groups"]["gpu_a"]["status"] == "Running"
+
+
+# -- reaper ----------------------------------------------------------------------------------
+
+def test_reaper_kills_and_fails_a_case_past_its_timeout(hpc):
+    h = hpc()
+    ctx = ctx_for(h)
+    case = submitted(ctx, "hangs", mode="hang")
+    later = time.time() + 2 * 3600
+    [overdue] = reaper.timed_out_cases(ctx, later)
+    assert reaper.reap_timeout(ctx, overdue, later)
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.FAILED and case.outcome == "timed_out"
+    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.ZOMBIE
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="killed")
+    assert h.tasks_labelled(case.label)[0]["status"]["Done"]["result"] == "Killed"
+    reaper.tick(ctx, later)
+    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
+    poller.tick(ctx, later)                                   # the poller does not touch it again
+    assert get_case(ctx.conn, case.case_id).outcome == "timed_out"
+
+
+def test_reaper_flags_a_stuck_case_for_review_without_failing_it(hpc):
+    ctx = ctx_for(hpc())
+    case = submitted(ctx, "quiet", seconds=30)
+    reaper.flag_stuck(ctx, time.time() + 31 * 60)
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.RUNNING and case.needs_review and "no progress" in case.review_reason
+    assert reaper.flag_stuck(ctx, time.time() + 62 * 60) == 0   # flagged once
+
+
+def test_reaper_reports_stale_worker_heartbeats(hpc):
+    from shared.store import beat
+    ctx = ctx_for(hpc())
+    beat(ctx.conn, "poller", now=T0)
+    assert reaper.check_heartbeats(ctx, T0 + 10) == []
+    assert reaper.check_heartbeats(ctx, T0 + 301) == ["poller"]
