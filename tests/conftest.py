@@ -126,7 +126,9 @@ class Hpc:
                            **overrides)
         data["hpc"]["control_dir"] = f"/tmp/mqic-t-{os.getpid()}-{next(_counter)}"
         (root / "incoming").mkdir(exist_ok=True)
-        self.config = parse_config(data, root / "config.yaml")
+        self.config_path = root / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(data))
+        self.config = parse_config(data, self.config_path)
 
     def ctl(self, *args: str) -> str:
         return subprocess.run([str(self.bin["pueue-standin-ctl"]), *args], check=True,
