@@ -390,7 +390,7 @@ def test_client_errors_when_the_daemon_never_started_or_is_down(tmp_path: Path, 
     standin.ctl("stop")
     down = standin.run("status", "--json")
     want = expected(cli_responses["daemon_not_running_socket_missing"], fmt)
-    socket_path = str(standin.data_dir / f"pueue_{os.environ.get('USER') or _user()}.socket")
+    socket_path = str(standin.data_dir / f"pueue_{_user()}.socket")
     reference = want["stderr"].replace("/run/user/1000/pueue_alice.socket", socket_path)
     assert (down.stdout, without_location(down.stderr), down.returncode) == ("", reference, 1)
     standin.ctl("start")

@@ -150,3 +150,37 @@ def test_repeated_commands_reuse_one_connection(remote_config, sshd):
     print(f"\n10 multiplexed commands: {per_call * 1000:.0f} ms each, new ssh logins: "
           f"{accepted_after - accepted_before}")
     assert accepted_after == accepted_before
+
+
+def test_connection_dropped_mid_copy_leaves_no_complete_looking_case(tmp_path, sshd):
+    import threading
+    from tests.conftest import wait_until
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm"))
+    remote = Remote(config.hpc)
+    local = make_case(tmp_path / "local" / "big")
+    with open(local / "big.ptn", "wb") as handle:
+        handle.truncate(400 * 1024 * 1024)  # sparse locally, 400 MB on the wire
+    outcome = {}
+
+    def copy():
+        try:
+            remote.upload(local, "1_big", case_id=1)
+            outcome["result"] = "finished"
+        except Exception as exc:  # noqa: BLE001 - the test inspects the type
+            outcome["result"] = exc
+
+    worker = threading.Thread(target=copy)
+    worker.start()
+    base = tmp_path / "remote"
+    wait_until(lambda: base.exists() and any(p.startswith(".mqic-upload-1-") for p in os.listdir(base)),
+               timeout=20, interval=0.01, message="upload under way")
+    sshd.stop(kill_sessions=True)
+    worker.join(60)
+    sshd.start()
+    assert isinstance(outcome["result"], Unreachable), outcome
+    assert not (base / "1_big").exists()               # never looks complete
+    (local / "big.ptn").unlink()
+    remote.upload(local, "1_big", case_id=1)            # the retry cleans the leftover and lands
+    assert [p for p in os.listdir(base) if p.startswith(".mqic-upload")] == []
+    assert folder_manifest(base / "1_big") == folder_manifest(local)
+    remote.close()
