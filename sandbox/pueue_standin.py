@@ -45,8 +45,10 @@ Deliberate differences from real pueue, all in the caller's favour or harmless:
 - tasks start and finish promptly: no 200/300 ms task-handler loop;
 - v3 ``group add``/``group remove`` take effect 0.2 s after the answer, like the
   real asynchronous v3 handler (an immediate ``add -g`` can fail);
-- ``--follow``, ``edit``, ``env``, ``wait``, ``stash``, ``enqueue``, ``restart``,
-  ``switch``, ``send``, ``reset`` and ``follow`` are not implemented.
+- ``add --follow`` is accepted (v4) but does not follow; the subcommands
+  ``edit``, ``env``, ``wait``, ``stash``, ``enqueue``, ``restart``, ``switch``,
+  ``send``, ``reset`` and ``follow`` are not implemented (clap-style error, exit 2);
+- the plain-text ``status`` and ``log`` outputs are simple tables, not pueue's.
 """
 from __future__ import annotations
 
@@ -103,6 +105,10 @@ _RUST_ERROR_KINDS = {
 
 class StandinError(Exception):
     """The stand-in itself is misused (missing data dir, bad control command)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------------------
@@ -711,7 +717,8 @@ class Daemon:
         return last_lines(text, req["lines"] if req["lines"] is not None else LOG_DEFAULT_LINES)
 
     def _log_text(self, task: Task, req: dict[str, Any]) -> str:
-        times = "".join(f"{name}: {rfc3339(ns)}\n" for name, ns in (("Start", task.start_ns), ("End", task.end_ns)) if ns)
+        moments = (("Start", task.start_ns), ("End", task.end_ns))
+        times = "".join(f"{name}: {rfc3339(ns)}\n" for name, ns in moments if ns)
         output = self._log_output(task.id, req)
         if output and not output.endswith("\n"):
             output += "\n"
@@ -1331,8 +1338,8 @@ def _parse_group(argv: list[str], fmt: str) -> dict[str, Any]:
     if argv and argv[0] == "add":
         usage = "pueue group add [OPTIONS] <NAME>"
         parsed = parse_args(argv[1:], [Opt("parallel", "p", "parallel", "value", "PARALLEL", _usize)], usage)
-        return {"cmd": "group", "action": "add", "name": _one_name(parsed, usage), "parallel": parsed.values["parallel"],
-                "json": False}
+        return {"cmd": "group", "action": "add", "name": _one_name(parsed, usage),
+                "parallel": parsed.values["parallel"], "json": False}
     if argv and argv[0] == "remove":
         usage = "pueue group remove <NAME>"
         parsed = parse_args(argv[1:], [], usage)
@@ -1754,7 +1761,7 @@ def ctl(paths: Paths, argv: list[str]) -> str:
         return f"{pid}\n"
     else:
         raise StandinError(f"unknown control {' '.join(argv)!r}; use format v3|v4, restart, stop [--stale], "
-                           "start, garbage N, version-string X, pid")
+                           "start, garbage N, version-string X, pid", exit_code=2)
     return ""
 
 
@@ -1793,7 +1800,7 @@ def main(argv: list[str] | None = None) -> int:
         return client_main(args)
     except StandinError as err:
         sys.stderr.write(f"Error: {err}\n")
-        return 1 if args[:1] != ["--ctl"] else 2
+        return err.exit_code
 
 
 if __name__ == "__main__":
