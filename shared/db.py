@@ -93,6 +93,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX cases_by_update ON cases(status_updated_at);
     CREATE INDEX cases_for_review ON cases(needs_review) WHERE needs_review = 1;
     """,
+    # 3: pre-staging: a waiting case already uploaded (verified) while every GPU was busy.
+    """
+    ALTER TABLE cases ADD COLUMN staged_at REAL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -65,7 +65,7 @@ def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: Ma
     """
     message = f"{operation}: {type(error).__name__}: {error}"[:2000]
     error_fields = {"error_type": type(error).__name__, "error_message": message,
-                    "claimed_by": None, "lease_until": None}
+                    "claimed_by": None, "lease_until": None, "staged_at": None}
     if is_transient(error) and case.attempts < policy.max_attempts:
         fields = {**error_fields, "next_attempt_at": now + backoff_seconds(policy, case.attempts)}
         moved = move_case(conn, spool, case, CaseStatus.SUBMITTED, now=now, worker=worker,

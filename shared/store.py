@@ -45,6 +45,7 @@ class Case:
     log_tail: str | None
     needs_review: bool
     review_reason: str | None
+    staged_at: float | None
 
     @property
     def label(self) -> str:
@@ -282,6 +283,7 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
             " lease_until = :lease, pueue_group = :g, attempts = attempts + 1"
             " WHERE case_id = (SELECT case_id FROM cases WHERE status = 'submitted'"
             "   AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
+            "   AND (claimed_by IS NULL OR lease_until < :now)"
             "   ORDER BY submitted_at, case_id LIMIT 1) AND status = 'submitted' RETURNING *",
             {"now": now, "w": worker, "lease": now + lease_seconds, "g": slot.pueue_group}).fetchone()
         if row is None:
@@ -305,9 +307,53 @@ def _free_slot(conn: sqlite3.Connection, groups: list[str] | None) -> Slot | Non
 
 
 def renew_lease(conn: sqlite3.Connection, case_id: int, *, worker: str, now: float,
-                lease_seconds: float) -> bool:
-    """Extend the lease of a ``submitting`` case still claimed by ``worker``."""
-    return update_case(conn, case_id, CaseStatus.SUBMITTING, {"lease_until": now + lease_seconds},
+                lease_seconds: float, status: CaseStatus = CaseStatus.SUBMITTING) -> bool:
+    """Extend the lease of a case (``submitting``, or ``submitted`` while staging) held by ``worker``."""
+    return update_case(conn, case_id, status, {"lease_until": now + lease_seconds},
+                       guard={"claimed_by": worker})
+
+
+def staged_waiting(conn: sqlite3.Connection) -> int:
+    """How many ``submitted`` cases are already uploaded and waiting for a GPU."""
+    return conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted'"
+                        " AND staged_at IS NOT NULL").fetchone()[0]
+
+
+def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float,
+                      lease_seconds: float) -> Case | None:
+    """Take the oldest ``submitted``, not yet staged, unclaimed case for a pre-upload.
+
+    The case keeps its status; only ``claimed_by``/``lease_until`` mark the work,
+    so ``claim_next_case`` leaves it alone until the lease ends.
+    """
+    with transaction(conn):
+        row = conn.execute(
+            "UPDATE cases SET claimed_by = :w, lease_until = :lease"
+            " WHERE case_id = (SELECT case_id FROM cases WHERE status = 'submitted'"
+            "   AND staged_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
+            "   AND (claimed_by IS NULL OR lease_until < :now)"
+            "   ORDER BY submitted_at, case_id LIMIT 1) AND status = 'submitted' RETURNING *",
+            {"w": worker, "now": now, "lease": now + lease_seconds}).fetchone()
+    return None if row is None else case_from_row(row)
+
+
+def mark_staged(conn: sqlite3.Connection, case: Case, *, remote_dir: str, worker: str, now: float,
+                detail: str) -> bool:
+    """Record a verified pre-upload and release the staging claim (records an event)."""
+    with transaction(conn):
+        cursor = conn.execute(
+            "UPDATE cases SET remote_dir = ?, staged_at = ?, claimed_by = NULL, lease_until = NULL"
+            " WHERE case_id = ? AND status = 'submitted' AND claimed_by = ?",
+            (remote_dir, now, case.case_id, worker))
+        if cursor.rowcount != 1:
+            return False
+        record_case_event(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTED, now=now,
+                          worker=worker, detail=detail)
+        return True
+
+
+def release_staging(conn: sqlite3.Connection, case_id: int, *, worker: str) -> bool:
+    return update_case(conn, case_id, CaseStatus.SUBMITTED, {"claimed_by": None, "lease_until": None},
                        guard={"claimed_by": worker})
 
 

@@ -156,8 +156,9 @@ def test_submitter_waits_when_no_slot_is_free(hpc):
     ctx = ctx_for(hpc(groups={"gpu_a": {"gpu": 0}}))
     submitted(ctx, "first", seconds=5)
     second = registered(ctx, "second")
-    assert submitter.tick(ctx, time.time()) == 0
+    submitter.tick(ctx, time.time())                          # at most a pre-upload
     assert get_case(ctx.conn, second.case_id).status is CaseStatus.SUBMITTED
+    assert get_slot(ctx.conn, "gpu_a").assigned_case_id != second.case_id
 
 
 def test_unreachable_upload_goes_back_to_submitted_with_backoff(hpc, sshd):
@@ -373,3 +374,38 @@ def test_reaper_reports_stale_worker_heartbeats(hpc):
     beat(ctx.conn, "poller", now=T0)
     assert reaper.check_heartbeats(ctx, T0 + 10) == []
     assert reaper.check_heartbeats(ctx, T0 + 301) == ["poller"]
+
+
+def test_waiting_cases_are_pre_uploaded_while_every_gpu_is_busy(hpc):
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx = ctx_for(h)
+    first = submitted(ctx, "busy", seconds=1)
+    waiting = registered(ctx, "waiting")
+    assert submitter.tick(ctx, time.time()) == 1            # no slot: pre-upload instead
+    staged = get_case(ctx.conn, waiting.case_id)
+    assert staged.status is CaseStatus.SUBMITTED and staged.staged_at and staged.claimed_by is None
+    assert os.path.isdir(staged.remote_dir)
+    assert submitter.tick(ctx, time.time()) == 0            # one staged case per group is enough
+    poll_until_final(ctx, first.case_id)
+    marker = Path(staged.remote_dir, "staged-marker")
+    marker.write_text("the very same folder")               # proves no second upload replaces it
+    submitter.tick(ctx, time.time())
+    running = get_case(ctx.conn, waiting.case_id)
+    assert running.status is CaseStatus.RUNNING and running.remote_dir == staged.remote_dir
+    assert marker.exists() and running.staged_at is None
+    details = [e["detail"] for e in case_events(ctx.conn, waiting.case_id)]
+    assert any(d.startswith("pre-uploaded to") for d in details)
+
+
+def test_a_staged_case_whose_remote_folder_vanished_is_uploaded_again(hpc):
+    import shutil
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx = ctx_for(h)
+    first = submitted(ctx, "busy", seconds=0.5)
+    waiting = registered(ctx, "waiting")
+    submitter.tick(ctx, time.time())
+    shutil.rmtree(get_case(ctx.conn, waiting.case_id).remote_dir)
+    poll_until_final(ctx, first.case_id)
+    submitter.tick(ctx, time.time())
+    case = get_case(ctx.conn, waiting.case_id)
+    assert case.status is CaseStatus.RUNNING and os.path.isdir(case.remote_dir)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from shared import pueue
+from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
@@ -92,6 +93,7 @@ def complete(ctx: Context, case: Case, task: pueue.TaskInfo, now: float) -> bool
                       fields={"outcome": Outcome.SUCCESS.value, "exit_code": 0, "progress": 100.0,
                               "completed_at": now, "pueue_task_id": task.id})
     if moved:
+        ring(ctx.spool.root, "submitter")
         ctx.log.info("case %d completed", case.case_id, extra=for_case(case.case_id, "complete"))
     return moved
 
@@ -107,6 +109,7 @@ def fail(ctx: Context, case: Case, task: pueue.TaskInfo, log_tail: str, now: flo
                               "error_message": reason[:2000], "log_tail": log_tail[-4000:],
                               "pueue_task_id": task.id})
     if moved:
+        ring(ctx.spool.root, "reaper")
         ctx.log.error("case %d failed: %s (%s)", case.case_id, task.state.value, reason,
                       extra=for_case(case.case_id, "complete") | {"error_type": outcome.value})
     return moved
@@ -118,6 +121,7 @@ def vanished(ctx: Context, case: Case, now: float) -> bool:
                            worker=ctx.name, operation="poll")
     ctx.log.warning("case %d: %s; case is now %s", case.case_id, error, status and status.value,
                     extra=for_case(case.case_id, "poll", error))
+    ring(ctx.spool.root, "submitter")
     return status is not None
 
 
@@ -171,8 +175,16 @@ def tick(ctx: Context, now: float) -> int:
     return changed
 
 
+def poll_interval(ctx: Context) -> float:
+    return ctx.config.main_loop.poll_interval_seconds
+
+
+def listen_for_work(ctx: Context) -> None:
+    listen(ctx.spool.root, "poller", ctx.wake)
+
+
 def main(argv=None) -> int:
-    return worker_main("mqic-poller", "poller", tick, argv)
+    return worker_main("mqic-poller", "poller", tick, argv, prepare=listen_for_work, idle_wait=poll_interval)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from shared import pueue
+from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case
 from shared.logs import for_case
@@ -74,6 +75,7 @@ def reclaim_zombie(ctx: Context, slot: Slot, active: list[pueue.TaskInfo], now: 
                                 now=now, worker=ctx.name, case_id=slot.assigned_case_id,
                                 detail="no task of ours runs in the group")
         if freed:
+            ring(ctx.spool.root, "submitter")
             ctx.log.info("zombie slot %s reclaimed", slot.pueue_group,
                          extra=for_case(slot.assigned_case_id, "reclaim"))
         return freed
@@ -148,8 +150,12 @@ def tick(ctx: Context, now: float) -> int:
     return done
 
 
+def listen_for_work(ctx: Context) -> None:
+    listen(ctx.spool.root, "reaper", ctx.wake)
+
+
 def main(argv=None) -> int:
-    return worker_main("mqic-reaper", "reaper", tick, argv)
+    return worker_main("mqic-reaper", "reaper", tick, argv, prepare=listen_for_work)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.doorbell import ring
 from shared.logs import for_case
 from shared.spool import reconcile, reject, settle_folder
 from shared.store import register_case
@@ -109,6 +110,7 @@ def register(ctx: Context, item: Path, now: float) -> None:
         case = register_case(ctx.conn, case_name=item.name, source_path=str(item), now=now,
                              worker=ctx.name)
         settle_folder(ctx.conn, ctx.spool, case.case_id, now=now, worker=ctx.name)
+    ring(ctx.spool.root, "submitter")
     ctx.log.info("case %d registered: %r", case.case_id, item.name, extra=for_case(case.case_id, "register"))
 
 

@@ -21,7 +21,9 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.recovery import recover_claim
 from shared.states import CaseStatus
-from shared.store import Case, Claim, claim_next_case, expired_leases, renew_lease, update_case
+from shared.doorbell import listen, ring
+from shared.store import (Case, Claim, claim_for_staging, claim_next_case, expired_leases, mark_staged,
+                          release_staging, renew_lease, staged_waiting, update_case)
 from shared.worker import Context, per_item, worker_main
 
 
@@ -44,7 +46,7 @@ def gpu_env(gpu: str | None) -> dict[str, str]:
 
 
 @contextmanager
-def lease_keeper(ctx: Context, case_id: int) -> Iterator[threading.Event]:
+def lease_keeper(ctx: Context, case_id: int, status: CaseStatus) -> Iterator[threading.Event]:
     """Renew the claim's lease in the background while a long upload runs.
 
     Yields an event that is set if the lease was lost (someone recovered the claim).
@@ -56,7 +58,8 @@ def lease_keeper(ctx: Context, case_id: int) -> Iterator[threading.Event]:
         conn = connect(ctx.config.database_path, migrate=False)
         try:
             while not stop.wait(lease / 3):
-                if not renew_lease(conn, case_id, worker=ctx.worker_id, now=ctx.clock(), lease_seconds=lease):
+                if not renew_lease(conn, case_id, worker=ctx.worker_id, now=ctx.clock(),
+                                   lease_seconds=lease, status=status):
                     lost.set()
                     return
         finally:
@@ -71,13 +74,46 @@ def lease_keeper(ctx: Context, case_id: int) -> Iterator[threading.Event]:
         thread.join()
 
 
-def upload(ctx: Context, claim: Claim) -> str:
-    case = claim.case
-    with lease_keeper(ctx, case.case_id) as lost:
+def upload(ctx: Context, case: Case, status: CaseStatus = CaseStatus.SUBMITTING) -> str:
+    """Upload the case folder (verified, atomic) while keeping the claim's lease alive."""
+    with lease_keeper(ctx, case.case_id, status) as lost:
         result = ctx.remote.upload(Path(case.case_path), case.folder_name, case_id=case.case_id)
     if lost.is_set():
         raise LeaseLost(f"case {case.case_id}: claim lost during upload")
     return result.remote_dir
+
+
+def staged_dir(ctx: Context, case: Case) -> str | None:
+    """The case's pre-uploaded remote folder, if it was staged and is still there."""
+    if case.staged_at is None or not case.remote_dir:
+        return None
+    try:
+        ctx.remote.run(["test", "-d", case.remote_dir])
+    except RemoteError:
+        return None
+    return case.remote_dir
+
+
+def prestage(ctx: Context, now: float) -> int:
+    """While every GPU is busy, upload the next waiting cases so a freed GPU starts at once."""
+    if staged_waiting(ctx.conn) >= len(ctx.config.pueue.groups):
+        return 0
+    case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
+                             lease_seconds=ctx.config.main_loop.lease_seconds)
+    if case is None:
+        return 0
+    try:
+        remote_dir = upload(ctx, case, CaseStatus.SUBMITTED)
+    except (RemoteFailure, LeaseLost) as exc:
+        release_staging(ctx.conn, case.case_id, worker=ctx.worker_id)
+        ctx.log.warning("case %d: pre-upload failed (%s); it will be uploaded when claimed", case.case_id,
+                        exc, extra=for_case(case.case_id, "prestage", exc))
+        return 0
+    if mark_staged(ctx.conn, case, remote_dir=remote_dir, worker=ctx.worker_id, now=ctx.clock(),
+                   detail=f"pre-uploaded to {remote_dir}"):
+        ctx.log.info("case %d pre-uploaded while GPUs are busy", case.case_id,
+                     extra=for_case(case.case_id, "prestage"))
+    return 1
 
 
 def submit_task(ctx: Context, claim: Claim, remote_dir: str) -> int:
@@ -98,10 +134,11 @@ def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, no
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name,
                       detail=f"pueue task {task_id} in group {claim.group}",
                       fields={"pueue_task_id": task_id, "remote_dir": remote_dir, "claimed_by": None,
-                              "lease_until": None, "started_at": now, "progress": 0.0,
+                              "lease_until": None, "started_at": now, "progress": 0.0, "staged_at": None,
                               "error_type": None, "error_message": None},
                       guard={"claimed_by": ctx.worker_id})
     if moved:
+        ring(ctx.spool.root, "poller")
         ctx.log.info("case %d submitted as pueue task %d (%s)", case.case_id, task_id, claim.group,
                      extra=for_case(case.case_id, "submit"))
 
@@ -119,7 +156,7 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
     case = claim.case
     guard = {"claimed_by": ctx.worker_id}
     try:
-        remote_dir = upload(ctx, claim)
+        remote_dir = staged_dir(ctx, case) or upload(ctx, case)
         now = ctx.clock()
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "upload", exc))
@@ -186,7 +223,7 @@ def tick(ctx: Context, now: float) -> int:
                             lease_seconds=ctx.config.main_loop.lease_seconds,
                             groups=[g.name for g in ctx.config.pueue.groups])
     if claim is None:
-        return done
+        return done + prestage(ctx, now)
     ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.group,
                  claim.case.attempts, extra=for_case(claim.case.case_id, "claim"))
     with per_item(ctx, claim.case.case_id, "submit"):  # on a crash the lease expires; recovery takes over
@@ -194,8 +231,12 @@ def tick(ctx: Context, now: float) -> int:
     return done + 1
 
 
+def listen_for_work(ctx: Context) -> None:
+    listen(ctx.spool.root, "submitter", ctx.wake)
+
+
 def main(argv=None) -> int:
-    return worker_main("mqic-submitter", "submitter", tick, argv, drain=True)
+    return worker_main("mqic-submitter", "submitter", tick, argv, prepare=listen_for_work, drain=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""exporter: Prometheus metrics computed from the state database at every scrape.
+
+Nothing is counted in the workers: every value comes from the database when
+Prometheus asks, so all processes agree and a restart loses nothing. Counters
+that must only grow (failures, phase durations) are read from the append-only
+``case_events`` table; the exporter remembers how far it has read (a cache it
+rebuilds from event 0 when it starts) so a scrape only reads the new events.
+
+Served on ``metrics.host:metrics.port`` (``/metrics``); SIGTERM exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from console import queries
+from shared.app import config_argument, load_or_exit
+from shared.config import Config
+from shared.db import connect
+from shared.logs import for_case, setup_logging
+
+BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+           28800.0, 86400.0)
+PHASES = ("upload", "queue_wait", "run")
+UTILIZATION_WINDOW_SECONDS = 3600.0
+SCRAPE_BUSY_TIMEOUT_MS = 2000
+REMOTE_HELP = ("1 when the last recorded contact with the HPC failed (workers.remote_ok when the schema"
+               " has it, else a stale poller heartbeat)")
+
+log = logging.getLogger("mqic.exporter")
+
+
+@dataclass
+class Histogram:
+    """Observed durations: counts per bucket (the last one is +Inf) and their sum."""
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        index = next((i for i, bound in enumerate(BUCKETS) if seconds <= bound), len(BUCKETS))
+        self.counts[index] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``[(le, count <= le), ..., ("+Inf", all)]`` as Prometheus wants the buckets."""
+        running, buckets = 0, []
+        for bound, count in zip((*map(str, BUCKETS), "+Inf"), self.counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets
+
+
+@dataclass
+class Tally:
+    """What the events up to ``cursor`` add up to; only grows while the database does."""
+    cursor: int = 0
+    failed: int = 0
+    phases: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PHASES})
+
+    def advance(self, conn: sqlite3.Connection, upto: int) -> None:
+        """Add the events ``cursor < event_id <= upto``."""
+        self.failed += queries.moves_into(conn, "failed", self.cursor, upto)
+        for sample in queries.phase_samples(conn, self.cursor, upto):
+            self.phases[sample.phase].observe(sample.seconds)
+        self.cursor = upto
+
+
+class DbCollector:
+    """A prometheus_client collector that reads the database on each ``collect()``."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time):
+        self.config, self.clock = config, clock
+        self.tally = Tally()
+        self.lock = threading.Lock()
+
+    def collect(self) -> Iterable[Metric]:
+        with self.lock:
+            try:
+                conn = connect(Path(self.config.database_path), readonly=True,
+                               busy_timeout_ms=SCRAPE_BUSY_TIMEOUT_MS)
+            except sqlite3.Error as exc:
+                return self._down(exc)
+            try:
+                return [self._up(1), *self._families(conn, self.clock())]
+            except sqlite3.Error as exc:
+                return self._down(exc)
+            finally:
+                conn.close()
+
+    def _down(self, exc: Exception) -> list[Metric]:
+        log.warning("scrape could not read the database: %s", exc, extra=for_case(None, "scrape", exc))
+        return [self._up(0)]
+
+    @staticmethod
+    def _up(value: int) -> Metric:
+        return GaugeMetricFamily("mqi_database_up", "1 when the exporter could read the state database", value=value)
+
+    def _families(self, conn: sqlite3.Connection, now: float) -> list[Metric]:
+        stale_after = self.config.unhealthy_after_seconds
+        with queries.read_snapshot(conn):
+            totals = queries.status_totals(conn)
+            newest = queries.newest_event_id(conn)
+            if newest < self.tally.cursor:  # the database was replaced (restored): count again
+                self.tally = Tally()
+            self.tally.advance(conn, newest)
+            busy = queries.slot_busy_seconds(conn, now, UTILIZATION_WINDOW_SECONDS)
+            seen = queries.workers(conn, now, stale_after)
+            last = queries.last_db_change(conn)
+            remote = queries.remote_status(conn, now, stale_after)
+        return [*case_families(totals, self.tally), phase_family(self.tally),
+                labelled_gauge("mqi_gpu_utilization_percent",
+                               f"Share of the last {UTILIZATION_WINDOW_SECONDS:g} s each GPU slot was assigned",
+                               "group", {g: 100.0 * s / UTILIZATION_WINDOW_SECONDS for g, s in busy.items()}),
+                labelled_gauge("mqi_worker_up", "1 when the worker's heartbeat is fresh", "worker",
+                               {w.name: float(w.alive) for w in seen}),
+                GaugeMetricFamily("mqi_last_db_update_age_seconds",
+                                  "Seconds since a case last changed (status, progress or event)",
+                                  value=float("nan") if last is None else max(0.0, now - last)),
+                GaugeMetricFamily("mqi_remote_unreachable", REMOTE_HELP, value=float(remote.reachable is False))]
+
+
+def case_families(totals: dict[str, int], tally: Tally) -> list[Metric]:
+    return [
+        CounterMetricFamily("mqi_cases_received", "Cases registered", value=sum(totals.values())),
+        CounterMetricFamily("mqi_cases_completed", "Cases completed", value=totals["completed"]),
+        CounterMetricFamily("mqi_cases_failed", "Moves of a case into failed (a retried case that"
+                            " fails again counts twice)", value=tally.failed),
+        GaugeMetricFamily("mqi_active_jobs", "Cases running on the HPC", value=totals["running"]),
+        labelled_gauge("mqi_cases_by_status", "Cases per lifecycle status", "status",
+                       {status: float(count) for status, count in totals.items()}),
+    ]
+
+
+def phase_family(tally: Tally) -> Metric:
+    family = HistogramMetricFamily(
+        "mqi_task_execution_duration_seconds",
+        "Duration of each phase: upload (claim -> running), queue_wait (running -> task start),"
+        " run (task start -> completed)", labels=["phase"])
+    for phase in PHASES:
+        histogram = tally.phases[phase]
+        family.add_metric([phase], histogram.cumulative(), histogram.total)
+    return family
+
+
+def labelled_gauge(name: str, documentation: str, label: str, values: dict[str, float]) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def build_registry(config: Config) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DbCollector(config))
+    return registry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqic-exporter", description="Prometheus metrics of MQI Communicator")
+    config_argument(parser)
+    parser.add_argument("--host", help="listen address (default: metrics.host)")
+    parser.add_argument("--port", type=int, help="listen port (default: metrics.port)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = load_or_exit(args.config, "mqic-exporter")
+    setup_logging(config.logging, "exporter")
+    host, port = args.host or config.metrics.host, args.port or config.metrics.port
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
+    server, thread = start_http_server(port, addr=host, registry=build_registry(config))
+    log.info("serving metrics on http://%s:%d/metrics", host, port, extra=for_case(None, "serve"))
+    stop.wait()
+    server.shutdown()
+    thread.join(timeout=5)
+    log.info("exporter stopped", extra=for_case(None, "serve"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
