@@ -20,6 +20,10 @@ OUTCOMES = ("'success','failed','killed','timed_out','failed_to_spawn','vanished
             "'cancelled','submit_error','rejected'")
 STAGES = "'incoming','queued','active','done','failed'"
 
+# A row whose recorded spool stage disagrees with its status (see shared.spool).
+STAGE_MISMATCH = ("spool_stage != CASE status WHEN 'submitted' THEN 'queued' WHEN 'submitting' THEN 'queued'"
+                  " WHEN 'running' THEN 'active' WHEN 'completed' THEN 'done' ELSE 'failed' END")
+
 # Each entry moves the schema from version i to i+1. Never edit a released entry:
 # append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -96,7 +100,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: pre-staging: a waiting case already uploaded (verified) while every GPU was busy.
     """
     ALTER TABLE cases ADD COLUMN staged_at REAL;
-    """,
+    CREATE INDEX cases_incoming ON cases(case_id) WHERE spool_stage = 'incoming';
+    """ + f"CREATE INDEX cases_misplaced ON cases(case_id) WHERE {STAGE_MISMATCH};",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

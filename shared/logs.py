@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import sys
 from datetime import datetime
 from zoneinfo import ZoneInfo
+
+from concurrent_log_handler import ConcurrentRotatingFileHandler
 
 CONTEXT_FIELDS = ("case_id", "operation", "error_type", "worker")
 
@@ -83,7 +84,8 @@ def setup_logging(logging_config, worker: str) -> logging.Logger:
     stream.setFormatter(JsonFormatter(tz) if logging_config.json_stdout else ReadableFormatter(tz))
     root.addHandler(stream)
     logging_config.file.parent.mkdir(parents=True, exist_ok=True)
-    rotating = logging.handlers.RotatingFileHandler(
+    # Several worker processes share this file: a lock-guarded handler rotates it safely.
+    rotating = ConcurrentRotatingFileHandler(
         logging_config.file, maxBytes=logging_config.max_bytes,
         backupCount=logging_config.backup_count, encoding="utf-8")
     rotating.setFormatter(ReadableFormatter(tz))

@@ -212,7 +212,8 @@ class Remote:
         files, size = folder_manifest(local_dir)
         base = self.base_dir()
         temp = f"{base}/{UPLOAD_PREFIX}{case_id}-{secrets.token_hex(4)}"
-        self.run_shell(f"rm -rf -- {shlex.quote(base)}/{UPLOAD_PREFIX}{case_id}-*")
+        quoted = shlex.quote(base)
+        self.run_shell(f"mkdir -p -- {quoted} && rm -rf -- {quoted}/{UPLOAD_PREFIX}{case_id}-*")
         limit = timeout or self.hpc.upload_timeout_seconds
         if self.hpc.transfer == "tar":
             self._upload_tar(local_dir, temp, limit)

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from filelock import FileLock
 
-from shared.db import transaction
+from shared.db import STAGE_MISMATCH, transaction
 from shared.states import CaseStatus
 from shared.store import Case, case_from_row, flag_for_review, get_case
 
@@ -140,10 +140,7 @@ def _find_folder(spool: Spool, case: Case) -> Path | None:
     return None
 
 
-MISPLACED_SQL = (
-    "SELECT * FROM cases WHERE spool_stage != CASE status"
-    " WHEN 'submitted' THEN 'queued' WHEN 'submitting' THEN 'queued' WHEN 'running' THEN 'active'"
-    " WHEN 'completed' THEN 'done' ELSE 'failed' END ORDER BY case_id LIMIT ?")
+MISPLACED_SQL = f"SELECT * FROM cases WHERE {STAGE_MISMATCH} ORDER BY case_id LIMIT ?"
 
 
 def misplaced_cases(conn: sqlite3.Connection, limit: int = 100) -> list[Case]:

@@ -98,3 +98,12 @@ def test_reject_sets_item_aside_with_its_reason(spool, tmp_path):
     dest = reject(spool, bad, "not a folder", now=NOW)
     assert not bad.exists() and dest.read_text() == "hi"
     assert "not a folder" in open(f"{dest}.reason.txt").read()
+
+
+def test_reconcile_and_incoming_queries_use_partial_indexes(conn):
+    from shared.spool import MISPLACED_SQL
+    plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + MISPLACED_SQL, (10,)))
+    assert "USING INDEX cases_misplaced" in plan
+    plan = " ".join(r[3] for r in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT source_path FROM cases WHERE spool_stage = 'incoming'"))
+    assert "USING INDEX cases_incoming" in plan
