@@ -1,26 +1,609 @@
-"""``mqic``: the operator's command line."""
+"""``mqic``: the operator's command line.
+
+Reading commands (``status``, ``cases``, ``show``, ``health``) open the database
+read-only. Commands that change a case (``retry``, ``cancel``, ``ack``) go through
+the same guarded moves as the workers (``shared.lifecycle.move_case``), so they
+never race a worker into an inconsistent row. Every error is one line on stderr:
+exit 2 for a bad config, 1 for anything else.
+"""
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import os
+import re
+import shlex
+import sqlite3
+import subprocess
 import sys
-from typing import Sequence
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from shared.app import config_argument, load_or_exit
+from rich.console import Console
+
+from console import queries
+from console.top import console_width, format_age, format_time, freshness, slots_table, totals_line
+from shared import pueue
+from shared.app import EXIT_CONFIG, config_argument, load_or_exit
+from shared.config import Config, default_config_path, load_config
+from shared.db import connect
+from shared.doorbell import ring
+from shared.errors import ConfigError, MqicError, RemoteFailure
+from shared.lifecycle import move_case
+from shared.remote import Remote
+from shared.spool import Spool
+from shared.states import FINAL, CaseStatus, Outcome, SlotStatus
+from shared.store import Case, clear_review, get_case
+
+PROGRAM = "mqic"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_KEEP = 14
+BACKUP_NAME = re.compile(r"^backup_(\d{8})(?:_(\d{6}))?(?:_(\d+))?\.db$")
+RETRY_CLEARS = {"attempts": 0, "next_attempt_at": None, "outcome": None, "exit_code": None,
+                "error_type": None, "error_message": None, "log_tail": None, "completed_at": None,
+                "started_at": None, "progress": 0.0, "claimed_by": None, "lease_until": None,
+                "pueue_task_id": None, "pueue_group": None, "remote_dir": None, "staged_at": None}
+PROBE_SCRIPT = 'probe="$1/.mqic-doctor-probe-$$" && touch -- "$probe" && rm -f -- "$probe"'
+
+
+class CliError(MqicError):
+    """A refused or failed command: printed as one line, exit code 1."""
+
+
+def operator() -> str:
+    """Who the event history names for a command run by hand."""
+    try:
+        return f"mqic-cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment: still record the tool
+        return "mqic-cli"
+
+
+def out() -> Console:
+    return Console(width=console_width(), highlight=False, soft_wrap=False)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(queries.to_jsonable(value), indent=2, ensure_ascii=False))
+
+
+def open_db(config: Config, *, write: bool = False) -> sqlite3.Connection:
+    """The state database: read-only unless ``write``; CliError when it does not exist."""
+    path = Path(config.database_path)
+    if not path.exists():
+        raise CliError(f"database {path} not found (the workers create it when they start)")
+    return connect(path) if write else connect(path, readonly=True)
+
+
+def existing_case(conn: sqlite3.Connection, case_id: int) -> Case:
+    case = get_case(conn, case_id)
+    if case is None:
+        raise CliError(f"case {case_id} not found")
+    return case
+
+
+# -- status, cases, health ------------------------------------------------------------------------
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    """Totals, GPU slots and the health summary."""
+    conn = open_db(config)
+    try:
+        view = queries.overview(conn, time.time(), config.unhealthy_after_seconds, recent=0, flags=0)
+    finally:
+        conn.close()
+    if args.json:
+        print_json({"totals": view.totals, "slots": view.slots, "workers": view.workers,
+                    "last_change": view.last_change, "remote": view.remote, "health": view.health})
+        return 0
+    console = out()
+    console.print(totals_line(view))
+    console.print(slots_table(view, config.tz))
+    console.print(freshness(view, config.tz))
+    return 0
+
+
+def cmd_cases(config: Config, args: argparse.Namespace) -> int:
+    """The newest cases, optionally of one status."""
+    conn = open_db(config)
+    try:
+        cases = queries.list_cases(conn, args.status, max(1, args.limit))
+    finally:
+        conn.close()
+    if args.json:
+        print_json(cases)
+        return 0
+    if not cases:
+        print("no cases" + (f" with status {args.status}" if args.status else ""))
+    else:
+        print("\n".join(cases_lines(cases, time.time())))
+    return 0
+
+
+CASES_HEADER = f"{'ID':>7}  {'STATUS':<10}  {'DONE':>4}  {'GROUP':<8}  {'TASK':>5}  {'TRIES':>5}  {'UPDATED':>7}  NAME"
+
+
+def cases_lines(cases: list[queries.CaseView], now: float) -> list[str]:
+    """Plain aligned lines (greppable; long names and notes go last)."""
+    lines = [CASES_HEADER]
+    for case in cases:
+        note = f"REVIEW: {case.review_reason}" if case.needs_review else (case.outcome or "")
+        task = "-" if case.pueue_task_id is None else str(case.pueue_task_id)
+        lines.append(f"{case.case_id:>7}  {case.status:<10}  {case.progress:>3.0f}%  {case.pueue_group or '-':<8}"
+                     f"  {task:>5}  {case.attempts:>5}  {format_age(now - case.updated_at):>7}  {case.case_name}"
+                     + (f"  [{note}]" if note else ""))
+    return lines
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (ssh errors span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def quick_check(conn: sqlite3.Connection) -> str | None:
+    """None when ``PRAGMA quick_check`` is clean, else what it reported."""
+    rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+    return None if rows == ["ok"] else "; ".join(rows[:3])
+
+
+def cmd_health(config: Config, args: argparse.Namespace) -> int:
+    """Exit 0 when healthy; 1 with the reasons (stale heartbeats, no progress, integrity)."""
+    try:
+        conn = open_db(config)
+    except CliError as exc:
+        return report_health(args, False, [str(exc)])
+    try:
+        view = queries.overview(conn, time.time(), config.unhealthy_after_seconds, recent=0, flags=0)
+        damage = quick_check(conn)
+    finally:
+        conn.close()
+    reasons = list(view.health.reasons) + ([f"database integrity: {damage}"] if damage else [])
+    return report_health(args, not reasons, reasons)
+
+
+def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str]) -> int:
+    if args.json:
+        print_json({"healthy": healthy, "reasons": reasons})
+    elif healthy:
+        print("healthy")
+    else:
+        print("unhealthy: " + "; ".join(reasons))
+    return 0 if healthy else 1
+
+
+# -- show -----------------------------------------------------------------------------------------
+
+def remote_task(config: Config, case: Case) -> dict[str, Any]:
+    """The case's pueue task as the HPC reports it now, or ``{"error": ...}`` when it cannot tell."""
+    try:
+        snapshot = pueue.statuses(Remote(config.hpc), list(config.hpc.pueue_command),
+                                  timeout=config.hpc.command_timeout_seconds)
+    except (RemoteFailure, OSError) as exc:
+        return {"error": f"HPC unreachable or pueue failed ({one_line(exc)})"}
+    task = snapshot.tasks.get(case.pueue_task_id)
+    if task is None or task.label != case.label:
+        found = snapshot.by_label(case.label)
+        task = max(found, key=lambda t: t.id) if found else None
+    if task is None:
+        return {"error": f"no pueue task {case.pueue_task_id} with label {case.label} on the HPC"}
+    return {"task_id": task.id, "state": task.state.value, "exit_code": task.exit_code,
+            "group": task.group, "label": task.label, "path": task.path,
+            "start": task.start.isoformat() if task.start else None,
+            "end": task.end.isoformat() if task.end else None}
+
+
+def cmd_show(config: Config, args: argparse.Namespace) -> int:
+    """One case: its row, every event, and the remote task when there is one."""
+    conn = open_db(config)
+    try:
+        case = existing_case(conn, args.case_id)
+        events = queries.events_of(conn, case.case_id)
+    finally:
+        conn.close()
+    remote = remote_task(config, case) if case.pueue_task_id is not None else None
+    if args.json:
+        print_json({"case": case, "events": events, "remote": remote})
+        return 0
+    print_case(config, case, events, remote)
+    return 0
+
+
+TIME_FIELDS = ("submitted_at", "status_updated_at", "started_at", "completed_at", "next_attempt_at",
+               "lease_until")
+
+
+def print_case(config: Config, case: Case, events: list[dict], remote: dict | None) -> None:
+    tz = config.tz
+    record = queries.case_record(case)
+    long_text = {"log_tail", "error_message"}
+    for key, value in record.items():
+        if value is None or value == "" or key in long_text:
+            continue
+        print(f"{key:>18}: {format_time(value, tz, full=True) if key in TIME_FIELDS else value}")
+    if case.error_message:
+        print(f"{'error_message':>18}: {case.error_message}")
+    print("events:")
+    for event in events:
+        print(f"  {format_time(event['at'], tz)}  {event['from_status'] or '-':>10} -> {event['to_status']:<10}"
+              f"  {event['worker']}  {event['detail']}")
+    if remote is None:
+        print("remote: no pueue task recorded yet")
+    elif "error" in remote:
+        print(f"remote: {remote['error']}; local data shown above")
+    else:
+        print(f"remote: task {remote['task_id']} {remote['state']} in group {remote['group']}"
+              + (f" (exit code {remote['exit_code']})" if remote["exit_code"] is not None else ""))
+    if case.log_tail:
+        print("log tail:\n" + case.log_tail.rstrip())
+
+
+# -- retry, cancel, ack ---------------------------------------------------------------------------
+
+def cmd_retry(config: Config, args: argparse.Namespace) -> int:
+    """failed -> submitted with a fresh attempt count; the folder returns to spool/queued."""
+    conn = open_db(config, write=True)
+    try:
+        case = existing_case(conn, args.case_id)
+        if case.status is not CaseStatus.FAILED:
+            raise CliError(f"case {case.case_id} is {case.status.value}: only failed cases can be retried")
+        zombie = conn.execute("SELECT pueue_group FROM gpu_resources WHERE status = 'zombie'"
+                              " AND assigned_case_id = ?", (case.case_id,)).fetchone()
+        if zombie is not None:
+            raise CliError(f"case {case.case_id}: its previous task may still run (slot {zombie[0]} is"
+                           f" zombie until the reaper sees it gone); retry once the slot is free")
+        detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"
+        spool = Spool(config.spool_path).ensure()
+        if not move_case(conn, spool, case, CaseStatus.SUBMITTED, now=time.time(), worker=operator(),
+                         detail=detail, fields=dict(RETRY_CLEARS)):
+            raise CliError(f"case {case.case_id} changed meanwhile; look again with `mqic show {case.case_id}`")
+        ring(spool.root, "submitter")
+        moved = get_case(conn, case.case_id)
+    finally:
+        conn.close()
+    print(f"case {moved.case_id}: failed -> submitted (folder {moved.case_path})")
+    return 0
+
+
+def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
+    """A running or submitted case becomes failed (``cancelled``); a running task is killed."""
+    conn = open_db(config, write=True)
+    try:
+        case = existing_case(conn, args.case_id)
+        refuse_cancel(case)
+        running = case.status is CaseStatus.RUNNING
+        fields = {"outcome": Outcome.CANCELLED.value, "completed_at": time.time(), "error_type": "Cancelled",
+                  "error_message": f"cancelled by {operator()}", "claimed_by": None, "lease_until": None}
+        spool = Spool(config.spool_path).ensure()
+        if not move_case(conn, spool, case, CaseStatus.FAILED, now=time.time(), worker=operator(),
+                         detail="cancelled by operator", fields=fields,
+                         slot_to=SlotStatus.ZOMBIE if running else None):
+            raise CliError(f"case {case.case_id} changed meanwhile; look again with `mqic show {case.case_id}`")
+        if running:
+            ring(spool.root, "reaper")  # it frees the zombie slot once the task is gone
+    finally:
+        conn.close()
+    print(f"case {case.case_id}: {case.status.value} -> failed (cancelled)")
+    if running:
+        kill_cancelled(config, case)
+    return 0
+
+
+def refuse_cancel(case: Case) -> None:
+    if case.status is CaseStatus.SUBMITTING:
+        raise CliError(f"case {case.case_id} is being submitted right now (in flight); retry the cancel in a moment")
+    if case.status in FINAL:
+        raise CliError(f"case {case.case_id} is already {case.status.value}; nothing to cancel")
+
+
+def kill_cancelled(config: Config, case: Case) -> None:
+    """Kill the task of a cancelled case; a failure is left to the reaper (the slot is zombie)."""
+    if case.pueue_task_id is None:
+        print("no pueue task id recorded; the reaper kills any task of this case on its zombie slot")
+        return
+    try:
+        result = pueue.kill(Remote(config.hpc), list(config.hpc.pueue_command), [case.pueue_task_id],
+                            timeout=config.hpc.command_timeout_seconds)
+    except (RemoteFailure, OSError) as exc:
+        print(f"{PROGRAM}: kill of task {case.pueue_task_id} failed ({one_line(exc)});"
+              f" the reaper will retry while slot {case.pueue_group} is zombie", file=sys.stderr)
+        return
+    if case.pueue_task_id in result.killed:
+        print(f"pueue task {case.pueue_task_id} killed; the reaper frees slot {case.pueue_group} once it is gone")
+    else:
+        print(f"pueue task {case.pueue_task_id} was not running (queued or finished); the reaper kills it"
+              f" if it starts while slot {case.pueue_group} is zombie")
+
+
+def cmd_ack(config: Config, args: argparse.Namespace) -> int:
+    """Clear a case's review flag."""
+    conn = open_db(config, write=True)
+    try:
+        case = existing_case(conn, args.case_id)
+        if not clear_review(conn, case.case_id, now=time.time(), worker=operator()):
+            raise CliError(f"case {case.case_id} has no review flag")
+    finally:
+        conn.close()
+    print(f"case {case.case_id}: review flag cleared ({case.review_reason})")
+    return 0
+
+
+# -- doctor ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+    def line(self) -> str:
+        text = f"{'OK  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+        return text if self.ok or not self.hint else f"{text} -> fix: {self.hint}"
+
+
+def check_identity(config: Config) -> Check:
+    path = config.hpc.identity_file
+    if not path.is_file():
+        return Check("identity_file", False, f"{path} does not exist",
+                     f"ssh-keygen -t ed25519 -f {path} -N '' and add {path}.pub to the HPC's authorized_keys")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        return Check("identity_file", False, f"{path} has mode {mode:o} (readable by others)", f"chmod 600 {path}")
+    return Check("identity_file", True, f"{path} (mode {mode:o})")
+
+
+def known_host_name(config: Config) -> str:
+    return config.hpc.host if config.hpc.port == 22 else f"[{config.hpc.host}]:{config.hpc.port}"
+
+
+def check_known_hosts(config: Config) -> Check:
+    path, host = config.hpc.known_hosts_file, known_host_name(config)
+    scan = f"ssh-keyscan -p {config.hpc.port} {config.hpc.host} >> {path} (compare the fingerprint first)"
+    if not path.is_file():
+        return Check("known_hosts", False, f"{path} does not exist", scan)
+    try:
+        found = subprocess.run(["ssh-keygen", "-F", host, "-f", str(path)], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("known_hosts", False, f"cannot run ssh-keygen -F: {one_line(exc)}", "install openssh-client")
+    if found.returncode != 0:
+        return Check("known_hosts", False, f"no entry for {host} in {path}", scan)
+    return Check("known_hosts", True, f"{host} found in {path}")
+
+
+def remote_checks(config: Config) -> list[Check]:
+    """ssh, pueue, groups and the base dir, each asked once; later checks need ssh."""
+    remote, cmd, timeout = Remote(config.hpc), list(config.hpc.pueue_command), config.hpc.command_timeout_seconds
+    target = f"{config.hpc.user}@{config.hpc.host}:{config.hpc.port}"
+    try:
+        remote.run(["true"], timeout=config.hpc.connect_timeout_seconds + 10)
+    except (RemoteFailure, OSError) as exc:
+        hint = (f"check the host is up and the key is authorized: ssh -i {config.hpc.identity_file}"
+                f" -p {config.hpc.port} {config.hpc.user}@{config.hpc.host} true")
+        skipped = "skipped: ssh is not reachable"
+        return [Check("ssh", False, f"{target}: {one_line(exc)}", hint),
+                *(Check(name, False, skipped) for name in ("pueue", "pueue groups", "remote base dir"))]
+    checks = [Check("ssh", True, f"{target} answers")]
+    checks.append(attempt("pueue", lambda: f"version {pueue.version(remote, cmd, timeout=timeout)}",
+                          f"install pueue on the HPC and start it (pueued -d); hpc.pueue_command is {shlex.join(cmd)}"))
+    checks.append(check_groups(config, remote, cmd, timeout))
+    checks.append(attempt("remote base dir", lambda: probe_base_dir(remote, timeout),
+                          f"create {config.hpc.remote_base_dir} on the HPC and make it writable by {config.hpc.user}"))
+    return checks
+
+
+def attempt(name: str, action: Callable[[], str], hint: str) -> Check:
+    try:
+        return Check(name, True, action())
+    except (RemoteFailure, OSError) as exc:
+        return Check(name, False, one_line(exc), hint)
+
+
+def probe_base_dir(remote: Remote, timeout: float) -> str:
+    base = remote.base_dir()
+    remote.run_script(PROBE_SCRIPT, base, timeout=timeout)
+    return f"{base} is writable"
+
+
+def check_groups(config: Config, remote: Remote, cmd: list[str], timeout: float) -> Check:
+    try:
+        groups = pueue.statuses(remote, cmd, timeout=timeout).groups
+    except (RemoteFailure, OSError) as exc:
+        return Check("pueue groups", False, one_line(exc), "start the pueue daemon: pueued -d")
+    wanted = [g.name for g in config.pueue.groups]
+    missing = [name for name in wanted if name not in groups]
+    paused = [name for name in wanted if name in groups and groups[name].paused]
+    if missing:
+        adds = "; ".join(f"pueue group add {g.name} -p {g.parallel}" for g in config.pueue.groups if g.name in missing)
+        return Check("pueue groups", False, f"missing on the HPC: {', '.join(missing)}",
+                     f"the submitter creates them when it starts, or run: {adds}")
+    if paused:
+        return Check("pueue groups", False, f"paused: {', '.join(paused)}",
+                     "; ".join(f"pueue start -g {name}" for name in paused))
+    return Check("pueue groups", True, ", ".join(wanted))
+
+
+def check_database(config: Config) -> Check:
+    path = Path(config.database_path)
+    if not path.exists():
+        return Check("database", True, f"{path} not created yet (the workers create it)")
+    try:
+        conn = connect(path, readonly=True)
+        try:
+            damage = quick_check(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return Check("database", False, f"{path}: {one_line(exc)}", "stop the workers and restore the newest backup")
+    if damage:
+        return Check("database", False, f"{path}: {damage}", "stop the workers and restore the newest backup")
+    return Check("database", True, f"{path} passes quick_check")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per check with OK/FAIL and a fix; exit 1 when any fails (2: bad config)."""
+    source = args.config or default_config_path()
+    try:
+        config = load_config(source)
+    except ConfigError as exc:
+        print(Check("config", False, " ".join(str(exc).split()), f"edit {source}; every key is described in README.md").line())
+        return EXIT_CONFIG
+    checks = [Check("config", True, f"{config.source} is valid"), check_identity(config),
+              check_known_hosts(config), *remote_checks(config), check_database(config)]
+    for check in checks:
+        print(check.line(), flush=True)
+    return 0 if all(c.ok for c in checks) else 1
+
+
+# -- backup ---------------------------------------------------------------------------------------
+
+def backup_path(folder: Path, now: float, config: Config) -> Path:
+    """``backup_YYYYMMDD.db``; ``backup_YYYYMMDD_HHMMSS.db`` (then ``_N``) when that is taken."""
+    moment = datetime.fromtimestamp(now, config.tz)
+    day, stamp = moment.strftime("%Y%m%d"), moment.strftime("%Y%m%d_%H%M%S")
+    candidates = [folder / f"backup_{day}.db", folder / f"backup_{stamp}.db"]
+    candidates += (folder / f"backup_{stamp}_{n}.db" for n in range(1, 1000))
+    for candidate in candidates:
+        if not candidate.exists():
+            return candidate
+    raise CliError(f"too many backups named backup_{stamp}_N.db in {folder}")
+
+
+def backup_order(path: Path) -> tuple[str, str, int]:
+    day, clock, number = BACKUP_NAME.match(path.name).groups()
+    return day, clock or "", int(number or 0)
+
+
+def prune_backups(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` backups in ``folder``; return what was deleted."""
+    backups = sorted((p for p in folder.iterdir() if BACKUP_NAME.match(p.name)), key=backup_order)
+    doomed = backups[:-keep] if keep > 0 else backups
+    for path in doomed:
+        path.unlink()
+    return doomed
+
+
+def copy_database(source: Path, target: Path) -> None:
+    """Copy with SQLite's online backup in one step: a consistent snapshot while workers write.
+
+    The copy is written under a temporary name, integrity-checked, then renamed into place.
+    """
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = connect(source, readonly=True)
+    dst = sqlite3.connect(partial, isolation_level=None)
+    try:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode = DELETE")  # a self-contained file, no -wal beside it
+        rows = [r[0] for r in dst.execute("PRAGMA integrity_check").fetchall()]
+    finally:
+        dst.close()
+        src.close()
+    if rows != ["ok"]:
+        partial.unlink(missing_ok=True)
+        raise CliError(f"backup copy failed its integrity check: {'; '.join(rows[:3])}")
+    os.rename(partial, target)
+
+
+def cmd_backup(config: Config, args: argparse.Namespace) -> int:
+    """Back the database up into ``backups/`` (or ``--dest``) and keep the newest ``--keep``."""
+    if args.keep < 1:
+        raise CliError(f"--keep must be at least 1, got {args.keep}")
+    source = Path(config.database_path)
+    if not source.exists():
+        raise CliError(f"database {source} not found; nothing to back up")
+    folder = Path(args.dest) if args.dest else config.root_dir / "backups"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = backup_path(folder, time.time(), config)
+    copy_database(source, target)
+    print(target)
+    for old in prune_backups(folder, args.keep):
+        print(f"{PROGRAM}: removed old backup {old}", file=sys.stderr)
+    return 0
+
+
+# -- sandbox --------------------------------------------------------------------------------------
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Start or stop the local sandbox HPC (sshd + pueue stand-in)."""
+    from sandbox import hpc  # only here: operators of a real HPC never need it
+
+    root = Path(args.root) if args.root else PROJECT_ROOT / ".sandbox"
+    if args.action == "down":
+        hpc.down(root)
+        print(f"sandbox stopped (files kept in {root.resolve()})")
+        return 0
+    box_ = hpc.up(root)
+    print(f"sandbox HPC is up: ssh {box_.endpoint.user}@{box_.endpoint.host} -p {box_.endpoint.port}")
+    print(f"config: {box_.config_path}")
+    print("next:")
+    print(f"  export MQIC_CONFIG={shlex.quote(str(box_.config_path))}")
+    print("  supervisord -c supervisord.conf")
+    print(f"  drop case folders into {box_.root / 'incoming'} and watch them with mqic-top")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mqic", description="MQI Communicator operator commands")
+    parser = argparse.ArgumentParser(prog=PROGRAM, description="MQI Communicator operator commands")
     config_argument(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="totals per status and GPU slots")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = sub.add_parser("status", help="totals per status, GPU slots, health summary")
+    status.add_argument("--json", action="store_true")
+    cases = sub.add_parser("cases", help="list the newest cases")
+    cases.add_argument("--status", choices=queries.STATUSES)
+    cases.add_argument("--limit", type=positive_int, default=50)
+    cases.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="one case with its history and remote task")
+    show.add_argument("case_id", type=int)
+    show.add_argument("--json", action="store_true")
+    for name, text in (("retry", "send a failed case back to the queue"),
+                       ("cancel", "stop a submitted or running case"),
+                       ("ack", "clear a case's review flag")):
+        sub.add_parser(name, help=text).add_argument("case_id", type=int)
+    health = sub.add_parser("health", help="exit 0 when healthy, 1 otherwise")
+    health.add_argument("--json", action="store_true")
+    sub.add_parser("doctor", help="check config, keys, ssh, pueue and the remote folder")
+    backup = sub.add_parser("backup", help="consistent copy of the database, with retention")
+    backup.add_argument("--dest", help="folder for the copies (default: backups/ in the project)")
+    backup.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="how many copies to keep (14)")
+    sandbox = sub.add_parser("sandbox", help="start or stop the local sandbox HPC")
+    sandbox.add_argument("action", choices=("up", "down"))
+    sandbox.add_argument("--root", help="sandbox folder (default: .sandbox in the project)")
     return parser
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "status": cmd_status, "cases": cmd_cases, "show": cmd_show, "retry": cmd_retry,
+    "cancel": cmd_cancel, "ack": cmd_ack, "health": cmd_health, "backup": cmd_backup,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = load_or_exit(args.config, "mqic")
-    print(f"config ok: {config.source}")
-    return 0
+    try:
+        if args.command == "sandbox":
+            return cmd_sandbox(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
+        config = load_or_exit(args.config, PROGRAM)
+        return COMMANDS[args.command](config, args)
+    except CliError as exc:
+        print(f"{PROGRAM}: {exc}", file=sys.stderr)
+    except sqlite3.Error as exc:
+        print(f"{PROGRAM}: database error: {one_line(exc)}", file=sys.stderr)
+    except MqicError as exc:
+        print(f"{PROGRAM}: {one_line(exc)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -69,9 +69,11 @@ class Tally:
     phases: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PHASES})
 
     def advance(self, conn: sqlite3.Connection, upto: int) -> None:
-        """Add the events ``cursor < event_id <= upto``."""
-        self.failed += queries.moves_into(conn, "failed", self.cursor, upto)
-        for sample in queries.phase_samples(conn, self.cursor, upto):
+        """Add the events ``cursor < event_id <= upto`` (all read before any is counted)."""
+        failed = queries.moves_into(conn, "failed", self.cursor, upto)
+        samples = queries.phase_samples(conn, self.cursor, upto)
+        self.failed += failed
+        for sample in samples:
             self.phases[sample.phase].observe(sample.seconds)
         self.cursor = upto
 

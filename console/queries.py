@@ -1,0 +1,367 @@
+"""Read-only queries shared by ``mqic-top``, the ``mqic`` command line and the exporter.
+
+Every function takes an open connection (usually ``connect(path, readonly=True)``)
+and only reads. Each query is answered from an index, so a frame stays cheap with
+100,000 cases; ``overview`` reads everything inside one read transaction, which
+gives one consistent picture without ever blocking a writer (WAL).
+"""
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+from shared.states import CaseStatus
+from shared.store import Case, case_from_row
+
+STATUSES = tuple(s.value for s in CaseStatus)
+ACTIVE_STATUSES = ("submitted", "submitting", "running")
+REMOTE_RECORDED = "workers.remote_ok"
+
+CASE_VIEW_COLUMNS = ("case_id, case_name, status, progress, pueue_group, pueue_task_id,"
+                     " submitted_at, status_updated_at, attempts, outcome, needs_review, review_reason")
+
+
+@dataclass(frozen=True)
+class CaseView:
+    """The columns a listing shows; ``updated_at`` is ``status_updated_at``."""
+    case_id: int
+    case_name: str
+    status: str
+    progress: float
+    pueue_group: str | None
+    pueue_task_id: int | None
+    submitted_at: float
+    updated_at: float
+    attempts: int
+    outcome: str | None
+    needs_review: bool
+    review_reason: str | None
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """A GPU slot with the case it names (``case_*`` are None for a free slot)."""
+    group: str
+    gpu: str | None
+    status: str
+    since: float
+    case_id: int | None
+    case_name: str | None
+    case_status: str | None
+    task_id: int | None
+    progress: float | None
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    name: str
+    pid: int
+    host: str
+    started_at: float
+    heartbeat: float
+    alive: bool
+
+
+@dataclass(frozen=True)
+class RemoteView:
+    """What the workers last saw of the HPC; ``reachable`` None when nothing was recorded."""
+    reachable: bool | None
+    checked_at: float | None
+    error: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Health:
+    healthy: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Overview:
+    """One consistent picture of the database, as the monitor shows it."""
+    now: float
+    totals: dict[str, int]
+    slots: tuple[SlotView, ...]
+    recent: tuple[CaseView, ...]
+    flagged: tuple[CaseView, ...]
+    workers: tuple[WorkerView, ...]
+    last_change: float | None
+    remote: RemoteView
+    health: Health
+
+    @property
+    def active(self) -> int:
+        return sum(self.totals[s] for s in ACTIVE_STATUSES)
+
+
+@dataclass(frozen=True)
+class PhaseSample:
+    """One measured duration of a phase (upload, queue_wait, run), in seconds."""
+    event_id: int
+    phase: str
+    seconds: float
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses (and lists/dicts of them) as plain JSON-ready values."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: to_jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, CaseStatus):
+        return value.value
+    return value
+
+
+@contextmanager
+def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One read transaction: every query inside sees the same database state."""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
+
+
+def _case_view(row: sqlite3.Row) -> CaseView:
+    return CaseView(case_id=row["case_id"], case_name=row["case_name"], status=row["status"],
+                    progress=row["progress"], pueue_group=row["pueue_group"],
+                    pueue_task_id=row["pueue_task_id"], submitted_at=row["submitted_at"],
+                    updated_at=row["status_updated_at"], attempts=row["attempts"],
+                    outcome=row["outcome"], needs_review=bool(row["needs_review"]),
+                    review_reason=row["review_reason"])
+
+
+# -- cases ------------------------------------------------------------------------------------
+
+TOTAL_SQL = "SELECT COUNT(*) FROM cases WHERE status = ?"
+RECENT_SQL = f"SELECT {CASE_VIEW_COLUMNS} FROM cases ORDER BY status_updated_at DESC LIMIT ?"
+NEWEST_SQL = f"SELECT {CASE_VIEW_COLUMNS} FROM cases ORDER BY case_id DESC LIMIT ?"
+NEWEST_WITH_STATUS_SQL = (f"SELECT {CASE_VIEW_COLUMNS} FROM cases WHERE status = ?"
+                          " ORDER BY submitted_at DESC, case_id DESC LIMIT ?")
+FLAGGED_SQL = (f"SELECT {CASE_VIEW_COLUMNS} FROM cases WHERE needs_review = 1"
+               " ORDER BY status_updated_at DESC LIMIT ?")
+
+
+def status_totals(conn: sqlite3.Connection) -> dict[str, int]:
+    """Number of cases in every status (all five keys, zero when empty)."""
+    return {status: conn.execute(TOTAL_SQL, (status,)).fetchone()[0] for status in STATUSES}
+
+
+def recent_cases(conn: sqlite3.Connection, limit: int = 10) -> list[CaseView]:
+    """The cases whose status or progress changed most recently, newest first."""
+    return [_case_view(r) for r in conn.execute(RECENT_SQL, (limit,))]
+
+
+def list_cases(conn: sqlite3.Connection, status: str | None = None, limit: int = 50) -> list[CaseView]:
+    """The newest cases (by registration), optionally only those in ``status``."""
+    if status is None:
+        return [_case_view(r) for r in conn.execute(NEWEST_SQL, (limit,))]
+    CaseStatus.parse(status)
+    return [_case_view(r) for r in conn.execute(NEWEST_WITH_STATUS_SQL, (status, limit))]
+
+
+def review_flags(conn: sqlite3.Connection, limit: int = 20) -> list[CaseView]:
+    """Cases flagged for an operator (``needs_review = 1``), most recently changed first."""
+    return [_case_view(r) for r in conn.execute(FLAGGED_SQL, (limit,))]
+
+
+def find_case(conn: sqlite3.Connection, case_id: int) -> Case | None:
+    row = conn.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+    return None if row is None else case_from_row(row)
+
+
+def events_of(conn: sqlite3.Connection, case_id: int) -> list[dict[str, Any]]:
+    """The full event history of a case, oldest first."""
+    rows = conn.execute("SELECT event_id, from_status, to_status, at, worker, detail FROM case_events"
+                        " WHERE case_id = ? ORDER BY event_id", (case_id,))
+    return [dict(r) for r in rows]
+
+
+def case_record(case: Case) -> dict[str, Any]:
+    """A case row as a JSON-ready mapping."""
+    return to_jsonable(case)
+
+
+# -- slots, workers, freshness ------------------------------------------------------------------
+
+SLOTS_SQL = (
+    "SELECT g.pueue_group, g.gpu, g.status, g.updated_at, g.assigned_case_id,"
+    " c.case_name, c.status AS case_status, c.pueue_task_id, c.progress"
+    " FROM gpu_resources g LEFT JOIN cases c ON c.case_id = g.assigned_case_id"
+    " ORDER BY g.pueue_group")
+
+
+def slots(conn: sqlite3.Connection) -> list[SlotView]:
+    """Every GPU slot with its state, the case on it and since when it is in that state."""
+    return [SlotView(group=r["pueue_group"], gpu=r["gpu"], status=r["status"], since=r["updated_at"],
+                     case_id=r["assigned_case_id"], case_name=r["case_name"],
+                     case_status=r["case_status"], task_id=r["pueue_task_id"], progress=r["progress"])
+            for r in conn.execute(SLOTS_SQL)]
+
+
+def workers(conn: sqlite3.Connection, now: float, stale_after: float) -> list[WorkerView]:
+    """Every worker's heartbeat; ``alive`` when it is at most ``stale_after`` seconds old."""
+    rows = conn.execute("SELECT name, pid, host, started_at, heartbeat FROM workers ORDER BY name")
+    return [WorkerView(name=r["name"], pid=r["pid"], host=r["host"], started_at=r["started_at"],
+                       heartbeat=r["heartbeat"], alive=now - r["heartbeat"] <= stale_after)
+            for r in rows]
+
+
+def last_db_change(conn: sqlite3.Connection) -> float | None:
+    """When the cases last changed: the newest ``status_updated_at`` or case event.
+
+    The newest event is taken by ``event_id`` (append order), which answers from the
+    primary key instead of scanning every event for ``max(at)``.
+    """
+    case_change = conn.execute("SELECT MAX(status_updated_at) FROM cases").fetchone()[0]
+    event = conn.execute("SELECT at FROM case_events ORDER BY event_id DESC LIMIT 1").fetchone()
+    stamps = [t for t in (case_change, event and event[0]) if t is not None]
+    return max(stamps) if stamps else None
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def remote_status(conn: sqlite3.Connection, now: float, stale_after: float) -> RemoteView:
+    """Whether the HPC answered the workers' last attempt.
+
+    Uses the ``workers.remote_ok`` / ``remote_checked_at`` / ``remote_error`` columns
+    when the schema has them (the newest check of any worker wins). Without them
+    nothing in the database records reachability, so the poller's heartbeat stands
+    in: a poller that stopped beating is most often stuck in ssh timeouts.
+    """
+    if {"remote_ok", "remote_checked_at"} <= _columns(conn, "workers"):
+        row = conn.execute("SELECT remote_ok, remote_checked_at, remote_error FROM workers"
+                           " WHERE remote_checked_at IS NOT NULL"
+                           " ORDER BY remote_checked_at DESC LIMIT 1").fetchone()
+        if row is not None:
+            return RemoteView(reachable=bool(row["remote_ok"]), checked_at=row["remote_checked_at"],
+                              error=row["remote_error"], source=REMOTE_RECORDED)
+    beat = conn.execute("SELECT heartbeat FROM workers WHERE name = 'poller'").fetchone()
+    if beat is None:
+        return RemoteView(reachable=None, checked_at=None, error=None, source="no poller heartbeat")
+    fresh = now - beat[0] <= stale_after
+    return RemoteView(reachable=fresh, checked_at=beat[0],
+                      error=None if fresh else "stale", source="poller heartbeat")
+
+
+def judge_health(totals: dict[str, int], workers_seen: list[WorkerView] | tuple[WorkerView, ...],
+                 last_change: float | None, now: float, stale_after: float) -> Health:
+    """Healthy unless a heartbeat is stale (or none exists) or active cases sit unchanged too long."""
+    reasons = [f"worker {w.name} heartbeat is {now - w.heartbeat:.0f}s old (limit {stale_after:g}s)"
+               for w in workers_seen if not w.alive]
+    if not workers_seen:
+        reasons.append("no worker has written a heartbeat (are the workers running?)")
+    active = sum(totals.get(s, 0) for s in ACTIVE_STATUSES)
+    if active and last_change is not None and now - last_change > stale_after:
+        reasons.append(f"no database change for {now - last_change:.0f}s while {active} cases are"
+                       f" active (limit {stale_after:g}s)")
+    return Health(healthy=not reasons, reasons=tuple(reasons))
+
+
+def overview(conn: sqlite3.Connection, now: float, stale_after: float, *, recent: int = 10,
+             flags: int = 20) -> Overview:
+    """Everything the monitor shows, read in one consistent snapshot."""
+    with read_snapshot(conn):
+        totals = status_totals(conn)
+        seen = workers(conn, now, stale_after)
+        last = last_db_change(conn)
+        return Overview(now=now, totals=totals, slots=tuple(slots(conn)),
+                        recent=tuple(recent_cases(conn, recent)), flagged=tuple(review_flags(conn, flags)),
+                        workers=tuple(seen), last_change=last,
+                        remote=remote_status(conn, now, stale_after),
+                        health=judge_health(totals, seen, last, now, stale_after))
+
+
+# -- metrics helpers ------------------------------------------------------------------------------
+
+# A phase ends at an event: the upload when the case starts running (it began at the
+# latest claim, submitted -> submitting); queue wait and run when it completes (running
+# event -> started_at -> completed_at). The case row is final by then, so a sample never changes.
+PHASE_EVENTS_SQL = """
+SELECT e.event_id, e.to_status, e.at, c.started_at, c.completed_at,
+  (SELECT s.at FROM case_events s WHERE s.case_id = e.case_id AND s.event_id < e.event_id
+     AND s.to_status = 'submitting' AND s.from_status = 'submitted'
+     ORDER BY s.event_id DESC LIMIT 1) AS upload_started,
+  (SELECT r.at FROM case_events r WHERE r.case_id = e.case_id AND r.event_id < e.event_id
+     AND r.to_status = 'running' AND r.from_status = 'submitting'
+     ORDER BY r.event_id DESC LIMIT 1) AS running_since
+FROM case_events e JOIN cases c ON c.case_id = e.case_id
+WHERE e.event_id > ? AND e.event_id <= ?
+  AND ((e.to_status = 'running' AND e.from_status = 'submitting')
+       OR (e.to_status = 'completed' AND e.from_status = 'running'))
+ORDER BY e.event_id"""
+
+
+def phase_samples(conn: sqlite3.Connection, after: int, upto: int) -> list[PhaseSample]:
+    """Phase durations ended by the events ``after < event_id <= upto``, in event order.
+
+    Walks the primary key over that range only, so a scrape reads just the new events.
+    """
+    samples = []
+    for r in conn.execute(PHASE_EVENTS_SQL, (after, upto)):
+        if r["to_status"] == "running":
+            if r["upload_started"] is not None:
+                samples.append(PhaseSample(r["event_id"], "upload", max(0.0, r["at"] - r["upload_started"])))
+            continue
+        started, done, since = r["started_at"], r["completed_at"], r["running_since"]
+        if since is not None and started is not None:
+            samples.append(PhaseSample(r["event_id"], "queue_wait", max(0.0, started - since)))
+        if started is not None and done is not None:
+            samples.append(PhaseSample(r["event_id"], "run", max(0.0, done - started)))
+    return samples
+
+
+MOVES_SQL = ("SELECT COUNT(*) FROM case_events WHERE event_id > ? AND event_id <= ?"
+             " AND to_status = ? AND from_status IS NOT to_status")
+SLOT_EVENTS_NEWEST_FIRST_SQL = "SELECT pueue_group, from_status, to_status, at FROM slot_events ORDER BY event_id DESC"
+
+
+def moves_into(conn: sqlite3.Connection, status: str, after: int, upto: int) -> int:
+    """How many real moves into ``status`` the events ``after < event_id <= upto`` record.
+
+    Unlike a count of rows in that status this only grows (a retried case stays counted).
+    """
+    return conn.execute(MOVES_SQL, (after, upto, status)).fetchone()[0]
+
+
+def newest_event_id(conn: sqlite3.Connection) -> int:
+    """The id of the newest case event (0 when there is none)."""
+    row = conn.execute("SELECT MAX(event_id) FROM case_events").fetchone()
+    return row[0] or 0
+
+
+def slot_busy_seconds(conn: sqlite3.Connection, now: float, window: float) -> dict[str, float]:
+    """Seconds of the last ``window`` seconds each slot spent ``assigned``.
+
+    Starts from each slot's current state and walks its events backwards (newest
+    first, by primary key) until the window start, so only the window's events are read.
+    """
+    state = {r["pueue_group"]: r["status"] for r in conn.execute("SELECT pueue_group, status FROM gpu_resources")}
+    busy = dict.fromkeys(state, 0.0)
+    until = dict.fromkeys(state, now)
+    start = now - window
+    for r in conn.execute(SLOT_EVENTS_NEWEST_FIRST_SQL):
+        if r["at"] < start:
+            break
+        group = r["pueue_group"]
+        if group not in state:
+            continue
+        at = min(max(r["at"], start), until[group])
+        if state[group] == "assigned":
+            busy[group] += until[group] - at
+        until[group], state[group] = at, r["from_status"]
+    for group, status in state.items():
+        if status == "assigned":
+            busy[group] += max(0.0, until[group] - start)
+    return busy

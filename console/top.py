@@ -1,0 +1,277 @@
+"""``mqic-top``: a live view of the state database for operators.
+
+Reads through a read-only (``query_only``) connection, one snapshot per refresh,
+so it never blocks a worker. A database that is missing or briefly locked shows
+as a message in the frame and is tried again at the next refresh. ``--once``
+prints a single frame (as wide as ``$COLUMNS``) and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+from zoneinfo import ZoneInfo
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from console.queries import REMOTE_RECORDED, STATUSES, CaseView, Overview, overview
+from shared.app import config_argument, load_or_exit
+from shared.config import Config
+from shared.db import connect
+
+READ_BUSY_TIMEOUT_MS = 500
+STATUS_STYLES = {"submitted": "cyan", "submitting": "blue", "running": "yellow",
+                 "completed": "green", "failed": "red", "available": "green",
+                 "assigned": "yellow", "zombie": "red"}
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+def format_age(seconds: float | None) -> str:
+    """A short duration: ``42s``, ``3m12s``, ``2h05m``, ``3d04h``."""
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_time(stamp: float | None, tz: ZoneInfo, *, full: bool = False) -> str:
+    """A timestamp in the configured zone (``full`` adds the date and zone name)."""
+    if stamp is None:
+        return "-"
+    moment = datetime.fromtimestamp(stamp, tz)
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z" if full else "%m-%d %H:%M:%S")
+
+
+def console_width(default: int = 100) -> int:
+    """``$COLUMNS`` when set (so ``COLUMNS=60 mqic-top --once`` fits), else the terminal's."""
+    try:
+        return max(40, int(os.environ["COLUMNS"]))
+    except (KeyError, ValueError):
+        return shutil.get_terminal_size((default, 24)).columns
+
+
+def styled(status: str | None) -> Text:
+    return Text(status or "-", style=STATUS_STYLES.get(status or "", ""))
+
+
+def progress_cell(percent: float | None) -> RenderableType:
+    if percent is None:
+        return Text("-")
+    grid = Table.grid(padding=(0, 1))
+    grid.add_row(ProgressBar(total=100, completed=percent, width=10), Text(f"{percent:3.0f}%"))
+    return grid
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+def header(view: Overview | None, tz: ZoneInfo, now: float) -> Text:
+    text = Text("MQI Communicator  ", style="bold")
+    text.append(format_time(now, tz, full=True))
+    if view is not None:
+        text.append("  ")
+        text.append("HEALTHY" if view.health.healthy else "UNHEALTHY",
+                    style="bold green" if view.health.healthy else "bold red")
+    return text
+
+
+def totals_line(view: Overview) -> Text:
+    """``submitted 3  submitting 1  running 2  completed 9  failed 1  (total 16)``."""
+    text = Text("cases: ")
+    for status in STATUSES:
+        text.append(status, style=STATUS_STYLES[status])
+        text.append(f" {view.totals[status]}  ")
+    text.append(f"(total {sum(view.totals.values())})")
+    return text
+
+
+def slots_table(view: Overview, tz: ZoneInfo) -> Table:
+    table = Table(title="GPU slots", box=box.SIMPLE_HEAD, title_justify="left", expand=False)
+    for name in ("group", "gpu", "state", "case", "task", "for"):
+        table.add_column(name, overflow="fold")
+    for slot in view.slots:
+        case = f"{slot.case_id} {slot.case_name}" if slot.case_id is not None else "-"
+        table.add_row(slot.group, slot.gpu or "-", styled(slot.status), case,
+                      "-" if slot.task_id is None else str(slot.task_id),
+                      format_age(view.now - slot.since))
+    if not view.slots:
+        table.add_row("(no slots yet: the workers create them from pueue.groups)", "", "", "", "", "")
+    return table
+
+
+def cases_table(title: str, cases: Sequence[CaseView], view: Overview, tz: ZoneInfo) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("id", justify="right")
+    table.add_column("name", overflow="fold", max_width=30)
+    table.add_column("status")
+    table.add_column("progress", no_wrap=True)
+    table.add_column("updated", overflow="fold")
+    for case in cases:
+        table.add_row(str(case.case_id), case.case_name, styled(case.status), progress_cell(case.progress),
+                      f"{format_age(view.now - case.updated_at)} ago")
+    if not cases:
+        table.add_row("", "(none)", "", "", "")
+    return table
+
+
+def review_table(view: Overview) -> Table:
+    table = Table(title=f"Review ({len(view.flagged)} flagged; `mqic ack ID` clears)",
+                  box=box.SIMPLE_HEAD, title_justify="left", title_style="bold red")
+    table.add_column("id", justify="right")
+    table.add_column("name", overflow="fold", max_width=24)
+    table.add_column("status")
+    table.add_column("reason", overflow="fold")
+    for case in view.flagged:
+        table.add_row(str(case.case_id), case.case_name, styled(case.status), case.review_reason or "-")
+    return table
+
+
+def workers_table(view: Overview, tz: ZoneInfo) -> Table:
+    table = Table(title="Workers", box=box.SIMPLE_HEAD, title_justify="left")
+    for name in ("worker", "pid", "heartbeat", "state"):
+        table.add_column(name, overflow="fold")
+    for worker in view.workers:
+        table.add_row(worker.name, str(worker.pid), f"{format_age(view.now - worker.heartbeat)} ago",
+                      Text("alive", style="green") if worker.alive else Text("STALE", style="bold red"))
+    if not view.workers:
+        table.add_row("(no heartbeat yet)", "", "", "")
+    return table
+
+
+def freshness(view: Overview, tz: ZoneInfo) -> Text:
+    text = Text("last DB change: ")
+    if view.last_change is None:
+        text.append("never")
+    else:
+        text.append(f"{format_age(view.now - view.last_change)} ago ({format_time(view.last_change, tz)})")
+    text.append("  ")
+    text.append("healthy" if view.health.healthy else "unhealthy",
+                style="green" if view.health.healthy else "bold red")
+    text.append("\n")
+    text.append_text(remote_line(view, tz))
+    for reason in view.health.reasons:
+        text.append(f"\n  ! {reason}", style="red")
+    return text
+
+
+def remote_line(view: Overview, tz: ZoneInfo) -> Text:
+    remote = view.remote
+    text = Text("HPC: ")
+    if remote.source != REMOTE_RECORDED:
+        return text.append(f"not recorded in the database ({remote.source}"
+                           f"{': ' + remote.error if remote.error else ''})")
+    text.append("reachable" if remote.reachable else "UNREACHABLE",
+                style="green" if remote.reachable else "bold red")
+    text.append(f" at {format_time(remote.checked_at, tz)}")
+    return text.append(f": {remote.error}" if remote.error and not remote.reachable else "")
+
+
+def render(view: Overview | None, config: Config, now: float, message: str | None = None) -> RenderableType:
+    """One frame; ``message`` (e.g. the database is locked) is shown above the last good data."""
+    tz = config.tz
+    parts: list[RenderableType] = [header(view, tz, now)]
+    if message:
+        parts.append(Text(f"! {message}", style="bold yellow"))
+    if view is None:
+        return Group(*parts)
+    if message:
+        parts.append(Text(f"(showing data read at {format_time(view.now, tz)})", style="dim"))
+    parts += [totals_line(view), slots_table(view, tz),
+              cases_table("Recent cases", view.recent, view, tz)]
+    if view.flagged:
+        parts.append(review_table(view))
+    parts += [workers_table(view, tz), freshness(view, tz)]
+    return Group(*parts)
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+class Reader:
+    """Holds one read-only connection and reopens it after any database error."""
+
+    def __init__(self, config: Config, recent: int = 10):
+        self.config, self.recent = config, recent
+        self.conn: sqlite3.Connection | None = None
+        self.last: Overview | None = None
+
+    def read(self, now: float) -> tuple[Overview | None, str | None]:
+        """(newest overview or the last good one, a message when this read failed)."""
+        path = Path(self.config.database_path)
+        try:
+            if self.conn is None:
+                if not path.exists():
+                    return self.last, f"database {path} not found (workers not started yet?); retrying"
+                self.conn = connect(path, readonly=True, busy_timeout_ms=READ_BUSY_TIMEOUT_MS)
+            self.last = overview(self.conn, now, self.config.unhealthy_after_seconds, recent=self.recent)
+            return self.last, None
+        except sqlite3.Error as exc:
+            self.close()
+            return self.last, f"database unavailable ({exc}); retrying"
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def run_live(reader: Reader, console: Console, interval: float) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    try:
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            while not stop.is_set():
+                now = time.time()
+                view, message = reader.read(now)
+                live.update(render(view, reader.config, now, message), refresh=True)
+                stop.wait(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reader.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqic-top", description="live view of MQI Communicator")
+    config_argument(parser)
+    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    parser.add_argument("--recent", type=int, default=10, help="how many recent cases to show")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = load_or_exit(args.config, "mqic-top")
+    console = Console(width=console_width(), highlight=False)
+    reader = Reader(config, recent=max(1, args.recent))
+    if not args.once:
+        return run_live(reader, console, max(0.2, args.interval))
+    now = time.time()
+    view, message = reader.read(now)
+    reader.close()
+    console.print(render(view, config, now, message))
+    return 0 if message is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
