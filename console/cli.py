@@ -34,6 +34,7 @@ from shared.db import connect
 from shared.doorbell import ring
 from shared.errors import ConfigError, MqicError, RemoteFailure
 from shared.lifecycle import move_case
+from shared.recovery import TaskStillActive, clear_label
 from shared.remote import Remote
 from shared.spool import Spool
 from shared.states import FINAL, CaseStatus, Outcome, SlotStatus
@@ -253,7 +254,10 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
         if zombie is not None:
             raise CliError(f"case {case.case_id}: its previous task may still run (slot {zombie[0]} is"
                            f" zombie until the reaper sees it gone); retry once the slot is free")
+        removed = free_label(config, case)
         detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"
+        if removed:
+            detail += f"; removed finished task(s) {removed} from pueue"
         spool = Spool(config.spool_path).ensure()
         if not move_case(conn, spool, case, CaseStatus.SUBMITTED, now=time.time(), worker=operator(),
                          detail=detail, fields=dict(RETRY_CLEARS)):
@@ -264,6 +268,17 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
         conn.close()
     print(f"case {moved.case_id}: failed -> submitted (folder {moved.case_path})")
     return 0
+
+
+def free_label(config: Config, case: Case) -> list[int]:
+    """Remove the case's finished pueue tasks so its label names only the retry's task."""
+    try:
+        return clear_label(Remote(config.hpc), config, case)
+    except TaskStillActive as exc:
+        raise CliError(f"case {case.case_id}: {exc}; wait for it (or cancel it) before a retry") from None
+    except (RemoteFailure, OSError) as exc:
+        raise CliError(f"case {case.case_id}: the HPC could not tell whether its old task is gone "
+                       f"({one_line(exc)}); try the retry again when it is reachable") from None
 
 
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:

@@ -228,31 +228,15 @@ def last_db_change(conn: sqlite3.Connection) -> float | None:
     return max(stamps) if stamps else None
 
 
-def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
-    return {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
-
-
 def remote_status(conn: sqlite3.Connection, now: float, stale_after: float) -> RemoteView:
-    """Whether the HPC answered the workers' last attempt.
-
-    Uses the ``workers.remote_ok`` / ``remote_checked_at`` / ``remote_error`` columns
-    when the schema has them (the newest check of any worker wins). Without them
-    nothing in the database records reachability, so the poller's heartbeat stands
-    in: a poller that stopped beating is most often stuck in ssh timeouts.
-    """
-    if {"remote_ok", "remote_checked_at"} <= _columns(conn, "workers"):
-        row = conn.execute("SELECT remote_ok, remote_checked_at, remote_error FROM workers"
-                           " WHERE remote_checked_at IS NOT NULL"
-                           " ORDER BY remote_checked_at DESC LIMIT 1").fetchone()
-        if row is not None:
-            return RemoteView(reachable=bool(row["remote_ok"]), checked_at=row["remote_checked_at"],
-                              error=row["remote_error"], source=REMOTE_RECORDED)
-    beat = conn.execute("SELECT heartbeat FROM workers WHERE name = 'poller'").fetchone()
-    if beat is None:
-        return RemoteView(reachable=None, checked_at=None, error=None, source="no poller heartbeat")
-    fresh = now - beat[0] <= stale_after
-    return RemoteView(reachable=fresh, checked_at=beat[0],
-                      error=None if fresh else "stale", source="poller heartbeat")
+    """Whether the HPC answered the newest recorded attempt of any worker (``workers.remote_*``)."""
+    row = conn.execute("SELECT remote_ok, remote_checked_at, remote_error FROM workers"
+                       " WHERE remote_checked_at IS NOT NULL"
+                       " ORDER BY remote_checked_at DESC LIMIT 1").fetchone()
+    if row is None:
+        return RemoteView(reachable=None, checked_at=None, error=None, source="no contact recorded yet")
+    return RemoteView(reachable=bool(row["remote_ok"]), checked_at=row["remote_checked_at"],
+                      error=row["remote_error"], source=REMOTE_RECORDED)
 
 
 def judge_health(totals: dict[str, int], workers_seen: list[WorkerView] | tuple[WorkerView, ...],

@@ -102,6 +102,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE cases ADD COLUMN staged_at REAL;
     CREATE INDEX cases_incoming ON cases(case_id) WHERE spool_stage = 'incoming';
     """ + f"CREATE INDEX cases_misplaced ON cases(case_id) WHERE {STAGE_MISMATCH};",
+    # 4: what each worker last saw of the HPC (read by mqic-top and the exporter).
+    """
+    ALTER TABLE workers ADD COLUMN remote_ok INTEGER;
+    ALTER TABLE workers ADD COLUMN remote_checked_at REAL;
+    ALTER TABLE workers ADD COLUMN remote_error TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -34,6 +34,7 @@ _TASK_ID_LINE = re.compile(r"\d+")
 _VERSION = re.compile(r"\bpueue\s+v?(\d+\.\d+\.\d+\S*)")
 _KILLED_LINE = re.compile(r"Tasks are being killed:([\d, ]*)")
 _KILL_FAILED_LINE = re.compile(r"The command failed for tasks:([\d, ]*)")
+_REMOVED_LINE = re.compile(r"Tasks removed from list:([\d, ]*)")
 _ALREADY_EXISTS = "already exists"
 _RFC3339 = re.compile(
     r"(?P<base>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(?P<fraction>\d+))?(?P<offset>[Zz]|[+-]\d\d:\d\d)"
@@ -475,13 +476,19 @@ def parse_kill(stdout: str, stderr: str, exit_code: int, requested_ids: Sequence
     Raises BadOutput when the exit code is neither 0 nor 1, or when some
     requested id is in neither the "being killed" nor the "failed" line.
     """
-    text = f"{stdout or ''}\n{stderr or ''}"
-    killed = _ids_in_lines(_KILLED_LINE, text)
-    failed = _ids_in_lines(_KILL_FAILED_LINE, text)
-    unaccounted = set(requested_ids) - set(killed) - set(failed)
-    if exit_code not in (0, 1) or unaccounted:
-        raise BadOutput(f"pueue kill: exit {exit_code}, cannot tell ids {sorted(unaccounted)}: {_excerpt(text)!r}")
+    killed, failed = _parse_id_reply("kill", _KILLED_LINE, stdout, stderr, exit_code, requested_ids)
     return KillResult(killed=killed, failed=failed)
+
+
+def _parse_id_reply(verb: str, done_line: re.Pattern[str], stdout: str, stderr: str, exit_code: int,
+                    requested_ids: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    text = f"{stdout or ''}\n{stderr or ''}"
+    done = _ids_in_lines(done_line, text)
+    failed = _ids_in_lines(_KILL_FAILED_LINE, text)
+    unaccounted = set(requested_ids) - set(done) - set(failed)
+    if exit_code not in (0, 1) or unaccounted:
+        raise BadOutput(f"pueue {verb}: exit {exit_code}, cannot tell ids {sorted(unaccounted)}: {_excerpt(text)!r}")
+    return done, failed
 
 
 def _ids_in_lines(pattern: re.Pattern[str], text: str) -> tuple[int, ...]:
@@ -614,15 +621,34 @@ def kill(
     """
     if not task_ids:
         raise ValueError("refusing 'pueue kill' without task ids: it would kill the whole default group")
+    killed, failed = _act_on_ids(runner, pueue_cmd, "kill", _KILLED_LINE, task_ids, timeout)
+    return KillResult(killed=killed, failed=failed)
+
+
+def remove(
+    runner: Runner, pueue_cmd: Sequence[str], task_ids: Sequence[int], timeout: float | None = None,
+) -> KillResult:
+    """Remove queued, stashed or finished tasks from pueue's list (``killed`` = removed ids).
+
+    Running tasks cannot be removed: they come back in ``failed``.
+    """
+    if not task_ids:
+        raise ValueError("refusing 'pueue remove' without task ids")
+    removed, failed = _act_on_ids(runner, pueue_cmd, "remove", _REMOVED_LINE, task_ids, timeout)
+    return KillResult(killed=removed, failed=failed)
+
+
+def _act_on_ids(runner: Runner, pueue_cmd: Sequence[str], verb: str, done_line: re.Pattern[str],
+                task_ids: Sequence[int], timeout: float | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     ids = _checked_ids(task_ids)
-    argv = [*pueue_cmd, "kill", *map(str, ids)]
+    argv = [*pueue_cmd, verb, *map(str, ids)]
     try:
         stdout = runner.run(argv, timeout=timeout)
     except RemoteError as error:
         if not _KILL_FAILED_LINE.search(f"{error.stdout}\n{error.stderr}"):
             raise
-        return parse_kill(error.stdout, error.stderr, error.exit_code, ids)
-    return parse_kill(stdout, "", 0, ids)
+        return _parse_id_reply(verb, done_line, error.stdout, error.stderr, error.exit_code, ids)
+    return _parse_id_reply(verb, done_line, stdout, "", 0, ids)
 
 
 def _checked_ids(task_ids: Sequence[int]) -> list[int]:

@@ -53,3 +53,28 @@ def recover_claim(conn: sqlite3.Connection, spool: Spool, runner: pueue.Runner, 
     log.info("case %d: claim expired and no remote task exists; retrying", case.case_id,
              extra=for_case(case.case_id, "recover_claim"))
     return "not_found"
+
+
+class TaskStillActive(Exception):
+    """A task carrying the case's label has not finished: the case cannot be retried yet."""
+
+
+def clear_label(runner: pueue.Runner, config: Config, case: Case) -> list[int]:
+    """Before a retry: remove the finished tasks labelled with ``case``, so the label is free.
+
+    The label then names at most one task, and recovery can never mistake an old
+    finished task for the retry's. Raises TaskStillActive when a labelled task has
+    not finished, and Unreachable when pueue could not tell.
+    """
+    lookup = pueue.find_task_by_label(runner, list(config.hpc.pueue_command), case.label,
+                                      timeout=config.hpc.command_timeout_seconds)
+    if lookup.outcome is pueue.LookupOutcome.UNREACHABLE:
+        raise Unreachable(f"cannot check the old tasks of {case.label}: {lookup.error}")
+    unfinished = [t.id for t in lookup.tasks if not t.is_done]
+    if unfinished:
+        raise TaskStillActive(f"task(s) {unfinished} labelled {case.label} have not finished")
+    finished = [t.id for t in lookup.tasks]
+    if finished:
+        pueue.remove(runner, list(config.hpc.pueue_command), finished,
+                     timeout=config.hpc.command_timeout_seconds)
+    return finished

@@ -405,3 +405,10 @@ def beat(conn: sqlite3.Connection, name: str, *, now: float) -> None:
             " started_at = CASE WHEN workers.pid = excluded.pid THEN workers.started_at"
             "                   ELSE excluded.started_at END",
             (name, os.getpid(), socket.gethostname(), now, now))
+
+
+def note_remote(conn: sqlite3.Connection, name: str, *, ok: bool, now: float, error: str | None = None) -> None:
+    """Record whether this worker's last HPC call got through (Unreachable is not ok)."""
+    with transaction(conn):
+        conn.execute("UPDATE workers SET remote_ok = ?, remote_checked_at = ?, remote_error = ? WHERE name = ?",
+                     (int(ok), now, None if ok else (error or "")[:500], name))

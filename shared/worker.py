@@ -22,7 +22,8 @@ from shared.db import check_integrity, connect
 from shared.logs import for_case, setup_logging
 from shared.remote import Remote
 from shared.spool import Spool
-from shared.store import beat, sync_slots
+from shared.errors import Unreachable
+from shared.store import beat, note_remote, sync_slots
 
 
 @dataclass
@@ -59,6 +60,12 @@ def per_item(ctx: "Context", case_id: int | None, operation: str) -> Iterator[No
     except Exception as exc:
         ctx.log.exception("case %s: %s failed unexpectedly", case_id, operation,
                           extra=for_case(case_id, operation, exc))
+
+
+def note_reach(ctx: "Context", error: Exception | None) -> None:
+    """Record for the monitor whether the HPC answered (any answer, even an error, is reach)."""
+    note_remote(ctx.conn, ctx.name, ok=not isinstance(error, Unreachable), now=ctx.clock(),
+                error=None if error is None else str(error))
 
 
 def build_context(config: Config, name: str, *, log: logging.Logger | None = None) -> Context:

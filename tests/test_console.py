@@ -254,8 +254,18 @@ def test_database_missing_is_one_line_and_exit_1(tmp_path, capsys):
 
 # -- changing commands ------------------------------------------------------------------------------
 
-def test_retry_moves_a_failed_case_and_its_folder_back_to_the_queue(world, capsys):
+def test_retry_is_refused_while_the_hpc_cannot_tell_about_the_old_task(world, capsys):
     config, ids = world
+    code, _, err = cli(capsys, config, "retry", str(ids["charlie"]))
+    assert code == 1 and "could not tell whether its old task is gone" in one_error_line(err)
+    conn = connect(config.database_path, readonly=True)
+    assert get_case(conn, ids["charlie"]).status is CaseStatus.FAILED
+    conn.close()
+
+
+def test_retry_moves_a_failed_case_and_its_folder_back_to_the_queue(world, capsys, monkeypatch):
+    config, ids = world
+    monkeypatch.setattr("console.cli.clear_label", lambda remote, config, case: [])  # no HPC in this world
     code, out, err = cli(capsys, config, "retry", str(ids["charlie"]))
     assert code == 0, err
     conn = connect(config.database_path)

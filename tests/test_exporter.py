@@ -109,14 +109,15 @@ def test_metrics_equal_the_database(exporter):
     newest = max(db_value(config, "SELECT MAX(status_updated_at) FROM cases"),
                  db_value(config, "SELECT MAX(at) FROM case_events"))
     assert m[("mqi_last_db_update_age_seconds", ())] == pytest.approx(time.time() - newest, abs=5)
-    assert m[("mqi_remote_unreachable", ())] == 1  # no reachability columns yet: the poller is stale
+    assert m[("mqi_remote_unreachable", ())] == 0  # no worker recorded a failed contact
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
 
 
-def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys):
+def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys, monkeypatch):
     config, ids, port, _ = exporter
+    monkeypatch.setattr("console.cli.clear_label", lambda remote, config, case: [])  # no HPC here
     assert scrape(port)[("mqi_cases_failed_total", ())] == 1
     assert cli_main(["--config", str(config.source), "retry", str(ids["charlie"])]) == 0
     m = scrape(port)
@@ -129,15 +130,11 @@ def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys):
     capsys.readouterr()
 
 
-def test_remote_unreachable_follows_the_proposed_worker_columns(exporter):
-    """With migration 3 (proposed): workers.remote_ok / remote_checked_at / remote_error."""
+def test_remote_unreachable_follows_what_the_workers_recorded(exporter):
+    """workers.remote_ok / remote_checked_at / remote_error: the newest check of any worker wins."""
     config, _, port, _ = exporter
     conn = connect(config.database_path)
-    columns = {r["name"] for r in conn.execute("PRAGMA table_info(workers)")}
     with transaction(conn):
-        for column, kind in (("remote_ok", "INTEGER"), ("remote_checked_at", "REAL"), ("remote_error", "TEXT")):
-            if column not in columns:
-                conn.execute(f"ALTER TABLE workers ADD COLUMN {column} {kind}")
         conn.execute("UPDATE workers SET remote_ok = 1, remote_checked_at = ? WHERE name = 'poller'", (time.time(),))
     assert scrape(port)[("mqi_remote_unreachable", ())] == 0
     with transaction(conn):

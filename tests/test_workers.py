@@ -409,3 +409,35 @@ def test_a_staged_case_whose_remote_folder_vanished_is_uploaded_again(hpc):
     submitter.tick(ctx, time.time())
     case = get_case(ctx.conn, waiting.case_id)
     assert case.status is CaseStatus.RUNNING and os.path.isdir(case.remote_dir)
+
+
+def test_operator_retry_frees_the_label_so_the_retry_has_the_only_task(hpc, capsys):
+    from console.cli import main as mqic
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx = ctx_for(h)
+    case = submitted(ctx, "retry me", mode="fail")
+    poll_until_final(ctx, case.case_id)
+    reaper.tick(ctx, time.time())
+    assert mqic(["--config", str(h.config_path), "retry", str(case.case_id)]) == 0
+    assert h.tasks_labelled(case.label) == []                # the old, failed task was removed
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.SUBMITTED
+    submitter.tick(ctx, time.time())
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
+    assert len(h.tasks_labelled(case.label)) == 1
+
+
+def test_reaper_removes_a_cancelled_case_task_that_is_still_queued(hpc):
+    from console.cli import main as mqic
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx = ctx_for(h)
+    assert submitter.groups_ready(ctx)
+    assert h.pueue("pause", "-g", "gpu_a").returncode == 0    # the task will wait in the queue
+    case = submitted(ctx, "queued then cancelled")
+    assert mqic(["--config", str(h.config_path), "cancel", str(case.case_id)]) == 0
+    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.ZOMBIE
+    assert h.tasks_labelled(case.label)[0]["status"].get("Queued")
+    reaper.tick(ctx, time.time())                            # removes the queued task
+    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.ZOMBIE
+    assert h.tasks_labelled(case.label) == []
+    reaper.tick(ctx, time.time())                            # then the group is clean
+    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE

@@ -35,8 +35,7 @@ BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0
 PHASES = ("upload", "queue_wait", "run")
 UTILIZATION_WINDOW_SECONDS = 3600.0
 SCRAPE_BUSY_TIMEOUT_MS = 2000
-REMOTE_HELP = ("1 when the last recorded contact with the HPC failed (workers.remote_ok when the schema"
-               " has it, else a stale poller heartbeat)")
+REMOTE_HELP = "1 when the newest recorded contact of any worker with the HPC failed (workers.remote_ok)"
 
 log = logging.getLogger("mqic.exporter")
 

@@ -19,7 +19,7 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import Case, cases_with_status, update_case
-from shared.worker import Context, per_item, worker_main
+from shared.worker import Context, note_reach, per_item, worker_main
 
 FAILED_OUTCOMES = {
     pueue.TaskState.FAILED: Outcome.FAILED,
@@ -46,11 +46,14 @@ def task_of(case: Case, snapshot: pueue.Snapshot) -> pueue.TaskInfo | None:
 
 def fetch_snapshot(ctx: Context) -> pueue.Snapshot | None:
     try:
-        return pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
+        snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
     except RemoteFailure as exc:
+        note_reach(ctx, exc)
         ctx.log.warning("pueue status could not be read (%s: %s); nothing changed, trying again",
                         type(exc).__name__, exc, extra=for_case(None, "poll", exc))
         return None
+    note_reach(ctx, None)
+    return snapshot
 
 
 def fetch_logs(ctx: Context, task_ids: list[int]) -> dict[int, str]:

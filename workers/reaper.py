@@ -2,8 +2,8 @@
 
 A case ``running`` past ``running_case_timeout_hours`` is failed (``timed_out``)
 first, its slot marked zombie, and then killed; a zombie slot returns to
-``available`` only once the HPC shows no running task of ours in its group (its
-task is killed again while it still runs). A case whose ``status_updated_at`` did
+``available`` only once the HPC shows no unfinished task of ours in its group (a
+failed case's task is killed again while it runs, or removed while it waits). A case whose ``status_updated_at`` did
 not move for ``stuck_after_minutes`` is flagged for an operator, never failed.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from shared.spool import reconcile
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import (Case, Slot, all_slots, case_label, expired_leases, flag_for_review,
                           get_case, transition_slot)
-from shared.worker import Context, per_item, worker_main
+from shared.worker import Context, note_reach, per_item, worker_main
 
 OUR_LABEL = "mqic_case_"
 
@@ -60,20 +60,33 @@ def reap_timeout(ctx: Context, case: Case, now: float) -> bool:
     return moved
 
 
-def active_tasks_by_group(snapshot: pueue.Snapshot) -> dict[str, list[pueue.TaskInfo]]:
+def unfinished_tasks_by_group(snapshot: pueue.Snapshot) -> dict[str, list[pueue.TaskInfo]]:
+    """Our tasks (label ``mqic_case_*``) that have not finished, by group."""
     groups: dict[str, list[pueue.TaskInfo]] = {}
     for task in snapshot.tasks.values():
-        if task.label and task.label.startswith(OUR_LABEL) and task.state.is_active:
+        if task.label and task.label.startswith(OUR_LABEL) and not task.is_done:
             groups.setdefault(task.group, []).append(task)
     return groups
 
 
-def reclaim_zombie(ctx: Context, slot: Slot, active: list[pueue.TaskInfo], now: float) -> bool:
-    """Free a zombie slot whose group runs none of our tasks; re-kill a finished case's task."""
-    if not active:
+def stop_task(ctx: Context, case: Case, task: pueue.TaskInfo) -> None:
+    """Kill a running task of a finished case, or remove it while it is still waiting."""
+    try:
+        if task.state.is_active:
+            pueue.kill(ctx.remote, ctx.pueue_cmd, [task.id], timeout=ctx.config.hpc.command_timeout_seconds)
+        else:
+            pueue.remove(ctx.remote, ctx.pueue_cmd, [task.id], timeout=ctx.config.hpc.command_timeout_seconds)
+    except RemoteFailure as exc:
+        ctx.log.warning("case %d: cannot stop task %d (%s); will retry", case.case_id, task.id, exc,
+                        extra=for_case(case.case_id, "stop_task", exc))
+
+
+def reclaim_zombie(ctx: Context, slot: Slot, unfinished: list[pueue.TaskInfo], now: float) -> bool:
+    """Free a zombie slot once its group has no unfinished task of ours; stop a failed case's task."""
+    if not unfinished:
         freed = transition_slot(ctx.conn, slot.pueue_group, SlotStatus.ZOMBIE, SlotStatus.AVAILABLE,
                                 now=now, worker=ctx.name, case_id=slot.assigned_case_id,
-                                detail="no task of ours runs in the group")
+                                detail="no unfinished task of ours in the group")
         if freed:
             ring(ctx.spool.root, "submitter")
             ctx.log.info("zombie slot %s reclaimed", slot.pueue_group,
@@ -81,9 +94,9 @@ def reclaim_zombie(ctx: Context, slot: Slot, active: list[pueue.TaskInfo], now: 
         return freed
     case = get_case(ctx.conn, slot.assigned_case_id) if slot.assigned_case_id else None
     if case is not None and case.status is CaseStatus.FAILED:
-        for task in active:
+        for task in unfinished:
             if task.label == case_label(case.case_id):
-                kill_task(ctx, case)
+                stop_task(ctx, case, task)
     return False
 
 
@@ -94,10 +107,12 @@ def reclaim_zombies(ctx: Context, now: float) -> int:
     try:
         snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
     except RemoteFailure as exc:
+        note_reach(ctx, exc)
         ctx.log.warning("cannot check zombie slots (%s); will retry", exc, extra=for_case(None, "reclaim", exc))
         return 0
-    active = active_tasks_by_group(snapshot)
-    return sum(reclaim_zombie(ctx, slot, active.get(slot.pueue_group, []), now) for slot in zombies)
+    note_reach(ctx, None)
+    unfinished = unfinished_tasks_by_group(snapshot)
+    return sum(reclaim_zombie(ctx, slot, unfinished.get(slot.pueue_group, []), now) for slot in zombies)
 
 
 def flag_stuck(ctx: Context, now: float) -> int:

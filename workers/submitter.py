@@ -24,7 +24,7 @@ from shared.states import CaseStatus
 from shared.doorbell import listen, ring
 from shared.store import (Case, Claim, claim_for_staging, claim_next_case, expired_leases, mark_staged,
                           release_staging, renew_lease, staged_waiting, update_case)
-from shared.worker import Context, per_item, worker_main
+from shared.worker import Context, note_reach, per_item, worker_main
 
 
 GROUPS_READY = "groups_ready"
@@ -205,9 +205,11 @@ def groups_ready(ctx: Context) -> bool:
         created = pueue.ensure_groups(ctx.remote, ctx.pueue_cmd, wanted,
                                       timeout=ctx.config.hpc.command_timeout_seconds)
     except RemoteFailure as exc:
+        note_reach(ctx, exc)
         ctx.log.warning("cannot check pueue groups (%s); not submitting this pass", exc,
                         extra=for_case(None, "ensure_groups", exc))
         return False
+    note_reach(ctx, None)
     if created:
         ctx.log.info("created pueue groups %s", ", ".join(created), extra=for_case(None, "ensure_groups"))
     ctx.state[GROUPS_READY] = True

@@ -1,0 +1,207 @@
+"""Two of each worker on one database: no double submission, no lost update, no stray folder.
+
+Real processes (``python -m workers.X --name X_i``) against the sandbox HPC, then contention
+on the database itself (threads, each with its own connection), then the two races between
+pollers that the chaos run found (see docs/chaos.md), pinned down deterministically.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench.chaos import Expected, chain_problems, check_final_state
+from sandbox.casegen import make_case
+from shared import pueue
+from shared.db import connect
+from shared.states import ALLOWED, CaseStatus, SlotStatus
+from shared.store import claim_next_case, get_case, register_case, sync_slots, transition
+from shared.worker import build_context
+from tests.conftest import wait_until
+from workers import poller, scanner, submitter
+
+GROUPS = {"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}, "gpu_c": {"gpu": 2}}
+FAST = {"scanner": {"quiescence_period_seconds": 0.3, "rescan_interval_seconds": 1},
+        "main_loop": {"interval_seconds": 0.2, "poll_interval_seconds": 0.2, "lease_seconds": 10,
+                      "backoff_base_seconds": 0.5, "backoff_cap_seconds": 2, "max_attempts": 20}}
+
+
+def start_workers(h, log_dir: Path) -> list[subprocess.Popen]:
+    """One scanner and two each of submitter, poller and reaper, as real processes."""
+    names = ["scanner"] + [f"{program}_{i}" for program in ("submitter", "poller", "reaper") for i in (1, 2)]
+    procs = []
+    for name in names:
+        module = name.split("_")[0]
+        with open(log_dir / f"{name}.err", "w") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", f"workers.{module}", "--config", str(h.config_path), "--name", name],
+                stdout=subprocess.DEVNULL, stderr=err))
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_two_submitters_pollers_and_reapers_lose_nothing_and_submit_once(hpc, tmp_path):
+    h = hpc(groups=GROUPS, **FAST)
+    modes = {f"k{i:02d}": "fail" if i % 5 == 2 else "ok" for i in range(15)}
+    procs = start_workers(h, tmp_path)
+    try:
+        for name, mode in modes.items():
+            make_case(h.config.scanner.watch_path, name, atomic=True, seconds=0.3, batches=2, mode=mode,
+                      deliveries=1, layers_per_delivery=1)
+        conn = connect(h.config.database_path)
+
+        def all_final() -> bool:
+            final = conn.execute("SELECT COUNT(*) FROM cases WHERE status IN ('completed','failed')").fetchone()[0]
+            busy = conn.execute("SELECT COUNT(*) FROM gpu_resources WHERE status != 'available'").fetchone()[0]
+            return final == len(modes) and busy == 0
+
+        wait_until(all_final, timeout=90, interval=0.3, message="every case final, every slot free")
+        conn.close()
+    finally:
+        stop_workers(procs)
+    verdict = check_final_state(h.config.database_path, h.config.spool_path, h.config.scanner.watch_path,
+                                h.pueue("status", "--json").stdout, Expected(modes=modes), groups=tuple(GROUPS))
+    assert verdict.violations == []
+    assert verdict.counts["completed"] == 12 and verdict.counts["failed_as_designed"] == 3
+
+
+def test_concurrent_claims_never_take_a_case_or_a_slot_twice(tmp_path):
+    db = tmp_path / "state.db"
+    conn = connect(db)
+    sync_slots(conn, [(f"g{i}", None) for i in range(4)], now=0, worker="setup")
+    for i in range(12):
+        register_case(conn, case_name=f"c{i}", source_path=f"/nowhere/c{i}", now=i, worker="setup")
+    claims: list[tuple[int, str]] = []
+    start = threading.Barrier(6)
+
+    def claimer(index: int) -> None:
+        own = connect(db, migrate=False)
+        start.wait()
+        for _ in range(6):
+            claim = claim_next_case(own, worker=f"w{index}", now=100, lease_seconds=60)
+            if claim is not None:
+                claims.append((claim.case.case_id, claim.group))
+        own.close()
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claims) == 4                                   # one per slot, never more
+    assert len({case for case, _ in claims}) == 4 and len({group for _, group in claims}) == 4
+    for case_id, group in claims:
+        row = conn.execute("SELECT assigned_case_id, status FROM gpu_resources WHERE pueue_group = ?",
+                           (group,)).fetchone()
+        assert tuple(row) == (case_id, "assigned")
+
+
+def test_concurrent_moves_of_one_case_have_exactly_one_winner(tmp_path):
+    db = tmp_path / "state.db"
+    conn = connect(db)
+    case = register_case(conn, case_name="contended", source_path="/nowhere", now=0, worker="setup")
+    transition(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTING, now=1, worker="setup")
+    transition(conn, case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=2, worker="setup")
+    wins: list[str] = []
+    start = threading.Barrier(8)
+
+    def finisher(index: int) -> None:
+        own = connect(db, migrate=False)
+        start.wait()
+        to = (CaseStatus.COMPLETED, CaseStatus.FAILED, CaseStatus.SUBMITTED)[index % 3]
+        if transition(own, case.case_id, CaseStatus.RUNNING, to, now=3, worker=f"w{index}"):
+            wins.append(to.value)
+        own.close()
+
+    threads = [threading.Thread(target=finisher, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(wins) == 1
+    moves = [(r["from_status"], r["to_status"]) for r in
+             conn.execute("SELECT * FROM case_events WHERE case_id = ? ORDER BY event_id", (case.case_id,))]
+    assert chain_problems(moves, ALLOWED, wins[0]) == []
+    assert get_case(conn, case.case_id).status.value == wins[0]
+
+
+# -- the poller races the chaos run found -----------------------------------------------------------
+
+def running_case_with_finished_task(h, name: str):
+    ctx = build_context(h.config, "poller_1")
+    make_case(h.config.scanner.watch_path, name, atomic=True, seconds=0.1, batches=1, deliveries=1,
+              layers_per_delivery=1)
+    scanner.tick(ctx, time.time())
+    scanner.tick(ctx, time.time() + 100)
+    submitter.tick(ctx, time.time())
+    case = get_case(ctx.conn, 1)
+    assert case.status is CaseStatus.RUNNING
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
+    task = poller.task_of(case, pueue.statuses(ctx.remote, ctx.pueue_cmd))
+    return ctx, case, task
+
+
+def stage_entries(ctx, stage: str) -> list[str]:
+    return sorted(p.name for p in ctx.spool.stage_dir(stage).iterdir())
+
+
+def test_a_second_poller_finishing_the_same_case_leaves_no_stray_folder(hpc):
+    """Bug: complete() downloads into case.case_path before its compare-and-set; the poller
+    that loses the race re-creates ``spool/active/<case>/output`` after the winner moved it."""
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx_a, case, task = running_case_with_finished_task(h, "raced")
+    ctx_b = build_context(h.config, "poller_2")
+    assert poller.complete(ctx_a, case, task, time.time())
+    assert not poller.complete(ctx_b, case, task, time.time())     # read before A moved it: stale
+    done = get_case(ctx_a.conn, case.case_id)
+    assert done.status is CaseStatus.COMPLETED and list(Path(done.case_path, "output").iterdir())
+    assert stage_entries(ctx_a, "active") == []
+
+
+def test_results_land_in_the_case_folder_even_when_its_row_lags_behind_the_folder(hpc):
+    """Bug: settle_folder renames first and records the new path after; a poller reading the row in
+    between (or after a crash there) downloads into the old path. The case completes without its
+    results, and its input folder is left behind in a stage."""
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx, case, task = running_case_with_finished_task(h, "lagging")
+    queued = ctx.spool.stage_dir("queued") / case.folder_name
+    ctx.conn.execute("UPDATE cases SET spool_stage = 'queued', case_path = ? WHERE case_id = ?",
+                     (str(queued), case.case_id))                 # the folder is already in active
+    stale = get_case(ctx.conn, case.case_id)
+    assert poller.apply(ctx, stale, task, {}, time.time())
+    done = get_case(ctx.conn, case.case_id)
+    assert done.status is CaseStatus.COMPLETED
+    assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"
+    assert (Path(done.case_path) / "mqi_fake.json").is_file(), "the case itself must be in the done folder"
+    assert (stage_entries(ctx, "queued"), stage_entries(ctx, "active")) == ([], [])
+
+
+def test_a_reconcile_during_the_download_does_not_split_the_case(hpc):
+    """A crash right after a status commit leaves the folder behind; the reconcile that moves it
+    may run while the poller downloads into the path it read before."""
+    from shared.spool import reconcile
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx, case, task = running_case_with_finished_task(h, "moved")
+    queued = ctx.spool.stage_dir("queued") / case.folder_name
+    Path(case.case_path).rename(queued)                           # row says running, folder still queued
+    ctx.conn.execute("UPDATE cases SET spool_stage = 'queued', case_path = ? WHERE case_id = ?",
+                     (str(queued), case.case_id))
+    stale = get_case(ctx.conn, case.case_id)                      # the poller reads ...
+    assert reconcile(ctx.conn, ctx.spool, now=time.time(), worker="reaper_1") == 1   # ... the reaper moves
+    assert poller.complete(ctx, stale, task, time.time())
+    done = get_case(ctx.conn, case.case_id)
+    assert done.status is CaseStatus.COMPLETED and (Path(done.case_path) / "mqi_fake.json").is_file()
+    assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"
+    assert (stage_entries(ctx, "queued"), stage_entries(ctx, "active")) == ([], [])
+    assert ctx.conn.execute("SELECT status FROM gpu_resources").fetchone()[0] == SlotStatus.AVAILABLE.value
