@@ -62,9 +62,37 @@ class Spool:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """The file lock that serialises row-plus-folder changes across processes."""
-        with FileLock(str(self.root / ".spool.lock"), timeout=LOCK_TIMEOUT_SECONDS):
+        """The file lock that serialises row-plus-folder changes across processes.
+
+        Re-entrant within a thread, so a step may hold it around ``move_case``.
+        """
+        with _lock_for(self.root / ".spool.lock"):
             yield
+
+    def staging_dir(self, name: str) -> Path:
+        """A private scratch folder on the spool's file system (removed by the caller)."""
+        return self.root / STAGING / f"{name}.{os.getpid()}"
+
+
+_LOCKS: dict[Path, FileLock] = {}
+
+
+def _lock_for(path: Path) -> FileLock:
+    # One FileLock per path and process: its counter makes nested use re-entrant.
+    if path not in _LOCKS:
+        _LOCKS[path] = FileLock(str(path), timeout=LOCK_TIMEOUT_SECONDS)
+    return _LOCKS[path]
+
+
+def merge_into(source: Path, dest: Path) -> list[str]:
+    """Move every file under ``source`` to the same relative place under ``dest``."""
+    moved = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        relative = path.relative_to(source)
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest / relative)
+        moved.append(str(relative))
+    return moved
 
 
 def move_folder(src: Path, dest: Path) -> None:

@@ -9,6 +9,7 @@ nothing: "could not tell" is never "failed".
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from shared.errors import RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus, Outcome, SlotStatus
-from shared.store import Case, cases_with_status, update_case
+from shared.spool import merge_into, settle_folder
+from shared.store import Case, cases_with_status, get_case, update_case
 from shared.worker import Context, note_reach, per_item, worker_main
 
 FAILED_OUTCOMES = {
@@ -81,24 +83,41 @@ def handle_paused_groups(ctx: Context, snapshot: pueue.Snapshot) -> None:
 
 
 def complete(ctx: Context, case: Case, task: pueue.TaskInfo, now: float) -> bool:
-    patterns = ctx.config.hpc.result_files
-    if patterns:
-        try:
-            names = ctx.remote.download_results(task.path or case.remote_dir, patterns, Path(case.case_path))
-        except RemoteFailure as exc:
-            ctx.log.warning("case %d: result download failed (%s); will retry", case.case_id, exc,
-                            extra=for_case(case.case_id, "download", exc))
+    """Fetch results into a private folder, then, only if this worker wins the move, file them."""
+    staging = ctx.spool.staging_dir(f"results-{case.case_id}")
+    try:
+        if ctx.config.hpc.result_files and not fetch_results(ctx, case, task, staging):
             return False
-        ctx.log.info("case %d: fetched %d result files", case.case_id, len(names),
-                     extra=for_case(case.case_id, "download"))
-    moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.COMPLETED, now=now, worker=ctx.name,
-                      detail=f"pueue task {task.id} succeeded", slot_to=SlotStatus.AVAILABLE,
-                      fields={"outcome": Outcome.SUCCESS.value, "exit_code": 0, "progress": 100.0,
-                              "completed_at": now, "pueue_task_id": task.id})
+        with ctx.spool.lock():
+            current = get_case(ctx.conn, case.case_id)
+            if current is None or current.status is not CaseStatus.RUNNING:
+                return False  # another poller finished it first
+            folder = settle_folder(ctx.conn, ctx.spool, case.case_id, now=now, worker=ctx.name)
+            if staging.exists() and folder is not None:  # None: flagged for review, results stay remote
+                merge_into(staging, folder)
+            moved = move_case(ctx.conn, ctx.spool, current, CaseStatus.COMPLETED, now=now, worker=ctx.name,
+                              detail=f"pueue task {task.id} succeeded", slot_to=SlotStatus.AVAILABLE,
+                              fields={"outcome": Outcome.SUCCESS.value, "exit_code": 0, "progress": 100.0,
+                                      "completed_at": now, "pueue_task_id": task.id})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if moved:
         ring(ctx.spool.root, "submitter")
         ctx.log.info("case %d completed", case.case_id, extra=for_case(case.case_id, "complete"))
     return moved
+
+
+def fetch_results(ctx: Context, case: Case, task: pueue.TaskInfo, staging: Path) -> bool:
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        names = ctx.remote.download_results(task.path or case.remote_dir, ctx.config.hpc.result_files, staging)
+    except RemoteFailure as exc:
+        ctx.log.warning("case %d: result download failed (%s); will retry", case.case_id, exc,
+                        extra=for_case(case.case_id, "download", exc))
+        return False
+    ctx.log.info("case %d: fetched %d result files", case.case_id, len(names),
+                 extra=for_case(case.case_id, "download"))
+    return True
 
 
 def fail(ctx: Context, case: Case, task: pueue.TaskInfo, log_tail: str, now: float) -> bool:
