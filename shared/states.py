@@ -6,32 +6,28 @@ from enum import Enum
 from shared.errors import ForbiddenTransition, UnknownStatus
 
 
-class CaseStatus(str, Enum):
+class _Parsed(str, Enum):
+    @classmethod
+    def parse(cls, value: str):
+        """The member named by a stored value; UnknownStatus for anything else."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise UnknownStatus(f"unknown {cls.__name__} {value!r}") from None
+
+
+class CaseStatus(_Parsed):
     SUBMITTED = "submitted"
     SUBMITTING = "submitting"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
 
-    @classmethod
-    def parse(cls, value: str) -> "CaseStatus":
-        try:
-            return cls(value)
-        except ValueError:
-            raise UnknownStatus(f"unknown case status {value!r}") from None
 
-
-class SlotStatus(str, Enum):
+class SlotStatus(_Parsed):
     AVAILABLE = "available"
     ASSIGNED = "assigned"
     ZOMBIE = "zombie"
-
-    @classmethod
-    def parse(cls, value: str) -> "SlotStatus":
-        try:
-            return cls(value)
-        except ValueError:
-            raise UnknownStatus(f"unknown slot status {value!r}") from None
 
 
 class Outcome(str, Enum):

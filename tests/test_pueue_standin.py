@@ -20,6 +20,7 @@ import pytest
 
 from sandbox import casegen
 from sandbox.pueue_standin import write_wrappers
+from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "sandbox" / "pueue_standin.py"
@@ -36,14 +37,7 @@ V4_TASK_KEYS = ["id", "created_at", "original_command", "command", "path", "envs
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.03)
+    return wait_until(condition, timeout=timeout, interval=0.03, message=what)
 
 
 @dataclass
