@@ -274,6 +274,9 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
     when there is no eligible case or no free slot among ``groups``.
     """
     allowed = list(groups) if groups is not None else None
+    if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted'") or \
+            not _any(conn, "SELECT 1 FROM gpu_resources WHERE status = 'available'"):
+        return None  # nothing to do: no write lock taken
     with transaction(conn):
         slot = _free_slot(conn, allowed)
         if slot is None:
@@ -295,6 +298,10 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
                                now=now, worker=worker, case_id=case.case_id):
             raise RuntimeError("slot changed inside an immediate transaction")
         return Claim(case=case, group=slot.pueue_group, gpu=slot.gpu)
+
+
+def _any(conn: sqlite3.Connection, query: str) -> bool:
+    return conn.execute(f"SELECT EXISTS({query})").fetchone()[0] == 1
 
 
 def _free_slot(conn: sqlite3.Connection, groups: list[str] | None) -> Slot | None:
@@ -326,6 +333,8 @@ def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float,
     The case keeps its status; only ``claimed_by``/``lease_until`` mark the work,
     so ``claim_next_case`` leaves it alone until the lease ends.
     """
+    if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted' AND staged_at IS NULL"):
+        return None
     with transaction(conn):
         row = conn.execute(
             "UPDATE cases SET claimed_by = :w, lease_until = :lease"
