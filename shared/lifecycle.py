@@ -14,7 +14,7 @@ from shared.config import MainLoopConfig
 from shared.db import transaction
 from shared.errors import RemoteError
 from shared.spool import Spool, settle_folder
-from shared.states import CaseStatus, SlotStatus
+from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import Case, release_slot_of, transition
 
 TRANSIENT_REMOTE_TEXT = (
@@ -57,7 +57,8 @@ def is_transient(exc: Exception) -> bool:
 
 def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: MainLoopConfig,
                   error: Exception, *, now: float, worker: str, operation: str,
-                  guard: dict[str, Any] | None = None) -> CaseStatus | None:
+                  guard: dict[str, Any] | None = None,
+                  outcome: Outcome = Outcome.SUBMIT_ERROR) -> CaseStatus | None:
     """After a failure: back to ``submitted`` with backoff, or ``failed`` once attempts run out.
 
     Only for failures where the remote task is known not to exist. The slot is
@@ -72,7 +73,7 @@ def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: Ma
                           detail=f"retry after {message}", fields=fields, guard=guard,
                           slot_to=SlotStatus.AVAILABLE)
         return CaseStatus.SUBMITTED if moved else None
-    fields = {**error_fields, "outcome": "submit_error", "completed_at": now}
+    fields = {**error_fields, "outcome": outcome.value, "completed_at": now}
     moved = move_case(conn, spool, case, CaseStatus.FAILED, now=now, worker=worker,
                       detail=f"gave up after attempt {case.attempts}: {message}", fields=fields,
                       guard=guard, slot_to=SlotStatus.AVAILABLE)

@@ -140,7 +140,7 @@ def fail(ctx: Context, case: Case, task: pueue.TaskInfo, log_tail: str, now: flo
 def vanished(ctx: Context, case: Case, now: float) -> bool:
     error = TaskVanished(f"task {case.pueue_task_id} ({case.label}) is no longer in pueue")
     status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, error, now=now,
-                           worker=ctx.name, operation="poll")
+                           worker=ctx.name, operation="poll", outcome=Outcome.VANISHED)
     ctx.log.warning("case %d: %s; case is now %s", case.case_id, error, status and status.value,
                     extra=for_case(case.case_id, "poll", error))
     ring(ctx.spool.root, "submitter")
