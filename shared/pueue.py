@@ -21,7 +21,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Mapping, Protocol, Sequence
 
-from shared.errors import BadOutput, RemoteError, Unreachable
+from shared.errors import BadOutput, RemoteError, RemoteFailure, Unreachable
 
 DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<total>\d+) batches\)"
 FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")
@@ -561,13 +561,33 @@ def _env_prefix(env: Mapping[str, str]) -> list[str]:
     return ["env", *(f"{name}={value}" for name, value in env.items())]
 
 
+class WorkdirMissing(RemoteFailure):
+    """``submit(require_workdir=True)``: the working directory is gone; no task was added."""
+
+
+WORKDIR_MISSING_EXIT = 86
+_REQUIRE_DIR = '[ -d "$1" ] || exit 86; shift; exec "$@"'
+
+
 def submit(
     runner: Runner, pueue_cmd: Sequence[str], *, group: str, label: str, workdir: str,
     command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+    require_workdir: bool = False,
 ) -> int:
-    """Add one task and return its pueue id. Runner errors propagate; BadOutput if no id."""
+    """Add one task and return its pueue id. Runner errors propagate; BadOutput if no id.
+
+    ``require_workdir`` checks, in the same remote call, that ``workdir`` exists
+    before adding, and raises WorkdirMissing (nothing added) when it does not.
+    """
     argv = add_argv(pueue_cmd, group=group, label=label, workdir=workdir, command=command, env=env)
-    return parse_task_id(runner.run(argv, timeout=timeout))
+    if require_workdir:
+        argv = ["sh", "-c", _REQUIRE_DIR, "sh", workdir, *argv]
+    try:
+        return parse_task_id(runner.run(argv, timeout=timeout))
+    except RemoteError as error:
+        if require_workdir and error.exit_code == WORKDIR_MISSING_EXIT:
+            raise WorkdirMissing(f"working directory {workdir} does not exist on the HPC") from None
+        raise
 
 
 def statuses(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> Snapshot:

@@ -86,3 +86,13 @@ def test_unknown_group_is_a_remote_error(driver, tmp_path):
     _h, remote, cmd, _fmt = driver
     with pytest.raises(RemoteError, match="doesn't exists"):
         pueue.submit(remote, cmd, group="gpu_zz", label="x", workdir=str(tmp_path), command="true")
+
+
+def test_require_workdir_checks_the_folder_in_the_same_call(driver, tmp_path):
+    h, remote, cmd, _fmt = driver
+    with pytest.raises(pueue.WorkdirMissing):
+        pueue.submit(remote, cmd, group="gpu_a", label="w", workdir=str(tmp_path / "gone"), command="true",
+                     require_workdir=True)
+    assert h.tasks_labelled("w") == []
+    assert pueue.submit(remote, cmd, group="gpu_a", label="w", workdir=str(tmp_path), command="true",
+                        require_workdir=True) >= 0

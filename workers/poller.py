@@ -20,7 +20,7 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.spool import merge_into, settle_folder
-from shared.store import Case, cases_with_status, get_case, update_case
+from shared.store import Case, cases_with_status, get_case, release_slot_of, update_case
 from shared.worker import Context, note_reach, per_item, worker_main
 
 FAILED_OUTCOMES = {
@@ -86,8 +86,10 @@ def complete(ctx: Context, case: Case, task: pueue.TaskInfo, now: float) -> bool
     """Fetch results into a private folder, then, only if this worker wins the move, file them."""
     staging = ctx.spool.staging_dir(f"results-{case.case_id}")
     try:
-        if ctx.config.hpc.result_files and not fetch_results(ctx, case, task, staging):
-            return False
+        if ctx.config.hpc.result_files:
+            free_gpu_early(ctx, case, now)
+            if not fetch_results(ctx, case, task, staging):
+                return False
         with ctx.spool.lock():
             current = get_case(ctx.conn, case.case_id)
             if current is None or current.status is not CaseStatus.RUNNING:
@@ -105,6 +107,13 @@ def complete(ctx: Context, case: Case, task: pueue.TaskInfo, now: float) -> bool
         ring(ctx.spool.root, "submitter")
         ctx.log.info("case %d completed", case.case_id, extra=for_case(case.case_id, "complete"))
     return moved
+
+
+def free_gpu_early(ctx: Context, case: Case, now: float) -> None:
+    """The task is over, so its GPU is free: hand the slot on before the download."""
+    if release_slot_of(ctx.conn, case, SlotStatus.AVAILABLE, now=now, worker=ctx.name,
+                       detail=f"task of case {case.case_id} succeeded; results being fetched"):
+        ring(ctx.spool.root, "submitter")
 
 
 def fetch_results(ctx: Context, case: Case, task: pueue.TaskInfo, staging: Path) -> bool:
@@ -187,13 +196,18 @@ def tick(ctx: Context, now: float) -> int:
         return 0
     handle_paused_groups(ctx, snapshot)
     tasks = {case.case_id: task_of(case, snapshot) for case in running}
+    succeeded = [c for c in running if tasks[c.case_id] and tasks[c.case_id].state is pueue.TaskState.SUCCESS]
+    changed = 0
+    for case in succeeded:  # first, so freed GPUs are handed on before the log call
+        with per_item(ctx, case.case_id, "poll"):
+            changed += complete(ctx, case, tasks[case.case_id], now)
     wanted = [t.id for t in tasks.values() if t is not None and
               (t.state is pueue.TaskState.RUNNING or t.state in FAILED_OUTCOMES)]
     outputs = fetch_logs(ctx, wanted) if wanted else {}
-    changed = 0
     for case in running:
-        with per_item(ctx, case.case_id, "poll"):
-            changed += apply(ctx, case, tasks[case.case_id], outputs, now)
+        if case not in succeeded:
+            with per_item(ctx, case.case_id, "poll"):
+                changed += apply(ctx, case, tasks[case.case_id], outputs, now)
     return changed
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import replace
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,17 +84,6 @@ def upload(ctx: Context, case: Case, status: CaseStatus = CaseStatus.SUBMITTING)
     return result.remote_dir
 
 
-def staged_dir(ctx: Context, case: Case) -> str | None:
-    """The case's pre-uploaded remote folder, if it was staged and is still there."""
-    if case.staged_at is None or not case.remote_dir:
-        return None
-    try:
-        ctx.remote.run(["test", "-d", case.remote_dir])
-    except RemoteError:
-        return None
-    return case.remote_dir
-
-
 def prestage(ctx: Context, now: float) -> int:
     """While every GPU is busy, upload the next waiting cases so a freed GPU starts at once."""
     if staged_waiting(ctx.conn) >= len(ctx.config.pueue.groups):
@@ -116,17 +106,20 @@ def prestage(ctx: Context, now: float) -> int:
     return 1
 
 
-def submit_task(ctx: Context, claim: Claim, remote_dir: str) -> int:
-    """Send ``pueue add``; first make sure our claim still stands (with a fresh lease)."""
+def submit_task(ctx: Context, claim: Claim, remote_dir: str, *, staged: bool) -> int:
+    """Send ``pueue add``; first make sure our claim still stands (with a fresh lease).
+
+    For a pre-uploaded case the same remote call first checks that its folder is
+    still there (WorkdirMissing otherwise), so a staged case costs one round trip.
+    """
     case = claim.case
-    if not renew_lease(ctx.conn, case.case_id, worker=ctx.worker_id, now=ctx.clock(),
-                       lease_seconds=ctx.config.main_loop.lease_seconds):
+    fields = {"remote_dir": remote_dir, "lease_until": ctx.clock() + ctx.config.main_loop.lease_seconds}
+    if not update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, fields, guard={"claimed_by": ctx.worker_id}):
         raise LeaseLost(f"case {case.case_id}: claim lost before pueue add")
-    update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, {"remote_dir": remote_dir},
-                guard={"claimed_by": ctx.worker_id})
     return pueue.submit(ctx.remote, ctx.pueue_cmd, group=claim.group, label=case.label,
                         workdir=remote_dir, command=render_command(ctx.config.hpc.remote_command, case, remote_dir),
-                        env=gpu_env(claim.gpu), timeout=ctx.config.hpc.command_timeout_seconds)
+                        env=gpu_env(claim.gpu), timeout=ctx.config.hpc.command_timeout_seconds,
+                        require_workdir=staged)
 
 
 def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, now: float) -> None:
@@ -155,8 +148,9 @@ def leave_for_recovery(ctx: Context, case: Case, error: Exception, now: float) -
 def process_claim(ctx: Context, claim: Claim, now: float) -> None:
     case = claim.case
     guard = {"claimed_by": ctx.worker_id}
+    staged = case.staged_at is not None and bool(case.remote_dir)
     try:
-        remote_dir = staged_dir(ctx, case) or upload(ctx, case)
+        remote_dir = case.remote_dir if staged else upload(ctx, case)
         now = ctx.clock()
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "upload", exc))
@@ -168,7 +162,11 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
                         status and status.value, extra=for_case(case.case_id, "upload", exc))
         return
     try:
-        task_id = submit_task(ctx, claim, remote_dir)
+        task_id = submit_task(ctx, claim, remote_dir, staged=staged)
+    except pueue.WorkdirMissing as exc:  # the pre-uploaded folder vanished: upload it now
+        ctx.log.warning("case %d: %s; uploading again", case.case_id, exc, extra=for_case(case.case_id, "submit", exc))
+        unstaged = replace(case, staged_at=None)
+        return process_claim(ctx, replace(claim, case=unstaged), now)
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
         return
