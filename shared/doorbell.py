@@ -1,13 +1,14 @@
 """Doorbells between worker processes: a hint to look at the database now, never state.
 
-A worker that makes work for another (a slot freed, a case registered) touches
-``spool/.bells/<name>``; the other process watches that folder with inotify
-(watchdog) and wakes at once instead of waiting out its interval. A lost ring
-costs at most one interval, because every pass reads the database anyway.
+A worker that makes work for another (a slot freed, a case registered) writes one
+byte into the named pipe ``spool/.bells/<name>``; the process listening there wakes
+at once instead of waiting out its interval. A lost ring (nobody listening, a full
+pipe) costs at most one interval, because every pass reads the database anyway.
 """
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -19,31 +20,37 @@ def bell_path(spool_root: Path, name: str) -> Path:
 
 
 def ring(spool_root: Path, name: str) -> None:
-    """Wake the process listening for ``name`` (best effort)."""
-    path = bell_path(spool_root, name)
+    """Wake the process listening for ``name`` (best effort, never blocks)."""
     try:
-        path.parent.mkdir(exist_ok=True)
-        with open(path, "a"):
-            os.utime(path)
+        fd = os.open(bell_path(spool_root, name), os.O_WRONLY | os.O_NONBLOCK)
     except OSError:
-        pass  # a doorbell is only a hint
+        return  # nobody listens (ENXIO) or no bell yet (ENOENT)
+    try:
+        os.write(fd, b"!")
+    except OSError:
+        pass  # the pipe is full: the listener is awake anyway
+    finally:
+        os.close(fd)
 
 
-def listen(spool_root: Path, name: str, wake: threading.Event) -> object:
-    """Set ``wake`` whenever ``name`` rings; returns the running observer."""
-    from watchdog.events import FileSystemEventHandler
-    from watchdog.observers import Observer
+def listen(spool_root: Path, name: str, *wakes: threading.Event) -> threading.Thread:
+    """Set every event in ``wakes`` whenever ``name`` rings; returns the listening thread."""
+    path = bell_path(spool_root, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not stat.S_ISFIFO(path.stat().st_mode):
+        path.unlink()
+    if not path.exists():
+        try:
+            os.mkfifo(path, 0o600)
+        except FileExistsError:
+            pass  # another process made it first
+    fd = os.open(path, os.O_RDWR)  # read-write: opening never blocks and reads never see EOF
 
-    target = str(bell_path(spool_root, name))
-
-    class Bell(FileSystemEventHandler):
-        def on_any_event(self, event) -> None:
-            if event.src_path == target or getattr(event, "dest_path", None) == target:
+    def wait_for_rings() -> None:
+        while os.read(fd, 512):
+            for wake in wakes:
                 wake.set()
 
-    bell_path(spool_root, name).parent.mkdir(parents=True, exist_ok=True)
-    observer = Observer()
-    observer.schedule(Bell(), str(spool_root / BELLS), recursive=False)
-    observer.daemon = True
-    observer.start()
-    return observer
+    thread = threading.Thread(target=wait_for_rings, name=f"bell-{name}", daemon=True)
+    thread.start()
+    return thread

@@ -13,7 +13,7 @@ import signal
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -24,6 +24,10 @@ from shared.remote import Remote
 from shared.spool import Spool
 from shared.errors import Unreachable
 from shared.store import beat, note_remote, sync_slots
+
+
+HELPER_THREADS = "helper_threads"
+HELPER_FAILED = "helper_failed"
 
 
 @dataclass
@@ -124,4 +128,36 @@ def worker_main(program: str, name: str, tick: Callable[[Context, float], int], 
     install_signal_handlers(ctx)
     if prepare:
         prepare(ctx)
-    return run_worker(ctx, tick, idle_wait=idle_wait, once=args.once, drain=drain)
+    code = run_worker(ctx, tick, idle_wait=idle_wait, once=args.once, drain=drain)
+    for helper in ctx.state.get(HELPER_THREADS, []):
+        helper.join()  # each finishes the step in hand, then sees the stop event
+    return 1 if ctx.state.get(HELPER_FAILED) else code
+
+
+def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], int], *,
+                      drain: bool = False) -> Context:
+    """Run ``tick`` in a thread of this process with its own connection, name and wake event.
+
+    It shares the stop event, so SIGTERM ends both loops; ``worker_main`` joins it.
+    If the helper dies (say, a database error), the whole process stops and exits 1,
+    so supervisord restarts it.
+    """
+    helper = replace(ctx, name=name, wake=threading.Event(), state={},
+                     log=logging.getLogger(f"mqic.{name}"))
+
+    def loop() -> None:
+        helper.conn = connect(ctx.config.database_path, migrate=False)  # sqlite: one per thread
+        try:
+            run_worker(helper, tick, drain=drain)
+        except BaseException:
+            helper.log.exception("%s died; stopping the process", name)
+            ctx.state[HELPER_FAILED] = True
+            ctx.stop.set()
+            ctx.wake.set()
+        finally:
+            helper.conn.close()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    ctx.state.setdefault(HELPER_THREADS, []).append(thread)
+    thread.start()
+    return helper

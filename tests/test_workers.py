@@ -381,11 +381,12 @@ def test_waiting_cases_are_pre_uploaded_while_every_gpu_is_busy(hpc):
     ctx = ctx_for(h)
     first = submitted(ctx, "busy", seconds=1)
     waiting = registered(ctx, "waiting")
-    assert submitter.tick(ctx, time.time()) == 1            # no slot: pre-upload instead
+    assert submitter.tick(ctx, time.time()) == 0            # no free slot
+    assert submitter.stage_tick(ctx, time.time()) == 1      # so the stager uploads ahead
     staged = get_case(ctx.conn, waiting.case_id)
     assert staged.status is CaseStatus.SUBMITTED and staged.staged_at and staged.claimed_by is None
     assert os.path.isdir(staged.remote_dir)
-    assert submitter.tick(ctx, time.time()) == 0            # one staged case per group is enough
+    assert submitter.stage_tick(ctx, time.time()) == 0      # one staged case per group is enough
     poll_until_final(ctx, first.case_id)
     marker = Path(staged.remote_dir, "staged-marker")
     marker.write_text("the very same folder")               # proves no second upload replaces it
@@ -403,7 +404,7 @@ def test_a_staged_case_whose_remote_folder_vanished_is_uploaded_again(hpc):
     ctx = ctx_for(h)
     first = submitted(ctx, "busy", seconds=0.5)
     waiting = registered(ctx, "waiting")
-    submitter.tick(ctx, time.time())
+    submitter.stage_tick(ctx, time.time())
     shutil.rmtree(get_case(ctx.conn, waiting.case_id).remote_dir)
     poll_until_final(ctx, first.case_id)
     submitter.tick(ctx, time.time())

@@ -25,10 +25,11 @@ from shared.states import CaseStatus
 from shared.doorbell import listen, ring
 from shared.store import (Case, Claim, claim_for_staging, claim_next_case, expired_leases, mark_staged,
                           release_staging, renew_lease, staged_waiting, update_case)
-from shared.worker import Context, note_reach, per_item, worker_main
+from shared.worker import Context, note_reach, per_item, start_helper_loop, worker_main
 
 
 GROUPS_READY = "groups_ready"
+STAGER_WAKE = "stager_wake"
 UNKNOWN_GROUP = "doesn't exists"  # sic: pueue's own wording
 
 
@@ -84,8 +85,12 @@ def upload(ctx: Context, case: Case, status: CaseStatus = CaseStatus.SUBMITTING)
     return result.remote_dir
 
 
-def prestage(ctx: Context, now: float) -> int:
-    """While every GPU is busy, upload the next waiting cases so a freed GPU starts at once."""
+def stage_tick(ctx: Context, now: float) -> int:
+    """The stager's pass: while every GPU is busy, upload the next waiting case.
+
+    Runs in its own thread of the submitter process, so a freed GPU is handed its
+    next case at once even while an upload is under way.
+    """
     if staged_waiting(ctx.conn) >= len(ctx.config.pueue.groups):
         return 0
     case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
@@ -223,7 +228,9 @@ def tick(ctx: Context, now: float) -> int:
                             lease_seconds=ctx.config.main_loop.lease_seconds,
                             groups=[g.name for g in ctx.config.pueue.groups])
     if claim is None:
-        return done + prestage(ctx, now)
+        if STAGER_WAKE in ctx.state:
+            ctx.state[STAGER_WAKE].set()  # no free GPU: the stager may upload ahead
+        return done
     ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.group,
                  claim.case.attempts, extra=for_case(claim.case.case_id, "claim"))
     with per_item(ctx, claim.case.case_id, "submit"):  # on a crash the lease expires; recovery takes over
@@ -231,12 +238,14 @@ def tick(ctx: Context, now: float) -> int:
     return done + 1
 
 
-def listen_for_work(ctx: Context) -> None:
-    listen(ctx.spool.root, "submitter", ctx.wake)
+def start_stager_and_doorbell(ctx: Context) -> None:
+    stager = start_helper_loop(ctx, f"{ctx.name}-stager", stage_tick, drain=True)
+    ctx.state[STAGER_WAKE] = stager.wake
+    listen(ctx.spool.root, "submitter", ctx.wake, stager.wake)
 
 
 def main(argv=None) -> int:
-    return worker_main("mqic-submitter", "submitter", tick, argv, prepare=listen_for_work, drain=True)
+    return worker_main("mqic-submitter", "submitter", tick, argv, prepare=start_stager_and_doorbell, drain=True)
 
 
 if __name__ == "__main__":
