@@ -83,6 +83,14 @@ if [ "$got" != "$want" ]; then echo "upload mismatch: got files/bytes $got, want
 rm -rf -- "$final" && mv -- "$tmp" "$final" && printf 'moved:%s' "$final"
 """
 
+# Why an upload failed: the folder's write error, or its free space in KB.
+DIAGNOSE_SCRIPT = r"""
+probe="$1/.mqic-write-probe-$$"
+touch -- "$probe" 2>&1 || exit 0
+rm -f -- "$probe"
+df -Pk -- "$1" | awk 'NR == 2 {print "free_kb " $4}'
+"""
+
 # Stream the named result files (globs relative to the case dir) as a tar archive.
 RESULTS_SCRIPT = r"""
 cd -- "$1" || exit 3
@@ -215,15 +223,29 @@ class Remote:
         quoted = shlex.quote(base)
         self.run_shell(f"mkdir -p -- {quoted} && rm -rf -- {quoted}/{UPLOAD_PREFIX}{case_id}-*")
         limit = timeout or self.hpc.upload_timeout_seconds
-        if self.hpc.transfer == "tar":
-            self._upload_tar(local_dir, temp, limit)
-        elif self.hpc.transfer == "rsync":
-            self._upload_rsync(local_dir, temp, limit)
-        else:
-            self._upload_scp(local_dir, temp, limit)
+        transfer = {"tar": self._upload_tar, "rsync": self._upload_rsync}.get(self.hpc.transfer, self._upload_scp)
+        try:
+            transfer(local_dir, temp, limit)
+        except RemoteError as exc:
+            raise self._explain(exc, base, size) from None
         final = f"{base}/{folder_name}"
         self.finalize_upload(temp, final, files, size)
         return UploadResult(remote_dir=final, files=files, bytes=size)
+
+    def _explain(self, error: RemoteError, base: str, size: int) -> RemoteError:
+        """scp over SFTP says only "Failure": ask the HPC whether the folder is writable and has room."""
+        try:
+            out = self.run_script(DIAGNOSE_SCRIPT, base)
+        except RemoteFailure:
+            return error
+        free = re.search(r"free_kb (\d+)", out)
+        if free and int(free[1]) * 1024 < size:
+            reason = f"No space left on device: {int(free[1])} KB free in {base}, the case needs {size // 1024} KB"
+        elif not free:
+            reason = out.strip()[-300:]
+        else:
+            return error
+        return RemoteError(error.argv, error.exit_code, f"{error.stderr.strip()}\n{reason}", error.stdout)
 
     def finalize_upload(self, temp: str, final: str, files: int, size: int) -> None:
         """Verify ``temp`` holds ``files`` files of ``size`` bytes, then rename it to ``final``."""

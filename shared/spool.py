@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -82,6 +83,31 @@ def _lock_for(path: Path) -> FileLock:
     if path not in _LOCKS:
         _LOCKS[path] = FileLock(str(path), timeout=LOCK_TIMEOUT_SECONDS)
     return _LOCKS[path]
+
+
+STAGING_OWNER = re.compile(r"\.(\d+)(?:\.partial)?$")
+
+
+def sweep_staging(spool: Spool) -> int:
+    """Remove scratch folders in ``spool/.staging`` whose owning process is gone (a SIGKILL
+    skips their cleanup); return how many were removed."""
+    removed = 0
+    for entry in (spool.root / STAGING).iterdir():
+        owner = STAGING_OWNER.search(entry.name)
+        if owner and not _alive(int(owner[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def merge_into(source: Path, dest: Path) -> list[str]:

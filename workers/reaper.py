@@ -16,7 +16,7 @@ from shared.errors import RemoteFailure
 from shared.lifecycle import move_case
 from shared.logs import for_case
 from shared.recovery import recover_claim
-from shared.spool import reconcile
+from shared.spool import reconcile, sweep_staging
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import (Case, Slot, all_slots, case_label, expired_leases, flag_for_review,
                           get_case, transition_slot)
@@ -155,6 +155,7 @@ def check_heartbeats(ctx: Context, now: float) -> list[str]:
 def tick(ctx: Context, now: float) -> int:
     """One pass of every housekeeping step."""
     done = reconcile(ctx.conn, ctx.spool, now=now, worker=ctx.name)
+    sweep_staging(ctx.spool)
     done += recover_claims(ctx, now)
     for case in timed_out_cases(ctx, now):
         with per_item(ctx, case.case_id, "timeout"):
