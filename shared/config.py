@@ -79,7 +79,7 @@ class PueueConfig:
 @dataclass(frozen=True)
 class MainLoopConfig:
     interval_seconds: float = 1.0
-    poll_interval_seconds: float = 0.5
+    poll_interval_seconds: float = 0.25
     running_case_timeout_hours: float = 24.0
     stuck_after_minutes: float = 60.0
     max_attempts: int = 5
@@ -301,7 +301,7 @@ def _pueue(s: _Section) -> PueueConfig:
 def _main_loop(s: _Section) -> MainLoopConfig:
     return MainLoopConfig(
         interval_seconds=s.number("interval_seconds", 1, positive=True),
-        poll_interval_seconds=s.number("poll_interval_seconds", 0.5, positive=True),
+        poll_interval_seconds=s.number("poll_interval_seconds", 0.25, positive=True),
         running_case_timeout_hours=s.number("running_case_timeout_hours", 24, positive=True),
         stuck_after_minutes=s.number("stuck_after_minutes", 60, positive=True),
         max_attempts=s.number("max_attempts", 5, minimum=1, integer=True),

@@ -320,6 +320,10 @@ def renew_lease(conn: sqlite3.Connection, case_id: int, *, worker: str, now: flo
                        guard={"claimed_by": worker})
 
 
+def free_slots(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COUNT(*) FROM gpu_resources WHERE status = 'available'").fetchone()[0]
+
+
 def staged_waiting(conn: sqlite3.Connection) -> int:
     """How many ``submitted`` cases are already uploaded and waiting for a GPU."""
     return conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted'"

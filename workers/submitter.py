@@ -24,7 +24,7 @@ from shared.recovery import recover_claim
 from shared.states import CaseStatus
 from shared.doorbell import listen, ring
 from shared.store import (Case, Claim, claim_for_staging, claim_next_case, expired_leases, mark_staged,
-                          release_staging, renew_lease, staged_waiting, update_case)
+                          free_slots, release_staging, renew_lease, staged_waiting, update_case)
 from shared.worker import Context, note_reach, per_item, start_helper_loop, worker_main
 
 
@@ -91,8 +91,8 @@ def stage_tick(ctx: Context, now: float) -> int:
     Runs in its own thread of the submitter process, so a freed GPU is handed its
     next case at once even while an upload is under way.
     """
-    if staged_waiting(ctx.conn) >= len(ctx.config.pueue.groups):
-        return 0
+    if free_slots(ctx.conn) or staged_waiting(ctx.conn) >= len(ctx.config.pueue.groups):
+        return 0  # a free GPU is the main loop's job: it uploads the oldest case at once
     case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
                              lease_seconds=ctx.config.main_loop.lease_seconds)
     if case is None:

@@ -1,0 +1,464 @@
+"""Shared helpers of the benchmarks: a scratch sandbox HPC, the system under supervisord, counters.
+
+Every benchmark runs against the sandbox HPC (a real sshd on 127.0.0.1 and the pueue
+stand-in) in a scratch folder under /tmp that is removed at the end (``--keep`` keeps it).
+Nothing here tunes the system: the config is the sandbox's, with the product defaults of
+``main_loop`` unless a benchmark says otherwise in its table.
+
+    with Workspace("gap", groups=three_groups()) as ws:
+        ws.start_system()                       # supervisord with the project's own conf
+        drop(stage_cases(...), ws.watch)
+        wait_until(lambda: ws.count_final() == 30, timeout=300)
+        print(table(["x", "y"], [[1, 2]]))
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from sandbox import hpc as sandbox_hpc  # noqa: E402
+from shared import pueue  # noqa: E402
+from shared.config import Config, MainLoopConfig, load_config  # noqa: E402
+from shared.db import connect  # noqa: E402
+
+VENV = Path(sys.prefix)
+READY_MARKER = "_CASE_READY"
+WORKERS = ("scanner", "submitter", "poller", "reaper", "exporter")
+# The sandbox config shortens the loops; benchmarks measure a stock install's cadence instead.
+PRODUCT_MAIN_LOOP = {f.name: f.default for f in dataclasses.fields(MainLoopConfig) if f.name.endswith("interval_seconds")}
+
+
+# -- command line and output ---------------------------------------------------------------------
+
+def bench_args(description: str, argv: Sequence[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """``--quick`` (a smoke run of a few seconds to a minute) and ``--keep`` (keep the scratch folder)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small smoke-test variant")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder for inspection")
+    if extra:
+        extra(parser)
+    return parser.parse_args(argv)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], title: str | None = None) -> str:
+    """A plain-text table: columns padded to their widest cell, numbers right-aligned."""
+    cells = [[fmt(value) for value in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
+              for i, h in enumerate(headers)]
+    numeric = [all(_numeric(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    out = [title] if title else []
+    out += [line([str(h) for h in headers]), line(["-" * w for w in widths])]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def _numeric(text: str) -> bool:
+    return text.replace(",", "").replace(".", "", 1).lstrip("-").replace("x", "").replace("%", "").isdigit() \
+        or text == "-"
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def machine_line(when: str = "start") -> str:
+    """Cores, load averages (1/5 min) and time: the machine is shared, so every table says how busy it was."""
+    load = os.getloadavg()
+    return (f"machine at {when}: {os.cpu_count()} cores, load {load[0]:.2f}/{load[1]:.2f}, "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}, python {sys.version.split()[0]}")
+
+
+# -- waiting ---------------------------------------------------------------------------------------
+
+class Timeout(Exception):
+    pass
+
+
+def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.05,
+               what: str = "condition") -> object:
+    """Poll ``condition`` until truthy; raise Timeout after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Timeout(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- the sandbox and the system ----------------------------------------------------------------------
+
+def groups_of(count: int) -> dict[str, dict]:
+    """``count`` GPU groups ``gpu_0 .. gpu_<n-1>``, one GPU each."""
+    return {f"gpu_{i}": {"gpu": i} for i in range(count)}
+
+
+class Supervisor:
+    """supervisord with the project's own supervisord.conf, from a scratch copy of the layout."""
+
+    def __init__(self, home: Path, config_path: Path):
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "supervisord.conf", home / "supervisord.conf")
+        if not (home / ".venv").exists():
+            (home / ".venv").symlink_to(VENV)
+        for sub in ("run", "logs"):
+            (home / sub).mkdir(exist_ok=True)
+        self.env = {**os.environ, "MQIC_CONFIG": str(config_path)}
+        self.running = False
+
+    def start(self) -> None:
+        subprocess.run([str(VENV / "bin" / "supervisord"), "-c", str(self.home / "supervisord.conf")],
+                       check=True, env=self.env, cwd=self.home, timeout=30)
+        self.running = True
+
+    def ctl(self, *args: str) -> str:
+        result = subprocess.run([str(VENV / "bin" / "supervisorctl"), "-c", str(self.home / "supervisord.conf"),
+                                 *args], capture_output=True, text=True, env=self.env, cwd=self.home, timeout=120)
+        return result.stdout + result.stderr
+
+    def pids(self) -> dict[str, int]:
+        """{program: pid} of the running workers."""
+        found = {}
+        for name in WORKERS:
+            text = self.ctl("pid", f"mqic:{name}").strip()
+            if text.isdigit() and int(text) > 0:
+                found[name] = int(text)
+        return found
+
+    def wait_running(self, timeout: float = 30) -> dict[str, int]:
+        return wait_until(lambda: (p := self.pids()) and len(p) == len(WORKERS) and p, timeout,
+                          interval=0.3, what="every worker RUNNING")
+
+    def shutdown(self) -> None:
+        if not self.running:
+            return
+        self.ctl("shutdown")
+        pid_file = self.home / "run" / "supervisord.pid"
+        wait_until(lambda: not pid_file.exists(), timeout=120, interval=0.2, what="supervisord exit")
+        self.running = False
+
+
+class Workspace:
+    """A scratch folder with its own sandbox HPC (sshd + pueue stand-in) and config.
+
+    ``sections`` override config sections (``main_loop``, ``scanner``, ``hpc`` ...). The
+    product's ``main_loop.interval_seconds`` default is used unless overridden, so the
+    figures are those of a stock install, not of the faster sandbox setting.
+    """
+
+    def __init__(self, name: str, *, groups: dict | None = None, keep: bool = False, **sections: dict):
+        self.name, self.keep = name, keep
+        self.root = Path(tempfile.mkdtemp(prefix=f"mqic-bench-{name}-", dir="/tmp"))
+        sections = {key: dict(value) for key, value in sections.items()}
+        sections["main_loop"] = {**PRODUCT_MAIN_LOOP, **sections.get("main_loop", {})}
+        sections.setdefault("metrics", {"port": free_port()})
+        self.sandbox = sandbox_hpc.up(self.root / "hpc", groups=groups or groups_of(3), **sections)
+        self.supervisor: Supervisor | None = None
+        self.processes: list[subprocess.Popen] = []
+
+    # -- context manager
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- config
+    @property
+    def config_path(self) -> Path:
+        return self.sandbox.config_path
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def rewrite_config(self, **sections: dict) -> None:
+        """Change config sections in place (before the workers start)."""
+        data = yaml.safe_load(self.config_path.read_text())
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    @property
+    def watch(self) -> Path:
+        return self.config.scanner.watch_path
+
+    @property
+    def staging(self) -> Path:
+        path = self.root / "staging"
+        path.mkdir(exist_ok=True)
+        return path
+
+    @property
+    def db_path(self) -> Path:
+        return self.config.database_path
+
+    @property
+    def sshd_log(self) -> Path:
+        return self.root / "hpc" / "sshd" / "sshd.log"
+
+    def ssh_argv(self, *, fresh: bool = True) -> list[str]:
+        """ssh argv ending in user@host: a fresh connection (no ControlMaster) by default."""
+        argv = self.sandbox.endpoint.ssh_base_argv()
+        mux = ["-o", "ControlMaster=no", "-o", "ControlPath=none"] if fresh else []
+        return [argv[0], *mux, *argv[1:]]
+
+    # -- processes
+    def start_system(self) -> Supervisor:
+        """Every worker under supervisord (the project's supervisord.conf), started now."""
+        self.supervisor = Supervisor(self.root / "home", self.config_path)
+        self.supervisor.start()
+        return self.supervisor
+
+    def start_worker(self, module: str) -> subprocess.Popen:
+        """One worker as a plain process (``python -m workers.X --config C``)."""
+        log = open(self.root / f"{module.rsplit('.', 1)[-1]}.out", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(self.config_path)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.processes.append(proc)
+        return proc
+
+    def stop_worker(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        try:
+            if self.supervisor:
+                self.supervisor.shutdown()
+            for proc in self.processes:
+                self.stop_worker(proc)
+        finally:
+            try:
+                from shared.remote import Remote
+                config = self.config
+                Remote(config.hpc).close()
+                if config.hpc.control_dir:
+                    shutil.rmtree(config.hpc.control_dir, ignore_errors=True)
+            except Exception:  # noqa: BLE001 - teardown goes on
+                pass
+            sandbox_hpc.down(self.root / "hpc")
+            if self.keep:
+                print(f"(scratch folder kept: {self.root})")
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- database
+    def db(self) -> sqlite3.Connection:
+        """A read-only connection (waits until a worker created the database)."""
+        wait_until(self.db_path.exists, timeout=60, what="the database")
+        conn = connect(self.db_path, readonly=True)
+        return conn
+
+    def count(self, sql: str, *params: object) -> int:
+        conn = self.db()
+        try:
+            return conn.execute(sql, params).fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0  # schema not there yet
+        finally:
+            conn.close()
+
+    def count_final(self) -> int:
+        return self.count("SELECT COUNT(*) FROM cases WHERE status IN ('completed', 'failed')")
+
+    def case_rows(self) -> list[dict]:
+        conn = self.db()
+        try:
+            return [dict(r) for r in conn.execute("SELECT * FROM cases ORDER BY case_id")]
+        finally:
+            conn.close()
+
+    # -- pueue
+    def snapshot(self) -> pueue.Snapshot:
+        """Everything the stand-in knows, read locally (not counted as a remote call)."""
+        return pueue.parse_status(self.sandbox.pueue_cli("status", "--json").stdout)
+
+    def install_pueue_counter(self) -> Path:
+        """Point ``hpc.pueue_command`` at a wrapper that logs each subcommand; return the log."""
+        counts = self.root / "pueue-calls.log"
+        wrapper = self.root / "hpc" / "bin" / "pueue-counted"
+        wrapper.write_text(f"#!/bin/sh\necho \"$1\" >> {_sh(counts)}\nexec {_sh(self.sandbox.pueue)} \"$@\"\n")
+        wrapper.chmod(0o755)
+        self.rewrite_config(hpc={"pueue_command": _sh(wrapper)})
+        return counts
+
+
+def cadence(config: Config) -> str:
+    """The loop settings a figure depends on, for the table titles."""
+    loop = dataclasses.asdict(config.main_loop)
+    return ", ".join(f"main_loop.{k}={v:g}" for k, v in loop.items() if k.endswith("interval_seconds"))
+
+
+def _sh(path: Path) -> str:
+    import shlex
+    return shlex.quote(str(path))
+
+
+def pueue_call_counts(log: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    if log.exists():
+        for word in log.read_text().split():
+            counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+# -- the sshd log: connections and sessions ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class SshdCounts:
+    connections: int  # "Accepted publickey": a new ssh connection (key exchange + auth)
+    sessions: int     # "Starting session:": one remote command, scp/sftp transfer or shell
+
+    def __sub__(self, other: "SshdCounts") -> "SshdCounts":
+        return SshdCounts(self.connections - other.connections, self.sessions - other.sessions)
+
+
+def sshd_counts(log: Path) -> SshdCounts:
+    """Count connections and sessions in the sandbox sshd's VERBOSE log so far."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return SshdCounts(connections=text.count("Accepted publickey for"),
+                      sessions=text.count("Starting session:"))
+
+
+# -- cases -----------------------------------------------------------------------------------------
+
+def stage_cases(staging: Path, names: Sequence[str], maker: Callable[..., Path], **options) -> list[Path]:
+    """Build case folders (each atomically, with the ready marker) in a staging folder."""
+    return [maker(staging, name, atomic=True, marker=READY_MARKER, **options) for name in names]
+
+
+def drop(folders: Sequence[Path], watch: Path) -> float:
+    """Rename staged case folders into the drop folder (same file system: each one atomic)."""
+    start = time.time()
+    for folder in folders:
+        os.rename(folder, watch / folder.name)
+    return start
+
+
+def last_write(folder: Path) -> float:
+    """The newest mtime of any regular file under ``folder``."""
+    newest = 0.0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
+# -- pueue timings -----------------------------------------------------------------------------------
+
+def gaps_per_group(tasks: Iterable[pueue.TaskInfo]) -> dict[str, list[float]]:
+    """Seconds between one task's end and the next task's start, per group."""
+    by_group: dict[str, list[pueue.TaskInfo]] = {}
+    for task in tasks:
+        if task.start is not None and task.end is not None:
+            by_group.setdefault(task.group, []).append(task)
+    gaps = {}
+    for group, items in by_group.items():
+        items.sort(key=lambda t: t.start)
+        gaps[group] = [(b.start - a.end).total_seconds() for a, b in zip(items, items[1:])]
+    return gaps
+
+
+def run_seconds(tasks: Iterable[pueue.TaskInfo]) -> list[float]:
+    return [(t.end - t.start).total_seconds() for t in tasks if t.start and t.end]
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def voluntary_switches(pid: int) -> int:
+    """Voluntary context switches summed over every thread (each is one wake-up after a wait)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue  # the thread ended meanwhile
+    return total
+
+
+def timed(func: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = func()
+    return time.perf_counter() - start, value
+
+
+def remote_shell_cost(ws: Workspace, samples: int = 5) -> tuple[float, float]:
+    """(seconds for one remote ``true`` over the shared connection, seconds for a fresh connection).
+
+    On this machine most of it is the remote login shell reading root's ~/.bashrc; a real
+    HPC login (module or conda init) costs the same kind of time on every remote command.
+    """
+    from shared.remote import Remote
+    remote = Remote(ws.config.hpc)
+    remote.ensure_master()
+    mux = [timed(lambda: remote.run(["true"]))[0] for _ in range(samples)]
+    fresh = [timed(lambda: subprocess.run([*ws.ssh_argv(fresh=True), "true"], check=True,
+                                          capture_output=True))[0] for _ in range(samples)]
+    return median(mux), median(fresh)
