@@ -48,7 +48,7 @@ def remote_command(python: str = sys.executable) -> str:
             f"{py} {shlex.quote(str(FAKE_MOQUI / 'moquisim.py'))}")
 
 
-def config_data(root: Path, endpoint: SshEndpoint, pueue: Path, *, project_root: Path,
+def config_data(root: Path, endpoint: SshEndpoint, pueue_bin: Path, *, project_root: Path,
                 groups: dict | None = None, **sections: dict) -> dict:
     """A complete config for the sandbox; ``sections`` override keys per section."""
     data = {
@@ -58,7 +58,7 @@ def config_data(root: Path, endpoint: SshEndpoint, pueue: Path, *, project_root:
         "hpc": {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user,
                 "identity_file": str(endpoint.identity_file),
                 "known_hosts_file": str(endpoint.known_hosts_file),
-                "remote_base_dir": str(root / "remote"), "pueue_command": shlex.quote(str(pueue)),
+                "remote_base_dir": str(root / "remote"), "pueue_command": shlex.quote(str(pueue_bin)),
                 "control_dir": f"/tmp/mqic-sbx-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}",
                 "remote_command": remote_command(), "result_files": ["output/*"],
                 "connect_timeout_seconds": 5, "command_timeout_seconds": 30},

@@ -357,6 +357,10 @@ def parse_config(data: Any, source: Path) -> Config:
     )
     for section in sections.values():
         section.finish()
+    if config.main_loop.lease_seconds <= config.hpc.command_timeout_seconds:
+        raise ConfigError(f"main_loop.lease_seconds: got {config.main_loop.lease_seconds!r}, expected more than "
+                          f"hpc.command_timeout_seconds ({config.hpc.command_timeout_seconds!r}), or a slow "
+                          f"`pueue add` could outlive its claim")
     return config
 
 

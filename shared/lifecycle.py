@@ -12,7 +12,7 @@ from typing import Any
 
 from shared.config import MainLoopConfig
 from shared.db import transaction
-from shared.errors import RemoteError
+from shared.errors import RemoteError, Unreachable
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import Case, release_slot_of, transition
@@ -55,6 +55,15 @@ def is_transient(exc: Exception) -> bool:
     return any(marker in text for marker in TRANSIENT_REMOTE_TEXT)
 
 
+def is_outage(exc: Exception) -> bool:
+    """The HPC could not be reached at all: never a reason to give up on a case.
+
+    A dead claim (``ClaimExpired``, a subclass) still counts as an attempt, so a case
+    that keeps killing its submitter does end.
+    """
+    return type(exc) is Unreachable
+
+
 def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: MainLoopConfig,
                   error: Exception, *, now: float, worker: str, operation: str,
                   guard: dict[str, Any] | None = None,
@@ -67,7 +76,7 @@ def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: Ma
     message = f"{operation}: {type(error).__name__}: {error}"[:2000]
     error_fields = {"error_type": type(error).__name__, "error_message": message,
                     "claimed_by": None, "lease_until": None, "staged_at": None}
-    if is_transient(error) and case.attempts < policy.max_attempts:
+    if is_outage(error) or (is_transient(error) and case.attempts < policy.max_attempts):
         fields = {**error_fields, "next_attempt_at": now + backoff_seconds(policy, case.attempts)}
         moved = move_case(conn, spool, case, CaseStatus.SUBMITTED, now=now, worker=worker,
                           detail=f"retry after {message}", fields=fields, guard=guard,

@@ -20,10 +20,11 @@ from shared.states import ALLOWED, CaseStatus, SlotStatus
 from shared.store import claim_next_case, get_case, register_case, sync_slots, transition
 from shared.worker import build_context
 from tests.conftest import wait_until
-from workers import poller, scanner, submitter
+from workers import poller, reaper, scanner, submitter
 
 GROUPS = {"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}, "gpu_c": {"gpu": 2}}
 FAST = {"scanner": {"quiescence_period_seconds": 0.3, "rescan_interval_seconds": 1},
+        "hpc": {"command_timeout_seconds": 8},
         "main_loop": {"interval_seconds": 0.2, "poll_interval_seconds": 0.2, "lease_seconds": 10,
                       "backoff_base_seconds": 0.5, "backoff_cap_seconds": 2, "max_attempts": 20}}
 
@@ -205,3 +206,21 @@ def test_a_reconcile_during_the_download_does_not_split_the_case(hpc):
     assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"
     assert (stage_entries(ctx, "queued"), stage_entries(ctx, "active")) == ([], [])
     assert ctx.conn.execute("SELECT status FROM gpu_resources").fetchone()[0] == SlotStatus.AVAILABLE.value
+
+
+def test_a_poller_killed_while_downloading_leaves_no_staging_folder_for_good(hpc):
+    """Found by the long chaos run. Results are fetched into ``spool/.staging/results-<id>.<pid>``
+    and removed in a ``finally``; a SIGKILL skips that, and nothing ever removes the folder
+    (result files can be large). Housekeeping must sweep scratch folders of dead processes."""
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx = build_context(h.config, "reaper_1")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = ctx.spool.root / ".staging" / f"results-7.{dead.pid}"
+    (leftover / "output").mkdir(parents=True)
+    (leftover / "output" / "dose.raw").write_bytes(b"\0" * 1024)
+    mine = ctx.spool.staging_dir("results-8")                  # a live process's folder stays
+    mine.mkdir(parents=True)
+    reaper.tick(ctx, time.time())
+    assert not leftover.exists(), "a dead poller's staging folder was never swept"
+    assert mine.exists()

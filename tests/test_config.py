@@ -63,6 +63,8 @@ BAD = [
     ({"pueue": {"progress_pattern": "batch (\\d+)"}}, "expected named groups 'done' and 'total'"),
     ({"main_loop": {"max_attempts": 0}}, "main_loop.max_attempts: got 0, expected an integer >= 1"),
     ({"main_loop": {"interval_seconds": 0}}, "main_loop.interval_seconds: got 0, expected a number > 0"),
+    ({"main_loop": {"lease_seconds": 30}, "hpc": {"command_timeout_seconds": 60}},
+     "main_loop.lease_seconds: got 30, expected more than hpc.command_timeout_seconds (60)"),
     ({"logging": {"timezone": "Mars/Olympus"}}, "logging.timezone: got 'Mars/Olympus', expected an IANA time zone"),
     ({"logging": {"json_stdout": "yes"}}, "logging.json_stdout: got 'yes', expected true or false"),
     ({"scanner": {"ready_marker": "../x"}}, "scanner.ready_marker: got '../x', expected a plain file name"),

@@ -56,7 +56,7 @@ def system(hpc, tmp_path):
             scanner={"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
             main_loop={"interval_seconds": 0.3, "running_case_timeout_hours": 0.002,
                        "backoff_base_seconds": 1, "lease_seconds": 20},
-            hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": 20},
+            hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": 15},
             metrics={"port": free_port()})
     sup = Supervisor(tmp_path, h.config_path)
     sup.start()

@@ -58,13 +58,14 @@ def fetch_snapshot(ctx: Context) -> pueue.Snapshot | None:
     return snapshot
 
 
-def fetch_logs(ctx: Context, task_ids: list[int]) -> dict[int, str]:
+def fetch_logs(ctx: Context, task_ids: list[int]) -> dict[int, str] | None:
+    """The log tails of ``task_ids``, or None when ``pueue log`` could not be read this pass."""
     try:
         return pueue.logs(ctx.remote, ctx.pueue_cmd, task_ids, lines=ctx.config.pueue.log_lines,
                           timeout=ctx.config.hpc.command_timeout_seconds)
     except RemoteFailure as exc:
         ctx.log.warning("pueue log could not be read (%s)", exc, extra=for_case(None, "poll_logs", exc))
-        return {}
+        return None
 
 
 def handle_paused_groups(ctx: Context, snapshot: pueue.Snapshot) -> None:
@@ -171,19 +172,22 @@ def update_progress(ctx: Context, case: Case, task: pueue.TaskInfo, output: str 
     return update_case(ctx.conn, case.case_id, CaseStatus.RUNNING, fields)
 
 
-def apply(ctx: Context, case: Case, task: pueue.TaskInfo | None, outputs: dict[int, str], now: float) -> bool:
+def apply(ctx: Context, case: Case, task: pueue.TaskInfo | None, outputs: dict[int, str] | None,
+          now: float) -> bool:
     """Decide one running case from the snapshot; True when its row changed."""
     if task is None:
         return vanished(ctx, case, now)
     if task.state is pueue.TaskState.SUCCESS:
         return complete(ctx, case, task, now)
     if task.state in FAILED_OUTCOMES:
+        if outputs is None:
+            return False  # the failure stays; fail it on a pass that can keep its log tail
         return fail(ctx, case, task, outputs.get(task.id, ""), now)
     if task.state is pueue.TaskState.UNKNOWN:
         ctx.log.warning("case %d: pueue reports an unknown state (%s); could not tell, no change",
                         case.case_id, task.detail[:200], extra=for_case(case.case_id, "poll") | {"error_type": "UnknownState"})
         return False
-    return update_progress(ctx, case, task, outputs.get(task.id), now)
+    return update_progress(ctx, case, task, (outputs or {}).get(task.id), now)
 
 
 def tick(ctx: Context, now: float) -> int:

@@ -31,6 +31,8 @@ from shared.worker import Context, note_reach, per_item, start_helper_loop, work
 GROUPS_READY = "groups_ready"
 STAGER_WAKE = "stager_wake"
 UNKNOWN_GROUP = "doesn't exists"  # sic: pueue's own wording
+# The pueue client sent the request but got no answer: the daemon may have stored the task.
+ADD_OUTCOME_UNKNOWN = ("Failed to receive message from daemon",)
 
 
 class LeaseLost(MqicError):
@@ -141,6 +143,15 @@ def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, no
                      extra=for_case(case.case_id, "submit"))
 
 
+def may_have_been_stored(exc: RemoteError) -> bool:
+    """True unless the failed ``pueue add`` proves that no task was created.
+
+    A client killed by a signal (exit > 128) or one that lost the daemon after sending
+    cannot tell; pueue's own refusals (unknown group, bad path) can.
+    """
+    return exc.exit_code > 128 or any(text in f"{exc.stdout}\n{exc.stderr}" for text in ADD_OUTCOME_UNKNOWN)
+
+
 def leave_for_recovery(ctx: Context, case: Case, error: Exception, now: float) -> None:
     """``pueue add`` may or may not have happened: let recovery decide by label, now."""
     update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING,
@@ -175,7 +186,11 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
         return
-    except RemoteError as exc:  # pueue refused: no task was created
+    except RemoteError as exc:
+        if may_have_been_stored(exc):
+            leave_for_recovery(ctx, case, exc, now)
+            return
+        # pueue refused: no task was created
         if UNKNOWN_GROUP in f"{exc.stdout}{exc.stderr}":
             ctx.state[GROUPS_READY] = False  # recreate it before the retry
         status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
