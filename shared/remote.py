@@ -80,7 +80,9 @@ FINALIZE_SCRIPT = r"""
 tmp=$1 final=$2 want="$3 $4"
 got=$(cd -- "$tmp" && find . -type f -printf '%s\n' | awk '{n++; b+=$1} END {printf "%.0f %.0f", n, b}') || exit 3
 if [ "$got" != "$want" ]; then echo "upload mismatch: got files/bytes $got, want $want" >&2; exit 4; fi
-rm -rf -- "$final" && mv -- "$tmp" "$final" && printf 'moved:%s' "$final"
+rm -rf -- "$final" && mv -- "$tmp" "$final" || exit 1
+rm -rf -- "${tmp%-*}"-*  # temporaries of earlier, interrupted attempts at this case
+printf 'moved:%s' "$final"
 """
 
 # Why an upload failed: the folder's write error, or its free space in KB.
@@ -214,14 +216,14 @@ class Remote:
         """Copy ``local_dir`` to ``<base>/<folder_name>`` so that it is complete or absent.
 
         The copy lands under a temporary name, is verified by file count and bytes,
-        and only then renamed into place (replacing an earlier partial attempt).
+        and only then renamed into place (replacing an earlier partial attempt, whose
+        temporaries the same remote call removes). Two remote calls: copy, then
+        verify-and-rename.
         Raises Unreachable, RemoteError or VerifyFailed.
         """
         files, size = folder_manifest(local_dir)
         base = self.base_dir()
         temp = f"{base}/{UPLOAD_PREFIX}{case_id}-{secrets.token_hex(4)}"
-        quoted = shlex.quote(base)
-        self.run_shell(f"mkdir -p -- {quoted} && rm -rf -- {quoted}/{UPLOAD_PREFIX}{case_id}-*")
         limit = timeout or self.hpc.upload_timeout_seconds
         transfer = {"tar": self._upload_tar, "rsync": self._upload_rsync}.get(self.hpc.transfer, self._upload_scp)
         try:
