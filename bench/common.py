@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from sandbox import hpc as sandbox_hpc  # noqa: E402
+from sandbox import waiting  # noqa: E402
 from shared import pueue  # noqa: E402
 from shared.config import Config, MainLoopConfig, load_config  # noqa: E402
 from shared.db import connect  # noqa: E402
@@ -111,21 +112,13 @@ def machine_line(when: str = "start") -> str:
 
 # -- waiting ---------------------------------------------------------------------------------------
 
-class Timeout(Exception):
-    pass
+Timeout = TimeoutError
 
 
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.05,
                what: str = "condition") -> object:
     """Poll ``condition`` until truthy; raise Timeout after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Timeout(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+    return waiting.wait_until(condition, timeout, interval, what)
 
 
 def free_port() -> int:

@@ -12,22 +12,10 @@ from typing import Callable
 import pytest
 import yaml
 
+from sandbox.waiting import wait_until  # noqa: F401  (re-exported for the tests)
 from shared.config import Config, parse_config
 from shared.db import connect
 from shared.spool import Spool
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.05,
-               message: str = "condition") -> object:
-    """Poll ``condition`` until it returns a truthy value or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 def base_config_data(tmp_path: Path) -> dict:

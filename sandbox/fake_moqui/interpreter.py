@@ -13,18 +13,10 @@ import os
 import sys
 from pathlib import Path
 
+from moquisim import read_tps as read_parameters  # same folder: on sys.path when run as a script
+
 TPS_FILE = "moqui_tps.in"
 FAKE_FILE = "mqi_fake.json"
-
-
-def read_parameters(case_dir: Path) -> dict[str, str]:
-    """``key value`` lines of ``moqui_tps.in``; an absent file gives no parameters."""
-    try:
-        lines = (case_dir / TPS_FILE).read_text().splitlines()
-    except FileNotFoundError:
-        return {}
-    pairs = (line.split(None, 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    return {pair[0]: (pair[1].strip() if len(pair) > 1 else "") for pair in pairs}
 
 
 def interpreter_mode(case_dir: Path) -> str:
