@@ -238,10 +238,21 @@ def _hpc(s: _Section) -> HpcConfig:
         upload_timeout_seconds=s.number("upload_timeout_seconds", 3600, positive=True),
         control_dir=None if control_dir is None else s.path("control_dir"),
         control_persist_seconds=s.number("control_persist_seconds", 600, integer=True),
-        remote_command=s.text("remote_command", DEFAULT_REMOTE_COMMAND),
+        remote_command=_command_template(s),
         transfer=s.choice("transfer", "scp", TRANSFER_METHODS),
         result_files=_string_list(s, "result_files"),
     )
+
+
+def _command_template(s: _Section) -> str:
+    value = s.text("remote_command", DEFAULT_REMOTE_COMMAND)
+    try:
+        value.format(case_id=1, case_name="name", remote_dir="/dir")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"hpc.remote_command: got {value!r}, expected a command whose only placeholders are "
+                          f"{{case_id}}, {{case_name}}, {{remote_dir}} (write a literal brace twice: {{{{ }}}}); "
+                          f"problem: {exc!r}") from None
+    return value
 
 
 def _remote_path(s: _Section, key: str) -> str:

@@ -51,6 +51,7 @@ BAD = [
     ({"hpc": {"key_passphrase": "x"}}, "hpc.key_passphrase: passwords and passphrases are never accepted"),
     ({"hpc": {"transfer": "ftp"}}, "hpc.transfer: got 'ftp', expected one of scp, tar, rsync"),
     ({"hpc": {"hots": "x"}}, "hpc.hots: unknown key"),
+    ({"hpc": {"remote_command": "run ${HOME}/x"}}, "hpc.remote_command: got 'run ${HOME}/x', expected a command whose only placeholders"),
     ({"hpc": {"ssh_command": "ssh -o StrictHostKeyChecking=no"}}, "hpc.ssh_command: got 'ssh -o StrictHostKeyChecking=no', expected no option that weakens"),
     ({"hpc": {"remote_base_dir": "cases"}}, "hpc.remote_base_dir: got 'cases', expected an absolute path or one under ~/"),
     ({"hpc": {"remote_base_dir": "/scratch/my cases;rm"}}, "hpc.remote_base_dir: got '/scratch/my cases;rm', expected an absolute path"),

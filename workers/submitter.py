@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import replace
 import threading
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 from shared import pueue
 from shared.db import connect
+from shared.doorbell import listen, ring
 from shared.errors import MqicError, RemoteError, RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.recovery import recover_claim
 from shared.states import CaseStatus
-from shared.doorbell import listen, ring
 from shared.store import (Case, Claim, claim_for_staging, claim_next_case, expired_leases, mark_staged,
                           free_slots, release_staging, renew_lease, staged_waiting, update_case)
 from shared.worker import Context, note_reach, per_item, start_helper_loop, worker_main
-
 
 GROUPS_READY = "groups_ready"
 STAGER_WAKE = "stager_wake"
