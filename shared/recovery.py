@@ -17,7 +17,8 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.spool import Spool
 from shared.states import CaseStatus
-from shared.store import Case, flag_for_review
+from shared.store import Case, expired_leases, flag_for_review
+from shared.worker import Context, per_item
 
 log = logging.getLogger("mqic.recovery")
 
@@ -53,6 +54,16 @@ def recover_claim(conn: sqlite3.Connection, spool: Spool, runner: pueue.Runner, 
     log.info("case %d: claim expired and no remote task exists; retrying", case.case_id,
              extra=for_case(case.case_id, "recover_claim"))
     return "not_found"
+
+
+def recover_expired_claims(ctx: Context, now: float, limit: int = 20) -> int:
+    """Resolve every expired ``submitting`` claim; return how many were settled (found or retried)."""
+    settled = 0
+    for case in expired_leases(ctx.conn, now, limit=limit):
+        with per_item(ctx, case.case_id, "recover_claim"):
+            settled += recover_claim(ctx.conn, ctx.spool, ctx.remote, ctx.config, case, now=now,
+                                     worker=ctx.name) != "unreachable"
+    return settled
 
 
 class TaskStillActive(Exception):

@@ -43,6 +43,14 @@ CONNECTION_TROUBLE = re.compile(
     r"Connection to .* closed by remote host|port \d+: Operation timed out", re.IGNORECASE)
 
 
+def transfer_failure(what: str, code: int, err: str, out: str = "") -> RemoteFailure:
+    """The typed failure of a transfer that exited ``code``: connection trouble (ssh's 255,
+    killed by our timeout, or a connection message) is Unreachable, anything else RemoteError."""
+    if code in (SSH_UNREACHABLE, -9) or CONNECTION_TROUBLE.search(err):
+        return Unreachable(f"{what}: {err.strip()[-300:] or f'exit {code}'}")
+    return RemoteError([what], code, err, out)
+
+
 class VerifyFailed(RemoteFailure):
     """An upload arrived, but its file count or size differs from the local folder."""
 
@@ -265,11 +273,8 @@ class Remote:
             code, out, err = command.run(retcode=None, timeout=limit, stdin=subprocess.DEVNULL)
         except ProcessTimedOut:
             raise Unreachable(f"{what}: no progress within {limit:g}s") from None
-        if code == 0:
-            return
-        if code == SSH_UNREACHABLE or CONNECTION_TROUBLE.search(err):
-            raise Unreachable(f"{what}: {err.strip()[-300:] or f'exit {code}'}")
-        raise RemoteError([what], code, err, out)
+        if code != 0:
+            raise transfer_failure(what, code, err, out)
 
     def _upload_scp(self, local_dir: Path, temp: str, limit: float) -> None:
         self.ensure_master()
@@ -325,10 +330,7 @@ class Remote:
 
     def _raise_for(self, proc, what: str, problem: Exception | None) -> None:
         err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-        if proc.returncode == 0 and problem is None:
-            return
-        if proc.returncode in (SSH_UNREACHABLE, -9) or CONNECTION_TROUBLE.search(err):
-            raise Unreachable(f"{what}: {err.strip()[-300:] or f'exit {proc.returncode}'}")
         if proc.returncode != 0:
-            raise RemoteError([what], proc.returncode, err)
-        raise BadOutput(f"{what}: not a tar stream ({problem})")
+            raise transfer_failure(what, proc.returncode, err)
+        if problem is not None:
+            raise BadOutput(f"{what}: not a tar stream ({problem})")

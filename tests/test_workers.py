@@ -10,6 +10,7 @@ import pytest
 from sandbox.casegen import make_case
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case, get_slot, register_case
+from shared.recovery import recover_expired_claims
 from shared.worker import build_context
 from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter
@@ -237,7 +238,7 @@ def test_recovery_finds_the_task_of_a_crashed_submitter_by_label(hpc):
 def test_recovery_retries_when_the_task_is_proven_absent(hpc):
     ctx = ctx_for(hpc())
     case = claim_and_die(ctx, "crashed before add", add_task=False)
-    reaper.recover_claims(ctx, time.time())
+    recover_expired_claims(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
     assert case.status is CaseStatus.SUBMITTED and case.claimed_by is None
     assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE
@@ -248,7 +249,7 @@ def test_recovery_waits_while_the_hpc_cannot_tell(hpc):
     ctx = ctx_for(h)
     case = claim_and_die(ctx, "crashed, daemon down", add_task=False)
     h.ctl("stop")
-    reaper.recover_claims(ctx, time.time())
+    recover_expired_claims(ctx, time.time())
     assert get_case(ctx.conn, case.case_id).status is CaseStatus.SUBMITTING
     assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.ASSIGNED
 

@@ -15,10 +15,10 @@ from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case
 from shared.logs import for_case
-from shared.recovery import recover_claim
+from shared.recovery import recover_expired_claims
 from shared.spool import reconcile, sweep_staging
 from shared.states import CaseStatus, Outcome, SlotStatus
-from shared.store import (Case, Slot, all_slots, case_label, expired_leases, flag_for_review,
+from shared.store import (Case, Slot, all_slots, case_from_row, case_label, flag_for_review,
                           get_case, transition_slot)
 from shared.worker import Context, note_reach, per_item, worker_main
 
@@ -27,9 +27,9 @@ OUR_LABEL = "mqic_case_"
 
 def timed_out_cases(ctx: Context, now: float) -> list[Case]:
     limit = now - ctx.config.main_loop.running_case_timeout_hours * 3600
-    rows = ctx.conn.execute("SELECT case_id FROM cases WHERE status = 'running'"
+    rows = ctx.conn.execute("SELECT * FROM cases WHERE status = 'running'"
                             " AND COALESCE(started_at, status_updated_at) < ? ORDER BY case_id", (limit,))
-    return [c for c in (get_case(ctx.conn, r[0]) for r in rows) if c is not None]
+    return [case_from_row(r) for r in rows]
 
 
 def kill_task(ctx: Context, case: Case) -> bool:
@@ -117,27 +117,17 @@ def reclaim_zombies(ctx: Context, now: float) -> int:
 
 def flag_stuck(ctx: Context, now: float) -> int:
     limit = now - ctx.config.main_loop.stuck_after_minutes * 60
-    rows = ctx.conn.execute("SELECT case_id FROM cases WHERE status IN ('submitting', 'running')"
+    rows = ctx.conn.execute("SELECT * FROM cases WHERE status IN ('submitting', 'running')"
                             " AND needs_review = 0 AND status_updated_at < ?", (limit,)).fetchall()
     flagged = 0
-    for row in rows:
-        case = get_case(ctx.conn, row[0])
+    for case in map(case_from_row, rows):
         minutes = (now - case.status_updated_at) / 60
-        if case and flag_for_review(ctx.conn, case, f"no progress for {minutes:.0f} min in {case.status.value}",
+        if flag_for_review(ctx.conn, case, f"no progress for {minutes:.0f} min in {case.status.value}",
                                     now=now, worker=ctx.name):
             ctx.log.warning("case %d flagged for review: no change for %.0f min", case.case_id, minutes,
                             extra=for_case(case.case_id, "stuck") | {"error_type": "Stuck"})
             flagged += 1
     return flagged
-
-
-def recover_claims(ctx: Context, now: float) -> int:
-    done = 0
-    for case in expired_leases(ctx.conn, now, limit=20):
-        with per_item(ctx, case.case_id, "recover_claim"):
-            done += recover_claim(ctx.conn, ctx.spool, ctx.remote, ctx.config, case, now=now,
-                                  worker=ctx.name) != "unreachable"
-    return done
 
 
 def check_heartbeats(ctx: Context, now: float) -> list[str]:
@@ -156,7 +146,7 @@ def tick(ctx: Context, now: float) -> int:
     """One pass of every housekeeping step."""
     done = reconcile(ctx.conn, ctx.spool, now=now, worker=ctx.name)
     sweep_staging(ctx.spool)
-    done += recover_claims(ctx, now)
+    done += recover_expired_claims(ctx, now)
     for case in timed_out_cases(ctx, now):
         with per_item(ctx, case.case_id, "timeout"):
             done += reap_timeout(ctx, case, now)

@@ -21,9 +21,9 @@ from shared.doorbell import listen, ring
 from shared.errors import MqicError, RemoteError, RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
-from shared.recovery import recover_claim
+from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus
-from shared.store import (Case, Claim, claim_for_staging, claim_next_case, expired_leases, mark_staged,
+from shared.store import (Case, Claim, claim_for_staging, claim_next_case, mark_staged,
                           free_slots, release_staging, renew_lease, staged_waiting, update_case)
 from shared.worker import Context, note_reach, per_item, start_helper_loop, worker_main
 
@@ -203,16 +203,6 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
     record_running(ctx, claim, task_id, remote_dir, ctx.clock())
 
 
-def recover_expired(ctx: Context, now: float) -> int:
-    done = 0
-    for case in expired_leases(ctx.conn, now, limit=20):
-        with per_item(ctx, case.case_id, "recover_claim"):
-            if recover_claim(ctx.conn, ctx.spool, ctx.remote, ctx.config, case, now=now,
-                             worker=ctx.name) != "unreachable":
-                done += 1
-    return done
-
-
 def groups_ready(ctx: Context) -> bool:
     """Create missing pueue groups once per process (and again after pueue forgot one)."""
     if ctx.state.get(GROUPS_READY):
@@ -235,7 +225,7 @@ def groups_ready(ctx: Context) -> bool:
 
 def tick(ctx: Context, now: float) -> int:
     """One pass: recover dead claims, then claim and submit at most one case."""
-    done = recover_expired(ctx, now)
+    done = recover_expired_claims(ctx, now)
     if not groups_ready(ctx):
         return done
     claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
