@@ -2,7 +2,7 @@
 
 Reading commands (``status``, ``cases``, ``show``, ``health``) open the database
 read-only. Commands that change a case (``retry``, ``cancel``, ``ack``) go through
-the same guarded moves as the workers (``shared.lifecycle.move_case``), so they
+``shared.actions``, which uses the same guarded moves as the workers, so they
 never race a worker into an inconsistent row. Every error is one line on stderr:
 exit 2 for a bad config, 1 for anything else.
 """
@@ -27,27 +27,21 @@ from rich.console import Console
 
 from console import queries
 from console.top import console_width, format_age, format_time, freshness, slots_table, totals_line
-from shared import pueue
+from shared import actions, pueue, tasks
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, default_config_path, load_config
 from shared.db import connect
 from shared.doorbell import ring
 from shared.errors import ConfigError, MqicError, RemoteFailure
-from shared.lifecycle import move_case
-from shared.recovery import TaskStillActive, clear_label
 from shared.remote import Remote
 from shared.spool import Spool
-from shared.states import FINAL, CaseStatus, Outcome, SlotStatus
-from shared.store import Case, clear_review, get_case
+from shared.states import Outcome
+from shared.store import Case, get_case
 
 PROGRAM = "mqic"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KEEP = 14
 BACKUP_NAME = re.compile(r"^backup_(\d{8})(?:_(\d{6}))?(?:_(\d+))?\.db$")
-RETRY_CLEARS = {"attempts": 0, "next_attempt_at": None, "outcome": None, "exit_code": None,
-                "error_type": None, "error_message": None, "log_tail": None, "completed_at": None,
-                "started_at": None, "progress": 0.0, "claimed_by": None, "lease_until": None,
-                "pueue_task_id": None, "pueue_group": None, "remote_dir": None, "staged_at": None}
 PROBE_SCRIPT = 'probe="$1/.mqic-doctor-probe-$$" && touch -- "$probe" && rm -f -- "$probe"'
 
 
@@ -183,10 +177,7 @@ def remote_task(config: Config, case: Case) -> dict[str, Any]:
                                   timeout=config.hpc.command_timeout_seconds)
     except (RemoteFailure, OSError) as exc:
         return {"error": f"HPC unreachable or pueue failed ({one_line(exc)})"}
-    task = snapshot.tasks.get(case.pueue_task_id)
-    if task is None or task.label != case.label:
-        found = snapshot.by_label(case.label)
-        task = max(found, key=lambda t: t.id) if found else None
+    task = tasks.task_of(case, snapshot)
     if task is None:
         return {"error": f"no pueue task {case.pueue_task_id} with label {case.label} on the HPC"}
     return {"task_id": task.id, "state": task.state.value, "exit_code": task.exit_code,
@@ -242,106 +233,61 @@ def print_case(config: Config, case: Case, events: list[dict], remote: dict | No
 
 # -- retry, cancel, ack ---------------------------------------------------------------------------
 
-def cmd_retry(config: Config, args: argparse.Namespace) -> int:
-    """failed -> submitted with a fresh attempt count; the folder returns to spool/queued."""
+def operator_on(config: Config) -> tuple[sqlite3.Connection, actions.Operator]:
     conn = open_db(config, write=True)
+    return conn, actions.Operator(conn, config, operator())
+
+
+def cmd_retry(config: Config, args: argparse.Namespace) -> int:
+    """failed -> submitted with a fresh attempt count; one case, or every failed one (of an outcome)."""
+    if (args.case_id is None) == (not (args.all_failed or args.outcome)):
+        raise CliError("give one case id, or --all-failed / --outcome OUTCOME")
+    conn, op = operator_on(config)
     try:
-        case = existing_case(conn, args.case_id)
-        if case.status is not CaseStatus.FAILED:
-            raise CliError(f"case {case.case_id} is {case.status.value}: only failed cases can be retried")
-        zombie = conn.execute("SELECT pueue_group FROM gpu_resources WHERE status = 'zombie'"
-                              " AND assigned_case_id = ?", (case.case_id,)).fetchone()
-        if zombie is not None:
-            raise CliError(f"case {case.case_id}: its previous task may still run (slot {zombie[0]} is"
-                           f" zombie until the reaper sees it gone); retry once the slot is free")
-        removed = free_label(config, case)
-        detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"
-        if removed:
-            detail += f"; removed finished task(s) {removed} from pueue"
-        spool = Spool(config.spool_path).ensure()
-        if not move_case(conn, spool, case, CaseStatus.SUBMITTED, now=time.time(), worker=operator(),
-                         detail=detail, fields=dict(RETRY_CLEARS)):
-            raise CliError(f"case {case.case_id} changed meanwhile; look again with `mqic show {case.case_id}`")
-        ring(spool.root, "submitter")
-        moved = get_case(conn, case.case_id)
+        ids = [args.case_id] if args.case_id is not None else actions.failed_case_ids(conn, args.outcome)
+        results = actions.retry(op, ids, now=time.time())
+    except actions.Refused as exc:
+        raise CliError(str(exc)) from None
     finally:
         conn.close()
-    print(f"case {moved.case_id}: failed -> submitted (folder {moved.case_path})")
-    return 0
-
-
-def free_label(config: Config, case: Case) -> list[int]:
-    """Remove the case's finished pueue tasks so its label names only the retry's task."""
-    try:
-        return clear_label(Remote(config.hpc), config, case)
-    except TaskStillActive as exc:
-        raise CliError(f"case {case.case_id}: {exc}; wait for it (or cancel it) before a retry") from None
-    except (RemoteFailure, OSError) as exc:
-        raise CliError(f"case {case.case_id}: the HPC could not tell whether its old task is gone "
-                       f"({one_line(exc)}); try the retry again when it is reachable") from None
+    if results and any(not text.startswith("refused") for _, text in results):
+        ring(Spool(config.spool_path).root, "submitter")
+    for case_id, text in results:
+        print(f"case {case_id}: {text}")
+    if not results:
+        print("no failed case matches")
+    refused = [case_id for case_id, text in results if text.startswith("refused")]
+    if len(results) == 1 and refused:
+        raise CliError(results[0][1].removeprefix("refused: "))
+    return 1 if refused else 0
 
 
 def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
-    """A running or submitted case becomes failed (``cancelled``); a running task is killed."""
-    conn = open_db(config, write=True)
+    """A running or submitted case becomes failed (``cancelled``); a running task gets SIGTERM."""
+    conn, op = operator_on(config)
     try:
-        case = existing_case(conn, args.case_id)
-        refuse_cancel(case)
-        running = case.status is CaseStatus.RUNNING
-        fields = {"outcome": Outcome.CANCELLED.value, "completed_at": time.time(), "error_type": "Cancelled",
-                  "error_message": f"cancelled by {operator()}", "claimed_by": None, "lease_until": None}
-        spool = Spool(config.spool_path).ensure()
-        if not move_case(conn, spool, case, CaseStatus.FAILED, now=time.time(), worker=operator(),
-                         detail="cancelled by operator", fields=fields,
-                         slot_to=SlotStatus.ZOMBIE if running else None):
-            raise CliError(f"case {case.case_id} changed meanwhile; look again with `mqic show {case.case_id}`")
-        if running:
-            ring(spool.root, "reaper")  # it frees the zombie slot once the task is gone
+        case, stopped = actions.cancel(op, args.case_id, now=time.time())
+    except actions.Refused as exc:
+        raise CliError(str(exc)) from None
     finally:
         conn.close()
-    print(f"case {case.case_id}: {case.status.value} -> failed (cancelled)")
-    if running:
-        kill_cancelled(config, case)
+    ring(Spool(config.spool_path).root, "reaper")
+    print(f"case {case.case_id}: {case.status.value} -> failed (cancelled); {stopped}")
     return 0
-
-
-def refuse_cancel(case: Case) -> None:
-    if case.status is CaseStatus.SUBMITTING:
-        raise CliError(f"case {case.case_id} is being submitted right now (in flight); retry the cancel in a moment")
-    if case.status in FINAL:
-        raise CliError(f"case {case.case_id} is already {case.status.value}; nothing to cancel")
-
-
-def kill_cancelled(config: Config, case: Case) -> None:
-    """Kill the task of a cancelled case; a failure is left to the reaper (the slot is zombie)."""
-    if case.pueue_task_id is None:
-        print("no pueue task id recorded; the reaper kills any task of this case on its zombie slot")
-        return
-    try:
-        result = pueue.kill(Remote(config.hpc), list(config.hpc.pueue_command), [case.pueue_task_id],
-                            timeout=config.hpc.command_timeout_seconds)
-    except (RemoteFailure, OSError) as exc:
-        print(f"{PROGRAM}: kill of task {case.pueue_task_id} failed ({one_line(exc)});"
-              f" the reaper will retry while slot {case.pueue_group} is zombie", file=sys.stderr)
-        return
-    if case.pueue_task_id in result.killed:
-        print(f"pueue task {case.pueue_task_id} killed; the reaper frees slot {case.pueue_group} once it is gone")
-    else:
-        print(f"pueue task {case.pueue_task_id} was not running (queued or finished); the reaper kills it"
-              f" if it starts while slot {case.pueue_group} is zombie")
 
 
 def cmd_ack(config: Config, args: argparse.Namespace) -> int:
     """Clear a case's review flag."""
-    conn = open_db(config, write=True)
+    conn, op = operator_on(config)
     try:
-        case = existing_case(conn, args.case_id)
-        if not clear_review(conn, case.case_id, now=time.time(), worker=operator()):
-            raise CliError(f"case {case.case_id} has no review flag")
+        case = actions.acknowledge(op, args.case_id, now=time.time())
+    except actions.Refused as exc:
+        raise CliError(str(exc)) from None
     finally:
         conn.close()
     print(f"case {case.case_id}: review flag cleared ({case.review_reason})")
     return 0
+
 
 
 # -- doctor ---------------------------------------------------------------------------------------
@@ -581,8 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="one case with its history and remote task")
     show.add_argument("case_id", type=int)
     show.add_argument("--json", action="store_true")
-    for name, text in (("retry", "send a failed case back to the queue"),
-                       ("cancel", "stop a submitted or running case"),
+    retry = sub.add_parser("retry", help="send a failed case (or every failed one) back to the queue")
+    retry.add_argument("case_id", type=int, nargs="?")
+    retry.add_argument("--all-failed", action="store_true", help="every failed case")
+    retry.add_argument("--outcome", choices=[o.value for o in Outcome], help="only failed cases with this outcome")
+    for name, text in (("cancel", "stop a submitted or running case"),
                        ("ack", "clear a case's review flag")):
         sub.add_parser(name, help=text).add_argument("case_id", type=int)
     health = sub.add_parser("health", help="exit 0 when healthy, 1 otherwise")

@@ -86,6 +86,7 @@ class MainLoopConfig:
     backoff_base_seconds: float = 30.0
     backoff_cap_seconds: float = 900.0
     lease_seconds: float = 120.0
+    kill_grace_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,31 @@ def _command_template(s: _Section) -> str:
         raise ConfigError(f"hpc.remote_command: got {value!r}, expected a command whose only placeholders are "
                           f"{{case_id}}, {{case_name}}, {{remote_dir}} (write a literal brace twice: {{{{ }}}}); "
                           f"problem: {exc!r}") from None
+    quoted = quoted_placeholder(value)
+    if quoted:
+        raise ConfigError(f"hpc.remote_command: got {value!r}, expected placeholders outside quotes: {quoted} is "
+                          f"inside quotes, where its shell quoting does not protect; write it bare, or use the "
+                          f"environment variables \"$MQIC_CASE_ID\", \"$MQIC_CASE_NAME\", \"$MQIC_REMOTE_DIR\"")
     return value
+
+
+def quoted_placeholder(template: str) -> str | None:
+    """The first ``{placeholder}`` that stands inside single or double quotes, else None."""
+    quote, i = "", 0
+    while i < len(template):
+        char = template[i]
+        if char == "\\" and quote != "'":
+            i += 2
+            continue
+        if char in "'\"" and quote in ("", char):
+            quote = "" if quote else char
+        elif char == "{" and template.startswith("{{", i):
+            i += 2
+            continue
+        elif char == "{" and quote:
+            return template[i:template.index("}", i) + 1]
+        i += 1
+    return None
 
 
 def _remote_path(s: _Section, key: str) -> str:
@@ -319,6 +344,7 @@ def _main_loop(s: _Section) -> MainLoopConfig:
         backoff_base_seconds=s.number("backoff_base_seconds", 30),
         backoff_cap_seconds=s.number("backoff_cap_seconds", 900),
         lease_seconds=s.number("lease_seconds", 120, positive=True),
+        kill_grace_seconds=s.number("kill_grace_seconds", 30),
     )
 
 

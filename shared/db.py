@@ -108,6 +108,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE workers ADD COLUMN remote_checked_at REAL;
     ALTER TABLE workers ADD COLUMN remote_error TEXT;
     """,
+    # 5: issue 10: the link between a case and its remote task.
+    # running_since: our clock when the case went running (a cheap bound for timeouts, which
+    # are decided on the HPC's clock); add_uncertain_until: until then an add whose answer was
+    # lost may still land, so "no task" proves nothing; stop_requested_at: SIGTERM sent.
+    """
+    ALTER TABLE cases ADD COLUMN running_since REAL;
+    ALTER TABLE cases ADD COLUMN add_uncertain_until REAL;
+    ALTER TABLE cases ADD COLUMN stop_requested_at REAL;
+    UPDATE cases SET running_since = status_updated_at WHERE status = 'running';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -46,3 +46,11 @@ class RemoteError(RemoteFailure):
 
 class BadOutput(RemoteFailure):
     """The remote answered, but its output could not be parsed."""
+
+
+class ClaimExpired(MqicError):
+    """The worker that claimed a case died mid-submission and no remote task exists."""
+
+
+class HpcTrouble(RemoteFailure):
+    """The HPC or its set-up failed, not the case (e.g. a transfer the HPC does not support)."""

@@ -12,14 +12,15 @@ from typing import Any
 
 from shared.config import MainLoopConfig
 from shared.db import transaction
-from shared.errors import RemoteError, Unreachable
+from shared.errors import RemoteError
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import Case, release_slot_of, transition
+from shared.tasks import counts_as_attempt
 
 TRANSIENT_REMOTE_TEXT = (
     "No space left on device", "Disk quota exceeded", "Resource temporarily unavailable",
-    "while connecting to daemon", "Connection refused (os error 111)", "Too many open files",
+    "Too many open files",
     "doesn't exists. Use one of these",  # a pueue group vanished; the submitter recreates it
 )
 
@@ -48,20 +49,11 @@ def backoff_seconds(policy: MainLoopConfig, attempts: int) -> float:
 
 
 def is_transient(exc: Exception) -> bool:
-    """A RemoteError that says "try later" (full disk, pueued down) rather than "never"."""
-    if not isinstance(exc, RemoteError):
+    """Worth another attempt: anything but a RemoteError that says "never" (e.g. a refused path)."""
+    if not isinstance(exc, RemoteError) or not counts_as_attempt(exc):
         return True
     text = f"{exc.stderr}\n{exc.stdout}"
     return any(marker in text for marker in TRANSIENT_REMOTE_TEXT)
-
-
-def is_outage(exc: Exception) -> bool:
-    """The HPC could not be reached at all: never a reason to give up on a case.
-
-    A dead claim (``ClaimExpired``, a subclass) still counts as an attempt, so a case
-    that keeps killing its submitter does end.
-    """
-    return type(exc) is Unreachable
 
 
 def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: MainLoopConfig,
@@ -70,20 +62,27 @@ def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: Ma
                   outcome: Outcome = Outcome.SUBMIT_ERROR) -> CaseStatus | None:
     """After a failure: back to ``submitted`` with backoff, or ``failed`` once attempts run out.
 
-    Only for failures where the remote task is known not to exist. The slot is
-    freed either way. Returns the new status, or None when the case had moved.
+    Only for failures where no remote task of this attempt can still run. The attempt
+    is counted only when the failure is the case's own (``counts_as_attempt``): an
+    outage never uses one up. The slot is freed either way. Returns the new status,
+    or None when the case had moved.
     """
     message = f"{operation}: {type(error).__name__}: {error}"[:2000]
-    error_fields = {"error_type": type(error).__name__, "error_message": message,
-                    "claimed_by": None, "lease_until": None, "staged_at": None}
-    if is_outage(error) or (is_transient(error) and case.attempts < policy.max_attempts):
-        fields = {**error_fields, "next_attempt_at": now + backoff_seconds(policy, case.attempts)}
+    counted = counts_as_attempt(error)
+    attempts = case.attempts + counted
+    error_fields = {"error_type": type(error).__name__, "error_message": message, "attempts": attempts,
+                    "claimed_by": None, "lease_until": None, "staged_at": None, "add_uncertain_until": None,
+                    "remote_dir": None,
+                    "stop_requested_at": None, "running_since": None}
+    if not counted or (is_transient(error) and attempts < policy.max_attempts):
+        fields = {**error_fields, "next_attempt_at": now + backoff_seconds(policy, max(1, attempts))}
+        why = f"attempt {attempts} of {policy.max_attempts} used" if counted else "no attempt used"
         moved = move_case(conn, spool, case, CaseStatus.SUBMITTED, now=now, worker=worker,
-                          detail=f"retry after {message}", fields=fields, guard=guard,
+                          detail=f"retry ({why}) after {message}", fields=fields, guard=guard,
                           slot_to=SlotStatus.AVAILABLE)
         return CaseStatus.SUBMITTED if moved else None
     fields = {**error_fields, "outcome": outcome.value, "completed_at": now}
     moved = move_case(conn, spool, case, CaseStatus.FAILED, now=now, worker=worker,
-                      detail=f"gave up after attempt {case.attempts}: {message}", fields=fields,
+                      detail=f"gave up after attempt {attempts}: {message}", fields=fields,
                       guard=guard, slot_to=SlotStatus.AVAILABLE)
     return CaseStatus.FAILED if moved else None

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
 from typing import Any, Mapping, Protocol, Sequence
@@ -139,10 +140,15 @@ class GroupInfo:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything one ``status --json`` call reported."""
+    """Everything one ``status --json`` call reported.
+
+    ``hpc_time`` is the HPC's own clock (epoch seconds) when the snapshot was taken,
+    so task times (also the HPC's clock) are compared on one clock, never ours.
+    """
 
     tasks: dict[int, TaskInfo]
     groups: dict[str, GroupInfo]
+    hpc_time: float | None = None
 
     def by_label(self, label: str) -> list[TaskInfo]:
         """Tasks whose label equals ``label`` exactly, in id order."""
@@ -555,18 +561,57 @@ def add_argv(
 def _env_prefix(env: Mapping[str, str]) -> list[str]:
     if not env:
         return []
+    return ["env", *(f"{name}={value}" for name, value in _checked_env(env).items())]
+
+
+def _checked_env(env: Mapping[str, str]) -> Mapping[str, str]:
     bad = [name for name in env if not _ENV_NAME.fullmatch(name)]
     if bad:
         raise ValueError(f"invalid environment variable names: {bad}")
-    return ["env", *(f"{name}={value}" for name, value in env.items())]
+    return env
 
 
 class WorkdirMissing(RemoteFailure):
     """``submit(require_workdir=True)``: the working directory is gone; no task was added."""
 
 
+class AlreadySubmitted(RemoteFailure):
+    """``submit``: a task with this label already exists on the HPC; no second one was added."""
+
+
+class SubmitLockBusy(RemoteFailure):
+    """``submit``: another submission of this label still holds its lock on the HPC (outcome unknown)."""
+
+
 WORKDIR_MISSING_EXIT = 86
-_REQUIRE_DIR = '[ -d "$1" ] || exit 86; shift; exec "$@"'
+LABEL_EXISTS_EXIT = 87
+LOCK_BUSY_EXIT = 85
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
+LOCK_FOLDER = ".mqic-locks"
+
+# Idempotent add: under a per-label lock on the HPC, add only when no task carries the
+# label; the client is killed after ``limit`` seconds, so an add can never land later
+# than ``limit`` after the script started.
+ADD_SCRIPT = r"""
+pueue=$1 label=$2 limit=$3 workdir=$4 need_dir=$5; shift 5
+lockdir=${workdir%/*}/LOCKS
+mkdir -p -- "$lockdir" && exec 9>>"$lockdir/$label.lock" || exit 89
+flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2; exit 85; }
+[ "$need_dir" = 0 ] || [ -d "$workdir" ] || exit 86
+while [ "$1" != --mqic-add-- ]; do export "$1" || exit 89; shift; done; shift
+tasks=$(eval "$pueue status --json") || exit 88
+case $tasks in *"\"label\":\"$label\""*) echo "$label already has a task" >&2; exit 87;; esac
+eval "exec timeout -s KILL $limit $pueue \"\$@\""
+""".replace("LOCKS", LOCK_FOLDER)
+
+
+def add_lands_within(timeout: float) -> float:
+    """Seconds after sending ``submit`` by which its add has landed or never will.
+
+    The remote login may start the script up to ``timeout`` late, the lock wait and the
+    killed client each last at most ``timeout``; 10 s cover the daemon's own handling.
+    """
+    return 3 * timeout + 10
 
 
 def submit(
@@ -574,25 +619,54 @@ def submit(
     command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
     require_workdir: bool = False,
 ) -> int:
-    """Add one task and return its pueue id. Runner errors propagate; BadOutput if no id.
+    """Add one task, at most one per label, and return its pueue id.
 
-    ``require_workdir`` checks, in the same remote call, that ``workdir`` exists
-    before adding, and raises WorkdirMissing (nothing added) when it does not.
+    One remote call: under a lock per label (``<parent of workdir>/.mqic-locks``) it
+    adds the task only if no task carries ``label`` (AlreadySubmitted otherwise) and
+    kills its own pueue client after ``timeout`` seconds, so an add whose answer was
+    lost can no longer land once that time has passed. ``require_workdir`` checks that
+    ``workdir`` exists first (WorkdirMissing). Runner errors propagate; BadOutput if no id.
     """
-    argv = add_argv(pueue_cmd, group=group, label=label, workdir=workdir, command=command, env=env)
-    if require_workdir:
-        argv = ["sh", "-c", _REQUIRE_DIR, "sh", workdir, *argv]
+    if not _SAFE_LABEL.fullmatch(label or ""):
+        raise ValueError(f"label must be letters, digits, '_', '.', '-': {label!r}")
+    add = add_argv(["pueue"], group=group, label=label, workdir=workdir, command=command)
+    limit = str(max(1, int(timeout or 60)))
+    env_words = [f"{name}={value}" for name, value in _checked_env(env or {}).items()]
+    pueue_words = " ".join(shlex.quote(word) for word in pueue_cmd)
+    argv = ["sh", "-c", ADD_SCRIPT, "sh", pueue_words, label, limit, workdir, str(int(require_workdir)),
+            *env_words, "--mqic-add--", *add[1:]]
     try:
         return parse_task_id(runner.run(argv, timeout=timeout))
     except RemoteError as error:
-        if require_workdir and error.exit_code == WORKDIR_MISSING_EXIT:
-            raise WorkdirMissing(f"working directory {workdir} does not exist on the HPC") from None
-        raise
+        raise _add_refusal(error, label, workdir) from None
+
+
+def _add_refusal(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
+    if error.exit_code == WORKDIR_MISSING_EXIT:
+        return WorkdirMissing(f"working directory {workdir} does not exist on the HPC")
+    if error.exit_code == LABEL_EXISTS_EXIT:
+        return AlreadySubmitted(f"a task labelled {label} already exists on the HPC")
+    if error.exit_code == LOCK_BUSY_EXIT:
+        return SubmitLockBusy(f"another submission of {label} is still in flight on the HPC")
+    return error
+
+
+CLOCK_PREFIX = "mqic-clock "
+_CLOCKED = 'printf \'%s%s\\n\' "$1" "$(date +%s)"; shift; exec "$@"'
 
 
 def statuses(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> Snapshot:
-    """All tasks and groups of the host in ONE ``status --json`` call."""
-    return parse_status(runner.run([*pueue_cmd, "status", "--json"], timeout=timeout))
+    """All tasks and groups of the host in ONE remote call, with the HPC's clock."""
+    argv = ["sh", "-c", _CLOCKED, "sh", CLOCK_PREFIX, *pueue_cmd, "status", "--json"]
+    return parse_clocked_status(runner.run(argv, timeout=timeout))
+
+
+def parse_clocked_status(text: str) -> Snapshot:
+    """``mqic-clock <epoch>`` on the first line, then ``status --json``; BadOutput otherwise."""
+    first, _, rest = (text or "").partition("\n")
+    if not first.startswith(CLOCK_PREFIX) or not first[len(CLOCK_PREFIX):].strip().isdigit():
+        raise BadOutput(f"pueue status: expected the HPC clock first, got {_excerpt(text or '')!r}")
+    return replace(parse_status(rest), hpc_time=float(first[len(CLOCK_PREFIX):]))
 
 
 def find_task_by_label(
@@ -631,8 +705,9 @@ def logs(
 
 def kill(
     runner: Runner, pueue_cmd: Sequence[str], task_ids: Sequence[int], timeout: float | None = None,
+    *, gently: bool = False,
 ) -> KillResult:
-    """Kill the given tasks (SIGKILL to each task's process group).
+    """Kill the given tasks: SIGKILL to each task's process group, or SIGTERM when ``gently``.
 
     ValueError for an empty id list: a bare ``pueue kill`` kills the whole
     default group. pueue's exit 1 "The command failed for tasks: ..." comes back
@@ -641,7 +716,8 @@ def kill(
     """
     if not task_ids:
         raise ValueError("refusing 'pueue kill' without task ids: it would kill the whole default group")
-    killed, failed = _act_on_ids(runner, pueue_cmd, "kill", _KILLED_LINE, task_ids, timeout)
+    verb = ["kill", "-s", "sigterm"] if gently else ["kill"]
+    killed, failed = _act_on_ids(runner, pueue_cmd, verb, _KILLED_LINE, task_ids, timeout)
     return KillResult(killed=killed, failed=failed)
 
 
@@ -654,21 +730,21 @@ def remove(
     """
     if not task_ids:
         raise ValueError("refusing 'pueue remove' without task ids")
-    removed, failed = _act_on_ids(runner, pueue_cmd, "remove", _REMOVED_LINE, task_ids, timeout)
+    removed, failed = _act_on_ids(runner, pueue_cmd, ["remove"], _REMOVED_LINE, task_ids, timeout)
     return KillResult(killed=removed, failed=failed)
 
 
-def _act_on_ids(runner: Runner, pueue_cmd: Sequence[str], verb: str, done_line: re.Pattern[str],
+def _act_on_ids(runner: Runner, pueue_cmd: Sequence[str], verb: list[str], done_line: re.Pattern[str],
                 task_ids: Sequence[int], timeout: float | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     ids = _checked_ids(task_ids)
-    argv = [*pueue_cmd, verb, *map(str, ids)]
+    argv = [*pueue_cmd, *verb, *map(str, ids)]
     try:
         stdout = runner.run(argv, timeout=timeout)
     except RemoteError as error:
         if not _KILL_FAILED_LINE.search(f"{error.stdout}\n{error.stderr}"):
             raise
-        return _parse_id_reply(verb, done_line, error.stdout, error.stderr, error.exit_code, ids)
-    return _parse_id_reply(verb, done_line, stdout, "", 0, ids)
+        return _parse_id_reply(verb[0], done_line, error.stdout, error.stderr, error.exit_code, ids)
+    return _parse_id_reply(verb[0], done_line, stdout, "", 0, ids)
 
 
 def _checked_ids(task_ids: Sequence[int]) -> list[int]:

@@ -1,91 +1,97 @@
-"""Reconciling a ``submitting`` case whose owner died, by its pueue label.
+"""Reconciling a ``submitting`` case whose owner died or whose ``pueue add`` answer was lost.
 
-Found on the HPC: the case is ``running`` with that task id. Proven absent: it is
-retried. Could not tell: nothing changes and the next pass asks again. This is the
-only way an expired claim goes back to ``submitted``, so no case ever gets a
-second remote task.
+From one fresh snapshot: a task carrying the case's label is adopted (the case is
+``running``). No such task proves nothing while an add may still land
+(``add_uncertain_until``); after that, an exit record in the case's remote folder
+means the task ran and pueue forgot it (the case is ``running`` and the poller
+settles it from the record); with neither, the case is retried. Could not tell:
+nothing changes and the next pass asks again. This is the only way an expired claim
+goes back to ``submitted``, so no case ever gets a second remote task.
 """
 from __future__ import annotations
 
 import logging
-import sqlite3
 
-from shared import pueue
-from shared.config import Config
-from shared.errors import Unreachable
+from shared import pueue, tasks
+from shared.errors import ClaimExpired, RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
-from shared.spool import Spool
 from shared.states import CaseStatus
 from shared.store import Case, expired_leases, flag_for_review
-from shared.worker import Context, per_item
+from shared.worker import Context, note_reach, per_item
 
 log = logging.getLogger("mqic.recovery")
 
 
-class ClaimExpired(Unreachable):
-    """Stands for "the owner died mid-submission" when a claim is retried."""
-
-
-def recover_claim(conn: sqlite3.Connection, spool: Spool, runner: pueue.Runner, config: Config,
-                  case: Case, *, now: float, worker: str) -> str:
-    """Resolve one expired ``submitting`` claim; return found / not_found / unreachable."""
-    lookup = pueue.find_task_by_label(runner, list(config.hpc.pueue_command), case.label,
-                                      timeout=config.hpc.command_timeout_seconds)
-    guard = {"claimed_by": case.claimed_by, "lease_until": case.lease_until}
-    if lookup.outcome is pueue.LookupOutcome.UNREACHABLE:
-        log.warning("case %d: claim expired, HPC could not tell (%s); will ask again", case.case_id,
-                    lookup.error, extra=for_case(case.case_id, "recover_claim"))
-        return "unreachable"
-    if lookup.outcome is pueue.LookupOutcome.FOUND:
-        task = max(lookup.tasks, key=lambda t: t.id)
-        fields = {"pueue_task_id": task.id, "claimed_by": None, "lease_until": None,
-                  "pueue_group": task.group, "remote_dir": task.path or case.remote_dir}
-        if move_case(conn, spool, case, CaseStatus.RUNNING, now=now, worker=worker, fields=fields,
-                     guard=guard, detail=f"recovered: task {task.id} found by label {case.label}"):
-            log.info("case %d: recovered task %d by label", case.case_id, task.id,
-                     extra=for_case(case.case_id, "recover_claim"))
-        if len(lookup.tasks) > 1:
-            flag_for_review(conn, case, f"{len(lookup.tasks)} remote tasks carry label {case.label}",
-                            now=now, worker=worker)
+def recover_claim(ctx: Context, case: Case, snapshot: pueue.Snapshot, now: float) -> str:
+    """Resolve one expired ``submitting`` claim; return found / not_found / waiting / unreachable."""
+    labelled = snapshot.by_label(case.label)
+    if labelled:
+        adopt(ctx, case, max(labelled, key=lambda t: t.id), now)
+        if len(labelled) > 1:
+            flag_for_review(ctx.conn, case, f"{len(labelled)} remote tasks carry label {case.label}",
+                            now=now, worker=ctx.name)
         return "found"
-    retry_or_fail(conn, spool, case, config.main_loop, ClaimExpired(f"claim of {case.claimed_by} expired"),
-                  now=now, worker=worker, operation="recover_claim", guard=guard)
+    if case.add_uncertain_until is not None and now < case.add_uncertain_until:
+        return "waiting"  # an add whose answer was lost may still land: no task proves nothing yet
+    record = exit_record(ctx, case)
+    if record is None or record is tasks.Record.UNREADABLE:
+        log.warning("case %d: claim expired, HPC could not tell; will ask again", case.case_id,
+                    extra=for_case(case.case_id, "recover_claim"))
+        return "unreachable"
+    if isinstance(record, int):
+        adopt(ctx, case, None, now)
+        return "found"
+    retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, ClaimExpired(f"claim of {case.claimed_by} expired"),
+                  now=now, worker=ctx.name, operation="recover_claim", guard=guard_of(case))
     log.info("case %d: claim expired and no remote task exists; retrying", case.case_id,
              extra=for_case(case.case_id, "recover_claim"))
     return "not_found"
 
 
+def guard_of(case: Case) -> dict:
+    return {"claimed_by": case.claimed_by, "lease_until": case.lease_until}
+
+
+def exit_record(ctx: Context, case: Case) -> tasks.ExitRecord | None:
+    """The case's exit record (MISSING without a remote folder), or None when it could not be read."""
+    if not case.remote_dir:
+        return tasks.Record.MISSING
+    try:
+        return tasks.read_exit_records(ctx.remote, [case.remote_dir],
+                                       timeout=ctx.config.hpc.command_timeout_seconds)[case.remote_dir]
+    except RemoteFailure as exc:
+        note_reach(ctx, exc)
+        return None
+
+
+def adopt(ctx: Context, case: Case, task: pueue.TaskInfo | None, now: float) -> None:
+    """The case's task exists (or ran and left its exit record): the case is running."""
+    fields = {"pueue_task_id": None if task is None else task.id, "claimed_by": None, "lease_until": None,
+              "add_uncertain_until": None, "running_since": now}
+    if task is not None:
+        fields |= {"pueue_group": task.group, "remote_dir": task.path or case.remote_dir}
+    how = f"task {task.id} found by label {case.label}" if task else "its exit record found on the HPC"
+    if move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name, fields=fields,
+                 guard=guard_of(case), detail=f"recovered: {how}"):
+        log.info("case %d: recovered, %s", case.case_id, how, extra=for_case(case.case_id, "recover_claim"))
+
+
 def recover_expired_claims(ctx: Context, now: float, limit: int = 20) -> int:
-    """Resolve every expired ``submitting`` claim; return how many were settled (found or retried)."""
+    """Resolve every expired ``submitting`` claim from one snapshot; return how many were settled."""
+    expired = expired_leases(ctx.conn, now, limit=limit)
+    if not expired:
+        return 0
+    try:
+        snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
+    except RemoteFailure as exc:
+        note_reach(ctx, exc)
+        log.warning("%d expired claim(s): HPC could not tell (%s); will ask again", len(expired), exc,
+                    extra=for_case(None, "recover_claim", exc))
+        return 0
+    note_reach(ctx, None)
     settled = 0
-    for case in expired_leases(ctx.conn, now, limit=limit):
+    for case in expired:
         with per_item(ctx, case.case_id, "recover_claim"):
-            settled += recover_claim(ctx.conn, ctx.spool, ctx.remote, ctx.config, case, now=now,
-                                     worker=ctx.name) != "unreachable"
+            settled += recover_claim(ctx, case, snapshot, now) in ("found", "not_found")
     return settled
-
-
-class TaskStillActive(Exception):
-    """A task carrying the case's label has not finished: the case cannot be retried yet."""
-
-
-def clear_label(runner: pueue.Runner, config: Config, case: Case) -> list[int]:
-    """Before a retry: remove the finished tasks labelled with ``case``, so the label is free.
-
-    The label then names at most one task, and recovery can never mistake an old
-    finished task for the retry's. Raises TaskStillActive when a labelled task has
-    not finished, and Unreachable when pueue could not tell.
-    """
-    lookup = pueue.find_task_by_label(runner, list(config.hpc.pueue_command), case.label,
-                                      timeout=config.hpc.command_timeout_seconds)
-    if lookup.outcome is pueue.LookupOutcome.UNREACHABLE:
-        raise Unreachable(f"cannot check the old tasks of {case.label}: {lookup.error}")
-    unfinished = [t.id for t in lookup.tasks if not t.is_done]
-    if unfinished:
-        raise TaskStillActive(f"task(s) {unfinished} labelled {case.label} have not finished")
-    finished = [t.id for t in lookup.tasks]
-    if finished:
-        pueue.remove(runner, list(config.hpc.pueue_command), finished,
-                     timeout=config.hpc.command_timeout_seconds)
-    return finished

@@ -46,6 +46,9 @@ class Case:
     needs_review: bool
     review_reason: str | None
     staged_at: float | None
+    running_since: float | None = None
+    add_uncertain_until: float | None = None
+    stop_requested_at: float | None = None
 
     @property
     def label(self) -> str:
@@ -283,7 +286,7 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
             return None
         row = conn.execute(
             "UPDATE cases SET status = 'submitting', status_updated_at = :now, claimed_by = :w,"
-            " lease_until = :lease, pueue_group = :g, attempts = attempts + 1"
+            " lease_until = :lease, pueue_group = :g"
             " WHERE case_id = (SELECT case_id FROM cases WHERE status = 'submitted'"
             "   AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             "   AND (claimed_by IS NULL OR lease_until < :now)"
@@ -293,7 +296,7 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
             return None
         case = case_from_row(row)
         record_case_event(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTING, now=now,
-                          worker=worker, detail=f"claimed with slot {slot.pueue_group} (attempt {case.attempts})")
+                          worker=worker, detail=f"claimed with slot {slot.pueue_group} (attempt {case.attempts + 1})")
         if not transition_slot(conn, slot.pueue_group, SlotStatus.AVAILABLE, SlotStatus.ASSIGNED,
                                now=now, worker=worker, case_id=case.case_id):
             raise RuntimeError("slot changed inside an immediate transaction")

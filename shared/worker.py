@@ -161,3 +161,24 @@ def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], 
     ctx.state.setdefault(HELPER_THREADS, []).append(thread)
     thread.start()
     return helper
+
+
+LOGGED_AT = "logged_at"
+
+
+def worth_logging(ctx: Context, key: str, now: float, every_seconds: float) -> bool:
+    """True the first time ``key`` comes up, then at most once every ``every_seconds``.
+
+    Keeps a recurring condition (a paused group, a task we cannot read) to one log
+    line per change instead of one per pass; ``forget_logged`` re-arms it.
+    """
+    logged = ctx.state.setdefault(LOGGED_AT, {})
+    if key in logged and now - logged[key] < every_seconds:
+        return False
+    logged[key] = now
+    return True
+
+
+def forget_logged(ctx: Context, key: str) -> None:
+    """The condition ``key`` is over: the next occurrence is logged at once."""
+    ctx.state.get(LOGGED_AT, {}).pop(key, None)

@@ -173,7 +173,7 @@ def test_unreachable_upload_goes_back_to_submitted_with_backoff(hpc, sshd):
     finally:
         sshd.start()
     case = get_case(ctx.conn, case.case_id)
-    assert case.status is CaseStatus.SUBMITTED and case.attempts == 1
+    assert case.status is CaseStatus.SUBMITTED and case.attempts == 0   # an outage uses up no attempt
     assert case.error_type == "Unreachable" and case.next_attempt_at == pytest.approx(now + 10, abs=5)
     assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE
     assert submitter.tick(ctx, now + 1) == 0                 # backing off
@@ -279,14 +279,31 @@ def test_poller_fails_a_failed_case_with_exit_code_and_log_tail(hpc):
     assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
 
 
-def test_poller_reports_an_external_kill_as_killed(hpc):
+def test_a_task_killed_by_a_signal_we_did_not_send_is_requeued_and_runs_again(hpc):
     h = hpc()
     ctx = ctx_for(h)
     case = submitted(ctx, "killed outside", seconds=30)
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Running"), message="task running")
     h.pueue("kill", str(case.pueue_task_id))
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task killed")
+    poller.tick(ctx, time.time())
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.SUBMITTED and case.attempts == 1 and case.error_type == "TaskKilled"
+    assert h.tasks_labelled(case.label) == []                  # the killed task left pueue's list
+    assert "killed by a signal we did not send" in case_events(ctx.conn, case.case_id)[-1]["detail"]
+    submitter.tick(ctx, case.next_attempt_at + 1)
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
+    assert len(h.tasks_labelled(case.label)) == 1
+
+
+def test_killed_again_and_again_fails_as_killed_once_attempts_run_out(hpc):
+    h = hpc(main_loop={"max_attempts": 1})
+    ctx = ctx_for(h)
+    case = submitted(ctx, "killed for good", seconds=30)
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Running"), message="task running")
+    h.pueue("kill", str(case.pueue_task_id))
     case = poll_until_final(ctx, case.case_id)
-    assert case.outcome == "killed" and case.exit_code is None
+    assert case.status is CaseStatus.FAILED and case.outcome == "killed"
 
 
 def test_poller_tracks_progress_only_when_it_changes(hpc):
@@ -314,47 +331,114 @@ def test_poller_changes_nothing_when_unreachable_or_garbage(hpc, sshd):
     assert after.status is CaseStatus.RUNNING and after.status_updated_at == before.status_updated_at
 
 
-def test_poller_retries_a_case_whose_task_vanished(hpc):
+def test_a_finished_task_that_pueue_forgot_completes_from_its_exit_record(hpc):
     h = hpc()
-    ctx = ctx_for(h, )
+    ctx = ctx_for(h)
+    case = submitted(ctx, "cleaned while the poller was away", seconds=0.1)
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
+    h.pueue("clean")                                        # another user cleans; the poller was behind
+    poller.tick(ctx, time.time())
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.COMPLETED and case.outcome == "success"
+    assert list(Path(case.case_path, "output").iterdir())   # results fetched, nothing run twice
+    assert h.tasks_labelled(case.label) == []
+
+
+def test_a_failed_task_that_pueue_forgot_fails_from_its_record_with_its_log_tail(hpc):
+    h = hpc()
+    ctx = ctx_for(h)
+    case = submitted(ctx, "failed, then cleaned", mode="fail")
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
+    h.pueue("clean")
+    case = poll_until_final(ctx, case.case_id)
+    assert case.status is CaseStatus.FAILED and case.exit_code == 1 and "FATAL ERROR" in case.log_tail
+
+
+def test_a_task_gone_without_an_exit_record_is_run_again(hpc):
+    h = hpc()
+    ctx = ctx_for(h)
     case = submitted(ctx, "vanishing", seconds=0.1)
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
+    Path(case.remote_dir, ".mqic", "exit_status").unlink()   # it never got to record its exit
     h.pueue("clean")
     poller.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
-    assert case.status is CaseStatus.SUBMITTED and case.error_type == "TaskVanished"
+    assert case.status is CaseStatus.SUBMITTED and case.error_type == "TaskVanished" and case.attempts == 1
 
 
-def test_poller_resumes_a_group_paused_by_a_daemon_restart(hpc):
+def test_a_daemon_restart_requeues_the_killed_case_and_resumes_the_group(hpc):
     h = hpc(groups={"gpu_a": {"gpu": 0}})
     ctx = ctx_for(h)
     first = submitted(ctx, "running at restart", seconds=30)
     h.pueue("add", "-g", "gpu_a", "--", "sleep 1")        # a queued task makes pueued pause the group
     h.ctl("restart")
     assert h.status()["groups"]["gpu_a"]["status"] == "Paused"
-    poll_until_final(ctx, first.case_id)
-    assert get_case(ctx.conn, first.case_id).outcome == "killed"
+    poller.tick(ctx, time.time())
+    case = get_case(ctx.conn, first.case_id)
+    assert case.status is CaseStatus.SUBMITTED and case.error_type == "TaskKilled"
     assert h.status()["groups"]["gpu_a"]["status"] == "Running"
+
+
+def test_a_paused_group_is_logged_once_not_every_pass(hpc, caplog):
+    h = hpc(groups={"gpu_a": {"gpu": 0}}, pueue={"resume_paused_groups": False})
+    ctx = ctx_for(h)
+    caplog.set_level("INFO")
+    submitted(ctx, "behind a paused group", seconds=30)
+    assert h.pueue("pause", "-g", "gpu_a").returncode == 0
+    for offset in (0, 1, 2, 60):
+        poller.tick(ctx, T0 + offset)
+    assert caplog.text.count("is PAUSED") == 1
+    poller.tick(ctx, T0 + 301)                               # reminded every few minutes
+    assert caplog.text.count("is PAUSED") == 2
+    h.pueue("start", "-g", "gpu_a")
+    poller.tick(ctx, T0 + 302)
+    assert "gpu_a is running again" in caplog.text
 
 
 # -- reaper ----------------------------------------------------------------------------------
 
-def test_reaper_kills_and_fails_a_case_past_its_timeout(hpc):
-    h = hpc()
+def test_a_case_past_its_timeout_on_the_hpc_clock_is_failed_and_its_task_stopped(hpc):
+    h = hpc(main_loop={"running_case_timeout_hours": 1 / 3600})
     ctx = ctx_for(h)
     case = submitted(ctx, "hangs", mode="hang")
-    later = time.time() + 2 * 3600
-    [overdue] = reaper.timed_out_cases(ctx, later)
-    assert reaper.reap_timeout(ctx, overdue, later)
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Running"), message="task running")
+    poller.tick(ctx, time.time() + 48 * 3600)                # our clock alone never times out
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
+    time.sleep(1.2)                                          # one second on the HPC's own clock
+    poller.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
-    assert case.status is CaseStatus.FAILED and case.outcome == "timed_out"
+    assert case.status is CaseStatus.FAILED and case.outcome == "timed_out" and case.stop_requested_at
     assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.ZOMBIE
-    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="killed")
-    assert h.tasks_labelled(case.label)[0]["status"]["Done"]["result"] == "Killed"
-    reaper.tick(ctx, later)
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="stopped by SIGTERM")
+    reaper.tick(ctx, time.time())
     assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
-    poller.tick(ctx, later)                                   # the poller does not touch it again
+    poller.tick(ctx, time.time())                            # the poller does not touch it again
     assert get_case(ctx.conn, case.case_id).outcome == "timed_out"
+
+
+def test_no_timeout_while_the_hpc_cannot_be_reached(hpc, sshd):
+    ctx = ctx_for(hpc(main_loop={"running_case_timeout_hours": 1 / 3600}))
+    case = submitted(ctx, "slow", seconds=30)
+    time.sleep(1.2)
+    sshd.stop(kill_sessions=True)
+    try:
+        later = time.time() + 48 * 3600
+        poller.tick(ctx, later)
+        reaper.tick(ctx, later)
+    finally:
+        sshd.start()
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
+
+
+def test_a_task_that_finished_in_time_completes_even_when_seen_late(hpc):
+    h = hpc(main_loop={"running_case_timeout_hours": 1 / 3600})
+    ctx = ctx_for(h)
+    case = submitted(ctx, "quick", seconds=0.1)
+    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
+    time.sleep(1.2)                                          # the poller comes back late
+    reaper.tick(ctx, time.time() + 48 * 3600)
+    case = poll_until_final(ctx, case.case_id)
+    assert case.status is CaseStatus.COMPLETED
 
 
 def test_reaper_flags_a_stuck_case_for_review_without_failing_it(hpc):
@@ -434,9 +518,6 @@ def test_reaper_removes_a_cancelled_case_task_that_is_still_queued(hpc):
     case = submitted(ctx, "queued then cancelled")
     assert mqic(["--config", str(h.config_path), "cancel", str(case.case_id)]) == 0
     assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.ZOMBIE
-    assert h.tasks_labelled(case.label)[0]["status"].get("Queued")
-    reaper.tick(ctx, time.time())                            # removes the queued task
-    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.ZOMBIE
-    assert h.tasks_labelled(case.label) == []
-    reaper.tick(ctx, time.time())                            # then the group is clean
+    assert h.tasks_labelled(case.label) == []                # the queued task was removed at once
+    reaper.tick(ctx, time.time())                            # the group is clean: slot freed
     assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE

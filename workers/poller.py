@@ -1,11 +1,18 @@
 """poller: follows every ``running`` case with one ``pueue status`` and one ``pueue log`` per pass.
 
-Success: results are fetched, the case completes and its slot is freed. Failure,
-kill or spawn failure: the case fails with its exit code and last log lines and
-the slot becomes a zombie until the reaper sees the group idle. A task missing
-from the queue is looked up by label in the same snapshot; proven absent, the case
-is retried. Unreachable HPC, garbage output or an unknown pueue state change
-nothing: "could not tell" is never "failed".
+What became of each case's task is decided by ``shared.tasks.resolve`` from that one
+fresh snapshot (and, for a task pueue no longer lists, from its exit record in the
+case's remote folder, read for all such cases in one call):
+
+- success: results are fetched, the case completes and its slot is freed;
+- failure or spawn failure: the case fails with its exit code and last log lines, and
+  the slot becomes a zombie until the reaper sees the group idle;
+- killed by a signal we did not send (pueued restart, node reboot, another user):
+  requeued within ``max_attempts``, the reason in the event history;
+- running longer than ``running_case_timeout_hours`` on the HPC's own clock: failed
+  (``timed_out``), slot zombie, the task sent SIGTERM (the reaper sends SIGKILL later);
+- proven absent (no task, no exit record): retried;
+- could not tell (unreachable, garbage, unknown state): no change.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from shared import pueue
+from shared import pueue, tasks
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
@@ -21,7 +28,7 @@ from shared.logs import for_case
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.spool import merge_into, settle_folder
 from shared.store import Case, cases_with_status, get_case, release_slot_of, update_case
-from shared.worker import Context, note_reach, per_item, worker_main
+from shared.worker import Context, forget_logged, note_reach, per_item, worker_main, worth_logging
 
 FAILED_OUTCOMES = {
     pueue.TaskState.FAILED: Outcome.FAILED,
@@ -30,20 +37,16 @@ FAILED_OUTCOMES = {
     pueue.TaskState.DEPENDENCY_FAILED: Outcome.FAILED,
     pueue.TaskState.ERRORED: Outcome.FAILED,
 }
-LOGGED_PAUSED = "logged_paused_groups"
+PAUSED_GROUPS = "paused_groups"
+REPEAT_LOG_SECONDS = 300
 
 
 class TaskVanished(RemoteFailure):
     """The case's task is no longer in pueue's list (cleaned or removed) and left no result."""
 
 
-def task_of(case: Case, snapshot: pueue.Snapshot) -> pueue.TaskInfo | None:
-    """The case's task: by recorded id if the label still matches (ids are reused), else by label."""
-    task = snapshot.tasks.get(case.pueue_task_id) if case.pueue_task_id is not None else None
-    if task is not None and task.label == case.label:
-        return task
-    found = snapshot.by_label(case.label)
-    return max(found, key=lambda t: t.id) if found else None
+class TaskKilled(RemoteFailure):
+    """The case's task was killed by a signal we did not send."""
 
 
 def fetch_snapshot(ctx: Context) -> pueue.Snapshot | None:
@@ -58,6 +61,18 @@ def fetch_snapshot(ctx: Context) -> pueue.Snapshot | None:
     return snapshot
 
 
+def fetch_records(ctx: Context, cases: list[Case]) -> dict[str, tasks.ExitRecord]:
+    """Exit records of the cases whose task pueue forgot, in one call ({} when it could not be read)."""
+    try:
+        return tasks.read_exit_records(ctx.remote, [c.remote_dir for c in cases],
+                                       timeout=ctx.config.hpc.command_timeout_seconds)
+    except RemoteFailure as exc:
+        note_reach(ctx, exc)
+        ctx.log.warning("exit records could not be read (%s); those cases wait", exc,
+                        extra=for_case(None, "poll_records", exc))
+        return {}
+
+
 def fetch_logs(ctx: Context, task_ids: list[int]) -> dict[int, str] | None:
     """The log tails of ``task_ids``, or None when ``pueue log`` could not be read this pass."""
     try:
@@ -68,14 +83,20 @@ def fetch_logs(ctx: Context, task_ids: list[int]) -> dict[int, str] | None:
         return None
 
 
-def handle_paused_groups(ctx: Context, snapshot: pueue.Snapshot) -> None:
+def handle_paused_groups(ctx: Context, snapshot: pueue.Snapshot, now: float) -> None:
+    """Report a paused group of ours once (again every few minutes), and resume it if configured."""
     ours = {g.name for g in ctx.config.pueue.groups}
     paused = [g for g in snapshot.paused_groups() if g in ours]
+    for group in set(ctx.state.get(PAUSED_GROUPS, ())) - set(paused):
+        forget_logged(ctx, f"paused:{group}")
+        ctx.log.info("pueue group %s is running again", group, extra={"operation": "poll"})
+    ctx.state[PAUSED_GROUPS] = paused
     for group in paused:
-        ctx.log.error("pueue group %s is PAUSED on the HPC (pueued restarted?); queued cases wait%s",
-                      group, "; resuming it" if ctx.config.pueue.resume_paused_groups else
-                      "; resume it with `pueue start -g " + group + "`",
-                      extra={"operation": "poll", "error_type": "GroupPaused"})
+        if worth_logging(ctx, f"paused:{group}", now, REPEAT_LOG_SECONDS):
+            ctx.log.error("pueue group %s is PAUSED on the HPC (pueued restarted?); queued cases wait%s",
+                          group, "; resuming it" if ctx.config.pueue.resume_paused_groups else
+                          "; resume it with `pueue start -g " + group + "`",
+                          extra={"operation": "poll", "error_type": "GroupPaused"})
         if ctx.config.pueue.resume_paused_groups:
             try:
                 pueue.resume_group(ctx.remote, ctx.pueue_cmd, group)
@@ -83,13 +104,14 @@ def handle_paused_groups(ctx: Context, snapshot: pueue.Snapshot) -> None:
                 ctx.log.warning("could not resume %s: %s", group, exc, extra=for_case(None, "resume", exc))
 
 
-def complete(ctx: Context, case: Case, task: pueue.TaskInfo, now: float) -> bool:
+def complete(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
     """Fetch results into a private folder, then, only if this worker wins the move, file them."""
     staging = ctx.spool.staging_dir(f"results-{case.case_id}")
+    task_id = link.task.id if link.task else case.pueue_task_id
     try:
         if ctx.config.hpc.result_files:
             free_gpu_early(ctx, case, now)
-            if not fetch_results(ctx, case, task, staging):
+            if not fetch_results(ctx, case, link, staging):
                 return False
         with ctx.spool.lock():
             current = get_case(ctx.conn, case.case_id)
@@ -99,9 +121,10 @@ def complete(ctx: Context, case: Case, task: pueue.TaskInfo, now: float) -> bool
             if staging.exists() and folder is not None:  # None: flagged for review, results stay remote
                 merge_into(staging, folder)
             moved = move_case(ctx.conn, ctx.spool, current, CaseStatus.COMPLETED, now=now, worker=ctx.name,
-                              detail=f"pueue task {task.id} succeeded", slot_to=SlotStatus.AVAILABLE,
+                              detail=f"pueue task {task_id} succeeded" + (f" ({link.detail})" if link.from_record else ""),
+                              slot_to=SlotStatus.AVAILABLE,
                               fields={"outcome": Outcome.SUCCESS.value, "exit_code": 0, "progress": 100.0,
-                                      "completed_at": now, "pueue_task_id": task.id})
+                                      "completed_at": now, "pueue_task_id": task_id})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if moved:
@@ -117,10 +140,11 @@ def free_gpu_early(ctx: Context, case: Case, now: float) -> None:
         ring(ctx.spool.root, "submitter")
 
 
-def fetch_results(ctx: Context, case: Case, task: pueue.TaskInfo, staging: Path) -> bool:
+def fetch_results(ctx: Context, case: Case, link: tasks.Link, staging: Path) -> bool:
     staging.mkdir(parents=True, exist_ok=True)
+    folder = (link.task.path if link.task else "") or case.remote_dir
     try:
-        names = ctx.remote.download_results(task.path or case.remote_dir, ctx.config.hpc.result_files, staging)
+        names = ctx.remote.download_results(folder, ctx.config.hpc.result_files, staging)
     except RemoteFailure as exc:
         ctx.log.warning("case %d: result download failed (%s); will retry", case.case_id, exc,
                         extra=for_case(case.case_id, "download", exc))
@@ -130,25 +154,84 @@ def fetch_results(ctx: Context, case: Case, task: pueue.TaskInfo, staging: Path)
     return True
 
 
-def fail(ctx: Context, case: Case, task: pueue.TaskInfo, log_tail: str, now: float) -> bool:
-    outcome = FAILED_OUTCOMES[task.state]
-    reason = task.detail or (f"exit code {task.exit_code}" if task.exit_code is not None else task.state.value)
+def fail(ctx: Context, case: Case, link: tasks.Link, log_tail: str, now: float) -> bool:
+    outcome = FAILED_OUTCOMES[link.result]
+    task_id = link.task.id if link.task else case.pueue_task_id
+    detail = link.task.detail if link.task else ""
+    reason = detail or (f"exit code {link.exit_code}" if link.exit_code is not None else link.result.value)
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
-                      detail=f"pueue task {task.id}: {task.state.value} ({reason})",
+                      detail=f"pueue task {task_id}: {link.result.value} ({reason})"
+                             + (f"; {link.detail}" if link.from_record else ""),
                       slot_to=SlotStatus.ZOMBIE,
-                      fields={"outcome": outcome.value, "exit_code": task.exit_code, "completed_at": now,
-                              "error_type": f"Task{task.state.value.title().replace('_', '')}",
+                      fields={"outcome": outcome.value, "exit_code": link.exit_code, "completed_at": now,
+                              "error_type": f"Task{link.result.value.title().replace('_', '')}",
                               "error_message": reason[:2000], "log_tail": log_tail[-4000:],
-                              "pueue_task_id": task.id})
+                              "pueue_task_id": task_id})
     if moved:
         ring(ctx.spool.root, "reaper")
-        ctx.log.error("case %d failed: %s (%s)", case.case_id, task.state.value, reason,
+        ctx.log.error("case %d failed: %s (%s)", case.case_id, link.result.value, reason,
                       extra=for_case(case.case_id, "complete") | {"error_type": outcome.value})
     return moved
 
 
-def vanished(ctx: Context, case: Case, now: float) -> bool:
-    error = TaskVanished(f"task {case.pueue_task_id} ({case.label}) is no longer in pueue")
+def log_tail_of(ctx: Context, case: Case, link: tasks.Link, outputs: dict[int, str] | None) -> str | None:
+    """The failed task's last log lines: from pueue, or from the wrapper's copy when pueue forgot it."""
+    if link.task is not None:
+        return None if outputs is None else outputs.get(link.task.id, "")
+    try:
+        return tasks.read_output_tail(ctx.remote, case.remote_dir, ctx.config.pueue.log_lines,
+                                      timeout=ctx.config.hpc.command_timeout_seconds)
+    except RemoteFailure:
+        return None
+
+
+def requeue_killed(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
+    """Killed by a signal we did not send: the old task leaves pueue's list, the case is retried."""
+    error = TaskKilled(f"task {link.task.id} was killed by a signal we did not send "
+                       f"(pueued restart, node reboot or another user)")
+    try:
+        pueue.remove(ctx.remote, ctx.pueue_cmd, [link.task.id], timeout=ctx.config.hpc.command_timeout_seconds)
+    except RemoteFailure as exc:  # the label must name only the retry's task: try again next pass
+        ctx.log.warning("case %d: cannot remove killed task %d yet (%s)", case.case_id, link.task.id, exc,
+                        extra=for_case(case.case_id, "requeue", exc))
+        return False
+    status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, error, now=now,
+                           worker=ctx.name, operation="poll", outcome=Outcome.KILLED)
+    ctx.log.warning("case %d: %s; case is now %s", case.case_id, error, status and status.value,
+                    extra=for_case(case.case_id, "requeue", error))
+    ring(ctx.spool.root, "submitter")
+    return status is not None
+
+
+def time_out(ctx: Context, case: Case, link: tasks.Link, snapshot: pueue.Snapshot, now: float) -> bool:
+    """Fail a case whose task ran too long on the HPC's clock, then ask the task to stop (SIGTERM)."""
+    hours = ctx.config.main_loop.running_case_timeout_hours
+    moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
+                      detail=f"running longer than {hours:g} h on the HPC: stopping task {link.task.id}",
+                      slot_to=SlotStatus.ZOMBIE,
+                      fields={"outcome": Outcome.TIMED_OUT.value, "completed_at": now, "pueue_task_id": link.task.id,
+                              "error_type": "Timeout", "error_message": f"ran longer than {hours:g} h"})
+    if not moved:
+        return False
+    ctx.log.error("case %d timed out after %g h; stopping pueue task %d", case.case_id, hours, link.task.id,
+                  extra=for_case(case.case_id, "timeout") | {"error_type": "Timeout"})
+    ring(ctx.spool.root, "reaper")
+    failed = get_case(ctx.conn, case.case_id)
+    try:
+        tasks.stop(ctx.conn, ctx.remote, stop_policy(ctx), failed, [link.task], now=now)
+    except RemoteFailure as exc:
+        ctx.log.warning("case %d: SIGTERM failed (%s); the reaper stops it", case.case_id, exc,
+                        extra=for_case(case.case_id, "timeout", exc))
+    return True
+
+
+def stop_policy(ctx: Context) -> tasks.StopPolicy:
+    return tasks.StopPolicy(ctx.pueue_cmd, ctx.config.main_loop.kill_grace_seconds,
+                            ctx.config.hpc.command_timeout_seconds)
+
+
+def vanished(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
+    error = TaskVanished(f"task {case.pueue_task_id} ({case.label}) is no longer in pueue: {link.detail}")
     status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, error, now=now,
                            worker=ctx.name, operation="poll", outcome=Outcome.VANISHED)
     ctx.log.warning("case %d: %s; case is now %s", case.case_id, error, status and status.value,
@@ -164,54 +247,69 @@ def update_progress(ctx: Context, case: Case, task: pueue.TaskInfo, output: str 
         fields["progress"] = progress
     if task.start is not None and case.started_at != task.start.timestamp():
         fields["started_at"] = task.start.timestamp()
-    if task.id != case.pueue_task_id:
-        fields["pueue_task_id"] = task.id
     if not fields:
         return False
     fields["status_updated_at"] = now
     return update_case(ctx.conn, case.case_id, CaseStatus.RUNNING, fields)
 
 
-def apply(ctx: Context, case: Case, task: pueue.TaskInfo | None, outputs: dict[int, str] | None,
-          now: float) -> bool:
-    """Decide one running case from the snapshot; True when its row changed."""
-    if task is None:
-        return vanished(ctx, case, now)
-    if task.state is pueue.TaskState.SUCCESS:
-        return complete(ctx, case, task, now)
-    if task.state in FAILED_OUTCOMES:
-        if outputs is None:
-            return False  # the failure stays; fail it on a pass that can keep its log tail
-        return fail(ctx, case, task, outputs.get(task.id, ""), now)
-    if task.state is pueue.TaskState.UNKNOWN:
-        ctx.log.warning("case %d: pueue reports an unknown state (%s); could not tell, no change",
-                        case.case_id, task.detail[:200], extra=for_case(case.case_id, "poll") | {"error_type": "UnknownState"})
+def apply(ctx: Context, case: Case, link: tasks.Link, snapshot: pueue.Snapshot,
+          outputs: dict[int, str] | None, now: float) -> bool:
+    """Decide one running case from what its task became; True when its row changed."""
+    found = link.found
+    if found is tasks.Found.UNKNOWN:
+        if worth_logging(ctx, f"unknown:{case.case_id}", now, REPEAT_LOG_SECONDS):
+            ctx.log.warning("case %d: could not tell what became of its task (%s); no change", case.case_id,
+                            link.detail, extra=for_case(case.case_id, "poll") | {"error_type": "CouldNotTell"})
         return False
-    return update_progress(ctx, case, task, (outputs or {}).get(task.id), now)
+    if found is tasks.Found.ABSENT:
+        return vanished(ctx, case, link, now)
+    if found is tasks.Found.FINISHED:
+        return finish(ctx, case, link, outputs, now)
+    if tasks.overdue(link, snapshot, ctx.config.main_loop.running_case_timeout_hours * 3600):
+        return time_out(ctx, case, link, snapshot, now)
+    return update_progress(ctx, case, link.task, (outputs or {}).get(link.task.id), now)
+
+
+def finish(ctx: Context, case: Case, link: tasks.Link, outputs: dict[int, str] | None, now: float) -> bool:
+    if link.result is pueue.TaskState.SUCCESS:
+        return complete(ctx, case, link, now)
+    if link.result is pueue.TaskState.KILLED:
+        return requeue_killed(ctx, case, link, now)
+    log_tail = log_tail_of(ctx, case, link, outputs)
+    if log_tail is None:
+        return False  # the failure stays; fail it on a pass that can keep its log tail
+    return fail(ctx, case, link, log_tail, now)
+
+
+def succeeded(link: tasks.Link) -> bool:
+    return link.found is tasks.Found.FINISHED and link.result is pueue.TaskState.SUCCESS
 
 
 def tick(ctx: Context, now: float) -> int:
-    """One pass over all running cases: one status call, one log call."""
+    """One pass over all running cases: one status call, one log call (plus exit records if needed)."""
     running = cases_with_status(ctx.conn, CaseStatus.RUNNING, limit=10_000)
     if not running:
         return 0
     snapshot = fetch_snapshot(ctx)
     if snapshot is None:
         return 0
-    handle_paused_groups(ctx, snapshot)
-    tasks = {case.case_id: task_of(case, snapshot) for case in running}
-    succeeded = [c for c in running if tasks[c.case_id] and tasks[c.case_id].state is pueue.TaskState.SUCCESS]
+    handle_paused_groups(ctx, snapshot, now)
+    forgotten = [case for case in running if tasks.needs_record(case, snapshot)]
+    records = fetch_records(ctx, forgotten) if forgotten else {}
+    links = {case.case_id: tasks.resolve(case, snapshot, records) for case in running}
     changed = 0
-    for case in succeeded:  # first, so freed GPUs are handed on before the log call
-        with per_item(ctx, case.case_id, "poll"):
-            changed += complete(ctx, case, tasks[case.case_id], now)
-    wanted = [t.id for t in tasks.values() if t is not None and
-              (t.state is pueue.TaskState.RUNNING or t.state in FAILED_OUTCOMES)]
+    for case in running:  # successes first, so freed GPUs are handed on before the log call
+        if succeeded(links[case.case_id]):
+            with per_item(ctx, case.case_id, "poll"):
+                changed += complete(ctx, case, links[case.case_id], now)
+    wanted = [link.task.id for link in links.values() if link.task is not None and not succeeded(link)
+              and (link.found is tasks.Found.RUNNING or link.result in FAILED_OUTCOMES)]
     outputs = fetch_logs(ctx, wanted) if wanted else {}
     for case in running:
-        if case not in succeeded:
+        if not succeeded(links[case.case_id]):
             with per_item(ctx, case.case_id, "poll"):
-                changed += apply(ctx, case, tasks[case.case_id], outputs, now)
+                changed += apply(ctx, case, links[case.case_id], snapshot, outputs, now)
     return changed
 
 

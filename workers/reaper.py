@@ -1,118 +1,98 @@
-"""reaper: timeouts, zombie slots, stuck cases, dead claims, spool repairs, worker heartbeats.
+"""reaper: orphan tasks, zombie slots, stuck cases, dead claims, spool repairs, worker heartbeats.
 
-A case ``running`` past ``running_case_timeout_hours`` is failed (``timed_out``)
-first, its slot marked zombie, and then killed; a zombie slot returns to
-``available`` only once the HPC shows no unfinished task of ours in its group (a
-failed case's task is killed again while it runs, or removed while it waits). A case whose ``status_updated_at`` did
-not move for ``stuck_after_minutes`` is flagged for an operator, never failed.
+Every task that carries one of our labels but that no case owns (the task of a
+failed, timed-out or cancelled case, or a late ``pueue add`` of a case that moved
+on) is stopped through ``shared.tasks.stop``: removed while it waits, SIGTERM while
+it runs, SIGKILL after ``kill_grace_seconds``; each is logged. A zombie slot returns
+to ``available`` only once the HPC shows no unfinished task of ours in its group. A
+case whose ``status_updated_at`` did not move for ``stuck_after_minutes`` is flagged
+for an operator, never failed. Timeouts are the poller's: they need a fresh answer.
 """
 from __future__ import annotations
 
 import sys
 
-from shared import pueue
+from shared import pueue, tasks
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
-from shared.lifecycle import move_case
 from shared.logs import for_case
 from shared.recovery import recover_expired_claims
 from shared.spool import reconcile, sweep_staging
-from shared.states import CaseStatus, Outcome, SlotStatus
-from shared.store import (Case, Slot, all_slots, case_from_row, case_label, flag_for_review,
-                          get_case, transition_slot)
+from shared.states import SlotStatus
+from shared.store import Case, Slot, all_slots, case_from_row, flag_for_review, transition_slot
 from shared.worker import Context, note_reach, per_item, worker_main
 
-OUR_LABEL = "mqic_case_"
+ORPHAN_CHECK_SECONDS = 30
+LAST_ORPHAN_CHECK = "last_orphan_check"
 
 
-def timed_out_cases(ctx: Context, now: float) -> list[Case]:
-    limit = now - ctx.config.main_loop.running_case_timeout_hours * 3600
-    rows = ctx.conn.execute("SELECT * FROM cases WHERE status = 'running'"
-                            " AND COALESCE(started_at, status_updated_at) < ? ORDER BY case_id", (limit,))
-    return [case_from_row(r) for r in rows]
-
-
-def kill_task(ctx: Context, case: Case) -> bool:
-    """Ask pueue to kill the case's task; True when pueue accepted the kill."""
-    if case.pueue_task_id is None:
-        return False
-    try:
-        result = pueue.kill(ctx.remote, ctx.pueue_cmd, [case.pueue_task_id],
-                            timeout=ctx.config.hpc.command_timeout_seconds)
-    except RemoteFailure as exc:
-        ctx.log.warning("case %d: kill of task %d failed (%s); will retry", case.case_id,
-                        case.pueue_task_id, exc, extra=for_case(case.case_id, "kill", exc))
-        return False
-    return case.pueue_task_id in result.killed
-
-
-def reap_timeout(ctx: Context, case: Case, now: float) -> bool:
-    hours = ctx.config.main_loop.running_case_timeout_hours
-    moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
-                      detail=f"running longer than {hours:g} h: killing task {case.pueue_task_id}",
-                      slot_to=SlotStatus.ZOMBIE,
-                      fields={"outcome": Outcome.TIMED_OUT.value, "completed_at": now,
-                              "error_type": "Timeout", "error_message": f"ran longer than {hours:g} h"})
-    if moved:
-        ctx.log.error("case %d timed out after %g h; killing pueue task %s", case.case_id, hours,
-                      case.pueue_task_id, extra=for_case(case.case_id, "timeout") | {"error_type": "Timeout"})
-        kill_task(ctx, case)
-    return moved
-
-
-def unfinished_tasks_by_group(snapshot: pueue.Snapshot) -> dict[str, list[pueue.TaskInfo]]:
-    """Our tasks (label ``mqic_case_*``) that have not finished, by group."""
-    groups: dict[str, list[pueue.TaskInfo]] = {}
-    for task in snapshot.tasks.values():
-        if task.label and task.label.startswith(OUR_LABEL) and not task.is_done:
-            groups.setdefault(task.group, []).append(task)
-    return groups
-
-
-def stop_task(ctx: Context, case: Case, task: pueue.TaskInfo) -> None:
-    """Kill a running task of a finished case, or remove it while it is still waiting."""
-    try:
-        if task.state.is_active:
-            pueue.kill(ctx.remote, ctx.pueue_cmd, [task.id], timeout=ctx.config.hpc.command_timeout_seconds)
-        else:
-            pueue.remove(ctx.remote, ctx.pueue_cmd, [task.id], timeout=ctx.config.hpc.command_timeout_seconds)
-    except RemoteFailure as exc:
-        ctx.log.warning("case %d: cannot stop task %d (%s); will retry", case.case_id, task.id, exc,
-                        extra=for_case(case.case_id, "stop_task", exc))
-
-
-def reclaim_zombie(ctx: Context, slot: Slot, unfinished: list[pueue.TaskInfo], now: float) -> bool:
-    """Free a zombie slot once its group has no unfinished task of ours; stop a failed case's task."""
-    if not unfinished:
-        freed = transition_slot(ctx.conn, slot.pueue_group, SlotStatus.ZOMBIE, SlotStatus.AVAILABLE,
-                                now=now, worker=ctx.name, case_id=slot.assigned_case_id,
-                                detail="no unfinished task of ours in the group")
-        if freed:
-            ring(ctx.spool.root, "submitter")
-            ctx.log.info("zombie slot %s reclaimed", slot.pueue_group,
-                         extra=for_case(slot.assigned_case_id, "reclaim"))
-        return freed
-    case = get_case(ctx.conn, slot.assigned_case_id) if slot.assigned_case_id else None
-    if case is not None and case.status is CaseStatus.FAILED:
-        for task in unfinished:
-            if task.label == case_label(case.case_id):
-                stop_task(ctx, case, task)
-    return False
-
-
-def reclaim_zombies(ctx: Context, now: float) -> int:
-    zombies = [s for s in all_slots(ctx.conn) if s.status is SlotStatus.ZOMBIE]
-    if not zombies:
-        return 0
+def snapshot_if_needed(ctx: Context, zombies: list[Slot], now: float) -> pueue.Snapshot | None:
+    """One snapshot when a zombie slot waits, or every ORPHAN_CHECK_SECONDS to look for orphans."""
+    if not zombies and now - ctx.state.get(LAST_ORPHAN_CHECK, 0.0) < ORPHAN_CHECK_SECONDS:
+        return None
     try:
         snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
     except RemoteFailure as exc:
         note_reach(ctx, exc)
-        ctx.log.warning("cannot check zombie slots (%s); will retry", exc, extra=for_case(None, "reclaim", exc))
-        return 0
+        ctx.log.warning("cannot check zombie slots and orphan tasks (%s); will retry", exc,
+                        extra=for_case(None, "reclaim", exc))
+        return None
     note_reach(ctx, None)
-    unfinished = unfinished_tasks_by_group(snapshot)
-    return sum(reclaim_zombie(ctx, slot, unfinished.get(slot.pueue_group, []), now) for slot in zombies)
+    ctx.state[LAST_ORPHAN_CHECK] = now
+    return snapshot
+
+
+def cases_by_id(ctx: Context, case_ids: list[int]) -> dict[int, Case]:
+    marks = ",".join("?" * len(case_ids))
+    rows = ctx.conn.execute(f"SELECT * FROM cases WHERE case_id IN ({marks})", case_ids) if case_ids else []
+    return {row["case_id"]: case_from_row(row) for row in rows}
+
+
+def stop_orphans(ctx: Context, snapshot: pueue.Snapshot, now: float) -> int:
+    """Stop every unfinished task with our label that its case does not own; return how many acted on."""
+    policy = tasks.StopPolicy(ctx.pueue_cmd, ctx.config.main_loop.kill_grace_seconds,
+                              ctx.config.hpc.command_timeout_seconds)
+    acted = 0
+    for task, case in tasks.orphans(snapshot, cases_by_id(ctx, tasks.our_case_ids(snapshot))):
+        with per_item(ctx, case.case_id, "stop_orphan"):
+            try:
+                done = tasks.stop(ctx.conn, ctx.remote, policy, case, [task], now=now)
+            except RemoteFailure as exc:
+                ctx.log.warning("case %d: cannot stop task %d (%s); will retry", case.case_id, task.id, exc,
+                                extra=for_case(case.case_id, "stop_orphan", exc))
+                continue
+            if done:
+                acted += 1
+                ctx.log.warning("case %d (%s): task %d carries its label but is not its task: %s",
+                                case.case_id, case.status.value, task.id, ", ".join(done),
+                                extra=for_case(case.case_id, "stop_orphan"))
+    return acted
+
+
+def unfinished_tasks_by_group(snapshot: pueue.Snapshot) -> dict[str, list[pueue.TaskInfo]]:
+    """Our tasks (label ``mqic_case_<id>``) that have not finished, by group."""
+    groups: dict[str, list[pueue.TaskInfo]] = {}
+    for task in snapshot.tasks.values():
+        if tasks.case_id_of(task) is not None and not task.is_done:
+            groups.setdefault(task.group, []).append(task)
+    return groups
+
+
+def reclaim_zombies(ctx: Context, zombies: list[Slot], snapshot: pueue.Snapshot, now: float) -> int:
+    """Free each zombie slot whose group runs no unfinished task of ours."""
+    busy = unfinished_tasks_by_group(snapshot)
+    freed = 0
+    for slot in zombies:
+        if busy.get(slot.pueue_group):
+            continue
+        if transition_slot(ctx.conn, slot.pueue_group, SlotStatus.ZOMBIE, SlotStatus.AVAILABLE,
+                           now=now, worker=ctx.name, case_id=slot.assigned_case_id,
+                           detail="no unfinished task of ours in the group"):
+            freed += 1
+            ring(ctx.spool.root, "submitter")
+            ctx.log.info("zombie slot %s reclaimed", slot.pueue_group,
+                         extra=for_case(slot.assigned_case_id, "reclaim"))
+    return freed
 
 
 def flag_stuck(ctx: Context, now: float) -> int:
@@ -147,10 +127,11 @@ def tick(ctx: Context, now: float) -> int:
     done = reconcile(ctx.conn, ctx.spool, now=now, worker=ctx.name)
     sweep_staging(ctx.spool)
     done += recover_expired_claims(ctx, now)
-    for case in timed_out_cases(ctx, now):
-        with per_item(ctx, case.case_id, "timeout"):
-            done += reap_timeout(ctx, case, now)
-    done += reclaim_zombies(ctx, now)
+    zombies = [s for s in all_slots(ctx.conn) if s.status is SlotStatus.ZOMBIE]
+    snapshot = snapshot_if_needed(ctx, zombies, now)
+    if snapshot is not None:
+        done += stop_orphans(ctx, snapshot, now)
+        done += reclaim_zombies(ctx, zombies, snapshot, now)
     done += flag_stuck(ctx, now)
     check_heartbeats(ctx, now)
     return done

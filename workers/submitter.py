@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from shared import pueue
+from shared import pueue, tasks
 from shared.db import connect
 from shared.doorbell import listen, ring
 from shared.errors import MqicError, RemoteError, RemoteFailure
@@ -39,13 +39,20 @@ class LeaseLost(MqicError):
 
 
 def render_command(template: str, case: Case, remote_dir: str) -> str:
-    """The remote command for a case; ``{case_id}``, ``{case_name}``, ``{remote_dir}`` are quoted."""
-    return template.format(case_id=case.case_id, case_name=shlex.quote(case.case_name),
-                           remote_dir=shlex.quote(remote_dir))
+    """The remote command for a case, wrapped so that it leaves its exit record.
+
+    ``{case_id}``, ``{case_name}``, ``{remote_dir}`` are shell-quoted (the config
+    refuses them inside quotes, where quoting would not protect).
+    """
+    command = template.format(case_id=case.case_id, case_name=shlex.quote(case.case_name),
+                              remote_dir=shlex.quote(remote_dir))
+    return tasks.wrap_command(command)
 
 
-def gpu_env(gpu: str | None) -> dict[str, str]:
-    return {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
+def task_env(case: Case, remote_dir: str, gpu: str | None) -> dict[str, str]:
+    """What the task finds in its environment: the case, its folder, and its GPU."""
+    env = {"MQIC_CASE_ID": str(case.case_id), "MQIC_CASE_NAME": case.case_name, "MQIC_REMOTE_DIR": remote_dir}
+    return env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}
 
 
 @contextmanager
@@ -119,13 +126,14 @@ def submit_task(ctx: Context, claim: Claim, remote_dir: str, *, staged: bool) ->
     still there (WorkdirMissing otherwise), so a staged case costs one round trip.
     """
     case = claim.case
-    fields = {"remote_dir": remote_dir, "lease_until": ctx.clock() + ctx.config.main_loop.lease_seconds}
+    now, timeout = ctx.clock(), ctx.config.hpc.command_timeout_seconds
+    fields = {"remote_dir": remote_dir, "lease_until": now + ctx.config.main_loop.lease_seconds,
+              "add_uncertain_until": now + pueue.add_lands_within(timeout)}
     if not update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, fields, guard={"claimed_by": ctx.worker_id}):
         raise LeaseLost(f"case {case.case_id}: claim lost before pueue add")
     return pueue.submit(ctx.remote, ctx.pueue_cmd, group=claim.group, label=case.label,
                         workdir=remote_dir, command=render_command(ctx.config.hpc.remote_command, case, remote_dir),
-                        env=gpu_env(claim.gpu), timeout=ctx.config.hpc.command_timeout_seconds,
-                        require_workdir=staged)
+                        env=task_env(case, remote_dir, claim.gpu), timeout=timeout, require_workdir=staged)
 
 
 def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, now: float) -> None:
@@ -133,7 +141,8 @@ def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, no
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name,
                       detail=f"pueue task {task_id} in group {claim.group}",
                       fields={"pueue_task_id": task_id, "remote_dir": remote_dir, "claimed_by": None,
-                              "lease_until": None, "started_at": now, "progress": 0.0, "staged_at": None,
+                              "lease_until": None, "started_at": None, "running_since": now, "progress": 0.0,
+                              "staged_at": None, "add_uncertain_until": None, "stop_requested_at": None,
                               "error_type": None, "error_message": None},
                       guard={"claimed_by": ctx.worker_id})
     if moved:
@@ -152,7 +161,11 @@ def may_have_been_stored(exc: RemoteError) -> bool:
 
 
 def leave_for_recovery(ctx: Context, case: Case, error: Exception, now: float) -> None:
-    """``pueue add`` may or may not have happened: let recovery decide by label, now."""
+    """``pueue add`` may or may not have happened: let recovery decide by label.
+
+    It adopts a task found by label at once; "no task" counts only once the add can no
+    longer land (``add_uncertain_until``, set before the add was sent).
+    """
     update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING,
                 {"lease_until": now, "error_type": type(error).__name__, "error_message": str(error)[:2000]},
                 guard={"claimed_by": ctx.worker_id})
@@ -184,6 +197,9 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
         return process_claim(ctx, replace(claim, case=unstaged), now)
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
+        return
+    except (pueue.AlreadySubmitted, pueue.SubmitLockBusy) as exc:  # recovery adopts the task by label
+        leave_for_recovery(ctx, case, exc, now)
         return
     except RemoteError as exc:
         if may_have_been_stored(exc):
@@ -236,7 +252,7 @@ def tick(ctx: Context, now: float) -> int:
             ctx.state[STAGER_WAKE].set()  # no free GPU: the stager may upload ahead
         return done
     ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.group,
-                 claim.case.attempts, extra=for_case(claim.case.case_id, "claim"))
+                 claim.case.attempts + 1, extra=for_case(claim.case.case_id, "claim"))
     with per_item(ctx, claim.case.case_id, "submit"):  # on a crash the lease expires; recovery takes over
         process_claim(ctx, claim, now)
     return done + 1

@@ -1,0 +1,145 @@
+"""What an operator may do to cases: retry, cancel, acknowledge. The CLI only calls these.
+
+Each action goes through the same guarded moves as the workers (``move_case``), so it
+never races a worker into an inconsistent row, and each decision about a remote task
+goes through ``shared.tasks`` on a fresh snapshot.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from shared import pueue, tasks
+from shared.config import Config
+from shared.errors import MqicError, RemoteFailure
+from shared.lifecycle import move_case
+from shared.remote import Remote
+from shared.spool import Spool
+from shared.states import FINAL, CaseStatus, Outcome, SlotStatus
+from shared.store import Case, clear_review, get_case
+
+RETRY_CLEARS = {"attempts": 0, "next_attempt_at": None, "outcome": None, "exit_code": None,
+                "error_type": None, "error_message": None, "log_tail": None, "completed_at": None,
+                "started_at": None, "progress": 0.0, "claimed_by": None, "lease_until": None,
+                "pueue_task_id": None, "pueue_group": None, "remote_dir": None, "staged_at": None,
+                "running_since": None, "add_uncertain_until": None, "stop_requested_at": None}
+
+
+class Refused(MqicError):
+    """The action is not possible for this case right now; the message says why."""
+
+
+@dataclass(frozen=True)
+class Operator:
+    conn: sqlite3.Connection
+    config: Config
+    who: str
+
+    @property
+    def spool(self) -> Spool:
+        return Spool(self.config.spool_path).ensure()
+
+    def remote(self) -> Remote:
+        return Remote(self.config.hpc)
+
+    def snapshot(self) -> pueue.Snapshot:
+        """A fresh look at the HPC; Refused when it cannot tell."""
+        try:
+            return pueue.statuses(self.remote(), list(self.config.hpc.pueue_command),
+                                  timeout=self.config.hpc.command_timeout_seconds)
+        except (RemoteFailure, OSError) as exc:
+            raise Refused(f"the HPC could not tell what its tasks are ({type(exc).__name__}: {exc}); "
+                          f"try again when it is reachable") from None
+
+    def case(self, case_id: int) -> Case:
+        case = get_case(self.conn, case_id)
+        if case is None:
+            raise Refused(f"no case {case_id}")
+        return case
+
+
+def failed_case_ids(conn: sqlite3.Connection, outcome: str | None = None) -> list[int]:
+    """Ids of the failed cases, optionally only those with ``outcome``."""
+    query = "SELECT case_id FROM cases WHERE status = 'failed'" + (" AND outcome = ?" if outcome else "")
+    return [row[0] for row in conn.execute(query + " ORDER BY case_id", (outcome,) if outcome else ())]
+
+
+def retry(op: Operator, case_ids: list[int], *, now: float) -> list[tuple[int, str]]:
+    """Send failed cases back to ``submitted``; returns (case id, what happened) for each.
+
+    One snapshot serves all of them. A case is refused while a task of it has not
+    finished or its slot is still zombie; its finished tasks are removed from pueue first,
+    so the label ``mqic_case_<id>`` names only the retry's task.
+    """
+    if not case_ids:
+        return []
+    snapshot = op.snapshot()
+    results = []
+    for case_id in case_ids:
+        try:
+            results.append((case_id, retry_one(op, op.case(case_id), snapshot, now)))
+        except (Refused, RemoteFailure, tasks.TaskStillActive) as exc:
+            results.append((case_id, f"refused: {exc}"))
+    return results
+
+
+def retry_one(op: Operator, case: Case, snapshot: pueue.Snapshot, now: float) -> str:
+    if case.status is not CaseStatus.FAILED:
+        raise Refused(f"case {case.case_id} is {case.status.value}: only failed cases can be retried")
+    zombie = op.conn.execute("SELECT pueue_group FROM gpu_resources WHERE status = 'zombie'"
+                             " AND assigned_case_id = ?", (case.case_id,)).fetchone()
+    if zombie is not None:
+        raise Refused(f"case {case.case_id}: its previous task may still run (slot {zombie[0]} is zombie "
+                      f"until the reaper sees it gone); retry once the slot is free")
+    removed = tasks.clear_finished(op.remote(), list(op.config.hpc.pueue_command), case, snapshot,
+                                   timeout=op.config.hpc.command_timeout_seconds)
+    detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"
+    if removed:
+        detail += f"; removed finished task(s) {removed} from pueue"
+    if not move_case(op.conn, op.spool, case, CaseStatus.SUBMITTED, now=now, worker=op.who,
+                     detail=detail, fields=dict(RETRY_CLEARS)):
+        raise Refused(f"case {case.case_id} changed meanwhile; look again with `mqic show {case.case_id}`")
+    return f"failed ({case.outcome}) -> submitted (folder {get_case(op.conn, case.case_id).case_path})"
+
+
+def cancel(op: Operator, case_id: int, *, now: float) -> tuple[Case, str]:
+    """A running or submitted case becomes failed (``cancelled``); a running task gets SIGTERM.
+
+    Returns the case as it was and what happened to its task. The slot of a running
+    case becomes zombie; the reaper sends SIGKILL after the grace period and frees it.
+    """
+    case = op.case(case_id)
+    if case.status is CaseStatus.SUBMITTING:
+        raise Refused(f"case {case.case_id} is being submitted right now (in flight); retry the cancel in a moment")
+    if case.status in FINAL:
+        raise Refused(f"case {case.case_id} is already {case.status.value}; nothing to cancel")
+    running = case.status is CaseStatus.RUNNING
+    fields = {"outcome": Outcome.CANCELLED.value, "completed_at": now, "error_type": "Cancelled",
+              "error_message": f"cancelled by {op.who}", "claimed_by": None, "lease_until": None}
+    if not move_case(op.conn, op.spool, case, CaseStatus.FAILED, now=now, worker=op.who,
+                     detail="cancelled by operator", fields=fields,
+                     slot_to=SlotStatus.ZOMBIE if running else None):
+        raise Refused(f"case {case.case_id} changed meanwhile; look again with `mqic show {case.case_id}`")
+    return case, stop_cancelled(op, case, now) if running else "no remote task"
+
+
+def stop_cancelled(op: Operator, case: Case, now: float) -> str:
+    """SIGTERM to the cancelled case's task, found by label in a fresh snapshot."""
+    failed = get_case(op.conn, case.case_id)
+    policy = tasks.StopPolicy(list(op.config.hpc.pueue_command), op.config.main_loop.kill_grace_seconds,
+                              op.config.hpc.command_timeout_seconds)
+    try:
+        done = tasks.stop(op.conn, op.remote(), policy, failed, tasks.unfinished(failed, op.snapshot()), now=now)
+    except (Refused, RemoteFailure, OSError) as exc:
+        return f"could not stop its task now ({exc}); the reaper stops it while slot {case.pueue_group} is zombie"
+    if not done:
+        return f"no unfinished task labelled {case.label}; the reaper frees slot {case.pueue_group}"
+    return f"{', '.join(done)}; the reaper sends SIGKILL after the grace period and frees slot {case.pueue_group}"
+
+
+def acknowledge(op: Operator, case_id: int, *, now: float) -> Case:
+    """Clear a case's review flag (the reason stays in the event history)."""
+    case = op.case(case_id)
+    if not clear_review(op.conn, case.case_id, now=now, worker=op.who):
+        raise Refused(f"case {case.case_id} has no review flag")
+    return case
