@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.chaos import Expected, chain_problems, check_final_state
 from sandbox.casegen import make_case
-from shared import pueue
+from shared import pueue, tasks
 from shared.db import connect
 from shared.states import ALLOWED, CaseStatus, SlotStatus
 from shared.store import claim_next_case, get_case, register_case, sync_slots, transition
@@ -149,8 +149,8 @@ def running_case_with_finished_task(h, name: str):
     case = get_case(ctx.conn, 1)
     assert case.status is CaseStatus.RUNNING
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
-    task = poller.task_of(case, pueue.statuses(ctx.remote, ctx.pueue_cmd))
-    return ctx, case, task
+    link = tasks.resolve(case, pueue.statuses(ctx.remote, ctx.pueue_cmd))
+    return ctx, case, link
 
 
 def stage_entries(ctx, stage: str) -> list[str]:
@@ -180,7 +180,7 @@ def test_results_land_in_the_case_folder_even_when_its_row_lags_behind_the_folde
     ctx.conn.execute("UPDATE cases SET spool_stage = 'queued', case_path = ? WHERE case_id = ?",
                      (str(queued), case.case_id))                 # the folder is already in active
     stale = get_case(ctx.conn, case.case_id)
-    assert poller.apply(ctx, stale, task, {}, time.time())
+    assert poller.apply(ctx, stale, task, pueue.Snapshot({}, {}), {}, time.time())
     done = get_case(ctx.conn, case.case_id)
     assert done.status is CaseStatus.COMPLETED
     assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"
