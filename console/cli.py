@@ -250,15 +250,15 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     finally:
         conn.close()
-    if results and any(not text.startswith("refused") for _, text in results):
+    refused = [case_id for case_id, text in results if text.startswith("refused")]
+    if args.case_id is not None and refused:
+        raise CliError(results[0][1].removeprefix("refused: "))
+    if len(refused) < len(results):
         ring(Spool(config.spool_path).root, "submitter")
     for case_id, text in results:
         print(f"case {case_id}: {text}")
     if not results:
         print("no failed case matches")
-    refused = [case_id for case_id, text in results if text.startswith("refused")]
-    if len(results) == 1 and refused:
-        raise CliError(results[0][1].removeprefix("refused: "))
     return 1 if refused else 0
 
 

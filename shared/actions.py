@@ -48,13 +48,14 @@ class Operator:
             return pueue.statuses(self.remote(), list(self.config.hpc.pueue_command),
                                   timeout=self.config.hpc.command_timeout_seconds)
         except (RemoteFailure, OSError) as exc:
-            raise Refused(f"the HPC could not tell what its tasks are ({type(exc).__name__}: {exc}); "
+            detail = " ".join(str(exc).split())
+            raise Refused(f"the HPC could not tell what its tasks are ({type(exc).__name__}: {detail}); "
                           f"try again when it is reachable") from None
 
     def case(self, case_id: int) -> Case:
         case = get_case(self.conn, case_id)
         if case is None:
-            raise Refused(f"no case {case_id}")
+            raise Refused(f"case {case_id} not found")
         return case
 
 
@@ -71,19 +72,23 @@ def retry(op: Operator, case_ids: list[int], *, now: float) -> list[tuple[int, s
     finished or its slot is still zombie; its finished tasks are removed from pueue first,
     so the label ``mqic_case_<id>`` names only the retry's task.
     """
-    if not case_ids:
-        return []
-    snapshot = op.snapshot()
-    results = []
+    results, ready = [], []
     for case_id in case_ids:
         try:
-            results.append((case_id, retry_one(op, op.case(case_id), snapshot, now)))
-        except (Refused, RemoteFailure, tasks.TaskStillActive) as exc:
+            ready.append(retryable(op, op.case(case_id)))
+        except Refused as exc:
             results.append((case_id, f"refused: {exc}"))
-    return results
+    snapshot = op.snapshot() if ready else None
+    for case in ready:
+        try:
+            results.append((case.case_id, retry_one(op, case, snapshot, now)))
+        except (Refused, RemoteFailure, tasks.TaskStillActive) as exc:
+            results.append((case.case_id, f"refused: {' '.join(str(exc).split())}"))
+    return sorted(results)
 
 
-def retry_one(op: Operator, case: Case, snapshot: pueue.Snapshot, now: float) -> str:
+def retryable(op: Operator, case: Case) -> Case:
+    """``case`` if it may be retried as far as our own records tell; Refused otherwise."""
     if case.status is not CaseStatus.FAILED:
         raise Refused(f"case {case.case_id} is {case.status.value}: only failed cases can be retried")
     zombie = op.conn.execute("SELECT pueue_group FROM gpu_resources WHERE status = 'zombie'"
@@ -91,6 +96,10 @@ def retry_one(op: Operator, case: Case, snapshot: pueue.Snapshot, now: float) ->
     if zombie is not None:
         raise Refused(f"case {case.case_id}: its previous task may still run (slot {zombie[0]} is zombie "
                       f"until the reaper sees it gone); retry once the slot is free")
+    return case
+
+
+def retry_one(op: Operator, case: Case, snapshot: pueue.Snapshot, now: float) -> str:
     removed = tasks.clear_finished(op.remote(), list(op.config.hpc.pueue_command), case, snapshot,
                                    timeout=op.config.hpc.command_timeout_seconds)
     detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"

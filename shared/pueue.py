@@ -168,21 +168,6 @@ class LogEntry:
     log_missing: bool = False
 
 
-class LookupOutcome(str, Enum):
-    FOUND = "found"
-    NOT_FOUND = "not_found"
-    UNREACHABLE = "unreachable"
-
-
-@dataclass(frozen=True)
-class LabelLookup:
-    """Result of ``find_task_by_label``; ``error`` is set only for UNREACHABLE."""
-
-    outcome: LookupOutcome
-    tasks: tuple[TaskInfo, ...] = ()
-    error: str = ""
-
-
 @dataclass(frozen=True)
 class KillResult:
     """Ids pueue started killing, and ids it refused (not running/paused, or unknown)."""
@@ -667,23 +652,6 @@ def parse_clocked_status(text: str) -> Snapshot:
     if not first.startswith(CLOCK_PREFIX) or not first[len(CLOCK_PREFIX):].strip().isdigit():
         raise BadOutput(f"pueue status: expected the HPC clock first, got {_excerpt(text or '')!r}")
     return replace(parse_status(rest), hpc_time=float(first[len(CLOCK_PREFIX):]))
-
-
-def find_task_by_label(
-    runner: Runner, pueue_cmd: Sequence[str], label: str, timeout: float | None = None,
-) -> LabelLookup:
-    """Tasks whose label equals ``label`` exactly (ids are reused; labels are ours).
-
-    Never raises the remote failures: unreachable host, failing pueue (daemon
-    down) or unreadable output all give UNREACHABLE ("could not tell") with the
-    error text.
-    """
-    try:
-        snapshot = statuses(runner, pueue_cmd, timeout=timeout)
-    except (Unreachable, RemoteError, BadOutput) as error:
-        return LabelLookup(LookupOutcome.UNREACHABLE, error=f"{type(error).__name__}: {error}")
-    found = tuple(snapshot.by_label(label))
-    return LabelLookup(LookupOutcome.FOUND if found else LookupOutcome.NOT_FOUND, tasks=found)
 
 
 def logs(

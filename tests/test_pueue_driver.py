@@ -1,6 +1,8 @@
 """The pueue driver over real ssh against the stand-in, in both pueue JSON formats."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from shared import pueue
@@ -37,11 +39,14 @@ def test_submit_status_logs_and_label_lookup(driver, tmp_path):
     output = pueue.logs(remote, cmd, [task_id], lines=5)[task_id]
     assert output.splitlines()[-1] == "0 gpu_a"
     assert pueue.parse_progress(output) == 75.0
-    found = pueue.find_task_by_label(remote, cmd, "mqic_case_1")
-    assert found.outcome is pueue.LookupOutcome.FOUND and [t.id for t in found.tasks] == [task_id]
-    assert pueue.find_task_by_label(remote, cmd, "mqic_case_").outcome is pueue.LookupOutcome.NOT_FOUND
+    snapshot = pueue.statuses(remote, cmd)
+    assert [t.id for t in snapshot.by_label("mqic_case_1")] == [task_id] and snapshot.by_label("mqic_case_") == []
+    assert abs(snapshot.hpc_time - time.time()) < 5          # the HPC's clock (here: the same machine)
+    with pytest.raises(pueue.AlreadySubmitted):               # one task per label, whatever happens
+        pueue.submit(remote, cmd, group="gpu_a", label="mqic_case_1", workdir=str(workdir), command="true")
     h.ctl("stop")
-    assert pueue.find_task_by_label(remote, cmd, "mqic_case_1").outcome is pueue.LookupOutcome.UNREACHABLE
+    with pytest.raises(RemoteError, match="while connecting to daemon"):
+        pueue.statuses(remote, cmd)
 
 
 def test_failures_map_to_their_states(driver, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from shared import pueue
 from shared.errors import BadOutput, RemoteError, Unreachable
-from shared.pueue import LookupOutcome, TaskState
+from shared.pueue import TaskState
 
 DATA = Path(__file__).parent / "data" / "pueue"
 PUEUE = ["/opt/bin/pueue"]
@@ -420,8 +420,22 @@ def test_submit_returns_the_id_even_after_a_version_warning(version):
                            command=TRICKY_COMMAND, env={"CUDA_VISIBLE_DEVICES": "0"}, timeout=30)
     assert task_id == 13
     [(argv, timeout)] = runner.calls
-    assert argv[:3] == ["env", "CUDA_VISIBLE_DEVICES=0", "/opt/bin/pueue"] and argv[-1] == TRICKY_COMMAND
-    assert timeout == 30
+    assert argv[:3] == ["sh", "-c", pueue.ADD_SCRIPT] and timeout == 30
+    assert argv[4:9] == ["/opt/bin/pueue", "mqic_case_20", "30", "/scratch/alice/mqic", "0"]
+    assert argv[9:11] == ["CUDA_VISIBLE_DEVICES=0", "--mqic-add--"] and argv[-1] == TRICKY_COMMAND
+
+
+@pytest.mark.parametrize("code, error", [(86, pueue.WorkdirMissing), (87, pueue.AlreadySubmitted),
+                                         (85, pueue.SubmitLockBusy)])
+def test_submit_refusals_of_the_add_script_are_typed(code, error):
+    runner = FakeRunner(RemoteError(["sh"], code, ""))
+    with pytest.raises(error):
+        pueue.submit(runner, PUEUE, group="gpu_a", label="mqic_case_1", workdir="/w", command="ls")
+
+
+def test_submit_refuses_a_label_the_script_could_not_match_exactly():
+    with pytest.raises(ValueError):
+        pueue.submit(FakeRunner(), PUEUE, group="g", label='x" y', workdir="/w", command="ls")
 
 
 def test_submit_propagates_pueue_failures():
@@ -431,44 +445,27 @@ def test_submit_propagates_pueue_failures():
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_statuses_is_one_status_call(version):
-    runner = FakeRunner(status_text(version))
+def test_statuses_is_one_call_that_also_reads_the_hpc_clock(version):
+    runner = FakeRunner("mqic-clock 1767225600\n" + status_text(version))
     snapshot = pueue.statuses(runner, PUEUE, timeout=20)
-    assert runner.calls == [(["/opt/bin/pueue", "status", "--json"], 20)]
-    assert len(snapshot.tasks) == 13
+    [(argv, timeout)] = runner.calls
+    assert argv[-4:] == ["mqic-clock ", "/opt/bin/pueue", "status", "--json"] and timeout == 20
+    assert len(snapshot.tasks) == 13 and snapshot.hpc_time == 1767225600
 
 
-def test_label_lookup_found_is_an_exact_match():
-    document = json.loads(status_text("v4"))
-    document["tasks"]["13"] = dict(document["tasks"]["4"], id=13, label="mqic_case_1")
-    runner = FakeRunner(json.dumps(document), json.dumps(document))
-    found = pueue.find_task_by_label(runner, PUEUE, "mqic_case_12")
-    assert found.outcome is LookupOutcome.FOUND and [t.id for t in found.tasks] == [4] and found.error == ""
-    assert [t.id for t in pueue.find_task_by_label(runner, PUEUE, "mqic_case_1").tasks] == [13]
+@pytest.mark.parametrize("text", [status_text("v4"), "mqic-clock soon\n{}", "", "mqic-clock 12\ngarbage"])
+def test_a_status_without_a_readable_clock_is_bad_output(text):
+    with pytest.raises(BadOutput):
+        pueue.parse_clocked_status(text)
 
 
-def test_label_lookup_returns_every_task_with_the_label_in_id_order():
+def test_by_label_is_an_exact_match_in_id_order():
     document = json.loads(status_text("v3"))
     document["tasks"]["13"] = dict(document["tasks"]["1"], id=13, status="Running")  # resubmitted case 07
-    lookup = pueue.find_task_by_label(FakeRunner(json.dumps(document)), PUEUE, "mqic_case_07")
-    assert [(t.id, t.state) for t in lookup.tasks] == [(1, TaskState.FAILED), (13, TaskState.RUNNING)]
-
-
-def test_label_lookup_not_found():
-    lookup = pueue.find_task_by_label(FakeRunner(status_text("v3")), PUEUE, "mqic_case_1")
-    assert (lookup.outcome, lookup.tasks, lookup.error) == (LookupOutcome.NOT_FOUND, (), "")
-
-
-@pytest.mark.parametrize("reply, text", [
-    (Unreachable("ssh: connect to host hpc port 22: Connection timed out"), "Connection timed out"),
-    (cli_reply(DAEMON_DOWN, "v3"), "while connecting to daemon"),
-    (cli_reply(DAEMON_DOWN, "v4"), "while connecting to daemon"),
-    ("garbage", "garbage"),
-])
-def test_label_lookup_could_not_tell(reply, text):
-    lookup = pueue.find_task_by_label(FakeRunner(reply), PUEUE, "mqic_case_12")
-    assert lookup.outcome is LookupOutcome.UNREACHABLE and lookup.tasks == ()
-    assert text in lookup.error
+    document["tasks"]["14"] = dict(document["tasks"]["1"], id=14, label="mqic_case_0")
+    snapshot = pueue.parse_status(json.dumps(document))
+    assert [(t.id, t.state) for t in snapshot.by_label("mqic_case_07")] == [(1, TaskState.FAILED), (13, TaskState.RUNNING)]
+    assert snapshot.by_label("mqic_case_1") == []
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -98,7 +98,7 @@ def test_claim_takes_oldest_case_and_a_slot_atomically(conn):
     claim = claim_next_case(conn, worker="sub-1", now=NOW + 10, lease_seconds=60)
     assert claim.case.case_id == older.case_id and claim.group == "gpu_a" and claim.gpu == "0"
     assert claim.case.status is CaseStatus.SUBMITTING and claim.case.claimed_by == "sub-1"
-    assert claim.case.lease_until == NOW + 70 and claim.case.attempts == 1
+    assert claim.case.lease_until == NOW + 70 and claim.case.attempts == 0  # counted only on failure
     slot = get_slot(conn, "gpu_a")
     assert slot.status is SlotStatus.ASSIGNED and slot.assigned_case_id == older.case_id
     # No free slot: the newer case waits untouched.

@@ -382,7 +382,7 @@ def test_a_daemon_restart_requeues_the_killed_case_and_resumes_the_group(hpc):
 def test_a_paused_group_is_logged_once_not_every_pass(hpc, caplog):
     h = hpc(groups={"gpu_a": {"gpu": 0}}, pueue={"resume_paused_groups": False})
     ctx = ctx_for(h)
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="mqic")
     submitted(ctx, "behind a paused group", seconds=30)
     assert h.pueue("pause", "-g", "gpu_a").returncode == 0
     for offset in (0, 1, 2, 60):
