@@ -204,10 +204,13 @@ def test_repeated_commands_reuse_one_connection(remote_config, sshd):
     assert accepted_after == accepted_before
 
 
-def test_connection_dropped_mid_copy_leaves_no_complete_looking_case(tmp_path, sshd):
+@pytest.mark.parametrize("transfer", ["scp", "tar"])
+def test_connection_dropped_mid_copy_leaves_no_complete_looking_case(tmp_path, sshd, transfer):
+    """Also: scp losing its connection mid-copy is an outage, not taken for a missing SFTP server."""
     import threading
     from tests.conftest import wait_until
-    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm"))
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm",
+                                                     transfer=transfer))
     remote = Remote(config.hpc)
     local = make_case(tmp_path / "local" / "big")
     with open(local / "big.ptn", "wb") as handle:
