@@ -218,7 +218,6 @@ def extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path
         raise UnsafeMember(member.name, str(exc)) from None
 
 
-
 # Verify an upload by file count and bytes, then rename it into place; exit 4 on mismatch.
 FINALIZE_SCRIPT = r"""
 tmp=$1 final=$2 want="$3 $4"
