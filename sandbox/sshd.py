@@ -11,7 +11,8 @@ Usage::
     with SandboxSshd(tmp_path / "sshd") as sshd:
         subprocess.run([*sshd.endpoint.ssh_base_argv(), "true"], check=True)
 
-or from a shell: ``python -m sandbox.sshd start|stop|status ROOT``.
+or from a shell: ``python -m sandbox.sshd start|stop|status ROOT`` (``start --no-sftp``: an sshd
+without the SFTP subsystem, as on HPCs where OpenSSH 9 ``scp`` cannot copy).
 """
 from __future__ import annotations
 
