@@ -17,6 +17,7 @@ import shlex
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +34,7 @@ from shared.config import Config, default_config_path, load_config
 from shared.db import connect
 from shared.doorbell import ring
 from shared.errors import ConfigError, MqicError, RemoteFailure
-from shared.remote import Remote
+from shared.remote import Remote, TransferUnsupported, UnsafeControlDir, ensure_private_dir
 from shared.spool import Spool
 from shared.states import Outcome
 from shared.store import Case, get_case
@@ -43,6 +44,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KEEP = 14
 BACKUP_NAME = re.compile(r"^backup_(\d{8})(?:_(\d{6}))?(?:_(\d+))?\.db$")
 PROBE_SCRIPT = 'probe="$1/.mqic-doctor-probe-$$" && touch -- "$probe" && rm -f -- "$probe"'
+DOCTOR_CASE_ID = 0  # real case ids start at 1, so the probe upload's temporaries touch no case
 
 
 class CliError(MqicError):
@@ -344,14 +346,48 @@ def remote_checks(config: Config) -> list[Check]:
                 f" -p {config.hpc.port} {config.hpc.user}@{config.hpc.host} true")
         skipped = "skipped: ssh is not reachable"
         return [Check("ssh", False, f"{target}: {one_line(exc)}", hint),
-                *(Check(name, False, skipped) for name in ("pueue", "pueue groups", "remote base dir"))]
+                *(Check(name, False, skipped) for name in ("pueue", "pueue groups", "remote base dir", "transfer"))]
     checks = [Check("ssh", True, f"{target} answers")]
     checks.append(attempt("pueue", lambda: f"version {pueue.version(remote, cmd, timeout=timeout)}",
                           f"install pueue on the HPC and start it (pueued -d); hpc.pueue_command is {shlex.join(cmd)}"))
     checks.append(check_groups(config, remote, cmd, timeout))
     checks.append(attempt("remote base dir", lambda: probe_base_dir(remote, timeout),
                           f"create {config.hpc.remote_base_dir} on the HPC and make it writable by {config.hpc.user}"))
+    checks.append(check_transfer(config, remote))
     return checks
+
+
+def check_control_dir(config: Config) -> Check:
+    """The ssh control folder must be a real folder of ours with mode 0700 (created if missing)."""
+    path = Remote(config.hpc).control_dir
+    try:
+        ensure_private_dir(path)
+    except UnsafeControlDir as exc:
+        return Check("control dir", False, one_line(exc),
+                     f"remove {path} (as its owner or root) and let mqic create it, or set hpc.control_dir")
+    except OSError as exc:
+        return Check("control dir", False, one_line(exc), "set hpc.control_dir to a folder we can create")
+    return Check("control dir", True, f"{path} is ours, mode 0700")
+
+
+def check_transfer(config: Config, remote: Remote) -> Check:
+    """Upload a tiny folder with the configured transfer, exactly as a case goes, then remove it."""
+    method = config.hpc.transfer
+    name = f".mqic-doctor-{os.getpid()}-{int(time.time())}"
+    with tempfile.TemporaryDirectory(prefix="mqic-doctor-") as folder:
+        Path(folder, "probe.txt").write_text("mqic doctor\n")
+        Path(folder, "sub dir").mkdir()
+        Path(folder, "sub dir", "probe 2.txt").write_text("mqic doctor\n")
+        try:
+            result = remote.upload(Path(folder), name, case_id=DOCTOR_CASE_ID)
+            remote.run(["rm", "-rf", "--", result.remote_dir])
+        except TransferUnsupported as exc:
+            return Check("transfer", False, f"{method}: {one_line(exc)}",
+                         'set hpc.transfer: tar, or hpc.scp_command: "scp -O"')
+        except (RemoteFailure, OSError) as exc:
+            return Check("transfer", False, f"{method}: {one_line(exc)}",
+                         f"make {method} work from here to the HPC, or set hpc.transfer: tar (needs only ssh and tar)")
+    return Check("transfer", True, f"{method} upload of {result.files} files verified and removed again")
 
 
 def attempt(name: str, action: Callable[[], str], hint: str) -> Check:
@@ -411,7 +447,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(Check("config", False, " ".join(str(exc).split()), f"edit {source}; every key is described in README.md").line())
         return EXIT_CONFIG
     checks = [Check("config", True, f"{config.source} is valid"), check_identity(config),
-              check_known_hosts(config), *remote_checks(config), check_database(config)]
+              check_known_hosts(config), check_control_dir(config), *remote_checks(config),
+              check_database(config)]
     for check in checks:
         print(check.line(), flush=True)
     return 0 if all(c.ok for c in checks) else 1

@@ -11,7 +11,8 @@ Usage::
     with SandboxSshd(tmp_path / "sshd") as sshd:
         subprocess.run([*sshd.endpoint.ssh_base_argv(), "true"], check=True)
 
-or from a shell: ``python -m sandbox.sshd start|stop|status ROOT``.
+or from a shell: ``python -m sandbox.sshd start|stop|status ROOT`` (``start --no-sftp``: an sshd
+without the SFTP subsystem, as on HPCs where OpenSSH 9 ``scp`` cannot copy).
 """
 from __future__ import annotations
 
@@ -121,9 +122,10 @@ class SandboxSshd:
     started by another process), it only returns the endpoint.
     """
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, *, sftp: bool = True):
         self._layout = _Layout(Path(root).resolve())
         self._requested_port = port
+        self._sftp = sftp  # False: no ``Subsystem sftp``, like HPCs where OpenSSH 9 scp fails
         self._process: subprocess.Popen[bytes] | None = None
         self.endpoint: SshEndpoint | None = None
 
@@ -160,7 +162,7 @@ class SandboxSshd:
         port, user = self._port_and_user()
         self._write_state(port, user)
         self._write_client_files(port)
-        layout.config.write_text(_sshd_config_text(layout, port, user))
+        layout.config.write_text(_sshd_config_text(layout, port, user, sftp=self._sftp))
         self.endpoint = self._endpoint_for(port, user)
         self._launch_and_wait(port)
         return self.endpoint
@@ -321,7 +323,7 @@ class SandboxSshd:
 
 # --- setup helpers ----------------------------------------------------------
 
-def _sshd_config_text(layout: _Layout, port: int, user: str) -> str:
+def _sshd_config_text(layout: _Layout, port: int, user: str, *, sftp: bool = True) -> str:
     lines = [
         f"ListenAddress {LOOPBACK}",
         f"Port {port}",
@@ -343,9 +345,10 @@ def _sshd_config_text(layout: _Layout, port: int, user: str) -> str:
         "PrintMotd no",
         "PrintLastLog no",
         "X11Forwarding no",
-        "Subsystem sftp internal-sftp",
         "LogLevel VERBOSE",
     ]
+    if sftp:
+        lines.append("Subsystem sftp internal-sftp")
     return "# Written by sandbox/sshd.py; rewritten on every start.\n" + "\n".join(lines) + "\n"
 
 
@@ -462,25 +465,27 @@ def _signal_quietly(pid: int, signum: int) -> None:
 # --- command line ---------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sandbox.sshd start|stop|status ROOT``; prints JSON on stdout.
+    """``python -m sandbox.sshd start|stop|status ROOT [--no-sftp]``; prints JSON on stdout.
 
-    ``start`` prints the endpoint; ``stop`` and ``status`` print
+    ``start`` prints the endpoint (``--no-sftp``: without the SFTP subsystem); ``stop`` and ``status`` print
     ``{"running": bool, "endpoint": {...} | null}``. ``status`` exits 3 when not running.
     """
     parser = argparse.ArgumentParser(prog="python -m sandbox.sshd", description=main.__doc__)
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("root", type=Path)
+    parser.add_argument("--no-sftp", dest="sftp", action="store_false",
+                        help="start without the SFTP subsystem (as some HPCs run sshd)")
     args = parser.parse_args(argv)
     try:
-        return _run_action(args.action, args.root)
+        return _run_action(args.action, args.root, sftp=args.sftp)
     except SandboxSshdError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
 
-def _run_action(action: str, root: Path) -> int:
+def _run_action(action: str, root: Path, *, sftp: bool = True) -> int:
     if action == "start":
-        print(json.dumps(SandboxSshd(root).start().to_json_dict()))
+        print(json.dumps(SandboxSshd(root, sftp=sftp).start().to_json_dict()))
         return 0
     try:
         sandbox = SandboxSshd.from_state(root)

@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian machine lacks (as root), then the venv with the project in it.
+# Installs what a fresh Debian machine lacks (as root), then the venvs with the project in them.
+#   bash scripts/setup.sh [newest] [debian]     (no argument: newest)
+#     newest: .venv        from `python3` on PATH (the newest Python on the machine)
+#     debian: .venv-debian from Debian's own /usr/bin/python3 (3.11.2 on Debian 12)
 # Idempotent: a second run only re-installs the project when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+DEBIAN_PYTHON=/usr/bin/python3
+wanted=("${@:-newest}")
+
+wants() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
 
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v ssh >/dev/null || missing+=(openssh-client)
 command -v rsync >/dev/null || missing+=(rsync)
 command -v tar >/dev/null || missing+=(tar)
+if wants debian; then
+  [ -x "$DEBIAN_PYTHON" ] || missing+=(python3)
+  # Debian keeps ensurepip (which `python3 -m venv` needs) in python3-venv.
+  { [ -x "$DEBIAN_PYTHON" ] && "$DEBIAN_PYTHON" -c 'import ensurepip' 2>/dev/null; } || missing+=(python3-venv)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -20,11 +33,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-fi
-if [ ! -f .venv/.mqic-installed ] || [ pyproject.toml -nt .venv/.mqic-installed ]; then
-  .venv/bin/pip install -q -e '.[test]'
-  touch .venv/.mqic-installed
-fi
+make_venv() {  # make_venv DIR PYTHON
+  local venv=$1 python=$2
+  if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+  fi
+  if [ ! -f "$venv/.mqic-installed" ] || [ pyproject.toml -nt "$venv/.mqic-installed" ]; then
+    "$venv/bin/pip" install -q -e '.[test]'
+    touch "$venv/.mqic-installed"
+  fi
+}
+
+if wants newest; then make_venv .venv python3; fi
+if wants debian; then make_venv .venv-debian "$DEBIAN_PYTHON"; fi

@@ -57,7 +57,7 @@ class HpcConfig:
     control_dir: Path | None = None
     control_persist_seconds: int = 600
     remote_command: str = DEFAULT_REMOTE_COMMAND
-    transfer: str = "scp"
+    transfer: str = "tar"
     result_files: tuple[str, ...] = ()
 
 
@@ -240,7 +240,7 @@ def _hpc(s: _Section) -> HpcConfig:
         control_dir=None if control_dir is None else s.path("control_dir"),
         control_persist_seconds=s.number("control_persist_seconds", 600, integer=True),
         remote_command=_command_template(s),
-        transfer=s.choice("transfer", "scp", TRANSFER_METHODS),
+        transfer=s.choice("transfer", "tar", TRANSFER_METHODS),
         result_files=_string_list(s, "result_files"),
     )
 

@@ -22,7 +22,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Mapping, Protocol, Sequence
 
-from shared.errors import BadOutput, RemoteError, RemoteFailure, Unreachable
+from shared.errors import BadOutput, RemoteError, RemoteFailure
 
 DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<total>\d+) batches\)"
 FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")

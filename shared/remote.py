@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import re
 import secrets
 import shlex
+import stat
 import subprocess
 import tarfile
 import threading
@@ -33,7 +35,7 @@ from plumbum import local
 from plumbum.commands.processes import ProcessTimedOut
 
 from shared.config import HpcConfig
-from shared.errors import BadOutput, RemoteError, RemoteFailure, Unreachable
+from shared.errors import BadOutput, HpcTrouble, RemoteError, RemoteFailure, Unreachable
 
 SSH_UNREACHABLE = 255
 UPLOAD_PREFIX = ".mqic-upload-"
@@ -41,6 +43,14 @@ CONNECTION_TROUBLE = re.compile(
     r"Connection (refused|closed|reset|timed out)|lost connection|Broken pipe|"
     r"Could not resolve|No route to host|Network is unreachable|kex_exchange_identification|"
     r"Connection to .* closed by remote host|port \d+: Operation timed out", re.IGNORECASE)
+
+
+SCP_CLOSED = re.compile(r"Connection closed|subsystem request failed", re.IGNORECASE)
+SCP_WITHOUT_SFTP = (
+    "scp said 'Connection closed' before copying anything, yet {host} answers ssh: its sshd has no SFTP "
+    "server (no 'Subsystem sftp'), which OpenSSH 9 scp needs. Fix: set hpc.transfer: tar "
+    "(one stream over ssh, needs only tar on the HPC), or hpc.scp_command: \"scp -O\" "
+    "(the legacy scp protocol).")
 
 
 def transfer_failure(what: str, code: int, err: str, out: str = "") -> RemoteFailure:
@@ -53,6 +63,30 @@ def transfer_failure(what: str, code: int, err: str, out: str = "") -> RemoteFai
 
 class VerifyFailed(RemoteFailure):
     """An upload arrived, but its file count or size differs from the local folder."""
+
+
+class TransferUnsupported(RemoteError, HpcTrouble):
+    """The HPC answers ssh but refuses the configured transfer (scp without an SFTP server).
+
+    A configuration problem, not an outage: the message says which setting fixes it.
+    """
+
+
+class UnsafeMember(BadOutput):
+    """A results archive holds a member that is not a plain file or folder inside the case folder."""
+
+    def __init__(self, member: str, why: str):
+        self.member = member
+        super().__init__(f"results archive member {member!r} refused: {why}")
+
+
+class UnsafeControlDir(Unreachable):
+    """The ssh control folder is not a private folder of ours, so the HPC cannot be reached safely.
+
+    Another local user who owns (or can write) it could hijack or spy on the shared
+    connection. Nothing is sent until it is fixed; like any Unreachable, never a reason
+    to fail a case.
+    """
 
 
 @dataclass(frozen=True)
@@ -81,6 +115,107 @@ def remote_path_expr(path: str) -> str:
     if path.startswith("~/"):
         return '"$HOME"/' + shlex.quote(path[2:])
     return shlex.quote(path)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` with mode 0700 when missing; raise UnsafeControlDir unless it is then
+    a real folder (not a symlink), owned by us, with mode 0700 exactly.
+
+    The checks run on a descriptor opened without following links, so the folder
+    cannot be swapped between the check and its use by a path trick.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = True
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        created = False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise UnsafeControlDir(_unsafe_dir_message(path, os.lstat(path), exc)) from None
+    try:
+        if created:
+            os.fchmod(fd, 0o700)  # mkdir's mode was narrowed by the umask, never widened
+        problem = _private_dir_problem(path, os.fstat(fd))
+    finally:
+        os.close(fd)
+    if problem:
+        raise UnsafeControlDir(problem)
+
+
+def _unsafe_dir_message(path: Path, info: os.stat_result, exc: OSError) -> str:
+    fix = f"remove it (rm {shlex.quote(str(path))}) or set hpc.control_dir to a private folder"
+    if stat.S_ISLNK(info.st_mode):
+        return (f"control dir {path} is a symlink (to {os.readlink(path)}), not a folder of ours; "
+                f"refusing to use it: {fix}")
+    if not stat.S_ISDIR(info.st_mode):
+        return f"control dir {path} is not a folder; refusing to use it: {fix}"
+    return f"control dir {path} cannot be opened ({exc.strerror}); refusing to use it: {fix}"
+
+
+def _private_dir_problem(path: Path, info: os.stat_result) -> str | None:
+    if info.st_uid != os.getuid():
+        return (f"control dir {path} belongs to {_user_name(info.st_uid)}, not to us "
+                f"({_user_name(os.getuid())}); another user may have created it first. Refusing to use it: "
+                f"remove it as its owner or root, or set hpc.control_dir to a private folder")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode != 0o700:
+        return (f"control dir {path} has mode {mode:04o}, not 0700; others could reach the shared "
+                f"connection. Refusing to use it: chmod 700 {shlex.quote(str(path))} "
+                f"(after checking nothing foreign is inside)")
+    return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+HAS_TAR_FILTERS = hasattr(tarfile, "data_filter")  # Python 3.11.4+, 3.12+
+TAR_FILTER_ERRORS = (tarfile.FilterError,) if HAS_TAR_FILTERS else ()
+
+
+def check_member(member: tarfile.TarInfo, dest: Path) -> None:
+    """Raise UnsafeMember unless ``member`` is a regular file or folder landing inside ``dest``.
+
+    Refused: absolute names, any ``..`` component, every link (symbolic or hard, even
+    one pointing inside: results never need them, and refusing is simpler than proving
+    a target harmless), devices, fifos, and a path through an existing link in ``dest``.
+    """
+    name = member.name
+    if not name or name.startswith("/"):
+        raise UnsafeMember(name, "absolute path")
+    if ".." in name.split("/"):
+        raise UnsafeMember(name, "'..' in its path")
+    if member.issym() or member.islnk():
+        kind = "symbolic" if member.issym() else "hard"
+        raise UnsafeMember(name, f"{kind} link to {member.linkname!r}; links are never fetched")
+    if not (member.isreg() or member.isdir()):
+        raise UnsafeMember(name, "a device, fifo or other special file; only files and folders are fetched")
+    root = os.path.realpath(dest)
+    if os.path.commonpath([root, os.path.realpath(os.path.join(root, name))]) != root:
+        raise UnsafeMember(name, f"its path leads outside {dest} through a link there")
+
+
+def extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    """Extract one checked member into ``dest``, owned by us, without set-id bits.
+
+    Our own checks always run; where Python has extraction filters (3.11.4+) the
+    ``data`` filter runs as well. Raises UnsafeMember for a refused member.
+    """
+    check_member(member, dest)
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    member.mode = 0o755 if member.isdir() else (member.mode & 0o755) | 0o600
+    try:
+        if HAS_TAR_FILTERS:
+            archive.extract(member, dest, numeric_owner=True, filter="data")
+        else:  # Debian 12's Python 3.11.2
+            archive.extract(member, dest, numeric_owner=True)
+    except TAR_FILTER_ERRORS as exc:
+        raise UnsafeMember(member.name, str(exc)) from None
 
 
 # Verify an upload by file count and bytes, then rename it into place; exit 4 on mismatch.
@@ -152,9 +287,11 @@ class Remote:
 
     # -- connection reuse ---------------------------------------------------------------
     def ensure_master(self) -> None:
-        """Start the shared ControlMaster connection unless one is already listening."""
-        self.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.control_dir, 0o700)
+        """Start the shared ControlMaster connection unless one is already listening.
+
+        Raises UnsafeControlDir when the control folder is not private to us.
+        """
+        ensure_private_dir(self.control_dir)
         with self._master_lock, FileLock(str(self.control_dir / f"{self.hpc.host}.lock"), timeout=60):
             if self._master_alive():
                 return
@@ -227,7 +364,8 @@ class Remote:
         and only then renamed into place (replacing an earlier partial attempt, whose
         temporaries the same remote call removes). Two remote calls: copy, then
         verify-and-rename.
-        Raises Unreachable, RemoteError or VerifyFailed.
+        Raises Unreachable, RemoteError (TransferUnsupported: scp against an HPC
+        without SFTP) or VerifyFailed.
         """
         files, size = folder_manifest(local_dir)
         base = self.base_dir()
@@ -236,6 +374,8 @@ class Remote:
         transfer = {"tar": self._upload_tar, "rsync": self._upload_rsync}.get(self.hpc.transfer, self._upload_scp)
         try:
             transfer(local_dir, temp, limit)
+        except TransferUnsupported:
+            raise
         except RemoteError as exc:
             raise self._explain(exc, base, size) from None
         final = f"{base}/{folder_name}"
@@ -279,7 +419,22 @@ class Remote:
     def _upload_scp(self, local_dir: Path, temp: str, limit: float) -> None:
         self.ensure_master()
         scp = self.scp_command()["-r", "--", str(local_dir), f"{self.destination}:{temp}"]
-        self._transfer(scp, limit, "scp upload")
+        try:
+            self._transfer(scp, limit, "scp upload")
+        except Unreachable as exc:
+            if SCP_CLOSED.search(str(exc)) and self._answers_without(temp):
+                raise TransferUnsupported(["scp upload"], SSH_UNREACHABLE, SCP_WITHOUT_SFTP.format(
+                    host=self.hpc.host)) from None
+            raise
+
+    def _answers_without(self, temp: str) -> bool:
+        """True when a plain ssh command works and ``temp`` was never created: the host is
+        up and scp closed before writing anything, as OpenSSH 9 scp does without SFTP."""
+        try:
+            self.run(["test", "!", "-e", temp])
+        except RemoteFailure:
+            return False  # unreachable, or scp had started writing: a real connection loss
+        return True
 
     def _upload_tar(self, local_dir: Path, temp: str, limit: float) -> None:
         self.ensure_master()
@@ -301,9 +456,11 @@ class Remote:
                          timeout: float | None = None) -> list[str]:
         """Fetch the files matching ``patterns`` in ``remote_dir`` into ``local_dir``.
 
-        Streams one tar archive over the shared connection and extracts it with the
-        ``data`` filter, so nothing can land outside ``local_dir``. Returns the
-        extracted names (possibly empty when nothing matched).
+        Streams one tar archive over the shared connection and extracts it member by
+        member through ``extract_member``, so nothing can land outside ``local_dir``.
+        Returns the extracted names (possibly empty when nothing matched). Raises
+        UnsafeMember (a BadOutput) naming the first refused member; members before it
+        may already be in ``local_dir``.
         """
         if not patterns:
             return []
@@ -317,9 +474,13 @@ class Remote:
         try:
             with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
                 for member in archive:
-                    archive.extract(member, local_dir, filter="data")
+                    extract_member(archive, member, local_dir)
                     names.append(member.name)
-        except tarfile.ReadError as exc:
+        except UnsafeMember:
+            proc.kill()
+            proc.communicate()
+            raise
+        except tarfile.TarError as exc:
             proc.wait()
             self._raise_for(proc, "download results", exc)
         finally:

@@ -23,11 +23,13 @@ from shared.logs import for_case, setup_logging
 from shared.remote import Remote
 from shared.spool import Spool
 from shared.errors import Unreachable
-from shared.store import beat, note_remote, sync_slots
+from shared.store import beat, flag_for_review, get_case, note_remote, sync_slots
 
 
 HELPER_THREADS = "helper_threads"
 HELPER_FAILED = "helper_failed"
+REPEATED_ERRORS = "repeated_errors"  # ctx.state: {(case_id, operation): consecutive unexpected errors}
+REVIEW_AFTER_REPEATS = 3
 
 
 @dataclass
@@ -56,14 +58,37 @@ class Context:
 
 @contextmanager
 def per_item(ctx: "Context", case_id: int | None, operation: str) -> Iterator[None]:
-    """The per-item error boundary inside a tick: log and go on, but let database errors through."""
+    """The per-item error boundary inside a tick: log and go on, but let database errors through.
+
+    The third unexpected error in a row on one (case, operation) flags the case for
+    review with the error's type and message, so it never loops silently (counted in
+    ``ctx.state``, per process); a success of that (case, operation) resets the count.
+    """
+    repeats = ctx.state.setdefault(REPEATED_ERRORS, {})
     try:
         yield
     except sqlite3.Error:
         raise
     except Exception as exc:
-        ctx.log.exception("case %s: %s failed unexpectedly", case_id, operation,
-                          extra=for_case(case_id, operation, exc))
+        count = repeats[(case_id, operation)] = repeats.get((case_id, operation), 0) + 1
+        if count <= REVIEW_AFTER_REPEATS:
+            ctx.log.exception("case %s: %s failed unexpectedly", case_id, operation,
+                              extra=for_case(case_id, operation, exc))
+        else:  # the traceback was logged already
+            ctx.log.error("case %s: %s failed unexpectedly again (%d times): %s: %s", case_id, operation,
+                          count, type(exc).__name__, exc, extra=for_case(case_id, operation, exc))
+        if count == REVIEW_AFTER_REPEATS and case_id is not None:
+            flag_repeated_error(ctx, case_id, operation, exc, count)
+    else:
+        repeats.pop((case_id, operation), None)
+
+
+def flag_repeated_error(ctx: "Context", case_id: int, operation: str, exc: Exception, count: int) -> None:
+    case = get_case(ctx.conn, case_id)
+    reason = f"{operation} failed {count} times in a row: {type(exc).__name__}: {exc}"[:1000]
+    if case is not None and flag_for_review(ctx.conn, case, reason, now=ctx.clock(), worker=ctx.name):
+        ctx.log.error("case %d flagged for review: %s", case_id, reason,
+                      extra=for_case(case_id, operation, exc))
 
 
 def note_reach(ctx: "Context", error: Exception | None) -> None:

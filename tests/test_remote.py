@@ -8,8 +8,8 @@ import time
 import pytest
 
 from sandbox.sshd import SandboxSshd
-from shared.errors import RemoteError, Unreachable
-from shared.remote import Remote, VerifyFailed, folder_manifest
+from shared.errors import BadOutput, RemoteError, Unreachable
+from shared.remote import Remote, UnsafeMember, VerifyFailed, folder_manifest
 from tests.conftest import hpc_overrides, make_config
 
 HOSTILE = ["plain", "with space", "quote'single", 'quote"double', "dollar $(touch pwned) ${HOME}",
@@ -104,6 +104,58 @@ def test_download_results_fetches_globs_and_stays_inside(remote_config, tmp_path
     assert (dest / "output" / "dose.raw").stat().st_size == 100 and not (dest / "other.txt").exists()
 
 
+def plant_escaping_symlink(out):
+    """output/escape -> ../../victim, and a file through it: the HPC side resolves it to a
+    folder next to the case; extracted blindly it would write next to the local folder."""
+    (out.parent.parent / "victim").mkdir()
+    (out.parent.parent / "victim" / "planted").write_text("pwned")
+    (out / "escape").symlink_to("../../victim")
+    return ["output/*", "output/escape/planted"]
+
+
+def plant_absolute_symlink(out):
+    (out / "etc").symlink_to("/etc")
+    return ["output/*"]
+
+
+def plant_fifo(out):
+    os.mkfifo(out / "pipe")
+    return ["output/*"]
+
+
+def plant_hardlink(out):
+    os.link(out / "dose.raw", out / "dose2.raw")
+    return ["output/*"]
+
+
+@pytest.mark.parametrize("plant, refused, why", [
+    (plant_escaping_symlink, "output/escape", "symbolic link to '../../victim'"),
+    (plant_absolute_symlink, "output/etc", "symbolic link to '/etc'"),
+    (plant_fifo, "output/pipe", "fifo"),
+    (plant_hardlink, None, "hard link"),
+], ids=["symlink-escaping", "symlink-etc", "fifo", "hardlink"])
+def test_download_refuses_a_hostile_results_folder_and_writes_nothing_outside(remote_config, tmp_path,
+                                                                              plant, refused, why):
+    remote = Remote(remote_config.hpc)
+    rdir = tmp_path / "remote" / "cases" / "5_case"
+    (rdir / "output").mkdir(parents=True)
+    (rdir / "output" / "dose.raw").write_bytes(b"\0" * 100)
+    patterns = plant(rdir / "output")
+    local = tmp_path / "local" / "cases"
+    dest = local / "5_case"
+    dest.mkdir(parents=True)
+    with pytest.raises(UnsafeMember) as caught:
+        remote.download_results(str(rdir), patterns, dest)
+    assert isinstance(caught.value, BadOutput) and why in str(caught.value)
+    if refused:
+        assert caught.value.member == refused
+    assert {str(p.relative_to(local.parent)) for p in local.parent.rglob("*")} <= \
+        {"cases", "cases/5_case", "cases/5_case/output", "cases/5_case/output/dose.raw",
+         "cases/5_case/output/dose2.raw"}  # a hard link's first name is a plain file
+    assert not (tmp_path / "local" / "victim").exists()
+    assert remote.run(["echo", "still fine"]) == "still fine\n"  # the stream was torn down cleanly
+
+
 def test_unreachable_when_sshd_is_down(tmp_path, sshd):
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "r", tmp_path / "cm"))
     remote = Remote(config.hpc)
@@ -152,10 +204,13 @@ def test_repeated_commands_reuse_one_connection(remote_config, sshd):
     assert accepted_after == accepted_before
 
 
-def test_connection_dropped_mid_copy_leaves_no_complete_looking_case(tmp_path, sshd):
+@pytest.mark.parametrize("transfer", ["scp", "tar"])
+def test_connection_dropped_mid_copy_leaves_no_complete_looking_case(tmp_path, sshd, transfer):
+    """Also: scp losing its connection mid-copy is an outage, not taken for a missing SFTP server."""
     import threading
     from tests.conftest import wait_until
-    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm"))
+    config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm",
+                                                     transfer=transfer))
     remote = Remote(config.hpc)
     local = make_case(tmp_path / "local" / "big")
     with open(local / "big.ptn", "wb") as handle:

@@ -10,7 +10,7 @@ import pytest
 
 from shared import pueue, tasks
 from shared.errors import BadOutput, ClaimExpired, RemoteError, Unreachable
-from shared.remote import Remote
+from shared.remote import Remote, TransferUnsupported, UnsafeControlDir
 from shared.states import CaseStatus
 from shared.store import get_case, register_case, update_case
 from tests.conftest import wait_until
@@ -88,6 +88,8 @@ def test_orphans_are_our_labelled_unfinished_tasks_that_no_case_owns(case):
     (RemoteError(["pueue"], 1, 'I/O error at path "/run/pueue.socket" while connecting to daemon'), False),
     (RemoteError(["scp"], 1, "scp: /x: Permission denied"), True),
     (ClaimExpired("claim of submitter:1 expired"), True),
+    (TransferUnsupported(["scp upload"], 255, "scp: Connection closed; set hpc.transfer: tar"), False),
+    (UnsafeControlDir("/tmp/mqic-ssh-0 is a symlink"), False),
 ])
 def test_only_a_failure_of_the_case_counts_as_an_attempt(error, counted):
     assert tasks.counts_as_attempt(error) is counted

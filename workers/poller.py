@@ -27,7 +27,8 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.spool import merge_into, settle_folder
-from shared.store import Case, cases_with_status, get_case, release_slot_of, update_case
+from shared.remote import UnsafeMember
+from shared.store import Case, cases_with_status, flag_for_review, get_case, release_slot_of, update_case
 from shared.worker import Context, forget_logged, note_reach, per_item, worker_main, worth_logging
 
 FAILED_OUTCOMES = {
@@ -145,6 +146,11 @@ def fetch_results(ctx: Context, case: Case, link: tasks.Link, staging: Path) -> 
     folder = (link.task.path if link.task else "") or case.remote_dir
     try:
         names = ctx.remote.download_results(folder, ctx.config.hpc.result_files, staging)
+    except UnsafeMember as exc:  # never extracted; an operator must look at the remote folder
+        if flag_for_review(ctx.conn, case, f"results refused: {exc}", now=ctx.clock(), worker=ctx.name):
+            ctx.log.error("case %d: %s; flagged for review", case.case_id, exc,
+                          extra=for_case(case.case_id, "download", exc))
+        return False
     except RemoteFailure as exc:
         ctx.log.warning("case %d: result download failed (%s); will retry", case.case_id, exc,
                         extra=for_case(case.case_id, "download", exc))
