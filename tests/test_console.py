@@ -282,6 +282,20 @@ def test_retry_moves_a_failed_case_and_its_folder_back_to_the_queue(world, capsy
     assert code == 1 and "is running: only failed cases can be retried" in one_error_line(err)
 
 
+def test_retry_by_outcome_and_all_failed(world, capsys, monkeypatch):
+    config, ids = world
+    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: pueue.Snapshot({}, {}))  # no HPC in this world
+    conn = connect(config.database_path)
+    conn.execute("UPDATE cases SET outcome = 'failed' WHERE case_id = ?", (ids["charlie"],))
+    conn.close()
+    code, out, _ = cli(capsys, config, "retry", "--outcome", "killed")
+    assert code == 0 and "no failed case matches" in out
+    code, out, err = cli(capsys, config, "retry", "--all-failed")
+    assert code == 0 and f"case {ids['charlie']}: failed (failed) -> submitted" in out, err
+    code, _, err = cli(capsys, config, "retry", str(ids["charlie"]), "--all-failed")
+    assert code == 1 and "give one case id, or --all-failed" in err
+
+
 def test_cancel_submitted_running_and_refusals(world, capsys):
     config, ids = world
     code, out, err = cli(capsys, config, "cancel", str(ids["delta"]))
