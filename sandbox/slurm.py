@@ -5,7 +5,8 @@ chosen free once and kept in ``state.json``, so several sandboxes can run side b
 beside a real Slurm on the same machine::
 
     etc/slurm.conf gres.conf [slurmdbd.conf]   the cluster's configuration (rewritten on start)
-    munge/    key, socket and seed of a private munged
+    munge/    key and seed of a private munged (its socket is in /tmp/mqic-slurm-munge-XXXX/:
+              munged wants every folder above its socket open to all, which a test's tmp_path is not)
     state/ spool/ log/ run/                    slurmctld state, slurmd spool, logs, pid files
     dev/gpu0..                                 fake GPU device files (gres needs a File= each)
     mysql/                                     MariaDB data for slurmdbd (accounting only)
@@ -35,6 +36,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +55,8 @@ POLL_INTERVAL_S = 0.05
 CLIENT_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 20
 MUNGE_KEY_BYTES = 128
+# Small InnoDB files: the data folder takes 34 MB instead of 114 MB and is made in 1 s, not 3 s.
+MARIADB_SIZES = ("--innodb-buffer-pool-size=64M", "--innodb-log-file-size=16M")
 
 
 class SandboxSlurmError(MqicError):
@@ -101,6 +105,13 @@ class SlurmEndpoint:
 @dataclass(frozen=True)
 class _Layout:
     root: Path
+    socket_dir: Path | None = None
+
+    @property
+    def munge_socket(self) -> Path:
+        if self.socket_dir is None:
+            raise SandboxSlurmError("the munge socket folder is not chosen yet")
+        return self.socket_dir / "munge.socket.2"
 
     def __getattr__(self, name: str) -> Path:  # only for the names in _PATHS
         try:
@@ -118,7 +129,7 @@ class _Layout:
 _PATHS = {
     "etc": "etc", "slurm_conf": "etc/slurm.conf", "gres_conf": "etc/gres.conf",
     "dbd_conf": "etc/slurmdbd.conf", "munge_dir": "munge", "munge_key": "munge/munge.key",
-    "munge_socket": "munge/munge.socket.2", "munge_seed": "munge/munged.seed",
+    "munge_seed": "munge/munged.seed",
     "state_dir": "state", "spool_dir": "spool", "log_dir": "log", "run_dir": "run",
     "dev_dir": "dev", "mysql_dir": "mysql", "mysql_data": "mysql/data",
     "mysql_socket": "mysql/mysqld.sock", "bin_dir": "bin", "env_file": "env.sh",
@@ -164,8 +175,9 @@ class SandboxSlurm:
         state = sandbox._read_state()
         if state is None:
             raise SandboxSlurmError(f"no sandbox Slurm state in {sandbox._layout.root}")
-        sandbox._requested, sandbox.ports = state
+        sandbox._requested, sandbox.ports, socket_dir = state
         sandbox.settings = sandbox._requested
+        sandbox._layout = _Layout(sandbox._layout.root, socket_dir)
         return sandbox
 
     def __enter__(self) -> SandboxSlurm:
@@ -195,7 +207,7 @@ class SandboxSlurm:
         """
         began = time.monotonic()
         self._check_can_run()
-        self._load_or_choose_ports()
+        self._load_or_choose_state()
         self._prepare_files()
         self._ensure_munged()
         if self.settings.accounting:
@@ -217,6 +229,8 @@ class SandboxSlurm:
         for daemon in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
             self.stop_daemon(daemon)
         self._kill_leftover_jobs()
+        if self._layout.socket_dir is not None:
+            shutil.rmtree(self._layout.socket_dir, ignore_errors=True)
         if purge:
             shutil.rmtree(self._layout.root, ignore_errors=True)
 
@@ -260,15 +274,17 @@ class SandboxSlurm:
         if missing:
             raise SandboxSlurmError(f"not installed: {', '.join(missing)} (run scripts/setup.sh as root)")
 
-    def _load_or_choose_ports(self) -> None:
-        """Ports are chosen once and kept; a running cluster also keeps its settings."""
+    def _load_or_choose_state(self) -> None:
+        """Ports and the socket folder are chosen once and kept; a running cluster keeps its settings."""
         state = self._read_state()
         if state is None:
-            self.settings, self.ports = self._requested, _free_ports()
-        elif self._any_daemon_alive():
-            self.settings, self.ports = state
+            socket_dir = Path(tempfile.mkdtemp(prefix="mqic-slurm-munge-", dir="/tmp"))
+            settings, ports = self._requested, _free_ports()
         else:
-            self.settings, self.ports = self._requested, state[1]
+            settings, ports, socket_dir = state
+        self._layout = _Layout(self._layout.root, socket_dir)
+        running = state is not None and self._any_daemon_alive()
+        self.settings, self.ports = (settings if running else self._requested), ports
         self._write_state()
 
     def _any_daemon_alive(self) -> bool:
@@ -279,7 +295,7 @@ class SandboxSlurm:
         layout = self._layout
         for name in _DIRS:
             getattr(layout, name).mkdir(parents=True, exist_ok=True)
-        layout.munge_dir.chmod(0o755)  # munged insists its socket's folder is o+x
+        _ensure_socket_dir(layout.socket_dir)
         if not layout.munge_key.exists():
             _write_private(layout.munge_key, os.urandom(MUNGE_KEY_BYTES))
         self._make_gpu_devices()
@@ -341,8 +357,7 @@ class SandboxSlurm:
                 [_binary("mariadbd"), "--no-defaults", "--user=root", f"--datadir={layout.mysql_data}",
                  f"--socket={layout.mysql_socket}", f"--port={self.ports.mariadb}",
                  f"--bind-address={LOOPBACK}", f"--pid-file={layout.pid_file('mariadbd')}",
-                 f"--log-error={layout.log_file('mariadbd')}", "--skip-name-resolve",
-                 "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=16M"],
+                 f"--log-error={layout.log_file('mariadbd')}", "--skip-name-resolve", *MARIADB_SIZES],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
         self._wait_for("mariadbd", lambda: self._mariadb_accepts_sql())
 
@@ -354,7 +369,7 @@ class SandboxSlurm:
         with layout.log_file("mariadb-install").open("ab") as output:
             result = subprocess.run(
                 [_binary("mariadb-install-db"), "--no-defaults", "--user=root", f"--datadir={staging}",
-                 "--auth-root-authentication-method=socket", "--skip-test-db"],
+                 "--auth-root-authentication-method=socket", "--skip-test-db", *MARIADB_SIZES],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=output, timeout=120)
         if result.returncode != 0:
             self._fail("mariadb-install-db", f"exited {result.returncode}")
@@ -486,6 +501,8 @@ class SandboxSlurm:
         if pid is None or not _is_alive(pid):
             return False
         layout = self._layout
+        if layout.socket_dir is None:  # never started: nothing can be ours
+            return False
         marker = {
             "munged": f"--socket={layout.munge_socket}",
             "mariadbd": f"--datadir={layout.mysql_data}",
@@ -497,20 +514,20 @@ class SandboxSlurm:
 
     # --- state ----------------------------------------------------------------------------
 
-    def _read_state(self) -> tuple[SlurmSettings, Ports] | None:
+    def _read_state(self) -> tuple[SlurmSettings, Ports, Path] | None:
         try:
             data = json.loads(self._layout.state_file.read_text())
         except FileNotFoundError:
             return None
         settings = data["settings"]
         settings["partitions"] = tuple(settings["partitions"])
-        return SlurmSettings(**settings), Ports(**data["ports"])
+        return SlurmSettings(**settings), Ports(**data["ports"]), Path(data["munge_socket_dir"])
 
     def _write_state(self) -> None:
         self._layout.root.mkdir(parents=True, exist_ok=True)
         staging = self._layout.state_file.with_suffix(".json.partial")
-        staging.write_text(json.dumps({"settings": asdict(self.settings),
-                                       "ports": asdict(self.ports)}, indent=1) + "\n")
+        staging.write_text(json.dumps({"settings": asdict(self.settings), "ports": asdict(self.ports),
+                                       "munge_socket_dir": str(self._layout.socket_dir)}, indent=1) + "\n")
         os.rename(staging, self._layout.state_file)
 
 
@@ -592,6 +609,17 @@ def _binary(name: str) -> str:
     if path is None:
         raise SandboxSlurmError(f"{name} is not installed (run scripts/setup.sh as root)")
     return path
+
+
+def _ensure_socket_dir(path: Path) -> None:
+    """munged's socket folder: ours, a real folder, readable and searchable by all (0755)."""
+    try:
+        path.mkdir(mode=0o755)
+    except FileExistsError:
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise SandboxSlurmError(f"{path} exists and is not our folder") from None
+    path.chmod(0o755)
 
 
 def _write_private(path: Path, content: bytes) -> None:

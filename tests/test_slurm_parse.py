@@ -510,7 +510,7 @@ def test_parse_exit_status_record_refuses_garbage(text):
 @pytest.mark.parametrize("text, seconds", [
     ("0:00", 0), ("0:03", 3), ("59:57", 3597), ("1:00:00", 3600), ("00:01:20", 80),
     ("1-00:00:00", 86400), ("2-03:04:05", 2 * 86400 + 3 * 3600 + 4 * 60 + 5),
-    ("UNLIMITED", None), ("INVALID", None), ("N/A", None), ("", None),
+    ("UNLIMITED", None), ("infinite", None), ("INVALID", None), ("N/A", None), ("", None),
 ])
 def test_parse_duration(text, seconds):
     assert sp.parse_duration(text) == seconds

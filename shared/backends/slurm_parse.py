@@ -43,7 +43,7 @@ _EXCERPT_CHARS = 200
 _PLAIN_JOB_ID = re.compile(r"\d+")
 _STATE_WORD = re.compile(r"[A-Z][A-Z_]*")
 _DURATION = re.compile(r"(?:(?P<days>\d+)-)?(?:(?P<hours>\d+):)?(?P<minutes>\d+):(?P<seconds>\d+)")
-_NO_DURATION = frozenset({"INVALID", "UNLIMITED", "NONE", "N/A", "Partition_Limit", ""})
+_NO_DURATION = frozenset({"INVALID", "UNLIMITED", "infinite", "NONE", "N/A", "Partition_Limit", ""})
 _NO_TIME = frozenset({"N/A", "Unknown", "None", "NONE", ""})
 _SBATCH_PARSABLE = re.compile(r"(?P<id>\d+)(?:;\S+)?")
 _SBATCH_VERBOSE = re.compile(r"Submitted batch job (?P<id>\d+)")
@@ -712,7 +712,7 @@ def parse_exit_code(text: str) -> ExitCode:
 
 
 def parse_duration(text: str) -> int | None:
-    """``[D-][H:]MM:SS`` in seconds; None for ``UNLIMITED``, ``INVALID``, ``N/A`` and empty."""
+    """``[D-][H:]MM:SS`` in seconds; None for ``UNLIMITED``, ``infinite`` (sinfo), ``INVALID``, ``N/A`` and empty."""
     value = (text or "").strip()
     if value in _NO_DURATION:
         return None
