@@ -593,6 +593,13 @@ def test_other_argv_builders():
     assert sp.ping_argv() == ["scontrol", "ping"] and sp.version_argv() == ["sbatch", "--version"]
 
 
+@pytest.mark.parametrize("code, arrives", [(0, 0), (3, 3), (254, 254), (255, sp.EXIT_255_REMAPPED)])
+def test_shielded_argv_keeps_exit_255_apart_from_ssh(code, arrives):
+    argv = sp.shielded_argv(["sh", "-c", f"cat; exit {code}", "it's"])
+    result = subprocess.run(argv, input="script", capture_output=True, text=True, timeout=10)
+    assert (result.returncode, result.stdout) == (arrives, "script")
+
+
 @pytest.mark.parametrize("build", [
     lambda: sp.sacct_argv(),
     lambda: sp.sacct_argv([1], ["mqic_case_1"]),

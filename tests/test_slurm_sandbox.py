@@ -31,11 +31,20 @@ def skip_unless_slurm_can_run(accounting: bool = False) -> None:
         pytest.skip(f"Slurm packages not installed ({', '.join(missing)}); run scripts/setup.sh as root")
 
 
+def started(sandbox: SandboxSlurm) -> SandboxSlurm:
+    """Start it, or stop what did start: pytest deletes old tmp folders, not the daemons in them."""
+    try:
+        sandbox.start()
+    except BaseException:
+        sandbox.stop()
+        raise
+    return sandbox
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     skip_unless_slurm_can_run()
-    sandbox = SandboxSlurm(tmp_path_factory.mktemp("slurm"), kill_wait=5, message_timeout=4)
-    sandbox.start()
+    sandbox = started(SandboxSlurm(tmp_path_factory.mktemp("slurm"), kill_wait=5, message_timeout=4))
     yield sandbox
     sandbox.stop()
 
@@ -43,8 +52,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def accounted(tmp_path_factory):
     skip_unless_slurm_can_run(accounting=True)
-    sandbox = SandboxSlurm(tmp_path_factory.mktemp("slurm-acct"), accounting=True, kill_wait=5)
-    sandbox.start()
+    sandbox = started(SandboxSlurm(tmp_path_factory.mktemp("slurm-acct"), accounting=True, kill_wait=5))
     yield sandbox
     sandbox.stop()
 
@@ -57,8 +65,7 @@ def own_cluster(tmp_path):
 
     def build(name: str = "slurm", **settings) -> SandboxSlurm:
         made.append(SandboxSlurm(tmp_path / name, **settings))
-        made[-1].start()
-        return made[-1]
+        return started(made[-1])
 
     yield build
     for sandbox in made:
@@ -199,6 +206,15 @@ def test_a_wrong_partition_is_refused_at_submit(cluster):
     assert error.kind is Kind.INVALID_PARTITION and not error.kind.submit_may_have_landed
 
 
+def test_sbatch_own_exit_255_is_shielded_from_looking_like_ssh(cluster):
+    case_dir = cluster.root / "cases" / "110_case"
+    argv = [*sp.sbatch_argv(110, str(case_dir), GPU), "--time=abc"]
+    assert cluster.run(argv, stdin="#!/bin/bash\ntrue\n").returncode == 255
+    result = cluster.run(sp.shielded_argv(argv), stdin="#!/bin/bash\ntrue\n")
+    assert result.returncode == sp.EXIT_255_REMAPPED
+    assert sp.classify_error(result.stderr, result.returncode) is Kind.UNSATISFIABLE
+
+
 def test_a_third_gpu_job_waits_for_a_free_gpu(cluster):
     first, _ = submit(cluster, 107, "sleep 300")
     second, _ = submit(cluster, 108, "sleep 300")
@@ -312,15 +328,17 @@ def test_the_command_line(tmp_path):
         return subprocess.run([sys.executable, "-m", "sandbox.slurm", *args, "--root", str(root)],
                               capture_output=True, text=True, timeout=120, cwd=PROJECT)
 
-    up = cli("up")
-    assert up.returncode == 0, up.stderr
-    started = json.loads(up.stdout)
-    assert started["running"] and started["slurm_conf"] == str(root / "etc" / "slurm.conf")
-    assert cli("status").returncode == 0
-    wrapper = subprocess.run(["env", "-i", f"{started['bin_dir']}/sinfo", "--noheader", "--format=%T"],
-                             capture_output=True, text=True, timeout=30)
-    assert wrapper.stdout.split() == ["idle"]  # no SLURM_CONF in the environment: the wrapper sets it
-    down = cli("down", "--purge")
+    try:
+        up = cli("up")
+        assert up.returncode == 0, up.stderr
+        endpoint = json.loads(up.stdout)
+        assert endpoint["running"] and endpoint["slurm_conf"] == str(root / "etc" / "slurm.conf")
+        assert cli("status").returncode == 0
+        wrapper = subprocess.run(["env", "-i", f"{endpoint['bin_dir']}/sinfo", "--noheader", "--format=%T"],
+                                 capture_output=True, text=True, timeout=30)
+        assert wrapper.stdout.split() == ["idle"]  # no SLURM_CONF in the environment: the wrapper sets it
+    finally:
+        down = cli("down", "--purge")
     assert down.returncode == 0 and json.loads(down.stdout)["running"] is False
     assert not root.exists()
     assert cli("status").returncode == 3

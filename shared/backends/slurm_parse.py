@@ -521,6 +521,20 @@ def version_argv(*, bin_dir: str = "") -> list[str]:
     return [command_path(bin_dir, "sbatch"), "--version"]
 
 
+EXIT_255_REMAPPED = 254
+_REMAP_255 = '"$@"; status=$?; [ "$status" -ne 255 ] || status=254; exit "$status"'
+
+
+def shielded_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` run by ``sh`` so that the command's own exit 255 arrives as 254.
+
+    ssh exits 255 for its own failures, and the remote layer takes 255 for "unreachable";
+    sbatch also exits 255, for a bad ``--time`` or an unknown option, which is a config
+    error and must not look like an outage. Standard input passes through (the script).
+    """
+    return ["sh", "-c", _REMAP_255, "sh", *argv]
+
+
 # ---------------------------------------------------------------------------
 # Parsers
 # ---------------------------------------------------------------------------
