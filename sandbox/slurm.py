@@ -181,7 +181,11 @@ class SandboxSlurm:
         return sandbox
 
     def __enter__(self) -> SandboxSlurm:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # __exit__ will not run: leave no daemon behind
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -763,7 +767,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run_action(args: argparse.Namespace) -> int:
     if args.action == "up":
         sandbox = SandboxSlurm(args.root, accounting=args.accounting)
-        endpoint = sandbox.start()
+        try:
+            endpoint = sandbox.start()
+        except SandboxSlurmError:
+            sandbox.stop()  # a half-started cluster is of no use
+            raise
         print(json.dumps({**endpoint.to_json_dict(), "running": True,
                           "startup_seconds": round(sandbox.startup_seconds or 0.0, 2)}))
         return 0
