@@ -33,6 +33,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# A real single-node Slurm for sandbox/slurm.py and its tests (they skip when it is missing).
+# Only as root: a non-root setup goes on without it.
+slurm_missing=()
+for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge \
+            slurmdbd:slurmdbd mariadbd:mariadb-server; do
+  command -v "${pair%%:*}" >/dev/null || slurm_missing+=("${pair#*:}")
+done
+if [ ${#slurm_missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # In a container, policy-rc.d keeps apt from starting the system-wide daemons; the sandbox
+    # runs its own copies in a private folder and uses nothing the packages put in /etc.
+    apt-get install -y -qq --no-install-recommends "${slurm_missing[@]}" >/dev/null
+  else
+    echo "setup: the Slurm tests will be skipped; as root, install: ${slurm_missing[*]}" >&2
+  fi
+fi
+
 make_venv() {  # make_venv DIR PYTHON
   local venv=$1 python=$2
   if [ ! -x "$venv/bin/python" ]; then

@@ -1,0 +1,850 @@
+"""Slurm commands and what they print: argv builders, the batch script, pure parsers, no I/O.
+
+Written against Slurm 22.05 as captured in ``../shared/reference/slurm/`` (Debian 12). Every
+builder returns an argv (a list of words; the runner quotes each one) and every parser takes
+what a command printed and returns frozen dataclasses, or raises ``BadOutput``.
+
+- ``sbatch_argv`` and ``batch_script``: one job per case, named ``mqic_case_<id>``, whose
+  script runs the case's command in the case folder and records the command's exit status
+  atomically in ``<case folder>/.mqic/exit_status`` (Slurm forgets finished jobs after
+  ``MinJobAge``; without accounting that record is the only lasting outcome).
+- ``squeue_argv``/``parse_squeue``: all our jobs in one call, finished ones included
+  (``--states=all``: without it squeue hides jobs that have just finished).
+- ``sacct_argv``/``parse_sacct``: finished jobs where accounting exists.
+- ``scancel_argv``: ``--signal=TERM --full`` (without ``--full`` the batch script, which has no
+  ``srun`` steps, is not signalled at all) and plain ``scancel``.
+- ``map_job_state``: the ONE place where a Slurm job state becomes ours.
+- ``classify_error``/``SlurmError``: what a failed command's stderr and exit code mean
+  (controller down, invalid partition, no accounting...). "Could not tell" is never "failed".
+"""
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Mapping, Sequence
+
+from shared.errors import BadOutput, RemoteError
+
+JOB_NAME_PREFIX = "mqic_case_"
+MQIC_DIR = ".mqic"
+EXIT_STATUS_RECORD = f"{MQIC_DIR}/exit_status"
+OUTPUT_FILE_PATTERN = f"{MQIC_DIR}/slurm-%j.out"
+# The reason goes last: it is the one field Slurm may fill with free text (an admin's
+# state description), so a line is split into at most as many parts as there are fields.
+SQUEUE_FORMAT = "%i|%j|%T|%P|%V|%S|%M|%r"
+SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "Submit", "Start", "End", "Elapsed")
+SINFO_FORMAT = "%P|%a|%l|%D|%T|%N"
+
+_EXCERPT_CHARS = 200
+_PLAIN_JOB_ID = re.compile(r"\d+")
+_STATE_WORD = re.compile(r"[A-Z][A-Z_]*")
+_DURATION = re.compile(r"(?:(?P<days>\d+)-)?(?:(?P<hours>\d+):)?(?P<minutes>\d+):(?P<seconds>\d+)")
+_NO_DURATION = frozenset({"INVALID", "UNLIMITED", "infinite", "NONE", "N/A", "Partition_Limit", ""})
+_NO_TIME = frozenset({"N/A", "Unknown", "None", "NONE", ""})
+_SBATCH_PARSABLE = re.compile(r"(?P<id>\d+)(?:;\S+)?")
+_SBATCH_VERBOSE = re.compile(r"Submitted batch job (?P<id>\d+)")
+_VERSION = re.compile(r"\bslurm(?:-wlm)?\s+(?P<version>\d+\.\d+\.\d+\S*)")
+_PING = re.compile(r"Slurmctld\(\w+\) at \S+ is (?P<state>UP|DOWN)")
+_SCONTROL_KEY = re.compile(r"(?:^| )(?P<key>[A-Za-z][\w:/]*)=")
+_CANCELLED_BY = re.compile(r"CANCELLED by (?P<uid>\d+)")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# ---------------------------------------------------------------------------
+# Our words for a job
+# ---------------------------------------------------------------------------
+
+class TaskState(str, Enum):
+    """What a Slurm job means for a case (the backend-neutral task states)."""
+
+    WAITING = "waiting"        # queued on the cluster, not started
+    RUNNING = "running"        # started and not finished (includes COMPLETING, SUSPENDED)
+    SUCCESS = "success"        # exited 0
+    FAILED = "failed"          # exited non-zero (``exit_code``), or a failure of the case itself
+    KILLED = "killed"          # ended by a signal or by the cluster (cancel, preemption, boot failure)
+    TIMED_OUT = "timed_out"    # ended by a time limit (Slurm's TIMEOUT, DEADLINE)
+    UNKNOWN = "unknown"        # could not tell; never read as "failed"
+
+
+@dataclass(frozen=True)
+class ExitCode:
+    """Slurm's ``E:S``: the script's exit status and the signal that ended it (0 if none)."""
+
+    status: int
+    signal: int
+
+
+@dataclass(frozen=True)
+class JobVerdict:
+    """A Slurm job state mapped onto ours by ``map_job_state``.
+
+    ``ended``: Slurm is done with the job (also for UNKNOWN after a node failure, where
+    the exit-status record has to tell). ``stuck``: waiting, but for something that will
+    not happen by itself (a hold, a limit the job exceeds). ``detail`` says why in words.
+    """
+
+    state: TaskState
+    exit_code: int | None = None
+    signal: int | None = None
+    ended: bool = False
+    stuck: bool = False
+    detail: str = ""
+
+
+_WAITING_STATES = frozenset({
+    "PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+})
+_RUNNING_STATES = frozenset({
+    # COMPLETING hides the real end (a job ignoring SIGTERM stays in it for KillWait): poll again.
+    "RUNNING", "CONFIGURING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING",
+    "SUSPENDED", "STOPPED",
+})
+# Ended by the cluster, not by the case: another attempt is fair.
+_KILLED_BY_CLUSTER = {"PREEMPTED": "preempted", "BOOT_FAIL": "node boot failure"}
+_TIME_LIMITS = {"TIMEOUT": "time limit reached", "DEADLINE": "deadline reached"}
+# The job may have run to its end on the node regardless: only the exit-status record can tell.
+_ENDED_UNKNOWN = {
+    "NODE_FAIL": "node failed; the job's processes may have run on: read the exit-status record",
+    "REVOKED": "revoked by a federation sibling",
+}
+# Pending reasons that do not clear by themselves (EnforcePartLimits=NO accepts such jobs).
+STUCK_REASONS = frozenset({
+    "PartitionTimeLimit", "PartitionConfig", "PartitionNodeLimit", "BadConstraints",
+    "InvalidAccount", "InvalidQOS", "DependencyNeverSatisfied", "JobHeldUser", "JobHeldAdmin",
+    "QOSMaxWallDurationPerJobLimit", "AssocMaxWallDurationPerJobLimit",
+})
+_MAX_REAL_SIGNAL = 31  # above: Slurm's own codes, e.g. 0:53 when the output file cannot be opened
+
+
+def map_job_state(state: str, exit_code: ExitCode | None = None, reason: str = "") -> JobVerdict:
+    """Map a Slurm job state (squeue ``%T``, sacct ``State``, scontrol ``JobState``) onto ours.
+
+    ``exit_code`` (sacct/scontrol ``E:S``) refines FAILED: a real signal (1-31) makes it
+    KILLED, a status makes it FAILED with that code, neither leaves the code None.
+    CANCELLED is KILLED; the caller knows whether it asked for it. A state we do not know
+    is UNKNOWN, never a failure. Never raises.
+    """
+    base = _base_state(state)
+    if base in _WAITING_STATES:
+        return JobVerdict(TaskState.WAITING, stuck=reason in STUCK_REASONS,
+                          detail="" if reason == "None" else reason)
+    if base in _RUNNING_STATES:
+        return JobVerdict(TaskState.RUNNING, detail=base.lower() if base != "RUNNING" else "")
+    if base == "COMPLETED":
+        return JobVerdict(TaskState.SUCCESS, exit_code=0, ended=True)
+    if base == "FAILED":
+        return _failed(exit_code, reason)
+    if base == "OUT_OF_MEMORY":  # the case asked for too little memory: its own failure
+        return JobVerdict(TaskState.FAILED, exit_code=_nonzero_status(exit_code), ended=True,
+                          detail="out of memory")
+    if base == "CANCELLED":
+        return JobVerdict(TaskState.KILLED, signal=_real_signal(exit_code), ended=True,
+                          detail=_cancelled_detail(state))
+    if base in _KILLED_BY_CLUSTER:
+        return JobVerdict(TaskState.KILLED, signal=_real_signal(exit_code), ended=True,
+                          detail=_KILLED_BY_CLUSTER[base])
+    if base in _TIME_LIMITS:
+        return JobVerdict(TaskState.TIMED_OUT, ended=True, detail=_TIME_LIMITS[base])
+    if base in _ENDED_UNKNOWN:
+        return JobVerdict(TaskState.UNKNOWN, ended=True, detail=_ENDED_UNKNOWN[base])
+    return JobVerdict(TaskState.UNKNOWN, detail=f"unknown Slurm state {state!r}")
+
+
+def _base_state(state: str) -> str:
+    """The state word alone: sacct writes "CANCELLED by 0" (and a '+' when it cuts a column)."""
+    words = (state or "").strip().split()
+    return words[0].rstrip("+") if words else ""
+
+
+def _failed(exit_code: ExitCode | None, reason: str) -> JobVerdict:
+    signal = _real_signal(exit_code)
+    if signal is not None:  # Slurm says Reason=JobLaunchFailure here, which misleads
+        return JobVerdict(TaskState.KILLED, signal=signal, ended=True,
+                          detail=f"killed by signal {signal}")
+    status = _nonzero_status(exit_code)
+    if status is None and exit_code is not None and exit_code.signal:
+        reason = f"{reason} (Slurm code 0:{exit_code.signal})".strip()
+    return JobVerdict(TaskState.FAILED, exit_code=status, ended=True, detail=reason)
+
+
+def _nonzero_status(exit_code: ExitCode | None) -> int | None:
+    return exit_code.status if exit_code is not None and exit_code.status != 0 else None
+
+
+def _real_signal(exit_code: ExitCode | None) -> int | None:
+    if exit_code is None or not 0 < exit_code.signal <= _MAX_REAL_SIGNAL:
+        return None
+    return exit_code.signal
+
+
+def _cancelled_detail(state: str) -> str:
+    match = _CANCELLED_BY.search(state or "")
+    return f"cancelled by uid {match['uid']}" if match else "cancelled"
+
+
+# ---------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------
+
+def job_name(case_id: int) -> str:
+    """The Slurm job name of a case: ``mqic_case_<id>`` (the pueue label, same words)."""
+    return f"{JOB_NAME_PREFIX}{case_id}"
+
+
+def case_id_from_job_name(name: str) -> int | None:
+    """The case id in ``mqic_case_<id>``, or None for a job that is not one of ours."""
+    suffix = name[len(JOB_NAME_PREFIX):] if name.startswith(JOB_NAME_PREFIX) else ""
+    return int(suffix) if suffix.isdigit() and suffix.isascii() else None
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """One line of ``squeue``; times are the cluster's local time (no zone), None if unset."""
+
+    job_id: int
+    name: str
+    state: str
+    reason: str = ""
+    partition: str = ""
+    submitted: datetime | None = None
+    started: datetime | None = None
+    elapsed_seconds: int | None = None
+
+    @property
+    def case_id(self) -> int | None:
+        return case_id_from_job_name(self.name)
+
+    @property
+    def verdict(self) -> JobVerdict:
+        """Mapped state; squeue prints no exit code, so a FAILED job's code is None here."""
+        return map_job_state(self.state, None, self.reason)
+
+
+@dataclass(frozen=True)
+class AccountedJob:
+    """One allocation line of ``sacct`` (step lines such as ``5.batch`` are left out)."""
+
+    job_id: int
+    name: str
+    state: str
+    exit_code: ExitCode | None = None
+    submitted: datetime | None = None
+    started: datetime | None = None
+    ended_at: datetime | None = None
+    elapsed_seconds: int | None = None
+
+    @property
+    def case_id(self) -> int | None:
+        return case_id_from_job_name(self.name)
+
+    @property
+    def verdict(self) -> JobVerdict:
+        return map_job_state(self.state, self.exit_code)
+
+
+@dataclass(frozen=True)
+class ControlJob:
+    """The fields we use of one ``scontrol --oneliner show job`` line."""
+
+    job_id: int
+    name: str
+    state: str
+    reason: str
+    exit_code: ExitCode | None
+    restarts: int
+    run_seconds: int | None
+    started: datetime | None
+    ended_at: datetime | None
+    stdout_path: str
+    work_dir: str
+    fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def case_id(self) -> int | None:
+        return case_id_from_job_name(self.name)
+
+    @property
+    def verdict(self) -> JobVerdict:
+        return map_job_state(self.state, self.exit_code, self.reason)
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """A partition as ``sinfo`` shows it, its lines merged (one per node state)."""
+
+    name: str
+    default: bool
+    available: bool
+    time_limit_seconds: int | None
+    nodes: int
+    node_states: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------
+# Building the job
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SubmitSettings:
+    """How our jobs go into one partition (from the host's config).
+
+    ``gres`` e.g. ``gpu:1``; ``time_limit_seconds`` from ``running_case_timeout_hours``;
+    ``extra_sbatch_lines`` are options such as ``--mem=16G`` (a leading ``#SBATCH`` is
+    accepted), written into the script. Options on the sbatch command line win over the
+    script's, so an extra line cannot change the partition, name, folder or output.
+    ``requeue`` is off: Slurm's requeue after a node failure runs the job a second time
+    while the first run may still be going on the node.
+    """
+
+    partition: str
+    account: str | None = None
+    qos: str | None = None
+    gres: str | None = None
+    time_limit_seconds: int | None = None
+    extra_sbatch_lines: tuple[str, ...] = ()
+    requeue: bool = False
+
+
+def command_path(bin_dir: str, name: str) -> str:
+    """``name`` itself, or ``bin_dir/name`` (e.g. the sandbox's wrappers that set SLURM_CONF)."""
+    return f"{bin_dir.rstrip('/')}/{name}" if bin_dir else name
+
+
+def output_path(remote_dir: str, job_id: int) -> str:
+    """The output file of job ``job_id`` (stdout and stderr) of the case in ``remote_dir``."""
+    return f"{_checked_dir(remote_dir)}/{OUTPUT_FILE_PATTERN.replace('%j', str(int(job_id)))}"
+
+
+def sbatch_argv(case_id: int, remote_dir: str, settings: SubmitSettings, *,
+                script_path: str | None = None, bin_dir: str = "") -> list[str]:
+    """``sbatch --parsable --job-name=mqic_case_<id> --chdir=DIR --output=DIR/.mqic/slurm-%j.out
+    --partition=P [--account=A] [--qos=Q] [--gres=G] [--time=T] --no-requeue [SCRIPT]``.
+
+    Without ``script_path`` sbatch reads the script from its standard input. The folder
+    ``DIR/.mqic`` must exist before the submit: Slurm opens the output file before the
+    script runs, and a missing folder fails the job with no output at all (``0:53``).
+    ``remote_dir`` must be absolute (``~`` is not expanded here). ValueError on bad input.
+    """
+    directory = _checked_dir(remote_dir)
+    argv = [
+        command_path(bin_dir, "sbatch"), "--parsable", f"--job-name={job_name(case_id)}",
+        f"--chdir={directory}", f"--output={_output_pattern(directory)}",
+        f"--partition={_checked_word('partition', settings.partition)}",
+    ]
+    for option, value in (("account", settings.account), ("qos", settings.qos),
+                          ("gres", settings.gres)):
+        if value:
+            argv.append(f"--{option}={_checked_word(option, value)}")
+    if settings.time_limit_seconds is not None:
+        argv.append(f"--time={format_time_limit(settings.time_limit_seconds)}")
+    argv.append("--requeue" if settings.requeue else "--no-requeue")
+    if script_path is not None:
+        argv.append(_checked_dir(script_path))
+    return argv
+
+
+def _output_pattern(directory: str) -> str:
+    # '%' starts a Slurm filename pattern (%j, %x, ...): a literal one is written '%%'.
+    return f"{directory.replace('%', '%%')}/{OUTPUT_FILE_PATTERN}"
+
+
+def batch_script(case_id: int, remote_dir: str, command: str, settings: SubmitSettings,
+                 env: Mapping[str, str] | None = None) -> str:
+    """The bash script of one case's job.
+
+    It enters ``remote_dir`` (a missing folder ends the job with exit 1 instead of running
+    in /tmp, which is what ``--chdir`` alone would do), exports ``env`` (quoted), runs
+    ``command`` with ``bash -c`` in the foreground and writes the command's exit status to
+    ``.mqic/exit_status`` through a temporary file and a rename. The script traps TERM so
+    that ``scancel --signal=TERM --full``, a time limit or a cancel (TERM before Slurm's
+    KILL) still leaves a record: the command gets the TERM, the script waits for it and
+    records its status (143 for a command killed by TERM). Only a SIGKILL of the script
+    leaves no record. A stale record from an earlier run is removed first.
+    """
+    directory = _checked_dir(remote_dir)
+    if not command.strip():
+        raise ValueError("the remote command is empty")
+    lines = ["#!/bin/bash", *(_sbatch_line(line) for line in settings.extra_sbatch_lines)]
+    lines += [
+        f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder",
+        "# and records the command's exit status atomically (Slurm forgets finished jobs).",
+        f"cd -- {_quote(directory)} || {{ echo {_quote(f'mqic: cannot enter {directory}')} >&2; exit 1; }}",
+        f"mkdir -p {MQIC_DIR} && rm -f {EXIT_STATUS_RECORD}",
+        *_exports(env or {}),
+        "# A TERM must not end this script before the command has ended and been recorded.",
+        "trap ':' TERM",
+        f"/bin/bash -c {_quote(command)}",
+        "status=$?",
+        f'printf \'%s\\n\' "$status" > "{EXIT_STATUS_RECORD}.$$" '
+        f'&& mv -f -- "{EXIT_STATUS_RECORD}.$$" {EXIT_STATUS_RECORD}',
+        'exit "$status"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sbatch_line(line: str) -> str:
+    option = line.strip()
+    if option.startswith("#SBATCH"):
+        option = option[len("#SBATCH"):].strip()
+    if _CONTROL_CHARS.search(option) or not option.startswith("-"):
+        raise ValueError(f"an extra #SBATCH line must be one option such as --mem=16G: {line!r}")
+    return f"#SBATCH {option}"
+
+
+def _exports(env: Mapping[str, str]) -> list[str]:
+    bad = [name for name in env if not _ENV_NAME.fullmatch(name)]
+    if bad:
+        raise ValueError(f"invalid environment variable names: {bad}")
+    return [f"export {name}={_quote(value)}" for name, value in env.items()]
+
+
+def _quote(text: str) -> str:
+    return shlex.quote(text)
+
+
+def _checked_dir(path: str) -> str:
+    if not path.startswith("/") or _CONTROL_CHARS.search(path) or "\\" in path:
+        raise ValueError(f"expected an absolute path without control characters or '\\': {path!r}")
+    return path.rstrip("/") or "/"
+
+
+def _checked_word(what: str, value: str) -> str:
+    if not value or value.startswith("-") or _CONTROL_CHARS.search(value) or " " in value:
+        raise ValueError(f"invalid Slurm {what}: {value!r}")
+    return value
+
+
+def format_time_limit(seconds: float) -> str:
+    """``--time`` as ``D-HH:MM:SS``, rounded up to whole minutes as Slurm does itself."""
+    if seconds <= 0:
+        raise ValueError(f"a time limit must be positive, got {seconds!r}")
+    days, rest = divmod(math.ceil(seconds / 60), 24 * 60)
+    hours, minutes = divmod(rest, 60)
+    return f"{days}-{hours:02d}:{minutes:02d}:00"
+
+
+# ---------------------------------------------------------------------------
+# Other commands
+# ---------------------------------------------------------------------------
+
+def squeue_argv(names: Sequence[str] = (), *, bin_dir: str = "", fmt: str = SQUEUE_FORMAT) -> list[str]:
+    """``squeue --me --noheader --states=all --format=FMT [--name=N1,N2]``: our jobs in one call.
+
+    Without ``names`` every job of our user is listed; ``parse_squeue`` then gives all of
+    them and ``case_id`` tells ours. ``--states=all`` keeps jobs that have just finished
+    (until ``MinJobAge``); without it they would look absent.
+    """
+    argv = [command_path(bin_dir, "squeue"), "--me", "--noheader", "--states=all", f"--format={fmt}"]
+    if names:
+        argv.append(f"--name={_name_list(names)}")
+    return argv
+
+
+def _name_list(names: Sequence[str]) -> str:
+    for name in names:
+        _checked_word("job name", name)
+        if "," in name:
+            raise ValueError(f"a job name in a list cannot hold a comma: {name!r}")
+    return ",".join(names)
+
+
+def sacct_argv(job_ids: Sequence[int] = (), names: Sequence[str] = (), *, since: str = "now-7days",
+               bin_dir: str = "", fields: Sequence[str] = SACCT_FIELDS) -> list[str]:
+    """``sacct --parsable2 --noheader --allocations --format=F,... (--jobs=IDS | --name=N --starttime=S)``.
+
+    Exactly one of ``job_ids`` or ``names``: plain sacct shows only today's jobs. With
+    ``names`` the search starts at ``since`` (any sacct time, e.g. ``now-7days``).
+    """
+    if bool(job_ids) == bool(names):
+        raise ValueError("sacct needs either job ids or job names")
+    argv = [command_path(bin_dir, "sacct"), "--parsable2", "--noheader", "--allocations",
+            f"--format={','.join(fields)}"]
+    if job_ids:
+        return [*argv, f"--jobs={_id_list(job_ids)}"]
+    return [*argv, f"--name={_name_list(names)}", f"--starttime={_checked_word('time', since)}"]
+
+
+def _id_list(job_ids: Sequence[int]) -> str:
+    ids = [int(job_id) for job_id in job_ids]
+    if any(job_id <= 0 for job_id in ids):
+        raise ValueError(f"job ids must be positive: {ids}")
+    return ",".join(map(str, ids))
+
+
+def scancel_argv(job_ids: Sequence[int], *, signal: str | None = None, bin_dir: str = "") -> list[str]:
+    """``scancel [--signal=SIG --full] IDS``.
+
+    Plain scancel ends the jobs (TERM, then KILL after KillWait). With ``signal`` only the
+    signal is sent, and ``--full`` makes it reach the batch script and its command.
+    scancel exits 0 for ids that are unknown or finished: its success proves nothing.
+    """
+    if not job_ids:
+        raise ValueError("scancel needs at least one job id")
+    return [*_scancel_head(signal, bin_dir), *_id_list(job_ids).split(",")]
+
+
+def scancel_by_name_argv(name: str, *, signal: str | None = None, bin_dir: str = "") -> list[str]:
+    """``scancel --me --name=N [--signal=SIG --full]``: every job of ours with that exact name."""
+    return [*_scancel_head(signal, bin_dir), "--me", f"--name={_checked_word('job name', name)}"]
+
+
+def _scancel_head(signal: str | None, bin_dir: str) -> list[str]:
+    head = [command_path(bin_dir, "scancel")]
+    if signal is not None:
+        if not re.fullmatch(r"(SIG)?[A-Z0-9]+", signal):
+            raise ValueError(f"invalid signal name: {signal!r}")
+        head += [f"--signal={signal}", "--full"]
+    return head
+
+
+def scontrol_job_argv(job_id: int, *, bin_dir: str = "") -> list[str]:
+    """``scontrol --oneliner show job ID``: one job while slurmctld still remembers it."""
+    return [command_path(bin_dir, "scontrol"), "--oneliner", "show", "job", _id_list([job_id])]
+
+
+def sinfo_argv(*, bin_dir: str = "") -> list[str]:
+    """``sinfo --noheader --format=%P|%a|%l|%D|%T|%N``: partitions and their node states."""
+    return [command_path(bin_dir, "sinfo"), "--noheader", f"--format={SINFO_FORMAT}"]
+
+
+def ping_argv(*, bin_dir: str = "") -> list[str]:
+    """``scontrol ping``: answers at once, exit 1 (with the same text) when slurmctld is down."""
+    return [command_path(bin_dir, "scontrol"), "ping"]
+
+
+def version_argv(*, bin_dir: str = "") -> list[str]:
+    return [command_path(bin_dir, "sbatch"), "--version"]
+
+
+EXIT_255_REMAPPED = 254
+_REMAP_255 = '"$@"; status=$?; [ "$status" -ne 255 ] || status=254; exit "$status"'
+
+
+def shielded_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` run by ``sh`` so that the command's own exit 255 arrives as 254.
+
+    ssh exits 255 for its own failures, and the remote layer takes 255 for "unreachable";
+    sbatch also exits 255, for a bad ``--time`` or an unknown option, which is a config
+    error and must not look like an outage. Standard input passes through (the script).
+    """
+    return ["sh", "-c", _REMAP_255, "sh", *argv]
+
+
+# ---------------------------------------------------------------------------
+# Parsers
+# ---------------------------------------------------------------------------
+
+def _excerpt(text: str) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in (text or "").splitlines() if line.strip()]
+
+
+def parse_sbatch(stdout: str) -> int:
+    """The job id from ``sbatch --parsable`` (``12`` or ``12;cluster``) or ``Submitted batch job 12``."""
+    lines = _lines(stdout)
+    last = lines[-1].strip() if lines else ""
+    match = _SBATCH_PARSABLE.fullmatch(last) or _SBATCH_VERBOSE.fullmatch(last)
+    if match is None:
+        raise BadOutput(f"sbatch: expected a job id, got {_excerpt(stdout)!r}")
+    return int(match["id"])
+
+
+def parse_squeue(stdout: str, fmt: str = SQUEUE_FORMAT) -> tuple[QueuedJob, ...]:
+    """Lines of ``squeue --noheader --format=FMT`` (fields split by '|', the last may hold '|').
+
+    ``fmt`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M`` are read too, any
+    other field is skipped. Lines of array or heterogeneous jobs (``12_3``, ``12+0``) are
+    left out: ours are plain jobs. BadOutput on a line that does not fit the format.
+    """
+    codes = fmt.split("|")
+    if not {"%i", "%j", "%T"} <= set(codes):
+        raise ValueError(f"squeue format needs %i, %j and %T: {fmt!r}")
+    jobs = []
+    for line in _lines(stdout):
+        values = _split_fields(line, codes, "squeue")
+        if _PLAIN_JOB_ID.fullmatch(values["%i"]):
+            jobs.append(_queued_job(values, line))
+    return tuple(jobs)
+
+
+def _split_fields(line: str, names: Sequence[str], what: str) -> dict[str, str]:
+    parts = line.split("|", len(names) - 1)
+    if len(parts) != len(names):
+        raise BadOutput(f"{what}: expected {len(names)} fields in {_excerpt(line)!r}")
+    return dict(zip(names, (part.strip() for part in parts)))
+
+
+def _queued_job(values: Mapping[str, str], line: str) -> QueuedJob:
+    return QueuedJob(
+        job_id=int(values["%i"]),
+        name=values["%j"],
+        state=_checked_state(values["%T"], line),
+        reason=values.get("%r", ""),
+        partition=values.get("%P", ""),
+        submitted=parse_slurm_time(values.get("%V", "")),
+        started=parse_slurm_time(values.get("%S", "")),
+        elapsed_seconds=parse_duration(values.get("%M", "")),
+    )
+
+
+def _checked_state(state: str, line: str) -> str:
+    if not _STATE_WORD.fullmatch(_base_state(state)):
+        raise BadOutput(f"not a Slurm job state: {state!r} in {_excerpt(line)!r}")
+    return state
+
+
+def parse_sacct(stdout: str, fields: Sequence[str] = SACCT_FIELDS) -> tuple[AccountedJob, ...]:
+    """Lines of ``sacct --parsable2 --noheader --format=FIELDS``: one AccountedJob per job.
+
+    Step lines (``12.batch``) and array or heterogeneous jobs are left out. ``JobID``,
+    ``JobName`` and ``State`` are required; ``ExitCode``, ``Submit``, ``Start``, ``End`` and
+    ``Elapsed`` are read when present. Empty output (an unknown id) is an empty tuple:
+    "not in sacct" means "could not tell" (records arrive 1-3 s late). BadOutput on garbage.
+    """
+    if not {"JobID", "JobName", "State"} <= set(fields):
+        raise ValueError(f"sacct fields need JobID, JobName and State: {fields!r}")
+    jobs = []
+    for line in _lines(stdout):
+        values = _split_fields(line, fields, "sacct")
+        if _PLAIN_JOB_ID.fullmatch(values["JobID"]):
+            jobs.append(_accounted_job(values, line))
+    return tuple(jobs)
+
+
+def _accounted_job(values: Mapping[str, str], line: str) -> AccountedJob:
+    exit_code = values.get("ExitCode")
+    return AccountedJob(
+        job_id=int(values["JobID"]),
+        name=values["JobName"],
+        state=_checked_state(values["State"], line),
+        exit_code=parse_exit_code(exit_code) if exit_code is not None else None,
+        submitted=parse_slurm_time(values.get("Submit", "")),
+        started=parse_slurm_time(values.get("Start", "")),
+        ended_at=parse_slurm_time(values.get("End", "")),
+        elapsed_seconds=parse_duration(values.get("Elapsed", "")),
+    )
+
+
+def parse_scontrol_jobs(stdout: str) -> tuple[ControlJob, ...]:
+    """Lines of ``scontrol --oneliner show job [ID]`` (``Key=Value`` pairs split by spaces).
+
+    A value holding " Word=" would be cut there; the fields we read never do.
+    BadOutput when JobId, JobName, JobState or ExitCode is missing or unreadable.
+    """
+    return tuple(_control_job(_key_values(line), line) for line in _lines(stdout))
+
+
+def _key_values(line: str) -> dict[str, str]:
+    keys = list(_SCONTROL_KEY.finditer(line))
+    values = {}
+    for match, following in zip(keys, [*keys[1:], None]):
+        end = following.start() if following is not None else len(line)
+        values[match["key"]] = line[match.end():end].strip()
+    return values
+
+
+def _control_job(values: Mapping[str, str], line: str) -> ControlJob:
+    missing = [key for key in ("JobId", "JobName", "JobState", "ExitCode") if key not in values]
+    if missing or not _PLAIN_JOB_ID.fullmatch(values["JobId"]):
+        raise BadOutput(f"scontrol show job: missing {missing or ['JobId']} in {_excerpt(line)!r}")
+    restarts = values.get("Restarts", "0")
+    return ControlJob(
+        job_id=int(values["JobId"]),
+        name=values["JobName"],
+        state=_checked_state(values["JobState"], line),
+        reason=values.get("Reason", ""),
+        exit_code=parse_exit_code(values["ExitCode"]),
+        restarts=int(restarts) if restarts.isdigit() else 0,
+        run_seconds=parse_duration(values.get("RunTime", "")),
+        started=parse_slurm_time(values.get("StartTime", "")),
+        ended_at=parse_slurm_time(values.get("EndTime", "")),
+        stdout_path=values.get("StdOut", ""),
+        work_dir=values.get("WorkDir", ""),
+        fields=dict(values),
+    )
+
+
+def parse_partitions(stdout: str) -> dict[str, PartitionInfo]:
+    """``sinfo --noheader --format=%P|%a|%l|%D|%T|%N`` by partition name (``*`` marks the default)."""
+    partitions: dict[str, PartitionInfo] = {}
+    for line in _lines(stdout):
+        values = _split_fields(line, SINFO_FORMAT.split("|"), "sinfo")
+        name = values["%P"].rstrip("*")
+        if not name or not values["%D"].isdigit():
+            raise BadOutput(f"sinfo: unreadable line {_excerpt(line)!r}")
+        seen = partitions.get(name)
+        partitions[name] = PartitionInfo(
+            name=name,
+            default=values["%P"].endswith("*") or (seen is not None and seen.default),
+            available=values["%a"] == "up",
+            time_limit_seconds=parse_duration(values["%l"]),
+            nodes=int(values["%D"]) + (seen.nodes if seen else 0),
+            node_states=(*(seen.node_states if seen else ()), values["%T"]),
+        )
+    return partitions
+
+
+def parse_ping(stdout: str) -> bool:
+    """``scontrol ping``: True for "... is UP", False for "... is DOWN" (printed with exit 1)."""
+    match = _PING.search(stdout or "")
+    if match is None:
+        raise BadOutput(f"scontrol ping: no UP or DOWN in {_excerpt(stdout)!r}")
+    return match["state"] == "UP"
+
+
+def parse_version(stdout: str) -> str:
+    """``slurm-wlm 22.05.8`` (or ``slurm 23.02.1``) -> ``22.05.8``."""
+    match = _VERSION.search(stdout or "")
+    if match is None:
+        raise BadOutput(f"Slurm --version: no version in {_excerpt(stdout)!r}")
+    return match["version"]
+
+
+def parse_exit_status_record(text: str) -> int:
+    """The exit status written by ``batch_script`` into ``.mqic/exit_status`` (0-255)."""
+    value = (text or "").strip()
+    if not value.isdigit() or not value.isascii() or int(value) > 255:
+        raise BadOutput(f"exit-status record: expected 0-255, got {_excerpt(text)!r}")
+    return int(value)
+
+
+def parse_exit_code(text: str) -> ExitCode:
+    """Slurm's ``E:S`` (``3:0``, ``0:15``)."""
+    status, _, signal = (text or "").strip().partition(":")
+    if not (status.isdigit() and signal.isdigit()):
+        raise BadOutput(f"not a Slurm exit code E:S: {text!r}")
+    return ExitCode(int(status), int(signal))
+
+
+def parse_duration(text: str) -> int | None:
+    """``[D-][H:]MM:SS`` in seconds; None for ``UNLIMITED``, ``infinite`` (sinfo), ``INVALID``, ``N/A`` and empty."""
+    value = (text or "").strip()
+    if value in _NO_DURATION:
+        return None
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        raise BadOutput(f"not a Slurm duration: {text!r}")
+    days, hours = int(match["days"] or 0), int(match["hours"] or 0)
+    return ((days * 24 + hours) * 60 + int(match["minutes"])) * 60 + int(match["seconds"])
+
+
+def parse_slurm_time(text: str) -> datetime | None:
+    """``2026-12-01T04:54:47`` (the cluster's local time, no zone) as a naive datetime.
+
+    None for ``N/A``, ``Unknown``, ``None`` and empty (not started, not ended).
+    """
+    value = (text or "").strip()
+    if value in _NO_TIME:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise BadOutput(f"not a Slurm time: {text!r}") from None
+
+
+# ---------------------------------------------------------------------------
+# Failures
+# ---------------------------------------------------------------------------
+
+class SlurmErrorKind(str, Enum):
+    """What a failed Slurm command means, read from its stderr and exit code."""
+
+    CONTROLLER_DOWN = "controller_down"          # connect failure: the request never arrived
+    CONTROLLER_TIMEOUT = "controller_timeout"    # the request may have arrived (a submit may have landed)
+    ACCOUNTING_DISABLED = "accounting_disabled"  # no slurmdbd: sacct will never answer
+    ACCOUNTING_DOWN = "accounting_down"          # slurmdbd configured but not answering
+    NOT_CONFIGURED = "not_configured"            # the client finds no slurm.conf (SLURM_CONF?)
+    NOT_INSTALLED = "not_installed"              # the command is not on the HPC's PATH
+    INVALID_JOB_ID = "invalid_job_id"            # unknown to slurmctld: purged, never existed
+    INVALID_PARTITION = "invalid_partition"
+    INVALID_ACCOUNT = "invalid_account"
+    INVALID_QOS = "invalid_qos"
+    UNSATISFIABLE = "unsatisfiable"              # the request can never run here (gres, memory, time)
+    LIMIT_REACHED = "limit_reached"              # a submit limit: try again later
+    BAD_REQUEST = "bad_request"                  # our command line or script is wrong
+    OTHER = "other"
+
+    @property
+    def transient(self) -> bool:
+        """True when asking again later may succeed: "could not tell", never "failed"."""
+        return self in _TRANSIENT
+
+    @property
+    def submit_may_have_landed(self) -> bool:
+        """True when a failed sbatch may still have created the job: look it up by name."""
+        return self in (SlurmErrorKind.CONTROLLER_TIMEOUT, SlurmErrorKind.OTHER)
+
+
+_TRANSIENT = frozenset({
+    SlurmErrorKind.CONTROLLER_DOWN, SlurmErrorKind.CONTROLLER_TIMEOUT,
+    SlurmErrorKind.ACCOUNTING_DOWN, SlurmErrorKind.LIMIT_REACHED, SlurmErrorKind.OTHER,
+})
+_SHELL_COMMAND_NOT_FOUND = 127
+# Checked in order; the first match wins.
+_ERROR_PATTERNS: tuple[tuple[SlurmErrorKind, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in (
+        (SlurmErrorKind.NOT_CONFIGURED,
+         r"Could not establish a configuration source|Unable to process configuration file"),
+        (SlurmErrorKind.CONTROLLER_DOWN,
+         r"Unable to contact slurm controller|Slurmctld\(\w+\) at \S+ is DOWN"),
+        (SlurmErrorKind.CONTROLLER_TIMEOUT,
+         r"Socket timed out on send/recv|Zero Bytes were transmitted or received"),
+        (SlurmErrorKind.ACCOUNTING_DISABLED,
+         r"accounting storage is disabled|not running a supported accounting_storage plugin"),
+        (SlurmErrorKind.ACCOUNTING_DOWN,
+         r"Problem talking to the database|persistent connection|Connection refused"),
+        (SlurmErrorKind.INVALID_JOB_ID, r"Invalid job id specified"),
+        (SlurmErrorKind.INVALID_PARTITION, r"Invalid partition (name )?specified"),
+        (SlurmErrorKind.INVALID_ACCOUNT, r"Invalid account"),
+        (SlurmErrorKind.INVALID_QOS, r"Invalid qos specification"),
+        (SlurmErrorKind.LIMIT_REACHED,
+         r"violates accounting/QOS policy|MaxSubmitJob|temporarily unable to accept job"),
+        (SlurmErrorKind.UNSATISFIABLE,
+         r"Requested node configuration is not available|can not be satisfied|"
+         r"Requested time limit is invalid|More processors requested than permitted|"
+         r"Invalid generic resource|Invalid node name specified|Invalid --time specification|"
+         r"Invalid feature specification|Node count specification invalid"),
+        (SlurmErrorKind.BAD_REQUEST,
+         r"unrecognized option|invalid option|Batch script is empty|Unable to open file|"
+         r"does not look like a batch script|Invalid job id \S|Invalid job format specification"),
+    )
+)
+
+
+def classify_error(stderr: str, exit_code: int) -> SlurmErrorKind:
+    """The kind of failure of a Slurm command from its stderr (and stdout) and exit code.
+
+    Checked on the captured outputs: ``Unable to contact slurm controller`` (exit 1, or 8
+    for scancel), ``Invalid job id specified`` (squeue/scontrol of a purged job; scancel
+    --signal of an unknown one), ``Slurm accounting storage is disabled`` (sacct without
+    slurmdbd), ``invalid partition``... Exit 127 is the shell's "command not found".
+    Anything else is OTHER, which is transient: never a verdict on the case.
+    """
+    if exit_code == _SHELL_COMMAND_NOT_FOUND:
+        return SlurmErrorKind.NOT_INSTALLED
+    for kind, pattern in _ERROR_PATTERNS:
+        if pattern.search(stderr or ""):
+            return kind
+    return SlurmErrorKind.OTHER
+
+
+class SlurmError(RemoteError):
+    """A Slurm command ran on the HPC and failed; ``kind`` says what that means."""
+
+    def __init__(self, argv: Sequence[str], exit_code: int, stderr: str, stdout: str = ""):
+        super().__init__(list(argv), exit_code, stderr, stdout)
+        self.kind = classify_error(f"{stderr or ''}\n{stdout or ''}", exit_code)
+
+    @classmethod
+    def from_remote_error(cls, error: RemoteError) -> SlurmError:
+        """The same failure, classified."""
+        return cls(error.argv, error.exit_code, error.stderr, error.stdout)

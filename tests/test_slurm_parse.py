@@ -1,0 +1,704 @@
+"""shared.backends.slurm_parse: builders, parsers and the state mapping, on every captured Slurm 22.05 output.
+
+The captures in tests/data/slurm/ are copies of ../shared/reference/slurm/ (real runs on
+Debian 12). Each ``$ command`` there is followed by its stdout, stderr and exit code; every one
+of them goes through the parser that reads that kind of output, or through ``classify_error``
+when it failed. The batch script is run for real by bash in tmp_path (no Slurm needed).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from sandbox.waiting import wait_until
+from shared.backends import slurm_parse as sp
+from shared.backends.slurm_parse import ExitCode, SlurmErrorKind as Kind, TaskState
+from shared.errors import BadOutput, RemoteError
+
+DATA = Path(__file__).parent / "data" / "slurm"
+_CAPTURE = re.compile(
+    r"^\$ (?P<command>[^\n]*)\n--- stdout ---\n(?P<stdout>.*?)--- stderr ---\n(?P<stderr>.*?)"
+    r"--- exit (?P<exit>\d+), ", re.S | re.M)
+
+
+@dataclass(frozen=True)
+class Capture:
+    file: str
+    command: str
+    stdout: str
+    stderr: str
+    exit_code: int
+
+    @property
+    def argv(self) -> list[str]:
+        """The Slurm command itself: without a leading ``cd X &&`` or a trailing ``| head``."""
+        lexer = shlex.shlex(self.command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+        if "&&" in words:
+            words = words[len(words) - words[::-1].index("&&"):]
+        return words[:words.index("|")] if "|" in words else words
+
+    def option(self, *names: str) -> str | None:
+        argv = self.argv
+        for index, word in enumerate(argv):
+            for name in names:
+                if word == name and index + 1 < len(argv):
+                    return argv[index + 1]
+                if word.startswith(name + "="):
+                    return word[len(name) + 1:]
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.command[:100]}"
+
+
+def load_captures() -> list[Capture]:
+    captures = []
+    for path in sorted(DATA.glob("*.txt")):
+        for match in _CAPTURE.finditer(path.read_text()):
+            captures.append(Capture(path.name, match["command"], match["stdout"], match["stderr"],
+                                    int(match["exit"])))
+    return captures
+
+
+CAPTURES = load_captures()
+
+
+def captures_of(program: str, exit_code: int | None = None) -> list[Capture]:
+    return [c for c in CAPTURES if c.argv[0] == program and (exit_code is None or c.exit_code == exit_code)]
+
+
+def captured(file_prefix: str, command_part: str) -> Capture:
+    """The one capture of that file whose command contains ``command_part``."""
+    found = [c for c in CAPTURES if c.file.startswith(file_prefix) and command_part in c.command]
+    assert len(found) == 1, (file_prefix, command_part, [str(c) for c in found])
+    return found[0]
+
+
+def test_the_captures_are_all_read():
+    assert len(CAPTURES) == 167
+    assert {c.argv[0] for c in CAPTURES} == {"sbatch", "squeue", "scontrol", "scancel", "sacct",
+                                              "sacctmgr", "sinfo"}
+
+
+# ---------------------------------------------------------------------------
+# Every capture through its parser
+# ---------------------------------------------------------------------------
+
+def _sacct_fields(capture: Capture) -> tuple[str, ...] | None:
+    fmt = capture.option("--format")
+    return tuple(fmt.split(",")) if fmt and "--parsable2" in capture.argv else None
+
+
+@pytest.mark.parametrize("capture", [c for c in CAPTURES if c.exit_code != 0], ids=str)
+def test_every_captured_failure_is_classified(capture):
+    kind = sp.classify_error(capture.stderr + capture.stdout, capture.exit_code)
+    assert kind is not Kind.OTHER, capture.stderr
+
+
+@pytest.mark.parametrize("capture", captures_of("sbatch", exit_code=0), ids=str)
+def test_every_captured_submit_gives_its_job_id(capture):
+    if "--version" in capture.argv:
+        assert sp.parse_version(capture.stdout) == "22.05.8"
+        return
+    job_id = sp.parse_sbatch(capture.stdout)
+    assert str(job_id) in capture.stdout
+
+
+@pytest.mark.parametrize("capture", [c for c in captures_of("squeue", exit_code=0)
+                                     if c.option("--format") is not None], ids=str)
+def test_every_captured_squeue_format_line_is_a_job(capture):
+    jobs = sp.parse_squeue(capture.stdout, capture.option("--format"))
+    assert len(jobs) == len(capture.stdout.splitlines())
+    for job in jobs:
+        assert str(job.job_id) in capture.stdout and job.name in capture.stdout
+        assert job.verdict.state is not TaskState.UNKNOWN or job.state == "NODE_FAIL"
+
+
+@pytest.mark.parametrize("capture", [c for c in captures_of("sacct", exit_code=0) if _sacct_fields(c)],
+                         ids=str)
+def test_every_captured_sacct_line_is_read(capture):
+    jobs = sp.parse_sacct(capture.stdout, _sacct_fields(capture))
+    allocation_lines = [line for line in capture.stdout.splitlines() if line.split("|")[0].isdigit()]
+    assert len(jobs) == len(allocation_lines)
+    for job in jobs:
+        assert job.verdict.state is not TaskState.UNKNOWN
+
+
+@pytest.mark.parametrize("capture", [c for c in captures_of("scontrol", exit_code=0)
+                                     if c.argv[1:3] == ["show", "job"]], ids=str)
+def test_every_captured_scontrol_job_line_is_read(capture):
+    (job,) = sp.parse_scontrol_jobs(capture.stdout)
+    assert job.job_id == int(capture.argv[3])
+    assert job.verdict.state is not TaskState.UNKNOWN or job.state == "NODE_FAIL"
+
+
+@pytest.mark.parametrize("capture", [c for c in captures_of("scontrol") if c.argv[1:] == ["ping"]], ids=str)
+def test_every_captured_ping_is_read(capture):
+    assert sp.parse_ping(capture.stdout) is (capture.exit_code == 0)
+
+
+@pytest.mark.parametrize("capture", [c for c in CAPTURES if c.argv[1:] == ["--version"]], ids=str)
+def test_every_captured_version_is_read(capture):
+    assert sp.parse_version(capture.stdout) == "22.05.8"
+
+
+@pytest.mark.parametrize("capture", [c for c in captures_of("sinfo", exit_code=0)
+                                     if c.option("--format") == sp.SINFO_FORMAT], ids=str)
+def test_every_captured_sinfo_in_our_format_is_read(capture):
+    partitions = sp.parse_partitions(capture.stdout)
+    assert partitions["debug"].default and partitions["debug"].available
+    assert partitions["debug"].time_limit_seconds == 3600 and partitions["debug"].nodes == 1
+
+
+@pytest.mark.parametrize("capture", captures_of("scancel", exit_code=0), ids=str)
+def test_a_successful_scancel_prints_nothing(capture):
+    # Exit 0 and silence also for unknown and finished ids: its success proves nothing.
+    assert capture.stdout == "" and capture.stderr == ""
+
+
+# ---------------------------------------------------------------------------
+# What the captures mean
+# ---------------------------------------------------------------------------
+
+FORMAT_6 = "%i|%j|%T|%r|%S|%M"
+
+
+def test_squeue_reads_queued_running_and_held_jobs():
+    jobs = sp.parse_squeue(captured("02", f"squeue --noheader --format '{FORMAT_6}'").stdout, FORMAT_6)
+    by_id = {job.job_id: job for job in jobs}
+    assert by_id[3] == sp.QueuedJob(3, "mqic_case_8", "PENDING", "Resources", started=None, elapsed_seconds=0)
+    assert by_id[3].verdict == sp.JobVerdict(TaskState.WAITING, detail="Resources")
+    assert by_id[6].verdict.stuck and by_id[6].verdict.detail == "JobHeldUser"
+    assert by_id[1].started == datetime(2026, 12, 1, 4, 54, 47) and by_id[1].elapsed_seconds == 3
+    assert by_id[1].verdict == sp.JobVerdict(TaskState.RUNNING)
+    assert (by_id[1].case_id, by_id[6].case_id) == (7, None)
+
+
+def test_squeue_of_jobs_that_exceed_a_partition_limit_says_stuck():
+    jobs = sp.parse_squeue(captured("07", "squeue --noheader --format '%i|%j|%T|%r'").stdout, "%i|%j|%T|%r")
+    assert [(job.reason, job.verdict.state, job.verdict.stuck) for job in jobs] == [
+        ("PartitionConfig", TaskState.WAITING, True), ("PartitionTimeLimit", TaskState.WAITING, True)]
+
+
+def test_squeue_with_all_states_shows_just_finished_jobs():
+    capture = captured("04", "squeue -t all --noheader")
+    verdicts = {job.job_id: job.verdict.state for job in sp.parse_squeue(capture.stdout, FORMAT_6)}
+    assert verdicts == {3: TaskState.SUCCESS, 4: TaskState.SUCCESS, 6: TaskState.WAITING,
+                        5: TaskState.RUNNING}
+
+
+def test_squeue_of_a_purged_job_is_invalid_job_id_not_a_failure():
+    purged = [c for c in CAPTURES if c.argv[:3] in (["squeue", "-j", "3"], ["scontrol", "show", "job"])
+              and c.exit_code == 1 and "Invalid job id" in c.stderr]
+    assert len(purged) >= 3 and all(sp.classify_error(c.stderr, c.exit_code) is Kind.INVALID_JOB_ID for c in purged)
+    assert not Kind.INVALID_JOB_ID.transient  # the caller turns "unknown id" into "ask the record"
+
+
+SCONTROL_VERDICTS = [
+    # (file, job id): (state, exit code, signal, ended) seen in one of its captures
+    (("03", 1), (TaskState.RUNNING, None, None, False)),
+    (("03", 3), (TaskState.WAITING, None, None, False)),
+    (("03", 6), (TaskState.WAITING, None, None, False)),    # held
+    (("06", 6), (TaskState.KILLED, None, None, True)),      # cancelled while held: 0:0
+    (("03", 12), (TaskState.FAILED, None, None, True)),     # no output folder: 0:53, JobLaunchFailure
+    (("03", 13), (TaskState.SUCCESS, 0, None, True)),
+    (("03", 14), (TaskState.FAILED, 3, None, True)),
+    (("03", 15), (TaskState.KILLED, None, 9, True)),        # killed itself with SIGKILL: 0:9
+    (("03", 16), (TaskState.FAILED, 127, None, True)),      # command not found
+    (("03", 19), (TaskState.FAILED, None, None, True)),
+    (("06", 21), (TaskState.KILLED, None, 15, True)),       # scancel of a running job
+    (("06", 25), (TaskState.FAILED, 143, None, True)),      # scancel --signal=TERM --full: the script's 143
+    (("06", 26), (TaskState.RUNNING, None, None, False)),   # COMPLETING during KillWait
+    (("06", 27), (TaskState.RUNNING, None, None, False)),
+    (("06", 27), (TaskState.TIMED_OUT, None, None, True)),
+    (("10", 46), (TaskState.RUNNING, None, None, False)),   # first answer after slurmctld's restart
+    (("10", 46), (TaskState.SUCCESS, 0, None, True)),
+    (("13", 1), (TaskState.UNKNOWN, None, None, True)),     # NODE_FAIL
+    (("13", 13), (TaskState.WAITING, None, None, False)),   # requeued after the node failure
+]
+
+
+def scontrol_jobs() -> dict[tuple[str, int], list[sp.ControlJob]]:
+    seen: dict[tuple[str, int], list[sp.ControlJob]] = {}
+    for capture in captures_of("scontrol", exit_code=0):
+        if capture.argv[1:3] == ["show", "job"]:
+            job = sp.parse_scontrol_jobs(capture.stdout)[0]
+            seen.setdefault((capture.file[:2], job.job_id), []).append(job)
+    return seen
+
+
+def test_scontrol_outcomes_map_onto_our_states():
+    seen = scontrol_jobs()
+    for key, expected in SCONTROL_VERDICTS:
+        verdicts = [(job.verdict.state, job.verdict.exit_code, job.verdict.signal, job.verdict.ended)
+                    for job in seen[key]]
+        assert expected in verdicts, (key, verdicts)
+    assert seen[("03", 12)][0].verdict.detail == "JobLaunchFailure (Slurm code 0:53)"
+    first = seen[("03", 1)][0]
+    assert first.stdout_path.endswith("slurm-1.out") and first.work_dir.endswith("case_7")
+
+
+def test_scontrol_after_a_node_failure():
+    requeued = sp.parse_scontrol_jobs(captured("13", "scontrol show job 13 -o").stdout)[0]
+    assert (requeued.restarts, requeued.verdict.state, requeued.reason) == (1, TaskState.WAITING, "BeginTime")
+    node_fail = sp.parse_scontrol_jobs(captured("13", "scontrol show job 1 -o").stdout)[0]
+    assert node_fail.verdict.state is TaskState.UNKNOWN and node_fail.verdict.ended
+    assert "exit-status record" in node_fail.verdict.detail
+
+
+SACCT_VERDICTS = {
+    1: (TaskState.SUCCESS, 0, None, "mqic_ok"),
+    2: (TaskState.FAILED, 3, None, "mqic_fail3"),
+    3: (TaskState.KILLED, None, None, "mqic_cancel_run"),  # "CANCELLED by 0", job line 0:0
+    4: (TaskState.KILLED, None, None, "mqic_cancel_pend"),
+    5: (TaskState.TIMED_OUT, None, None, "mqic_timeout"),
+    6: (TaskState.KILLED, None, 9, "mqic_sig9"),
+}
+
+
+def test_sacct_outcomes_map_onto_our_states():
+    capture = captured("11", "sacct -j 1,2,3,4,5,6 -X")
+    jobs = {job.job_id: job for job in sp.parse_sacct(capture.stdout, _sacct_fields(capture))}
+    for job_id, (state, code, sig, name) in SACCT_VERDICTS.items():
+        verdict = jobs[job_id].verdict
+        assert (verdict.state, verdict.exit_code, verdict.signal, jobs[job_id].name) == (state, code, sig, name)
+    assert jobs[3].verdict.detail == "cancelled by uid 0" and jobs[3].state == "CANCELLED by 0"
+    assert jobs[4].started is None and jobs[4].ended_at == datetime(2026, 12, 1, 5, 12, 55)
+
+
+def test_sacct_leaves_out_step_lines_and_reads_unknown_end():
+    steps = captured("11", "sacct -j 5 --format")
+    (job,) = sp.parse_sacct(steps.stdout, _sacct_fields(steps))
+    assert (job.job_id, job.exit_code) == (5, ExitCode(0, 0))
+    lagging = [c for c in CAPTURES if c.file.startswith("11") and c.argv[:3] == ["sacct", "-j", "8"]]
+    first = sp.parse_sacct(lagging[0].stdout, _sacct_fields(lagging[0]))[0]
+    assert first.ended_at is None and first.verdict.state is TaskState.SUCCESS
+
+
+def test_sacct_of_an_unknown_job_is_empty():
+    capture = captured("11", "sacct -j 99999")
+    assert sp.parse_sacct(capture.stdout, _sacct_fields(capture)) == ()
+
+
+def test_sacct_elapsed_is_read():
+    capture = captured("11", "--name mqic_timeout")
+    (job,) = sp.parse_sacct(capture.stdout, _sacct_fields(capture))
+    assert job.elapsed_seconds == 80
+
+
+EXPECTED_KINDS = [
+    ("07", "--partition nosuchpart", Kind.INVALID_PARTITION),
+    ("07", "--gres=gpu:5", Kind.UNSATISFIABLE),
+    ("07", "--gres=foo:1", Kind.UNSATISFIABLE),
+    ("07", "--gres=gpu:tesla:1", Kind.UNSATISFIABLE),
+    ("07", "--time=abc", Kind.UNSATISFIABLE),
+    ("07", "no_such_script.sh", Kind.BAD_REQUEST),
+    ("07", "noshebang.sh", Kind.BAD_REQUEST),
+    ("07", "--nodelist=othernode", Kind.UNSATISFIABLE),
+    ("07", "--bogus-option", Kind.BAD_REQUEST),
+    ("07", "--job-name e12", Kind.BAD_REQUEST),
+    ("08", "sacct -j 27", Kind.ACCOUNTING_DISABLED),
+    ("08", "sacctmgr list cluster", Kind.ACCOUNTING_DISABLED),
+    ("06", "scancel abc", Kind.BAD_REQUEST),
+    ("11", "sacct -j 1 --format", Kind.ACCOUNTING_DOWN),
+]
+
+
+@pytest.mark.parametrize("file_prefix, command_part, kind", EXPECTED_KINDS)
+def test_captured_failures_have_their_meaning(file_prefix, command_part, kind):
+    failed = [c for c in CAPTURES if c.file.startswith(file_prefix) and command_part in c.command
+              and c.exit_code != 0]
+    assert failed
+    for capture in failed:
+        assert sp.classify_error(capture.stderr, capture.exit_code) is kind, capture.stderr
+
+
+def test_an_enforced_partition_limit_is_unsatisfiable():
+    enforced = [c for c in captures_of("sbatch") if c.file.startswith("07") and c.exit_code == 1
+                and ("e4" in c.argv or "e6" in c.argv)]
+    assert len(enforced) == 2
+    assert {sp.classify_error(c.stderr, c.exit_code) for c in enforced} == {Kind.UNSATISFIABLE}
+
+
+def test_every_command_while_slurmctld_is_down_is_controller_down():
+    down = [c for c in CAPTURES if c.file.startswith("10") and c.exit_code != 0]
+    assert {c.argv[0] for c in down} == {"sbatch", "squeue", "scontrol", "scancel", "sinfo"}
+    assert 8 in {c.exit_code for c in down}  # scancel's own code
+    for capture in down:
+        kind = sp.classify_error(capture.stderr + capture.stdout, capture.exit_code)
+        assert kind is Kind.CONTROLLER_DOWN and kind.transient and not kind.submit_may_have_landed
+
+
+def test_an_unknown_format_field_is_reported_on_stderr_with_exit_0():
+    capture = captured("02", "ExitCode'")
+    assert capture.exit_code == 0
+    assert sp.classify_error(capture.stderr, capture.exit_code) is Kind.BAD_REQUEST
+
+
+@pytest.mark.parametrize("stderr, exit_code, kind", [
+    ("scancel: error: Kill job error on job id 99999: Invalid job id specified", 1, Kind.INVALID_JOB_ID),
+    ("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", 1,
+     Kind.CONTROLLER_TIMEOUT),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination "
+     "specified", 1, Kind.INVALID_ACCOUNT),
+    ("sbatch: error: Batch job submission failed: Invalid qos specification", 1, Kind.INVALID_QOS),
+    ("sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, "
+     "user's size and/or time limits)", 1, Kind.LIMIT_REACHED),
+    # Seen on this machine: a client run without SLURM_CONF.
+    ("squeue: error: _establish_config_source: failed to fetch config\n"
+     "squeue: fatal: Could not establish a configuration source", 1, Kind.NOT_CONFIGURED),
+    ("bash: line 1: sbatch: command not found", 127, Kind.NOT_INSTALLED),
+    ("something nobody has seen", 1, Kind.OTHER),
+])
+def test_failures_from_the_man_pages_and_elsewhere(stderr, exit_code, kind):
+    assert sp.classify_error(stderr, exit_code) is kind
+
+
+def test_transient_kinds_are_could_not_tell():
+    assert {kind for kind in Kind if kind.transient} == {
+        Kind.CONTROLLER_DOWN, Kind.CONTROLLER_TIMEOUT, Kind.ACCOUNTING_DOWN, Kind.LIMIT_REACHED, Kind.OTHER}
+    assert Kind.CONTROLLER_TIMEOUT.submit_may_have_landed and not Kind.INVALID_PARTITION.submit_may_have_landed
+
+
+def test_slurm_error_classifies_a_remote_error():
+    capture = captured("07", "--partition nosuchpart")
+    error = sp.SlurmError.from_remote_error(
+        RemoteError(capture.argv, capture.exit_code, capture.stderr, capture.stdout))
+    assert isinstance(error, RemoteError) and error.kind is Kind.INVALID_PARTITION
+    assert error.exit_code == 1 and "nosuchpart" in str(error)
+
+
+# ---------------------------------------------------------------------------
+# The state mapping, state by state
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("state, exit_code, reason, expected", [
+    ("PENDING", None, "Resources", sp.JobVerdict(TaskState.WAITING, detail="Resources")),
+    ("PENDING", None, "PartitionTimeLimit", sp.JobVerdict(TaskState.WAITING, stuck=True, detail="PartitionTimeLimit")),
+    ("REQUEUED", None, "", sp.JobVerdict(TaskState.WAITING)),
+    ("REQUEUE_HOLD", None, "", sp.JobVerdict(TaskState.WAITING)),
+    ("REQUEUE_FED", None, "", sp.JobVerdict(TaskState.WAITING)),
+    ("RESV_DEL_HOLD", None, "", sp.JobVerdict(TaskState.WAITING)),
+    ("SPECIAL_EXIT", None, "", sp.JobVerdict(TaskState.WAITING)),
+    ("RUNNING", None, "None", sp.JobVerdict(TaskState.RUNNING)),
+    ("CONFIGURING", None, "", sp.JobVerdict(TaskState.RUNNING, detail="configuring")),
+    ("COMPLETING", ExitCode(0, 9), "", sp.JobVerdict(TaskState.RUNNING, detail="completing")),
+    ("SUSPENDED", None, "", sp.JobVerdict(TaskState.RUNNING, detail="suspended")),
+    ("STOPPED", None, "", sp.JobVerdict(TaskState.RUNNING, detail="stopped")),
+    ("SIGNALING", None, "", sp.JobVerdict(TaskState.RUNNING, detail="signaling")),
+    ("STAGE_OUT", None, "", sp.JobVerdict(TaskState.RUNNING, detail="stage_out")),
+    ("RESIZING", None, "", sp.JobVerdict(TaskState.RUNNING, detail="resizing")),
+    ("COMPLETED", ExitCode(0, 0), "None", sp.JobVerdict(TaskState.SUCCESS, exit_code=0, ended=True)),
+    ("FAILED", ExitCode(3, 0), "NonZeroExitCode", sp.JobVerdict(TaskState.FAILED, 3, ended=True, detail="NonZeroExitCode")),
+    ("FAILED", None, "NonZeroExitCode", sp.JobVerdict(TaskState.FAILED, None, ended=True, detail="NonZeroExitCode")),
+    ("FAILED", ExitCode(0, 9), "JobLaunchFailure", sp.JobVerdict(TaskState.KILLED, signal=9, ended=True, detail="killed by signal 9")),
+    ("CANCELLED", ExitCode(0, 15), "None", sp.JobVerdict(TaskState.KILLED, signal=15, ended=True, detail="cancelled")),
+    ("CANCELLED by 1000", ExitCode(0, 0), "", sp.JobVerdict(TaskState.KILLED, ended=True, detail="cancelled by uid 1000")),
+    ("TIMEOUT", ExitCode(0, 15), "TimeLimit", sp.JobVerdict(TaskState.TIMED_OUT, ended=True, detail="time limit reached")),
+    ("DEADLINE", None, "", sp.JobVerdict(TaskState.TIMED_OUT, ended=True, detail="deadline reached")),
+    ("OUT_OF_MEMORY", ExitCode(0, 125), "", sp.JobVerdict(TaskState.FAILED, ended=True, detail="out of memory")),
+    ("OUT_OF_MEMORY", ExitCode(137, 0), "", sp.JobVerdict(TaskState.FAILED, 137, ended=True, detail="out of memory")),
+    ("PREEMPTED", ExitCode(0, 15), "", sp.JobVerdict(TaskState.KILLED, signal=15, ended=True, detail="preempted")),
+    ("BOOT_FAIL", None, "", sp.JobVerdict(TaskState.KILLED, ended=True, detail="node boot failure")),
+    ("NODE_FAIL", ExitCode(0, 0), "NodeDown", sp.JobVerdict(
+        TaskState.UNKNOWN, ended=True,
+        detail="node failed; the job's processes may have run on: read the exit-status record")),
+    ("REVOKED", None, "", sp.JobVerdict(TaskState.UNKNOWN, ended=True, detail="revoked by a federation sibling")),
+    ("TELEPORTED", None, "", sp.JobVerdict(TaskState.UNKNOWN, detail="unknown Slurm state 'TELEPORTED'")),
+    ("", None, "", sp.JobVerdict(TaskState.UNKNOWN, detail="unknown Slurm state ''")),
+])
+def test_map_job_state(state, exit_code, reason, expected):
+    assert sp.map_job_state(state, exit_code, reason) == expected
+
+
+def test_every_state_of_the_reference_table_is_mapped():
+    # SLURM.md section 3, then the rest of squeue's JOB STATE CODES (man squeue, 22.05).
+    table = ["PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "COMPLETED", "FAILED", "CANCELLED",
+             "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REQUEUED",
+             "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "SUSPENDED",
+             "RESV_DEL_HOLD", "REQUEUE_FED", "REVOKED", "SPECIAL_EXIT"]
+    for state in table:
+        verdict = sp.map_job_state(state)
+        assert verdict.detail != f"unknown Slurm state {state!r}", state
+        # "Could not tell" is never "failed", and only an ended job has an outcome.
+        assert verdict.ended == (verdict.state in (TaskState.SUCCESS, TaskState.FAILED, TaskState.KILLED,
+                                                   TaskState.TIMED_OUT) or state in ("NODE_FAIL", "REVOKED"))
+
+
+# ---------------------------------------------------------------------------
+# Parsers on bad input
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["", "\n", "sbatch: error: x", "12 13", "abc", "Submitted batch job"])
+def test_parse_sbatch_refuses_garbage(text):
+    with pytest.raises(BadOutput):
+        sp.parse_sbatch(text)
+
+
+def test_parse_sbatch_forms():
+    assert sp.parse_sbatch("12\n") == 12
+    assert sp.parse_sbatch("12;sandbox\n") == 12
+    assert sp.parse_sbatch("sbatch: warning: something\n12\n") == 12
+    assert sp.parse_sbatch("Submitted batch job 2\n") == 2
+
+
+@pytest.mark.parametrize("line", [
+    "12|mqic_case_1|RUNNING",                                      # too few fields
+    "12|mqic_case_1|running|p|N/A|N/A|0:01|None",                  # not a state word
+    "12|mqic_case_1|RUNNING|p|N/A|yesterday|0:01|None",            # not a time
+    "12|mqic_case_1|RUNNING|p|N/A|N/A|a while|None",               # not a duration
+])
+def test_parse_squeue_refuses_lines_that_do_not_fit(line):
+    with pytest.raises(BadOutput):
+        sp.parse_squeue(line + "\n")
+
+
+def test_parse_squeue_keeps_a_reason_with_the_delimiter_and_skips_array_jobs():
+    text = ("12|mqic_case_1|PENDING|gpu|2026-12-01T04:54:47|N/A|0:00|ReqNodeNotAvail, a|b|c\n"
+            "13_[1-4]|other|PENDING|gpu|2026-12-01T04:54:47|N/A|0:00|Priority\n"
+            "14|mqic_case_2|RUNNING|gpu|2026-12-01T04:54:47|2026-12-01T04:55:00|1-02:03:04|None\n")
+    first, second = sp.parse_squeue(text)
+    assert first.reason == "ReqNodeNotAvail, a|b|c" and first.partition == "gpu"
+    assert first.submitted == datetime(2026, 12, 1, 4, 54, 47) and first.started is None
+    assert second.elapsed_seconds == ((24 + 2) * 60 + 3) * 60 + 4 and second.case_id == 2
+
+
+def test_parse_squeue_of_nothing_is_no_job():
+    assert sp.parse_squeue("") == ()
+
+
+@pytest.mark.parametrize("text", ["1|x|COMPLETED|0:0|N/A", "1|x|COMPLETED|zero|N/A|N/A|N/A|00:00:01",
+                                  "1|x|COMPLETED|0:0|N/A|N/A|N/A|soon"])
+def test_parse_sacct_refuses_garbage(text):
+    with pytest.raises(BadOutput):
+        sp.parse_sacct(text)
+
+
+def test_parse_scontrol_refuses_a_line_without_its_fields():
+    with pytest.raises(BadOutput):
+        sp.parse_scontrol_jobs("JobId=1 JobName=x\n")
+
+
+@pytest.mark.parametrize("text", ["", "garbage", "Slurmctld(primary) at vm is SLEEPY"])
+def test_parse_ping_refuses_garbage(text):
+    with pytest.raises(BadOutput):
+        sp.parse_ping(text)
+
+
+@pytest.mark.parametrize("text, value", [("0\n", 0), ("143", 143), (" 3 \n", 3), ("255", 255)])
+def test_parse_exit_status_record(text, value):
+    assert sp.parse_exit_status_record(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "-1", "256", "3 4", "ok", "٣"])
+def test_parse_exit_status_record_refuses_garbage(text):
+    with pytest.raises(BadOutput):
+        sp.parse_exit_status_record(text)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("0:00", 0), ("0:03", 3), ("59:57", 3597), ("1:00:00", 3600), ("00:01:20", 80),
+    ("1-00:00:00", 86400), ("2-03:04:05", 2 * 86400 + 3 * 3600 + 4 * 60 + 5),
+    ("UNLIMITED", None), ("infinite", None), ("INVALID", None), ("N/A", None), ("", None),
+])
+def test_parse_duration(text, seconds):
+    assert sp.parse_duration(text) == seconds
+
+
+def test_parse_times():
+    assert sp.parse_slurm_time("2026-12-01T04:54:47") == datetime(2026, 12, 1, 4, 54, 47)
+    assert [sp.parse_slurm_time(text) for text in ("N/A", "Unknown", "None", "")] == [None] * 4
+    with pytest.raises(BadOutput):
+        sp.parse_slurm_time("2026-12-01 04:54")
+    with pytest.raises(BadOutput):
+        sp.parse_exit_code("3")
+
+
+def test_job_names():
+    assert sp.job_name(7) == "mqic_case_7"
+    assert [sp.case_id_from_job_name(name) for name in
+            ("mqic_case_7", "mqic_case_", "mqic_case_7x", "mqic_held", "allocation", "mqic_case_٣")] == [
+        7, None, None, None, None, None]
+
+
+# ---------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------
+
+def test_sbatch_argv():
+    settings = sp.SubmitSettings("gpu", account="physics", qos="normal", gres="gpu:1",
+                                 time_limit_seconds=24 * 3600)
+    assert sp.sbatch_argv(7, "/scratch/mqic/7_case", settings) == [
+        "sbatch", "--parsable", "--job-name=mqic_case_7", "--chdir=/scratch/mqic/7_case",
+        "--output=/scratch/mqic/7_case/.mqic/slurm-%j.out", "--partition=gpu", "--account=physics",
+        "--qos=normal", "--gres=gpu:1", "--time=1-00:00:00", "--no-requeue"]
+    minimal = sp.sbatch_argv(8, "/s/8/", sp.SubmitSettings("debug", requeue=True),
+                             script_path="/s/8/.mqic/job.sh", bin_dir="/opt/slurm/bin/")
+    assert minimal == ["/opt/slurm/bin/sbatch", "--parsable", "--job-name=mqic_case_8", "--chdir=/s/8",
+                       "--output=/s/8/.mqic/slurm-%j.out", "--partition=debug", "--requeue",
+                       "/s/8/.mqic/job.sh"]
+
+
+def test_sbatch_argv_escapes_a_percent_in_the_folder():
+    argv = sp.sbatch_argv(9, "/s/9_100%dose", sp.SubmitSettings("gpu"))
+    assert "--chdir=/s/9_100%dose" in argv and "--output=/s/9_100%%dose/.mqic/slurm-%j.out" in argv
+    assert sp.output_path("/s/9_100%dose", 41) == "/s/9_100%dose/.mqic/slurm-41.out"
+
+
+@pytest.mark.parametrize("remote_dir, settings", [
+    ("relative/dir", sp.SubmitSettings("gpu")),
+    ("~/mqic/7", sp.SubmitSettings("gpu")),
+    ("/s/7\nrm -rf /", sp.SubmitSettings("gpu")),
+    ("/s/back\\slash", sp.SubmitSettings("gpu")),
+    ("/s/7", sp.SubmitSettings("")),
+    ("/s/7", sp.SubmitSettings("--wrap=evil")),
+    ("/s/7", sp.SubmitSettings("gpu", account="a b")),
+    ("/s/7", sp.SubmitSettings("gpu", time_limit_seconds=0)),
+])
+def test_sbatch_argv_refuses_bad_values(remote_dir, settings):
+    with pytest.raises(ValueError):
+        sp.sbatch_argv(7, remote_dir, settings)
+
+
+def test_format_time_limit_rounds_up_to_minutes():
+    assert sp.format_time_limit(1) == "0-00:01:00"
+    assert sp.format_time_limit(61) == "0-00:02:00"
+    assert sp.format_time_limit(3600) == "0-01:00:00"
+    assert sp.format_time_limit(36.5 * 3600) == "1-12:30:00"
+
+
+def test_other_argv_builders():
+    assert sp.squeue_argv() == ["squeue", "--me", "--noheader", "--states=all", f"--format={sp.SQUEUE_FORMAT}"]
+    assert sp.squeue_argv(["mqic_case_1", "mqic_case_2"], bin_dir="/b")[0] == "/b/squeue"
+    assert sp.squeue_argv(["mqic_case_1", "mqic_case_2"])[-1] == "--name=mqic_case_1,mqic_case_2"
+    assert sp.sacct_argv([3, 4]) == ["sacct", "--parsable2", "--noheader", "--allocations",
+                                     "--format=" + ",".join(sp.SACCT_FIELDS), "--jobs=3,4"]
+    assert sp.sacct_argv(names=["mqic_case_1"])[-2:] == ["--name=mqic_case_1", "--starttime=now-7days"]
+    assert sp.scancel_argv([5]) == ["scancel", "5"]
+    assert sp.scancel_argv([5, 6], signal="TERM") == ["scancel", "--signal=TERM", "--full", "5", "6"]
+    assert sp.scancel_by_name_argv("mqic_case_5") == ["scancel", "--me", "--name=mqic_case_5"]
+    assert sp.scontrol_job_argv(5) == ["scontrol", "--oneliner", "show", "job", "5"]
+    assert sp.sinfo_argv() == ["sinfo", "--noheader", f"--format={sp.SINFO_FORMAT}"]
+    assert sp.ping_argv() == ["scontrol", "ping"] and sp.version_argv() == ["sbatch", "--version"]
+
+
+@pytest.mark.parametrize("code, arrives", [(0, 0), (3, 3), (254, 254), (255, sp.EXIT_255_REMAPPED)])
+def test_shielded_argv_keeps_exit_255_apart_from_ssh(code, arrives):
+    argv = sp.shielded_argv(["sh", "-c", f"cat; exit {code}", "it's"])
+    result = subprocess.run(argv, input="script", capture_output=True, text=True, timeout=10)
+    assert (result.returncode, result.stdout) == (arrives, "script")
+
+
+@pytest.mark.parametrize("build", [
+    lambda: sp.sacct_argv(),
+    lambda: sp.sacct_argv([1], ["mqic_case_1"]),
+    lambda: sp.sacct_argv([0]),
+    lambda: sp.squeue_argv(["a,b"]),
+    lambda: sp.squeue_argv(["-x"]),
+    lambda: sp.scancel_argv([]),
+    lambda: sp.scancel_argv([1], signal="TERM; rm"),
+    lambda: sp.scancel_by_name_argv(""),
+])
+def test_argv_builders_refuse_bad_input(build):
+    with pytest.raises(ValueError):
+        build()
+
+
+# ---------------------------------------------------------------------------
+# The batch script, run by bash
+# ---------------------------------------------------------------------------
+
+def write_script(tmp_path: Path, command: str, **kwargs) -> tuple[Path, Path]:
+    case_dir = tmp_path / "case"
+    case_dir.mkdir(exist_ok=True)
+    settings = kwargs.pop("settings", sp.SubmitSettings("gpu"))
+    script = tmp_path / "job.sh"
+    script.write_text(sp.batch_script(7, str(case_dir), command, settings, **kwargs))
+    return script, case_dir
+
+
+def run_script(script: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30, cwd="/")
+
+
+@pytest.mark.parametrize("command, status", [("true", 0), ("exit 3", 3), ("no_such_command_xyz", 127),
+                                             ("kill -9 $$", 137)])
+def test_the_script_records_the_exit_status(tmp_path, command, status):
+    script, case_dir = write_script(tmp_path, command)
+    result = run_script(script)
+    assert result.returncode == status
+    assert sp.parse_exit_status_record((case_dir / sp.EXIT_STATUS_RECORD).read_text()) == status
+    assert sorted(p.name for p in (case_dir / sp.MQIC_DIR).iterdir()) == ["exit_status"]  # no temporary left
+
+
+def test_the_script_runs_in_the_case_folder_with_its_environment(tmp_path):
+    evil = "$(touch pwned) `touch pwned2` \"'"
+    script, case_dir = write_script(tmp_path, 'pwd > where; [[ -n "$MQIC_CASE_NAME" ]] && printf %s "$MQIC_CASE_NAME" > name',
+                                    env={"MQIC_CASE_NAME": evil, "MQIC_CASE_ID": "7"})
+    assert run_script(script).returncode == 0
+    assert (case_dir / "where").read_text().strip() == str(case_dir)
+    assert (case_dir / "name").read_text() == evil  # bash, not sh: [[ ]] works
+    assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_the_script_replaces_a_stale_record_and_refuses_a_missing_folder(tmp_path):
+    script, case_dir = write_script(tmp_path, "sleep 0")
+    (case_dir / sp.MQIC_DIR).mkdir()
+    (case_dir / sp.EXIT_STATUS_RECORD).write_text("3\n")
+    assert run_script(script).returncode == 0
+    assert (case_dir / sp.EXIT_STATUS_RECORD).read_text() == "0\n"
+    os.rename(case_dir, tmp_path / "moved")
+    result = run_script(script)
+    assert result.returncode == 1 and "mqic: cannot enter" in result.stderr
+
+
+def test_a_term_to_the_whole_job_is_recorded_as_143(tmp_path):
+    """What scancel --signal=TERM --full, a cancel or a time limit does: TERM to every process."""
+    script, case_dir = write_script(tmp_path, "touch started; sleep 30")
+    job = subprocess.Popen(["bash", str(script)], start_new_session=True)
+    wait_until(lambda: (case_dir / "started").exists(), timeout=10, message="the command to start")
+    time.sleep(0.2)  # let bash -c exec sleep
+    began = time.monotonic()
+    os.killpg(job.pid, signal.SIGTERM)
+    assert job.wait(timeout=10) == 143 and time.monotonic() - began < 5
+    assert (case_dir / sp.EXIT_STATUS_RECORD).read_text() == "143\n"
+
+
+def test_a_term_to_the_script_alone_waits_for_the_command(tmp_path):
+    script, case_dir = write_script(tmp_path, "touch started; sleep 1; exit 4")
+    job = subprocess.Popen(["bash", str(script)], start_new_session=True)
+    wait_until(lambda: (case_dir / "started").exists(), timeout=10, message="the command to start")
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=10) == 4
+    assert (case_dir / sp.EXIT_STATUS_RECORD).read_text() == "4\n"
+
+
+def test_extra_sbatch_lines_come_first(tmp_path):
+    settings = sp.SubmitSettings("gpu", extra_sbatch_lines=("--mem=16G", "#SBATCH --cpus-per-task=4"))
+    script, _ = write_script(tmp_path, "true", settings=settings)
+    lines = script.read_text().splitlines()
+    # sbatch stops reading #SBATCH lines at the first command.
+    assert lines[:3] == ["#!/bin/bash", "#SBATCH --mem=16G", "#SBATCH --cpus-per-task=4"]
+
+
+@pytest.mark.parametrize("line", ["--mem=1G\nrm -rf /", "mem=1G", "#SBATCH", "--mem=1G\rX"])
+def test_extra_sbatch_lines_are_one_option_each(line):
+    with pytest.raises(ValueError):
+        sp.batch_script(7, "/s/7", "true", sp.SubmitSettings("gpu", extra_sbatch_lines=(line,)))
+
+
+@pytest.mark.parametrize("command, env", [("", None), ("  ", None), ("true", {"BAD-NAME": "x"})])
+def test_batch_script_refuses_bad_input(command, env):
+    with pytest.raises(ValueError):
+        sp.batch_script(7, "/s/7", command, sp.SubmitSettings("gpu"), env=env)
