@@ -1588,6 +1588,8 @@ def client_main(argv: list[str]) -> int:
         return 1
     lost = take_lost_add(paths, request["label"]) if request["cmd"] == "add" else None
     if lost is not None:
+        _log(paths, f"lose-add: the answer to the add labelled {request['label']} is lost"
+                    f"{f' and the task stored {lost.late:g} s late' if lost.late else ''}")
         return _add_with_a_lost_answer(paths, request, settings.format, lost)
     reply = _ask_daemon(paths, request, settings.format)
     return _print_reply(paths, request, reply)
