@@ -51,9 +51,14 @@ from bench.chaos_check import (Expected, Verdict, chain_problems, check_final_st
 from bench.chaos_hooks import ZONES  # noqa: E402
 
 COMMAND_TIMEOUT_S = 8.0  # hpc.command_timeout_seconds of the chaos config: when our ssh gives up
+LEASE_S = 12.0  # main_loop.lease_seconds: when a dead submitter's claim is recovered
+LATE_STORE_S = LEASE_S + 2  # a late-stored add lands after our ssh gave up and after the claim's lease
 OUR_LABEL = "mqic_case_"
 DROP_SHARE = 0.7  # cases are dropped over the first 70 % of the run
-LONG_OUTAGE_AT = 0.72  # the outage that outlasts the case timeout begins at 72 % of the run
+FORGETTING_AT = 0.35  # the pollers stop (another user cleans) at 35 % of the run, then ...
+LONG_OUTAGE_AT = 0.5  # ... the outage that outlasts the case timeout begins at about 50 %
+WAITING_ACTIONS = {"owner kill", "remote kill", "restart", "lose adds",
+                   "clean, long outage, reused id"}  # they wait for something: each runs in a thread
 
 
 def write_sitecustomize(hooks_dir: Path, tokens_dir: Path, hits_dir: Path, taken_dir: Path) -> Path:
@@ -161,7 +166,6 @@ class Supervisor:
             (home / sub).mkdir(exist_ok=True)
         write_sitecustomize(home / "hooks", home / "tokens", home / "hits", home / "taken")
         self.env = {**os.environ, "MQIC_CONFIG": str(config_path)}
-        self._rpc = None
 
     def start(self) -> None:
         subprocess.run([str(Path(sys.prefix) / "bin" / "supervisord"), "-c", str(self.home / "supervisord.conf")],
@@ -169,12 +173,11 @@ class Supervisor:
 
     @property
     def rpc(self):
-        if self._rpc is None:
-            import xmlrpc.client
-            from supervisor.xmlrpc import SupervisorTransport
-            transport = SupervisorTransport(None, None, f"unix://{self.home / 'run' / 'supervisor.sock'}")
-            self._rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-        return self._rpc
+        """A new XML-RPC proxy (they are not thread-safe, and the driver has helper threads)."""
+        import xmlrpc.client
+        from supervisor.xmlrpc import SupervisorTransport
+        transport = SupervisorTransport(None, None, f"unix://{self.home / 'run' / 'supervisor.sock'}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     def running_pids(self) -> dict[str, int]:
         """{process name: pid} of the workers that are RUNNING right now."""
@@ -184,11 +187,11 @@ class Supervisor:
     def set_running(self, prefix: str, running: bool) -> list[str]:
         """Stop (or start) every process whose name starts with ``prefix``; return the names changed."""
         import xmlrpc.client
-        changed = []
-        for info in self.rpc.supervisor.getAllProcessInfo():
+        rpc, changed = self.rpc, []
+        for info in rpc.supervisor.getAllProcessInfo():
             if not info["name"].startswith(prefix):
                 continue
-            action = self.rpc.supervisor.startProcess if running else self.rpc.supervisor.stopProcess
+            action = rpc.supervisor.startProcess if running else rpc.supervisor.stopProcess
             try:
                 action(f"{info['group']}:{info['name']}", True)
                 changed.append(info["name"])
@@ -225,7 +228,7 @@ class Disturbances:
     remote_kills: int = 0
     victims: Counter = field(default_factory=Counter)  # label -> kills by a signal we did not send
     poller_stops: int = 0
-    cleaned: set[str] = field(default_factory=set)  # labels whose finished task another user cleaned
+    cleaned: dict[str, dict[int, str]] = field(default_factory=dict)  # label -> {task id: state} cleaned away
     lost_adds_armed: Counter = field(default_factory=Counter)  # "at once" / "stored late"
     foreign: dict[int, str] = field(default_factory=dict)  # another user's task id -> command
     foreign_excused: set[int] = field(default_factory=set)
@@ -278,8 +281,8 @@ class ChaosResult:
             ("pueue daemon restarts (groups paused)", f"{d.restarts} ({d.paused_by_restart})"),
             ("garbage `status --json` answers", d.garbage_polls),
             ("tasks killed by another user (`pueue kill`)", d.remote_kills),
-            ("pollers stopped + another user's `pueue clean` (our finished tasks cleaned)",
-             f"{d.poller_stops} ({len(d.cleaned)})"),
+            ("pollers stopped (our finished tasks another user cleaned or removed)",
+             f"{d.poller_stops} ({sum(map(len, d.cleaned.values()))})"),
             ("`add` answers lost: at once / stored late (armed)",
              f"{self.lost_adds['at once']} / {self.lost_adds['stored late']} "
              f"({d.lost_adds_armed['at once']} / {d.lost_adds_armed['stored late']})"),
@@ -319,9 +322,6 @@ def ours(task) -> bool:
     return bool(task.label and task.label.startswith(OUR_LABEL))
 
 
-def newest_is_ours_and_done(tasks: list) -> bool:
-    newest = max(tasks, key=lambda t: t.id, default=None)
-    return newest is not None and ours(newest) and newest.state.is_done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +341,8 @@ class ChaosRun:
         self.supervisor: Supervisor | None = None
         self.groups = tuple(f"gpu_{chr(ord('a') + i)}" for i in range(plan.groups))
         self.starts_log = self.scratch / "hpc" / "simulation_starts.log"
+        self.lock = threading.Lock()  # helper threads record victims too
+        self.late_store_due = 0.0  # monotonic time by which a late-stored add has landed
 
     # -- set-up -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -350,7 +352,7 @@ class ChaosRun:
                           scanner={"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
                           hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": COMMAND_TIMEOUT_S,
                                "remote_command": recording_starts(remote_command(), self.starts_log)},
-                          main_loop={"interval_seconds": 0.4, "lease_seconds": 12, "max_attempts": 100,
+                          main_loop={"interval_seconds": 0.4, "lease_seconds": LEASE_S, "max_attempts": 100,
                                      "backoff_base_seconds": 1, "backoff_cap_seconds": 4,
                                      "running_case_timeout_hours": self.plan.timeout / 3600,
                                      "stuck_after_minutes": 60},
@@ -416,15 +418,6 @@ class ChaosRun:
             if running or time.monotonic() > deadline:
                 return running
             time.sleep(0.1)
-
-    def cases_recording(self, task_id: int) -> list[int]:
-        """Ids of the cases whose row records ``task_id`` as their pueue task."""
-        from shared.db import connect
-        conn = connect(self.config.database_path, readonly=True)
-        try:
-            return [r[0] for r in conn.execute("SELECT case_id FROM cases WHERE pueue_task_id = ?", (task_id,))]
-        finally:
-            conn.close()
 
     # -- worker deaths ------------------------------------------------------------------------------
     def kill_random_worker(self) -> None:
@@ -518,7 +511,12 @@ class ChaosRun:
         return {t.id for t in self.tasks() if t.state is TaskState.KILLED}
 
     def restart_pueue_daemon(self) -> None:
-        """Crash and restart pueued; queued work (a foreign task behind ours) gets its group paused."""
+        """Crash and restart pueued; queued work (a foreign task behind ours) gets its group paused.
+
+        Not while a late-stored add is in flight: the crash would lose it, and what it is there
+        to show with it."""
+        while time.monotonic() < self.late_store_due:
+            time.sleep(0.2)
         before = self.killed_ids()
         for group in sorted({t.group for t in self.running_tasks()})[:2]:
             self.sandbox.pueue_cli("add", "-g", group, "--", "sleep 0.2", check=False)
@@ -526,7 +524,8 @@ class ChaosRun:
         from shared.pueue import TaskState
         killed = [t for t in self.tasks() if t.state is TaskState.KILLED and t.id not in before]
         victims = [t.label for t in killed if ours(t)]
-        self.done.victims.update(victims)
+        with self.lock:
+            self.done.victims.update(victims)
         self.done.foreign_excused |= {t.id for t in killed if t.id in self.done.foreign}
         paused = self.paused_groups()
         self.done.restarts += 1
@@ -547,41 +546,117 @@ class ChaosRun:
         task = self.rng.choice(running)
         answer = self.sandbox.pueue_cli("kill", str(task.id), check=False)
         if "being killed" in answer.stdout + answer.stderr:
-            self.done.victims[task.label] += 1
+            with self.lock:
+                self.done.victims[task.label] += 1
             self.done.remote_kills += 1
             self.note(f"another user killed remote task {task.id} ({task.label})")
 
-    def stop_pollers(self) -> None:
-        stopped = self.supervisor.set_running("poller", False)
+    def running_cases(self, names: frozenset[str] | None = None) -> list[int]:
+        """Ids of the cases ``running`` in the database (only those named ``names``, if given)."""
+        from shared.db import connect
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            rows = conn.execute("SELECT case_id, case_name FROM cases WHERE status = 'running'")
+            return [row[0] for row in rows if names is None or row[1] in names]
+        finally:
+            conn.close()
+
+    def wait_for(self, condition: Callable[[], object], patience: float) -> object:
+        """Poll ``condition`` for up to ``patience`` seconds; its last value either way."""
+        deadline = time.monotonic() + patience
+        while not (value := condition()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return value
+
+    def the_hpc_forgets(self) -> None:
+        """One after the other, each once cases run: the pollers down for half the case timeout
+        while another user runs ``pueue clean`` (finished tasks of running cases vanish unseen);
+        the outage past the case timeout; the pollers down past it while another user's task
+        takes a freed id that one of our running cases recorded."""
+        patience = 0.1 * self.plan.duration
+        self.pollers_down(self.plan.timeout / 2, patience, self.clean_as_another_user, pause_submitters=False)
+        self.long_outage(patience=1.5 * patience)
+        self.pollers_down(self.plan.timeout + 4, patience, self.reuse_an_id_as_another_user, pause_submitters=True)
+
+    def long_outage(self, patience: float) -> None:
+        """Once cases run (a long one, if one comes soon), cut everything off for longer than the
+        timeout: their timeouts come due while nothing can reach the HPC."""
+        long_ones = frozenset(spec.name for spec in self.specs if spec.long)
+        running = self.wait_for(lambda: self.running_cases(long_ones), patience / 2) or \
+            self.wait_for(self.running_cases, patience / 2)
+        self.note(f"long outage begins; cases running: {running}")
+        self.outage_begins("all")
+        time.sleep(self.done.long_outage)
+        self.outage_ends()
+
+    def pollers_down(self, gap: float, patience: float, act: Callable[[], None], pause_submitters: bool) -> None:
+        """Once cases run, our pollers stop for ``gap`` seconds while another user does ``act``
+        (with our submitters paused meanwhile, if asked, so that no add of ours races theirs)."""
+        self.wait_for(self.running_cases, patience)
+        self.supervisor.set_running("poller", False)
+        stopped_at = time.monotonic()
         self.done.poller_stops += 1
-        self.note(f"pollers stopped: {stopped}")
+        self.note(f"pollers stopped for {gap:g} s; cases running: {self.running_cases()}")
+        if pause_submitters:
+            self.supervisor.set_running("submitter", False)
+        try:
+            act()
+        finally:
+            if pause_submitters:
+                self.supervisor.set_running("submitter", True)
+            time.sleep(max(0.0, stopped_at + gap - time.monotonic()))
+            self.start_pollers()
 
     def start_pollers(self) -> None:
         started = self.supervisor.set_running("poller", True)
         if started:
             self.note(f"pollers started again: {started}")
 
-    def clean_as_another_user(self) -> None:
-        """While our pollers are down: another user's ``pueue clean`` of the GPU groups, then their task.
+    def reuse_an_id_as_another_user(self) -> None:
+        """Another user ``pueue remove``s our newest task once it finished (its case still
+        ``running``, unseen) and adds a task of their own: ids are max+1, so it takes that id."""
+        tasks = self.wait_for(self.tasks_once_the_newest_is_ours_done_and_running, max(2.0, self.plan.timeout / 3))
+        if tasks:
+            newest = max(tasks, key=lambda t: t.id)
+            self.sandbox.pueue_cli("remove", str(newest.id))
+            self.done.cleaned.setdefault(newest.label, {})[newest.id] = newest.state.value
+            self.note(f"another user removed our finished task {newest.id} ({newest.label})")
+        self.add_foreign_task(self.plan.timeout + 8)
 
-        Waits (a little) until the newest task is one of ours and done, so that the clean frees
-        the top id and the other user's task, added right after, takes it (ids are max+1).
-        """
-        from shared.pueue import TaskState
-        deadline = time.monotonic() + max(2.0, self.plan.timeout / 3)
+    def tasks_once_the_newest_is_ours_done_and_running(self) -> list | None:
+        """Every task, once the newest one is ours, done, and its case still ``running`` with it."""
         tasks = self.tasks()
-        while time.monotonic() < deadline and not newest_is_ours_and_done(tasks):
-            time.sleep(0.2)
-            tasks = self.tasks()
-        finished = {t.id: t.label for t in tasks if ours(t) and t.state.is_done}
-        for group in self.groups:  # the other user's own tasks (default group) stay, to be checked at the end
+        newest = max(tasks, key=lambda t: t.id, default=None)
+        if newest is not None and ours(newest) and newest.state.is_done and self.cases_recording(newest.id, True):
+            return tasks
+        return None
+
+    def cases_recording(self, task_id: int, running_only: bool = False) -> list[int]:
+        """Ids of the cases whose row records ``task_id`` as their pueue task (only ``running`` ones)."""
+        from shared.db import connect
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            rows = conn.execute("SELECT case_id FROM cases WHERE pueue_task_id = ?"
+                                + (" AND status = 'running'" if running_only else ""), (task_id,))
+            return [r[0] for r in rows]
+        finally:
+            conn.close()
+
+    def clean_as_another_user(self) -> None:
+        """Another user's ``pueue clean`` of the GPU groups (their own default group stays, so that
+        each of their tasks can be checked at the end)."""
+        from shared.pueue import TaskState
+        tasks = self.tasks()
+        finished = {t.id: (t.label, t.state.value) for t in tasks if ours(t) and t.state.is_done}
+        for group in self.groups:
             self.sandbox.pueue_cli("clean", "-g", group)
         left = {t.id for t in self.tasks()}
-        cleaned = {label for task_id, label in finished.items() if task_id not in left}
-        self.done.cleaned |= cleaned
-        self.note(f"another user ran `pueue clean`: our finished tasks {sorted(cleaned)} are gone "
+        for task_id, (label, state) in finished.items():
+            if task_id not in left:
+                self.done.cleaned.setdefault(label, {})[task_id] = state
+        self.note(f"another user ran `pueue clean`: our finished tasks "
+                  f"{sorted(label for label, _ in finished.values())} are gone "
                   f"({sum(1 for t in tasks if ours(t) and t.state is TaskState.RUNNING)} still running)")
-        self.add_foreign_task(self.plan.timeout + 8)
 
     def add_foreign_task(self, seconds: float) -> None:
         """Another user's ``sleep N; exit 0`` in the default group: it must run to its natural end."""
@@ -601,6 +676,20 @@ class ChaosRun:
         self.done.lost_adds_armed[kind] += count
         self.note(f"the answers of our next {count} `pueue add` are lost ({kind})")
 
+    def lost_adds_pending(self) -> int:
+        from sandbox.pueue_standin import Paths, load_settings
+        return load_settings(Paths(self.scratch / "hpc" / "pueue")).lose_add
+
+    def lose_adds_in_turn(self, until: float) -> None:
+        """One add answer lost with the task stored late, then (once that one was taken) two lost at once."""
+        late = LATE_STORE_S
+        self.late_store_due = self.t0 + until  # until it is taken, a restart waits too
+        self.lose_adds(1, late=late)
+        while self.lost_adds_pending() and time.monotonic() < self.t0 + until:
+            time.sleep(0.2)
+        self.late_store_due = time.monotonic() + late + 1
+        self.lose_adds(2)
+
     def lost_adds(self) -> Counter:
         """How many add answers the stand-in did lose, read from its daemon log."""
         try:
@@ -615,29 +704,22 @@ class ChaosRun:
         """(second, name, action) for the whole run, sorted by time."""
         d, timeout = self.plan.duration, self.plan.timeout
         outage = min(12.0, max(3.0, 0.05 * d))
-        long_outage = timeout + 4
-        self.done.long_outage = long_outage
-        poller_gap = timeout + 4  # longer than the case timeout: a finished task waits unseen
+        self.done.long_outage = timeout + 4
         plan: list[tuple[float, str, Callable[[], None]]] = [
-            (0.08 * d, "lose an add, stored late", lambda: self.lose_adds(1, late=COMMAND_TIMEOUT_S + 4)),
+            (0.08 * d, "lose adds", lambda: self.lose_adds_in_turn(until=0.5 * d)),
             (0.15 * d, "outage (logins)", lambda: self.outage_begins("logins")),
             (0.15 * d + outage, "heal", self.outage_ends),
-            (0.22 * d, "lose adds", lambda: self.lose_adds(2)),
-            (0.36 * d, "pollers down", self.stop_pollers),
-            (0.36 * d + 1, "pueue clean", self.clean_as_another_user),
-            (0.36 * d + poller_gap, "pollers up", self.start_pollers),
-            (LONG_OUTAGE_AT * d, "long outage (all)", lambda: self.outage_begins("all")),
-            (LONG_OUTAGE_AT * d + long_outage, "heal", self.outage_ends),
+            (FORGETTING_AT * d, "clean, long outage, reused id", self.the_hpc_forgets),
         ]
         if d >= 120:
-            plan += [(0.92 * d, "outage (all)", lambda: self.outage_begins("all")),
-                     (0.92 * d + outage, "heal", self.outage_ends)]
-        plan += [(f * d, "restart", self.restart_pueue_daemon) for f in ((0.28, 0.85) if d >= 120 else (0.28,))]
+            plan += [(0.9 * d, "outage (all)", lambda: self.outage_begins("all")),
+                     (0.9 * d + outage, "heal", self.outage_ends)]
+        plan += [(f * d, "restart", self.restart_pueue_daemon) for f in ((0.25, 0.45) if d >= 120 else (0.25,))]
         plan += [(f * d, "garbage", self.garbage) for f in (0.33, 0.75)]
         kills = max(3, int(d / 25))
         plan += [((i + 0.5) / kills * 0.85 * d, "remote kill", self.kill_remote_task) for i in range(kills)]
         plan += [((i + 0.3) / kills * 0.85 * d, "owner kill", self.kill_owner_of_a_claim) for i in range(kills)]
-        tokens = max(2, int(d / 30))
+        tokens = max(1, int(d / 40))
         for offset, zone in enumerate(ZONES):
             plan += [((i + 0.1 + offset * 0.05) / tokens * 0.8 * d, zone, lambda z=zone: self.drop_token(z))
                      for i in range(tokens)]
@@ -646,17 +728,28 @@ class ChaosRun:
         return sorted(plan, key=lambda item: item[0])
 
     def disturb(self) -> None:
+        """Run the schedule on time: actions that wait for something run in their own thread."""
+        helpers = []
         for at, name, action in self.schedule():
             pause = self.t0 + at - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
-            try:
-                action()
-            except Exception as exc:  # a disturbance that could not happen is reported, not fatal
-                self.note(f"{name} could not be done: {type(exc).__name__}: {exc}")
+            if name in WAITING_ACTIONS:
+                helpers.append(threading.Thread(target=self.attempt, args=(name, action), name=name, daemon=True))
+                helpers[-1].start()
+            else:
+                self.attempt(name, action)
+        for helper in helpers:
+            helper.join()
         if not self.sshd().is_running():
             self.outage_ends()
         self.start_pollers()
+
+    def attempt(self, name: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:  # a disturbance that could not happen is reported, not fatal
+            self.note(f"{name} could not be done: {type(exc).__name__}: {exc}")
 
     # -- the end ----------------------------------------------------------------------------------
     def settled(self) -> bool:
@@ -701,7 +794,7 @@ class ChaosRun:
     def expected(self) -> Expected:
         d = self.done
         return Expected(modes={s.name: s.mode for s in self.specs}, victims=dict(d.victims),
-                        long_cases=frozenset(s.name for s in self.specs if s.long), cleaned=frozenset(d.cleaned),
+                        long_cases=frozenset(s.name for s in self.specs if s.long), cleaned=dict(d.cleaned),
                         starts=read_starts(self.starts_log), foreign=dict(d.foreign),
                         foreign_excused=frozenset(d.foreign_excused), outages=tuple(d.outage_windows))
 

@@ -26,8 +26,8 @@ class Expected:
     ``victims``: label -> how many times its task was killed by a signal we did not send (a
     pueued restart, another user's ``pueue kill``); each allows one more start, and the case
     must still end by its own merits (requeued, not failed ``killed``). ``long_cases``: names
-    whose simulation outlasts ``running_case_timeout_hours``. ``cleaned``: labels whose
-    finished task another user's ``pueue clean`` removed (its pueue log went with it).
+    whose simulation outlasts ``running_case_timeout_hours``. ``cleaned``: label -> {task id:
+    its state} of the finished tasks another user's ``pueue clean`` removed (their logs went too).
     ``starts``: case id -> simulation starts on the HPC (None: not recorded). ``foreign``:
     another user's task id -> its command; ``foreign_excused``: those our own chaos killed (a
     pueued restart). ``outages``: (begin, end) epoch seconds when nothing could reach the HPC.
@@ -35,7 +35,7 @@ class Expected:
     modes: dict[str, str]
     victims: Mapping[str, int] = field(default_factory=dict)
     long_cases: frozenset[str] = frozenset()
-    cleaned: frozenset[str] = frozenset()
+    cleaned: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
     starts: Mapping[int, int] | None = None
     foreign: Mapping[int, str] = field(default_factory=dict)
     foreign_excused: frozenset[int] = frozenset()
@@ -251,6 +251,9 @@ def _check_tasks(row: dict, case: str, tasks: list, expected: Expected, verdict:
         return
     recorded = [t for t in tasks if t.id == row["pueue_task_id"]]
     if recorded and recorded[0].state.value == "success":
+        return
+    if not recorded and expected.cleaned.get(f"mqic_case_{row['case_id']}", {}).get(row["pueue_task_id"]) == "success":
+        verdict.add("completed_task_cleaned_later")  # it had succeeded when another user cleaned it away
         return
     if not recorded and exit_status_record(row["remote_dir"]) == 0:
         verdict.add("completed_from_the_record")  # its task was cleaned away; the wrapper's record says 0

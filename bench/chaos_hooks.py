@@ -58,16 +58,19 @@ def install_crash_hooks(tokens_dir: str, hits_dir: str, taken_dir: str | None = 
     Zones, seen through Python audit events:
 
     - ``before_finalize``: an upload has been copied; the remote verify-and-rename is about to run;
-    - ``mid_upload``: a random 20-300 ms after the upload process starts (scp, rsync, or the ssh
-      of a tar pipe); the copying child lives on, orphaned;
+    - ``mid_upload``: a random 5-80 ms after the upload process starts (scp, rsync, or the ssh
+      of a tar pipe); the copying child lives on, orphaned. A small case may be copied by then:
+      the worker still dies before it goes on, and takes no other zone's token meanwhile;
     - ``after_add``: the spool lock taken right after a ``pueue add`` returned, i.e. before the
       task id is recorded;
     - ``before_move``: a rename into a spool stage, i.e. after the status commit, before the move.
     """
     local = threading.local()  # per thread: another thread inside the hook must not hide our event
-    state = {"add_sent": False}
+    state = {"add_sent": False, "dying": False}
 
     def take(zone: str) -> bool:
+        if state["dying"]:
+            return False
         try:
             names = sorted(n for n in os.listdir(tokens_dir) if n.startswith(zone + "-"))
         except OSError:
@@ -97,7 +100,8 @@ def install_crash_hooks(tokens_dir: str, hits_dir: str, taken_dir: str | None = 
         elif is_finalize(argv) and take("before_finalize"):
             die("before_finalize")
         elif is_upload(argv) and take("mid_upload"):
-            threading.Timer(random.uniform(0.02, 0.3), die, args=("mid_upload",)).start()
+            state["dying"] = True
+            threading.Timer(random.uniform(0.005, 0.08), die, args=("mid_upload",)).start()
 
     def on_event(event: str, args: tuple) -> None:
         if event == "subprocess.Popen":

@@ -31,7 +31,7 @@ from workers import poller, scanner, submitter
 
 @pytest.mark.timeout(330)
 def test_short_chaos_run_loses_nothing(tmp_path):
-    plan = ChaosPlan(cases=24, duration=50, groups=3, kill_every=4, seed=7, settle_timeout=150)
+    plan = ChaosPlan(cases=24, duration=60, groups=3, kill_every=6, seed=7, settle_timeout=150)
     result = run_chaos(plan, tmp_path / "chaos")
     print(result.table())
     assert result.verdict.violations == [], "\n".join(result.verdict.violations)
@@ -42,7 +42,7 @@ def test_short_chaos_run_loses_nothing(tmp_path):
     assert len(missed) <= 1, f"danger zones never reached: {missed}"
     done = result.done
     assert (done.outages["logins"], done.outages["all"], done.restarts, done.garbage_polls) == (1, 1, 1, 10)
-    assert done.masters_cut >= 1 and done.poller_stops == 1 and len(done.foreign) >= 1
+    assert done.masters_cut >= 1 and done.poller_stops == 2 and len(done.foreign) == 1
     assert sum(done.lost_adds_armed.values()) == 3 and sum(result.lost_adds.values()) >= 1
     assert done.sigkills >= 8
 
