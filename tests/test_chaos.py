@@ -37,10 +37,11 @@ def test_short_chaos_run_loses_nothing(tmp_path):
     assert result.verdict.violations == [], "\n".join(result.verdict.violations)
     assert result.settled
     assert result.verdict.counts["cases"] == 24 and result.verdict.counts.get("lost", 0) == 0
-    missed = [zone for zone in ZONES if result.zone_hits[zone] == 0]
-    assert missed == result.unreached_zones, "a zone without a death must be reported as armed but not reached"
-    assert len(missed) <= 1, f"danger zones never reached: {missed}"
     done = result.done
+    for zone in result.unreached_zones:  # armed, but no worker died in it: reported, and tolerated once
+        print(f"NOTE: danger zone {zone} was armed but no worker died in it")
+    assert all(done.tokens[zone] >= 1 for zone in ZONES)
+    assert len(result.unreached_zones) <= 1, f"danger zones never reached: {result.unreached_zones}"
     assert (done.outages["logins"], done.outages["all"], done.restarts, done.garbage_polls) == (1, 1, 1, 10)
     assert done.masters_cut >= 1 and done.poller_stops == 2 and len(done.foreign) == 1
     assert sum(done.lost_adds_armed.values()) == 3 and sum(result.lost_adds.values()) >= 1

@@ -329,6 +329,23 @@ def test_clean_removes_finished_tasks_and_their_logs_but_keeps_what_a_waiting_ta
     assert standin.ok("clean", "-g", "no_such_group") == "All finished tasks have been removed from group 'no_such_group'\n"
 
 
+@pytest.mark.parametrize("fmt", ["v3", "v4"])
+def test_remove_and_kill_refuse_what_pueue_refuses(standin: Standin, fmt: str, cli_responses: dict[str, Any]):
+    """PUEUE.md: only Running/Paused tasks can be killed, only Queued/Stashed/Done/Locked removed;
+    partial success exits 0. Replayed against the reference texts (their ids 0 done, 4 running, 6 queued)."""
+    make_reference_groups(standin, fmt)
+    standin.ok("pause", "-g", "gpu_b")
+    for _ in range(4):
+        standin.wait_done(standin.add("true"))
+    standin.wait_state(standin.add("sleep 30"), "Running")
+    assert [standin.add("true", "-g", "gpu_b") for _ in range(2)] == [5, 6]
+    for name in ("remove_running", "kill_queued", "remove_mixed"):
+        want, got = expected(cli_responses[name], fmt), standin.run(*cli_responses[name]["argv"][1:])
+        assert (got.stdout, got.stderr, got.returncode) == (want["stdout"], want["stderr"], want["exit"]), name
+    assert standin.ok("remove", "6") == "Tasks removed from list: 6\n"
+    assert sorted(map(int, standin.status()["tasks"])) == [1, 2, 3, 4, 5]
+
+
 def test_remove_and_clean_free_ids_that_the_next_add_reuses_as_max_plus_one(standin: Standin):
     """PUEUE.md: a new id is max(existing)+1, or 0 when there are no tasks."""
     for _ in range(3):
