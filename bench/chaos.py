@@ -55,8 +55,7 @@ LEASE_S = 12.0  # main_loop.lease_seconds: when a dead submitter's claim is reco
 LATE_STORE_S = LEASE_S + 2  # a late-stored add lands after our ssh gave up and after the claim's lease
 OUR_LABEL = "mqic_case_"
 DROP_SHARE = 0.7  # cases are dropped over the first 70 % of the run
-FORGETTING_AT = 0.35  # the pollers stop (another user cleans) at 35 % of the run, then ...
-LONG_OUTAGE_AT = 0.5  # ... the outage that outlasts the case timeout begins at about 50 %
+FORGETTING_AT = 0.35  # the pollers stop (another user cleans) at 35 % of the run, then the long outage
 WAITING_ACTIONS = {"owner kill", "remote kill", "restart", "lose adds",
                    "clean, long outage, reused id"}  # they wait for something: each runs in a thread
 
@@ -122,10 +121,11 @@ class CaseSpec:
 
 def long_case_indices(plan: ChaosPlan) -> set[int]:
     """Where the long cases go: dropped between one timeout and a few seconds before the long
-    outage, so that their timeout comes due while the HPC cannot be reached."""
+    outage is due (after the first poller stop), so that their timeout comes due while the HPC
+    cannot be reached."""
     count = min(plan.long_count, plan.cases)
     spacing = DROP_SHARE * plan.duration / max(1, plan.cases)
-    outage_at = LONG_OUTAGE_AT * plan.duration
+    outage_at = FORGETTING_AT * plan.duration + plan.timeout / 2 + 3
     moments = (outage_at - plan.timeout * (0.9 - 0.7 * i / max(1, count - 1)) for i in range(count))
     return {min(plan.cases - 1, max(0, round(moment / spacing))) for moment in moments}
 
@@ -335,7 +335,7 @@ class ChaosRun:
         self.plan, self.scratch, self.say = plan, Path(scratch).resolve(), say
         self.rng = random.Random(plan.seed + 1)
         self.specs = case_specs(plan)
-        self.done = Disturbances()
+        self.done = Disturbances(long_outage=plan.timeout + 4)
         self.t0 = time.monotonic()
         self.sandbox = None
         self.supervisor: Supervisor | None = None
@@ -702,9 +702,8 @@ class ChaosRun:
     # -- schedule ---------------------------------------------------------------------------------
     def schedule(self) -> list[tuple[float, str, Callable[[], None]]]:
         """(second, name, action) for the whole run, sorted by time."""
-        d, timeout = self.plan.duration, self.plan.timeout
+        d = self.plan.duration
         outage = min(12.0, max(3.0, 0.05 * d))
-        self.done.long_outage = timeout + 4
         plan: list[tuple[float, str, Callable[[], None]]] = [
             (0.08 * d, "lose adds", lambda: self.lose_adds_in_turn(until=0.5 * d)),
             (0.15 * d, "outage (logins)", lambda: self.outage_begins("logins")),

@@ -41,7 +41,10 @@ Controls (``--ctl``, for tests and chaos):
   still there after H seconds (default 60), prints the daemon's normal answer,
   late. Without ``--late`` the daemon stores the task at once (it runs
   normally); with ``--late S`` the daemon stores it S seconds after it received
-  the request, even if the client has long given up by then;
+  the request, even if the client has long given up by then (real pueued acts
+  within milliseconds: this models a stalled daemon, and other requests are
+  answered meanwhile, so ``status`` does not show the task until it lands).
+  Each lost answer is noted in ``daemon.log`` (``lose-add: ...``);
 - ``foreign-add [--label L | --no-label] [-g GROUP] [SECONDS]``: another user
   adds ``sleep SECONDS; exit 0`` (default 10 s, label ``other_user_job``, group
   ``default``) and the control prints its id like ``add -p``. Ids are
