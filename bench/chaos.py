@@ -359,7 +359,7 @@ class ChaosRun:
                           logging={"json_stdout": False})
         self.config = self._load_config()
         assert self.config.pueue.resume_paused_groups  # sandbox.hpc's default; up() cannot take a pueue section
-        self.sandbox.pueue_cli("parallel", "0", "-g", "default")  # another user's tasks run side by side
+        self.pueue("parallel", "0", "-g", "default")  # another user's tasks run side by side
         self.supervisor = Supervisor(self.scratch / "sup", self.sandbox.config_path)
         self.supervisor.start()
         self.note(f"sandbox HPC and supervisord up in {self.scratch}; case timeout {self.plan.timeout:g} s")
@@ -385,15 +385,40 @@ class ChaosRun:
                       marker="_CASE_READY" if spec.marker else None, seed=index)
 
     # -- the database and pueue as the driver sees them ------------------------------------------
+    def pueue(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """``pueue ARGS`` on the HPC's side, waiting (up to 10 s) through a daemon restart of our own.
+
+        ``check``: raise CalledProcessError if pueue still fails (a refusal such as "The command
+        failed for tasks" is an answer, not a failure, for the callers that pass ``check=False``).
+        """
+        return self.through_restarts([str(self.sandbox.pueue), *args], check)
+
+    def ctl(self, *args: str) -> str:
+        """``pueue-standin-ctl ARGS`` (through a daemon restart too); its output."""
+        return self.through_restarts([str(self.sandbox.bin["pueue-standin-ctl"]), *args], True).stdout
+
+    @staticmethod
+    def through_restarts(argv: list[str], check: bool) -> subprocess.CompletedProcess:
+        deadline = time.monotonic() + 10
+        while True:
+            answer = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            daemon_away = answer.returncode != 0 and "daemon" in answer.stderr + answer.stdout
+            if not daemon_away or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if check:
+            answer.check_returncode()
+        return answer
+
     def tasks(self) -> list:
         """Every task, read with ``log --json`` so that our reads never eat a garbage answer."""
         from shared import pueue
-        answer = self.sandbox.pueue_cli("log", "--json", "--all", "--lines", "1")
+        answer = self.pueue("log", "--json", "--all", "--lines", "1")
         return [entry.task for entry in pueue.parse_log(answer.stdout).values()]
 
     def paused_groups(self) -> list[str]:
         from shared import pueue
-        groups = pueue.parse_groups(self.sandbox.pueue_cli("group", "--json").stdout)
+        groups = pueue.parse_groups(self.pueue("group", "--json").stdout)
         return sorted(name for name, group in groups.items() if group.paused)
 
     def final_status_json(self) -> str:
@@ -401,7 +426,7 @@ class ChaosRun:
         from shared import pueue
         from shared.errors import BadOutput
         for _ in range(20):
-            text = self.sandbox.pueue_cli("status", "--json").stdout
+            text = self.pueue("status", "--json").stdout
             try:
                 pueue.parse_status(text)
                 return text
@@ -519,7 +544,7 @@ class ChaosRun:
             time.sleep(0.2)
         before = self.killed_ids()
         for group in sorted({t.group for t in self.running_tasks()})[:2]:
-            self.sandbox.pueue_cli("add", "-g", group, "--", "sleep 0.2", check=False)
+            self.pueue("add", "-g", group, "--", "sleep 0.2", check=False)
         self.sandbox.ctl("restart")
         from shared.pueue import TaskState
         killed = [t for t in self.tasks() if t.state is TaskState.KILLED and t.id not in before]
@@ -534,7 +559,7 @@ class ChaosRun:
                   f"paused groups {paused}")
 
     def garbage(self, count: int = 5) -> None:
-        self.sandbox.ctl("garbage", str(count))
+        self.ctl("garbage", str(count))
         self.done.garbage_polls += count
         self.note(f"next {count} status answers are garbage")
 
@@ -544,7 +569,7 @@ class ChaosRun:
         if not running:
             return
         task = self.rng.choice(running)
-        answer = self.sandbox.pueue_cli("kill", str(task.id), check=False)
+        answer = self.pueue("kill", str(task.id), check=False)
         if "being killed" in answer.stdout + answer.stderr:
             with self.lock:
                 self.done.victims[task.label] += 1
@@ -574,9 +599,11 @@ class ChaosRun:
         the outage past the case timeout; the pollers down past it while another user's task
         takes a freed id that one of our running cases recorded."""
         patience = 0.1 * self.plan.duration
-        self.pollers_down(self.plan.timeout / 2, patience, self.clean_as_another_user, pause_submitters=False)
-        self.long_outage(patience=1.5 * patience)
-        self.pollers_down(self.plan.timeout + 4, patience, self.reuse_an_id_as_another_user, pause_submitters=True)
+        self.attempt("pueue clean", lambda: self.pollers_down(self.plan.timeout / 2, patience,
+                                                             self.clean_as_another_user, pause_submitters=False))
+        self.attempt("long outage", lambda: self.long_outage(patience=1.5 * patience))
+        self.attempt("reused id", lambda: self.pollers_down(self.plan.timeout + 4, patience,
+                                                           self.reuse_an_id_as_another_user, pause_submitters=True))
 
     def long_outage(self, patience: float) -> None:
         """Once cases run (a long one, if one comes soon), cut everything off for longer than the
@@ -618,7 +645,7 @@ class ChaosRun:
         tasks = self.wait_for(self.tasks_once_the_newest_is_ours_done_and_running, max(2.0, self.plan.timeout / 3))
         if tasks:
             newest = max(tasks, key=lambda t: t.id)
-            self.sandbox.pueue_cli("remove", str(newest.id))
+            self.pueue("remove", str(newest.id))
             self.done.cleaned.setdefault(newest.label, {})[newest.id] = newest.state.value
             self.note(f"another user removed our finished task {newest.id} ({newest.label})")
         self.add_foreign_task(self.plan.timeout + 8)
@@ -649,7 +676,7 @@ class ChaosRun:
         tasks = self.tasks()
         finished = {t.id: (t.label, t.state.value) for t in tasks if ours(t) and t.state.is_done}
         for group in self.groups:
-            self.sandbox.pueue_cli("clean", "-g", group)
+            self.pueue("clean", "-g", group)
         left = {t.id for t in self.tasks()}
         for task_id, (label, state) in finished.items():
             if task_id not in left:
@@ -660,7 +687,7 @@ class ChaosRun:
 
     def add_foreign_task(self, seconds: float) -> None:
         """Another user's ``sleep N; exit 0`` in the default group: it must run to its natural end."""
-        task_id = int(self.sandbox.ctl("foreign-add", "-g", "default", f"{seconds:g}"))
+        task_id = int(self.ctl("foreign-add", "-g", "default", f"{seconds:g}"))
         self.done.foreign[task_id] = f"sleep {seconds:g}; exit 0"
         recorded = self.cases_recording(task_id)
         if recorded:
@@ -672,7 +699,7 @@ class ChaosRun:
         """The next ``count`` of our ``pueue add`` answers are lost (the task stored ``late`` s after)."""
         kind = "stored late" if late else "at once"
         args = ["lose-add", str(count), "--label", OUR_LABEL, "--hang", f"{COMMAND_TIMEOUT_S + 4:g}"]
-        self.sandbox.ctl(*args, *(["--late", f"{late:g}"] if late else []))
+        self.ctl(*args, *(["--late", f"{late:g}"] if late else []))
         self.done.lost_adds_armed[kind] += count
         self.note(f"the answers of our next {count} `pueue add` are lost ({kind})")
 
