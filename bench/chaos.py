@@ -6,29 +6,38 @@ One command::
 
 It starts the sandbox HPC (real sshd + pueue stand-in, ``sandbox.hpc.up``) and supervisord with
 ``bench/supervisord.chaos.conf`` (one scanner, two submitters, two pollers, two reapers), drops
-cases over time (some set to fail) and, for ``--duration`` seconds:
+cases over time (some set to fail, a few that outlast the case timeout) and, for ``--duration``
+seconds:
 
 - SIGKILLs random workers (the process alone, or its whole process group with its ssh/scp);
 - SIGKILLs workers inside the danger zones, through audit hooks every worker loads from
-  ``hooks/sitecustomize.py``: right after a claim, mid-upload, between ``pueue add`` and recording
-  the task id, between a database update and its spool move; and kills the owner of a
-  ``submitting`` case it sees in the database;
-- stops sshd twice (killing the open sessions), restarts the pueue daemon (running tasks become
-  Killed, groups with queued tasks paused), makes ``status --json`` print garbage, and kills
-  running remote tasks with ``pueue kill``. Every task it kills is recorded as a victim.
+  ``hooks/sitecustomize.py`` (``bench/chaos_hooks.py``), and kills the owner of a ``submitting``
+  case it sees in the database;
+- cuts the HPC off: new logins only (the shared ControlMaster connection survives), and whole
+  outages that kill every session (the ControlMaster too), one of them longer than the case
+  timeout;
+- restarts the pueue daemon, makes ``status --json`` print garbage, and kills running tasks the
+  way another user would (``pueue kill``): every task killed by a signal we did not send is a
+  victim, which must be requeued and end on its own merits;
+- stops the pollers, lets another user ``pueue clean`` our finished tasks and add a task of
+  their own (which may take an id one of our cases recorded), then starts the pollers again;
+- loses the answers of ``pueue add`` after the daemon acted (``pueue-standin-ctl lose-add``),
+  once with the task stored only after our ssh gave up.
 
 Then it waits until every case is final and prints a table; exit status 1 on any violation of
-``check_final_state`` (lost, duplicated, wrongly failed, misplaced, ...). Tests import
-``ChaosPlan``, ``run_chaos`` and ``check_final_state``.
+``bench.chaos_check.check_final_state`` (lost, run twice, wrongly failed, another user's task
+touched, ...). Tests import ``ChaosPlan``, ``run_chaos`` and the checker from here.
 """
 from __future__ import annotations
 
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,83 +46,21 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/chaos.py` puts bench/, not the repo, on sys.path
     sys.path.insert(0, str(REPO))
 
-ZONES = ("after_claim", "mid_upload", "after_add", "before_move")
-SPOOL_STAGES = ("queued", "active", "done", "failed")
-RESULT_DIR = "output"  # the sandbox fetches hpc.result_files = ["output/*"]
+from bench.chaos_check import (Expected, Verdict, chain_problems, check_final_state,  # noqa: E402,F401
+                               read_starts, recording_starts)
+from bench.chaos_hooks import ZONES  # noqa: E402
+
+COMMAND_TIMEOUT_S = 8.0  # hpc.command_timeout_seconds of the chaos config: when our ssh gives up
+LEASE_S = 12.0  # main_loop.lease_seconds: when a dead submitter's claim is recovered
+LATE_STORE_S = LEASE_S + 2  # a late-stored add lands after our ssh gave up and after the claim's lease
+OUR_LABEL = "mqic_case_"
+DROP_SHARE = 0.7  # cases are dropped over the first 70 % of the run
+FORGETTING_AT = 0.35  # the pollers stop (another user cleans) at 35 % of the run, then the long outage
+WAITING_ACTIONS = {"owner kill", "remote kill", "restart", "lose adds",
+                   "clean, long outage, reused id"}  # they wait for something: each runs in a thread
 
 
-# ---------------------------------------------------------------------------------------------
-# Crash hooks: loaded into every worker by hooks/sitecustomize.py (stdlib only, no project imports)
-# ---------------------------------------------------------------------------------------------
-
-def install_crash_hooks(tokens_dir: str, hits_dir: str) -> None:
-    """Make this process SIGKILL itself in a danger zone whenever a token for that zone exists.
-
-    The driver drops files ``<zone>-<n>`` into ``tokens_dir``; the first worker to reach the
-    zone deletes one (only one process can win the unlink), writes ``<zone>-<pid>`` into
-    ``hits_dir`` and dies. Zones, seen through Python audit events:
-
-    - ``after_claim``: the first remote command after a claim (removing old upload leftovers);
-    - ``mid_upload``: a random 20-300 ms after scp starts (the scp child lives on, orphaned);
-    - ``after_add``: the spool lock taken right after ``pueue add`` returned, i.e. before the
-      task id is recorded;
-    - ``before_move``: a rename into a spool stage, i.e. after the status commit, before the move.
-    """
-    state = {"busy": False, "add_sent": False}
-
-    def take(zone: str) -> bool:
-        try:
-            names = sorted(n for n in os.listdir(tokens_dir) if n.startswith(zone + "-"))
-        except OSError:
-            return False
-        for name in names:
-            try:
-                os.unlink(os.path.join(tokens_dir, name))
-            except OSError:
-                continue
-            return True
-        return False
-
-    def die(zone: str) -> None:
-        with open(os.path.join(hits_dir, f"{zone}-{os.getpid()}"), "w") as record:
-            record.write(" ".join(sys.argv))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def on_popen(args: tuple) -> None:
-        argv = [str(word) for word in (args[1] or [])]
-        text = " ".join(argv)
-        if "--print-task-id" in text:
-            state["add_sent"] = True
-        elif "rm -rf" in text and ".mqic-upload-" in text and take("after_claim"):
-            die("after_claim")
-        elif argv and os.path.basename(argv[0]) == "scp" and take("mid_upload"):
-            delay = random.uniform(0.02, 0.3)
-            threading.Timer(delay, die, args=("mid_upload",)).start()
-
-    def on_event(event: str, args: tuple) -> None:
-        if event == "subprocess.Popen":
-            on_popen(args)
-        elif event == "open" and state["add_sent"] and str(args[0]).endswith(".spool.lock"):
-            state["add_sent"] = False
-            if take("after_add"):
-                die("after_add")
-        elif event == "os.rename" and os.path.basename(os.path.dirname(str(args[1]))) in SPOOL_STAGES:
-            if take("before_move"):
-                die("before_move")
-
-    def hook(event: str, args: tuple) -> None:
-        if state["busy"] or event not in ("subprocess.Popen", "open", "os.rename"):
-            return
-        state["busy"] = True
-        try:
-            on_event(event, args)
-        finally:
-            state["busy"] = False
-
-    sys.addaudithook(hook)
-
-
-def write_sitecustomize(hooks_dir: Path, tokens_dir: Path, hits_dir: Path) -> Path:
+def write_sitecustomize(hooks_dir: Path, tokens_dir: Path, hits_dir: Path, taken_dir: Path) -> Path:
     """Write ``hooks_dir/sitecustomize.py`` that installs the crash hooks in every worker."""
     hooks_dir.mkdir(parents=True, exist_ok=True)
     target = hooks_dir / "sitecustomize.py"
@@ -121,229 +68,23 @@ def write_sitecustomize(hooks_dir: Path, tokens_dir: Path, hits_dir: Path) -> Pa
         "# Written by bench/chaos.py: SIGKILL this worker in danger zones when a token says so.\n"
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from bench.chaos import install_crash_hooks\n"
-        f"install_crash_hooks({str(tokens_dir)!r}, {str(hits_dir)!r})\n")
+        "from bench.chaos_hooks import install_crash_hooks\n"
+        f"install_crash_hooks({str(tokens_dir)!r}, {str(hits_dir)!r}, {str(taken_dir)!r})\n")
     return target
 
 
 # ---------------------------------------------------------------------------------------------
-# The checker: what "nothing lost" means, on the final database, spool and pueue state
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Expected:
-    """What the checker knows: each dropped case's mode, and the labels whose task we killed."""
-    modes: dict[str, str]
-    victims: frozenset[str] = frozenset()
-
-
-@dataclass
-class Verdict:
-    counts: dict[str, int] = field(default_factory=dict)
-    violations: list[str] = field(default_factory=list)
-
-    def add(self, key: str, message: str | None = None, amount: int = 1) -> None:
-        self.counts[key] = self.counts.get(key, 0) + amount
-        if message:
-            self.violations.append(message)
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-
-def check_final_state(db_path: Path, spool_root: Path, watch_path: Path, status_json: str,
-                      expected: Expected, groups: tuple[str, ...] = ()) -> Verdict:
-    """Check every invariant of a finished run; each broken one is a line in ``violations``.
-
-    Every dropped case has exactly one row, final, its folder in the right stage; one remote
-    task per label (a second only after the first was proven gone); a failure only for its true
-    reason (mode=fail: ``failed`` exit 1; a recorded victim: ``killed``); no slot busy; every
-    event chain a path through the ALLOWED tables; nothing left in the drop folder, the staging
-    or rejected folders, nor a stray folder in a stage; ``PRAGMA integrity_check`` ok.
-    """
-    from shared import pueue
-    from shared.db import connect
-
-    verdict = Verdict()
-    conn = connect(db_path, readonly=True)
-    try:
-        rows = [dict(r) for r in conn.execute("SELECT * FROM cases ORDER BY case_id")]
-        events = _events_by_case(conn)
-        _check_integrity(conn, verdict)
-        _check_slots(conn, verdict)
-        _check_slot_chains(conn, verdict)
-    finally:
-        conn.close()
-    snapshot = pueue.parse_status(status_json)
-    _check_rows_against_drops(rows, expected, verdict)
-    for row in rows:
-        _check_case(row, events.get(row["case_id"], []), snapshot, expected, spool_root, verdict)
-    _check_orphan_tasks(rows, snapshot, verdict)
-    _check_groups_running(snapshot, groups, verdict)
-    _check_folders(rows, spool_root, watch_path, verdict)
-    return verdict
-
-
-def _events_by_case(conn) -> dict[int, list[dict]]:
-    grouped: dict[int, list[dict]] = {}
-    for row in conn.execute("SELECT * FROM case_events ORDER BY event_id"):
-        grouped.setdefault(row["case_id"], []).append(dict(row))
-    return grouped
-
-
-def _check_integrity(conn, verdict: Verdict) -> None:
-    result = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-    verdict.add("integrity_errors", None, 0)
-    if result != ["ok"]:
-        verdict.add("integrity_errors", f"PRAGMA integrity_check: {result[:3]}")
-
-
-def _check_slots(conn, verdict: Verdict) -> None:
-    verdict.add("busy_slots", None, 0)
-    for row in conn.execute("SELECT * FROM gpu_resources WHERE status != 'available'"):
-        verdict.add("busy_slots", f"slot {row['pueue_group']} left {row['status']} "
-                                  f"(case {row['assigned_case_id']})")
-
-
-def chain_problems(moves: list[tuple[str | None, str]], allowed: dict, final: str | None) -> list[str]:
-    """Why a list of (from, to) events is not a valid path through ``allowed`` ending at ``final``.
-
-    ``allowed`` is one of the tables of ``shared.states``. The first move must come from
-    nothing; a move to the same status (a review flag) is allowed anywhere.
-    """
-    table = {str(frm.value): {str(to.value) for to in tos} for frm, tos in allowed.items()}
-    problems, current = [], None
-    for index, (frm, to) in enumerate(moves):
-        if frm != current:
-            problems.append(f"event {index}: from {frm} but the status was {current}")
-        elif frm is not None and to != frm and to not in table[frm]:
-            problems.append(f"event {index}: {frm} -> {to} is not allowed")
-        current = to
-    if final is not None and current != final:
-        problems.append(f"events end at {current} but the row says {final}")
-    return problems
-
-
-def _check_slot_chains(conn, verdict: Verdict) -> None:
-    from shared.states import SLOT_ALLOWED
-    verdict.add("bad_event_chains", None, 0)
-    slots = {r["pueue_group"]: r["status"] for r in conn.execute("SELECT * FROM gpu_resources")}
-    moves: dict[str, list] = {}
-    for row in conn.execute("SELECT * FROM slot_events ORDER BY event_id"):
-        moves.setdefault(row["pueue_group"], []).append((row["from_status"], row["to_status"]))
-    for group, chain in moves.items():
-        for problem in chain_problems(chain, SLOT_ALLOWED, slots.get(group)):
-            verdict.add("bad_event_chains", f"slot {group}: {problem}")
-
-
-def _check_rows_against_drops(rows: list[dict], expected: Expected, verdict: Verdict) -> None:
-    names = [row["case_name"] for row in rows]
-    verdict.add("cases", None, len(expected.modes))
-    for name in expected.modes:
-        if names.count(name) == 0:
-            verdict.add("lost", f"case {name!r} was dropped but has no row")
-        elif names.count(name) > 1:
-            verdict.add("duplicates", f"case {name!r} registered {names.count(name)} times")
-    for name in sorted(set(names) - set(expected.modes)):
-        verdict.add("duplicates", f"row for {name!r} that nobody dropped")
-    verdict.add("lost", None, 0)
-    verdict.add("duplicates", None, 0)
-
-
-def _check_case(row: dict, events: list[dict], snapshot, expected: Expected, spool_root: Path,
-                verdict: Verdict) -> None:
-    from shared.states import ALLOWED
-    case = f"case {row['case_id']} ({row['case_name']!r})"
-    if row["status"] not in ("completed", "failed"):
-        verdict.add("lost", f"{case} never finished: {row['status']}")
-        return
-    verdict.add(row["status"])
-    for problem in chain_problems([(e["from_status"], e["to_status"]) for e in events], ALLOWED, row["status"]):
-        verdict.add("bad_event_chains", f"{case}: {problem}")
-    if row["needs_review"]:
-        verdict.add("flagged_for_review", f"{case} flagged for review: {row['review_reason']}")
-    _check_stage(row, case, spool_root, verdict)
-    tasks = snapshot.by_label(f"mqic_case_{row['case_id']}")
-    _check_tasks(row, case, tasks, events, verdict)
-    _check_true_reason(row, case, tasks, expected, verdict)
-
-
-def _check_stage(row: dict, case: str, spool_root: Path, verdict: Verdict) -> None:
-    stage = "done" if row["status"] == "completed" else "failed"
-    path = Path(row["case_path"])
-    if row["spool_stage"] != stage or path.parent != spool_root / stage or not path.is_dir():
-        verdict.add("misplaced", f"{case} is {row['status']} but its folder is {path} "
-                                 f"(stage {row['spool_stage']}, exists: {path.is_dir()})")
-    elif row["status"] == "completed" and not any((path / RESULT_DIR).glob("*")):
-        verdict.add("results_lost", f"{case} completed but {path / RESULT_DIR} holds no results")
-
-
-def _check_tasks(row: dict, case: str, tasks: list, events: list[dict], verdict: Verdict) -> None:
-    retried_after_absence = any("TaskVanished" in e["detail"] for e in events)
-    if len(tasks) > 1 and not retried_after_absence:
-        verdict.add("duplicate_tasks", f"{case} has {len(tasks)} remote tasks: {[t.id for t in tasks]}")
-    if row["status"] == "completed" and not any(t.id == row["pueue_task_id"] and t.state.value == "success"
-                                                for t in tasks):
-        verdict.add("wrongly_completed", f"{case} completed but task {row['pueue_task_id']} did not succeed")
-
-
-def _check_true_reason(row: dict, case: str, tasks: list, expected: Expected, verdict: Verdict) -> None:
-    mode = expected.modes.get(row["case_name"], "ok")
-    label = f"mqic_case_{row['case_id']}"
-    if row["status"] == "completed":
-        if mode == "fail":
-            verdict.add("wrongly_completed", f"{case} was set to fail but completed")
-        return
-    if mode == "fail" and row["outcome"] == "failed" and row["exit_code"] == 1:
-        verdict.add("failed_as_designed")
-        if "FATAL ERROR" not in (row["log_tail"] or ""):
-            verdict.add("log_tail_lost", f"{case} failed as designed but its log tail lacks the "
-                                         f"simulator's FATAL ERROR line: {row['log_tail']!r}")
-    elif label in expected.victims and row["outcome"] == "killed":
-        verdict.add("killed_victims")
-    else:
-        verdict.add("wrongly_failed", f"{case} (mode {mode}) failed with outcome {row['outcome']}: "
-                                      f"{row['error_type']}: {(row['error_message'] or '')[:200]}")
-
-
-def _check_orphan_tasks(rows: list[dict], snapshot, verdict: Verdict) -> None:
-    ids = {f"mqic_case_{row['case_id']}" for row in rows}
-    verdict.add("orphan_tasks", None, 0)
-    for task in snapshot.tasks.values():
-        if task.label and task.label.startswith("mqic_case_") and task.label not in ids:
-            verdict.add("orphan_tasks", f"remote task {task.id} carries {task.label}, which no case has")
-
-
-def _check_groups_running(snapshot, groups: tuple[str, ...], verdict: Verdict) -> None:
-    for group in groups:
-        info = snapshot.groups.get(group)
-        if info is None or info.paused:
-            verdict.add("paused_groups", f"pueue group {group} is {info and info.status} at the end")
-
-
-def _check_folders(rows: list[dict], spool_root: Path, watch_path: Path, verdict: Verdict) -> None:
-    owned = {row["case_path"] for row in rows}
-    verdict.add("stray_folders", None, 0)
-    verdict.add("results_lost", None, 0)
-    verdict.add("log_tail_lost", None, 0)
-    for stage in SPOOL_STAGES:
-        for entry in sorted((spool_root / stage).iterdir()):
-            if str(entry) not in owned:
-                verdict.add("stray_folders", f"{entry} belongs to no case")
-    for where in (spool_root / "rejected", spool_root / ".staging", watch_path):
-        leftovers = sorted(p.name for p in where.iterdir()) if where.is_dir() else []
-        if leftovers:
-            verdict.add("stray_folders", f"{where} is not empty: {leftovers[:5]}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
+# The plan and the cases
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ChaosPlan:
-    """How big and how hostile a run is; times in seconds."""
+    """How big and how hostile a run is; times in seconds.
+
+    ``case_timeout`` (``running_case_timeout_hours`` of the run, in seconds; 0: derived from
+    the duration) is short so that an outage and a poller stop both outlast it; the
+    ``long_cases`` simulate 2.5 times as long, so they really time out.
+    """
     cases: int = 300
     duration: float = 240.0
     seed: int = 1
@@ -352,6 +93,20 @@ class ChaosPlan:
     groups: int = 4
     kill_every: float = 5.0
     settle_timeout: float = 420.0
+    case_timeout: float = 0.0
+    long_cases: int = -1  # -1: one per 40 cases, at least 2
+
+    @property
+    def timeout(self) -> float:
+        return self.case_timeout or max(12.0, min(30.0, 0.08 * self.duration))
+
+    @property
+    def long_seconds(self) -> float:
+        return round(2.5 * self.timeout, 1)
+
+    @property
+    def long_count(self) -> int:
+        return self.long_cases if self.long_cases >= 0 else max(2, self.cases // 40)
 
 
 @dataclass(frozen=True)
@@ -361,20 +116,41 @@ class CaseSpec:
     seconds: float
     big: bool
     marker: bool
+    long: bool = False
+
+
+def long_case_indices(plan: ChaosPlan) -> set[int]:
+    """Where the long cases go: dropped between one timeout and a few seconds before the long
+    outage is due (after the first poller stop), so that their timeout comes due while the HPC
+    cannot be reached."""
+    count = min(plan.long_count, plan.cases)
+    spacing = DROP_SHARE * plan.duration / max(1, plan.cases)
+    outage_at = FORGETTING_AT * plan.duration + plan.timeout / 2 + 3
+    moments = (outage_at - plan.timeout * (0.9 - 0.7 * i / max(1, count - 1)) for i in range(count))
+    return {min(plan.cases - 1, max(0, round(moment / spacing))) for moment in moments}
 
 
 def case_specs(plan: ChaosPlan) -> list[CaseSpec]:
-    """The cases of a run, reproducible from the seed; a few carry hostile names."""
+    """The cases of a run, reproducible from the seed; a few carry hostile names, a few run long."""
     rng = random.Random(plan.seed)
     hostile = (" pt 'q' $(touch pwned)", " `id`; x", " 환자 \"d\"", " -rf --help")
+    long_at = long_case_indices(plan)
     specs = []
     for index in range(plan.cases):
         mode = "fail" if rng.random() < plan.fail_ratio else "ok"
+        seconds, big, marker = round(rng.uniform(0.3, 1.8), 2), rng.random() < plan.big_ratio, rng.random() < 0.5
+        if index in long_at:
+            specs.append(CaseSpec(name=f"c{index:04d}_long", mode="ok", seconds=plan.long_seconds, big=False,
+                                  marker=marker, long=True))
+            continue
         name = f"c{index:04d}_{mode}" + (hostile[index % len(hostile)] if index % 9 == 4 else "")
-        specs.append(CaseSpec(name=name, mode=mode, seconds=round(rng.uniform(0.3, 1.8), 2),
-                              big=rng.random() < plan.big_ratio, marker=rng.random() < 0.5))
+        specs.append(CaseSpec(name=name, mode=mode, seconds=seconds, big=big, marker=marker))
     return specs
 
+
+# ---------------------------------------------------------------------------------------------
+# supervisord
+# ---------------------------------------------------------------------------------------------
 
 class Supervisor:
     """supervisord with bench/supervisord.chaos.conf in ``home``, talked to over its XML-RPC socket."""
@@ -386,33 +162,44 @@ class Supervisor:
         shutil.copy(REPO / "bench" / "supervisord.chaos.conf", home / "supervisord.conf")
         if not (home / ".venv").exists():
             (home / ".venv").symlink_to(Path(sys.prefix))
-        for sub in ("run", "logs", "tokens", "hits"):
+        for sub in ("run", "logs", "tokens", "hits", "taken"):
             (home / sub).mkdir(exist_ok=True)
-        write_sitecustomize(home / "hooks", home / "tokens", home / "hits")
+        write_sitecustomize(home / "hooks", home / "tokens", home / "hits", home / "taken")
         self.env = {**os.environ, "MQIC_CONFIG": str(config_path)}
-        self._rpc = None
 
     def start(self) -> None:
-        import subprocess
         subprocess.run([str(Path(sys.prefix) / "bin" / "supervisord"), "-c", str(self.home / "supervisord.conf")],
                        check=True, env=self.env, cwd=self.home, timeout=30)
 
     @property
     def rpc(self):
-        if self._rpc is None:
-            import xmlrpc.client
-            from supervisor.xmlrpc import SupervisorTransport
-            transport = SupervisorTransport(None, None, f"unix://{self.home / 'run' / 'supervisor.sock'}")
-            self._rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-        return self._rpc
+        """A new XML-RPC proxy (they are not thread-safe, and the driver has helper threads)."""
+        import xmlrpc.client
+        from supervisor.xmlrpc import SupervisorTransport
+        transport = SupervisorTransport(None, None, f"unix://{self.home / 'run' / 'supervisor.sock'}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     def running_pids(self) -> dict[str, int]:
         """{process name: pid} of the workers that are RUNNING right now."""
         return {p["name"]: p["pid"] for p in self.rpc.supervisor.getAllProcessInfo()
                 if p["statename"] == "RUNNING" and p["pid"]}
 
+    def set_running(self, prefix: str, running: bool) -> list[str]:
+        """Stop (or start) every process whose name starts with ``prefix``; return the names changed."""
+        import xmlrpc.client
+        rpc, changed = self.rpc, []
+        for info in rpc.supervisor.getAllProcessInfo():
+            if not info["name"].startswith(prefix):
+                continue
+            action = rpc.supervisor.startProcess if running else rpc.supervisor.stopProcess
+            try:
+                action(f"{info['group']}:{info['name']}", True)
+                changed.append(info["name"])
+            except xmlrpc.client.Fault:  # already in that state
+                continue
+        return changed
+
     def shutdown(self) -> None:
-        import subprocess
         subprocess.run([str(Path(sys.prefix) / "bin" / "supervisorctl"), "-c", str(self.home / "supervisord.conf"),
                         "shutdown"], capture_output=True, env=self.env, cwd=self.home, timeout=120)
         deadline = time.monotonic() + 60
@@ -420,19 +207,32 @@ class Supervisor:
             time.sleep(0.2)
 
 
+# ---------------------------------------------------------------------------------------------
+# What happened, and the report
+# ---------------------------------------------------------------------------------------------
+
 @dataclass
 class Disturbances:
-    """What the driver did, for the table and for the checker (victims)."""
+    """What the driver did, for the table and for the checker."""
     sigkills: int = 0
     group_kills: int = 0
     owner_kills: int = 0
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ZONES, 0))
-    outages: int = 0
+    outages: Counter = field(default_factory=Counter)  # "logins" / "all"
+    masters_cut: int = 0
+    outage_windows: list[tuple[float, float]] = field(default_factory=list)  # "all" outages, epoch s
+    long_outage: float = 0.0
     restarts: int = 0
     paused_by_restart: int = 0
     garbage_polls: int = 0
     remote_kills: int = 0
-    victims: set[str] = field(default_factory=set)
+    victims: Counter = field(default_factory=Counter)  # label -> kills by a signal we did not send
+    poller_stops: int = 0
+    cleaned: dict[str, dict[int, str]] = field(default_factory=dict)  # label -> {task id: state} cleaned away
+    lost_adds_armed: Counter = field(default_factory=Counter)  # "at once" / "stored late"
+    foreign: dict[int, str] = field(default_factory=dict)  # another user's task id -> command
+    foreign_excused: set[int] = field(default_factory=set)
+    foreign_on_our_ids: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -441,6 +241,8 @@ class ChaosResult:
     verdict: Verdict
     done: Disturbances
     zone_hits: dict[str, int]
+    zone_taken: dict[str, int]
+    lost_adds: Counter
     elapsed: float
     settled: bool
 
@@ -448,31 +250,57 @@ class ChaosResult:
     def ok(self) -> bool:
         return self.verdict.ok and self.settled
 
+    @property
+    def unreached_zones(self) -> list[str]:
+        """Zones armed but never died in (the token still waits, or its taker was killed first)."""
+        return [zone for zone in ZONES if self.zone_hits.get(zone, 0) == 0 and self.done.tokens[zone]]
+
     def table(self) -> str:
         """The summary as a Markdown table (pasted into docs/chaos.md)."""
-        v, d = self.verdict.counts, self.done
+        v, d, plan = self.verdict.counts, self.done, self.plan
         rows = [
-            ("cases dropped", self.plan.cases),
+            ("cases dropped (long ones: simulate 2.5 x the case timeout)",
+             f"{plan.cases} ({plan.long_count}: {plan.long_seconds:g} s, timeout {plan.timeout:g} s)"),
             ("completed", v.get("completed", 0)),
             ("failed as designed (mode=fail, exit 1)", v.get("failed_as_designed", 0)),
-            ("failed because we killed their task (victims)", v.get("killed_victims", 0)),
-            ("worker SIGKILLs at random (process / process group)", f"{d.sigkills} ({d.sigkills - d.group_kills} / {d.group_kills})"),
+            ("long cases timed out / completed", f"{v.get('timed_out_as_designed', 0)} / "
+                                                  f"{v.get('long_cases_completed', 0)}"),
+            ("victims (killed by a signal we did not send) that completed / started again",
+             f"{v.get('victims_completed', 0)} of {len(d.victims)} / {v.get('rerun_after_a_foreign_kill', 0)}"),
+            ("worker SIGKILLs at random (process / process group)",
+             f"{d.sigkills} ({d.sigkills - d.group_kills} / {d.group_kills})"),
             ("owner of a `submitting` case SIGKILLed", d.owner_kills),
         ]
-        rows += [(f"danger zone `{zone}`: deaths / tokens", f"{self.zone_hits.get(zone, 0)} / {d.tokens[zone]}")
+        rows += [(f"danger zone `{zone}`: deaths / taken / armed",
+                  f"{self.zone_hits.get(zone, 0)} / {self.zone_taken.get(zone, 0)} / {d.tokens[zone]}")
                  for zone in ZONES]
         rows += [
-            ("sshd outages (sessions killed)", d.outages),
+            ("sshd outages: new logins only / all sessions (ControlMaster cut)",
+             f"{d.outages['logins']} / {d.outages['all']} ({d.masters_cut})"),
+            ("outage longer than the case timeout", f"{d.long_outage:.0f} s"),
             ("pueue daemon restarts (groups paused)", f"{d.restarts} ({d.paused_by_restart})"),
             ("garbage `status --json` answers", d.garbage_polls),
-            ("remote tasks killed (`pueue kill`)", d.remote_kills),
+            ("tasks killed by another user (`pueue kill`)", d.remote_kills),
+            ("pollers stopped (our finished tasks another user cleaned or removed)",
+             f"{d.poller_stops} ({sum(map(len, d.cleaned.values()))})"),
+            ("`add` answers lost: at once / stored late (armed)",
+             f"{self.lost_adds['at once']} / {self.lost_adds['stored late']} "
+             f"({d.lost_adds_armed['at once']} / {d.lost_adds_armed['stored late']})"),
+            ("another user's tasks (on an id one of our cases had recorded)",
+             f"{len(d.foreign)} ({len(d.foreign_on_our_ids)})"),
+            ("completed from the exit-status record (task cleaned away)", v.get("completed_from_the_record", 0)),
             ("**lost** (no row, or never final)", v.get("lost", 0)),
-            ("**duplicates** (registrations + remote tasks per label)", v.get("duplicates", 0) + v.get("duplicate_tasks", 0)),
+            ("**run twice** (starts beyond 1 + kills we did not send)", v.get("run_twice", 0)),
+            ("**duplicates** (registrations + remote tasks per label)",
+             v.get("duplicates", 0) + v.get("duplicate_tasks", 0)),
             ("**wrongly failed**", v.get("wrongly_failed", 0)),
+            ("**failed while the HPC was unreachable**", v.get("failed_while_unreachable", 0)),
             ("**wrongly completed**", v.get("wrongly_completed", 0)),
+            ("**foreign tasks touched**", v.get("foreign_touched", 0)),
             ("**misplaced / stray folders**", v.get("misplaced", 0) + v.get("stray_folders", 0)),
             ("**completed without their results**", v.get("results_lost", 0)),
-            ("**failed without their log tail**", v.get("log_tail_lost", 0)),
+            ("**failed without their log tail** (excused: task cleaned)",
+             f"{v.get('log_tail_lost', 0)} ({v.get('log_tail_gone_with_a_cleaned_task', 0)})"),
             ("**slots left assigned/zombie**", v.get("busy_slots", 0)),
             ("**invalid event chains**", v.get("bad_event_chains", 0)),
             ("**flagged for review / orphan tasks**", v.get("flagged_for_review", 0) + v.get("orphan_tasks", 0)),
@@ -490,6 +318,16 @@ def say_now(line: str) -> None:
     print(line, flush=True)
 
 
+def ours(task) -> bool:
+    return bool(task.label and task.label.startswith(OUR_LABEL))
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
 class ChaosRun:
     """One chaos run in ``scratch``: sandbox HPC, supervisord, feeder, disturbances, check."""
 
@@ -497,28 +335,34 @@ class ChaosRun:
         self.plan, self.scratch, self.say = plan, Path(scratch).resolve(), say
         self.rng = random.Random(plan.seed + 1)
         self.specs = case_specs(plan)
-        self.done = Disturbances()
+        self.done = Disturbances(long_outage=plan.timeout + 4)
         self.t0 = time.monotonic()
         self.sandbox = None
         self.supervisor: Supervisor | None = None
         self.groups = tuple(f"gpu_{chr(ord('a') + i)}" for i in range(plan.groups))
+        self.starts_log = self.scratch / "hpc" / "simulation_starts.log"
+        self.lock = threading.Lock()  # helper threads record victims too
+        self.late_store_due = 0.0  # monotonic time by which a late-stored add has landed
 
     # -- set-up -------------------------------------------------------------------------------
     def start(self) -> None:
-        from sandbox.hpc import up
+        from sandbox.hpc import remote_command, up
         groups = {name: {"gpu": index} for index, name in enumerate(self.groups)}
         self.sandbox = up(self.scratch / "hpc", groups=groups,
                           scanner={"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
-                          hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": 8},
-                          main_loop={"interval_seconds": 0.4, "lease_seconds": 12, "max_attempts": 100,
+                          hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": COMMAND_TIMEOUT_S,
+                               "remote_command": recording_starts(remote_command(), self.starts_log)},
+                          main_loop={"interval_seconds": 0.4, "lease_seconds": LEASE_S, "max_attempts": 100,
                                      "backoff_base_seconds": 1, "backoff_cap_seconds": 4,
-                                     "running_case_timeout_hours": 2, "stuck_after_minutes": 60},
+                                     "running_case_timeout_hours": self.plan.timeout / 3600,
+                                     "stuck_after_minutes": 60},
                           logging={"json_stdout": False})
         self.config = self._load_config()
         assert self.config.pueue.resume_paused_groups  # sandbox.hpc's default; up() cannot take a pueue section
+        self.pueue("parallel", "0", "-g", "default")  # another user's tasks run side by side
         self.supervisor = Supervisor(self.scratch / "sup", self.sandbox.config_path)
         self.supervisor.start()
-        self.note(f"sandbox HPC and supervisord up in {self.scratch}")
+        self.note(f"sandbox HPC and supervisord up in {self.scratch}; case timeout {self.plan.timeout:g} s")
 
     def _load_config(self):
         from shared.config import load_config
@@ -531,16 +375,76 @@ class ChaosRun:
     def feed(self, stop: threading.Event) -> None:
         """Drop the cases evenly over the first 70 % of the run (folders appear atomically)."""
         from sandbox.casegen import make_case
-        spacing = 0.7 * self.plan.duration / max(1, len(self.specs))
+        spacing = DROP_SHARE * self.plan.duration / max(1, len(self.specs))
         for index, spec in enumerate(self.specs):
             if stop.wait(max(0.0, self.t0 + index * spacing - time.monotonic())):
                 return
-            make_case(self.config.scanner.watch_path, spec.name, atomic=True, seconds=spec.seconds, batches=3,
-                      mode=spec.mode, deliveries=3 if spec.big else 1, layers_per_delivery=3 if spec.big else 2,
-                      ptn_bytes=700_000 if spec.big else 20_000, marker="_CASE_READY" if spec.marker else None,
-                      seed=index)
+            make_case(self.config.scanner.watch_path, spec.name, atomic=True, seconds=spec.seconds,
+                      batches=10 if spec.long else 3, mode=spec.mode, deliveries=3 if spec.big else 1,
+                      layers_per_delivery=3 if spec.big else 2, ptn_bytes=700_000 if spec.big else 20_000,
+                      marker="_CASE_READY" if spec.marker else None, seed=index)
 
-    # -- disturbances -----------------------------------------------------------------------------
+    # -- the database and pueue as the driver sees them ------------------------------------------
+    def pueue(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """``pueue ARGS`` on the HPC's side, waiting (up to 10 s) through a daemon restart of our own.
+
+        ``check``: raise CalledProcessError if pueue still fails (a refusal such as "The command
+        failed for tasks" is an answer, not a failure, for the callers that pass ``check=False``).
+        """
+        return self.through_restarts([str(self.sandbox.pueue), *args], check)
+
+    def ctl(self, *args: str) -> str:
+        """``pueue-standin-ctl ARGS`` (through a daemon restart too); its output."""
+        return self.through_restarts([str(self.sandbox.bin["pueue-standin-ctl"]), *args], True).stdout
+
+    @staticmethod
+    def through_restarts(argv: list[str], check: bool) -> subprocess.CompletedProcess:
+        deadline = time.monotonic() + 10
+        while True:
+            answer = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            daemon_away = answer.returncode != 0 and "daemon" in answer.stderr + answer.stdout
+            if not daemon_away or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if check:
+            answer.check_returncode()
+        return answer
+
+    def tasks(self) -> list:
+        """Every task, read with ``log --json`` so that our reads never eat a garbage answer."""
+        from shared import pueue
+        answer = self.pueue("log", "--json", "--all", "--lines", "1")
+        return [entry.task for entry in pueue.parse_log(answer.stdout).values()]
+
+    def paused_groups(self) -> list[str]:
+        from shared import pueue
+        groups = pueue.parse_groups(self.pueue("group", "--json").stdout)
+        return sorted(name for name, group in groups.items() if group.paused)
+
+    def final_status_json(self) -> str:
+        """``status --json`` for the checker (retried past any garbage answer still pending)."""
+        from shared import pueue
+        from shared.errors import BadOutput
+        for _ in range(20):
+            text = self.pueue("status", "--json").stdout
+            try:
+                pueue.parse_status(text)
+                return text
+            except BadOutput:
+                continue
+        return text
+
+    def running_tasks(self, patience: float = 6.0) -> list:
+        """Our running tasks, waiting up to ``patience`` seconds for at least one."""
+        from shared.pueue import TaskState
+        deadline = time.monotonic() + patience
+        while True:
+            running = [t for t in self.tasks() if t.state is TaskState.RUNNING and ours(t)]
+            if running or time.monotonic() > deadline:
+                return running
+            time.sleep(0.1)
+
+    # -- worker deaths ------------------------------------------------------------------------------
     def kill_random_worker(self) -> None:
         pids = self.supervisor.running_pids()
         if not pids:
@@ -583,112 +487,265 @@ class ChaosRun:
         return True
 
     def drop_token(self, zone: str) -> None:
+        """Arm ``zone`` once more, unless a token for it still waits (then it stays armed)."""
+        tokens = self.supervisor.home / "tokens"
+        if any(name.startswith(zone + "-") for name in os.listdir(tokens)):
+            return
         self.done.tokens[zone] += 1
-        (self.supervisor.home / "tokens" / f"{zone}-{self.done.tokens[zone]}").touch()
+        (tokens / f"{zone}-{self.done.tokens[zone]}").touch()
 
-    def zone_hits(self) -> dict[str, int]:
-        hits = dict.fromkeys(ZONES, 0)
-        for entry in (self.supervisor.home / "hits").iterdir():
-            zone = entry.name.rsplit("-", 1)[0]
-            hits[zone] = hits.get(zone, 0) + 1
-        return hits
+    def zone_records(self, folder: str) -> dict[str, int]:
+        found = Counter(entry.name.split("-", 1)[0] for entry in (self.supervisor.home / folder).iterdir())
+        return {zone: found.get(zone, 0) for zone in ZONES}
 
+    # -- the link to the HPC --------------------------------------------------------------------------
     def sshd(self):
         from sandbox.sshd import SandboxSshd
         return SandboxSshd.from_state(self.scratch / "hpc" / "sshd")
 
-    def outage_begins(self) -> None:
-        self.sshd().stop(kill_sessions=True)
-        self.done.outages += 1
-        self.note("sshd stopped, sessions killed")
+    def master_alive(self) -> bool:
+        """Whether our shared ControlMaster connection answers (``ssh -O check``)."""
+        from shared.remote import Remote
+        remote = Remote(self.config.hpc)
+        check = subprocess.run(["ssh", "-o", f"ControlPath={remote.control_path}", "-O", "check", remote.destination],
+                               capture_output=True, timeout=10)
+        return check.returncode == 0
+
+    def outage_begins(self, kind: str) -> None:
+        """``logins``: sshd stops listening, open connections live on; ``all``: every session dies too."""
+        master_before = self.master_alive()
+        self.sshd().stop(kill_sessions=kind == "all")
+        self.done.outages[kind] += 1
+        if kind == "all":
+            self.done.outage_windows.append((time.time(), float("inf")))
+        master_after = self.master_alive()
+        self.done.masters_cut += master_before and not master_after
+        self.note(f"sshd stopped ({'every session killed' if kind == 'all' else 'new logins refused'}); "
+                  f"ControlMaster before/after: {'up' if master_before else 'down'}/{'up' if master_after else 'down'}")
 
     def outage_ends(self) -> None:
+        if self.done.outage_windows and self.done.outage_windows[-1][1] == float("inf"):
+            begin = self.done.outage_windows[-1][0]
+            self.done.outage_windows[-1] = (begin, time.time())
         self.sshd().start()
         self.note("sshd started again")
 
-    def tasks(self) -> list:
-        """Every task, read with ``log --json`` so that our reads never eat a garbage answer."""
-        from shared import pueue
-        answer = self.sandbox.pueue_cli("log", "--json", "--all", "--lines", "1")
-        return [entry.task for entry in pueue.parse_log(answer.stdout).values()]
-
-    def paused_groups(self) -> list[str]:
-        from shared import pueue
-        groups = pueue.parse_groups(self.sandbox.pueue_cli("group", "--json").stdout)
-        return sorted(name for name, group in groups.items() if group.paused)
-
-    def final_status_json(self) -> str:
-        """``status --json`` for the checker (retried past any garbage answer still pending)."""
-        from shared import pueue
-        from shared.errors import BadOutput
-        for _ in range(20):
-            text = self.sandbox.pueue_cli("status", "--json").stdout
-            try:
-                pueue.parse_status(text)
-                return text
-            except BadOutput:
-                continue
-        return text
-
-    def killed_labels(self) -> set[str]:
+    # -- pueue, as a crash and as other users ------------------------------------------------------------
+    def killed_ids(self) -> set[int]:
         from shared.pueue import TaskState
-        return {t.label for t in self.tasks()
-                if t.label and t.label.startswith("mqic_case_") and t.state is TaskState.KILLED}
-
-    def running_tasks(self, patience: float = 6.0) -> list:
-        """Our running tasks, waiting up to ``patience`` seconds for at least one."""
-        from shared.pueue import TaskState
-        deadline = time.monotonic() + patience
-        while True:
-            running = [t for t in self.tasks() if t.state is TaskState.RUNNING
-                       and t.label and t.label.startswith("mqic_case_")]
-            if running or time.monotonic() > deadline:
-                return running
-            time.sleep(0.1)
+        return {t.id for t in self.tasks() if t.state is TaskState.KILLED}
 
     def restart_pueue_daemon(self) -> None:
-        """Crash and restart pueued; queued work (a foreign task behind ours) gets its group paused."""
-        before = self.killed_labels()
+        """Crash and restart pueued; queued work (a foreign task behind ours) gets its group paused.
+
+        Not while a late-stored add is in flight: the crash would lose it, and what it is there
+        to show with it."""
+        while time.monotonic() < self.late_store_due:
+            time.sleep(0.2)
+        before = self.killed_ids()
         for group in sorted({t.group for t in self.running_tasks()})[:2]:
-            self.sandbox.pueue_cli("add", "-g", group, "--", "sleep 0.2", check=False)
+            self.pueue("add", "-g", group, "--", "sleep 0.2", check=False)
         self.sandbox.ctl("restart")
-        victims = self.killed_labels() - before
+        from shared.pueue import TaskState
+        killed = [t for t in self.tasks() if t.state is TaskState.KILLED and t.id not in before]
+        victims = [t.label for t in killed if ours(t)]
+        with self.lock:
+            self.done.victims.update(victims)
+        self.done.foreign_excused |= {t.id for t in killed if t.id in self.done.foreign}
         paused = self.paused_groups()
-        self.done.victims |= victims
         self.done.restarts += 1
         self.done.paused_by_restart += len(paused)
-        self.note(f"pueue daemon restarted: {len(victims)} tasks killed, paused groups {paused}")
+        self.note(f"pueue daemon restarted: {len(victims)} of our tasks killed {sorted(victims)}, "
+                  f"paused groups {paused}")
 
     def garbage(self, count: int = 5) -> None:
-        self.sandbox.ctl("garbage", str(count))
+        self.ctl("garbage", str(count))
         self.done.garbage_polls += count
         self.note(f"next {count} status answers are garbage")
 
     def kill_remote_task(self) -> None:
+        """Another user runs ``pueue kill <id>`` on one of our running tasks: a signal we did not send."""
         running = self.running_tasks()
         if not running:
             return
         task = self.rng.choice(running)
-        answer = self.sandbox.pueue_cli("kill", str(task.id), check=False)
+        answer = self.pueue("kill", str(task.id), check=False)
         if "being killed" in answer.stdout + answer.stderr:
-            self.done.victims.add(task.label)
+            with self.lock:
+                self.done.victims[task.label] += 1
             self.done.remote_kills += 1
-            self.note(f"killed remote task {task.id} ({task.label})")
+            self.note(f"another user killed remote task {task.id} ({task.label})")
+
+    def running_cases(self, names: frozenset[str] | None = None) -> list[int]:
+        """Ids of the cases ``running`` in the database (only those named ``names``, if given)."""
+        from shared.db import connect
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            rows = conn.execute("SELECT case_id, case_name FROM cases WHERE status = 'running'")
+            return [row[0] for row in rows if names is None or row[1] in names]
+        finally:
+            conn.close()
+
+    def wait_for(self, condition: Callable[[], object], patience: float) -> object:
+        """Poll ``condition`` for up to ``patience`` seconds; its last value either way."""
+        deadline = time.monotonic() + patience
+        while not (value := condition()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return value
+
+    def the_hpc_forgets(self) -> None:
+        """One after the other, each once cases run: the pollers down for half the case timeout
+        while another user runs ``pueue clean`` (finished tasks of running cases vanish unseen);
+        the outage past the case timeout; the pollers down past it while another user's task
+        takes a freed id that one of our running cases recorded."""
+        patience = 0.1 * self.plan.duration
+        self.attempt("pueue clean", lambda: self.pollers_down(self.plan.timeout / 2, patience,
+                                                             self.clean_as_another_user, pause_submitters=False))
+        self.attempt("long outage", lambda: self.long_outage(patience=1.5 * patience))
+        self.attempt("reused id", lambda: self.pollers_down(self.plan.timeout + 4, patience,
+                                                           self.reuse_an_id_as_another_user, pause_submitters=True))
+
+    def long_outage(self, patience: float) -> None:
+        """Once cases run (a long one, if one comes soon), cut everything off for longer than the
+        timeout: their timeouts come due while nothing can reach the HPC."""
+        long_ones = frozenset(spec.name for spec in self.specs if spec.long)
+        running = self.wait_for(lambda: self.running_cases(long_ones), patience / 2) or \
+            self.wait_for(self.running_cases, patience / 2)
+        self.note(f"long outage begins; cases running: {running}")
+        self.outage_begins("all")
+        time.sleep(self.done.long_outage)
+        self.outage_ends()
+
+    def pollers_down(self, gap: float, patience: float, act: Callable[[], None], pause_submitters: bool) -> None:
+        """Once cases run, our pollers stop for ``gap`` seconds while another user does ``act``
+        (with our submitters paused meanwhile, if asked, so that no add of ours races theirs)."""
+        self.wait_for(self.running_cases, patience)
+        self.supervisor.set_running("poller", False)
+        stopped_at = time.monotonic()
+        self.done.poller_stops += 1
+        self.note(f"pollers stopped for {gap:g} s; cases running: {self.running_cases()}")
+        if pause_submitters:
+            self.supervisor.set_running("submitter", False)
+        try:
+            act()
+        finally:
+            if pause_submitters:
+                self.supervisor.set_running("submitter", True)
+            time.sleep(max(0.0, stopped_at + gap - time.monotonic()))
+            self.start_pollers()
+
+    def start_pollers(self) -> None:
+        started = self.supervisor.set_running("poller", True)
+        if started:
+            self.note(f"pollers started again: {started}")
+
+    def reuse_an_id_as_another_user(self) -> None:
+        """Another user ``pueue remove``s our newest task once it finished (its case still
+        ``running``, unseen) and adds a task of their own: ids are max+1, so it takes that id."""
+        tasks = self.wait_for(self.tasks_once_the_newest_is_ours_done_and_running, max(2.0, self.plan.timeout / 3))
+        if tasks:
+            newest = max(tasks, key=lambda t: t.id)
+            self.pueue("remove", str(newest.id))
+            self.done.cleaned.setdefault(newest.label, {})[newest.id] = newest.state.value
+            self.note(f"another user removed our finished task {newest.id} ({newest.label})")
+        self.add_foreign_task(self.plan.timeout + 8)
+
+    def tasks_once_the_newest_is_ours_done_and_running(self) -> list | None:
+        """Every task, once the newest one is ours, done, and its case still ``running`` with it."""
+        tasks = self.tasks()
+        newest = max(tasks, key=lambda t: t.id, default=None)
+        if newest is not None and ours(newest) and newest.state.is_done and self.cases_recording(newest.id, True):
+            return tasks
+        return None
+
+    def cases_recording(self, task_id: int, running_only: bool = False) -> list[int]:
+        """Ids of the cases whose row records ``task_id`` as their pueue task (only ``running`` ones)."""
+        from shared.db import connect
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            rows = conn.execute("SELECT case_id FROM cases WHERE pueue_task_id = ?"
+                                + (" AND status = 'running'" if running_only else ""), (task_id,))
+            return [r[0] for r in rows]
+        finally:
+            conn.close()
+
+    def clean_as_another_user(self) -> None:
+        """Another user's ``pueue clean`` of the GPU groups (their own default group stays, so that
+        each of their tasks can be checked at the end)."""
+        from shared.pueue import TaskState
+        tasks = self.tasks()
+        finished = {t.id: (t.label, t.state.value) for t in tasks if ours(t) and t.state.is_done}
+        for group in self.groups:
+            self.pueue("clean", "-g", group)
+        left = {t.id for t in self.tasks()}
+        for task_id, (label, state) in finished.items():
+            if task_id not in left:
+                self.done.cleaned.setdefault(label, {})[task_id] = state
+        self.note(f"another user ran `pueue clean`: our finished tasks "
+                  f"{sorted(label for label, _ in finished.values())} are gone "
+                  f"({sum(1 for t in tasks if ours(t) and t.state is TaskState.RUNNING)} still running)")
+
+    def add_foreign_task(self, seconds: float) -> None:
+        """Another user's ``sleep N; exit 0`` in the default group: it must run to its natural end."""
+        task_id = int(self.ctl("foreign-add", "-g", "default", f"{seconds:g}"))
+        self.done.foreign[task_id] = f"sleep {seconds:g}; exit 0"
+        recorded = self.cases_recording(task_id)
+        if recorded:
+            self.done.foreign_on_our_ids.append((task_id, recorded))
+        self.note(f"another user added task {task_id} ({seconds:g} s)"
+                  + (f": an id that case(s) {recorded} recorded" if recorded else ""))
+
+    def lose_adds(self, count: int, late: float = 0.0) -> None:
+        """The next ``count`` of our ``pueue add`` answers are lost (the task stored ``late`` s after)."""
+        kind = "stored late" if late else "at once"
+        args = ["lose-add", str(count), "--label", OUR_LABEL, "--hang", f"{COMMAND_TIMEOUT_S + 4:g}"]
+        self.ctl(*args, *(["--late", f"{late:g}"] if late else []))
+        self.done.lost_adds_armed[kind] += count
+        self.note(f"the answers of our next {count} `pueue add` are lost ({kind})")
+
+    def lost_adds_pending(self) -> int:
+        from sandbox.pueue_standin import Paths, load_settings
+        return load_settings(Paths(self.scratch / "hpc" / "pueue")).lose_add
+
+    def lose_adds_in_turn(self, until: float) -> None:
+        """One add answer lost with the task stored late, then (once that one was taken) two lost at once."""
+        late = LATE_STORE_S
+        self.late_store_due = self.t0 + until  # until it is taken, a restart waits too
+        self.lose_adds(1, late=late)
+        while self.lost_adds_pending() and time.monotonic() < self.t0 + until:
+            time.sleep(0.2)
+        self.late_store_due = time.monotonic() + late + 1
+        self.lose_adds(2)
+
+    def lost_adds(self) -> Counter:
+        """How many add answers the stand-in did lose, read from its daemon log."""
+        try:
+            lines = (self.scratch / "hpc" / "pueue" / "daemon.log").read_text().splitlines()
+        except FileNotFoundError:
+            return Counter()
+        lost = [line for line in lines if "lose-add:" in line]
+        return Counter("stored late" if "late" in line else "at once" for line in lost)
 
     # -- schedule ---------------------------------------------------------------------------------
     def schedule(self) -> list[tuple[float, str, Callable[[], None]]]:
         """(second, name, action) for the whole run, sorted by time."""
         d = self.plan.duration
         outage = min(12.0, max(3.0, 0.05 * d))
-        plan: list[tuple[float, str, Callable[[], None]]] = []
-        for start in (0.25, 0.6):
-            plan += [(start * d, "outage", self.outage_begins), (start * d + outage, "heal", self.outage_ends)]
-        plan += [(f * d, "restart", self.restart_pueue_daemon) for f in ((0.4, 0.8) if d >= 120 else (0.45,))]
-        plan += [(f * d, "garbage", self.garbage) for f in (0.33, 0.7)]
+        plan: list[tuple[float, str, Callable[[], None]]] = [
+            (0.08 * d, "lose adds", lambda: self.lose_adds_in_turn(until=0.5 * d)),
+            (0.15 * d, "outage (logins)", lambda: self.outage_begins("logins")),
+            (0.15 * d + outage, "heal", self.outage_ends),
+            (FORGETTING_AT * d, "clean, long outage, reused id", self.the_hpc_forgets),
+        ]
+        if d >= 120:
+            plan += [(0.9 * d, "outage (all)", lambda: self.outage_begins("all")),
+                     (0.9 * d + outage, "heal", self.outage_ends)]
+        plan += [(f * d, "restart", self.restart_pueue_daemon) for f in ((0.25, 0.45) if d >= 120 else (0.25,))]
+        plan += [(f * d, "garbage", self.garbage) for f in (0.33, 0.75)]
         kills = max(3, int(d / 25))
         plan += [((i + 0.5) / kills * 0.85 * d, "remote kill", self.kill_remote_task) for i in range(kills)]
         plan += [((i + 0.3) / kills * 0.85 * d, "owner kill", self.kill_owner_of_a_claim) for i in range(kills)]
-        tokens = max(2, int(d / 30))
+        tokens = max(1, int(d / 40))
         for offset, zone in enumerate(ZONES):
             plan += [((i + 0.1 + offset * 0.05) / tokens * 0.8 * d, zone, lambda z=zone: self.drop_token(z))
                      for i in range(tokens)]
@@ -697,16 +754,28 @@ class ChaosRun:
         return sorted(plan, key=lambda item: item[0])
 
     def disturb(self) -> None:
+        """Run the schedule on time: actions that wait for something run in their own thread."""
+        helpers = []
         for at, name, action in self.schedule():
             pause = self.t0 + at - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
-            try:
-                action()
-            except Exception as exc:  # a disturbance that could not happen is reported, not fatal
-                self.note(f"{name} could not be done: {type(exc).__name__}: {exc}")
+            if name in WAITING_ACTIONS:
+                helpers.append(threading.Thread(target=self.attempt, args=(name, action), name=name, daemon=True))
+                helpers[-1].start()
+            else:
+                self.attempt(name, action)
+        for helper in helpers:
+            helper.join()
         if not self.sshd().is_running():
             self.outage_ends()
+        self.start_pollers()
+
+    def attempt(self, name: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:  # a disturbance that could not happen is reported, not fatal
+            self.note(f"{name} could not be done: {type(exc).__name__}: {exc}")
 
     # -- the end ----------------------------------------------------------------------------------
     def settled(self) -> bool:
@@ -748,12 +817,19 @@ class ChaosRun:
             stop.set()
             self.tear_down()
 
+    def expected(self) -> Expected:
+        d = self.done
+        return Expected(modes={s.name: s.mode for s in self.specs}, victims=dict(d.victims),
+                        long_cases=frozenset(s.name for s in self.specs if s.long), cleaned=dict(d.cleaned),
+                        starts=read_starts(self.starts_log), foreign=dict(d.foreign),
+                        foreign_excused=frozenset(d.foreign_excused), outages=tuple(d.outage_windows))
+
     def judge(self, settled: bool) -> ChaosResult:
         verdict = check_final_state(self.config.database_path, self.config.spool_path,
-                                    self.config.scanner.watch_path, self.final_status_json(),
-                                    Expected(modes={s.name: s.mode for s in self.specs},
-                                             victims=frozenset(self.done.victims)), groups=self.groups)
-        return ChaosResult(plan=self.plan, verdict=verdict, done=self.done, zone_hits=self.zone_hits(),
+                                    self.config.scanner.watch_path, self.final_status_json(), self.expected(),
+                                    groups=self.groups)
+        return ChaosResult(plan=self.plan, verdict=verdict, done=self.done, zone_hits=self.zone_records("hits"),
+                           zone_taken=self.zone_records("taken"), lost_adds=self.lost_adds(),
                            elapsed=time.monotonic() - self.t0, settled=settled)
 
     def tear_down(self) -> None:
@@ -780,14 +856,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=ChaosPlan.duration, help="seconds of chaos")
     parser.add_argument("--seed", type=int, default=ChaosPlan.seed)
     parser.add_argument("--groups", type=int, default=ChaosPlan.groups, help="GPU slots (pueue groups)")
+    parser.add_argument("--case-timeout", type=float, default=ChaosPlan.case_timeout,
+                        help="running_case_timeout in seconds (default: 8 %% of the duration, 12-30 s)")
     parser.add_argument("--scratch", type=Path, default=None, help="work folder (default: a new one in /tmp)")
     args = parser.parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="mqic-chaos-"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop supervisord, sshd, pueued
-    plan = ChaosPlan(cases=args.cases, duration=args.duration, seed=args.seed, groups=args.groups)
+    plan = ChaosPlan(cases=args.cases, duration=args.duration, seed=args.seed, groups=args.groups,
+                     case_timeout=args.case_timeout)
     result = run_chaos(plan, scratch)
     print()
     print(result.table())
+    for zone in result.unreached_zones:
+        print(f"NOTE: danger zone {zone} was armed but no worker died in it")
     for line in result.verdict.violations:
         print(f"VIOLATION: {line}")
     print(f"\n{'OK: nothing lost' if result.ok else 'FAILED'} (files kept in {scratch})")

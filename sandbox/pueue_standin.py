@@ -33,6 +33,22 @@ Controls (``--ctl``, for tests and chaos):
 - ``start``: start the daemon (it restores the state like a real start);
 - ``garbage N``: the next N successful ``status --json`` calls print non-JSON
   garbage and exit 0;
+- ``lose-add N [--late S] [--hang H] [--label PREFIX]``: the answers of the next
+  N ``pueue add`` calls (only those whose label starts with PREFIX, if given)
+  are lost *after the daemon acted*. The client sends the request and prints
+  nothing; it waits until whoever reads its stdout goes away (our ssh gave up:
+  the pipe's reader closed) and then exits 1 silently, or, if the reader is
+  still there after H seconds (default 60), prints the daemon's normal answer,
+  late. Without ``--late`` the daemon stores the task at once (it runs
+  normally); with ``--late S`` the daemon stores it S seconds after it received
+  the request, even if the client has long given up by then (real pueued acts
+  within milliseconds: this models a stalled daemon, and other requests are
+  answered meanwhile, so ``status`` does not show the task until it lands).
+  Each lost answer is noted in ``daemon.log`` (``lose-add: ...``);
+- ``foreign-add [--label L | --no-label] [-g GROUP] [SECONDS]``: another user
+  adds ``sleep SECONDS; exit 0`` (default 10 s, label ``other_user_job``, group
+  ``default``) and the control prints its id like ``add -p``. Ids are
+  ``max(existing)+1``, so after ``clean`` or ``remove`` it may take a freed id;
 - ``version-string X``: ``pueue --version`` prints ``pueue X``;
 - ``pid``: print the daemon's pid (exit 1 when it is not running).
 
@@ -80,6 +96,9 @@ TICK_SECONDS = 1.0
 V3_GROUP_DELAY_S = 0.2
 READY_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 60.0
+LOST_ADD_HANG_S = 60.0
+FOREIGN_LABEL = "other_user_job"
+FOREIGN_SECONDS = 10.0
 ACTIVE = ("Running", "Paused")
 ENQUEUE_OFFSET_NS = 21_337  # real pueue takes two clock readings when a task is added
 STANDIN_ENV = "PUEUE_STANDIN_DIR"
@@ -183,6 +202,10 @@ class Settings:
     format: str = DEFAULT_FORMAT
     garbage: int = 0
     version_string: str | None = None
+    lose_add: int = 0
+    lose_add_late: float = 0.0
+    lose_add_hang: float = LOST_ADD_HANG_S
+    lose_add_label: str = ""
 
 
 def load_settings(paths: Paths) -> Settings:
@@ -229,6 +252,25 @@ def take_garbage(paths: Paths) -> int:
         remaining = dataclasses.replace(settings, garbage=settings.garbage - 1)
         _write_atomically(paths.settings, json.dumps(dataclasses.asdict(remaining)))
     return settings.garbage
+
+
+@dataclasses.dataclass(frozen=True)
+class LostAdd:
+    """How one ``pueue add`` loses its answer (``lose-add``): stored ``late`` s after receipt."""
+
+    late: float
+    hang: float
+
+
+def take_lost_add(paths: Paths, label: str | None) -> LostAdd | None:
+    """Consume one pending ``lose-add`` for an add labelled ``label``; None when none applies."""
+    with file_lock(paths):
+        settings = load_settings(paths)
+        if settings.lose_add <= 0 or not (label or "").startswith(settings.lose_add_label):
+            return None
+        remaining = dataclasses.replace(settings, lose_add=settings.lose_add - 1)
+        _write_atomically(paths.settings, json.dumps(dataclasses.asdict(remaining)))
+    return LostAdd(late=settings.lose_add_late, hang=settings.lose_add_hang)
 
 
 # ---------------------------------------------------------------------------
@@ -609,6 +651,7 @@ class Daemon:
                 if not data:  # a readiness probe, or a client that failed before asking
                     return
                 request = json.loads(data)
+                time.sleep(request.get("late_seconds") or 0)  # lose-add --late: the store comes late
                 reply = self.handle(request)
                 conn.sendall(json.dumps(dataclasses.asdict(reply)).encode())
             except (OSError, ValueError) as err:
@@ -1546,8 +1589,45 @@ def client_main(argv: list[str]) -> int:
     if not paths.config.exists():
         sys.stderr.write(never_started_text(settings.format))
         return 1
+    lost = take_lost_add(paths, request["label"]) if request["cmd"] == "add" else None
+    if lost is not None:
+        _log(paths, f"lose-add: the answer to the add labelled {request['label']} is lost"
+                    f"{f' and the task stored {lost.late:g} s late' if lost.late else ''}")
+        return _add_with_a_lost_answer(paths, request, settings.format, lost)
     reply = _ask_daemon(paths, request, settings.format)
     return _print_reply(paths, request, reply)
+
+
+def _add_with_a_lost_answer(paths: Paths, request: dict[str, Any], fmt: str, lost: LostAdd) -> int:
+    """``lose-add``: send the add, print nothing until the reader of stdout gives up (exit 1).
+
+    A reader still there after ``lost.hang`` seconds gets the normal answer, late:
+    the stand-in is slow, never wrong.
+    """
+    try:
+        sock = connect(paths)
+        sock.sendall(json.dumps({**complete_request(request, fmt), "late_seconds": lost.late}).encode())
+        sock.shutdown(socket.SHUT_WR)
+    except (OSError, ClientError):
+        return _print_reply(paths, request, _ask_daemon(paths, request, fmt))
+    with sock:
+        if _reader_goes_away(sys.stdout.fileno(), lost.hang):
+            return 1
+        sock.settimeout(max(CLIENT_TIMEOUT_S, lost.late + 10))
+        try:
+            reply = Reply(**json.loads(_receive_all(sock)))
+        except (OSError, ValueError) as err:
+            text = client_error_text(fmt, ["Failed to receive message from daemon", str(err)],
+                                     "pueue_lib/src/network/protocol.rs:91")
+            reply = Reply(stderr=text, exit=1)
+    return _print_reply(paths, request, reply)
+
+
+def _reader_goes_away(fd: int, seconds: float) -> bool:
+    """True once the other end of pipe/socket ``fd`` is closed (within ``seconds``)."""
+    poller = select.poll()
+    poller.register(fd, 0)  # only POLLERR/POLLHUP: a pipe's writer gets POLLERR when its reader closes
+    return bool(poller.poll(max(0, int(seconds * 1000))))
 
 
 def _ask_daemon(paths: Paths, request: dict[str, Any], fmt: str) -> Reply:
@@ -1754,6 +1834,10 @@ def ctl(paths: Paths, argv: list[str]) -> str:
     elif action == "restart" and not args:
         stop_daemon(paths)
         start_daemon(paths)
+    elif action == "lose-add" and args and args[0].isdigit():
+        update_settings(paths, **_lose_add_settings(args))
+    elif action == "foreign-add":
+        return f"{foreign_add(paths, args)}\n"
     elif action == "pid" and not args:
         pid = daemon_pid(paths)
         if pid is None:
@@ -1761,8 +1845,49 @@ def ctl(paths: Paths, argv: list[str]) -> str:
         return f"{pid}\n"
     else:
         raise StandinError(f"unknown control {' '.join(argv)!r}; use format v3|v4, restart, stop [--stale], "
-                           "start, garbage N, version-string X, pid", exit_code=2)
+                           "start, garbage N, lose-add N [--late S] [--hang H] [--label PREFIX], "
+                           "foreign-add [--label L | --no-label] [-g GROUP] [SECONDS], version-string X, pid",
+                           exit_code=2)
     return ""
+
+
+def _lose_add_settings(args: list[str]) -> dict[str, Any]:
+    usage = "lose-add N [--late S] [--hang H] [--label PREFIX]"
+    parsed = _parse_control(args, [Opt("late", None, "late", "value", "S", float),
+                                   Opt("hang", None, "hang", "value", "H", float),
+                                   Opt("label", None, "label", "value", "PREFIX")], usage)
+    values = parsed.values
+    if len(parsed.positionals) != 1:
+        raise StandinError(f"usage: {usage}", exit_code=2)
+    return {"lose_add": int(parsed.positionals[0]), "lose_add_late": values["late"] or 0.0,
+            "lose_add_hang": LOST_ADD_HANG_S if values["hang"] is None else values["hang"],
+            "lose_add_label": values["label"] or ""}
+
+
+def foreign_add(paths: Paths, args: list[str]) -> int:
+    """Add another user's ``sleep SECONDS; exit 0`` through the daemon; return its id."""
+    usage = "foreign-add [--label L | --no-label] [-g GROUP] [SECONDS]"
+    parsed = _parse_control(args, [Opt("label", None, "label", "value", "L"), Opt("no_label", None, "no-label"),
+                                   Opt("group", "g", "group", "value", "GROUP")], usage)
+    values = parsed.values
+    if len(parsed.positionals) > 1 or (values["label"] and values["no_label"]):
+        raise StandinError(f"usage: {usage}", exit_code=2)
+    seconds = float(parsed.positionals[0]) if parsed.positionals else FOREIGN_SECONDS
+    label = None if values["no_label"] else values["label"] or FOREIGN_LABEL
+    words = ["-p", "-w", str(paths.root), *(["-l", label] if label else []), *(["-g", values["group"]]
+             if values["group"] else []), "--", f"sleep {seconds:g}; exit 0"]
+    fmt = load_settings(paths).format
+    reply = _ask_daemon(paths, _parse_add(words, fmt), fmt)
+    if reply.exit != 0:
+        raise StandinError(f"foreign-add failed: {(reply.stdout + reply.stderr).strip()}")
+    return int(reply.stdout.strip().splitlines()[-1])
+
+
+def _parse_control(args: list[str], opts: list[Opt], usage: str) -> Parsed:
+    try:
+        return parse_args(args, opts, usage)
+    except (UsageError, HelpRequested):
+        raise StandinError(f"usage: {usage}", exit_code=2) from None
 
 
 def ctl_main(argv: list[str]) -> int:

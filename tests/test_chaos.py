@@ -1,17 +1,27 @@
 """Nothing is lost: the short chaos run (the long one is ``bench/chaos.py``, see docs/chaos.md),
-plus the two failures the chaos showed to be possible, pinned down one by one.
+the pieces of the chaos tooling that must be right for its verdict to mean anything, and the
+failures the chaos showed to be possible, pinned down one by one.
 """
 from __future__ import annotations
 
+import dataclasses
 import shlex
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 
-from bench.chaos import ZONES, ChaosPlan, run_chaos
+from bench.chaos import ChaosPlan, run_chaos
+from bench.chaos_check import (EXIT_STATUS_RECORD, Expected, Verdict, check_foreign_tasks, exit_status_record,
+                               read_starts, recording_starts)
+from bench.chaos_hooks import ZONES, is_add, is_finalize, is_upload
 from sandbox.casegen import make_case
+from shared import pueue
 from shared.config import parse_config
+from shared.remote import Remote
 from shared.states import CaseStatus
 from shared.store import get_case
 from shared.worker import build_context
@@ -19,17 +29,110 @@ from tests.conftest import wait_until
 from workers import poller, scanner, submitter
 
 
-@pytest.mark.timeout(290)
+@pytest.mark.timeout(330)
 def test_short_chaos_run_loses_nothing(tmp_path):
-    plan = ChaosPlan(cases=24, duration=50, groups=3, kill_every=4, seed=7, settle_timeout=150)
+    plan = ChaosPlan(cases=24, duration=60, groups=3, kill_every=6, seed=7, settle_timeout=150)
     result = run_chaos(plan, tmp_path / "chaos")
     print(result.table())
     assert result.verdict.violations == [], "\n".join(result.verdict.violations)
     assert result.settled
     assert result.verdict.counts["cases"] == 24 and result.verdict.counts.get("lost", 0) == 0
-    assert {zone: result.zone_hits[zone] >= 1 for zone in ZONES} == dict.fromkeys(ZONES, True)
-    assert (result.done.outages, result.done.restarts, result.done.garbage_polls) == (2, 1, 10)
-    assert result.done.sigkills >= 8
+    done = result.done
+    for zone in result.unreached_zones:  # armed, but no worker died in it: reported, and tolerated once
+        print(f"NOTE: danger zone {zone} was armed but no worker died in it")
+    assert all(done.tokens[zone] >= 1 for zone in ZONES)
+    assert len(result.unreached_zones) <= 1, f"danger zones never reached: {result.unreached_zones}"
+    assert (done.outages["logins"], done.outages["all"], done.restarts, done.garbage_polls) == (1, 1, 1, 10)
+    assert done.masters_cut >= 1 and done.poller_stops == 2 and len(done.foreign) == 1
+    assert sum(done.lost_adds_armed.values()) == 3 and sum(result.lost_adds.values()) >= 1
+    assert done.sigkills >= 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The chaos tooling itself
+# ---------------------------------------------------------------------------------------------
+
+SEEN: list[list[str]] | None = None  # argvs of the subprocesses started while a test records them
+
+
+def _record_popen(event: str, args: tuple) -> None:
+    if SEEN is not None and event == "subprocess.Popen":
+        SEEN.append([str(word) for word in (args[1] or [])])
+
+
+sys.addaudithook(_record_popen)  # audit hooks cannot be removed: this one only records while SEEN is a list
+
+
+@pytest.mark.parametrize("transfer", ["scp", "tar", "rsync"])
+def test_the_upload_zones_see_the_upload_whatever_the_transfer(remote_config, tmp_path, transfer):
+    """mid_upload must fire for scp, rsync and the tar pipe (``ssh ... tar -C <upload> -xf -``),
+    before_finalize only for the remote verify-and-rename, and neither for anything else."""
+    global SEEN
+    if shutil.which(transfer) is None:
+        pytest.skip(f"{transfer} is not installed")
+    remote = Remote(dataclasses.replace(remote_config.hpc, transfer=transfer))
+    case = make_case(tmp_path / "cases", "patient 1", deliveries=1, layers_per_delivery=1)
+    remote.base_dir()
+    SEEN = []
+    try:
+        remote.upload(case, case.name, case_id=7)
+    finally:
+        seen, SEEN = SEEN, None
+    assert [is_upload(argv) and is_finalize(argv) for argv in seen] == [False] * len(seen)
+    assert sum(map(is_upload, seen)) == 1, seen
+    assert sum(map(is_finalize, seen)) == 1, seen
+    assert not any(map(is_add, seen))
+
+
+def test_the_after_add_zone_sees_our_pueue_add():
+    argv = pueue.add_argv(["pueue"], group="gpu_a", label="mqic_case_3", workdir="/x", command="run")
+    assert is_add(["ssh", "-o", "BatchMode=yes", "hpc", "--", shlex.join(argv)])
+    assert not is_add(["ssh", "hpc", "--", "pueue group add gpu_a"])
+
+
+def test_the_remote_command_records_every_simulation_start(tmp_path):
+    log = tmp_path / "hpc dir" / "starts.log"
+    log.parent.mkdir()
+    template = recording_starts("true", log)
+    for case_id in (3, 3, 12):
+        subprocess.run(["sh", "-c", template.format(case_id=case_id, case_name="x", remote_dir="/x")], check=True)
+    assert read_starts(log) == {3: 2, 12: 1}
+    assert read_starts(tmp_path / "never written") == {}
+
+
+def test_the_exit_status_record_is_read_from_the_remote_case_folder(tmp_path):
+    assert exit_status_record(str(tmp_path)) is None
+    (tmp_path / EXIT_STATUS_RECORD).parent.mkdir()
+    (tmp_path / EXIT_STATUS_RECORD).write_text("0\n")
+    assert exit_status_record(str(tmp_path)) == 0
+    (tmp_path / EXIT_STATUS_RECORD).write_text("137 killed\n")
+    assert exit_status_record(str(tmp_path)) == 137
+
+
+def test_another_users_tasks_count_as_touched_when_killed_or_removed(hpc):
+    h = hpc()
+    h.pueue("parallel", "0", "-g", "default")
+    commands = {}
+    for seconds in ("0", "30", "30", "30", "30"):
+        task_id = int(h.ctl("foreign-add", seconds))
+        commands[task_id] = f"sleep {seconds}; exit 0"
+    finished, killed, excused, running, removed = sorted(commands)
+
+    def state(task_id: int) -> str:
+        return next(iter(h.status()["tasks"][str(task_id)]["status"]))
+
+    wait_until(lambda: [state(i) for i in sorted(commands)] == ["Done"] + ["Running"] * 4, message="tasks")
+    h.pueue("kill", str(killed), str(excused), str(removed))
+    wait_until(lambda: [state(i) for i in (killed, excused, removed)] == ["Done"] * 3, message="kills done")
+    h.pueue("remove", str(removed))
+    assert h.ctl("foreign-add", "--label", "mqic_case_9", "0") == f"{removed}\n"  # the freed top id, reused
+    verdict = Verdict()
+    check_foreign_tasks(pueue.parse_status(h.pueue("status", "--json").stdout),
+                        Expected(modes={}, foreign=commands, foreign_excused=frozenset({excused})), verdict)
+    assert verdict.counts == {"foreign_touched": 2, "foreign_untouched": 3}
+    assert verdict.violations == [
+        f"another user's task {killed} ('sleep 30; exit 0') ended killed: someone killed it",
+        f"another user's task {removed} ('sleep 30; exit 0') was removed: id now mqic_case_9 ('sleep 0; exit 0')"]
 
 
 def context_with(h, name: str, **sections):

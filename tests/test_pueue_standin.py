@@ -300,6 +300,79 @@ def test_kill_texts_for_finished_unknown_and_mixed_ids(standin: Standin, fmt: st
     assert result_of(standin.wait_done(running)) == "Killed"
 
 
+@pytest.mark.parametrize("how", ["sigterm", "15", "SIGTERM"])
+def test_kill_with_sigterm_is_killed_unless_the_program_catches_it_and_exits(standin: Standin, how: str):
+    """PUEUE.md: Killed means ended by a signal; a program that catches SIGTERM and exits 1 is Failed(1)."""
+    standin.ok("parallel", "0")
+    plain = standin.add("sleep 30")
+    catcher = standin.add("trap 'exit 1' TERM; while :; do sleep 0.05; done")
+    for task_id in (plain, catcher):
+        standin.wait_state(task_id, "Running")
+        assert standin.run("kill", "-s", how, str(task_id)).stdout == f"Tasks are being killed: {task_id}\n"
+    assert result_of(standin.wait_done(plain)) == "Killed"
+    assert result_of(standin.wait_done(catcher)) == {"Failed": 1}
+
+
+def test_clean_removes_finished_tasks_and_their_logs_but_keeps_what_a_waiting_task_needs(standin: Standin):
+    standin.ok("group", "add", "gpu_b")
+    standin.ok("pause", "-g", "gpu_b")
+    needed, failed, other_group = standin.add("true"), standin.add("exit 2"), standin.add("true", "-g", "gpu_b")
+    for task_id in (needed, failed):
+        standin.wait_done(task_id)
+    waiting = standin.add("true", "-g", "gpu_b", "-a", str(needed))
+    assert standin.ok("clean", "-s", "-g", "default") == \
+        "All successfully finished tasks have been removed from group 'default'\n"
+    assert sorted(map(int, standin.status()["tasks"])) == [needed, failed, other_group, waiting]
+    assert standin.ok("clean") == "All finished tasks have been removed\n"
+    assert sorted(map(int, standin.status()["tasks"])) == [needed, other_group, waiting]
+    assert not (standin.data_dir / "task_logs" / f"{failed}.log").exists()
+    assert standin.ok("clean", "-g", "no_such_group") == "All finished tasks have been removed from group 'no_such_group'\n"
+
+
+@pytest.mark.parametrize("fmt", ["v3", "v4"])
+def test_remove_and_kill_refuse_what_pueue_refuses(standin: Standin, fmt: str, cli_responses: dict[str, Any]):
+    """PUEUE.md: only Running/Paused tasks can be killed, only Queued/Stashed/Done/Locked removed;
+    partial success exits 0. Replayed against the reference texts (their ids 0 done, 4 running, 6 queued)."""
+    make_reference_groups(standin, fmt)
+    standin.ok("pause", "-g", "gpu_b")
+    for _ in range(4):
+        standin.wait_done(standin.add("true"))
+    standin.wait_state(standin.add("sleep 30"), "Running")
+    assert [standin.add("true", "-g", "gpu_b") for _ in range(2)] == [5, 6]
+    for name in ("remove_running", "kill_queued", "remove_mixed"):
+        want, got = expected(cli_responses[name], fmt), standin.run(*cli_responses[name]["argv"][1:])
+        assert (got.stdout, got.stderr, got.returncode) == (want["stdout"], want["stderr"], want["exit"]), name
+    assert standin.ok("remove", "6") == "Tasks removed from list: 6\n"
+    assert sorted(map(int, standin.status()["tasks"])) == [1, 2, 3, 4, 5]
+
+
+def test_remove_and_clean_free_ids_that_the_next_add_reuses_as_max_plus_one(standin: Standin):
+    """PUEUE.md: a new id is max(existing)+1, or 0 when there are no tasks."""
+    for _ in range(3):
+        standin.wait_done(standin.add("true"))
+    assert standin.ok("remove", "2") == "Tasks removed from list: 2\n"
+    assert standin.add("true") == 2                      # the freed top id comes back
+    standin.wait_done(2)
+    assert standin.ok("remove", "1") == "Tasks removed from list: 1\n"
+    assert standin.add("true") == 3                      # a freed id below the max does not
+    standin.wait_done(3)
+    standin.ok("clean")
+    assert standin.status()["tasks"] == {}
+    assert standin.ctl("foreign-add", "0.2") == "0\n"   # another user's task takes id 0 again
+    task = standin.wait_done(0)
+    assert (task["label"], task["group"], task["command"], result_of(task)) == \
+        ("other_user_job", "default", "sleep 0.2; exit 0", "Success")
+
+
+def test_foreign_add_takes_a_label_a_group_or_none(standin: Standin):
+    standin.ok("group", "add", "gpu_a")
+    first = int(standin.ctl("foreign-add", "--label", "bob", "-g", "gpu_a", "0"))
+    second = int(standin.ctl("foreign-add", "--no-label", "0"))
+    assert (standin.task(first)["label"], standin.task(first)["group"]) == ("bob", "gpu_a")
+    assert standin.task(second)["label"] is None
+    assert standin.run("--ctl", "foreign-add", "--label", "x", "--no-label").returncode == 2
+
+
 def test_log_json_gives_the_last_15_lines_by_default(standin: Standin):
     task_id = standin.add("seq 1 40")
     standin.wait_done(task_id)
@@ -448,6 +521,59 @@ def test_garbage_control_breaks_the_next_status_json_calls(standin: Standin):
         with pytest.raises(ValueError):
             json.loads(broken.stdout)
     assert standin.status()["tasks"] == {}
+
+
+def added_client(standin: Standin, *add_args: str) -> subprocess.Popen:
+    """A ``pueue add -p`` client whose stdout we hold (a pipe, like ssh's channel)."""
+    return subprocess.Popen([PY, str(STANDIN), "add", "-p", *add_args], env=standin.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def labelled(standin: Standin, label: str) -> list[dict[str, Any]]:
+    return [t for t in standin.status()["tasks"].values() if t["label"] == label]
+
+
+def test_lose_add_stores_the_task_and_the_client_gives_up_silently_once_its_reader_is_gone(standin: Standin):
+    standin.ctl("lose-add", "1")
+    client = added_client(standin, "-l", "mqic_case_1", "--", "true")
+    task = wait_for(lambda: labelled(standin, "mqic_case_1"), 10, "the task to be stored")[0]
+    assert result_of(standin.wait_done(task["id"])) == "Success"  # it runs normally
+    assert client.poll() is None                                   # the answer has not come
+    client.stdout.close()                                          # our ssh gives up
+    assert client.wait(timeout=5) == 1
+    assert client.stderr.read() == b""
+    assert standin.add("true", "-l", "mqic_case_2") == 1          # only the next N adds lose their answer
+
+
+def test_a_lost_add_answer_arrives_late_to_a_reader_that_waits_long_enough(standin: Standin):
+    standin.ctl("lose-add", "1", "--hang", "0.5")
+    began = time.monotonic()
+    assert standin.ok("add", "-p", "--", "true") == "0\n"
+    assert time.monotonic() - began >= 0.5
+
+
+def test_lose_add_late_stores_the_task_only_after_the_client_gave_up(standin: Standin):
+    standin.ctl("lose-add", "1", "--late", "1.5")
+    began = time.monotonic()
+    client = added_client(standin, "-l", "mqic_case_7", "--", "true")
+    time.sleep(0.3)  # the quantity under test: our ssh gives up before the daemon stores the task
+    client.stdout.close()
+    assert client.wait(timeout=5) == 1
+    assert labelled(standin, "mqic_case_7") == []
+    task = wait_for(lambda: labelled(standin, "mqic_case_7"), 10, "the late store")[0]
+    assert time.monotonic() - began >= 1.5
+    assert result_of(standin.wait_done(task["id"])) == "Success"
+
+
+def test_lose_add_counts_only_adds_whose_label_has_the_prefix(standin: Standin):
+    standin.ctl("lose-add", "1", "--label", "mqic_case_", "--hang", "30")
+    assert standin.add("true") == 0                                # no label: answered at once
+    assert standin.ctl("foreign-add", "0") == "1\n"               # nor another user's task
+    client = added_client(standin, "-l", "mqic_case_3", "--", "true")
+    wait_for(lambda: labelled(standin, "mqic_case_3"), 10, "the task to be stored")
+    client.stdout.close()
+    assert client.wait(timeout=5) == 1
+    assert standin.run("--ctl", "lose-add", "x").returncode == 2
 
 
 def test_idle_daemon_uses_almost_no_cpu(standin: Standin):
