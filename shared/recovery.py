@@ -1,7 +1,8 @@
 """Reconciling a ``submitting`` case whose owner died or whose ``pueue add`` answer was lost.
 
-From one fresh snapshot: a task carrying the case's label is adopted (the case is
-``running``). No such task proves nothing while an add may still land
+From one fresh snapshot: a task carrying the case's label in the group of the slot it
+claimed is adopted (the case is ``running``); one in another group is an orphan that
+the reaper stops. No such task proves nothing while an add may still land
 (``add_uncertain_until``); after that, an exit record in the case's remote folder
 means the task ran and pueue forgot it (the case is ``running`` and the poller
 settles it from the record); with neither, the case is retried. Could not tell:
@@ -18,14 +19,16 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus
 from shared.store import Case, expired_leases, flag_for_review
-from shared.worker import Context, note_reach, per_item
+from shared.worker import Context, note_reach, per_item, worth_logging
+
+REPEAT_LOG_SECONDS = 300
 
 log = logging.getLogger("mqic.recovery")
 
 
 def recover_claim(ctx: Context, case: Case, snapshot: pueue.Snapshot, now: float) -> str:
     """Resolve one expired ``submitting`` claim; return found / not_found / waiting / unreachable."""
-    labelled = snapshot.by_label(case.label)
+    labelled = [t for t in snapshot.by_label(case.label) if t.group == case.pueue_group]
     if labelled:
         adopt(ctx, case, max(labelled, key=lambda t: t.id), now)
         if len(labelled) > 1:
@@ -36,16 +39,17 @@ def recover_claim(ctx: Context, case: Case, snapshot: pueue.Snapshot, now: float
         return "waiting"  # an add whose answer was lost may still land: no task proves nothing yet
     record = exit_record(ctx, case)
     if record is None or record is tasks.Record.UNREADABLE:
-        log.warning("case %d: claim expired, HPC could not tell; will ask again", case.case_id,
-                    extra=for_case(case.case_id, "recover_claim"))
+        if worth_logging(ctx, f"recover:{case.case_id}", now, REPEAT_LOG_SECONDS):
+            log.warning("case %d: claim expired, HPC could not tell; will ask again", case.case_id,
+                        extra=for_case(case.case_id, "recover_claim"))
         return "unreachable"
     if isinstance(record, int):
         adopt(ctx, case, None, now)
         return "found"
-    retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, ClaimExpired(f"claim of {case.claimed_by} expired"),
-                  now=now, worker=ctx.name, operation="recover_claim", guard=guard_of(case))
-    log.info("case %d: claim expired and no remote task exists; retrying", case.case_id,
-             extra=for_case(case.case_id, "recover_claim"))
+    if retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, ClaimExpired(f"claim of {case.claimed_by} expired"),
+                     now=now, worker=ctx.name, operation="recover_claim", guard=guard_of(case)):
+        log.info("case %d: claim expired and no remote task exists; retrying", case.case_id,
+                 extra=for_case(case.case_id, "recover_claim"))
     return "not_found"
 
 
@@ -69,8 +73,8 @@ def adopt(ctx: Context, case: Case, task: pueue.TaskInfo | None, now: float) -> 
     """The case's task exists (or ran and left its exit record): the case is running."""
     fields = {"pueue_task_id": None if task is None else task.id, "claimed_by": None, "lease_until": None,
               "add_uncertain_until": None, "running_since": now}
-    if task is not None:
-        fields |= {"pueue_group": task.group, "remote_dir": task.path or case.remote_dir}
+    if task is not None and task.path:
+        fields["remote_dir"] = task.path
     how = f"task {task.id} found by label {case.label}" if task else "its exit record found on the HPC"
     if move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name, fields=fields,
                  guard=guard_of(case), detail=f"recovered: {how}"):
@@ -86,8 +90,9 @@ def recover_expired_claims(ctx: Context, now: float, limit: int = 20) -> int:
         snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
     except RemoteFailure as exc:
         note_reach(ctx, exc)
-        log.warning("%d expired claim(s): HPC could not tell (%s); will ask again", len(expired), exc,
-                    extra=for_case(None, "recover_claim", exc))
+        if worth_logging(ctx, "recover", now, REPEAT_LOG_SECONDS):
+            log.warning("%d expired claim(s): HPC could not tell (%s); will ask again", len(expired), exc,
+                        extra=for_case(None, "recover_claim", exc))
         return 0
     note_reach(ctx, None)
     settled = 0

@@ -248,8 +248,8 @@ def case_id_of(task: pueue.TaskInfo) -> int | None:
 def orphans(snapshot: pueue.Snapshot, cases: Mapping[int, Case]) -> list[tuple[pueue.TaskInfo, Case]]:
     """Unfinished tasks carrying the label of a case of ours that does not own them.
 
-    A task is owned by its case while the case is ``submitting`` (the add may be its
-    own, recovery decides) or ``running`` with that task recorded; a submitted,
+    A task is owned by its case while the case is ``submitting`` and the task is in the
+    group of the slot the case claimed (the add may be its own, recovery decides) or ``running`` with that task recorded; a submitted,
     completed or failed case owns none. Tasks of case ids we do not know are left
     alone: they are not provably ours.
     """
@@ -263,7 +263,7 @@ def orphans(snapshot: pueue.Snapshot, cases: Mapping[int, Case]) -> list[tuple[p
 
 def _owns(case: Case, task: pueue.TaskInfo) -> bool:
     if case.status is CaseStatus.SUBMITTING:
-        return True
+        return task.group == case.pueue_group  # recovery adopts it; elsewhere it holds no slot of ours
     if case.status is CaseStatus.RUNNING:
         return case.pueue_task_id in (None, task.id)
     return False

@@ -71,15 +71,16 @@ def test_overdue_only_on_the_hpc_clock_and_only_while_running(case):
 
 
 def test_orphans_are_our_labelled_unfinished_tasks_that_no_case_owns(case):
-    submitting = dataclasses.replace(case, case_id=2, status=CaseStatus.SUBMITTING)
+    submitting = dataclasses.replace(case, case_id=2, status=CaseStatus.SUBMITTING, pueue_group="gpu_a")
     completed = dataclasses.replace(case, case_id=3, status=CaseStatus.COMPLETED)
     snap = snapshot(task(4, case.label, T.RUNNING), task(5, case.label, T.QUEUED),
                     task(6, "mqic_case_2", T.RUNNING), task(7, "mqic_case_3", T.RUNNING),
                     task(8, "mqic_case_3", T.SUCCESS), task(9, "mqic_case_99", T.RUNNING),
-                    task(10, "someone_else", T.RUNNING))
+                    task(10, "someone_else", T.RUNNING),
+                    dataclasses.replace(task(11, "mqic_case_2", T.QUEUED), group="gpu_b"))
     cases = {c.case_id: c for c in (case, submitting, completed)}
     assert tasks.our_case_ids(snap) == [1, 2, 3, 99]
-    assert sorted(t.id for t, _ in tasks.orphans(snap, cases)) == [5, 7]
+    assert sorted(t.id for t, _ in tasks.orphans(snap, cases)) == [5, 7, 11]   # 11: not the claimed slot's group
 
 
 @pytest.mark.parametrize("error, counted", [
