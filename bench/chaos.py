@@ -412,23 +412,23 @@ class ChaosRun:
 
     def tasks(self) -> list:
         """Every task, read with ``log --json`` so that our reads never eat a garbage answer."""
-        from shared import pueue
+        from shared.backends import pueue_parse
         answer = self.pueue("log", "--json", "--all", "--lines", "1")
-        return [entry.task for entry in pueue.parse_log(answer.stdout).values()]
+        return [entry.task for entry in pueue_parse.parse_log(answer.stdout).values()]
 
     def paused_groups(self) -> list[str]:
-        from shared import pueue
-        groups = pueue.parse_groups(self.pueue("group", "--json").stdout)
+        from shared.backends import pueue_parse
+        groups = pueue_parse.parse_groups(self.pueue("group", "--json").stdout)
         return sorted(name for name, group in groups.items() if group.paused)
 
     def final_status_json(self) -> str:
         """``status --json`` for the checker (retried past any garbage answer still pending)."""
-        from shared import pueue
+        from shared.backends import pueue_parse
         from shared.errors import BadOutput
         for _ in range(20):
             text = self.pueue("status", "--json").stdout
             try:
-                pueue.parse_status(text)
+                pueue_parse.parse_status(text)
                 return text
             except BadOutput:
                 continue
@@ -436,7 +436,7 @@ class ChaosRun:
 
     def running_tasks(self, patience: float = 6.0) -> list:
         """Our running tasks, waiting up to ``patience`` seconds for at least one."""
-        from shared.pueue import TaskState
+        from shared.backends.model import TaskState
         deadline = time.monotonic() + patience
         while True:
             running = [t for t in self.tasks() if t.state is TaskState.RUNNING and ours(t)]
@@ -532,7 +532,7 @@ class ChaosRun:
 
     # -- pueue, as a crash and as other users ------------------------------------------------------------
     def killed_ids(self) -> set[int]:
-        from shared.pueue import TaskState
+        from shared.backends.model import TaskState
         return {t.id for t in self.tasks() if t.state is TaskState.KILLED}
 
     def restart_pueue_daemon(self) -> None:
@@ -546,7 +546,7 @@ class ChaosRun:
         for group in sorted({t.group for t in self.running_tasks()})[:2]:
             self.pueue("add", "-g", group, "--", "sleep 0.2", check=False)
         self.sandbox.ctl("restart")
-        from shared.pueue import TaskState
+        from shared.backends.model import TaskState
         killed = [t for t in self.tasks() if t.state is TaskState.KILLED and t.id not in before]
         victims = [t.label for t in killed if ours(t)]
         with self.lock:
@@ -672,7 +672,7 @@ class ChaosRun:
     def clean_as_another_user(self) -> None:
         """Another user's ``pueue clean`` of the GPU groups (their own default group stays, so that
         each of their tasks can be checked at the end)."""
-        from shared.pueue import TaskState
+        from shared.backends.model import TaskState
         tasks = self.tasks()
         finished = {t.id: (t.label, t.state.value) for t in tasks if ours(t) and t.state.is_done}
         for group in self.groups:

@@ -104,7 +104,7 @@ def check_final_state(db_path: Path, spool_root: Path, watch_path: Path, status_
     a path through the ALLOWED tables; nothing left in the drop, staging or rejected folders,
     nor a stray folder in a stage; ``PRAGMA integrity_check`` ok.
     """
-    from shared import pueue
+    from shared.backends import pueue_parse
     from shared.db import connect
 
     verdict = Verdict()
@@ -117,7 +117,7 @@ def check_final_state(db_path: Path, spool_root: Path, watch_path: Path, status_
         _check_slot_chains(conn, verdict)
     finally:
         conn.close()
-    snapshot = pueue.parse_status(status_json)
+    snapshot = pueue_parse.parse_status(status_json)
     _check_rows_against_drops(rows, expected, verdict)
     for key in ("run_twice", "duplicate_tasks", "wrongly_failed", "wrongly_completed", "failed_while_unreachable"):
         verdict.add(key, None, 0)

@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 
 from sandbox import hpc as sandbox_hpc  # noqa: E402
 from sandbox import waiting  # noqa: E402
-from shared import pueue  # noqa: E402
+from shared.backends import model, pueue_parse  # noqa: E402
 from shared.config import Config, MainLoopConfig, load_config  # noqa: E402
 from shared.db import connect  # noqa: E402
 
@@ -318,9 +318,9 @@ class Workspace:
             conn.close()
 
     # -- pueue
-    def snapshot(self) -> pueue.Snapshot:
+    def snapshot(self) -> model.Snapshot:
         """Everything the stand-in knows, read locally (not counted as a remote call)."""
-        return pueue.parse_status(self.sandbox.pueue_cli("status", "--json").stdout)
+        return pueue_parse.parse_status(self.sandbox.pueue_cli("status", "--json").stdout)
 
     def install_pueue_counter(self) -> Path:
         """Point ``hpc.pueue_command`` at a wrapper that logs each subcommand; return the log."""
@@ -395,9 +395,9 @@ def last_write(folder: Path) -> float:
 
 # -- pueue timings -----------------------------------------------------------------------------------
 
-def gaps_per_group(tasks: Iterable[pueue.TaskInfo]) -> dict[str, list[float]]:
+def gaps_per_group(tasks: Iterable[model.TaskInfo]) -> dict[str, list[float]]:
     """Seconds between one task's end and the next task's start, per group."""
-    by_group: dict[str, list[pueue.TaskInfo]] = {}
+    by_group: dict[str, list[model.TaskInfo]] = {}
     for task in tasks:
         if task.start is not None and task.end is not None:
             by_group.setdefault(task.group, []).append(task)
@@ -408,7 +408,7 @@ def gaps_per_group(tasks: Iterable[pueue.TaskInfo]) -> dict[str, list[float]]:
     return gaps
 
 
-def run_seconds(tasks: Iterable[pueue.TaskInfo]) -> list[float]:
+def run_seconds(tasks: Iterable[model.TaskInfo]) -> list[float]:
     return [(t.end - t.start).total_seconds() for t in tasks if t.start and t.end]
 
 

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 from bench.common import Workspace, median, table  # noqa: E402
 from sandbox import pueue_standin  # noqa: E402
-from shared import pueue  # noqa: E402
+from shared.backends import model, pueue_parse  # noqa: E402
 from shared.db import transaction  # noqa: E402
 from shared.store import case_label  # noqa: E402
 from shared.worker import build_context  # noqa: E402
@@ -116,7 +116,7 @@ def prepare(ws: Workspace, running: int, history: int):
     ctx = build_context(ws.config, "poller")
     case_ids = seed_running_cases(ctx.conn, ws, running)
     link_tasks(ctx.conn, case_ids, add_tasks(ws, [(case_label(i), GROUP, base, "sleep 3600") for i in case_ids]))
-    common.wait_until(lambda: sum(t.state is pueue.TaskState.RUNNING for t in ws.snapshot().tasks.values())
+    common.wait_until(lambda: sum(t.state is model.TaskState.RUNNING for t in ws.snapshot().tasks.values())
                       >= running, timeout=300, interval=0.5, what=f"{running} tasks running")
     return ctx
 
@@ -145,8 +145,8 @@ def measure(running: int, history: int, keep: bool) -> dict:
     by_kind = {kind: size for kind, size, _s, _o in calls}
     status_text = next(out for kind, _b, _s, out in calls if kind == "status")
     log_text = next((out for kind, _b, _s, out in calls if kind == "log"), "")
-    parse_status = median([common.timed(lambda: pueue.parse_status(status_text))[0] for _ in range(5)])
-    parse_log = median([common.timed(lambda: pueue.parse_log(log_text))[0] for _ in range(5)]) if log_text else 0.0
+    parse_status = median([common.timed(lambda: pueue_parse.parse_status(status_text))[0] for _ in range(5)])
+    parse_log = median([common.timed(lambda: pueue_parse.parse_log(log_text))[0] for _ in range(5)]) if log_text else 0.0
     tick_s = median([p[0] for p in passes])
     remote_s = median([sum(c[2] for c in p[3]) for p in passes])
     return {"running": running, "history": history, "tasks": running + history,

@@ -28,7 +28,8 @@ from rich.console import Console
 
 from console import queries
 from console.top import console_width, format_age, format_time, freshness, slots_table, totals_line
-from shared import actions, pueue, tasks
+from shared import actions, tasks
+from shared.backends import pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, default_config_path, load_config
 from shared.db import connect

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from shared import pueue, tasks
+from shared import tasks
+from shared.backends import model, pueue
 from shared.config import Config
 from shared.errors import MqicError, RemoteFailure
 from shared.lifecycle import move_case
@@ -42,7 +43,7 @@ class Operator:
     def remote(self) -> Remote:
         return Remote(self.config.hpc)
 
-    def snapshot(self) -> pueue.Snapshot:
+    def snapshot(self) -> model.Snapshot:
         """A fresh look at the HPC; Refused when it cannot tell."""
         try:
             return pueue.statuses(self.remote(), list(self.config.hpc.pueue_command),
@@ -99,7 +100,7 @@ def retryable(op: Operator, case: Case) -> Case:
     return case
 
 
-def retry_one(op: Operator, case: Case, snapshot: pueue.Snapshot, now: float) -> str:
+def retry_one(op: Operator, case: Case, snapshot: model.Snapshot, now: float) -> str:
     removed = tasks.clear_finished(op.remote(), list(op.config.hpc.pueue_command), case, snapshot,
                                    timeout=op.config.hpc.command_timeout_seconds)
     detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"

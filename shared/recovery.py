@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from shared import pueue, tasks
+from shared import tasks
+from shared.backends import model, pueue
 from shared.errors import ClaimExpired, RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
@@ -26,7 +27,7 @@ REPEAT_LOG_SECONDS = 300
 log = logging.getLogger("mqic.recovery")
 
 
-def recover_claim(ctx: Context, case: Case, snapshot: pueue.Snapshot, now: float) -> str:
+def recover_claim(ctx: Context, case: Case, snapshot: model.Snapshot, now: float) -> str:
     """Resolve one expired ``submitting`` claim; return found / not_found / waiting / unreachable."""
     labelled = [t for t in snapshot.by_label(case.label) if t.group == case.pueue_group]
     if labelled:
@@ -69,7 +70,7 @@ def exit_record(ctx: Context, case: Case) -> tasks.ExitRecord | None:
         return None
 
 
-def adopt(ctx: Context, case: Case, task: pueue.TaskInfo | None, now: float) -> None:
+def adopt(ctx: Context, case: Case, task: model.TaskInfo | None, now: float) -> None:
     """The case's task exists (or ran and left its exit record): the case is running."""
     fields = {"pueue_task_id": None if task is None else task.id, "claimed_by": None, "lease_until": None,
               "add_uncertain_until": None, "running_since": now}

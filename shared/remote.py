@@ -247,7 +247,7 @@ done | tar --null -T - -cf -
 
 
 class Remote:
-    """The HPC as seen over ssh. Implements the ``Runner`` protocol of ``shared.pueue``."""
+    """The HPC as seen over ssh. Implements the ``Runner`` protocol of ``shared.backends.model``."""
 
     def __init__(self, hpc: HpcConfig):
         self.hpc = hpc

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
-from shared import pueue
+from shared.backends import model, pueue
 from shared.errors import (BadOutput, ClaimExpired, HpcTrouble, RemoteError,
                            Unreachable)
 from shared.states import CaseStatus
@@ -58,14 +58,14 @@ class Link:
     """What a fresh look at the HPC says of a case's task."""
 
     found: Found
-    task: pueue.TaskInfo | None = None
-    result: pueue.TaskState | None = None   # FINISHED only
+    task: model.TaskInfo | None = None
+    result: model.TaskState | None = None   # FINISHED only
     exit_code: int | None = None
     from_record: bool = False
     detail: str = ""
 
 
-def task_of(case: Case, snapshot: pueue.Snapshot) -> pueue.TaskInfo | None:
+def task_of(case: Case, snapshot: model.Snapshot) -> model.TaskInfo | None:
     """The case's recorded task, only while it still carries the case's label (ids are reused).
 
     A case without a recorded id (recovered from its exit record) has none.
@@ -74,12 +74,12 @@ def task_of(case: Case, snapshot: pueue.Snapshot) -> pueue.TaskInfo | None:
     return task if task is not None and task.label == case.label else None
 
 
-def needs_record(case: Case, snapshot: pueue.Snapshot) -> bool:
+def needs_record(case: Case, snapshot: model.Snapshot) -> bool:
     """True when pueue no longer lists the case's task, so only its exit record can tell."""
     return task_of(case, snapshot) is None and bool(case.remote_dir)
 
 
-def resolve(case: Case, snapshot: pueue.Snapshot, records: Mapping[str, ExitRecord] | None = None) -> Link:
+def resolve(case: Case, snapshot: model.Snapshot, records: Mapping[str, ExitRecord] | None = None) -> Link:
     """The state of ``case``'s task in ``snapshot``, or from its exit record when pueue forgot it.
 
     ``records`` maps remote folders to what ``read_exit_records`` found; a folder missing
@@ -95,12 +95,12 @@ def resolve(case: Case, snapshot: pueue.Snapshot, records: Mapping[str, ExitReco
         return Link(Found.UNKNOWN, detail=f"task gone from pueue; exit record {record or 'not read'}")
     if record is Record.MISSING:
         return Link(Found.ABSENT, detail=f"no task labelled {case.label} and no exit record")
-    result = pueue.TaskState.SUCCESS if record == 0 else pueue.TaskState.FAILED
+    result = model.TaskState.SUCCESS if record == 0 else model.TaskState.FAILED
     return Link(Found.FINISHED, result=result, exit_code=record, from_record=True,
                 detail=f"task gone from pueue; its exit record says {record}")
 
 
-def _from_task(task: pueue.TaskInfo) -> Link:
+def _from_task(task: model.TaskInfo) -> Link:
     if task.state.is_waiting:
         return Link(Found.WAITING, task=task)
     if task.state.is_active:
@@ -110,7 +110,7 @@ def _from_task(task: pueue.TaskInfo) -> Link:
     return Link(Found.UNKNOWN, task=task, detail=f"pueue reports an unknown state {task.detail[:200]}")
 
 
-def overdue(link: Link, snapshot: pueue.Snapshot, limit_seconds: float) -> bool:
+def overdue(link: Link, snapshot: model.Snapshot, limit_seconds: float) -> bool:
     """True when the task has run longer than ``limit_seconds``, on the HPC's own clock.
 
     Only a running task with a known start in a snapshot that carries the HPC's time
@@ -149,7 +149,7 @@ done
 """
 
 
-def read_exit_records(runner: pueue.Runner, folders: Sequence[str], timeout: float | None = None) -> dict[str, ExitRecord]:
+def read_exit_records(runner: model.Runner, folders: Sequence[str], timeout: float | None = None) -> dict[str, ExitRecord]:
     """The exit records of ``folders`` in ONE remote call; RemoteFailure when it could not be read."""
     if not folders:
         return {}
@@ -167,7 +167,7 @@ def _record_value(text: str | None) -> ExitRecord:
     return int(text) if text.isdigit() else Record.UNREADABLE
 
 
-def read_output_tail(runner: pueue.Runner, folder: str, lines: int, timeout: float | None = None) -> str:
+def read_output_tail(runner: model.Runner, folder: str, lines: int, timeout: float | None = None) -> str:
     """The last ``lines`` lines the wrapper kept in ``.mqic/output.log`` ("" when there is none)."""
     script = f'tail -n "$2" -- "$1/{OUTPUT_RECORD}" 2>/dev/null || true'
     return runner.run(["sh", "-c", script, "sh", folder, str(lines)], timeout=timeout)
@@ -182,8 +182,8 @@ class StopPolicy:
     timeout: float | None = None
 
 
-def stop(conn: sqlite3.Connection, runner: pueue.Runner, policy: StopPolicy, case: Case,
-         tasks: Iterable[pueue.TaskInfo], *, now: float) -> list[str]:
+def stop(conn: sqlite3.Connection, runner: model.Runner, policy: StopPolicy, case: Case,
+         tasks: Iterable[model.TaskInfo], *, now: float) -> list[str]:
     """Stop ``tasks`` of ``case``, each taken from a fresh snapshot with the case's label.
 
     Waiting tasks are removed; running ones get SIGTERM first (recorded as
@@ -202,7 +202,7 @@ def stop(conn: sqlite3.Connection, runner: pueue.Runner, policy: StopPolicy, cas
     return done
 
 
-def _stop_one(runner: pueue.Runner, policy: StopPolicy, case: Case, task: pueue.TaskInfo, now: float) -> str:
+def _stop_one(runner: model.Runner, policy: StopPolicy, case: Case, task: model.TaskInfo, now: float) -> str:
     if task.state.is_waiting:
         pueue.remove(runner, policy.pueue_cmd, [task.id], timeout=policy.timeout)
         return "removed"
@@ -217,7 +217,7 @@ def _stop_one(runner: pueue.Runner, policy: StopPolicy, case: Case, task: pueue.
     return ""
 
 
-def clear_finished(runner: pueue.Runner, pueue_cmd: Sequence[str], case: Case, snapshot: pueue.Snapshot,
+def clear_finished(runner: model.Runner, pueue_cmd: Sequence[str], case: Case, snapshot: model.Snapshot,
                    timeout: float | None = None) -> list[int]:
     """Before a retry: remove the case's finished tasks so its label names only the retry's task.
 
@@ -239,13 +239,13 @@ class TaskStillActive(Exception):
 
 # -- orphans -----------------------------------------------------------------------------------
 
-def case_id_of(task: pueue.TaskInfo) -> int | None:
+def case_id_of(task: model.TaskInfo) -> int | None:
     """The case id in a task's label ``mqic_case_<id>``, else None (not ours)."""
     match = OUR_LABEL.fullmatch(task.label or "")
     return int(match[1]) if match else None
 
 
-def orphans(snapshot: pueue.Snapshot, cases: Mapping[int, Case]) -> list[tuple[pueue.TaskInfo, Case]]:
+def orphans(snapshot: model.Snapshot, cases: Mapping[int, Case]) -> list[tuple[model.TaskInfo, Case]]:
     """Unfinished tasks carrying the label of a case of ours that does not own them.
 
     A task is owned by its case while the case is ``submitting`` and the task is in the
@@ -261,7 +261,7 @@ def orphans(snapshot: pueue.Snapshot, cases: Mapping[int, Case]) -> list[tuple[p
     return found
 
 
-def _owns(case: Case, task: pueue.TaskInfo) -> bool:
+def _owns(case: Case, task: model.TaskInfo) -> bool:
     if case.status is CaseStatus.SUBMITTING:
         return task.group == case.pueue_group  # recovery adopts it; elsewhere it holds no slot of ours
     if case.status is CaseStatus.RUNNING:
@@ -269,12 +269,12 @@ def _owns(case: Case, task: pueue.TaskInfo) -> bool:
     return False
 
 
-def unfinished(case: Case, snapshot: pueue.Snapshot) -> list[pueue.TaskInfo]:
+def unfinished(case: Case, snapshot: model.Snapshot) -> list[model.TaskInfo]:
     """The tasks carrying ``case``'s label that have not finished."""
     return [t for t in snapshot.by_label(case.label) if not t.is_done]
 
 
-def our_case_ids(snapshot: pueue.Snapshot) -> list[int]:
+def our_case_ids(snapshot: model.Snapshot) -> list[int]:
     """Case ids named by the unfinished labelled tasks in ``snapshot``."""
     return sorted({cid for t in snapshot.tasks.values() if not t.is_done and (cid := case_id_of(t)) is not None})
 

@@ -19,7 +19,7 @@ from bench.chaos_check import (EXIT_STATUS_RECORD, Expected, Verdict, check_fore
                                read_starts, recording_starts)
 from bench.chaos_hooks import ZONES, is_add, is_finalize, is_upload
 from sandbox.casegen import make_case
-from shared import pueue
+from shared.backends import pueue_parse
 from shared.config import parse_config
 from shared.remote import Remote
 from shared.states import CaseStatus
@@ -85,7 +85,7 @@ def test_the_upload_zones_see_the_upload_whatever_the_transfer(remote_config, tm
 
 
 def test_the_after_add_zone_sees_our_pueue_add():
-    argv = pueue.add_argv(["pueue"], group="gpu_a", label="mqic_case_3", workdir="/x", command="run")
+    argv = pueue_parse.add_argv(["pueue"], group="gpu_a", label="mqic_case_3", workdir="/x", command="run")
     assert is_add(["ssh", "-o", "BatchMode=yes", "hpc", "--", shlex.join(argv)])
     assert not is_add(["ssh", "hpc", "--", "pueue group add gpu_a"])
 
@@ -127,7 +127,7 @@ def test_another_users_tasks_count_as_touched_when_killed_or_removed(hpc):
     h.pueue("remove", str(removed))
     assert h.ctl("foreign-add", "--label", "mqic_case_9", "0") == f"{removed}\n"  # the freed top id, reused
     verdict = Verdict()
-    check_foreign_tasks(pueue.parse_status(h.pueue("status", "--json").stdout),
+    check_foreign_tasks(pueue_parse.parse_status(h.pueue("status", "--json").stdout),
                         Expected(modes={}, foreign=commands, foreign_excused=frozenset({excused})), verdict)
     assert verdict.counts == {"foreign_touched": 2, "foreign_untouched": 3}
     assert verdict.violations == [

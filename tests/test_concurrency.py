@@ -14,7 +14,8 @@ from pathlib import Path
 
 from bench.chaos import Expected, chain_problems, check_final_state
 from sandbox.casegen import make_case
-from shared import pueue, tasks
+from shared import tasks
+from shared.backends import model, pueue
 from shared.db import connect
 from shared.states import ALLOWED, CaseStatus, SlotStatus
 from shared.store import claim_next_case, get_case, register_case, sync_slots, transition
@@ -180,7 +181,7 @@ def test_results_land_in_the_case_folder_even_when_its_row_lags_behind_the_folde
     ctx.conn.execute("UPDATE cases SET spool_stage = 'queued', case_path = ? WHERE case_id = ?",
                      (str(queued), case.case_id))                 # the folder is already in active
     stale = get_case(ctx.conn, case.case_id)
-    assert poller.apply(ctx, stale, task, pueue.Snapshot({}, {}), {}, time.time())
+    assert poller.apply(ctx, stale, task, model.Snapshot({}, {}), {}, time.time())
     done = get_case(ctx.conn, case.case_id)
     assert done.status is CaseStatus.COMPLETED
     assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"

@@ -17,7 +17,8 @@ import yaml
 from console import queries
 from console.cli import main as cli_main
 from console.top import Reader, render
-from shared import actions, pueue
+from shared import actions
+from shared.backends import model, pueue
 from shared.db import connect, transaction
 from shared.lifecycle import move_case
 from shared.remote import Remote
@@ -265,7 +266,7 @@ def test_retry_is_refused_while_the_hpc_cannot_tell_about_the_old_task(world, ca
 
 def test_retry_moves_a_failed_case_and_its_folder_back_to_the_queue(world, capsys, monkeypatch):
     config, ids = world
-    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: pueue.Snapshot({}, {}))  # no HPC in this world
+    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: model.Snapshot({}, {}))  # no HPC in this world
     code, out, err = cli(capsys, config, "retry", str(ids["charlie"]))
     assert code == 0, err
     conn = connect(config.database_path)
@@ -284,7 +285,7 @@ def test_retry_moves_a_failed_case_and_its_folder_back_to_the_queue(world, capsy
 
 def test_retry_by_outcome_and_all_failed(world, capsys, monkeypatch):
     config, ids = world
-    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: pueue.Snapshot({}, {}))  # no HPC in this world
+    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: model.Snapshot({}, {}))  # no HPC in this world
     conn = connect(config.database_path)
     conn.execute("UPDATE cases SET outcome = 'failed' WHERE case_id = ?", (ids["charlie"],))
     conn.close()
@@ -487,7 +488,7 @@ def test_sandbox_up_doctor_show_cancel_down(tmp_path, capsys):
         code, out, err = cli(capsys, config, "cancel", str(case_id))
         assert code == 0 and "sigterm" in out, err
         task_id = shown["remote"]["task_id"]
-        wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is pueue.TaskState.KILLED,
+        wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is model.TaskState.KILLED,
                    timeout=15, message="task killed")
         remote.close()
     finally:
@@ -518,7 +519,7 @@ def running_case_with_task(config, remote: Remote, cmd: list[str]) -> int:
                            command="sleep 60")
     assert move_case(conn, spool, claim.case, CaseStatus.RUNNING, now=time.time(), worker="test",
                      fields={"pueue_task_id": task_id, "claimed_by": None, "lease_until": None})
-    wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is pueue.TaskState.RUNNING,
+    wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is model.TaskState.RUNNING,
                timeout=15, message="task running")
     conn.close()
     return case.case_id

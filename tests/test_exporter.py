@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from console.cli import main as cli_main
-from shared import actions, pueue
+from shared import actions
+from shared.backends import model
 from shared.db import connect, transaction
 from tests.conftest import make_config, wait_until
 from tests.test_console import seed
@@ -118,7 +119,7 @@ def test_metrics_equal_the_database(exporter):
 
 def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys, monkeypatch):
     config, ids, port, _ = exporter
-    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: pueue.Snapshot({}, {}))  # no HPC here
+    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: model.Snapshot({}, {}))  # no HPC here
     assert scrape(port)[("mqi_cases_failed_total", ())] == 1
     assert cli_main(["--config", str(config.source), "retry", str(ids["charlie"])]) == 0
     m = scrape(port)

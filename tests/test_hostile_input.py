@@ -24,7 +24,7 @@ import yaml
 
 from sandbox.casegen import make_case
 from sandbox.hpc import remote_command
-from shared import pueue
+from shared.backends import pueue_parse
 from shared.config import parse_config
 from shared.errors import BadOutput, ConfigError
 from shared.states import CaseStatus
@@ -340,7 +340,7 @@ def standin_garbage(rig: Rig) -> str:
 def parser_says(text: str) -> Callable[[Rig], str]:
     def action(rig: Rig) -> str:
         with pytest.raises(BadOutput) as error:
-            pueue.parse_status(text)
+            pueue_parse.parse_status(text)
         return str(error.value)
     return action
 

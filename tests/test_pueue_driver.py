@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from shared import pueue
+from shared.backends import model, pueue, pueue_parse
 from shared.errors import BadOutput, RemoteError
 from shared.remote import Remote
 from tests.conftest import wait_until
@@ -34,15 +34,15 @@ def test_submit_status_logs_and_label_lookup(driver, tmp_path):
                            command=command, env={"CUDA_VISIBLE_DEVICES": "0"})
     done = wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].is_done and
                       pueue.statuses(remote, cmd).tasks[task_id], message="task done")
-    assert done.state is pueue.TaskState.SUCCESS and done.label == "mqic_case_1" and done.group == "gpu_a"
+    assert done.state is model.TaskState.SUCCESS and done.label == "mqic_case_1" and done.group == "gpu_a"
     assert done.path == str(workdir) and done.start is not None and done.end is not None
     output = pueue.logs(remote, cmd, [task_id], lines=5)[task_id]
     assert output.splitlines()[-1] == "0 gpu_a"
-    assert pueue.parse_progress(output) == 75.0
+    assert pueue_parse.parse_progress(output) == 75.0
     snapshot = pueue.statuses(remote, cmd)
     assert [t.id for t in snapshot.by_label("mqic_case_1")] == [task_id] and snapshot.by_label("mqic_case_") == []
     assert abs(snapshot.hpc_time - time.time()) < 5          # the HPC's clock (here: the same machine)
-    with pytest.raises(pueue.AlreadySubmitted):               # one task per label, whatever happens
+    with pytest.raises(model.AlreadySubmitted):               # one task per label, whatever happens
         pueue.submit(remote, cmd, group="gpu_a", label="mqic_case_1", workdir=str(workdir), command="true")
     h.ctl("stop")
     with pytest.raises(RemoteError, match="while connecting to daemon"):
@@ -57,12 +57,12 @@ def test_failures_map_to_their_states(driver, tmp_path):
     }
     snapshot = wait_until(lambda: (s := pueue.statuses(remote, cmd)) and all(s.tasks[i].is_done for i in ids.values()) and s,
                           message="both done")
-    assert (snapshot.tasks[ids["failed"]].state, snapshot.tasks[ids["failed"]].exit_code) == (pueue.TaskState.FAILED, 3)
+    assert (snapshot.tasks[ids["failed"]].state, snapshot.tasks[ids["failed"]].exit_code) == (model.TaskState.FAILED, 3)
     assert snapshot.tasks[ids["typo"]].exit_code == 127
     if fmt == "v3":  # v3 stores a missing working directory; the task fails to spawn
         gone = pueue.submit(remote, cmd, group="gpu_a", label="s", workdir=str(tmp_path / "missing"), command="true")
         state = wait_until(lambda: (t := pueue.statuses(remote, cmd).tasks[gone]).is_done and t, message="spawn")
-        assert state.state is pueue.TaskState.FAILED_TO_SPAWN
+        assert state.state is model.TaskState.FAILED_TO_SPAWN
     else:            # v4.0.3+ refuses it on the client
         with pytest.raises(RemoteError, match="canonicalize"):
             pueue.submit(remote, cmd, group="gpu_a", label="s", workdir=str(tmp_path / "missing"), command="true")
@@ -71,10 +71,10 @@ def test_failures_map_to_their_states(driver, tmp_path):
 def test_kill_only_with_ids_and_reports_what_failed(driver, tmp_path):
     _h, remote, cmd, _fmt = driver
     task_id = pueue.submit(remote, cmd, group="gpu_a", label="k", workdir=str(tmp_path), command="sleep 60")
-    wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is pueue.TaskState.RUNNING, message="running")
+    wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is model.TaskState.RUNNING, message="running")
     result = pueue.kill(remote, cmd, [task_id, 99])
     assert result.killed == (task_id,) and result.failed == (99,)
-    wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is pueue.TaskState.KILLED, message="killed")
+    wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is model.TaskState.KILLED, message="killed")
     with pytest.raises(ValueError):
         pueue.kill(remote, cmd, [])
 
@@ -95,7 +95,7 @@ def test_unknown_group_is_a_remote_error(driver, tmp_path):
 
 def test_require_workdir_checks_the_folder_in_the_same_call(driver, tmp_path):
     h, remote, cmd, _fmt = driver
-    with pytest.raises(pueue.WorkdirMissing):
+    with pytest.raises(model.WorkdirMissing):
         pueue.submit(remote, cmd, group="gpu_a", label="w", workdir=str(tmp_path / "gone"), command="true",
                      require_workdir=True)
     assert h.tasks_labelled("w") == []

@@ -1,4 +1,4 @@
-"""shared.pueue: state mapping, parsers and driver, on the reference samples of pueue v3 and v4."""
+"""shared.backends.pueue and pueue_parse: state mapping, parsers and driver, on the reference samples of pueue v3 and v4."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import pueue
+from shared.backends import model, pueue, pueue_parse
 from shared.errors import BadOutput, RemoteError, Unreachable
-from shared.pueue import TaskState
+from shared.backends.model import TaskState
 
 DATA = Path(__file__).parent / "data" / "pueue"
 PUEUE = ["/opt/bin/pueue"]
@@ -90,7 +90,7 @@ def with_status(version: str, task_id: int, status) -> str:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_sample_task_maps_to_its_state(version):
-    snapshot = pueue.parse_status(status_text(version))
+    snapshot = pueue_parse.parse_status(status_text(version))
     mapped = {task_id: (task.state, task.exit_code) for task_id, task in snapshot.tasks.items()}
     assert mapped == EXPECTED_STATES
     assert snapshot.tasks[3].detail == SPAWN_ERROR
@@ -98,10 +98,10 @@ def test_every_sample_task_maps_to_its_state(version):
 
 
 def test_v3_and_v4_map_the_same_tasks_alike():
-    v3 = pueue.parse_status(status_text("v3")).tasks
-    v4 = pueue.parse_status(status_text("v4")).tasks
+    v3 = pueue_parse.parse_status(status_text("v3")).tasks
+    v4 = pueue_parse.parse_status(status_text("v4")).tasks
     for task_id in EXPECTED_STATES:
-        assert pueue.map_task_status(_raw_status("v3", task_id)) == pueue.map_task_status(_raw_status("v4", task_id))
+        assert pueue_parse.map_task_status(_raw_status("v3", task_id)) == pueue_parse.map_task_status(_raw_status("v4", task_id))
         assert (v3[task_id].label, v3[task_id].group, v3[task_id].is_done) == (
             v4[task_id].label, v4[task_id].group, v4[task_id].is_done)
 
@@ -126,17 +126,17 @@ def _raw_status(version: str, task_id: int):
     [],
 ])
 def test_unknown_status_shapes_are_unknown_never_failed(raw):
-    state, exit_code, detail = pueue.map_task_status(raw)
+    state, exit_code, detail = pueue_parse.map_task_status(raw)
     assert (state, exit_code) == (TaskState.UNKNOWN, None)
     assert detail == json.dumps(raw, sort_keys=True)
 
 
 def test_unknown_done_result_counts_as_done_but_not_as_failure():
     weird_done = {"Done": {"enqueued_at": None, "start": None, "end": "2025-06-14T09:12:41Z", "result": "New"}}
-    task = pueue.parse_status(with_status("v4", 0, weird_done)).tasks[0]
+    task = pueue_parse.parse_status(with_status("v4", 0, weird_done)).tasks[0]
     assert task.state is TaskState.UNKNOWN and task.is_done and not task.state.is_failure
     assert task.end == datetime(2025, 6, 14, 9, 12, 41, tzinfo=timezone.utc)
-    running_unknown = pueue.parse_status(with_status("v4", 4, {"Teleporting": {}})).tasks[4]
+    running_unknown = pueue_parse.parse_status(with_status("v4", 4, {"Teleporting": {}})).tasks[4]
     assert running_unknown.state is TaskState.UNKNOWN and not running_unknown.is_done
 
 
@@ -147,27 +147,27 @@ def test_state_helpers():
     assert {s for s in TaskState if s.is_active} == {TaskState.RUNNING, TaskState.PAUSED}
     assert {s for s in TaskState if s.is_waiting} == {TaskState.QUEUED, TaskState.STASHED, TaskState.LOCKED}
     assert not TaskState.SUCCESS.is_failure and TaskState.KILLED.is_failure
-    assert pueue.map_task_status({"Done": "Errored"}) == (TaskState.ERRORED, None, "")
+    assert pueue_parse.map_task_status({"Done": "Errored"}) == (TaskState.ERRORED, None, "")
 
 
 # --- status: fields, times, groups -----------------------------------------
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_status_fields_and_groups(version):
-    snapshot = pueue.parse_status(status_text(version))
+    snapshot = pueue_parse.parse_status(status_text(version))
     task = snapshot.tasks[8]
     assert (task.id, task.label, task.group, task.path) == (8, "mqic_case_16", "gpu_b", "/scratch/alice/mqic")
     assert task.command == "python -u run_case.py --config cases/case_16.yaml"
     assert snapshot.groups == {
-        "default": pueue.GroupInfo("default", "Running", 1),
-        "gpu_a": pueue.GroupInfo("gpu_a", "Running", 2),
-        "gpu_b": pueue.GroupInfo("gpu_b", "Running", 1),
+        "default": model.GroupInfo("default", "Running", 1),
+        "gpu_a": model.GroupInfo("gpu_a", "Running", 2),
+        "gpu_b": model.GroupInfo("gpu_b", "Running", 1),
     }
     assert snapshot.paused_groups() == []
 
 
 def test_v3_times_are_top_level():
-    tasks = pueue.parse_status(status_text("v3")).tasks
+    tasks = pueue_parse.parse_status(status_text("v3")).tasks
     assert tasks[0].enqueued_at == datetime(2024, 5, 21, 9, 12, 3, 418273, tzinfo=CEST)
     assert tasks[0].start == datetime(2024, 5, 21, 9, 12, 3, 604818, tzinfo=CEST)
     assert tasks[0].end == datetime(2024, 5, 21, 9, 12, 41, 902117, tzinfo=CEST)
@@ -176,7 +176,7 @@ def test_v3_times_are_top_level():
 
 
 def test_v4_times_are_nested_in_the_status():
-    tasks = pueue.parse_status(status_text("v4")).tasks
+    tasks = pueue_parse.parse_status(status_text("v4")).tasks
     assert tasks[0].enqueued_at == datetime(2025, 6, 14, 9, 12, 3, 418251, tzinfo=CEST)
     assert tasks[0].start == datetime(2025, 6, 14, 9, 12, 3, 561904, tzinfo=CEST)
     assert tasks[0].end == datetime(2025, 6, 14, 9, 12, 41, 902117, tzinfo=CEST)
@@ -194,20 +194,20 @@ def test_v4_times_are_nested_in_the_status():
     ("2025-06-14T02:12:03-05:00", datetime(2025, 6, 14, 2, 12, 3, tzinfo=timezone(timedelta(hours=-5)))),
 ])
 def test_pueue_times_parse_to_aware_datetimes(text, expected):
-    parsed = pueue.parse_pueue_time(text)
+    parsed = pueue_parse.parse_pueue_time(text)
     assert parsed == expected and parsed.utcoffset() == expected.utcoffset()
 
 
 @pytest.mark.parametrize("text", ["2025-06-14 07:12:03", "2025-06-14T07:12:03", "yesterday", ""])
 def test_pueue_time_rejects_other_formats(text):
     with pytest.raises(ValueError):
-        pueue.parse_pueue_time(text)
+        pueue_parse.parse_pueue_time(text)
 
 
 def test_unreadable_time_becomes_none_without_failing_the_snapshot():
     document = json.loads(status_text("v3"))
     document["tasks"]["0"]["start"] = "last tuesday"
-    task = pueue.parse_status(json.dumps(document)).tasks[0]
+    task = pueue_parse.parse_status(json.dumps(document)).tasks[0]
     assert task.start is None and task.state is TaskState.SUCCESS
 
 
@@ -216,7 +216,7 @@ def test_status_after_a_warning_line_and_v4_reset_and_paused_groups():
     document["groups"]["gpu_a"]["status"] = "Paused"
     document["groups"]["gpu_b"]["status"] = "Reset"
     text = "Different daemon version detected '3.4.0'. Consider restarting the daemon.\n" + json.dumps(document) + "\n"
-    snapshot = pueue.parse_status(text)
+    snapshot = pueue_parse.parse_status(text)
     assert snapshot.paused_groups() == ["gpu_a"]
     assert snapshot.groups["gpu_b"].status == "Reset" and not snapshot.groups["gpu_b"].paused
     assert len(snapshot.tasks) == 13
@@ -248,12 +248,12 @@ def _without(version: str, task_id: int, key: str) -> str:
 ])
 def test_bad_status_output_raises_bad_output(text):
     with pytest.raises(BadOutput):
-        pueue.parse_status(text)
+        pueue_parse.parse_status(text)
 
 
 def test_bad_output_carries_a_short_excerpt():
     with pytest.raises(BadOutput) as caught:
-        pueue.parse_status("x" * 5000)
+        pueue_parse.parse_status("x" * 5000)
     assert "xxx" in str(caught.value) and len(str(caught.value)) < 400
 
 
@@ -261,7 +261,7 @@ def test_bad_output_carries_a_short_excerpt():
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_log_json_of_both_versions(version):
-    entries = pueue.parse_log(sample(f"log_{version}.json"))
+    entries = pueue_parse.parse_log(sample(f"log_{version}.json"))
     assert sorted(entries) == [0, 1]
     assert entries[0].task.state is TaskState.SUCCESS and entries[0].task.label == "mqic_case_01"
     assert entries[1].task.state is TaskState.FAILED and entries[1].task.exit_code == 1
@@ -271,17 +271,17 @@ def test_log_json_of_both_versions(version):
 
 
 def test_full_log_keeps_the_file_verbatim():
-    entry = pueue.parse_log(sample("log_v4_task1_full.json"))[1]
+    entry = pueue_parse.parse_log(sample("log_v4_task1_full.json"))[1]
     assert entry.output.startswith("[mqic] case 07: loading") and entry.output.endswith("beam 3\n")
 
 
 def test_queued_task_has_no_log_file():
-    entry = pueue.parse_log(sample("log_v4_queued_task.json"))[6]
+    entry = pueue_parse.parse_log(sample("log_v4_queued_task.json"))[6]
     assert (entry.output, entry.log_missing, entry.task.state) == ("", True, TaskState.QUEUED)
 
 
 def test_log_for_unknown_ids_is_empty():
-    assert pueue.parse_log(cli("log_json_unknown_ids", "v4")["stdout"]) == {}
+    assert pueue_parse.parse_log(cli("log_json_unknown_ids", "v4")["stdout"]) == {}
 
 
 @pytest.mark.parametrize("text", [
@@ -290,7 +290,7 @@ def test_log_for_unknown_ids_is_empty():
 ])
 def test_bad_log_output_raises_bad_output(text):
     with pytest.raises(BadOutput):
-        pueue.parse_log(text)
+        pueue_parse.parse_log(text)
 
 
 # --- simulator log markers ---------------------------------------------------
@@ -304,55 +304,55 @@ MOQUI_LOG = "\n".join([
 
 
 def test_progress_from_the_newest_progress_line():
-    assert pueue.parse_progress(MOQUI_LOG) == 25.0
-    assert pueue.parse_progress(MOQUI_LOG + "\nGenerating particles for (40 of 40 batches)\nTotal execution time: 3 s") == 100.0
+    assert pueue_parse.parse_progress(MOQUI_LOG) == 25.0
+    assert pueue_parse.parse_progress(MOQUI_LOG + "\nGenerating particles for (40 of 40 batches)\nTotal execution time: 3 s") == 100.0
 
 
 def test_progress_none_without_a_progress_line_or_with_zero_total():
-    assert pueue.parse_progress("MOQUI starting with 40 batches") is None
-    assert pueue.parse_progress("") is None
-    assert pueue.parse_progress("Generating particles for (0 of 0 batches)") is None
+    assert pueue_parse.parse_progress("MOQUI starting with 40 batches") is None
+    assert pueue_parse.parse_progress("") is None
+    assert pueue_parse.parse_progress("Generating particles for (0 of 0 batches)") is None
 
 
 def test_progress_with_a_configured_pattern():
-    assert pueue.parse_progress("step 3/4\nstep 1/4", r"step (?P<done>\d+)/(?P<total>\d+)") == 25.0
+    assert pueue_parse.parse_progress("step 3/4\nstep 1/4", r"step (?P<done>\d+)/(?P<total>\d+)") == 25.0
 
 
 def test_failure_and_success_markers():
-    assert pueue.find_failure_marker(MOQUI_LOG) is None
-    assert pueue.find_failure_marker(MOQUI_LOG + "\n  FATAL ERROR: out of memory\nERROR: x") == "FATAL ERROR: out of memory"
-    assert pueue.find_failure_marker("ok\nERROR: cannot open RP.dcm") == "ERROR: cannot open RP.dcm"
-    assert pueue.find_failure_marker("sh: line 1: 42 Segmentation fault (core dumped)").endswith("(core dumped)")
-    assert pueue.find_failure_marker(sample("log_v4.json")) is None  # "RuntimeError:" is not "ERROR:"
-    assert pueue.has_success_marker(MOQUI_LOG + "\nTotal execution time: 312.4 s")
-    assert not pueue.has_success_marker(MOQUI_LOG + "\nestimated Total execution time: 3 s")
+    assert pueue_parse.find_failure_marker(MOQUI_LOG) is None
+    assert pueue_parse.find_failure_marker(MOQUI_LOG + "\n  FATAL ERROR: out of memory\nERROR: x") == "FATAL ERROR: out of memory"
+    assert pueue_parse.find_failure_marker("ok\nERROR: cannot open RP.dcm") == "ERROR: cannot open RP.dcm"
+    assert pueue_parse.find_failure_marker("sh: line 1: 42 Segmentation fault (core dumped)").endswith("(core dumped)")
+    assert pueue_parse.find_failure_marker(sample("log_v4.json")) is None  # "RuntimeError:" is not "ERROR:"
+    assert pueue_parse.has_success_marker(MOQUI_LOG + "\nTotal execution time: 312.4 s")
+    assert not pueue_parse.has_success_marker(MOQUI_LOG + "\nestimated Total execution time: 3 s")
 
 
 # --- small text outputs ------------------------------------------------------
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_task_id_from_add(version):
-    assert pueue.parse_task_id(cli("add_print_task_id", version)["stdout"]) == 13
-    assert pueue.parse_task_id(cli("v3_version_mismatch_warning", version)["stdout"]) == 13
+    assert pueue_parse.parse_task_id(cli("add_print_task_id", version)["stdout"]) == 13
+    assert pueue_parse.parse_task_id(cli("v3_version_mismatch_warning", version)["stdout"]) == 13
 
 
 @pytest.mark.parametrize("stdout", ["", "\n", "New task added (id 13).\n", "13\nwarning\n", "-1", "13 14"])
 def test_task_id_rejects_anything_else(stdout):
     with pytest.raises(BadOutput):
-        pueue.parse_task_id(stdout)
+        pueue_parse.parse_task_id(stdout)
 
 
 def test_version_and_groups():
-    assert pueue.parse_version(cli("version", "v3")["stdout"]) == "3.4.1"
-    assert pueue.parse_version(cli("version", "v4")["stdout"]) == "4.0.4"
+    assert pueue_parse.parse_version(cli("version", "v3")["stdout"]) == "3.4.1"
+    assert pueue_parse.parse_version(cli("version", "v4")["stdout"]) == "4.0.4"
     with pytest.raises(BadOutput):
-        pueue.parse_version("command not found")
-    groups = pueue.parse_groups(sample("group_v3_v4.json"))
-    assert groups == pueue.parse_groups(cli("group_json", "v3")["stdout"])
-    assert groups["gpu_a"] == pueue.GroupInfo("gpu_a", "Running", 2)
+        pueue_parse.parse_version("command not found")
+    groups = pueue_parse.parse_groups(sample("group_v3_v4.json"))
+    assert groups == pueue_parse.parse_groups(cli("group_json", "v3")["stdout"])
+    assert groups["gpu_a"] == model.GroupInfo("gpu_a", "Running", 2)
     for bad in ("", "garbage", "[]", '{"gpu_a": {"status": "Running"}}', '{"gpu_a": 2}'):
         with pytest.raises(BadOutput):
-            pueue.parse_groups(bad)
+            pueue_parse.parse_groups(bad)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -366,17 +366,17 @@ def test_version_and_groups():
 ])
 def test_kill_output_samples(version, name, ids, killed, failed):
     response = cli(name, version)
-    result = pueue.parse_kill(response["stdout"], response["stderr"], response["exit"], ids)
-    assert result == pueue.KillResult(killed=killed, failed=failed)
+    result = pueue_parse.parse_kill(response["stdout"], response["stderr"], response["exit"], ids)
+    assert result == model.KillResult(killed=killed, failed=failed)
 
 
 def test_kill_output_that_does_not_account_for_every_id_is_bad_output():
     with pytest.raises(BadOutput):
-        pueue.parse_kill("Tasks are being killed: 4\n", "", 0, [4, 5])
+        pueue_parse.parse_kill("Tasks are being killed: 4\n", "", 0, [4, 5])
     with pytest.raises(BadOutput):
-        pueue.parse_kill("", cli(DAEMON_DOWN, "v4")["stderr"], 1, [4])
+        pueue_parse.parse_kill("", cli(DAEMON_DOWN, "v4")["stderr"], 1, [4])
     with pytest.raises(BadOutput):
-        pueue.parse_kill("", "error: unexpected argument", 2, [])
+        pueue_parse.parse_kill("", "error: unexpected argument", 2, [])
 
 
 # --- driver ------------------------------------------------------------------
@@ -385,7 +385,7 @@ TRICKY_COMMAND = """cd "case dir" && python interpreter.py --name 'O'"'"'Brien' 
 
 
 def test_add_argv_keeps_options_first_and_the_command_one_word():
-    argv = pueue.add_argv(PUEUE, group="gpu_a", label="mqic_case_12", workdir="/scratch/c 12", command=TRICKY_COMMAND)
+    argv = pueue_parse.add_argv(PUEUE, group="gpu_a", label="mqic_case_12", workdir="/scratch/c 12", command=TRICKY_COMMAND)
     assert argv == [
         "/opt/bin/pueue", "add", "--print-task-id", "--group", "gpu_a", "--label", "mqic_case_12",
         "--working-directory", "/scratch/c 12", "--", TRICKY_COMMAND,
@@ -393,10 +393,10 @@ def test_add_argv_keeps_options_first_and_the_command_one_word():
 
 
 def test_add_argv_with_env_prefix_pins_the_gpu():
-    argv = pueue.add_argv(["pueue"], group="gpu_1", label="l", workdir="/w", command="run",
+    argv = pueue_parse.add_argv(["pueue"], group="gpu_1", label="l", workdir="/w", command="run",
                           env={"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "4"})
     assert argv[:4] == ["env", "CUDA_VISIBLE_DEVICES=1", "OMP_NUM_THREADS=4", "pueue"]
-    assert pueue.add_argv(["pueue"], group="g", label="l", workdir="/w", command="run", env={})[0] == "pueue"
+    assert pueue_parse.add_argv(["pueue"], group="g", label="l", workdir="/w", command="run", env={})[0] == "pueue"
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -410,7 +410,7 @@ def test_add_argv_with_env_prefix_pins_the_gpu():
 def test_add_argv_refuses_what_would_break_later(kwargs):
     arguments = {"group": "g", "label": "l", "workdir": "/w", "command": "run", **kwargs}
     with pytest.raises(ValueError):
-        pueue.add_argv(PUEUE, **arguments)
+        pueue_parse.add_argv(PUEUE, **arguments)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -425,8 +425,8 @@ def test_submit_returns_the_id_even_after_a_version_warning(version):
     assert argv[9:11] == ["CUDA_VISIBLE_DEVICES=0", "--mqic-add--"] and argv[-1] == TRICKY_COMMAND
 
 
-@pytest.mark.parametrize("code, error", [(86, pueue.WorkdirMissing), (87, pueue.AlreadySubmitted),
-                                         (85, pueue.SubmitLockBusy)])
+@pytest.mark.parametrize("code, error", [(86, model.WorkdirMissing), (87, model.AlreadySubmitted),
+                                         (85, model.SubmitLockBusy)])
 def test_submit_refusals_of_the_add_script_are_typed(code, error):
     runner = FakeRunner(RemoteError(["sh"], code, ""))
     with pytest.raises(error):
@@ -456,14 +456,14 @@ def test_statuses_is_one_call_that_also_reads_the_hpc_clock(version):
 @pytest.mark.parametrize("text", [status_text("v4"), "mqic-clock soon\n{}", "", "mqic-clock 12\ngarbage"])
 def test_a_status_without_a_readable_clock_is_bad_output(text):
     with pytest.raises(BadOutput):
-        pueue.parse_clocked_status(text)
+        pueue_parse.parse_clocked_status(text)
 
 
 def test_by_label_is_an_exact_match_in_id_order():
     document = json.loads(status_text("v3"))
     document["tasks"]["13"] = dict(document["tasks"]["1"], id=13, status="Running")  # resubmitted case 07
     document["tasks"]["14"] = dict(document["tasks"]["1"], id=14, label="mqic_case_0")
-    snapshot = pueue.parse_status(json.dumps(document))
+    snapshot = pueue_parse.parse_status(json.dumps(document))
     assert [(t.id, t.state) for t in snapshot.by_label("mqic_case_07")] == [(1, TaskState.FAILED), (13, TaskState.RUNNING)]
     assert snapshot.by_label("mqic_case_1") == []
 
@@ -484,9 +484,9 @@ def test_logs_without_ids_makes_no_call_and_queued_logs_are_empty():
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name, ids, expected", [
-    ("kill_running", [4], pueue.KillResult((4,), ())),
-    ("kill_finished", [0], pueue.KillResult((), (0,))),
-    ("kill_mixed", [4, 0], pueue.KillResult((4,), (0,))),
+    ("kill_running", [4], model.KillResult((4,), ())),
+    ("kill_finished", [0], model.KillResult((), (0,))),
+    ("kill_mixed", [4, 0], model.KillResult((4,), (0,))),
 ])
 def test_kill_driver(version, name, ids, expected):
     runner = FakeRunner(cli_reply(name, version))

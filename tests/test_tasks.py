@@ -8,22 +8,23 @@ from datetime import datetime, timezone
 
 import pytest
 
-from shared import pueue, tasks
+from shared import tasks
+from shared.backends import model, pueue
 from shared.errors import BadOutput, ClaimExpired, RemoteError, Unreachable
 from shared.remote import Remote, TransferUnsupported, UnsafeControlDir
 from shared.states import CaseStatus
 from shared.store import get_case, register_case, update_case
 from tests.conftest import wait_until
 
-T = pueue.TaskState
+T = model.TaskState
 
 
-def task(task_id, label, state, **extra) -> pueue.TaskInfo:
-    return pueue.TaskInfo(id=task_id, label=label, group="gpu_a", state=state, **extra)
+def task(task_id, label, state, **extra) -> model.TaskInfo:
+    return model.TaskInfo(id=task_id, label=label, group="gpu_a", state=state, **extra)
 
 
-def snapshot(*items, hpc_time=None) -> pueue.Snapshot:
-    return pueue.Snapshot(tasks={t.id: t for t in items}, groups={}, hpc_time=hpc_time)
+def snapshot(*items, hpc_time=None) -> model.Snapshot:
+    return model.Snapshot(tasks={t.id: t for t in items}, groups={}, hpc_time=hpc_time)
 
 
 @pytest.fixture

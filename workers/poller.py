@@ -20,7 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from shared import pueue, tasks
+from shared import tasks
+from shared.backends import model, pueue, pueue_parse
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
@@ -32,11 +33,11 @@ from shared.store import Case, cases_with_status, flag_for_review, get_case, rel
 from shared.worker import Context, forget_logged, note_reach, per_item, worker_main, worth_logging
 
 FAILED_OUTCOMES = {
-    pueue.TaskState.FAILED: Outcome.FAILED,
-    pueue.TaskState.KILLED: Outcome.KILLED,
-    pueue.TaskState.FAILED_TO_SPAWN: Outcome.FAILED_TO_SPAWN,
-    pueue.TaskState.DEPENDENCY_FAILED: Outcome.FAILED,
-    pueue.TaskState.ERRORED: Outcome.FAILED,
+    model.TaskState.FAILED: Outcome.FAILED,
+    model.TaskState.KILLED: Outcome.KILLED,
+    model.TaskState.FAILED_TO_SPAWN: Outcome.FAILED_TO_SPAWN,
+    model.TaskState.DEPENDENCY_FAILED: Outcome.FAILED,
+    model.TaskState.ERRORED: Outcome.FAILED,
 }
 PAUSED_GROUPS = "paused_groups"
 REPEAT_LOG_SECONDS = 300
@@ -50,7 +51,7 @@ class TaskKilled(RemoteFailure):
     """The case's task was killed by a signal we did not send."""
 
 
-def fetch_snapshot(ctx: Context) -> pueue.Snapshot | None:
+def fetch_snapshot(ctx: Context) -> model.Snapshot | None:
     try:
         snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
     except RemoteFailure as exc:
@@ -84,7 +85,7 @@ def fetch_logs(ctx: Context, task_ids: list[int]) -> dict[int, str] | None:
         return None
 
 
-def handle_paused_groups(ctx: Context, snapshot: pueue.Snapshot, now: float) -> None:
+def handle_paused_groups(ctx: Context, snapshot: model.Snapshot, now: float) -> None:
     """Report a paused group of ours once (again every few minutes), and resume it if configured."""
     ours = {g.name for g in ctx.config.pueue.groups}
     paused = [g for g in snapshot.paused_groups() if g in ours]
@@ -209,7 +210,7 @@ def requeue_killed(ctx: Context, case: Case, link: tasks.Link, now: float) -> bo
     return status is not None
 
 
-def time_out(ctx: Context, case: Case, link: tasks.Link, snapshot: pueue.Snapshot, now: float) -> bool:
+def time_out(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapshot, now: float) -> bool:
     """Fail a case whose task ran too long on the HPC's clock, then ask the task to stop (SIGTERM)."""
     hours = ctx.config.main_loop.running_case_timeout_hours
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
@@ -246,9 +247,9 @@ def vanished(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
     return status is not None
 
 
-def update_progress(ctx: Context, case: Case, task: pueue.TaskInfo, output: str | None, now: float) -> bool:
+def update_progress(ctx: Context, case: Case, task: model.TaskInfo, output: str | None, now: float) -> bool:
     fields = {}
-    progress = pueue.parse_progress(output or "", ctx.config.pueue.progress_pattern)
+    progress = pueue_parse.parse_progress(output or "", ctx.config.pueue.progress_pattern)
     if progress is not None and abs(progress - case.progress) >= 0.01:
         fields["progress"] = progress
     if task.start is not None and case.started_at != task.start.timestamp():
@@ -259,7 +260,7 @@ def update_progress(ctx: Context, case: Case, task: pueue.TaskInfo, output: str 
     return update_case(ctx.conn, case.case_id, CaseStatus.RUNNING, fields)
 
 
-def apply(ctx: Context, case: Case, link: tasks.Link, snapshot: pueue.Snapshot,
+def apply(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapshot,
           outputs: dict[int, str] | None, now: float) -> bool:
     """Decide one running case from what its task became; True when its row changed."""
     found = link.found
@@ -278,9 +279,9 @@ def apply(ctx: Context, case: Case, link: tasks.Link, snapshot: pueue.Snapshot,
 
 
 def finish(ctx: Context, case: Case, link: tasks.Link, outputs: dict[int, str] | None, now: float) -> bool:
-    if link.result is pueue.TaskState.SUCCESS:
+    if link.result is model.TaskState.SUCCESS:
         return complete(ctx, case, link, now)
-    if link.result is pueue.TaskState.KILLED:
+    if link.result is model.TaskState.KILLED:
         return requeue_killed(ctx, case, link, now)
     log_tail = log_tail_of(ctx, case, link, outputs)
     if log_tail is None:
@@ -289,7 +290,7 @@ def finish(ctx: Context, case: Case, link: tasks.Link, outputs: dict[int, str] |
 
 
 def succeeded(link: tasks.Link) -> bool:
-    return link.found is tasks.Found.FINISHED and link.result is pueue.TaskState.SUCCESS
+    return link.found is tasks.Found.FINISHED and link.result is model.TaskState.SUCCESS
 
 
 def tick(ctx: Context, now: float) -> int:

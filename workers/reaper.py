@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from shared import pueue, tasks
+from shared import tasks
+from shared.backends import model, pueue
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.logs import for_case
@@ -26,7 +27,7 @@ ORPHAN_CHECK_SECONDS = 30
 LAST_ORPHAN_CHECK = "last_orphan_check"
 
 
-def snapshot_if_needed(ctx: Context, zombies: list[Slot], now: float) -> pueue.Snapshot | None:
+def snapshot_if_needed(ctx: Context, zombies: list[Slot], now: float) -> model.Snapshot | None:
     """One snapshot when a zombie slot waits, or every ORPHAN_CHECK_SECONDS to look for orphans."""
     if not zombies and now - ctx.state.get(LAST_ORPHAN_CHECK, 0.0) < ORPHAN_CHECK_SECONDS:
         return None
@@ -48,7 +49,7 @@ def cases_by_id(ctx: Context, case_ids: list[int]) -> dict[int, Case]:
     return {row["case_id"]: case_from_row(row) for row in rows}
 
 
-def stop_orphans(ctx: Context, snapshot: pueue.Snapshot, now: float) -> int:
+def stop_orphans(ctx: Context, snapshot: model.Snapshot, now: float) -> int:
     """Stop every unfinished task with our label that its case does not own; return how many acted on."""
     policy = tasks.StopPolicy(ctx.pueue_cmd, ctx.config.main_loop.kill_grace_seconds,
                               ctx.config.hpc.command_timeout_seconds)
@@ -69,16 +70,16 @@ def stop_orphans(ctx: Context, snapshot: pueue.Snapshot, now: float) -> int:
     return acted
 
 
-def unfinished_tasks_by_group(snapshot: pueue.Snapshot) -> dict[str, list[pueue.TaskInfo]]:
+def unfinished_tasks_by_group(snapshot: model.Snapshot) -> dict[str, list[model.TaskInfo]]:
     """Our tasks (label ``mqic_case_<id>``) that have not finished, by group."""
-    groups: dict[str, list[pueue.TaskInfo]] = {}
+    groups: dict[str, list[model.TaskInfo]] = {}
     for task in snapshot.tasks.values():
         if tasks.case_id_of(task) is not None and not task.is_done:
             groups.setdefault(task.group, []).append(task)
     return groups
 
 
-def reclaim_zombies(ctx: Context, zombies: list[Slot], snapshot: pueue.Snapshot, now: float) -> int:
+def reclaim_zombies(ctx: Context, zombies: list[Slot], snapshot: model.Snapshot, now: float) -> int:
     """Free each zombie slot whose group runs no unfinished task of ours."""
     busy = unfinished_tasks_by_group(snapshot)
     freed = 0

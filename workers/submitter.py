@@ -15,7 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from shared import pueue, tasks
+from shared import tasks
+from shared.backends import model, pueue
 from shared.db import connect
 from shared.doorbell import listen, ring
 from shared.errors import MqicError, RemoteError, RemoteFailure
@@ -191,14 +192,14 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
         return
     try:
         task_id = submit_task(ctx, claim, remote_dir, staged=staged)
-    except pueue.WorkdirMissing as exc:  # the pre-uploaded folder vanished: upload it now
+    except model.WorkdirMissing as exc:  # the pre-uploaded folder vanished: upload it now
         ctx.log.warning("case %d: %s; uploading again", case.case_id, exc, extra=for_case(case.case_id, "submit", exc))
         unstaged = replace(case, staged_at=None)
         return process_claim(ctx, replace(claim, case=unstaged), now)
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
         return
-    except (pueue.AlreadySubmitted, pueue.SubmitLockBusy) as exc:  # recovery adopts the task by label
+    except (model.AlreadySubmitted, model.SubmitLockBusy) as exc:  # recovery adopts the task by label
         leave_for_recovery(ctx, case, exc, now)
         return
     except RemoteError as exc:

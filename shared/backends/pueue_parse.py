@@ -1,28 +1,19 @@
-"""pueue commands and parsing: argv builders, pure parsers, and a thin driver.
+"""pueue's outputs read into our model: pure parsers and argv builders, no I/O.
 
-The parsers read what the real ``pueue`` client prints in v3 (3.4) and v4 (4.0)
-(see ``PUEUE.md`` in the reference material). The driver functions each make ONE
-runner call, parse its stdout and return a typed value: no retries, no sleeps, no
-database. Failures are typed, never ``None``:
-
-- ``Unreachable``: the host could not be reached (raised by the runner);
-- ``RemoteError``: pueue ran and exited non-zero (raised by the runner);
-- ``BadOutput``: pueue answered something we could not read (raised here).
-
-"Could not tell" is never "failed": a pueue state we do not know maps to
-``TaskState.UNKNOWN``, not to a failure.
+They read what the real ``pueue`` client prints in v3 (3.4) and v4 (4.0) (see
+``PUEUE.md`` in the reference material). Failures are ``BadOutput``; a pueue
+state we do not know maps to ``TaskState.UNKNOWN``, not to a failure.
 """
 from __future__ import annotations
 
 import json
 import re
-import shlex
 from dataclasses import dataclass, replace
 from datetime import datetime
-from enum import Enum
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
-from shared.errors import BadOutput, RemoteError, RemoteFailure
+from shared.backends.model import GroupInfo, KillResult, Snapshot, TaskInfo, TaskState
+from shared.errors import BadOutput
 
 DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<total>\d+) batches\)"
 FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")
@@ -42,123 +33,6 @@ _RFC3339 = re.compile(
 )
 
 
-class Runner(Protocol):
-    """Runs one argv on the HPC and returns its stdout (see ``shared.remote``)."""
-
-    def run(self, argv: Sequence[str], *, timeout: float | None = None) -> str: ...
-
-
-# ---------------------------------------------------------------------------
-# Typed values
-# ---------------------------------------------------------------------------
-
-class TaskState(str, Enum):
-    """Our name for a pueue task's status; Done results are flattened into it."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STASHED = "stashed"
-    LOCKED = "locked"
-    SUCCESS = "success"
-    FAILED = "failed"
-    KILLED = "killed"
-    FAILED_TO_SPAWN = "failed_to_spawn"
-    DEPENDENCY_FAILED = "dependency_failed"
-    ERRORED = "errored"
-    UNKNOWN = "unknown"
-
-    @property
-    def is_done(self) -> bool:
-        """True for the Done variants whose result we know."""
-        return self in _DONE_STATES
-
-    @property
-    def is_failure(self) -> bool:
-        """True for every known Done result except Success."""
-        return self.is_done and self is not TaskState.SUCCESS
-
-    @property
-    def is_active(self) -> bool:
-        """True while the process exists (running or paused)."""
-        return self in (TaskState.RUNNING, TaskState.PAUSED)
-
-    @property
-    def is_waiting(self) -> bool:
-        """True while the task has not started yet (queued, stashed, locked)."""
-        return self in (TaskState.QUEUED, TaskState.STASHED, TaskState.LOCKED)
-
-
-_DONE_STATES = frozenset({
-    TaskState.SUCCESS, TaskState.FAILED, TaskState.KILLED, TaskState.FAILED_TO_SPAWN,
-    TaskState.DEPENDENCY_FAILED, TaskState.ERRORED,
-})
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """One pueue task as read from ``status --json`` or ``log --json``.
-
-    ``exit_code`` is set only for ``FAILED``. ``detail`` holds the spawn error of
-    ``FAILED_TO_SPAWN`` or the raw JSON of a status we do not know. ``ended`` is
-    True whenever pueue reports the task Done, including a Done result we do not
-    know (state ``UNKNOWN``), so ``is_done`` can tell "finished, outcome unknown"
-    from "still going".
-    """
-
-    id: int
-    label: str | None
-    group: str
-    state: TaskState
-    exit_code: int | None = None
-    detail: str = ""
-    path: str = ""
-    command: str = ""
-    enqueued_at: datetime | None = None
-    start: datetime | None = None
-    end: datetime | None = None
-    ended: bool = False
-
-    @property
-    def is_done(self) -> bool:
-        """True when pueue has finished with the task, whatever the result."""
-        return self.state.is_done or self.ended
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    """A pueue group: ``status`` is "Running", "Paused", "Reset" or kept as sent."""
-
-    name: str
-    status: str
-    parallel_tasks: int
-
-    @property
-    def paused(self) -> bool:
-        return self.status == "Paused"
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything one ``status --json`` call reported.
-
-    ``hpc_time`` is the HPC's own clock (epoch seconds) when the snapshot was taken,
-    so task times (also the HPC's clock) are compared on one clock, never ours.
-    """
-
-    tasks: dict[int, TaskInfo]
-    groups: dict[str, GroupInfo]
-    hpc_time: float | None = None
-
-    def by_label(self, label: str) -> list[TaskInfo]:
-        """Tasks whose label equals ``label`` exactly, in id order."""
-        return [task for _, task in sorted(self.tasks.items()) if task.label == label]
-
-    def paused_groups(self) -> list[str]:
-        """Names of the paused groups, sorted (after a daemon restart they need ``start -g``)."""
-        return sorted(name for name, group in self.groups.items() if group.paused)
-
-
 @dataclass(frozen=True)
 class LogEntry:
     """One task of ``log --json``. ``log_missing``: pueue had no log file (output is "")."""
@@ -167,13 +41,6 @@ class LogEntry:
     output: str
     log_missing: bool = False
 
-
-@dataclass(frozen=True)
-class KillResult:
-    """Ids pueue started killing, and ids it refused (not running/paused, or unknown)."""
-
-    killed: tuple[int, ...]
-    failed: tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------
@@ -517,10 +384,6 @@ def has_success_marker(output: str, marker: str = SUCCESS_MARKER) -> bool:
     return any(line.lstrip().startswith(marker) for line in (output or "").splitlines())
 
 
-# ---------------------------------------------------------------------------
-# Argv builders and driver
-# ---------------------------------------------------------------------------
-
 def add_argv(
     pueue_cmd: Sequence[str], *, group: str, label: str, workdir: str, command: str,
     env: Mapping[str, str] | None = None,
@@ -556,94 +419,8 @@ def _checked_env(env: Mapping[str, str]) -> Mapping[str, str]:
     return env
 
 
-class WorkdirMissing(RemoteFailure):
-    """``submit(require_workdir=True)``: the working directory is gone; no task was added."""
-
-
-class AlreadySubmitted(RemoteFailure):
-    """``submit``: a task with this label already exists on the HPC; no second one was added."""
-
-
-class SubmitLockBusy(RemoteFailure):
-    """``submit``: another submission of this label still holds its lock on the HPC (outcome unknown)."""
-
-
-WORKDIR_MISSING_EXIT = 86
-LABEL_EXISTS_EXIT = 87
-LOCK_BUSY_EXIT = 85
-_SAFE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
-LOCK_FOLDER = ".mqic-locks"
-
-# Idempotent add: under a per-label lock on the HPC, add only when no task carries the
-# label; the client is killed after ``limit`` seconds, so an add can never land later
-# than ``limit`` after the script started.
-ADD_SCRIPT = r"""
-pueue=$1 label=$2 limit=$3 workdir=$4 need_dir=$5; shift 5
-lockdir=${workdir%/*}/LOCKS
-mkdir -p -- "$lockdir" && exec 9>>"$lockdir/$label.lock" || exit 89
-flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2; exit 85; }
-[ "$need_dir" = 0 ] || [ -d "$workdir" ] || exit 86
-while [ "$1" != --mqic-add-- ]; do export "$1" || exit 89; shift; done; shift
-tasks=$(eval "$pueue status --json") || exit 88
-case $tasks in *"\"label\":\"$label\""*) echo "$label already has a task" >&2; exit 87;; esac
-eval "exec timeout -s KILL $limit $pueue \"\$@\""
-""".replace("LOCKS", LOCK_FOLDER)
-
-
-def add_lands_within(timeout: float) -> float:
-    """Seconds after sending ``submit`` by which its add has landed or never will.
-
-    The remote login may start the script up to ``timeout`` late, the lock wait and the
-    killed client each last at most ``timeout``; 10 s cover the daemon's own handling.
-    """
-    return 3 * timeout + 10
-
-
-def submit(
-    runner: Runner, pueue_cmd: Sequence[str], *, group: str, label: str, workdir: str,
-    command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-    require_workdir: bool = False,
-) -> int:
-    """Add one task, at most one per label, and return its pueue id.
-
-    One remote call: under a lock per label (``<parent of workdir>/.mqic-locks``) it
-    adds the task only if no task carries ``label`` (AlreadySubmitted otherwise) and
-    kills its own pueue client after ``timeout`` seconds, so an add whose answer was
-    lost can no longer land once that time has passed. ``require_workdir`` checks that
-    ``workdir`` exists first (WorkdirMissing). Runner errors propagate; BadOutput if no id.
-    """
-    if not _SAFE_LABEL.fullmatch(label or ""):
-        raise ValueError(f"label must be letters, digits, '_', '.', '-': {label!r}")
-    add = add_argv(["pueue"], group=group, label=label, workdir=workdir, command=command)
-    limit = str(max(1, int(timeout or 60)))
-    env_words = [f"{name}={value}" for name, value in _checked_env(env or {}).items()]
-    pueue_words = " ".join(shlex.quote(word) for word in pueue_cmd)
-    argv = ["sh", "-c", ADD_SCRIPT, "sh", pueue_words, label, limit, workdir, str(int(require_workdir)),
-            *env_words, "--mqic-add--", *add[1:]]
-    try:
-        return parse_task_id(runner.run(argv, timeout=timeout))
-    except RemoteError as error:
-        raise _add_refusal(error, label, workdir) from None
-
-
-def _add_refusal(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
-    if error.exit_code == WORKDIR_MISSING_EXIT:
-        return WorkdirMissing(f"working directory {workdir} does not exist on the HPC")
-    if error.exit_code == LABEL_EXISTS_EXIT:
-        return AlreadySubmitted(f"a task labelled {label} already exists on the HPC")
-    if error.exit_code == LOCK_BUSY_EXIT:
-        return SubmitLockBusy(f"another submission of {label} is still in flight on the HPC")
-    return error
-
-
 CLOCK_PREFIX = "mqic-clock "
-_CLOCKED = 'printf \'%s%s\\n\' "$1" "$(date +%s)"; shift; exec "$@"'
-
-
-def statuses(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> Snapshot:
-    """All tasks and groups of the host in ONE remote call, with the HPC's clock."""
-    argv = ["sh", "-c", _CLOCKED, "sh", CLOCK_PREFIX, *pueue_cmd, "status", "--json"]
-    return parse_clocked_status(runner.run(argv, timeout=timeout))
+CLOCKED = 'printf \'%s%s\\n\' "$1" "$(date +%s)"; shift; exec "$@"'
 
 
 def parse_clocked_status(text: str) -> Snapshot:
@@ -654,121 +431,3 @@ def parse_clocked_status(text: str) -> Snapshot:
     return replace(parse_status(rest), hpc_time=float(first[len(CLOCK_PREFIX):]))
 
 
-def logs(
-    runner: Runner, pueue_cmd: Sequence[str], task_ids: Sequence[int], lines: int = 15,
-    timeout: float | None = None,
-) -> dict[int, str]:
-    """The last ``lines`` lines of each task's log in ONE call; unknown ids are absent.
-
-    A task without a log file yet maps to "". No call for an empty id list.
-    """
-    if not task_ids:
-        return {}
-    if lines < 1:
-        raise ValueError(f"lines must be at least 1, got {lines}")
-    argv = [*pueue_cmd, "log", "--json", "--lines", str(lines), *map(str, _checked_ids(task_ids))]
-    entries = parse_log(runner.run(argv, timeout=timeout))
-    return {task_id: entry.output for task_id, entry in entries.items()}
-
-
-def kill(
-    runner: Runner, pueue_cmd: Sequence[str], task_ids: Sequence[int], timeout: float | None = None,
-    *, gently: bool = False,
-) -> KillResult:
-    """Kill the given tasks: SIGKILL to each task's process group, or SIGTERM when ``gently``.
-
-    ValueError for an empty id list: a bare ``pueue kill`` kills the whole
-    default group. pueue's exit 1 "The command failed for tasks: ..." comes back
-    as ``KillResult.failed``; any other RemoteError propagates. pueue answers
-    before the process dies: the Done/Killed status shows a moment later.
-    """
-    if not task_ids:
-        raise ValueError("refusing 'pueue kill' without task ids: it would kill the whole default group")
-    verb = ["kill", "-s", "sigterm"] if gently else ["kill"]
-    killed, failed = _act_on_ids(runner, pueue_cmd, verb, _KILLED_LINE, task_ids, timeout)
-    return KillResult(killed=killed, failed=failed)
-
-
-def remove(
-    runner: Runner, pueue_cmd: Sequence[str], task_ids: Sequence[int], timeout: float | None = None,
-) -> KillResult:
-    """Remove queued, stashed or finished tasks from pueue's list (``killed`` = removed ids).
-
-    Running tasks cannot be removed: they come back in ``failed``.
-    """
-    if not task_ids:
-        raise ValueError("refusing 'pueue remove' without task ids")
-    removed, failed = _act_on_ids(runner, pueue_cmd, ["remove"], _REMOVED_LINE, task_ids, timeout)
-    return KillResult(killed=removed, failed=failed)
-
-
-def _act_on_ids(runner: Runner, pueue_cmd: Sequence[str], verb: list[str], done_line: re.Pattern[str],
-                task_ids: Sequence[int], timeout: float | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    ids = _checked_ids(task_ids)
-    argv = [*pueue_cmd, *verb, *map(str, ids)]
-    try:
-        stdout = runner.run(argv, timeout=timeout)
-    except RemoteError as error:
-        if not _KILL_FAILED_LINE.search(f"{error.stdout}\n{error.stderr}"):
-            raise
-        return _parse_id_reply(verb[0], done_line, error.stdout, error.stderr, error.exit_code, ids)
-    return _parse_id_reply(verb[0], done_line, stdout, "", 0, ids)
-
-
-def _checked_ids(task_ids: Sequence[int]) -> list[int]:
-    """Distinct ids in order; ValueError for anything that is not a non-negative int."""
-    bad = [task_id for task_id in task_ids if not _is_int(task_id) or task_id < 0]
-    if bad:
-        raise ValueError(f"not pueue task ids: {bad!r}")
-    return list(dict.fromkeys(task_ids))
-
-
-def ensure_groups(
-    runner: Runner, pueue_cmd: Sequence[str], wanted: Mapping[str, int], timeout: float | None = None,
-) -> list[str]:
-    """Make every group in ``wanted`` exist with its parallel limit; return the names created.
-
-    Reads ``group --json`` once, runs ``group add NAME -p N`` for missing groups
-    and ``parallel N -g NAME`` where the limit differs. A concurrent creation
-    ("already exists") is not an error; the limit is then set explicitly.
-    Note: v3 creates groups asynchronously, so a task added right after may race.
-    """
-    existing = parse_groups(runner.run([*pueue_cmd, "group", "--json"], timeout=timeout))
-    created = []
-    for name, parallel in wanted.items():
-        if name in existing:
-            if existing[name].parallel_tasks != parallel:
-                set_parallel(runner, pueue_cmd, name, parallel, timeout=timeout)
-        elif _add_group(runner, pueue_cmd, name, parallel, timeout):
-            created.append(name)
-        else:
-            set_parallel(runner, pueue_cmd, name, parallel, timeout=timeout)
-    return created
-
-
-def _add_group(runner: Runner, pueue_cmd: Sequence[str], name: str, parallel: int, timeout: float | None) -> bool:
-    """True if we created the group, False if someone else already had."""
-    try:
-        runner.run([*pueue_cmd, "group", "add", name, "-p", str(parallel)], timeout=timeout)
-    except RemoteError as error:
-        if _ALREADY_EXISTS not in f"{error.stdout}\n{error.stderr}":
-            raise
-        return False
-    return True
-
-
-def set_parallel(
-    runner: Runner, pueue_cmd: Sequence[str], group: str, parallel: int, timeout: float | None = None,
-) -> None:
-    """``parallel N -g GROUP``: set a group's limit (running tasks are never stopped)."""
-    runner.run([*pueue_cmd, "parallel", str(parallel), "-g", group], timeout=timeout)
-
-
-def resume_group(runner: Runner, pueue_cmd: Sequence[str], group: str, timeout: float | None = None) -> None:
-    """``start -g GROUP``: resume a paused group (a daemon restart pauses groups with queued tasks)."""
-    runner.run([*pueue_cmd, "start", "-g", group], timeout=timeout)
-
-
-def version(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> str:
-    """The client's version, e.g. "4.0.4"."""
-    return parse_version(runner.run([*pueue_cmd, "--version"], timeout=timeout))

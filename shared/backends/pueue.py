@@ -1,0 +1,218 @@
+"""pueue on the HPC: the driver (one runner call per function) and the pueue backend.
+
+Each driver function makes ONE runner call, parses its stdout with
+``shared.backends.pueue_parse`` and returns a typed value: no retries, no sleeps, no
+database. Failures are typed, never ``None``:
+
+- ``Unreachable``: the host could not be reached (raised by the runner);
+- ``RemoteError``: pueue ran and exited non-zero (raised by the runner);
+- ``BadOutput``: pueue answered something we could not read.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Mapping, Sequence
+
+from shared.backends.model import (AlreadySubmitted, KillResult, Runner, Snapshot,
+                                   SubmitLockBusy, WorkdirMissing)
+from shared.backends.pueue_parse import (CLOCK_PREFIX, CLOCKED, _KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
+                                         _checked_env, _is_int, _parse_id_reply, add_argv, parse_clocked_status,
+                                         parse_groups, parse_log, parse_task_id, parse_version)
+from shared.errors import RemoteError, RemoteFailure
+
+_ALREADY_EXISTS = "already exists"
+
+
+WORKDIR_MISSING_EXIT = 86
+LABEL_EXISTS_EXIT = 87
+LOCK_BUSY_EXIT = 85
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
+LOCK_FOLDER = ".mqic-locks"
+
+# Idempotent add: under a per-label lock on the HPC, add only when no task carries the
+# label; the client is killed after ``limit`` seconds, so an add can never land later
+# than ``limit`` after the script started.
+ADD_SCRIPT = r"""
+pueue=$1 label=$2 limit=$3 workdir=$4 need_dir=$5; shift 5
+lockdir=${workdir%/*}/LOCKS
+mkdir -p -- "$lockdir" && exec 9>>"$lockdir/$label.lock" || exit 89
+flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2; exit 85; }
+[ "$need_dir" = 0 ] || [ -d "$workdir" ] || exit 86
+while [ "$1" != --mqic-add-- ]; do export "$1" || exit 89; shift; done; shift
+tasks=$(eval "$pueue status --json") || exit 88
+case $tasks in *"\"label\":\"$label\""*) echo "$label already has a task" >&2; exit 87;; esac
+eval "exec timeout -s KILL $limit $pueue \"\$@\""
+""".replace("LOCKS", LOCK_FOLDER)
+
+
+def add_lands_within(timeout: float) -> float:
+    """Seconds after sending ``submit`` by which its add has landed or never will.
+
+    The remote login may start the script up to ``timeout`` late, the lock wait and the
+    killed client each last at most ``timeout``; 10 s cover the daemon's own handling.
+    """
+    return 3 * timeout + 10
+
+
+def submit(
+    runner: Runner, pueue_cmd: Sequence[str], *, group: str, label: str, workdir: str,
+    command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+    require_workdir: bool = False,
+) -> int:
+    """Add one task, at most one per label, and return its pueue id.
+
+    One remote call: under a lock per label (``<parent of workdir>/.mqic-locks``) it
+    adds the task only if no task carries ``label`` (AlreadySubmitted otherwise) and
+    kills its own pueue client after ``timeout`` seconds, so an add whose answer was
+    lost can no longer land once that time has passed. ``require_workdir`` checks that
+    ``workdir`` exists first (WorkdirMissing). Runner errors propagate; BadOutput if no id.
+    """
+    if not _SAFE_LABEL.fullmatch(label or ""):
+        raise ValueError(f"label must be letters, digits, '_', '.', '-': {label!r}")
+    add = add_argv(["pueue"], group=group, label=label, workdir=workdir, command=command)
+    limit = str(max(1, int(timeout or 60)))
+    env_words = [f"{name}={value}" for name, value in _checked_env(env or {}).items()]
+    pueue_words = " ".join(shlex.quote(word) for word in pueue_cmd)
+    argv = ["sh", "-c", ADD_SCRIPT, "sh", pueue_words, label, limit, workdir, str(int(require_workdir)),
+            *env_words, "--mqic-add--", *add[1:]]
+    try:
+        return parse_task_id(runner.run(argv, timeout=timeout))
+    except RemoteError as error:
+        raise _add_refusal(error, label, workdir) from None
+
+
+def _add_refusal(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
+    if error.exit_code == WORKDIR_MISSING_EXIT:
+        return WorkdirMissing(f"working directory {workdir} does not exist on the HPC")
+    if error.exit_code == LABEL_EXISTS_EXIT:
+        return AlreadySubmitted(f"a task labelled {label} already exists on the HPC")
+    if error.exit_code == LOCK_BUSY_EXIT:
+        return SubmitLockBusy(f"another submission of {label} is still in flight on the HPC")
+    return error
+
+
+def statuses(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> Snapshot:
+    """All tasks and groups of the host in ONE remote call, with the HPC's clock."""
+    argv = ["sh", "-c", CLOCKED, "sh", CLOCK_PREFIX, *pueue_cmd, "status", "--json"]
+    return parse_clocked_status(runner.run(argv, timeout=timeout))
+
+
+def logs(
+    runner: Runner, pueue_cmd: Sequence[str], task_ids: Sequence[int], lines: int = 15,
+    timeout: float | None = None,
+) -> dict[int, str]:
+    """The last ``lines`` lines of each task's log in ONE call; unknown ids are absent.
+
+    A task without a log file yet maps to "". No call for an empty id list.
+    """
+    if not task_ids:
+        return {}
+    if lines < 1:
+        raise ValueError(f"lines must be at least 1, got {lines}")
+    argv = [*pueue_cmd, "log", "--json", "--lines", str(lines), *map(str, _checked_ids(task_ids))]
+    entries = parse_log(runner.run(argv, timeout=timeout))
+    return {task_id: entry.output for task_id, entry in entries.items()}
+
+
+def kill(
+    runner: Runner, pueue_cmd: Sequence[str], task_ids: Sequence[int], timeout: float | None = None,
+    *, gently: bool = False,
+) -> KillResult:
+    """Kill the given tasks: SIGKILL to each task's process group, or SIGTERM when ``gently``.
+
+    ValueError for an empty id list: a bare ``pueue kill`` kills the whole
+    default group. pueue's exit 1 "The command failed for tasks: ..." comes back
+    as ``KillResult.failed``; any other RemoteError propagates. pueue answers
+    before the process dies: the Done/Killed status shows a moment later.
+    """
+    if not task_ids:
+        raise ValueError("refusing 'pueue kill' without task ids: it would kill the whole default group")
+    verb = ["kill", "-s", "sigterm"] if gently else ["kill"]
+    killed, failed = _act_on_ids(runner, pueue_cmd, verb, _KILLED_LINE, task_ids, timeout)
+    return KillResult(killed=killed, failed=failed)
+
+
+def remove(
+    runner: Runner, pueue_cmd: Sequence[str], task_ids: Sequence[int], timeout: float | None = None,
+) -> KillResult:
+    """Remove queued, stashed or finished tasks from pueue's list (``killed`` = removed ids).
+
+    Running tasks cannot be removed: they come back in ``failed``.
+    """
+    if not task_ids:
+        raise ValueError("refusing 'pueue remove' without task ids")
+    removed, failed = _act_on_ids(runner, pueue_cmd, ["remove"], _REMOVED_LINE, task_ids, timeout)
+    return KillResult(killed=removed, failed=failed)
+
+
+def _act_on_ids(runner: Runner, pueue_cmd: Sequence[str], verb: list[str], done_line: re.Pattern[str],
+                task_ids: Sequence[int], timeout: float | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    ids = _checked_ids(task_ids)
+    argv = [*pueue_cmd, *verb, *map(str, ids)]
+    try:
+        stdout = runner.run(argv, timeout=timeout)
+    except RemoteError as error:
+        if not _KILL_FAILED_LINE.search(f"{error.stdout}\n{error.stderr}"):
+            raise
+        return _parse_id_reply(verb[0], done_line, error.stdout, error.stderr, error.exit_code, ids)
+    return _parse_id_reply(verb[0], done_line, stdout, "", 0, ids)
+
+
+def _checked_ids(task_ids: Sequence[int]) -> list[int]:
+    """Distinct ids in order; ValueError for anything that is not a non-negative int."""
+    bad = [task_id for task_id in task_ids if not _is_int(task_id) or task_id < 0]
+    if bad:
+        raise ValueError(f"not pueue task ids: {bad!r}")
+    return list(dict.fromkeys(task_ids))
+
+
+def ensure_groups(
+    runner: Runner, pueue_cmd: Sequence[str], wanted: Mapping[str, int], timeout: float | None = None,
+) -> list[str]:
+    """Make every group in ``wanted`` exist with its parallel limit; return the names created.
+
+    Reads ``group --json`` once, runs ``group add NAME -p N`` for missing groups
+    and ``parallel N -g NAME`` where the limit differs. A concurrent creation
+    ("already exists") is not an error; the limit is then set explicitly.
+    Note: v3 creates groups asynchronously, so a task added right after may race.
+    """
+    existing = parse_groups(runner.run([*pueue_cmd, "group", "--json"], timeout=timeout))
+    created = []
+    for name, parallel in wanted.items():
+        if name in existing:
+            if existing[name].parallel_tasks != parallel:
+                set_parallel(runner, pueue_cmd, name, parallel, timeout=timeout)
+        elif _add_group(runner, pueue_cmd, name, parallel, timeout):
+            created.append(name)
+        else:
+            set_parallel(runner, pueue_cmd, name, parallel, timeout=timeout)
+    return created
+
+
+def _add_group(runner: Runner, pueue_cmd: Sequence[str], name: str, parallel: int, timeout: float | None) -> bool:
+    """True if we created the group, False if someone else already had."""
+    try:
+        runner.run([*pueue_cmd, "group", "add", name, "-p", str(parallel)], timeout=timeout)
+    except RemoteError as error:
+        if _ALREADY_EXISTS not in f"{error.stdout}\n{error.stderr}":
+            raise
+        return False
+    return True
+
+
+def set_parallel(
+    runner: Runner, pueue_cmd: Sequence[str], group: str, parallel: int, timeout: float | None = None,
+) -> None:
+    """``parallel N -g GROUP``: set a group's limit (running tasks are never stopped)."""
+    runner.run([*pueue_cmd, "parallel", str(parallel), "-g", group], timeout=timeout)
+
+
+def resume_group(runner: Runner, pueue_cmd: Sequence[str], group: str, timeout: float | None = None) -> None:
+    """``start -g GROUP``: resume a paused group (a daemon restart pauses groups with queued tasks)."""
+    runner.run([*pueue_cmd, "start", "-g", group], timeout=timeout)
+
+
+def version(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> str:
+    """The client's version, e.g. "4.0.4"."""
+    return parse_version(runner.run([*pueue_cmd, "--version"], timeout=timeout))
