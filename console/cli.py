@@ -29,7 +29,7 @@ from rich.console import Console
 from console import queries
 from console.top import console_width, format_age, format_time, freshness, slots_table, totals_line
 from shared import actions, tasks
-from shared.backends import pueue
+from shared.backends import backend_for, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, default_config_path, load_config
 from shared.db import connect
@@ -176,8 +176,7 @@ def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str]) -
 def remote_task(config: Config, case: Case) -> dict[str, Any]:
     """The case's pueue task as the HPC reports it now, or ``{"error": ...}`` when it cannot tell."""
     try:
-        snapshot = pueue.statuses(Remote(config.hpc), list(config.hpc.pueue_command),
-                                  timeout=config.hpc.command_timeout_seconds)
+        snapshot = backend_for(config.hpc, Remote(config.hpc)).snapshot()
     except (RemoteFailure, OSError) as exc:
         return {"error": f"HPC unreachable or pueue failed ({one_line(exc)})"}
     task = tasks.task_of(case, snapshot)

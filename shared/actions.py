@@ -10,7 +10,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from shared import tasks
-from shared.backends import model, pueue
+from shared.backends import Backend, backend_for, model
 from shared.config import Config
 from shared.errors import MqicError, RemoteFailure
 from shared.lifecycle import move_case
@@ -40,14 +40,13 @@ class Operator:
     def spool(self) -> Spool:
         return Spool(self.config.spool_path).ensure()
 
-    def remote(self) -> Remote:
-        return Remote(self.config.hpc)
+    def backend(self) -> Backend:
+        return backend_for(self.config.hpc, Remote(self.config.hpc))
 
     def snapshot(self) -> model.Snapshot:
         """A fresh look at the HPC; Refused when it cannot tell."""
         try:
-            return pueue.statuses(self.remote(), list(self.config.hpc.pueue_command),
-                                  timeout=self.config.hpc.command_timeout_seconds)
+            return self.backend().snapshot()
         except (RemoteFailure, OSError) as exc:
             detail = " ".join(str(exc).split())
             raise Refused(f"the HPC could not tell what its tasks are ({type(exc).__name__}: {detail}); "
@@ -101,8 +100,7 @@ def retryable(op: Operator, case: Case) -> Case:
 
 
 def retry_one(op: Operator, case: Case, snapshot: model.Snapshot, now: float) -> str:
-    removed = tasks.clear_finished(op.remote(), list(op.config.hpc.pueue_command), case, snapshot,
-                                   timeout=op.config.hpc.command_timeout_seconds)
+    removed = tasks.clear_finished(op.backend(), case, snapshot)
     detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"
     if removed:
         detail += f"; removed finished task(s) {removed} from pueue"
@@ -136,10 +134,9 @@ def cancel(op: Operator, case_id: int, *, now: float) -> tuple[Case, str]:
 def stop_cancelled(op: Operator, case: Case, now: float) -> str:
     """SIGTERM to the cancelled case's task, found by label in a fresh snapshot."""
     failed = get_case(op.conn, case.case_id)
-    policy = tasks.StopPolicy(list(op.config.hpc.pueue_command), op.config.main_loop.kill_grace_seconds,
-                              op.config.hpc.command_timeout_seconds)
     try:
-        done = tasks.stop(op.conn, op.remote(), policy, failed, tasks.unfinished(failed, op.snapshot()), now=now)
+        done = tasks.stop(op.conn, op.backend(), op.config.main_loop.kill_grace_seconds, failed,
+                          tasks.unfinished(failed, op.snapshot()), now=now)
     except (Refused, RemoteFailure, OSError) as exc:
         return f"could not stop its task now ({exc}); the reaper stops it while slot {case.pueue_group} is zombie"
     if not done:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from shared import tasks
-from shared.backends import model, pueue
+from shared.backends import model
 from shared.errors import ClaimExpired, RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
@@ -88,7 +88,7 @@ def recover_expired_claims(ctx: Context, now: float, limit: int = 20) -> int:
     if not expired:
         return 0
     try:
-        snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
+        snapshot = ctx.backend.snapshot()
     except RemoteFailure as exc:
         note_reach(ctx, exc)
         if worth_logging(ctx, "recover", now, REPEAT_LOG_SECONDS):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
-from shared.backends import model, pueue
+from shared.backends import Backend, model
 from shared.errors import (BadOutput, ClaimExpired, HpcTrouble, RemoteError,
                            Unreachable)
 from shared.states import CaseStatus
@@ -175,14 +175,7 @@ def read_output_tail(runner: model.Runner, folder: str, lines: int, timeout: flo
 
 # -- stopping a task -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class StopPolicy:
-    pueue_cmd: Sequence[str]
-    grace_seconds: float
-    timeout: float | None = None
-
-
-def stop(conn: sqlite3.Connection, runner: model.Runner, policy: StopPolicy, case: Case,
+def stop(conn: sqlite3.Connection, backend: Backend, grace_seconds: float, case: Case,
          tasks: Iterable[model.TaskInfo], *, now: float) -> list[str]:
     """Stop ``tasks`` of ``case``, each taken from a fresh snapshot with the case's label.
 
@@ -194,7 +187,7 @@ def stop(conn: sqlite3.Connection, runner: model.Runner, policy: StopPolicy, cas
     for task in tasks:
         if task.label != case.label:
             raise ValueError(f"task {task.id} does not carry {case.label}; refusing to stop it")
-        action = _stop_one(runner, policy, case, task, now)
+        action = _stop_one(backend, grace_seconds, case, task, now)
         if action == "sigterm":
             update_case(conn, case.case_id, case.status, {"stop_requested_at": now})
         if action:
@@ -202,23 +195,22 @@ def stop(conn: sqlite3.Connection, runner: model.Runner, policy: StopPolicy, cas
     return done
 
 
-def _stop_one(runner: model.Runner, policy: StopPolicy, case: Case, task: model.TaskInfo, now: float) -> str:
+def _stop_one(backend: Backend, grace_seconds: float, case: Case, task: model.TaskInfo, now: float) -> str:
     if task.state.is_waiting:
-        pueue.remove(runner, policy.pueue_cmd, [task.id], timeout=policy.timeout)
+        backend.remove([task.id])
         return "removed"
     if not task.state.is_active:
         return ""  # finished, or a state we cannot read: nothing to stop
     if case.stop_requested_at is None:
-        pueue.kill(runner, policy.pueue_cmd, [task.id], timeout=policy.timeout, gently=True)
+        backend.stop([task.id], gently=True)
         return "sigterm"
-    if now - case.stop_requested_at >= policy.grace_seconds:
-        pueue.kill(runner, policy.pueue_cmd, [task.id], timeout=policy.timeout)
+    if now - case.stop_requested_at >= grace_seconds:
+        backend.stop([task.id], gently=False)
         return "sigkill"
     return ""
 
 
-def clear_finished(runner: model.Runner, pueue_cmd: Sequence[str], case: Case, snapshot: model.Snapshot,
-                   timeout: float | None = None) -> list[int]:
+def clear_finished(backend: Backend, case: Case, snapshot: model.Snapshot) -> list[int]:
     """Before a retry: remove the case's finished tasks so its label names only the retry's task.
 
     Raises TaskStillActive when a labelled task has not finished; RemoteFailure propagates.
@@ -229,7 +221,7 @@ def clear_finished(runner: model.Runner, pueue_cmd: Sequence[str], case: Case, s
         raise TaskStillActive(f"task(s) {unfinished} labelled {case.label} have not finished")
     finished = [t.id for t in tasks]
     if finished:
-        pueue.remove(runner, pueue_cmd, finished, timeout=timeout)
+        backend.remove(finished)
     return finished
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from shared.backends import Backend, backend_for
 from shared.config import Config
 from shared.db import check_integrity, connect
 from shared.logs import for_case, setup_logging
@@ -39,6 +40,7 @@ class Context:
     conn: sqlite3.Connection
     spool: Spool
     remote: Remote
+    backend: Backend
     name: str
     log: logging.Logger
     stop: threading.Event = field(default_factory=threading.Event)
@@ -104,7 +106,9 @@ def build_context(config: Config, name: str, *, log: logging.Logger | None = Non
     spool = Spool(config.spool_path).ensure()
     config.scanner.watch_path.mkdir(parents=True, exist_ok=True)
     sync_slots(conn, [(g.name, g.gpu) for g in config.pueue.groups], now=time.time(), worker=name)
-    return Context(config=config, conn=conn, spool=spool, remote=Remote(config.hpc), name=name,
+    remote = Remote(config.hpc)
+    return Context(config=config, conn=conn, spool=spool, remote=remote, backend=backend_for(config.hpc, remote),
+                   name=name,
                    log=log or logging.getLogger(f"mqic.{name}"))
 
 

@@ -11,6 +11,7 @@ import pytest
 from shared import tasks
 from shared.backends import model, pueue
 from shared.errors import BadOutput, ClaimExpired, RemoteError, Unreachable
+from shared.backends.pueue import PueueBackend
 from shared.remote import Remote, TransferUnsupported, UnsafeControlDir
 from shared.states import CaseStatus
 from shared.store import get_case, register_case, update_case
@@ -126,21 +127,21 @@ def test_stop_sends_sigterm_then_sigkill_after_the_grace(hpc, conn, case, tmp_pa
     stubborn = pueue.submit(remote, cmd, group="gpu_a", label=case.label, workdir=str(tmp_path),
                             command="trap '' TERM; sleep 60")
     wait_until(lambda: pueue.statuses(remote, cmd).tasks[stubborn].state is T.RUNNING, message="running")
-    policy = tasks.StopPolicy(cmd, grace_seconds=10)
+    backend = PueueBackend(remote, cmd, 20)
     failed = dataclasses.replace(case, status=CaseStatus.FAILED)
     conn.execute("UPDATE cases SET status = 'failed' WHERE case_id = ?", (case.case_id,))
     mine = tasks.unfinished(failed, pueue.statuses(remote, cmd))
-    assert tasks.stop(conn, remote, policy, failed, mine, now=100) == [f"sigterm {stubborn}"]
+    assert tasks.stop(conn, backend, 10, failed, mine, now=100) == [f"sigterm {stubborn}"]
     failed = get_case(conn, case.case_id)
     assert failed.stop_requested_at == 100
     time.sleep(1)
     assert pueue.statuses(remote, cmd).tasks[stubborn].state is T.RUNNING         # it ignores SIGTERM
     mine = tasks.unfinished(failed, pueue.statuses(remote, cmd))
-    assert tasks.stop(conn, remote, policy, failed, mine, now=105) == []           # within the grace
-    assert tasks.stop(conn, remote, policy, failed, mine, now=111) == [f"sigkill {stubborn}"]
+    assert tasks.stop(conn, backend, 10, failed, mine, now=105) == []           # within the grace
+    assert tasks.stop(conn, backend, 10, failed, mine, now=111) == [f"sigkill {stubborn}"]
     wait_until(lambda: pueue.statuses(remote, cmd).tasks[stubborn].state is T.KILLED, message="killed")
 
 
 def test_stop_refuses_a_task_without_the_case_label(conn, case):
     with pytest.raises(ValueError):
-        tasks.stop(conn, None, tasks.StopPolicy(["pueue"], 1), case, [task(4, "other", T.RUNNING)], now=0)
+        tasks.stop(conn, None, 1, case, [task(4, "other", T.RUNNING)], now=0)

@@ -213,7 +213,7 @@ def test_remote_error_during_upload_is_a_permanent_failure(hpc):
 
 def claim_and_die(ctx, name, *, add_task: bool, hpc_obj=None):
     """Leave a case as a crashed submitter would: submitting, lease expired, maybe task added."""
-    from shared import pueue
+    from shared.backends import pueue
     from shared.store import claim_next_case
     case = registered(ctx, name)
     assert submitter.groups_ready(ctx)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from shared import tasks
-from shared.backends import model, pueue, pueue_parse
+from shared.backends import model, pueue_parse
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
@@ -53,7 +53,7 @@ class TaskKilled(RemoteFailure):
 
 def fetch_snapshot(ctx: Context) -> model.Snapshot | None:
     try:
-        snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
+        snapshot = ctx.backend.snapshot()
     except RemoteFailure as exc:
         note_reach(ctx, exc)
         ctx.log.warning("pueue status could not be read (%s: %s); nothing changed, trying again",
@@ -78,8 +78,7 @@ def fetch_records(ctx: Context, cases: list[Case]) -> dict[str, tasks.ExitRecord
 def fetch_logs(ctx: Context, task_ids: list[int]) -> dict[int, str] | None:
     """The log tails of ``task_ids``, or None when ``pueue log`` could not be read this pass."""
     try:
-        return pueue.logs(ctx.remote, ctx.pueue_cmd, task_ids, lines=ctx.config.pueue.log_lines,
-                          timeout=ctx.config.hpc.command_timeout_seconds)
+        return ctx.backend.logs(task_ids, ctx.config.pueue.log_lines)
     except RemoteFailure as exc:
         ctx.log.warning("pueue log could not be read (%s)", exc, extra=for_case(None, "poll_logs", exc))
         return None
@@ -101,7 +100,7 @@ def handle_paused_groups(ctx: Context, snapshot: model.Snapshot, now: float) -> 
                           extra={"operation": "poll", "error_type": "GroupPaused"})
         if ctx.config.pueue.resume_paused_groups:
             try:
-                pueue.resume_group(ctx.remote, ctx.pueue_cmd, group)
+                ctx.backend.resume_slot(group)
             except RemoteFailure as exc:
                 ctx.log.warning("could not resume %s: %s", group, exc, extra=for_case(None, "resume", exc))
 
@@ -197,7 +196,7 @@ def requeue_killed(ctx: Context, case: Case, link: tasks.Link, now: float) -> bo
     error = TaskKilled(f"task {link.task.id} was killed by a signal we did not send "
                        f"(pueued restart, node reboot or another user)")
     try:
-        pueue.remove(ctx.remote, ctx.pueue_cmd, [link.task.id], timeout=ctx.config.hpc.command_timeout_seconds)
+        ctx.backend.remove([link.task.id])
     except RemoteFailure as exc:  # the label must name only the retry's task: try again next pass
         ctx.log.warning("case %d: cannot remove killed task %d yet (%s)", case.case_id, link.task.id, exc,
                         extra=for_case(case.case_id, "requeue", exc))
@@ -225,16 +224,11 @@ def time_out(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapsho
     ring(ctx.spool.root, "reaper")
     failed = get_case(ctx.conn, case.case_id)
     try:
-        tasks.stop(ctx.conn, ctx.remote, stop_policy(ctx), failed, [link.task], now=now)
+        tasks.stop(ctx.conn, ctx.backend, ctx.config.main_loop.kill_grace_seconds, failed, [link.task], now=now)
     except RemoteFailure as exc:
         ctx.log.warning("case %d: SIGTERM failed (%s); the reaper stops it", case.case_id, exc,
                         extra=for_case(case.case_id, "timeout", exc))
     return True
-
-
-def stop_policy(ctx: Context) -> tasks.StopPolicy:
-    return tasks.StopPolicy(ctx.pueue_cmd, ctx.config.main_loop.kill_grace_seconds,
-                            ctx.config.hpc.command_timeout_seconds)
 
 
 def vanished(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:

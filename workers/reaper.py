@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from shared import tasks
-from shared.backends import model, pueue
+from shared.backends import model
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.logs import for_case
@@ -32,7 +32,7 @@ def snapshot_if_needed(ctx: Context, zombies: list[Slot], now: float) -> model.S
     if not zombies and now - ctx.state.get(LAST_ORPHAN_CHECK, 0.0) < ORPHAN_CHECK_SECONDS:
         return None
     try:
-        snapshot = pueue.statuses(ctx.remote, ctx.pueue_cmd, timeout=ctx.config.hpc.command_timeout_seconds)
+        snapshot = ctx.backend.snapshot()
     except RemoteFailure as exc:
         note_reach(ctx, exc)
         ctx.log.warning("cannot check zombie slots and orphan tasks (%s); will retry", exc,
@@ -51,13 +51,12 @@ def cases_by_id(ctx: Context, case_ids: list[int]) -> dict[int, Case]:
 
 def stop_orphans(ctx: Context, snapshot: model.Snapshot, now: float) -> int:
     """Stop every unfinished task with our label that its case does not own; return how many acted on."""
-    policy = tasks.StopPolicy(ctx.pueue_cmd, ctx.config.main_loop.kill_grace_seconds,
-                              ctx.config.hpc.command_timeout_seconds)
     acted = 0
     for task, case in tasks.orphans(snapshot, cases_by_id(ctx, tasks.our_case_ids(snapshot))):
         with per_item(ctx, case.case_id, "stop_orphan"):
             try:
-                done = tasks.stop(ctx.conn, ctx.remote, policy, case, [task], now=now)
+                done = tasks.stop(ctx.conn, ctx.backend, ctx.config.main_loop.kill_grace_seconds, case, [task],
+                                  now=now)
             except RemoteFailure as exc:
                 ctx.log.warning("case %d: cannot stop task %d (%s); will retry", case.case_id, task.id, exc,
                                 extra=for_case(case.case_id, "stop_orphan", exc))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from shared import tasks
-from shared.backends import model, pueue
+from shared.backends import model
 from shared.db import connect
 from shared.doorbell import listen, ring
 from shared.errors import MqicError, RemoteError, RemoteFailure
@@ -127,14 +127,14 @@ def submit_task(ctx: Context, claim: Claim, remote_dir: str, *, staged: bool) ->
     still there (WorkdirMissing otherwise), so a staged case costs one round trip.
     """
     case = claim.case
-    now, timeout = ctx.clock(), ctx.config.hpc.command_timeout_seconds
+    now = ctx.clock()
     fields = {"remote_dir": remote_dir, "lease_until": now + ctx.config.main_loop.lease_seconds,
-              "add_uncertain_until": now + pueue.add_lands_within(timeout)}
+              "add_uncertain_until": now + ctx.backend.add_lands_within()}
     if not update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, fields, guard={"claimed_by": ctx.worker_id}):
         raise LeaseLost(f"case {case.case_id}: claim lost before pueue add")
-    return pueue.submit(ctx.remote, ctx.pueue_cmd, group=claim.group, label=case.label,
-                        workdir=remote_dir, command=render_command(ctx.config.hpc.remote_command, case, remote_dir),
-                        env=task_env(case, remote_dir, claim.gpu), timeout=timeout, require_workdir=staged)
+    return ctx.backend.submit(slot=claim.group, label=case.label, workdir=remote_dir,
+                              command=render_command(ctx.config.hpc.remote_command, case, remote_dir),
+                              env=task_env(case, remote_dir, claim.gpu), require_workdir=staged)
 
 
 def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, now: float) -> None:
@@ -226,8 +226,7 @@ def groups_ready(ctx: Context) -> bool:
         return True
     wanted = {g.name: g.parallel for g in ctx.config.pueue.groups}
     try:
-        created = pueue.ensure_groups(ctx.remote, ctx.pueue_cmd, wanted,
-                                      timeout=ctx.config.hpc.command_timeout_seconds)
+        created = ctx.backend.ensure_slots(wanted)
     except RemoteFailure as exc:
         note_reach(ctx, exc)
         ctx.log.warning("cannot check pueue groups (%s); not submitting this pass", exc,

@@ -1,1 +1,56 @@
-"""Ways of running a case on an HPC: one module per scheduler (pueue, Slurm) behind one interface."""
+"""Ways of running a case on an HPC: one module per scheduler (pueue, Slurm) behind one interface.
+
+A worker sees only ``Backend``: it speaks our words (submit, snapshot, logs, stop,
+remove, slots) and reports what the HPC said, or raises a ``RemoteFailure`` when it
+could not tell. It never decides a case's fate: ``shared.tasks`` and the workers do.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence
+
+from shared.backends.model import KillResult, Runner, Snapshot
+
+
+class Backend(Protocol):
+    """What a worker needs from one HPC host."""
+
+    kind: str
+
+    def snapshot(self) -> Snapshot:
+        """Every task of this host and the HPC's clock, in ONE remote call."""
+
+    def submit(self, *, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str],
+               require_workdir: bool = False) -> int:
+        """Start ``command`` in ``workdir`` in ``slot``, at most one task per ``label``.
+
+        Raises AlreadySubmitted (a task carries the label), WorkdirMissing,
+        SubmitLockBusy, or a RemoteFailure; after Unreachable the add may still land
+        until ``add_lands_within`` has passed.
+        """
+
+    def add_lands_within(self) -> float:
+        """Seconds after a submit was sent by which it has landed or never will."""
+
+    def logs(self, task_ids: Sequence[int], lines: int) -> dict[int, str]:
+        """The last ``lines`` lines of each task's output, in ONE remote call."""
+
+    def stop(self, task_ids: Sequence[int], *, gently: bool) -> KillResult:
+        """Signal running tasks: SIGTERM when ``gently``, else SIGKILL."""
+
+    def remove(self, task_ids: Sequence[int]) -> KillResult:
+        """Take waiting or finished tasks out of the scheduler's list."""
+
+    def ensure_slots(self, wanted: Mapping[str, int]) -> list[str]:
+        """Make every slot (pueue group, Slurm partition) usable; return those created."""
+
+    def resume_slot(self, slot: str) -> None:
+        """Resume a slot the scheduler paused (pueue: a group after a daemon restart)."""
+
+    def version(self) -> str:
+        """The scheduler's version, for ``mqic doctor``."""
+
+
+def backend_for(hpc, runner: Runner) -> Backend:
+    """The backend that ``hpc.backend`` names, talking through ``runner``."""
+    from shared.backends.pueue import PueueBackend
+    return PueueBackend(runner, tuple(hpc.pueue_command), hpc.command_timeout_seconds)

@@ -216,3 +216,41 @@ def resume_group(runner: Runner, pueue_cmd: Sequence[str], group: str, timeout: 
 def version(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> str:
     """The client's version, e.g. "4.0.4"."""
     return parse_version(runner.run([*pueue_cmd, "--version"], timeout=timeout))
+
+
+class PueueBackend:
+    """The ``Backend`` for a host running pueue: each slot is a pueue group."""
+
+    kind = "pueue"
+
+    def __init__(self, runner: Runner, pueue_cmd: Sequence[str], timeout: float):
+        self.runner, self.pueue_cmd, self.timeout = runner, list(pueue_cmd), timeout
+
+    def snapshot(self) -> Snapshot:
+        return statuses(self.runner, self.pueue_cmd, timeout=self.timeout)
+
+    def submit(self, *, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str],
+               require_workdir: bool = False) -> int:
+        return submit(self.runner, self.pueue_cmd, group=slot, label=label, workdir=workdir, command=command,
+                      env=env, timeout=self.timeout, require_workdir=require_workdir)
+
+    def add_lands_within(self) -> float:
+        return add_lands_within(self.timeout)
+
+    def logs(self, task_ids: Sequence[int], lines: int) -> dict[int, str]:
+        return logs(self.runner, self.pueue_cmd, task_ids, lines=lines, timeout=self.timeout)
+
+    def stop(self, task_ids: Sequence[int], *, gently: bool) -> KillResult:
+        return kill(self.runner, self.pueue_cmd, task_ids, timeout=self.timeout, gently=gently)
+
+    def remove(self, task_ids: Sequence[int]) -> KillResult:
+        return remove(self.runner, self.pueue_cmd, task_ids, timeout=self.timeout)
+
+    def ensure_slots(self, wanted: Mapping[str, int]) -> list[str]:
+        return ensure_groups(self.runner, self.pueue_cmd, wanted, timeout=self.timeout)
+
+    def resume_slot(self, slot: str) -> None:
+        resume_group(self.runner, self.pueue_cmd, slot, timeout=self.timeout)
+
+    def version(self) -> str:
+        return version(self.runner, self.pueue_cmd, timeout=self.timeout)
