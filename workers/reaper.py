@@ -5,17 +5,22 @@ first, its slot marked zombie, and then killed; a zombie slot returns to
 ``available`` only once the HPC shows no unfinished task of ours in its group (a
 failed case's task is killed again while it runs, or removed while it waits). A case whose ``status_updated_at`` did
 not move for ``stuck_after_minutes`` is flagged for an operator, never failed.
+It also runs the day-to-day steps that must never hold up a case: results delivery
+(``shared.delivery``), clean-up (``shared.retention``) and notices (``shared.notify``).
 """
 from __future__ import annotations
 
 import sys
 
 from shared import pueue
+from shared.delivery import deliver_pending
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case
 from shared.logs import for_case
+from shared.notify import send_notifications
 from shared.recovery import recover_expired_claims
+from shared.retention import apply_retention
 from shared.spool import reconcile, sweep_staging
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import (Case, Slot, all_slots, case_from_row, case_label, flag_for_review,
@@ -152,6 +157,9 @@ def tick(ctx: Context, now: float) -> int:
             done += reap_timeout(ctx, case, now)
     done += reclaim_zombies(ctx, now)
     done += flag_stuck(ctx, now)
+    done += deliver_pending(ctx, now)
+    done += apply_retention(ctx, now)
+    done += send_notifications(ctx, now)
     check_heartbeats(ctx, now)
     return done
 
