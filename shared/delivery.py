@@ -28,7 +28,7 @@ from shared.config import Config
 from shared.db import transaction
 from shared.errors import MqicError
 from shared.logs import for_case
-from shared.settings import bump, since
+from shared.settings import bump, get_setting, since
 from shared.states import CaseStatus
 from shared.store import Case, case_from_row, record_case_event
 from shared.worker import Context, per_item
@@ -51,6 +51,12 @@ class DeliveryError(MqicError):
 def deliver_since(conn: sqlite3.Connection, config: Config, now: float) -> float | None:
     """Cases completed from this moment on are delivered; None when delivery is off."""
     return since(conn, SINCE_KEY, config.results.deliver_to is not None, now=now)
+
+
+def recorded_since(conn: sqlite3.Connection) -> float | None:
+    """``deliver_since`` as last stamped by a worker, without writing (for read-only views)."""
+    value = get_setting(conn, SINCE_KEY)
+    return None if value is None else float(value)
 
 
 def awaits_delivery(case: Case, config: Config, since_at: float | None) -> bool:

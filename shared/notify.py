@@ -10,7 +10,7 @@ recorded contact of any worker (``workers.remote_ok``) has failed for
 Sending never blocks the worker: ``notify.command`` (a list of arguments, no
 shell) is started as a child process with the notice's JSON on its standard
 input, in its own process group, and the next passes only look whether it has
-ended. One that outlives ``notify.timeout_seconds`` is killed (with its group);
+ended. Notices go one at a time, oldest first, so they arrive in order. One that outlives ``notify.timeout_seconds`` is killed (with its group);
 a failure is logged and retried after ``notify.retry_seconds``, up to
 ``notify.max_attempts``. A notice is claimed with a lease, so a worker that dies
 while sending leaves it to be sent again (at least once).
@@ -41,7 +41,7 @@ DOWN_SINCE_KEY = "notify.down_since"
 DOWN_REPORTED_KEY = "notify.down_reported"
 SENDING = "notify_sending"  # ctx.state: notice_id -> Sending (children of this process)
 _CHILDREN: set[subprocess.Popen] = set()  # killed when the process exits, so none outlives its worker
-MAX_PARALLEL = 4
+MAX_PARALLEL = 1  # one at a time, oldest first: notices arrive in the order things happened
 EVENT_BATCH = 500
 LEASE_MARGIN_SECONDS = 30.0
 FLAG_PREFIX = "flagged for review: "
@@ -248,13 +248,27 @@ def record_outcome(conn: sqlite3.Connection, config: Config, notice_id: int, sen
         return row is not None and row["gave_up_at"] is not None
 
 
+def lease_seconds(config: Config) -> float:
+    return config.notify.timeout_seconds + LEASE_MARGIN_SECONDS
+
+
+def renew_lease(conn: sqlite3.Connection, notice_id: int, worker: str, until: float) -> None:
+    with transaction(conn):
+        conn.execute("UPDATE notices SET lease_until = ? WHERE notice_id = ? AND claimed_by = ?",
+                     (until, notice_id, worker))
+
+
 def finish_sent(ctx: Context, now: float) -> int:
-    """Settle the children of this process that ended (or ran out of time); return how many."""
+    """Settle the children of this process that ended (or ran out of time); return how many.
+
+    A child still running keeps its notice's lease, so nobody starts it a second time.
+    """
     running: dict[int, Sending] = ctx.state.setdefault(SENDING, {})
     settled = 0
     for notice_id, sending in list(running.items()):
         result = outcome(sending, ctx.config, ctx.stop.is_set())
         if result is None:
+            renew_lease(ctx.conn, notice_id, ctx.worker_id, now + lease_seconds(ctx.config))
             continue
         sent, error = result
         sending.stderr.close()
@@ -271,7 +285,7 @@ def finish_sent(ctx: Context, now: float) -> int:
 def start_due(ctx: Context, now: float) -> int:
     """Start notifiers for due notices, up to ``MAX_PARALLEL`` children of this process."""
     running: dict[int, Sending] = ctx.state.setdefault(SENDING, {})
-    lease = ctx.config.notify.timeout_seconds + LEASE_MARGIN_SECONDS
+    lease = lease_seconds(ctx.config)
     started = 0
     while len(running) < MAX_PARALLEL:
         notice = claim_notice(ctx.conn, ctx.worker_id, now, lease)

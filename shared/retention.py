@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from shared.config import Config
 from shared.db import transaction
-from shared.delivery import awaits_delivery, deliver_since, sha256_of
+from shared.delivery import awaits_delivery, deliver_since, recorded_since, sha256_of
 from shared.errors import MqicError, RemoteError, RemoteFailure, Unreachable
 from shared.logs import for_case
 from shared.maintenance import is_drained
@@ -162,7 +162,7 @@ def _rows(conn: sqlite3.Connection, sql: str, **params) -> list[Case]:
 
 def plan(conn: sqlite3.Connection, config: Config, now: float, *, limit: int = 1000) -> list[Verdict]:
     """Every folder past its retention age, with what the rules say of it (nothing is changed)."""
-    since_at = deliver_since(conn, config, now)
+    since_at = recorded_since(conn) if config.results.deliver_to is not None else None
     verdicts = []
     remote_cutoff, local_cutoff = _cutoff(now, config.retention.remote_days), _cutoff(now, config.retention.local_days)
     if remote_cutoff is not None:
@@ -184,6 +184,12 @@ def inside_base(base: str, remote_dir: str) -> bool:
     """True for a direct child of ``base`` (both absolute; no ``..``)."""
     path = PurePosixPath(remote_dir)
     return path.is_absolute() and ".." not in path.parts and path.parent == PurePosixPath(base)
+
+
+def why(exc: Exception) -> str:
+    """What went wrong, in one line: a remote command's own error output when it has one."""
+    text = exc.stderr if isinstance(exc, RemoteError) and exc.stderr.strip() else str(exc)
+    return " ".join(text.split())
 
 
 def remove_remote_folder(ctx: Context, case: Case) -> str:
@@ -272,9 +278,9 @@ def retire_remote(ctx: Context, case: Case, since_at: float | None, now: float) 
                         extra=for_case(case.case_id, "retention", exc))
         return UNREACHABLE
     except (RemoteFailure, RetentionRefused) as exc:
-        flag_for_review(ctx.conn, case, f"retention could not remove {case.remote_dir}: {exc}"[:500],
+        flag_for_review(ctx.conn, case, f"retention could not remove {case.remote_dir}: {why(exc)}"[:500],
                         now=now, worker=ctx.name)
-        ctx.log.error("case %d: cannot remove remote folder %s (%s)", case.case_id, case.remote_dir, exc,
+        ctx.log.error("case %d: cannot remove remote folder %s (%s)", case.case_id, case.remote_dir, why(exc),
                       extra=for_case(case.case_id, "retention", exc))
         return False
     ctx.log.info("case %d: remote folder %s %s (%s)", case.case_id, case.remote_dir, how, judged.reason,
@@ -331,7 +337,7 @@ def _carry_out(ctx: Context, verdict: Verdict, now: float) -> Verdict:
             how = remove_remote_folder(ctx, case)
             done = how if mark_remote_removed(ctx, case, how, verdict.reason, now) else "changed meanwhile"
     except (RemoteFailure, RetentionRefused, OSError) as exc:
-        done = f"FAILED: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        done = f"FAILED: {type(exc).__name__}: {why(exc)[:200]}"
     return Verdict(**{**verdict.__dict__, "done": done})
 
 
