@@ -80,6 +80,11 @@ def kind_of(row: sqlite3.Row) -> str | None:
     return None
 
 
+def one_line(text: str) -> str:
+    """A summary safe for a mail subject or a chat line: no newlines or control characters, bounded."""
+    return " ".join(text.split())[:1000]
+
+
 def iso(stamp: float, config: Config) -> str:
     return datetime.fromtimestamp(stamp, timezone.utc).astimezone(config.tz).isoformat(timespec="seconds")
 
@@ -91,7 +96,7 @@ def case_payload(kind: str, row: sqlite3.Row, config: Config) -> dict[str, Any]:
     text = {"completed": f"MQIC: case {case_id} {name!r}{urgent} completed",
             "failed": f"MQIC: case {case_id} {name!r}{urgent} FAILED ({row['outcome']}): {row['error_message'] or ''}",
             "flagged": f"MQIC: case {case_id} {name!r}{urgent} needs review: {row['detail'][len(FLAG_PREFIX):]}"}[kind]
-    return {"event": f"case_{kind}", "text": text.strip().rstrip(":")[:1000], "case_id": case_id, "case_name": name,
+    return {"event": f"case_{kind}", "text": one_line(text).rstrip(":"), "case_id": case_id, "case_name": name,
             "priority": row["priority"], "status": row["status"], "outcome": row["outcome"],
             "exit_code": row["exit_code"], "error": row["error_message"], "detail": row["detail"],
             "group": row["pueue_group"], "host": config.hpc.host, "at": iso(row["at"], config),
@@ -159,7 +164,7 @@ def _host_notice(conn: sqlite3.Connection, config: Config, kind: str, what: str,
     payload = {"event": f"hpc_{kind}", "text": f"MQIC: HPC {config.hpc.host} {what}" + (f": {error}" if error else ""),
                "host": config.hpc.host, "error": error, "at": iso(now, config),
                "last_contact": iso(contact["remote_checked_at"], config), "worker": contact["name"]}
-    payload["text"] = payload["text"][:1000]
+    payload["text"] = one_line(payload["text"])
     add_notice(conn, f"hpc_{kind}", payload, case_id=None, now=now)
     return 1
 

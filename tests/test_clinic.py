@@ -2,13 +2,17 @@
 priority, drain, results delivery, retention, notices, the readiness warning and their config errors."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from console.cli import main as cli_main
 from shared.config import NOTIFY_EVENTS
@@ -19,8 +23,7 @@ from shared.lifecycle import move_case
 from shared.maintenance import drain, resume
 from shared.notify import send_notifications
 from shared.priority import PriorityRefused, set_priority
-from shared.remote import Remote
-from shared.retention import apply_retention, cleanup, inside_base
+from shared.retention import apply_retention, inside_base
 from shared.settings import counters, get_setting
 from shared.spool import settle_folder
 from shared.states import CaseStatus, SlotStatus
@@ -373,7 +376,6 @@ def test_mqic_cleanup_removes_what_the_plan_allows_and_reports_it(retained, caps
 def test_local_folder_gone_without_retention_is_flagged_not_marked(retained):
     ctx, _ = retained
     case = completed(ctx, "vanished", PAST - 40 * DAY)
-    import shutil
     shutil.rmtree(case.case_path)
     assert apply_retention(ctx, PAST + 1) == 0
     row = get_case(ctx.conn, case.case_id)
@@ -560,3 +562,63 @@ def test_migration_adds_the_columns_and_starts_the_notice_cursor_at_the_newest_e
     migrate_schema(conn)
     assert get_case(conn, 1).priority == "normal" and int(get_setting(conn, "notify.cursor")) == 1
     conn.close()
+
+
+# -- the README's two notifier examples, run as written ----------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_notify_examples() -> list[dict]:
+    blocks = README.read_text().split("```yaml\n")[1:]
+    return [yaml.safe_load(block.split("```")[0])["notify"] for block in blocks if block.startswith("notify:")]
+
+
+def run_example(tmp_path, notify: dict, case_maker) -> None:
+    ctx = context(make_config(tmp_path, notify={**notify, "timeout_seconds": 10}))
+    now = time.time()
+    send_notifications(ctx, now)
+    case_maker(ctx, now + 1)
+    settle(ctx, now + 2, lambda: counters(ctx.conn).get("notices_sent", 0) + counters(ctx.conn).get("notices_failed", 0))
+    assert counters(ctx.conn).get("notices_sent") == 1, ctx.conn.execute("SELECT last_error FROM notices").fetchall()
+
+
+def test_readme_mail_example_sends_a_mail_through_sendmail(tmp_path, monkeypatch):
+    mail, = [n for n in readme_notify_examples() if "sendmail" in " ".join(n["command"])]
+    fake = tmp_path / "sendmail"
+    fake.write_text('#!/bin/sh\n[ "$1" = "-t" ] || exit 9\ncat > "$FAKE_SENDMAIL_OUT"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("FAKE_SENDMAIL_OUT", str(tmp_path / "mail.txt"))
+    mail["command"] = [word.replace("/usr/sbin/sendmail", str(fake)) for word in mail["command"]]
+    run_example(tmp_path, mail, lambda ctx, at: (completed(ctx, "fine", at), failed(ctx, "pt 'x'\nBcc: evil", at)))
+    headers, body = (tmp_path / "mail.txt").read_text().split("\n\n", 1)
+    assert headers.splitlines() == ["To: physics-oncall@hospital.example",
+                                    "Subject: MQIC: case 2 \"pt 'x'\\nBcc: evil\" FAILED (failed): exit code 1"]
+    assert json.loads(body)["event"] == "case_failed"   # the completed case is not in this example's events
+
+
+def test_readme_webhook_example_posts_the_json_with_curl(tmp_path):
+    hook, = [n for n in readme_notify_examples() if n["command"][0] == "curl"]
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], json.loads(body)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hooks/3f9a1c"
+        hook["command"] = [url if word.startswith("https://") else word for word in hook["command"]]
+        run_example(tmp_path, hook, lambda ctx, at: completed(ctx, "pt_0042", at))
+    finally:
+        server.shutdown()
+    [(path, content_type, payload)] = received
+    assert path == "/hooks/3f9a1c" and content_type == "application/json"
+    assert payload["text"] == "MQIC: case 1 'pt_0042' completed" and payload["event"] == "case_completed"
