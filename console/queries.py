@@ -281,7 +281,8 @@ def judge_health(totals: dict[str, int], workers_seen: list[WorkerView] | tuple[
 
 
 UNDELIVERED_SQL = ("SELECT COUNT(*), COUNT(delivery_error), MAX(CASE WHEN delivery_error IS NOT NULL"
-                   " THEN completed_at END) FROM cases WHERE status = 'completed' AND delivered_at IS NULL"
+                   " THEN completed_at END) FROM cases INDEXED BY cases_undelivered"
+                   " WHERE status = 'completed' AND delivered_at IS NULL"
                    " AND completed_at >= (SELECT value FROM settings WHERE key = 'results.deliver_since')")
 NOTICES_SQL = ("SELECT COUNT(*), COUNT(last_error) FROM notices"
                " WHERE sent_at IS NULL AND gave_up_at IS NULL")

@@ -54,12 +54,13 @@ rm -rf -- "$dir" && printf 'removed'
 """
 
 ENDED = "status IN ('completed', 'failed') AND remote_removed_at IS NULL AND remote_dir IS NOT NULL"
-REMOTE_CANDIDATES_SQL = f"SELECT * FROM cases WHERE {ENDED} AND completed_at < :cutoff"
+# INDEXED BY: the partial indexes hold only folders not removed yet (the status index would read them all).
+REMOTE_CANDIDATES_SQL = f"SELECT * FROM cases INDEXED BY cases_remote_kept WHERE {ENDED} AND completed_at < :cutoff"
 # The rules that SQL can tell, so cases kept for good never hide removable ones behind the LIMIT.
 REMOTE_DUE_SQL = (REMOTE_CANDIDATES_SQL + " AND needs_review = 0 AND (status = 'completed' OR acknowledged_at IS NOT NULL)"
                   " AND (status = 'failed' OR :since IS NULL OR delivered_at IS NOT NULL OR completed_at < :since)"
                   " AND NOT EXISTS (SELECT 1 FROM gpu_resources g WHERE g.assigned_case_id = cases.case_id)")
-LOCAL_CANDIDATES_SQL = ("SELECT * FROM cases WHERE status = 'completed' AND local_removed_at IS NULL"
+LOCAL_CANDIDATES_SQL = ("SELECT * FROM cases INDEXED BY cases_local_kept WHERE status = 'completed' AND local_removed_at IS NULL"
                         " AND completed_at < :cutoff")
 LOCAL_DUE_SQL = (LOCAL_CANDIDATES_SQL + " AND needs_review = 0"
                  " AND (:since IS NULL OR delivered_at IS NOT NULL OR completed_at < :since)")

@@ -622,3 +622,29 @@ def test_readme_webhook_example_posts_the_json_with_curl(tmp_path):
     [(path, content_type, payload)] = received
     assert path == "/hooks/3f9a1c" and content_type == "application/json"
     assert payload["text"] == "MQIC: case 1 'pt_0042' completed" and payload["event"] == "case_completed"
+
+
+def test_the_day_to_day_queries_read_only_their_partial_indexes(tmp_path):
+    """With 100,000 completed cases, a pass must not read them all: each query searches the index
+    that holds only the rows it is about (undelivered, not yet removed remotely or locally)."""
+    from console import queries
+    from shared import delivery, notify, retention
+    conn = connect(tmp_path / "plans.db")
+
+    def plan(sql: str, params) -> str:
+        return " | ".join(r["detail"] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+    expected = [
+        (queries.UNDELIVERED_SQL, (), "cases_undelivered"),
+        (delivery.DUE_SQL, {"since": 1, "now": 2, "limit": 3}, "cases_undelivered"),
+        (retention.REMOTE_DUE_SQL + retention.ORDER, {"cutoff": 1, "since": 2, "limit": 3}, "cases_remote_kept"),
+        (retention.REMOTE_CANDIDATES_SQL + retention.ORDER, {"cutoff": 1, "limit": 3}, "cases_remote_kept"),
+        (retention.LOCAL_DUE_SQL + retention.ORDER, {"cutoff": 1, "since": 2, "limit": 3}, "cases_local_kept"),
+        (notify.CLAIM_SQL, {"w": "x", "now": 1, "lease": 2}, "notices_due"),
+        (queries.NOTICES_SQL, (), "notices_due"),
+    ]
+    for sql, params, index in expected:
+        details = plan(sql, params)
+        assert f"USING INDEX {index}" in details and "TEMP B-TREE" not in details, (sql, details)
+    assert "USING INTEGER PRIMARY KEY (rowid>?)" in plan(notify.EVENTS_SQL, (1, 2))  # only the new events
+    conn.close()
