@@ -111,6 +111,9 @@ def add_notice(conn: sqlite3.Connection, kind: str, payload: dict[str, Any], *, 
 
 def collect_events(conn: sqlite3.Connection, config: Config, since_at: float, now: float) -> int:
     """Turn the case events after the cursor into notices and move the cursor, in one transaction."""
+    if not conn.execute("SELECT EXISTS(SELECT 1 FROM case_events WHERE event_id > ?)",
+                        (int(get_setting(conn, CURSOR_KEY, 0)),)).fetchone()[0]:
+        return 0  # nothing new: no write lock taken
     with transaction(conn):
         cursor = int(get_setting(conn, CURSOR_KEY, 0))
         rows = conn.execute(EVENTS_SQL, (cursor, EVENT_BATCH)).fetchall()
@@ -131,29 +134,42 @@ def newest_contact(conn: sqlite3.Connection) -> sqlite3.Row | None:
                         " WHERE remote_checked_at IS NOT NULL ORDER BY remote_checked_at DESC LIMIT 1").fetchone()
 
 
+def reachability_change(conn: sqlite3.Connection, config: Config, now: float) -> str | None:
+    """What the newest contact changes: ``down`` (an outage starts), ``report`` (it lasted too long),
+    ``up`` (over, never reported), ``back`` (over, reported) or None."""
+    contact = newest_contact(conn)
+    if contact is None:
+        return None
+    down_since, reported = get_setting(conn, DOWN_SINCE_KEY), get_setting(conn, DOWN_REPORTED_KEY)
+    if contact["remote_ok"]:
+        return "back" if reported is not None else ("up" if down_since is not None else None)
+    if down_since is None:
+        return "down"
+    if reported is None and (now - down_since) / 60 >= config.notify.unreachable_after_minutes:
+        return "report"
+    return None
+
+
 def watch_reachability(conn: sqlite3.Connection, config: Config, now: float) -> int:
     """One notice when the HPC stays unreachable past the limit, one when it answers again."""
+    if reachability_change(conn, config, now) is None:
+        return 0  # the usual case: a read, no write lock
     with transaction(conn):
-        contact = newest_contact(conn)
-        if contact is None:
-            return 0
+        change, contact = reachability_change(conn, config, now), newest_contact(conn)
         down_since, reported = get_setting(conn, DOWN_SINCE_KEY), get_setting(conn, DOWN_REPORTED_KEY)
-        if contact["remote_ok"]:
-            if down_since is not None:
-                delete_setting(conn, DOWN_SINCE_KEY)
-            if reported is None:
-                return 0
-            delete_setting(conn, DOWN_REPORTED_KEY)
-            return _host_notice(conn, config, "reachable", f"reachable again after {(now - reported) / 60:.0f} min",
-                                contact, now)
-        if down_since is None:
+        if change == "down":
             put_setting(conn, DOWN_SINCE_KEY, contact["remote_checked_at"], now=now)
-            return 0
-        minutes = (now - down_since) / 60
-        if reported is not None or minutes < config.notify.unreachable_after_minutes:
-            return 0
-        put_setting(conn, DOWN_REPORTED_KEY, down_since, now=now)
-        return _host_notice(conn, config, "unreachable", f"UNREACHABLE for {minutes:.0f} min", contact, now)
+        elif change == "report":
+            put_setting(conn, DOWN_REPORTED_KEY, down_since, now=now)
+            return _host_notice(conn, config, "unreachable", f"UNREACHABLE for {(now - down_since) / 60:.0f} min",
+                                contact, now)
+        elif change in ("up", "back"):
+            delete_setting(conn, DOWN_SINCE_KEY)
+            delete_setting(conn, DOWN_REPORTED_KEY)
+            if change == "back":
+                return _host_notice(conn, config, "reachable", f"reachable again after {(now - reported) / 60:.0f} min",
+                                    contact, now)
+        return 0
 
 
 def _host_notice(conn: sqlite3.Connection, config: Config, kind: str, what: str, contact: sqlite3.Row,

@@ -152,8 +152,11 @@ def judge_local(config: Config, case: Case, since_at: float | None, now: float) 
         return _keep(f"flagged for review: {case.review_reason}")
     if awaits_delivery(case, config, since_at):
         return _undelivered(case)
-    if case.spool_stage != "done" or not Path(case.case_path).is_dir():
-        return _keep(f"its local results folder {case.case_path} is missing", alarming=True)
+    folder = Path(case.case_path)
+    if case.spool_stage != "done" or not folder.is_dir():
+        return _keep(f"its local results folder {folder} is missing", alarming=True)
+    if folder.parent != config.spool_path / "done":
+        return _keep(f"its folder {folder} is not in {config.spool_path / 'done'}", alarming=True)
     return Judgement(True, f"completed, {_age(case, now)}")
 
 
