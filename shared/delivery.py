@@ -37,7 +37,7 @@ PARTIAL_PREFIX = ".mqic-partial-"
 REPLACED_PREFIX = ".mqic-replaced-"
 SINCE_KEY = "results.deliver_since"
 LEASE_SECONDS = 600.0  # a delivery in hand is not started again by another process before this
-BATCH = 20
+BATCH = 1  # one copy per pass, so a large one delays the rest of the worker's pass by one copy at most
 CHUNK = 1 << 20
 
 # INDEXED BY: the partial index holds only undelivered cases; the status index would read every completed one.

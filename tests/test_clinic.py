@@ -170,6 +170,11 @@ def test_operator_changes_priority_of_a_waiting_case_only(tmp_path, capsys):
 
 # -- results delivery --------------------------------------------------------------------------------
 
+def deliver_all(ctx, now: float, passes: int = 20) -> int:
+    """Reaper passes at ``now`` (each delivers at most one case); how many were delivered."""
+    return sum(deliver_pending(ctx, now) for _ in range(passes))
+
+
 def delivery_config(tmp_path, **results):
     (tmp_path / "tps").mkdir(exist_ok=True)
     return make_config(tmp_path, hpc={"result_files": ["output/*"]},
@@ -241,7 +246,7 @@ def test_an_earlier_folder_of_the_same_name_is_replaced_and_a_file_is_refused(tm
     (old / "output" / "stale.raw").write_text("old")
     (config.results.deliver_to / "clash").write_text("a file")
     again, clash = completed(ctx, "again", T0 + 10), completed(ctx, "clash", T0 + 10)
-    assert deliver_pending(ctx, T0 + 11) == 1
+    assert deliver_all(ctx, T0 + 11) == 1
     assert sorted(p.name for p in (old / "output").iterdir()) == ["Dose.mhd", "dose.raw"]
     assert get_case(ctx.conn, again.case_id).result_checksums is None
     assert "exists and is not a folder" in get_case(ctx.conn, clash.case_id).delivery_error
@@ -299,7 +304,7 @@ def test_retention_removes_exactly_what_its_rules_allow(retained, capsys):
     add("acked", failed)
     add("acked, task may run", failed)
     add("recent", completed, completed_at=PAST + 2 * DAY)  # ended 9 days ago
-    deliver_pending(ctx, PAST + 11)
+    assert deliver_all(ctx, PAST + 11) == 5
     for name in ("undelivered",):
         with transaction(ctx.conn):
             ctx.conn.execute("UPDATE cases SET delivered_at = NULL, delivery_error = 'share offline'"
@@ -349,7 +354,7 @@ def test_retention_leaves_a_drained_host_alone_and_refuses_folders_outside_the_b
     with transaction(ctx.conn):
         ctx.conn.execute("UPDATE cases SET remote_dir = ? WHERE case_id = ?", (f"{base}/{link.folder_name}",
                                                                               link.case_id))
-    deliver_pending(ctx, PAST + 11)
+    deliver_all(ctx, PAST + 11)
     drain(ctx.conn, ctx.config.hpc.host, now=PAST, by="op")
     assert apply_retention(ctx, time.time()) == 0 and not get_case(ctx.conn, case.case_id).needs_review
     resume(ctx.conn, ctx.config.hpc.host)
