@@ -5,8 +5,9 @@ first, its slot marked zombie, and then killed; a zombie slot returns to
 ``available`` only once the HPC shows no unfinished task of ours in its group (a
 failed case's task is killed again while it runs, or removed while it waits). A case whose ``status_updated_at`` did
 not move for ``stuck_after_minutes`` is flagged for an operator, never failed.
-It also runs the day-to-day steps that must never hold up a case: results delivery
-(``shared.delivery``), clean-up (``shared.retention``) and notices (``shared.notify``).
+It also runs the day-to-day steps, which never change a case's status: results delivery
+(``shared.delivery``, one case per pass), clean-up (``shared.retention``) and notices
+(``shared.notify``, which never waits for the notifier).
 """
 from __future__ import annotations
 
