@@ -1,19 +1,23 @@
 """``mqic``: the operator's command line.
 
-Reading commands (``status``, ``cases``, ``show``, ``health``) open the database
-read-only. Commands that change a case (``retry``, ``cancel``, ``ack``) go through
-``shared.actions``, which uses the same guarded moves as the workers, so they
-never race a worker into an inconsistent row. Every error is one line on stderr:
-exit 2 for a bad config, 1 for anything else.
+Reading commands (``status``, ``cases``, ``show``, ``health``, ``cleanup --dry-run``)
+open the database read-only. Commands that change a case (``retry``, ``cancel``,
+``ack``, ``priority``) go through ``shared.actions`` and ``shared.priority``, which use
+the same guarded moves as the workers, so they never race a worker into an
+inconsistent row; ``drain``/``resume`` and ``cleanup`` call ``shared.maintenance`` and
+``shared.retention``. Every error is one line on stderr: exit 2 for a bad config, 1
+for anything else.
 """
 from __future__ import annotations
 
 import argparse
 import getpass
 import json
+import logging
 import os
 import re
 import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -27,18 +31,20 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 
 from console import queries
-from console.top import console_width, format_age, format_time, freshness, slots_table, totals_line
-from shared import actions, tasks
+from console.top import console_width, format_age, format_time, freshness, slots_table, totals_line, upkeep_line
+from shared import actions, maintenance, retention, tasks
 from shared.backends import backend_for, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, default_config_path, load_config
 from shared.db import connect
 from shared.doorbell import ring
 from shared.errors import ConfigError, MqicError, RemoteFailure
+from shared.priority import PRIORITIES, PriorityRefused, set_priority
 from shared.remote import Remote, TransferUnsupported, UnsafeControlDir, ensure_private_dir
 from shared.spool import Spool
 from shared.states import Outcome
 from shared.store import Case, get_case
+from shared.worker import Context
 
 PROGRAM = "mqic"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +100,14 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         conn.close()
     if args.json:
         print_json({"totals": view.totals, "slots": view.slots, "workers": view.workers,
-                    "last_change": view.last_change, "remote": view.remote, "health": view.health})
+                    "last_change": view.last_change, "remote": view.remote, "health": view.health,
+                    "upkeep": view.upkeep, "drained": view.upkeep.drained})
         return 0
     console = out()
     console.print(totals_line(view))
+    upkeep = upkeep_line(view, config.tz)
+    if upkeep is not None:
+        console.print(upkeep)
     console.print(slots_table(view, config.tz))
     console.print(freshness(view, config.tz))
     return 0
@@ -120,18 +130,29 @@ def cmd_cases(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-CASES_HEADER = f"{'ID':>7}  {'STATUS':<10}  {'DONE':>4}  {'GROUP':<8}  {'TASK':>5}  {'TRIES':>5}  {'UPDATED':>7}  NAME"
+CASES_HEADER = (f"{'ID':>7}  {'STATUS':<10}  {'PRIO':<6}  {'DONE':>4}  {'GROUP':<8}  {'TASK':>5}  {'TRIES':>5}"
+                f"  {'UPDATED':>7}  NAME")
+
+
+def case_note(case: queries.CaseView) -> str:
+    """The bracketed note of a listing line: review flag, outcome, delivery."""
+    notes = [f"REVIEW: {case.review_reason}"] if case.needs_review else ([case.outcome] if case.outcome else [])
+    if case.delivery_error:
+        notes.append(f"DELIVERY FAILING: {case.delivery_error}")
+    elif case.delivered_at is not None:
+        notes.append("delivered")
+    return "; ".join(notes)
 
 
 def cases_lines(cases: list[queries.CaseView], now: float) -> list[str]:
     """Plain aligned lines (greppable; long names and notes go last)."""
     lines = [CASES_HEADER]
     for case in cases:
-        note = f"REVIEW: {case.review_reason}" if case.needs_review else (case.outcome or "")
+        note = case_note(case)
         task = "-" if case.pueue_task_id is None else str(case.pueue_task_id)
-        lines.append(f"{case.case_id:>7}  {case.status:<10}  {case.progress:>3.0f}%  {case.pueue_group or '-':<8}"
-                     f"  {task:>5}  {case.attempts:>5}  {format_age(now - case.updated_at):>7}  {case.case_name}"
-                     + (f"  [{note}]" if note else ""))
+        lines.append(f"{case.case_id:>7}  {case.status:<10}  {case.priority:<6}  {case.progress:>3.0f}%"
+                     f"  {case.pueue_group or '-':<8}  {task:>5}  {case.attempts:>5}"
+                     f"  {format_age(now - case.updated_at):>7}  {case.case_name}" + (f"  [{note}]" if note else ""))
     return lines
 
 
@@ -158,16 +179,18 @@ def cmd_health(config: Config, args: argparse.Namespace) -> int:
     finally:
         conn.close()
     reasons = list(view.health.reasons) + ([f"database integrity: {damage}"] if damage else [])
-    return report_health(args, not reasons, reasons)
+    notes = [f"host {d.host} drained since {format_time(d.since, config.tz)} by {d.drained_by}"
+             + (f" ({d.reason})" if d.reason else "") + ": no new claims" for d in view.upkeep.drains]
+    return report_health(args, not reasons, reasons, notes)
 
 
-def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str]) -> int:
+def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str], notes: list[str] = ()) -> int:
+    """``notes`` (a drain) are shown but do not make the system unhealthy: maintenance is deliberate."""
     if args.json:
-        print_json({"healthy": healthy, "reasons": reasons})
-    elif healthy:
-        print("healthy")
+        print_json({"healthy": healthy, "reasons": reasons, "drained": bool(notes), "notes": list(notes)})
     else:
-        print("unhealthy: " + "; ".join(reasons))
+        print(("healthy" if healthy else "unhealthy: " + "; ".join(reasons))
+              + (f" ({'; '.join(notes)})" if notes else ""))
     return 0 if healthy else 1
 
 
@@ -205,17 +228,21 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
 
 
 TIME_FIELDS = ("submitted_at", "status_updated_at", "started_at", "completed_at", "next_attempt_at",
-               "lease_until")
+               "lease_until", "delivered_at", "next_delivery_at", "acknowledged_at", "remote_removed_at",
+               "local_removed_at")
 
 
 def print_case(config: Config, case: Case, events: list[dict], remote: dict | None) -> None:
     tz = config.tz
     record = queries.case_record(case)
-    long_text = {"log_tail", "error_message"}
+    long_text = {"log_tail", "error_message", "result_checksums"}
     for key, value in record.items():
         if value is None or value == "" or key in long_text:
             continue
         print(f"{key:>18}: {format_time(value, tz, full=True) if key in TIME_FIELDS else value}")
+    if case.result_checksums:
+        print(f"{'result_checksums':>18}: sha256 of {len(json.loads(case.result_checksums))} files"
+              f" (`mqic show {case.case_id} --json` lists them)")
     if case.error_message:
         print(f"{'error_message':>18}: {case.error_message}")
     print("events:")
@@ -279,17 +306,92 @@ def cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_ack(config: Config, args: argparse.Namespace) -> int:
-    """Clear a case's review flag."""
+    """Clear a case's review flag; for a failed case, also record that its failure was seen."""
     conn, op = operator_on(config)
     try:
-        case = actions.acknowledge(op, args.case_id, now=time.time())
+        case, cleared, acknowledged = actions.acknowledge(op, args.case_id, now=time.time())
     except actions.Refused as exc:
         raise CliError(str(exc)) from None
     finally:
         conn.close()
-    print(f"case {case.case_id}: review flag cleared ({case.review_reason})")
+    if cleared:
+        print(f"case {case.case_id}: review flag cleared ({case.review_reason})")
+    if acknowledged:
+        print(f"case {case.case_id}: failure acknowledged; retention may now remove its remote folder")
     return 0
 
+
+# -- priority, drain, resume, cleanup -------------------------------------------------------------
+
+def cmd_priority(config: Config, args: argparse.Namespace) -> int:
+    """Make a waiting (or failed) case urgent or normal."""
+    conn = open_db(config, write=True)
+    try:
+        before = existing_case(conn, args.case_id)
+        try:
+            case = set_priority(conn, before.case_id, args.priority, now=time.time(), worker=operator())
+        except PriorityRefused as exc:
+            raise CliError(str(exc)) from None
+    finally:
+        conn.close()
+    print(f"case {case.case_id}: priority {case.priority} (was {before.priority})")
+    return 0
+
+
+def cmd_drain(config: Config, args: argparse.Namespace) -> int:
+    """Stop new claims on a host; running cases finish, waiting ones wait."""
+    host = maintenance.check_host(config, args.host)
+    conn = open_db(config, write=True)
+    try:
+        new = maintenance.drain(conn, host, now=time.time(), by=operator(), reason=args.reason or "")
+        current = next(d for d in maintenance.drains(conn) if d.host == host)
+        totals = queries.status_totals(conn)
+    finally:
+        conn.close()
+    state = "drained" if new else "already drained"
+    print(f"{host}: {state} since {format_time(current.since, config.tz)} by {current.drained_by}; no new claims."
+          f" {totals['running'] + totals['submitting']} cases in flight finish, {totals['submitted']} waiting"
+          f" cases wait. `mqic resume` starts claims again.")
+    return 0
+
+
+def cmd_resume(config: Config, args: argparse.Namespace) -> int:
+    """Allow claims on a drained host again and wake the submitter."""
+    host = maintenance.check_host(config, args.host)
+    conn = open_db(config, write=True)
+    try:
+        ended = maintenance.resume(conn, host)
+    finally:
+        conn.close()
+    if ended is None:
+        print(f"{host}: was not drained; nothing to resume")
+        return 0
+    ring(Spool(config.spool_path).ensure().root, "submitter")
+    print(f"{host}: resumed (drained since {format_time(ended.since, config.tz)} by {ended.drained_by})")
+    return 0
+
+
+def cmd_cleanup(config: Config, args: argparse.Namespace) -> int:
+    """Apply the retention rules now (or, with --dry-run, only show what they say)."""
+    if config.retention.remote_days is None and config.retention.local_days is None:
+        print("retention.remote_days and retention.local_days are not set: nothing is ever cleaned up")
+        return 0
+    conn = open_db(config, write=not args.dry_run)
+    try:
+        remote = Remote(config.hpc)
+        ctx = Context(config=config, conn=conn, spool=Spool(config.spool_path).ensure(), remote=remote,
+                      backend=backend_for(config.hpc, remote), name=operator(), log=logging.getLogger("mqic.cli"))
+        verdicts = retention.cleanup(ctx, time.time(), dry_run=args.dry_run)
+    finally:
+        conn.close()
+    for verdict in verdicts:
+        print(verdict.line())
+    removing = [v for v in verdicts if v.remove]
+    failed = [v for v in removing if v.done.startswith("FAILED")]
+    verb = "would be removed" if args.dry_run else "removed"
+    print(f"{len(removing) - len(failed)} folders {verb}, {len(verdicts) - len(removing)} kept"
+          + (f", {len(failed)} failed" if failed else ""))
+    return 1 if failed else 0
 
 
 # -- doctor ---------------------------------------------------------------------------------------
@@ -300,10 +402,51 @@ class Check:
     ok: bool
     detail: str
     hint: str = ""
+    warn: bool = False  # ok, but worth changing: never fails the doctor
 
     def line(self) -> str:
-        text = f"{'OK  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
-        return text if self.ok or not self.hint else f"{text} -> fix: {self.hint}"
+        label = "FAIL" if not self.ok else ("WARN" if self.warn else "OK  ")
+        text = f"{label} {self.name}: {self.detail}"
+        return text if (self.ok and not self.warn) or not self.hint else f"{text} -> fix: {self.hint}"
+
+
+MIN_QUIET_SECONDS = 30
+
+
+def check_readiness(config: Config) -> Check:
+    """Copies over SMB can pause longer than a short quiet period: want a marker or >= 30 s."""
+    scanner = config.scanner
+    if scanner.ready_marker:
+        return Check("readiness", True, f"a folder is taken once {scanner.ready_marker} exists"
+                                        f" (or after {scanner.quiescence_period_seconds:g} s without change)")
+    if scanner.quiescence_period_seconds >= MIN_QUIET_SECONDS:
+        return Check("readiness", True, f"a folder is taken after {scanner.quiescence_period_seconds:g} s"
+                                        f" without change")
+    return Check("readiness", True, f"no scanner.ready_marker and a quiet period of only"
+                 f" {scanner.quiescence_period_seconds:g} s: a slow or paused copy (SMB) can be taken half-done",
+                 f"have the planning side write a ready marker last and set scanner.ready_marker (README:"
+                 f" \"Readiness\"), or set scanner.quiescence_period_seconds to {MIN_QUIET_SECONDS} or more", warn=True)
+
+
+def check_notify(config: Config) -> Check | None:
+    command = config.notify.command
+    if not command:
+        return None
+    found = shutil.which(command[0])
+    if found is None:
+        return Check("notify.command", False, f"{command[0]} not found", "install it or give its full path")
+    return Check("notify.command", True, f"{found} (timeout {config.notify.timeout_seconds:g} s)")
+
+
+def check_delivery(config: Config) -> Check | None:
+    target = config.results.deliver_to
+    if target is None:
+        return None
+    if not target.is_dir():
+        return Check("results.deliver_to", False, f"{target} is not a folder", "mount the share or create the folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        return Check("results.deliver_to", False, f"{target} is not writable", f"let this user write to {target}")
+    return Check("results.deliver_to", True, f"{target} is a writable folder")
 
 
 def check_identity(config: Config) -> Check:
@@ -448,7 +591,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     checks = [Check("config", True, f"{config.source} is valid"), check_identity(config),
               check_known_hosts(config), check_control_dir(config), *remote_checks(config),
-              check_database(config)]
+              check_database(config), check_readiness(config)]
+    checks += [c for c in (check_notify(config), check_delivery(config)) if c is not None]
     for check in checks:
         print(check.line(), flush=True)
     return 0 if all(c.ok for c in checks) else 1
@@ -569,8 +713,18 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all-failed", action="store_true", help="every failed case")
     retry.add_argument("--outcome", choices=[o.value for o in Outcome], help="only failed cases with this outcome")
     for name, text in (("cancel", "stop a submitted or running case"),
-                       ("ack", "clear a case's review flag")):
+                       ("ack", "clear a case's review flag; acknowledge a failed case")):
         sub.add_parser(name, help=text).add_argument("case_id", type=int)
+    priority = sub.add_parser("priority", help="make a waiting case urgent or normal")
+    priority.add_argument("case_id", type=int)
+    priority.add_argument("priority", choices=PRIORITIES)
+    drain = sub.add_parser("drain", help="stop new claims (maintenance); running cases finish")
+    drain.add_argument("--host", help="HPC host (default: hpc.host)")
+    drain.add_argument("--reason", help="shown with the drain, e.g. 'GPU driver update'")
+    resume = sub.add_parser("resume", help="start claims again after a drain")
+    resume.add_argument("--host", help="HPC host (default: hpc.host)")
+    cleanup = sub.add_parser("cleanup", help="apply the retention rules now")
+    cleanup.add_argument("--dry-run", action="store_true", help="only show what would be removed and what is kept")
     health = sub.add_parser("health", help="exit 0 when healthy, 1 otherwise")
     health.add_argument("--json", action="store_true")
     sub.add_parser("doctor", help="check config, keys, ssh, pueue and the remote folder")
@@ -586,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "status": cmd_status, "cases": cmd_cases, "show": cmd_show, "retry": cmd_retry,
     "cancel": cmd_cancel, "ack": cmd_ack, "health": cmd_health, "backup": cmd_backup,
+    "priority": cmd_priority, "drain": cmd_drain, "resume": cmd_resume, "cleanup": cmd_cleanup,
 }
 
 

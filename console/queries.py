@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
+from shared.maintenance import Drain, drains
 from shared.states import CaseStatus
 from shared.store import Case, case_from_row
 
@@ -20,7 +21,8 @@ ACTIVE_STATUSES = ("submitted", "submitting", "running")
 REMOTE_RECORDED = "workers.remote_ok"
 
 CASE_VIEW_COLUMNS = ("case_id, case_name, status, progress, pueue_group, pueue_task_id,"
-                     " submitted_at, status_updated_at, attempts, outcome, needs_review, review_reason")
+                     " submitted_at, status_updated_at, attempts, outcome, needs_review, review_reason,"
+                     " priority, delivered_at, delivery_error")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class CaseView:
     outcome: str | None
     needs_review: bool
     review_reason: str | None
+    priority: str = "normal"
+    delivered_at: float | None = None
+    delivery_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,22 @@ class Health:
 
 
 @dataclass(frozen=True)
+class Upkeep:
+    """Day-to-day state: drained hosts, results awaiting delivery, notices not sent."""
+    drains: tuple[Drain, ...] = ()
+    urgent_waiting: int = 0
+    awaiting_delivery: int = 0
+    delivery_failing: int = 0
+    delivery_error: str | None = None  # the newest delivery error, when some fail
+    notices_pending: int = 0
+    notices_failing: int = 0
+
+    @property
+    def drained(self) -> bool:
+        return bool(self.drains)
+
+
+@dataclass(frozen=True)
 class Overview:
     """One consistent picture of the database, as the monitor shows it."""
     now: float
@@ -91,6 +112,7 @@ class Overview:
     last_change: float | None
     remote: RemoteView
     health: Health
+    upkeep: Upkeep = Upkeep()
 
     @property
     def active(self) -> int:
@@ -137,7 +159,8 @@ def _case_view(row: sqlite3.Row) -> CaseView:
                     pueue_task_id=row["pueue_task_id"], submitted_at=row["submitted_at"],
                     updated_at=row["status_updated_at"], attempts=row["attempts"],
                     outcome=row["outcome"], needs_review=bool(row["needs_review"]),
-                    review_reason=row["review_reason"])
+                    review_reason=row["review_reason"], priority=row["priority"],
+                    delivered_at=row["delivered_at"], delivery_error=row["delivery_error"])
 
 
 # -- cases ------------------------------------------------------------------------------------
@@ -240,17 +263,49 @@ def remote_status(conn: sqlite3.Connection, now: float, stale_after: float) -> R
 
 
 def judge_health(totals: dict[str, int], workers_seen: list[WorkerView] | tuple[WorkerView, ...],
-                 last_change: float | None, now: float, stale_after: float) -> Health:
-    """Healthy unless a heartbeat is stale (or none exists) or active cases sit unchanged too long."""
+                 last_change: float | None, now: float, stale_after: float, upkeep: Upkeep = Upkeep()) -> Health:
+    """Healthy unless a heartbeat is stale (or none exists), active cases sit unchanged too long,
+    or results cannot be delivered. While drained, waiting cases are expected not to move."""
     reasons = [f"worker {w.name} heartbeat is {now - w.heartbeat:.0f}s old (limit {stale_after:g}s)"
                for w in workers_seen if not w.alive]
     if not workers_seen:
         reasons.append("no worker has written a heartbeat (are the workers running?)")
-    active = sum(totals.get(s, 0) for s in ACTIVE_STATUSES)
+    moving = [s for s in ACTIVE_STATUSES if not (upkeep.drained and s == "submitted")]
+    active = sum(totals.get(s, 0) for s in moving)
     if active and last_change is not None and now - last_change > stale_after:
         reasons.append(f"no database change for {now - last_change:.0f}s while {active} cases are"
                        f" active (limit {stale_after:g}s)")
+    if upkeep.delivery_failing:
+        reasons.append(f"results delivery failing for {upkeep.delivery_failing} cases ({upkeep.delivery_error})")
     return Health(healthy=not reasons, reasons=tuple(reasons))
+
+
+UNDELIVERED_SQL = ("SELECT COUNT(*), COUNT(delivery_error), MAX(CASE WHEN delivery_error IS NOT NULL"
+                   " THEN completed_at END) FROM cases INDEXED BY cases_undelivered"
+                   " WHERE status = 'completed' AND delivered_at IS NULL"
+                   " AND completed_at >= (SELECT value FROM settings WHERE key = 'results.deliver_since')")
+NOTICES_SQL = ("SELECT COUNT(*), COUNT(last_error) FROM notices"
+               " WHERE sent_at IS NULL AND gave_up_at IS NULL")
+
+
+def waiting_by_priority(conn: sqlite3.Connection) -> dict[str, int]:
+    """Submitted cases per priority (both keys, zero when none)."""
+    counts = dict(conn.execute("SELECT priority, COUNT(*) FROM cases WHERE status = 'submitted' GROUP BY priority"))
+    return {p: counts.get(p, 0) for p in ("normal", "urgent")}
+
+
+def upkeep(conn: sqlite3.Connection) -> Upkeep:
+    """Drains, waiting urgent cases, undelivered results and unsent notices."""
+    waiting, failing, newest = conn.execute(UNDELIVERED_SQL).fetchone()
+    error = None
+    if failing:
+        error = conn.execute("SELECT delivery_error FROM cases WHERE status = 'completed' AND delivered_at IS NULL"
+                             " AND completed_at = ? AND delivery_error IS NOT NULL LIMIT 1", (newest,)).fetchone()[0]
+    pending, notices_failing = conn.execute(NOTICES_SQL).fetchone()
+    urgent = conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted' AND priority = 'urgent'").fetchone()[0]
+    return Upkeep(drains=tuple(drains(conn)), urgent_waiting=urgent, awaiting_delivery=waiting,
+                  delivery_failing=failing, delivery_error=error, notices_pending=pending,
+                  notices_failing=notices_failing)
 
 
 def overview(conn: sqlite3.Connection, now: float, stale_after: float, *, recent: int = 10,
@@ -260,11 +315,12 @@ def overview(conn: sqlite3.Connection, now: float, stale_after: float, *, recent
         totals = status_totals(conn)
         seen = workers(conn, now, stale_after)
         last = last_db_change(conn)
+        kept = upkeep(conn)
         return Overview(now=now, totals=totals, slots=tuple(slots(conn)),
                         recent=tuple(recent_cases(conn, recent)), flagged=tuple(review_flags(conn, flags)),
                         workers=tuple(seen), last_change=last,
                         remote=remote_status(conn, now, stale_after),
-                        health=judge_health(totals, seen, last, now, stale_after))
+                        health=judge_health(totals, seen, last, now, stale_after, kept), upkeep=kept)
 
 
 # -- metrics helpers ------------------------------------------------------------------------------

@@ -104,6 +104,27 @@ def totals_line(view: Overview) -> Text:
     return text
 
 
+def upkeep_line(view: Overview, tz: ZoneInfo) -> Text | None:
+    """Drains, urgent cases waiting, results awaiting delivery and notices; None when there is nothing to say."""
+    kept = view.upkeep
+    parts: list[Text] = []
+    for drain in kept.drains:
+        why = f" ({drain.reason})" if drain.reason else ""
+        parts.append(Text(f"DRAINED {drain.host} since {format_time(drain.since, tz)} by {drain.drained_by}{why}:"
+                          f" no new claims (`mqic resume`)", style="bold yellow"))
+    if kept.urgent_waiting:
+        parts.append(Text(f"urgent waiting {kept.urgent_waiting}", style="bold red"))
+    if kept.awaiting_delivery:
+        text = Text(f"results awaiting delivery {kept.awaiting_delivery}")
+        if kept.delivery_failing:
+            text.append(f", {kept.delivery_failing} FAILING: {kept.delivery_error}", style="bold red")
+        parts.append(text)
+    if kept.notices_pending:
+        parts.append(Text(f"notices unsent {kept.notices_pending}"
+                          + (f" ({kept.notices_failing} failed, retrying)" if kept.notices_failing else "")))
+    return Text("\n").join(parts) if parts else None
+
+
 def slots_table(view: Overview, tz: ZoneInfo) -> Table:
     table = Table(title="GPU slots", box=box.SIMPLE_HEAD, title_justify="left", expand=False)
     for name in ("group", "gpu", "state", "case", "task", "for"):
@@ -126,7 +147,10 @@ def cases_table(title: str, cases: Sequence[CaseView], view: Overview, tz: ZoneI
     table.add_column("progress", no_wrap=True)
     table.add_column("updated", overflow="fold")
     for case in cases:
-        table.add_row(str(case.case_id), case.case_name, styled(case.status), progress_cell(case.progress),
+        name = Text(case.case_name)
+        if case.priority == "urgent":
+            name.append(" URGENT", style="bold red")
+        table.add_row(str(case.case_id), name, styled(case.status), progress_cell(case.progress),
                       f"{format_age(view.now - case.updated_at)} ago")
     if not cases:
         table.add_row("", "(none)", "", "", "")
@@ -195,7 +219,11 @@ def render(view: Overview | None, config: Config, now: float, message: str | Non
         return Group(*parts)
     if message:
         parts.append(Text(f"(showing data read at {format_time(view.now, tz)})", style="dim"))
-    parts += [totals_line(view), slots_table(view, tz),
+    parts.append(totals_line(view))
+    upkeep = upkeep_line(view, tz)
+    if upkeep is not None:
+        parts.append(upkeep)
+    parts += [slots_table(view, tz),
               cases_table("Recent cases", view.recent, view, tz)]
     if view.flagged:
         parts.append(review_table(view))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from shared import tasks
+from shared import retention, tasks
 from shared.backends import Backend, backend_for, model
 from shared.config import Config
 from shared.errors import MqicError, RemoteFailure
@@ -23,7 +23,8 @@ RETRY_CLEARS = {"attempts": 0, "next_attempt_at": None, "outcome": None, "exit_c
                 "error_type": None, "error_message": None, "log_tail": None, "completed_at": None,
                 "started_at": None, "progress": 0.0, "claimed_by": None, "lease_until": None,
                 "pueue_task_id": None, "pueue_group": None, "remote_dir": None, "staged_at": None,
-                "running_since": None, "add_uncertain_until": None, "stop_requested_at": None}
+                "running_since": None, "add_uncertain_until": None, "stop_requested_at": None,
+                "acknowledged_at": None, "remote_removed_at": None}
 
 
 class Refused(MqicError):
@@ -144,9 +145,16 @@ def stop_cancelled(op: Operator, case: Case, now: float) -> str:
     return f"{', '.join(done)}; the reaper sends SIGKILL after the grace period and frees slot {case.pueue_group}"
 
 
-def acknowledge(op: Operator, case_id: int, *, now: float) -> Case:
-    """Clear a case's review flag (the reason stays in the event history)."""
+def acknowledge(op: Operator, case_id: int, *, now: float) -> tuple[Case, bool, bool]:
+    """Clear a case's review flag (the reason stays in the event history) and, for a failed
+    case, record that its failure was seen (retention may then remove its remote folder).
+
+    Returns the case as it was, whether a flag was cleared and whether a failure was acknowledged.
+    """
     case = op.case(case_id)
-    if not clear_review(op.conn, case.case_id, now=now, worker=op.who):
-        raise Refused(f"case {case.case_id} has no review flag")
-    return case
+    cleared = clear_review(op.conn, case.case_id, now=now, worker=op.who)
+    acknowledged = retention.acknowledge(op.conn, case, now=now, worker=op.who)
+    if not (cleared or acknowledged):
+        seen = " and its failure is already acknowledged" if case.status is CaseStatus.FAILED else ""
+        raise Refused(f"case {case.case_id} has no review flag{seen}")
+    return case, cleared, acknowledged

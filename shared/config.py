@@ -25,6 +25,7 @@ DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<tot
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
 TRANSFER_METHODS = ("scp", "tar", "rsync")
+NOTIFY_EVENTS = ("completed", "failed", "flagged", "unreachable")
 SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")
 INSECURE_SSH_OPTION = re.compile(
     r"StrictHostKeyChecking\s*=?\s*(no|off|accept-new)|PasswordAuthentication\s*=?\s*yes|"
@@ -38,6 +39,8 @@ class ScannerConfig:
     quiescence_period_seconds: float = 5.0
     ready_marker: str | None = None
     rescan_interval_seconds: float = 10.0
+    urgent_marker: str | None = "_URGENT"
+    urgent_name_pattern: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,39 @@ class MainLoopConfig:
 
 
 @dataclass(frozen=True)
+class SchedulingConfig:
+    max_wait_minutes: float = 60.0
+
+    @property
+    def max_wait_seconds(self) -> float:
+        """A normal case waiting longer than this is claimed like an urgent one."""
+        return self.max_wait_minutes * 60
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    deliver_to: Path | None = None
+    checksums: bool = True
+    retry_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    remote_days: float | None = None
+    local_days: float | None = None
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    command: tuple[str, ...] = ()
+    events: tuple[str, ...] = NOTIFY_EVENTS
+    timeout_seconds: float = 10.0
+    unreachable_after_minutes: float = 10.0
+    max_attempts: int = 3
+    retry_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     file: Path
     level: str = "INFO"
@@ -118,6 +154,10 @@ class Config:
     logging: LoggingConfig
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     unhealthy_after_seconds: float = 300.0
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -155,6 +195,12 @@ class _Section:
             bound = f"> {minimum}" if positive else f">= {minimum}"
             raise ConfigError(f"{self.key(key)}: got {value!r}, expected {kind} {bound}")
         return value
+
+    def optional_number(self, key: str, **limits: Any) -> Any:
+        """A number, or None when the key is absent or null."""
+        if self.raw(key, None) is None:
+            return None
+        return self.number(key, **limits)
 
     def text(self, key: str, default: Any = _REQUIRED, *, optional: bool = False) -> Any:
         value = self.raw(key, default)
@@ -210,15 +256,33 @@ def _refuse_secrets(data: Any, prefix: str = "") -> None:
             _refuse_secrets(value, f"{name}.")
 
 
+def _file_name(s: _Section, key: str, default: str | None) -> str | None:
+    name = s.text(key, default, optional=True)
+    if name is not None and ("/" in name or name in (".", "..")):
+        raise ConfigError(f"{s.key(key)}: got {name!r}, expected a plain file name")
+    return name
+
+
 def _scanner(s: _Section) -> ScannerConfig:
-    marker = s.text("ready_marker", None, optional=True)
-    if marker is not None and ("/" in marker or marker in (".", "..")):
-        raise ConfigError(f"scanner.ready_marker: got {marker!r}, expected a plain file name")
+    marker = _file_name(s, "ready_marker", None)
+    urgent = _file_name(s, "urgent_marker", "_URGENT")
+    if urgent is not None and urgent == marker:
+        raise ConfigError(f"scanner.urgent_marker: got {urgent!r}, expected a name other than "
+                          f"scanner.ready_marker (a ready case would always be urgent)")
+    pattern = s.text("urgent_name_pattern", None, optional=True)
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"scanner.urgent_name_pattern: got {pattern!r}, expected a regular "
+                              f"expression ({exc})") from None
     return ScannerConfig(
         watch_path=s.path("watch_path"),
         quiescence_period_seconds=s.number("quiescence_period_seconds", 5),
         ready_marker=marker,
         rescan_interval_seconds=s.number("rescan_interval_seconds", 10, positive=True),
+        urgent_marker=urgent,
+        urgent_name_pattern=pattern,
     )
 
 
@@ -364,8 +428,59 @@ def _logging(s: _Section) -> LoggingConfig:
     )
 
 
+def _results(s: _Section) -> ResultsConfig:
+    deliver_to = None if s.raw("deliver_to", None) is None else s.path("deliver_to")
+    return ResultsConfig(deliver_to=deliver_to, checksums=s.flag("checksums", True),
+                         retry_seconds=s.number("retry_seconds", 60, positive=True))
+
+
+def _retention(s: _Section) -> RetentionConfig:
+    return RetentionConfig(remote_days=s.optional_number("remote_days", positive=True),
+                           local_days=s.optional_number("local_days", positive=True))
+
+
+def _notify(s: _Section) -> NotifyConfig:
+    command = s.raw("command", None)
+    if command is None:
+        command = []
+    if not isinstance(command, list) or not all(isinstance(w, str) and w for w in command):
+        raise ConfigError(f"notify.command: got {command!r}, expected a list of arguments such as "
+                          f"[curl, --data-binary, '@-', URL] (no shell; the event JSON arrives on stdin)")
+    events = s.raw("events", list(NOTIFY_EVENTS))
+    if not isinstance(events, list) or not set(events) <= set(NOTIFY_EVENTS) or \
+            not all(isinstance(e, str) for e in events):
+        raise ConfigError(f"notify.events: got {events!r}, expected a list of {', '.join(NOTIFY_EVENTS)}")
+    return NotifyConfig(
+        command=tuple(command), events=tuple(events),
+        timeout_seconds=s.number("timeout_seconds", 10, positive=True),
+        unreachable_after_minutes=s.number("unreachable_after_minutes", 10, positive=True),
+        max_attempts=s.number("max_attempts", 3, minimum=1, integer=True),
+        retry_seconds=s.number("retry_seconds", 60, positive=True),
+    )
+
+
+def _check_retention(config: Config) -> None:
+    days = config.retention.remote_days
+    if days is not None and not config.hpc.result_files:
+        raise ConfigError(f"retention.remote_days: got {days!r}, expected hpc.result_files to name the result "
+                          f"files (it is empty, so the HPC folder holds the only copy of the results)")
+
+
+def _check_delivery(config: Config) -> None:
+    target = config.results.deliver_to
+    if target is None:
+        return
+    if not config.hpc.result_files:
+        raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected hpc.result_files to name the "
+                          f"result files to deliver (it is empty)")
+    for key, folder in (("scanner.watch_path", config.scanner.watch_path), ("spool.path", config.spool_path)):
+        if target.resolve() == folder.resolve() or folder.resolve() in target.resolve().parents:
+            raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected a folder outside "
+                              f"{key} ({folder})")
+
+
 SECTIONS = ("root_dir", "scanner", "hpc", "pueue", "main_loop", "database", "spool",
-            "logging", "metrics", "health")
+            "logging", "metrics", "health", "scheduling", "results", "retention", "notify")
 
 
 def parse_config(data: Any, source: Path) -> Config:
@@ -391,6 +506,11 @@ def parse_config(data: Any, source: Path) -> Config:
         metrics=MetricsConfig(host=sections["metrics"].text("host", "127.0.0.1"),
                               port=sections["metrics"].number("port", 8000, minimum=1, integer=True)),
         unhealthy_after_seconds=sections["health"].number("unhealthy_after_seconds", 300, positive=True),
+        scheduling=SchedulingConfig(
+            max_wait_minutes=sections["scheduling"].number("max_wait_minutes", 60, positive=True)),
+        results=_results(sections["results"]),
+        retention=_retention(sections["retention"]),
+        notify=_notify(sections["notify"]),
     )
     for section in sections.values():
         section.finish()
@@ -398,6 +518,8 @@ def parse_config(data: Any, source: Path) -> Config:
         raise ConfigError(f"main_loop.lease_seconds: got {config.main_loop.lease_seconds!r}, expected more than "
                           f"hpc.command_timeout_seconds ({config.hpc.command_timeout_seconds!r}), or a slow "
                           f"`pueue add` could outlive its claim")
+    _check_delivery(config)
+    _check_retention(config)
     return config
 
 

@@ -118,6 +118,51 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE cases ADD COLUMN stop_requested_at REAL;
     UPDATE cases SET running_since = status_updated_at WHERE status = 'running';
     """,
+    # issue 12: priority, results delivery, retention, drains, notices and their counters.
+    """
+    ALTER TABLE cases ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal' CHECK (priority IN ('normal','urgent'));
+    ALTER TABLE cases ADD COLUMN delivered_at REAL;
+    ALTER TABLE cases ADD COLUMN delivered_to TEXT;
+    ALTER TABLE cases ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE cases ADD COLUMN next_delivery_at REAL;
+    ALTER TABLE cases ADD COLUMN delivery_error TEXT;
+    ALTER TABLE cases ADD COLUMN result_checksums TEXT;
+    ALTER TABLE cases ADD COLUMN acknowledged_at REAL;
+    ALTER TABLE cases ADD COLUMN remote_removed_at REAL;
+    ALTER TABLE cases ADD COLUMN local_removed_at REAL;
+    CREATE INDEX cases_undelivered ON cases(completed_at) WHERE status = 'completed' AND delivered_at IS NULL;
+    CREATE INDEX cases_remote_kept ON cases(completed_at)
+        WHERE status IN ('completed', 'failed') AND remote_removed_at IS NULL AND remote_dir IS NOT NULL;
+    CREATE INDEX cases_local_kept ON cases(completed_at) WHERE status = 'completed' AND local_removed_at IS NULL;
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE drains (
+        host TEXT PRIMARY KEY,
+        since REAL NOT NULL,
+        drained_by TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE notices (
+        notice_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        case_id INTEGER,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        claimed_by TEXT,
+        lease_until REAL,
+        sent_at REAL,
+        gave_up_at REAL,
+        last_error TEXT
+    );
+    CREATE INDEX notices_due ON notices(next_attempt_at) WHERE sent_at IS NULL AND gave_up_at IS NULL;
+    INSERT INTO settings (key, value, updated_at)
+        SELECT 'notify.cursor', COALESCE(MAX(event_id), 0), 0 FROM case_events;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -49,6 +49,17 @@ class Case:
     running_since: float | None = None
     add_uncertain_until: float | None = None
     stop_requested_at: float | None = None
+    # issue 12: priority, results delivery and retention (see shared.priority, .delivery, .retention)
+    priority: str = "normal"
+    delivered_at: float | None = None
+    delivered_to: str | None = None
+    delivery_attempts: int = 0
+    next_delivery_at: float | None = None
+    delivery_error: str | None = None
+    result_checksums: str | None = None
+    acknowledged_at: float | None = None
+    remote_removed_at: float | None = None
+    local_removed_at: float | None = None
 
     @property
     def label(self) -> str:
@@ -181,21 +192,23 @@ def update_case(conn: sqlite3.Connection, case_id: int, status: CaseStatus,
 
 
 def register_case(conn: sqlite3.Connection, *, case_name: str, source_path: str, now: float,
-                  worker: str) -> Case:
+                  worker: str, priority: str = "normal", why: str = "") -> Case:
     """Insert a new ``submitted`` case whose folder is still at ``source_path``.
 
     The row starts in spool stage ``incoming``; the caller then moves the folder
     into the spool (see ``shared.spool``), and a crash in between is repaired by
-    the spool reconcile step. Returns the new row.
+    the spool reconcile step. ``priority`` (``normal``/``urgent``, with ``why``
+    for the event) is set in the same insert, so no claim ever sees it unset.
+    Returns the new row.
     """
     with transaction(conn):
         cursor = conn.execute(
             "INSERT INTO cases (case_name, case_path, source_path, spool_stage, status,"
-            " submitted_at, status_updated_at) VALUES (?, ?, ?, 'incoming', 'submitted', ?, ?)",
-            (case_name, source_path, source_path, now, now))
+            " submitted_at, status_updated_at, priority) VALUES (?, ?, ?, 'incoming', 'submitted', ?, ?, ?)",
+            (case_name, source_path, source_path, now, now, priority))
         case_id = cursor.lastrowid
         record_case_event(conn, case_id, None, CaseStatus.SUBMITTED, now=now, worker=worker,
-                          detail=f"registered from {source_path}")
+                          detail=f"registered from {source_path}" + (f"; {priority}: {why}" if why else ""))
     return get_case(conn, case_id)
 
 
@@ -261,6 +274,19 @@ def sync_slots(conn: sqlite3.Connection, groups: Iterable[tuple[str, str | None]
     return added
 
 
+# Claim order: urgent first, oldest first within a priority. A normal case that has
+# waited longer than ``max_wait_seconds`` counts as urgent (anti-starvation): older than
+# every urgent case that arrives later, it is claimed before them.
+URGENT_FIRST = ("CASE WHEN priority = 'urgent' OR submitted_at <= :aged THEN 0 ELSE 1 END,"
+                " submitted_at, case_id")
+# One HPC host today: any drained host stops every claim (with several, match the slot's host).
+NOT_DRAINED = "NOT EXISTS (SELECT 1 FROM drains)"
+
+
+def _aged(now: float, max_wait_seconds: float | None) -> float | None:
+    return None if max_wait_seconds is None else now - max_wait_seconds
+
+
 @dataclass(frozen=True)
 class Claim:
     case: Case
@@ -269,16 +295,21 @@ class Claim:
 
 
 def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_seconds: float,
-                    groups: Iterable[str] | None = None) -> Claim | None:
-    """Atomically take the oldest eligible ``submitted`` case and an available slot.
+                    groups: Iterable[str] | None = None,
+                    max_wait_seconds: float | None = None) -> Claim | None:
+    """Atomically take the next eligible ``submitted`` case and an available slot.
 
-    In one ``BEGIN IMMEDIATE``: the case moves to ``submitting`` with a lease for
+    Next means urgent first, oldest first within a priority, a normal case waiting
+    longer than ``max_wait_seconds`` counting as urgent (``URGENT_FIRST``). In one
+    ``BEGIN IMMEDIATE``: the case moves to ``submitting`` with a lease for
     ``worker`` and the slot to ``assigned``. Returns None (and changes nothing)
-    when there is no eligible case or no free slot among ``groups``.
+    when there is no eligible case, no free slot among ``groups``, or a host is
+    drained (``shared.maintenance``).
     """
     allowed = list(groups) if groups is not None else None
     if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted'") or \
-            not _any(conn, "SELECT 1 FROM gpu_resources WHERE status = 'available'"):
+            not _any(conn, "SELECT 1 FROM gpu_resources WHERE status = 'available'") or \
+            _any(conn, "SELECT 1 FROM drains"):
         return None  # nothing to do: no write lock taken
     with transaction(conn):
         slot = _free_slot(conn, allowed)
@@ -290,8 +321,9 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
             " WHERE case_id = (SELECT case_id FROM cases WHERE status = 'submitted'"
             "   AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             "   AND (claimed_by IS NULL OR lease_until < :now)"
-            "   ORDER BY submitted_at, case_id LIMIT 1) AND status = 'submitted' RETURNING *",
-            {"now": now, "w": worker, "lease": now + lease_seconds, "g": slot.pueue_group}).fetchone()
+            f"  AND {NOT_DRAINED} ORDER BY {URGENT_FIRST} LIMIT 1) AND status = 'submitted' RETURNING *",
+            {"now": now, "w": worker, "lease": now + lease_seconds, "g": slot.pueue_group,
+             "aged": _aged(now, max_wait_seconds)}).fetchone()
         if row is None:
             return None
         case = case_from_row(row)
@@ -334,11 +366,12 @@ def staged_waiting(conn: sqlite3.Connection) -> int:
 
 
 def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float,
-                      lease_seconds: float) -> Case | None:
-    """Take the oldest ``submitted``, not yet staged, unclaimed case for a pre-upload.
+                      lease_seconds: float, max_wait_seconds: float | None = None) -> Case | None:
+    """Take the next ``submitted``, not yet staged, unclaimed case for a pre-upload.
 
-    The case keeps its status; only ``claimed_by``/``lease_until`` mark the work,
-    so ``claim_next_case`` leaves it alone until the lease ends.
+    Same order as ``claim_next_case`` (urgent first) and nothing while a host is
+    drained. The case keeps its status; only ``claimed_by``/``lease_until`` mark
+    the work, so ``claim_next_case`` leaves it alone until the lease ends.
     """
     if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted' AND staged_at IS NULL"):
         return None
@@ -348,8 +381,9 @@ def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float,
             " WHERE case_id = (SELECT case_id FROM cases WHERE status = 'submitted'"
             "   AND staged_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             "   AND (claimed_by IS NULL OR lease_until < :now)"
-            "   ORDER BY submitted_at, case_id LIMIT 1) AND status = 'submitted' RETURNING *",
-            {"w": worker, "now": now, "lease": now + lease_seconds}).fetchone()
+            f"  AND {NOT_DRAINED} ORDER BY {URGENT_FIRST} LIMIT 1) AND status = 'submitted' RETURNING *",
+            {"w": worker, "now": now, "lease": now + lease_seconds,
+             "aged": _aged(now, max_wait_seconds)}).fetchone()
     return None if row is None else case_from_row(row)
 
 

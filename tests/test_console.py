@@ -347,7 +347,7 @@ def test_health_exit_codes(tmp_path, capsys):
     conn = connect(config.database_path)
     beat(conn, "poller", now=time.time())
     code, out, _ = cli(capsys, config, "health", "--json")
-    assert code == 0 and json.loads(out) == {"healthy": True, "reasons": []}
+    assert code == 0 and json.loads(out) == {"healthy": True, "reasons": [], "drained": False, "notes": []}
 
     strict = make_config(tmp_path, health={"unhealthy_after_seconds": 5})
     with transaction(conn):  # nothing changed for 60 s while cases are active

@@ -29,6 +29,7 @@ from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect
 from shared.logs import for_case, setup_logging
+from shared.settings import counters
 
 BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
            28800.0, 86400.0)
@@ -119,7 +120,11 @@ class DbCollector:
             seen = queries.workers(conn, now, stale_after)
             last = queries.last_db_change(conn)
             remote = queries.remote_status(conn, now, stale_after)
+            kept = queries.upkeep(conn)
+            counts = counters(conn)
+            waiting = queries.waiting_by_priority(conn)
         return [*case_families(totals, self.tally), phase_family(self.tally),
+                *upkeep_families(self.config, kept, counts, waiting),
                 labelled_gauge("mqi_gpu_utilization_percent",
                                f"Share of the last {UTILIZATION_WINDOW_SECONDS:g} s each GPU slot was assigned",
                                "group", {g: 100.0 * s / UTILIZATION_WINDOW_SECONDS for g, s in busy.items()}),
@@ -141,6 +146,39 @@ def case_families(totals: dict[str, int], tally: Tally) -> list[Metric]:
         labelled_gauge("mqi_cases_by_status", "Cases per lifecycle status", "status",
                        {status: float(count) for status, count in totals.items()}),
     ]
+
+
+def upkeep_families(config: Config, kept: queries.Upkeep, counts: dict[str, int],
+                    waiting: dict[str, int]) -> list[Metric]:
+    """Drains, priorities, results delivery, clean-up and notices."""
+    drained = {config.hpc.host: 0.0} | {d.host: 1.0 for d in kept.drains}
+    return [
+        labelled_gauge("mqi_drained", "1 while the host is drained (no new claims)", "host", drained),
+        labelled_gauge("mqi_cases_waiting", "Submitted cases waiting for a GPU, by priority", "priority",
+                       {p: float(n) for p, n in waiting.items()}),
+        CounterMetricFamily("mqi_results_delivered", "Cases whose results were delivered to results.deliver_to",
+                            value=counts.get("results_delivered", 0)),
+        CounterMetricFamily("mqi_results_delivery_failures", "Failed delivery attempts (each is retried)",
+                            value=counts.get("delivery_failures", 0)),
+        GaugeMetricFamily("mqi_results_awaiting_delivery", "Completed cases whose results are not delivered yet",
+                          value=kept.awaiting_delivery),
+        GaugeMetricFamily("mqi_results_delivery_failing", "Completed cases whose last delivery attempt failed",
+                          value=kept.delivery_failing),
+        labelled_counter("mqi_retention_removed", "Case folders removed by the retention rules", "where",
+                         {"remote": counts.get("retention_remote_removed", 0),
+                          "local": counts.get("retention_local_removed", 0)}),
+        labelled_counter("mqi_notices", "Notifier runs by result (a failed one is retried)", "result",
+                         {"sent": counts.get("notices_sent", 0), "failed": counts.get("notices_failed", 0)}),
+        GaugeMetricFamily("mqi_notices_unsent", "Notices not sent yet (waiting or being retried)",
+                          value=kept.notices_pending),
+    ]
+
+
+def labelled_counter(name: str, documentation: str, label: str, values: dict[str, float]) -> Metric:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
 
 
 def phase_family(tally: Tally) -> Metric:

@@ -7,6 +7,9 @@ it runs, SIGKILL after ``kill_grace_seconds``; each is logged. A zombie slot ret
 to ``available`` only once the HPC shows no unfinished task of ours in its group. A
 case whose ``status_updated_at`` did not move for ``stuck_after_minutes`` is flagged
 for an operator, never failed. Timeouts are the poller's: they need a fresh answer.
+It also runs the day-to-day steps, which never change a case's status: results delivery
+(``shared.delivery``, one case per pass), clean-up (``shared.retention``) and notices
+(``shared.notify``, which never waits for the notifier).
 """
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ import sys
 
 from shared import tasks
 from shared.backends import model
+from shared.delivery import deliver_pending
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.logs import for_case
+from shared.notify import send_notifications
 from shared.recovery import recover_expired_claims
+from shared.retention import apply_retention
 from shared.spool import reconcile, sweep_staging
 from shared.states import SlotStatus
 from shared.store import Case, Slot, all_slots, case_from_row, flag_for_review, transition_slot
@@ -133,6 +139,9 @@ def tick(ctx: Context, now: float) -> int:
         done += stop_orphans(ctx, snapshot, now)
         done += reclaim_zombies(ctx, zombies, snapshot, now)
     done += flag_stuck(ctx, now)
+    done += deliver_pending(ctx, now)
+    done += apply_retention(ctx, now)
+    done += send_notifications(ctx, now)
     check_heartbeats(ctx, now)
     return done
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shared.doorbell import ring
 from shared.logs import for_case
+from shared.priority import priority_at_drop
 from shared.spool import reconcile, reject, settle_folder
 from shared.store import register_case
 from shared.worker import Context, worker_main
@@ -107,11 +108,13 @@ def register(ctx: Context, item: Path, now: float) -> None:
     with ctx.spool.lock():
         if not item.is_dir():
             return  # removed or taken meanwhile
+        priority, why = priority_at_drop(ctx.config.scanner, item)
         case = register_case(ctx.conn, case_name=item.name, source_path=str(item), now=now,
-                             worker=ctx.name)
+                             worker=ctx.name, priority=priority, why=why)
         settle_folder(ctx.conn, ctx.spool, case.case_id, now=now, worker=ctx.name)
     ring(ctx.spool.root, "submitter")
-    ctx.log.info("case %d registered: %r", case.case_id, item.name, extra=for_case(case.case_id, "register"))
+    ctx.log.info("case %d registered: %r (%s)", case.case_id, item.name, case.priority,
+                 extra=for_case(case.case_id, "register"))
 
 
 def set_aside(ctx: Context, item: Path, reason: str, now: float) -> None:

@@ -103,7 +103,8 @@ def stage_tick(ctx: Context, now: float) -> int:
     if free_slots(ctx.conn) or staged_waiting(ctx.conn) >= len(ctx.config.pueue.groups):
         return 0  # a free GPU is the main loop's job: it uploads the oldest case at once
     case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
-                             lease_seconds=ctx.config.main_loop.lease_seconds)
+                             lease_seconds=ctx.config.main_loop.lease_seconds,
+                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
     if case is None:
         return 0
     try:
@@ -246,7 +247,8 @@ def tick(ctx: Context, now: float) -> int:
         return done
     claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
                             lease_seconds=ctx.config.main_loop.lease_seconds,
-                            groups=[g.name for g in ctx.config.pueue.groups])
+                            groups=[g.name for g in ctx.config.pueue.groups],
+                            max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
     if claim is None:
         if STAGER_WAKE in ctx.state:
             ctx.state[STAGER_WAKE].set()  # no free GPU: the stager may upload ahead

@@ -1,0 +1,59 @@
+"""Drain and resume: stop new claims on an HPC host for maintenance, and start them again.
+
+A drain is a row in ``drains`` (host, since, who, why), so it survives restarts and
+every process sees it. While any host is drained ``claim_next_case`` and
+``claim_for_staging`` take nothing (running cases finish, waiting ones wait) and
+retention leaves the host's folders alone. Today there is one host, ``hpc.host``;
+rows are per host so several hosts can be drained apart later.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from shared.config import Config
+from shared.db import transaction
+from shared.errors import MqicError
+
+
+class UnknownHost(MqicError):
+    """A drain or resume named a host that is not configured."""
+
+
+@dataclass(frozen=True)
+class Drain:
+    host: str
+    since: float
+    drained_by: str
+    reason: str
+
+
+def check_host(config: Config, host: str | None) -> str:
+    """The host a command means: ``hpc.host`` when None; UnknownHost for any other name."""
+    if host is None or host == config.hpc.host:
+        return config.hpc.host
+    raise UnknownHost(f"host {host!r} is not configured (hpc.host is {config.hpc.host!r})")
+
+
+def drain(conn: sqlite3.Connection, host: str, *, now: float, by: str, reason: str = "") -> bool:
+    """Stop new claims on ``host``; False when it was already drained (the first drain is kept)."""
+    with transaction(conn):
+        cursor = conn.execute("INSERT OR IGNORE INTO drains (host, since, drained_by, reason) VALUES (?, ?, ?, ?)",
+                              (host, now, by, reason))
+        return cursor.rowcount == 1
+
+
+def resume(conn: sqlite3.Connection, host: str) -> Drain | None:
+    """Allow claims on ``host`` again; returns the drain that ended (None: it was not drained)."""
+    with transaction(conn):
+        row = conn.execute("DELETE FROM drains WHERE host = ? RETURNING *", (host,)).fetchone()
+    return None if row is None else Drain(**dict(row))
+
+
+def drains(conn: sqlite3.Connection) -> list[Drain]:
+    """Every drained host, oldest drain first."""
+    return [Drain(**dict(r)) for r in conn.execute("SELECT * FROM drains ORDER BY since, host")]
+
+
+def is_drained(conn: sqlite3.Connection, host: str) -> bool:
+    return conn.execute("SELECT EXISTS(SELECT 1 FROM drains WHERE host = ?)", (host,)).fetchone()[0] == 1
