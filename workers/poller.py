@@ -75,10 +75,10 @@ def fetch_records(ctx: Context, cases: list[Case]) -> dict[str, tasks.ExitRecord
         return {}
 
 
-def fetch_logs(ctx: Context, task_ids: list[int]) -> dict[int, str] | None:
-    """The log tails of ``task_ids``, or None when ``pueue log`` could not be read this pass."""
+def fetch_logs(ctx: Context, tasks_wanted: list[model.TaskInfo]) -> dict[int, str] | None:
+    """The log tails of ``tasks_wanted`` by task id, or None when they could not be read this pass."""
     try:
-        return ctx.backend.logs(task_ids, ctx.config.pueue.log_lines)
+        return ctx.backend.logs(tasks_wanted, ctx.config.pueue.log_lines)
     except RemoteFailure as exc:
         ctx.log.warning("pueue log could not be read (%s)", exc, extra=for_case(None, "poll_logs", exc))
         return None
@@ -304,7 +304,7 @@ def tick(ctx: Context, now: float) -> int:
         if succeeded(links[case.case_id]):
             with per_item(ctx, case.case_id, "poll"):
                 changed += complete(ctx, case, links[case.case_id], now)
-    wanted = [link.task.id for link in links.values() if link.task is not None and not succeeded(link)
+    wanted = [link.task for link in links.values() if link.task is not None and not succeeded(link)
               and (link.found is tasks.Found.RUNNING or link.result in FAILED_OUTCOMES)]
     outputs = fetch_logs(ctx, wanted) if wanted else {}
     for case in running:

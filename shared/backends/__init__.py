@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol, Sequence
 
-from shared.backends.model import KillResult, Runner, Snapshot
+from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo
 
 
 class Backend(Protocol):
@@ -31,8 +31,8 @@ class Backend(Protocol):
     def add_lands_within(self) -> float:
         """Seconds after a submit was sent by which it has landed or never will."""
 
-    def logs(self, task_ids: Sequence[int], lines: int) -> dict[int, str]:
-        """The last ``lines`` lines of each task's output, in ONE remote call."""
+    def logs(self, tasks: Sequence[TaskInfo], lines: int) -> dict[int, str]:
+        """The last ``lines`` lines of each task's output (by task id), in ONE remote call."""
 
     def stop(self, task_ids: Sequence[int], *, gently: bool) -> KillResult:
         """Signal running tasks: SIGTERM when ``gently``, else SIGKILL."""

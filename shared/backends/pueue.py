@@ -14,7 +14,7 @@ import re
 import shlex
 from typing import Mapping, Sequence
 
-from shared.backends.model import (AlreadySubmitted, KillResult, Runner, Snapshot,
+from shared.backends.model import (AlreadySubmitted, KillResult, Runner, Snapshot, TaskInfo,
                                    SubmitLockBusy, WorkdirMissing)
 from shared.backends.pueue_parse import (CLOCK_PREFIX, CLOCKED, _KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
                                          _checked_env, _is_int, _parse_id_reply, add_argv, parse_clocked_status,
@@ -237,8 +237,8 @@ class PueueBackend:
     def add_lands_within(self) -> float:
         return add_lands_within(self.timeout)
 
-    def logs(self, task_ids: Sequence[int], lines: int) -> dict[int, str]:
-        return logs(self.runner, self.pueue_cmd, task_ids, lines=lines, timeout=self.timeout)
+    def logs(self, tasks: Sequence[TaskInfo], lines: int) -> dict[int, str]:
+        return logs(self.runner, self.pueue_cmd, [t.id for t in tasks], lines=lines, timeout=self.timeout)
 
     def stop(self, task_ids: Sequence[int], *, gently: bool) -> KillResult:
         return kill(self.runner, self.pueue_cmd, task_ids, timeout=self.timeout, gently=gently)
