@@ -201,12 +201,7 @@ def requeue_killed(ctx: Context, case: Case, link: tasks.Link, now: float) -> bo
         ctx.log.warning("case %d: cannot remove killed task %d yet (%s)", case.case_id, link.task.id, exc,
                         extra=for_case(case.case_id, "requeue", exc))
         return False
-    status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, error, now=now,
-                           worker=ctx.name, operation="poll", outcome=Outcome.KILLED)
-    ctx.log.warning("case %d: %s; case is now %s", case.case_id, error, status and status.value,
-                    extra=for_case(case.case_id, "requeue", error))
-    ring(ctx.spool.root, "submitter")
-    return status is not None
+    return run_again(ctx, case, error, Outcome.KILLED, now)
 
 
 def time_out(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapshot, now: float) -> bool:
@@ -233,8 +228,13 @@ def time_out(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapsho
 
 def vanished(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
     error = TaskVanished(f"task {case.pueue_task_id} ({case.label}) is no longer in pueue: {link.detail}")
+    return run_again(ctx, case, error, Outcome.VANISHED, now)
+
+
+def run_again(ctx: Context, case: Case, error: Exception, outcome: Outcome, now: float) -> bool:
+    """No task of this attempt can run any more: retry the case (``outcome`` once attempts run out)."""
     status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, error, now=now,
-                           worker=ctx.name, operation="poll", outcome=Outcome.VANISHED)
+                           worker=ctx.name, operation="poll", outcome=outcome)
     ctx.log.warning("case %d: %s; case is now %s", case.case_id, error, status and status.value,
                     extra=for_case(case.case_id, "poll", error))
     ring(ctx.spool.root, "submitter")
