@@ -130,7 +130,7 @@ def cmd_cases(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-CASES_HEADER = (f"{'ID':>7}  {'STATUS':<10}  {'PRIO':<6}  {'DONE':>4}  {'GROUP':<8}  {'TASK':>5}  {'TRIES':>5}"
+CASES_HEADER = (f"{'ID':>7}  {'STATUS':<10}  {'PRIO':<6}  {'DONE':>4}  {'GROUP':<8}  {'TASK':>5}  {'FAILS':>5}"
                 f"  {'UPDATED':>7}  NAME")
 
 
