@@ -96,7 +96,7 @@ def finalize_active(db_path: Path) -> None:
 def frame_costs(ws: Workspace) -> list[list]:
     from rich.console import Console
 
-    from console import queries
+    from shared import queries
     from console.top import Reader, render
 
     config = ws.config

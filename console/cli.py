@@ -30,9 +30,8 @@ from typing import Any, Callable, Sequence
 
 from rich.console import Console
 
-from console import queries
 from console.top import console_width, format_age, format_time, freshness, slots_table, totals_line, upkeep_line
-from shared import actions, maintenance, retention, tasks
+from shared import actions, maintenance, queries, retention, tasks
 from shared.backends import backend_for, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, default_config_path, load_config

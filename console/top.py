@@ -27,7 +27,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from console.queries import REMOTE_RECORDED, STATUSES, CaseView, Overview, overview
+from shared.queries import REMOTE_RECORDED, STATUSES, CaseView, Overview, overview
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect

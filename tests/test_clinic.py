@@ -632,7 +632,7 @@ def test_readme_webhook_example_posts_the_json_with_curl(tmp_path):
 def test_the_day_to_day_queries_read_only_their_partial_indexes(tmp_path):
     """With 100,000 completed cases, a pass must not read them all: each query searches the index
     that holds only the rows it is about (undelivered, not yet removed remotely or locally)."""
-    from console import queries
+    from shared import queries
     from shared import delivery, notify, retention
     conn = connect(tmp_path / "plans.db")
 

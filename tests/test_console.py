@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from console import queries
+from shared import queries
 from console.cli import main as cli_main
 from console.top import Reader, render
 from shared import actions

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from console import queries
+from shared import queries
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect
