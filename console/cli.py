@@ -199,7 +199,7 @@ def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str], n
 def remote_task(config: Config, case: Case) -> dict[str, Any]:
     """The case's pueue task as the HPC reports it now, or ``{"error": ...}`` when it cannot tell."""
     try:
-        snapshot = backend_for(config.hpc, Remote(config.hpc)).snapshot()
+        snapshot = backend_for(config, Remote(config.hpc)).snapshot()
     except (RemoteFailure, OSError) as exc:
         return {"error": f"HPC unreachable or pueue failed ({one_line(exc)})"}
     task = tasks.task_of(case, snapshot)
@@ -380,7 +380,7 @@ def cmd_cleanup(config: Config, args: argparse.Namespace) -> int:
     try:
         remote = Remote(config.hpc)
         ctx = Context(config=config, conn=conn, spool=Spool(config.spool_path).ensure(), remote=remote,
-                      backend=backend_for(config.hpc, remote), name=operator(), log=logging.getLogger("mqic.cli"))
+                      backend=backend_for(config, remote), name=operator(), log=logging.getLogger("mqic.cli"))
         verdicts = retention.cleanup(ctx, time.time(), dry_run=args.dry_run)
     finally:
         conn.close()

@@ -50,7 +50,10 @@ class Backend(Protocol):
         """The scheduler's version, for ``mqic doctor``."""
 
 
-def backend_for(hpc, runner: Runner) -> Backend:
-    """The backend that ``hpc.backend`` names, talking through ``runner``."""
+def backend_for(config, runner: Runner) -> Backend:
+    """The backend that ``config.hpc.backend`` names (pueue or slurm), talking through ``runner``."""
+    if config.hpc.backend == "slurm":
+        from shared.backends.slurm import SlurmBackend
+        return SlurmBackend.from_config(config, runner)
     from shared.backends.pueue import PueueBackend
-    return PueueBackend(runner, tuple(hpc.pueue_command), hpc.command_timeout_seconds)
+    return PueueBackend(runner, tuple(config.hpc.pueue_command), config.hpc.command_timeout_seconds)

@@ -145,3 +145,7 @@ class AlreadySubmitted(RemoteFailure):
 
 class SubmitLockBusy(RemoteFailure):
     """``submit``: another submission of this label still holds its lock on the HPC (outcome unknown)."""
+
+
+class SubmitUncertain(RemoteFailure):
+    """``submit``: the request may have reached the scheduler but its answer was lost (look it up by label)."""
