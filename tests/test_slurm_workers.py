@@ -6,12 +6,13 @@ why, only where Slurm cannot run here.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case, get_slot
-from tests.conftest import wait_until
+from tests.conftest import skip_unless_slurm_can_run, wait_until
 from tests.test_workers import ctx_for, poll_until_final, submitted
 from workers import poller, reaper, submitter
 
@@ -72,3 +73,44 @@ def test_a_job_cancelled_by_someone_else_is_requeued_and_runs_again(slurm_hpc):
     submitter.tick(ctx, case.next_attempt_at + 1)
     again = get_case(ctx.conn, case.case_id)
     assert again.status is CaseStatus.RUNNING and again.pueue_task_id != case.pueue_task_id
+
+
+# -- operator surfaces on Slurm ------------------------------------------------------------------------
+
+def test_sandbox_up_slurm_then_doctor_show_and_cancel(tmp_path, capsys):
+    """``mqic sandbox up --slurm`` brings up sshd and a cluster of its own; doctor, show and cancel use it."""
+    skip_unless_slurm_can_run()
+    import shutil
+    from types import SimpleNamespace
+
+    import yaml
+    from console.cli import main as cli_main
+    from shared.config import load_config
+    from tests.test_console import cli
+
+    root = tmp_path / "sbx"
+    code = cli_main(["sandbox", "up", "--root", str(root), "--slurm"])
+    out = capsys.readouterr().out
+    try:
+        assert code == 0 and "sandbox HPC (Slurm) is up" in out
+        config = load_config(root / "config.yaml")
+        assert config.hpc.backend == "slurm" and [s.name for s in config.slots] == ["gpu_a", "gpu_b"]
+        code, out, _ = cli(capsys, config, "doctor")
+        assert code == 0, out
+        assert "OK   slurm: sbatch 22." in out and "OK   slurm partitions: gpu_a -> gpu, gpu_b -> gpu" in out
+
+        ctx = ctx_for(SimpleNamespace(config=config))
+        case = submitted(ctx, "sleeper", seconds=60)
+        wait_until(lambda: json.loads(cli(capsys, config, "show", str(case.case_id), "--json")[1])["remote"]
+                   .get("state") == "running", timeout=30, interval=0.3, message="shown running")
+        code, out, err = cli(capsys, config, "cancel", str(case.case_id))
+        assert code == 0 and f"sigterm {case.pueue_task_id}" in out, err
+
+        broken = yaml.safe_load((root / "config.yaml").read_text())
+        broken["slurm"]["partitions"]["gpu_b"]["partition"] = "a100"
+        (root / "broken.yaml").write_text(yaml.safe_dump(broken))
+        code, out, _ = cli(capsys, load_config(root / "broken.yaml"), "doctor")
+        assert code == 1 and "FAIL slurm partitions: PartitionProblem: partition 'a100' of slot gpu_b does not exist" in out
+    finally:
+        assert cli_main(["sandbox", "down", "--root", str(root)]) == 0
+        shutil.rmtree(yaml.safe_load((root / "config.yaml").read_text())["hpc"]["control_dir"], ignore_errors=True)
