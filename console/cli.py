@@ -197,14 +197,14 @@ def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str], n
 # -- show -----------------------------------------------------------------------------------------
 
 def remote_task(config: Config, case: Case) -> dict[str, Any]:
-    """The case's pueue task as the HPC reports it now, or ``{"error": ...}`` when it cannot tell."""
+    """The case's remote task (pueue task or Slurm job) as the HPC reports it now, or ``{"error": ...}``."""
     try:
         snapshot = backend_for(config, Remote(config.hpc)).snapshot()
     except (RemoteFailure, OSError) as exc:
-        return {"error": f"HPC unreachable or pueue failed ({one_line(exc)})"}
+        return {"error": f"HPC unreachable or {config.hpc.backend} failed ({one_line(exc)})"}
     task = tasks.task_of(case, snapshot)
     if task is None:
-        return {"error": f"no pueue task {case.pueue_task_id} with label {case.label} on the HPC"}
+        return {"error": f"no {config.hpc.backend} task {case.pueue_task_id} with label {case.label} on the HPC"}
     return {"task_id": task.id, "state": task.state.value, "exit_code": task.exit_code,
             "group": task.group, "label": task.label, "path": task.path,
             "start": task.start.isoformat() if task.start else None,
@@ -250,7 +250,7 @@ def print_case(config: Config, case: Case, events: list[dict], remote: dict | No
         print(f"  {format_time(event['at'], tz)}  {event['from_status'] or '-':>10} -> {event['to_status']:<10}"
               f"  {event['worker']}  {event['detail']}")
     if remote is None:
-        print("remote: no pueue task recorded yet")
+        print("remote: no remote task recorded yet")
     elif "error" in remote:
         print(f"remote: {remote['error']}; local data shown above")
     else:

@@ -182,6 +182,27 @@ def slurm_cluster(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture
+def own_slurm(tmp_path):
+    """A sandbox Slurm for one test that stops its daemons (slurmctld down is an outage)."""
+    skip_unless_slurm_can_run()
+    from sandbox.slurm import SandboxSlurm
+    made = []
+
+    def build(**settings):
+        made.append(SandboxSlurm(tmp_path / f"slurm{len(made)}", **{"kill_wait": 3, "message_timeout": 4, **settings}))
+        try:
+            made[-1].start()
+        except BaseException:
+            made[-1].stop()
+            raise
+        return made[-1]
+
+    yield build
+    for cluster in made:
+        cluster.stop()
+
+
 class SlurmHpc:
     """A per-test sandbox HPC on Slurm: the session sshd and cluster, a config with ``backend: slurm``."""
 

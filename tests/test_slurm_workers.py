@@ -114,3 +114,32 @@ def test_sandbox_up_slurm_then_doctor_show_and_cancel(tmp_path, capsys):
     finally:
         assert cli_main(["sandbox", "down", "--root", str(root)]) == 0
         shutil.rmtree(yaml.safe_load((root / "config.yaml").read_text())["hpc"]["control_dir"], ignore_errors=True)
+
+
+def test_a_controller_outage_changes_nothing_and_uses_no_attempt(tmp_path, sshd, own_slurm):
+    """slurmctld down: the poller cannot tell (no change), a submit makes no job and uses no attempt."""
+    from tests.conftest import SlurmHpc
+
+    cluster = own_slurm()
+    h = SlurmHpc(tmp_path / "hpc", sshd, cluster)
+    try:
+        ctx = ctx_for(h)
+        running = submitted(ctx, "running through it", seconds=20)
+        cluster.stop_daemon("slurmctld")
+        drop_and_register(ctx, "submitted during it")
+        submitter.tick(ctx, time.time())
+        waiting = get_case(ctx.conn, running.case_id + 1)
+        assert waiting.status is CaseStatus.SUBMITTED and waiting.attempts == 0
+        assert waiting.error_type == "SlurmOutage" and "Unable to contact slurm controller" in waiting.error_message
+        assert poller.tick(ctx, time.time() + 48 * 3600) == 0                  # no timeout without an answer
+        assert get_case(ctx.conn, running.case_id).status is CaseStatus.RUNNING
+        cluster.start()
+        submitter.tick(ctx, waiting.next_attempt_at + 1)
+        assert get_case(ctx.conn, waiting.case_id).status is CaseStatus.RUNNING
+    finally:
+        h.close()
+
+
+def drop_and_register(ctx, name):
+    from tests.test_workers import registered
+    return registered(ctx, name)
