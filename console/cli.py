@@ -492,7 +492,8 @@ def remote_checks(config: Config) -> list[Check]:
                 f" -p {config.hpc.port} {config.hpc.user}@{config.hpc.host} true")
         skipped = "skipped: ssh is not reachable"
         names = (*SCHEDULER_CHECKS[config.hpc.backend], "remote base dir", "transfer")
-        return [Check("ssh", False, f"{target}: {one_line(exc)}", hint), *(Check(name, False, skipped) for name in names)]
+        return [Check("ssh", False, f"{target}: {one_line(exc)}", hint),
+                *(Check(name, False, skipped) for name in names)]
     checks = [Check("ssh", True, f"{target} answers")]
     checks += slurm_checks(config, remote) if config.hpc.backend == "slurm" else pueue_checks(config, remote)
     checks.append(attempt("remote base dir", lambda: probe_base_dir(remote, timeout),
@@ -702,7 +703,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         print(f"sandbox stopped (files kept in {root.resolve()})")
         return 0
     box_ = hpc.up(root, slurm=args.slurm)
-    print(f"sandbox HPC{' (Slurm)' if args.slurm else ''} is up: ssh {box_.endpoint.user}@{box_.endpoint.host} -p {box_.endpoint.port}")
+    kind = " (Slurm)" if args.slurm else ""
+    print(f"sandbox HPC{kind} is up: ssh {box_.endpoint.user}@{box_.endpoint.host} -p {box_.endpoint.port}")
     print(f"config: {box_.config_path}")
     print("next:")
     print(f"  export MQIC_CONFIG={shlex.quote(str(box_.config_path))}")

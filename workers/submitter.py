@@ -232,7 +232,8 @@ def groups_ready(ctx: Context) -> bool:
         created = ctx.backend.ensure_slots(wanted)
     except RemoteFailure as exc:
         note_reach(ctx, exc)
-        if worth_logging(ctx, f"slots:{type(exc).__name__}", ctx.clock(), REPEAT_LOG_SECONDS):  # a missing partition stays missing
+        # A missing partition stays missing until the config is fixed: say so now and then, not every pass.
+        if worth_logging(ctx, f"slots:{type(exc).__name__}", ctx.clock(), REPEAT_LOG_SECONDS):
             ctx.log.warning("cannot make sure of the slots (%s); not submitting until it is fixed", exc,
                             extra=for_case(None, "ensure_groups", exc))
         return False

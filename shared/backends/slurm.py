@@ -146,6 +146,7 @@ def parse_logs(text: str, mark: str) -> dict[int, str]:
             current = found.setdefault(int(job_id), [])
         elif current is not None:
             current.append(line)
+    # LOGS_SCRIPT ends each tail with one newline of its own.
     return {job_id: "\n".join(lines[:-1] if lines and not lines[-1] else lines) for job_id, lines in found.items()}
 
 
@@ -280,9 +281,10 @@ def _partition_problem(slot: str, settings: sp.SubmitSettings, partitions: Mappi
                 f"(sinfo lists: {', '.join(sorted(partitions)) or 'none'})")
     wanted = settings.time_limit_seconds
     if found.time_limit_seconds is not None and wanted is not None and found.time_limit_seconds < wanted:
-        return (f"partition {settings.partition!r} of slot {slot} allows {sp.format_time_limit(found.time_limit_seconds)}"
-                f", less than our --time={sp.format_time_limit(wanted)} (running_case_timeout_hours + "
-                f"kill_grace_seconds + {TIME_LIMIT_MARGIN_SECONDS} s): jobs would wait for ever")
+        allowed = sp.format_time_limit(found.time_limit_seconds)
+        return (f"partition {settings.partition!r} of slot {slot} allows {allowed}, less than our "
+                f"--time={sp.format_time_limit(wanted)} (running_case_timeout_hours + kill_grace_seconds + "
+                f"{TIME_LIMIT_MARGIN_SECONDS} s): jobs would wait for ever")
     return ""
 
 

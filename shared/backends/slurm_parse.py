@@ -404,7 +404,10 @@ def _enter(directory: str) -> str:
 
 
 def sbatch_line(line: str) -> str:
-    """``#SBATCH OPTION`` for one option such as ``--mem=16G`` (a leading ``#SBATCH`` is accepted); ValueError otherwise."""
+    """``#SBATCH OPTION`` for one option such as ``--mem=16G`` (a leading ``#SBATCH`` is accepted).
+
+    ValueError for anything else (no leading '-', a control character such as a newline).
+    """
     option = line.strip()
     if option.startswith("#SBATCH"):
         option = option[len("#SBATCH"):].strip()
@@ -581,8 +584,9 @@ def parse_squeue(stdout: str, fmt: str = SQUEUE_FORMAT) -> tuple[QueuedJob, ...]
 
     ``fmt`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M %Z %k`` (reason,
     partition, submit and start time, elapsed, work dir, comment) are read too, any other
-    field is skipped. An unset work dir or comment (``(null)``) is "". Lines of array or heterogeneous jobs (``12_3``, ``12+0``) are
-    left out: ours are plain jobs. BadOutput on a line that does not fit the format.
+    field is skipped. An unset work dir or comment (``(null)``) is "". Lines of array or
+    heterogeneous jobs (``12_3``, ``12+0``) are left out: ours are plain jobs. BadOutput on a
+    line that does not fit the format.
     """
     codes = fmt.split("|")
     if not {"%i", "%j", "%T"} <= set(codes):
