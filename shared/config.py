@@ -593,11 +593,12 @@ def parse_config(data: Any, source: Path) -> Config:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
     root = Path(os.path.expanduser(str(data.get("root_dir") or source.resolve().parent.parent)))
     sections = {name: _Section(name, data.get(name), root) for name in SECTIONS[1:]}
+    scanner = _scanner(sections["scanner"])  # errors are reported in the order of the sections
     hpc = _hpc(sections["hpc"])
     config = Config(
         root_dir=root,
         source=source,
-        scanner=_scanner(sections["scanner"]),
+        scanner=scanner,
         hpc=hpc,
         pueue=_pueue(sections["pueue"]),
         main_loop=_main_loop(sections["main_loop"]),
