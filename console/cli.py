@@ -196,14 +196,14 @@ def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str], n
 # -- show -----------------------------------------------------------------------------------------
 
 def remote_task(config: Config, case: Case) -> dict[str, Any]:
-    """The case's pueue task as the HPC reports it now, or ``{"error": ...}`` when it cannot tell."""
+    """The case's remote task (pueue task or Slurm job) as the HPC reports it now, or ``{"error": ...}``."""
     try:
-        snapshot = backend_for(config.hpc, Remote(config.hpc)).snapshot()
+        snapshot = backend_for(config, Remote(config.hpc)).snapshot()
     except (RemoteFailure, OSError) as exc:
-        return {"error": f"HPC unreachable or pueue failed ({one_line(exc)})"}
+        return {"error": f"HPC unreachable or {config.hpc.backend} failed ({one_line(exc)})"}
     task = tasks.task_of(case, snapshot)
     if task is None:
-        return {"error": f"no pueue task {case.pueue_task_id} with label {case.label} on the HPC"}
+        return {"error": f"no {config.hpc.backend} task {case.pueue_task_id} with label {case.label} on the HPC"}
     return {"task_id": task.id, "state": task.state.value, "exit_code": task.exit_code,
             "group": task.group, "label": task.label, "path": task.path,
             "start": task.start.isoformat() if task.start else None,
@@ -249,7 +249,7 @@ def print_case(config: Config, case: Case, events: list[dict], remote: dict | No
         print(f"  {format_time(event['at'], tz)}  {event['from_status'] or '-':>10} -> {event['to_status']:<10}"
               f"  {event['worker']}  {event['detail']}")
     if remote is None:
-        print("remote: no pueue task recorded yet")
+        print("remote: no remote task recorded yet")
     elif "error" in remote:
         print(f"remote: {remote['error']}; local data shown above")
     else:
@@ -379,7 +379,7 @@ def cmd_cleanup(config: Config, args: argparse.Namespace) -> int:
     try:
         remote = Remote(config.hpc)
         ctx = Context(config=config, conn=conn, spool=Spool(config.spool_path).ensure(), remote=remote,
-                      backend=backend_for(config.hpc, remote), name=operator(), log=logging.getLogger("mqic.cli"))
+                      backend=backend_for(config, remote), name=operator(), log=logging.getLogger("mqic.cli"))
         verdicts = retention.cleanup(ctx, time.time(), dry_run=args.dry_run)
     finally:
         conn.close()
@@ -477,9 +477,12 @@ def check_known_hosts(config: Config) -> Check:
     return Check("known_hosts", True, f"{host} found in {path}")
 
 
+SCHEDULER_CHECKS = {"pueue": ("pueue", "pueue groups"), "slurm": ("slurm", "slurm partitions")}
+
+
 def remote_checks(config: Config) -> list[Check]:
-    """ssh, pueue, groups and the base dir, each asked once; later checks need ssh."""
-    remote, cmd, timeout = Remote(config.hpc), list(config.hpc.pueue_command), config.hpc.command_timeout_seconds
+    """ssh, the scheduler, our slots and the base dir, each asked once; later checks need ssh."""
+    remote, timeout = Remote(config.hpc), config.hpc.command_timeout_seconds
     target = f"{config.hpc.user}@{config.hpc.host}:{config.hpc.port}"
     try:
         remote.run(["true"], timeout=config.hpc.connect_timeout_seconds + 10)
@@ -487,16 +490,39 @@ def remote_checks(config: Config) -> list[Check]:
         hint = (f"check the host is up and the key is authorized: ssh -i {config.hpc.identity_file}"
                 f" -p {config.hpc.port} {config.hpc.user}@{config.hpc.host} true")
         skipped = "skipped: ssh is not reachable"
+        names = (*SCHEDULER_CHECKS[config.hpc.backend], "remote base dir", "transfer")
         return [Check("ssh", False, f"{target}: {one_line(exc)}", hint),
-                *(Check(name, False, skipped) for name in ("pueue", "pueue groups", "remote base dir", "transfer"))]
+                *(Check(name, False, skipped) for name in names)]
     checks = [Check("ssh", True, f"{target} answers")]
-    checks.append(attempt("pueue", lambda: f"version {pueue.version(remote, cmd, timeout=timeout)}",
-                          f"install pueue on the HPC and start it (pueued -d); hpc.pueue_command is {shlex.join(cmd)}"))
-    checks.append(check_groups(config, remote, cmd, timeout))
+    checks += slurm_checks(config, remote) if config.hpc.backend == "slurm" else pueue_checks(config, remote)
     checks.append(attempt("remote base dir", lambda: probe_base_dir(remote, timeout),
                           f"create {config.hpc.remote_base_dir} on the HPC and make it writable by {config.hpc.user}"))
     checks.append(check_transfer(config, remote))
     return checks
+
+
+def pueue_checks(config: Config, remote: Remote) -> list[Check]:
+    cmd, timeout = list(config.hpc.pueue_command), config.hpc.command_timeout_seconds
+    return [attempt("pueue", lambda: f"version {pueue.version(remote, cmd, timeout=timeout)}",
+                    f"install pueue on the HPC and start it (pueued -d); hpc.pueue_command is {shlex.join(cmd)}"),
+            check_groups(config, remote, cmd, timeout)]
+
+
+def slurm_checks(config: Config, remote: Remote) -> list[Check]:
+    """sbatch answers with its version; every slot's partition exists and allows our time limit."""
+    backend = backend_for(config, remote)
+    where = (f"slurm.bin_dir is {config.slurm.bin_dir}" if config.slurm.bin_dir
+             else "set slurm.bin_dir if they are not on the PATH")
+    slots = ", ".join(f"{p.name} -> {p.partition}" for p in config.slurm.partitions)
+
+    def partitions() -> str:
+        backend.ensure_slots({slot.name: slot.parallel for slot in config.slots})
+        return slots
+
+    return [attempt("slurm", lambda: f"sbatch {backend.version()}",
+                    f"install the Slurm client commands (sbatch, squeue, scancel, sinfo) on the HPC; {where}"),
+            attempt("slurm partitions", partitions,
+                    "fix slurm.partitions (sinfo lists the partitions) or lower main_loop.running_case_timeout_hours")]
 
 
 def check_control_dir(config: Config) -> Check:
@@ -667,7 +693,7 @@ def cmd_backup(config: Config, args: argparse.Namespace) -> int:
 # -- sandbox --------------------------------------------------------------------------------------
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    """Start or stop the local sandbox HPC (sshd + pueue stand-in)."""
+    """Start or stop the local sandbox HPC (sshd + pueue stand-in, or a real Slurm with --slurm)."""
     from sandbox import hpc  # only here: operators of a real HPC never need it
 
     root = Path(args.root) if args.root else PROJECT_ROOT / ".sandbox"
@@ -675,8 +701,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         hpc.down(root)
         print(f"sandbox stopped (files kept in {root.resolve()})")
         return 0
-    box_ = hpc.up(root)
-    print(f"sandbox HPC is up: ssh {box_.endpoint.user}@{box_.endpoint.host} -p {box_.endpoint.port}")
+    box_ = hpc.up(root, slurm=args.slurm)
+    kind = " (Slurm)" if args.slurm else ""
+    print(f"sandbox HPC{kind} is up: ssh {box_.endpoint.user}@{box_.endpoint.host} -p {box_.endpoint.port}")
     print(f"config: {box_.config_path}")
     print("next:")
     print(f"  export MQIC_CONFIG={shlex.quote(str(box_.config_path))}")
@@ -726,13 +753,15 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--dry-run", action="store_true", help="only show what would be removed and what is kept")
     health = sub.add_parser("health", help="exit 0 when healthy, 1 otherwise")
     health.add_argument("--json", action="store_true")
-    sub.add_parser("doctor", help="check config, keys, ssh, pueue and the remote folder")
+    sub.add_parser("doctor", help="check config, keys, ssh, pueue or Slurm, and the remote folder")
     backup = sub.add_parser("backup", help="consistent copy of the database, with retention")
     backup.add_argument("--dest", help="folder for the copies (default: backups/ in the project)")
     backup.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="how many copies to keep (14)")
     sandbox = sub.add_parser("sandbox", help="start or stop the local sandbox HPC")
     sandbox.add_argument("action", choices=("up", "down"))
     sandbox.add_argument("--root", help="sandbox folder (default: .sandbox in the project)")
+    sandbox.add_argument("--slurm", action="store_true",
+                         help="up: a real single-node Slurm instead of the pueue stand-in (needs root)")
     return parser
 
 

@@ -135,7 +135,7 @@ def slots_table(view: Overview, tz: ZoneInfo) -> Table:
                       "-" if slot.task_id is None else str(slot.task_id),
                       format_age(view.now - slot.since))
     if not view.slots:
-        table.add_row("(no slots yet: the workers create them from pueue.groups)", "", "", "", "", "")
+        table.add_row("(no slots yet: the workers create them from the configured slots)", "", "", "", "", "")
     return table
 
 

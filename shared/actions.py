@@ -42,7 +42,7 @@ class Operator:
         return Spool(self.config.spool_path).ensure()
 
     def backend(self) -> Backend:
-        return backend_for(self.config.hpc, Remote(self.config.hpc))
+        return backend_for(self.config, Remote(self.config.hpc))
 
     def snapshot(self) -> model.Snapshot:
         """A fresh look at the HPC; Refused when it cannot tell."""

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from shared.backends.slurm_parse import sbatch_line
 from shared.errors import ConfigError
 
 DEFAULT_CONFIG = "config/config.yaml"
@@ -25,6 +26,8 @@ DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<tot
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
 TRANSFER_METHODS = ("scp", "tar", "rsync")
+BACKENDS = ("pueue", "slurm")
+SLURM_WORD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,127}$")
 NOTIFY_EVENTS = ("completed", "failed", "flagged", "unreachable")
 SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")
 INSECURE_SSH_OPTION = re.compile(
@@ -62,12 +65,42 @@ class HpcConfig:
     remote_command: str = DEFAULT_REMOTE_COMMAND
     transfer: str = "tar"
     result_files: tuple[str, ...] = ()
+    backend: str = "pueue"
 
 
 @dataclass(frozen=True)
 class GroupConfig:
     name: str
     gpu: str | None = None
+    parallel: int = 1
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """One slot of ours on a Slurm cluster: the partition its jobs go to, and how."""
+    name: str
+    partition: str
+    account: str | None = None
+    qos: str | None = None
+    gres: str | None = None
+    extra_sbatch: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    partitions: tuple[PartitionConfig, ...]
+    bin_dir: str = ""
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """A slot of ours, whatever the backend: one case at a time in a pueue group or a Slurm partition.
+
+    ``gpu`` pins a device (pueue: ``CUDA_VISIBLE_DEVICES``); ``gres`` asks Slurm for one.
+    """
+    name: str
+    gpu: str | None = None
+    gres: str | None = None
     parallel: int = 1
 
 
@@ -158,10 +191,18 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    slurm: SlurmConfig | None = None
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.logging.timezone)
+
+    @property
+    def slots(self) -> tuple[SlotConfig, ...]:
+        """Our slots: the Slurm partition entries with ``hpc.backend: slurm``, else the pueue groups."""
+        if self.slurm is not None:
+            return tuple(SlotConfig(name=p.name, gres=p.gres) for p in self.slurm.partitions)
+        return tuple(SlotConfig(name=g.name, gpu=g.gpu, parallel=g.parallel) for g in self.pueue.groups)
 
 
 class _Section:
@@ -306,6 +347,7 @@ def _hpc(s: _Section) -> HpcConfig:
         remote_command=_command_template(s),
         transfer=s.choice("transfer", "tar", TRANSFER_METHODS),
         result_files=_string_list(s, "result_files"),
+        backend=s.choice("backend", "pueue", BACKENDS),
     )
 
 
@@ -398,6 +440,64 @@ def _pueue(s: _Section) -> PueueConfig:
     )
 
 
+def _slot_name(section: str, name: Any) -> str:
+    if not isinstance(name, str) or not GROUP_NAME.match(name):
+        raise ConfigError(f"{section}: got slot name {name!r}, expected letters, digits, '_', '-', '.'")
+    return name
+
+
+def _slurm_word(s: _Section, key: str, required: bool = False) -> str | None:
+    value = s.raw(key, _REQUIRED if required else None)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not SLURM_WORD.match(value):
+        raise ConfigError(f"{s.key(key)}: got {value!r}, expected one word of letters, digits and _ . : + = -")
+    return value
+
+
+def _sbatch_lines(s: _Section) -> tuple[str, ...]:
+    value = s.raw("extra_sbatch", [])
+    if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
+        raise ConfigError(f"{s.key('extra_sbatch')}: got {value!r}, expected a list of options such as --mem=16G")
+    for line in value:
+        try:
+            sbatch_line(line)
+        except ValueError:
+            raise ConfigError(f"{s.key('extra_sbatch')}: got {line!r}, expected one sbatch option such as "
+                              f"--mem=16G or '#SBATCH --cpus-per-task=4'") from None
+    return tuple(value)
+
+
+def _partition(name: Any, spec: Any) -> PartitionConfig:
+    s = _Section(f"slurm.partitions.{_slot_name('slurm.partitions', name)}", spec, Path("."))
+    partition = PartitionConfig(name=name, partition=_slurm_word(s, "partition", required=True),
+                                account=_slurm_word(s, "account"), qos=_slurm_word(s, "qos"),
+                                gres=_slurm_word(s, "gres"), extra_sbatch=_sbatch_lines(s))
+    s.finish()
+    return partition
+
+
+def _slurm(s: _Section, backend: str) -> SlurmConfig | None:
+    if backend != "slurm":
+        if s.data:
+            raise ConfigError(f"slurm: given, but hpc.backend is {backend!r} (set hpc.backend: slurm to use it)")
+        return None
+    raw = s.raw("partitions", None)
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"slurm.partitions: got {raw!r}, expected a mapping of slot names to partition "
+                          f"settings, e.g. {{gpu_a: {{partition: gpu, gres: 'gpu:1'}}}}")
+    bin_dir = s.text("bin_dir", None, optional=True)
+    if bin_dir is not None and not bin_dir.startswith("/"):
+        raise ConfigError(f"slurm.bin_dir: got {bin_dir!r}, expected an absolute folder on the HPC")
+    return SlurmConfig(partitions=tuple(_partition(name, spec) for name, spec in raw.items()),
+                       bin_dir=bin_dir or "")
+
+
+def _check_slots(config: Config, pueue_data: Any) -> None:
+    if config.hpc.backend == "slurm" and isinstance(pueue_data, dict) and "groups" in pueue_data:
+        raise ConfigError("pueue.groups: not used with hpc.backend slurm: the slots are slurm.partitions")
+
+
 def _main_loop(s: _Section) -> MainLoopConfig:
     return MainLoopConfig(
         interval_seconds=s.number("interval_seconds", 1, positive=True),
@@ -479,7 +579,7 @@ def _check_delivery(config: Config) -> None:
                               f"{key} ({folder})")
 
 
-SECTIONS = ("root_dir", "scanner", "hpc", "pueue", "main_loop", "database", "spool",
+SECTIONS = ("root_dir", "scanner", "hpc", "pueue", "slurm", "main_loop", "database", "spool",
             "logging", "metrics", "health", "scheduling", "results", "retention", "notify")
 
 
@@ -493,11 +593,13 @@ def parse_config(data: Any, source: Path) -> Config:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
     root = Path(os.path.expanduser(str(data.get("root_dir") or source.resolve().parent.parent)))
     sections = {name: _Section(name, data.get(name), root) for name in SECTIONS[1:]}
+    scanner = _scanner(sections["scanner"])  # errors are reported in the order of the sections
+    hpc = _hpc(sections["hpc"])
     config = Config(
         root_dir=root,
         source=source,
-        scanner=_scanner(sections["scanner"]),
-        hpc=_hpc(sections["hpc"]),
+        scanner=scanner,
+        hpc=hpc,
         pueue=_pueue(sections["pueue"]),
         main_loop=_main_loop(sections["main_loop"]),
         database_path=sections["database"].path("path", "database/mqi_communicator.db"),
@@ -511,6 +613,7 @@ def parse_config(data: Any, source: Path) -> Config:
         results=_results(sections["results"]),
         retention=_retention(sections["retention"]),
         notify=_notify(sections["notify"]),
+        slurm=_slurm(sections["slurm"], hpc.backend),
     )
     for section in sections.values():
         section.finish()
@@ -518,6 +621,7 @@ def parse_config(data: Any, source: Path) -> Config:
         raise ConfigError(f"main_loop.lease_seconds: got {config.main_loop.lease_seconds!r}, expected more than "
                           f"hpc.command_timeout_seconds ({config.hpc.command_timeout_seconds!r}), or a slow "
                           f"`pueue add` could outlive its claim")
+    _check_slots(config, data.get("pueue"))
     _check_delivery(config)
     _check_retention(config)
     return config

@@ -105,9 +105,9 @@ def build_context(config: Config, name: str, *, log: logging.Logger | None = Non
     check_integrity(conn)
     spool = Spool(config.spool_path).ensure()
     config.scanner.watch_path.mkdir(parents=True, exist_ok=True)
-    sync_slots(conn, [(g.name, g.gpu) for g in config.pueue.groups], now=time.time(), worker=name)
+    sync_slots(conn, [(s.name, s.gpu) for s in config.slots], now=time.time(), worker=name)
     remote = Remote(config.hpc)
-    return Context(config=config, conn=conn, spool=spool, remote=remote, backend=backend_for(config.hpc, remote),
+    return Context(config=config, conn=conn, spool=spool, remote=remote, backend=backend_for(config, remote),
                    name=name,
                    log=log or logging.getLogger(f"mqic.{name}"))
 

@@ -152,3 +152,107 @@ def hpc(tmp_path, sshd):
     yield build
     for item in made:
         item.close()
+
+
+# -- Slurm: a real single-node cluster for the session, one config per test --------------------
+
+def skip_unless_slurm_can_run() -> None:
+    """Skip, saying why, where the sandbox Slurm cannot run (not root, packages missing)."""
+    from sandbox.slurm import missing_binaries
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm sandbox needs root (slurmd starts jobs as their user)")
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm packages not installed ({', '.join(missing)}); run scripts/setup.sh as root")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """One sandbox Slurm for the session (tests cancel their own jobs when they end)."""
+    skip_unless_slurm_can_run()
+    from sandbox.slurm import SandboxSlurm
+
+    cluster = SandboxSlurm(tmp_path_factory.mktemp("slurm"), kill_wait=3, message_timeout=4)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def own_slurm(tmp_path):
+    """A sandbox Slurm for one test that stops its daemons (slurmctld down is an outage)."""
+    skip_unless_slurm_can_run()
+    from sandbox.slurm import SandboxSlurm
+    made = []
+
+    def build(**settings):
+        made.append(SandboxSlurm(tmp_path / f"slurm{len(made)}", **{"kill_wait": 3, "message_timeout": 4, **settings}))
+        try:
+            made[-1].start()
+        except BaseException:
+            made[-1].stop()
+            raise
+        return made[-1]
+
+    yield build
+    for cluster in made:
+        cluster.stop()
+
+
+class SlurmHpc:
+    """A per-test sandbox HPC on Slurm: the session sshd and cluster, a config with ``backend: slurm``."""
+
+    def __init__(self, root: Path, sshd, cluster, partitions: dict | None = None, **sections):
+        from sandbox.hpc import config_data
+        from shared.config import parse_config
+
+        self.root, self.sshd, self.cluster = root, sshd, cluster
+        overrides = {"main_loop": {"backoff_base_seconds": 10, "lease_seconds": 60},
+                     "scanner": {"ready_marker": None}}
+        for section, values in sections.items():
+            overrides.setdefault(section, {}).update(values)
+        data = config_data(root, sshd.endpoint, None, slurm_bin=cluster.endpoint.bin_dir, partitions=partitions,
+                           project_root=root, **overrides)
+        data["hpc"]["control_dir"] = f"/tmp/mqic-t-{os.getpid()}-{next(_counter)}"
+        (root / "incoming").mkdir(parents=True, exist_ok=True)
+        (root / "remote").mkdir(exist_ok=True)
+        self.config_path = root / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(data))
+        self.config = parse_config(data, self.config_path)
+
+    def jobs(self) -> list:
+        """Every job of this test (its work dir is under this test's remote folder), from squeue."""
+        from shared.backends import slurm, slurm_parse as sp
+        result = self.cluster.run(sp.squeue_argv(fmt=slurm.SQUEUE_FIELDS))
+        assert result.returncode == 0, result.stderr
+        base = str(self.root / "remote")
+        return [job for job in sp.parse_squeue(result.stdout, slurm.SQUEUE_FIELDS) if job.work_dir.startswith(base)]
+
+    def close(self) -> None:
+        active = [job.job_id for job in self.jobs() if not job.verdict.ended]
+        if active:
+            self.cluster.run(["scancel", *map(str, active)])
+            wait_until(lambda: not [j for j in self.jobs() if not j.verdict.ended], timeout=30,
+                       message="this test's jobs ended")
+        from shared.remote import Remote
+        Remote(self.config.hpc).close()
+        shutil.rmtree(self.config.hpc.control_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm_hpc(tmp_path, sshd, slurm_cluster):
+    if not sshd.is_running():
+        sshd.start()
+    made = []
+
+    def build(**sections) -> SlurmHpc:
+        made.append(SlurmHpc(tmp_path / f"slurm-hpc{len(made)}", sshd, slurm_cluster, **sections))
+        return made[-1]
+
+    yield build
+    for item in made:
+        item.close()

@@ -117,3 +117,73 @@ def test_program_exits_2_with_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert "hpc.password: passwords and passphrases are never accepted" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- the Slurm backend ---------------------------------------------------------------------------
+
+def slurm_data(tmp_path: Path, partitions=None, **slurm) -> dict:
+    data = base_config_data(tmp_path)
+    del data["pueue"]
+    data["hpc"]["backend"] = "slurm"
+    data["slurm"] = {"partitions": partitions if partitions is not None else
+                     {"gpu_a": {"partition": "gpu", "gres": "gpu:1", "account": "physics", "qos": "normal",
+                                "extra_sbatch": ["--mem=16G", "#SBATCH --cpus-per-task=4"]},
+                      "gpu_b": {"partition": "gpu", "gres": "gpu:a100:1"}}, **slurm}
+    return data
+
+
+def test_slurm_partitions_are_our_slots(tmp_path):
+    config = parse_config(slurm_data(tmp_path, bin_dir="/opt/slurm/bin"), tmp_path / "c.yaml")
+    assert config.hpc.backend == "slurm" and config.slurm.bin_dir == "/opt/slurm/bin"
+    first = config.slurm.partitions[0]
+    assert (first.name, first.partition, first.account, first.qos, first.gres) == ("gpu_a", "gpu", "physics", "normal", "gpu:1")
+    assert first.extra_sbatch == ("--mem=16G", "#SBATCH --cpus-per-task=4")
+    assert [(s.name, s.gpu, s.gres, s.parallel) for s in config.slots] == [("gpu_a", None, "gpu:1", 1),
+                                                                         ("gpu_b", None, "gpu:a100:1", 1)]
+
+
+def test_pueue_groups_are_our_slots_by_default(tmp_path):
+    config = make_config(tmp_path)
+    assert config.hpc.backend == "pueue" and config.slurm is None
+    assert [(s.name, s.gpu, s.gres) for s in config.slots] == [("gpu_a", "0", None), ("gpu_b", "1", None)]
+
+
+SLURM_BAD = [
+    ({"partitions": {}}, "slurm.partitions: got {}, expected a mapping of slot names to partition settings"),
+    ({"partitions": {"gpu a": {"partition": "gpu"}}}, "slurm.partitions: got slot name 'gpu a'"),
+    ({"partitions": {"gpu_a": {"gres": "gpu:1"}}}, "slurm.partitions.gpu_a.partition: missing, this key is required"),
+    ({"partitions": {"gpu_a": {"partition": "gpu --uid=0"}}},
+     "slurm.partitions.gpu_a.partition: got 'gpu --uid=0', expected one word"),
+    ({"partitions": {"gpu_a": {"partition": "gpu", "gres": "-gpu"}}}, "slurm.partitions.gpu_a.gres: got '-gpu'"),
+    ({"partitions": {"gpu_a": {"partition": "gpu", "extra_sbatch": ["mem=16G"]}}},
+     "slurm.partitions.gpu_a.extra_sbatch: got 'mem=16G', expected one sbatch option"),
+    ({"partitions": {"gpu_a": {"partition": "gpu", "extra_sbatch": ["--mem=1G\n--uid=0"]}}},
+     "slurm.partitions.gpu_a.extra_sbatch: got '--mem=1G\\n--uid=0'"),
+    ({"partitions": {"gpu_a": {"partition": "gpu", "gpu": 0}}}, "slurm.partitions.gpu_a.gpu: unknown key"),
+    ({"bin_dir": "bin"}, "slurm.bin_dir: got 'bin', expected an absolute folder on the HPC"),
+]
+
+
+@pytest.mark.parametrize("slurm,message", SLURM_BAD, ids=[m.split(":")[0] for _, m in SLURM_BAD])
+def test_bad_slurm_values_are_named(tmp_path, slurm, message):
+    data = slurm_data(tmp_path)
+    data["slurm"].update(slurm)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, tmp_path / "c.yaml")
+    assert message in str(caught.value)
+
+
+def test_slurm_and_pueue_slots_are_not_mixed(tmp_path):
+    with pytest.raises(ConfigError, match="slurm: given, but hpc.backend is 'pueue'"):
+        parse_config(base_config_data(tmp_path) | {"slurm": {"partitions": {"a": {"partition": "gpu"}}}},
+                     tmp_path / "c.yaml")
+    data = slurm_data(tmp_path)
+    data["pueue"] = {"groups": {"gpu_a": {}}}
+    with pytest.raises(ConfigError, match="pueue.groups: not used with hpc.backend slurm"):
+        parse_config(data, tmp_path / "c.yaml")
+    data = slurm_data(tmp_path)
+    del data["slurm"]
+    with pytest.raises(ConfigError, match="slurm.partitions: got None"):
+        parse_config(data, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="hpc.backend: got 'condor', expected one of pueue, slurm"):
+        make_config(tmp_path, hpc={"backend": "condor"})

@@ -102,3 +102,52 @@ def test_cases_flow_from_drop_folder_to_final_state_under_supervisord(system):
     status = sup.ctl("status")
     for program in ("scanner", "submitter", "poller", "reaper"):
         assert f"mqic:{program}" in status and "RUNNING" in status.split(f"mqic:{program}")[1].split("\n")[0]
+
+
+@pytest.fixture
+def slurm_system(slurm_hpc, tmp_path):
+    h = slurm_hpc(scanner={"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
+                  main_loop={"interval_seconds": 0.3, "running_case_timeout_hours": 0.002,
+                             "backoff_base_seconds": 1, "lease_seconds": 20, "kill_grace_seconds": 3},
+                  hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": 15},
+                  metrics={"port": free_port()})
+    sup = Supervisor(tmp_path, h.config_path)
+    sup.start()
+    yield h, sup
+    sup.shutdown()
+
+
+SLURM_EXPECTED = {f"ok_{i:02d}": ("completed", "success", "done") for i in range(4)}
+SLURM_EXPECTED["fails"] = ("failed", "failed", "failed")
+SLURM_EXPECTED["hangs"] = ("failed", "timed_out", "failed")
+SLURM_EXPECTED["pt 'quoted' $(id); 환자"] = ("completed", "success", "done")
+
+
+def test_cases_flow_through_a_slurm_cluster_under_supervisord(slurm_system):
+    """The same workers with ``hpc.backend: slurm``: two slots on the sandbox cluster's two GPUs."""
+    h, sup = slurm_system
+    watch = h.config.scanner.watch_path
+    for name in SLURM_EXPECTED:
+        mode = {"fails": "fail", "hangs": "hang"}.get(name, "ok")
+        make_case(watch, name, seconds=0.5, batches=3, mode=mode, deliveries=1, layers_per_delivery=2, atomic=True)
+    conn = connect(h.config.database_path)
+
+    def count(sql: str) -> int:
+        return conn.execute(sql).fetchone()[0]
+
+    wait_until(lambda: count("SELECT COUNT(*) FROM cases WHERE status IN ('completed','failed')") == len(SLURM_EXPECTED),
+               timeout=180, interval=0.5, message="every case final")
+    wait_until(lambda: count("SELECT COUNT(*) FROM gpu_resources WHERE status != 'available'") == 0,
+               timeout=60, message="every slot available")
+    rows = {r["case_name"]: r for r in conn.execute("SELECT * FROM cases")}
+    for name, (status, outcome, stage) in SLURM_EXPECTED.items():
+        row = rows[name]
+        assert (row["status"], row["outcome"], row["spool_stage"]) == (status, outcome, stage), name
+        runs = count(f"SELECT COUNT(*) FROM case_events WHERE case_id = {row['case_id']} AND to_status = 'running'")
+        assert (row["attempts"], runs) == (0, 1), name                              # each ran once
+    assert rows["fails"]["exit_code"] == 1 and "FATAL ERROR" in rows["fails"]["log_tail"]
+    assert all(Path(rows[n]["case_path"], "output").is_dir() for n, v in SLURM_EXPECTED.items() if v[0] == "completed")
+    jobs = {job.job_id: job for job in h.jobs()}                 # still listed: their end is under MinJobAge ago
+    assert all(job.name.startswith("mqic_case_") and job.comment.startswith("mqic_slot=") for job in jobs.values())
+    assert not [job for job in jobs.values() if not job.verdict.ended]
+    assert os.listdir(watch) == []

@@ -702,3 +702,33 @@ def test_extra_sbatch_lines_are_one_option_each(line):
 def test_batch_script_refuses_bad_input(command, env):
     with pytest.raises(ValueError):
         sp.batch_script(7, "/s/7", command, sp.SubmitSettings("gpu"), env=env)
+
+
+# ---------------------------------------------------------------------------
+# What the Slurm backend adds: work dir and comment in squeue, the slot comment, a script
+# that leaves the record to the command's own wrapper
+# ---------------------------------------------------------------------------
+
+def test_squeue_reads_the_work_dir_and_the_comment():
+    fmt = "%i|%j|%T|%P|%V|%S|%M|%Z|%k|%r"
+    [ours, other] = sp.parse_squeue("5|mqic_case_5|RUNNING|gpu|N/A|N/A|0:01|/r/5 x|mqic_slot=gpu_a|None\n"
+                                    "6|x|PENDING|gpu|N/A|N/A|0:00|/tmp|(null)|reason with | bar\n", fmt)
+    assert (ours.work_dir, ours.comment) == ("/r/5 x", "mqic_slot=gpu_a")
+    assert (other.work_dir, other.comment, other.reason) == ("/tmp", "", "reason with | bar")
+
+
+def test_sbatch_argv_carries_a_comment_of_one_word():
+    argv = sp.sbatch_argv(5, "/r/5", sp.SubmitSettings("gpu"), comment="mqic_slot=gpu_a")
+    assert argv[-1] == "--comment=mqic_slot=gpu_a"
+    with pytest.raises(ValueError):
+        sp.sbatch_argv(5, "/r/5", sp.SubmitSettings("gpu"), comment="two words")
+
+
+def test_without_its_own_record_the_script_execs_the_command_in_the_folder(tmp_path):
+    script, case_dir = write_script(tmp_path, 'pwd > where; printf %s "$MQIC_CASE_NAME" > name; exit 5',
+                                    env={"MQIC_CASE_NAME": "$(touch pwned)"}, record_exit=False)
+    assert "exec /bin/bash -c" in script.read_text() and "trap" not in script.read_text()
+    assert run_script(script).returncode == 5
+    assert (case_dir / "where").read_text().strip() == str(case_dir)
+    assert (case_dir / "name").read_text() == "$(touch pwned)" and not list(tmp_path.rglob("pwned"))
+    assert not (case_dir / sp.EXIT_STATUS_RECORD).exists()   # the wrapped command writes it, not the script

@@ -86,7 +86,7 @@ def fetch_logs(ctx: Context, tasks_wanted: list[model.TaskInfo]) -> dict[int, st
 
 def handle_paused_groups(ctx: Context, snapshot: model.Snapshot, now: float) -> None:
     """Report a paused group of ours once (again every few minutes), and resume it if configured."""
-    ours = {g.name for g in ctx.config.pueue.groups}
+    ours = {s.name for s in ctx.config.slots}
     paused = [g for g in snapshot.paused_groups() if g in ours]
     for group in set(ctx.state.get(PAUSED_GROUPS, ())) - set(paused):
         forget_logged(ctx, f"paused:{group}")

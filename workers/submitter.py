@@ -26,9 +26,10 @@ from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus
 from shared.store import (Case, Claim, claim_for_staging, claim_next_case, mark_staged,
                           free_slots, release_staging, renew_lease, staged_waiting, update_case)
-from shared.worker import Context, note_reach, per_item, start_helper_loop, worker_main
+from shared.worker import Context, note_reach, per_item, start_helper_loop, worker_main, worth_logging
 
 GROUPS_READY = "groups_ready"
+REPEAT_LOG_SECONDS = 300
 STAGER_WAKE = "stager_wake"
 UNKNOWN_GROUP = "doesn't exists"  # sic: pueue's own wording
 # The pueue client sent the request but got no answer: the daemon may have stored the task.
@@ -100,7 +101,7 @@ def stage_tick(ctx: Context, now: float) -> int:
     Runs in its own thread of the submitter process, so a freed GPU is handed its
     next case at once even while an upload is under way.
     """
-    if free_slots(ctx.conn) or staged_waiting(ctx.conn) >= len(ctx.config.pueue.groups):
+    if free_slots(ctx.conn) or staged_waiting(ctx.conn) >= len(ctx.config.slots):
         return 0  # a free GPU is the main loop's job: it uploads the oldest case at once
     case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
                              lease_seconds=ctx.config.main_loop.lease_seconds,
@@ -222,20 +223,23 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
 
 
 def groups_ready(ctx: Context) -> bool:
-    """Create missing pueue groups once per process (and again after pueue forgot one)."""
+    """Make our slots usable once per process (pueue: create missing groups, again after pueue
+    forgot one; Slurm: check the partitions exist)."""
     if ctx.state.get(GROUPS_READY):
         return True
-    wanted = {g.name: g.parallel for g in ctx.config.pueue.groups}
+    wanted = {s.name: s.parallel for s in ctx.config.slots}
     try:
         created = ctx.backend.ensure_slots(wanted)
     except RemoteFailure as exc:
         note_reach(ctx, exc)
-        ctx.log.warning("cannot check pueue groups (%s); not submitting this pass", exc,
-                        extra=for_case(None, "ensure_groups", exc))
+        # A missing partition stays missing until the config is fixed: say so now and then, not every pass.
+        if worth_logging(ctx, f"slots:{type(exc).__name__}", ctx.clock(), REPEAT_LOG_SECONDS):
+            ctx.log.warning("cannot make sure of the slots (%s); not submitting until it is fixed", exc,
+                            extra=for_case(None, "ensure_groups", exc))
         return False
     note_reach(ctx, None)
     if created:
-        ctx.log.info("created pueue groups %s", ", ".join(created), extra=for_case(None, "ensure_groups"))
+        ctx.log.info("created slots %s", ", ".join(created), extra=for_case(None, "ensure_groups"))
     ctx.state[GROUPS_READY] = True
     return True
 
@@ -247,7 +251,7 @@ def tick(ctx: Context, now: float) -> int:
         return done
     claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
                             lease_seconds=ctx.config.main_loop.lease_seconds,
-                            groups=[g.name for g in ctx.config.pueue.groups],
+                            groups=[s.name for s in ctx.config.slots],
                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
     if claim is None:
         if STAGER_WAKE in ctx.state:

@@ -35,13 +35,14 @@ class Backend(Protocol):
         """The last ``lines`` lines of each task's output (by task id), in ONE remote call."""
 
     def stop(self, task_ids: Sequence[int], *, gently: bool) -> KillResult:
-        """Signal running tasks: SIGTERM when ``gently``, else SIGKILL."""
+        """Signal running tasks: SIGTERM when ``gently``, else end them for sure (pueue: SIGKILL;
+        Slurm: ``scancel``, TERM then KILL after KillWait). Ids the scheduler refused are ``failed``."""
 
     def remove(self, task_ids: Sequence[int]) -> KillResult:
-        """Take waiting or finished tasks out of the scheduler's list."""
+        """Take waiting or finished tasks out of the scheduler's list; a running one comes back in ``failed``."""
 
     def ensure_slots(self, wanted: Mapping[str, int]) -> list[str]:
-        """Make every slot (pueue group, Slurm partition) usable; return those created."""
+        """Make every slot usable (pueue: create its group; Slurm: check its partition); return those created."""
 
     def resume_slot(self, slot: str) -> None:
         """Resume a slot the scheduler paused (pueue: a group after a daemon restart)."""
@@ -50,7 +51,10 @@ class Backend(Protocol):
         """The scheduler's version, for ``mqic doctor``."""
 
 
-def backend_for(hpc, runner: Runner) -> Backend:
-    """The backend that ``hpc.backend`` names, talking through ``runner``."""
+def backend_for(config, runner: Runner) -> Backend:
+    """The backend that ``config.hpc.backend`` names (pueue or slurm), talking through ``runner``."""
+    if config.hpc.backend == "slurm":
+        from shared.backends.slurm import SlurmBackend
+        return SlurmBackend.from_config(config, runner)
     from shared.backends.pueue import PueueBackend
-    return PueueBackend(runner, tuple(hpc.pueue_command), hpc.command_timeout_seconds)
+    return PueueBackend(runner, tuple(config.hpc.pueue_command), config.hpc.command_timeout_seconds)

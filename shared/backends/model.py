@@ -21,7 +21,7 @@ class Runner(Protocol):
 
 
 class TaskState(str, Enum):
-    """Our name for a pueue task's status; Done results are flattened into it."""
+    """Our name for a task's status (pueue's, or a Slurm job's); Done results are flattened into it."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -65,7 +65,7 @@ _DONE_STATES = frozenset({
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """One pueue task as read from ``status --json`` or ``log --json``.
+    """One task: a pueue task (``status --json``, ``log --json``) or a Slurm job (``squeue``).
 
     ``exit_code`` is set only for ``FAILED``. ``detail`` holds the spawn error of
     ``FAILED_TO_SPAWN`` or the raw JSON of a status we do not know. ``ended`` is
@@ -129,7 +129,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class KillResult:
-    """Ids pueue started killing, and ids it refused (not running/paused, or unknown)."""
+    """Ids the scheduler acted on, and ids it refused (pueue: not running/paused, or unknown)."""
 
     killed: tuple[int, ...]
     failed: tuple[int, ...]
@@ -145,3 +145,7 @@ class AlreadySubmitted(RemoteFailure):
 
 class SubmitLockBusy(RemoteFailure):
     """``submit``: another submission of this label still holds its lock on the HPC (outcome unknown)."""
+
+
+class SubmitUncertain(RemoteFailure):
+    """``submit``: the request may have reached the scheduler but its answer was lost (look it up by label)."""

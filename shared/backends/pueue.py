@@ -14,45 +14,27 @@ import re
 import shlex
 from typing import Mapping, Sequence
 
-from shared.backends.model import (AlreadySubmitted, KillResult, Runner, Snapshot, TaskInfo,
-                                   SubmitLockBusy, WorkdirMissing)
-from shared.backends.pueue_parse import (CLOCK_PREFIX, CLOCKED, _KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
+from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LABEL_EXISTS_EXIT, LOCK_BUSY_EXIT,  # noqa: F401
+                                    LOCK_FOLDER, LOCKED_SUBMIT_PRELUDE, WORKDIR_MISSING_EXIT, add_lands_within,
+                                    checked_label, submit_refusal)
+from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo
+from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
                                          _checked_env, _is_int, _parse_id_reply, add_argv, parse_clocked_status,
                                          parse_groups, parse_log, parse_task_id, parse_version)
-from shared.errors import RemoteError, RemoteFailure
+from shared.errors import RemoteError
 
 _ALREADY_EXISTS = "already exists"
-
-
-WORKDIR_MISSING_EXIT = 86
-LABEL_EXISTS_EXIT = 87
-LOCK_BUSY_EXIT = 85
-_SAFE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
-LOCK_FOLDER = ".mqic-locks"
 
 # Idempotent add: under a per-label lock on the HPC, add only when no task carries the
 # label; the client is killed after ``limit`` seconds, so an add can never land later
 # than ``limit`` after the script started.
 ADD_SCRIPT = r"""
-pueue=$1 label=$2 limit=$3 workdir=$4 need_dir=$5; shift 5
-lockdir=${workdir%/*}/LOCKS
-mkdir -p -- "$lockdir" && exec 9>>"$lockdir/$label.lock" || exit 89
-flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2; exit 85; }
-[ "$need_dir" = 0 ] || [ -d "$workdir" ] || exit 86
+pueue=$1 label=$2 limit=$3 workdir=$4 need_dir=$5; shift 5""" + LOCKED_SUBMIT_PRELUDE.rstrip("\n") + r"""
 while [ "$1" != --mqic-add-- ]; do export "$1" || exit 89; shift; done; shift
 tasks=$(eval "$pueue status --json") || exit 88
 case $tasks in *"\"label\":\"$label\""*) echo "$label already has a task" >&2; exit 87;; esac
 eval "exec timeout -s KILL $limit $pueue \"\$@\""
-""".replace("LOCKS", LOCK_FOLDER)
-
-
-def add_lands_within(timeout: float) -> float:
-    """Seconds after sending ``submit`` by which its add has landed or never will.
-
-    The remote login may start the script up to ``timeout`` late, the lock wait and the
-    killed client each last at most ``timeout``; 10 s cover the daemon's own handling.
-    """
-    return 3 * timeout + 10
+"""
 
 
 def submit(
@@ -68,8 +50,7 @@ def submit(
     lost can no longer land once that time has passed. ``require_workdir`` checks that
     ``workdir`` exists first (WorkdirMissing). Runner errors propagate; BadOutput if no id.
     """
-    if not _SAFE_LABEL.fullmatch(label or ""):
-        raise ValueError(f"label must be letters, digits, '_', '.', '-': {label!r}")
+    checked_label(label)
     add = add_argv(["pueue"], group=group, label=label, workdir=workdir, command=command)
     limit = str(max(1, int(timeout or 60)))
     env_words = [f"{name}={value}" for name, value in _checked_env(env or {}).items()]
@@ -79,17 +60,7 @@ def submit(
     try:
         return parse_task_id(runner.run(argv, timeout=timeout))
     except RemoteError as error:
-        raise _add_refusal(error, label, workdir) from None
-
-
-def _add_refusal(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
-    if error.exit_code == WORKDIR_MISSING_EXIT:
-        return WorkdirMissing(f"working directory {workdir} does not exist on the HPC")
-    if error.exit_code == LABEL_EXISTS_EXIT:
-        return AlreadySubmitted(f"a task labelled {label} already exists on the HPC")
-    if error.exit_code == LOCK_BUSY_EXIT:
-        return SubmitLockBusy(f"another submission of {label} is still in flight on the HPC")
-    return error
+        raise submit_refusal(error, label, workdir) from None
 
 
 def statuses(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> Snapshot:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
+from shared.backends.common import CLOCK_PREFIX, CLOCKED, split_clock  # noqa: F401
 from shared.backends.model import GroupInfo, KillResult, Snapshot, TaskInfo, TaskState
 from shared.errors import BadOutput
 
@@ -419,15 +420,7 @@ def _checked_env(env: Mapping[str, str]) -> Mapping[str, str]:
     return env
 
 
-CLOCK_PREFIX = "mqic-clock "
-CLOCKED = 'printf \'%s%s\\n\' "$1" "$(date +%s)"; shift; exec "$@"'
-
-
 def parse_clocked_status(text: str) -> Snapshot:
     """``mqic-clock <epoch>`` on the first line, then ``status --json``; BadOutput otherwise."""
-    first, _, rest = (text or "").partition("\n")
-    if not first.startswith(CLOCK_PREFIX) or not first[len(CLOCK_PREFIX):].strip().isdigit():
-        raise BadOutput(f"pueue status: expected the HPC clock first, got {_excerpt(text or '')!r}")
-    return replace(parse_status(rest), hpc_time=float(first[len(CLOCK_PREFIX):]))
-
-
+    hpc_time, rest = split_clock(text, "pueue status")
+    return replace(parse_status(rest), hpc_time=hpc_time)

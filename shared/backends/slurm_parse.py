@@ -214,6 +214,8 @@ class QueuedJob:
     submitted: datetime | None = None
     started: datetime | None = None
     elapsed_seconds: int | None = None
+    work_dir: str = ""
+    comment: str = ""
 
     @property
     def case_id(self) -> int | None:
@@ -321,9 +323,9 @@ def output_path(remote_dir: str, job_id: int) -> str:
 
 
 def sbatch_argv(case_id: int, remote_dir: str, settings: SubmitSettings, *,
-                script_path: str | None = None, bin_dir: str = "") -> list[str]:
+                script_path: str | None = None, bin_dir: str = "", comment: str | None = None) -> list[str]:
     """``sbatch --parsable --job-name=mqic_case_<id> --chdir=DIR --output=DIR/.mqic/slurm-%j.out
-    --partition=P [--account=A] [--qos=Q] [--gres=G] [--time=T] --no-requeue [SCRIPT]``.
+    --partition=P [--account=A] [--qos=Q] [--gres=G] [--time=T] --no-requeue [--comment=C] [SCRIPT]``.
 
     Without ``script_path`` sbatch reads the script from its standard input. The folder
     ``DIR/.mqic`` must exist before the submit: Slurm opens the output file before the
@@ -334,15 +336,17 @@ def sbatch_argv(case_id: int, remote_dir: str, settings: SubmitSettings, *,
     argv = [
         command_path(bin_dir, "sbatch"), "--parsable", f"--job-name={job_name(case_id)}",
         f"--chdir={directory}", f"--output={_output_pattern(directory)}",
-        f"--partition={_checked_word('partition', settings.partition)}",
+        f"--partition={checked_word('partition', settings.partition)}",
     ]
     for option, value in (("account", settings.account), ("qos", settings.qos),
                           ("gres", settings.gres)):
         if value:
-            argv.append(f"--{option}={_checked_word(option, value)}")
+            argv.append(f"--{option}={checked_word(option, value)}")
     if settings.time_limit_seconds is not None:
         argv.append(f"--time={format_time_limit(settings.time_limit_seconds)}")
     argv.append("--requeue" if settings.requeue else "--no-requeue")
+    if comment is not None:
+        argv.append(f"--comment={checked_word('comment', comment)}")
     if script_path is not None:
         argv.append(_checked_dir(script_path))
     return argv
@@ -354,7 +358,7 @@ def _output_pattern(directory: str) -> str:
 
 
 def batch_script(case_id: int, remote_dir: str, command: str, settings: SubmitSettings,
-                 env: Mapping[str, str] | None = None) -> str:
+                 env: Mapping[str, str] | None = None, *, record_exit: bool = True) -> str:
     """The bash script of one case's job.
 
     It enters ``remote_dir`` (a missing folder ends the job with exit 1 instead of running
@@ -365,15 +369,23 @@ def batch_script(case_id: int, remote_dir: str, command: str, settings: SubmitSe
     KILL) still leaves a record: the command gets the TERM, the script waits for it and
     records its status (143 for a command killed by TERM). Only a SIGKILL of the script
     leaves no record. A stale record from an earlier run is removed first.
+
+    With ``record_exit=False`` the script only enters the folder, exports ``env`` and
+    ``exec``s the command, which then writes the record itself (the Slurm backend runs
+    the command that ``shared.tasks.wrap_command`` wrapped, as pueue does).
     """
     directory = _checked_dir(remote_dir)
     if not command.strip():
         raise ValueError("the remote command is empty")
-    lines = ["#!/bin/bash", *(_sbatch_line(line) for line in settings.extra_sbatch_lines)]
+    lines = ["#!/bin/bash", *(sbatch_line(line) for line in settings.extra_sbatch_lines)]
+    if not record_exit:
+        lines += [f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder.",
+                  _enter(directory), *_exports(env or {}), f"exec /bin/bash -c {_quote(command)}"]
+        return "\n".join(lines) + "\n"
     lines += [
         f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder",
         "# and records the command's exit status atomically (Slurm forgets finished jobs).",
-        f"cd -- {_quote(directory)} || {{ echo {_quote(f'mqic: cannot enter {directory}')} >&2; exit 1; }}",
+        _enter(directory),
         f"mkdir -p {MQIC_DIR} && rm -f {EXIT_STATUS_RECORD}",
         *_exports(env or {}),
         "# A TERM must not end this script before the command has ended and been recorded.",
@@ -387,7 +399,15 @@ def batch_script(case_id: int, remote_dir: str, command: str, settings: SubmitSe
     return "\n".join(lines) + "\n"
 
 
-def _sbatch_line(line: str) -> str:
+def _enter(directory: str) -> str:
+    return f"cd -- {_quote(directory)} || {{ echo {_quote(f'mqic: cannot enter {directory}')} >&2; exit 1; }}"
+
+
+def sbatch_line(line: str) -> str:
+    """``#SBATCH OPTION`` for one option such as ``--mem=16G`` (a leading ``#SBATCH`` is accepted).
+
+    ValueError for anything else (no leading '-', a control character such as a newline).
+    """
     option = line.strip()
     if option.startswith("#SBATCH"):
         option = option[len("#SBATCH"):].strip()
@@ -413,7 +433,8 @@ def _checked_dir(path: str) -> str:
     return path.rstrip("/") or "/"
 
 
-def _checked_word(what: str, value: str) -> str:
+def checked_word(what: str, value: str) -> str:
+    """``value`` if it is one command-line word for Slurm (no space, no leading '-', no control character)."""
     if not value or value.startswith("-") or _CONTROL_CHARS.search(value) or " " in value:
         raise ValueError(f"invalid Slurm {what}: {value!r}")
     return value
@@ -447,7 +468,7 @@ def squeue_argv(names: Sequence[str] = (), *, bin_dir: str = "", fmt: str = SQUE
 
 def _name_list(names: Sequence[str]) -> str:
     for name in names:
-        _checked_word("job name", name)
+        checked_word("job name", name)
         if "," in name:
             raise ValueError(f"a job name in a list cannot hold a comma: {name!r}")
     return ",".join(names)
@@ -466,7 +487,7 @@ def sacct_argv(job_ids: Sequence[int] = (), names: Sequence[str] = (), *, since:
             f"--format={','.join(fields)}"]
     if job_ids:
         return [*argv, f"--jobs={_id_list(job_ids)}"]
-    return [*argv, f"--name={_name_list(names)}", f"--starttime={_checked_word('time', since)}"]
+    return [*argv, f"--name={_name_list(names)}", f"--starttime={checked_word('time', since)}"]
 
 
 def _id_list(job_ids: Sequence[int]) -> str:
@@ -490,7 +511,7 @@ def scancel_argv(job_ids: Sequence[int], *, signal: str | None = None, bin_dir: 
 
 def scancel_by_name_argv(name: str, *, signal: str | None = None, bin_dir: str = "") -> list[str]:
     """``scancel --me --name=N [--signal=SIG --full]``: every job of ours with that exact name."""
-    return [*_scancel_head(signal, bin_dir), "--me", f"--name={_checked_word('job name', name)}"]
+    return [*_scancel_head(signal, bin_dir), "--me", f"--name={checked_word('job name', name)}"]
 
 
 def _scancel_head(signal: str | None, bin_dir: str) -> list[str]:
@@ -561,9 +582,11 @@ def parse_sbatch(stdout: str) -> int:
 def parse_squeue(stdout: str, fmt: str = SQUEUE_FORMAT) -> tuple[QueuedJob, ...]:
     """Lines of ``squeue --noheader --format=FMT`` (fields split by '|', the last may hold '|').
 
-    ``fmt`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M`` are read too, any
-    other field is skipped. Lines of array or heterogeneous jobs (``12_3``, ``12+0``) are
-    left out: ours are plain jobs. BadOutput on a line that does not fit the format.
+    ``fmt`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M %Z %k`` (reason,
+    partition, submit and start time, elapsed, work dir, comment) are read too, any other
+    field is skipped. An unset work dir or comment (``(null)``) is "". Lines of array or
+    heterogeneous jobs (``12_3``, ``12+0``) are left out: ours are plain jobs. BadOutput on a
+    line that does not fit the format.
     """
     codes = fmt.split("|")
     if not {"%i", "%j", "%T"} <= set(codes):
@@ -593,7 +616,13 @@ def _queued_job(values: Mapping[str, str], line: str) -> QueuedJob:
         submitted=parse_slurm_time(values.get("%V", "")),
         started=parse_slurm_time(values.get("%S", "")),
         elapsed_seconds=parse_duration(values.get("%M", "")),
+        work_dir=_unless_null(values.get("%Z", "")),
+        comment=_unless_null(values.get("%k", "")),
     )
+
+
+def _unless_null(value: str) -> str:
+    return "" if value == "(null)" else value
 
 
 def _checked_state(state: str, line: str) -> str:

@@ -1,0 +1,72 @@
+"""What every backend's remote calls share, so that each rule lives in one place.
+
+- The HPC's clock: a listing (``pueue status``, ``squeue``) is preceded by the line
+  ``mqic-clock <epoch>`` from the same remote call, so task times are compared on the
+  HPC's own clock.
+- The idempotent submit: a shell prelude that takes a lock per label on the HPC
+  (``<parent of workdir>/.mqic-locks/<label>.lock``) and checks the working directory;
+  each backend's submit script goes on from there (check the label, add the task with
+  its client killed after ``limit`` seconds). Its exit codes become typed refusals.
+"""
+from __future__ import annotations
+
+import re
+
+from shared.backends.model import AlreadySubmitted, SubmitLockBusy, WorkdirMissing
+from shared.errors import BadOutput, RemoteError, RemoteFailure
+
+CLOCK_PREFIX = "mqic-clock "
+CLOCKED = 'printf \'%s%s\\n\' "$1" "$(date +%s)"; shift; exec "$@"'
+
+WORKDIR_MISSING_EXIT = 86
+LABEL_EXISTS_EXIT = 87
+LOCK_BUSY_EXIT = 85
+LOCK_FOLDER = ".mqic-locks"
+SAFE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
+
+# Expects $label, $limit, $workdir and $need_dir set by the script it starts.
+LOCKED_SUBMIT_PRELUDE = r"""
+lockdir=${workdir%/*}/LOCKS
+mkdir -p -- "$lockdir" && exec 9>>"$lockdir/$label.lock" || exit 89
+flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2; exit 85; }
+[ "$need_dir" = 0 ] || [ -d "$workdir" ] || exit 86
+""".replace("LOCKS", LOCK_FOLDER)
+
+_EXCERPT_CHARS = 200
+
+
+def split_clock(text: str, what: str) -> tuple[float, str]:
+    """``mqic-clock <epoch>`` on the first line: (the HPC's epoch, the rest); BadOutput otherwise."""
+    first, _, rest = (text or "").partition("\n")
+    value = first[len(CLOCK_PREFIX):].strip()
+    if not first.startswith(CLOCK_PREFIX) or not value.isdigit():
+        excerpt = (text or "").strip()[:_EXCERPT_CHARS]
+        raise BadOutput(f"{what}: expected the HPC clock first, got {excerpt!r}")
+    return float(value), rest
+
+
+def checked_label(label: str) -> str:
+    """``label`` if the submit scripts can match it exactly (letters, digits, ``_ . -``); else ValueError."""
+    if not SAFE_LABEL.fullmatch(label or ""):
+        raise ValueError(f"label must be letters, digits, '_', '.', '-': {label!r}")
+    return label
+
+
+def add_lands_within(timeout: float) -> float:
+    """Seconds after sending a submit by which its add has landed or never will.
+
+    The remote login may start the script up to ``timeout`` late, the lock wait and the
+    killed client each last at most ``timeout``; 10 s cover the scheduler's own handling.
+    """
+    return 3 * timeout + 10
+
+
+def submit_refusal(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
+    """The typed refusal for an exit code of the locked submit, else ``error`` itself."""
+    if error.exit_code == WORKDIR_MISSING_EXIT:
+        return WorkdirMissing(f"working directory {workdir} does not exist on the HPC")
+    if error.exit_code == LABEL_EXISTS_EXIT:
+        return AlreadySubmitted(f"a task labelled {label} already exists on the HPC")
+    if error.exit_code == LOCK_BUSY_EXIT:
+        return SubmitLockBusy(f"another submission of {label} is still in flight on the HPC")
+    return error

@@ -1,0 +1,301 @@
+"""Slurm on the HPC: the ``Backend`` for a cluster, one remote call per method.
+
+Each slot of ours is an entry of ``slurm.partitions`` in the config: a partition with
+its account, QOS, gres and extra ``#SBATCH`` lines (``slurm_parse.SubmitSettings``). A
+case is one batch job named by its label ``mqic_case_<id>``, started in the case folder,
+its output in ``.mqic/slurm-<job id>.out``. The job's comment names its slot
+(``mqic_slot=<slot>``), so several slots may share one partition.
+
+The command the submitter passes is already wrapped by ``shared.tasks.wrap_command``,
+which writes the exit record ``.mqic/exit_status``; the batch script only enters the
+folder, exports the case's variables and ``exec``s it. So one place writes the record,
+on Slurm as on pueue: a job ended by a signal (a cancel, a time limit) leaves none.
+
+Failures are typed, never ``None``: ``Unreachable`` (raised by the runner), ``SlurmError``
+(a ``RemoteError`` whose ``kind`` says what Slurm meant), ``SlurmOutage`` (Slurm could not
+take a submit, e.g. slurmctld is down: no job was made and no attempt is used up),
+``SubmitUncertain`` (the submit may have landed), ``BadOutput``.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Mapping, Sequence
+
+from shared.backends import slurm_parse as sp
+from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, add_lands_within,
+                                    checked_label, split_clock, submit_refusal)
+from shared.backends.model import KillResult, Runner, Snapshot, SubmitUncertain, TaskInfo, TaskState
+from shared.errors import HpcTrouble, RemoteError
+
+# The work dir and the comment come before the reason, the one free-text field Slurm fills.
+SQUEUE_FIELDS = "%i|%j|%T|%P|%V|%S|%M|%Z|%k|%r"
+SLOT_COMMENT = "mqic_slot="
+JOB_SCRIPT = f"{sp.MQIC_DIR}/slurm-job.sh"
+# Slurm's own time limit comes this long after ours (and its SIGKILL grace), so that our
+# timeout acts first and Slurm's only when our poller was away.
+TIME_LIMIT_MARGIN_SECONDS = 600
+
+# Idempotent submit: under the per-label lock, submit only when no active job carries the
+# label; write the batch script into the case folder and run sbatch killed after ``limit``
+# seconds (its own exit 255 arrives as 254, never as ssh's "unreachable").
+SUBMIT_SCRIPT = r"""
+label=$1 limit=$2 workdir=$3 need_dir=$4 squeue=$5 script=$6; shift 6""" + LOCKED_SUBMIT_PRELUDE.rstrip("\n") + r"""
+jobs=$("$squeue" --me --noheader --name="$label" --format=%i) || exit 88
+[ -z "$jobs" ] || { echo "$label already has job(s)" $jobs >&2; exit 87; }
+cd -- "$workdir" && mkdir -p .mqic && printf '%s' "$script" > JOB_SCRIPT || exit 89
+timeout -s KILL "$limit" "$@"; status=$?
+[ "$status" -ne 255 ] || status=254
+exit "$status"
+""".replace("JOB_SCRIPT", JOB_SCRIPT)
+_BEFORE_SBATCH_EXITS = (88, 89)
+
+# Cancels waiting jobs only (one that started meanwhile is left alone), then lists our
+# active jobs: that fresh list says what was removed. scancel's own exit is not the
+# answer: it fails for ids Slurm has forgotten, which are gone as wanted.
+REMOVE_SCRIPT = r"""
+scancel=$1 squeue=$2; shift 2
+"$scancel" --state=PENDING "$@" >/dev/null 2>&1
+exec "$squeue" --me --noheader --format=%i
+"""
+
+LOGS_SCRIPT = r"""
+lines=$1 mark=$2; shift 2
+while [ $# -ge 2 ]; do
+  printf '%s %s\n' "$mark" "$1"
+  tail -n "$lines" -- "$2" 2>/dev/null
+  echo
+  shift 2
+done
+"""
+
+_REPORTED = {
+    sp.TaskState.WAITING: TaskState.QUEUED,
+    sp.TaskState.RUNNING: TaskState.RUNNING,
+    sp.TaskState.KILLED: TaskState.KILLED,
+    sp.TaskState.TIMED_OUT: TaskState.FAILED,
+    sp.TaskState.UNKNOWN: TaskState.UNKNOWN,
+}
+# The request never reached a scheduler that could take it: no job, not the case's fault.
+_OUTAGE_KINDS = frozenset({sp.SlurmErrorKind.CONTROLLER_DOWN, sp.SlurmErrorKind.ACCOUNTING_DOWN,
+                           sp.SlurmErrorKind.LIMIT_REACHED})
+_KILL_ERROR_ID = re.compile(r"job id (\d+)")
+
+
+class SlurmOutage(sp.SlurmError, HpcTrouble):
+    """Slurm could not take the request (slurmctld down, a submit limit): nothing was made."""
+
+
+class PartitionProblem(RemoteError):
+    """A slot's partition is missing on the cluster, or too short for our time limit."""
+
+    def __init__(self, argv: Sequence[str], message: str):
+        super().__init__(list(argv), 0, message)
+        self.args = (message,)
+
+
+# -- the one mapping of a job onto our words ---------------------------------------------------
+
+def task_of_job(job: sp.QueuedJob) -> TaskInfo | None:
+    """A job of ``squeue`` as a task, or None when only its exit record can tell its outcome.
+
+    Jobs that ended by themselves (COMPLETED, FAILED, OUT_OF_MEMORY: squeue has no exit
+    code) or in a way nobody knows (NODE_FAIL: the processes may have run on) are left
+    out, so ``shared.tasks`` resolves them from the exit record as a task the scheduler
+    forgot. Jobs ended by a cancel or a preemption are KILLED and by Slurm's time limit
+    FAILED ("time limit reached"): a signal leaves no record. Waiting jobs have no start
+    (squeue's is an estimate). The group is the slot named in the job's comment, else
+    the partition (a job we did not submit).
+    """
+    verdict = job.verdict
+    state = _REPORTED.get(verdict.state)
+    if state is None or (state is TaskState.UNKNOWN and verdict.ended):
+        return None
+    return TaskInfo(
+        id=job.job_id, label=job.name, group=slot_of(job), state=state, detail=verdict.detail,
+        path=job.work_dir, enqueued_at=_utc(job.submitted),
+        start=None if state is TaskState.QUEUED else _utc(job.started), ended=verdict.ended,
+    )
+
+
+def slot_of(job: sp.QueuedJob) -> str:
+    """The slot in the job's comment ``mqic_slot=<slot>``, else its partition."""
+    return job.comment[len(SLOT_COMMENT):] if job.comment.startswith(SLOT_COMMENT) else job.partition
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    # squeue runs with TZ=UTC, so its zone-less times are UTC.
+    return moment.replace(tzinfo=timezone.utc) if moment is not None else None
+
+
+def parse_snapshot(text: str) -> Snapshot:
+    """The clock line, then ``squeue --format=SQUEUE_FIELDS`` lines; BadOutput otherwise."""
+    hpc_time, rest = split_clock(text, "squeue")
+    tasks = [task for job in sp.parse_squeue(rest, SQUEUE_FIELDS) if (task := task_of_job(job)) is not None]
+    return Snapshot(tasks={task.id: task for task in tasks}, groups={}, hpc_time=hpc_time)
+
+
+def parse_logs(text: str, mark: str) -> dict[int, str]:
+    """The output of LOGS_SCRIPT: after each ``<mark> <id>`` line, that job's tail."""
+    found: dict[int, list[str]] = {}
+    current: list[str] | None = None
+    for line in (text or "").splitlines():
+        head, _, job_id = line.partition(" ")
+        if head == mark and job_id.isdigit():
+            current = found.setdefault(int(job_id), [])
+        elif current is not None:
+            current.append(line)
+    # LOGS_SCRIPT ends each tail with one newline of its own.
+    return {job_id: "\n".join(lines[:-1] if lines and not lines[-1] else lines) for job_id, lines in found.items()}
+
+
+# -- settings from the config ---------------------------------------------------------------------
+
+def time_limit_seconds(timeout_hours: float, kill_grace_seconds: float) -> int:
+    """Slurm's ``--time`` for a case: our own timeout, its SIGKILL grace and a margin."""
+    return int(timeout_hours * 3600 + kill_grace_seconds + TIME_LIMIT_MARGIN_SECONDS)
+
+
+def settings_from_config(config) -> dict[str, sp.SubmitSettings]:
+    """Each slot's ``SubmitSettings`` from ``slurm.partitions`` and ``main_loop``."""
+    limit = time_limit_seconds(config.main_loop.running_case_timeout_hours, config.main_loop.kill_grace_seconds)
+    return {slot.name: sp.SubmitSettings(partition=slot.partition, account=slot.account, qos=slot.qos,
+                                         gres=slot.gres, time_limit_seconds=limit,
+                                         extra_sbatch_lines=slot.extra_sbatch)
+            for slot in config.slurm.partitions}
+
+
+# -- the backend ----------------------------------------------------------------------------------------
+
+class SlurmBackend:
+    """The ``Backend`` for a host whose jobs run under Slurm: each slot is a partition entry."""
+
+    kind = "slurm"
+
+    def __init__(self, runner: Runner, slots: Mapping[str, sp.SubmitSettings], timeout: float, bin_dir: str = ""):
+        self.runner, self.slots, self.timeout, self.bin_dir = runner, dict(slots), timeout, bin_dir
+
+    @classmethod
+    def from_config(cls, config, runner: Runner) -> SlurmBackend:
+        return cls(runner, settings_from_config(config), config.hpc.command_timeout_seconds,
+                   config.slurm.bin_dir)
+
+    def _run(self, argv: Sequence[str]) -> str:
+        try:
+            return self.runner.run(list(argv), timeout=self.timeout)
+        except RemoteError as error:
+            raise sp.SlurmError.from_remote_error(error) from None
+
+    def _command(self, name: str) -> str:
+        return sp.command_path(self.bin_dir, name)
+
+    def snapshot(self) -> Snapshot:
+        """Our jobs and the HPC's clock in ONE call (``squeue --me --states=all``, times in UTC)."""
+        squeue = sp.squeue_argv(bin_dir=self.bin_dir, fmt=SQUEUE_FIELDS)
+        return parse_snapshot(self._run(["sh", "-c", CLOCKED, "sh", CLOCK_PREFIX, "env", "TZ=UTC", *squeue]))
+
+    def submit(self, *, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str],
+               require_workdir: bool = False) -> int:
+        """One job per label, in ONE call (see SUBMIT_SCRIPT); the job id."""
+        case_id = sp.case_id_from_job_name(checked_label(label))
+        if case_id is None or sp.job_name(case_id) != label:
+            raise ValueError(f"a Slurm job name must be mqic_case_<id>: {label!r}")
+        settings = self._settings(slot)
+        script = sp.batch_script(case_id, workdir, command, settings, env, record_exit=False)
+        sbatch = sp.sbatch_argv(case_id, workdir, settings, script_path=f"{workdir.rstrip('/')}/{JOB_SCRIPT}",
+                                bin_dir=self.bin_dir, comment=f"{SLOT_COMMENT}{slot}")
+        limit = str(max(1, int(self.timeout)))
+        argv = ["sh", "-c", SUBMIT_SCRIPT, "sh", label, limit, workdir, str(int(require_workdir)),
+                self._command("squeue"), script, *sbatch]
+        try:
+            return sp.parse_sbatch(self.runner.run(argv, timeout=self.timeout))
+        except RemoteError as error:
+            raise _submit_failure(error, label, workdir) from None
+
+    def _settings(self, slot: str) -> sp.SubmitSettings:
+        try:
+            return self.slots[slot]
+        except KeyError:
+            raise ValueError(f"no Slurm partition is configured for slot {slot!r}") from None
+
+    def add_lands_within(self) -> float:
+        return add_lands_within(self.timeout)
+
+    def logs(self, tasks: Sequence[TaskInfo], lines: int) -> dict[int, str]:
+        """The tail of each job's output file in ONE call ("" before it exists)."""
+        if lines < 1:
+            raise ValueError(f"lines must be at least 1, got {lines}")
+        known = [task for task in tasks if task.path.startswith("/")]
+        if not known:
+            return {task.id: "" for task in tasks}
+        mark = f"--mqic-log-{uuid.uuid4().hex}--"
+        pairs = [word for task in known for word in (str(task.id), sp.output_path(task.path, task.id))]
+        found = parse_logs(self._run(["sh", "-c", LOGS_SCRIPT, "sh", str(lines), mark, *pairs]), mark)
+        return {task.id: found.get(task.id, "") for task in tasks}
+
+    def stop(self, task_ids: Sequence[int], *, gently: bool) -> KillResult:
+        """``scancel --signal=TERM --full`` (gently) or ``scancel``; ids Slurm no longer knows are ``failed``."""
+        ids = list(dict.fromkeys(task_ids))
+        try:
+            self._run(sp.scancel_argv(ids, signal="TERM" if gently else None, bin_dir=self.bin_dir))
+        except sp.SlurmError as error:
+            gone = {int(found) for found in _KILL_ERROR_ID.findall(error.stderr)} & set(ids)
+            if error.kind is not sp.SlurmErrorKind.INVALID_JOB_ID or not gone:
+                raise
+            return KillResult(killed=tuple(i for i in ids if i not in gone), failed=tuple(i for i in ids if i in gone))
+        return KillResult(killed=tuple(ids), failed=())
+
+    def remove(self, task_ids: Sequence[int]) -> KillResult:
+        """Cancel the waiting jobs among ``task_ids``; finished ones are gone already (removed too).
+
+        A job that is running is left alone and comes back in ``failed``.
+        """
+        ids = list(dict.fromkeys(task_ids))
+        scancel = sp.scancel_argv(ids, bin_dir=self.bin_dir)
+        out = self._run(["sh", "-c", REMOVE_SCRIPT, "sh", scancel[0], self._command("squeue"), *scancel[1:]])
+        active = {int(word) for word in out.split() if word.isdigit()}
+        return KillResult(killed=tuple(i for i in ids if i not in active), failed=tuple(i for i in ids if i in active))
+
+    def ensure_slots(self, wanted: Mapping[str, int]) -> list[str]:
+        """Check that each slot's partition exists and allows our time limit; nothing is created."""
+        argv = sp.sinfo_argv(bin_dir=self.bin_dir)
+        partitions = sp.parse_partitions(self._run(argv))
+        for slot in wanted:
+            problem = _partition_problem(slot, self._settings(slot), partitions)
+            if problem:
+                raise PartitionProblem(argv, problem)
+        return []
+
+    def resume_slot(self, slot: str) -> None:
+        """Nothing to do: Slurm does not pause a partition of ours by itself."""
+
+    def version(self) -> str:
+        return sp.parse_version(self._run(sp.version_argv(bin_dir=self.bin_dir)))
+
+
+def _partition_problem(slot: str, settings: sp.SubmitSettings, partitions: Mapping[str, sp.PartitionInfo]) -> str:
+    found = partitions.get(settings.partition)
+    if found is None:
+        return (f"partition {settings.partition!r} of slot {slot} does not exist on the cluster "
+                f"(sinfo lists: {', '.join(sorted(partitions)) or 'none'})")
+    wanted = settings.time_limit_seconds
+    if found.time_limit_seconds is not None and wanted is not None and found.time_limit_seconds < wanted:
+        allowed = sp.format_time_limit(found.time_limit_seconds)
+        return (f"partition {settings.partition!r} of slot {slot} allows {allowed}, less than our "
+                f"--time={sp.format_time_limit(wanted)} (running_case_timeout_hours + kill_grace_seconds + "
+                f"{TIME_LIMIT_MARGIN_SECONDS} s): jobs would wait for ever")
+    return ""
+
+
+def _submit_failure(error: RemoteError, label: str, workdir: str) -> Exception:
+    """What a failed SUBMIT_SCRIPT means: a refusal, an outage, an uncertain submit, or a SlurmError."""
+    refusal = submit_refusal(error, label, workdir)
+    if refusal is not error:
+        return refusal
+    slurm = sp.SlurmError.from_remote_error(error)
+    if slurm.kind in _OUTAGE_KINDS:
+        return SlurmOutage(slurm.argv, slurm.exit_code, slurm.stderr, slurm.stdout)
+    if error.exit_code not in _BEFORE_SBATCH_EXITS and slurm.kind.submit_may_have_landed:
+        return SubmitUncertain(f"sbatch for {label} may have landed: {slurm}")
+    return slurm

@@ -1,0 +1,147 @@
+"""One contract, every backend: what a worker may rely on from ``ctx.backend``.
+
+Run against the pueue stand-in (the ``hpc`` fixture) and a real single-node Slurm (the
+``slurm_hpc`` fixture), both over the session's real sshd. Each backend's slot holds one
+task at a time, so the next one waits. The Slurm runs skip, saying why, only where Slurm
+cannot run here (not root, packages missing).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared import tasks
+from shared.backends import Backend, backend_for, model
+from shared.config import Config
+from shared.remote import Remote
+from tests.conftest import wait_until
+
+SLOT = "gpu_a"
+
+
+@dataclass
+class Host:
+    config: Config
+    remote: Remote
+    backend: Backend
+
+    @property
+    def base(self) -> Path:
+        return Path(self.config.hpc.remote_base_dir)
+
+    def case_dir(self, name: str) -> str:
+        folder = self.base / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
+    def submit(self, case_id: int, command: str, *, workdir: str | None = None, require_workdir: bool = False) -> int:
+        workdir = workdir or self.case_dir(f"case_{case_id}")
+        return self.backend.submit(slot=SLOT, label=f"mqic_case_{case_id}", workdir=workdir,
+                                   command=tasks.wrap_command(command), require_workdir=require_workdir,
+                                   env={"MQIC_CASE_ID": str(case_id), "MQIC_CASE_NAME": f"case {case_id}",
+                                        "MQIC_REMOTE_DIR": workdir})
+
+    def task(self, task_id: int) -> model.TaskInfo | None:
+        return self.backend.snapshot().tasks.get(task_id)
+
+    def wait_running(self, task_id: int) -> model.TaskInfo:
+        return wait_until(lambda: (t := self.task(task_id)) is not None and t.state.is_active and t,
+                          timeout=30, interval=0.2, message=f"task {task_id} running")
+
+    def wait_ended(self, task_id: int) -> None:
+        """Finished, or no longer listed (Slurm leaves out what only the exit record can tell)."""
+        wait_until(lambda: (t := self.task(task_id)) is None or t.is_done, timeout=30, interval=0.2,
+                   message=f"task {task_id} ended")
+
+
+@pytest.fixture(params=["pueue", "slurm"])
+def host(request):
+    if request.param == "pueue":
+        config = request.getfixturevalue("hpc")(groups={SLOT: {"gpu": 0}}).config
+    else:  # its slot asks for both GPUs of the one node, so a second job waits
+        build = request.getfixturevalue("slurm_hpc")
+        config = build(partitions={SLOT: {"partition": "gpu", "gres": "gpu:2"}}).config
+    remote = Remote(config.hpc)
+    made = Host(config, remote, backend_for(config, remote))
+    made.base.mkdir(parents=True, exist_ok=True)
+    made.backend.ensure_slots({SLOT: 1})
+    return made
+
+
+def test_a_submitted_task_carries_our_label_and_slot_on_the_hpc_clock(host):
+    workdir = host.case_dir("case_1")
+    task_id = host.submit(1, "sleep 30", workdir=workdir)
+    snapshot = host.backend.snapshot()
+    task = snapshot.tasks[task_id]
+    assert (task.label, task.group, task.path) == ("mqic_case_1", SLOT, workdir) and not task.is_done
+    assert abs(snapshot.hpc_time - time.time()) < 5           # the HPC's clock (here: the same machine)
+    started = host.wait_running(task_id).start
+    assert started is not None and started.tzinfo is not None and abs(started.timestamp() - time.time()) < 30
+
+
+def test_a_second_submit_of_a_label_is_refused(host):
+    task_id = host.submit(2, "sleep 30")
+    with pytest.raises(model.AlreadySubmitted):
+        host.submit(2, "true")
+    assert [t.id for t in host.backend.snapshot().by_label("mqic_case_2") if not t.is_done] == [task_id]
+
+
+def test_a_missing_workdir_is_refused_and_nothing_is_added(host):
+    with pytest.raises(model.WorkdirMissing):
+        host.submit(3, "true", workdir=str(host.base / "gone"), require_workdir=True)
+    assert host.backend.snapshot().by_label("mqic_case_3") == []
+
+
+@pytest.mark.parametrize("command, status", [("true", 0), ("exit 3", 3)])
+def test_the_task_runs_in_its_folder_and_leaves_its_exit_record(host, command, status):
+    workdir = host.case_dir("case_4")
+    task_id = host.submit(4, f'echo "$MQIC_CASE_ID:$MQIC_CASE_NAME:$PWD" > where.txt; {command}', workdir=workdir)
+
+    def record():
+        found = tasks.read_exit_records(host.remote, [workdir])[workdir]
+        return (found,) if found is not tasks.Record.MISSING else None
+
+    assert wait_until(record, timeout=30, interval=0.2, message="exit record") == (status,)
+    assert Path(workdir, "where.txt").read_text() == f"4:case 4:{workdir}\n"
+    host.wait_ended(task_id)
+
+
+def test_logs_are_the_tail_of_each_task(host):
+    task_id = host.submit(5, "for i in 1 2 3 4 5; do echo line $i; done; sleep 30")
+    task = host.wait_running(task_id)
+
+    def tail():
+        lines = host.backend.logs([task], 2).get(task_id, "").splitlines()
+        return lines if lines == ["line 4", "line 5"] else None
+
+    wait_until(tail, timeout=20, interval=0.2, message="the last two lines")
+
+
+@pytest.mark.parametrize("gently", [True, False])
+def test_stop_ends_a_running_task(host, gently):
+    task_id = host.submit(6, "sleep 60")
+    host.wait_running(task_id)
+    result = host.backend.stop([task_id], gently=gently)
+    assert result.killed == (task_id,) and result.failed == ()
+    host.wait_ended(task_id)
+
+
+def test_remove_takes_a_waiting_task_out_and_leaves_a_running_one(host):
+    running = host.submit(7, "sleep 60")
+    host.wait_running(running)
+    waiting = host.submit(8, "sleep 60")
+    assert host.task(waiting).state.is_waiting
+    result = host.backend.remove([waiting, running])
+    assert (result.killed, result.failed) == ((waiting,), (running,))
+    gone = host.task(waiting)
+    assert gone is None or not gone.state.is_waiting
+    assert host.task(running).state.is_active
+
+
+def test_ensure_slots_is_idempotent_and_the_version_is_known(host):
+    assert host.backend.ensure_slots({SLOT: 1}) == []
+    assert host.backend.version()[0].isdigit()
+    assert host.backend.add_lands_within() > host.config.hpc.command_timeout_seconds
