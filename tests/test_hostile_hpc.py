@@ -97,7 +97,7 @@ def test_case_values_reach_the_task_as_environment_variables_never_as_code(hpc, 
     ctx = ctx_for(h)
     name = 'x"; touch pwned; echo "$(touch pwned2)` touch pwned3`'
     case = submitted(ctx, name, seconds=0.1)
-    wait_until(lambda: poller.tick(ctx, time.time()) or get_case(ctx.conn, case.case_id).status
+    wait_until(lambda: poller.tick(ctx, time.time()) >= 0 and get_case(ctx.conn, case.case_id).status
                is CaseStatus.COMPLETED, message="completed")
     case = get_case(ctx.conn, case.case_id)
     assert Path(case.case_path, "arrived.txt").read_text() == name
