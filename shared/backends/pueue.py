@@ -14,8 +14,7 @@ import re
 import shlex
 from typing import Mapping, Sequence
 
-from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LABEL_EXISTS_EXIT, LOCK_BUSY_EXIT,  # noqa: F401
-                                    LOCK_FOLDER, LOCKED_SUBMIT_PRELUDE, WORKDIR_MISSING_EXIT, add_lands_within,
+from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, add_lands_within,
                                     checked_label, submit_refusal)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo
 from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,

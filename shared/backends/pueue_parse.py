@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from shared.backends.common import CLOCK_PREFIX, CLOCKED, split_clock  # noqa: F401
+from shared.backends.common import split_clock
 from shared.backends.model import GroupInfo, KillResult, Snapshot, TaskInfo, TaskState
 from shared.errors import BadOutput
 
