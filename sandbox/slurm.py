@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from sandbox import procs
 from shared.errors import MqicError
 
 LOOPBACK = "127.0.0.1"
@@ -242,9 +243,9 @@ class SandboxSlurm:
         """Stop one daemon of this sandbox (e.g. ``slurmctld`` to simulate a controller outage)."""
         pid = _read_pid(self._layout.pid_file(daemon))
         if pid is not None and self._is_ours(daemon):
-            _signal_quietly(pid, signal.SIGTERM)
+            procs.signal_quietly(pid, signal.SIGTERM)
             if not self._wait_for_exit(pid, STOP_TIMEOUT_S):
-                _signal_quietly(pid, signal.SIGKILL)
+                procs.signal_quietly(pid, signal.SIGKILL)
                 self._wait_for_exit(pid, STOP_TIMEOUT_S)
         self._layout.pid_file(daemon).unlink(missing_ok=True)
         if daemon == "mariadbd":
@@ -474,23 +475,16 @@ class SandboxSlurm:
         cancelled. Ours carry our SLURM_CONF in their environment (from slurmd).
         """
         conf = f"SLURM_CONF={self._layout.slurm_conf}"
-        stepds = [pid for pid in _all_pids() if _exe_name(pid) == "slurmstepd"
-                  and conf in _environ(pid)]
-        victims = _with_descendants(stepds)
+        stepds = [pid for pid in procs.all_pids() if Path(procs.exe_path(pid)).name == "slurmstepd"
+                  and conf in procs.environ(pid)]
+        victims = procs.with_descendants(stepds)
         for pid in victims:
-            _signal_quietly(pid, signal.SIGKILL)
+            procs.signal_quietly(pid, signal.SIGKILL)
         for pid in victims:
             self._wait_for_exit(pid, STOP_TIMEOUT_S)
 
     def _wait_for_exit(self, pid: int, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._reap_mariadb()
-            if not _is_alive(pid):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_INTERVAL_S)
+        return procs.wait_for_exit(pid, timeout_s, POLL_INTERVAL_S, self._reap_mariadb)
 
     def _reap_mariadb(self) -> None:
         if self._mariadb is not None and self._mariadb.poll() is not None:
@@ -502,7 +496,7 @@ class SandboxSlurm:
         """The pid file's process is alive and is this sandbox's (a stale pid may be reused)."""
         self._reap_mariadb()
         pid = _read_pid(self._layout.pid_file(daemon))
-        if pid is None or not _is_alive(pid):
+        if pid is None or not procs.is_alive(pid):
             return False
         layout = self._layout
         if layout.socket_dir is None:  # never started: nothing can be ours
@@ -513,8 +507,8 @@ class SandboxSlurm:
             "slurmctld": str(layout.slurm_conf), "slurmd": str(layout.slurm_conf),
         }.get(daemon)
         if marker is not None:
-            return f" {marker} " in f" {_cmdline(pid)} "
-        return f"SLURM_CONF={layout.slurm_conf}" in _environ(pid)  # slurmdbd: no -f option
+            return f" {marker} " in f" {procs.cmdline(pid)} "
+        return f"SLURM_CONF={layout.slurm_conf}" in procs.environ(pid)  # slurmdbd: no -f option
 
     # --- state ----------------------------------------------------------------------------
 
@@ -679,68 +673,6 @@ def _read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-
-
-def _all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _read_proc(pid: int, name: str) -> bytes:
-    try:
-        return (Path("/proc") / str(pid) / name).read_bytes()
-    except OSError:  # gone, or not ours to read
-        return b""
-
-
-def _cmdline(pid: int) -> str:
-    return _read_proc(pid, "cmdline").decode(errors="replace").replace("\0", " ").strip()
-
-
-def _environ(pid: int) -> list[str]:
-    return _read_proc(pid, "environ").decode(errors="replace").split("\0")
-
-
-def _exe_name(pid: int) -> str:
-    try:
-        return Path(os.readlink(f"/proc/{pid}/exe")).name
-    except OSError:
-        return ""
-
-
-def _parent_pid(pid: int) -> int | None:
-    stat_text = _read_proc(pid, "stat").decode(errors="replace")
-    fields = stat_text.rsplit(")", 1)[-1].split()
-    return int(fields[1]) if len(fields) > 1 else None
-
-
-def _with_descendants(pids: list[int]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid in _all_pids():
-        parent = _parent_pid(pid)
-        if parent is not None:
-            children.setdefault(parent, []).append(pid)
-    found, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.append(pid)
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def _is_alive(pid: int) -> bool:
-    """True if the process exists and is not a zombie (daemons linger as zombies in containers)."""
-    stat_text = _read_proc(pid, "stat").decode(errors="replace")
-    if not stat_text:
-        return False
-    return stat_text.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _signal_quietly(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
+from sandbox import procs
 from shared.errors import MqicError
 
 SSHD_BINARY = Path("/usr/sbin/sshd")
@@ -176,9 +176,9 @@ class SandboxSshd:
         """
         pid = self._listener_pid()
         if pid is not None and self._is_sandbox_listener(pid):
-            _signal_quietly(pid, signal.SIGTERM)
+            procs.signal_quietly(pid, signal.SIGTERM)
             if not self._wait_for_exit(pid, STOP_TIMEOUT_S):
-                _signal_quietly(pid, signal.SIGKILL)
+                procs.signal_quietly(pid, signal.SIGKILL)
                 self._wait_for_exit(pid, STOP_TIMEOUT_S)
         self._reap_own_child()
         self._layout.pid_file.unlink(missing_ok=True)
@@ -257,7 +257,7 @@ class SandboxSshd:
     def _is_sandbox_listener(self, pid: int) -> bool:
         # The listener keeps its argv (with our config path) in its process title;
         # checking it guards against a stale pid file whose pid was reused.
-        return _is_alive(pid) and _mentions(_cmdline(pid), self._layout.config)
+        return procs.is_alive(pid) and _mentions(procs.cmdline(pid), self._layout.config)
 
     def _session_pids(self) -> list[int]:
         """Pids of this sandbox's per-connection sshd processes (listener already gone).
@@ -268,28 +268,21 @@ class SandboxSshd:
         """
         config, log = self._layout.config, str(self._layout.log_file)
         own_pid = os.getpid()
-        return [pid for pid in _all_pids()
+        return [pid for pid in procs.all_pids()
                 if pid != own_pid and _is_sshd_binary(pid)
-                and (_mentions(_cmdline(pid), config) or log in _open_file_targets(pid))]
+                and (_mentions(procs.cmdline(pid), config) or log in procs.open_file_targets(pid))]
 
     def _kill_sessions(self) -> None:
         pids = self._session_pids()
         for pid in pids:
-            _signal_quietly(pid, signal.SIGKILL)
+            procs.signal_quietly(pid, signal.SIGKILL)
         for pid in pids:
             self._wait_for_exit(pid, STOP_TIMEOUT_S)
 
     # --- waiting ------------------------------------------------------------
 
     def _wait_for_exit(self, pid: int, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._reap_own_child()
-            if not _is_alive(pid):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_INTERVAL_S)
+        return procs.wait_for_exit(pid, timeout_s, POLL_INTERVAL_S, self._reap_own_child)
 
     def _reap_own_child(self) -> None:
         if self._process is not None and self._process.poll() is not None:
@@ -407,59 +400,13 @@ def _tail(path: Path, offset: int) -> str:
     return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
 
 
-# --- /proc helpers ------------------------------------------------------------
-
-def _all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _read_proc(pid: int, reader: Callable[[Path], str]) -> str:
-    try:
-        return reader(Path(f"/proc/{pid}"))
-    except OSError:  # the process vanished or is not ours to inspect
-        return ""
-
-
-def _cmdline(pid: int) -> str:
-    return _read_proc(pid, lambda proc: (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " "))
-
-
 def _mentions(cmdline: str, path: Path) -> bool:
     """True if ``path`` is a whole word of ``cmdline`` (not a prefix of another path)."""
     return f" {path} " in f" {cmdline} "
 
 
 def _is_sshd_binary(pid: int) -> bool:
-    return _read_proc(pid, lambda proc: os.readlink(proc / "exe")) == str(SSHD_BINARY.resolve())
-
-
-def _open_file_targets(pid: int) -> set[str]:
-    def targets(proc: Path) -> str:
-        return "\0".join(_readlink_or_empty(fd) for fd in (proc / "fd").iterdir())
-    return set(_read_proc(pid, targets).split("\0"))
-
-
-def _readlink_or_empty(path: Path) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
-
-
-def _is_alive(pid: int) -> bool:
-    """True if the process exists and is not a zombie waiting to be reaped."""
-    stat = _read_proc(pid, lambda proc: (proc / "stat").read_text())
-    if not stat:
-        return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
-
-
-def _signal_quietly(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
+    return procs.exe_path(pid) == str(SSHD_BINARY.resolve())
 
 
 # --- command line ---------------------------------------------------------------
