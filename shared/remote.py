@@ -42,7 +42,9 @@ UPLOAD_PREFIX = ".mqic-upload-"
 CONNECTION_TROUBLE = re.compile(
     r"Connection (refused|closed|reset|timed out)|lost connection|Broken pipe|"
     r"Could not resolve|No route to host|Network is unreachable|kex_exchange_identification|"
-    r"Connection to .* closed by remote host|port \d+: Operation timed out", re.IGNORECASE)
+    r"Connection to .* closed by remote host|port \d+: Operation timed out|"
+    # the remote tar of an upload got a cut stream: our sending side died, not the case
+    r"This does not look like a tar archive|Unexpected EOF in archive", re.IGNORECASE)
 
 
 SCP_CLOSED = re.compile(r"Connection closed|subsystem request failed", re.IGNORECASE)

@@ -239,3 +239,14 @@ def test_connection_dropped_mid_copy_leaves_no_complete_looking_case(tmp_path, s
     assert [p for p in os.listdir(base) if p.startswith(".mqic-upload")] == []
     assert folder_manifest(base / "1_big") == folder_manifest(local)
     remote.close()
+
+
+@pytest.mark.parametrize("stderr", [
+    "tar: This does not look like a tar archive\ntar: Exiting with failure status due to previous errors",
+    "tar: Unexpected EOF in archive\ntar: Error is not recoverable: exiting now",
+])
+def test_a_cut_tar_stream_is_connection_trouble_not_a_failure_of_the_case(stderr):
+    """Found by the chaos run: a tar upload whose local side died failed the case for good."""
+    from shared.errors import Unreachable
+    from shared.remote import transfer_failure
+    assert isinstance(transfer_failure("tar upload", 2, stderr), Unreachable)
