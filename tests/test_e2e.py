@@ -64,6 +64,23 @@ def system(hpc, tmp_path):
     sup.shutdown()
 
 
+def drop_cases(watch: Path, expected: dict) -> None:
+    for name in expected:
+        mode = {"fails": "fail", "hangs": "hang"}.get(name, "ok")
+        make_case(watch, name, seconds=0.5, batches=3, mode=mode, deliveries=1, layers_per_delivery=2, atomic=True)
+
+
+def settled_rows(conn, expected: dict, *, final_timeout: float, slot_timeout: float) -> dict:
+    """Wait until every case is final and every slot available; the rows by case name."""
+    def count(sql: str) -> int:
+        return conn.execute(sql).fetchone()[0]
+    wait_until(lambda: count("SELECT COUNT(*) FROM cases WHERE status IN ('completed','failed')") == len(expected),
+               timeout=final_timeout, interval=0.5, message="every case final")
+    wait_until(lambda: count("SELECT COUNT(*) FROM gpu_resources WHERE status != 'available'") == 0,
+               timeout=slot_timeout, message="every slot available")
+    return {r["case_name"]: r for r in conn.execute("SELECT * FROM cases")}
+
+
 EXPECTED = {f"ok_{i:02d}": ("completed", "success", "done") for i in range(9)}
 EXPECTED["fails"] = ("failed", "failed", "failed")
 EXPECTED["hangs"] = ("failed", "timed_out", "failed")
@@ -73,24 +90,12 @@ EXPECTED["pt 'quoted' $(id); 환자"] = ("completed", "success", "done")
 def test_cases_flow_from_drop_folder_to_final_state_under_supervisord(system):
     h, sup = system
     watch = h.config.scanner.watch_path
-    for name in EXPECTED:
-        mode = {"fails": "fail", "hangs": "hang"}.get(name, "ok")
-        make_case(watch, name, seconds=0.5, batches=3, mode=mode, deliveries=1, layers_per_delivery=2,
-                  atomic=True)
+    drop_cases(watch, EXPECTED)
     conn = connect(h.config.database_path)  # migrates if it wins the race with the workers
-
-    def count(sql: str) -> int:
-        return conn.execute(sql).fetchone()[0]
-
-    wait_until(lambda: count("SELECT COUNT(*) FROM cases WHERE status='running'") >= 2, timeout=60,
-               message="cases running")
+    wait_until(lambda: conn.execute("SELECT COUNT(*) FROM cases WHERE status='running'").fetchone()[0] >= 2,
+               timeout=60, message="cases running")
     assert "mqic:submitter" in sup.ctl("restart", "mqic:submitter")
-    wait_until(lambda: count("SELECT COUNT(*) FROM cases WHERE status IN ('completed','failed')") == len(EXPECTED),
-               timeout=120, interval=0.5, message="every case final")
-    wait_until(lambda: count("SELECT COUNT(*) FROM gpu_resources WHERE status != 'available'") == 0,
-               timeout=30, message="every slot available")
-
-    rows = {r["case_name"]: r for r in conn.execute("SELECT * FROM cases")}
+    rows = settled_rows(conn, EXPECTED, final_timeout=120, slot_timeout=30)
     assert set(rows) == set(EXPECTED)
     for name, (status, outcome, stage) in EXPECTED.items():
         row = rows[name]
@@ -127,23 +132,14 @@ def test_cases_flow_through_a_slurm_cluster_under_supervisord(slurm_system):
     """The same workers with ``hpc.backend: slurm``: two slots on the sandbox cluster's two GPUs."""
     h, sup = slurm_system
     watch = h.config.scanner.watch_path
-    for name in SLURM_EXPECTED:
-        mode = {"fails": "fail", "hangs": "hang"}.get(name, "ok")
-        make_case(watch, name, seconds=0.5, batches=3, mode=mode, deliveries=1, layers_per_delivery=2, atomic=True)
+    drop_cases(watch, SLURM_EXPECTED)
     conn = connect(h.config.database_path)
-
-    def count(sql: str) -> int:
-        return conn.execute(sql).fetchone()[0]
-
-    wait_until(lambda: count("SELECT COUNT(*) FROM cases WHERE status IN ('completed','failed')") == len(SLURM_EXPECTED),
-               timeout=180, interval=0.5, message="every case final")
-    wait_until(lambda: count("SELECT COUNT(*) FROM gpu_resources WHERE status != 'available'") == 0,
-               timeout=60, message="every slot available")
-    rows = {r["case_name"]: r for r in conn.execute("SELECT * FROM cases")}
+    rows = settled_rows(conn, SLURM_EXPECTED, final_timeout=180, slot_timeout=60)
     for name, (status, outcome, stage) in SLURM_EXPECTED.items():
         row = rows[name]
         assert (row["status"], row["outcome"], row["spool_stage"]) == (status, outcome, stage), name
-        runs = count(f"SELECT COUNT(*) FROM case_events WHERE case_id = {row['case_id']} AND to_status = 'running'")
+        runs = conn.execute("SELECT COUNT(*) FROM case_events WHERE case_id = ? AND to_status = 'running'",
+                            (row["case_id"],)).fetchone()[0]
         assert (row["attempts"], runs) == (0, 1), name                              # each ran once
     assert rows["fails"]["exit_code"] == 1 and "FATAL ERROR" in rows["fails"]["log_tail"]
     assert all(Path(rows[n]["case_path"], "output").is_dir() for n, v in SLURM_EXPECTED.items() if v[0] == "completed")
