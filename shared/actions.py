@@ -7,7 +7,7 @@ goes through ``shared.tasks`` on a fresh snapshot.
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared import retention, tasks
 from shared.backends import Backend, backend_for, model
@@ -22,7 +22,7 @@ from shared.store import Case, clear_review, get_case
 RETRY_CLEARS = {"attempts": 0, "next_attempt_at": None, "outcome": None, "exit_code": None,
                 "error_type": None, "error_message": None, "log_tail": None, "completed_at": None,
                 "started_at": None, "progress": 0.0, "claimed_by": None, "lease_until": None,
-                "pueue_task_id": None, "pueue_group": None, "remote_dir": None, "staged_at": None,
+                "pueue_task_id": None, "pueue_group": None, "remote_dir": None, "host": None, "staged_at": None,
                 "running_since": None, "add_uncertain_until": None, "stop_requested_at": None,
                 "acknowledged_at": None, "remote_removed_at": None}
 
@@ -41,16 +41,22 @@ class Operator:
     def spool(self) -> Spool:
         return Spool(self.config.spool_path).ensure()
 
-    def backend(self) -> Backend:
-        return backend_for(self.config, Remote(self.config.hpc))
+    def backend(self, host_name: str | None) -> Backend:
+        """The scheduler of the case's host ``host_name``; Refused when it is not configured."""
+        host = self.config.host(host_name)
+        if host is None:
+            raise Refused(f"host {host_name!r} is not configured; add it back to the config to act on its tasks")
+        return backend_for(self.config, host, Remote(host.hpc))
 
-    def snapshot(self) -> model.Snapshot:
-        """A fresh look at the HPC; Refused when it cannot tell."""
+    def snapshot(self, host_name: str | None) -> model.Snapshot:
+        """A fresh look at host ``host_name`` (None: never placed, so no tasks); Refused when it cannot tell."""
+        if host_name is None:
+            return model.Snapshot(tasks={}, groups={})
         try:
-            return self.backend().snapshot()
+            return replace(self.backend(host_name).snapshot(), host=host_name)
         except (RemoteFailure, OSError) as exc:
             detail = " ".join(str(exc).split())
-            raise Refused(f"the HPC could not tell what its tasks are ({type(exc).__name__}: {detail}); "
+            raise Refused(f"host {host_name} could not tell what its tasks are ({type(exc).__name__}: {detail}); "
                           f"try again when it is reachable") from None
 
     def case(self, case_id: int) -> Case:
@@ -69,9 +75,9 @@ def failed_case_ids(conn: sqlite3.Connection, outcome: str | None = None) -> lis
 def retry(op: Operator, case_ids: list[int], *, now: float) -> list[tuple[int, str]]:
     """Send failed cases back to ``submitted``; returns (case id, what happened) for each.
 
-    One snapshot serves all of them. A case is refused while a task of it has not
-    finished or its slot is still zombie; its finished tasks are removed from pueue first,
-    so the label ``mqic_case_<id>`` names only the retry's task.
+    One snapshot per host serves all of them. A case is refused while a task of it has
+    not finished or its slot is still zombie; its finished tasks are removed from the
+    scheduler first, so the label ``mqic_case_<id>`` names only the retry's task.
     """
     results, ready = [], []
     for case_id in case_ids:
@@ -79,10 +85,12 @@ def retry(op: Operator, case_ids: list[int], *, now: float) -> list[tuple[int, s
             ready.append(retryable(op, op.case(case_id)))
         except Refused as exc:
             results.append((case_id, f"refused: {exc}"))
-    snapshot = op.snapshot() if ready else None
+    snapshots: dict[str | None, model.Snapshot] = {}
     for case in ready:
         try:
-            results.append((case.case_id, retry_one(op, case, snapshot, now)))
+            if case.host not in snapshots:
+                snapshots[case.host] = op.snapshot(case.host)
+            results.append((case.case_id, retry_one(op, case, snapshots[case.host], now)))
         except (Refused, RemoteFailure, tasks.TaskStillActive) as exc:
             results.append((case.case_id, f"refused: {' '.join(str(exc).split())}"))
     return sorted(results)
@@ -101,7 +109,7 @@ def retryable(op: Operator, case: Case) -> Case:
 
 
 def retry_one(op: Operator, case: Case, snapshot: model.Snapshot, now: float) -> str:
-    removed = tasks.clear_finished(op.backend(), case, snapshot)
+    removed = tasks.clear_finished(op.backend(case.host), case, snapshot) if case.host is not None else []
     detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"
     if removed:
         detail += f"; removed finished task(s) {removed} from pueue"
@@ -136,8 +144,8 @@ def stop_cancelled(op: Operator, case: Case, now: float) -> str:
     """SIGTERM to the cancelled case's task, found by label in a fresh snapshot."""
     failed = get_case(op.conn, case.case_id)
     try:
-        done = tasks.stop(op.conn, op.backend(), op.config.main_loop.kill_grace_seconds, failed,
-                          tasks.unfinished(failed, op.snapshot()), now=now)
+        done = tasks.stop(op.conn, op.backend(case.host), op.config.main_loop.kill_grace_seconds, failed,
+                          tasks.unfinished(failed, op.snapshot(case.host)), now=now)
     except (Refused, RemoteFailure, OSError) as exc:
         return f"could not stop its task now ({exc}); the reaper stops it while slot {case.pueue_group} is zombie"
     if not done:

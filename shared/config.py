@@ -33,6 +33,7 @@ SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")
 INSECURE_SSH_OPTION = re.compile(
     r"StrictHostKeyChecking\s*=?\s*(no|off|accept-new)|PasswordAuthentication\s*=?\s*yes|"
     r"BatchMode\s*=?\s*no|UserKnownHostsFile\s*=?\s*/dev/null", re.IGNORECASE)
+DEFAULT_HOST_NAME = "hpc"  # the name of the one host of a config without ``hosts:``
 _REQUIRED = object()
 
 
@@ -73,6 +74,7 @@ class GroupConfig:
     name: str
     gpu: str | None = None
     parallel: int = 1
+    depth: int = 1
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class PartitionConfig:
     qos: str | None = None
     gres: str | None = None
     extra_sbatch: tuple[str, ...] = ()
+    depth: int = 1
 
 
 @dataclass(frozen=True)
@@ -94,19 +97,41 @@ class SlurmConfig:
 
 @dataclass(frozen=True)
 class SlotConfig:
-    """A slot of ours, whatever the backend: one case at a time in a pueue group or a Slurm partition.
+    """A slot of ours on one host, whatever the backend: a pueue group or a Slurm partition entry.
 
-    ``gpu`` pins a device (pueue: ``CUDA_VISIBLE_DEVICES``); ``gres`` asks Slurm for one.
+    ``depth`` is how many of our cases it holds at once, running or queued behind each
+    other on the HPC (each is one seat row in the database). ``gpu`` pins a device
+    (pueue: ``CUDA_VISIBLE_DEVICES``); ``gres`` asks Slurm for one.
     """
     name: str
     gpu: str | None = None
     gres: str | None = None
     parallel: int = 1
+    depth: int = 1
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """One HPC host: how to reach it (``hpc``), its scheduler and its slots."""
+    name: str
+    hpc: HpcConfig
+    groups: tuple[GroupConfig, ...] = ()
+    slurm: SlurmConfig | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.hpc.backend
+
+    @property
+    def slots(self) -> tuple[SlotConfig, ...]:
+        """The Slurm partition entries on a Slurm host, else the pueue groups."""
+        if self.slurm is not None:
+            return tuple(SlotConfig(name=p.name, gres=p.gres, depth=p.depth) for p in self.slurm.partitions)
+        return tuple(SlotConfig(name=g.name, gpu=g.gpu, parallel=g.parallel, depth=g.depth) for g in self.groups)
 
 
 @dataclass(frozen=True)
 class PueueConfig:
-    groups: tuple[GroupConfig, ...]
     resume_paused_groups: bool = False
     log_lines: int = 15
     progress_pattern: str = DEFAULT_PROGRESS_PATTERN
@@ -179,7 +204,7 @@ class Config:
     root_dir: Path
     source: Path
     scanner: ScannerConfig
-    hpc: HpcConfig
+    hosts: tuple[HostConfig, ...]
     pueue: PueueConfig
     main_loop: MainLoopConfig
     database_path: Path
@@ -191,18 +216,19 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
-    slurm: SlurmConfig | None = None
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.logging.timezone)
 
+    def host(self, name: str | None) -> HostConfig | None:
+        """The configured host called ``name`` (None: not configured)."""
+        return next((h for h in self.hosts if h.name == name), None)
+
     @property
-    def slots(self) -> tuple[SlotConfig, ...]:
-        """Our slots: the Slurm partition entries with ``hpc.backend: slurm``, else the pueue groups."""
-        if self.slurm is not None:
-            return tuple(SlotConfig(name=p.name, gres=p.gres) for p in self.slurm.partitions)
-        return tuple(SlotConfig(name=g.name, gpu=g.gpu, parallel=g.parallel) for g in self.pueue.groups)
+    def seat_count(self) -> int:
+        """How many cases all hosts hold at once (every slot's depth)."""
+        return sum(slot.depth for host in self.hosts for slot in host.slots)
 
 
 class _Section:
@@ -328,6 +354,7 @@ def _scanner(s: _Section) -> ScannerConfig:
 
 
 def _hpc(s: _Section) -> HpcConfig:
+    """The ssh, folder and command settings of one host (the ``hpc`` section or a ``hosts`` entry)."""
     control_dir = s.raw("control_dir", None)
     return HpcConfig(
         host=s.text("host"),
@@ -406,25 +433,32 @@ def _string_list(s: _Section, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _group(name: Any, spec: Any) -> GroupConfig:
+def _depth(s: _Section) -> int:
+    return s.number("depth", 1, minimum=1, integer=True)
+
+
+def _group(section: str, name: Any, spec: Any) -> GroupConfig:
     if not isinstance(name, str) or not GROUP_NAME.match(name):
-        raise ConfigError(f"pueue.groups: got group name {name!r}, expected letters, digits, '_', '-', '.'")
-    s = _Section(f"pueue.groups.{name}", spec, Path("."))
+        raise ConfigError(f"{section}: got group name {name!r}, expected letters, digits, '_', '-', '.'")
+    s = _Section(f"{section}.{name}", spec, Path("."))
     gpu = s.raw("gpu", None)
     if gpu is not None and (isinstance(gpu, bool) or not re.fullmatch(r"[0-9A-Za-z,:-]+", str(gpu))):
-        raise ConfigError(f"pueue.groups.{name}.gpu: got {gpu!r}, expected a GPU index such as 0 or '0,1'")
+        raise ConfigError(f"{section}.{name}.gpu: got {gpu!r}, expected a GPU index such as 0 or '0,1'")
     group = GroupConfig(name=name, gpu=None if gpu is None else str(gpu),
-                        parallel=s.number("parallel", 1, minimum=1, integer=True))
+                        parallel=s.number("parallel", 1, minimum=1, integer=True), depth=_depth(s))
     s.finish()
     return group
 
 
-def _pueue(s: _Section) -> PueueConfig:
-    raw_groups = s.raw("groups", {"default": {}})
+def _groups(section: str, raw_groups: Any) -> tuple[GroupConfig, ...]:
     if isinstance(raw_groups, list):
         raw_groups = {name: {} for name in raw_groups}
     if not isinstance(raw_groups, dict) or not raw_groups:
-        raise ConfigError(f"pueue.groups: got {raw_groups!r}, expected a non-empty mapping of group names")
+        raise ConfigError(f"{section}: got {raw_groups!r}, expected a non-empty mapping of group names")
+    return tuple(_group(section, name, spec) for name, spec in raw_groups.items())
+
+
+def _pueue(s: _Section) -> PueueConfig:
     pattern = s.text("progress_pattern", DEFAULT_PROGRESS_PATTERN)
     try:
         compiled = re.compile(pattern)
@@ -433,7 +467,6 @@ def _pueue(s: _Section) -> PueueConfig:
     if not {"done", "total"} <= set(compiled.groupindex):
         raise ConfigError(f"pueue.progress_pattern: got {pattern!r}, expected named groups 'done' and 'total'")
     return PueueConfig(
-        groups=tuple(_group(name, spec) for name, spec in raw_groups.items()),
         resume_paused_groups=s.flag("resume_paused_groups", False),
         log_lines=s.number("log_lines", 15, minimum=1, integer=True),
         progress_pattern=pattern,
@@ -468,34 +501,78 @@ def _sbatch_lines(s: _Section) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _partition(name: Any, spec: Any) -> PartitionConfig:
-    s = _Section(f"slurm.partitions.{_slot_name('slurm.partitions', name)}", spec, Path("."))
+def _partition(section: str, name: Any, spec: Any) -> PartitionConfig:
+    s = _Section(f"{section}.{_slot_name(section, name)}", spec, Path("."))
     partition = PartitionConfig(name=name, partition=_slurm_word(s, "partition", required=True),
                                 account=_slurm_word(s, "account"), qos=_slurm_word(s, "qos"),
-                                gres=_slurm_word(s, "gres"), extra_sbatch=_sbatch_lines(s))
+                                gres=_slurm_word(s, "gres"), extra_sbatch=_sbatch_lines(s), depth=_depth(s))
     s.finish()
     return partition
 
 
-def _slurm(s: _Section, backend: str) -> SlurmConfig | None:
-    if backend != "slurm":
-        if s.data:
-            raise ConfigError(f"slurm: given, but hpc.backend is {backend!r} (set hpc.backend: slurm to use it)")
-        return None
+def _slurm(s: _Section, prefix: str) -> SlurmConfig:
+    """Partitions and bin_dir, read from ``s`` (the ``slurm`` section, or a ``hosts`` entry)."""
     raw = s.raw("partitions", None)
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"slurm.partitions: got {raw!r}, expected a mapping of slot names to partition "
+        raise ConfigError(f"{prefix}partitions: got {raw!r}, expected a mapping of slot names to partition "
                           f"settings, e.g. {{gpu_a: {{partition: gpu, gres: 'gpu:1'}}}}")
     bin_dir = s.text("bin_dir", None, optional=True)
     if bin_dir is not None and not bin_dir.startswith("/"):
-        raise ConfigError(f"slurm.bin_dir: got {bin_dir!r}, expected an absolute folder on the HPC")
-    return SlurmConfig(partitions=tuple(_partition(name, spec) for name, spec in raw.items()),
+        raise ConfigError(f"{prefix}bin_dir: got {bin_dir!r}, expected an absolute folder on the HPC")
+    return SlurmConfig(partitions=tuple(_partition(f"{prefix}partitions", name, spec) for name, spec in raw.items()),
                        bin_dir=bin_dir or "")
 
 
-def _check_slots(config: Config, pueue_data: Any) -> None:
-    if config.hpc.backend == "slurm" and isinstance(pueue_data, dict) and "groups" in pueue_data:
+def _host_name(section: str, value: Any) -> str:
+    if not isinstance(value, str) or not GROUP_NAME.match(value):
+        raise ConfigError(f"{section}: got {value!r}, expected a host name of letters, digits, '_', '-', '.'")
+    return value
+
+
+def _single_host(sections: dict[str, _Section], pueue_data: Any) -> HostConfig:
+    """The one host of a config without ``hosts:``: ``hpc`` with ``pueue.groups`` or ``slurm``."""
+    hpc_section = sections["hpc"]
+    name = _host_name("hpc.name", hpc_section.raw("name", DEFAULT_HOST_NAME))
+    hpc = _hpc(hpc_section)
+    slurm_section = sections["slurm"]
+    if hpc.backend != "slurm":
+        if slurm_section.data:
+            raise ConfigError(f"slurm: given, but hpc.backend is {hpc.backend!r} (set hpc.backend: slurm to use it)")
+        groups = _groups("pueue.groups", pueue_data.get("groups", {"default": {}})
+                         if isinstance(pueue_data, dict) else {"default": {}})
+        return HostConfig(name=name, hpc=hpc, groups=groups)
+    if isinstance(pueue_data, dict) and "groups" in pueue_data:
         raise ConfigError("pueue.groups: not used with hpc.backend slurm: the slots are slurm.partitions")
+    return HostConfig(name=name, hpc=hpc, slurm=_slurm(slurm_section, "slurm."))
+
+
+def _hosts(raw: Any, defaults: Any, root: Path, data: dict) -> tuple[HostConfig, ...]:
+    """The ``hosts:`` list; each entry is ``hpc:`` (the defaults) overridden by the entry's own keys."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"hosts: got {raw!r}, expected a list of hosts, each with a name, ssh settings and "
+                          f"groups (pueue) or partitions (Slurm)")
+    for key in ("slurm",):
+        if data.get(key):
+            raise ConfigError(f"{key}: not used with hosts: give each Slurm host its partitions and bin_dir")
+    if isinstance(data.get("pueue"), dict) and "groups" in data["pueue"]:
+        raise ConfigError("pueue.groups: not used with hosts: give each pueue host its groups")
+    hosts: list[HostConfig] = []
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"hosts[{index}]: got {entry!r}, expected a mapping with name, host, groups ...")
+        name = _host_name(f"hosts[{index}].name", entry.get("name"))
+        if any(h.name == name for h in hosts):
+            raise ConfigError(f"hosts[{index}].name: got {name!r}, expected a name no other host has")
+        s = _Section(f"hosts.{name}", {**(defaults or {}), **entry}, root)
+        s.raw("name", None)
+        hpc = _hpc(s)
+        if hpc.backend == "slurm":
+            host = HostConfig(name=name, hpc=hpc, slurm=_slurm(s, f"hosts.{name}."))
+        else:
+            host = HostConfig(name=name, hpc=hpc, groups=_groups(f"hosts.{name}.groups", s.raw("groups", None)))
+        s.finish()
+        hosts.append(host)
+    return tuple(hosts)
 
 
 def _main_loop(s: _Section) -> MainLoopConfig:
@@ -561,25 +638,27 @@ def _notify(s: _Section) -> NotifyConfig:
 
 def _check_retention(config: Config) -> None:
     days = config.retention.remote_days
-    if days is not None and not config.hpc.result_files:
-        raise ConfigError(f"retention.remote_days: got {days!r}, expected hpc.result_files to name the result "
-                          f"files (it is empty, so the HPC folder holds the only copy of the results)")
+    for host in config.hosts:
+        if days is not None and not host.hpc.result_files:
+            raise ConfigError(f"retention.remote_days: got {days!r}, expected result_files of host {host.name} to "
+                              f"name the result files (it is empty, so the HPC folder holds the only copy)")
 
 
 def _check_delivery(config: Config) -> None:
     target = config.results.deliver_to
     if target is None:
         return
-    if not config.hpc.result_files:
-        raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected hpc.result_files to name the "
-                          f"result files to deliver (it is empty)")
+    for host in config.hosts:
+        if not host.hpc.result_files:
+            raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected result_files of host {host.name} "
+                              f"to name the result files to deliver (it is empty)")
     for key, folder in (("scanner.watch_path", config.scanner.watch_path), ("spool.path", config.spool_path)):
         if target.resolve() == folder.resolve() or folder.resolve() in target.resolve().parents:
             raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected a folder outside "
                               f"{key} ({folder})")
 
 
-SECTIONS = ("root_dir", "scanner", "hpc", "pueue", "slurm", "main_loop", "database", "spool",
+SECTIONS = ("root_dir", "scanner", "hpc", "hosts", "pueue", "slurm", "main_loop", "database", "spool",
             "logging", "metrics", "health", "scheduling", "results", "retention", "notify")
 
 
@@ -592,14 +671,20 @@ def parse_config(data: Any, source: Path) -> Config:
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
     root = Path(os.path.expanduser(str(data.get("root_dir") or source.resolve().parent.parent)))
-    sections = {name: _Section(name, data.get(name), root) for name in SECTIONS[1:]}
+    sections = {name: _Section(name, data.get(name), root) for name in SECTIONS[1:] if name != "hosts"}
     scanner = _scanner(sections["scanner"])  # errors are reported in the order of the sections
-    hpc = _hpc(sections["hpc"])
+    if "hosts" in data:
+        hosts = _hosts(data["hosts"], data.get("hpc"), root, data)
+        sections["hpc"].used |= set(sections["hpc"].data)  # the hosts' defaults, checked in each host
+        sections["slurm"].used |= set(sections["slurm"].data)
+    else:
+        hosts = (_single_host(sections, data.get("pueue")),)
+    sections["pueue"].raw("groups", None)
     config = Config(
         root_dir=root,
         source=source,
         scanner=scanner,
-        hpc=hpc,
+        hosts=hosts,
         pueue=_pueue(sections["pueue"]),
         main_loop=_main_loop(sections["main_loop"]),
         database_path=sections["database"].path("path", "database/mqi_communicator.db"),
@@ -613,15 +698,14 @@ def parse_config(data: Any, source: Path) -> Config:
         results=_results(sections["results"]),
         retention=_retention(sections["retention"]),
         notify=_notify(sections["notify"]),
-        slurm=_slurm(sections["slurm"], hpc.backend),
     )
     for section in sections.values():
         section.finish()
-    if config.main_loop.lease_seconds <= config.hpc.command_timeout_seconds:
-        raise ConfigError(f"main_loop.lease_seconds: got {config.main_loop.lease_seconds!r}, expected more than "
-                          f"hpc.command_timeout_seconds ({config.hpc.command_timeout_seconds!r}), or a slow "
-                          f"`pueue add` could outlive its claim")
-    _check_slots(config, data.get("pueue"))
+    for host in config.hosts:
+        if config.main_loop.lease_seconds <= host.hpc.command_timeout_seconds:
+            raise ConfigError(f"main_loop.lease_seconds: got {config.main_loop.lease_seconds!r}, expected more than "
+                              f"the command_timeout_seconds of host {host.name} ({host.hpc.command_timeout_seconds!r}),"
+                              f" or a slow submit could outlive its claim")
     _check_delivery(config)
     _check_retention(config)
     return config

@@ -163,6 +163,39 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO settings (key, value, updated_at)
         SELECT 'notify.cursor', COALESCE(MAX(event_id), 0), 0 FROM case_events;
     """,
+    # 7: several hosts and slots with depth (issue 11). A slot row is one seat of a
+    # (host, group) that holds ``depth`` cases; rows of the one host of older versions
+    # carry host '' until a worker names them (``store.adopt_unnamed_host``).
+    f"""
+    CREATE TABLE seats (
+        slot_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        host TEXT NOT NULL,
+        pueue_group TEXT NOT NULL,
+        seat INTEGER NOT NULL DEFAULT 0,
+        status TEXT NOT NULL CHECK (status IN ({SLOT_STATUSES})),
+        assigned_case_id INTEGER REFERENCES cases(case_id),
+        gpu TEXT,
+        updated_at REAL NOT NULL,
+        UNIQUE (host, pueue_group, seat)
+    );
+    INSERT INTO seats (host, pueue_group, seat, status, assigned_case_id, gpu, updated_at)
+        SELECT '', pueue_group, 0, status, assigned_case_id, gpu, updated_at FROM gpu_resources;
+    DROP TABLE gpu_resources;
+    ALTER TABLE seats RENAME TO gpu_resources;
+    CREATE INDEX slots_by_case ON gpu_resources(assigned_case_id) WHERE assigned_case_id IS NOT NULL;
+    ALTER TABLE slot_events ADD COLUMN host TEXT NOT NULL DEFAULT '';
+    ALTER TABLE slot_events ADD COLUMN seat INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE cases ADD COLUMN host TEXT;
+    UPDATE cases SET host = '' WHERE pueue_group IS NOT NULL OR remote_dir IS NOT NULL;
+    CREATE TABLE host_reach (
+        host TEXT PRIMARY KEY,
+        ok INTEGER NOT NULL,
+        checked_at REAL NOT NULL,
+        checked_by TEXT NOT NULL,
+        error TEXT,
+        down_since REAL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

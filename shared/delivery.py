@@ -157,9 +157,12 @@ def deliver_files(config: Config, case: Case) -> Delivered:
         raise DeliveryError(f"results.deliver_to {deliver_to} is not a folder (is the share mounted?)")
     if case.local_removed_at is not None or case.spool_stage != "done" or not source.is_dir():
         raise DeliveryError(f"the case's local folder {source} is missing")
-    names = result_names(source, config.hpc.result_files)
+    host = config.host(case.host)
+    patterns = host.hpc.result_files if host else ()
+    names = result_names(source, patterns)
     if not names:
-        raise DeliveryError(f"no result files ({', '.join(config.hpc.result_files)}) in {source}")
+        raise DeliveryError(f"no result files ({', '.join(patterns) or 'host ' + str(case.host) + ' not configured'})"
+                            f" in {source}")
     sums = checksums(source, names) if config.results.checksums else None
     remove_partials(deliver_to, case.case_id)
     partial = deliver_to / f"{PARTIAL_PREFIX}{case.case_id}-{os.getpid()}"

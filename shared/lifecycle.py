@@ -12,7 +12,7 @@ from typing import Any
 
 from shared.config import MainLoopConfig
 from shared.db import transaction
-from shared.errors import RemoteError
+from shared.errors import RemoteError, Unreachable
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import Case, release_slot_of, transition
@@ -72,10 +72,12 @@ def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: Ma
     attempts = case.attempts + counted
     error_fields = {"error_type": type(error).__name__, "error_message": message, "attempts": attempts,
                     "claimed_by": None, "lease_until": None, "staged_at": None, "add_uncertain_until": None,
-                    "remote_dir": None,
+                    "remote_dir": None, "host": None,
                     "stop_requested_at": None, "running_since": None}
     if not counted or (is_transient(error) and attempts < policy.max_attempts):
-        fields = {**error_fields, "next_attempt_at": now + backoff_seconds(policy, max(1, attempts))}
+        # An unreachable host gets no claims until it answers, so the case may go to another host at once.
+        delay = 0.0 if isinstance(error, Unreachable) else backoff_seconds(policy, max(1, attempts))
+        fields = {**error_fields, "next_attempt_at": now + delay}
         why = f"attempt {attempts} of {policy.max_attempts} used" if counted else "no attempt used"
         moved = move_case(conn, spool, case, CaseStatus.SUBMITTED, now=now, worker=worker,
                           detail=f"retry ({why}) after {message}", fields=fields, guard=guard,

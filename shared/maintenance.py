@@ -1,10 +1,9 @@
 """Drain and resume: stop new claims on an HPC host for maintenance, and start them again.
 
-A drain is a row in ``drains`` (host, since, who, why), so it survives restarts and
-every process sees it. While any host is drained ``claim_next_case`` and
-``claim_for_staging`` take nothing (running cases finish, waiting ones wait) and
-retention leaves the host's folders alone. Today there is one host, ``hpc.host``;
-rows are per host so several hosts can be drained apart later.
+A drain is a row in ``drains`` (host name, since, who, why), so it survives restarts
+and every process sees it. ``claim_next_case`` hands out no seat of a drained host
+(running cases there finish, waiting ones go to other hosts or wait) and retention
+leaves the host's folders alone. Each host is drained on its own.
 """
 from __future__ import annotations
 
@@ -29,10 +28,15 @@ class Drain:
 
 
 def check_host(config: Config, host: str | None) -> str:
-    """The host a command means: ``hpc.host`` when None; UnknownHost for any other name."""
-    if host is None or host == config.hpc.host:
-        return config.hpc.host
-    raise UnknownHost(f"host {host!r} is not configured (hpc.host is {config.hpc.host!r})")
+    """The host a command means (by its configured name): the only host when None and there is
+    one; UnknownHost for a name that is not configured, or None with several hosts."""
+    names = [h.name for h in config.hosts]
+    if host is None and len(names) == 1:
+        return names[0]
+    if host in names:
+        return host
+    raise UnknownHost(f"host {host!r} is not configured (hosts: {', '.join(names)})" if host is not None else
+                      f"name the host: there are several ({', '.join(names)})")
 
 
 def drain(conn: sqlite3.Connection, host: str, *, now: float, by: str, reason: str = "") -> bool:

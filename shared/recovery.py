@@ -20,14 +20,14 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus
 from shared.store import Case, expired_leases, flag_for_review
-from shared.worker import Context, note_reach, per_item, worth_logging
+from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, worth_logging
 
 REPEAT_LOG_SECONDS = 300
 
 log = logging.getLogger("mqic.recovery")
 
 
-def recover_claim(ctx: Context, case: Case, snapshot: model.Snapshot, now: float) -> str:
+def recover_claim(ctx: Context, host: Host, case: Case, snapshot: model.Snapshot, now: float) -> str:
     """Resolve one expired ``submitting`` claim; return found / not_found / waiting / unreachable."""
     labelled = [t for t in snapshot.by_label(case.label) if t.group == case.pueue_group]
     if labelled:
@@ -38,7 +38,7 @@ def recover_claim(ctx: Context, case: Case, snapshot: model.Snapshot, now: float
         return "found"
     if case.add_uncertain_until is not None and now < case.add_uncertain_until:
         return "waiting"  # an add whose answer was lost may still land: no task proves nothing yet
-    record = exit_record(ctx, case)
+    record = exit_record(ctx, host, case)
     if record is None or record is tasks.Record.UNREADABLE:
         if worth_logging(ctx, f"recover:{case.case_id}", now, REPEAT_LOG_SECONDS):
             log.warning("case %d: claim expired, HPC could not tell; will ask again", case.case_id,
@@ -58,15 +58,14 @@ def guard_of(case: Case) -> dict:
     return {"claimed_by": case.claimed_by, "lease_until": case.lease_until}
 
 
-def exit_record(ctx: Context, case: Case) -> tasks.ExitRecord | None:
+def exit_record(ctx: Context, host: Host, case: Case) -> tasks.ExitRecord | None:
     """The case's exit record (MISSING without a remote folder), or None when it could not be read."""
     if not case.remote_dir:
         return tasks.Record.MISSING
     try:
-        return tasks.read_exit_records(ctx.remote, [case.remote_dir],
-                                       timeout=ctx.config.hpc.command_timeout_seconds)[case.remote_dir]
+        return tasks.read_exit_records(host.remote, [case.remote_dir], timeout=host.timeout)[case.remote_dir]
     except RemoteFailure as exc:
-        note_reach(ctx, exc)
+        note_reach(ctx, host, exc)
         return None
 
 
@@ -83,21 +82,40 @@ def adopt(ctx: Context, case: Case, task: model.TaskInfo | None, now: float) -> 
 
 
 def recover_expired_claims(ctx: Context, now: float, limit: int = 20) -> int:
-    """Resolve every expired ``submitting`` claim from one snapshot; return how many were settled."""
-    expired = expired_leases(ctx.conn, now, limit=limit)
-    if not expired:
-        return 0
+    """Resolve every expired ``submitting`` claim from one snapshot of its host; return how many were settled.
+
+    A host that cannot answer (or was last seen unreachable) leaves its claims as they are;
+    the other hosts go on.
+    """
+    by_host: dict[str | None, list[Case]] = {}
+    for case in expired_leases(ctx.conn, now, limit=limit):
+        by_host.setdefault(case.host, []).append(case)
+    settled = 0
+    reachable = {host.name for host in reachable_hosts(ctx)} if by_host else set()
+    for name, expired in by_host.items():
+        host = ctx.host(name)
+        if host is None:
+            if worth_logging(ctx, f"recover-host:{name}", now, REPEAT_LOG_SECONDS):
+                log.error("%d expired claim(s) on host %r, which is not configured; they wait for it",
+                          len(expired), name, extra=for_case(None, "recover_claim"))
+            continue
+        if host.name in reachable:
+            settled += recover_on(ctx, host, expired, now)
+    return settled
+
+
+def recover_on(ctx: Context, host: Host, expired: list[Case], now: float) -> int:
     try:
-        snapshot = ctx.backend.snapshot()
+        snapshot = host.snapshot()
     except RemoteFailure as exc:
-        note_reach(ctx, exc)
-        if worth_logging(ctx, "recover", now, REPEAT_LOG_SECONDS):
-            log.warning("%d expired claim(s): HPC could not tell (%s); will ask again", len(expired), exc,
-                        extra=for_case(None, "recover_claim", exc))
+        note_reach(ctx, host, exc)
+        if worth_logging(ctx, f"recover:{host.name}", now, REPEAT_LOG_SECONDS):
+            log.warning("%d expired claim(s): host %s could not tell (%s); will ask again", len(expired),
+                        host.name, exc, extra=for_case(None, "recover_claim", exc))
         return 0
-    note_reach(ctx, None)
+    note_reach(ctx, host, None)
     settled = 0
     for case in expired:
         with per_item(ctx, case.case_id, "recover_claim"):
-            settled += recover_claim(ctx, case, snapshot, now) in ("found", "not_found")
+            settled += recover_claim(ctx, host, case, snapshot, now) in ("found", "not_found")
     return settled

@@ -10,7 +10,7 @@ after it ended, and only when nothing of the case can be lost:
 - a failed case: only once an operator acknowledged it (``mqic ack ID``) and no
   zombie GPU slot names it (its task may still run); a retry makes it a waiting
   case again and these rules start over;
-- never while the host is drained, and only a direct child of ``hpc.remote_base_dir``
+- never while the case's host is drained or down, and only a direct child of that host's ``remote_base_dir``
   (checked here and again on the HPC, symlinks resolved).
 
 ``retention.local_days``: the ``spool/done`` folder of a completed case is removed
@@ -37,7 +37,7 @@ from shared.maintenance import is_drained
 from shared.settings import bump
 from shared.states import CaseStatus
 from shared.store import Case, case_from_row, flag_for_review, get_case, record_case_event
-from shared.worker import Context, note_reach, per_item
+from shared.worker import Context, note_reach, per_item, reachable_hosts
 
 DAY = 86400.0
 BATCH = 20
@@ -197,12 +197,21 @@ def why(exc: Exception) -> str:
 
 
 def remove_remote_folder(ctx: Context, case: Case) -> str:
-    """Remove the case's folder on the HPC; returns ``removed`` or ``absent``. Raises RemoteFailure."""
-    base = ctx.remote.base_dir()
+    """Remove the case's folder on its host; returns ``removed`` or ``absent``. Raises RemoteFailure."""
+    host = ctx.host(case.host)
+    if host is None:
+        raise RetentionRefused(f"the case's host {case.host!r} is not configured")
+    base = host.remote.base_dir()
     if not inside_base(base, case.remote_dir):
-        raise RetentionRefused(f"{case.remote_dir} is not a folder directly inside hpc.remote_base_dir ({base})")
-    out = ctx.remote.run_script(REMOVE_SCRIPT, base, case.remote_dir, timeout=ctx.config.hpc.command_timeout_seconds)
+        raise RetentionRefused(f"{case.remote_dir} is not a folder directly inside the remote_base_dir of "
+                               f"host {host.name} ({base})")
+    out = host.remote.run_script(REMOVE_SCRIPT, base, case.remote_dir, timeout=host.timeout)
     return "absent" if out.endswith("absent") else "removed"
+
+
+def host_left_alone(ctx: Context, case: Case) -> bool:
+    """A drained host is under maintenance, a host last seen unreachable cannot answer: leave both alone."""
+    return is_drained(ctx.conn, case.host or "") or case.host not in {h.name for h in reachable_hosts(ctx)}
 
 
 def mark_remote_removed(ctx: Context, case: Case, how: str, reason: str, now: float) -> bool:
@@ -277,7 +286,7 @@ def retire_remote(ctx: Context, case: Case, since_at: float | None, now: float) 
     try:
         how = remove_remote_folder(ctx, case)
     except Unreachable as exc:
-        note_reach(ctx, exc)
+        note_reach(ctx, ctx.hosts[case.host], exc)
         ctx.log.warning("retention: HPC unreachable (%s); trying again later", exc,
                         extra=for_case(case.case_id, "retention", exc))
         return UNREACHABLE
@@ -294,15 +303,17 @@ def retire_remote(ctx: Context, case: Case, since_at: float | None, now: float) 
 
 def apply_remote(ctx: Context, now: float, since_at: float | None) -> int:
     cutoff = _cutoff(now, ctx.config.retention.remote_days)
-    if cutoff is None or is_drained(ctx.conn, ctx.config.hpc.host):
-        return 0  # a drained host is under maintenance: leave it alone
+    if cutoff is None:
+        return 0
     removed = 0
     for case in _rows(ctx.conn, REMOTE_DUE_SQL, cutoff=cutoff, since=since_at, limit=BATCH):
+        if host_left_alone(ctx, case):
+            continue
         result: bool | str = False
         with per_item(ctx, case.case_id, "retention"):
             result = retire_remote(ctx, case, since_at, now)
         if result == UNREACHABLE:
-            break
+            continue  # the host is now marked down: its other cases are left alone
         removed += result is True
     return removed
 
@@ -335,8 +346,8 @@ def _carry_out(ctx: Context, verdict: Verdict, now: float) -> Verdict:
     try:
         if verdict.where == "local":
             done = "removed" if remove_local_folder(ctx, case, verdict.reason, now) else "changed meanwhile"
-        elif is_drained(ctx.conn, ctx.config.hpc.host):
-            done = "skipped: host drained"
+        elif is_drained(ctx.conn, case.host or ""):
+            done = f"skipped: host {case.host} drained"
         else:
             how = remove_remote_folder(ctx, case)
             done = how if mark_remote_removed(ctx, case, how, verdict.reason, now) else "changed meanwhile"

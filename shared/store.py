@@ -60,6 +60,7 @@ class Case:
     acknowledged_at: float | None = None
     remote_removed_at: float | None = None
     local_removed_at: float | None = None
+    host: str | None = None  # issue 11: the host its remote folder and task are on
 
     @property
     def label(self) -> str:
@@ -74,11 +75,20 @@ class Case:
 
 @dataclass(frozen=True)
 class Slot:
+    """One seat of a (host, group or partition): it holds one case at a time."""
+    slot_id: int
+    host: str
     pueue_group: str
+    seat: int
     status: SlotStatus
     assigned_case_id: int | None
     gpu: str | None
     updated_at: float
+
+    @property
+    def name(self) -> str:
+        """``host/group`` (and ``#seat`` past the first): how logs and screens name it."""
+        return f"{self.host}/{self.pueue_group}" + (f"#{self.seat}" if self.seat else "")
 
 
 CASE_COLUMNS = frozenset(f.name for f in dataclasses.fields(Case))
@@ -125,13 +135,20 @@ def cases_with_status(conn: sqlite3.Connection, status: CaseStatus, limit: int =
     return [case_from_row(r) for r in rows]
 
 
-def get_slot(conn: sqlite3.Connection, group: str) -> Slot | None:
-    row = conn.execute("SELECT * FROM gpu_resources WHERE pueue_group = ?", (group,)).fetchone()
+def get_slot(conn: sqlite3.Connection, slot_id: int) -> Slot | None:
+    row = conn.execute("SELECT * FROM gpu_resources WHERE slot_id = ?", (slot_id,)).fetchone()
+    return None if row is None else slot_from_row(row)
+
+
+def slot_of_case(conn: sqlite3.Connection, case_id: int) -> Slot | None:
+    """The seat that names ``case_id`` (assigned to it, or a zombie left by it)."""
+    row = conn.execute("SELECT * FROM gpu_resources WHERE assigned_case_id = ? ORDER BY slot_id LIMIT 1",
+                       (case_id,)).fetchone()
     return None if row is None else slot_from_row(row)
 
 
 def all_slots(conn: sqlite3.Connection) -> list[Slot]:
-    return [slot_from_row(r) for r in conn.execute("SELECT * FROM gpu_resources ORDER BY pueue_group")]
+    return [slot_from_row(r) for r in conn.execute("SELECT * FROM gpu_resources ORDER BY host, pueue_group, seat")]
 
 
 def _assignments(fields: dict[str, Any]) -> str:
@@ -212,66 +229,109 @@ def register_case(conn: sqlite3.Connection, *, case_name: str, source_path: str,
     return get_case(conn, case_id)
 
 
-def record_slot_event(conn: sqlite3.Connection, group: str, frm: SlotStatus | None,
+def record_slot_event(conn: sqlite3.Connection, slot: Slot, frm: SlotStatus | None,
                       to: SlotStatus, *, case_id: int | None, now: float, worker: str,
                       detail: str = "") -> None:
     conn.execute(
-        "INSERT INTO slot_events (pueue_group, from_status, to_status, case_id, at, worker, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (group, None if frm is None else frm.value, to.value, case_id, now, worker, detail))
+        "INSERT INTO slot_events (host, pueue_group, seat, from_status, to_status, case_id, at, worker, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (slot.host, slot.pueue_group, slot.seat, None if frm is None else frm.value, to.value, case_id, now,
+         worker, detail))
 
 
-def transition_slot(conn: sqlite3.Connection, group: str, frm: SlotStatus, to: SlotStatus, *,
+def transition_slot(conn: sqlite3.Connection, slot: Slot, frm: SlotStatus, to: SlotStatus, *,
                     now: float, worker: str, case_id: int | None, detail: str = "") -> bool:
-    """Move slot ``group`` from ``frm`` to ``to``, guarded on status and assigned case.
+    """Move seat ``slot`` from ``frm`` to ``to``, guarded on status and assigned case.
 
-    ``case_id`` must be the case the slot currently names (None for an
-    available slot); the new assignment is that case when ``to`` is assigned,
+    ``case_id`` must be the case the seat currently names (None for an
+    available seat); the new assignment is that case when ``to`` is assigned,
     else kept for a zombie (so the reaper knows whose task it was) and cleared
     for available.
     """
     check_slot_move(frm, to)
     new_case = case_id if to is not SlotStatus.AVAILABLE else None
     with transaction(conn):
-        if frm is SlotStatus.AVAILABLE:
-            cursor = conn.execute(
-                "UPDATE gpu_resources SET status = ?, assigned_case_id = ?, updated_at = ?"
-                " WHERE pueue_group = ? AND status = ?", (to.value, new_case, now, group, frm.value))
-        else:
-            cursor = conn.execute(
-                "UPDATE gpu_resources SET status = ?, assigned_case_id = ?, updated_at = ?"
-                " WHERE pueue_group = ? AND status = ? AND assigned_case_id IS ?",
-                (to.value, new_case, now, group, frm.value, case_id))
+        cursor = conn.execute(
+            "UPDATE gpu_resources SET status = ?, assigned_case_id = ?, updated_at = ?"
+            " WHERE slot_id = ? AND status = ? AND assigned_case_id IS ?",
+            (to.value, new_case, now, slot.slot_id, frm.value, case_id if frm is not SlotStatus.AVAILABLE else None))
         if cursor.rowcount != 1:
             return False
-        record_slot_event(conn, group, frm, to, case_id=case_id, now=now, worker=worker, detail=detail)
+        record_slot_event(conn, slot, frm, to, case_id=case_id, now=now, worker=worker, detail=detail)
         return True
 
 
 def release_slot_of(conn: sqlite3.Connection, case: Case, to: SlotStatus, *, now: float,
                     worker: str, detail: str = "") -> bool:
-    """Free (or mark zombie) the slot held by ``case``, if it still holds one."""
-    if case.pueue_group is None:
+    """Free (or mark zombie) the seat held by ``case``, if it still holds one."""
+    row = conn.execute("SELECT * FROM gpu_resources WHERE assigned_case_id = ? AND status = 'assigned'",
+                       (case.case_id,)).fetchone()
+    if row is None:
         return False
-    return transition_slot(conn, case.pueue_group, SlotStatus.ASSIGNED, to, now=now,
+    return transition_slot(conn, slot_from_row(row), SlotStatus.ASSIGNED, to, now=now,
                            worker=worker, case_id=case.case_id, detail=detail)
 
 
-def sync_slots(conn: sqlite3.Connection, groups: Iterable[tuple[str, str | None]], *,
-               now: float, worker: str) -> list[str]:
-    """Make sure every configured ``(group, gpu)`` has a slot row; return the added groups."""
+@dataclass(frozen=True)
+class SeatSpec:
+    """A seat the config asks for: ``seat`` runs from 0 to the slot's depth - 1."""
+    host: str
+    group: str
+    seat: int
+    gpu: str | None = None
+
+
+def seat_specs(config) -> list[SeatSpec]:
+    """Every seat of every configured host and slot (``depth`` seats per slot)."""
+    return [SeatSpec(host.name, slot.name, seat, slot.gpu)
+            for host in config.hosts for slot in host.slots for seat in range(slot.depth)]
+
+
+def sync_slots(conn: sqlite3.Connection, seats: Iterable[SeatSpec], *, now: float, worker: str) -> list[str]:
+    """Make a row for every configured seat and drop free rows the config no longer has.
+
+    A seat that is not configured but still holds a case (assigned or zombie) stays
+    until it is free; the claim never hands it out. Returns the added seats' names.
+    """
+    wanted = list(seats)
     added = []
     with transaction(conn):
-        for group, gpu in groups:
+        for spec in wanted:
             cursor = conn.execute(
-                "INSERT OR IGNORE INTO gpu_resources (pueue_group, status, gpu, updated_at)"
-                " VALUES (?, 'available', ?, ?)", (group, gpu, now))
-            conn.execute("UPDATE gpu_resources SET gpu = ? WHERE pueue_group = ?", (gpu, group))
+                "INSERT OR IGNORE INTO gpu_resources (host, pueue_group, seat, status, gpu, updated_at)"
+                " VALUES (?, ?, ?, 'available', ?, ?)", (spec.host, spec.group, spec.seat, spec.gpu, now))
+            conn.execute("UPDATE gpu_resources SET gpu = ? WHERE host = ? AND pueue_group = ? AND seat = ?",
+                         (spec.gpu, spec.host, spec.group, spec.seat))
             if cursor.rowcount == 1:
-                record_slot_event(conn, group, None, SlotStatus.AVAILABLE, case_id=None, now=now,
+                slot = slot_from_row(conn.execute("SELECT * FROM gpu_resources WHERE slot_id = ?",
+                                                  (cursor.lastrowid,)).fetchone())
+                record_slot_event(conn, slot, None, SlotStatus.AVAILABLE, case_id=None, now=now,
                                   worker=worker, detail="slot created from config")
-                added.append(group)
+                added.append(slot.name)
+        keys = {(spec.host, spec.group, spec.seat) for spec in wanted}
+        for row in conn.execute("SELECT * FROM gpu_resources WHERE status = 'available'").fetchall():
+            if (row["host"], row["pueue_group"], row["seat"]) not in keys:
+                conn.execute("DELETE FROM gpu_resources WHERE slot_id = ? AND status = 'available'", (row["slot_id"],))
     return added
+
+
+def adopt_unnamed_host(conn: sqlite3.Connection, host: str, address: str) -> int:
+    """Give rows written before hosts had names (host '') the name ``host``; return how many.
+
+    Drains were keyed by the host's address (``hpc.host``) then: they move to the name.
+    """
+    with transaction(conn):
+        if address != host:
+            conn.execute("UPDATE OR IGNORE drains SET host = ? WHERE host = ?", (host, address))
+        count = conn.execute("UPDATE cases SET host = ? WHERE host = ''", (host,)).rowcount
+        for row in conn.execute("SELECT * FROM gpu_resources WHERE host = ''").fetchall():
+            taken = conn.execute("SELECT 1 FROM gpu_resources WHERE host = ? AND pueue_group = ? AND seat = ?",
+                                 (host, row["pueue_group"], row["seat"])).fetchone()
+            if taken is None:
+                conn.execute("UPDATE gpu_resources SET host = ? WHERE slot_id = ?", (host, row["slot_id"]))
+                count += 1
+        conn.execute("UPDATE slot_events SET host = ? WHERE host = ''", (host,))
+    return count
 
 
 # Claim order: urgent first, oldest first within a priority. A normal case that has
@@ -279,8 +339,14 @@ def sync_slots(conn: sqlite3.Connection, groups: Iterable[tuple[str, str | None]
 # every urgent case that arrives later, it is claimed before them.
 URGENT_FIRST = ("CASE WHEN priority = 'urgent' OR submitted_at <= :aged THEN 0 ELSE 1 END,"
                 " submitted_at, case_id")
-# One HPC host today: any drained host stops every claim (with several, match the slot's host).
-NOT_DRAINED = "NOT EXISTS (SELECT 1 FROM drains)"
+# A seat can be handed out when its host is neither drained nor last seen unreachable.
+SEAT_USABLE = ("host NOT IN (SELECT host FROM drains)"
+               " AND host NOT IN (SELECT host FROM host_reach WHERE ok = 0)")
+# Fill idle GPUs before queueing behind a running case; then the case's own host (where
+# it may be pre-uploaded); then the seat free longest.
+SEAT_ORDER = ("(SELECT COUNT(*) FROM gpu_resources AS b WHERE b.host = gpu_resources.host"
+              " AND b.pueue_group = gpu_resources.pueue_group AND b.status <> 'available'),"
+              " host IS NOT :case_host, updated_at, host, pueue_group, seat")
 
 
 def _aged(now: float, max_wait_seconds: float | None) -> float | None:
@@ -290,62 +356,74 @@ def _aged(now: float, max_wait_seconds: float | None) -> float | None:
 @dataclass(frozen=True)
 class Claim:
     case: Case
-    group: str
-    gpu: str | None
+    slot: Slot
+
+    @property
+    def host(self) -> str:
+        return self.slot.host
+
+    @property
+    def group(self) -> str:
+        return self.slot.pueue_group
+
+    @property
+    def gpu(self) -> str | None:
+        return self.slot.gpu
 
 
 def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_seconds: float,
-                    groups: Iterable[str] | None = None,
+                    seats: Iterable[tuple[str, str]] | None = None,
                     max_wait_seconds: float | None = None) -> Claim | None:
-    """Atomically take the next eligible ``submitted`` case and an available slot.
+    """Atomically take the next eligible ``submitted`` case and a free seat for it.
 
     Next means urgent first, oldest first within a priority, a normal case waiting
-    longer than ``max_wait_seconds`` counting as urgent (``URGENT_FIRST``). In one
-    ``BEGIN IMMEDIATE``: the case moves to ``submitting`` with a lease for
-    ``worker`` and the slot to ``assigned``. Returns None (and changes nothing)
-    when there is no eligible case, no free slot among ``groups``, or a host is
-    drained (``shared.maintenance``).
+    longer than ``max_wait_seconds`` counting as urgent (``URGENT_FIRST``). The seat
+    is one of ``seats`` ((host, group) pairs; None: any) on a host that is neither
+    drained nor last seen unreachable, in ``SEAT_ORDER``. In one ``BEGIN IMMEDIATE``:
+    the case moves to ``submitting`` with a lease for ``worker`` and that host, and
+    the seat to ``assigned``. Returns None (and changes nothing) when there is no
+    eligible case or no usable seat.
     """
-    allowed = list(groups) if groups is not None else None
+    allowed = None if seats is None else set(seats)
     if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted'") or \
-            not _any(conn, "SELECT 1 FROM gpu_resources WHERE status = 'available'") or \
-            _any(conn, "SELECT 1 FROM drains"):
+            not _any(conn, f"SELECT 1 FROM gpu_resources WHERE status = 'available' AND {SEAT_USABLE}"):
         return None  # nothing to do: no write lock taken
     with transaction(conn):
-        slot = _free_slot(conn, allowed)
-        if slot is None:
+        if not _free_seats(conn, allowed, None):
             return None
         row = conn.execute(
-            "UPDATE cases SET status = 'submitting', status_updated_at = :now, claimed_by = :w,"
-            " lease_until = :lease, pueue_group = :g"
-            " WHERE case_id = (SELECT case_id FROM cases WHERE status = 'submitted'"
-            "   AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
-            "   AND (claimed_by IS NULL OR lease_until < :now)"
-            f"  AND {NOT_DRAINED} ORDER BY {URGENT_FIRST} LIMIT 1) AND status = 'submitted' RETURNING *",
-            {"now": now, "w": worker, "lease": now + lease_seconds, "g": slot.pueue_group,
-             "aged": _aged(now, max_wait_seconds)}).fetchone()
+            "SELECT * FROM cases WHERE status = 'submitted'"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
+            " AND (claimed_by IS NULL OR lease_until < :now)"
+            f" ORDER BY {URGENT_FIRST} LIMIT 1", {"now": now, "aged": _aged(now, max_wait_seconds)}).fetchone()
         if row is None:
             return None
+        slot = _free_seats(conn, allowed, row["host"])[0]
+        row = conn.execute(
+            "UPDATE cases SET status = 'submitting', status_updated_at = :now, claimed_by = :w,"
+            " lease_until = :lease, pueue_group = :g, host = :h,"
+            " remote_dir = CASE WHEN host IS :h THEN remote_dir END,"  # a pre-upload elsewhere is not used
+            " staged_at = CASE WHEN host IS :h THEN staged_at END"
+            " WHERE case_id = :id AND status = 'submitted'"
+            " RETURNING *", {"now": now, "w": worker, "lease": now + lease_seconds, "g": slot.pueue_group,
+                             "h": slot.host, "id": row["case_id"]}).fetchone()
         case = case_from_row(row)
         record_case_event(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTING, now=now,
-                          worker=worker, detail=f"claimed with slot {slot.pueue_group} (attempt {case.attempts + 1})")
-        if not transition_slot(conn, slot.pueue_group, SlotStatus.AVAILABLE, SlotStatus.ASSIGNED,
+                          worker=worker, detail=f"claimed with slot {slot.name} (attempt {case.attempts + 1})")
+        if not transition_slot(conn, slot, SlotStatus.AVAILABLE, SlotStatus.ASSIGNED,
                                now=now, worker=worker, case_id=case.case_id):
             raise RuntimeError("slot changed inside an immediate transaction")
-        return Claim(case=case, group=slot.pueue_group, gpu=slot.gpu)
+        return Claim(case=case, slot=slot)
 
 
 def _any(conn: sqlite3.Connection, query: str) -> bool:
     return conn.execute(f"SELECT EXISTS({query})").fetchone()[0] == 1
 
 
-def _free_slot(conn: sqlite3.Connection, groups: list[str] | None) -> Slot | None:
-    rows = conn.execute("SELECT * FROM gpu_resources WHERE status = 'available'"
-                        " ORDER BY updated_at, pueue_group").fetchall()
-    for row in rows:
-        if groups is None or row["pueue_group"] in groups:
-            return slot_from_row(row)
-    return None
+def _free_seats(conn: sqlite3.Connection, allowed: set[tuple[str, str]] | None, case_host: str | None) -> list[Slot]:
+    rows = conn.execute(f"SELECT * FROM gpu_resources WHERE status = 'available' AND {SEAT_USABLE}"
+                        f" ORDER BY {SEAT_ORDER}", {"case_host": case_host}).fetchall()
+    return [slot_from_row(r) for r in rows if allowed is None or (r["host"], r["pueue_group"]) in allowed]
 
 
 def renew_lease(conn: sqlite3.Connection, case_id: int, *, worker: str, now: float,
@@ -356,22 +434,25 @@ def renew_lease(conn: sqlite3.Connection, case_id: int, *, worker: str, now: flo
 
 
 def free_slots(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT COUNT(*) FROM gpu_resources WHERE status = 'available'").fetchone()[0]
+    """How many seats could be handed out now (free, on a host neither drained nor unreachable)."""
+    return conn.execute(f"SELECT COUNT(*) FROM gpu_resources WHERE status = 'available'"
+                        f" AND {SEAT_USABLE}").fetchone()[0]
 
 
-def staged_waiting(conn: sqlite3.Connection) -> int:
-    """How many ``submitted`` cases are already uploaded and waiting for a GPU."""
-    return conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted'"
-                        " AND staged_at IS NOT NULL").fetchone()[0]
+def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:
+    """How many ``submitted`` cases are already uploaded (to ``host``, or anywhere) and wait for a seat."""
+    return conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted' AND staged_at IS NOT NULL"
+                        " AND (:host IS NULL OR host = :host)", {"host": host}).fetchone()[0]
 
 
 def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float,
                       lease_seconds: float, max_wait_seconds: float | None = None) -> Case | None:
     """Take the next ``submitted``, not yet staged, unclaimed case for a pre-upload.
 
-    Same order as ``claim_next_case`` (urgent first) and nothing while a host is
-    drained. The case keeps its status; only ``claimed_by``/``lease_until`` mark
-    the work, so ``claim_next_case`` leaves it alone until the lease ends.
+    Same order as ``claim_next_case`` (urgent first); the caller has chosen a host
+    that is neither drained nor unreachable. The case keeps its status; only
+    ``claimed_by``/``lease_until`` mark the work, so ``claim_next_case`` leaves it
+    alone until the lease ends.
     """
     if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted' AND staged_at IS NULL"):
         return None
@@ -381,20 +462,20 @@ def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float,
             " WHERE case_id = (SELECT case_id FROM cases WHERE status = 'submitted'"
             "   AND staged_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             "   AND (claimed_by IS NULL OR lease_until < :now)"
-            f"  AND {NOT_DRAINED} ORDER BY {URGENT_FIRST} LIMIT 1) AND status = 'submitted' RETURNING *",
+            f"  ORDER BY {URGENT_FIRST} LIMIT 1) AND status = 'submitted' RETURNING *",
             {"w": worker, "now": now, "lease": now + lease_seconds,
              "aged": _aged(now, max_wait_seconds)}).fetchone()
     return None if row is None else case_from_row(row)
 
 
-def mark_staged(conn: sqlite3.Connection, case: Case, *, remote_dir: str, worker: str, now: float,
+def mark_staged(conn: sqlite3.Connection, case: Case, *, host: str, remote_dir: str, worker: str, now: float,
                 detail: str) -> bool:
-    """Record a verified pre-upload and release the staging claim (records an event)."""
+    """Record a verified pre-upload to ``host`` and release the staging claim (records an event)."""
     with transaction(conn):
         cursor = conn.execute(
-            "UPDATE cases SET remote_dir = ?, staged_at = ?, claimed_by = NULL, lease_until = NULL"
+            "UPDATE cases SET host = ?, remote_dir = ?, staged_at = ?, claimed_by = NULL, lease_until = NULL"
             " WHERE case_id = ? AND status = 'submitted' AND claimed_by = ?",
-            (remote_dir, now, case.case_id, worker))
+            (host, remote_dir, now, case.case_id, worker))
         if cursor.rowcount != 1:
             return False
         record_case_event(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTED, now=now,
@@ -457,8 +538,23 @@ def beat(conn: sqlite3.Connection, name: str, *, now: float) -> None:
             (name, os.getpid(), socket.gethostname(), now, now))
 
 
-def note_remote(conn: sqlite3.Connection, name: str, *, ok: bool, now: float, error: str | None = None) -> None:
-    """Record whether this worker's last HPC call got through (Unreachable is not ok)."""
+def note_remote(conn: sqlite3.Connection, host: str, name: str, *, ok: bool, now: float,
+                error: str | None = None) -> None:
+    """Record whether worker ``name``'s last call to ``host`` got through (Unreachable is not ok).
+
+    ``host_reach`` keeps the newest word per host and since when it has been down; a
+    host last seen unreachable gets no new claims (``SEAT_USABLE``) until a call gets through.
+    """
     with transaction(conn):
-        conn.execute("UPDATE workers SET remote_ok = ?, remote_checked_at = ?, remote_error = ? WHERE name = ?",
-                     (int(ok), now, None if ok else (error or "")[:500], name))
+        conn.execute(
+            "INSERT INTO host_reach (host, ok, checked_at, checked_by, error, down_since)"
+            " VALUES (:host, :ok, :now, :name, :error, CASE WHEN :ok THEN NULL ELSE :now END)"
+            " ON CONFLICT(host) DO UPDATE SET ok = excluded.ok, checked_at = excluded.checked_at,"
+            " checked_by = excluded.checked_by, error = excluded.error,"
+            " down_since = CASE WHEN excluded.ok THEN NULL ELSE COALESCE(host_reach.down_since, excluded.checked_at) END",
+            {"host": host, "ok": int(ok), "now": now, "name": name, "error": None if ok else (error or "")[:500]})
+
+
+def down_hosts(conn: sqlite3.Connection) -> dict[str, float]:
+    """Hosts last seen unreachable, with when that was last checked."""
+    return {row["host"]: row["checked_at"] for row in conn.execute("SELECT host, checked_at FROM host_reach WHERE ok = 0")}

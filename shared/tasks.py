@@ -241,19 +241,21 @@ def orphans(snapshot: model.Snapshot, cases: Mapping[int, Case]) -> list[tuple[m
     """Unfinished tasks carrying the label of a case of ours that does not own them.
 
     A task is owned by its case while the case is ``submitting`` and the task is in the
-    group of the slot the case claimed (the add may be its own, recovery decides) or ``running`` with that task recorded; a submitted,
-    completed or failed case owns none. Tasks of case ids we do not know are left
+    group of the slot the case claimed (the add may be its own, recovery decides) or ``running`` with that
+    task recorded, both on the case's own host; a submitted, completed or failed case owns none. Tasks of case ids we do not know are left
     alone: they are not provably ours.
     """
     found = []
     for task in snapshot.tasks.values():
         case = cases.get(case_id_of(task)) if not task.is_done else None
-        if case is not None and not _owns(case, task):
+        if case is not None and not _owns(case, task, snapshot.host):
             found.append((task, case))
     return found
 
 
-def _owns(case: Case, task: model.TaskInfo) -> bool:
+def _owns(case: Case, task: model.TaskInfo, host: str) -> bool:
+    if case.host != host:
+        return False  # the case lives on another host (it moved there before it ever started here)
     if case.status is CaseStatus.SUBMITTING:
         return task.group == case.pueue_group  # recovery adopts it; elsewhere it holds no slot of ours
     if case.status is CaseStatus.RUNNING:

@@ -18,13 +18,14 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from shared.backends import Backend, backend_for
-from shared.config import Config
+from shared.config import Config, HostConfig
 from shared.db import check_integrity, connect
 from shared.logs import for_case, setup_logging
 from shared.remote import Remote
 from shared.spool import Spool
 from shared.errors import Unreachable
-from shared.store import beat, flag_for_review, get_case, note_remote, sync_slots
+from shared.store import (adopt_unnamed_host, beat, down_hosts, flag_for_review, get_case, note_remote, seat_specs,
+                          sync_slots)
 
 
 HELPER_THREADS = "helper_threads"
@@ -33,14 +34,42 @@ REPEATED_ERRORS = "repeated_errors"  # ctx.state: {(case_id, operation): consecu
 REVIEW_AFTER_REPEATS = 3
 
 
+@dataclass(frozen=True)
+class Host:
+    """One configured HPC host as a worker talks to it: its own ssh connection and scheduler."""
+    config: HostConfig
+    remote: Remote
+    backend: Backend
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def timeout(self) -> float:
+        return self.config.hpc.command_timeout_seconds
+
+    def snapshot(self):
+        """One snapshot of this host's tasks, stamped with the host's name."""
+        return replace(self.backend.snapshot(), host=self.name)
+
+
+def connect_hosts(config: Config) -> dict[str, Host]:
+    """A ``Host`` per configured host, in config order (connections open on first use)."""
+    hosts = {}
+    for host in config.hosts:
+        remote = Remote(host.hpc)
+        hosts[host.name] = Host(host, remote, backend_for(config, host, remote))
+    return hosts
+
+
 @dataclass
 class Context:
     """What a worker's tick needs; built once per process."""
     config: Config
     conn: sqlite3.Connection
     spool: Spool
-    remote: Remote
-    backend: Backend
+    hosts: dict[str, Host]
     name: str
     log: logging.Logger
     stop: threading.Event = field(default_factory=threading.Event)
@@ -53,9 +82,9 @@ class Context:
         """Unique per process: what ``claimed_by`` records."""
         return f"{self.name}:{os.getpid()}"
 
-    @property
-    def pueue_cmd(self) -> list[str]:
-        return list(self.config.hpc.pueue_command)
+    def host(self, name: str | None) -> Host | None:
+        """The configured host ``name`` (None for a host the config no longer has)."""
+        return self.hosts.get(name) if name is not None else None
 
 
 @contextmanager
@@ -93,10 +122,18 @@ def flag_repeated_error(ctx: "Context", case_id: int, operation: str, exc: Excep
                       extra=for_case(case_id, operation, exc))
 
 
-def note_reach(ctx: "Context", error: Exception | None) -> None:
-    """Record for the monitor whether the HPC answered (any answer, even an error, is reach)."""
-    note_remote(ctx.conn, ctx.name, ok=not isinstance(error, Unreachable), now=ctx.clock(),
+def note_reach(ctx: "Context", host: Host, error: Exception | None) -> None:
+    """Record whether ``host`` answered (any answer, even an error, is reach): the monitor
+    shows it and the claim skips a host last seen unreachable."""
+    note_remote(ctx.conn, host.name, ctx.name, ok=not isinstance(error, Unreachable), now=ctx.clock(),
                 error=None if error is None else str(error))
+
+
+def reachable_hosts(ctx: "Context") -> list[Host]:
+    """The hosts not last seen unreachable. Workers talk only to these, so a host that is down
+    costs no one a connect timeout per pass; the reaper probes the others (``probe_down_hosts``)."""
+    down = down_hosts(ctx.conn)
+    return [host for host in ctx.hosts.values() if host.name not in down]
 
 
 def build_context(config: Config, name: str, *, log: logging.Logger | None = None) -> Context:
@@ -105,10 +142,9 @@ def build_context(config: Config, name: str, *, log: logging.Logger | None = Non
     check_integrity(conn)
     spool = Spool(config.spool_path).ensure()
     config.scanner.watch_path.mkdir(parents=True, exist_ok=True)
-    sync_slots(conn, [(s.name, s.gpu) for s in config.slots], now=time.time(), worker=name)
-    remote = Remote(config.hpc)
-    return Context(config=config, conn=conn, spool=spool, remote=remote, backend=backend_for(config, remote),
-                   name=name,
+    adopt_unnamed_host(conn, config.hosts[0].name, config.hosts[0].hpc.host)
+    sync_slots(conn, seat_specs(config), now=time.time(), worker=name)
+    return Context(config=config, conn=conn, spool=spool, hosts=connect_hosts(config), name=name,
                    log=log or logging.getLogger(f"mqic.{name}"))
 
 

@@ -1,4 +1,7 @@
-"""poller: follows every ``running`` case with one ``pueue status`` and one ``pueue log`` per pass.
+"""poller: follows every ``running`` case with one status and one log call per host per pass.
+
+Hosts are polled one after the other; a host last seen unreachable is skipped (its
+cases wait, the reaper probes it), so it never holds up the others.
 
 What became of each case's task is decided by ``shared.tasks.resolve`` from that one
 fresh snapshot (and, for a task pueue no longer lists, from its exit record in the
@@ -30,7 +33,7 @@ from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.spool import merge_into, settle_folder
 from shared.remote import UnsafeMember
 from shared.store import Case, cases_with_status, flag_for_review, get_case, release_slot_of, update_case
-from shared.worker import Context, forget_logged, note_reach, per_item, worker_main, worth_logging
+from shared.worker import Context, Host, forget_logged, note_reach, per_item, reachable_hosts, worker_main, worth_logging
 
 FAILED_OUTCOMES = {
     model.TaskState.FAILED: Outcome.FAILED,
@@ -51,68 +54,68 @@ class TaskKilled(RemoteFailure):
     """The case's task was killed by a signal we did not send."""
 
 
-def fetch_snapshot(ctx: Context) -> model.Snapshot | None:
+def fetch_snapshot(ctx: Context, host: Host) -> model.Snapshot | None:
     try:
-        snapshot = ctx.backend.snapshot()
+        snapshot = host.snapshot()
     except RemoteFailure as exc:
-        note_reach(ctx, exc)
-        ctx.log.warning("pueue status could not be read (%s: %s); nothing changed, trying again",
-                        type(exc).__name__, exc, extra=for_case(None, "poll", exc))
+        note_reach(ctx, host, exc)
+        ctx.log.warning("host %s: status could not be read (%s: %s); nothing changed, trying again", host.name,
+                        type(exc).__name__, exc, extra=for_case(None, "poll", exc) | {"host": host.name})
         return None
-    note_reach(ctx, None)
+    note_reach(ctx, host, None)
     return snapshot
 
 
-def fetch_records(ctx: Context, cases: list[Case]) -> dict[str, tasks.ExitRecord]:
-    """Exit records of the cases whose task pueue forgot, in one call ({} when it could not be read)."""
+def fetch_records(ctx: Context, host: Host, cases: list[Case]) -> dict[str, tasks.ExitRecord]:
+    """Exit records of the cases whose task the scheduler forgot, in one call ({} when it could not be read)."""
     try:
-        return tasks.read_exit_records(ctx.remote, [c.remote_dir for c in cases],
-                                       timeout=ctx.config.hpc.command_timeout_seconds)
+        return tasks.read_exit_records(host.remote, [c.remote_dir for c in cases], timeout=host.timeout)
     except RemoteFailure as exc:
-        note_reach(ctx, exc)
+        note_reach(ctx, host, exc)
         ctx.log.warning("exit records could not be read (%s); those cases wait", exc,
                         extra=for_case(None, "poll_records", exc))
         return {}
 
 
-def fetch_logs(ctx: Context, tasks_wanted: list[model.TaskInfo]) -> dict[int, str] | None:
+def fetch_logs(ctx: Context, host: Host, tasks_wanted: list[model.TaskInfo]) -> dict[int, str] | None:
     """The log tails of ``tasks_wanted`` by task id, or None when they could not be read this pass."""
     try:
-        return ctx.backend.logs(tasks_wanted, ctx.config.pueue.log_lines)
+        return host.backend.logs(tasks_wanted, ctx.config.pueue.log_lines)
     except RemoteFailure as exc:
         ctx.log.warning("pueue log could not be read (%s)", exc, extra=for_case(None, "poll_logs", exc))
         return None
 
 
-def handle_paused_groups(ctx: Context, snapshot: model.Snapshot, now: float) -> None:
+def handle_paused_groups(ctx: Context, host: Host, snapshot: model.Snapshot, now: float) -> None:
     """Report a paused group of ours once (again every few minutes), and resume it if configured."""
-    ours = {s.name for s in ctx.config.slots}
+    ours = {s.name for s in host.config.slots}
     paused = [g for g in snapshot.paused_groups() if g in ours]
-    for group in set(ctx.state.get(PAUSED_GROUPS, ())) - set(paused):
-        forget_logged(ctx, f"paused:{group}")
-        ctx.log.info("pueue group %s is running again", group, extra={"operation": "poll"})
-    ctx.state[PAUSED_GROUPS] = paused
+    was_paused = ctx.state.setdefault(PAUSED_GROUPS, {})
+    for group in set(was_paused.get(host.name, ())) - set(paused):
+        forget_logged(ctx, f"paused:{host.name}:{group}")
+        ctx.log.info("host %s: pueue group %s is running again", host.name, group, extra={"operation": "poll"})
+    was_paused[host.name] = paused
     for group in paused:
-        if worth_logging(ctx, f"paused:{group}", now, REPEAT_LOG_SECONDS):
-            ctx.log.error("pueue group %s is PAUSED on the HPC (pueued restarted?); queued cases wait%s",
-                          group, "; resuming it" if ctx.config.pueue.resume_paused_groups else
+        if worth_logging(ctx, f"paused:{host.name}:{group}", now, REPEAT_LOG_SECONDS):
+            ctx.log.error("host %s: pueue group %s is PAUSED (pueued restarted?); queued cases wait%s",
+                          host.name, group, "; resuming it" if ctx.config.pueue.resume_paused_groups else
                           "; resume it with `pueue start -g " + group + "`",
                           extra={"operation": "poll", "error_type": "GroupPaused"})
         if ctx.config.pueue.resume_paused_groups:
             try:
-                ctx.backend.resume_slot(group)
+                host.backend.resume_slot(group)
             except RemoteFailure as exc:
                 ctx.log.warning("could not resume %s: %s", group, exc, extra=for_case(None, "resume", exc))
 
 
-def complete(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
+def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float) -> bool:
     """Fetch results into a private folder, then, only if this worker wins the move, file them."""
     staging = ctx.spool.staging_dir(f"results-{case.case_id}")
     task_id = link.task.id if link.task else case.pueue_task_id
     try:
-        if ctx.config.hpc.result_files:
+        if host.config.hpc.result_files:
             free_gpu_early(ctx, case, now)
-            if not fetch_results(ctx, case, link, staging):
+            if not fetch_results(ctx, host, case, link, staging):
                 return False
         with ctx.spool.lock():
             current = get_case(ctx.conn, case.case_id)
@@ -122,7 +125,7 @@ def complete(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
             if staging.exists() and folder is not None:  # None: flagged for review, results stay remote
                 merge_into(staging, folder)
             moved = move_case(ctx.conn, ctx.spool, current, CaseStatus.COMPLETED, now=now, worker=ctx.name,
-                              detail=f"pueue task {task_id} succeeded" + (f" ({link.detail})" if link.from_record else ""),
+                              detail=f"task {task_id} on {host.name} succeeded" + (f" ({link.detail})" if link.from_record else ""),
                               slot_to=SlotStatus.AVAILABLE,
                               fields={"outcome": Outcome.SUCCESS.value, "exit_code": 0, "progress": 100.0,
                                       "completed_at": now, "pueue_task_id": task_id})
@@ -141,11 +144,11 @@ def free_gpu_early(ctx: Context, case: Case, now: float) -> None:
         ring(ctx.spool.root, "submitter")
 
 
-def fetch_results(ctx: Context, case: Case, link: tasks.Link, staging: Path) -> bool:
+def fetch_results(ctx: Context, host: Host, case: Case, link: tasks.Link, staging: Path) -> bool:
     staging.mkdir(parents=True, exist_ok=True)
     folder = (link.task.path if link.task else "") or case.remote_dir
     try:
-        names = ctx.remote.download_results(folder, ctx.config.hpc.result_files, staging)
+        names = host.remote.download_results(folder, host.config.hpc.result_files, staging)
     except UnsafeMember as exc:  # never extracted; an operator must look at the remote folder
         if flag_for_review(ctx.conn, case, f"results refused: {exc}", now=ctx.clock(), worker=ctx.name):
             ctx.log.error("case %d: %s; flagged for review", case.case_id, exc,
@@ -180,23 +183,23 @@ def fail(ctx: Context, case: Case, link: tasks.Link, log_tail: str, now: float) 
     return moved
 
 
-def log_tail_of(ctx: Context, case: Case, link: tasks.Link, outputs: dict[int, str] | None) -> str | None:
-    """The failed task's last log lines: from pueue, or from the wrapper's copy when pueue forgot it."""
+def log_tail_of(ctx: Context, host: Host, case: Case, link: tasks.Link,
+                outputs: dict[int, str] | None) -> str | None:
+    """The failed task's last log lines: from the scheduler, or from the wrapper's copy when it forgot the task."""
     if link.task is not None:
         return None if outputs is None else outputs.get(link.task.id, "")
     try:
-        return tasks.read_output_tail(ctx.remote, case.remote_dir, ctx.config.pueue.log_lines,
-                                      timeout=ctx.config.hpc.command_timeout_seconds)
+        return tasks.read_output_tail(host.remote, case.remote_dir, ctx.config.pueue.log_lines, timeout=host.timeout)
     except RemoteFailure:
         return None
 
 
-def requeue_killed(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
+def requeue_killed(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float) -> bool:
     """Killed by a signal we did not send: the old task leaves pueue's list, the case is retried."""
     error = TaskKilled(f"task {link.task.id} was killed by a signal we did not send "
                        f"(pueued restart, node reboot or another user)")
     try:
-        ctx.backend.remove([link.task.id])
+        host.backend.remove([link.task.id])
     except RemoteFailure as exc:  # the label must name only the retry's task: try again next pass
         ctx.log.warning("case %d: cannot remove killed task %d yet (%s)", case.case_id, link.task.id, exc,
                         extra=for_case(case.case_id, "requeue", exc))
@@ -204,7 +207,7 @@ def requeue_killed(ctx: Context, case: Case, link: tasks.Link, now: float) -> bo
     return run_again(ctx, case, error, Outcome.KILLED, now)
 
 
-def time_out(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapshot, now: float) -> bool:
+def time_out(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float) -> bool:
     """Fail a case whose task ran too long on the HPC's clock, then ask the task to stop (SIGTERM)."""
     hours = ctx.config.main_loop.running_case_timeout_hours
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
@@ -219,7 +222,7 @@ def time_out(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapsho
     ring(ctx.spool.root, "reaper")
     failed = get_case(ctx.conn, case.case_id)
     try:
-        tasks.stop(ctx.conn, ctx.backend, ctx.config.main_loop.kill_grace_seconds, failed, [link.task], now=now)
+        tasks.stop(ctx.conn, host.backend, ctx.config.main_loop.kill_grace_seconds, failed, [link.task], now=now)
     except RemoteFailure as exc:
         ctx.log.warning("case %d: SIGTERM failed (%s); the reaper stops it", case.case_id, exc,
                         extra=for_case(case.case_id, "timeout", exc))
@@ -241,8 +244,10 @@ def run_again(ctx: Context, case: Case, error: Exception, outcome: Outcome, now:
     return status is not None
 
 
-def update_progress(ctx: Context, case: Case, task: model.TaskInfo, output: str | None, now: float) -> bool:
-    fields = {}
+def update_progress(ctx: Context, case: Case, link: tasks.Link, output: str | None, now: float) -> bool:
+    task, fields = link.task, {}
+    if link.found is tasks.Found.WAITING and now - case.status_updated_at > ctx.config.main_loop.stuck_after_minutes * 30:
+        fields["status_updated_at"] = now  # queued behind another case (depth > 1): waiting is not being stuck
     progress = pueue_parse.parse_progress(output or "", ctx.config.pueue.progress_pattern)
     if progress is not None and abs(progress - case.progress) >= 0.01:
         fields["progress"] = progress
@@ -254,7 +259,7 @@ def update_progress(ctx: Context, case: Case, task: model.TaskInfo, output: str 
     return update_case(ctx.conn, case.case_id, CaseStatus.RUNNING, fields)
 
 
-def apply(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapshot,
+def apply(ctx: Context, host: Host, case: Case, link: tasks.Link, snapshot: model.Snapshot,
           outputs: dict[int, str] | None, now: float) -> bool:
     """Decide one running case from what its task became; True when its row changed."""
     found = link.found
@@ -266,18 +271,19 @@ def apply(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapshot,
     if found is tasks.Found.ABSENT:
         return vanished(ctx, case, link, now)
     if found is tasks.Found.FINISHED:
-        return finish(ctx, case, link, outputs, now)
+        return finish(ctx, host, case, link, outputs, now)
     if tasks.overdue(link, snapshot, ctx.config.main_loop.running_case_timeout_hours * 3600):
-        return time_out(ctx, case, link, snapshot, now)
-    return update_progress(ctx, case, link.task, (outputs or {}).get(link.task.id), now)
+        return time_out(ctx, host, case, link, now)
+    return update_progress(ctx, case, link, (outputs or {}).get(link.task.id), now)
 
 
-def finish(ctx: Context, case: Case, link: tasks.Link, outputs: dict[int, str] | None, now: float) -> bool:
+def finish(ctx: Context, host: Host, case: Case, link: tasks.Link, outputs: dict[int, str] | None,
+           now: float) -> bool:
     if link.result is model.TaskState.SUCCESS:
-        return complete(ctx, case, link, now)
+        return complete(ctx, host, case, link, now)
     if link.result is model.TaskState.KILLED:
-        return requeue_killed(ctx, case, link, now)
-    log_tail = log_tail_of(ctx, case, link, outputs)
+        return requeue_killed(ctx, host, case, link, now)
+    log_tail = log_tail_of(ctx, host, case, link, outputs)
     if log_tail is None:
         return False  # the failure stays; fail it on a pass that can keep its log tail
     return fail(ctx, case, link, log_tail, now)
@@ -288,29 +294,39 @@ def succeeded(link: tasks.Link) -> bool:
 
 
 def tick(ctx: Context, now: float) -> int:
-    """One pass over all running cases: one status call, one log call (plus exit records if needed)."""
+    """One pass over all running cases, host by host (a host that was last seen down is skipped)."""
     running = cases_with_status(ctx.conn, CaseStatus.RUNNING, limit=10_000)
-    if not running:
-        return 0
-    snapshot = fetch_snapshot(ctx)
+    by_host: dict[str | None, list[Case]] = {}
+    for case in running:
+        by_host.setdefault(case.host, []).append(case)
+    for name in by_host.keys() - ctx.hosts.keys():
+        if worth_logging(ctx, f"host:{name}", now, REPEAT_LOG_SECONDS):
+            ctx.log.error("%d running case(s) on host %r, which is not configured; they wait for it",
+                          len(by_host[name]), name, extra={"operation": "poll", "error_type": "UnknownHost"})
+    return sum(poll_host(ctx, host, by_host[host.name], now) for host in reachable_hosts(ctx) if host.name in by_host)
+
+
+def poll_host(ctx: Context, host: Host, running: list[Case], now: float) -> int:
+    """One host's running cases: one status call, one log call (plus exit records if needed)."""
+    snapshot = fetch_snapshot(ctx, host)
     if snapshot is None:
         return 0
-    handle_paused_groups(ctx, snapshot, now)
+    handle_paused_groups(ctx, host, snapshot, now)
     forgotten = [case for case in running if tasks.needs_record(case, snapshot)]
-    records = fetch_records(ctx, forgotten) if forgotten else {}
+    records = fetch_records(ctx, host, forgotten) if forgotten else {}
     links = {case.case_id: tasks.resolve(case, snapshot, records) for case in running}
     changed = 0
     for case in running:  # successes first, so freed GPUs are handed on before the log call
         if succeeded(links[case.case_id]):
             with per_item(ctx, case.case_id, "poll"):
-                changed += complete(ctx, case, links[case.case_id], now)
+                changed += complete(ctx, host, case, links[case.case_id], now)
     wanted = [link.task for link in links.values() if link.task is not None and not succeeded(link)
               and (link.found is tasks.Found.RUNNING or link.result in FAILED_OUTCOMES)]
-    outputs = fetch_logs(ctx, wanted) if wanted else {}
+    outputs = fetch_logs(ctx, host, wanted) if wanted else {}
     for case in running:
         if not succeeded(links[case.case_id]):
             with per_item(ctx, case.case_id, "poll"):
-                changed += apply(ctx, case, links[case.case_id], snapshot, outputs, now)
+                changed += apply(ctx, host, case, links[case.case_id], snapshot, outputs, now)
     return changed
 
 

@@ -3,8 +3,11 @@
 Every task that carries one of our labels but that no case owns (the task of a
 failed, timed-out or cancelled case, or a late ``pueue add`` of a case that moved
 on) is stopped through ``shared.tasks.stop``: removed while it waits, SIGTERM while
-it runs, SIGKILL after ``kill_grace_seconds``; each is logged. A zombie slot returns
-to ``available`` only once the HPC shows no unfinished task of ours in its group. A
+it runs, SIGKILL after ``kill_grace_seconds``; each is logged. A zombie seat returns
+to ``available`` only once its host shows no unfinished task carrying the label of the
+case that left it (other cases may run or wait in the same group: depth). Each host is
+looked at from its own snapshot; a host last seen unreachable is probed every
+``PROBE_DOWN_SECONDS`` with one cheap command, and marked up again when it answers. A
 case whose ``status_updated_at`` did not move for ``stuck_after_minutes`` is flagged
 for an operator, never failed. Timeouts are the poller's: they need a fresh answer.
 It also runs the day-to-day steps, which never change a case's status: results delivery
@@ -26,26 +29,48 @@ from shared.recovery import recover_expired_claims
 from shared.retention import apply_retention
 from shared.spool import reconcile, sweep_staging
 from shared.states import SlotStatus
-from shared.store import Case, Slot, all_slots, case_from_row, flag_for_review, transition_slot
-from shared.worker import Context, note_reach, per_item, worker_main
+from shared.store import Case, Slot, all_slots, case_from_row, down_hosts, flag_for_review, transition_slot
+from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, worker_main
 
 ORPHAN_CHECK_SECONDS = 30
-LAST_ORPHAN_CHECK = "last_orphan_check"
+PROBE_DOWN_SECONDS = 5
+LAST_ORPHAN_CHECK = "last_orphan_check"  # ctx.state: {host name: when its orphans were last looked for}
 
 
-def snapshot_if_needed(ctx: Context, zombies: list[Slot], now: float) -> model.Snapshot | None:
-    """One snapshot when a zombie slot waits, or every ORPHAN_CHECK_SECONDS to look for orphans."""
-    if not zombies and now - ctx.state.get(LAST_ORPHAN_CHECK, 0.0) < ORPHAN_CHECK_SECONDS:
+def probe_down_hosts(ctx: Context, now: float) -> int:
+    """Ask each host last seen unreachable (and not asked for PROBE_DOWN_SECONDS) whether it answers."""
+    answered = 0
+    for name, checked_at in down_hosts(ctx.conn).items():
+        host = ctx.host(name)
+        if host is None or now - checked_at < PROBE_DOWN_SECONDS:
+            continue
+        try:
+            host.remote.run(["true"], timeout=host.config.hpc.connect_timeout_seconds + 10)
+        except RemoteFailure as exc:
+            note_reach(ctx, host, exc)
+            continue
+        note_reach(ctx, host, None)
+        answered += 1
+        ring(ctx.spool.root, "submitter")
+        ring(ctx.spool.root, "poller")
+        ctx.log.info("host %s answers again", name, extra={"operation": "probe"})
+    return answered
+
+
+def snapshot_if_needed(ctx: Context, host: Host, zombies: list[Slot], now: float) -> model.Snapshot | None:
+    """One snapshot of ``host`` when a zombie seat waits there, or every ORPHAN_CHECK_SECONDS for orphans."""
+    checked = ctx.state.setdefault(LAST_ORPHAN_CHECK, {})
+    if not zombies and now - checked.get(host.name, 0.0) < ORPHAN_CHECK_SECONDS:
         return None
     try:
-        snapshot = ctx.backend.snapshot()
+        snapshot = host.snapshot()
     except RemoteFailure as exc:
-        note_reach(ctx, exc)
-        ctx.log.warning("cannot check zombie slots and orphan tasks (%s); will retry", exc,
+        note_reach(ctx, host, exc)
+        ctx.log.warning("host %s: cannot check zombie slots and orphan tasks (%s); will retry", host.name, exc,
                         extra=for_case(None, "reclaim", exc))
         return None
-    note_reach(ctx, None)
-    ctx.state[LAST_ORPHAN_CHECK] = now
+    note_reach(ctx, host, None)
+    checked[host.name] = now
     return snapshot
 
 
@@ -55,13 +80,13 @@ def cases_by_id(ctx: Context, case_ids: list[int]) -> dict[int, Case]:
     return {row["case_id"]: case_from_row(row) for row in rows}
 
 
-def stop_orphans(ctx: Context, snapshot: model.Snapshot, now: float) -> int:
+def stop_orphans(ctx: Context, host: Host, snapshot: model.Snapshot, now: float) -> int:
     """Stop every unfinished task with our label that its case does not own; return how many acted on."""
     acted = 0
     for task, case in tasks.orphans(snapshot, cases_by_id(ctx, tasks.our_case_ids(snapshot))):
         with per_item(ctx, case.case_id, "stop_orphan"):
             try:
-                done = tasks.stop(ctx.conn, ctx.backend, ctx.config.main_loop.kill_grace_seconds, case, [task],
+                done = tasks.stop(ctx.conn, host.backend, ctx.config.main_loop.kill_grace_seconds, case, [task],
                                   now=now)
             except RemoteFailure as exc:
                 ctx.log.warning("case %d: cannot stop task %d (%s); will retry", case.case_id, task.id, exc,
@@ -69,35 +94,25 @@ def stop_orphans(ctx: Context, snapshot: model.Snapshot, now: float) -> int:
                 continue
             if done:
                 acted += 1
-                ctx.log.warning("case %d (%s): task %d carries its label but is not its task: %s",
-                                case.case_id, case.status.value, task.id, ", ".join(done),
+                ctx.log.warning("case %d (%s): task %d on %s carries its label but is not its task: %s",
+                                case.case_id, case.status.value, task.id, host.name, ", ".join(done),
                                 extra=for_case(case.case_id, "stop_orphan"))
     return acted
 
 
-def unfinished_tasks_by_group(snapshot: model.Snapshot) -> dict[str, list[model.TaskInfo]]:
-    """Our tasks (label ``mqic_case_<id>``) that have not finished, by group."""
-    groups: dict[str, list[model.TaskInfo]] = {}
-    for task in snapshot.tasks.values():
-        if tasks.case_id_of(task) is not None and not task.is_done:
-            groups.setdefault(task.group, []).append(task)
-    return groups
-
-
 def reclaim_zombies(ctx: Context, zombies: list[Slot], snapshot: model.Snapshot, now: float) -> int:
-    """Free each zombie slot whose group runs no unfinished task of ours."""
-    busy = unfinished_tasks_by_group(snapshot)
+    """Free each zombie seat whose case has no unfinished task left on the host."""
+    busy = set(tasks.our_case_ids(snapshot))
     freed = 0
     for slot in zombies:
-        if busy.get(slot.pueue_group):
+        if slot.assigned_case_id in busy:
             continue
-        if transition_slot(ctx.conn, slot.pueue_group, SlotStatus.ZOMBIE, SlotStatus.AVAILABLE,
+        if transition_slot(ctx.conn, slot, SlotStatus.ZOMBIE, SlotStatus.AVAILABLE,
                            now=now, worker=ctx.name, case_id=slot.assigned_case_id,
-                           detail="no unfinished task of ours in the group"):
+                           detail=f"no unfinished task of case {slot.assigned_case_id} on {slot.host}"):
             freed += 1
             ring(ctx.spool.root, "submitter")
-            ctx.log.info("zombie slot %s reclaimed", slot.pueue_group,
-                         extra=for_case(slot.assigned_case_id, "reclaim"))
+            ctx.log.info("zombie slot %s reclaimed", slot.name, extra=for_case(slot.assigned_case_id, "reclaim"))
     return freed
 
 
@@ -132,12 +147,15 @@ def tick(ctx: Context, now: float) -> int:
     """One pass of every housekeeping step."""
     done = reconcile(ctx.conn, ctx.spool, now=now, worker=ctx.name)
     sweep_staging(ctx.spool)
+    done += probe_down_hosts(ctx, now)
     done += recover_expired_claims(ctx, now)
     zombies = [s for s in all_slots(ctx.conn) if s.status is SlotStatus.ZOMBIE]
-    snapshot = snapshot_if_needed(ctx, zombies, now)
-    if snapshot is not None:
-        done += stop_orphans(ctx, snapshot, now)
-        done += reclaim_zombies(ctx, zombies, snapshot, now)
+    for host in reachable_hosts(ctx):
+        here = [slot for slot in zombies if slot.host == host.name]
+        snapshot = snapshot_if_needed(ctx, host, here, now)
+        if snapshot is not None:
+            done += stop_orphans(ctx, host, snapshot, now)
+            done += reclaim_zombies(ctx, here, snapshot, now)
     done += flag_stuck(ctx, now)
     done += deliver_pending(ctx, now)
     done += apply_retention(ctx, now)

@@ -1,4 +1,9 @@
-"""submitter: claims a ``submitted`` case with a free GPU slot, uploads it, submits it to pueue.
+"""submitter: claims a ``submitted`` case with a free seat on some host, uploads it there, submits it.
+
+A seat is one of a slot's ``depth`` places on one host (``shared.store.claim_next_case``
+picks it: idle GPUs first, then the host the case was pre-uploaded to). Each host has
+its own connection and readiness, so a host that is down or not ready only loses its
+own seats.
 
 Exactly-once rule: a failure *before* ``pueue add`` was sent (upload, verify) sends
 the case back to ``submitted`` at once; a failure *at or after* it (the add may
@@ -19,16 +24,17 @@ from shared import tasks
 from shared.backends import model
 from shared.db import connect
 from shared.doorbell import listen, ring
-from shared.errors import MqicError, RemoteError, RemoteFailure
+from shared.errors import MqicError, RemoteError, RemoteFailure, Unreachable
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus
-from shared.store import (Case, Claim, claim_for_staging, claim_next_case, mark_staged,
-                          free_slots, release_staging, renew_lease, staged_waiting, update_case)
-from shared.worker import Context, note_reach, per_item, start_helper_loop, worker_main, worth_logging
+from shared.store import (Case, Claim, claim_for_staging, claim_next_case, free_slots, mark_staged,
+                          release_staging, renew_lease, staged_waiting, update_case)
+from shared.worker import (Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop, worker_main,
+                           worth_logging)
 
-GROUPS_READY = "groups_ready"
+HOSTS_READY = "hosts_ready"  # ctx.state: names of the hosts whose slots were made sure of
 REPEAT_LOG_SECONDS = 300
 STAGER_WAKE = "stager_wake"
 UNKNOWN_GROUP = "doesn't exists"  # sic: pueue's own wording
@@ -86,43 +92,61 @@ def lease_keeper(ctx: Context, case_id: int, status: CaseStatus) -> Iterator[thr
         thread.join()
 
 
-def upload(ctx: Context, case: Case, status: CaseStatus = CaseStatus.SUBMITTING) -> str:
-    """Upload the case folder (verified, atomic) while keeping the claim's lease alive."""
+def upload(ctx: Context, host: Host, case: Case, status: CaseStatus = CaseStatus.SUBMITTING) -> str:
+    """Upload the case folder to ``host`` (verified, atomic) while keeping the claim's lease alive."""
     with lease_keeper(ctx, case.case_id, status) as lost:
-        result = ctx.remote.upload(Path(case.case_path), case.folder_name, case_id=case.case_id)
+        try:
+            result = host.remote.upload(Path(case.case_path), case.folder_name, case_id=case.case_id)
+        except Unreachable as exc:
+            note_reach(ctx, host, exc)  # no new claims for this host until it answers again
+            raise
     if lost.is_set():
         raise LeaseLost(f"case {case.case_id}: claim lost during upload")
     return result.remote_dir
 
 
-def stage_tick(ctx: Context, now: float) -> int:
-    """The stager's pass: while every GPU is busy, upload the next waiting case.
+def staging_host(ctx: Context) -> Host | None:
+    """The ready host with the fewest pre-uploaded cases per seat, while it has fewer than seats."""
+    best, best_load = None, None
+    for host in ready_hosts(ctx):
+        seats = sum(slot.depth for slot in host.config.slots)
+        waiting = staged_waiting(ctx.conn, host.name)
+        if waiting < seats and (best_load is None or waiting / seats < best_load):
+            best, best_load = host, waiting / seats
+    return best
 
-    Runs in its own thread of the submitter process, so a freed GPU is handed its
+
+def stage_tick(ctx: Context, now: float) -> int:
+    """The stager's pass: while every seat is taken, upload the next waiting case to a host.
+
+    Runs in its own thread of the submitter process, so a freed seat is handed its
     next case at once even while an upload is under way.
     """
-    if free_slots(ctx.conn) or staged_waiting(ctx.conn) >= len(ctx.config.slots):
-        return 0  # a free GPU is the main loop's job: it uploads the oldest case at once
+    if free_slots(ctx.conn):
+        return 0  # a free seat is the main loop's job: it uploads the oldest case at once
+    host = staging_host(ctx)
+    if host is None:
+        return 0
     case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
                              lease_seconds=ctx.config.main_loop.lease_seconds,
                              max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
     if case is None:
         return 0
     try:
-        remote_dir = upload(ctx, case, CaseStatus.SUBMITTED)
+        remote_dir = upload(ctx, host, case, CaseStatus.SUBMITTED)
     except (RemoteFailure, LeaseLost) as exc:
         release_staging(ctx.conn, case.case_id, worker=ctx.worker_id)
         ctx.log.warning("case %d: pre-upload failed (%s); it will be uploaded when claimed", case.case_id,
                         exc, extra=for_case(case.case_id, "prestage", exc))
         return 0
-    if mark_staged(ctx.conn, case, remote_dir=remote_dir, worker=ctx.worker_id, now=ctx.clock(),
-                   detail=f"pre-uploaded to {remote_dir}"):
-        ctx.log.info("case %d pre-uploaded while GPUs are busy", case.case_id,
+    if mark_staged(ctx.conn, case, host=host.name, remote_dir=remote_dir, worker=ctx.worker_id, now=ctx.clock(),
+                   detail=f"pre-uploaded to {host.name}:{remote_dir}"):
+        ctx.log.info("case %d pre-uploaded to %s while GPUs are busy", case.case_id, host.name,
                      extra=for_case(case.case_id, "prestage"))
     return 1
 
 
-def submit_task(ctx: Context, claim: Claim, remote_dir: str, *, staged: bool) -> int:
+def submit_task(ctx: Context, host: Host, claim: Claim, remote_dir: str, *, staged: bool) -> int:
     """Send ``pueue add``; first make sure our claim still stands (with a fresh lease).
 
     For a pre-uploaded case the same remote call first checks that its folder is
@@ -131,18 +155,18 @@ def submit_task(ctx: Context, claim: Claim, remote_dir: str, *, staged: bool) ->
     case = claim.case
     now = ctx.clock()
     fields = {"remote_dir": remote_dir, "lease_until": now + ctx.config.main_loop.lease_seconds,
-              "add_uncertain_until": now + ctx.backend.add_lands_within()}
+              "add_uncertain_until": now + host.backend.add_lands_within()}
     if not update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, fields, guard={"claimed_by": ctx.worker_id}):
         raise LeaseLost(f"case {case.case_id}: claim lost before pueue add")
-    return ctx.backend.submit(slot=claim.group, label=case.label, workdir=remote_dir,
-                              command=render_command(ctx.config.hpc.remote_command, case, remote_dir),
-                              env=task_env(case, remote_dir, claim.gpu), require_workdir=staged)
+    return host.backend.submit(slot=claim.group, label=case.label, workdir=remote_dir,
+                               command=render_command(host.config.hpc.remote_command, case, remote_dir),
+                               env=task_env(case, remote_dir, claim.gpu), require_workdir=staged)
 
 
 def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, now: float) -> None:
     case = claim.case
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name,
-                      detail=f"pueue task {task_id} in group {claim.group}",
+                      detail=f"task {task_id} in {claim.slot.name}",
                       fields={"pueue_task_id": task_id, "remote_dir": remote_dir, "claimed_by": None,
                               "lease_until": None, "started_at": None, "running_since": now, "progress": 0.0,
                               "staged_at": None, "add_uncertain_until": None, "stop_requested_at": None,
@@ -150,7 +174,7 @@ def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, no
                       guard={"claimed_by": ctx.worker_id})
     if moved:
         ring(ctx.spool.root, "poller")
-        ctx.log.info("case %d submitted as pueue task %d (%s)", case.case_id, task_id, claim.group,
+        ctx.log.info("case %d submitted as task %d (%s)", case.case_id, task_id, claim.slot.name,
                      extra=for_case(case.case_id, "submit"))
 
 
@@ -176,12 +200,12 @@ def leave_for_recovery(ctx: Context, case: Case, error: Exception, now: float) -
                     error, extra=for_case(case.case_id, "submit", error))
 
 
-def process_claim(ctx: Context, claim: Claim, now: float) -> None:
+def process_claim(ctx: Context, host: Host, claim: Claim, now: float) -> None:
     case = claim.case
     guard = {"claimed_by": ctx.worker_id}
-    staged = case.staged_at is not None and bool(case.remote_dir)
+    staged = case.staged_at is not None and bool(case.remote_dir)  # on this host (the claim cleared others)
     try:
-        remote_dir = case.remote_dir if staged else upload(ctx, case)
+        remote_dir = case.remote_dir if staged else upload(ctx, host, case)
         now = ctx.clock()
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "upload", exc))
@@ -193,11 +217,11 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
                         status and status.value, extra=for_case(case.case_id, "upload", exc))
         return
     try:
-        task_id = submit_task(ctx, claim, remote_dir, staged=staged)
+        task_id = submit_task(ctx, host, claim, remote_dir, staged=staged)
     except model.WorkdirMissing as exc:  # the pre-uploaded folder vanished: upload it now
         ctx.log.warning("case %d: %s; uploading again", case.case_id, exc, extra=for_case(case.case_id, "submit", exc))
         unstaged = replace(case, staged_at=None)
-        return process_claim(ctx, replace(claim, case=unstaged), now)
+        return process_claim(ctx, host, replace(claim, case=unstaged), now)
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
         return
@@ -210,7 +234,7 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
             return
         # pueue refused: no task was created
         if UNKNOWN_GROUP in f"{exc.stdout}{exc.stderr}":
-            ctx.state[GROUPS_READY] = False  # recreate it before the retry
+            ctx.state.setdefault(HOSTS_READY, set()).discard(host.name)  # recreate it before the retry
         status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
                                worker=ctx.name, operation="pueue add", guard=guard)
         ctx.log.error("case %d: pueue add failed (%s); case is now %s", case.case_id, exc,
@@ -222,45 +246,52 @@ def process_claim(ctx: Context, claim: Claim, now: float) -> None:
     record_running(ctx, claim, task_id, remote_dir, ctx.clock())
 
 
-def groups_ready(ctx: Context) -> bool:
-    """Make our slots usable once per process (pueue: create missing groups, again after pueue
-    forgot one; Slurm: check the partitions exist)."""
-    if ctx.state.get(GROUPS_READY):
+def host_ready(ctx: Context, host: Host) -> bool:
+    """Make a host's slots usable once per process (pueue: create missing groups, again after pueue
+    forgot one; Slurm: check the partitions exist). A host that fails is asked again next pass."""
+    ready = ctx.state.setdefault(HOSTS_READY, set())
+    if host.name in ready:
         return True
-    wanted = {s.name: s.parallel for s in ctx.config.slots}
     try:
-        created = ctx.backend.ensure_slots(wanted)
+        created = host.backend.ensure_slots({s.name: s.parallel for s in host.config.slots})
     except RemoteFailure as exc:
-        note_reach(ctx, exc)
+        note_reach(ctx, host, exc)
         # A missing partition stays missing until the config is fixed: say so now and then, not every pass.
-        if worth_logging(ctx, f"slots:{type(exc).__name__}", ctx.clock(), REPEAT_LOG_SECONDS):
-            ctx.log.warning("cannot make sure of the slots (%s); not submitting until it is fixed", exc,
-                            extra=for_case(None, "ensure_groups", exc))
+        if worth_logging(ctx, f"slots:{host.name}:{type(exc).__name__}", ctx.clock(), REPEAT_LOG_SECONDS):
+            ctx.log.warning("host %s: cannot make sure of the slots (%s); not submitting there until it is fixed",
+                            host.name, exc, extra=for_case(None, "ensure_groups", exc))
         return False
-    note_reach(ctx, None)
+    note_reach(ctx, host, None)
     if created:
-        ctx.log.info("created slots %s", ", ".join(created), extra=for_case(None, "ensure_groups"))
-    ctx.state[GROUPS_READY] = True
+        ctx.log.info("host %s: created slots %s", host.name, ", ".join(created), extra=for_case(None, "ensure_groups"))
+    ready.add(host.name)
     return True
+
+
+def ready_hosts(ctx: Context) -> list[Host]:
+    """The hosts whose slots were made sure of (those not yet are not asked here: see ``host_ready``)."""
+    ready = ctx.state.get(HOSTS_READY, set())
+    return [host for host in reachable_hosts(ctx) if host.name in ready]
 
 
 def tick(ctx: Context, now: float) -> int:
     """One pass: recover dead claims, then claim and submit at most one case."""
     done = recover_expired_claims(ctx, now)
-    if not groups_ready(ctx):
+    ready = [host for host in reachable_hosts(ctx) if host_ready(ctx, host)]
+    if not ready:
         return done
     claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
                             lease_seconds=ctx.config.main_loop.lease_seconds,
-                            groups=[s.name for s in ctx.config.slots],
+                            seats=[(host.name, slot.name) for host in ready for slot in host.config.slots],
                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
     if claim is None:
         if STAGER_WAKE in ctx.state:
             ctx.state[STAGER_WAKE].set()  # no free GPU: the stager may upload ahead
         return done
-    ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.group,
+    ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.slot.name,
                  claim.case.attempts + 1, extra=for_case(claim.case.case_id, "claim"))
     with per_item(ctx, claim.case.case_id, "submit"):  # on a crash the lease expires; recovery takes over
-        process_claim(ctx, claim, now)
+        process_claim(ctx, ctx.hosts[claim.host], claim, now)
     return done + 1
 
 

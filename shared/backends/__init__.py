@@ -51,10 +51,10 @@ class Backend(Protocol):
         """The scheduler's version, for ``mqic doctor``."""
 
 
-def backend_for(config, runner: Runner) -> Backend:
-    """The backend that ``config.hpc.backend`` names (pueue or slurm), talking through ``runner``."""
-    if config.hpc.backend == "slurm":
+def backend_for(config, host, runner: Runner) -> Backend:
+    """The backend that ``host`` (a ``HostConfig`` of ``config``) names, talking through ``runner``."""
+    if host.backend == "slurm":
         from shared.backends.slurm import SlurmBackend
-        return SlurmBackend.from_config(config, runner)
+        return SlurmBackend.from_config(config, host, runner)
     from shared.backends.pueue import PueueBackend
-    return PueueBackend(runner, tuple(config.hpc.pueue_command), config.hpc.command_timeout_seconds)
+    return PueueBackend(runner, tuple(host.hpc.pueue_command), host.hpc.command_timeout_seconds)

@@ -117,6 +117,7 @@ class Snapshot:
     tasks: dict[int, TaskInfo]
     groups: dict[str, GroupInfo]
     hpc_time: float | None = None
+    host: str = ""  # the configured host it came from (``shared.worker.Host.snapshot``)
 
     def by_label(self, label: str) -> list[TaskInfo]:
         """Tasks whose label equals ``label`` exactly, in id order."""

@@ -157,13 +157,13 @@ def time_limit_seconds(timeout_hours: float, kill_grace_seconds: float) -> int:
     return int(timeout_hours * 3600 + kill_grace_seconds + TIME_LIMIT_MARGIN_SECONDS)
 
 
-def settings_from_config(config) -> dict[str, sp.SubmitSettings]:
-    """Each slot's ``SubmitSettings`` from ``slurm.partitions`` and ``main_loop``."""
+def settings_from_config(config, host) -> dict[str, sp.SubmitSettings]:
+    """Each slot's ``SubmitSettings`` from the ``host``'s partitions and ``main_loop``."""
     limit = time_limit_seconds(config.main_loop.running_case_timeout_hours, config.main_loop.kill_grace_seconds)
     return {slot.name: sp.SubmitSettings(partition=slot.partition, account=slot.account, qos=slot.qos,
                                          gres=slot.gres, time_limit_seconds=limit,
                                          extra_sbatch_lines=slot.extra_sbatch)
-            for slot in config.slurm.partitions}
+            for slot in host.slurm.partitions}
 
 
 # -- the backend ----------------------------------------------------------------------------------------
@@ -177,9 +177,9 @@ class SlurmBackend:
         self.runner, self.slots, self.timeout, self.bin_dir = runner, dict(slots), timeout, bin_dir
 
     @classmethod
-    def from_config(cls, config, runner: Runner) -> SlurmBackend:
-        return cls(runner, settings_from_config(config), config.hpc.command_timeout_seconds,
-                   config.slurm.bin_dir)
+    def from_config(cls, config, host, runner: Runner) -> SlurmBackend:
+        return cls(runner, settings_from_config(config, host), host.hpc.command_timeout_seconds,
+                   host.slurm.bin_dir)
 
     def _run(self, argv: Sequence[str]) -> str:
         try:
