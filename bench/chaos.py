@@ -506,7 +506,7 @@ class ChaosRun:
     def master_alive(self) -> bool:
         """Whether our shared ControlMaster connection answers (``ssh -O check``)."""
         from shared.remote import Remote
-        remote = Remote(self.config.hpc)
+        remote = Remote(self.config.hosts[0].hpc)
         check = subprocess.run(["ssh", "-o", f"ControlPath={remote.control_path}", "-O", "check", remote.destination],
                                capture_output=True, timeout=10)
         return check.returncode == 0
@@ -840,7 +840,7 @@ class ChaosRun:
         if self.sandbox is not None:
             down(self.scratch / "hpc")
             from shared.remote import Remote
-            Remote(self.config.hpc).close()
+            Remote(self.config.hosts[0].hpc).close()
 
 
 def run_chaos(plan: ChaosPlan, scratch: Path, say: Callable[[str], None] = say_now) -> ChaosResult:

@@ -280,9 +280,9 @@ class Workspace:
             try:
                 from shared.remote import Remote
                 config = self.config
-                Remote(config.hpc).close()
-                if config.hpc.control_dir:
-                    shutil.rmtree(config.hpc.control_dir, ignore_errors=True)
+                Remote(config.hosts[0].hpc).close()
+                if config.hosts[0].hpc.control_dir:
+                    shutil.rmtree(config.hosts[0].hpc.control_dir, ignore_errors=True)
             except Exception:  # noqa: BLE001 - teardown goes on
                 pass
             sandbox_hpc.down(self.root / "hpc")
@@ -449,7 +449,7 @@ def remote_shell_cost(ws: Workspace, samples: int = 5) -> tuple[float, float]:
     HPC login (module or conda init) costs the same kind of time on every remote command.
     """
     from shared.remote import Remote
-    remote = Remote(ws.config.hpc)
+    remote = Remote(ws.config.hosts[0].hpc)
     remote.ensure_master()
     mux = [timed(lambda: remote.run(["true"]))[0] for _ in range(samples)]
     fresh = [timed(lambda: subprocess.run([*ws.ssh_argv(fresh=True), "true"], check=True,

@@ -120,7 +120,7 @@ def run_ours(args, cases: int) -> tuple[dict, dict, dict]:
         tasks = [t for t in ws.snapshot().tasks.values() if (t.label or "").startswith(LABEL)]
         finished = max(r["completed_at"] for r in rows if r["completed_at"])
         outcomes = {r["outcome"] for r in rows}
-        config = {"cadence": common.cadence(ws.config), "transfer": ws.config.hpc.transfer,
+        config = {"cadence": common.cadence(ws.config), "transfer": ws.config.hosts[0].hpc.transfer,
                   "outcomes": ",".join(sorted(o or "-" for o in outcomes))}
         return summarize(tasks, drop_at, finished, cases), breakdown(ws, tasks), config
 

@@ -179,7 +179,7 @@ def for_workspace(ws, interval: float = NAIVE_INTERVAL_SECONDS) -> NaiveCommunic
     """A naive communicator aimed at a bench ``Workspace``'s sandbox, with its groups and command."""
     config = ws.config
     return NaiveCommunicator(
-        endpoint=ws.sandbox.endpoint, pueue_command=shlex.join(config.hpc.pueue_command),
-        watch=config.scanner.watch_path, remote_base=f"{config.hpc.remote_base_dir}/naive",
-        groups={g.name: g.gpu for g in config.pueue.groups}, remote_command=config.hpc.remote_command,
+        endpoint=ws.sandbox.endpoint, pueue_command=shlex.join(config.hosts[0].hpc.pueue_command),
+        watch=config.scanner.watch_path, remote_base=f"{config.hosts[0].hpc.remote_base_dir}/naive",
+        groups={g.name: g.gpu for g in config.hosts[0].groups}, remote_command=config.hosts[0].hpc.remote_command,
         marker=config.scanner.ready_marker or "_CASE_READY", interval=interval)

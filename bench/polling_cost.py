@@ -94,7 +94,7 @@ def seed_running_cases(conn, ws: Workspace, count: int, first_id: int = 1) -> li
             "INSERT INTO cases (case_id, case_name, case_path, source_path, spool_stage, status, pueue_group,"
             " remote_dir, submitted_at, status_updated_at, started_at, attempts)"
             " VALUES (?, ?, ?, ?, 'active', 'running', ?, ?, ?, ?, ?, 1)",
-            [(i, f"case_{i}", str(active / f"{i}_case_{i}"), f"/drop/case_{i}", GROUP, ws.config.hpc.remote_base_dir,
+            [(i, f"case_{i}", str(active / f"{i}_case_{i}"), f"/drop/case_{i}", GROUP, ws.config.hosts[0].hpc.remote_base_dir,
               now, now, now) for i in ids])
     return ids
 
@@ -107,7 +107,7 @@ def link_tasks(conn, case_ids: list[int], task_ids: list[int]) -> None:
 def prepare(ws: Workspace, running: int, history: int):
     """Finished foreign tasks, then ``running`` running tasks of ours with their case rows; a Context."""
     ws.sandbox.pueue_cli("group", "add", GROUP, "-p", str(max(1, running)))
-    base = ws.config.hpc.remote_base_dir
+    base = ws.config.hosts[0].hpc.remote_base_dir
     Path(base).mkdir(parents=True, exist_ok=True)
     if history:
         add_tasks(ws, [(f"someone_{i}", "default", base, "true") for i in range(history)])
@@ -123,8 +123,8 @@ def prepare(ws: Workspace, running: int, history: int):
 
 def timed_passes(ws: Workspace, ctx) -> tuple[float, int, list]:
     """(first pass seconds, rows it changed, [(seconds, changed, sshd sessions, calls)] of steady passes)."""
-    meter = CallMeter(ctx.remote, ctx.pueue_cmd)
-    ctx.remote.ensure_master()
+    meter = CallMeter(ctx.hosts["hpc"].remote, list(ctx.config.hosts[0].hpc.pueue_command))
+    ctx.hosts["hpc"].remote.ensure_master()
     first_s, first_changed = common.timed(lambda: poller.tick(ctx, time.time()))
     passes = []
     for _ in range(STEADY_PASSES):

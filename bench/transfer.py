@@ -52,7 +52,7 @@ class Methods:
 
     def __init__(self, ws: Workspace):
         self.ws = ws
-        self.hpc = ws.config.hpc
+        self.hpc = ws.config.hosts[0].hpc
         self.remotes = {m: Remote(dataclasses.replace(self.hpc, transfer=m)) for m in ("scp", "tar", "rsync")}
         self.remotes["scp"].ensure_master()
         self.base = self.remotes["scp"].base_dir()

@@ -135,8 +135,10 @@ def cases_with_status(conn: sqlite3.Connection, status: CaseStatus, limit: int =
     return [case_from_row(r) for r in rows]
 
 
-def get_slot(conn: sqlite3.Connection, slot_id: int) -> Slot | None:
-    row = conn.execute("SELECT * FROM gpu_resources WHERE slot_id = ?", (slot_id,)).fetchone()
+def get_slot(conn: sqlite3.Connection, group: str, *, host: str = "hpc", seat: int = 0) -> Slot | None:
+    """Seat ``seat`` of ``group`` on ``host`` (the default names the one host of a config without ``hosts:``)."""
+    row = conn.execute("SELECT * FROM gpu_resources WHERE host = ? AND pueue_group = ? AND seat = ?",
+                       (host, group, seat)).fetchone()
     return None if row is None else slot_from_row(row)
 
 

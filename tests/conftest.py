@@ -86,7 +86,7 @@ def remote_config(tmp_path, sshd):
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", control))
     yield config
     from shared.remote import Remote
-    Remote(config.hpc).close()
+    Remote(config.hosts[0].hpc).close()
     shutil.rmtree(control, ignore_errors=True)
 
 
@@ -135,8 +135,8 @@ class Hpc:
     def close(self) -> None:
         subprocess.run([str(self.bin["pueue-standin-ctl"]), "stop"], capture_output=True, timeout=60)
         from shared.remote import Remote
-        Remote(self.config.hpc).close()
-        shutil.rmtree(self.config.hpc.control_dir, ignore_errors=True)
+        Remote(self.config.hosts[0].hpc).close()
+        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -239,8 +239,8 @@ class SlurmHpc:
             wait_until(lambda: not [j for j in self.jobs() if not j.verdict.ended], timeout=30,
                        message="this test's jobs ended")
         from shared.remote import Remote
-        Remote(self.config.hpc).close()
-        shutil.rmtree(self.config.hpc.control_dir, ignore_errors=True)
+        Remote(self.config.hosts[0].hpc).close()
+        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ class Host:
 
     @property
     def base(self) -> Path:
-        return Path(self.config.hpc.remote_base_dir)
+        return Path(self.config.hosts[0].hpc.remote_base_dir)
 
     def case_dir(self, name: str) -> str:
         folder = self.base / name
@@ -64,7 +64,7 @@ def host(request):
     else:  # its slot asks for both GPUs of the one node, so a second job waits
         build = request.getfixturevalue("slurm_hpc")
         config = build(partitions={SLOT: {"partition": "gpu", "gres": "gpu:2"}}).config
-    remote = Remote(config.hpc)
+    remote = Remote(config.hosts[0].hpc)
     made = Host(config, remote, backend_for(config, remote))
     made.base.mkdir(parents=True, exist_ok=True)
     made.backend.ensure_slots({SLOT: 1})
@@ -144,4 +144,4 @@ def test_remove_takes_a_waiting_task_out_and_leaves_a_running_one(host):
 def test_ensure_slots_is_idempotent_and_the_version_is_known(host):
     assert host.backend.ensure_slots({SLOT: 1}) == []
     assert host.backend.version()[0].isdigit()
-    assert host.backend.add_lands_within() > host.config.hpc.command_timeout_seconds
+    assert host.backend.add_lands_within() > host.config.hosts[0].hpc.command_timeout_seconds

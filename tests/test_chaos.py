@@ -70,7 +70,7 @@ def test_the_upload_zones_see_the_upload_whatever_the_transfer(remote_config, tm
     global SEEN
     if shutil.which(transfer) is None:
         pytest.skip(f"{transfer} is not installed")
-    remote = Remote(dataclasses.replace(remote_config.hpc, transfer=transfer))
+    remote = Remote(dataclasses.replace(remote_config.hosts[0].hpc, transfer=transfer))
     case = make_case(tmp_path / "cases", "patient 1", deliveries=1, layers_per_delivery=1)
     remote.base_dir()
     SEEN = []
@@ -157,7 +157,7 @@ def test_an_outage_longer_than_every_retry_fails_nothing(hpc, sshd):
     case for good (outcome submit_error)."""
     ctx = context_with(hpc(), "submitter", main_loop={"max_attempts": 2, "backoff_base_seconds": 0})
     case = registered_case(ctx, "patient")
-    assert submitter.groups_ready(ctx)
+    assert submitter.host_ready(ctx, ctx.hosts["hpc"])
     sshd.stop(kill_sessions=True)
     try:
         for _ in range(4):

@@ -150,7 +150,7 @@ def running_case_with_finished_task(h, name: str):
     case = get_case(ctx.conn, 1)
     assert case.status is CaseStatus.RUNNING
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
-    link = tasks.resolve(case, pueue.statuses(ctx.remote, ctx.pueue_cmd))
+    link = tasks.resolve(case, pueue.statuses(ctx.hosts["hpc"].remote, list(ctx.config.hosts[0].hpc.pueue_command)))
     return ctx, case, link
 
 

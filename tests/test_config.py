@@ -19,7 +19,7 @@ def test_shipped_config_is_valid():
     config = load_config(REPO / "config" / "config.yaml")
     assert config.root_dir == REPO
     assert config.database_path == REPO / "database" / "mqi_communicator.db"
-    assert [g.name for g in config.pueue.groups] == ["gpu_a", "gpu_b"]
+    assert [g.name for g in config.hosts[0].groups] == ["gpu_a", "gpu_b"]
 
 
 def test_defaults_and_relative_paths(tmp_path):
@@ -27,16 +27,16 @@ def test_defaults_and_relative_paths(tmp_path):
     assert config.scanner.watch_path == tmp_path / "incoming"
     assert config.scanner.ready_marker is None
     assert config.main_loop.running_case_timeout_hours == 24
-    assert config.hpc.remote_command == "python interpreter.py && python moquisim.py"
-    assert config.hpc.ssh_command == ("ssh",)
+    assert config.hosts[0].hpc.remote_command == "python interpreter.py && python moquisim.py"
+    assert config.hosts[0].hpc.ssh_command == ("ssh",)
     assert config.metrics.port == 8000 and config.metrics.host == "127.0.0.1"
     assert config.logging.timezone == "Asia/Seoul"
-    assert config.pueue.groups[0].gpu == "0"
+    assert config.hosts[0].groups[0].gpu == "0"
 
 
 def test_commands_are_split_into_words(tmp_path):
     config = make_config(tmp_path, hpc={"ssh_command": "ssh -o 'ProxyJump=bastion host'"})
-    assert config.hpc.ssh_command == ("ssh", "-o", "ProxyJump=bastion host")
+    assert config.hosts[0].hpc.ssh_command == ("ssh", "-o", "ProxyJump=bastion host")
 
 
 BAD = [
@@ -69,7 +69,7 @@ BAD = [
     ({"main_loop": {"max_attempts": 0}}, "main_loop.max_attempts: got 0, expected an integer >= 1"),
     ({"main_loop": {"interval_seconds": 0}}, "main_loop.interval_seconds: got 0, expected a number > 0"),
     ({"main_loop": {"lease_seconds": 30}, "hpc": {"command_timeout_seconds": 60}},
-     "main_loop.lease_seconds: got 30, expected more than hpc.command_timeout_seconds (60)"),
+     "main_loop.lease_seconds: got 30, expected more than the command_timeout_seconds of host hpc (60)"),
     ({"logging": {"timezone": "Mars/Olympus"}}, "logging.timezone: got 'Mars/Olympus', expected an IANA time zone"),
     ({"logging": {"json_stdout": "yes"}}, "logging.json_stdout: got 'yes', expected true or false"),
     ({"scanner": {"ready_marker": "../x"}}, "scanner.ready_marker: got '../x', expected a plain file name"),
@@ -134,18 +134,18 @@ def slurm_data(tmp_path: Path, partitions=None, **slurm) -> dict:
 
 def test_slurm_partitions_are_our_slots(tmp_path):
     config = parse_config(slurm_data(tmp_path, bin_dir="/opt/slurm/bin"), tmp_path / "c.yaml")
-    assert config.hpc.backend == "slurm" and config.slurm.bin_dir == "/opt/slurm/bin"
-    first = config.slurm.partitions[0]
+    assert config.hosts[0].hpc.backend == "slurm" and config.hosts[0].slurm.bin_dir == "/opt/slurm/bin"
+    first = config.hosts[0].slurm.partitions[0]
     assert (first.name, first.partition, first.account, first.qos, first.gres) == ("gpu_a", "gpu", "physics", "normal", "gpu:1")
     assert first.extra_sbatch == ("--mem=16G", "#SBATCH --cpus-per-task=4")
-    assert [(s.name, s.gpu, s.gres, s.parallel) for s in config.slots] == [("gpu_a", None, "gpu:1", 1),
+    assert [(s.name, s.gpu, s.gres, s.parallel) for s in config.hosts[0].slots] == [("gpu_a", None, "gpu:1", 1),
                                                                          ("gpu_b", None, "gpu:a100:1", 1)]
 
 
 def test_pueue_groups_are_our_slots_by_default(tmp_path):
     config = make_config(tmp_path)
-    assert config.hpc.backend == "pueue" and config.slurm is None
-    assert [(s.name, s.gpu, s.gres) for s in config.slots] == [("gpu_a", "0", None), ("gpu_b", "1", None)]
+    assert config.hosts[0].hpc.backend == "pueue" and config.hosts[0].slurm is None
+    assert [(s.name, s.gpu, s.gres) for s in config.hosts[0].slots] == [("gpu_a", "0", None), ("gpu_b", "1", None)]
 
 
 SLURM_BAD = [
@@ -187,3 +187,51 @@ def test_slurm_and_pueue_slots_are_not_mixed(tmp_path):
         parse_config(data, tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="hpc.backend: got 'condor', expected one of pueue, slurm"):
         make_config(tmp_path, hpc={"backend": "condor"})
+
+
+def hosts_data(tmp_path: Path, hosts: list) -> dict:
+    data = base_config_data(tmp_path)
+    del data["pueue"]["groups"]
+    return {**data, "hosts": hosts}
+
+
+def test_hosts_take_their_defaults_from_hpc_and_name_their_own_slots(tmp_path):
+    data = hosts_data(tmp_path, [
+        {"name": "gpu1", "host": "gpu1.example.org", "groups": {"gpu_a": {"gpu": 0, "depth": 2}, "gpu_b": {"gpu": 1}}},
+        {"name": "cluster", "host": "login.example.org", "user": "physics", "backend": "slurm",
+         "bin_dir": "/opt/slurm/bin", "partitions": {"a100": {"partition": "gpu", "gres": "gpu:1", "depth": 4}}}])
+    config = parse_config(data, tmp_path / "c.yaml")
+    gpu1, cluster = config.hosts
+    assert (gpu1.name, gpu1.hpc.host, gpu1.hpc.user, gpu1.backend) == ("gpu1", "gpu1.example.org", "root", "pueue")
+    assert [(s.name, s.gpu, s.depth) for s in gpu1.slots] == [("gpu_a", "0", 2), ("gpu_b", "1", 1)]
+    assert (cluster.hpc.user, cluster.backend, cluster.slurm.bin_dir) == ("physics", "slurm", "/opt/slurm/bin")
+    assert [(s.name, s.gres, s.depth) for s in cluster.slots] == [("a100", "gpu:1", 4)]
+    assert cluster.hpc.identity_file == gpu1.hpc.identity_file      # from hpc:, the defaults
+    assert config.seat_count == 7 and config.host("cluster") is cluster and config.host("nope") is None
+
+
+def test_the_one_host_of_an_hpc_section_is_named_hpc_unless_named(tmp_path):
+    assert make_config(tmp_path).hosts[0].name == "hpc"
+    assert make_config(tmp_path, hpc={"name": "gpu1"}).hosts[0].name == "gpu1"
+
+
+@pytest.mark.parametrize("hosts, message", [
+    ([], "hosts: got [], expected a list of hosts"),
+    ([{"host": "x", "groups": ["g"]}], "hosts[0].name: got None, expected a host name"),
+    ([{"name": "a b", "groups": ["g"]}], "hosts[0].name: got 'a b', expected a host name"),
+    ([{"name": "a", "groups": ["g"]}, {"name": "a", "groups": ["g"]}], "hosts[1].name: got 'a', expected a name no other"),
+    ([{"name": "a"}], "hosts.a.groups: got None, expected a non-empty mapping of group names"),
+    ([{"name": "a", "groups": {"g": {"depth": 0}}}], "hosts.a.groups.g.depth: got 0, expected an integer >= 1"),
+    ([{"name": "a", "groups": ["g"], "gruops": 1}], "hosts.a.gruops: unknown key"),
+    ([{"name": "a", "backend": "slurm"}], "hosts.a.partitions: got None, expected a mapping of slot names"),
+])
+def test_bad_hosts_are_named_precisely(tmp_path, hosts, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_config(hosts_data(tmp_path, hosts), tmp_path / "c.yaml")
+    assert message in str(info.value)
+
+
+def test_hosts_refuse_the_single_host_slot_sections(tmp_path):
+    data = {**base_config_data(tmp_path), "hosts": [{"name": "a", "groups": ["g"]}]}
+    with pytest.raises(ConfigError, match="pueue.groups: not used with hosts"):
+        parse_config(data, tmp_path / "c.yaml")

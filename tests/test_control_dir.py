@@ -92,7 +92,7 @@ def test_remote_commands_refuse_to_connect_through_an_unsafe_folder(tmp_path, ss
     control.chmod(0o777)
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", control))
     with pytest.raises(Unreachable, match="has mode 0777"):  # workers: "cannot reach it safely"
-        Remote(config.hpc).run(["true"])
+        Remote(config.hosts[0].hpc).run(["true"])
     assert os.listdir(control) == []  # no socket, no lock file: nothing was used
 
     try:
@@ -105,7 +105,7 @@ def test_remote_commands_refuse_to_connect_through_an_unsafe_folder(tmp_path, ss
     assert f"-> fix: remove {control} (as its owner or root) and let mqic create it" in out
 
     control.chmod(0o700)
-    assert Remote(config.hpc).run(["echo", "ok"]) == "ok\n"
+    assert Remote(config.hosts[0].hpc).run(["echo", "ok"]) == "ok\n"
     cli_main(["--config", str(config.source), "doctor"])
     assert f"OK   control dir: {control} is ours, mode 0700" in capsys.readouterr().out
-    Remote(config.hpc).close()
+    Remote(config.hosts[0].hpc).close()

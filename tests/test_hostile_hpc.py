@@ -35,7 +35,7 @@ def test_a_lost_add_answer_never_runs_the_case_twice(hpc, tmp_path):
             main_loop={"lease_seconds": 5, "backoff_base_seconds": 1})
     ctx = ctx_for(h)
     case = registered(ctx, "late add")
-    assert submitter.groups_ready(ctx)
+    assert submitter.host_ready(ctx, ctx.hosts["hpc"])
     slow.with_name(slow.name + ".flag").touch()
     submitter.tick(ctx, time.time())                         # our ssh gives up; the add is still in flight
 

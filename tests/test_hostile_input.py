@@ -100,7 +100,7 @@ class Rig:
             data.setdefault(section, {}).update(values)
         data["hpc"]["control_dir"] = f"/tmp/mqic-h-{os.getpid()}-{next(_names)}"  # no shared master
         ctx = build_context(parse_config(data, self.h.config_path), f"variant_{next(_names)}")
-        self.cleanups.append(lambda: (ctx.remote.close(), shutil.rmtree(ctx.remote.control_dir, ignore_errors=True)))
+        self.cleanups.append(lambda: (ctx.hosts["hpc"].remote.close(), shutil.rmtree(ctx.hosts["hpc"].remote.control_dir, ignore_errors=True)))
         return ctx
 
     def close(self) -> None:

@@ -14,8 +14,8 @@ from tests.conftest import wait_until
 @pytest.fixture(params=["v3", "v4"])
 def driver(request, hpc):
     h = hpc(pueue_format=request.param, groups={"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}})
-    remote = Remote(h.config.hpc)
-    cmd = list(h.config.hpc.pueue_command)
+    remote = Remote(h.config.hosts[0].hpc)
+    cmd = list(h.config.hosts[0].hpc.pueue_command)
     assert sorted(pueue.ensure_groups(remote, cmd, {"gpu_a": 1, "gpu_b": 1})) == ["gpu_a", "gpu_b"]
     return h, remote, cmd, request.param
 

@@ -26,14 +26,14 @@ def make_case(folder, files=3):
 
 
 def test_run_returns_stdout_and_quotes_every_word(remote_config):
-    remote = Remote(remote_config.hpc)
+    remote = Remote(remote_config.hosts[0].hpc)
     for word in HOSTILE:
         assert remote.run(["printf", "%s", word]) == word
     assert not os.path.exists("pwned")
 
 
 def test_remote_command_failure_is_remote_error(remote_config):
-    remote = Remote(remote_config.hpc)
+    remote = Remote(remote_config.hosts[0].hpc)
     with pytest.raises(RemoteError) as caught:
         remote.run(["sh", "-c", "echo nope >&2; exit 3"])
     assert caught.value.exit_code == 3 and "nope" in caught.value.stderr
@@ -42,7 +42,7 @@ def test_remote_command_failure_is_remote_error(remote_config):
 def test_tilde_base_dir_is_expanded_remotely(tmp_path, sshd):
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path, tmp_path / "cm",
                                                      remote_base_dir="~/mqic-test-base"))
-    remote = Remote(config.hpc)
+    remote = Remote(config.hosts[0].hpc)
     assert remote.base_dir() == os.path.expanduser("~/mqic-test-base")
     os.rmdir(os.path.expanduser("~/mqic-test-base"))
     remote.close()
@@ -52,7 +52,7 @@ def test_tilde_base_dir_is_expanded_remotely(tmp_path, sshd):
 def test_upload_lands_complete_under_final_name(tmp_path, sshd, transfer):
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm",
                                                      transfer=transfer))
-    remote = Remote(config.hpc)
+    remote = Remote(config.hosts[0].hpc)
     local = make_case(tmp_path / "local" / "case")
     for case_id, name in enumerate(HOSTILE):
         result = remote.upload(local, f"{case_id}_{name}", case_id=case_id)
@@ -64,7 +64,7 @@ def test_upload_lands_complete_under_final_name(tmp_path, sshd, transfer):
 
 
 def test_upload_replaces_a_leftover_partial_attempt(remote_config, tmp_path):
-    remote = Remote(remote_config.hpc)
+    remote = Remote(remote_config.hosts[0].hpc)
     local = make_case(tmp_path / "local" / "c")
     base = tmp_path / "remote"
     base.mkdir()
@@ -77,7 +77,7 @@ def test_upload_replaces_a_leftover_partial_attempt(remote_config, tmp_path):
 
 
 def test_verify_catches_a_mismatch(remote_config, tmp_path):
-    remote = Remote(remote_config.hpc)
+    remote = Remote(remote_config.hosts[0].hpc)
     local = make_case(tmp_path / "local" / "c")
     with pytest.raises(VerifyFailed, match="upload mismatch"):
         remote.finalize_upload(str(local), str(tmp_path / "final"), 999, 1)
@@ -87,11 +87,11 @@ def test_verify_catches_a_mismatch(remote_config, tmp_path):
 def test_unwritable_remote_dir_is_remote_error(tmp_path, sshd):
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, "/proc/mqic-nope", tmp_path / "cm"))
     with pytest.raises(RemoteError):
-        Remote(config.hpc).upload(make_case(tmp_path / "c"), "1_c", case_id=1)
+        Remote(config.hosts[0].hpc).upload(make_case(tmp_path / "c"), "1_c", case_id=1)
 
 
 def test_download_results_fetches_globs_and_stays_inside(remote_config, tmp_path):
-    remote = Remote(remote_config.hpc)
+    remote = Remote(remote_config.hosts[0].hpc)
     rdir = tmp_path / "remote" / "5_case"
     (rdir / "output").mkdir(parents=True)
     (rdir / "output" / "dose.raw").write_bytes(b"\0" * 100)
@@ -136,7 +136,7 @@ def plant_hardlink(out):
 ], ids=["symlink-escaping", "symlink-etc", "fifo", "hardlink"])
 def test_download_refuses_a_hostile_results_folder_and_writes_nothing_outside(remote_config, tmp_path,
                                                                               plant, refused, why):
-    remote = Remote(remote_config.hpc)
+    remote = Remote(remote_config.hosts[0].hpc)
     rdir = tmp_path / "remote" / "cases" / "5_case"
     (rdir / "output").mkdir(parents=True)
     (rdir / "output" / "dose.raw").write_bytes(b"\0" * 100)
@@ -158,7 +158,7 @@ def test_download_refuses_a_hostile_results_folder_and_writes_nothing_outside(re
 
 def test_unreachable_when_sshd_is_down(tmp_path, sshd):
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "r", tmp_path / "cm"))
-    remote = Remote(config.hpc)
+    remote = Remote(config.hosts[0].hpc)
     assert remote.run(["true"]) == ""
     sshd.stop(kill_sessions=True)
     try:
@@ -179,18 +179,18 @@ def test_unknown_host_key_is_refused_not_accepted(tmp_path, sshd):
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "r", tmp_path / "cm",
                                                      known_hosts_file=str(other)))
     with pytest.raises(Unreachable, match="[Hh]ost key verification failed"):
-        Remote(config.hpc).run(["true"])
+        Remote(config.hosts[0].hpc).run(["true"])
 
 
 def test_missing_key_file_is_refused(tmp_path, sshd):
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "r", tmp_path / "cm",
                                                      identity_file=str(tmp_path / "no-such-key")))
     with pytest.raises(Unreachable, match="Permission denied"):
-        Remote(config.hpc).run(["true"])
+        Remote(config.hosts[0].hpc).run(["true"])
 
 
 def test_repeated_commands_reuse_one_connection(remote_config, sshd):
-    remote = Remote(remote_config.hpc)
+    remote = Remote(remote_config.hosts[0].hpc)
     remote.run(["true"])  # starts the master
     log = sshd.endpoint.identity_file.parent / "sshd.log"
     accepted_before = log.read_text().count("Accepted publickey")
@@ -211,7 +211,7 @@ def test_connection_dropped_mid_copy_leaves_no_complete_looking_case(tmp_path, s
     from tests.conftest import wait_until
     config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm",
                                                      transfer=transfer))
-    remote = Remote(config.hpc)
+    remote = Remote(config.hosts[0].hpc)
     local = make_case(tmp_path / "local" / "big")
     with open(local / "big.ptn", "wb") as handle:
         handle.truncate(400 * 1024 * 1024)  # sparse locally, 400 MB on the wire

@@ -94,7 +94,7 @@ def test_sandbox_up_slurm_then_doctor_show_and_cancel(tmp_path, capsys):
     try:
         assert code == 0 and "sandbox HPC (Slurm) is up" in out
         config = load_config(root / "config.yaml")
-        assert config.hpc.backend == "slurm" and [s.name for s in config.slots] == ["gpu_a", "gpu_b"]
+        assert config.hosts[0].hpc.backend == "slurm" and [s.name for s in config.hosts[0].slots] == ["gpu_a", "gpu_b"]
         code, out, _ = cli(capsys, config, "doctor")
         assert code == 0, out
         assert "OK   slurm: sbatch 22." in out and "OK   slurm partitions: gpu_a -> gpu, gpu_b -> gpu" in out

@@ -10,8 +10,8 @@ import pytest
 from shared.db import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version
 from shared.errors import ForbiddenTransition, UnknownStatus
 from shared.states import ALLOWED, SLOT_ALLOWED, CaseStatus, SlotStatus
-from shared.store import (case_events, claim_next_case, get_case, get_slot, register_case,
-                          release_slot_of, sync_slots, transition, transition_slot, case_from_row)
+from shared.store import (SeatSpec, case_events, claim_next_case, get_case, get_slot, mark_staged, note_remote,
+                          register_case, release_slot_of, sync_slots, transition, transition_slot, case_from_row)
 
 NOW = 1_700_000_000.0
 
@@ -78,22 +78,22 @@ def test_guard_columns_must_still_hold(conn):
 @pytest.mark.parametrize("frm,to", list(itertools.product(SlotStatus, SlotStatus)))
 def test_every_slot_move_is_allowed_or_refused(conn, frm, to):
     case = new_case(conn)
-    sync_slots(conn, [("gpu_a", "0")], now=NOW, worker="t")
+    sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0, "0")], now=NOW, worker="t")
     conn.execute("UPDATE gpu_resources SET status = ?, assigned_case_id = ?",
                  (frm.value, None if frm is SlotStatus.AVAILABLE else case.case_id))
     holder = None if frm is SlotStatus.AVAILABLE else case.case_id
     if to in SLOT_ALLOWED[frm]:
-        assert transition_slot(conn, "gpu_a", frm, to, now=NOW, worker="w", case_id=case.case_id if holder is None else holder)
+        assert transition_slot(conn, get_slot(conn, "gpu_a"), frm, to, now=NOW, worker="w", case_id=case.case_id if holder is None else holder)
         slot = get_slot(conn, "gpu_a")
         assert slot.status is to
         assert slot.assigned_case_id == (None if to is SlotStatus.AVAILABLE else case.case_id)
     else:
         with pytest.raises(ForbiddenTransition):
-            transition_slot(conn, "gpu_a", frm, to, now=NOW, worker="w", case_id=holder)
+            transition_slot(conn, get_slot(conn, "gpu_a"), frm, to, now=NOW, worker="w", case_id=holder)
 
 
 def test_claim_takes_oldest_case_and_a_slot_atomically(conn):
-    sync_slots(conn, [("gpu_a", "0")], now=NOW, worker="t")
+    sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0, "0")], now=NOW, worker="t")
     older, newer = new_case(conn, "old", NOW), new_case(conn, "new", NOW + 5)
     claim = claim_next_case(conn, worker="sub-1", now=NOW + 10, lease_seconds=60)
     assert claim.case.case_id == older.case_id and claim.group == "gpu_a" and claim.gpu == "0"
@@ -107,7 +107,7 @@ def test_claim_takes_oldest_case_and_a_slot_atomically(conn):
 
 
 def test_claim_respects_backoff(conn):
-    sync_slots(conn, [("gpu_a", None)], now=NOW, worker="t")
+    sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0)], now=NOW, worker="t")
     case = new_case(conn)
     conn.execute("UPDATE cases SET next_attempt_at = ? WHERE case_id = ?", (NOW + 100, case.case_id))
     assert claim_next_case(conn, worker="w", now=NOW + 99, lease_seconds=60) is None
@@ -116,11 +116,11 @@ def test_claim_respects_backoff(conn):
 
 
 def test_release_slot_only_by_its_holder(conn):
-    sync_slots(conn, [("gpu_a", None)], now=NOW, worker="t")
+    sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0)], now=NOW, worker="t")
     new_case(conn)
     claim = claim_next_case(conn, worker="w", now=NOW, lease_seconds=60)
     other = new_case(conn, "other")
-    assert not transition_slot(conn, "gpu_a", SlotStatus.ASSIGNED, SlotStatus.AVAILABLE, now=NOW,
+    assert not transition_slot(conn, get_slot(conn, "gpu_a"), SlotStatus.ASSIGNED, SlotStatus.AVAILABLE, now=NOW,
                                worker="w", case_id=other.case_id)
     assert release_slot_of(conn, claim.case, SlotStatus.ZOMBIE, now=NOW, worker="w")
     assert get_slot(conn, "gpu_a").assigned_case_id == claim.case.case_id  # a zombie remembers whose
@@ -156,7 +156,7 @@ def _claimer(db_path, worker, rounds, queue):
 
 def test_processes_racing_for_the_same_cases_never_share_one(db_path):
     conn = connect(db_path)
-    sync_slots(conn, [("gpu_a", None), ("gpu_b", None)], now=NOW, worker="t")
+    sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0), SeatSpec("hpc", "gpu_b", 0)], now=NOW, worker="t")
     ids = [new_case(conn, f"c{i}").case_id for i in range(40)]
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -206,3 +206,53 @@ def test_connection_pragmas_and_readonly(db_path, conn):
     assert reader.execute("SELECT COUNT(*) FROM cases").fetchone()[0] == 1
     with pytest.raises(sqlite3.OperationalError):
         reader.execute("DELETE FROM cases")
+
+
+def seats(conn, *specs):
+    sync_slots(conn, [SeatSpec(*spec) for spec in specs], now=NOW, worker="t")
+
+
+def test_a_slot_of_depth_two_holds_two_cases_and_idle_gpus_fill_first(conn):
+    seats(conn, ("a", "gpu", 0), ("a", "gpu", 1), ("b", "gpu", 0))
+    ids = [new_case(conn, f"c{i}", NOW + i).case_id for i in range(4)]
+    claims = [claim_next_case(conn, worker="w", now=NOW + 10, lease_seconds=60) for _ in range(4)]
+    assert [c.case.case_id for c in claims[:3]] == ids[:3] and claims[3] is None
+    # the first two go to the two idle GPUs (one per host); only then is a case queued behind one
+    assert {claims[0].host, claims[1].host} == {"a", "b"} and (claims[2].host, claims[2].slot.seat) == ("a", 1)
+    assert [get_case(conn, c.case.case_id).host for c in claims[:3]] == [c.host for c in claims[:3]]
+
+
+def test_no_seat_of_a_drained_or_unreachable_host_is_handed_out(conn):
+    seats(conn, ("a", "gpu", 0), ("b", "gpu", 0))
+    conn.execute("INSERT INTO drains (host, since, drained_by) VALUES ('a', 0, 'op')")
+    note_remote(conn, "b", "poller", ok=False, now=NOW, error="Connection refused")
+    new_case(conn)
+    assert claim_next_case(conn, worker="w", now=NOW + 1, lease_seconds=60) is None
+    note_remote(conn, "b", "reaper", ok=True, now=NOW + 2)
+    assert claim_next_case(conn, worker="w", now=NOW + 3, lease_seconds=60).host == "b"
+
+
+def test_a_case_pre_uploaded_to_one_host_prefers_it_but_forgets_the_upload_elsewhere(conn):
+    seats(conn, ("a", "gpu", 0), ("b", "gpu", 0))
+    case = new_case(conn)
+    conn.execute("UPDATE cases SET claimed_by = 'stager' WHERE case_id = ?", (case.case_id,))
+    assert mark_staged(conn, case, host="b", remote_dir="/b/1_x", worker="stager", now=NOW, detail="staged")
+    claim = claim_next_case(conn, worker="w", now=NOW + 1, lease_seconds=60)
+    assert claim.host == "b" and claim.case.remote_dir == "/b/1_x" and claim.case.staged_at == NOW
+    other = new_case(conn, "other")
+    conn.execute("UPDATE cases SET claimed_by = 'stager' WHERE case_id = ?", (other.case_id,))
+    assert mark_staged(conn, other, host="b", remote_dir="/b/2_x", worker="stager", now=NOW, detail="staged")
+    moved = claim_next_case(conn, worker="w", now=NOW + 2, lease_seconds=60)  # only host a has room
+    assert moved.host == "a" and moved.case.remote_dir is None and moved.case.staged_at is None
+
+
+def test_seats_follow_the_configured_depth_and_a_busy_seat_outlives_its_removal(conn):
+    seats(conn, ("a", "gpu", 0), ("a", "gpu", 1))
+    new_case(conn)
+    claim = claim_next_case(conn, worker="w", now=NOW, lease_seconds=60)
+    seats(conn, ("a", "gpu", 1 - claim.slot.seat))   # depth 2 -> 1, the other seat kept
+    rows = conn.execute("SELECT seat, status FROM gpu_resources ORDER BY seat").fetchall()
+    assert [tuple(r) for r in rows] == sorted([(claim.slot.seat, "assigned"), (1 - claim.slot.seat, "available")])
+    assert release_slot_of(conn, claim.case, SlotStatus.AVAILABLE, now=NOW, worker="w")
+    seats(conn, ("a", "gpu", 1 - claim.slot.seat))
+    assert conn.execute("SELECT COUNT(*) FROM gpu_resources").fetchone()[0] == 1

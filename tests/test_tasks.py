@@ -24,15 +24,15 @@ def task(task_id, label, state, **extra) -> model.TaskInfo:
     return model.TaskInfo(id=task_id, label=label, group="gpu_a", state=state, **extra)
 
 
-def snapshot(*items, hpc_time=None) -> model.Snapshot:
-    return model.Snapshot(tasks={t.id: t for t in items}, groups={}, hpc_time=hpc_time)
+def snapshot(*items, hpc_time=None, host="hpc") -> model.Snapshot:
+    return model.Snapshot(tasks={t.id: t for t in items}, groups={}, hpc_time=hpc_time, host=host)
 
 
 @pytest.fixture
 def case(conn):
     registered = register_case(conn, case_name="c", source_path="/x", now=0, worker="t")
     update_case(conn, registered.case_id, CaseStatus.SUBMITTED,
-                {"pueue_task_id": 4, "remote_dir": "/hpc/1_c", "status": "running"})
+                {"pueue_task_id": 4, "remote_dir": "/hpc/1_c", "status": "running", "host": "hpc"})
     return dataclasses.replace(get_case(conn, registered.case_id), status=CaseStatus.RUNNING)
 
 
@@ -85,6 +85,14 @@ def test_orphans_are_our_labelled_unfinished_tasks_that_no_case_owns(case):
     assert sorted(t.id for t, _ in tasks.orphans(snap, cases)) == [5, 7, 11]   # 11: not the claimed slot's group
 
 
+def test_a_case_owns_no_task_on_a_host_it_does_not_live_on(case):
+    """A case that moved to host b before it ever started on host a: a late add on a is an orphan."""
+    on_a = snapshot(task(4, case.label, T.RUNNING), host="a")
+    moved = dataclasses.replace(case, host="b")
+    assert [t.id for t, _ in tasks.orphans(on_a, {case.case_id: moved})] == [4]
+    assert tasks.orphans(on_a, {case.case_id: dataclasses.replace(case, host="a")}) == []
+
+
 @pytest.mark.parametrize("error, counted", [
     (Unreachable("ssh: connect: Connection refused"), False),
     (BadOutput("garbage"), False),
@@ -109,7 +117,7 @@ def test_the_wrapper_records_the_exit_status_in_the_case_folder(tmp_path, comman
 
 def test_exit_records_and_output_tail_are_read_in_one_call_each(hpc, tmp_path):
     h = hpc()
-    remote = Remote(h.config.hpc)
+    remote = Remote(h.config.hosts[0].hpc)
     done, running, gone = tmp_path / "done dir", tmp_path / "running", tmp_path / "gone"
     for folder in (done, running):
         (folder / ".mqic").mkdir(parents=True)
@@ -122,7 +130,7 @@ def test_exit_records_and_output_tail_are_read_in_one_call_each(hpc, tmp_path):
 
 def test_stop_sends_sigterm_then_sigkill_after_the_grace(hpc, conn, case, tmp_path):
     h = hpc(groups={"gpu_a": {"gpu": 0}})
-    remote, cmd = Remote(h.config.hpc), list(h.config.hpc.pueue_command)
+    remote, cmd = Remote(h.config.hosts[0].hpc), list(h.config.hosts[0].hpc.pueue_command)
     pueue.ensure_groups(remote, cmd, {"gpu_a": 1})
     stubborn = pueue.submit(remote, cmd, group="gpu_a", label=case.label, workdir=str(tmp_path),
                             command="trap '' TERM; sleep 60")

@@ -45,8 +45,8 @@ def config_for(tmp_path, sshd_without_sftp):
 
     yield build
     for config in made:
-        Remote(config.hpc).close()
-        shutil.rmtree(config.hpc.control_dir, ignore_errors=True)
+        Remote(config.hosts[0].hpc).close()
+        shutil.rmtree(config.hosts[0].hpc.control_dir, ignore_errors=True)
 
 
 def test_tar_is_the_default_transfer(config_for):
@@ -96,7 +96,7 @@ def test_doctor_tries_the_configured_transfer_end_to_end(config_for, capsys, tmp
 
 def test_scp_closing_after_it_had_written_is_still_an_outage(remote_config, tmp_path):
     """The "no SFTP" verdict needs both: the host answers, and scp created nothing."""
-    remote = Remote(remote_config.hpc)
+    remote = Remote(remote_config.hosts[0].hpc)
     temp = tmp_path / "remote" / ".mqic-upload-3-cafe"
     assert remote._answers_without(str(temp)) is True
     temp.mkdir(parents=True)  # a copy that had started: its connection really was lost

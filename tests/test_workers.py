@@ -9,7 +9,7 @@ import pytest
 
 from sandbox.casegen import make_case
 from shared.states import CaseStatus, SlotStatus
-from shared.store import case_events, get_case, get_slot, register_case
+from shared.store import case_events, down_hosts, get_case, get_slot, register_case
 from shared.recovery import recover_expired_claims
 from shared.worker import build_context
 from tests.conftest import wait_until
@@ -162,30 +162,35 @@ def test_submitter_waits_when_no_slot_is_free(hpc):
     assert get_slot(ctx.conn, "gpu_a").assigned_case_id != second.case_id
 
 
-def test_unreachable_upload_goes_back_to_submitted_with_backoff(hpc, sshd):
+def test_unreachable_upload_marks_the_host_down_until_the_reaper_hears_from_it(hpc, sshd):
     ctx = ctx_for(hpc())
     case = registered(ctx, "outage")
-    assert submitter.groups_ready(ctx)
+    assert submitter.host_ready(ctx, ctx.hosts["hpc"])
     sshd.stop(kill_sessions=True)
     try:
         now = time.time()
         submitter.tick(ctx, now)
+        case = get_case(ctx.conn, case.case_id)
+        assert case.status is CaseStatus.SUBMITTED and case.attempts == 0   # an outage uses up no attempt
+        assert case.error_type == "Unreachable" and case.next_attempt_at == pytest.approx(now, abs=5)
+        assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE
+        assert list(down_hosts(ctx.conn)) == ["hpc"]
+        assert submitter.tick(ctx, now + 1) == 0                 # no claims on a host that is down
+        reaper.tick(ctx, now + reaper.PROBE_DOWN_SECONDS + 1)   # still down: the probe fails
+        assert list(down_hosts(ctx.conn)) == ["hpc"]
     finally:
         sshd.start()
-    case = get_case(ctx.conn, case.case_id)
-    assert case.status is CaseStatus.SUBMITTED and case.attempts == 0   # an outage uses up no attempt
-    assert case.error_type == "Unreachable" and case.next_attempt_at == pytest.approx(now + 10, abs=5)
-    assert get_slot(ctx.conn, "gpu_a").status is SlotStatus.AVAILABLE
-    assert submitter.tick(ctx, now + 1) == 0                 # backing off
-    submitter.tick(ctx, case.next_attempt_at + 1)
+    reaper.tick(ctx, time.time() + 2 * reaper.PROBE_DOWN_SECONDS)
+    assert down_hosts(ctx.conn) == {}
+    submitter.tick(ctx, time.time())
     assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
 
 
 def test_attempts_exhausted_fail_the_case_for_good(hpc):
     ctx = ctx_for(hpc(main_loop={"max_attempts": 1}))
     case = registered(ctx, "doomed")
-    assert submitter.groups_ready(ctx)
-    ctx.remote.run([*ctx.pueue_cmd, "group", "remove", "gpu_a"])   # a transient refusal of pueue add
+    assert submitter.host_ready(ctx, ctx.hosts["hpc"])
+    ctx.hosts["hpc"].remote.run([*list(ctx.config.hosts[0].hpc.pueue_command), "group", "remove", "gpu_a"])   # a transient refusal of pueue add
     submitter.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
     assert case.status is CaseStatus.FAILED and case.outcome == "submit_error"
@@ -204,7 +209,7 @@ def test_pueue_missing_on_the_hpc_holds_cases_back_with_a_clear_log(hpc, caplog)
 def test_remote_error_during_upload_is_a_permanent_failure(hpc):
     ctx = ctx_for(hpc(hpc={"remote_base_dir": "/proc/mqic-not-writable"}))
     case = registered(ctx, "unwritable")
-    submitter.groups_ready(ctx)
+    submitter.host_ready(ctx, ctx.hosts["hpc"])
     submitter.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
     assert case.status is CaseStatus.FAILED and case.error_type == "RemoteError"
@@ -216,11 +221,11 @@ def claim_and_die(ctx, name, *, add_task: bool, hpc_obj=None):
     from shared.backends import pueue
     from shared.store import claim_next_case
     case = registered(ctx, name)
-    assert submitter.groups_ready(ctx)
+    assert submitter.host_ready(ctx, ctx.hosts["hpc"])
     claim = claim_next_case(ctx.conn, worker="dead:1", now=time.time() - 1000, lease_seconds=10)
     if add_task:
-        remote_dir = ctx.remote.upload(Path(claim.case.case_path), claim.case.folder_name, case_id=case.case_id).remote_dir
-        pueue.submit(ctx.remote, ctx.pueue_cmd, group=claim.group, label=claim.case.label,
+        remote_dir = ctx.hosts["hpc"].remote.upload(Path(claim.case.case_path), claim.case.folder_name, case_id=case.case_id).remote_dir
+        pueue.submit(ctx.hosts["hpc"].remote, list(ctx.config.hosts[0].hpc.pueue_command), group=claim.group, label=claim.case.label,
                      workdir=remote_dir, command="true")
     return case
 
@@ -513,7 +518,7 @@ def test_reaper_removes_a_cancelled_case_task_that_is_still_queued(hpc):
     from console.cli import main as mqic
     h = hpc(groups={"gpu_a": {"gpu": 0}})
     ctx = ctx_for(h)
-    assert submitter.groups_ready(ctx)
+    assert submitter.host_ready(ctx, ctx.hosts["hpc"])
     assert h.pueue("pause", "-g", "gpu_a").returncode == 0    # the task will wait in the queue
     case = submitted(ctx, "queued then cancelled")
     assert mqic(["--config", str(h.config_path), "cancel", str(case.case_id)]) == 0
