@@ -65,7 +65,7 @@ def host(request):
         build = request.getfixturevalue("slurm_hpc")
         config = build(partitions={SLOT: {"partition": "gpu", "gres": "gpu:2"}}).config
     remote = Remote(config.hosts[0].hpc)
-    made = Host(config, remote, backend_for(config, remote))
+    made = Host(config, remote, backend_for(config, config.hosts[0], remote))
     made.base.mkdir(parents=True, exist_ok=True)
     made.backend.ensure_slots({SLOT: 1})
     return made

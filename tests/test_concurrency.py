@@ -18,7 +18,7 @@ from shared import tasks
 from shared.backends import model, pueue
 from shared.db import connect
 from shared.states import ALLOWED, CaseStatus, SlotStatus
-from shared.store import claim_next_case, get_case, register_case, sync_slots, transition
+from shared.store import SeatSpec, claim_next_case, get_case, register_case, sync_slots, transition
 from shared.worker import build_context
 from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter
@@ -81,7 +81,7 @@ def test_two_submitters_pollers_and_reapers_lose_nothing_and_submit_once(hpc, tm
 def test_concurrent_claims_never_take_a_case_or_a_slot_twice(tmp_path):
     db = tmp_path / "state.db"
     conn = connect(db)
-    sync_slots(conn, [(f"g{i}", None) for i in range(4)], now=0, worker="setup")
+    sync_slots(conn, [SeatSpec("hpc", f"g{i}", 0) for i in range(4)], now=0, worker="setup")
     for i in range(12):
         register_case(conn, case_name=f"c{i}", source_path=f"/nowhere/c{i}", now=i, worker="setup")
     claims: list[tuple[int, str]] = []
@@ -164,8 +164,8 @@ def test_a_second_poller_finishing_the_same_case_leaves_no_stray_folder(hpc):
     h = hpc(groups={"gpu_a": {"gpu": 0}})
     ctx_a, case, task = running_case_with_finished_task(h, "raced")
     ctx_b = build_context(h.config, "poller_2")
-    assert poller.complete(ctx_a, case, task, time.time())
-    assert not poller.complete(ctx_b, case, task, time.time())     # read before A moved it: stale
+    assert poller.complete(ctx_a, ctx_a.hosts["hpc"], case, task, time.time())
+    assert not poller.complete(ctx_b, ctx_b.hosts["hpc"], case, task, time.time())     # read before A moved it: stale
     done = get_case(ctx_a.conn, case.case_id)
     assert done.status is CaseStatus.COMPLETED and list(Path(done.case_path, "output").iterdir())
     assert stage_entries(ctx_a, "active") == []
@@ -181,7 +181,7 @@ def test_results_land_in_the_case_folder_even_when_its_row_lags_behind_the_folde
     ctx.conn.execute("UPDATE cases SET spool_stage = 'queued', case_path = ? WHERE case_id = ?",
                      (str(queued), case.case_id))                 # the folder is already in active
     stale = get_case(ctx.conn, case.case_id)
-    assert poller.apply(ctx, stale, task, model.Snapshot({}, {}), {}, time.time())
+    assert poller.apply(ctx, ctx.hosts["hpc"], stale, task, model.Snapshot({}, {}), {}, time.time())
     done = get_case(ctx.conn, case.case_id)
     assert done.status is CaseStatus.COMPLETED
     assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"
@@ -201,7 +201,7 @@ def test_a_reconcile_during_the_download_does_not_split_the_case(hpc):
                      (str(queued), case.case_id))
     stale = get_case(ctx.conn, case.case_id)                      # the poller reads ...
     assert reconcile(ctx.conn, ctx.spool, now=time.time(), worker="reaper_1") == 1   # ... the reaper moves
-    assert poller.complete(ctx, stale, task, time.time())
+    assert poller.complete(ctx, ctx.hosts["hpc"], stale, task, time.time())
     done = get_case(ctx.conn, case.case_id)
     assert done.status is CaseStatus.COMPLETED and (Path(done.case_path) / "mqi_fake.json").is_file()
     assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"

@@ -263,7 +263,7 @@ def mounted_base(options: str) -> Callable[[Rig], dict]:
 
 
 def unknown_group(rig: Rig) -> str:
-    assert submitter.groups_ready(rig.ctx)
+    assert submitter.host_ready(rig.ctx, rig.ctx.hosts["hpc"])
     rig.h.pueue("group", "remove", "gpu_a")
     wait_until(lambda: "gpu_a" not in rig.h.status()["groups"], message="group removed")
     rig.drop("groupless")
@@ -407,7 +407,7 @@ ROWS = [
         "/nonexistent/pueue: No such file or directory"),
     Row("an unknown pueue group", unknown_group, "Group gpu_a doesn't exists"),
     # pueue answers we cannot read.
-    Row("status: garbage from the stand-in", standin_garbage, "pueue status could not be read (BadOutput"),
+    Row("status: garbage from the stand-in", standin_garbage, "status could not be read (BadOutput"),
     Row("status: an unknown variant", odd_status({"status": {"Frozen": {"since": 1}}}), "unknown state"),
     Row("status: an unknown Done result", odd_status({"status": V4_DONE}), "unknown state"),
     Row("status: Failed without a number", odd_status({"status": {"Done": {"result": {"Failed": "x"}}}}),
