@@ -10,7 +10,7 @@ import pytest
 from shared.db import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version
 from shared.errors import ForbiddenTransition, UnknownStatus
 from shared.states import ALLOWED, SLOT_ALLOWED, CaseStatus, SlotStatus
-from shared.store import (SeatSpec, case_events, claim_next_case, get_case, get_slot, mark_staged, note_remote,
+from shared.store import (SeatSpec, adopt_unnamed_host, case_events, claim_next_case, get_case, get_slot, mark_staged, note_remote,
                           register_case, release_slot_of, sync_slots, transition, transition_slot, case_from_row)
 
 NOW = 1_700_000_000.0
@@ -187,6 +187,30 @@ def test_migrates_an_old_database_forward_keeping_rows(tmp_path):
     assert conn.execute("SELECT COUNT(*) FROM workers").fetchone()[0] == 0
     check_integrity(conn)
     connect(path).close()  # opening again is a no-op
+
+
+def test_a_one_host_database_becomes_the_named_host_without_losing_a_running_case(tmp_path):
+    path = tmp_path / "v6.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    migrate_schema(old, target=6)
+    old.execute("INSERT INTO cases (case_name, case_path, source_path, spool_stage, status, submitted_at,"
+                " status_updated_at, pueue_group, pueue_task_id, remote_dir) VALUES"
+                " ('running', '/s/active/1_running', '/d/running', 'active', 'running', 1, 1, 'gpu_a', 7, '/r/1')")
+    old.execute("INSERT INTO cases (case_name, case_path, source_path, spool_stage, status, submitted_at,"
+                " status_updated_at) VALUES ('waiting', '/s/queued/2_waiting', '/d/waiting', 'queued', 'submitted', 1, 1)")
+    old.execute("INSERT INTO gpu_resources (pueue_group, status, assigned_case_id, gpu, updated_at)"
+                " VALUES ('gpu_a', 'assigned', 1, '0', 1)")
+    old.execute("INSERT INTO drains (host, since, drained_by) VALUES ('hpc.example.org', 1, 'op')")
+    old.close()
+    conn = connect(path)
+    assert adopt_unnamed_host(conn, "gpu1", "hpc.example.org") == 2
+    assert (get_case(conn, 1).host, get_case(conn, 2).host) == ("gpu1", None)   # the waiting case is on no host yet
+    seat = get_slot(conn, "gpu_a", host="gpu1")
+    assert (seat.status, seat.assigned_case_id, seat.seat) == (SlotStatus.ASSIGNED, 1, 0)
+    assert [r[0] for r in conn.execute("SELECT host FROM drains")] == ["gpu1"]  # a drain keeps holding
+    sync_slots(conn, [SeatSpec("gpu1", "gpu_a", 0, "0"), SeatSpec("gpu1", "gpu_a", 1, "0")], now=2, worker="t")
+    assert release_slot_of(conn, get_case(conn, 1), SlotStatus.AVAILABLE, now=3, worker="t")
+    check_integrity(conn)
 
 
 def test_refuses_a_database_from_a_newer_program(tmp_path):
