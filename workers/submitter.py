@@ -27,6 +27,7 @@ from shared.doorbell import listen, ring
 from shared.errors import MqicError, RemoteError, RemoteFailure, Unreachable
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
+from shared.maintenance import is_drained
 from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus
 from shared.store import (Case, Claim, claim_for_staging, claim_next_case, free_slots, mark_staged,
@@ -106,9 +107,11 @@ def upload(ctx: Context, host: Host, case: Case, status: CaseStatus = CaseStatus
 
 
 def staging_host(ctx: Context) -> Host | None:
-    """The ready host with the fewest pre-uploaded cases per seat, while it has fewer than seats."""
+    """The ready, undrained host with the fewest pre-uploaded cases per seat, while it has fewer than seats."""
     best, best_load = None, None
     for host in ready_hosts(ctx):
+        if is_drained(ctx.conn, host.name):
+            continue
         seats = sum(slot.depth for slot in host.config.slots)
         waiting = staged_waiting(ctx.conn, host.name)
         if waiting < seats and (best_load is None or waiting / seats < best_load):
