@@ -119,7 +119,7 @@ def test_metrics_equal_the_database(exporter):
 
 def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys, monkeypatch):
     config, ids, port, _ = exporter
-    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: model.Snapshot({}, {}))  # no HPC here
+    monkeypatch.setattr(actions.Operator, "snapshot", lambda self, host: model.Snapshot({}, {}))  # no HPC here
     assert scrape(port)[("mqi_cases_failed_total", ())] == 1
     assert cli_main(["--config", str(config.source), "retry", str(ids["charlie"])]) == 0
     m = scrape(port)
