@@ -19,7 +19,6 @@ from shared.store import Case, case_from_row
 
 STATUSES = tuple(s.value for s in CaseStatus)
 ACTIVE_STATUSES = ("submitted", "submitting", "running")
-IN_USE = ("assigned", "zombie")  # a seat in these states holds a case (a zombie's task may still run)
 
 CASE_VIEW_COLUMNS = ("case_id, case_name, status, progress, host, pueue_group, pueue_task_id,"
                      " submitted_at, status_updated_at, attempts, outcome, needs_review, review_reason,"
@@ -251,6 +250,7 @@ SLOTS_SQL = (
     " FROM gpu_resources g LEFT JOIN cases c ON c.case_id = g.assigned_case_id"
     " ORDER BY g.host, g.pueue_group, g.seat")
 REACH_SQL = "SELECT host, ok, checked_at, checked_by, error, down_since FROM host_reach ORDER BY host"
+# A seat is in use while assigned or zombie (a zombie's task may still run).
 SEATS_BY_HOST_SQL = ("SELECT host, COUNT(*) AS seats, COALESCE(SUM(status IN ('assigned', 'zombie')), 0) AS in_use"
                      " FROM gpu_resources GROUP BY host")
 RUNNING_BY_HOST_SQL = "SELECT host, COUNT(*) FROM cases WHERE status = 'running' GROUP BY host"
@@ -296,11 +296,11 @@ def hosts(conn: sqlite3.Connection, configured: Sequence[HostConfig] = ()) -> li
     others = sorted((set(reach) | set(drained) | set(seats) | {h for h in running if h is not None}) - set(by_name))
     views = []
     for name in [*by_name, *others]:
-        config = by_name.get(name)
+        host = by_name.get(name)
         total, in_use = seats.get(name, (0, 0))
-        views.append(HostView(name=name, configured=config is not None,
-                              backend=None if config is None else config.backend,
-                              address=None if config is None else address(config),
+        views.append(HostView(name=name, configured=host is not None,
+                              backend=None if host is None else host.backend,
+                              address=None if host is None else address(host),
                               remote=reach.get(name, RemoteView(host=name, reachable=None)),
                               drain=drained.get(name), seats=total, in_use=in_use, running=running.get(name, 0)))
     return views

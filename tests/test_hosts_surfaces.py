@@ -153,6 +153,23 @@ def test_health_and_cases_name_the_hosts(world, capsys):
     assert re.search(r"running\s+normal\s+0%\s+gpu2\s+gpu_b\s+3\s", next(line for line in lines if "b1" in line))
 
 
+def test_waiting_cases_count_as_stuck_unless_every_host_is_drained(world):
+    from shared import queries
+    from shared.maintenance import drain
+
+    def reasons() -> tuple[str, ...]:
+        known = queries.hosts(world.conn, world.config.hosts)
+        totals = dict.fromkeys(queries.STATUSES, 0) | {"submitted": 1}
+        alive = [queries.WorkerView("submitter", 1, "ws", 0, world.now, True)]
+        return queries.judge_health(totals, alive, world.now - 1000, world.now, 300, queries.upkeep(world.conn),
+                                    known).reasons
+
+    drain(world.conn, "gpu2", now=world.now, by="op")
+    assert reasons() and "1 cases are active" in reasons()[0]    # gpu1 takes claims: the waiting case should move
+    drain(world.conn, "gpu1", now=world.now, by="op")
+    assert reasons() == ()                                        # nothing may be claimed: waiting is expected
+
+
 # -- metrics ----------------------------------------------------------------------------------------------
 
 def samples(config) -> dict[tuple[str, tuple], float]:
