@@ -23,18 +23,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rich.console import Console
 
-from console.top import console_width, format_age, format_time, freshness, slots_table, totals_line, upkeep_line
+from console.top import (console_width, format_age, format_time, freshness, host_lines, slots_table, totals_line,
+                         upkeep_line)
 from shared import actions, maintenance, queries, retention, tasks
 from shared.backends import backend_for, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
-from shared.config import Config, default_config_path, load_config
+from shared.config import Config, HostConfig, default_config_path, load_config
 from shared.db import connect
 from shared.doorbell import ring
 from shared.errors import ConfigError, MqicError, RemoteFailure
@@ -43,7 +44,7 @@ from shared.remote import Remote, TransferUnsupported, UnsafeControlDir, ensure_
 from shared.spool import Spool
 from shared.states import Outcome
 from shared.store import Case, get_case
-from shared.worker import Context
+from shared.worker import Context, connect_hosts
 
 PROGRAM = "mqic"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -90,16 +91,21 @@ def existing_case(conn: sqlite3.Connection, case_id: int) -> Case:
 
 # -- status, cases, health ------------------------------------------------------------------------
 
-def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    """Totals, GPU slots and the health summary."""
+def read_overview(config: Config) -> queries.Overview:
     conn = open_db(config)
     try:
-        view = queries.overview(conn, time.time(), config.unhealthy_after_seconds, recent=0, flags=0)
+        return queries.overview(conn, time.time(), config.unhealthy_after_seconds, recent=0, flags=0,
+                                configured=config.hosts)
     finally:
         conn.close()
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    """Totals, every host (backend, reachable, drained, seats), every seat and the health summary."""
+    view = read_overview(config)
     if args.json:
-        print_json({"totals": view.totals, "slots": view.slots, "workers": view.workers,
-                    "last_change": view.last_change, "remote": view.remote, "health": view.health,
+        print_json({"totals": view.totals, "hosts": view.hosts, "slots": view.slots, "workers": view.workers,
+                    "last_change": view.last_change, "health": view.health,
                     "upkeep": view.upkeep, "drained": view.upkeep.drained})
         return 0
     console = out()
@@ -107,6 +113,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     upkeep = upkeep_line(view, config.tz)
     if upkeep is not None:
         console.print(upkeep)
+    console.print(host_lines(view, config.tz))
     console.print(slots_table(view, config.tz))
     console.print(freshness(view, config.tz))
     return 0
@@ -129,8 +136,8 @@ def cmd_cases(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-CASES_HEADER = (f"{'ID':>7}  {'STATUS':<10}  {'PRIO':<6}  {'DONE':>4}  {'GROUP':<8}  {'TASK':>5}  {'FAILS':>5}"
-                f"  {'UPDATED':>7}  NAME")
+CASES_HEADER = (f"{'ID':>7}  {'STATUS':<10}  {'PRIO':<6}  {'DONE':>4}  {'HOST':<8}  {'GROUP':<8}  {'TASK':>5}"
+                f"  {'FAILS':>5}  {'UPDATED':>7}  NAME")
 
 
 def case_note(case: queries.CaseView) -> str:
@@ -150,7 +157,7 @@ def cases_lines(cases: list[queries.CaseView], now: float) -> list[str]:
         note = case_note(case)
         task = "-" if case.pueue_task_id is None else str(case.pueue_task_id)
         lines.append(f"{case.case_id:>7}  {case.status:<10}  {case.priority:<6}  {case.progress:>3.0f}%"
-                     f"  {case.pueue_group or '-':<8}  {task:>5}  {case.attempts:>5}"
+                     f"  {case.host or '-':<8}  {case.pueue_group or '-':<8}  {task:>5}  {case.attempts:>5}"
                      f"  {format_age(now - case.updated_at):>7}  {case.case_name}" + (f"  [{note}]" if note else ""))
     return lines
 
@@ -173,20 +180,42 @@ def cmd_health(config: Config, args: argparse.Namespace) -> int:
     except CliError as exc:
         return report_health(args, False, [str(exc)])
     try:
-        view = queries.overview(conn, time.time(), config.unhealthy_after_seconds, recent=0, flags=0)
+        view = queries.overview(conn, time.time(), config.unhealthy_after_seconds, recent=0, flags=0,
+                                configured=config.hosts)
         damage = quick_check(conn)
     finally:
         conn.close()
     reasons = list(view.health.reasons) + ([f"database integrity: {damage}"] if damage else [])
-    notes = [f"host {d.host} drained since {format_time(d.since, config.tz)} by {d.drained_by}"
-             + (f" ({d.reason})" if d.reason else "") + ": no new claims" for d in view.upkeep.drains]
-    return report_health(args, not reasons, reasons, notes)
+    return report_health(args, not reasons, reasons, host_notes(view, config), view.hosts)
 
 
-def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str], notes: list[str] = ()) -> int:
-    """``notes`` (a drain) are shown but do not make the system unhealthy: maintenance is deliberate."""
+def host_notes(view: queries.Overview, config: Config) -> list[str]:
+    """A note per drained host and per host last seen unreachable."""
+    notes = []
+    for host in view.hosts:
+        drain, remote = host.drain, host.remote
+        if drain is not None:
+            notes.append(f"host {host.name} drained since {format_time(drain.since, config.tz)} by {drain.drained_by}"
+                         + (f" ({drain.reason})" if drain.reason else "") + ": no new claims there")
+        if remote.reachable is False:
+            since = remote.down_since if remote.down_since is not None else remote.checked_at
+            notes.append(f"host {host.name} unreachable since {format_time(since, config.tz)}"
+                         f" ({format_age(view.now - since)}): no new claims there until it answers")
+    return notes
+
+
+def health_hosts(hosts: Sequence[queries.HostView]) -> list[dict[str, Any]]:
+    return [{"host": h.name, "backend": h.backend, "reachable": h.remote.reachable, "down_since": h.remote.down_since,
+             "drained": h.drained, "seats": h.seats, "in_use": h.in_use, "running": h.running} for h in hosts]
+
+
+def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str], notes: list[str] = (),
+                  hosts: Sequence[queries.HostView] = ()) -> int:
+    """``notes`` (a drained or unreachable host) are shown but do not make the system unhealthy:
+    maintenance is deliberate, and an outage shows as cases that stop moving."""
     if args.json:
-        print_json({"healthy": healthy, "reasons": reasons, "drained": bool(notes), "notes": list(notes)})
+        print_json({"healthy": healthy, "reasons": reasons, "drained": any(h.drained for h in hosts),
+                    "notes": list(notes), "hosts": health_hosts(hosts)})
     else:
         print(("healthy" if healthy else "unhealthy: " + "; ".join(reasons))
               + (f" ({'; '.join(notes)})" if notes else ""))
@@ -196,15 +225,19 @@ def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str], n
 # -- show -----------------------------------------------------------------------------------------
 
 def remote_task(config: Config, case: Case) -> dict[str, Any]:
-    """The case's remote task (pueue task or Slurm job) as the HPC reports it now, or ``{"error": ...}``."""
+    """The case's remote task (pueue task or Slurm job) as its host reports it now, or ``{"error": ...}``."""
+    host = config.host(case.host)
+    if host is None:
+        return {"error": f"host {case.host!r} of the case is not configured, so its task cannot be looked up"}
+    remote = Remote(host.hpc)
     try:
-        snapshot = backend_for(config, Remote(config.hpc)).snapshot()
+        snapshot = backend_for(config, host, remote).snapshot()
     except (RemoteFailure, OSError) as exc:
-        return {"error": f"HPC unreachable or {config.hpc.backend} failed ({one_line(exc)})"}
+        return {"error": f"host {host.name} unreachable or {host.backend} failed ({one_line(exc)})"}
     task = tasks.task_of(case, snapshot)
     if task is None:
-        return {"error": f"no {config.hpc.backend} task {case.pueue_task_id} with label {case.label} on the HPC"}
-    return {"task_id": task.id, "state": task.state.value, "exit_code": task.exit_code,
+        return {"error": f"no {host.backend} task {case.pueue_task_id} with label {case.label} on host {host.name}"}
+    return {"host": host.name, "task_id": task.id, "state": task.state.value, "exit_code": task.exit_code,
             "group": task.group, "label": task.label, "path": task.path,
             "start": task.start.isoformat() if task.start else None,
             "end": task.end.isoformat() if task.end else None}
@@ -253,7 +286,7 @@ def print_case(config: Config, case: Case, events: list[dict], remote: dict | No
     elif "error" in remote:
         print(f"remote: {remote['error']}; local data shown above")
     else:
-        print(f"remote: task {remote['task_id']} {remote['state']} in group {remote['group']}"
+        print(f"remote: task {remote['task_id']} {remote['state']} in group {remote['group']} on host {remote['host']}"
               + (f" (exit code {remote['exit_code']})" if remote["exit_code"] is not None else ""))
     if case.log_tail:
         print("log tail:\n" + case.log_tail.rstrip())
@@ -337,26 +370,35 @@ def cmd_priority(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def host_argument(config: Config, args: argparse.Namespace) -> str:
+    """The configured host ``mqic drain/resume [HOST]`` (or ``--host HOST``) names."""
+    if args.host and args.host_option and args.host != args.host_option:
+        raise CliError(f"two hosts given ({args.host}, --host {args.host_option}); name one")
+    return maintenance.check_host(config, args.host or args.host_option)
+
+
 def cmd_drain(config: Config, args: argparse.Namespace) -> int:
-    """Stop new claims on a host; running cases finish, waiting ones wait."""
-    host = maintenance.check_host(config, args.host)
+    """Stop new claims on a host; its running cases finish, waiting ones go to other hosts or wait."""
+    host = host_argument(config, args)
     conn = open_db(config, write=True)
     try:
         new = maintenance.drain(conn, host, now=time.time(), by=operator(), reason=args.reason or "")
         current = next(d for d in maintenance.drains(conn) if d.host == host)
-        totals = queries.status_totals(conn)
+        in_flight = queries.in_flight_on(conn, host)
+        waiting = queries.status_totals(conn)["submitted"]
     finally:
         conn.close()
     state = "drained" if new else "already drained"
-    print(f"{host}: {state} since {format_time(current.since, config.tz)} by {current.drained_by}; no new claims."
-          f" {totals['running'] + totals['submitting']} cases in flight finish, {totals['submitted']} waiting"
-          f" cases wait. `mqic resume` starts claims again.")
+    elsewhere = "go to the other hosts or wait" if len(config.hosts) > 1 else "wait"
+    print(f"{host}: {state} since {format_time(current.since, config.tz)} by {current.drained_by}; no new claims"
+          f" there. {in_flight} cases in flight there finish, {waiting} waiting cases {elsewhere}."
+          f" `mqic resume {host}` starts claims there again.")
     return 0
 
 
 def cmd_resume(config: Config, args: argparse.Namespace) -> int:
     """Allow claims on a drained host again and wake the submitter."""
-    host = maintenance.check_host(config, args.host)
+    host = host_argument(config, args)
     conn = open_db(config, write=True)
     try:
         ended = maintenance.resume(conn, host)
@@ -377,9 +419,8 @@ def cmd_cleanup(config: Config, args: argparse.Namespace) -> int:
         return 0
     conn = open_db(config, write=not args.dry_run)
     try:
-        remote = Remote(config.hpc)
-        ctx = Context(config=config, conn=conn, spool=Spool(config.spool_path).ensure(), remote=remote,
-                      backend=backend_for(config, remote), name=operator(), log=logging.getLogger("mqic.cli"))
+        ctx = Context(config=config, conn=conn, spool=Spool(config.spool_path).ensure(),
+                      hosts=connect_hosts(config), name=operator(), log=logging.getLogger("mqic.cli"))
         verdicts = retention.cleanup(ctx, time.time(), dry_run=args.dry_run)
     finally:
         conn.close()
@@ -402,11 +443,17 @@ class Check:
     detail: str
     hint: str = ""
     warn: bool = False  # ok, but worth changing: never fails the doctor
+    host: str | None = None  # the configured host it checked (None: a check of this workstation)
 
     def line(self) -> str:
         label = "FAIL" if not self.ok else ("WARN" if self.warn else "OK  ")
-        text = f"{label} {self.name}: {self.detail}"
+        text = f"{label} {self.name}: {self.detail}" + (f" (host {self.host})" if self.host is not None else "")
         return text if (self.ok and not self.warn) or not self.hint else f"{text} -> fix: {self.hint}"
+
+
+def setting(config: Config, host: HostConfig, key: str, section: str = "hpc") -> str:
+    """How a hint names a host's setting: ``hpc.KEY`` with one host, else ``KEY of host NAME``."""
+    return f"{section}.{key}" if len(config.hosts) == 1 else f"{key} of host {host.name}"
 
 
 MIN_QUIET_SECONDS = 30
@@ -448,99 +495,115 @@ def check_delivery(config: Config) -> Check | None:
     return Check("results.deliver_to", True, f"{target} is a writable folder")
 
 
-def check_identity(config: Config) -> Check:
-    path = config.hpc.identity_file
+def check_identity(host: HostConfig) -> Check:
+    path = host.hpc.identity_file
     if not path.is_file():
         return Check("identity_file", False, f"{path} does not exist",
-                     f"ssh-keygen -t ed25519 -f {path} -N '' and add {path}.pub to the HPC's authorized_keys")
+                     f"ssh-keygen -t ed25519 -f {path} -N '' and add {path}.pub to the HPC's authorized_keys",
+                     host=host.name)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        return Check("identity_file", False, f"{path} has mode {mode:o} (readable by others)", f"chmod 600 {path}")
-    return Check("identity_file", True, f"{path} (mode {mode:o})")
+        return Check("identity_file", False, f"{path} has mode {mode:o} (readable by others)", f"chmod 600 {path}",
+                     host=host.name)
+    return Check("identity_file", True, f"{path} (mode {mode:o})", host=host.name)
 
 
-def known_host_name(config: Config) -> str:
-    return config.hpc.host if config.hpc.port == 22 else f"[{config.hpc.host}]:{config.hpc.port}"
+def known_host_name(host: HostConfig) -> str:
+    return host.hpc.host if host.hpc.port == 22 else f"[{host.hpc.host}]:{host.hpc.port}"
 
 
-def check_known_hosts(config: Config) -> Check:
-    path, host = config.hpc.known_hosts_file, known_host_name(config)
-    scan = f"ssh-keyscan -p {config.hpc.port} {config.hpc.host} >> {path} (compare the fingerprint first)"
+def check_known_hosts(host: HostConfig) -> Check:
+    path, name = host.hpc.known_hosts_file, known_host_name(host)
+    scan = f"ssh-keyscan -p {host.hpc.port} {host.hpc.host} >> {path} (compare the fingerprint first)"
     if not path.is_file():
-        return Check("known_hosts", False, f"{path} does not exist", scan)
+        return Check("known_hosts", False, f"{path} does not exist", scan, host=host.name)
     try:
-        found = subprocess.run(["ssh-keygen", "-F", host, "-f", str(path)], capture_output=True, timeout=30)
+        found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(path)], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Check("known_hosts", False, f"cannot run ssh-keygen -F: {one_line(exc)}", "install openssh-client")
+        return Check("known_hosts", False, f"cannot run ssh-keygen -F: {one_line(exc)}", "install openssh-client",
+                     host=host.name)
     if found.returncode != 0:
-        return Check("known_hosts", False, f"no entry for {host} in {path}", scan)
-    return Check("known_hosts", True, f"{host} found in {path}")
+        return Check("known_hosts", False, f"no entry for {name} in {path}", scan, host=host.name)
+    return Check("known_hosts", True, f"{name} found in {path}", host=host.name)
 
 
 SCHEDULER_CHECKS = {"pueue": ("pueue", "pueue groups"), "slurm": ("slurm", "slurm partitions")}
 
 
-def remote_checks(config: Config) -> list[Check]:
+def host_checks(config: Config, host: HostConfig) -> list[Check]:
+    """Everything the doctor checks of one host, each line naming it."""
+    checks = [check_identity(host), check_known_hosts(host), check_control_dir(config, host),
+              *remote_checks(config, host)]
+    return [replace(check, host=host.name) for check in checks]
+
+
+def remote_checks(config: Config, host: HostConfig) -> list[Check]:
     """ssh, the scheduler, our slots and the base dir, each asked once; later checks need ssh."""
-    remote, timeout = Remote(config.hpc), config.hpc.command_timeout_seconds
-    target = f"{config.hpc.user}@{config.hpc.host}:{config.hpc.port}"
+    hpc = host.hpc
+    remote, timeout = Remote(hpc), hpc.command_timeout_seconds
+    target = f"{hpc.user}@{hpc.host}:{hpc.port}"
     try:
-        remote.run(["true"], timeout=config.hpc.connect_timeout_seconds + 10)
+        remote.run(["true"], timeout=hpc.connect_timeout_seconds + 10)
     except (RemoteFailure, OSError) as exc:
-        hint = (f"check the host is up and the key is authorized: ssh -i {config.hpc.identity_file}"
-                f" -p {config.hpc.port} {config.hpc.user}@{config.hpc.host} true")
+        hint = (f"check the host is up and the key is authorized: ssh -i {hpc.identity_file}"
+                f" -p {hpc.port} {hpc.user}@{hpc.host} true")
         skipped = "skipped: ssh is not reachable"
-        names = (*SCHEDULER_CHECKS[config.hpc.backend], "remote base dir", "transfer")
+        names = (*SCHEDULER_CHECKS[host.backend], "remote base dir", "transfer")
         return [Check("ssh", False, f"{target}: {one_line(exc)}", hint),
                 *(Check(name, False, skipped) for name in names)]
     checks = [Check("ssh", True, f"{target} answers")]
-    checks += slurm_checks(config, remote) if config.hpc.backend == "slurm" else pueue_checks(config, remote)
+    checks += slurm_checks(config, host, remote) if host.backend == "slurm" else pueue_checks(config, host, remote)
     checks.append(attempt("remote base dir", lambda: probe_base_dir(remote, timeout),
-                          f"create {config.hpc.remote_base_dir} on the HPC and make it writable by {config.hpc.user}"))
-    checks.append(check_transfer(config, remote))
+                          f"create {hpc.remote_base_dir} on the HPC and make it writable by {hpc.user}"))
+    checks.append(check_transfer(config, host, remote))
     return checks
 
 
-def pueue_checks(config: Config, remote: Remote) -> list[Check]:
-    cmd, timeout = list(config.hpc.pueue_command), config.hpc.command_timeout_seconds
+def pueue_checks(config: Config, host: HostConfig, remote: Remote) -> list[Check]:
+    cmd, timeout = list(host.hpc.pueue_command), host.hpc.command_timeout_seconds
     return [attempt("pueue", lambda: f"version {pueue.version(remote, cmd, timeout=timeout)}",
-                    f"install pueue on the HPC and start it (pueued -d); hpc.pueue_command is {shlex.join(cmd)}"),
-            check_groups(config, remote, cmd, timeout)]
+                    f"install pueue on the HPC and start it (pueued -d); {setting(config, host, 'pueue_command')}"
+                    f" is {shlex.join(cmd)}"),
+            check_groups(host, remote, cmd, timeout)]
 
 
-def slurm_checks(config: Config, remote: Remote) -> list[Check]:
+def slurm_checks(config: Config, host: HostConfig, remote: Remote) -> list[Check]:
     """sbatch answers with its version; every slot's partition exists and allows our time limit."""
-    backend = backend_for(config, remote)
-    where = (f"slurm.bin_dir is {config.slurm.bin_dir}" if config.slurm.bin_dir
-             else "set slurm.bin_dir if they are not on the PATH")
-    slots = ", ".join(f"{p.name} -> {p.partition}" for p in config.slurm.partitions)
+    backend = backend_for(config, host, remote)
+    slurm = host.slurm
+    bin_dir = setting(config, host, "bin_dir", "slurm")
+    where = f"{bin_dir} is {slurm.bin_dir}" if slurm.bin_dir else f"set {bin_dir} if they are not on the PATH"
+    slots = ", ".join(f"{p.name} -> {p.partition}" for p in slurm.partitions)
 
     def partitions() -> str:
-        backend.ensure_slots({slot.name: slot.parallel for slot in config.slots})
+        backend.ensure_slots({slot.name: slot.parallel for slot in host.slots})
         return slots
 
     return [attempt("slurm", lambda: f"sbatch {backend.version()}",
                     f"install the Slurm client commands (sbatch, squeue, scancel, sinfo) on the HPC; {where}"),
             attempt("slurm partitions", partitions,
-                    "fix slurm.partitions (sinfo lists the partitions) or lower main_loop.running_case_timeout_hours")]
+                    f"fix {setting(config, host, 'partitions', 'slurm')} (sinfo lists the"
+                    f" partitions) or lower main_loop.running_case_timeout_hours")]
 
 
-def check_control_dir(config: Config) -> Check:
+def check_control_dir(config: Config, host: HostConfig) -> Check:
     """The ssh control folder must be a real folder of ours with mode 0700 (created if missing)."""
-    path = Remote(config.hpc).control_dir
+    path = Remote(host.hpc).control_dir
     try:
         ensure_private_dir(path)
     except UnsafeControlDir as exc:
         return Check("control dir", False, one_line(exc),
-                     f"remove {path} (as its owner or root) and let mqic create it, or set hpc.control_dir")
+                     f"remove {path} (as its owner or root) and let mqic create it, or set"
+                     f" {setting(config, host, 'control_dir')}")
     except OSError as exc:
-        return Check("control dir", False, one_line(exc), "set hpc.control_dir to a folder we can create")
+        return Check("control dir", False, one_line(exc),
+                     f"set {setting(config, host, 'control_dir')} to a folder we can create")
     return Check("control dir", True, f"{path} is ours, mode 0700")
 
 
-def check_transfer(config: Config, remote: Remote) -> Check:
+def check_transfer(config: Config, host: HostConfig, remote: Remote) -> Check:
     """Upload a tiny folder with the configured transfer, exactly as a case goes, then remove it."""
-    method = config.hpc.transfer
+    method = host.hpc.transfer
     name = f".mqic-doctor-{os.getpid()}-{int(time.time())}"
     with tempfile.TemporaryDirectory(prefix="mqic-doctor-") as folder:
         Path(folder, "probe.txt").write_text("mqic doctor\n")
@@ -551,10 +614,12 @@ def check_transfer(config: Config, remote: Remote) -> Check:
             remote.run(["rm", "-rf", "--", result.remote_dir])
         except TransferUnsupported as exc:
             return Check("transfer", False, f"{method}: {one_line(exc)}",
-                         'set hpc.transfer: tar, or hpc.scp_command: "scp -O"')
+                         f'set {setting(config, host, "transfer")}: tar, or {setting(config, host, "scp_command")}:'
+                         f' "scp -O"')
         except (RemoteFailure, OSError) as exc:
             return Check("transfer", False, f"{method}: {one_line(exc)}",
-                         f"make {method} work from here to the HPC, or set hpc.transfer: tar (needs only ssh and tar)")
+                         f"make {method} work from here to the HPC, or set {setting(config, host, 'transfer')}: tar"
+                         f" (needs only ssh and tar)")
     return Check("transfer", True, f"{method} upload of {result.files} files verified and removed again")
 
 
@@ -571,16 +636,16 @@ def probe_base_dir(remote: Remote, timeout: float) -> str:
     return f"{base} is writable"
 
 
-def check_groups(config: Config, remote: Remote, cmd: list[str], timeout: float) -> Check:
+def check_groups(host: HostConfig, remote: Remote, cmd: list[str], timeout: float) -> Check:
     try:
         groups = pueue.statuses(remote, cmd, timeout=timeout).groups
     except (RemoteFailure, OSError) as exc:
         return Check("pueue groups", False, one_line(exc), "start the pueue daemon: pueued -d")
-    wanted = [g.name for g in config.pueue.groups]
+    wanted = [g.name for g in host.groups]
     missing = [name for name in wanted if name not in groups]
     paused = [name for name in wanted if name in groups and groups[name].paused]
     if missing:
-        adds = "; ".join(f"pueue group add {g.name} -p {g.parallel}" for g in config.pueue.groups if g.name in missing)
+        adds = "; ".join(f"pueue group add {g.name} -p {g.parallel}" for g in host.groups if g.name in missing)
         return Check("pueue groups", False, f"missing on the HPC: {', '.join(missing)}",
                      f"the submitter creates them when it starts, or run: {adds}")
     if paused:
@@ -614,9 +679,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(Check("config", False, " ".join(str(exc).split()), f"edit {source}; every key is described in README.md").line())
         return EXIT_CONFIG
-    checks = [Check("config", True, f"{config.source} is valid"), check_identity(config),
-              check_known_hosts(config), check_control_dir(config), *remote_checks(config),
-              check_database(config), check_readiness(config)]
+    checks = [Check("config", True, f"{config.source} is valid")]
+    checks += [check for host in config.hosts for check in host_checks(config, host)]
+    checks += [check_database(config), check_readiness(config)]
     checks += [c for c in (check_notify(config), check_delivery(config)) if c is not None]
     for check in checks:
         print(check.line(), flush=True)
@@ -744,11 +809,12 @@ def build_parser() -> argparse.ArgumentParser:
     priority = sub.add_parser("priority", help="make a waiting case urgent or normal")
     priority.add_argument("case_id", type=int)
     priority.add_argument("priority", choices=PRIORITIES)
-    drain = sub.add_parser("drain", help="stop new claims (maintenance); running cases finish")
-    drain.add_argument("--host", help="HPC host (default: hpc.host)")
+    drain = sub.add_parser("drain", help="stop new claims on a host (maintenance); running cases finish")
+    resume = sub.add_parser("resume", help="start claims on a host again after a drain")
+    for command in (drain, resume):
+        command.add_argument("host", nargs="?", help="the configured host name (may be left out with one host)")
+        command.add_argument("--host", dest="host_option", metavar="HOST", help="the same, as an option")
     drain.add_argument("--reason", help="shown with the drain, e.g. 'GPU driver update'")
-    resume = sub.add_parser("resume", help="start claims again after a drain")
-    resume.add_argument("--host", help="HPC host (default: hpc.host)")
     cleanup = sub.add_parser("cleanup", help="apply the retention rules now")
     cleanup.add_argument("--dry-run", action="store_true", help="only show what would be removed and what is kept")
     health = sub.add_parser("health", help="exit 0 when healthy, 1 otherwise")

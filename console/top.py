@@ -27,7 +27,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from shared.queries import REMOTE_RECORDED, STATUSES, CaseView, Overview, overview
+from shared.queries import STATUSES, CaseView, HostView, Overview, overview
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect
@@ -105,13 +105,11 @@ def totals_line(view: Overview) -> Text:
 
 
 def upkeep_line(view: Overview, tz: ZoneInfo) -> Text | None:
-    """Drains, urgent cases waiting, results awaiting delivery and notices; None when there is nothing to say."""
+    """Urgent cases waiting, results awaiting delivery and notices; None when there is nothing to say.
+
+    Drains are on the host lines (``host_lines``)."""
     kept = view.upkeep
     parts: list[Text] = []
-    for drain in kept.drains:
-        why = f" ({drain.reason})" if drain.reason else ""
-        parts.append(Text(f"DRAINED {drain.host} since {format_time(drain.since, tz)} by {drain.drained_by}{why}:"
-                          f" no new claims (`mqic resume`)", style="bold yellow"))
     if kept.urgent_waiting:
         parts.append(Text(f"urgent waiting {kept.urgent_waiting}", style="bold red"))
     if kept.awaiting_delivery:
@@ -125,17 +123,49 @@ def upkeep_line(view: Overview, tz: ZoneInfo) -> Text | None:
     return Text("\n").join(parts) if parts else None
 
 
+def host_line(host: HostView, now: float, tz: ZoneInfo) -> Text:
+    """``host gpu1 (pueue, root@10.0.0.5): reachable at …; seats 1/2 in use, 1 running`` (and a drain)."""
+    text = Text("host ")
+    text.append(host.name or "(unnamed)", style="bold")
+    text.append(f" ({host.backend}, {host.address}): " if host.configured else " (not configured any more): ")
+    remote = host.remote
+    if remote.reachable is None:
+        text.append("no contact recorded yet")
+    elif remote.reachable:
+        text.append("reachable", style="green")
+        text.append(f" at {format_time(remote.checked_at, tz)}")
+    else:
+        since = remote.down_since if remote.down_since is not None else remote.checked_at
+        text.append("UNREACHABLE", style="bold red")
+        text.append(f" since {format_time(since, tz)} ({format_age(now - since)})")
+        text.append(f": {remote.error}" if remote.error else "")
+    text.append(f"; seats {host.in_use}/{host.seats} in use, {host.running} running")
+    if host.drain is not None:
+        drain = host.drain
+        why = f" ({drain.reason})" if drain.reason else ""
+        text.append(f"\n  DRAINED {host.name} since {format_time(drain.since, tz)} by {drain.drained_by}{why}:"
+                    f" no new claims there (`mqic resume {host.name}`)", style="bold yellow")
+    return text
+
+
+def host_lines(view: Overview, tz: ZoneInfo) -> Text:
+    """One line per host: how it is reached, whether it answered, its seats and its drain."""
+    if not view.hosts:
+        return Text("hosts: none recorded yet")
+    return Text("\n").join(host_line(host, view.now, tz) for host in view.hosts)
+
+
 def slots_table(view: Overview, tz: ZoneInfo) -> Table:
     table = Table(title="GPU slots", box=box.SIMPLE_HEAD, title_justify="left", expand=False)
-    for name in ("group", "gpu", "state", "case", "task", "for"):
+    for name in ("host", "group", "seat", "gpu", "state", "case", "task", "for"):
         table.add_column(name, overflow="fold")
     for slot in view.slots:
         case = f"{slot.case_id} {slot.case_name}" if slot.case_id is not None else "-"
-        table.add_row(slot.group, slot.gpu or "-", styled(slot.status), case,
+        table.add_row(slot.host, slot.group, str(slot.seat), slot.gpu or "-", styled(slot.status), case,
                       "-" if slot.task_id is None else str(slot.task_id),
                       format_age(view.now - slot.since))
     if not view.slots:
-        table.add_row("(no slots yet: the workers create them from the configured slots)", "", "", "", "", "")
+        table.add_row("(no slots yet: the workers create them from the configured slots)", *[""] * 7)
     return table
 
 
@@ -144,16 +174,17 @@ def cases_table(title: str, cases: Sequence[CaseView], view: Overview, tz: ZoneI
     table.add_column("id", justify="right")
     table.add_column("name", overflow="fold", max_width=30)
     table.add_column("status")
+    table.add_column("host", overflow="fold")
     table.add_column("progress", no_wrap=True)
     table.add_column("updated", overflow="fold")
     for case in cases:
         name = Text(case.case_name)
         if case.priority == "urgent":
             name.append(" URGENT", style="bold red")
-        table.add_row(str(case.case_id), name, styled(case.status), progress_cell(case.progress),
+        table.add_row(str(case.case_id), name, styled(case.status), case.host or "-", progress_cell(case.progress),
                       f"{format_age(view.now - case.updated_at)} ago")
     if not cases:
-        table.add_row("", "(none)", "", "", "")
+        table.add_row("", "(none)", "", "", "", "")
     return table
 
 
@@ -190,23 +221,9 @@ def freshness(view: Overview, tz: ZoneInfo) -> Text:
     text.append("  ")
     text.append("healthy" if view.health.healthy else "unhealthy",
                 style="green" if view.health.healthy else "bold red")
-    text.append("\n")
-    text.append_text(remote_line(view, tz))
     for reason in view.health.reasons:
         text.append(f"\n  ! {reason}", style="red")
     return text
-
-
-def remote_line(view: Overview, tz: ZoneInfo) -> Text:
-    remote = view.remote
-    text = Text("HPC: ")
-    if remote.source != REMOTE_RECORDED:
-        return text.append(f"not recorded in the database ({remote.source}"
-                           f"{': ' + remote.error if remote.error else ''})")
-    text.append("reachable" if remote.reachable else "UNREACHABLE",
-                style="green" if remote.reachable else "bold red")
-    text.append(f" at {format_time(remote.checked_at, tz)}")
-    return text.append(f": {remote.error}" if remote.error and not remote.reachable else "")
 
 
 def render(view: Overview | None, config: Config, now: float, message: str | None = None) -> RenderableType:
@@ -223,7 +240,7 @@ def render(view: Overview | None, config: Config, now: float, message: str | Non
     upkeep = upkeep_line(view, tz)
     if upkeep is not None:
         parts.append(upkeep)
-    parts += [slots_table(view, tz),
+    parts += [host_lines(view, tz), slots_table(view, tz),
               cases_table("Recent cases", view.recent, view, tz)]
     if view.flagged:
         parts.append(review_table(view))
@@ -249,7 +266,8 @@ class Reader:
                 if not path.exists():
                     return self.last, f"database {path} not found (workers not started yet?); retrying"
                 self.conn = connect(path, readonly=True, busy_timeout_ms=READ_BUSY_TIMEOUT_MS)
-            self.last = overview(self.conn, now, self.config.unhealthy_after_seconds, recent=self.recent)
+            self.last = overview(self.conn, now, self.config.unhealthy_after_seconds, recent=self.recent,
+                                 configured=self.config.hosts)
             return self.last, None
         except sqlite3.Error as exc:
             self.close()

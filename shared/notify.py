@@ -1,11 +1,12 @@
-"""Notices: someone hears when a case completes, fails or needs review, or the HPC is down.
+"""Notices: someone hears when a case completes, fails or needs review, or a host is down.
 
 Decoupled from the places that change a case: a step reads ``case_events`` after
 a cursor kept in ``settings`` and turns the wanted ones into rows of ``notices``
 (an outbox), in the same transaction that moves the cursor, so every event is
-considered once whatever crashes. The HPC counts as unreachable once the newest
-recorded contact of any worker (``workers.remote_ok``) has failed for
-``notify.unreachable_after_minutes``; one notice per outage, and one when it is back.
+considered once whatever crashes. A host counts as unreachable once the workers'
+calls to it have failed (``host_reach``, down since ``down_since``) for
+``notify.unreachable_after_minutes``; one notice per host and outage, and one when it
+is back. The outage already reported is kept per host in ``settings``.
 
 Sending never blocks the worker: ``notify.command`` (a list of arguments, no
 shell) is started as a child process with the notice's JSON on its standard
@@ -37,8 +38,7 @@ from shared.worker import Context
 
 CURSOR_KEY = "notify.cursor"
 SINCE_KEY = "notify.since"
-DOWN_SINCE_KEY = "notify.down_since"
-DOWN_REPORTED_KEY = "notify.down_reported"
+REPORTED_PREFIX = "notify.down_reported."  # + host name: the down_since of the outage reported
 SENDING = "notify_sending"  # ctx.state: notice_id -> Sending (children of this process)
 _CHILDREN: set[subprocess.Popen] = set()  # killed when the process exits, so none outlives its worker
 MAX_PARALLEL = 1  # one at a time, oldest first: notices arrive in the order things happened
@@ -48,7 +48,7 @@ FLAG_PREFIX = "flagged for review: "
 
 EVENTS_SQL = (
     "SELECT e.event_id, e.case_id, e.from_status, e.to_status, e.at, e.detail, c.case_name, c.priority,"
-    " c.status, c.outcome, c.exit_code, c.error_message, c.pueue_group"
+    " c.status, c.outcome, c.exit_code, c.error_message, c.pueue_group, c.host"
     " FROM case_events e JOIN cases c ON c.case_id = e.case_id WHERE e.event_id > ? ORDER BY e.event_id LIMIT ?")
 CLAIM_SQL = (
     "UPDATE notices SET claimed_by = :w, lease_until = :lease, attempts = attempts + 1"
@@ -99,7 +99,7 @@ def case_payload(kind: str, row: sqlite3.Row, config: Config) -> dict[str, Any]:
     return {"event": f"case_{kind}", "text": one_line(text).rstrip(":"), "case_id": case_id, "case_name": name,
             "priority": row["priority"], "status": row["status"], "outcome": row["outcome"],
             "exit_code": row["exit_code"], "error": row["error_message"], "detail": row["detail"],
-            "group": row["pueue_group"], "host": config.hpc.host, "at": iso(row["at"], config),
+            "group": row["pueue_group"], "host": row["host"], "at": iso(row["at"], config),
             "event_id": row["event_id"]}
 
 
@@ -129,58 +129,59 @@ def collect_events(conn: sqlite3.Connection, config: Config, since_at: float, no
         return added
 
 
-def newest_contact(conn: sqlite3.Connection) -> sqlite3.Row | None:
-    return conn.execute("SELECT name, remote_ok, remote_checked_at, remote_error FROM workers"
-                        " WHERE remote_checked_at IS NOT NULL ORDER BY remote_checked_at DESC LIMIT 1").fetchone()
+REACH_SQL = "SELECT host, ok, checked_at, checked_by, error, down_since FROM host_reach ORDER BY host"
+REPORTED_SQL = "SELECT key, value FROM settings WHERE key >= ? AND key < ?"
 
 
-def reachability_change(conn: sqlite3.Connection, config: Config, now: float) -> str | None:
-    """What the newest contact changes: ``down`` (an outage starts), ``report`` (it lasted too long),
-    ``up`` (over, never reported), ``back`` (over, reported) or None."""
-    contact = newest_contact(conn)
-    if contact is None:
-        return None
-    down_since, reported = get_setting(conn, DOWN_SINCE_KEY), get_setting(conn, DOWN_REPORTED_KEY)
-    if contact["remote_ok"]:
-        return "back" if reported is not None else ("up" if down_since is not None else None)
-    if down_since is None:
-        return "down"
-    if reported is None and (now - down_since) / 60 >= config.notify.unreachable_after_minutes:
-        return "report"
-    return None
+def reported_outages(conn: sqlite3.Connection) -> dict[str, float]:
+    """The outage reported per host (its ``down_since``), from ``settings``."""
+    rows = conn.execute(REPORTED_SQL, (REPORTED_PREFIX, REPORTED_PREFIX[:-1] + chr(ord(".") + 1)))
+    return {key[len(REPORTED_PREFIX):]: float(value) for key, value in rows}
+
+
+def reach_changes(conn: sqlite3.Connection, config: Config, now: float) -> list[tuple[str, sqlite3.Row, float | None]]:
+    """``(change, host_reach row, reported down_since)`` per host whose state calls for a notice:
+    ``report`` (down for ``unreachable_after_minutes``, not reported yet) or ``back`` (answers
+    again after a reported outage)."""
+    reported = reported_outages(conn)
+    changes = []
+    for row in conn.execute(REACH_SQL).fetchall():
+        known = reported.get(row["host"])
+        if row["ok"] and known is not None:
+            changes.append(("back", row, known))
+        elif not row["ok"] and row["down_since"] is not None and known != row["down_since"] \
+                and (now - row["down_since"]) / 60 >= config.notify.unreachable_after_minutes:
+            changes.append(("report", row, known))
+    return changes
 
 
 def watch_reachability(conn: sqlite3.Connection, config: Config, now: float) -> int:
-    """One notice when the HPC stays unreachable past the limit, one when it answers again."""
-    if reachability_change(conn, config, now) is None:
+    """One notice per host that stays unreachable past the limit, one when it answers again."""
+    if "unreachable" not in config.notify.events or not reach_changes(conn, config, now):
         return 0  # the usual case: a read, no write lock
+    added = 0
     with transaction(conn):
-        change, contact = reachability_change(conn, config, now), newest_contact(conn)
-        down_since, reported = get_setting(conn, DOWN_SINCE_KEY), get_setting(conn, DOWN_REPORTED_KEY)
-        if change == "down":
-            put_setting(conn, DOWN_SINCE_KEY, contact["remote_checked_at"], now=now)
-        elif change == "report":
-            put_setting(conn, DOWN_REPORTED_KEY, down_since, now=now)
-            return _host_notice(conn, config, "unreachable", f"UNREACHABLE for {(now - down_since) / 60:.0f} min",
-                                contact, now)
-        elif change in ("up", "back"):
-            delete_setting(conn, DOWN_SINCE_KEY)
-            delete_setting(conn, DOWN_REPORTED_KEY)
-            if change == "back":
-                return _host_notice(conn, config, "reachable", f"reachable again after {(now - reported) / 60:.0f} min",
-                                    contact, now)
-        return 0
+        for change, row, reported in reach_changes(conn, config, now):
+            key = REPORTED_PREFIX + row["host"]
+            if change == "report":
+                put_setting(conn, key, row["down_since"], now=now)
+                what = f"UNREACHABLE for {(now - row['down_since']) / 60:.0f} min"
+            else:
+                delete_setting(conn, key)
+                what = f"reachable again after {(now - reported) / 60:.0f} min"
+            added += _host_notice(conn, config, change, what, row, now)
+    return added
 
 
-def _host_notice(conn: sqlite3.Connection, config: Config, kind: str, what: str, contact: sqlite3.Row,
+def _host_notice(conn: sqlite3.Connection, config: Config, change: str, what: str, row: sqlite3.Row,
                  now: float) -> int:
-    if "unreachable" not in config.notify.events:
-        return 0
-    error = contact["remote_error"] if kind == "unreachable" else None
-    payload = {"event": f"hpc_{kind}", "text": f"MQIC: HPC {config.hpc.host} {what}" + (f": {error}" if error else ""),
-               "host": config.hpc.host, "error": error, "at": iso(now, config),
-               "last_contact": iso(contact["remote_checked_at"], config), "worker": contact["name"]}
-    payload["text"] = one_line(payload["text"])
+    kind = "unreachable" if change == "report" else "reachable"
+    host = config.host(row["host"])
+    where = f"host {row['host']}" + (f" ({host.hpc.host})" if host is not None and host.hpc.host != row["host"] else "")
+    error = row["error"] if kind == "unreachable" else None
+    payload = {"event": f"hpc_{kind}", "text": one_line(f"MQIC: {where} {what}" + (f": {error}" if error else "")),
+               "host": row["host"], "address": None if host is None else host.hpc.host, "error": error,
+               "at": iso(now, config), "last_contact": iso(row["checked_at"], config), "worker": row["checked_by"]}
     add_notice(conn, f"hpc_{kind}", payload, case_id=None, now=now)
     return 1
 

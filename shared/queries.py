@@ -10,17 +10,17 @@ from __future__ import annotations
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+from shared.config import HostConfig
 from shared.maintenance import Drain, drains
 from shared.states import CaseStatus
 from shared.store import Case, case_from_row
 
 STATUSES = tuple(s.value for s in CaseStatus)
 ACTIVE_STATUSES = ("submitted", "submitting", "running")
-REMOTE_RECORDED = "workers.remote_ok"
 
-CASE_VIEW_COLUMNS = ("case_id, case_name, status, progress, pueue_group, pueue_task_id,"
+CASE_VIEW_COLUMNS = ("case_id, case_name, status, progress, host, pueue_group, pueue_task_id,"
                      " submitted_at, status_updated_at, attempts, outcome, needs_review, review_reason,"
                      " priority, delivered_at, delivery_error")
 
@@ -32,6 +32,7 @@ class CaseView:
     case_name: str
     status: str
     progress: float
+    host: str | None  # the host its folder and task are on (None: never placed)
     pueue_group: str | None
     pueue_task_id: int | None
     submitted_at: float
@@ -47,8 +48,10 @@ class CaseView:
 
 @dataclass(frozen=True)
 class SlotView:
-    """A GPU slot with the case it names (``case_*`` are None for a free slot)."""
+    """One seat of a slot (host, group, seat) with the case it names (``case_*`` are None when free)."""
+    host: str
     group: str
+    seat: int
     gpu: str | None
     status: str
     since: float
@@ -71,11 +74,36 @@ class WorkerView:
 
 @dataclass(frozen=True)
 class RemoteView:
-    """What the workers last saw of the HPC; ``reachable`` None when nothing was recorded."""
+    """What the workers last saw of one host (``host_reach``); ``reachable`` None when nothing
+    was recorded. ``down_since`` is when the current outage began (None while reachable)."""
+    host: str
     reachable: bool | None
-    checked_at: float | None
-    error: str | None
-    source: str
+    checked_at: float | None = None
+    checked_by: str | None = None
+    error: str | None = None
+    down_since: float | None = None
+
+
+@dataclass(frozen=True)
+class HostView:
+    """One host as an operator sees it: how it is reached, its drain and how full its seats are.
+
+    ``configured`` is False for a host the config no longer names whose rows remain (a seat
+    still holding a case, a drain); ``backend`` and ``address`` are None for such a host.
+    """
+    name: str
+    configured: bool
+    backend: str | None
+    address: str | None
+    remote: RemoteView
+    drain: Drain | None
+    seats: int
+    in_use: int
+    running: int
+
+    @property
+    def drained(self) -> bool:
+        return self.drain is not None
 
 
 @dataclass(frozen=True)
@@ -110,7 +138,7 @@ class Overview:
     flagged: tuple[CaseView, ...]
     workers: tuple[WorkerView, ...]
     last_change: float | None
-    remote: RemoteView
+    hosts: tuple[HostView, ...]
     health: Health
     upkeep: Upkeep = Upkeep()
 
@@ -155,7 +183,7 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def _case_view(row: sqlite3.Row) -> CaseView:
     return CaseView(case_id=row["case_id"], case_name=row["case_name"], status=row["status"],
-                    progress=row["progress"], pueue_group=row["pueue_group"],
+                    progress=row["progress"], host=row["host"], pueue_group=row["pueue_group"],
                     pueue_task_id=row["pueue_task_id"], submitted_at=row["submitted_at"],
                     updated_at=row["status_updated_at"], attempts=row["attempts"],
                     outcome=row["outcome"], needs_review=bool(row["needs_review"]),
@@ -217,18 +245,71 @@ def case_record(case: Case) -> dict[str, Any]:
 # -- slots, workers, freshness ------------------------------------------------------------------
 
 SLOTS_SQL = (
-    "SELECT g.pueue_group, g.gpu, g.status, g.updated_at, g.assigned_case_id,"
+    "SELECT g.host, g.pueue_group, g.seat, g.gpu, g.status, g.updated_at, g.assigned_case_id,"
     " c.case_name, c.status AS case_status, c.pueue_task_id, c.progress"
     " FROM gpu_resources g LEFT JOIN cases c ON c.case_id = g.assigned_case_id"
-    " ORDER BY g.pueue_group")
+    " ORDER BY g.host, g.pueue_group, g.seat")
+REACH_SQL = "SELECT host, ok, checked_at, checked_by, error, down_since FROM host_reach ORDER BY host"
+# A seat is in use while assigned or zombie (a zombie's task may still run).
+SEATS_BY_HOST_SQL = ("SELECT host, COUNT(*) AS seats, COALESCE(SUM(status IN ('assigned', 'zombie')), 0) AS in_use"
+                     " FROM gpu_resources GROUP BY host")
+RUNNING_BY_HOST_SQL = "SELECT host, COUNT(*) FROM cases WHERE status = 'running' GROUP BY host"
 
 
 def slots(conn: sqlite3.Connection) -> list[SlotView]:
-    """Every GPU slot with its state, the case on it and since when it is in that state."""
-    return [SlotView(group=r["pueue_group"], gpu=r["gpu"], status=r["status"], since=r["updated_at"],
-                     case_id=r["assigned_case_id"], case_name=r["case_name"],
+    """Every seat of every host's slots (by host, group, seat) with its state, the case on it and
+    since when it is in that state."""
+    return [SlotView(host=r["host"], group=r["pueue_group"], seat=r["seat"], gpu=r["gpu"], status=r["status"],
+                     since=r["updated_at"], case_id=r["assigned_case_id"], case_name=r["case_name"],
                      case_status=r["case_status"], task_id=r["pueue_task_id"], progress=r["progress"])
             for r in conn.execute(SLOTS_SQL)]
+
+
+def reachability(conn: sqlite3.Connection) -> dict[str, RemoteView]:
+    """What the workers last recorded of each host they talked to (``host_reach``), by host name."""
+    return {r["host"]: RemoteView(host=r["host"], reachable=bool(r["ok"]), checked_at=r["checked_at"],
+                                  checked_by=r["checked_by"], error=r["error"], down_since=r["down_since"])
+            for r in conn.execute(REACH_SQL)}
+
+
+def running_by_host(conn: sqlite3.Connection) -> dict[str | None, int]:
+    """Running cases per host (None: a running case without a host, which should not exist)."""
+    return dict(conn.execute(RUNNING_BY_HOST_SQL).fetchall())
+
+
+def address(host: HostConfig) -> str:
+    """``user@host`` (and ``:port`` when not 22): where a configured host is reached."""
+    hpc = host.hpc
+    return f"{hpc.user}@{hpc.host}" + (f":{hpc.port}" if hpc.port != 22 else "")
+
+
+def hosts(conn: sqlite3.Connection, configured: Sequence[HostConfig] = ()) -> list[HostView]:
+    """Every configured host (in config order), then any other host the database still names.
+
+    A host nobody has talked to yet has ``remote.reachable`` None.
+    """
+    reach = reachability(conn)
+    drained = {d.host: d for d in drains(conn)}
+    seats = {r["host"]: (r["seats"], r["in_use"]) for r in conn.execute(SEATS_BY_HOST_SQL)}
+    running = running_by_host(conn)
+    by_name = {h.name: h for h in configured}
+    others = sorted((set(reach) | set(drained) | set(seats) | {h for h in running if h is not None}) - set(by_name))
+    views = []
+    for name in [*by_name, *others]:
+        host = by_name.get(name)
+        total, in_use = seats.get(name, (0, 0))
+        views.append(HostView(name=name, configured=host is not None,
+                              backend=None if host is None else host.backend,
+                              address=None if host is None else address(host),
+                              remote=reach.get(name, RemoteView(host=name, reachable=None)),
+                              drain=drained.get(name), seats=total, in_use=in_use, running=running.get(name, 0)))
+    return views
+
+
+def in_flight_on(conn: sqlite3.Connection, host: str) -> int:
+    """Cases being submitted to or running on ``host``."""
+    return conn.execute("SELECT COUNT(*) FROM cases WHERE status IN ('submitting', 'running') AND host = ?",
+                        (host,)).fetchone()[0]
 
 
 def workers(conn: sqlite3.Connection, now: float, stale_after: float) -> list[WorkerView]:
@@ -251,26 +332,19 @@ def last_db_change(conn: sqlite3.Connection) -> float | None:
     return max(stamps) if stamps else None
 
 
-def remote_status(conn: sqlite3.Connection, now: float, stale_after: float) -> RemoteView:
-    """Whether the HPC answered the newest recorded attempt of any worker (``workers.remote_*``)."""
-    row = conn.execute("SELECT remote_ok, remote_checked_at, remote_error FROM workers"
-                       " WHERE remote_checked_at IS NOT NULL"
-                       " ORDER BY remote_checked_at DESC LIMIT 1").fetchone()
-    if row is None:
-        return RemoteView(reachable=None, checked_at=None, error=None, source="no contact recorded yet")
-    return RemoteView(reachable=bool(row["remote_ok"]), checked_at=row["remote_checked_at"],
-                      error=row["remote_error"], source=REMOTE_RECORDED)
-
-
 def judge_health(totals: dict[str, int], workers_seen: list[WorkerView] | tuple[WorkerView, ...],
-                 last_change: float | None, now: float, stale_after: float, upkeep: Upkeep = Upkeep()) -> Health:
+                 last_change: float | None, now: float, stale_after: float, upkeep: Upkeep = Upkeep(),
+                 hosts_seen: Sequence[HostView] = ()) -> Health:
     """Healthy unless a heartbeat is stale (or none exists), active cases sit unchanged too long,
-    or results cannot be delivered. While drained, waiting cases are expected not to move."""
+    or results cannot be delivered. While every configured host is drained (any host, when
+    ``hosts_seen`` is not given), waiting cases are expected not to move."""
     reasons = [f"worker {w.name} heartbeat is {now - w.heartbeat:.0f}s old (limit {stale_after:g}s)"
                for w in workers_seen if not w.alive]
     if not workers_seen:
         reasons.append("no worker has written a heartbeat (are the workers running?)")
-    moving = [s for s in ACTIVE_STATUSES if not (upkeep.drained and s == "submitted")]
+    configured = [h for h in hosts_seen if h.configured]
+    all_drained = all(h.drained for h in configured) if configured else upkeep.drained
+    moving = [s for s in ACTIVE_STATUSES if not (all_drained and s == "submitted")]
     active = sum(totals.get(s, 0) for s in moving)
     if active and last_change is not None and now - last_change > stale_after:
         reasons.append(f"no database change for {now - last_change:.0f}s while {active} cases are"
@@ -309,18 +383,19 @@ def upkeep(conn: sqlite3.Connection) -> Upkeep:
 
 
 def overview(conn: sqlite3.Connection, now: float, stale_after: float, *, recent: int = 10,
-             flags: int = 20) -> Overview:
-    """Everything the monitor shows, read in one consistent snapshot."""
+             flags: int = 20, configured: Sequence[HostConfig] = ()) -> Overview:
+    """Everything the monitor shows, read in one consistent snapshot; ``configured`` are the
+    config's hosts (each is shown even before a worker has written anything about it)."""
     with read_snapshot(conn):
         totals = status_totals(conn)
         seen = workers(conn, now, stale_after)
         last = last_db_change(conn)
         kept = upkeep(conn)
+        known = tuple(hosts(conn, configured))
         return Overview(now=now, totals=totals, slots=tuple(slots(conn)),
                         recent=tuple(recent_cases(conn, recent)), flagged=tuple(review_flags(conn, flags)),
-                        workers=tuple(seen), last_change=last,
-                        remote=remote_status(conn, now, stale_after),
-                        health=judge_health(totals, seen, last, now, stale_after, kept), upkeep=kept)
+                        workers=tuple(seen), last_change=last, hosts=known,
+                        health=judge_health(totals, seen, last, now, stale_after, kept, known), upkeep=kept)
 
 
 # -- metrics helpers ------------------------------------------------------------------------------
@@ -364,7 +439,8 @@ def phase_samples(conn: sqlite3.Connection, after: int, upto: int) -> list[Phase
 
 MOVES_SQL = ("SELECT COUNT(*) FROM case_events WHERE event_id > ? AND event_id <= ?"
              " AND to_status = ? AND from_status IS NOT to_status")
-SLOT_EVENTS_NEWEST_FIRST_SQL = "SELECT pueue_group, from_status, to_status, at FROM slot_events ORDER BY event_id DESC"
+SLOT_EVENTS_NEWEST_FIRST_SQL = ("SELECT host, pueue_group, seat, from_status, to_status, at FROM slot_events"
+                                " ORDER BY event_id DESC")
 
 
 def moves_into(conn: sqlite3.Connection, status: str, after: int, upto: int) -> int:
@@ -381,27 +457,40 @@ def newest_event_id(conn: sqlite3.Connection) -> int:
     return row[0] or 0
 
 
-def slot_busy_seconds(conn: sqlite3.Connection, now: float, window: float) -> dict[str, float]:
-    """Seconds of the last ``window`` seconds each slot spent ``assigned``.
+def slot_busy_seconds(conn: sqlite3.Connection, now: float, window: float) -> dict[tuple[str, str], float]:
+    """Seconds of the last ``window`` seconds each slot (host, group) had a seat ``assigned``.
 
-    Starts from each slot's current state and walks its events backwards (newest
-    first, by primary key) until the window start, so only the window's events are read.
+    A slot with depth holds several seats; its GPU counts as busy while any of them is
+    assigned, so the seats' busy spans are merged, not added. Starts from each seat's
+    current state and walks its events backwards (newest first, by primary key) until the
+    window start, so only the window's events are read.
     """
-    state = {r["pueue_group"]: r["status"] for r in conn.execute("SELECT pueue_group, status FROM gpu_resources")}
-    busy = dict.fromkeys(state, 0.0)
+    state = {(r["host"], r["pueue_group"], r["seat"]): r["status"]
+             for r in conn.execute("SELECT host, pueue_group, seat, status FROM gpu_resources")}
     until = dict.fromkeys(state, now)
+    spans: dict[tuple[str, str], list[tuple[float, float]]] = {(host, group): [] for host, group, _ in state}
     start = now - window
     for r in conn.execute(SLOT_EVENTS_NEWEST_FIRST_SQL):
         if r["at"] < start:
             break
-        group = r["pueue_group"]
-        if group not in state:
+        seat = (r["host"], r["pueue_group"], r["seat"])
+        if seat not in state:
             continue
-        at = min(max(r["at"], start), until[group])
-        if state[group] == "assigned":
-            busy[group] += until[group] - at
-        until[group], state[group] = at, r["from_status"]
-    for group, status in state.items():
+        at = min(max(r["at"], start), until[seat])
+        if state[seat] == "assigned":
+            spans[seat[:2]].append((at, until[seat]))
+        until[seat], state[seat] = at, r["from_status"]
+    for seat, status in state.items():
         if status == "assigned":
-            busy[group] += max(0.0, until[group] - start)
-    return busy
+            spans[seat[:2]].append((start, max(start, until[seat])))
+    return {slot: merged_length(found) for slot, found in spans.items()}
+
+
+def merged_length(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of the ``(begin, end)`` spans."""
+    total, reached = 0.0, float("-inf")
+    for begin, end in sorted(spans):
+        if end > reached:
+            total += end - max(begin, reached)
+            reached = end
+    return total

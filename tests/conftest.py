@@ -256,3 +256,18 @@ def slurm_hpc(tmp_path, sshd, slurm_cluster):
     yield build
     for item in made:
         item.close()
+
+
+# -- several hosts (issue 11) ----------------------------------------------------------------------
+
+def make_hosts_config(tmp_path: Path, hosts: list[dict], **overrides: dict) -> Config:
+    """Like ``make_config``, with a ``hosts:`` list instead of the one host of ``hpc`` and
+    ``pueue.groups``; ``hpc`` (``base_config_data`` plus ``overrides``) gives each host's defaults."""
+    data = base_config_data(tmp_path)
+    del data["pueue"]["groups"]
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    data["hosts"] = hosts
+    source = tmp_path / "config.yaml"
+    source.write_text(yaml.safe_dump(data))
+    return parse_config(data, source)

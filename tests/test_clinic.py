@@ -28,7 +28,7 @@ from shared.settings import counters, get_setting
 from shared.spool import settle_folder
 from shared.states import CaseStatus, SlotStatus
 from shared.store import (beat, claim_for_staging, claim_next_case, flag_for_review, get_case, note_remote,
-                          register_case, sync_slots, transition_slot)
+                          register_case, transition_slot)
 from shared.worker import build_context
 from tests.conftest import make_config, wait_until
 from workers import scanner
@@ -69,15 +69,16 @@ def walk(ctx, case, *moves, at: float, **fields):
 
 
 def completed(ctx, name: str, at: float, **fields):
+    """A case that ran on host ``hpc`` (the one host of ``make_config``) and completed."""
     case = new_case(ctx, name, at - 100, files=RESULTS)
     return walk(ctx, case, CaseStatus.SUBMITTING, CaseStatus.RUNNING, CaseStatus.COMPLETED, at=at,
-                outcome="success", completed_at=at, **fields)
+                outcome="success", completed_at=at, **{"host": "hpc", **fields})
 
 
 def failed(ctx, name: str, at: float, **fields):
     case = new_case(ctx, name, at - 100)
     return walk(ctx, case, CaseStatus.SUBMITTING, CaseStatus.RUNNING, CaseStatus.FAILED, at=at,
-                outcome="failed", completed_at=at, error_message="exit code 1", **fields)
+                outcome="failed", completed_at=at, error_message="exit code 1", **{"host": "hpc", **fields})
 
 
 def cli(capsys, config, *args: str) -> tuple[int, str, str]:
@@ -102,7 +103,7 @@ def test_claims_take_urgent_first_oldest_first_and_an_old_normal_case_is_not_sta
     for _ in range(5):
         claim = claim_next_case(ctx.conn, worker="t", now=T0 + 3615, lease_seconds=60, max_wait_seconds=3600)
         order.append(claim.case.case_id)
-        transition_slot(ctx.conn, claim.group, SlotStatus.ASSIGNED, SlotStatus.AVAILABLE, now=T0, worker="t",
+        transition_slot(ctx.conn, claim.slot, SlotStatus.ASSIGNED, SlotStatus.AVAILABLE, now=T0, worker="t",
                         case_id=claim.case.case_id)
     # "old normal" waited 3615 s > max_wait 3600 s: it counts as urgent and is the oldest of them;
     # "normal 2" waited 3595 s: still behind every urgent case
@@ -118,14 +119,13 @@ def test_without_the_wait_limit_urgent_cases_go_first_and_staging_follows_the_sa
     assert claim_for_staging(ctx.conn, worker="stager", now=T0 + 20, lease_seconds=60).case_id == normal.case_id
 
 
-def test_drain_stops_claims_and_staging_until_resume(tmp_path):
+def test_drain_stops_claims_until_resume(tmp_path):
     ctx = context(make_config(tmp_path))
     case = new_case(ctx, "waits", T0)
-    assert drain(ctx.conn, ctx.config.hpc.host, now=T0, by="op", reason="driver update")
-    assert not drain(ctx.conn, ctx.config.hpc.host, now=T0 + 1, by="op2")  # the first drain is kept
+    assert drain(ctx.conn, "hpc", now=T0, by="op", reason="driver update")
+    assert not drain(ctx.conn, "hpc", now=T0 + 1, by="op2")  # the first drain is kept
     assert claim_next_case(ctx.conn, worker="t", now=T0 + 5, lease_seconds=60) is None
-    assert claim_for_staging(ctx.conn, worker="t", now=T0 + 5, lease_seconds=60) is None
-    ended = resume(ctx.conn, ctx.config.hpc.host)
+    ended = resume(ctx.conn, "hpc")
     assert (ended.drained_by, ended.reason, ended.since) == ("op", "driver update", T0)
     assert claim_next_case(ctx.conn, worker="t", now=T0 + 6, lease_seconds=60).case.case_id == case.case_id
 
@@ -258,7 +258,7 @@ def test_a_case_without_result_files_is_not_delivered_and_says_why(tmp_path):
     ctx = context(config)
     deliver_pending(ctx, T0)
     case = walk(ctx, new_case(ctx, "empty", T0), CaseStatus.SUBMITTING, CaseStatus.RUNNING, CaseStatus.COMPLETED,
-                at=T0 + 10, completed_at=T0 + 10)
+                at=T0 + 10, completed_at=T0 + 10, host="hpc")
     deliver_pending(ctx, T0 + 11)
     assert "no result files (output/*)" in get_case(ctx.conn, case.case_id).delivery_error
 
@@ -279,7 +279,7 @@ def retained(hpc, tmp_path):
     h = hpc(results={"deliver_to": str(tmp_path / "tps")}, retention={"remote_days": 10, "local_days": 30})
     ctx = context(h.config)
     deliver_pending(ctx, PAST)  # delivery switched on 11 days ago
-    return ctx, ctx.remote.base_dir()
+    return ctx, ctx.hosts["hpc"].remote.base_dir()
 
 
 def test_retention_removes_exactly_what_its_rules_allow(retained, capsys):
@@ -355,9 +355,9 @@ def test_retention_leaves_a_drained_host_alone_and_refuses_folders_outside_the_b
         ctx.conn.execute("UPDATE cases SET remote_dir = ? WHERE case_id = ?", (f"{base}/{link.folder_name}",
                                                                               link.case_id))
     deliver_all(ctx, PAST + 11)
-    drain(ctx.conn, ctx.config.hpc.host, now=PAST, by="op")
+    drain(ctx.conn, "hpc", now=PAST, by="op")
     assert apply_retention(ctx, time.time()) == 0 and not get_case(ctx.conn, case.case_id).needs_review
-    resume(ctx.conn, ctx.config.hpc.host)
+    resume(ctx.conn, "hpc")
     assert apply_retention(ctx, time.time()) == 0
     assert outside.is_dir() and os.path.islink(f"{base}/{link.folder_name}")
     assert "not a folder directly inside" in get_case(ctx.conn, case.case_id).review_reason
@@ -489,14 +489,14 @@ def test_an_hpc_outage_is_reported_once_after_the_limit_and_its_end_once(tmp_pat
                            events=["unreachable"])
     ctx = context(config)
     beat(ctx.conn, "poller", now=T0)
-    note_remote(ctx.conn, "poller", ok=False, now=T0, error="Unreachable: no answer within 20s")
+    note_remote(ctx.conn, "hpc", "poller", ok=False, now=T0, error="Unreachable: no answer within 20s")
     send_notifications(ctx, T0)                              # outage starts at T0
     send_notifications(ctx, T0 + 9 * 60)                     # 9 min: not yet
     assert ctx.conn.execute("SELECT COUNT(*) FROM notices").fetchone()[0] == 0
-    note_remote(ctx.conn, "poller", ok=False, now=T0 + 10 * 60, error="Unreachable: no answer within 20s")
+    note_remote(ctx.conn, "hpc", "poller", ok=False, now=T0 + 10 * 60, error="Unreachable: no answer within 20s")
     send_notifications(ctx, T0 + 10 * 60)
     send_notifications(ctx, T0 + 20 * 60)                    # once per outage (its notifier may still run)
-    note_remote(ctx.conn, "poller", ok=True, now=T0 + 21 * 60)
+    note_remote(ctx.conn, "hpc", "poller", ok=True, now=T0 + 21 * 60)
     send_notifications(ctx, T0 + 21 * 60)
     settle(ctx, T0 + 21 * 60, lambda: counters(ctx.conn).get("notices_sent") == 2)
     got = [json.loads(line)["stdin"] for line in log.read_text().splitlines()]
@@ -525,12 +525,12 @@ BAD = [
     ({"scanner": {"ready_marker": "_GO", "urgent_marker": "_GO"}}, "scanner.urgent_marker: got '_GO', expected a name other"),
     ({"scanner": {"urgent_name_pattern": "(x"}}, "scanner.urgent_name_pattern: got '(x', expected a regular expression"),
     ({"scheduling": {"max_wait_minutes": 0}}, "scheduling.max_wait_minutes: got 0, expected a number > 0"),
-    ({"results": {"deliver_to": "/srv/tps"}}, "results.deliver_to: got '/srv/tps', expected hpc.result_files"),
+    ({"results": {"deliver_to": "/srv/tps"}}, "results.deliver_to: got '/srv/tps', expected result_files of host hpc"),
     ({"results": {"deliver_to": "incoming/x"}, "hpc": {"result_files": ["out/*"]}},
      "expected a folder outside scanner.watch_path"),
     ({"results": {"checksums": "yes"}}, "results.checksums: got 'yes', expected true or false"),
     ({"retention": {"remote_days": -1}}, "retention.remote_days: got -1, expected a number > 0"),
-    ({"retention": {"remote_days": 7}}, "retention.remote_days: got 7, expected hpc.result_files"),
+    ({"retention": {"remote_days": 7}}, "retention.remote_days: got 7, expected result_files of host hpc"),
     ({"retention": {"local_dayz": 7}}, "retention.local_dayz: unknown key"),
     ({"notify": {"command": "curl -d @- https://x"}}, "notify.command: got 'curl -d @- https://x', expected a list"),
     ({"notify": {"events": ["done"]}}, f"notify.events: got ['done'], expected a list of {', '.join(NOTIFY_EVENTS)}"),
@@ -559,8 +559,9 @@ def test_migration_adds_the_columns_and_starts_the_notice_cursor_at_the_newest_e
     conn = connect(tmp_path / "old.db", migrate=False)
     ours = next(i for i, script in enumerate(MIGRATIONS) if "CREATE TABLE drains" in script)
     migrate_schema(conn, target=ours)  # the schema just before this issue's migration
-    sync_slots(conn, [("gpu_a", "0")], now=T0, worker="t")
-    with transaction(conn):
+    with transaction(conn):  # a slot row as the versions of then wrote it
+        conn.execute("INSERT INTO gpu_resources (pueue_group, status, gpu, updated_at)"
+                     " VALUES ('gpu_a', 'available', '0', ?)", (T0,))
         conn.execute("INSERT INTO cases (case_name, case_path, source_path, spool_stage, status, submitted_at,"
                      " status_updated_at) VALUES ('x', '/p', '/p', 'queued', 'submitted', 1, 1)")
         conn.execute("INSERT INTO case_events (case_id, to_status, at, worker) VALUES (1, 'submitted', 1, 't')")

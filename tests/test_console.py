@@ -25,7 +25,7 @@ from shared.remote import Remote
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import (beat, case_label, claim_next_case, flag_for_review, get_case, get_slot,
-                          register_case, sync_slots)
+                          register_case, seat_specs, sync_slots)
 from tests.conftest import base_config_data, make_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def seed(config, now: float) -> dict[str, int]:
     """
     conn = connect(config.database_path)
     spool = Spool(config.spool_path).ensure()
-    sync_slots(conn, [(g.name, g.gpu) for g in config.pueue.groups], now=now - 7200, worker="test")
+    sync_slots(conn, seat_specs(config), now=now - 7200, worker="test")
     ids: dict[str, int] = {}
 
     def register(name: str, at: float) -> None:
@@ -127,7 +127,9 @@ def test_top_once_shows_totals_slots_cases_flags_and_heartbeats(world):
     for status, count in (("submitted", 2), ("submitting", 1), ("running", 1), ("completed", 1), ("failed", 1)):
         assert re.search(rf"\b{status} {count}\b", frame), (status, frame)
     assert "gpu_a" in frame and "gpu_b" in frame and "assigned" in frame
-    assert re.search(r"gpu_a\s+0\s+assigned\s+1 alpha\s+11\s+\d+m", frame)  # the case, task and age
+    assert re.search(r"hpc\s+gpu_a\s+0\s+0\s+assigned\s+1 alpha\s+11\s+\d+m", frame)  # the case, task and age
+    assert "host hpc (pueue, root@127.0.0.1): no contact recorded yet; seats 2/2 in use, 1" in frame
+    assert re.search(r"1\s+alpha\s+running\s+hpc\s", frame)  # a case names its host
     for name in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot"):
         assert name in frame
     assert "42%" in frame
@@ -214,7 +216,8 @@ def test_show_prints_row_events_and_says_when_the_hpc_is_unreachable(world, caps
     code, out, err = cli(capsys, config, "show", str(ids["alpha"]))
     assert code == 0, err
     assert "alpha" in out and "submitted -> submitting" in out and "flagged for review" in out
-    assert "remote: HPC unreachable" in out and "local data shown above" in out
+    assert "remote: host hpc unreachable" in out and "local data shown above" in out
+    assert re.search(r"^\s+host: hpc$", out, re.MULTILINE)  # the host its folder and task are on
     code, out, _ = cli(capsys, config, "show", str(ids["alpha"]), "--json")
     shown = json.loads(out)
     assert shown["case"]["status"] == "running" and shown["case"]["pueue_task_id"] == 11
@@ -258,7 +261,7 @@ def test_database_missing_is_one_line_and_exit_1(tmp_path, capsys):
 def test_retry_is_refused_while_the_hpc_cannot_tell_about_the_old_task(world, capsys):
     config, ids = world
     code, _, err = cli(capsys, config, "retry", str(ids["charlie"]))
-    assert code == 1 and "the HPC could not tell what its tasks are" in one_error_line(err)
+    assert code == 1 and "host hpc could not tell what its tasks are" in one_error_line(err)
     conn = connect(config.database_path, readonly=True)
     assert get_case(conn, ids["charlie"]).status is CaseStatus.FAILED
     conn.close()
@@ -266,7 +269,7 @@ def test_retry_is_refused_while_the_hpc_cannot_tell_about_the_old_task(world, ca
 
 def test_retry_moves_a_failed_case_and_its_folder_back_to_the_queue(world, capsys, monkeypatch):
     config, ids = world
-    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: model.Snapshot({}, {}))  # no HPC in this world
+    monkeypatch.setattr(actions.Operator, "snapshot", lambda self, host: model.Snapshot({}, {}))  # no HPC here
     code, out, err = cli(capsys, config, "retry", str(ids["charlie"]))
     assert code == 0, err
     conn = connect(config.database_path)
@@ -285,7 +288,7 @@ def test_retry_moves_a_failed_case_and_its_folder_back_to_the_queue(world, capsy
 
 def test_retry_by_outcome_and_all_failed(world, capsys, monkeypatch):
     config, ids = world
-    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: model.Snapshot({}, {}))  # no HPC in this world
+    monkeypatch.setattr(actions.Operator, "snapshot", lambda self, host: model.Snapshot({}, {}))  # no HPC here
     conn = connect(config.database_path)
     conn.execute("UPDATE cases SET outcome = 'failed' WHERE case_id = ?", (ids["charlie"],))
     conn.close()
@@ -347,7 +350,9 @@ def test_health_exit_codes(tmp_path, capsys):
     conn = connect(config.database_path)
     beat(conn, "poller", now=time.time())
     code, out, _ = cli(capsys, config, "health", "--json")
-    assert code == 0 and json.loads(out) == {"healthy": True, "reasons": [], "drained": False, "notes": []}
+    assert code == 0 and json.loads(out) == {"healthy": True, "reasons": [], "drained": False, "notes": [], "hosts": [
+        {"host": "hpc", "backend": "pueue", "reachable": None, "down_since": None, "drained": False, "seats": 2,
+         "in_use": 2, "running": 1}]}
 
     strict = make_config(tmp_path, health={"unhealthy_after_seconds": 5})
     with transaction(conn):  # nothing changed for 60 s while cases are active
@@ -474,7 +479,7 @@ def test_sandbox_up_doctor_show_cancel_down(tmp_path, capsys):
         assert "OK   ssh" in out and "OK   pueue: version 4.0.4" in out and "OK   remote base dir" in out
         assert code == 1 and "FAIL pueue groups: missing on the HPC: gpu_a, gpu_b" in out
         assert "pueue group add gpu_a -p 1" in out
-        remote, cmd = Remote(config.hpc), list(config.hpc.pueue_command)
+        remote, cmd = Remote(config.hosts[0].hpc), list(config.hosts[0].hpc.pueue_command)
         pueue.ensure_groups(remote, cmd, {"gpu_a": 1, "gpu_b": 1})
         code, out, _ = cli(capsys, config, "doctor")
         assert code == 0, out
@@ -507,13 +512,13 @@ def running_case_with_task(config, remote: Remote, cmd: list[str]) -> int:
     """A running case whose pueue task really runs (a long sleep) in group gpu_a."""
     conn = connect(config.database_path)
     spool = Spool(config.spool_path).ensure()
-    sync_slots(conn, [(g.name, g.gpu) for g in config.pueue.groups], now=time.time(), worker="test")
+    sync_slots(conn, seat_specs(config), now=time.time(), worker="test")
     folder = config.scanner.watch_path / "sleeper"
     folder.mkdir(parents=True)
     case = register_case(conn, case_name="sleeper", source_path=str(folder), now=time.time(), worker="test")
     with spool.lock():
         settle_folder(conn, spool, case.case_id, now=time.time(), worker="test")
-    claim = claim_next_case(conn, worker="test", now=time.time(), lease_seconds=60, groups=["gpu_a"])
+    claim = claim_next_case(conn, worker="test", now=time.time(), lease_seconds=60, seats=[("hpc", "gpu_a")])
     workdir = remote.base_dir()
     task_id = pueue.submit(remote, cmd, group="gpu_a", label=case_label(case.case_id), workdir=workdir,
                            command="sleep 60")
@@ -531,7 +536,7 @@ def seed_many(config, n: int) -> None:
     """``n`` cases (mostly completed) with their events, in one transaction."""
     conn = connect(config.database_path)
     now = time.time() - 2 * n
-    sync_slots(conn, [(g.name, g.gpu) for g in config.pueue.groups], now=now, worker="test")
+    sync_slots(conn, seat_specs(config), now=now, worker="test")
     statuses = ["completed"] * 90 + ["failed"] * 4 + ["submitted"] * 4 + ["running"] * 2
     stage = {"completed": "done", "failed": "failed", "submitted": "queued", "running": "active"}
     rows, events = [], []
@@ -605,6 +610,10 @@ def test_100k_cases_frame_and_listing_use_indexes(tmp_path, capsys):
     assert_no_full_scan(conn, queries.FLAGGED_SQL, (20,), sorts_few=True)  # partial index: flagged only
     assert "USING INDEX cases_for_review" in " ".join(plan(conn, queries.FLAGGED_SQL, (20,)))
     assert_no_full_scan(conn, queries.SLOTS_SQL)
+    assert_no_full_scan(conn, queries.SEATS_BY_HOST_SQL)
+    assert_no_full_scan(conn, queries.REACH_SQL, ordered_walk="host_reach")  # one row per host
+    assert_no_full_scan(conn, queries.RUNNING_BY_HOST_SQL, sorts_few=True)  # the running cases only
+    assert "USING INDEX cases_by_status" in " ".join(plan(conn, queries.RUNNING_BY_HOST_SQL))
     assert_no_full_scan(conn, "SELECT MAX(status_updated_at) FROM cases")
     assert_no_full_scan(conn, "SELECT at FROM case_events ORDER BY event_id DESC LIMIT 1", ordered_walk="case_events")
     assert_no_full_scan(conn, queries.PHASE_EVENTS_SQL, (100, 200))

@@ -132,10 +132,10 @@ def test_a_drained_system_claims_nothing_even_after_a_restart_and_resumes(hpc, t
     passes_of_the_submitter(5)
     claimed_nothing()
     status = mqic(h, "status")
-    assert "DRAINED 127.0.0.1" in status.stdout and "GPU driver update" in status.stdout
+    assert "DRAINED hpc since" in status.stdout and "GPU driver update" in status.stdout
     health = mqic(h, "health")
     assert health.returncode == 0 and "drained since" in health.stdout, health.stdout
-    assert scrape(port)[("mqi_drained", (("host", "127.0.0.1"),))] == 1
+    assert scrape(port)[("mqi_drained", (("host", "hpc"),))] == 1
 
     sup.shutdown()                      # the whole workstation restarts
     restarted = time.time()
@@ -150,7 +150,7 @@ def test_a_drained_system_claims_nothing_even_after_a_restart_and_resumes(hpc, t
     wait_until(lambda: db.all_final(4), timeout=60, interval=0.3, message="every case final")
     assert set(db.statuses().values()) == {"completed"}
     wait_until(lambda: answers(port), timeout=30, message="exporter back")
-    assert scrape(port)[("mqi_drained", (("host", "127.0.0.1"),))] == 0
+    assert scrape(port)[("mqi_drained", (("host", "hpc"),))] == 0
 
 
 def answers(port: int) -> bool:

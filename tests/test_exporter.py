@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from console.cli import main as cli_main
 from shared import actions
 from shared.backends import model
-from shared.db import connect, transaction
+from shared.db import connect
+from shared.store import note_remote
 from tests.conftest import make_config, wait_until
 from tests.test_console import seed
 from workers.exporter import BUCKETS, DbCollector
@@ -84,7 +85,8 @@ def test_metrics_equal_the_database(exporter):
         config, "SELECT COUNT(*) FROM cases WHERE status = 'completed'") == 1
     assert m[("mqi_cases_failed_total", ())] == db_value(
         config, "SELECT COUNT(*) FROM case_events WHERE to_status = 'failed' AND from_status != 'failed'") == 1
-    assert m[("mqi_active_jobs", ())] == db_value(config, "SELECT COUNT(*) FROM cases WHERE status = 'running'") == 1
+    assert m[("mqi_active_jobs", (("host", "hpc"),))] == db_value(
+        config, "SELECT COUNT(*) FROM cases WHERE status = 'running' AND host = 'hpc'") == 1
     for status in ("submitted", "submitting", "running", "completed", "failed"):
         assert m[("mqi_cases_by_status", (("status", status),))] == db_value(
             config, "SELECT COUNT(*) FROM cases WHERE status = ?", (status,))
@@ -104,14 +106,18 @@ def test_metrics_equal_the_database(exporter):
     assert len([k for k in m if k[0].endswith("_bucket") and ("phase", "run") in k[1]]) == len(BUCKETS) + 1
 
     # gpu_a assigned for the last 3000 s, gpu_b for 1200 + 50 + 100 s of the hour (plus seconds since seeding)
-    assert m[("mqi_gpu_utilization_percent", (("group", "gpu_a"),))] == pytest.approx(3000 / 36, abs=0.5)
-    assert m[("mqi_gpu_utilization_percent", (("group", "gpu_b"),))] == pytest.approx(1350 / 36, abs=0.5)
+    assert m[("mqi_gpu_utilization_percent", (("group", "gpu_a"), ("host", "hpc")))] == pytest.approx(3000 / 36, abs=0.5)
+    assert m[("mqi_gpu_utilization_percent", (("group", "gpu_b"), ("host", "hpc")))] == pytest.approx(1350 / 36, abs=0.5)
+    for group in ("gpu_a", "gpu_b"):
+        assert m[("mqi_slots", (("group", group), ("host", "hpc"), ("status", "assigned")))] == 1
+        assert m[("mqi_slots", (("group", group), ("host", "hpc"), ("status", "available")))] == 0
     assert m[("mqi_worker_up", (("worker", "scanner"),))] == 1
     assert m[("mqi_worker_up", (("worker", "poller"),))] == 0
     newest = max(db_value(config, "SELECT MAX(status_updated_at) FROM cases"),
                  db_value(config, "SELECT MAX(at) FROM case_events"))
     assert m[("mqi_last_db_update_age_seconds", ())] == pytest.approx(time.time() - newest, abs=5)
-    assert m[("mqi_remote_unreachable", ())] == 0  # no worker recorded a failed contact
+    assert m[("mqi_remote_unreachable", (("host", "hpc"),))] == 0  # no worker recorded a failed contact
+    assert m[("mqi_drained", (("host", "hpc"),))] == 0
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
@@ -119,7 +125,7 @@ def test_metrics_equal_the_database(exporter):
 
 def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys, monkeypatch):
     config, ids, port, _ = exporter
-    monkeypatch.setattr(actions.Operator, "snapshot", lambda self: model.Snapshot({}, {}))  # no HPC here
+    monkeypatch.setattr(actions.Operator, "snapshot", lambda self, host: model.Snapshot({}, {}))  # no HPC here
     assert scrape(port)[("mqi_cases_failed_total", ())] == 1
     assert cli_main(["--config", str(config.source), "retry", str(ids["charlie"])]) == 0
     m = scrape(port)
@@ -133,16 +139,13 @@ def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys, monk
 
 
 def test_remote_unreachable_follows_what_the_workers_recorded(exporter):
-    """workers.remote_ok / remote_checked_at / remote_error: the newest check of any worker wins."""
+    """host_reach: the newest call of any worker to the host wins."""
     config, _, port, _ = exporter
     conn = connect(config.database_path)
-    with transaction(conn):
-        conn.execute("UPDATE workers SET remote_ok = 1, remote_checked_at = ? WHERE name = 'poller'", (time.time(),))
-    assert scrape(port)[("mqi_remote_unreachable", ())] == 0
-    with transaction(conn):
-        conn.execute("UPDATE workers SET remote_ok = 0, remote_checked_at = ?, remote_error = 'Unreachable'"
-                     " WHERE name = 'scanner'", (time.time(),))
-    assert scrape(port)[("mqi_remote_unreachable", ())] == 1
+    note_remote(conn, "hpc", "poller", ok=True, now=time.time())
+    assert scrape(port)[("mqi_remote_unreachable", (("host", "hpc"),))] == 0
+    note_remote(conn, "hpc", "scanner", ok=False, now=time.time(), error="Unreachable")
+    assert scrape(port)[("mqi_remote_unreachable", (("host", "hpc"),))] == 1
     conn.close()
 
 

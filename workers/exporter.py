@@ -30,13 +30,16 @@ from shared.config import Config
 from shared.db import connect
 from shared.logs import for_case, setup_logging
 from shared.settings import counters
+from shared.states import SlotStatus
 
 BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
            28800.0, 86400.0)
 PHASES = ("upload", "queue_wait", "run")
 UTILIZATION_WINDOW_SECONDS = 3600.0
 SCRAPE_BUSY_TIMEOUT_MS = 2000
-REMOTE_HELP = "1 when the newest recorded contact of any worker with the HPC failed (workers.remote_ok)"
+REMOTE_HELP = "1 when the workers' newest call to the host did not get through (host_reach)"
+SEAT_STATES = tuple(s.value for s in SlotStatus)
+NO_HOST = "(none)"  # the label of a running case without a host (none should exist)
 
 log = logging.getLogger("mqic.exporter")
 
@@ -119,21 +122,18 @@ class DbCollector:
             busy = queries.slot_busy_seconds(conn, now, UTILIZATION_WINDOW_SECONDS)
             seen = queries.workers(conn, now, stale_after)
             last = queries.last_db_change(conn)
-            remote = queries.remote_status(conn, now, stale_after)
+            hosts = queries.hosts(conn, self.config.hosts)
+            seats = queries.slots(conn)
             kept = queries.upkeep(conn)
             counts = counters(conn)
             waiting = queries.waiting_by_priority(conn)
         return [*case_families(totals, self.tally), phase_family(self.tally),
-                *upkeep_families(self.config, kept, counts, waiting),
-                labelled_gauge("mqi_gpu_utilization_percent",
-                               f"Share of the last {UTILIZATION_WINDOW_SECONDS:g} s each GPU slot was assigned",
-                               "group", {g: 100.0 * s / UTILIZATION_WINDOW_SECONDS for g, s in busy.items()}),
+                *host_families(hosts, seats, busy, totals["running"]), *upkeep_families(kept, counts, waiting),
                 labelled_gauge("mqi_worker_up", "1 when the worker's heartbeat is fresh", "worker",
                                {w.name: float(w.alive) for w in seen}),
                 GaugeMetricFamily("mqi_last_db_update_age_seconds",
                                   "Seconds since a case last changed (status, progress or event)",
-                                  value=float("nan") if last is None else max(0.0, now - last)),
-                GaugeMetricFamily("mqi_remote_unreachable", REMOTE_HELP, value=float(remote.reachable is False))]
+                                  value=float("nan") if last is None else max(0.0, now - last))]
 
 
 def case_families(totals: dict[str, int], tally: Tally) -> list[Metric]:
@@ -142,18 +142,36 @@ def case_families(totals: dict[str, int], tally: Tally) -> list[Metric]:
         CounterMetricFamily("mqi_cases_completed", "Cases completed", value=totals["completed"]),
         CounterMetricFamily("mqi_cases_failed", "Moves of a case into failed (a retried case that"
                             " fails again counts twice)", value=tally.failed),
-        GaugeMetricFamily("mqi_active_jobs", "Cases running on the HPC", value=totals["running"]),
         labelled_gauge("mqi_cases_by_status", "Cases per lifecycle status", "status",
                        {status: float(count) for status, count in totals.items()}),
     ]
 
 
-def upkeep_families(config: Config, kept: queries.Upkeep, counts: dict[str, int],
-                    waiting: dict[str, int]) -> list[Metric]:
-    """Drains, priorities, results delivery, clean-up and notices."""
-    drained = {config.hpc.host: 0.0} | {d.host: 1.0 for d in kept.drains}
+def host_families(hosts: list[queries.HostView], seats: list[queries.SlotView],
+                  busy: dict[tuple[str, str], float], all_running: int) -> list[Metric]:
+    """Per host: running cases, reachability, drain; per slot: its seats by state and its GPU use."""
+    running = {h.name: float(h.running) for h in hosts}
+    if all_running > sum(h.running for h in hosts):
+        running[NO_HOST] = float(all_running - sum(h.running for h in hosts))
+    by_state = {(s.host, s.group, state): 0.0 for s in seats for state in SEAT_STATES}
+    for seat in seats:
+        by_state[(seat.host, seat.group, seat.status)] += 1.0
     return [
-        labelled_gauge("mqi_drained", "1 while the host is drained (no new claims)", "host", drained),
+        labelled_gauge("mqi_active_jobs", "Cases running on the host", "host", running),
+        labelled_gauge("mqi_remote_unreachable", REMOTE_HELP, "host",
+                       {h.name: float(h.remote.reachable is False) for h in hosts}),
+        labelled_gauge("mqi_drained", "1 while the host is drained (no new claims there)", "host",
+                       {h.name: float(h.drained) for h in hosts}),
+        gauge_by("mqi_slots", "Seats of each slot (host, group) by state", ("host", "group", "status"), by_state),
+        gauge_by("mqi_gpu_utilization_percent",
+                 f"Share of the last {UTILIZATION_WINDOW_SECONDS:g} s each GPU slot had a case assigned",
+                 ("host", "group"), {slot: 100.0 * s / UTILIZATION_WINDOW_SECONDS for slot, s in busy.items()}),
+    ]
+
+
+def upkeep_families(kept: queries.Upkeep, counts: dict[str, int], waiting: dict[str, int]) -> list[Metric]:
+    """Priorities, results delivery, clean-up and notices."""
+    return [
         labelled_gauge("mqi_cases_waiting", "Submitted cases waiting for a GPU, by priority", "priority",
                        {p: float(n) for p, n in waiting.items()}),
         CounterMetricFamily("mqi_results_delivered", "Cases whose results were delivered to results.deliver_to",
@@ -193,9 +211,13 @@ def phase_family(tally: Tally) -> Metric:
 
 
 def labelled_gauge(name: str, documentation: str, label: str, values: dict[str, float]) -> Metric:
-    family = GaugeMetricFamily(name, documentation, labels=[label])
+    return gauge_by(name, documentation, (label,), {(key,): value for key, value in values.items()})
+
+
+def gauge_by(name: str, documentation: str, labels: tuple[str, ...], values: dict[tuple[str, ...], float]) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=list(labels))
     for key, value in sorted(values.items()):
-        family.add_metric([key], value)
+        family.add_metric(list(key), value)
     return family
 
 
