@@ -50,11 +50,11 @@ def config_for(tmp_path, sshd_without_sftp):
 
 
 def test_tar_is_the_default_transfer(config_for):
-    assert config_for().hpc.transfer == "tar"
+    assert config_for().hosts[0].hpc.transfer == "tar"
 
 
 def test_scp_upload_says_it_needs_sftp_and_how_to_fix_it(config_for, tmp_path):
-    remote = Remote(config_for(transfer="scp").hpc)
+    remote = Remote(config_for(transfer="scp").hosts[0].hpc)
     local = make_case(tmp_path / "local" / "case")
     with pytest.raises(TransferUnsupported) as caught:
         remote.upload(local, "1_case", case_id=1)
@@ -68,7 +68,7 @@ def test_scp_upload_says_it_needs_sftp_and_how_to_fix_it(config_for, tmp_path):
 @pytest.mark.parametrize("hpc", [{"transfer": "tar"}, {"transfer": "scp", "scp_command": "scp -O"}],
                          ids=["tar", "scp -O"])
 def test_tar_and_legacy_scp_upload_without_sftp(config_for, tmp_path, hpc):
-    remote = Remote(config_for(**hpc).hpc)
+    remote = Remote(config_for(**hpc).hosts[0].hpc)
     local = make_case(tmp_path / "local" / "case")
     result = remote.upload(local, "2_case", case_id=2)
     assert folder_manifest(Path(result.remote_dir)) == folder_manifest(local)
