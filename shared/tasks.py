@@ -92,12 +92,12 @@ def resolve(case: Case, snapshot: model.Snapshot, records: Mapping[str, ExitReco
         return Link(Found.ABSENT, detail="no remote folder was ever recorded")
     record = (records or {}).get(case.remote_dir)
     if record is None or record is Record.UNREADABLE:
-        return Link(Found.UNKNOWN, detail=f"task gone from pueue; exit record {record or 'not read'}")
+        return Link(Found.UNKNOWN, detail=f"task gone from the scheduler; exit record {record or 'not read'}")
     if record is Record.MISSING:
         return Link(Found.ABSENT, detail=f"no task labelled {case.label} and no exit record")
     result = model.TaskState.SUCCESS if record == 0 else model.TaskState.FAILED
     return Link(Found.FINISHED, result=result, exit_code=record, from_record=True,
-                detail=f"task gone from pueue; its exit record says {record}")
+                detail=f"task gone from the scheduler; its exit record says {record}")
 
 
 def _from_task(task: model.TaskInfo) -> Link:
@@ -107,7 +107,7 @@ def _from_task(task: model.TaskInfo) -> Link:
         return Link(Found.RUNNING, task=task)
     if task.state.is_done:
         return Link(Found.FINISHED, task=task, result=task.state, exit_code=task.exit_code)
-    return Link(Found.UNKNOWN, task=task, detail=f"pueue reports an unknown state {task.detail[:200]}")
+    return Link(Found.UNKNOWN, task=task, detail=f"the scheduler reports an unknown state {task.detail[:200]}")
 
 
 def overdue(link: Link, snapshot: model.Snapshot, limit_seconds: float) -> bool:

@@ -163,13 +163,13 @@ def fetch_results(ctx: Context, host: Host, case: Case, link: tasks.Link, stagin
     return True
 
 
-def fail(ctx: Context, case: Case, link: tasks.Link, log_tail: str, now: float) -> bool:
+def fail(ctx: Context, host: Host, case: Case, link: tasks.Link, log_tail: str, now: float) -> bool:
     outcome = FAILED_OUTCOMES[link.result]
     task_id = link.task.id if link.task else case.pueue_task_id
     detail = link.task.detail if link.task else ""
     reason = detail or (f"exit code {link.exit_code}" if link.exit_code is not None else link.result.value)
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
-                      detail=f"pueue task {task_id}: {link.result.value} ({reason})"
+                      detail=f"task {task_id} on {host.name}: {link.result.value} ({reason})"
                              + (f"; {link.detail}" if link.from_record else ""),
                       slot_to=SlotStatus.ZOMBIE,
                       fields={"outcome": outcome.value, "exit_code": link.exit_code, "completed_at": now,
@@ -217,7 +217,7 @@ def time_out(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
                               "error_type": "Timeout", "error_message": f"ran longer than {hours:g} h"})
     if not moved:
         return False
-    ctx.log.error("case %d timed out after %g h; stopping pueue task %d", case.case_id, hours, link.task.id,
+    ctx.log.error("case %d timed out after %g h; stopping task %d", case.case_id, hours, link.task.id,
                   extra=for_case(case.case_id, "timeout") | {"error_type": "Timeout"})
     ring(ctx.spool.root, "reaper")
     failed = get_case(ctx.conn, case.case_id)
@@ -230,7 +230,7 @@ def time_out(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
 
 
 def vanished(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
-    error = TaskVanished(f"task {case.pueue_task_id} ({case.label}) is no longer in pueue: {link.detail}")
+    error = TaskVanished(f"task {case.pueue_task_id} ({case.label}) is no longer listed on {case.host}: {link.detail}")
     return run_again(ctx, case, error, Outcome.VANISHED, now)
 
 
@@ -286,7 +286,7 @@ def finish(ctx: Context, host: Host, case: Case, link: tasks.Link, outputs: dict
     log_tail = log_tail_of(ctx, host, case, link, outputs)
     if log_tail is None:
         return False  # the failure stays; fail it on a pass that can keep its log tail
-    return fail(ctx, case, link, log_tail, now)
+    return fail(ctx, host, case, link, log_tail, now)
 
 
 def succeeded(link: tasks.Link) -> bool:

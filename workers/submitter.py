@@ -199,7 +199,7 @@ def leave_for_recovery(ctx: Context, case: Case, error: Exception, now: float) -
     update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING,
                 {"lease_until": now, "error_type": type(error).__name__, "error_message": str(error)[:2000]},
                 guard={"claimed_by": ctx.worker_id})
-    ctx.log.warning("case %d: pueue add outcome unknown (%s); reconciling by label", case.case_id,
+    ctx.log.warning("case %d: submit outcome unknown (%s); reconciling by label", case.case_id,
                     error, extra=for_case(case.case_id, "submit", error))
 
 
@@ -240,7 +240,7 @@ def process_claim(ctx: Context, host: Host, claim: Claim, now: float) -> None:
             ctx.state.setdefault(HOSTS_READY, set()).discard(host.name)  # recreate it before the retry
         status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
                                worker=ctx.name, operation="pueue add", guard=guard)
-        ctx.log.error("case %d: pueue add failed (%s); case is now %s", case.case_id, exc,
+        ctx.log.error("case %d: submit failed (%s); case is now %s", case.case_id, exc,
                       status and status.value, extra=for_case(case.case_id, "submit", exc))
         return
     except RemoteFailure as exc:
