@@ -14,7 +14,6 @@ from shared.config import parse_config
 from shared.states import CaseStatus, SlotStatus
 from shared.store import all_slots, down_hosts, get_case, get_slot
 from shared.worker import build_context
-from tests.conftest import wait_until
 from tests.test_workers import drop, poll_until_final
 from workers import poller, reaper, scanner, submitter
 

@@ -334,7 +334,7 @@ def test_show_asks_the_case_host_and_doctor_passes_on_both(hpc, tmp_path, capsys
     code, out, _ = cli(capsys, config, "doctor")
     assert code == 0, out
     for host in ("a", "b"):
-        assert f"OK   pueue groups: gpu_a (host {host})" in out and f"OK   ssh: " in out
+        assert f"OK   pueue groups: gpu_a (host {host})" in out and "OK   ssh: " in out
         assert re.search(rf"^OK   transfer: tar upload of 2 files verified and removed again \(host {host}\)$", out,
                          re.MULTILINE)
 

@@ -9,7 +9,7 @@ import pytest
 
 from sandbox.casegen import make_case
 from shared.states import CaseStatus, SlotStatus
-from shared.store import case_events, down_hosts, get_case, get_slot, register_case
+from shared.store import case_events, down_hosts, get_case, get_slot
 from shared.recovery import recover_expired_claims
 from shared.worker import build_context
 from tests.conftest import wait_until
