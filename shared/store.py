@@ -435,10 +435,9 @@ def renew_lease(conn: sqlite3.Connection, case_id: int, *, worker: str, now: flo
                        guard={"claimed_by": worker})
 
 
-def free_slots(conn: sqlite3.Connection) -> int:
-    """How many seats could be handed out now (free, on a host neither drained nor unreachable)."""
-    return conn.execute(f"SELECT COUNT(*) FROM gpu_resources WHERE status = 'available'"
-                        f" AND {SEAT_USABLE}").fetchone()[0]
+def free_slots(conn: sqlite3.Connection, seats: Iterable[tuple[str, str]] | None = None) -> int:
+    """How many seats (of ``seats``, (host, group) pairs; None: any) could be handed out now."""
+    return len(_free_seats(conn, None if seats is None else set(seats), None))
 
 
 def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:

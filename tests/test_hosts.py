@@ -154,3 +154,19 @@ def test_a_host_that_is_down_loses_only_its_own_seats_and_its_cases_wait(hpc):
     for case in (on_b, later):
         assert poll_until_final(ctx, case.case_id).status is CaseStatus.COMPLETED
     assert get_slot(ctx.conn, "gpu_a", host="b").status is SlotStatus.AVAILABLE
+
+
+def test_pre_uploads_spread_over_the_hosts_one_per_seat(hpc):
+    config, a, b = two_hosts(hpc)
+    ctx = context(config)
+    register(ctx, "busy-1", "busy-2", seconds=20)
+    submitter.tick(ctx, time.time())
+    submitter.tick(ctx, time.time())                        # both GPUs busy now
+    waiting = register(ctx, "next-1", "next-2", "next-3")[2:]
+    assert submitter.stage_tick(ctx, time.time()) == 1
+    assert submitter.stage_tick(ctx, time.time()) == 1
+    assert submitter.stage_tick(ctx, time.time()) == 0      # one pre-upload per seat is enough
+    staged = [get_case(ctx.conn, c.case_id) for c in waiting]
+    assert sorted(c.host for c in staged if c.staged_at) == ["a", "b"]
+    for stand_in in (a, b):
+        stand_in.pueue("kill", "--all")

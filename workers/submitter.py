@@ -125,7 +125,7 @@ def stage_tick(ctx: Context, now: float) -> int:
     Runs in its own thread of the submitter process, so a freed seat is handed its
     next case at once even while an upload is under way.
     """
-    if free_slots(ctx.conn):
+    if free_slots(ctx.conn, ready_seats(ready_hosts(ctx))):
         return 0  # a free seat is the main loop's job: it uploads the oldest case at once
     host = staging_host(ctx)
     if host is None:
@@ -277,6 +277,11 @@ def ready_hosts(ctx: Context) -> list[Host]:
     return [host for host in reachable_hosts(ctx) if host.name in ready]
 
 
+def ready_seats(hosts: list[Host]) -> list[tuple[str, str]]:
+    """The (host, slot) pairs of ``hosts``: where a claim may put a case."""
+    return [(host.name, slot.name) for host in hosts for slot in host.config.slots]
+
+
 def tick(ctx: Context, now: float) -> int:
     """One pass: recover dead claims, then claim and submit at most one case."""
     done = recover_expired_claims(ctx, now)
@@ -285,7 +290,7 @@ def tick(ctx: Context, now: float) -> int:
         return done
     claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
                             lease_seconds=ctx.config.main_loop.lease_seconds,
-                            seats=[(host.name, slot.name) for host in ready for slot in host.config.slots],
+                            seats=ready_seats(ready),
                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
     if claim is None:
         if STAGER_WAKE in ctx.state:
