@@ -200,14 +200,16 @@ def worker_main(program: str, name: str, tick: Callable[[Context, float], int], 
 
 
 def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], int], *,
-                      drain: bool = False) -> Context:
+                      drain: bool = False, shared: dict[str, Any] | None = None) -> Context:
     """Run ``tick`` in a thread of this process with its own connection, name and wake event.
 
-    It shares the stop event, so SIGTERM ends both loops; ``worker_main`` joins it.
+    Its ``state`` starts as ``shared`` (entries the main loop keeps up to date for it, e.g.
+    which hosts are ready), else empty. It shares the stop event, so SIGTERM ends both loops;
+    ``worker_main`` joins it.
     If the helper dies (say, a database error), the whole process stops and exits 1,
     so supervisord restarts it.
     """
-    helper = replace(ctx, name=name, wake=threading.Event(), state={},
+    helper = replace(ctx, name=name, wake=threading.Event(), state=dict(shared or {}),
                      log=logging.getLogger(f"mqic.{name}"))
 
     def loop() -> None:

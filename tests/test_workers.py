@@ -11,7 +11,7 @@ from sandbox.casegen import make_case
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, down_hosts, get_case, get_slot
 from shared.recovery import recover_expired_claims
-from shared.worker import build_context
+from shared.worker import HELPER_THREADS, build_context
 from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter
 
@@ -461,6 +461,26 @@ def test_reaper_reports_stale_worker_heartbeats(hpc):
     beat(ctx.conn, "poller", now=T0)
     assert reaper.check_heartbeats(ctx, T0 + 10) == []
     assert reaper.check_heartbeats(ctx, T0 + 301) == ["poller"]
+
+
+def test_the_stager_thread_of_the_process_pre_uploads_while_every_gpu_is_busy(hpc):
+    """Bug: the stager thread had a state of its own, so it never saw a host made ready and never staged."""
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx = ctx_for(h)
+    submitted(ctx, "busy", seconds=5)
+    waiting = registered(ctx, "waiting")
+    assert submitter.tick(ctx, time.time()) == 0            # no free seat: the main loop leaves it
+    submitter.start_stager_and_doorbell(ctx)                # the stager as the process runs it
+    try:
+        staged = wait_until(lambda: get_case(ctx.conn, waiting.case_id).staged_at, timeout=20,
+                            message="the stager thread pre-uploads the waiting case")
+    finally:
+        ctx.stop.set()
+        ctx.state[submitter.STAGER_WAKE].set()
+        for thread in ctx.state[HELPER_THREADS]:
+            thread.join(timeout=30)
+    assert staged and get_case(ctx.conn, waiting.case_id).host == "hpc"
+    h.pueue("kill", "--all")
 
 
 def test_waiting_cases_are_pre_uploaded_while_every_gpu_is_busy(hpc):

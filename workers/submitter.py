@@ -304,7 +304,8 @@ def tick(ctx: Context, now: float) -> int:
 
 
 def start_stager_and_doorbell(ctx: Context) -> None:
-    stager = start_helper_loop(ctx, f"{ctx.name}-stager", stage_tick, drain=True)
+    ready = ctx.state.setdefault(HOSTS_READY, set())  # one set: the main loop makes hosts ready for both
+    stager = start_helper_loop(ctx, f"{ctx.name}-stager", stage_tick, drain=True, shared={HOSTS_READY: ready})
     ctx.state[STAGER_WAKE] = stager.wake
     listen(ctx.spool.root, "submitter", ctx.wake, stager.wake)
 
