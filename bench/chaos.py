@@ -251,6 +251,7 @@ class BusyFigure:
     claimed, its task not started yet)."""
     busy: int
     counted: int
+    gpu_share: float  # the mean share of gpu1's groups running a task of ours, over the same samples
     idle_free: int
     idle_held: int
     left_out: int  # samples with cases waiting but gpu1 itself cut off
@@ -260,8 +261,9 @@ class BusyFigure:
         return 100.0 * self.busy / self.counted if self.counted else 0.0
 
     def text(self) -> str:
-        return (f"{self.percent:.0f} % of {self.counted} samples (idle GPUs seen: seat free {self.idle_free} / "
-                f"held {self.idle_held}; {self.left_out} left out, gpu1 itself cut off)")
+        return (f"{self.percent:.0f} % of {self.counted} samples; GPUs running: {100 * self.gpu_share:.0f} % "
+                f"(idle ones seen: seat free {self.idle_free} / held {self.idle_held}); "
+                f"{self.left_out} samples left out (gpu1 itself cut off)")
 
 
 def busy_figure(samples: list[BusySample], groups: tuple[str, ...], gpu2_down: bool) -> BusyFigure:
@@ -269,7 +271,8 @@ def busy_figure(samples: list[BusySample], groups: tuple[str, ...], gpu2_down: b
     wanted = [s for s in samples if s.gpu2_down == gpu2_down and s.waiting]
     counted = [s for s in wanted if not s.gpu1_cut]
     idle = [(group, s) for s in counted for group in groups if group not in s.running]
-    return BusyFigure(busy=sum(1 for s in counted if set(groups) <= s.running), counted=len(counted),
+    share = sum(len(s.running & set(groups)) for s in counted) / (len(counted) * len(groups)) if counted else 0.0
+    return BusyFigure(busy=sum(1 for s in counted if set(groups) <= s.running), counted=len(counted), gpu_share=share,
                       idle_free=sum(1 for group, s in idle if group not in s.held),
                       idle_held=sum(1 for group, s in idle if group in s.held), left_out=len(wanted) - len(counted))
 
@@ -297,6 +300,7 @@ class Disturbances:
     foreign_excused: set[int] = field(default_factory=set)
     foreign_on_our_ids: list[tuple[int, list[int]]] = field(default_factory=list)
     host_down_windows: list[tuple[float, float]] = field(default_factory=list)  # gpu2 down, epoch s
+    host_down_from: list[float] = field(default_factory=list)  # gpu2 down, seconds into the run
     host_masters_cut: int = 0
     busy: list[BusySample] = field(default_factory=list)
 
@@ -356,8 +360,8 @@ class ChaosResult:
         if plan.hosts > 1:
             rows += [
                 ("host gpu2 down, every session killed (ControlMaster cut)",
-                 f"{len(d.host_down_windows)} x {plan.host_down:g} s from {plan.host_down_at:.0f} s "
-                 f"({d.host_masters_cut})"),
+                 f"{len(d.host_down_windows)} x {plan.host_down:g} s, from "
+                 f"{', '.join(f'{at:.0f}' for at in d.host_down_from) or '-'} s into the run ({d.host_masters_cut})"),
                 ("**gpu1 busy while gpu2 down** (every gpu1 group runs a task of ours, cases waiting)",
                  self.busy(True).text()),
                 ("gpu1 busy while both hosts are up (the same measure)", self.busy(False).text()),
@@ -644,14 +648,17 @@ class ChaosRun:
         self.gpu1_cut.discard("outage")
         self.note("sshd started again")
 
-    def host_down(self) -> None:
-        """gpu2 is down for ``plan.host_down`` seconds: its sshd stops and every session dies, our
-        ControlMaster to it too; its pueue daemon and the tasks running there live on."""
+    def host_down(self, patience: float) -> None:
+        """Once cases run on gpu2 (waiting up to ``patience`` s), gpu2 is down for ``plan.host_down``
+        seconds: its sshd stops and every session dies, our ControlMaster to it too; its pueue
+        daemon and the tasks running there live on."""
         from sandbox.sshd import SandboxSshd
+        self.wait_for(lambda: self.running_cases(host=HOST_NAMES[1]), patience)
         sshd = SandboxSshd.from_state(self.scratch / "hpc2" / "sshd")
         master_before = self.master_alive(1)
         sshd.stop(kill_sessions=True)
         begin, self.gpu2_down = time.time(), True
+        self.done.host_down_from.append(time.monotonic() - self.t0)
         master_after = self.master_alive(1)
         self.done.host_masters_cut += master_before and not master_after
         self.note(f"gpu2 DOWN for {self.plan.host_down:g} s (every session killed); ControlMaster before/after: "
@@ -671,6 +678,9 @@ class ChaosRun:
         ``pueue status`` reports it, without eating the garbage answers meant for our pollers),
         its seats and the cases waiting."""
         from shared.db import connect
+        while not self.config.database_path.exists():  # the first worker creates it
+            if stop.wait(BUSY_SAMPLE_S):
+                return
         conn = connect(self.config.database_path, readonly=True)
         try:
             while not stop.wait(BUSY_SAMPLE_S):
@@ -679,6 +689,13 @@ class ChaosRun:
                     self.done.busy.append(sample)
         finally:
             conn.close()
+
+    def write_busy_samples(self, target: Path) -> None:
+        """The samples, one JSON line each, for a closer look at how gpu1 was used."""
+        import json
+        if self.done.busy:
+            target.write_text("".join(json.dumps({**dataclasses.asdict(s), "running": sorted(s.running),
+                                                  "held": sorted(s.held)}) + "\n" for s in self.done.busy))
 
     def busy_sample(self, conn) -> BusySample | None:
         from sandbox.pueue_standin import Paths, read_state
@@ -743,6 +760,8 @@ class ChaosRun:
     def running_cases(self, names: frozenset[str] | None = None, host: str | None = None) -> list[int]:
         """Ids of the cases ``running`` on gpu1 (or ``host``) in the database (only those named ``names``, if given)."""
         from shared.db import connect
+        if not self.config.database_path.exists():  # no worker has created it yet
+            return []
         conn = connect(self.config.database_path, readonly=True)
         try:
             rows = conn.execute("SELECT case_id, case_name FROM cases WHERE status = 'running' AND host = ?",
@@ -920,7 +939,7 @@ class ChaosRun:
         randoms = int(d / self.plan.kill_every)
         plan += [((i + 0.7) * self.plan.kill_every, "random kill", self.kill_random_worker) for i in range(randoms)]
         if self.plan.hosts > 1:
-            plan.append((self.plan.host_down_at, "host down", self.host_down))
+            plan.append((self.plan.host_down_at, "host down", lambda: self.host_down(0.05 * self.plan.duration)))
         return sorted(plan, key=lambda item: item[0])
 
     def disturb(self) -> None:
@@ -978,10 +997,14 @@ class ChaosRun:
             self.start()
             feeder = threading.Thread(target=self.feed, args=(stop,), name="feeder", daemon=True)
             feeder.start()
+            sampler = threading.Thread(target=self.sample_gpu1, args=(sampled,), name="sampler", daemon=True)
             if self.sandbox2 is not None:
-                threading.Thread(target=self.sample_gpu1, args=(sampled,), name="sampler", daemon=True).start()
+                sampler.start()
             self.disturb()
             sampled.set()
+            if sampler.is_alive():
+                sampler.join()
+            self.write_busy_samples(self.scratch / "gpu1_busy.jsonl")
             feeder.join()
             self.note("chaos over; waiting for every case to be final")
             settled = self.wait_for_the_end()
