@@ -302,6 +302,7 @@ class Disturbances:
     host_down_windows: list[tuple[float, float]] = field(default_factory=list)  # gpu2 down, epoch s
     host_down_from: list[float] = field(default_factory=list)  # gpu2 down, seconds into the run
     host_masters_cut: int = 0
+    started_on_gpu1_while_down: int = 0  # cases whose task was submitted on gpu1 while gpu2 was down
     busy: list[BusySample] = field(default_factory=list)
 
 
@@ -362,6 +363,7 @@ class ChaosResult:
                 ("host gpu2 down, every session killed (ControlMaster cut)",
                  f"{len(d.host_down_windows)} x {plan.host_down:g} s, from "
                  f"{', '.join(f'{at:.0f}' for at in d.host_down_from) or '-'} s into the run ({d.host_masters_cut})"),
+                ("cases that went running on gpu1 while gpu2 was down", d.started_on_gpu1_while_down),
                 ("**gpu1 busy while gpu2 down** (every gpu1 group runs a task of ours, cases waiting)",
                  self.busy(True).text()),
                 ("gpu1 busy while both hosts are up (the same measure)", self.busy(False).text()),
@@ -670,7 +672,20 @@ class ChaosRun:
             sshd.start()
             self.gpu2_down = False
             self.done.host_down_windows.append((begin, time.time()))
-            self.note("gpu2: sshd started again")
+            self.done.started_on_gpu1_while_down += self.started_on(HOST_NAMES[0], *self.done.host_down_windows[-1])
+            self.note(f"gpu2: sshd started again; {self.done.started_on_gpu1_while_down} cases went running "
+                      f"on gpu1 meanwhile")
+
+    def started_on(self, host: str, begin: float, end: float) -> int:
+        """How many cases now on ``host`` went ``running`` there between ``begin`` and ``end`` (epoch s)."""
+        from shared.db import connect
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            return conn.execute("SELECT COUNT(DISTINCT e.case_id) FROM case_events AS e JOIN cases AS c"
+                                " ON c.case_id = e.case_id WHERE e.to_status = 'running' AND c.host = ?"
+                                " AND e.at BETWEEN ? AND ?", (host, begin, end)).fetchone()[0]
+        finally:
+            conn.close()
 
     # -- how busy gpu1 keeps its GPUs -----------------------------------------------------------------
     def sample_gpu1(self, stop: threading.Event) -> None:

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from bench.chaos import ChaosPlan, run_chaos
+from bench.chaos import HOST_NAMES, BusySample, ChaosPlan, busy_figure, run_chaos, two_hosts_config
 from bench.chaos_check import (EXIT_STATUS_RECORD, Expected, Verdict, check_foreign_tasks, exit_status_record,
                                read_starts, recording_starts)
 from bench.chaos_hooks import ZONES, is_add, is_finalize, is_upload
@@ -48,9 +48,73 @@ def test_short_chaos_run_loses_nothing(tmp_path):
     assert done.sigkills >= 8
 
 
+@pytest.mark.timeout(330)
+def test_short_two_host_chaos_run_loses_nothing_while_one_host_is_down(tmp_path):
+    """Two sandbox hosts; gpu2 down for 20 s (every session killed) while cases drop and every
+    one-host disturbance hits gpu1: nothing lost, run twice or failed, and gpu1 kept working."""
+    plan = ChaosPlan(cases=24, duration=60, groups=2, kill_every=6, seed=11, settle_timeout=150, hosts=2,
+                     host_down=20)
+    result = run_chaos(plan, tmp_path / "chaos")
+    print(result.table())
+    assert result.verdict.violations == [], "\n".join(result.verdict.violations)
+    assert result.settled
+    counts, done = result.verdict.counts, result.done
+    assert counts["cases"] == 24 and counts.get("lost", 0) == 0
+    assert len(done.host_down_windows) == 1 and done.host_masters_cut == 1
+    assert all(counts.get(f"completed_on:{host}", 0) > 0 for host in HOST_NAMES), counts
+    assert done.started_on_gpu1_while_down > 0
+    assert result.busy(True).counted + result.busy(True).left_out > 0  # gpu1 was sampled while gpu2 was down
+
+
 # ---------------------------------------------------------------------------------------------
 # The chaos tooling itself
 # ---------------------------------------------------------------------------------------------
+
+def test_the_two_host_config_names_both_sandboxes(tmp_path):
+    from sandbox.hpc import config_data
+    from sandbox.sshd import SshEndpoint
+    groups = {"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}}
+    paths = []
+    for name, port in (("hpc", 2201), ("hpc2", 2202)):
+        root = tmp_path / name
+        endpoint = SshEndpoint("127.0.0.1", port, "me", root / "id", root / "known_hosts")
+        data = config_data(root, endpoint, root / "bin" / "pueue", project_root=tmp_path, groups=groups)
+        paths.append(root / "config.yaml")
+        root.mkdir()
+        paths[-1].write_text(yaml.safe_dump(data))
+    config = parse_config(yaml.safe_load(two_hosts_config(tmp_path / "config.yaml", *paths, groups).read_text()),
+                          tmp_path / "config.yaml")
+    first, second = config.hosts
+    assert (first.name, second.name) == HOST_NAMES
+    assert (first.hpc.port, second.hpc.port) == (2201, 2202)
+    assert first.hpc.remote_base_dir != second.hpc.remote_base_dir
+    assert first.hpc.control_dir != second.hpc.control_dir
+    assert first.hpc.pueue_command != second.hpc.pueue_command
+    assert first.hpc.remote_command == second.hpc.remote_command  # one simulation-start log for both
+    assert [g.name for g in first.groups] == [g.name for g in second.groups] == ["gpu_a", "gpu_b"]
+
+
+def test_each_case_is_judged_by_the_outages_of_its_own_host():
+    one_host = Expected(modes={}, outages=((1.0, 2.0),))
+    assert one_host.outages_of(None) == one_host.outages_of("hpc") == ((1.0, 2.0),)
+    two_hosts = Expected(modes={}, host_outages={"gpu1": ((1.0, 2.0),), "gpu2": ((5.0, 65.0),)})
+    assert two_hosts.outages_of("gpu2") == ((5.0, 65.0),)
+    assert two_hosts.outages_of("gpu1") == ((1.0, 2.0),)
+    assert two_hosts.outages_of(None) == ()
+
+
+def test_gpu1_counts_as_busy_only_when_every_group_runs_while_cases_wait():
+    def sample(running, held=(), waiting=3, down=True, cut=False):
+        return BusySample(at=0, gpu2_down=down, gpu1_cut=cut, waiting=waiting, running=frozenset(running),
+                          held=frozenset(held))
+    groups = ("gpu_a", "gpu_b")
+    samples = [sample({"gpu_a", "gpu_b"}), sample({"gpu_a"}, held={"gpu_b"}), sample(set()),
+               sample(set(), waiting=0), sample(set(), cut=True), sample({"gpu_a", "gpu_b"}, down=False)]
+    figure = busy_figure(samples, groups, gpu2_down=True)
+    assert (figure.busy, figure.counted, figure.left_out) == (1, 3, 1)
+    assert (figure.idle_free, figure.idle_held) == (2, 1)
+    assert figure.gpu_share == pytest.approx(3 / 6)
+    assert busy_figure(samples, groups, gpu2_down=False).percent == 100.0
 
 SEEN: list[list[str]] | None = None  # argvs of the subprocesses started while a test records them
 
