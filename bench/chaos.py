@@ -231,29 +231,35 @@ class Supervisor:
 # What happened, and the report
 # ---------------------------------------------------------------------------------------------
 
+IDLE_REASONS = {  # why a gpu1 group runs no task of ours, from its seat and the case holding it
+    "free": "seat free",
+    "claim": "claimed (upload, add)",
+    "dead claim": "claimed by a dead submitter (lease not yet recovered)",
+    "no task": "case running, its task not (queued, or ended and not yet seen)",
+}
+
+
 @dataclass(frozen=True)
 class BusySample:
-    """gpu1 at one moment (--hosts 2): its groups that run a task of ours, those with a seat
-    held by a case, how many cases wait (``submitted``), and whether gpu2 or gpu1 itself was
-    cut off (gpu1: an outage of every session, or our pollers stopped by the chaos)."""
+    """gpu1 at one moment (--hosts 2): its groups that run a task of ours, why each of the others
+    does not (a key of IDLE_REASONS), how many cases wait (``submitted``), and whether gpu2 or
+    gpu1 itself was cut off (gpu1: an outage of every session, or our pollers stopped by the chaos)."""
     at: float
     gpu2_down: bool
     gpu1_cut: bool
     waiting: int
     running: frozenset[str]
-    held: frozenset[str]
+    idle: tuple[tuple[str, str], ...] = ()  # (group, reason)
 
 
 @dataclass(frozen=True)
 class BusyFigure:
     """The share of samples, with cases waiting and gpu1 not cut off, in which every gpu1 group
-    ran a task of ours; in the others, how many idle groups had their seat free or held (a case
-    claimed, its task not started yet)."""
+    ran a task of ours; the mean share of its GPUs running one; why the idle ones were idle."""
     busy: int
     counted: int
-    gpu_share: float  # the mean share of gpu1's groups running a task of ours, over the same samples
-    idle_free: int
-    idle_held: int
+    gpu_share: float
+    idle: Counter
     left_out: int  # samples with cases waiting but gpu1 itself cut off
 
     @property
@@ -261,20 +267,43 @@ class BusyFigure:
         return 100.0 * self.busy / self.counted if self.counted else 0.0
 
     def text(self) -> str:
-        return (f"{self.percent:.0f} % of {self.counted} samples; GPUs running: {100 * self.gpu_share:.0f} % "
-                f"(idle ones seen: seat free {self.idle_free} / held {self.idle_held}); "
-                f"{self.left_out} samples left out (gpu1 itself cut off)")
+        idle = sum(self.idle.values()) or 1
+        why = ", ".join(f"{IDLE_REASONS[reason]} {100 * self.idle[reason] / idle:.0f} %" for reason in IDLE_REASONS)
+        return (f"{self.percent:.0f} % of {self.counted} samples; GPUs running a task: {100 * self.gpu_share:.0f} %; "
+                f"idle GPUs: {why}; {self.left_out} samples left out (gpu1 itself cut off)")
 
 
 def busy_figure(samples: list[BusySample], groups: tuple[str, ...], gpu2_down: bool) -> BusyFigure:
     """How busy gpu1 kept its GPUs in the samples taken while gpu2 was down (or up)."""
     wanted = [s for s in samples if s.gpu2_down == gpu2_down and s.waiting]
     counted = [s for s in wanted if not s.gpu1_cut]
-    idle = [(group, s) for s in counted for group in groups if group not in s.running]
     share = sum(len(s.running & set(groups)) for s in counted) / (len(counted) * len(groups)) if counted else 0.0
     return BusyFigure(busy=sum(1 for s in counted if set(groups) <= s.running), counted=len(counted), gpu_share=share,
-                      idle_free=sum(1 for group, s in idle if group not in s.held),
-                      idle_held=sum(1 for group, s in idle if group in s.held), left_out=len(wanted) - len(counted))
+                      idle=Counter(reason for s in counted for _, reason in s.idle), left_out=len(wanted) - len(counted))
+
+
+def idle_reason(holder: tuple[str, str | None] | None) -> str:
+    """Why a group with no task of ours running is idle, from the (status, claimed_by) of the case on its seat."""
+    if holder is None:
+        return "free"
+    status, claimed_by = holder
+    if status == "submitting":
+        return "claim" if pid_alive(claimed_by) else "dead claim"
+    return "no task"
+
+
+def pid_alive(claimed_by: str | None) -> bool:
+    """Whether the worker named in ``claimed_by`` (``name:pid``, on this machine) still lives."""
+    pid = (claimed_by or "").rpartition(":")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -303,6 +332,7 @@ class Disturbances:
     host_down_from: list[float] = field(default_factory=list)  # gpu2 down, seconds into the run
     host_masters_cut: int = 0
     started_on_gpu1_while_down: int = 0  # cases whose task was submitted on gpu1 while gpu2 was down
+    on_gpu2_when_down: list[int] = field(default_factory=list)  # cases running or submitting there then
     busy: list[BusySample] = field(default_factory=list)
 
 
@@ -363,6 +393,7 @@ class ChaosResult:
                 ("host gpu2 down, every session killed (ControlMaster cut)",
                  f"{len(d.host_down_windows)} x {plan.host_down:g} s, from "
                  f"{', '.join(f'{at:.0f}' for at in d.host_down_from) or '-'} s into the run ({d.host_masters_cut})"),
+                ("cases on gpu2 when it went down (running or submitting)", len(d.on_gpu2_when_down)),
                 ("cases that went running on gpu1 while gpu2 was down", d.started_on_gpu1_while_down),
                 ("**gpu1 busy while gpu2 down** (every gpu1 group runs a task of ours, cases waiting)",
                  self.busy(True).text()),
@@ -657,15 +688,17 @@ class ChaosRun:
         from sandbox.sshd import SandboxSshd
         self.wait_for(lambda: self.running_cases(host=HOST_NAMES[1]), patience)
         sshd = SandboxSshd.from_state(self.scratch / "hpc2" / "sshd")
+        on_gpu2 = self.cases_on(HOST_NAMES[1])
         master_before = self.master_alive(1)
         sshd.stop(kill_sessions=True)
         begin, self.gpu2_down = time.time(), True
         self.done.host_down_from.append(time.monotonic() - self.t0)
+        self.done.on_gpu2_when_down += on_gpu2
         master_after = self.master_alive(1)
         self.done.host_masters_cut += master_before and not master_after
         self.note(f"gpu2 DOWN for {self.plan.host_down:g} s (every session killed); ControlMaster before/after: "
                   f"{'up' if master_before else 'down'}/{'up' if master_after else 'down'}; "
-                  f"cases running there: {self.running_cases(host=HOST_NAMES[1])}")
+                  f"cases running or submitting there: {on_gpu2}")
         try:
             time.sleep(self.plan.host_down)
         finally:
@@ -675,6 +708,16 @@ class ChaosRun:
             self.done.started_on_gpu1_while_down += self.started_on(HOST_NAMES[0], *self.done.host_down_windows[-1])
             self.note(f"gpu2: sshd started again; {self.done.started_on_gpu1_while_down} cases went running "
                       f"on gpu1 meanwhile")
+
+    def cases_on(self, host: str) -> list[int]:
+        """Ids of the cases ``running`` or ``submitting`` on ``host``."""
+        from shared.db import connect
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            return [row[0] for row in conn.execute("SELECT case_id FROM cases WHERE host = ?"
+                                                   " AND status IN ('running', 'submitting')", (host,))]
+        finally:
+            conn.close()
 
     def started_on(self, host: str, begin: float, end: float) -> int:
         """How many cases now on ``host`` went ``running`` there between ``begin`` and ``end`` (epoch s)."""
@@ -705,12 +748,19 @@ class ChaosRun:
         finally:
             conn.close()
 
+    def write_windows(self, target: Path) -> None:
+        """When the run began and when each host could not be reached (epoch s), for a closer look."""
+        import json
+        d = self.done
+        target.write_text(json.dumps({"t0": time.time() - (time.monotonic() - self.t0),
+                                      "gpu1_outages": d.outage_windows, "gpu2_down": d.host_down_windows}))
+
     def write_busy_samples(self, target: Path) -> None:
         """The samples, one JSON line each, for a closer look at how gpu1 was used."""
         import json
         if self.done.busy:
             target.write_text("".join(json.dumps({**dataclasses.asdict(s), "running": sorted(s.running),
-                                                  "held": sorted(s.held)}) + "\n" for s in self.done.busy))
+                                                  "idle": dict(s.idle)}) + "\n" for s in self.done.busy))
 
     def busy_sample(self, conn) -> BusySample | None:
         from sandbox.pueue_standin import Paths, read_state
@@ -721,10 +771,12 @@ class ChaosRun:
             return None
         running = frozenset(t.group for t in tasks.values() if t.status == "Running" and ours(t))
         waiting = conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted'").fetchone()[0]
-        held = frozenset(r[0] for r in conn.execute("SELECT DISTINCT pueue_group FROM gpu_resources"
-                                                    " WHERE host = ? AND status = 'assigned'", (HOST_NAMES[0],)))
+        held = {row[0]: row[1:] for row in conn.execute(
+            "SELECT g.pueue_group, c.status, c.claimed_by FROM gpu_resources AS g LEFT JOIN cases AS c"
+            " ON c.case_id = g.assigned_case_id WHERE g.host = ? AND g.status = 'assigned'", (HOST_NAMES[0],))}
+        idle = tuple((group, idle_reason(held.get(group))) for group in self.groups if group not in running)
         return BusySample(at=at, gpu2_down=gpu2_down and self.gpu2_down, gpu1_cut=gpu1_cut or bool(self.gpu1_cut),
-                          waiting=waiting, running=running, held=held)
+                          waiting=waiting, running=running, idle=idle)
 
     # -- pueue, as a crash and as other users ------------------------------------------------------------
     def killed_ids(self) -> set[int]:
@@ -954,7 +1006,7 @@ class ChaosRun:
         randoms = int(d / self.plan.kill_every)
         plan += [((i + 0.7) * self.plan.kill_every, "random kill", self.kill_random_worker) for i in range(randoms)]
         if self.plan.hosts > 1:
-            plan.append((self.plan.host_down_at, "host down", lambda: self.host_down(0.05 * self.plan.duration)))
+            plan.append((self.plan.host_down_at, "host down", lambda: self.host_down(0.2 * self.plan.duration)))
         return sorted(plan, key=lambda item: item[0])
 
     def disturb(self) -> None:
@@ -1020,6 +1072,7 @@ class ChaosRun:
             if sampler.is_alive():
                 sampler.join()
             self.write_busy_samples(self.scratch / "gpu1_busy.jsonl")
+            self.write_windows(self.scratch / "windows.json")
             feeder.join()
             self.note("chaos over; waiting for every case to be final")
             settled = self.wait_for_the_end()

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from bench.chaos import HOST_NAMES, BusySample, ChaosPlan, busy_figure, run_chaos, two_hosts_config
+from bench.chaos import HOST_NAMES, BusySample, ChaosPlan, busy_figure, idle_reason, run_chaos, two_hosts_config
 from bench.chaos_check import (EXIT_STATUS_RECORD, Expected, Verdict, check_foreign_tasks, exit_status_record,
                                read_starts, recording_starts)
 from bench.chaos_hooks import ZONES, is_add, is_finalize, is_upload
@@ -104,17 +104,31 @@ def test_each_case_is_judged_by_the_outages_of_its_own_host():
 
 
 def test_gpu1_counts_as_busy_only_when_every_group_runs_while_cases_wait():
-    def sample(running, held=(), waiting=3, down=True, cut=False):
+    def sample(running, idle=(), waiting=3, down=True, cut=False):
         return BusySample(at=0, gpu2_down=down, gpu1_cut=cut, waiting=waiting, running=frozenset(running),
-                          held=frozenset(held))
+                          idle=tuple(idle))
     groups = ("gpu_a", "gpu_b")
-    samples = [sample({"gpu_a", "gpu_b"}), sample({"gpu_a"}, held={"gpu_b"}), sample(set()),
-               sample(set(), waiting=0), sample(set(), cut=True), sample({"gpu_a", "gpu_b"}, down=False)]
+    samples = [sample({"gpu_a", "gpu_b"}), sample({"gpu_a"}, idle=[("gpu_b", "claim")]),
+               sample(set(), idle=[("gpu_a", "free"), ("gpu_b", "dead claim")]), sample(set(), waiting=0),
+               sample(set(), cut=True), sample({"gpu_a", "gpu_b"}, down=False)]
     figure = busy_figure(samples, groups, gpu2_down=True)
     assert (figure.busy, figure.counted, figure.left_out) == (1, 3, 1)
-    assert (figure.idle_free, figure.idle_held) == (2, 1)
+    assert figure.idle == {"claim": 1, "free": 1, "dead claim": 1}
     assert figure.gpu_share == pytest.approx(3 / 6)
     assert busy_figure(samples, groups, gpu2_down=False).percent == 100.0
+    assert "seat free 33 %" in figure.text()
+
+
+def test_a_seat_held_by_a_dead_submitter_is_told_from_a_live_one():
+    process = subprocess.Popen(["sleep", "30"])
+    try:
+        assert idle_reason(("submitting", f"submitter_0:{process.pid}")) == "claim"
+    finally:
+        process.kill()
+        process.wait()
+    assert idle_reason(("submitting", f"submitter_0:{process.pid}")) == "dead claim"
+    assert idle_reason(("running", None)) == "no task"
+    assert idle_reason(None) == "free"
 
 SEEN: list[list[str]] | None = None  # argvs of the subprocesses started while a test records them
 
