@@ -446,6 +446,17 @@ def ours(task) -> bool:
     return bool(task.label and task.label.startswith(OUR_LABEL))
 
 
+def killed_keys(tasks) -> set[tuple]:
+    """The killed tasks among ``tasks``, each by id, label and start: ids are reused once a task
+    is cleaned or removed, so an id alone may name another task a moment later."""
+    from shared.backends.model import TaskState
+    return {(t.id, t.label, t.start) for t in tasks if t.state is TaskState.KILLED}
+
+
+def newly_killed(before: set[tuple], tasks) -> list:
+    """The tasks killed now that were not killed ``before`` (a set of ``killed_keys``)."""
+    from shared.backends.model import TaskState
+    return [t for t in tasks if t.state is TaskState.KILLED and (t.id, t.label, t.start) not in before]
 
 
 def two_hosts_config(target: Path, first: Path, second: Path, groups: dict) -> Path:
@@ -779,10 +790,6 @@ class ChaosRun:
                           waiting=waiting, running=running, idle=idle)
 
     # -- pueue, as a crash and as other users ------------------------------------------------------------
-    def killed_ids(self) -> set[int]:
-        from shared.backends.model import TaskState
-        return {t.id for t in self.tasks() if t.state is TaskState.KILLED}
-
     def restart_pueue_daemon(self) -> None:
         """Crash and restart pueued; queued work (a foreign task behind ours) gets its group paused.
 
@@ -790,12 +797,11 @@ class ChaosRun:
         to show with it."""
         while time.monotonic() < self.late_store_due:
             time.sleep(0.2)
-        before = self.killed_ids()
         for group in sorted({t.group for t in self.running_tasks()})[:2]:
             self.pueue("add", "-g", group, "--", "sleep 0.2", check=False)
+        before = killed_keys(self.tasks())
         self.sandbox.ctl("restart")
-        from shared.backends.model import TaskState
-        killed = [t for t in self.tasks() if t.state is TaskState.KILLED and t.id not in before]
+        killed = newly_killed(before, self.tasks())
         victims = [t.label for t in killed if ours(t)]
         with self.lock:
             self.done.victims.update(victims)

@@ -14,7 +14,8 @@ import time
 import pytest
 import yaml
 
-from bench.chaos import HOST_NAMES, BusySample, ChaosPlan, busy_figure, idle_reason, run_chaos, two_hosts_config
+from bench.chaos import (HOST_NAMES, BusySample, ChaosPlan, busy_figure, idle_reason, killed_keys, newly_killed,
+                         run_chaos, two_hosts_config)
 from bench.chaos_check import (EXIT_STATUS_RECORD, Expected, Verdict, check_foreign_tasks, exit_status_record,
                                read_starts, recording_starts)
 from bench.chaos_hooks import ZONES, is_add, is_finalize, is_upload
@@ -69,6 +70,20 @@ def test_short_two_host_chaos_run_loses_nothing_while_one_host_is_down(tmp_path)
 # ---------------------------------------------------------------------------------------------
 # The chaos tooling itself
 # ---------------------------------------------------------------------------------------------
+
+def test_a_task_killed_by_a_restart_counts_even_on_an_id_a_killed_task_had_before():
+    """Found by the short two-host run: our requeue removed a killed task, the next add took its
+    id, the restart killed that one, and the driver took it for the old one (compared by id): its
+    case's second start was reported as run twice."""
+    from datetime import datetime, timezone
+    from shared.backends.model import TaskInfo, TaskState
+    before = killed_keys([TaskInfo(0, "mqic_case_5", "gpu_a", TaskState.KILLED,
+                                   start=datetime(2026, 1, 1, tzinfo=timezone.utc))])
+    again = TaskInfo(0, "mqic_case_7", "gpu_a", TaskState.KILLED, start=datetime(2026, 1, 2, tzinfo=timezone.utc))
+    still = TaskInfo(0, "mqic_case_5", "gpu_a", TaskState.KILLED, start=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    assert newly_killed(before, [again]) == [again]
+    assert newly_killed(before, [still]) == []
+
 
 def test_the_two_host_config_names_both_sandboxes(tmp_path):
     from sandbox.hpc import config_data
