@@ -109,6 +109,7 @@ class ChaosPlan:
     long_cases: int = -1  # -1: one per 40 cases, at least 2
     hosts: int = 1  # 2: a second sandbox host, down for ``host_down`` seconds
     host_down: float = 60.0
+    calm: bool = False  # with 2 hosts: gpu2's outage alone, no other disturbance (a control for the busy figure)
 
     @property
     def timeout(self) -> float:
@@ -990,6 +991,8 @@ class ChaosRun:
     def schedule(self) -> list[tuple[float, str, Callable[[], None]]]:
         """(second, name, action) for the whole run, sorted by time."""
         d = self.plan.duration
+        if self.plan.calm:
+            return [(self.plan.host_down_at, "host down", lambda: self.host_down(0.2 * d))]
         outage = min(12.0, max(3.0, 0.05 * d))
         plan: list[tuple[float, str, Callable[[], None]]] = [
             (0.08 * d, "lose adds", lambda: self.lose_adds_in_turn(until=0.5 * d)),
@@ -1147,12 +1150,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="2: a second sandbox host (gpu2) joins, and is down for --host-down seconds")
     parser.add_argument("--host-down", type=float, default=ChaosPlan.host_down,
                         help="seconds gpu2 is down (--hosts 2)")
+    parser.add_argument("--calm", action="store_true",
+                        help="with --hosts 2: gpu2's outage alone, no other disturbance (a control run)")
     parser.add_argument("--scratch", type=Path, default=None, help="work folder (default: a new one in /tmp)")
     args = parser.parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="mqic-chaos-"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop supervisord, sshd, pueued
     plan = ChaosPlan(cases=args.cases, duration=args.duration, seed=args.seed, groups=args.groups,
-                     case_timeout=args.case_timeout, hosts=args.hosts, host_down=args.host_down)
+                     case_timeout=args.case_timeout, hosts=args.hosts, host_down=args.host_down,
+                     calm=args.calm and args.hosts > 1)
     result = run_chaos(plan, scratch)
     print()
     print(result.table())
