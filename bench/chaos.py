@@ -387,7 +387,7 @@ class ChaosResult:
         rows += [
             ("sshd outages: new logins only / all sessions (ControlMaster cut)",
              f"{d.outages['logins']} / {d.outages['all']} ({d.masters_cut})"),
-            ("outage longer than the case timeout", f"{d.long_outage:.0f} s"),
+            ("outage longer than the case timeout", f"{d.long_outage:.0f} s" if d.outages["all"] else "none"),
         ]
         if plan.hosts > 1:
             rows += [
