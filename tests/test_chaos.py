@@ -27,7 +27,7 @@ from shared.states import CaseStatus
 from shared.store import get_case
 from shared.worker import build_context
 from tests.conftest import wait_until
-from workers import poller, scanner, submitter
+from workers import poller, reaper, scanner, submitter
 
 
 @pytest.mark.timeout(330)
@@ -260,6 +260,7 @@ def test_an_outage_longer_than_every_retry_fails_nothing(hpc, sshd):
     case = get_case(ctx.conn, case.case_id)
     assert case.error_type == "Unreachable"
     assert case.status is CaseStatus.SUBMITTED, f"failed for good: {case.outcome}: {case.error_message}"
+    assert reaper.probe_down_hosts(ctx, time.time() + reaper.PROBE_DOWN_SECONDS) == 1  # no claims there until then
     submitter.tick(ctx, time.time())
     assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
 
