@@ -2,7 +2,7 @@
 
 One command::
 
-    .venv/bin/python bench/chaos.py [--cases N] [--duration SECONDS] [--seed S] [--scratch DIR]
+    .venv/bin/python bench/chaos.py [--cases N] [--duration SECONDS] [--seed S] [--hosts 1|2] [--scratch DIR]
 
 It starts the sandbox HPC (real sshd + pueue stand-in, ``sandbox.hpc.up``) and supervisord with
 ``bench/supervisord.chaos.conf`` (one scanner, two submitters, two pollers, two reapers), drops
@@ -24,12 +24,20 @@ seconds:
 - loses the answers of ``pueue add`` after the daemon acted (``pueue-standin-ctl lose-add``),
   once with the task stored only after our ssh gave up.
 
+With ``--hosts 2`` a second sandbox HPC (its own sshd and pueue stand-in) joins as host
+``gpu2`` of one config with a ``hosts:`` list (``gpu1`` is the first sandbox, which every
+disturbance above still targets), and ``gpu2`` is down for ``--host-down`` seconds (60) while
+cases are still being dropped: its sshd stops and every session dies, its ControlMaster too.
+Meanwhile gpu1's pueue state is sampled every 0.5 s: the table gives the share of the samples
+with cases waiting in which every gpu1 group runs a task of ours.
+
 Then it waits until every case is final and prints a table; exit status 1 on any violation of
 ``bench.chaos_check.check_final_state`` (lost, run twice, wrongly failed, another user's task
 touched, ...). Tests import ``ChaosPlan``, ``run_chaos`` and the checker from here.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -57,7 +65,11 @@ OUR_LABEL = "mqic_case_"
 DROP_SHARE = 0.7  # cases are dropped over the first 70 % of the run
 FORGETTING_AT = 0.35  # the pollers stop (another user cleans) at 35 % of the run, then the long outage
 WAITING_ACTIONS = {"owner kill", "remote kill", "restart", "lose adds",
-                   "clean, long outage, reused id"}  # they wait for something: each runs in a thread
+                   "clean, long outage, reused id", "host down"}  # they wait for something: each runs in a thread
+HOST_NAMES = ("gpu1", "gpu2")  # with --hosts 2; the one host of the one-host run keeps the default name
+HOST_KEYS = ("host", "port", "user", "identity_file", "known_hosts_file", "remote_base_dir", "control_dir",
+             "pueue_command")  # what the second sandbox's hosts: entry overrides of the hpc defaults
+BUSY_SAMPLE_S = 0.5  # how often gpu1's GPUs are looked at (--hosts 2)
 
 
 def write_sitecustomize(hooks_dir: Path, tokens_dir: Path, hits_dir: Path, taken_dir: Path) -> Path:
@@ -95,6 +107,9 @@ class ChaosPlan:
     settle_timeout: float = 420.0
     case_timeout: float = 0.0
     long_cases: int = -1  # -1: one per 40 cases, at least 2
+    hosts: int = 1  # 2: a second sandbox host, down for ``host_down`` seconds
+    host_down: float = 60.0
+    calm: bool = False  # with 2 hosts: gpu2's outage alone, no other disturbance (a control for the busy figure)
 
     @property
     def timeout(self) -> float:
@@ -107,6 +122,12 @@ class ChaosPlan:
     @property
     def long_count(self) -> int:
         return self.long_cases if self.long_cases >= 0 else max(2, self.cases // 40)
+
+    @property
+    def host_down_at(self) -> float:
+        """When gpu2 goes down: early enough to be back before the pollers stop for the first
+        time (our own chaos would stall gpu1 then too), never in the first 5 % of the run."""
+        return max(0.05 * self.duration, FORGETTING_AT * self.duration - self.host_down - 2)
 
 
 @dataclass(frozen=True)
@@ -211,6 +232,81 @@ class Supervisor:
 # What happened, and the report
 # ---------------------------------------------------------------------------------------------
 
+IDLE_REASONS = {  # why a gpu1 group runs no task of ours, from its seat and the case holding it
+    "free": "seat free",
+    "claim": "claimed (upload, add)",
+    "dead claim": "claimed by a dead submitter (lease not yet recovered)",
+    "no task": "case running, its task not (queued, or ended and not yet seen)",
+}
+
+
+@dataclass(frozen=True)
+class BusySample:
+    """gpu1 at one moment (--hosts 2): its groups that run a task of ours, why each of the others
+    does not (a key of IDLE_REASONS), how many cases wait (``submitted``), and whether gpu2 or
+    gpu1 itself was cut off (gpu1: an outage of every session, or our pollers stopped by the chaos)."""
+    at: float
+    gpu2_down: bool
+    gpu1_cut: bool
+    waiting: int
+    running: frozenset[str]
+    idle: tuple[tuple[str, str], ...] = ()  # (group, reason)
+
+
+@dataclass(frozen=True)
+class BusyFigure:
+    """The share of samples, with cases waiting and gpu1 not cut off, in which every gpu1 group
+    ran a task of ours; the mean share of its GPUs running one; why the idle ones were idle."""
+    busy: int
+    counted: int
+    gpu_share: float
+    idle: Counter
+    left_out: int  # samples with cases waiting but gpu1 itself cut off
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.busy / self.counted if self.counted else 0.0
+
+    def text(self) -> str:
+        idle = sum(self.idle.values()) or 1
+        why = ", ".join(f"{IDLE_REASONS[reason]} {100 * self.idle[reason] / idle:.0f} %" for reason in IDLE_REASONS)
+        return (f"{self.percent:.0f} % of {self.counted} samples; GPUs running a task: {100 * self.gpu_share:.0f} %; "
+                f"idle GPUs: {why}; {self.left_out} samples left out (gpu1 itself cut off)")
+
+
+def busy_figure(samples: list[BusySample], groups: tuple[str, ...], gpu2_down: bool) -> BusyFigure:
+    """How busy gpu1 kept its GPUs in the samples taken while gpu2 was down (or up)."""
+    wanted = [s for s in samples if s.gpu2_down == gpu2_down and s.waiting]
+    counted = [s for s in wanted if not s.gpu1_cut]
+    share = sum(len(s.running & set(groups)) for s in counted) / (len(counted) * len(groups)) if counted else 0.0
+    return BusyFigure(busy=sum(1 for s in counted if set(groups) <= s.running), counted=len(counted), gpu_share=share,
+                      idle=Counter(reason for s in counted for _, reason in s.idle), left_out=len(wanted) - len(counted))
+
+
+def idle_reason(holder: tuple[str, str | None] | None) -> str:
+    """Why a group with no task of ours running is idle, from the (status, claimed_by) of the case on its seat."""
+    if holder is None:
+        return "free"
+    status, claimed_by = holder
+    if status == "submitting":
+        return "claim" if pid_alive(claimed_by) else "dead claim"
+    return "no task"
+
+
+def pid_alive(claimed_by: str | None) -> bool:
+    """Whether the worker named in ``claimed_by`` (``name:pid``, on this machine) still lives."""
+    pid = (claimed_by or "").rpartition(":")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class Disturbances:
     """What the driver did, for the table and for the checker."""
@@ -233,6 +329,12 @@ class Disturbances:
     foreign: dict[int, str] = field(default_factory=dict)  # another user's task id -> command
     foreign_excused: set[int] = field(default_factory=set)
     foreign_on_our_ids: list[tuple[int, list[int]]] = field(default_factory=list)
+    host_down_windows: list[tuple[float, float]] = field(default_factory=list)  # gpu2 down, epoch s
+    host_down_from: list[float] = field(default_factory=list)  # gpu2 down, seconds into the run
+    host_masters_cut: int = 0
+    started_on_gpu1_while_down: int = 0  # cases whose task was submitted on gpu1 while gpu2 was down
+    on_gpu2_when_down: list[int] = field(default_factory=list)  # cases running or submitting there then
+    busy: list[BusySample] = field(default_factory=list)
 
 
 @dataclass
@@ -249,6 +351,14 @@ class ChaosResult:
     @property
     def ok(self) -> bool:
         return self.verdict.ok and self.settled
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(f"gpu_{chr(ord('a') + i)}" for i in range(self.plan.groups))
+
+    def busy(self, gpu2_down: bool = True) -> BusyFigure:
+        """How busy gpu1 kept its GPUs while gpu2 was down (``gpu2_down=False``: while both were up)."""
+        return busy_figure(self.done.busy, self.groups, gpu2_down)
 
     @property
     def unreached_zones(self) -> list[str]:
@@ -277,7 +387,22 @@ class ChaosResult:
         rows += [
             ("sshd outages: new logins only / all sessions (ControlMaster cut)",
              f"{d.outages['logins']} / {d.outages['all']} ({d.masters_cut})"),
-            ("outage longer than the case timeout", f"{d.long_outage:.0f} s"),
+            ("outage longer than the case timeout", f"{d.long_outage:.0f} s" if d.outages["all"] else "none"),
+        ]
+        if plan.hosts > 1:
+            rows += [
+                ("host gpu2 down, every session killed (ControlMaster cut)",
+                 f"{len(d.host_down_windows)} x {plan.host_down:g} s, from "
+                 f"{', '.join(f'{at:.0f}' for at in d.host_down_from) or '-'} s into the run ({d.host_masters_cut})"),
+                ("cases on gpu2 when it went down (running or submitting)", len(d.on_gpu2_when_down)),
+                ("cases that went running on gpu1 while gpu2 was down", d.started_on_gpu1_while_down),
+                ("**gpu1 busy while gpu2 down** (every gpu1 group runs a task of ours, cases waiting)",
+                 self.busy(True).text()),
+                ("gpu1 busy while both hosts are up (the same measure)", self.busy(False).text()),
+                ("final on gpu1 / gpu2: completed, failed",
+                 " / ".join(f"{v.get(f'completed_on:{h}', 0)}, {v.get(f'failed_on:{h}', 0)}" for h in HOST_NAMES)),
+            ]
+        rows += [
             ("pueue daemon restarts (groups paused)", f"{d.restarts} ({d.paused_by_restart})"),
             ("garbage `status --json` answers", d.garbage_polls),
             ("tasks killed by another user (`pueue kill`)", d.remote_kills),
@@ -322,6 +447,31 @@ def ours(task) -> bool:
     return bool(task.label and task.label.startswith(OUR_LABEL))
 
 
+def killed_keys(tasks) -> set[tuple]:
+    """The killed tasks among ``tasks``, each by id, label and start: ids are reused once a task
+    is cleaned or removed, so an id alone may name another task a moment later."""
+    from shared.backends.model import TaskState
+    return {(t.id, t.label, t.start) for t in tasks if t.state is TaskState.KILLED}
+
+
+def newly_killed(before: set[tuple], tasks) -> list:
+    """The tasks killed now that were not killed ``before`` (a set of ``killed_keys``)."""
+    from shared.backends.model import TaskState
+    return [t for t in tasks if t.state is TaskState.KILLED and (t.id, t.label, t.start) not in before]
+
+
+def two_hosts_config(target: Path, first: Path, second: Path, groups: dict) -> Path:
+    """Write one config with a ``hosts:`` list to ``target``: ``gpu1`` is the sandbox of
+    ``first`` (whose ``hpc`` section gives every host's defaults), ``gpu2`` the sandbox of
+    ``second`` (its own sshd, pueue, remote folder and control folder); both with ``groups``."""
+    import yaml
+    data = yaml.safe_load(first.read_text())
+    other = yaml.safe_load(second.read_text())["hpc"]
+    del data["pueue"]["groups"]
+    data["hosts"] = [{"name": HOST_NAMES[0], "groups": groups},
+                     {"name": HOST_NAMES[1], **{key: other[key] for key in HOST_KEYS}, "groups": groups}]
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,8 +488,12 @@ class ChaosRun:
         self.done = Disturbances(long_outage=plan.timeout + 4)
         self.t0 = time.monotonic()
         self.sandbox = None
+        self.sandbox2 = None  # the second host (--hosts 2)
+        self.config_path: Path | None = None
         self.supervisor: Supervisor | None = None
         self.groups = tuple(f"gpu_{chr(ord('a') + i)}" for i in range(plan.groups))
+        self.gpu2_down = False
+        self.gpu1_cut: set[str] = set()  # why gpu1 itself is cut off now: "outage", "pollers"
         self.starts_log = self.scratch / "hpc" / "simulation_starts.log"
         self.lock = threading.Lock()  # helper threads record victims too
         self.late_store_due = 0.0  # monotonic time by which a late-stored add has landed
@@ -348,25 +502,31 @@ class ChaosRun:
     def start(self) -> None:
         from sandbox.hpc import remote_command, up
         groups = {name: {"gpu": index} for index, name in enumerate(self.groups)}
-        self.sandbox = up(self.scratch / "hpc", groups=groups,
-                          scanner={"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
-                          hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": COMMAND_TIMEOUT_S,
-                               "remote_command": recording_starts(remote_command(), self.starts_log)},
-                          main_loop={"interval_seconds": 0.4, "lease_seconds": LEASE_S, "max_attempts": 100,
-                                     "backoff_base_seconds": 1, "backoff_cap_seconds": 4,
-                                     "running_case_timeout_hours": self.plan.timeout / 3600,
-                                     "stuck_after_minutes": 60},
-                          logging={"json_stdout": False})
+        sections = dict(scanner={"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
+                        hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": COMMAND_TIMEOUT_S,
+                             "remote_command": recording_starts(remote_command(), self.starts_log)},
+                        main_loop={"interval_seconds": 0.4, "lease_seconds": LEASE_S, "max_attempts": 100,
+                                   "backoff_base_seconds": 1, "backoff_cap_seconds": 4,
+                                   "running_case_timeout_hours": self.plan.timeout / 3600,
+                                   "stuck_after_minutes": 60},
+                        logging={"json_stdout": False})
+        self.sandbox = up(self.scratch / "hpc", groups=groups, **sections)
+        self.config_path = self.sandbox.config_path
+        if self.plan.hosts > 1:
+            self.sandbox2 = up(self.scratch / "hpc2", groups=groups, **sections)
+            self.config_path = two_hosts_config(self.scratch / "config.yaml", self.sandbox.config_path,
+                                                self.sandbox2.config_path, groups)
         self.config = self._load_config()
         assert self.config.pueue.resume_paused_groups  # sandbox.hpc's default; up() cannot take a pueue section
         self.pueue("parallel", "0", "-g", "default")  # another user's tasks run side by side
-        self.supervisor = Supervisor(self.scratch / "sup", self.sandbox.config_path)
+        self.supervisor = Supervisor(self.scratch / "sup", self.config_path)
         self.supervisor.start()
-        self.note(f"sandbox HPC and supervisord up in {self.scratch}; case timeout {self.plan.timeout:g} s")
+        self.note(f"sandbox HPC{' (2 hosts)' if self.sandbox2 else ''} and supervisord up in {self.scratch}; "
+                  f"case timeout {self.plan.timeout:g} s")
 
     def _load_config(self):
         from shared.config import load_config
-        return load_config(self.sandbox.config_path)
+        return load_config(self.config_path)
 
     def note(self, message: str) -> None:
         self.say(f"[{time.monotonic() - self.t0:7.1f}s] {message}")
@@ -385,13 +545,14 @@ class ChaosRun:
                       marker="_CASE_READY" if spec.marker else None, seed=index)
 
     # -- the database and pueue as the driver sees them ------------------------------------------
-    def pueue(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """``pueue ARGS`` on the HPC's side, waiting (up to 10 s) through a daemon restart of our own.
+    def pueue(self, *args: str, check: bool = True, sandbox=None) -> subprocess.CompletedProcess:
+        """``pueue ARGS`` on the HPC's side (gpu1, or ``sandbox``), waiting (up to 10 s) through a
+        daemon restart of our own.
 
         ``check``: raise CalledProcessError if pueue still fails (a refusal such as "The command
         failed for tasks" is an answer, not a failure, for the callers that pass ``check=False``).
         """
-        return self.through_restarts([str(self.sandbox.pueue), *args], check)
+        return self.through_restarts([str((sandbox or self.sandbox).pueue), *args], check)
 
     def ctl(self, *args: str) -> str:
         """``pueue-standin-ctl ARGS`` (through a daemon restart too); its output."""
@@ -421,12 +582,12 @@ class ChaosRun:
         groups = pueue_parse.parse_groups(self.pueue("group", "--json").stdout)
         return sorted(name for name, group in groups.items() if group.paused)
 
-    def final_status_json(self) -> str:
-        """``status --json`` for the checker (retried past any garbage answer still pending)."""
+    def final_status_json(self, sandbox=None) -> str:
+        """``status --json`` of gpu1 (or ``sandbox``) for the checker (retried past any garbage answer still pending)."""
         from shared.backends import pueue_parse
         from shared.errors import BadOutput
         for _ in range(20):
-            text = self.pueue("status", "--json").stdout
+            text = self.pueue("status", "--json", sandbox=sandbox).stdout
             try:
                 pueue_parse.parse_status(text)
                 return text
@@ -503,10 +664,10 @@ class ChaosRun:
         from sandbox.sshd import SandboxSshd
         return SandboxSshd.from_state(self.scratch / "hpc" / "sshd")
 
-    def master_alive(self) -> bool:
-        """Whether our shared ControlMaster connection answers (``ssh -O check``)."""
+    def master_alive(self, host: int = 0) -> bool:
+        """Whether our shared ControlMaster connection to a host (gpu1) answers (``ssh -O check``)."""
         from shared.remote import Remote
-        remote = Remote(self.config.hosts[0].hpc)
+        remote = Remote(self.config.hosts[host].hpc)
         check = subprocess.run(["ssh", "-o", f"ControlPath={remote.control_path}", "-O", "check", remote.destination],
                                capture_output=True, timeout=10)
         return check.returncode == 0
@@ -518,6 +679,7 @@ class ChaosRun:
         self.done.outages[kind] += 1
         if kind == "all":
             self.done.outage_windows.append((time.time(), float("inf")))
+            self.gpu1_cut.add("outage")
         master_after = self.master_alive()
         self.done.masters_cut += master_before and not master_after
         self.note(f"sshd stopped ({'every session killed' if kind == 'all' else 'new logins refused'}); "
@@ -528,13 +690,107 @@ class ChaosRun:
             begin = self.done.outage_windows[-1][0]
             self.done.outage_windows[-1] = (begin, time.time())
         self.sshd().start()
+        self.gpu1_cut.discard("outage")
         self.note("sshd started again")
 
-    # -- pueue, as a crash and as other users ------------------------------------------------------------
-    def killed_ids(self) -> set[int]:
-        from shared.backends.model import TaskState
-        return {t.id for t in self.tasks() if t.state is TaskState.KILLED}
+    def host_down(self, patience: float) -> None:
+        """Once cases run on gpu2 (waiting up to ``patience`` s), gpu2 is down for ``plan.host_down``
+        seconds: its sshd stops and every session dies, our ControlMaster to it too; its pueue
+        daemon and the tasks running there live on."""
+        from sandbox.sshd import SandboxSshd
+        self.wait_for(lambda: self.running_cases(host=HOST_NAMES[1]), patience)
+        sshd = SandboxSshd.from_state(self.scratch / "hpc2" / "sshd")
+        on_gpu2 = self.cases_on(HOST_NAMES[1])
+        master_before = self.master_alive(1)
+        sshd.stop(kill_sessions=True)
+        begin, self.gpu2_down = time.time(), True
+        self.done.host_down_from.append(time.monotonic() - self.t0)
+        self.done.on_gpu2_when_down += on_gpu2
+        master_after = self.master_alive(1)
+        self.done.host_masters_cut += master_before and not master_after
+        self.note(f"gpu2 DOWN for {self.plan.host_down:g} s (every session killed); ControlMaster before/after: "
+                  f"{'up' if master_before else 'down'}/{'up' if master_after else 'down'}; "
+                  f"cases running or submitting there: {on_gpu2}")
+        try:
+            time.sleep(self.plan.host_down)
+        finally:
+            sshd.start()
+            self.gpu2_down = False
+            self.done.host_down_windows.append((begin, time.time()))
+            self.done.started_on_gpu1_while_down += self.started_on(HOST_NAMES[0], *self.done.host_down_windows[-1])
+            self.note(f"gpu2: sshd started again; {self.done.started_on_gpu1_while_down} cases went running "
+                      f"on gpu1 meanwhile")
 
+    def cases_on(self, host: str) -> list[int]:
+        """Ids of the cases ``running`` or ``submitting`` on ``host``."""
+        from shared.db import connect
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            return [row[0] for row in conn.execute("SELECT case_id FROM cases WHERE host = ?"
+                                                   " AND status IN ('running', 'submitting')", (host,))]
+        finally:
+            conn.close()
+
+    def started_on(self, host: str, begin: float, end: float) -> int:
+        """How many cases now on ``host`` went ``running`` there between ``begin`` and ``end`` (epoch s)."""
+        from shared.db import connect
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            return conn.execute("SELECT COUNT(DISTINCT e.case_id) FROM case_events AS e JOIN cases AS c"
+                                " ON c.case_id = e.case_id WHERE e.to_status = 'running' AND c.host = ?"
+                                " AND e.at BETWEEN ? AND ?", (host, begin, end)).fetchone()[0]
+        finally:
+            conn.close()
+
+    # -- how busy gpu1 keeps its GPUs -----------------------------------------------------------------
+    def sample_gpu1(self, stop: threading.Event) -> None:
+        """Every BUSY_SAMPLE_S until ``stop``: gpu1's pueue state (the stand-in's state file, as
+        ``pueue status`` reports it, without eating the garbage answers meant for our pollers),
+        its seats and the cases waiting."""
+        from shared.db import connect
+        while not self.config.database_path.exists():  # the first worker creates it
+            if stop.wait(BUSY_SAMPLE_S):
+                return
+        conn = connect(self.config.database_path, readonly=True)
+        try:
+            while not stop.wait(BUSY_SAMPLE_S):
+                sample = self.busy_sample(conn)
+                if sample is not None:
+                    self.done.busy.append(sample)
+        finally:
+            conn.close()
+
+    def write_windows(self, target: Path) -> None:
+        """When the run began and when each host could not be reached (epoch s), for a closer look."""
+        import json
+        d = self.done
+        target.write_text(json.dumps({"t0": time.time() - (time.monotonic() - self.t0),
+                                      "gpu1_outages": d.outage_windows, "gpu2_down": d.host_down_windows}))
+
+    def write_busy_samples(self, target: Path) -> None:
+        """The samples, one JSON line each, for a closer look at how gpu1 was used."""
+        import json
+        if self.done.busy:
+            target.write_text("".join(json.dumps({**dataclasses.asdict(s), "running": sorted(s.running),
+                                                  "idle": dict(s.idle)}) + "\n" for s in self.done.busy))
+
+    def busy_sample(self, conn) -> BusySample | None:
+        from sandbox.pueue_standin import Paths, read_state
+        at, gpu2_down, gpu1_cut = time.monotonic() - self.t0, self.gpu2_down, bool(self.gpu1_cut)
+        try:
+            tasks, _ = read_state(Paths(self.scratch / "hpc" / "pueue"))
+        except (OSError, ValueError, TypeError):
+            return None
+        running = frozenset(t.group for t in tasks.values() if t.status == "Running" and ours(t))
+        waiting = conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted'").fetchone()[0]
+        held = {row[0]: row[1:] for row in conn.execute(
+            "SELECT g.pueue_group, c.status, c.claimed_by FROM gpu_resources AS g LEFT JOIN cases AS c"
+            " ON c.case_id = g.assigned_case_id WHERE g.host = ? AND g.status = 'assigned'", (HOST_NAMES[0],))}
+        idle = tuple((group, idle_reason(held.get(group))) for group in self.groups if group not in running)
+        return BusySample(at=at, gpu2_down=gpu2_down and self.gpu2_down, gpu1_cut=gpu1_cut or bool(self.gpu1_cut),
+                          waiting=waiting, running=running, idle=idle)
+
+    # -- pueue, as a crash and as other users ------------------------------------------------------------
     def restart_pueue_daemon(self) -> None:
         """Crash and restart pueued; queued work (a foreign task behind ours) gets its group paused.
 
@@ -542,12 +798,11 @@ class ChaosRun:
         to show with it."""
         while time.monotonic() < self.late_store_due:
             time.sleep(0.2)
-        before = self.killed_ids()
         for group in sorted({t.group for t in self.running_tasks()})[:2]:
             self.pueue("add", "-g", group, "--", "sleep 0.2", check=False)
+        before = killed_keys(self.tasks())
         self.sandbox.ctl("restart")
-        from shared.backends.model import TaskState
-        killed = [t for t in self.tasks() if t.state is TaskState.KILLED and t.id not in before]
+        killed = newly_killed(before, self.tasks())
         victims = [t.label for t in killed if ours(t)]
         with self.lock:
             self.done.victims.update(victims)
@@ -576,12 +831,15 @@ class ChaosRun:
             self.done.remote_kills += 1
             self.note(f"another user killed remote task {task.id} ({task.label})")
 
-    def running_cases(self, names: frozenset[str] | None = None) -> list[int]:
-        """Ids of the cases ``running`` in the database (only those named ``names``, if given)."""
+    def running_cases(self, names: frozenset[str] | None = None, host: str | None = None) -> list[int]:
+        """Ids of the cases ``running`` on gpu1 (or ``host``) in the database (only those named ``names``, if given)."""
         from shared.db import connect
+        if not self.config.database_path.exists():  # no worker has created it yet
+            return []
         conn = connect(self.config.database_path, readonly=True)
         try:
-            rows = conn.execute("SELECT case_id, case_name FROM cases WHERE status = 'running'")
+            rows = conn.execute("SELECT case_id, case_name FROM cases WHERE status = 'running' AND host = ?",
+                                (host or self.config.hosts[0].name,))
             return [row[0] for row in rows if names is None or row[1] in names]
         finally:
             conn.close()
@@ -622,6 +880,7 @@ class ChaosRun:
         self.wait_for(self.running_cases, patience)
         self.supervisor.set_running("poller", False)
         stopped_at = time.monotonic()
+        self.gpu1_cut.add("pollers")
         self.done.poller_stops += 1
         self.note(f"pollers stopped for {gap:g} s; cases running: {self.running_cases()}")
         if pause_submitters:
@@ -636,6 +895,7 @@ class ChaosRun:
 
     def start_pollers(self) -> None:
         started = self.supervisor.set_running("poller", True)
+        self.gpu1_cut.discard("pollers")
         if started:
             self.note(f"pollers started again: {started}")
 
@@ -659,12 +919,13 @@ class ChaosRun:
         return None
 
     def cases_recording(self, task_id: int, running_only: bool = False) -> list[int]:
-        """Ids of the cases whose row records ``task_id`` as their pueue task (only ``running`` ones)."""
+        """Ids of gpu1's cases whose row records ``task_id`` as their pueue task (only ``running`` ones)."""
         from shared.db import connect
         conn = connect(self.config.database_path, readonly=True)
         try:
-            rows = conn.execute("SELECT case_id FROM cases WHERE pueue_task_id = ?"
-                                + (" AND status = 'running'" if running_only else ""), (task_id,))
+            rows = conn.execute("SELECT case_id FROM cases WHERE pueue_task_id = ? AND host = ?"
+                                + (" AND status = 'running'" if running_only else ""),
+                                (task_id, self.config.hosts[0].name))
             return [r[0] for r in rows]
         finally:
             conn.close()
@@ -730,6 +991,8 @@ class ChaosRun:
     def schedule(self) -> list[tuple[float, str, Callable[[], None]]]:
         """(second, name, action) for the whole run, sorted by time."""
         d = self.plan.duration
+        if self.plan.calm:
+            return [(self.plan.host_down_at, "host down", lambda: self.host_down(0.2 * d))]
         outage = min(12.0, max(3.0, 0.05 * d))
         plan: list[tuple[float, str, Callable[[], None]]] = [
             (0.08 * d, "lose adds", lambda: self.lose_adds_in_turn(until=0.5 * d)),
@@ -751,6 +1014,8 @@ class ChaosRun:
                      for i in range(tokens)]
         randoms = int(d / self.plan.kill_every)
         plan += [((i + 0.7) * self.plan.kill_every, "random kill", self.kill_random_worker) for i in range(randoms)]
+        if self.plan.hosts > 1:
+            plan.append((self.plan.host_down_at, "host down", lambda: self.host_down(0.2 * self.plan.duration)))
         return sorted(plan, key=lambda item: item[0])
 
     def disturb(self) -> None:
@@ -770,6 +1035,7 @@ class ChaosRun:
         if not self.sshd().is_running():
             self.outage_ends()
         self.start_pollers()
+        self.note("disturbances over")
 
     def attempt(self, name: str, action: Callable[[], None]) -> None:
         try:
@@ -802,12 +1068,20 @@ class ChaosRun:
         return self.settled()
 
     def run(self) -> ChaosResult:
-        stop = threading.Event()
+        stop, sampled = threading.Event(), threading.Event()
         try:
             self.start()
             feeder = threading.Thread(target=self.feed, args=(stop,), name="feeder", daemon=True)
             feeder.start()
+            sampler = threading.Thread(target=self.sample_gpu1, args=(sampled,), name="sampler", daemon=True)
+            if self.sandbox2 is not None:
+                sampler.start()
             self.disturb()
+            sampled.set()
+            if sampler.is_alive():
+                sampler.join()
+            self.write_busy_samples(self.scratch / "gpu1_busy.jsonl")
+            self.write_windows(self.scratch / "windows.json")
             feeder.join()
             self.note("chaos over; waiting for every case to be final")
             settled = self.wait_for_the_end()
@@ -815,18 +1089,29 @@ class ChaosRun:
             return self.judge(settled)
         finally:
             stop.set()
+            sampled.set()
             self.tear_down()
 
     def expected(self) -> Expected:
         d = self.done
-        return Expected(modes={s.name: s.mode for s in self.specs}, victims=dict(d.victims),
-                        long_cases=frozenset(s.name for s in self.specs if s.long), cleaned=dict(d.cleaned),
-                        starts=read_starts(self.starts_log), foreign=dict(d.foreign),
-                        foreign_excused=frozenset(d.foreign_excused), outages=tuple(d.outage_windows))
+        expected = Expected(modes={s.name: s.mode for s in self.specs}, victims=dict(d.victims),
+                            long_cases=frozenset(s.name for s in self.specs if s.long), cleaned=dict(d.cleaned),
+                            starts=read_starts(self.starts_log), foreign=dict(d.foreign),
+                            foreign_excused=frozenset(d.foreign_excused), outages=tuple(d.outage_windows))
+        if self.sandbox2 is None:
+            return expected
+        return dataclasses.replace(expected, foreign_host=HOST_NAMES[0], host_outages={
+            HOST_NAMES[0]: tuple(d.outage_windows), HOST_NAMES[1]: tuple(d.host_down_windows)})
+
+    def final_status(self) -> str | dict[str, str]:
+        """The one host's final ``status --json``; with two hosts, {host name: its answer}."""
+        if self.sandbox2 is None:
+            return self.final_status_json()
+        return {HOST_NAMES[0]: self.final_status_json(), HOST_NAMES[1]: self.final_status_json(self.sandbox2)}
 
     def judge(self, settled: bool) -> ChaosResult:
         verdict = check_final_state(self.config.database_path, self.config.spool_path,
-                                    self.config.scanner.watch_path, self.final_status_json(), self.expected(),
+                                    self.config.scanner.watch_path, self.final_status(), self.expected(),
                                     groups=self.groups)
         return ChaosResult(plan=self.plan, verdict=verdict, done=self.done, zone_hits=self.zone_records("hits"),
                            zone_taken=self.zone_records("taken"), lost_adds=self.lost_adds(),
@@ -837,10 +1122,13 @@ class ChaosRun:
         from sandbox.hpc import down
         if self.supervisor is not None and (self.supervisor.home / "run" / "supervisord.pid").exists():
             self.supervisor.shutdown()
+        if self.plan.hosts > 1 and (self.scratch / "hpc2").is_dir():  # even if it did not come up whole
+            down(self.scratch / "hpc2")
         if self.sandbox is not None:
             down(self.scratch / "hpc")
             from shared.remote import Remote
-            Remote(self.config.hosts[0].hpc).close()
+            for host in self.config.hosts:
+                Remote(host.hpc).close()
 
 
 def run_chaos(plan: ChaosPlan, scratch: Path, say: Callable[[str], None] = say_now) -> ChaosResult:
@@ -858,12 +1146,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=ChaosPlan.groups, help="GPU slots (pueue groups)")
     parser.add_argument("--case-timeout", type=float, default=ChaosPlan.case_timeout,
                         help="running_case_timeout in seconds (default: 8 %% of the duration, 12-30 s)")
+    parser.add_argument("--hosts", type=int, choices=(1, 2), default=ChaosPlan.hosts,
+                        help="2: a second sandbox host (gpu2) joins, and is down for --host-down seconds")
+    parser.add_argument("--host-down", type=float, default=ChaosPlan.host_down,
+                        help="seconds gpu2 is down (--hosts 2)")
+    parser.add_argument("--calm", action="store_true",
+                        help="with --hosts 2: gpu2's outage alone, no other disturbance (a control run)")
     parser.add_argument("--scratch", type=Path, default=None, help="work folder (default: a new one in /tmp)")
     args = parser.parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="mqic-chaos-"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop supervisord, sshd, pueued
     plan = ChaosPlan(cases=args.cases, duration=args.duration, seed=args.seed, groups=args.groups,
-                     case_timeout=args.case_timeout)
+                     case_timeout=args.case_timeout, hosts=args.hosts, host_down=args.host_down,
+                     calm=args.calm and args.hosts > 1)
     result = run_chaos(plan, scratch)
     print()
     print(result.table())

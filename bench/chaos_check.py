@@ -30,7 +30,10 @@ class Expected:
     its state} of the finished tasks another user's ``pueue clean`` removed (their logs went too).
     ``starts``: case id -> simulation starts on the HPC (None: not recorded). ``foreign``:
     another user's task id -> its command; ``foreign_excused``: those our own chaos killed (a
-    pueued restart). ``outages``: (begin, end) epoch seconds when nothing could reach the HPC.
+    pueued restart); ``foreign_host``: the host they were added on (None: the one snapshot).
+    ``outages``: (begin, end) epoch seconds when nothing could reach the HPC; with several hosts,
+    ``host_outages`` gives them per host name instead, and each case is judged only against the
+    outages of the host it is on (``cases.host``).
     """
     modes: dict[str, str]
     victims: Mapping[str, int] = field(default_factory=dict)
@@ -39,7 +42,13 @@ class Expected:
     starts: Mapping[int, int] | None = None
     foreign: Mapping[int, str] = field(default_factory=dict)
     foreign_excused: frozenset[int] = frozenset()
+    foreign_host: str | None = None
     outages: tuple[tuple[float, float], ...] = ()
+    host_outages: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+
+    def outages_of(self, host: str | None) -> tuple[tuple[float, float], ...]:
+        """The windows when nothing could reach ``host`` (with one host: ``outages``)."""
+        return self.host_outages.get(host or "", ()) if self.host_outages else self.outages
 
 
 @dataclass
@@ -91,9 +100,14 @@ def exit_status_record(remote_dir: str | None) -> int | None:
 # The checker
 # ---------------------------------------------------------------------------------------------
 
-def check_final_state(db_path: Path, spool_root: Path, watch_path: Path, status_json: str,
+def check_final_state(db_path: Path, spool_root: Path, watch_path: Path, status_json: str | Mapping[str, str],
                       expected: Expected, groups: tuple[str, ...] = ()) -> Verdict:
     """Check every invariant of a finished run; each broken one is a line in ``violations``.
+
+    ``status_json``: the final ``pueue status --json`` of the one host, or {host name: its
+    answer} with several hosts; then each case is judged by the snapshot of the host it is on
+    (``cases.host``), remote tasks per label are counted over every host, and orphan tasks and
+    paused groups are looked for on each.
 
     Every dropped case has exactly one row, final, its folder in the right stage; its
     simulation started once (once more per kill we did not send); at most as many remote tasks
@@ -104,7 +118,6 @@ def check_final_state(db_path: Path, spool_root: Path, watch_path: Path, status_
     a path through the ALLOWED tables; nothing left in the drop, staging or rejected folders,
     nor a stray folder in a stage; ``PRAGMA integrity_check`` ok.
     """
-    from shared.backends import pueue_parse
     from shared.db import connect
 
     verdict = Verdict()
@@ -117,17 +130,40 @@ def check_final_state(db_path: Path, spool_root: Path, watch_path: Path, status_
         _check_slot_chains(conn, verdict)
     finally:
         conn.close()
-    snapshot = pueue_parse.parse_status(status_json)
+    snapshots = parse_snapshots(status_json)
     _check_rows_against_drops(rows, expected, verdict)
-    for key in ("run_twice", "duplicate_tasks", "wrongly_failed", "wrongly_completed", "failed_while_unreachable"):
+    for key in ("run_twice", "duplicate_tasks", "wrongly_failed", "wrongly_completed", "failed_while_unreachable",
+                "orphan_tasks", "paused_groups"):
         verdict.add(key, None, 0)
     for row in rows:
-        _check_case(row, events.get(row["case_id"], []), snapshot, expected, spool_root, verdict)
-    _check_orphan_tasks(rows, snapshot, verdict)
-    check_foreign_tasks(snapshot, expected, verdict)
-    _check_groups_running(snapshot, groups, verdict)
+        _check_case(row, events.get(row["case_id"], []), snapshots, expected, spool_root, verdict)
+    for host, snapshot in snapshots.items():
+        _check_orphan_tasks(rows, snapshot, host, verdict)
+        _check_groups_running(snapshot, groups, host, verdict)
+    check_foreign_tasks(snapshot_of(snapshots, expected.foreign_host), expected, verdict)
     _check_folders(rows, spool_root, watch_path, verdict)
     return verdict
+
+
+def parse_snapshots(status_json: str | Mapping[str, str]) -> dict[str | None, object]:
+    """{host name: its snapshot}; one answer (the one-host call) is filed under None, for every case."""
+    from shared.backends import pueue_parse
+    if isinstance(status_json, str):
+        return {None: pueue_parse.parse_status(status_json)}
+    return {host: pueue_parse.parse_status(text) for host, text in status_json.items()}
+
+
+def snapshot_of(snapshots: Mapping[str | None, object], host: str | None):
+    """The snapshot of ``host`` (the only one, in a one-host call; an empty one for a host never used)."""
+    from shared.backends.model import Snapshot
+    if None in snapshots:
+        return snapshots[None]
+    return snapshots.get(host) or Snapshot(tasks={}, groups={})
+
+
+def tasks_by_label(snapshots: Mapping[str | None, object], label: str) -> list:
+    """The tasks carrying ``label`` on every host."""
+    return [task for snapshot in snapshots.values() for task in snapshot.by_label(label)]
 
 
 def _events_by_case(conn) -> dict[int, list[dict]]:
@@ -147,8 +183,12 @@ def _check_integrity(conn, verdict: Verdict) -> None:
 def _check_slots(conn, verdict: Verdict) -> None:
     verdict.add("busy_slots", None, 0)
     for row in conn.execute("SELECT * FROM gpu_resources WHERE status != 'available'"):
-        verdict.add("busy_slots", f"slot {row['pueue_group']} left {row['status']} "
-                                  f"(case {row['assigned_case_id']})")
+        verdict.add("busy_slots", f"slot {seat_name(row)} left {row['status']} (case {row['assigned_case_id']})")
+
+
+def seat_name(row) -> str:
+    """``host/group`` (``#seat`` past the first), as ``shared.store.Slot.name`` says it."""
+    return f"{row['host']}/{row['pueue_group']}" + (f"#{row['seat']}" if row["seat"] else "")
 
 
 def chain_problems(moves: list[tuple[str | None, str]], allowed: dict, final: str | None) -> list[str]:
@@ -173,13 +213,13 @@ def chain_problems(moves: list[tuple[str | None, str]], allowed: dict, final: st
 def _check_slot_chains(conn, verdict: Verdict) -> None:
     from shared.states import SLOT_ALLOWED
     verdict.add("bad_event_chains", None, 0)
-    slots = {r["pueue_group"]: r["status"] for r in conn.execute("SELECT * FROM gpu_resources")}
+    slots = {seat_name(r): r["status"] for r in conn.execute("SELECT * FROM gpu_resources")}
     moves: dict[str, list] = {}
     for row in conn.execute("SELECT * FROM slot_events ORDER BY event_id"):
-        moves.setdefault(row["pueue_group"], []).append((row["from_status"], row["to_status"]))
-    for group, chain in moves.items():
-        for problem in chain_problems(chain, SLOT_ALLOWED, slots.get(group)):
-            verdict.add("bad_event_chains", f"slot {group}: {problem}")
+        moves.setdefault(seat_name(row), []).append((row["from_status"], row["to_status"]))
+    for seat, chain in moves.items():
+        for problem in chain_problems(chain, SLOT_ALLOWED, slots.get(seat)):
+            verdict.add("bad_event_chains", f"slot {seat}: {problem}")
 
 
 def _check_rows_against_drops(rows: list[dict], expected: Expected, verdict: Verdict) -> None:
@@ -196,7 +236,7 @@ def _check_rows_against_drops(rows: list[dict], expected: Expected, verdict: Ver
     verdict.add("duplicates", None, 0)
 
 
-def _check_case(row: dict, events: list[dict], snapshot, expected: Expected, spool_root: Path,
+def _check_case(row: dict, events: list[dict], snapshots: Mapping, expected: Expected, spool_root: Path,
                 verdict: Verdict) -> None:
     from shared.states import ALLOWED
     case = f"case {row['case_id']} ({row['case_name']!r})"
@@ -205,15 +245,18 @@ def _check_case(row: dict, events: list[dict], snapshot, expected: Expected, spo
         verdict.add("lost", f"{case} never finished: {row['status']}")
         return
     verdict.add(row["status"])
+    if None not in snapshots:
+        verdict.add(f"{row['status']}_on:{row['host']}")
     for problem in chain_problems([(e["from_status"], e["to_status"]) for e in events], ALLOWED, row["status"]):
         verdict.add("bad_event_chains", f"{case}: {problem}")
     if row["needs_review"]:
         verdict.add("flagged_for_review", f"{case} flagged for review: {row['review_reason']}")
     _check_stage(row, case, spool_root, verdict)
-    tasks = snapshot.by_label(f"mqic_case_{row['case_id']}")
-    _check_tasks(row, case, tasks, expected, verdict)
+    label = f"mqic_case_{row['case_id']}"
+    _check_tasks(row, case, tasks_by_label(snapshots, label), snapshot_of(snapshots, row["host"]).by_label(label),
+                 expected, verdict)
     _check_true_reason(row, case, expected, verdict)
-    _check_not_failed_while_unreachable(case, events, expected.outages, verdict)
+    _check_not_failed_while_unreachable(case, events, expected.outages_of(row["host"]), verdict)
 
 
 def allowed_runs(label: str, expected: Expected) -> int:
@@ -242,14 +285,16 @@ def _check_stage(row: dict, case: str, spool_root: Path, verdict: Verdict) -> No
         verdict.add("results_lost", f"{case} completed but {path / RESULT_DIR} holds no results")
 
 
-def _check_tasks(row: dict, case: str, tasks: list, expected: Expected, verdict: Verdict) -> None:
+def _check_tasks(row: dict, case: str, everywhere: list, here: list, expected: Expected, verdict: Verdict) -> None:
+    """``everywhere``: the tasks carrying the case's label on every host; ``here``: on its own host."""
     allowed = allowed_runs(f"mqic_case_{row['case_id']}", expected)
-    if len(tasks) > allowed:
-        verdict.add("duplicate_tasks", f"{case} has {len(tasks)} remote tasks {[t.id for t in tasks]}, "
-                                       f"allowed {allowed}")
+    if len(everywhere) > allowed:
+        where = f" ({len(here)} on its host {row['host']})" if len(everywhere) != len(here) else ""
+        verdict.add("duplicate_tasks", f"{case} has {len(everywhere)} remote tasks {[t.id for t in everywhere]}"
+                                       f"{where}, allowed {allowed}")
     if row["status"] != "completed":
         return
-    recorded = [t for t in tasks if t.id == row["pueue_task_id"]]
+    recorded = [t for t in here if t.id == row["pueue_task_id"]]
     if recorded and recorded[0].state.value == "success":
         return
     if not recorded and expected.cleaned.get(f"mqic_case_{row['case_id']}", {}).get(row["pueue_task_id"]) == "success":
@@ -307,12 +352,20 @@ def _check_not_failed_while_unreachable(case: str, events: list[dict], outages: 
                             f"{end - begin:.1f} s (nothing could reach the HPC): {event['detail'][:160]}")
 
 
-def _check_orphan_tasks(rows: list[dict], snapshot, verdict: Verdict) -> None:
-    ids = {f"mqic_case_{row['case_id']}" for row in rows}
-    verdict.add("orphan_tasks", None, 0)
+def _check_orphan_tasks(rows: list[dict], snapshot, host: str | None, verdict: Verdict) -> None:
+    """No task on ``host`` carries a label no case has; with several hosts, none left unfinished
+    on a host other than its case's (the reaper stops those)."""
+    cases = {f"mqic_case_{row['case_id']}": row for row in rows}
+    on = f" on {host}" if host else ""
     for task in snapshot.tasks.values():
-        if task.label and task.label.startswith("mqic_case_") and task.label not in ids:
-            verdict.add("orphan_tasks", f"remote task {task.id} carries {task.label}, which no case has")
+        if not (task.label and task.label.startswith("mqic_case_")):
+            continue
+        row = cases.get(task.label)
+        if row is None:
+            verdict.add("orphan_tasks", f"remote task {task.id}{on} carries {task.label}, which no case has")
+        elif host is not None and row["host"] != host and not task.state.is_done:
+            verdict.add("orphan_tasks", f"remote task {task.id}{on} of case {row['case_id']} is "
+                                        f"{task.state.value}, but the case is on {row['host']}")
 
 
 def check_foreign_tasks(snapshot, expected: Expected, verdict: Verdict) -> None:
@@ -333,11 +386,12 @@ def check_foreign_tasks(snapshot, expected: Expected, verdict: Verdict) -> None:
                                            "someone killed it")
 
 
-def _check_groups_running(snapshot, groups: tuple[str, ...], verdict: Verdict) -> None:
+def _check_groups_running(snapshot, groups: tuple[str, ...], host: str | None, verdict: Verdict) -> None:
     for group in groups:
         info = snapshot.groups.get(group)
         if info is None or info.paused:
-            verdict.add("paused_groups", f"pueue group {group} is {info and info.status} at the end")
+            verdict.add("paused_groups", f"pueue group {group}{f' on {host}' if host else ''} is "
+                                         f"{info and info.status} at the end")
 
 
 def _check_folders(rows: list[dict], spool_root: Path, watch_path: Path, verdict: Verdict) -> None:

@@ -14,7 +14,8 @@ import time
 import pytest
 import yaml
 
-from bench.chaos import ChaosPlan, run_chaos
+from bench.chaos import (HOST_NAMES, BusySample, ChaosPlan, busy_figure, idle_reason, killed_keys, newly_killed,
+                         run_chaos, two_hosts_config)
 from bench.chaos_check import (EXIT_STATUS_RECORD, Expected, Verdict, check_foreign_tasks, exit_status_record,
                                read_starts, recording_starts)
 from bench.chaos_hooks import ZONES, is_add, is_finalize, is_upload
@@ -26,7 +27,7 @@ from shared.states import CaseStatus
 from shared.store import get_case
 from shared.worker import build_context
 from tests.conftest import wait_until
-from workers import poller, scanner, submitter
+from workers import poller, reaper, scanner, submitter
 
 
 @pytest.mark.timeout(330)
@@ -48,9 +49,101 @@ def test_short_chaos_run_loses_nothing(tmp_path):
     assert done.sigkills >= 8
 
 
+@pytest.mark.timeout(330)
+def test_short_two_host_chaos_run_loses_nothing_while_one_host_is_down(tmp_path):
+    """Two sandbox hosts; gpu2 down for 20 s (every session killed) while cases drop and every
+    one-host disturbance hits gpu1: nothing lost, run twice or failed, and gpu1 kept working."""
+    plan = ChaosPlan(cases=24, duration=60, groups=2, kill_every=6, seed=11, settle_timeout=150, hosts=2,
+                     host_down=20)
+    result = run_chaos(plan, tmp_path / "chaos")
+    print(result.table())
+    assert result.verdict.violations == [], "\n".join(result.verdict.violations)
+    assert result.settled
+    counts, done = result.verdict.counts, result.done
+    assert counts["cases"] == 24 and counts.get("lost", 0) == 0
+    assert len(done.host_down_windows) == 1 and done.host_masters_cut == 1
+    assert all(counts.get(f"completed_on:{host}", 0) > 0 for host in HOST_NAMES), counts
+    assert done.started_on_gpu1_while_down > 0
+    assert result.busy(True).counted + result.busy(True).left_out > 0  # gpu1 was sampled while gpu2 was down
+
+
 # ---------------------------------------------------------------------------------------------
 # The chaos tooling itself
 # ---------------------------------------------------------------------------------------------
+
+def test_a_task_killed_by_a_restart_counts_even_on_an_id_a_killed_task_had_before():
+    """Found by the short two-host run: our requeue removed a killed task, the next add took its
+    id, the restart killed that one, and the driver took it for the old one (compared by id): its
+    case's second start was reported as run twice."""
+    from datetime import datetime, timezone
+    from shared.backends.model import TaskInfo, TaskState
+    before = killed_keys([TaskInfo(0, "mqic_case_5", "gpu_a", TaskState.KILLED,
+                                   start=datetime(2026, 1, 1, tzinfo=timezone.utc))])
+    again = TaskInfo(0, "mqic_case_7", "gpu_a", TaskState.KILLED, start=datetime(2026, 1, 2, tzinfo=timezone.utc))
+    still = TaskInfo(0, "mqic_case_5", "gpu_a", TaskState.KILLED, start=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    assert newly_killed(before, [again]) == [again]
+    assert newly_killed(before, [still]) == []
+
+
+def test_the_two_host_config_names_both_sandboxes(tmp_path):
+    from sandbox.hpc import config_data
+    from sandbox.sshd import SshEndpoint
+    groups = {"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}}
+    paths = []
+    for name, port in (("hpc", 2201), ("hpc2", 2202)):
+        root = tmp_path / name
+        endpoint = SshEndpoint("127.0.0.1", port, "me", root / "id", root / "known_hosts")
+        data = config_data(root, endpoint, root / "bin" / "pueue", project_root=tmp_path, groups=groups)
+        paths.append(root / "config.yaml")
+        root.mkdir()
+        paths[-1].write_text(yaml.safe_dump(data))
+    config = parse_config(yaml.safe_load(two_hosts_config(tmp_path / "config.yaml", *paths, groups).read_text()),
+                          tmp_path / "config.yaml")
+    first, second = config.hosts
+    assert (first.name, second.name) == HOST_NAMES
+    assert (first.hpc.port, second.hpc.port) == (2201, 2202)
+    assert first.hpc.remote_base_dir != second.hpc.remote_base_dir
+    assert first.hpc.control_dir != second.hpc.control_dir
+    assert first.hpc.pueue_command != second.hpc.pueue_command
+    assert first.hpc.remote_command == second.hpc.remote_command  # one simulation-start log for both
+    assert [g.name for g in first.groups] == [g.name for g in second.groups] == ["gpu_a", "gpu_b"]
+
+
+def test_each_case_is_judged_by_the_outages_of_its_own_host():
+    one_host = Expected(modes={}, outages=((1.0, 2.0),))
+    assert one_host.outages_of(None) == one_host.outages_of("hpc") == ((1.0, 2.0),)
+    two_hosts = Expected(modes={}, host_outages={"gpu1": ((1.0, 2.0),), "gpu2": ((5.0, 65.0),)})
+    assert two_hosts.outages_of("gpu2") == ((5.0, 65.0),)
+    assert two_hosts.outages_of("gpu1") == ((1.0, 2.0),)
+    assert two_hosts.outages_of(None) == ()
+
+
+def test_gpu1_counts_as_busy_only_when_every_group_runs_while_cases_wait():
+    def sample(running, idle=(), waiting=3, down=True, cut=False):
+        return BusySample(at=0, gpu2_down=down, gpu1_cut=cut, waiting=waiting, running=frozenset(running),
+                          idle=tuple(idle))
+    groups = ("gpu_a", "gpu_b")
+    samples = [sample({"gpu_a", "gpu_b"}), sample({"gpu_a"}, idle=[("gpu_b", "claim")]),
+               sample(set(), idle=[("gpu_a", "free"), ("gpu_b", "dead claim")]), sample(set(), waiting=0),
+               sample(set(), cut=True), sample({"gpu_a", "gpu_b"}, down=False)]
+    figure = busy_figure(samples, groups, gpu2_down=True)
+    assert (figure.busy, figure.counted, figure.left_out) == (1, 3, 1)
+    assert figure.idle == {"claim": 1, "free": 1, "dead claim": 1}
+    assert figure.gpu_share == pytest.approx(3 / 6)
+    assert busy_figure(samples, groups, gpu2_down=False).percent == 100.0
+    assert "seat free 33 %" in figure.text()
+
+
+def test_a_seat_held_by_a_dead_submitter_is_told_from_a_live_one():
+    process = subprocess.Popen(["sleep", "30"])
+    try:
+        assert idle_reason(("submitting", f"submitter_0:{process.pid}")) == "claim"
+    finally:
+        process.kill()
+        process.wait()
+    assert idle_reason(("submitting", f"submitter_0:{process.pid}")) == "dead claim"
+    assert idle_reason(("running", None)) == "no task"
+    assert idle_reason(None) == "free"
 
 SEEN: list[list[str]] | None = None  # argvs of the subprocesses started while a test records them
 
@@ -167,6 +260,7 @@ def test_an_outage_longer_than_every_retry_fails_nothing(hpc, sshd):
     case = get_case(ctx.conn, case.case_id)
     assert case.error_type == "Unreachable"
     assert case.status is CaseStatus.SUBMITTED, f"failed for good: {case.outcome}: {case.error_message}"
+    assert reaper.probe_down_hosts(ctx, time.time() + reaper.PROBE_DOWN_SECONDS) == 1  # no claims there until then
     submitter.tick(ctx, time.time())
     assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
 
