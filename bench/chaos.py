@@ -110,6 +110,7 @@ class ChaosPlan:
     hosts: int = 1  # 2: a second sandbox host, down for ``host_down`` seconds
     host_down: float = 60.0
     calm: bool = False  # with 2 hosts: gpu2's outage alone, no other disturbance (a control for the busy figure)
+    depth: int = 1  # each group's depth: 2 keeps the next case queued in pueue behind the running one
 
     @property
     def timeout(self) -> float:
@@ -501,7 +502,7 @@ class ChaosRun:
     # -- set-up -------------------------------------------------------------------------------
     def start(self) -> None:
         from sandbox.hpc import remote_command, up
-        groups = {name: {"gpu": index} for index, name in enumerate(self.groups)}
+        groups = {name: {"gpu": index, "depth": self.plan.depth} for index, name in enumerate(self.groups)}
         sections = dict(scanner={"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
                         hpc={"connect_timeout_seconds": 3, "command_timeout_seconds": COMMAND_TIMEOUT_S,
                              "remote_command": recording_starts(remote_command(), self.starts_log)},
@@ -1150,6 +1151,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="2: a second sandbox host (gpu2) joins, and is down for --host-down seconds")
     parser.add_argument("--host-down", type=float, default=ChaosPlan.host_down,
                         help="seconds gpu2 is down (--hosts 2)")
+    parser.add_argument("--depth", type=int, default=ChaosPlan.depth,
+                        help="cases each group holds at once (2: the next one queued behind the running one)")
     parser.add_argument("--calm", action="store_true",
                         help="with --hosts 2: gpu2's outage alone, no other disturbance (a control run)")
     parser.add_argument("--scratch", type=Path, default=None, help="work folder (default: a new one in /tmp)")
@@ -1158,7 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop supervisord, sshd, pueued
     plan = ChaosPlan(cases=args.cases, duration=args.duration, seed=args.seed, groups=args.groups,
                      case_timeout=args.case_timeout, hosts=args.hosts, host_down=args.host_down,
-                     calm=args.calm and args.hosts > 1)
+                     calm=args.calm and args.hosts > 1, depth=args.depth)
     result = run_chaos(plan, scratch)
     print()
     print(result.table())
