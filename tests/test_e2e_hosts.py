@@ -50,14 +50,21 @@ def count(conn, sql: str, *args) -> int:
     return conn.execute(sql, args).fetchone()[0]
 
 
+def history(conn, case_id: int) -> list[str]:
+    """A case's events, to say what happened when an assertion fails."""
+    return [f"{e['from_status']}->{e['to_status']} {e['worker']}: {e['detail']}"
+            for e in conn.execute("SELECT * FROM case_events WHERE case_id = ? ORDER BY event_id", (case_id,))]
+
+
 def assert_all_completed_once(conn, rows: dict, names: list[str]) -> None:
     assert set(rows) == set(names)
     for name, row in rows.items():
-        assert (row["status"], row["outcome"], row["spool_stage"]) == ("completed", "success", "done"), name
+        assert (row["status"], row["outcome"], row["spool_stage"]) == ("completed", "success", "done"), \
+            (name, history(conn, row["case_id"]))
         assert Path(row["case_path"], "output").is_dir(), name
         runs = count(conn, "SELECT COUNT(*) FROM case_events WHERE case_id = ? AND to_status = 'running'",
                      row["case_id"])
-        assert (row["attempts"], runs) == (0, 1), name                                   # each ran once
+        assert (row["attempts"], runs) == (0, 1), (name, history(conn, row["case_id"]))  # each ran once
 
 
 def assert_one_task_per_case_on_its_host(h, rows: dict) -> None:
