@@ -81,7 +81,7 @@ def test_cases_run_on_two_pueue_hosts_at_once(hosts_system):
     """gpu1 has one GPU with depth 2 (a case queued behind the running one), gpu2 has two GPUs."""
     h, sup, conn = hosts_system(groups={"gpu_a": {"gpu": 0, "depth": 2}},
                                 second_groups={"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}})
-    names = drop(h.config.scanner.watch_path, 8, seconds=2)
+    names = drop(h.config.scanner.watch_path, 8, seconds=6)  # long beside an upload, so a case can queue
     rows = settled_rows(conn, dict.fromkeys(names), final_timeout=150, slot_timeout=30)
     assert_all_completed_once(conn, rows, names)
     assert {row["host"] for row in rows.values()} == {"gpu1", "gpu2"}
