@@ -33,7 +33,6 @@ DEFAULT_PARTITIONS = {"gpu_a": {"partition": "gpu", "gres": "gpu:1"},
                       "gpu_b": {"partition": "gpu", "gres": "gpu:1"}}
 HOST_KINDS = ("pueue", "slurm")
 HOSTS_DIR = "hosts"  # root/hosts/<name>/: a second host's sshd, pueue home or cluster, remote folder
-SSH_KEYS = ("host", "port", "user", "identity_file", "known_hosts_file")
 
 
 @dataclass(frozen=True)
@@ -97,15 +96,19 @@ def remote_command(python: str = sys.executable) -> str:
             f"{py} {shlex.quote(str(FAKE_MOQUI / 'moquisim.py'))}")
 
 
+def ssh_settings(endpoint: SshEndpoint) -> dict:
+    """The ``hpc`` keys that reach ``endpoint``."""
+    return {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user,
+            "identity_file": str(endpoint.identity_file), "known_hosts_file": str(endpoint.known_hosts_file)}
+
+
 def host_entry(name: str, endpoint: SshEndpoint, remote_base: Path, *, pueue_bin: Path | None = None,
                groups: dict | None = None, slurm_bin: Path | None = None, partitions: dict | None = None) -> dict:
     """One entry of a config's ``hosts:`` list: ssh settings, remote folder and slots.
 
     With ``slurm_bin`` it is a Slurm host (``partitions``), else a pueue host (``pueue_bin``, ``groups``).
     """
-    entry = {"name": name, "host": endpoint.host, "port": endpoint.port, "user": endpoint.user,
-             "identity_file": str(endpoint.identity_file), "known_hosts_file": str(endpoint.known_hosts_file),
-             "remote_base_dir": str(remote_base)}
+    entry = {"name": name, **ssh_settings(endpoint), "remote_base_dir": str(remote_base)}
     if slurm_bin is not None:
         return {**entry, "backend": "slurm", "bin_dir": str(slurm_bin), "partitions": partitions or DEFAULT_PARTITIONS}
     return {**entry, "pueue_command": shlex.quote(str(pueue_bin)), "groups": groups or DEFAULT_GROUPS}
@@ -144,9 +147,7 @@ def config_data(root: Path, endpoint: SshEndpoint | None, pueue_bin: Path | None
     else:
         if endpoint is None:
             raise ValueError("config_data: one host needs its ssh endpoint (or give hosts)")
-        ssh = {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user,
-               "identity_file": str(endpoint.identity_file), "known_hosts_file": str(endpoint.known_hosts_file)}
-        data["hpc"] = {**ssh, **data["hpc"]}
+        data["hpc"] = {**ssh_settings(endpoint), **data["hpc"]}
         if slurm_bin is not None:
             data["hpc"]["backend"] = "slurm"
             data["slurm"] = {"bin_dir": str(slurm_bin), "partitions": partitions or DEFAULT_PARTITIONS}
