@@ -11,7 +11,7 @@ from sandbox.casegen import make_case
 from sandbox.slurm import SandboxSlurm
 from shared.backends import pueue_parse, slurm, slurm_parse
 from shared.db import connect
-from tests.conftest import wait_until
+from tests.conftest import skip_unless_slurm_can_run, wait_until
 from tests.test_e2e import Supervisor, free_port, settled_rows
 
 FAST = {"scanner": {"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
@@ -150,3 +150,18 @@ def test_cases_run_on_a_pueue_host_and_a_slurm_cluster_at_once(hosts_system):
     jobs = slurm_parse.parse_squeue(result.stdout, slurm.SQUEUE_FIELDS)  # those ended under MinJobAge ago
     assert {job.name for job in jobs} <= {f"mqic_case_{r['case_id']}" for r in rows.values() if r["host"] == "cluster"}
     assert not [job for job in jobs if not job.verdict.ended]
+
+
+def test_a_sandbox_cluster_deep_in_a_long_folder_runs_its_jobs(tmp_path):
+    """The second host's cluster sits deep (``<root>/hosts/cluster/slurm``); slurmstepd's sockets
+    must still fit a Unix socket path (107 bytes), or every job fails to launch and is cancelled."""
+    skip_unless_slurm_can_run()
+    with SandboxSlurm(tmp_path / ("deep" * 15) / "hosts" / "cluster" / "slurm", kill_wait=3) as cluster:
+        submit = ["sbatch", "--parsable", "--no-requeue", f"--chdir={tmp_path}", "--wrap", "true"]
+        job = cluster.run(submit).stdout.strip()
+
+        def state() -> str:
+            return cluster.run(["squeue", "--noheader", "--states=all", "--format=%T", "--jobs", job]).stdout.strip()
+        wait_until(lambda: state() not in ("", "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"), timeout=30,
+                   message=f"job {job} ended")
+        assert state() == "COMPLETED"
