@@ -6,8 +6,9 @@ beside a real Slurm on the same machine::
 
     etc/slurm.conf gres.conf [slurmdbd.conf]   the cluster's configuration (rewritten on start)
     munge/    key and seed of a private munged (its socket is in /tmp/mqic-slurm-munge-XXXX/:
-              munged wants every folder above its socket open to all, which a test's tmp_path is not)
-    state/ spool/ log/ run/                    slurmctld state, slurmd spool, logs, pid files
+              munged wants every folder above its socket open to all, which a test's tmp_path is not;
+              slurmd's spool is there too, as job step sockets need a short path)
+    state/ log/ run/                           slurmctld state, logs, pid files
     dev/gpu0..                                 fake GPU device files (gres needs a File= each)
     mysql/                                     MariaDB data for slurmdbd (accounting only)
     bin/      sbatch, squeue, ... wrappers that export SLURM_CONF (for commands run over ssh)
@@ -114,6 +115,15 @@ class _Layout:
             raise SandboxSlurmError("the munge socket folder is not chosen yet")
         return self.socket_dir / "munge.socket.2"
 
+    @property
+    def spool_dir(self) -> Path:
+        """slurmd's spool, in the short socket folder too: slurmstepd makes its sockets there
+        (``<spool>/<node>_<job>.<step>``) and a Unix socket path holds at most 107 bytes, which a
+        test's deep ``tmp_path`` exceeds (every job then fails to launch and is cancelled)."""
+        if self.socket_dir is None:
+            raise SandboxSlurmError("the socket folder is not chosen yet")
+        return self.socket_dir / "spool"
+
     def __getattr__(self, name: str) -> Path:  # only for the names in _PATHS
         try:
             return self.root / _PATHS[name]
@@ -131,12 +141,12 @@ _PATHS = {
     "etc": "etc", "slurm_conf": "etc/slurm.conf", "gres_conf": "etc/gres.conf",
     "dbd_conf": "etc/slurmdbd.conf", "munge_dir": "munge", "munge_key": "munge/munge.key",
     "munge_seed": "munge/munged.seed",
-    "state_dir": "state", "spool_dir": "spool", "log_dir": "log", "run_dir": "run",
+    "state_dir": "state", "log_dir": "log", "run_dir": "run",
     "dev_dir": "dev", "mysql_dir": "mysql", "mysql_data": "mysql/data",
     "mysql_socket": "mysql/mysqld.sock", "bin_dir": "bin", "env_file": "env.sh",
     "state_file": "state.json",
 }
-_DIRS = ("etc", "munge_dir", "state_dir", "spool_dir", "log_dir", "run_dir", "dev_dir", "bin_dir")
+_DIRS = ("etc", "munge_dir", "state_dir", "log_dir", "run_dir", "dev_dir", "bin_dir")
 
 
 def missing_binaries(accounting: bool = False) -> list[str]:
@@ -301,6 +311,7 @@ class SandboxSlurm:
         for name in _DIRS:
             getattr(layout, name).mkdir(parents=True, exist_ok=True)
         _ensure_socket_dir(layout.socket_dir)
+        layout.spool_dir.mkdir(exist_ok=True)
         if not layout.munge_key.exists():
             _write_private(layout.munge_key, os.urandom(MUNGE_KEY_BYTES))
         self._make_gpu_devices()

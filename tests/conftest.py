@@ -271,3 +271,61 @@ def make_hosts_config(tmp_path: Path, hosts: list[dict], **overrides: dict) -> C
     source = tmp_path / "config.yaml"
     source.write_text(yaml.safe_dump(data))
     return parse_config(data, source)
+
+
+# -- Two sandbox hosts at once (issue 11): each with its own sshd and pueue home or Slurm ---------
+
+class TwoHosts:
+    """A per-test sandbox with two hosts (``sandbox.hpc.up(second_host=...)``) and its config.
+
+    Hosts are ``gpu1`` and ``gpu2`` (two pueue stand-ins), or ``gpu1`` and ``cluster`` (Slurm);
+    ``host(name).sshd.stop()`` takes down that host alone.
+    """
+
+    def __init__(self, root: Path, second: str, *, groups: dict | None = None, second_groups: dict | None = None,
+                 partitions: dict | None = None, **sections):
+        from sandbox import hpc
+        from shared.config import load_config
+
+        self.root = root
+        overrides = {"main_loop": {"backoff_base_seconds": 10, "lease_seconds": 60},
+                     "scanner": {"ready_marker": None},
+                     "hpc": {"control_dir": f"/tmp/mqic-t-{os.getpid()}-{next(_counter)}"}}
+        for section, values in sections.items():
+            overrides.setdefault(section, {}).update(values)
+        self.sandbox = hpc.up(root, project_root=root, groups=groups, second_host=second,
+                              second_groups=second_groups, partitions=partitions, **overrides)
+        self.config_path = self.sandbox.config_path
+        self.config = load_config(self.config_path)
+
+    def host(self, name: str):
+        return self.sandbox.host(name)
+
+    def tasks(self, name: str) -> list[dict]:
+        """Every task of pueue host ``name``, from its own ``pueue status --json``."""
+        import json
+        return list(json.loads(self.host(name).pueue_cli("status", "--json").stdout)["tasks"].values())
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """Builder ``two_hosts(second="pueue"|"slurm", groups=..., second_groups=..., **sections)``;
+    everything it started is stopped at the end (Slurm: skipped where it cannot run)."""
+    from sandbox import hpc
+    roots, made = [], []
+
+    def build(second: str = "pueue", **settings) -> TwoHosts:
+        if second == "slurm":
+            skip_unless_slurm_can_run()
+        roots.append(tmp_path / f"hosts{len(roots)}")
+        made.append(TwoHosts(roots[-1], second, **settings))
+        return made[-1]
+
+    yield build
+    from shared.remote import Remote
+    for item in made:
+        for host in item.config.hosts:
+            Remote(host.hpc).close()
+        shutil.rmtree(item.config.hosts[0].hpc.control_dir, ignore_errors=True)
+    for root in roots:
+        hpc.down(root)  # also what a half-started up() left running
