@@ -111,6 +111,7 @@ class ChaosPlan:
     host_down: float = 60.0
     calm: bool = False  # with 2 hosts: gpu2's outage alone, no other disturbance (a control for the busy figure)
     depth: int = 1  # each group's depth: 2 keeps the next case queued in pueue behind the running one
+    case_seconds: tuple[float, float] = (0.3, 1.8)  # how long an ordinary case simulates, drawn between these
 
     @property
     def timeout(self) -> float:
@@ -160,7 +161,7 @@ def case_specs(plan: ChaosPlan) -> list[CaseSpec]:
     specs = []
     for index in range(plan.cases):
         mode = "fail" if rng.random() < plan.fail_ratio else "ok"
-        seconds, big, marker = round(rng.uniform(0.3, 1.8), 2), rng.random() < plan.big_ratio, rng.random() < 0.5
+        seconds, big, marker = round(rng.uniform(*plan.case_seconds), 2), rng.random() < plan.big_ratio, rng.random() < 0.5
         if index in long_at:
             specs.append(CaseSpec(name=f"c{index:04d}_long", mode="ok", seconds=plan.long_seconds, big=False,
                                   marker=marker, long=True))
@@ -1153,6 +1154,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds gpu2 is down (--hosts 2)")
     parser.add_argument("--depth", type=int, default=ChaosPlan.depth,
                         help="cases each group holds at once (2: the next one queued behind the running one)")
+    parser.add_argument("--case-seconds", type=float, nargs=2, default=ChaosPlan.case_seconds, metavar=("LOW", "HIGH"),
+                        help="an ordinary case simulates between LOW and HIGH seconds")
     parser.add_argument("--calm", action="store_true",
                         help="with --hosts 2: gpu2's outage alone, no other disturbance (a control run)")
     parser.add_argument("--scratch", type=Path, default=None, help="work folder (default: a new one in /tmp)")
@@ -1161,7 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop supervisord, sshd, pueued
     plan = ChaosPlan(cases=args.cases, duration=args.duration, seed=args.seed, groups=args.groups,
                      case_timeout=args.case_timeout, hosts=args.hosts, host_down=args.host_down,
-                     calm=args.calm and args.hosts > 1, depth=args.depth)
+                     calm=args.calm and args.hosts > 1, depth=args.depth, case_seconds=tuple(args.case_seconds))
     result = run_chaos(plan, scratch)
     print()
     print(result.table())

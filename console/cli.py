@@ -766,8 +766,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         hpc.down(root)
         print(f"sandbox stopped (files kept in {root.resolve()})")
         return 0
-    box_ = hpc.up(root, slurm=args.slurm)
+    box_ = hpc.up(root, slurm=args.slurm, second_host=args.second_host)
     kind = " (Slurm)" if args.slurm else ""
+    if args.second_host:
+        kind += f" and a second host ({args.second_host}, its own sshd)"
     print(f"sandbox HPC{kind} is up: ssh {box_.endpoint.user}@{box_.endpoint.host} -p {box_.endpoint.port}")
     print(f"config: {box_.config_path}")
     print("next:")
@@ -828,6 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--root", help="sandbox folder (default: .sandbox in the project)")
     sandbox.add_argument("--slurm", action="store_true",
                          help="up: a real single-node Slurm instead of the pueue stand-in (needs root)")
+    sandbox.add_argument("--second-host", choices=("pueue", "slurm"),
+                         help="up: a second host beside the first (own sshd), in a config with a hosts: list")
     return parser
 
 

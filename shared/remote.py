@@ -294,7 +294,7 @@ class Remote:
         Raises UnsafeControlDir when the control folder is not private to us.
         """
         ensure_private_dir(self.control_dir)
-        with self._master_lock, FileLock(str(self.control_dir / f"{self.hpc.host}.lock"), timeout=60):
+        with self._master_lock, FileLock(f"{self.control_path}.lock", timeout=60):
             if self._master_alive():
                 return
             self.control_path.unlink(missing_ok=True)  # stale: its master is gone

@@ -250,3 +250,28 @@ def test_a_cut_tar_stream_is_connection_trouble_not_a_failure_of_the_case(stderr
     from shared.errors import Unreachable
     from shared.remote import transfer_failure
     assert isinstance(transfer_failure("tar upload", 2, stderr), Unreachable)
+
+
+def test_a_host_busy_opening_its_connection_does_not_hold_up_another_at_the_same_address(tmp_path, sshd):
+    """Bug: the ControlMaster lock was named after the address alone, so two hosts on one address
+    (other ports: port forwards, the sandbox) waited for each other's connect."""
+    import socket
+    import threading
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()                              # accepts, never says a word: ssh waits for its banner
+    control = tmp_path / "ctl"
+    live = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", control)).hosts[0].hpc
+    hung = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", control,
+                                                   port=silent.getsockname()[1], connect_timeout_seconds=10)).hosts[0].hpc
+    connecting = threading.Thread(target=lambda: pytest.raises(Unreachable, Remote(hung).run, ["true"], timeout=30))
+    connecting.start()
+    try:
+        time.sleep(1)                            # the hung host holds its connect now
+        started = time.monotonic()
+        assert Remote(live).run(["echo", "ok"], timeout=30) == "ok\n"
+        assert time.monotonic() - started < 5    # not the other host's 10 s connect timeout
+    finally:
+        connecting.join()
+        silent.close()
+        Remote(live).close()
