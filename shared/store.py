@@ -264,14 +264,28 @@ def transition_slot(conn: sqlite3.Connection, slot: Slot, frm: SlotStatus, to: S
 
 
 def release_slot_of(conn: sqlite3.Connection, case: Case, to: SlotStatus, *, now: float,
-                    worker: str, detail: str = "") -> bool:
-    """Free (or mark zombie) the seat held by ``case``, if it still holds one."""
-    row = conn.execute("SELECT * FROM gpu_resources WHERE assigned_case_id = ? AND status = 'assigned'",
-                       (case.case_id,)).fetchone()
-    if row is None:
-        return False
-    return transition_slot(conn, slot_from_row(row), SlotStatus.ASSIGNED, to, now=now,
-                           worker=worker, case_id=case.case_id, detail=detail)
+                    worker: str, detail: str = "", guard: dict[str, Any] | None = None) -> bool:
+    """Free (or mark zombie) the seat held by ``case``, if it still holds one (and, with
+    ``guard``, only while the case row still has ``case.status`` and those column values)."""
+    with transaction(conn):
+        if guard is not None and not case_still(conn, case, guard):
+            return False
+        row = conn.execute("SELECT * FROM gpu_resources WHERE assigned_case_id = ? AND status = 'assigned'",
+                           (case.case_id,)).fetchone()
+        if row is None:
+            return False
+        return transition_slot(conn, slot_from_row(row), SlotStatus.ASSIGNED, to, now=now,
+                               worker=worker, case_id=case.case_id, detail=detail)
+
+
+def case_still(conn: sqlite3.Connection, case: Case, guard: dict[str, Any]) -> bool:
+    """True while the row of ``case`` still has its status and the ``guard`` column values."""
+    _assignments(guard)
+    where = "".join(f" AND {name} IS :g_{name}" for name in guard)
+    row = conn.execute(f"SELECT 1 FROM cases WHERE case_id = :id AND status = :status{where}",
+                       {"id": case.case_id, "status": case.status.value,
+                        **{f"g_{k}": v for k, v in guard.items()}}).fetchone()
+    return row is not None
 
 
 @dataclass(frozen=True)

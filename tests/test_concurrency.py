@@ -225,3 +225,28 @@ def test_a_poller_killed_while_downloading_leaves_no_staging_folder_for_good(hpc
     reaper.tick(ctx, time.time())
     assert not leftover.exists(), "a dead poller's staging folder was never swept"
     assert mine.exists()
+
+
+def test_a_poller_that_read_a_case_before_its_requeue_cannot_touch_its_next_run(hpc):
+    """Bug (two-host chaos, depth 2): poller B read case 22 running as task 21; poller A requeued it
+    (killed by a signal we did not send) and a submitter ran it again as task 33; B's stale pass then
+    moved the NEW run back to submitted ("task 21 vanished"), a second submitter re-uploaded the
+    folder under the running task 33, and the case failed. Every poller change is now guarded on
+    the run it read (``running_since``, task id)."""
+    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx, first_run, link = running_case_with_finished_task(h, "requeued")
+    host = ctx.hosts["hpc"]
+    assert poller.run_again(ctx, first_run, poller.TaskKilled("killed by someone"), "killed", time.time())
+    host.backend.remove([first_run.pueue_task_id])
+    submitter.tick(ctx, time.time() + 60)                              # the next run, after the backoff
+    next_run = get_case(ctx.conn, first_run.case_id)
+    assert next_run.status is CaseStatus.RUNNING and next_run.running_since != first_run.running_since
+    gone = tasks.Link(tasks.Found.ABSENT, detail="read before the requeue")
+    assert not poller.apply(ctx, host, first_run, gone, model.Snapshot({}, {}), {}, time.time())
+    assert not poller.complete(ctx, host, first_run, link, time.time())
+    assert not poller.update_progress(ctx, first_run, link, "Generating particles for (1 of 2 batches)", time.time())
+    now = get_case(ctx.conn, first_run.case_id)
+    assert (now.status, now.pueue_task_id, now.running_since, now.progress) == \
+        (CaseStatus.RUNNING, next_run.pueue_task_id, next_run.running_since, next_run.progress)
+    seat = next(s for s in reaper.all_slots(ctx.conn) if s.assigned_case_id == first_run.case_id)
+    assert seat.status is SlotStatus.ASSIGNED                          # the next run keeps its GPU

@@ -46,6 +46,13 @@ PAUSED_GROUPS = "paused_groups"
 REPEAT_LOG_SECONDS = 300
 
 
+def this_run(case: Case) -> dict:
+    """The columns that tell this run of a case from a later one: every change the poller makes
+    is guarded on them, so a pass that read the case before it was requeued and submitted again
+    (by another poller, a quick submitter) can never settle, free or update the new run."""
+    return {"running_since": case.running_since, "pueue_task_id": case.pueue_task_id}
+
+
 class TaskVanished(RemoteFailure):
     """The case's task is no longer in pueue's list (cleaned or removed) and left no result."""
 
@@ -119,14 +126,15 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
                 return False
         with ctx.spool.lock():
             current = get_case(ctx.conn, case.case_id)
-            if current is None or current.status is not CaseStatus.RUNNING:
-                return False  # another poller finished it first
+            if current is None or current.status is not CaseStatus.RUNNING or \
+                    this_run(current) != this_run(case):
+                return False  # another poller finished it first, or it is running again as a new run
             folder = settle_folder(ctx.conn, ctx.spool, case.case_id, now=now, worker=ctx.name)
             if staging.exists() and folder is not None:  # None: flagged for review, results stay remote
                 merge_into(staging, folder)
             moved = move_case(ctx.conn, ctx.spool, current, CaseStatus.COMPLETED, now=now, worker=ctx.name,
                               detail=f"task {task_id} on {host.name} succeeded" + (f" ({link.detail})" if link.from_record else ""),
-                              slot_to=SlotStatus.AVAILABLE,
+                              slot_to=SlotStatus.AVAILABLE, guard=this_run(case),
                               fields={"outcome": Outcome.SUCCESS.value, "exit_code": 0, "progress": 100.0,
                                       "completed_at": now, "pueue_task_id": task_id})
     finally:
@@ -139,7 +147,7 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
 
 def free_gpu_early(ctx: Context, case: Case, now: float) -> None:
     """The task is over, so its GPU is free: hand the slot on before the download."""
-    if release_slot_of(ctx.conn, case, SlotStatus.AVAILABLE, now=now, worker=ctx.name,
+    if release_slot_of(ctx.conn, case, SlotStatus.AVAILABLE, now=now, worker=ctx.name, guard=this_run(case),
                        detail=f"task of case {case.case_id} succeeded; results being fetched"):
         ring(ctx.spool.root, "submitter")
 
@@ -171,7 +179,7 @@ def fail(ctx: Context, host: Host, case: Case, link: tasks.Link, log_tail: str, 
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
                       detail=f"task {task_id} on {host.name}: {link.result.value} ({reason})"
                              + (f"; {link.detail}" if link.from_record else ""),
-                      slot_to=SlotStatus.ZOMBIE,
+                      slot_to=SlotStatus.ZOMBIE, guard=this_run(case),
                       fields={"outcome": outcome.value, "exit_code": link.exit_code, "completed_at": now,
                               "error_type": f"Task{link.result.value.title().replace('_', '')}",
                               "error_message": reason[:2000], "log_tail": log_tail[-4000:],
@@ -212,7 +220,7 @@ def time_out(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
     hours = ctx.config.main_loop.running_case_timeout_hours
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
                       detail=f"running longer than {hours:g} h on the HPC: stopping task {link.task.id}",
-                      slot_to=SlotStatus.ZOMBIE,
+                      slot_to=SlotStatus.ZOMBIE, guard=this_run(case),
                       fields={"outcome": Outcome.TIMED_OUT.value, "completed_at": now, "pueue_task_id": link.task.id,
                               "error_type": "Timeout", "error_message": f"ran longer than {hours:g} h"})
     if not moved:
@@ -237,7 +245,7 @@ def vanished(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
 def run_again(ctx: Context, case: Case, error: Exception, outcome: Outcome, now: float) -> bool:
     """No task of this attempt can run any more: retry the case (``outcome`` once attempts run out)."""
     status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, error, now=now,
-                           worker=ctx.name, operation="poll", outcome=outcome)
+                           worker=ctx.name, operation="poll", outcome=outcome, guard=this_run(case))
     ctx.log.warning("case %d: %s; case is now %s", case.case_id, error, status and status.value,
                     extra=for_case(case.case_id, "poll", error))
     ring(ctx.spool.root, "submitter")
@@ -256,7 +264,7 @@ def update_progress(ctx: Context, case: Case, link: tasks.Link, output: str | No
     if not fields:
         return False
     fields["status_updated_at"] = now
-    return update_case(ctx.conn, case.case_id, CaseStatus.RUNNING, fields)
+    return update_case(ctx.conn, case.case_id, CaseStatus.RUNNING, fields, guard=this_run(case))
 
 
 def apply(ctx: Context, host: Host, case: Case, link: tasks.Link, snapshot: model.Snapshot,
