@@ -170,3 +170,24 @@ def test_pre_uploads_spread_over_the_hosts_one_per_seat(hpc):
     assert sorted(c.host for c in staged if c.staged_at) == ["a", "b"]
     for stand_in in (a, b):
         stand_in.pueue("kill", "--all")
+
+
+def test_with_depth_two_the_stager_uploads_ahead_even_while_a_seat_is_free(hpc):
+    """Bug (bench/gpu_idle_gap.py): the stager only ran once every seat was taken, so with depth 2
+    (a seat nearly always free) every case was uploaded at its claim and the queue never filled."""
+    h = hpc(groups={"gpu_a": {"gpu": 0, "depth": 2}})
+    ctx = context(h.config)
+    busy, *waiting = register(ctx, "busy", "next-1", "next-2", "next-3", seconds=20)
+    submitter.tick(ctx, time.time())                         # one seat taken, one free
+    assert submitter.stage_tick(ctx, time.time()) == 1       # room: the free seat and the slot's next case
+    assert submitter.stage_tick(ctx, time.time()) == 1
+    assert submitter.stage_tick(ctx, time.time()) == 0
+    staged = [c.case_id for c in waiting if get_case(ctx.conn, c.case_id).staged_at]
+    assert staged == [c.case_id for c in waiting[:2]]
+    submitter.tick(ctx, time.time())                         # the free seat takes the first pre-uploaded case
+    queued = get_case(ctx.conn, waiting[0].case_id)
+    assert queued.status is CaseStatus.RUNNING and queued.remote_dir == get_case(ctx.conn, waiting[0].case_id).remote_dir
+    events = [r["detail"] for r in ctx.conn.execute("SELECT detail FROM case_events WHERE case_id = ?",
+                                                    (queued.case_id,))]
+    assert any(d.startswith("pre-uploaded to hpc:") for d in events)
+    h.pueue("kill", "--all")

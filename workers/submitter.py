@@ -107,26 +107,30 @@ def upload(ctx: Context, host: Host, case: Case, status: CaseStatus = CaseStatus
 
 
 def staging_host(ctx: Context) -> Host | None:
-    """The ready, undrained host with the fewest pre-uploaded cases per seat, while it has fewer than seats."""
-    best, best_load = None, None
+    """The ready, undrained host with the most room for pre-uploads, if any has room.
+
+    A host's room: one pre-upload per free seat (the claim then needs one remote call, not an
+    upload, so a slot of depth 2 keeps its queue full) plus one per slot (the case that follows
+    when a seat frees), less the cases already pre-uploaded there.
+    """
+    best, best_room = None, 0
     for host in ready_hosts(ctx):
         if is_drained(ctx.conn, host.name):
             continue
-        seats = sum(slot.depth for slot in host.config.slots)
-        waiting = staged_waiting(ctx.conn, host.name)
-        if waiting < seats and (best_load is None or waiting / seats < best_load):
-            best, best_load = host, waiting / seats
+        seats = ready_seats([host])
+        room = free_slots(ctx.conn, seats) + len(seats) - staged_waiting(ctx.conn, host.name)
+        if room > best_room:
+            best, best_room = host, room
     return best
 
 
 def stage_tick(ctx: Context, now: float) -> int:
-    """The stager's pass: while every seat is taken, upload the next waiting case to a host.
+    """The stager's pass: upload the next waiting case ahead to a host with room (``staging_host``).
 
-    Runs in its own thread of the submitter process, so a freed seat is handed its
-    next case at once even while an upload is under way.
+    Runs in its own thread of the submitter process, beside the main loop's claims, so a
+    seat is handed a case that is already on the HPC, and a freed seat its next case at
+    once even while an upload is under way.
     """
-    if free_slots(ctx.conn, ready_seats(ready_hosts(ctx))):
-        return 0  # a free seat is the main loop's job: it uploads the oldest case at once
     host = staging_host(ctx)
     if host is None:
         return 0
@@ -144,7 +148,7 @@ def stage_tick(ctx: Context, now: float) -> int:
         return 0
     if mark_staged(ctx.conn, case, host=host.name, remote_dir=remote_dir, worker=ctx.worker_id, now=ctx.clock(),
                    detail=f"pre-uploaded to {host.name}:{remote_dir}"):
-        ctx.log.info("case %d pre-uploaded to %s while GPUs are busy", case.case_id, host.name,
+        ctx.log.info("case %d pre-uploaded to %s", case.case_id, host.name,
                      extra=for_case(case.case_id, "prestage"))
     return 1
 
@@ -293,14 +297,19 @@ def tick(ctx: Context, now: float) -> int:
                             seats=ready_seats(ready),
                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
     if claim is None:
-        if STAGER_WAKE in ctx.state:
-            ctx.state[STAGER_WAKE].set()  # no free GPU: the stager may upload ahead
+        wake_stager(ctx)
         return done
     ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.slot.name,
                  claim.case.attempts + 1, extra=for_case(claim.case.case_id, "claim"))
+    wake_stager(ctx)  # a seat was taken: the stager may upload the case after this one meanwhile
     with per_item(ctx, claim.case.case_id, "submit"):  # on a crash the lease expires; recovery takes over
         process_claim(ctx, ctx.hosts[claim.host], claim, now)
     return done + 1
+
+
+def wake_stager(ctx: Context) -> None:
+    if STAGER_WAKE in ctx.state:
+        ctx.state[STAGER_WAKE].set()
 
 
 def start_stager_and_doorbell(ctx: Context) -> None:
