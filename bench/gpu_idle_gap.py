@@ -248,9 +248,10 @@ def breakdown(ws: Workspace, runs: list[Run], events: dict[int, dict[str, float]
 
     A slot event is stamped with the ``now`` of the poller pass that freed it (taken
     before its status call), so: A ends -> that pass starts (poll cadence); pass starts
-    -> B claimed (the status call, the seat release, the doorbell, the claim); claim ->
-    running row (upload unless pre-uploaded, check, submit); running row -> B's process
-    starts (the scheduler's own start-up: pueue's pass, Slurm's scheduler and launch).
+    -> B claimed (the status call, the seat release, the doorbell, the claim; negative
+    when B had claimed another seat before A's was freed); claim -> running row (upload
+    unless pre-uploaded, check, submit); running row -> B's process starts (the
+    scheduler's own start-up: pueue's pass, Slurm's scheduler and launch).
     """
     freed = slot_freed_times(ws)
     steps: dict[str, list[float]] = {"detect": [], "wake": [], "submit_staged": [], "submit_upload": [], "spawn": []}
@@ -337,8 +338,8 @@ METRICS = (
     ("wall_ratio", "wall / ideal"), ("ideal_measured", "ideal with the measured run times (s)"),
     ("wall_ratio_measured", "wall / ideal with measured run times"), ("busy", "GPU busy share (%)"),
 )
-STEPS = {"detect": "A ends -> start of the poller pass that saw it (poll cadence)",
-         "wake": "that pass starts -> B claimed (status call, seat freed, doorbell, claim)",
+STEPS = {"detect": "A ends -> start of the poller pass that freed A's seat (poll cadence)",
+         "wake": "that pass starts -> B claimed (negative: B had another seat already)",
          "submit_upload": "B claimed -> B running row: uploaded at claim (upload, submit)",
          "submit_staged": "B claimed -> B running row: pre-uploaded (check and submit in one call)",
          "spawn": "B running row -> B's process starts (scheduler's pass / launch)"}
