@@ -64,6 +64,7 @@ class Mode:
 MODES = {m.key: m for m in (Mode("pueue1", "pueue depth 1", "pueue", 1),
                             Mode("pueue2", f"pueue depth {DEPTH}", "pueue", DEPTH),
                             Mode("slurm", f"Slurm depth {DEPTH}", "slurm", DEPTH))}
+MODES_BY_TITLE = {m.title: m for m in MODES.values()}
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,19 @@ def breakdown(ws: Workspace, runs: list[Run], events: dict[int, dict[str, float]
         | {"staged_total": len(staged)}
 
 
+def late_gaps(runs: list[Run], events: dict[int, dict[str, float]], drop_at: float) -> list[list]:
+    """One row per gap whose next case was not queued ahead, times from the drop (the evidence)."""
+    rows = []
+    for gap in gaps_of(runs, own=True) or gaps_of(runs, own=False):
+        if gap.queued_ahead:
+            continue
+        ev = events.get(gap.nxt.case_id, {})
+        rows.append([gap.gpu, gap.prev.case_id, (gap.prev.proc_end or gap.prev.end) - drop_at, gap.nxt.case_id,
+                     ev.get("submitting", float("nan")) - drop_at, ev.get("running", float("nan")) - drop_at,
+                     (gap.nxt.proc_start or gap.nxt.start) - drop_at, gap.seconds])
+    return rows
+
+
 # -- running one mode -----------------------------------------------------------------------------
 
 def workspace_for(mode: Mode, args, timeline: Path) -> Workspace:
@@ -303,7 +317,8 @@ def run_mode(args, mode: Mode, cases: int) -> tuple[dict, dict, dict]:
             finished = max(r["completed_at"] for r in rows if r["completed_at"])
             settings = {"cadence": common.cadence(ws.config), "transfer": ws.config.hosts[0].hpc.transfer,
                         "outcomes": ",".join(sorted({r["outcome"] or "-" for r in rows}))}
-            return summarize(runs, drop_at, finished, cases), breakdown(ws, runs, events, pre_uploaded), settings
+            parts = breakdown(ws, runs, events, pre_uploaded) | {"late": late_gaps(runs, events, drop_at)}
+            return summarize(runs, drop_at, finished, cases), parts, settings
     finally:
         if not args.keep:
             timeline.unlink(missing_ok=True)
@@ -391,6 +406,9 @@ def main(argv=None) -> int:
         print(table([f"{title}: gaps not queued ahead", "gaps", "median s", "worst s"],
                     [[STEPS[k], *part[k]] for k in STEPS]))
         print(f"cases pre-uploaded while every seat was taken: {part['staged_total']} of {cases}")
+        if part["late"] and MODES_BY_TITLE[title].depth > 1:
+            print(table(["GPU", "A", "A ends", "B", "B claimed", "B on HPC", "B starts", "gap s"], part["late"],
+                        title=f"{title}: each gap not queued ahead (seconds from the drop)"))
     deep = MODES["pueue2"].title
     if deep in results:
         print(f"\nissue 11 target for {deep}:")
