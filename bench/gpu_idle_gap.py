@@ -78,6 +78,7 @@ class Run:
     proc_start: float | None = None  # the timeline: the simulation command began
     proc_end: float | None = None    # ... and ended
     on_hpc: float | None = None      # our 'running' row: the task was in the HPC's queue by then
+    final: float | None = None       # our 'completed' (or 'failed') row: its seat was given back by then
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,9 @@ def collect_runs(ws: Workspace, mode: Mode, timeline: Path, events: dict[int, di
     runs = []
     for case, (gpu, start, end) in sorted(sched.items()):
         proc = own.get(case)
+        ev = events.get(case, {})
         runs.append(Run(case, gpu, start, end, proc_start=proc and proc[1], proc_end=proc and proc[2],
-                        on_hpc=events.get(case, {}).get("running")))
+                        on_hpc=ev.get("running"), final=ev.get("completed", ev.get("failed"))))
     return runs
 
 
@@ -215,7 +217,24 @@ def gaps_of(runs: list[Run], own: bool) -> list[Gap]:
     return found
 
 
-def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int) -> dict:
+def most_on_hpc(runs: list[Run]) -> int:
+    """The most of our cases on the HPC at once (running or queued there), from our own rows."""
+    moments = sorted([(r.on_hpc, 1) for r in runs if r.on_hpc and r.final] +
+                     [(r.final, -1) for r in runs if r.on_hpc and r.final])
+    most = held = 0
+    for _, step in moments:
+        held += step
+        most = max(most, held)
+    return most
+
+
+def feed_interval(runs: list[Run]) -> float:
+    """Seconds between two of our cases reaching the HPC, on average (the submitter's pace)."""
+    times = sorted(r.on_hpc for r in runs if r.on_hpc)
+    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
+
+
+def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int, seats: int | None = None) -> dict:
     """The figures of one mode's run (NaN where a mode has no timeline)."""
     sched, own = gaps_of(runs, own=False), gaps_of(runs, own=True)
     main = own or sched  # what the GPU saw, where we have it
@@ -241,6 +260,8 @@ def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int) -
         "run_median": median(lengths), "wall": wall, "ideal": ideal, "ideal_measured": ideal_measured,
         "wall_ratio": wall / ideal, "wall_ratio_measured": wall / ideal_measured if ideal_measured else float("nan"),
         "busy": sum(lengths) / (GPUS * wall) * 100 if wall > 0 else 0.0,
+        "feed": feed_interval(runs), "demand": median(lengths) / GPUS,
+        "most_on_hpc": f"{most_on_hpc(runs)} of {seats}" if seats else "-",
     }
 
 
@@ -318,7 +339,8 @@ def run_mode(args, mode: Mode, cases: int) -> tuple[dict, dict, dict]:
             settings = {"cadence": common.cadence(ws.config), "transfer": ws.config.hosts[0].hpc.transfer,
                         "outcomes": ",".join(sorted({r["outcome"] or "-" for r in rows}))}
             parts = breakdown(ws, runs, events, pre_uploaded) | {"late": late_gaps(runs, events, drop_at)}
-            return summarize(runs, drop_at, finished, cases), parts, settings
+            seats = sum(slot.depth for slot in ws.config.hosts[0].slots)
+            return summarize(runs, drop_at, finished, cases, seats), parts, settings
     finally:
         if not args.keep:
             timeline.unlink(missing_ok=True)
@@ -346,6 +368,9 @@ METRICS = (
     ("gap_worst", "GPU idle gap worst (s)"),
     ("sched_median", "gap median, scheduler's own times (s)"), ("sched_p90", "gap p90, scheduler's own times (s)"),
     ("ahead", "gaps with the next case already queued on the HPC"),
+    ("most_on_hpc", "most of our cases on the HPC at once, of seats"),
+    ("feed", "a case reached the HPC every ... s (submitter's pace)"),
+    ("demand", "GPUs need one every ... s (run time / GPUs)"),
     ("lead_median", "  ... queued that long before the GPU freed, median (s)"), ("lead_min", "  ... min (s)"),
     ("first_start", "drop -> first task start (s)"), ("all_busy", "drop -> every GPU busy (s)"),
     ("tail", "last task end -> last case completed (s)"), ("run_median", "task run time median (s)"),
