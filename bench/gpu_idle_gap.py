@@ -219,8 +219,8 @@ def gaps_of(runs: list[Run], own: bool) -> list[Gap]:
 
 def most_on_hpc(runs: list[Run]) -> int:
     """The most of our cases on the HPC at once (running or queued there), from our own rows."""
-    moments = sorted([(r.on_hpc, 1) for r in runs if r.on_hpc and r.final] +
-                     [(r.final, -1) for r in runs if r.on_hpc and r.final])
+    known = [r for r in runs if r.on_hpc is not None and r.final is not None]
+    moments = sorted([(r.on_hpc, 1) for r in known] + [(r.final, -1) for r in known])
     most = held = 0
     for _, step in moments:
         held += step
@@ -230,7 +230,7 @@ def most_on_hpc(runs: list[Run]) -> int:
 
 def feed_interval(runs: list[Run]) -> float:
     """Seconds between two of our cases reaching the HPC, on average (the submitter's pace)."""
-    times = sorted(r.on_hpc for r in runs if r.on_hpc)
+    times = sorted(r.on_hpc for r in runs if r.on_hpc is not None)
     return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
 
 
