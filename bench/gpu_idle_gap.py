@@ -23,7 +23,7 @@ its pass notices the exit, the same instant it starts the next queued task, so p
 own times cannot show that idle time.
 
     .venv/bin/python bench/gpu_idle_gap.py [--quick] [--cases N] [--modes pueue1,pueue2,slurm]
-        [--naive-cases N] [--skip-naive] [--pueue-loop-ms MS] [--keep]
+        [--naive-cases N] [--skip-naive] [--run-seconds S] [--pueue-loop-ms MS] [--keep]
 """
 from __future__ import annotations
 
@@ -234,7 +234,8 @@ def feed_interval(runs: list[Run]) -> float:
     return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
 
 
-def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int, seats: int | None = None) -> dict:
+def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int, seats: int | None = None,
+              run_seconds: float = RUN_SECONDS) -> dict:
     """The figures of one mode's run (NaN where a mode has no timeline)."""
     sched, own = gaps_of(runs, own=False), gaps_of(runs, own=True)
     main = own or sched  # what the GPU saw, where we have it
@@ -247,7 +248,7 @@ def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int, s
     ahead = [g for g in main if g.queued_ahead]
     leads = [(g.prev.proc_end or g.prev.end) - g.nxt.on_hpc for g in ahead]
     wall = finished_at - drop_at
-    ideal, ideal_measured = cases * RUN_SECONDS / GPUS, sum(lengths) / GPUS
+    ideal, ideal_measured = cases * run_seconds / GPUS, sum(lengths) / GPUS
     return {
         "cases": cases, "runs": len(runs),
         "gap_median": median([g.seconds for g in main]), "gap_p90": percentile([g.seconds for g in main], 90),
@@ -325,7 +326,7 @@ def run_mode(args, mode: Mode, cases: int) -> tuple[dict, dict, dict]:
     try:
         with workspace_for(mode, args, timeline) as ws:
             staged = common.stage_cases(ws.staging, [f"plan_{i:03d}" for i in range(cases)], make_realistic_case,
-                                        seconds=RUN_SECONDS, batches=4, seed=7)
+                                        seconds=args.run_seconds, batches=4, seed=7)
             ws.start_system()
             common.wait_until(lambda: ws.count("SELECT COUNT(*) FROM workers") >= 4, timeout=60,
                               what="worker heartbeats")
@@ -340,7 +341,7 @@ def run_mode(args, mode: Mode, cases: int) -> tuple[dict, dict, dict]:
                         "outcomes": ",".join(sorted({r["outcome"] or "-" for r in rows}))}
             parts = breakdown(ws, runs, events, pre_uploaded) | {"late": late_gaps(runs, events, drop_at)}
             seats = sum(slot.depth for slot in ws.config.hosts[0].slots)
-            return summarize(runs, drop_at, finished, cases, seats), parts, settings
+            return summarize(runs, drop_at, finished, cases, seats, args.run_seconds), parts, settings
     finally:
         if not args.keep:
             timeline.unlink(missing_ok=True)
@@ -352,13 +353,13 @@ def run_naive(args, cases: int) -> dict:
         loop = naive.for_workspace(ws)
         loop.create_groups()
         staged = common.stage_cases(ws.staging, [f"plan_{i:03d}" for i in range(cases)], make_realistic_case,
-                                    seconds=RUN_SECONDS, batches=4, seed=7)
+                                    seconds=args.run_seconds, batches=4, seed=7)
         drop_at = common.drop(staged, ws.watch)
         loop.run_until(cases, timeout=120 + cases * 40)
         runs = [Run(i, gpu, start, end) for i, (gpu, start, end) in
                 enumerate(pueue_times(ws, naive.LABEL_PREFIX).values())]
         finished = max(c.done_at for c in loop.cases.values())
-        return summarize(runs, drop_at, finished, cases)
+        return summarize(runs, drop_at, finished, cases, run_seconds=args.run_seconds)
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ METRICS = (
     ("lead_median", "  ... queued that long before the GPU freed, median (s)"), ("lead_min", "  ... min (s)"),
     ("first_start", "drop -> first task start (s)"), ("all_busy", "drop -> every GPU busy (s)"),
     ("tail", "last task end -> last case completed (s)"), ("run_median", "task run time median (s)"),
-    ("wall", "wall: drop -> last case completed (s)"), ("ideal", "ideal: cases x 2 s / GPUs (s)"),
+    ("wall", "wall: drop -> last case completed (s)"), ("ideal", "ideal: cases x run length / GPUs (s)"),
     ("wall_ratio", "wall / ideal"), ("ideal_measured", "ideal with the measured run times (s)"),
     ("wall_ratio_measured", "wall / ideal with measured run times"), ("busy", "GPU busy share (%)"),
 )
@@ -400,6 +401,8 @@ def extra_args(parser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--naive-cases", type=int, help="cases for the naive way (default 9, quick 6)")
     parser.add_argument("--skip-naive", action="store_true", help="only measure our system")
+    parser.add_argument("--run-seconds", type=float, default=RUN_SECONDS,
+                        help="the fake simulation's length (default 2; the issue's figures are for 2)")
     parser.add_argument("--pueue-loop-ms", type=int, default=PUEUE_LOOP_MS,
                         help="the stand-in's task-handler pass, like real pueue v4 (default 300; 0: instant)")
 
@@ -421,7 +424,7 @@ def main(argv=None) -> int:
     if not args.skip_naive:
         results[f"naive ({naive_cases} cases)"] = run_naive(args, naive_cases)
     print()
-    print(f"GPU idle gap: {GPUS} GPUs, {cases} realistic cases (~220 files, 45 MB), {RUN_SECONDS:g} s simulation;"
+    print(f"GPU idle gap: {GPUS} GPUs, {cases} realistic cases (~220 files, 45 MB), {args.run_seconds:g} s simulation;"
           f" stand-in task loop {args.pueue_loop_ms} ms")
     for title, values in settings.items():
         print(f"  {title}: {values['cadence']}, hpc.transfer={values['transfer']}, outcomes {values['outcomes']}")
