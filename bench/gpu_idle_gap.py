@@ -6,8 +6,8 @@ supervisord, on a fresh sandbox with 3 GPUs, once per mode:
 
 - ``pueue1``, pueue depth 1: one case per group; the next one is submitted after the
   poller saw the group's task end;
-- ``pueue2``, pueue depth 2: two cases per group, the next one already queued in pueue
-  behind the running one, so pueue starts it itself;
+- ``pueue2``, pueue depth 2: two cases per group, the next one meant to be queued in
+  pueue behind the running one, so that pueue starts it itself (the table says whether it was);
 - ``slurm``, Slurm depth 2: a real single-node Slurm with 3 GPUs; three slots of depth 2
   (``--gres=gpu:1``): 3 jobs running and 3 pending in Slurm's queue.
 
