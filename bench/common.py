@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
 
 from sandbox import hpc as sandbox_hpc  # noqa: E402
 from sandbox import waiting  # noqa: E402
+from sandbox.slurm import SandboxSlurm  # noqa: E402
 from shared.backends import model, pueue_parse  # noqa: E402
 from shared.config import Config, MainLoopConfig, load_config  # noqa: E402
 from shared.db import connect  # noqa: E402
@@ -181,22 +182,44 @@ class Supervisor:
 
 
 class Workspace:
-    """A scratch folder with its own sandbox HPC (sshd + pueue stand-in) and config.
+    """A scratch folder with its own sandbox HPC (sshd + pueue stand-in, or Slurm) and config.
 
     ``sections`` override config sections (``main_loop``, ``scanner``, ``hpc`` ...). The
     product's ``main_loop.interval_seconds`` default is used unless overridden, so the
     figures are those of a stock install, not of the faster sandbox setting.
+
+    ``slurm`` (the ``sandbox.slurm.SandboxSlurm`` settings, e.g. ``{"gpus": 3}``) runs a
+    real single-node Slurm instead of the stand-in, with ``partitions`` as the slots.
     """
 
-    def __init__(self, name: str, *, groups: dict | None = None, keep: bool = False, **sections: dict):
+    def __init__(self, name: str, *, groups: dict | None = None, keep: bool = False,
+                 slurm: dict | None = None, partitions: dict | None = None, **sections: dict):
         self.name, self.keep = name, keep
         self.root = Path(tempfile.mkdtemp(prefix=f"mqic-bench-{name}-", dir="/tmp"))
         sections = {key: dict(value) for key, value in sections.items()}
         sections["main_loop"] = {**PRODUCT_MAIN_LOOP, **sections.get("main_loop", {})}
         sections.setdefault("metrics", {"port": free_port()})
-        self.sandbox = sandbox_hpc.up(self.root / "hpc", groups=groups or groups_of(3), **sections)
         self.supervisor: Supervisor | None = None
         self.processes: list[subprocess.Popen] = []
+        try:
+            self.sandbox = self._sandbox_up(groups, slurm, partitions, sections)
+        except BaseException:
+            sandbox_hpc.down(self.root / "hpc")
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+
+    def _sandbox_up(self, groups: dict | None, slurm: dict | None, partitions: dict | None,
+                    sections: dict) -> sandbox_hpc.Sandbox:
+        hpc_root = self.root / "hpc"
+        if slurm is None:
+            return sandbox_hpc.up(hpc_root, groups=groups or groups_of(3), **sections)
+        # Started here with our settings; sandbox_hpc.up re-attaches to it (a running cluster keeps them).
+        SandboxSlurm(hpc_root / "slurm", **slurm).start()
+        return sandbox_hpc.up(hpc_root, slurm=True, partitions=partitions, **sections)
+
+    def slurm(self) -> SandboxSlurm:
+        """The workspace's Slurm cluster (only with ``slurm=``), to run client commands locally."""
+        return SandboxSlurm.from_state(self.root / "hpc" / "slurm")
 
     # -- context manager
     def __enter__(self) -> "Workspace":

@@ -50,7 +50,15 @@ Controls (``--ctl``, for tests and chaos):
   ``default``) and the control prints its id like ``add -p``. Ids are
   ``max(existing)+1``, so after ``clean`` or ``remove`` it may take a freed id;
 - ``version-string X``: ``pueue --version`` prints ``pueue X``;
-- ``pid``: print the daemon's pid (exit 1 when it is not running).
+- ``pid``: print the daemon's pid (exit 1 when it is not running);
+- ``task-loop MS``: run tasks like real pueue's task handler, a pass every MS
+  milliseconds (v4: 300, v3: 200; 0, the default, turns it off). A finished
+  process is noticed, and stamped ``end``, only at the next pass, which also
+  starts the queued tasks that fit (``start`` stamped then); ``pueue add`` and
+  every other request only change the state, never start a task. So, as with
+  real pueue, a queued task's ``start`` in ``status`` equals the previous task's
+  ``end``, while its process really started up to one pass after the previous
+  process exited (and up to one pass after its ``add``).
 
 Deliberate differences from real pueue, all in the caller's favour or harmless:
 
@@ -58,7 +66,8 @@ Deliberate differences from real pueue, all in the caller's favour or harmless:
   child is detached from stdio (real pueued inherits stdout/stderr);
 - the socket and the config file (``pueue.yml``, written on the first start and
   never read) live in the data directory;
-- tasks start and finish promptly: no 200/300 ms task-handler loop;
+- tasks start and finish promptly: no 200/300 ms task-handler loop, unless
+  ``task-loop MS`` asks for it (benchmarks of the time between tasks do);
 - v3 ``group add``/``group remove`` take effect 0.2 s after the answer, like the
   real asynchronous v3 handler (an immediate ``add -g`` can fail);
 - ``add --follow`` is accepted (v4) but does not follow; the subcommands
@@ -206,6 +215,7 @@ class Settings:
     lose_add_late: float = 0.0
     lose_add_hang: float = LOST_ADD_HANG_S
     lose_add_label: str = ""
+    task_loop_ms: int = 0
 
 
 def load_settings(paths: Paths) -> Settings:
@@ -566,6 +576,9 @@ class Daemon:
         self.stopping = False
         self.listener: socket.socket | None = None
         self._wake_read, self._wake_write = os.pipe()
+        self.loop_seconds = 0.0  # task-loop: 0 starts and finishes tasks at once
+        self._next_pass = 0.0    # monotonic time of the next task-handler pass (task-loop only)
+        self._exited: dict[int, tuple[int, int]] = {}  # task-loop: {task id: (pid, returncode)} not yet noticed
 
     # -- lifecycle --------------------------------------------------------
 
@@ -591,8 +604,11 @@ class Daemon:
         assert self.listener is not None
         self.listener.setblocking(False)
         while not self.stopping:
+            self.loop_seconds = load_settings(self.paths).task_loop_ms / 1000
             readable, _, _ = select.select([self.listener, self._wake_read], [], [], self._seconds_to_next_tick())
-            if not readable:
+            if self._pass_due():
+                self.handler_pass()
+            elif not readable:
                 self.tick()
             if self._wake_read in readable:
                 os.read(self._wake_read, 512)
@@ -628,10 +644,34 @@ class Daemon:
 
     def tick(self) -> None:
         with self.lock:
-            if not self.stopping and self._schedule():
+            # Exits left from a task-loop that was turned off are noticed here.
+            if not self.stopping and (self._notice_exits(time.time_ns()) | self._schedule()):
                 self._persist()
 
+    def _pass_due(self) -> bool:
+        return self.loop_seconds > 0 and time.monotonic() >= self._next_pass
+
+    def handler_pass(self) -> None:
+        """One pass of real pueue's task handler (task-loop): notice exits, then start what fits."""
+        self._next_pass = time.monotonic() + self.loop_seconds
+        with self.lock:
+            if self.stopping:
+                return
+            noticed = self._notice_exits(time.time_ns())
+            if self._schedule() or noticed:
+                self._persist()
+
+    def _notice_exits(self, now: int) -> bool:
+        exited, self._exited = self._exited, {}
+        for task_id, (pid, returncode) in exited.items():
+            task = self.tasks.get(task_id)
+            if task is not None and task.status in ACTIVE and task.pid == pid:
+                task.finish(result_from_returncode(returncode), now)
+        return bool(exited)
+
     def _seconds_to_next_tick(self) -> float:
+        if self.loop_seconds > 0:
+            return max(0.0, self._next_pass - time.monotonic())
         with self.lock:
             due = [t.enqueue_at_ns for t in self.tasks.values() if t.status == "Stashed" and t.enqueue_at_ns]
         if not due:
@@ -666,7 +706,8 @@ class Daemon:
         handler = getattr(self, f"_cmd_{request['cmd']}")
         with self.lock:
             reply = handler(request, fmt)
-            changed = self._schedule() if not self.stopping else False
+            # With task-loop, only the handler's pass starts tasks (real pueue's message handlers never do).
+            changed = self._schedule() if not self.stopping and not self.loop_seconds else False
             if (changed or _mutates(request)) and not self.stopping:
                 self._persist()
         return reply
@@ -1017,6 +1058,9 @@ class Daemon:
             if self.stopping:
                 return
             self.procs.pop(task_id, None)
+            if self.loop_seconds:
+                self._exited[task_id] = (proc.pid, returncode)  # the next handler pass notices it
+                return
             task = self.tasks.get(task_id)
             if task is not None and task.status in ACTIVE and task.pid == proc.pid:
                 task.finish(result_from_returncode(returncode), time.time_ns())
@@ -1838,6 +1882,8 @@ def ctl(paths: Paths, argv: list[str]) -> str:
         update_settings(paths, **_lose_add_settings(args))
     elif action == "foreign-add":
         return f"{foreign_add(paths, args)}\n"
+    elif action == "task-loop" and len(args) == 1 and args[0].isdigit():
+        update_settings(paths, task_loop_ms=int(args[0]))
     elif action == "pid" and not args:
         pid = daemon_pid(paths)
         if pid is None:
@@ -1846,7 +1892,7 @@ def ctl(paths: Paths, argv: list[str]) -> str:
     else:
         raise StandinError(f"unknown control {' '.join(argv)!r}; use format v3|v4, restart, stop [--stale], "
                            "start, garbage N, lose-add N [--late S] [--hang H] [--label PREFIX], "
-                           "foreign-add [--label L | --no-label] [-g GROUP] [SECONDS], version-string X, pid",
+                           "foreign-add [--label L | --no-label] [-g GROUP] [SECONDS], version-string X, task-loop MS, pid",
                            exit_code=2)
     return ""
 
