@@ -160,6 +160,16 @@ def _assignments(fields: dict[str, Any]) -> str:
     return "".join(f", {name} = :f_{name}" for name in fields)
 
 
+def _guard_sql(guard: dict[str, Any]) -> str:
+    """`` AND col IS :g_col`` for each guarded column (the columns are checked to be ours)."""
+    _assignments(guard)
+    return "".join(f" AND {name} IS :g_{name}" for name in guard)
+
+
+def _guard_params(guard: dict[str, Any]) -> dict[str, Any]:
+    return {f"g_{k}": v for k, v in guard.items()}
+
+
 def record_case_event(conn: sqlite3.Connection, case_id: int, frm: CaseStatus | None,
                       to: CaseStatus, *, now: float, worker: str, detail: str = "") -> None:
     conn.execute(
@@ -181,10 +191,9 @@ def transition(conn: sqlite3.Connection, case_id: int, frm: CaseStatus, to: Case
     check_case_move(frm, to)
     fields = dict(fields or {})
     guard = dict(guard or {})
-    _assignments(guard)
-    where = "".join(f" AND {name} IS :g_{name}" for name in guard)
+    where = _guard_sql(guard)
     params = {"id": case_id, "frm": frm.value, "to": to.value, "now": now,
-              **{f"f_{k}": v for k, v in fields.items()}, **{f"g_{k}": v for k, v in guard.items()}}
+              **{f"f_{k}": v for k, v in fields.items()}, **_guard_params(guard)}
     with transaction(conn):
         cursor = conn.execute(
             f"UPDATE cases SET status = :to, status_updated_at = :now{_assignments(fields)}"
@@ -199,10 +208,9 @@ def update_case(conn: sqlite3.Connection, case_id: int, status: CaseStatus,
                 fields: dict[str, Any], *, guard: dict[str, Any] | None = None) -> bool:
     """Set ``fields`` on a case that is still in ``status`` (no status change, no event)."""
     guard = dict(guard or {})
-    _assignments(guard)
-    where = "".join(f" AND {name} IS :g_{name}" for name in guard)
+    where = _guard_sql(guard)
     params = {"id": case_id, "status": status.value, **{f"f_{k}": v for k, v in fields.items()},
-              **{f"g_{k}": v for k, v in guard.items()}}
+              **_guard_params(guard)}
     with transaction(conn):
         cursor = conn.execute(
             f"UPDATE cases SET case_id = case_id{_assignments(fields)}"
@@ -280,11 +288,10 @@ def release_slot_of(conn: sqlite3.Connection, case: Case, to: SlotStatus, *, now
 
 def case_still(conn: sqlite3.Connection, case: Case, guard: dict[str, Any]) -> bool:
     """True while the row of ``case`` still has its status and the ``guard`` column values."""
-    _assignments(guard)
-    where = "".join(f" AND {name} IS :g_{name}" for name in guard)
+    where = _guard_sql(guard)
     row = conn.execute(f"SELECT 1 FROM cases WHERE case_id = :id AND status = :status{where}",
                        {"id": case.case_id, "status": case.status.value,
-                        **{f"g_{k}": v for k, v in guard.items()}}).fetchone()
+                        **_guard_params(guard)}).fetchone()
     return row is not None
 
 

@@ -5,9 +5,7 @@ import itertools
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
@@ -329,3 +327,14 @@ def two_hosts(tmp_path):
         shutil.rmtree(item.config.hosts[0].hpc.control_dir, ignore_errors=True)
     for root in roots:
         hpc.down(root)  # also what a half-started up() left running
+
+
+def cli(capsys, config, *args: str) -> tuple[int, str, str]:
+    """Run ``mqic --config CONFIG ARGS`` in this process; (exit code, stdout, stderr)."""
+    from console.cli import main as cli_main
+    try:
+        code = cli_main(["--config", str(config.source), *args])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

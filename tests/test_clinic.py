@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from console.cli import main as cli_main
 from shared.config import NOTIFY_EVENTS
 from shared.db import connect, transaction
 from shared.delivery import PARTIAL_PREFIX, deliver_pending, sha256_of
@@ -30,7 +29,7 @@ from shared.states import CaseStatus, SlotStatus
 from shared.store import (beat, claim_for_staging, claim_next_case, flag_for_review, get_case, note_remote,
                           register_case, transition_slot)
 from shared.worker import build_context
-from tests.conftest import make_config, wait_until
+from tests.conftest import cli, make_config, wait_until
 from workers import scanner
 
 T0 = 1_700_000_000.0
@@ -81,13 +80,6 @@ def failed(ctx, name: str, at: float, **fields):
                 outcome="failed", completed_at=at, error_message="exit code 1", **{"host": "hpc", **fields})
 
 
-def cli(capsys, config, *args: str) -> tuple[int, str, str]:
-    try:
-        code = cli_main(["--config", str(config.source), *args])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # -- priority -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import (beat, case_label, claim_next_case, flag_for_review, get_case, get_slot,
                           register_case, seat_specs, sync_slots)
-from tests.conftest import base_config_data, make_config, wait_until
+from tests.conftest import base_config_data, cli, make_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,14 +95,6 @@ def world(tmp_path):
     return config, ids
 
 
-def cli(capsys, config, *args: str) -> tuple[int, str, str]:
-    """Run ``mqic --config CONFIG ARGS`` in this process; (exit code, stdout, stderr)."""
-    try:
-        code = cli_main(["--config", str(config.source), *args])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def top_once(config, columns: int) -> subprocess.CompletedProcess:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from console.cli import main as cli_main
 from shared.backends import model, pueue
 from shared.config import parse_config
 from shared.db import connect, transaction
@@ -27,7 +26,7 @@ from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, SlotStatus
 from shared.store import (beat, case_label, claim_next_case, get_case, note_remote, register_case, seat_specs,
                           sync_slots)
-from tests.conftest import hpc_overrides, make_hosts_config, wait_until
+from tests.conftest import cli, hpc_overrides, make_hosts_config, wait_until
 from workers.exporter import DbCollector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +37,6 @@ HOSTS = [
 DOWN = "Unreachable: ssh: connect to host gpu2.example.org port 2222: Connection timed out"
 
 
-def cli(capsys, config, *args: str) -> tuple[int, str, str]:
-    try:
-        code = cli_main(["--config", str(config.source), *args])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 class World:
