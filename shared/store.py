@@ -467,12 +467,14 @@ def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:
                         " AND (:host IS NULL OR host = :host)", {"host": host}).fetchone()[0]
 
 
-def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float,
-                      lease_seconds: float, max_wait_seconds: float | None = None) -> Case | None:
+def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float, lease_seconds: float,
+                      max_wait_seconds: float | None = None, skip: int = 0) -> Case | None:
     """Take the next ``submitted``, not yet staged, unclaimed case for a pre-upload.
 
-    Same order as ``claim_next_case`` (urgent first); the caller has chosen a host
-    that is neither drained nor unreachable. The case keeps its status; only
+    Same order as ``claim_next_case`` (urgent first), past the first ``skip`` cases of
+    that queue: those are the ones the free seats take next (a pre-upload racing their
+    claim would only make the claim pass them over). The caller has chosen a host that
+    is neither drained nor unreachable. The case keeps its status; only
     ``claimed_by``/``lease_until`` mark the work, so ``claim_next_case`` leaves it
     alone until the lease ends.
     """
@@ -480,12 +482,14 @@ def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float,
         return None
     with transaction(conn):
         row = conn.execute(
-            "UPDATE cases SET claimed_by = :w, lease_until = :lease"
-            " WHERE case_id = (SELECT case_id FROM cases WHERE status = 'submitted'"
-            "   AND staged_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
-            "   AND (claimed_by IS NULL OR lease_until < :now)"
-            f"  ORDER BY {URGENT_FIRST} LIMIT 1) AND status = 'submitted' RETURNING *",
-            {"w": worker, "now": now, "lease": now + lease_seconds,
+            "WITH queue AS (SELECT case_id, staged_at, ROW_NUMBER() OVER (ORDER BY"
+            f"  {URGENT_FIRST}) AS place FROM cases WHERE status = 'submitted'"
+            "   AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
+            "   AND (claimed_by IS NULL OR lease_until < :now))"
+            " UPDATE cases SET claimed_by = :w, lease_until = :lease"
+            " WHERE case_id = (SELECT case_id FROM queue WHERE place > :skip AND staged_at IS NULL"
+            "   ORDER BY place LIMIT 1) AND status = 'submitted' RETURNING *",
+            {"w": worker, "now": now, "lease": now + lease_seconds, "skip": skip,
              "aged": _aged(now, max_wait_seconds)}).fetchone()
     return None if row is None else case_from_row(row)
 

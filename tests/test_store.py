@@ -10,7 +10,7 @@ import pytest
 from shared.db import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version
 from shared.errors import ForbiddenTransition, UnknownStatus
 from shared.states import ALLOWED, SLOT_ALLOWED, CaseStatus, SlotStatus
-from shared.store import (SeatSpec, adopt_unnamed_host, case_events, claim_next_case, get_case, get_slot, mark_staged, note_remote,
+from shared.store import (SeatSpec, adopt_unnamed_host, case_events, claim_for_staging, claim_next_case, get_case, get_slot, mark_staged, note_remote,
                           register_case, release_slot_of, sync_slots, transition, transition_slot, case_from_row)
 
 NOW = 1_700_000_000.0
@@ -280,3 +280,12 @@ def test_seats_follow_the_configured_depth_and_a_busy_seat_outlives_its_removal(
     assert release_slot_of(conn, claim.case, SlotStatus.AVAILABLE, now=NOW, worker="w")
     seats(conn, ("a", "gpu", 1 - claim.slot.seat))
     assert conn.execute("SELECT COUNT(*) FROM gpu_resources").fetchone()[0] == 1
+
+
+def test_staging_leaves_the_head_of_the_queue_to_the_free_seats(conn):
+    """Bug (test_e2e_clinic, urgent first): a pre-upload took the urgent case a freed seat was about
+    to claim, so the claim passed it over and took the next one."""
+    first, second, third = (new_case(conn, name, NOW + i) for i, name in enumerate(("a", "b", "c")))
+    staged = claim_for_staging(conn, worker="stager", now=NOW + 10, lease_seconds=60, skip=1)
+    assert staged.case_id == second.case_id
+    assert claim_for_staging(conn, worker="stager", now=NOW + 10, lease_seconds=60).case_id == first.case_id

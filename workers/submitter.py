@@ -117,26 +117,28 @@ def staging_host(ctx: Context) -> Host | None:
     for host in ready_hosts(ctx):
         if is_drained(ctx.conn, host.name):
             continue
-        seats = ready_seats([host])
-        room = free_slots(ctx.conn, seats) + len(seats) - staged_waiting(ctx.conn, host.name)
+        slots = ready_seats([host])
+        room = free_slots(ctx.conn, slots) + len(slots) - staged_waiting(ctx.conn, host.name)
         if room > best_room:
             best, best_room = host, room
     return best
 
 
 def stage_tick(ctx: Context, now: float) -> int:
-    """The stager's pass: upload the next waiting case ahead to a host with room (``staging_host``).
+    """The stager's pass: upload a waiting case ahead to a host with room (``staging_host``).
 
     Runs in its own thread of the submitter process, beside the main loop's claims, so a
     seat is handed a case that is already on the HPC, and a freed seat its next case at
-    once even while an upload is under way.
+    once even while an upload is under way. It leaves the cases at the head of the queue
+    that the free seats take next to the main loop.
     """
     host = staging_host(ctx)
     if host is None:
         return 0
     case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
                              lease_seconds=ctx.config.main_loop.lease_seconds,
-                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
+                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds,
+                             skip=free_slots(ctx.conn, ready_seats(ready_hosts(ctx))))
     if case is None:
         return 0
     try:
