@@ -20,7 +20,7 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus
 from shared.store import Case, expired_leases, flag_for_review
-from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, worth_logging
+from shared.worker import Context, Host, note_reach, on_reachable_hosts, per_item, worth_logging
 
 REPEAT_LOG_SECONDS = 300
 
@@ -87,21 +87,9 @@ def recover_expired_claims(ctx: Context, now: float, limit: int = 20) -> int:
     A host that cannot answer (or was last seen unreachable) leaves its claims as they are;
     the other hosts go on.
     """
-    by_host: dict[str | None, list[Case]] = {}
-    for case in expired_leases(ctx.conn, now, limit=limit):
-        by_host.setdefault(case.host, []).append(case)
-    settled = 0
-    reachable = {host.name for host in reachable_hosts(ctx)} if by_host else set()
-    for name, expired in by_host.items():
-        host = ctx.host(name)
-        if host is None:
-            if worth_logging(ctx, f"recover-host:{name}", now, REPEAT_LOG_SECONDS):
-                log.error("%d expired claim(s) on host %r, which is not configured; they wait for it",
-                          len(expired), name, extra=for_case(None, "recover_claim"))
-            continue
-        if host.name in reachable:
-            settled += recover_on(ctx, host, expired, now)
-    return settled
+    expired = expired_leases(ctx.conn, now, limit=limit)
+    return sum(recover_on(ctx, host, cases, now)
+               for host, cases in on_reachable_hosts(ctx, expired, now, "expired claim(s)"))
 
 
 def recover_on(ctx: Context, host: Host, expired: list[Case], now: float) -> int:

@@ -136,6 +136,22 @@ def reachable_hosts(ctx: "Context") -> list[Host]:
     return [host for host in ctx.hosts.values() if host.name not in down]
 
 
+def on_reachable_hosts(ctx: "Context", cases: list, now: float, what: str) -> list[tuple[Host, list]]:
+    """``cases`` grouped by the host they live on, for the reachable hosts only.
+
+    Cases on a host the config no longer names wait for it; that is logged (at most once
+    every 5 minutes per host), naming ``what`` they are.
+    """
+    by_host: dict[str | None, list] = {}
+    for case in cases:
+        by_host.setdefault(case.host, []).append(case)
+    for name in by_host.keys() - ctx.hosts.keys():
+        if worth_logging(ctx, f"unknown-host:{name}", now, 300):
+            ctx.log.error("%d %s on host %r, which is not configured; they wait for it", len(by_host[name]), what,
+                          name, extra={"operation": "hosts", "error_type": "UnknownHost"})
+    return [(host, by_host[host.name]) for host in reachable_hosts(ctx) if host.name in by_host] if by_host else []
+
+
 def build_context(config: Config, name: str, *, log: logging.Logger | None = None) -> Context:
     """Open the database (migrating it), check integrity, make the spool and slot rows."""
     conn = connect(config.database_path)

@@ -33,7 +33,8 @@ from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.spool import merge_into, settle_folder
 from shared.remote import UnsafeMember
 from shared.store import Case, cases_with_status, flag_for_review, get_case, release_slot_of, update_case
-from shared.worker import Context, Host, forget_logged, note_reach, per_item, reachable_hosts, worker_main, worth_logging
+from shared.worker import (Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item, worker_main,
+                           worth_logging)
 
 FAILED_OUTCOMES = {
     model.TaskState.FAILED: Outcome.FAILED,
@@ -304,14 +305,8 @@ def succeeded(link: tasks.Link) -> bool:
 def tick(ctx: Context, now: float) -> int:
     """One pass over all running cases, host by host (a host that was last seen down is skipped)."""
     running = cases_with_status(ctx.conn, CaseStatus.RUNNING, limit=10_000)
-    by_host: dict[str | None, list[Case]] = {}
-    for case in running:
-        by_host.setdefault(case.host, []).append(case)
-    for name in by_host.keys() - ctx.hosts.keys():
-        if worth_logging(ctx, f"host:{name}", now, REPEAT_LOG_SECONDS):
-            ctx.log.error("%d running case(s) on host %r, which is not configured; they wait for it",
-                          len(by_host[name]), name, extra={"operation": "poll", "error_type": "UnknownHost"})
-    return sum(poll_host(ctx, host, by_host[host.name], now) for host in reachable_hosts(ctx) if host.name in by_host)
+    return sum(poll_host(ctx, host, cases, now)
+               for host, cases in on_reachable_hosts(ctx, running, now, "running case(s)"))
 
 
 def poll_host(ctx: Context, host: Host, running: list[Case], now: float) -> int:
