@@ -200,6 +200,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web dashboard (``python -m web.server``): where it listens and whether it may act."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    actions: bool = False
+    token_file: Path | None = None
+    refresh_seconds: float = 2.0
+    cache_seconds: float = 1.0
+    allowed_hosts: tuple[str, ...] = ()
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can reach the page (127.0.0.0/8, ::1, localhost)."""
+        return self.host == "localhost" or self.host == "::1" or self.host.startswith("127.")
+
+
+@dataclass(frozen=True)
 class Config:
     root_dir: Path
     source: Path
@@ -216,6 +233,7 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -636,6 +654,34 @@ def _notify(s: _Section) -> NotifyConfig:
     )
 
 
+LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
+
+
+def _web(s: _Section) -> WebConfig:
+    listen = s.text("listen", "127.0.0.1:8080")
+    match = LISTEN.match(listen)
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise ConfigError(f"web.listen: got {listen!r}, expected HOST:PORT such as 127.0.0.1:8080 or [::1]:8080")
+    token_file = None if s.raw("token_file", None) is None else s.path("token_file")
+    actions = s.flag("actions", False)
+    if actions and token_file is None:
+        raise ConfigError("web.actions: got true, expected web.token_file too (the file holding the operators' "
+                          "token, mode 0600): actions from the browser always need the token")
+    return WebConfig(host=match["v6"] or match["host"], port=int(match["port"]), actions=actions,
+                     token_file=token_file,
+                     refresh_seconds=s.number("refresh_seconds", 2, positive=True),
+                     cache_seconds=s.number("cache_seconds", 1, minimum=0),
+                     allowed_hosts=_host_names(s, "allowed_hosts"))
+
+
+def _host_names(s: _Section, key: str) -> tuple[str, ...]:
+    value = s.raw(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.:-]+", v)
+                                              for v in value):
+        raise ConfigError(f"{s.key(key)}: got {value!r}, expected a list of host names such as [mqic.clinic.local]")
+    return tuple(v.lower() for v in value)
+
+
 def _check_retention(config: Config) -> None:
     days = config.retention.remote_days
     for host in config.hosts:
@@ -659,7 +705,7 @@ def _check_delivery(config: Config) -> None:
 
 
 SECTIONS = ("root_dir", "scanner", "hpc", "hosts", "pueue", "slurm", "main_loop", "database", "spool",
-            "logging", "metrics", "health", "scheduling", "results", "retention", "notify")
+            "logging", "metrics", "health", "scheduling", "results", "retention", "notify", "web")
 
 
 def parse_config(data: Any, source: Path) -> Config:
@@ -698,6 +744,7 @@ def parse_config(data: Any, source: Path) -> Config:
         results=_results(sections["results"]),
         retention=_retention(sections["retention"]),
         notify=_notify(sections["notify"]),
+        web=_web(sections["web"]),
     )
     for section in sections.values():
         section.finish()

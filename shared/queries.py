@@ -494,3 +494,77 @@ def merged_length(spans: list[tuple[float, float]]) -> float:
             total += end - max(begin, reached)
             reached = end
     return total
+
+
+# -- the case list of the web page and its API -------------------------------------------------------
+
+SORTS = ("newest", "oldest")
+OUTCOMES = ("success", "failed", "killed", "timed_out", "failed_to_spawn", "vanished", "cancelled",
+            "submit_error", "rejected")
+COUNT_CAP = 10_000  # a count past this reads "10000+" (counting every match of a vague search costs a scan)
+
+
+@dataclass(frozen=True)
+class CaseFilter:
+    """What a case listing asks for. ``text`` matches a name (substring) or an id (exact);
+    ``cursor`` is the last case id of the previous page (keyset pagination on the primary key)."""
+    text: str = ""
+    status: str | None = None
+    host: str | None = None
+    priority: str | None = None
+    outcome: str | None = None
+    review: bool | None = None
+    sort: str = "newest"
+    cursor: int | None = None
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class CasePage:
+    cases: tuple[CaseView, ...]
+    matching: int  # capped at COUNT_CAP + 1
+    next_cursor: int | None  # None: this is the last page
+
+
+def _like(text: str) -> str:
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _filter_sql(f: CaseFilter) -> tuple[str, list[Any]]:
+    """The WHERE clause of ``f`` (without the cursor) and its parameters."""
+    clauses, params = [], []
+    text = f.text.strip()
+    if text:
+        clauses.append("(case_name LIKE ? ESCAPE '\\'" + (" OR case_id = ?)" if text.isdigit() else ")"))
+        params += [_like(text), int(text)] if text.isdigit() else [_like(text)]
+    for column, value in (("status", f.status), ("host", f.host), ("priority", f.priority), ("outcome", f.outcome)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if f.review is not None:
+        clauses.append("needs_review = ?")
+        params.append(int(f.review))
+    return " AND ".join(clauses) or "1", params
+
+
+def search_cases(conn: sqlite3.Connection, f: CaseFilter) -> CasePage:
+    """One page of the cases matching ``f``, newest (or oldest) id first, and how many match.
+
+    The page walks the primary key from the cursor and stops after ``limit`` matches, so a
+    page costs the same on page 1 and page 2,000; the count stops at ``COUNT_CAP``.
+    """
+    if f.sort not in SORTS:
+        raise ValueError(f"sort must be one of {', '.join(SORTS)}")
+    where, params = _filter_sql(f)
+    descending = f.sort == "newest"
+    keyset = "" if f.cursor is None else (" AND case_id < ?" if descending else " AND case_id > ?")
+    page_params = params + ([] if f.cursor is None else [f.cursor])
+    rows = conn.execute(f"SELECT {CASE_VIEW_COLUMNS} FROM cases WHERE {where}{keyset}"
+                        f" ORDER BY case_id {'DESC' if descending else 'ASC'} LIMIT ?",
+                        (*page_params, f.limit + 1)).fetchall()
+    matching = conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM cases WHERE {where} LIMIT ?)",
+                            (*params, COUNT_CAP + 1)).fetchone()[0]
+    views = tuple(_case_view(r) for r in rows[:f.limit])
+    return CasePage(cases=views, matching=matching,
+                    next_cursor=views[-1].case_id if len(rows) > f.limit else None)
+

@@ -1,0 +1,335 @@
+"""The web dashboard through Flask's test client, on a real SQLite file seeded by the real store calls."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+
+from shared.config import WebConfig
+from shared.db import connect
+from shared.errors import ConfigError
+from shared.lifecycle import move_case
+from shared.spool import Spool
+from shared.states import CaseStatus, SlotStatus
+from shared.store import get_case, note_remote, register_case
+from tests.conftest import make_config
+from tests.test_console import seed
+from web.app import create_app
+from web.guard import COOKIE, TokenFileError, guard_for, read_token
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+TOKEN = "s3cret-operator-token-0123456789"
+ORIGIN = "http://localhost"
+
+
+def app_for(config):
+    return create_app(config, guard_for(config.web)).test_client()
+
+
+@pytest.fixture
+def world(tmp_path):
+    config = make_config(tmp_path)
+    now = time.time()
+    ids = seed(config, now)
+    conn = connect(config.database_path)
+    hostile = register_case(conn, case_name=HOSTILE, source_path="/drop/x", now=now - 5, worker="scanner")
+    ids["hostile"] = hostile.case_id
+    conn.execute("UPDATE cases SET log_tail = ? WHERE case_id = ?",
+                 ("line 1\n<script>alert('log')</script>\n\"quoted\" ünïcode ✓", ids["charlie"]))
+    conn.close()
+    return config, ids
+
+
+@pytest.fixture
+def client(world):
+    return app_for(world[0])
+
+
+@pytest.fixture
+def operator_world(tmp_path):
+    token_file = tmp_path / "web-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    config = make_config(tmp_path, web={"actions": True, "token_file": str(token_file)})
+    ids = seed(config, time.time())
+    return config, ids
+
+
+def signed_in(config):
+    client = app_for(config)
+    answer = client.post("/login", data={"token": TOKEN, "back": "/"}, headers={"Origin": ORIGIN})
+    assert answer.status_code == 303, answer.text
+    page = client.get("/").text
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+    return client, csrf
+
+
+# -- pages ------------------------------------------------------------------------------------------
+
+def test_overview_shows_attention_first_then_totals_hosts_seats_workers(world, client):
+    config, ids = world
+    page = client.get("/")
+    assert page.status_code == 200
+    text = page.text
+    assert text.index('id="attention"') < text.index('id="health"') < text.index('id="hosts"') < text.index('id="seats"')
+    assert "no progress for 61 min in running" in text                  # the review flag, at the top
+    assert re.search(r'data-total="running">1<', text) and re.search(r'data-total="submitted">3<', text)
+    assert "heartbeat is" in text and "poller" in text                  # the stale worker
+    assert 'value="42.0"' in text                                        # alpha's progress bar
+    assert f'href="/cases/{ids["alpha"]}"' in text
+
+
+def test_every_page_escapes_hostile_names_and_log_lines(world, client):
+    config, ids = world
+    for url in ("/", "/part/overview", "/cases", f"/cases?q={HOSTILE}", f"/cases/{ids['hostile']}",
+                f"/part/cases/{ids['hostile']}"):
+        text = client.get(url).text
+        assert HOSTILE not in text, url
+        assert "<img" not in text, url
+    assert "&lt;img src=x onerror=alert(1)&gt;" in client.get(f"/cases/{ids['hostile']}").text
+    log_page = client.get(f"/cases/{ids['charlie']}").text
+    assert "<script>alert" not in log_page and "&lt;script&gt;alert(&#39;log&#39;)&lt;/script&gt;" in log_page
+    assert "ünïcode ✓" in log_page and "&#34;quoted&#34;" in log_page
+    assert json.loads(client.get(f"/api/cases/{ids['hostile']}").text)["case"]["case_name"] == HOSTILE
+
+
+def test_no_inline_script_and_a_strict_content_security_policy(client):
+    answer = client.get("/")
+    csp = answer.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert re.findall(r"<script(?![^>]*\bsrc=)", answer.text) == []     # every script is a file of ours
+    assert " on" not in re.sub(r'"[^"]*"', '""', "".join(re.findall(r"<[a-z][^>]*>", answer.text)))  # no onclick=
+
+
+def test_case_page_shows_fields_times_in_the_zone_events_attempts_and_folders(world, client):
+    config, ids = world
+    text = client.get(f"/cases/{ids['charlie']}").text
+    assert "submit_error" in text and "RemoteError: pueue add: exit 1" in text
+    assert "KST" in text                                               # Asia/Seoul, never a raw epoch number
+    assert not re.search(r"\b1[6-9]\d{8}(\.\d+)?\b", text)
+    assert f"{ids['charlie']}_charlie" in text and "failed" in text    # spool/failed/<id>_charlie
+    assert "submitter:1" in text                                       # the attempt's claim
+    assert client.get("/cases/999999").status_code == 404
+
+
+def test_case_list_filters_search_sorts_and_pages(world, client):
+    config, ids = world
+    api = lambda q: json.loads(client.get("/api/cases" + q).text)
+    assert [c["case_name"] for c in api("?status=submitted")["cases"]] == [HOSTILE, "foxtrot", "delta"]
+    assert [c["case_name"] for c in api("?q=rav")["cases"]] == ["bravo"]
+    assert [c["case_id"] for c in api(f"?q={ids['echo']}")["cases"]] == [ids["echo"]]
+    assert [c["case_name"] for c in api("?review=yes")["cases"]] == ["alpha"]
+    assert [c["case_name"] for c in api("?outcome=submit_error")["cases"]] == ["charlie"]
+    assert api("?priority=urgent")["cases"] == []
+    assert [c["case_name"] for c in api("?host=hpc&sort=oldest")["cases"]] == ["alpha", "bravo", "charlie", "echo"]
+    first = api("?limit=2")
+    assert len(first["cases"]) == 2 and first["matching"] == 7
+    second = api(f"?limit=2&cursor={first['next_cursor']}")
+    assert second["cases"][0]["case_id"] < first["cases"][-1]["case_id"]
+    assert api("?q=100%25")["cases"] == []                               # % is a character, not a wildcard
+    page = client.get("/cases?status=failed").text
+    assert "charlie" in page and "bravo" not in page and "1 matching cases" in page
+
+
+@pytest.mark.parametrize("query, message", [
+    ("?status=lost", "status: got 'lost', expected one of"), ("?limit=0", "limit: got '0'"),
+    ("?limit=abc", "limit: got 'abc'"), ("?cursor=-1", "cursor"), ("?sort=random", "sort: got 'random'"),
+    ("?review=maybe", "review"), ("?colour=red", "unknown parameter 'colour'"), ("?q=" + "x" * 201, "q: longer")])
+def test_bad_query_parameters_get_400_with_a_clear_message(client, query, message):
+    api = client.get("/api/cases" + query)
+    assert api.status_code == 400 and message in api.json["error"]
+    page = client.get("/cases" + query)
+    assert page.status_code == 400 and message.replace("'", "&#39;") in page.text
+
+
+def test_static_files_cannot_leave_their_folder(client):
+    assert client.get("/static/app.js").status_code == 200
+    for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static/../../shared/config.py",
+                 "/static//etc/passwd", "/static/%2fetc%2fpasswd"):
+        answer = client.get(path, follow_redirects=True)
+        assert answer.status_code == 404, path
+        assert "import" not in answer.text and "root:" not in answer.text
+
+
+def test_api_health_cases_and_one_case_have_stable_fields(world, client):
+    config, ids = world
+    health = client.get("/api/health")
+    assert health.status_code == 503                                    # the poller's heartbeat is stale
+    assert set(health.json) == {"healthy", "reasons", "drained", "notes", "hosts"}
+    assert set(health.json["hosts"][0]) == {"host", "backend", "reachable", "down_since", "drained", "seats",
+                                            "in_use", "running"}
+    listing = client.get("/api/cases").json
+    assert set(listing) == {"cases", "matching", "matching_capped", "next_cursor"}
+    assert {"case_id", "case_name", "status", "progress", "host", "priority", "outcome", "needs_review",
+            "submitted_at", "updated_at"} <= set(listing["cases"][0])
+    one = client.get(f"/api/cases/{ids['bravo']}").json
+    assert set(one) == {"case", "events", "attempts", "eta", "folders", "checksums"}
+    assert one["case"]["status"] == "completed" and one["events"][0]["to_status"] == "submitted"
+    assert client.get("/api/cases/424242").status_code == 404
+    assert client.get("/api/overview").json["totals"]["running"] == 1
+
+
+def test_a_down_and_a_drained_host_are_at_the_top(world):
+    config, ids = world
+    conn = connect(config.database_path)
+    note_remote(conn, "hpc", "poller", ok=False, now=time.time() - 120, error="Unreachable: ssh exit 255")
+    from shared.maintenance import drain
+    drain(conn, "hpc", now=time.time() - 60, by="mqic-cli:alice", reason="driver update")
+    conn.close()
+    text = app_for(config).get("/").text
+    attention = text[text.index('id="attention"'):text.index('id="health"')]
+    assert "host hpc unreachable (Unreachable: ssh exit 255)" in attention and "since" in attention
+    assert "host hpc drained by mqic-cli:alice (driver update)" in attention
+    assert attention.index("unreachable") < attention.index("drained")
+
+
+def test_the_snapshot_is_shared_for_a_second(world, monkeypatch):
+    config, ids = world
+    client = app_for(config)
+    calls = []
+    from shared import queries
+    real = queries.overview
+    monkeypatch.setattr(queries, "overview", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(20):
+        assert client.get("/part/overview").status_code == 200
+    assert len(calls) == 1
+
+
+def test_a_missing_database_is_503_not_a_crash(tmp_path):
+    config = make_config(tmp_path)
+    answer = app_for(config).get("/")
+    assert answer.status_code == 503 and "not found" in answer.text
+
+
+# -- the program never writes without a guarded operation -----------------------------------------------
+
+def test_reading_every_page_changes_nothing_in_the_database(world, client):
+    config, ids = world
+    before = (config.database_path.stat().st_mtime_ns, config.database_path.read_bytes())
+    for url in ("/", "/cases", "/cases?status=running", f"/cases/{ids['alpha']}", "/plots", "/api/health",
+                "/api/cases", f"/api/cases/{ids['alpha']}", "/part/overview"):
+        client.get(url)
+    assert (config.database_path.stat().st_mtime_ns, config.database_path.read_bytes()) == before
+
+
+# -- actions ------------------------------------------------------------------------------------------
+
+def test_actions_are_off_by_default_and_answer_403(world, client):
+    config, ids = world
+    assert "read-only" in client.get("/").text
+    answer = client.post("/action/ack", data={"case_id": ids["alpha"]}, headers={"Origin": ORIGIN})
+    assert answer.status_code == 403 and "actions are not allowed" in answer.text
+    assert client.post("/api/actions/ack", json={"case_id": ids["alpha"]},
+                       headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 403
+    assert get_case(connect(config.database_path), ids["alpha"]).needs_review
+
+
+def test_a_network_address_without_a_token_is_read_only_and_says_so(tmp_path):
+    config = make_config(tmp_path, web={"listen": "0.0.0.0:8080"})
+    seed(config, time.time())
+    client = app_for(config)
+    assert "reachable from the network and no token is configured" in client.get("/").text
+    assert client.post("/action/ack", data={"case_id": 1}, headers={"Origin": ORIGIN}).status_code == 403
+
+
+def test_actions_need_the_token_csrf_and_our_origin(operator_world):
+    config, ids = operator_world
+    anonymous = app_for(config)
+    assert 'id="login"' in anonymous.get("/").text
+    assert anonymous.post("/action/ack", data={"case_id": ids["alpha"]}, headers={"Origin": ORIGIN}).status_code == 403
+    assert anonymous.post("/login", data={"token": "wrong"}, headers={"Origin": ORIGIN}).status_code == 403
+    client, csrf = signed_in(config)
+    form = {"case_id": ids["alpha"], "csrf": csrf}
+    assert client.post("/action/ack", data={**form, "csrf": "0" * 40}, headers={"Origin": ORIGIN}).status_code == 403
+    assert client.post("/action/ack", data=form, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.post("/action/ack", data=form).status_code == 403                       # neither Origin nor Referer
+    evil_host = client.post("/action/ack", data=form, headers={"Origin": "http://evil.example", "Host": "evil.example"})
+    assert evil_host.status_code == 403 and "not one of this server&#39;s names" in evil_host.text   # DNS rebinding
+    assert client.get("/action/ack").status_code == 405
+    assert get_case(connect(config.database_path), ids["alpha"]).needs_review
+    done = client.post("/action/ack", data=form, headers={"Origin": ORIGIN}, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert done.status_code == 200 and "review flag cleared" in done.text
+    conn = connect(config.database_path)
+    assert not get_case(conn, ids["alpha"]).needs_review
+    events = conn.execute("SELECT worker, detail FROM case_events WHERE case_id = ? ORDER BY event_id DESC LIMIT 1",
+                          (ids["alpha"],)).fetchone()
+    assert events["worker"] == "web:10.1.2.3"
+
+
+def test_priority_cancel_drain_resume_and_a_refusal_through_the_guarded_operations(operator_world):
+    config, ids = operator_world
+    client, csrf = signed_in(config)
+    post = lambda name, **fields: client.post(f"/action/{name}", data={"csrf": csrf, **fields},
+                                              headers={"Origin": ORIGIN})
+    assert "priority urgent" in post("priority", case_id=ids["delta"], priority="urgent").text
+    assert "cancelled" in post("cancel", case_id=ids["foxtrot"]).text
+    refused = post("retry", case_id=ids["bravo"])
+    assert refused.status_code == 409 and "only failed cases can be retried" in refused.text
+    assert post("priority", case_id=ids["delta"], priority="lunch").status_code == 409
+    assert "drained" in post("drain", host="hpc", reason="GPU swap").text
+    assert "DRAINED since" in client.get("/").text
+    assert "resumed" in post("resume", host="hpc").text
+    assert post("drain", host="nope").status_code == 409
+    conn = connect(config.database_path)
+    assert get_case(conn, ids["delta"]).priority == "urgent"
+    assert get_case(conn, ids["foxtrot"]).status is CaseStatus.FAILED
+    workers = {r[0] for r in conn.execute("SELECT worker FROM case_events WHERE case_id IN (?, ?)",
+                                          (ids["delta"], ids["foxtrot"]))}
+    assert "web:127.0.0.1" in workers
+
+
+def test_a_script_acts_with_the_bearer_token(operator_world):
+    config, ids = operator_world
+    client = app_for(config)
+    assert client.post("/api/actions/ack", json={"case_id": ids["alpha"]}).status_code == 403
+    assert client.post("/api/actions/ack", json={"case_id": ids["alpha"]},
+                       headers={"Authorization": "Bearer wrong"}).status_code == 403
+    done = client.post("/api/actions/ack", json={"case_id": ids["alpha"]}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert done.status_code == 200 and done.json["ok"] is True
+
+
+# -- configuration and the token file -------------------------------------------------------------------
+
+def test_web_config_keys_are_validated(tmp_path):
+    assert make_config(tmp_path).web == WebConfig()
+    web = make_config(tmp_path, web={"listen": "[::1]:9000", "allowed_hosts": ["MQIC.clinic.local"]}).web
+    assert (web.host, web.port, web.loopback, web.allowed_hosts) == ("::1", 9000, True, ("mqic.clinic.local",))
+    for bad, message in (({"listen": "8080"}, "web.listen"), ({"listen": "a:99999"}, "web.listen"),
+                         ({"actions": True}, "web.actions: got true, expected web.token_file"),
+                         ({"actions": "yes"}, "web.actions"), ({"token": "abc"}, "web.token: unknown key"),
+                         ({"refresh_seconds": 0}, "web.refresh_seconds")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            make_config(tmp_path, web=bad)
+
+
+def test_the_token_file_must_be_ours_and_mode_0600(tmp_path):
+    token_file = tmp_path / "token"
+    with pytest.raises(TokenFileError, match="not found"):
+        read_token(token_file)
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o644)
+    with pytest.raises(TokenFileError, match="mode 0644"):
+        read_token(token_file)
+    token_file.chmod(0o600)
+    assert read_token(token_file) == TOKEN
+    token_file.write_text("short")
+    with pytest.raises(TokenFileError, match="shorter"):
+        read_token(token_file)
+    link = tmp_path / "link"
+    link.symlink_to(token_file)
+    with pytest.raises(TokenFileError, match="regular file"):
+        read_token(link)
+
+
+def test_the_program_refuses_to_start_with_an_open_token_file(tmp_path, capsys):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o640)
+    config = make_config(tmp_path, web={"actions": True, "token_file": str(token_file)})
+    from web.server import main
+    assert main(["--config", str(config.source)]) == 2
+    assert "expected mode 0600" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""Who may act from the browser: the operators' token, the sign-in cookie and the cross-site checks.
+
+Nothing here reads the database. The token lives in ``web.token_file`` (mode 0600, never in
+config.yaml); the sign-in cookie and each form's CSRF field are HMACs of it, so nothing is kept
+in memory between requests and a restart does not sign anyone out.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from shared.config import WebConfig
+from shared.errors import MqicError
+
+COOKIE = "mqic_auth"
+SIGN_IN_SECONDS = 12 * 3600
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class TokenFileError(MqicError):
+    """``web.token_file`` is missing, empty, or readable by others: the program refuses to start."""
+
+
+def read_token(path: Path) -> str:
+    """The token in ``path``; TokenFileError unless the file is ours, a regular file and mode 0600."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        raise TokenFileError(f"web.token_file {path}: not found (create it: "
+                             f"umask 077; openssl rand -hex 32 > {path})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise TokenFileError(f"web.token_file {path}: expected a regular file (not a link or folder)")
+    if stat.S_IMODE(info.st_mode) != 0o600 or info.st_uid != os.getuid():
+        raise TokenFileError(f"web.token_file {path}: mode {stat.S_IMODE(info.st_mode):04o}, owner uid "
+                             f"{info.st_uid}; expected mode 0600 and owned by us (chmod 600 {path})")
+    token = path.read_text(encoding="utf-8").strip()
+    if len(token) < 16:
+        raise TokenFileError(f"web.token_file {path}: the token is shorter than 16 characters")
+    return token
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The action policy of one running program: ``token`` None means read-only."""
+    token: str | None
+    allowed_hosts: frozenset[str]
+    reason: str  # why actions are off (shown on the page); "" when they are on
+
+    @property
+    def actions(self) -> bool:
+        return self.token is not None
+
+    def _mac(self, purpose: str, value: str) -> str:
+        assert self.token is not None
+        return hmac.new(self.token.encode(), f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+    def token_matches(self, given: str | None) -> bool:
+        return self.token is not None and given is not None and hmac.compare_digest(given.strip(), self.token)
+
+    def new_cookie(self, now: float) -> str:
+        nonce = f"{int(now)}-{secrets.token_hex(16)}"
+        return f"{nonce}.{self._mac('auth', nonce)}"
+
+    def signed_in(self, cookie: str | None, now: float) -> str | None:
+        """The nonce of a valid, unexpired sign-in cookie, else None."""
+        if self.token is None or not cookie or "." not in cookie:
+            return None
+        nonce, mac = cookie.rsplit(".", 1)
+        issued = nonce.split("-", 1)[0]
+        if not issued.isdigit() or not 0 <= now - int(issued) <= SIGN_IN_SECONDS:
+            return None
+        return nonce if hmac.compare_digest(mac, self._mac("auth", nonce)) else None
+
+    def csrf_for(self, nonce: str) -> str:
+        return self._mac("csrf", nonce)[:40]
+
+    def csrf_matches(self, nonce: str, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given, self.csrf_for(nonce))
+
+    def host_allowed(self, host_header: str) -> bool:
+        """The Host header names this server (a DNS-rebinding page's Host is the attacker's name)."""
+        name = urlsplit(f"//{host_header}").hostname or ""
+        return name.lower() in self.allowed_hosts
+
+    @staticmethod
+    def same_origin(origin: str | None, referer: str | None, host_header: str) -> bool:
+        """The request comes from one of our own pages: its Origin (or, without one, its Referer)
+        names the host it was sent to. A form posted from another site fails this."""
+        source = origin if origin and origin != "null" else referer
+        return bool(source) and urlsplit(source).netloc.lower() == host_header.lower()
+
+
+def guard_for(web: WebConfig) -> Guard:
+    """The policy ``web`` asks for; TokenFileError when actions are on and the token file is unsafe."""
+    allowed = frozenset({web.host.lower(), *LOOPBACK_NAMES, *web.allowed_hosts})
+    if not web.actions:
+        reason = ("read-only: this page is reachable from the network and no token is configured"
+                  if not web.loopback else "read-only: actions are off (web.actions: false)")
+        return Guard(token=None, allowed_hosts=allowed, reason=reason)
+    assert web.token_file is not None  # the config refuses actions without a token file
+    return Guard(token=read_token(web.token_file), allowed_hosts=allowed, reason="")

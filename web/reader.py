@@ -1,0 +1,236 @@
+"""What the pages show, read from the database through the read model of ``mqic-top`` (``shared.queries``).
+
+Every read opens a read-only connection (``mode=ro`` + ``query_only``), so this program can
+never write the database by reading it. ``Cache`` shares one answer per key for
+``web.cache_seconds``: twenty browsers polling every two seconds cost one query set per second.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from shared import queries
+from shared.config import Config
+from shared.db import connect
+from shared.spool import STAGE_OF_STATUS
+from shared.states import CaseStatus
+
+try:  # written by another helper at the same time (issue 18, item 3); the page works without it
+    from shared import eta as eta_model
+except ImportError:  # pragma: no cover - until shared/eta.py lands
+    eta_model = None
+try:
+    from shared import plots as plot_model
+except ImportError:  # pragma: no cover - until shared/plots.py lands
+    plot_model = None
+
+READ_BUSY_TIMEOUT_MS = 2000
+RECENT = 15
+FLAGS = 20
+HEALTH_CHECK_SECONDS = 60.0  # PRAGMA quick_check reads the whole file: at most once a minute
+HOST_KEY_WORDS = ("host key", "HOST IDENTIFICATION", "known_hosts")
+
+
+class Cache:
+    """One computed value per key, shared by every request for ``ttl`` seconds."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic, size: int = 256):
+        self.ttl, self.clock, self.size = ttl, clock, size
+        self.lock = threading.Lock()
+        self.entries: dict[Any, tuple[float, Any]] = {}
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        # Computing under the lock is the point: concurrent pollers wait for one query set.
+        with self.lock:
+            now = self.clock()
+            hit = self.entries.get(key)
+            if hit is not None and now - hit[0] < self.ttl:
+                return hit[1]
+            value = compute()
+            if len(self.entries) >= self.size:
+                self.entries.pop(min(self.entries, key=lambda k: self.entries[k][0]))
+            self.entries[key] = (now, value)
+            return value
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One thing an operator should look at, most urgent kinds first."""
+    kind: str  # host_down, host_key, drained, delivery, review, health, notices
+    text: str
+    case_id: int | None = None
+    host: str | None = None
+    since: float | None = None  # shown in the configured time zone after the text
+
+
+class Reader:
+    """The read side of the web program: each method opens, reads and closes one connection."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time):
+        self.config, self.clock = config, clock
+        self.cache = Cache(config.web.cache_seconds)
+        self.checked: tuple[float, str | None] | None = None
+
+    def connection(self) -> sqlite3.Connection:
+        path = Path(self.config.database_path)
+        if not path.exists():
+            raise sqlite3.OperationalError(f"database {path} not found (the workers create it when they start)")
+        return connect(path, readonly=True, busy_timeout_ms=READ_BUSY_TIMEOUT_MS)
+
+    def read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = self.connection()
+        try:
+            with queries.read_snapshot(conn):
+                return work(conn)
+        finally:
+            conn.close()
+
+    # -- overview -------------------------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        return self.cache.get("overview", self._overview)
+
+    def _overview(self) -> dict[str, Any]:
+        now = self.clock()
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any]:
+            view = queries.overview(conn, now, self.config.unhealthy_after_seconds, recent=RECENT, flags=FLAGS,
+                                    configured=self.config.hosts)
+            return {"view": view, "etas": self._etas(conn, now), "attention": attention(view)}
+        return self.read(work)
+
+    def _etas(self, conn: sqlite3.Connection, now: float) -> dict[int, Any]:
+        if eta_model is None:
+            return {}
+        return eta_model.estimate(conn, self.config, now)
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """What ``mqic health --json`` says (the integrity check at most once a minute)."""
+        data = self.overview()
+        view: queries.Overview = data["view"]
+        damage = self.integrity()
+        reasons = list(view.health.reasons) + ([f"database integrity: {damage}"] if damage else [])
+        notes = [a.text for a in data["attention"] if a.kind in ("host_down", "drained")]
+        hosts = [{"host": h.name, "backend": h.backend, "reachable": h.remote.reachable,
+                  "down_since": h.remote.down_since, "drained": h.drained, "seats": h.seats, "in_use": h.in_use,
+                  "running": h.running} for h in view.hosts]
+        return {"healthy": not reasons, "reasons": reasons, "drained": any(h.drained for h in view.hosts),
+                "notes": notes, "hosts": hosts}
+
+    def integrity(self) -> str | None:
+        now = self.clock()
+        if self.checked is None or now - self.checked[0] > HEALTH_CHECK_SECONDS:
+            rows = self.read(lambda conn: [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()])
+            self.checked = (now, None if rows == ["ok"] else "; ".join(rows[:3]))
+        return self.checked[1]
+
+    # -- cases ----------------------------------------------------------------------------------
+
+    def cases(self, wanted: queries.CaseFilter) -> queries.CasePage:
+        return self.read(lambda conn: queries.search_cases(conn, wanted))
+
+    def case(self, case_id: int) -> dict[str, Any] | None:
+        return self.cache.get(("case", case_id), lambda: self._case(case_id))
+
+    def _case(self, case_id: int) -> dict[str, Any] | None:
+        now = self.clock()
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            case = queries.find_case(conn, case_id)
+            if case is None:
+                return None
+            events = queries.events_of(conn, case_id)
+            etas = self._etas(conn, now) if case.status.value in queries.ACTIVE_STATUSES else {}
+            return {"case": case, "events": events, "eta": etas.get(case_id), "attempts": attempts(events),
+                    "checksums": checksums(case.result_checksums), "folders": self.folders(case), "now": now}
+        return self.read(work)
+
+    def folders(self, case: Any) -> dict[str, str | None]:
+        stage = STAGE_OF_STATUS[CaseStatus(case.status)]
+        return {"spool": str(Path(self.config.spool_path) / stage / case.folder_name),
+                "remote": f"{case.host}:{case.remote_dir}" if case.remote_dir else None,
+                "delivered_to": case.delivered_to}
+
+    # -- plots ----------------------------------------------------------------------------------
+
+    def plots(self) -> list[tuple[str, str]] | None:
+        """(title, SVG) of each plot; None until ``shared.plots`` exists."""
+        if plot_model is None:
+            return None
+        return self.cache.get("plots", self._plots)
+
+    def _plots(self) -> list[tuple[str, str]]:
+        now, tz, p = self.clock(), self.config.tz, plot_model
+
+        def work(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return [
+                ("per_hour", p.bar_chart_svg(p.completed_per_hour(conn, now), title="Cases completed per hour (last day)",
+                                             unit="cases")),
+                ("per_day", p.bar_chart_svg(p.completed_per_day(conn, now, tz), title="Cases completed per day (30 days)",
+                                            unit="cases")),
+                ("turnaround", p.histogram_svg(p.turnaround_seconds(conn, now - 30 * 86400), bins=20,
+                                               title="Drop to completed (30 days)", unit="s")),
+                ("gpu_wait", p.histogram_svg(p.gpu_wait_seconds(conn, now - 30 * 86400), bins=20,
+                                             title="Waiting for a GPU (30 days)", unit="s")),
+                ("gpu_busy", p.share_bars_svg(p.gpu_busy_share(conn, now, 86400), title="GPU busy share (last day)")),
+            ]
+        return self.read(work)
+
+
+def attention(view: queries.Overview) -> list[Attention]:
+    """What needs an operator, most urgent first: down hosts, host-key problems, failing deliveries,
+    unhealthy reasons, review flags, drained hosts, notices that fail."""
+    items: list[Attention] = []
+    for host in view.hosts:
+        remote = host.remote
+        if remote.reachable is False:
+            since = remote.down_since if remote.down_since is not None else remote.checked_at
+            kind = "host_key" if any(w.lower() in (remote.error or "").lower() for w in HOST_KEY_WORDS) else "host_down"
+            items.append(Attention(kind, f"host {host.name} unreachable ({remote.error or 'no answer'})",
+                                   host=host.name, since=since))
+    kept = view.upkeep
+    if kept.delivery_failing:
+        items.append(Attention("delivery", f"results delivery failing for {kept.delivery_failing} cases: "
+                                           f"{kept.delivery_error}"))
+    items += [Attention("health", reason) for reason in view.health.reasons if "delivery" not in reason]
+    items += [Attention("review", f"case {c.case_id} {c.case_name}: {c.review_reason or 'needs review'}",
+                        case_id=c.case_id) for c in view.flagged]
+    for host in view.hosts:
+        if host.drain is not None:
+            d = host.drain
+            items.append(Attention("drained", f"host {host.name} drained by {d.drained_by}"
+                                              + (f" ({d.reason})" if d.reason else ""), host=host.name, since=d.since))
+    if kept.notices_failing:
+        items.append(Attention("notices", f"{kept.notices_failing} notices could not be sent (retried)"))
+    return items
+
+
+def attempts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each claim (submitted -> submitting) begins an attempt; what became of it is the next move
+    out of it that is not running (or running itself while it still runs)."""
+    found: list[dict[str, Any]] = []
+    for event in events:
+        if event["from_status"] == "submitted" and event["to_status"] == "submitting":
+            found.append({"number": len(found) + 1, "claimed_at": event["at"], "by": event["worker"],
+                          "task": None, "ended": None, "result": "in progress"})
+        elif found and event["to_status"] == "running" and event["from_status"] == "submitting":
+            found[-1]["task"] = event["detail"]
+        elif found and found[-1]["ended"] is None and event["to_status"] in ("completed", "failed", "submitted"):
+            found[-1].update(ended=event["at"], result=f"{event['to_status']}: {event['detail']}")
+    return found
+
+
+def checksums(text: str | None) -> list[tuple[str, str]]:
+    if not text:
+        return []
+    try:
+        return sorted(json.loads(text).items())
+    except (ValueError, AttributeError):
+        return [("(unreadable)", text)]
