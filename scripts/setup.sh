@@ -52,6 +52,21 @@ if [ ${#slurm_missing[@]} -gt 0 ]; then
   fi
 fi
 
+# Headless Chromium and its driver for the dashboard's browser test (tests/test_e2e_web.py,
+# which skips without them). Only as root: a non-root setup goes on without them.
+browser_missing=()
+[ -x /usr/bin/chromium ] || browser_missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || browser_missing+=(chromium-driver)
+if [ ${#browser_missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${browser_missing[@]}" >/dev/null
+  else
+    echo "setup: the browser test will be skipped; as root, install: ${browser_missing[*]}" >&2
+  fi
+fi
+
 make_venv() {  # make_venv DIR PYTHON
   local venv=$1 python=$2
   if [ ! -x "$venv/bin/python" ]; then

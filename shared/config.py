@@ -660,7 +660,7 @@ LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):
 def _web(s: _Section) -> WebConfig:
     listen = s.text("listen", "127.0.0.1:8080")
     match = LISTEN.match(listen)
-    if match is None or not 1 <= int(match["port"]) <= 65535:
+    if match is None or not 0 <= int(match["port"]) <= 65535:  # 0: any free port (tests)
         raise ConfigError(f"web.listen: got {listen!r}, expected HOST:PORT such as 127.0.0.1:8080 or [::1]:8080")
     token_file = None if s.raw("token_file", None) is None else s.path("token_file")
     actions = s.flag("actions", False)

@@ -105,7 +105,7 @@ class Hpc:
         subprocess.run([str(self.bin["pueued"]), "-d"], check=True, capture_output=True, timeout=30)
         groups = sections.pop("groups", None)
         overrides = {"main_loop": {"backoff_base_seconds": 10, "lease_seconds": 60},
-                     "scanner": {"ready_marker": None}}
+                     "scanner": {"ready_marker": None}, "web": {"listen": "127.0.0.1:0"}}
         for section, values in sections.items():
             overrides.setdefault(section, {}).update(values)
         data = config_data(root, sshd.endpoint, self.bin["pueue"], project_root=root, groups=groups,
@@ -210,7 +210,7 @@ class SlurmHpc:
 
         self.root, self.sshd, self.cluster = root, sshd, cluster
         overrides = {"main_loop": {"backoff_base_seconds": 10, "lease_seconds": 60},
-                     "scanner": {"ready_marker": None}}
+                     "scanner": {"ready_marker": None}, "web": {"listen": "127.0.0.1:0"}}
         for section, values in sections.items():
             overrides.setdefault(section, {}).update(values)
         data = config_data(root, sshd.endpoint, None, slurm_bin=cluster.endpoint.bin_dir, partitions=partitions,
@@ -288,7 +288,8 @@ class TwoHosts:
         self.root = root
         overrides = {"main_loop": {"backoff_base_seconds": 10, "lease_seconds": 60},
                      "scanner": {"ready_marker": None},
-                     "hpc": {"control_dir": f"/tmp/mqic-t-{os.getpid()}-{next(_counter)}"}}
+                     "hpc": {"control_dir": f"/tmp/mqic-t-{os.getpid()}-{next(_counter)}"},
+                     "web": {"listen": "127.0.0.1:0"}}
         for section, values in sections.items():
             overrides.setdefault(section, {}).update(values)
         self.sandbox = hpc.up(root, project_root=root, groups=groups, second_host=second,
