@@ -1,0 +1,191 @@
+"""ETAs (shared/eta.py) on real SQLite files, rows written with the calls the workers use, a fixed clock."""
+from __future__ import annotations
+
+import pytest
+
+from shared import eta
+from shared.db import connect
+from shared.maintenance import drain
+from shared.states import CaseStatus, SlotStatus
+from shared.store import (claim_next_case, note_remote, register_case, release_slot_of, seat_specs, sync_slots,
+                          transition, update_case)
+from tests.conftest import make_config, make_hosts_config
+
+NOW = 1_000_000.0
+HANDOFF = 10.0  # claim -> running row in every recorded run
+
+
+class Desk:
+    """Cases in any state, moved by the store's own guarded calls (no spool, no process)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.conn = connect(config.database_path)
+        sync_slots(self.conn, seat_specs(config), now=NOW - 86400, worker="test")
+
+    def waiting(self, name: str, at: float, priority: str = "normal") -> int:
+        return register_case(self.conn, case_name=name, source_path=f"/drop/{name}", now=at, worker="scanner",
+                             priority=priority).case_id
+
+    def running(self, name: str, claimed: float, *, started: float | None = None, seats=None,
+                progress: float = 0.0, reported: float | None = None) -> int:
+        """Claimed at ``claimed``, on the HPC ``HANDOFF`` later, started at ``started`` (None: queued there)."""
+        self.waiting(name, claimed - 5)
+        claim = claim_next_case(self.conn, worker="submitter:1", now=claimed, lease_seconds=120, seats=seats)
+        assert claim.case.case_name == name
+        on_hpc = claimed + HANDOFF
+        assert transition(self.conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=on_hpc,
+                          worker="test", fields={"running_since": on_hpc, "pueue_task_id": claim.case.case_id,
+                                                 "claimed_by": None, "lease_until": None})
+        if started is not None:  # what the poller writes: the scheduler's start, then progress
+            fields = {"started_at": started, "status_updated_at": reported or started, "progress": progress}
+            assert update_case(self.conn, claim.case.case_id, CaseStatus.RUNNING, fields)
+        return claim.case.case_id
+
+    def completed(self, name: str, claimed: float, run_seconds: float, seats=None) -> int:
+        case_id = self.running(name, claimed, started=claimed + HANDOFF, seats=seats)
+        done = claimed + HANDOFF + run_seconds
+        assert transition(self.conn, case_id, CaseStatus.RUNNING, CaseStatus.COMPLETED, now=done, worker="test",
+                          fields={"completed_at": done, "outcome": "success", "progress": 100.0})
+        case = self.conn.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        from shared.store import case_from_row
+        assert release_slot_of(self.conn, case_from_row(case), SlotStatus.AVAILABLE, now=done, worker="test")
+        return case_id
+
+    def history(self, runs: list[float], seats=None) -> None:
+        """Completed runs of these lengths, long before NOW."""
+        for i, seconds in enumerate(runs):
+            self.completed(f"old{i}_{seats}", NOW - 50_000 + i * 1000, seconds, seats=seats)
+
+    def estimate(self, now: float = NOW) -> dict[int, eta.Eta]:
+        return eta.estimate(self.conn, self.config, now)
+
+
+@pytest.fixture
+def one_gpu(tmp_path):
+    desk = Desk(make_config(tmp_path, pueue={"groups": {"gpu_a": {"gpu": 0}}}))
+    yield desk
+    desk.conn.close()
+
+
+HOSTS = [{"name": "gpu1", "host": "127.0.0.1", "groups": {"gpu_a": {"gpu": 0}}},
+         {"name": "gpu2", "host": "127.0.0.2", "groups": {"gpu_a": {"gpu": 0}}}]
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    desk = Desk(make_hosts_config(tmp_path, HOSTS))
+    yield desk
+    desk.conn.close()
+
+
+def test_a_running_case_finishes_when_its_progress_rate_says(one_gpu):
+    case_id = one_gpu.running("a", NOW - 120, started=NOW - 100, progress=25.0, reported=NOW - 20)
+    found = one_gpu.estimate()[case_id]
+    assert found.kind == "finish"
+    assert found.at == pytest.approx(NOW - 100 + 80 * 4)  # 25 % after 80 s: 320 s in all
+    assert "25% done 1m20s after its start" in found.basis and "progress rate" in found.basis
+
+
+def test_without_progress_a_running_case_takes_the_hosts_recent_median_run(one_gpu):
+    one_gpu.history([200.0, 300.0, 400.0])
+    case_id = one_gpu.running("a", NOW - 70, started=NOW - 50)
+    assert eta.recent_run_seconds(one_gpu.conn, "hpc", NOW) == 300.0
+    assert eta.recent_run_seconds(one_gpu.conn, "elsewhere", NOW) is None
+    assert eta.recent_run_seconds(one_gpu.conn, "hpc", NOW - 49_900) is None  # none completed by then
+    found = one_gpu.estimate()[case_id]
+    assert (found.kind, found.at) == ("finish", NOW - 50 + 300)
+    assert "no progress yet" in found.basis and "median of 3 runs on hpc" in found.basis
+
+
+def test_a_case_past_its_projection_is_due_now_not_in_the_past(one_gpu):
+    one_gpu.history([100.0])
+    case_id = one_gpu.running("a", NOW - 520, started=NOW - 500)
+    found = one_gpu.estimate()[case_id]
+    assert found.at == NOW and "overdue" in found.basis
+
+
+def test_waiting_cases_start_one_after_another_behind_the_running_one(one_gpu):
+    one_gpu.history([300.0, 300.0])
+    running = one_gpu.running("a", NOW - 120, started=NOW - 100, progress=50.0, reported=NOW)  # ends NOW + 100
+    first, second = one_gpu.waiting("b", NOW - 30), one_gpu.waiting("c", NOW - 20)
+    found = one_gpu.estimate()
+    assert found[running].at == NOW + 100
+    assert (found[first].kind, found[first].at) == ("start", NOW + 100 + HANDOFF)
+    assert found[second].at == NOW + 100 + HANDOFF + 300 + HANDOFF
+    assert found[first].basis.startswith("1st in the queue (normal), 1 GPUs taking cases")
+    assert found[second].basis.startswith("2nd in the queue")
+
+
+def test_an_urgent_case_starts_before_older_normal_ones_and_a_starved_one_before_it(tmp_path):
+    desk = Desk(make_config(tmp_path, pueue={"groups": {"gpu_a": {"gpu": 0}}}, scheduling={"max_wait_minutes": 60}))
+    desk.history([300.0])
+    desk.running("a", NOW - 20, started=NOW)  # ends NOW + 300
+    normal = desk.waiting("n", NOW - 600)
+    urgent = desk.waiting("u", NOW - 10, priority="urgent")
+    found = desk.estimate()
+    assert found[urgent].at == NOW + 300 + HANDOFF
+    assert found[normal].at == NOW + 300 + HANDOFF + 300 + HANDOFF
+    assert "(urgent)" in found[urgent].basis
+    starved = desk.waiting("s", NOW - 7200)  # waited past max_wait: counts as urgent, and is older
+    found = desk.estimate()
+    assert found[starved].at < found[urgent].at < found[normal].at
+    desk.conn.close()
+
+
+def test_a_drained_or_unreachable_host_takes_no_waiting_case(two_hosts):
+    two_hosts.history([300.0], seats=[("gpu1", "gpu_a")])
+    two_hosts.history([600.0], seats=[("gpu2", "gpu_a")])
+    busy = two_hosts.running("a", NOW - 20, started=NOW, seats=[("gpu1", "gpu_a")])  # gpu1 busy until NOW + 300
+    waiting = two_hosts.waiting("w", NOW - 5)
+    assert two_hosts.estimate()[waiting].at == NOW + HANDOFF  # gpu2 is idle
+    assert "median of 1 runs on gpu2" in two_hosts.estimate()[waiting].basis
+    drain(two_hosts.conn, "gpu2", now=NOW, by="test")
+    found = two_hosts.estimate()
+    assert found[waiting].at == NOW + 300 + HANDOFF and "1 GPUs taking cases" in found[waiting].basis
+    assert found[busy].kind == "finish"  # a drain stops claims, not the running case
+    note_remote(two_hosts.conn, "gpu1", "poller", ok=False, now=NOW, error="Unreachable")
+    found = two_hosts.estimate()
+    assert waiting not in found and busy in found  # nothing takes claims: no start to promise
+
+
+def test_depth_two_a_case_queued_on_the_hpc_starts_when_the_running_one_ends(tmp_path):
+    desk = Desk(make_config(tmp_path, pueue={"groups": {"gpu_a": {"gpu": 0, "depth": 2}}}))
+    desk.history([300.0])
+    running = desk.running("a", NOW - 60, started=NOW - 40, progress=20.0, reported=NOW)  # ends NOW + 160
+    queued = desk.running("b", NOW - 30)  # in pueue's queue behind "a"
+    waiting = desk.waiting("c", NOW - 5)
+    found = desk.estimate()
+    assert found[running].at == NOW + 160
+    assert (found[queued].kind, found[queued].at) == ("start", NOW + 160)
+    assert "queued on hpc/gpu_a" in found[queued].basis
+    # both seats are held: "c" is claimed when "a" ends, uploads while "b" runs, starts after "b"
+    assert found[waiting].at == NOW + 160 + 300
+
+
+def test_a_case_being_submitted_starts_one_upload_after_its_claim(one_gpu):
+    one_gpu.history([300.0])
+    one_gpu.waiting("a", NOW - 10)
+    claim = claim_next_case(one_gpu.conn, worker="submitter:1", now=NOW - 4, lease_seconds=120)
+    found = one_gpu.estimate()[claim.case.case_id]
+    assert (found.kind, found.at) == ("start", NOW - 4 + HANDOFF)
+    assert "being submitted to hpc/gpu_a" in found.basis
+
+
+def test_with_no_history_at_all_the_default_is_used(one_gpu):
+    waiting = one_gpu.waiting("w", NOW - 10)
+    found = one_gpu.estimate()[waiting]
+    assert found.at == NOW + eta.DEFAULT_HANDOFF_SECONDS and "default" in found.basis
+
+
+def test_before_any_run_completed_the_run_in_flight_gives_the_pace(one_gpu):
+    one_gpu.running("a", NOW - 60, started=NOW - 40, progress=50.0, reported=NOW)
+    waiting = one_gpu.waiting("w2", NOW - 5)
+    found = one_gpu.estimate()[waiting]
+    assert "projected from 1 running cases" in found.basis
+    assert found.at == NOW + 40 + eta.DEFAULT_HANDOFF_SECONDS
+
+
+def test_finished_cases_get_no_eta(one_gpu):
+    one_gpu.history([300.0, 200.0])
+    assert one_gpu.estimate() == {}
