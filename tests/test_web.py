@@ -333,3 +333,18 @@ def test_the_program_refuses_to_start_with_an_open_token_file(tmp_path, capsys):
     from web.server import main
     assert main(["--config", str(config.source)]) == 2
     assert "expected mode 0600" in capsys.readouterr().err
+
+
+def test_plots_page_draws_the_five_charts_as_svg_without_inline_style(world, client):
+    text = client.get("/plots").text
+    for name in ("per_hour", "per_day", "turnaround", "gpu_wait", "gpu_busy"):
+        assert f'id="plot-{name}"' in text
+    assert text.count("<svg") == 5 and "style=" not in text and "<script" not in text.replace('<script src=', '')
+
+
+def test_running_cases_get_an_eta_on_the_overview_and_their_page(world, client):
+    config, ids = world
+    overview = client.get("/api/overview").json
+    assert str(ids["alpha"]) in overview["etas"]
+    assert overview["etas"][str(ids["alpha"])]["kind"] == "finish"
+    assert "ends ~" in client.get(f"/cases/{ids['alpha']}").text

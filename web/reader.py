@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,14 +21,8 @@ from shared.db import connect
 from shared.spool import STAGE_OF_STATUS
 from shared.states import CaseStatus
 
-try:  # written by another helper at the same time (issue 18, item 3); the page works without it
-    from shared import eta as eta_model
-except ImportError:  # pragma: no cover - until shared/eta.py lands
-    eta_model = None
-try:
-    from shared import plots as plot_model
-except ImportError:  # pragma: no cover - until shared/plots.py lands
-    plot_model = None
+from shared import eta as eta_model
+from shared import plots as plot_model
 
 READ_BUSY_TIMEOUT_MS = 2000
 RECENT = 15
@@ -105,8 +100,6 @@ class Reader:
         return self.read(work)
 
     def _etas(self, conn: sqlite3.Connection, now: float) -> dict[int, Any]:
-        if eta_model is None:
-            return {}
         return eta_model.estimate(conn, self.config, now)
 
     # -- health ---------------------------------------------------------------------------------
@@ -160,26 +153,29 @@ class Reader:
 
     # -- plots ----------------------------------------------------------------------------------
 
-    def plots(self) -> list[tuple[str, str]] | None:
-        """(title, SVG) of each plot; None until ``shared.plots`` exists."""
-        if plot_model is None:
-            return None
+    def plots(self) -> list[tuple[str, str]]:
+        """(name, SVG) of each plot."""
         return self.cache.get("plots", self._plots)
 
     def _plots(self) -> list[tuple[str, str]]:
         now, tz, p = self.clock(), self.config.tz, plot_model
+        month = now - 30 * 86400
+
+        def labelled(points: list[tuple[float, int]], fmt: str) -> list[tuple[str, float]]:
+            return [(datetime.fromtimestamp(start, tz).strftime(fmt), float(n)) for start, n in points]
 
         def work(conn: sqlite3.Connection) -> list[tuple[str, str]]:
             return [
-                ("per_hour", p.bar_chart_svg(p.completed_per_hour(conn, now), title="Cases completed per hour (last day)",
-                                             unit="cases")),
-                ("per_day", p.bar_chart_svg(p.completed_per_day(conn, now, tz), title="Cases completed per day (30 days)",
-                                            unit="cases")),
-                ("turnaround", p.histogram_svg(p.turnaround_seconds(conn, now - 30 * 86400), bins=20,
-                                               title="Drop to completed (30 days)", unit="s")),
-                ("gpu_wait", p.histogram_svg(p.gpu_wait_seconds(conn, now - 30 * 86400), bins=20,
-                                             title="Waiting for a GPU (30 days)", unit="s")),
-                ("gpu_busy", p.share_bars_svg(p.gpu_busy_share(conn, now, 86400), title="GPU busy share (last day)")),
+                ("per_hour", p.bar_chart_svg(labelled(p.completed_per_hour(conn, now), "%H:00"),
+                                             title="Cases completed per hour (last 24 h)", unit="cases")),
+                ("per_day", p.bar_chart_svg(labelled(p.completed_per_day(conn, now, tz), "%m-%d"),
+                                            title="Cases completed per day (last 30 days)", unit="cases")),
+                ("turnaround", p.histogram_svg([s / 60 for s in p.turnaround_seconds(conn, month)], bins=20,
+                                               title="Drop to completed (last 30 days)", unit="min")),
+                ("gpu_wait", p.histogram_svg([s / 60 for s in p.gpu_wait_seconds(conn, month)], bins=20,
+                                             title="Waiting for a GPU (last 30 days)", unit="min")),
+                ("gpu_busy", p.share_bars_svg(p.gpu_busy_share(conn, now, 86400),
+                                              title="GPU busy share per host (last 24 h)")),
             ]
         return self.read(work)
 
