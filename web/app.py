@@ -129,7 +129,8 @@ def install_pages(app: Flask, config: Config, reader: Reader, guard: Guard) -> N
 
     @app.get("/part/overview")
     def overview_part():
-        return render_template("_overview.html", **reader.overview())
+        # The live part holds nothing per browser, so every poller gets the same rendered copy.
+        return reader.cache.get("overview.html", lambda: render_template("_overview.html", **reader.overview()))
 
     @app.get("/cases")
     def cases_page():
@@ -150,8 +151,10 @@ def install_pages(app: Flask, config: Config, reader: Reader, guard: Guard) -> N
 
     @app.get("/part/cases/<int:case_id>")
     def case_part(case_id: int):
-        data = reader.case(case_id) or abort(404, f"case {case_id} not found")
-        return render_template("_case.html", **data)
+        def render() -> str:
+            data = reader.case(case_id) or abort(404, f"case {case_id} not found")
+            return render_template("_case.html", **data)
+        return reader.cache.get(("case.html", case_id), render)
 
     @app.get("/plots")
     def plots_page():

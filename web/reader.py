@@ -36,7 +36,7 @@ class Cache:
 
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic, size: int = 256):
         self.ttl, self.clock, self.size = ttl, clock, size
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a cached value may be built from another cached value
         self.entries: dict[Any, tuple[float, Any]] = {}
 
     def get(self, key: Any, compute: Callable[[], Any]) -> Any:
