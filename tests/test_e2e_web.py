@@ -43,6 +43,7 @@ def browser(tmp_path):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(30)
+    driver.implicitly_wait(15)  # a click that submits a form returns before the next page is there
     yield driver
     driver.quit()
 
@@ -93,13 +94,16 @@ def status(conn, name: str) -> str | None:
     return None if row is None else row[0]
 
 
+def live_text(driver, selector: str) -> list[str]:
+    """The text of every element matching ``selector``, read in one script: app.js swaps the live
+    parts under our feet, so a found element may be gone by the time Selenium asks for its text."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.innerText);", selector)
+
+
 def row_text(driver, name: str) -> str:
     """The text of the recent-cases row of case ``name`` on the open overview ('' when absent)."""
-    from selenium.webdriver.common.by import By
-    for row in driver.find_elements(By.CSS_SELECTOR, "#recent tbody tr"):
-        if name in row.text:
-            return row.text
-    return ""
+    return next((row for row in live_text(driver, "#recent tbody tr") if name in row), "")
 
 
 def no_alert(driver) -> bool:
@@ -145,16 +149,17 @@ def test_the_dashboard_in_a_real_browser(web_system, browser, tmp_path):
     wait_until(lambda: status(conn, "failing_case") == "failed", timeout=60, message="the failing case failed")
     failed = case_id(conn, "failing_case")
     driver.get(f"{base}/cases/{failed}")
-    log_tail = driver.find_element(By.ID, "log-tail").text
+    log_tail = " ".join(live_text(driver, "#log-tail"))
     assert log_tail.strip(), "the log tail is empty"
     expected = conn.execute("SELECT log_tail FROM cases WHERE case_id = ?", (failed,)).fetchone()[0]
     assert expected.strip().splitlines()[-1].strip() in log_tail
     screenshot(driver, tmp_path, "web-case.png")
     driver.get(f"{base}/cases/{case_id(conn, HOSTILE)}")
-    assert driver.find_element(By.CSS_SELECTOR, "#case-title .name").text == HOSTILE
+    assert live_text(driver, "#case-title .name") == [HOSTILE]
     assert no_alert(driver) and driver.execute_script("return document.querySelectorAll('img').length;") == 0
 
     # Search and filters.
+    wait_until(lambda: status(conn, HOSTILE) == "completed", timeout=60, message="the hostile case completed")
     driver.get(base + "/cases")
     driver.find_element(By.NAME, "q").send_keys("_case")
     Select(driver.find_element(By.NAME, "status")).select_by_visible_text("failed")
@@ -167,20 +172,23 @@ def test_the_dashboard_in_a_real_browser(web_system, browser, tmp_path):
 
     # An action without the token is refused; with it, it works and shows in the events.
     driver.get(f"{base}/cases/{failed}")
-    assert not driver.find_elements(By.ID, "case-actions")
+    assert not live_text(driver, "#case-actions")
     refused = driver.execute_async_script(
         "const done = arguments[arguments.length - 1]; const form = new FormData();"
         "form.append('case_id', arguments[0]); form.append('csrf', 'guess');"
         "fetch('/action/retry', {method: 'POST', body: form}).then(r => done(r.status));", failed)
     assert refused == 403
+    wait_until(lambda: not conn.execute("SELECT 1 FROM gpu_resources WHERE status = 'zombie' AND assigned_case_id = ?",
+                                        (failed,)).fetchone(), timeout=30, message="the reaper freed its seat")
     driver.find_element(By.NAME, "token").send_keys(TOKEN)
     driver.find_element(By.CSS_SELECTOR, "#login button").click()
     driver.find_element(By.CSS_SELECTOR, "#case-actions button[value=retry]").click()
     result = driver.find_element(By.ID, "action-result").text
     assert f"case {failed}:" in result and "refused" not in result, result
     driver.find_element(By.ID, "back").click()
-    events = driver.find_element(By.ID, "events").text
-    assert "web:127.0.0.1" in events and "retry" in events.lower()
+    events = lambda: " ".join(live_text(driver, "#events"))
+    wait_until(lambda: "web:127.0.0.1" in events(), timeout=15, message="the retry in the case's events")
+    assert "retry" in events().lower()
 
     # A down host and a drained host show at the top of the overview.
     driver.get(base + "/")
@@ -191,7 +199,7 @@ def test_the_dashboard_in_a_real_browser(web_system, browser, tmp_path):
     h.host("gpu2").sshd.stop()              # its listener and every session, the ControlMaster's too
     drop(h, "while_gpu2_is_down")           # gpu1 is drained: the claim goes to gpu2 and finds it down
     driver.get(base + "/")
-    attention = lambda: driver.find_element(By.ID, "attention").text
+    attention = lambda: " ".join(live_text(driver, "#attention"))
     wait_until(lambda: "host gpu2 unreachable" in attention(), timeout=60, message="gpu2 down at the top")
     wait_until(lambda: "host gpu1 drained by web:127.0.0.1 (GPU driver update)" in attention(), timeout=10,
                message="gpu1 drained at the top")
