@@ -348,3 +348,36 @@ def test_running_cases_get_an_eta_on_the_overview_and_their_page(world, client):
     assert str(ids["alpha"]) in overview["etas"]
     assert overview["etas"][str(ids["alpha"])]["kind"] == "finish"
     assert "ends ~" in client.get(f"/cases/{ids['alpha']}").text
+
+
+def test_quotes_in_attributes_and_very_long_names_are_escaped(world):
+    config, ids = world
+    conn = connect(config.database_path)
+    long_name = "patient_" + "Ω" * 2000 + '"><b>'
+    long_case = register_case(conn, case_name=long_name, source_path="/drop/long", now=time.time(), worker="scanner")
+    conn.execute("UPDATE cases SET needs_review = 1, review_reason = ? WHERE case_id = ?",
+                 ('" onmouseover="alert(1)', long_case.case_id))
+    conn.close()
+    client = app_for(config)
+    listing = client.get("/cases?review=yes").text
+    assert 'title="&#34; onmouseover=&#34;alert(1)"' in listing and '" onmouseover="' not in listing
+    page = client.get(f"/cases/{long_case.case_id}").text
+    assert "Ω" * 2000 + "&#34;&gt;&lt;b&gt;" in page and "<b>" not in page
+
+
+def test_case_list_pages_never_sort_the_whole_table(world):
+    """EXPLAIN QUERY PLAN of every statement a listing runs: no temporary sort of the matches."""
+    config, ids = world
+    from shared import queries
+    conn = connect(config.database_path, readonly=True)
+    statements = []
+    conn.set_trace_callback(statements.append)
+    for wanted in (queries.CaseFilter(), queries.CaseFilter(status="completed"),
+                   queries.CaseFilter(status="failed", review=True, sort="oldest", cursor=2),
+                   queries.CaseFilter(text="rav", host="hpc", priority="normal", outcome="success")):
+        queries.search_cases(conn, wanted)
+    conn.set_trace_callback(None)
+    assert len(statements) == 8
+    for sql in statements:
+        plan = " ".join(r["detail"] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "TEMP B-TREE" not in plan, (sql, plan)

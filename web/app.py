@@ -37,7 +37,7 @@ class BadParameter(Exception):
 def create_app(config: Config, guard: Guard, *, clock: Callable[[], float] = time.time) -> Flask:
     """The WSGI application (served by waitress in ``web.server``; tests use its test client)."""
     app = Flask(__name__, template_folder=str(HERE / "templates"), static_folder=str(HERE / "static"))
-    app.config.update(SEND_FILE_MAX_AGE_DEFAULT=300, JSON_SORT_KEYS=False)
+    app.config.update(SEND_FILE_MAX_AGE_DEFAULT=300)
     reader = Reader(config, clock)
     app.extensions["mqic"] = {"config": config, "guard": guard, "reader": reader, "clock": clock}
     install_filters(app, config)
