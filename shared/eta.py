@@ -151,13 +151,13 @@ def host_paces(conn: sqlite3.Connection, hosts: Iterable[str], now: float,
         handoff = _median_or((r.handoff for r in own if r.handoff is not None), handoff_all)
         if own:
             paces[host] = Pace(statistics.median(r.seconds for r in own), handoff,
-                               f"median of {len(own)} runs on {host}")
+                               f"median of {plural(len(own), 'run')} on {host}")
         elif overall:
             paces[host] = Pace(statistics.median(r.seconds for r in overall), handoff,
-                               f"median of {len(overall)} runs on all hosts")
+                               f"median of {plural(len(overall), 'run')} on all hosts")
         elif projected:
             paces[host] = Pace(statistics.median(projected), handoff,
-                               f"projected from {len(projected)} running cases")
+                               f"projected from {plural(len(projected), 'running case')}")
         else:
             paces[host] = Pace(DEFAULT_RUN_SECONDS, handoff, "no run measured yet: default")
     return paces
@@ -206,10 +206,12 @@ def _lane_of(lanes: dict[tuple[str, str], _Lane], case: Case, paces: dict[str, P
     return lanes[key]
 
 
+HELD_SQL = "SELECT * FROM cases WHERE status IN ('running', 'submitting') ORDER BY status_updated_at, case_id"
+
+
 def _held_cases(conn: sqlite3.Connection) -> tuple[list[Case], list[Case], list[Case]]:
     """(running and started, running but queued in the scheduler, submitting), each in start order."""
-    rows = conn.execute("SELECT * FROM cases WHERE status IN ('running', 'submitting')"
-                        " ORDER BY status_updated_at, case_id").fetchall()
+    rows = conn.execute(HELD_SQL).fetchall()
     cases = [case_from_row(r) for r in rows]
     started = [c for c in cases if c.status.value == "running" and c.started_at is not None]
     queued = sorted((c for c in cases if c.status.value == "running" and c.started_at is None),
@@ -268,7 +270,7 @@ def _queue_starts(waiting: list[Case], lanes: list[_Lane], now: float) -> dict[i
         claim = max(claim, case.next_attempt_at or now)
         start, _ = lane.run_after(claim + lane.pace.handoff_seconds, now)
         etas[case.case_id] = Eta(case.case_id, "start", start,
-                                 f"{ordinal(place)} in the queue ({case.priority}), {gpus} GPUs taking cases;"
+                                 f"{ordinal(place)} in the queue ({case.priority}), {plural(gpus, 'GPU')} taking cases;"
                                  f" {lane.pace.basis}")
         heapq.heappush(heap, (lane.claim_at(now), lane.gpu_free_at(now), i))
     return etas
@@ -286,6 +288,10 @@ def span(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def ordinal(n: int) -> str:

@@ -1,15 +1,25 @@
 """ETAs (shared/eta.py) on real SQLite files, rows written with the calls the workers use, a fixed clock."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from shared import eta
 from shared.db import connect
 from shared.maintenance import drain
 from shared.states import CaseStatus, SlotStatus
-from shared.store import (claim_next_case, note_remote, register_case, release_slot_of, seat_specs, sync_slots,
+from shared.store import (URGENT_FIRST, claim_next_case, note_remote, register_case, release_slot_of, seat_specs, sync_slots,
                           transition, update_case)
-from tests.conftest import make_config, make_hosts_config
+from tests.conftest import cli, make_config, make_hosts_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NOW = 1_000_000.0
 HANDOFF = 10.0  # claim -> running row in every recorded run
@@ -18,10 +28,10 @@ HANDOFF = 10.0  # claim -> running row in every recorded run
 class Desk:
     """Cases in any state, moved by the store's own guarded calls (no spool, no process)."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, now: float = NOW):
+        self.config, self.now = config, now
         self.conn = connect(config.database_path)
-        sync_slots(self.conn, seat_specs(config), now=NOW - 86400, worker="test")
+        sync_slots(self.conn, seat_specs(config), now=now - 86400, worker="test")
 
     def waiting(self, name: str, at: float, priority: str = "normal") -> int:
         return register_case(self.conn, case_name=name, source_path=f"/drop/{name}", now=at, worker="scanner",
@@ -55,10 +65,10 @@ class Desk:
     def history(self, runs: list[float], seats=None) -> None:
         """Completed runs of these lengths, long before NOW."""
         for i, seconds in enumerate(runs):
-            self.completed(f"old{i}_{seats}", NOW - 50_000 + i * 1000, seconds, seats=seats)
+            self.completed(f"old{i}_{seats}", self.now - 50_000 + i * 1000, seconds, seats=seats)
 
-    def estimate(self, now: float = NOW) -> dict[int, eta.Eta]:
-        return eta.estimate(self.conn, self.config, now)
+    def estimate(self) -> dict[int, eta.Eta]:
+        return eta.estimate(self.conn, self.config, self.now)
 
 
 @pytest.fixture
@@ -113,7 +123,7 @@ def test_waiting_cases_start_one_after_another_behind_the_running_one(one_gpu):
     assert found[running].at == NOW + 100
     assert (found[first].kind, found[first].at) == ("start", NOW + 100 + HANDOFF)
     assert found[second].at == NOW + 100 + HANDOFF + 300 + HANDOFF
-    assert found[first].basis.startswith("1st in the queue (normal), 1 GPUs taking cases")
+    assert found[first].basis.startswith("1st in the queue (normal), 1 GPU taking cases")
     assert found[second].basis.startswith("2nd in the queue")
 
 
@@ -139,10 +149,10 @@ def test_a_drained_or_unreachable_host_takes_no_waiting_case(two_hosts):
     busy = two_hosts.running("a", NOW - 20, started=NOW, seats=[("gpu1", "gpu_a")])  # gpu1 busy until NOW + 300
     waiting = two_hosts.waiting("w", NOW - 5)
     assert two_hosts.estimate()[waiting].at == NOW + HANDOFF  # gpu2 is idle
-    assert "median of 1 runs on gpu2" in two_hosts.estimate()[waiting].basis
+    assert "median of 1 run on gpu2" in two_hosts.estimate()[waiting].basis
     drain(two_hosts.conn, "gpu2", now=NOW, by="test")
     found = two_hosts.estimate()
-    assert found[waiting].at == NOW + 300 + HANDOFF and "1 GPUs taking cases" in found[waiting].basis
+    assert found[waiting].at == NOW + 300 + HANDOFF and "1 GPU taking cases" in found[waiting].basis
     assert found[busy].kind == "finish"  # a drain stops claims, not the running case
     note_remote(two_hosts.conn, "gpu1", "poller", ok=False, now=NOW, error="Unreachable")
     found = two_hosts.estimate()
@@ -182,10 +192,60 @@ def test_before_any_run_completed_the_run_in_flight_gives_the_pace(one_gpu):
     one_gpu.running("a", NOW - 60, started=NOW - 40, progress=50.0, reported=NOW)
     waiting = one_gpu.waiting("w2", NOW - 5)
     found = one_gpu.estimate()[waiting]
-    assert "projected from 1 running cases" in found.basis
+    assert "projected from 1 running case" in found.basis
     assert found.at == NOW + 40 + eta.DEFAULT_HANDOFF_SECONDS
 
 
 def test_finished_cases_get_no_eta(one_gpu):
     one_gpu.history([300.0, 200.0])
     assert one_gpu.estimate() == {}
+
+
+def test_the_queries_read_unfinished_cases_and_recent_runs_by_index(one_gpu):
+    def plan(sql: str, params=()) -> str:
+        return " ".join(r[3] for r in one_gpu.conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+    assert "USING INDEX cases_by_status" in plan(eta.RECENT_SQL, (10,)) and "TEMP B-TREE" not in plan(eta.RECENT_SQL, (10,))
+    assert "USING INDEX cases_by_status" in plan(eta.HELD_SQL)
+    waiting = f"SELECT * FROM cases WHERE status = 'submitted' ORDER BY {URGENT_FIRST}"
+    assert "USING INDEX cases_by_status" in plan(waiting, {"aged": NOW})
+
+
+# -- mqic show and mqic-top ----------------------------------------------------------------------------
+
+@pytest.fixture
+def live(tmp_path):
+    """Real time: one run of 300 s done, "a" half done (ends in 100 s), "b" waiting behind it."""
+    desk = Desk(make_config(tmp_path, pueue={"groups": {"gpu_a": {"gpu": 0}}}), now=time.time())
+    desk.history([300.0])
+    desk.ids = {"a": desk.running("a", desk.now - 120, started=desk.now - 100, progress=50.0, reported=desk.now),
+                "b": desk.waiting("b", desk.now - 30)}
+    yield desk
+    desk.conn.close()
+
+
+def test_show_prints_the_eta_with_its_basis_and_times_in_the_configured_zone(live, capsys):
+    code, out, err = cli(capsys, live.config, "show", str(live.ids["a"]))
+    assert code == 0, err
+    assert re.search(r"^\s+eta: ends \d{4}-\d\d-\d\d \d\d:\d\d:\d\d KST \(in 1m[34]\ds\); 50% done 1m40s after its"
+                     r" start \(progress rate\)$", out, re.MULTILINE), out
+    assert re.search(r"^\s+running_since: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d KST$", out, re.MULTILINE), out  # not an epoch
+    code, out, _ = cli(capsys, live.config, "show", str(live.ids["b"]))
+    assert re.search(r"eta: starts about \S+ \S+ KST \(in 1m[45]\ds\); 1st in the queue \(normal\)", out), out
+    code, out, _ = cli(capsys, live.config, "show", str(live.ids["b"]), "--json")
+    shown = json.loads(out)["eta"]
+    assert shown["kind"] == "start" and shown["at"] == pytest.approx(live.now + 100 + HANDOFF, abs=1)
+    code, out, _ = cli(capsys, live.config, "show", "1")  # the completed run
+    assert code == 0 and "eta:" not in out
+
+
+def test_top_shows_an_eta_column_for_running_and_waiting_cases(live):
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "console.top", "--once", "--config", str(live.config.source)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines()
+             if re.match(r"\s*\d+\s+(a|b|old)", line)}
+    assert re.search(r"ends \d\d:\d\d:\d\d \(in 1m[34]\ds\)", lines["a"]), result.stdout
+    assert re.search(r"starts ~\d\d:\d\d:\d\d \(in 1m[45]\ds\)", lines["b"]), result.stdout
+    assert lines["old0_None"].rstrip().endswith("-")  # a completed case has none
