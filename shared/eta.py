@@ -138,13 +138,18 @@ def _median_or(values: Iterable[float], default: float) -> float:
 
 
 def host_paces(conn: sqlite3.Connection, hosts: Iterable[str], now: float,
-               running: list[Case]) -> dict[str, Pace]:
-    """Each host's pace: its own recent runs; else every host's; else the projected run of the
-    cases in flight; else ``DEFAULT_RUN_SECONDS``."""
+               in_flight: list[Case]) -> dict[str, Pace]:
+    """Each host's pace. Run: its own recent runs; else every host's; else the projected runs
+    of the cases in flight; else ``DEFAULT_RUN_SECONDS``. Hand-off: the same runs' and the
+    cases in flight (each has finished its upload); else ``DEFAULT_HANDOFF_SECONDS``."""
     runs = _recent_runs(conn, now)
     overall = runs[:RECENT_RUNS]
-    handoff_all = _median_or((r.handoff for r in overall if r.handoff is not None), DEFAULT_HANDOFF_SECONDS)
-    projected = [_projected_total(c) for c in running if _has_rate(c)]
+    claims = _claim_times(conn, [c.case_id for c in in_flight[:RECENT_RUNS]])
+    flying = [c.running_since - claims[c.case_id] for c in in_flight[:RECENT_RUNS]
+              if c.case_id in claims and c.running_since is not None]
+    handoff_all = _median_or([r.handoff for r in overall if r.handoff is not None] + flying,
+                             DEFAULT_HANDOFF_SECONDS)
+    projected = [_projected_total(c, now) for c in in_flight if _has_rate(c)]
     paces = {}
     for host in hosts:
         own = [r for r in runs if r.host == host][:RECENT_RUNS]
@@ -170,21 +175,27 @@ def _has_rate(case: Case) -> bool:
         case.status_updated_at > case.started_at
 
 
-def _projected_total(case: Case) -> float:
-    """Run length the progress rate projects: elapsed at the last progress report / fraction done."""
-    return (case.status_updated_at - case.started_at) * 100.0 / min(100.0, case.progress)
+def _projected_total(case: Case, now: float) -> float:
+    """Run length the progress rate projects: the time from its start to the poller's last
+    progress report, over the fraction done. Once that end has passed without the case ending,
+    the run is slower than reported: the time until ``now`` over the fraction done."""
+    fraction = min(100.0, case.progress) / 100.0
+    reported = (case.status_updated_at - case.started_at) / fraction
+    return reported if case.started_at + reported >= now else (now - case.started_at) / fraction
 
 
 def finish_of_started(case: Case, pace: Pace, now: float) -> Eta:
     """A started case's finish: from its progress rate, else one median run after its start."""
+    if case.started_at is not None and case.progress >= 100.0:
+        return Eta(case.case_id, "finish", now, "100% done: its results are on the way")
     if _has_rate(case):
-        at = case.started_at + _projected_total(case)
+        at = case.started_at + _projected_total(case, now)
         basis = (f"{case.progress:.0f}% done {span(case.status_updated_at - case.started_at)} after its start"
                  " (progress rate)")
-    else:
-        at = case.started_at + pace.run_seconds
-        basis = f"no progress yet: started {span(now - case.started_at)} ago, runs take {span(pace.run_seconds)}" \
-                f" ({pace.basis})"
+        return Eta(case.case_id, "finish", at, basis)
+    at = case.started_at + pace.run_seconds
+    basis = f"no progress yet: started {span(now - case.started_at)} ago, runs take {span(pace.run_seconds)}" \
+            f" ({pace.basis})"
     if at < now:
         return Eta(case.case_id, "finish", now, basis + "; overdue, any moment now")
     return Eta(case.case_id, "finish", at, basis)
@@ -231,8 +242,8 @@ def estimate(conn: sqlite3.Connection, config: Config, now: float) -> dict[int, 
     started, queued, submitting = _held_cases(conn)
     closed = {row["host"] for row in conn.execute("SELECT host FROM drains")} | set(down_hosts(conn))
     names = [h.name for h in config.hosts] + sorted({c.host or "" for c in started + queued + submitting})
-    paces = host_paces(conn, dict.fromkeys(names), now, started)
-    fallback = next(iter(paces.values()))
+    paces = host_paces(conn, dict.fromkeys(names), now, started + queued)
+    fallback = next(iter(paces.values()), Pace(DEFAULT_RUN_SECONDS, DEFAULT_HANDOFF_SECONDS, "default"))
     lanes = _lanes(config, paces, closed)
     etas: dict[int, Eta] = {}
     for case in started:

@@ -115,6 +115,15 @@ def test_a_case_past_its_projection_is_due_now_not_in_the_past(one_gpu):
     assert found.at == NOW and "overdue" in found.basis
 
 
+def test_a_case_slower_than_its_last_report_is_projected_from_now_and_at_100_percent_ends_now(one_gpu):
+    slow = one_gpu.running("a", NOW - 120, started=NOW - 100, progress=50.0, reported=NOW - 80)
+    found = one_gpu.estimate()[slow]
+    assert found.at == NOW + 100  # 50 % took at least 100 s: 200 s in all
+    assert update_case(one_gpu.conn, slow, CaseStatus.RUNNING, {"progress": 100.0, "status_updated_at": NOW - 1})
+    found = one_gpu.estimate()[slow]
+    assert (found.at, found.basis) == (NOW, "100% done: its results are on the way")
+
+
 def test_waiting_cases_start_one_after_another_behind_the_running_one(one_gpu):
     one_gpu.history([300.0, 300.0])
     running = one_gpu.running("a", NOW - 120, started=NOW - 100, progress=50.0, reported=NOW)  # ends NOW + 100
@@ -193,7 +202,7 @@ def test_before_any_run_completed_the_run_in_flight_gives_the_pace(one_gpu):
     waiting = one_gpu.waiting("w2", NOW - 5)
     found = one_gpu.estimate()[waiting]
     assert "projected from 1 running case" in found.basis
-    assert found.at == NOW + 40 + eta.DEFAULT_HANDOFF_SECONDS
+    assert found.at == NOW + 40 + HANDOFF  # the upload of the case in flight is measured too
 
 
 def test_finished_cases_get_no_eta(one_gpu):
