@@ -67,7 +67,8 @@ def sample_until_done(ws: Workspace, cases: int, every: float, timeout: float) -
 
 def pace_source(basis: str) -> str:
     """Which pace a prediction stood on (the last clause of its basis)."""
-    for words, name in (("progress rate", "progress rate"), ("median of", "median of completed runs"),
+    for words, name in (("100% done", "100% done: ends now"), ("progress rate", "progress rate"),
+                        ("median of", "median of completed runs"),
                         ("projected from", "projected from running cases"), ("default", "default (nothing known)")):
         if words in basis:
             return name
