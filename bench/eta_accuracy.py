@@ -113,6 +113,16 @@ def timeline(samples: list[Sample], truth: dict[int, dict], drop_at: float) -> s
     return table(["case", "kind", "taken", "predicted", "completed", "basis"], rows)
 
 
+def worst(samples: list[Sample], truth: dict[int, dict], drop_at: float, count: int = 4) -> str:
+    """The ``count`` largest errors (default pace left out) with what they stood on."""
+    found = [(s, e, kind) for kind in ("finish", "start") for s, e in errors(samples, truth, kind)
+             if "default" not in s.basis]
+    found.sort(key=lambda item: -abs(item[1]))
+    return table(["kind", "case", "taken s", "error s", "basis"],
+                 [[kind, s.case_id, s.taken - drop_at, e, s.basis[:80]] for s, e, kind in found[:count]],
+                 title="largest errors with a known pace (seconds from the drop)")
+
+
 def extra_args(parser) -> None:
     parser.add_argument("--verbose", action="store_true", help="print every prediction of two cases")
     parser.add_argument("--cases", type=int, default=12)
@@ -140,6 +150,7 @@ def main(argv=None) -> int:
         print(f"outcomes: {', '.join(sorted({r['outcome'] or '-' for r in rows}))};"
               f" wall {max(r['completed_at'] for r in rows) - drop_at:.1f} s")
         print(report(samples, truth))
+        print(worst(samples, truth, drop_at))
         if args.verbose:
             print(timeline(samples, truth, drop_at))
     print(common.machine_line("end"))

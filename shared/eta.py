@@ -49,6 +49,7 @@ class Pace:
     run_seconds: float
     handoff_seconds: float
     basis: str  # where run_seconds came from, e.g. "median of 20 runs on gpu1"
+    measured: bool = False  # run_seconds comes from completed runs
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,10 @@ def host_paces(conn: sqlite3.Connection, hosts: Iterable[str], now: float,
         handoff = _median_or((r.handoff for r in own if r.handoff is not None), handoff_all)
         if own:
             paces[host] = Pace(statistics.median(r.seconds for r in own), handoff,
-                               f"median of {plural(len(own), 'run')} on {host}")
+                               f"median of {plural(len(own), 'run')} on {host}", measured=True)
         elif overall:
             paces[host] = Pace(statistics.median(r.seconds for r in overall), handoff,
-                               f"median of {plural(len(overall), 'run')} on all hosts")
+                               f"median of {plural(len(overall), 'run')} on all hosts", measured=True)
         elif projected:
             paces[host] = Pace(statistics.median(projected), handoff,
                                f"projected from {plural(len(projected), 'running case')}")
@@ -184,15 +185,23 @@ def _projected_total(case: Case, now: float) -> float:
     return reported if case.started_at + reported >= now else (now - case.started_at) / fraction
 
 
+def _finish_by_rate(case: Case, pace: Pace, now: float) -> tuple[float, str]:
+    """(finish, basis) from the progress rate. With a measured pace the rate counts for the
+    fraction done and the median run for the rest: early progress says little (a report's
+    lag, the start-up before the first batch are multiplied by 100 / percent)."""
+    weight = case.progress / 100.0 if pace.measured else 1.0
+    total = weight * _projected_total(case, now) + (1.0 - weight) * pace.run_seconds
+    basis = f"{case.progress:.0f}% done {span(case.status_updated_at - case.started_at)} after its start (progress rate"
+    basis += f", weighted {weight:.0%} against the {pace.basis})" if pace.measured else ")"
+    return max(now, case.started_at + total), basis
+
+
 def finish_of_started(case: Case, pace: Pace, now: float) -> Eta:
     """A started case's finish: from its progress rate, else one median run after its start."""
     if case.started_at is not None and case.progress >= 100.0:
         return Eta(case.case_id, "finish", now, "100% done: its results are on the way")
     if _has_rate(case):
-        at = case.started_at + _projected_total(case, now)
-        basis = (f"{case.progress:.0f}% done {span(case.status_updated_at - case.started_at)} after its start"
-                 " (progress rate)")
-        return Eta(case.case_id, "finish", at, basis)
+        return Eta(case.case_id, "finish", *_finish_by_rate(case, pace, now))
     at = case.started_at + pace.run_seconds
     basis = f"no progress yet: started {span(now - case.started_at)} ago, runs take {span(pace.run_seconds)}" \
             f" ({pace.basis})"

@@ -97,6 +97,14 @@ def test_a_running_case_finishes_when_its_progress_rate_says(one_gpu):
     assert "25% done 1m20s after its start" in found.basis and "progress rate" in found.basis
 
 
+def test_with_a_measured_median_the_rate_counts_for_the_fraction_done(one_gpu):
+    one_gpu.history([300.0])
+    case_id = one_gpu.running("a", NOW - 120, started=NOW - 100, progress=25.0, reported=NOW - 20)
+    found = one_gpu.estimate()[case_id]
+    assert found.at == pytest.approx(NOW - 100 + 0.25 * 320 + 0.75 * 300)
+    assert found.basis == "25% done 1m20s after its start (progress rate, weighted 25% against the median of 1 run on hpc)"
+
+
 def test_without_progress_a_running_case_takes_the_hosts_recent_median_run(one_gpu):
     one_gpu.history([200.0, 300.0, 400.0])
     case_id = one_gpu.running("a", NOW - 70, started=NOW - 50)
@@ -126,12 +134,12 @@ def test_a_case_slower_than_its_last_report_is_projected_from_now_and_at_100_per
 
 def test_waiting_cases_start_one_after_another_behind_the_running_one(one_gpu):
     one_gpu.history([300.0, 300.0])
-    running = one_gpu.running("a", NOW - 120, started=NOW - 100, progress=50.0, reported=NOW)  # ends NOW + 100
+    running = one_gpu.running("a", NOW - 170, started=NOW - 150, progress=50.0, reported=NOW)  # ends NOW + 150
     first, second = one_gpu.waiting("b", NOW - 30), one_gpu.waiting("c", NOW - 20)
     found = one_gpu.estimate()
-    assert found[running].at == NOW + 100
-    assert (found[first].kind, found[first].at) == ("start", NOW + 100 + HANDOFF)
-    assert found[second].at == NOW + 100 + HANDOFF + 300 + HANDOFF
+    assert found[running].at == NOW + 150
+    assert (found[first].kind, found[first].at) == ("start", NOW + 150 + HANDOFF)
+    assert found[second].at == NOW + 150 + HANDOFF + 300 + HANDOFF
     assert found[first].basis.startswith("1st in the queue (normal), 1 GPU taking cases")
     assert found[second].basis.startswith("2nd in the queue")
 
@@ -171,15 +179,15 @@ def test_a_drained_or_unreachable_host_takes_no_waiting_case(two_hosts):
 def test_depth_two_a_case_queued_on_the_hpc_starts_when_the_running_one_ends(tmp_path):
     desk = Desk(make_config(tmp_path, pueue={"groups": {"gpu_a": {"gpu": 0, "depth": 2}}}))
     desk.history([300.0])
-    running = desk.running("a", NOW - 60, started=NOW - 40, progress=20.0, reported=NOW)  # ends NOW + 160
+    running = desk.running("a", NOW - 80, started=NOW - 60, progress=20.0, reported=NOW)  # ends NOW + 240
     queued = desk.running("b", NOW - 30)  # in pueue's queue behind "a"
     waiting = desk.waiting("c", NOW - 5)
     found = desk.estimate()
-    assert found[running].at == NOW + 160
-    assert (found[queued].kind, found[queued].at) == ("start", NOW + 160)
+    assert found[running].at == NOW + 240
+    assert (found[queued].kind, found[queued].at) == ("start", NOW + 240)
     assert "queued on hpc/gpu_a" in found[queued].basis
     # both seats are held: "c" is claimed when "a" ends, uploads while "b" runs, starts after "b"
-    assert found[waiting].at == NOW + 160 + 300
+    assert found[waiting].at == NOW + 240 + 300
 
 
 def test_a_case_being_submitted_starts_one_upload_after_its_claim(one_gpu):
@@ -224,10 +232,10 @@ def test_the_queries_read_unfinished_cases_and_recent_runs_by_index(one_gpu):
 
 @pytest.fixture
 def live(tmp_path):
-    """Real time: one run of 300 s done, "a" half done (ends in 100 s), "b" waiting behind it."""
+    """Real time: one run of 300 s done, "a" half done after 150 s (ends in 150 s), "b" waiting behind it."""
     desk = Desk(make_config(tmp_path, pueue={"groups": {"gpu_a": {"gpu": 0}}}), now=time.time())
     desk.history([300.0])
-    desk.ids = {"a": desk.running("a", desk.now - 120, started=desk.now - 100, progress=50.0, reported=desk.now),
+    desk.ids = {"a": desk.running("a", desk.now - 170, started=desk.now - 150, progress=50.0, reported=desk.now),
                 "b": desk.waiting("b", desk.now - 30)}
     yield desk
     desk.conn.close()
@@ -236,14 +244,14 @@ def live(tmp_path):
 def test_show_prints_the_eta_with_its_basis_and_times_in_the_configured_zone(live, capsys):
     code, out, err = cli(capsys, live.config, "show", str(live.ids["a"]))
     assert code == 0, err
-    assert re.search(r"^\s+eta: ends \d{4}-\d\d-\d\d \d\d:\d\d:\d\d KST \(in 1m[34]\ds\); 50% done 1m40s after its"
-                     r" start \(progress rate\)$", out, re.MULTILINE), out
+    assert re.search(r"^\s+eta: ends \d{4}-\d\d-\d\d \d\d:\d\d:\d\d KST \(in 2m[23]\ds\); 50% done 2m30s after its"
+                     r" start \(progress rate, weighted 50% against the median of 1 run on hpc\)$", out, re.MULTILINE), out
     assert re.search(r"^\s+running_since: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d KST$", out, re.MULTILINE), out  # not an epoch
     code, out, _ = cli(capsys, live.config, "show", str(live.ids["b"]))
-    assert re.search(r"eta: starts about \S+ \S+ KST \(in 1m[45]\ds\); 1st in the queue \(normal\)", out), out
+    assert re.search(r"eta: starts about \S+ \S+ KST \(in 2m[34]\ds\); 1st in the queue \(normal\)", out), out
     code, out, _ = cli(capsys, live.config, "show", str(live.ids["b"]), "--json")
     shown = json.loads(out)["eta"]
-    assert shown["kind"] == "start" and shown["at"] == pytest.approx(live.now + 100 + HANDOFF, abs=1)
+    assert shown["kind"] == "start" and shown["at"] == pytest.approx(live.now + 150 + HANDOFF, abs=1)
     code, out, _ = cli(capsys, live.config, "show", "1")  # the completed run
     assert code == 0 and "eta:" not in out
 
@@ -255,6 +263,6 @@ def test_top_shows_an_eta_column_for_running_and_waiting_cases(live):
     assert result.returncode == 0, result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines()
              if re.match(r"\s*\d+\s+(a|b|old)", line)}
-    assert re.search(r"ends \d\d:\d\d:\d\d \(in 1m[34]\ds\)", lines["a"]), result.stdout
-    assert re.search(r"starts ~\d\d:\d\d:\d\d \(in 1m[45]\ds\)", lines["b"]), result.stdout
+    assert re.search(r"ends \d\d:\d\d:\d\d \(in 2m[23]\ds\)", lines["a"]), result.stdout
+    assert re.search(r"starts ~\d\d:\d\d:\d\d \(in 2m[34]\ds\)", lines["b"]), result.stdout
     assert lines["old0_None"].rstrip().endswith("-")  # a completed case has none
