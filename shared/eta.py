@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from shared.config import Config
+from shared.maintenance import drains
 from shared.store import Case, case_from_row, down_hosts, waiting_in_claim_order
 
 DEFAULT_RUN_SECONDS = 1800.0   # no run finished anywhere yet, none in flight with progress
@@ -249,11 +250,21 @@ def estimate(conn: sqlite3.Connection, config: Config, now: float) -> dict[int, 
     when called inside ``queries.read_snapshot``.
     """
     started, queued, submitting = _held_cases(conn)
-    closed = {row["host"] for row in conn.execute("SELECT host FROM drains")} | set(down_hosts(conn))
+    closed = {d.host for d in drains(conn)} | set(down_hosts(conn))
     names = [h.name for h in config.hosts] + sorted({c.host or "" for c in started + queued + submitting})
     paces = host_paces(conn, dict.fromkeys(names), now, started + queued)
-    fallback = next(iter(paces.values()), Pace(DEFAULT_RUN_SECONDS, DEFAULT_HANDOFF_SECONDS, "default"))
     lanes = _lanes(config, paces, closed)
+    etas = _place_held(lanes, paces, started, queued, submitting, now)
+    waiting = waiting_in_claim_order(conn, now=now, max_wait_seconds=config.scheduling.max_wait_seconds)
+    etas.update(_queue_starts(waiting, [lane for lane in lanes.values() if lane.claimable], now))
+    return etas
+
+
+def _place_held(lanes: dict[tuple[str, str], _Lane], paces: dict[str, Pace], started: list[Case],
+                queued: list[Case], submitting: list[Case], now: float) -> dict[int, Eta]:
+    """ETAs of the cases that hold a seat, each put on its own lane: the started ones first,
+    then those queued in the scheduler, then those being submitted."""
+    fallback = next(iter(paces.values()), Pace(DEFAULT_RUN_SECONDS, DEFAULT_HANDOFF_SECONDS, "default"))
     etas: dict[int, Eta] = {}
     for case in started:
         lane = _lane_of(lanes, case, paces, fallback)
@@ -262,17 +273,14 @@ def estimate(conn: sqlite3.Connection, config: Config, now: float) -> dict[int, 
     for case in queued:
         lane = _lane_of(lanes, case, paces, fallback)
         start, _ = lane.run_after(now, now)
-        etas[case.case_id] = Eta(case.case_id, "start", start,
-                                 f"queued on {lane.host}/{lane.group} behind {lane.held - 1} of ours; {lane.pace.basis}")
+        etas[case.case_id] = Eta(case.case_id, "start", start, f"queued on {lane.host}/{lane.group}"
+                                 f" behind {lane.held - 1} of ours; {lane.pace.basis}")
     for case in submitting:
         lane = _lane_of(lanes, case, paces, fallback)
-        ready = max(now, case.status_updated_at + lane.pace.handoff_seconds)
-        start, _ = lane.run_after(ready, now)
+        start, _ = lane.run_after(max(now, case.status_updated_at + lane.pace.handoff_seconds), now)
         etas[case.case_id] = Eta(case.case_id, "start", start,
                                  f"being submitted to {lane.host}/{lane.group}; upload takes"
                                  f" {span(lane.pace.handoff_seconds)}; {lane.pace.basis}")
-    waiting = waiting_in_claim_order(conn, now=now, max_wait_seconds=config.scheduling.max_wait_seconds)
-    etas.update(_queue_starts(waiting, [lane for lane in lanes.values() if lane.claimable], now))
     return etas
 
 

@@ -191,7 +191,8 @@ def share_bars_svg(shares: dict[str, float], *, title: str) -> str:
                  f'<rect x="{LEFT + 108}" y="{y + row * 0.15:.1f}" width="{plot_w}" height="{row * 0.7:.1f}"'
                  f' fill="none" stroke="{AXIS}"/>',
                  f'<rect class="bar" x="{LEFT + 108}" y="{y + row * 0.15:.1f}" width="{share * plot_w:.1f}"'
-                 f' height="{row * 0.7:.1f}" fill="{BAR_FILL}"><title>{escape(name)}: {share * 100:.0f}%</title></rect>',
+                 f' height="{row * 0.7:.1f}" fill="{BAR_FILL}">'
+                 f"<title>{escape(name)}: {share * 100:.0f}%</title></rect>",
                  f'<text x="{LEFT + 114 + plot_w}" y="{y + row * 0.65:.1f}" font-size="12" fill="{TEXT}">'
                  f"{share * 100:.0f}%</text>"]
     return _svg(title, body)

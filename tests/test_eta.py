@@ -15,8 +15,8 @@ from shared import eta
 from shared.db import connect
 from shared.maintenance import drain
 from shared.states import CaseStatus, SlotStatus
-from shared.store import (URGENT_FIRST, claim_next_case, note_remote, register_case, release_slot_of, seat_specs, sync_slots,
-                          transition, update_case)
+from shared.store import (URGENT_FIRST, case_from_row, claim_next_case, note_remote, register_case, release_slot_of,
+                          seat_specs, sync_slots, transition, update_case)
 from tests.conftest import cli, make_config, make_hosts_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,6 @@ class Desk:
         assert transition(self.conn, case_id, CaseStatus.RUNNING, CaseStatus.COMPLETED, now=done, worker="test",
                           fields={"completed_at": done, "outcome": "success", "progress": 100.0})
         case = self.conn.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
-        from shared.store import case_from_row
         assert release_slot_of(self.conn, case_from_row(case), SlotStatus.AVAILABLE, now=done, worker="test")
         return case_id
 
@@ -102,7 +101,8 @@ def test_with_a_measured_median_the_rate_counts_for_the_fraction_done(one_gpu):
     case_id = one_gpu.running("a", NOW - 120, started=NOW - 100, progress=25.0, reported=NOW - 20)
     found = one_gpu.estimate()[case_id]
     assert found.at == pytest.approx(NOW - 100 + 0.25 * 320 + 0.75 * 300)
-    assert found.basis == "25% done 1m20s after its start (progress rate, weighted 25% against the median of 1 run on hpc)"
+    assert found.basis == ("25% done 1m20s after its start (progress rate, weighted 25% against the median"
+                           " of 1 run on hpc)")
 
 
 def test_without_progress_a_running_case_takes_the_hosts_recent_median_run(one_gpu):
@@ -222,7 +222,8 @@ def test_the_queries_read_unfinished_cases_and_recent_runs_by_index(one_gpu):
     def plan(sql: str, params=()) -> str:
         return " ".join(r[3] for r in one_gpu.conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
 
-    assert "USING INDEX cases_by_status" in plan(eta.RECENT_SQL, (10,)) and "TEMP B-TREE" not in plan(eta.RECENT_SQL, (10,))
+    recent = plan(eta.RECENT_SQL, (10,))
+    assert "USING INDEX cases_by_status" in recent and "TEMP B-TREE" not in recent
     assert "USING INDEX cases_by_status" in plan(eta.HELD_SQL)
     waiting = f"SELECT * FROM cases WHERE status = 'submitted' ORDER BY {URGENT_FIRST}"
     assert "USING INDEX cases_by_status" in plan(waiting, {"aged": NOW})
@@ -245,7 +246,8 @@ def test_show_prints_the_eta_with_its_basis_and_times_in_the_configured_zone(liv
     code, out, err = cli(capsys, live.config, "show", str(live.ids["a"]))
     assert code == 0, err
     assert re.search(r"^\s+eta: ends \d{4}-\d\d-\d\d \d\d:\d\d:\d\d KST \(in 2m[23]\ds\); 50% done 2m30s after its"
-                     r" start \(progress rate, weighted 50% against the median of 1 run on hpc\)$", out, re.MULTILINE), out
+                     r" start \(progress rate, weighted 50% against the median of 1 run on hpc\)$",
+                     out, re.MULTILINE), out
     assert re.search(r"^\s+running_since: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d KST$", out, re.MULTILINE), out  # not an epoch
     code, out, _ = cli(capsys, live.config, "show", str(live.ids["b"]))
     assert re.search(r"eta: starts about \S+ \S+ KST \(in 2m[34]\ds\); 1st in the queue \(normal\)", out), out
