@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from shared.config import Config
+from shared.maintenance import drains
 from shared.store import Case, case_from_row, down_hosts, waiting_in_claim_order
 
 DEFAULT_RUN_SECONDS = 1800.0   # no run finished anywhere yet, none in flight with progress
@@ -49,6 +50,7 @@ class Pace:
     run_seconds: float
     handoff_seconds: float
     basis: str  # where run_seconds came from, e.g. "median of 20 runs on gpu1"
+    measured: bool = False  # run_seconds comes from completed runs
 
 
 @dataclass(frozen=True)
@@ -138,26 +140,31 @@ def _median_or(values: Iterable[float], default: float) -> float:
 
 
 def host_paces(conn: sqlite3.Connection, hosts: Iterable[str], now: float,
-               running: list[Case]) -> dict[str, Pace]:
-    """Each host's pace: its own recent runs; else every host's; else the projected run of the
-    cases in flight; else ``DEFAULT_RUN_SECONDS``."""
+               in_flight: list[Case]) -> dict[str, Pace]:
+    """Each host's pace. Run: its own recent runs; else every host's; else the projected runs
+    of the cases in flight; else ``DEFAULT_RUN_SECONDS``. Hand-off: the same runs' and the
+    cases in flight (each has finished its upload); else ``DEFAULT_HANDOFF_SECONDS``."""
     runs = _recent_runs(conn, now)
     overall = runs[:RECENT_RUNS]
-    handoff_all = _median_or((r.handoff for r in overall if r.handoff is not None), DEFAULT_HANDOFF_SECONDS)
-    projected = [_projected_total(c) for c in running if _has_rate(c)]
+    claims = _claim_times(conn, [c.case_id for c in in_flight[:RECENT_RUNS]])
+    flying = [c.running_since - claims[c.case_id] for c in in_flight[:RECENT_RUNS]
+              if c.case_id in claims and c.running_since is not None]
+    handoff_all = _median_or([r.handoff for r in overall if r.handoff is not None] + flying,
+                             DEFAULT_HANDOFF_SECONDS)
+    projected = [_projected_total(c, now) for c in in_flight if _has_rate(c)]
     paces = {}
     for host in hosts:
         own = [r for r in runs if r.host == host][:RECENT_RUNS]
         handoff = _median_or((r.handoff for r in own if r.handoff is not None), handoff_all)
         if own:
             paces[host] = Pace(statistics.median(r.seconds for r in own), handoff,
-                               f"median of {len(own)} runs on {host}")
+                               f"median of {plural(len(own), 'run')} on {host}", measured=True)
         elif overall:
             paces[host] = Pace(statistics.median(r.seconds for r in overall), handoff,
-                               f"median of {len(overall)} runs on all hosts")
+                               f"median of {plural(len(overall), 'run')} on all hosts", measured=True)
         elif projected:
             paces[host] = Pace(statistics.median(projected), handoff,
-                               f"projected from {len(projected)} running cases")
+                               f"projected from {plural(len(projected), 'running case')}")
         else:
             paces[host] = Pace(DEFAULT_RUN_SECONDS, handoff, "no run measured yet: default")
     return paces
@@ -170,21 +177,35 @@ def _has_rate(case: Case) -> bool:
         case.status_updated_at > case.started_at
 
 
-def _projected_total(case: Case) -> float:
-    """Run length the progress rate projects: elapsed at the last progress report / fraction done."""
-    return (case.status_updated_at - case.started_at) * 100.0 / min(100.0, case.progress)
+def _projected_total(case: Case, now: float) -> float:
+    """Run length the progress rate projects: the time from its start to the poller's last
+    progress report, over the fraction done. Once that end has passed without the case ending,
+    the run is slower than reported: the time until ``now`` over the fraction done."""
+    fraction = min(100.0, case.progress) / 100.0
+    reported = (case.status_updated_at - case.started_at) / fraction
+    return reported if case.started_at + reported >= now else (now - case.started_at) / fraction
+
+
+def _finish_by_rate(case: Case, pace: Pace, now: float) -> tuple[float, str]:
+    """(finish, basis) from the progress rate. With a measured pace the rate counts for the
+    fraction done and the median run for the rest: early progress says little (a report's
+    lag, the start-up before the first batch are multiplied by 100 / percent)."""
+    weight = case.progress / 100.0 if pace.measured else 1.0
+    total = weight * _projected_total(case, now) + (1.0 - weight) * pace.run_seconds
+    basis = f"{case.progress:.0f}% done {span(case.status_updated_at - case.started_at)} after its start (progress rate"
+    basis += f", weighted {weight:.0%} against the {pace.basis})" if pace.measured else ")"
+    return max(now, case.started_at + total), basis
 
 
 def finish_of_started(case: Case, pace: Pace, now: float) -> Eta:
     """A started case's finish: from its progress rate, else one median run after its start."""
+    if case.started_at is not None and case.progress >= 100.0:
+        return Eta(case.case_id, "finish", now, "100% done: its results are on the way")
     if _has_rate(case):
-        at = case.started_at + _projected_total(case)
-        basis = (f"{case.progress:.0f}% done {span(case.status_updated_at - case.started_at)} after its start"
-                 " (progress rate)")
-    else:
-        at = case.started_at + pace.run_seconds
-        basis = f"no progress yet: started {span(now - case.started_at)} ago, runs take {span(pace.run_seconds)}" \
-                f" ({pace.basis})"
+        return Eta(case.case_id, "finish", *_finish_by_rate(case, pace, now))
+    at = case.started_at + pace.run_seconds
+    basis = f"no progress yet: started {span(now - case.started_at)} ago, runs take {span(pace.run_seconds)}" \
+            f" ({pace.basis})"
     if at < now:
         return Eta(case.case_id, "finish", now, basis + "; overdue, any moment now")
     return Eta(case.case_id, "finish", at, basis)
@@ -206,10 +227,12 @@ def _lane_of(lanes: dict[tuple[str, str], _Lane], case: Case, paces: dict[str, P
     return lanes[key]
 
 
+HELD_SQL = "SELECT * FROM cases WHERE status IN ('running', 'submitting') ORDER BY status_updated_at, case_id"
+
+
 def _held_cases(conn: sqlite3.Connection) -> tuple[list[Case], list[Case], list[Case]]:
     """(running and started, running but queued in the scheduler, submitting), each in start order."""
-    rows = conn.execute("SELECT * FROM cases WHERE status IN ('running', 'submitting')"
-                        " ORDER BY status_updated_at, case_id").fetchall()
+    rows = conn.execute(HELD_SQL).fetchall()
     cases = [case_from_row(r) for r in rows]
     started = [c for c in cases if c.status.value == "running" and c.started_at is not None]
     queued = sorted((c for c in cases if c.status.value == "running" and c.started_at is None),
@@ -227,11 +250,21 @@ def estimate(conn: sqlite3.Connection, config: Config, now: float) -> dict[int, 
     when called inside ``queries.read_snapshot``.
     """
     started, queued, submitting = _held_cases(conn)
-    closed = {row["host"] for row in conn.execute("SELECT host FROM drains")} | set(down_hosts(conn))
+    closed = {d.host for d in drains(conn)} | set(down_hosts(conn))
     names = [h.name for h in config.hosts] + sorted({c.host or "" for c in started + queued + submitting})
-    paces = host_paces(conn, dict.fromkeys(names), now, started)
-    fallback = next(iter(paces.values()))
+    paces = host_paces(conn, dict.fromkeys(names), now, started + queued)
     lanes = _lanes(config, paces, closed)
+    etas = _place_held(lanes, paces, started, queued, submitting, now)
+    waiting = waiting_in_claim_order(conn, now=now, max_wait_seconds=config.scheduling.max_wait_seconds)
+    etas.update(_queue_starts(waiting, [lane for lane in lanes.values() if lane.claimable], now))
+    return etas
+
+
+def _place_held(lanes: dict[tuple[str, str], _Lane], paces: dict[str, Pace], started: list[Case],
+                queued: list[Case], submitting: list[Case], now: float) -> dict[int, Eta]:
+    """ETAs of the cases that hold a seat, each put on its own lane: the started ones first,
+    then those queued in the scheduler, then those being submitted."""
+    fallback = next(iter(paces.values()), Pace(DEFAULT_RUN_SECONDS, DEFAULT_HANDOFF_SECONDS, "default"))
     etas: dict[int, Eta] = {}
     for case in started:
         lane = _lane_of(lanes, case, paces, fallback)
@@ -240,17 +273,14 @@ def estimate(conn: sqlite3.Connection, config: Config, now: float) -> dict[int, 
     for case in queued:
         lane = _lane_of(lanes, case, paces, fallback)
         start, _ = lane.run_after(now, now)
-        etas[case.case_id] = Eta(case.case_id, "start", start,
-                                 f"queued on {lane.host}/{lane.group} behind {lane.held - 1} of ours; {lane.pace.basis}")
+        etas[case.case_id] = Eta(case.case_id, "start", start, f"queued on {lane.host}/{lane.group}"
+                                 f" behind {lane.held - 1} of ours; {lane.pace.basis}")
     for case in submitting:
         lane = _lane_of(lanes, case, paces, fallback)
-        ready = max(now, case.status_updated_at + lane.pace.handoff_seconds)
-        start, _ = lane.run_after(ready, now)
+        start, _ = lane.run_after(max(now, case.status_updated_at + lane.pace.handoff_seconds), now)
         etas[case.case_id] = Eta(case.case_id, "start", start,
                                  f"being submitted to {lane.host}/{lane.group}; upload takes"
                                  f" {span(lane.pace.handoff_seconds)}; {lane.pace.basis}")
-    waiting = waiting_in_claim_order(conn, now=now, max_wait_seconds=config.scheduling.max_wait_seconds)
-    etas.update(_queue_starts(waiting, [lane for lane in lanes.values() if lane.claimable], now))
     return etas
 
 
@@ -268,7 +298,7 @@ def _queue_starts(waiting: list[Case], lanes: list[_Lane], now: float) -> dict[i
         claim = max(claim, case.next_attempt_at or now)
         start, _ = lane.run_after(claim + lane.pace.handoff_seconds, now)
         etas[case.case_id] = Eta(case.case_id, "start", start,
-                                 f"{ordinal(place)} in the queue ({case.priority}), {gpus} GPUs taking cases;"
+                                 f"{ordinal(place)} in the queue ({case.priority}), {plural(gpus, 'GPU')} taking cases;"
                                  f" {lane.pace.basis}")
         heapq.heappush(heap, (lane.claim_at(now), lane.gpu_free_at(now), i))
     return etas
@@ -286,6 +316,10 @@ def span(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def ordinal(n: int) -> str:

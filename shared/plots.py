@@ -1,38 +1,54 @@
 """Plot data from the state database, and server-side SVG charts (no script); pure and read-only.
 
-Series walk ``case_events`` newest first by primary key and stop at the window's start,
-so they read only the window's events whatever the size of the database. Charts are
+Series find a window's first event by a binary search over ``case_events``' primary key and
+read only the window's events, whatever the size of the database. Charts are
 plain SVG strings with a fixed ``viewBox``, an accessible ``<title>``, presentation
 attributes instead of inline styles (a Content-Security-Policy may forbid those) and
 every text run through ``html.escape``.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import sqlite3
 from datetime import datetime, timedelta
 from html import escape
-from typing import Iterator
 from zoneinfo import ZoneInfo
 
 from shared.queries import slot_busy_seconds
 
 # Workers stamp events with the ``now`` of their pass, so ids and times may disagree by a
-# pass; the walk goes this far past the window's start before it stops.
+# pass; the search for a window's first event allows this much.
 CLOCK_SLACK_SECONDS = 600.0
-ENDED_SQL = ("SELECT e.event_id, e.case_id, e.from_status, e.to_status, e.at, c.submitted_at, c.started_at"
-             " FROM case_events e JOIN cases c ON c.case_id = e.case_id ORDER BY e.event_id DESC")
+ENDED_SQL = ("SELECT e.case_id, e.to_status, e.at, c.submitted_at, c.started_at"
+             " FROM case_events e JOIN cases c ON c.case_id = e.case_id"
+             " WHERE e.event_id >= :first AND e.at >= :since AND e.from_status = 'running'"
+             " AND e.to_status IN ('completed', 'failed') ORDER BY e.event_id DESC")
 
 
 # -- data ------------------------------------------------------------------------------------------
 
-def _ended_since(conn: sqlite3.Connection, since: float) -> Iterator[sqlite3.Row]:
-    """Events ``running -> completed|failed`` at or after ``since``, newest first."""
-    for row in conn.execute(ENDED_SQL):
-        if row["at"] < since - CLOCK_SLACK_SECONDS:
-            return
-        if row["at"] >= since and row["from_status"] == "running" and row["to_status"] in ("completed", "failed"):
-            yield row
+def first_event_near(conn: sqlite3.Connection, stamp: float) -> int:
+    """The id of the first event stamped at or after ``stamp - CLOCK_SLACK_SECONDS``: a binary
+    search over the primary key (event times grow with their ids, give or take a pass)."""
+    low, high = conn.execute("SELECT COALESCE(MIN(event_id), 1), COALESCE(MAX(event_id), 0) + 1"
+                             " FROM case_events").fetchone()
+    target = stamp - CLOCK_SLACK_SECONDS
+    while low < high:
+        middle = (low + high) // 2
+        row = conn.execute("SELECT event_id, at FROM case_events WHERE event_id >= ? ORDER BY event_id LIMIT 1",
+                           (middle,)).fetchone()
+        if row is None or row["at"] >= target:
+            high = middle
+        else:
+            low = row["event_id"] + 1
+    return low
+
+
+def _ended_since(conn: sqlite3.Connection, since: float) -> list[sqlite3.Row]:
+    """Events ``running -> completed|failed`` at or after ``since``, newest first (only the
+    window's events are read)."""
+    return conn.execute(ENDED_SQL, {"first": first_event_near(conn, since), "since": since}).fetchall()
 
 
 def _completions(conn: sqlite3.Connection, since: float) -> list[float]:
@@ -41,8 +57,10 @@ def _completions(conn: sqlite3.Connection, since: float) -> list[float]:
 
 def _count_into(stamps: list[float], starts: list[float], end: float) -> list[tuple[float, int]]:
     """(bucket start, how many ``stamps`` fall in [start, next start)); the last bucket ends at ``end``."""
+    ordered = sorted(stamps)
     bounds = starts[1:] + [end]
-    return [(start, sum(1 for t in stamps if start <= t < stop)) for start, stop in zip(starts, bounds)]
+    return [(start, bisect.bisect_left(ordered, stop) - bisect.bisect_left(ordered, start))
+            for start, stop in zip(starts, bounds)]
 
 
 def completed_per_hour(conn: sqlite3.Connection, now: float, hours: int = 24) -> list[tuple[float, int]]:
@@ -173,7 +191,8 @@ def share_bars_svg(shares: dict[str, float], *, title: str) -> str:
                  f'<rect x="{LEFT + 108}" y="{y + row * 0.15:.1f}" width="{plot_w}" height="{row * 0.7:.1f}"'
                  f' fill="none" stroke="{AXIS}"/>',
                  f'<rect class="bar" x="{LEFT + 108}" y="{y + row * 0.15:.1f}" width="{share * plot_w:.1f}"'
-                 f' height="{row * 0.7:.1f}" fill="{BAR_FILL}"><title>{escape(name)}: {share * 100:.0f}%</title></rect>',
+                 f' height="{row * 0.7:.1f}" fill="{BAR_FILL}">'
+                 f"<title>{escape(name)}: {share * 100:.0f}%</title></rect>",
                  f'<text x="{LEFT + 114 + plot_w}" y="{y + row * 0.65:.1f}" font-size="12" fill="{TEXT}">'
                  f"{share * 100:.0f}%</text>"]
     return _svg(title, body)
