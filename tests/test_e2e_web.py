@@ -6,6 +6,7 @@ Set MQIC_SCREENSHOTS=1 to copy the screenshots this test takes into docs/ (READM
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -79,8 +80,8 @@ def answers(url: str) -> bool:
         return False
 
 
-def drop(h, name: str, *, seconds: float = 1.5, mode: str = "ok") -> None:
-    make_case(h.config.scanner.watch_path, name, seconds=seconds, batches=3, mode=mode, deliveries=1,
+def drop(h, name: str, *, seconds: float = 1.5, mode: str = "ok", batches: int = 3) -> None:
+    make_case(h.config.scanner.watch_path, name, seconds=seconds, batches=batches, mode=mode, deliveries=1,
               layers_per_delivery=2, atomic=True)
 
 
@@ -132,8 +133,12 @@ def test_the_dashboard_in_a_real_browser(web_system, browser, tmp_path):
     # A case dropped while the overview is open appears and reaches completed without a reload.
     driver.get(base + "/")
     driver.execute_script("window.mqicSamePage = 'yes';")
-    drop(h, "live_case")
+    drop(h, "live_case", seconds=8, batches=8)
     wait_until(lambda: "live_case" in row_text(driver, "live_case"), timeout=30, message="the new case appears")
+    seats = lambda: " ".join(live_text(driver, "#seats tbody tr"))
+    wait_until(lambda: "ends ~" in seats() and re.search(r"\b[1-9]\d*%", seats()), timeout=30,
+               message="its seat shows progress and an ETA")
+    screenshot(driver, tmp_path, "web-overview.png")
     wait_until(lambda: "completed" in row_text(driver, "live_case"), timeout=60, message="it shows completed")
     assert driver.execute_script("return window.mqicSamePage;") == "yes"   # the same page, never reloaded
 
@@ -205,5 +210,5 @@ def test_the_dashboard_in_a_real_browser(web_system, browser, tmp_path):
                message="gpu1 drained at the top")
     page = driver.page_source
     assert page.index('id="attention"') < page.index('id="hosts"')
-    screenshot(driver, tmp_path, "web-overview.png")
+    screenshot(driver, tmp_path, "web-attention.png")
     h.host("gpu2").sshd.start()

@@ -25,7 +25,7 @@
   function tick() {
     if (document.hidden) { return; }
     Promise.all(parts.map(refresh)).then(function () {
-      stamp("live, updated " + new Date().toLocaleTimeString(), false);
+      stamp("live: updated every " + seconds + " s", false);
     }, function (error) {
       stamp("not updated (" + error.message + "); retrying", true);
     });
