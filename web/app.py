@@ -201,8 +201,9 @@ def case_filter(args: Any) -> queries.CaseFilter:
     if unknown:
         raise BadParameter(f"unknown parameter {unknown[0]!r} (known: {', '.join(FILTER_KEYS)})")
     text = args.get("q", "")
-    if len(text) > 200:
-        raise BadParameter("q: longer than 200 characters")
+    for key in ("q", "host"):
+        if len(args.get(key, "")) > 200:
+            raise BadParameter(f"{key}: longer than 200 characters")
     return queries.CaseFilter(
         text=text, status=one_of(args, "status", queries.STATUSES), host=args.get("host") or None,
         priority=one_of(args, "priority", ("normal", "urgent")), outcome=one_of(args, "outcome", queries.OUTCOMES),

@@ -118,7 +118,7 @@ def run(config: Config, reader: Reader, name: str, fields: Any, who: str, now: f
         return f"refused: {exc}", 409
     finally:
         conn.close()
-    reader.cache.entries.clear()  # show the change at once
+    reader.cache.clear()
     return message, 200
 
 

@@ -52,6 +52,11 @@ class Cache:
             self.entries[key] = (now, value)
             return value
 
+    def clear(self) -> None:
+        """Forget every value (after an action, so the next page shows its effect)."""
+        with self.lock:
+            self.entries.clear()
+
 
 @dataclass(frozen=True)
 class Attention:
