@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
@@ -11,14 +10,12 @@ import pytest
 from shared.config import WebConfig
 from shared.db import connect
 from shared.errors import ConfigError
-from shared.lifecycle import move_case
-from shared.spool import Spool
-from shared.states import CaseStatus, SlotStatus
+from shared.states import CaseStatus
 from shared.store import get_case, note_remote, register_case
 from tests.conftest import make_config
 from tests.test_console import seed
 from web.app import create_app
-from web.guard import COOKIE, TokenFileError, guard_for, read_token
+from web.guard import TokenFileError, guard_for, read_token
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 TOKEN = "s3cret-operator-token-0123456789"
