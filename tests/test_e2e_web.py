@@ -66,7 +66,7 @@ def web_system(two_hosts, tmp_path):
     sup.start()
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: answers(base + "/api/health"), timeout=30, message="the web program answers")
-    yield h, base, connect(h.config.database_path)
+    yield h, base, connect(h.config.database_path), sup
     sup.shutdown()
 
 
@@ -127,7 +127,7 @@ def screenshot(driver, tmp_path: Path, name: str) -> None:
 def test_the_dashboard_in_a_real_browser(web_system, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
-    h, base, conn = web_system
+    h, base, conn, sup = web_system
     driver = browser
 
     # A case dropped while the overview is open appears and reaches completed without a reload.
@@ -212,3 +212,10 @@ def test_the_dashboard_in_a_real_browser(web_system, browser, tmp_path):
     assert page.index('id="attention"') < page.index('id="hosts"')
     screenshot(driver, tmp_path, "web-attention.png")
     h.host("gpu2").sshd.start()
+
+    # The web program restarts on its own; the open page goes on updating.
+    assert "mqic:web: stopped" in sup.ctl("restart", "mqic:web")
+    wait_until(lambda: answers(base + "/api/health"), timeout=30, message="the web program answers again")
+    drop(h, "after_restart")
+    wait_until(lambda: "after_restart" in row_text(driver, "after_restart"), timeout=30,
+               message="the open page shows a case dropped after the restart")
