@@ -646,3 +646,20 @@ def test_the_day_to_day_queries_read_only_their_partial_indexes(tmp_path):
         assert f"USING INDEX {index}" in details and "TEMP B-TREE" not in details, (sql, details)
     assert "USING INTEGER PRIMARY KEY (rowid>?)" in plan(notify.EVENTS_SQL, (1, 2))  # only the new events
     conn.close()
+
+
+def test_an_operators_retry_waits_its_turn_behind_urgent_cases(tmp_path):
+    """Bug: a retry kept the drop time, so an old normal case counted as waiting past
+    scheduling.max_wait_minutes and was claimed before urgent cases already waiting."""
+    from shared.actions import Operator, retry
+    ctx = context(make_config(tmp_path))
+    old = failed(ctx, "old normal", T0, host=None)
+    urgent = new_case(ctx, "urgent", T0 + 5000, priority="urgent")
+    assert retry(Operator(ctx.conn, ctx.config, "operator"), [old.case_id], now=T0 + 5005)[0][1].startswith("failed")
+    retried = get_case(ctx.conn, old.case_id)
+    assert retried.submitted_at == T0 + 5005
+    claim = claim_next_case(ctx.conn, worker="t", now=T0 + 5010, lease_seconds=60, max_wait_seconds=3600)
+    assert claim.case.case_id == urgent.case_id
+    first_event = ctx.conn.execute("SELECT at FROM case_events WHERE case_id = ? ORDER BY event_id LIMIT 1",
+                                   (old.case_id,)).fetchone()[0]
+    assert first_event == T0 - 100  # the drop time stays in the history
