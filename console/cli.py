@@ -32,7 +32,7 @@ from rich.console import Console
 
 from console.top import (console_width, format_age, format_time, freshness, host_lines, slots_table, totals_line,
                          upkeep_line)
-from shared import actions, maintenance, queries, retention, tasks
+from shared import actions, maintenance, queries, retention, tasks, version
 from shared.backends import backend_for, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, HostConfig, default_config_path, load_config
@@ -788,9 +788,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+class VersionAction(argparse.Action):
+    """``mqic --version``: the release and the schema of the code and of the configured database."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and the database schema, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            database = load_config(namespace.config or default_config_path()).database_path
+        except ConfigError:
+            database = None
+        print(version.describe(database))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="MQI Communicator operator commands")
     config_argument(parser)
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="totals per status, GPU slots, health summary")
     status.add_argument("--json", action="store_true")
