@@ -15,6 +15,7 @@ import getpass
 import json
 import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -30,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from rich.console import Console
 
+from console import service
 from console.top import (console_width, format_age, format_time, freshness, host_lines, slots_table, totals_line,
                          upkeep_line)
 from shared import actions, maintenance, queries, retention, tasks, version
@@ -779,6 +781,38 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- service --------------------------------------------------------------------------------------
+
+def service_user(args: argparse.Namespace) -> str | None:
+    """Who the system service runs as: --as, else whoever ran sudo, else the project folder's owner."""
+    if args.user_mode:
+        return None
+    name = args.as_user or os.environ.get("SUDO_USER") or pwd.getpwuid(PROJECT_ROOT.stat().st_uid).pw_name
+    try:
+        service.check_user(name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return name
+
+
+def cmd_service(config: Config, args: argparse.Namespace) -> int:
+    """Install the systemd units (supervisord at boot, a daily backup), or say how they stand."""
+    if args.action == "status":
+        print("\n".join(service.status_lines(PROJECT_ROOT, args.user_mode)))
+        return 0
+    install = service.Install(project=PROJECT_ROOT, venv=Path(sys.prefix), config=config.source.resolve(),
+                              user=service_user(args), keep=args.keep)
+    folder = Path(args.unit_dir) if args.unit_dir else service.unit_dir(args.user_mode)
+    try:
+        written = service.write_units(install, folder)
+    except PermissionError as exc:
+        raise CliError(f"cannot write the units into {folder} ({exc.strerror}): run as root, or use --user") from None
+    for path in written:
+        print(f"wrote {path}")
+    print("next:\n" + "\n".join(f"  {step}" for step in service.next_steps(args.user_mode, install.user)))
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------------------
 
 def positive_int(text: str) -> int:
@@ -848,6 +882,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="up: a real single-node Slurm instead of the pueue stand-in (needs root)")
     sandbox.add_argument("--second-host", choices=("pueue", "slurm"),
                          help="up: a second host beside the first (own sshd), in a config with a hosts: list")
+    svc = sub.add_parser("service", help="install systemd units (start at boot, daily backup) or show them")
+    svc.add_argument("action", choices=("install", "status"))
+    svc.add_argument("--user", dest="user_mode", action="store_true",
+                     help="units of the calling account (~/.config/systemd/user) instead of the system's")
+    svc.add_argument("--as", dest="as_user", metavar="USER",
+                     help="system install: the unprivileged account that runs it (default: $SUDO_USER or the "
+                          "project folder's owner)")
+    svc.add_argument("--keep", type=positive_int, default=DEFAULT_KEEP, help="backups the daily timer keeps (14)")
+    svc.add_argument("--unit-dir", help="write the units here instead (to review them first)")
     return parser
 
 
@@ -855,6 +898,7 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "status": cmd_status, "cases": cmd_cases, "show": cmd_show, "retry": cmd_retry,
     "cancel": cmd_cancel, "ack": cmd_ack, "health": cmd_health, "backup": cmd_backup,
     "priority": cmd_priority, "drain": cmd_drain, "resume": cmd_resume, "cleanup": cmd_cleanup,
+    "service": cmd_service,
 }
 
 
