@@ -761,7 +761,13 @@ def cmd_backup(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     """Start or stop the local sandbox HPC (sshd + pueue stand-in, or a real Slurm with --slurm)."""
-    from sandbox import hpc  # only here: operators of a real HPC never need it
+    try:
+        from sandbox import hpc  # only here: a production install does not carry the sandbox
+    except ModuleNotFoundError as exc:
+        if exc.name != "sandbox":
+            raise
+        raise CliError("the sandbox HPC is not installed (a production install does not carry it); from a "
+                       f"checkout: {sys.prefix}/bin/pip install -e ./sandbox (scripts/setup.sh does it)") from None
 
     root = Path(args.root) if args.root else PROJECT_ROOT / ".sandbox"
     if args.action == "down":

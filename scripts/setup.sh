@@ -61,8 +61,8 @@ make_venv() {  # make_venv DIR PYTHON
     "$venv/bin/pip" install -q --upgrade pip
   fi
   if [ ! -f "$venv/.mqic-installed" ] || [ pyproject.toml -nt "$venv/.mqic-installed" ] \
-     || [ constraints.txt -nt "$venv/.mqic-installed" ]; then
-    "$venv/bin/pip" install -q -c constraints.txt -e '.[test]'
+     || [ constraints.txt -nt "$venv/.mqic-installed" ] || [ sandbox/pyproject.toml -nt "$venv/.mqic-installed" ]; then
+    "$venv/bin/pip" install -q -c constraints.txt -e ./sandbox -e '.[dev]'
     touch "$venv/.mqic-installed"
   fi
 }
