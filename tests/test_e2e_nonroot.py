@@ -18,6 +18,8 @@ import yaml
 from tests.conftest import wait_until
 from tests.test_e2e import free_port
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

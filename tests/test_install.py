@@ -46,6 +46,7 @@ def test_version_works_without_a_valid_config(tmp_path, capsys):
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.system
 def test_the_wheel_carries_the_program_and_not_the_sandbox(tmp_path):
     """A production install holds shared, workers and console; the sandbox is its own distribution."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
@@ -59,6 +60,7 @@ def test_the_wheel_carries_the_program_and_not_the_sandbox(tmp_path):
     assert "mqic = console.cli:main" in scripts and "mqic-top" in scripts and "mqic-scanner" not in scripts
 
 
+@pytest.mark.system
 def test_a_fresh_production_install_is_consistent_and_explains_the_missing_sandbox(tmp_path):
     """`pip install .` (pinned by constraints.txt) into a new venv: pip check is clean, no sandbox,
     and `mqic sandbox up` says how to get it."""

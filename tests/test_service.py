@@ -14,6 +14,8 @@ import pytest
 from console import service
 from tests.conftest import cli, make_config
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 USER = "mqic-svc-test"
 
 

@@ -9,11 +9,14 @@ import sqlite3
 import tarfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from shared.db import SCHEMA_VERSION, connect
 from tests.conftest import wait_until
 from tests.test_e2e import Supervisor, free_port
+
+pytestmark = pytest.mark.system  # every test here starts real processes
 
 FIXTURES = Path(__file__).parent / "data" / "upgrade"
 RELEASE = "release-4425a1f"  # the landed main before this release: schema 7
