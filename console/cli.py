@@ -40,6 +40,7 @@ from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, HostConfig, default_config_path, load_config
 from shared.db import connect
 from shared.doorbell import ring
+from shared.eta import Eta, estimate
 from shared.errors import ConfigError, MqicError, RemoteFailure
 from shared.priority import PRIORITIES, PriorityRefused, set_priority
 from shared.remote import Remote, TransferUnsupported, UnsafeControlDir, ensure_private_dir
@@ -249,24 +250,36 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
     """One case: its row, every event, and the remote task when there is one."""
     conn = open_db(config)
     try:
-        case = existing_case(conn, args.case_id)
-        events = queries.events_of(conn, case.case_id)
+        with queries.read_snapshot(conn):
+            case = existing_case(conn, args.case_id)
+            events = queries.events_of(conn, case.case_id)
+            eta = estimate(conn, config, time.time()).get(case.case_id)
     finally:
         conn.close()
     remote = remote_task(config, case) if case.pueue_task_id is not None else None
     if args.json:
-        print_json({"case": case, "events": events, "remote": remote})
+        print_json({"case": case, "events": events, "remote": remote, "eta": eta})
         return 0
-    print_case(config, case, events, remote)
+    print_case(config, case, events, remote, eta)
     return 0
 
 
 TIME_FIELDS = ("submitted_at", "status_updated_at", "started_at", "completed_at", "next_attempt_at",
                "lease_until", "delivered_at", "next_delivery_at", "acknowledged_at", "remote_removed_at",
-               "local_removed_at")
+               "local_removed_at", "running_since", "add_uncertain_until", "stop_requested_at", "staged_at")
 
 
-def print_case(config: Config, case: Case, events: list[dict], remote: dict | None) -> None:
+def eta_line(case: Case, eta: Eta | None, now: float, config: Config) -> str | None:
+    """``ends 2026-12-07 14:32:10 KST (in 5m12s); <basis>`` for an unfinished case; None for a final one."""
+    if case.status.value in ("completed", "failed"):
+        return None
+    if eta is None:
+        return "no estimate: no host takes new cases now (drained or unreachable)"
+    what = "ends" if eta.kind == "finish" else "starts about"
+    return f"{what} {format_time(eta.at, config.tz, full=True)} (in {format_age(eta.at - now)}); {eta.basis}"
+
+
+def print_case(config: Config, case: Case, events: list[dict], remote: dict | None, eta: Eta | None = None) -> None:
     tz = config.tz
     record = queries.case_record(case)
     long_text = {"log_tail", "error_message", "result_checksums"}
@@ -274,6 +287,9 @@ def print_case(config: Config, case: Case, events: list[dict], remote: dict | No
         if value is None or value == "" or key in long_text:
             continue
         print(f"{key:>18}: {format_time(value, tz, full=True) if key in TIME_FIELDS else value}")
+    estimated = eta_line(case, eta, time.time(), config)
+    if estimated is not None:
+        print(f"{'eta':>18}: {estimated}")
     if case.result_checksums:
         print(f"{'result_checksums':>18}: sha256 of {len(json.loads(case.result_checksums))} files"
               f" (`mqic show {case.case_id} --json` lists them)")

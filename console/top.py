@@ -27,7 +27,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from shared.queries import STATUSES, CaseView, HostView, Overview, overview
+from shared.eta import Eta, estimate
+from shared.queries import STATUSES, CaseView, HostView, Overview, overview, read_snapshot
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect
@@ -60,6 +61,17 @@ def format_time(stamp: float | None, tz: ZoneInfo, *, full: bool = False) -> str
         return "-"
     moment = datetime.fromtimestamp(stamp, tz)
     return moment.strftime("%Y-%m-%d %H:%M:%S %Z" if full else "%m-%d %H:%M:%S")
+
+
+def format_eta(eta: Eta | None, now: float, tz: ZoneInfo) -> str:
+    """``ends 14:32:10 (in 5m12s)`` or ``starts ~12-08 09:10:00 (in 18h02m)``; the date only when
+    it is not today's; ``-`` without an estimate."""
+    if eta is None:
+        return "-"
+    moment, today = datetime.fromtimestamp(eta.at, tz), datetime.fromtimestamp(now, tz)
+    clock = moment.strftime("%H:%M:%S" if moment.date() == today.date() else "%m-%d %H:%M:%S")
+    prefix = "ends " if eta.kind == "finish" else "starts ~"
+    return f"{prefix}{clock} (in {format_age(eta.at - now)})"
 
 
 def console_width(default: int = 100) -> int:
@@ -169,7 +181,10 @@ def slots_table(view: Overview, tz: ZoneInfo) -> Table:
     return table
 
 
-def cases_table(title: str, cases: Sequence[CaseView], view: Overview, tz: ZoneInfo) -> Table:
+def cases_table(title: str, cases: Sequence[CaseView], view: Overview, tz: ZoneInfo,
+                etas: dict[int, Eta] | None = None) -> Table:
+    """The cases with their progress and, for running and waiting ones, their ETA (``etas``)."""
+    etas = etas or {}
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column("id", justify="right")
     table.add_column("name", overflow="fold", max_width=30)
@@ -177,14 +192,16 @@ def cases_table(title: str, cases: Sequence[CaseView], view: Overview, tz: ZoneI
     table.add_column("host", overflow="fold")
     table.add_column("progress", no_wrap=True)
     table.add_column("updated", overflow="fold")
+    table.add_column("eta", overflow="fold")
     for case in cases:
         name = Text(case.case_name)
         if case.priority == "urgent":
             name.append(" URGENT", style="bold red")
         table.add_row(str(case.case_id), name, styled(case.status), case.host or "-", progress_cell(case.progress),
-                      f"{format_age(view.now - case.updated_at)} ago")
+                      f"{format_age(view.now - case.updated_at)} ago",
+                      format_eta(etas.get(case.case_id), view.now, tz))
     if not cases:
-        table.add_row("", "(none)", "", "", "", "")
+        table.add_row("", "(none)", "", "", "", "", "")
     return table
 
 
@@ -226,8 +243,10 @@ def freshness(view: Overview, tz: ZoneInfo) -> Text:
     return text
 
 
-def render(view: Overview | None, config: Config, now: float, message: str | None = None) -> RenderableType:
-    """One frame; ``message`` (e.g. the database is locked) is shown above the last good data."""
+def render(view: Overview | None, config: Config, now: float, message: str | None = None,
+           etas: dict[int, Eta] | None = None) -> RenderableType:
+    """One frame; ``message`` (e.g. the database is locked) is shown above the last good data;
+    ``etas`` (``shared.eta.estimate``) fill the cases' eta column."""
     tz = config.tz
     parts: list[RenderableType] = [header(view, tz, now)]
     if message:
@@ -241,7 +260,7 @@ def render(view: Overview | None, config: Config, now: float, message: str | Non
     if upkeep is not None:
         parts.append(upkeep)
     parts += [host_lines(view, tz), slots_table(view, tz),
-              cases_table("Recent cases", view.recent, view, tz)]
+              cases_table("Recent cases", view.recent, view, tz, etas)]
     if view.flagged:
         parts.append(review_table(view))
     parts += [workers_table(view, tz), freshness(view, tz)]
@@ -257,6 +276,7 @@ class Reader:
         self.config, self.recent = config, recent
         self.conn: sqlite3.Connection | None = None
         self.last: Overview | None = None
+        self.etas: dict[int, Eta] = {}
 
     def read(self, now: float) -> tuple[Overview | None, str | None]:
         """(newest overview or the last good one, a message when this read failed)."""
@@ -266,8 +286,10 @@ class Reader:
                 if not path.exists():
                     return self.last, f"database {path} not found (workers not started yet?); retrying"
                 self.conn = connect(path, readonly=True, busy_timeout_ms=READ_BUSY_TIMEOUT_MS)
-            self.last = overview(self.conn, now, self.config.unhealthy_after_seconds, recent=self.recent,
-                                 configured=self.config.hosts)
+            with read_snapshot(self.conn):  # the ETAs see the same state as the frame
+                self.last = overview(self.conn, now, self.config.unhealthy_after_seconds, recent=self.recent,
+                                     configured=self.config.hosts)
+                self.etas = estimate(self.conn, self.config, now)
             return self.last, None
         except sqlite3.Error as exc:
             self.close()
@@ -287,7 +309,7 @@ def run_live(reader: Reader, console: Console, interval: float) -> int:
             while not stop.is_set():
                 now = time.time()
                 view, message = reader.read(now)
-                live.update(render(view, reader.config, now, message), refresh=True)
+                live.update(render(view, reader.config, now, message, reader.etas), refresh=True)
                 stop.wait(interval)
     except KeyboardInterrupt:
         pass
@@ -315,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     now = time.time()
     view, message = reader.read(now)
     reader.close()
-    console.print(render(view, config, now, message))
+    console.print(render(view, config, now, message, reader.etas))
     return 0 if message is None else 1
 
 

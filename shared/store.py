@@ -376,6 +376,15 @@ def _aged(now: float, max_wait_seconds: float | None) -> float | None:
     return None if max_wait_seconds is None else now - max_wait_seconds
 
 
+def waiting_in_claim_order(conn: sqlite3.Connection, *, now: float,
+                           max_wait_seconds: float | None = None) -> list[Case]:
+    """Every ``submitted`` case in the order the claim takes them (``URGENT_FIRST``), for
+    estimates and screens; backoff and staging claims are left to the caller."""
+    rows = conn.execute(f"SELECT * FROM cases WHERE status = 'submitted' ORDER BY {URGENT_FIRST}",
+                        {"aged": _aged(now, max_wait_seconds)})
+    return [case_from_row(r) for r in rows]
+
+
 @dataclass(frozen=True)
 class Claim:
     case: Case
