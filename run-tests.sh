@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (real sshd, real SQLite, real supervisord), installing what is missing,
-# under the newest Python on the machine (`python3`, venv .venv) and then under Debian's own
-# /usr/bin/python3 (venv .venv-debian): the project must work on both.
-#   MQIC_TEST_PYTHON=newest|debian|both (default both) picks them; extra arguments go to pytest.
+# Runs the tests, installing what is missing (scripts/setup.sh), in two tiers:
+#   fast tier    tests that start no process (tick-level workers, parsers, store, config, CLI in-process)
+#   system tier  real sshd, the pueue stand-in, supervisord, a real Slurm (tests marked `system`)
+#
+#   ./run-tests.sh          the fast tier under the newest Python on the machine (`python3`, venv .venv),
+#                           then EVERY test (both tiers) under Debian's own /usr/bin/python3 (.venv-debian),
+#                           the Python hospital workstations run. This is what CI runs (.ci/run).
+#   ./run-tests.sh --fast   the fast tier only, under both Pythons.
+#   MQIC_TEST_PYTHON=newest|debian   only that Python, which then runs every test (or the fast tier with
+#                           --fast). Other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+fast_only=false
+if [ "${1:-}" = --fast ]; then fast_only=true; shift; fi
 
 choice=${MQIC_TEST_PYTHON:-both}
 case "$choice" in
@@ -23,14 +32,27 @@ bash scripts/setup.sh "${pythons[@]}"
 
 identity() { "$1" -c 'import sys; print(sys.version, sys.base_prefix)'; }
 if [ "${#pythons[@]}" = 2 ] && [ "$(identity .venv/bin/python)" = "$(identity .venv-debian/bin/python)" ]; then
-  pythons=(newest)  # python3 on PATH is Debian's own: one run covers both
+  pythons=(debian)  # python3 on PATH is Debian's own: one run covers both
 fi
+
+run() {  # run WHICH TIER [pytest args...]
+  local which=$1 tier=$2; shift 2
+  local venv=.venv; [ "$which" = debian ] && venv=.venv-debian
+  echo "run-tests: $which Python $("$venv/bin/python" --version | cut -d' ' -f2) ($venv): $tier"
+  if [ "$tier" = fast ]; then
+    MQIC_TEST_TIER=fast "$venv/bin/python" -m pytest -q -m "not system" "$@"
+  else
+    "$venv/bin/python" -m pytest -q "$@"
+  fi
+}
 
 failed=()
 for which in "${pythons[@]}"; do
-  venv=.venv; [ "$which" = debian ] && venv=.venv-debian
-  echo "run-tests: $which Python: $("$venv/bin/python" --version) ($venv)"
-  "$venv/bin/python" -m pytest -q "$@" || failed+=("$which")
+  tier="every test"
+  if $fast_only || { [ "${#pythons[@]}" = 2 ] && [ "$which" = newest ]; }; then tier=fast; fi
+  SECONDS=0
+  run "$which" "$tier" "$@" || failed+=("$which ($tier)")
+  echo "run-tests: $which ($tier) took ${SECONDS} s"
 done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "run-tests: FAILED under: ${failed[*]}" >&2

@@ -15,6 +15,7 @@ import getpass
 import json
 import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -30,9 +31,10 @@ from typing import Any, Callable, Sequence
 
 from rich.console import Console
 
+from console import service
 from console.top import (console_width, format_age, format_time, freshness, host_lines, slots_table, totals_line,
                          upkeep_line)
-from shared import actions, maintenance, queries, retention, tasks
+from shared import actions, maintenance, queries, retention, tasks, version
 from shared.backends import backend_for, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, HostConfig, default_config_path, load_config
@@ -775,7 +777,13 @@ def cmd_backup(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     """Start or stop the local sandbox HPC (sshd + pueue stand-in, or a real Slurm with --slurm)."""
-    from sandbox import hpc  # only here: operators of a real HPC never need it
+    try:
+        from sandbox import hpc  # only here: a production install does not carry the sandbox
+    except ModuleNotFoundError as exc:
+        if exc.name != "sandbox":
+            raise
+        raise CliError("the sandbox HPC is not installed (a production install does not carry it); from a "
+                       f"checkout: {sys.prefix}/bin/pip install -e ./sandbox (scripts/setup.sh does it)") from None
 
     root = Path(args.root) if args.root else PROJECT_ROOT / ".sandbox"
     if args.action == "down":
@@ -795,6 +803,38 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- service --------------------------------------------------------------------------------------
+
+def service_user(args: argparse.Namespace) -> str | None:
+    """Who the system service runs as: --as, else whoever ran sudo, else the project folder's owner."""
+    if args.user_mode:
+        return None
+    name = args.as_user or os.environ.get("SUDO_USER") or pwd.getpwuid(PROJECT_ROOT.stat().st_uid).pw_name
+    try:
+        service.check_user(name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return name
+
+
+def cmd_service(config: Config, args: argparse.Namespace) -> int:
+    """Install the systemd units (supervisord at boot, a daily backup), or say how they stand."""
+    if args.action == "status":
+        print("\n".join(service.status_lines(PROJECT_ROOT, args.user_mode)))
+        return 0
+    install = service.Install(project=PROJECT_ROOT, venv=Path(sys.prefix), config=config.source.resolve(),
+                              user=service_user(args), keep=args.keep)
+    folder = Path(args.unit_dir) if args.unit_dir else service.unit_dir(args.user_mode)
+    try:
+        written = service.write_units(install, folder)
+    except PermissionError as exc:
+        raise CliError(f"cannot write the units into {folder} ({exc.strerror}): run as root, or use --user") from None
+    for path in written:
+        print(f"wrote {path}")
+    print("next:\n" + "\n".join(f"  {step}" for step in service.next_steps(args.user_mode, install.user)))
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------------------
 
 def positive_int(text: str) -> int:
@@ -804,9 +844,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+class VersionAction(argparse.Action):
+    """``mqic --version``: the release and the schema of the code and of the configured database."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and the database schema, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            database = load_config(namespace.config or default_config_path()).database_path
+        except ConfigError:
+            database = None
+        print(version.describe(database))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="MQI Communicator operator commands")
     config_argument(parser)
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="totals per status, GPU slots, health summary")
     status.add_argument("--json", action="store_true")
@@ -848,6 +904,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="up: a real single-node Slurm instead of the pueue stand-in (needs root)")
     sandbox.add_argument("--second-host", choices=("pueue", "slurm"),
                          help="up: a second host beside the first (own sshd), in a config with a hosts: list")
+    svc = sub.add_parser("service", help="install systemd units (start at boot, daily backup) or show them")
+    svc.add_argument("action", choices=("install", "status"))
+    svc.add_argument("--user", dest="user_mode", action="store_true",
+                     help="units of the calling account (~/.config/systemd/user) instead of the system's")
+    svc.add_argument("--as", dest="as_user", metavar="USER",
+                     help="system install: the unprivileged account that runs it (default: $SUDO_USER or the "
+                          "project folder's owner)")
+    svc.add_argument("--keep", type=positive_int, default=DEFAULT_KEEP, help="backups the daily timer keeps (14)")
+    svc.add_argument("--unit-dir", help="write the units here instead (to review them first)")
     return parser
 
 
@@ -855,6 +920,7 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "status": cmd_status, "cases": cmd_cases, "show": cmd_show, "retry": cmd_retry,
     "cancel": cmd_cancel, "ack": cmd_ack, "health": cmd_health, "backup": cmd_backup,
     "priority": cmd_priority, "drain": cmd_drain, "resume": cmd_resume, "cleanup": cmd_cleanup,
+    "service": cmd_service,
 }
 
 

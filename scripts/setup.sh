@@ -3,7 +3,8 @@
 #   bash scripts/setup.sh [newest] [debian]     (no argument: newest)
 #     newest: .venv        from `python3` on PATH (the newest Python on the machine)
 #     debian: .venv-debian from Debian's own /usr/bin/python3 (3.11.2 on Debian 12)
-# Idempotent: a second run only re-installs the project when pyproject.toml changed.
+# Every dependency at the exact version in constraints.txt (scripts/update-constraints.sh renews it).
+# Idempotent: a second run only re-installs the project when pyproject.toml or constraints.txt changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ missing=()
 command -v ssh >/dev/null || missing+=(openssh-client)
 command -v rsync >/dev/null || missing+=(rsync)
 command -v tar >/dev/null || missing+=(tar)
+command -v systemd-analyze >/dev/null || missing+=(systemd)  # `mqic service` units are checked with it
 if wants debian; then
   [ -x "$DEBIAN_PYTHON" ] || missing+=(python3)
   # Debian keeps ensurepip (which `python3 -m venv` needs) in python3-venv.
@@ -73,8 +75,9 @@ make_venv() {  # make_venv DIR PYTHON
     "$python" -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
   fi
-  if [ ! -f "$venv/.mqic-installed" ] || [ pyproject.toml -nt "$venv/.mqic-installed" ]; then
-    "$venv/bin/pip" install -q -e '.[test]'
+  if [ ! -f "$venv/.mqic-installed" ] || [ pyproject.toml -nt "$venv/.mqic-installed" ] \
+     || [ constraints.txt -nt "$venv/.mqic-installed" ] || [ sandbox/pyproject.toml -nt "$venv/.mqic-installed" ]; then
+    "$venv/bin/pip" install -q -c constraints.txt -e ./sandbox -e '.[dev]'
     touch "$venv/.mqic-installed"
   fi
 }

@@ -7,6 +7,7 @@ goes through ``shared.tasks`` on a fresh snapshot.
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime
 from dataclasses import dataclass, replace
 
 from shared import retention, tasks
@@ -25,6 +26,10 @@ RETRY_CLEARS = {"attempts": 0, "next_attempt_at": None, "outcome": None, "exit_c
                 "pueue_task_id": None, "pueue_group": None, "remote_dir": None, "host": None, "staged_at": None,
                 "running_since": None, "add_uncertain_until": None, "stop_requested_at": None,
                 "acknowledged_at": None, "remote_removed_at": None}
+
+
+def local_time(config: Config, stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, config.tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 class Refused(MqicError):
@@ -110,11 +115,14 @@ def retryable(op: Operator, case: Case) -> Case:
 
 def retry_one(op: Operator, case: Case, snapshot: model.Snapshot, now: float) -> str:
     removed = tasks.clear_finished(op.backend(case.host), case, snapshot) if case.host is not None else []
-    detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"
+    detail = (f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id}); back in the queue "
+              f"behind the cases already waiting (queued before at {local_time(op.config, case.submitted_at)})")
     if removed:
-        detail += f"; removed finished task(s) {removed} from pueue"
+        detail += f"; removed finished task(s) {removed} from the scheduler of host {case.host}"
+    # A fresh queue time: the retried case waits its turn instead of counting as waiting since its
+    # drop (which would let it pass urgent cases through scheduling.max_wait_minutes).
     if not move_case(op.conn, op.spool, case, CaseStatus.SUBMITTED, now=now, worker=op.who,
-                     detail=detail, fields=dict(RETRY_CLEARS)):
+                     detail=detail, fields={**RETRY_CLEARS, "submitted_at": now}):
         raise Refused(f"case {case.case_id} changed meanwhile; look again with `mqic show {case.case_id}`")
     return f"failed ({case.outcome}) -> submitted (folder {get_case(op.conn, case.case_id).case_path})"
 

@@ -16,6 +16,36 @@ from shared.db import connect
 from shared.spool import Spool
 
 
+# -- the two tiers -----------------------------------------------------------------------------------
+# The system tier starts real processes (sshd, the pueue stand-in, supervisord, Slurm, a browser); the
+# fast tier starts none. A test is in the system tier when it asks for one of these fixtures or is
+# marked `system`; under MQIC_TEST_TIER=fast any process a test starts fails it, so the split stays true.
+SYSTEM_FIXTURES = {"sshd", "remote_config", "hpc", "slurm_cluster", "own_slurm", "slurm_hpc", "two_hosts"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "system: starts real processes (the system tier; see README, Tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
+@pytest.fixture(autouse=True)
+def no_process_in_the_fast_tier(request, monkeypatch):
+    if os.environ.get("MQIC_TEST_TIER") != "fast":
+        return
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError(f"{request.node.nodeid} started a process, so it belongs to the system tier: "
+                             "mark it `@pytest.mark.system` (or give it a system fixture)")
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
+    monkeypatch.setattr(os, "posix_spawn", refuse)
+
+
 def base_config_data(tmp_path: Path) -> dict:
     """A valid config dict whose paths all live under ``tmp_path``."""
     return {

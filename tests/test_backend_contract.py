@@ -19,6 +19,8 @@ from shared.config import Config
 from shared.remote import Remote
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 SLOT = "gpu_a"
 
 

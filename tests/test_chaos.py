@@ -30,6 +30,7 @@ from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter
 
 
+@pytest.mark.system
 @pytest.mark.timeout(330)
 def test_short_chaos_run_loses_nothing(tmp_path):
     plan = ChaosPlan(cases=24, duration=60, groups=3, kill_every=6, seed=7, settle_timeout=150)
@@ -49,6 +50,7 @@ def test_short_chaos_run_loses_nothing(tmp_path):
     assert done.sigkills >= 8
 
 
+@pytest.mark.system
 @pytest.mark.timeout(330)
 def test_short_two_host_chaos_run_loses_nothing_while_one_host_is_down(tmp_path):
     """Two sandbox hosts; gpu2 down for 20 s (every session killed) while cases drop and every
@@ -134,6 +136,7 @@ def test_gpu1_counts_as_busy_only_when_every_group_runs_while_cases_wait():
     assert "seat free 33 %" in figure.text()
 
 
+@pytest.mark.system
 def test_a_seat_held_by_a_dead_submitter_is_told_from_a_live_one():
     process = subprocess.Popen(["sleep", "30"])
     try:
@@ -183,6 +186,7 @@ def test_the_after_add_zone_sees_our_pueue_add():
     assert not is_add(["ssh", "hpc", "--", "pueue group add gpu_a"])
 
 
+@pytest.mark.system
 def test_the_remote_command_records_every_simulation_start(tmp_path):
     log = tmp_path / "hpc dir" / "starts.log"
     log.parent.mkdir()

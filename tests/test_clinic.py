@@ -401,6 +401,7 @@ def settle(ctx, now, condition, timeout=10):
                       message="notices settled")
 
 
+@pytest.mark.system
 def test_completed_failed_and_flagged_cases_reach_the_notifier_as_json(tmp_path):
     log = tmp_path / "notices.jsonl"
     config = notify_config(tmp_path, [sys.executable, str(tmp_path / "recorder.py"), str(log)])
@@ -423,6 +424,7 @@ def test_completed_failed_and_flagged_cases_reach_the_notifier_as_json(tmp_path)
     assert ctx.conn.execute("SELECT COUNT(*) FROM notices WHERE sent_at IS NULL").fetchone()[0] == 0
 
 
+@pytest.mark.system
 def test_a_hanging_notifier_never_holds_up_a_tick_and_is_killed_then_given_up(tmp_path):
     token = f"hang-{os.getpid()}-{time.time_ns()}"
     config = notify_config(tmp_path, [sys.executable, "-c", "import sys, time; time.sleep(3600)", token],
@@ -459,6 +461,7 @@ def processes_with(token: str) -> list[int]:
     return found
 
 
+@pytest.mark.system
 def test_failing_or_missing_notifier_is_recorded_with_its_error(tmp_path):
     config = notify_config(tmp_path, [sys.executable, "-c", "import sys; print('smtp down', file=sys.stderr); sys.exit(3)"])
     ctx = context(config)
@@ -475,6 +478,7 @@ def test_failing_or_missing_notifier_is_recorded_with_its_error(tmp_path):
     assert "cannot start /nonexistent/notifier" in ctx2.conn.execute("SELECT last_error FROM notices").fetchone()[0]
 
 
+@pytest.mark.system
 def test_an_hpc_outage_is_reported_once_after_the_limit_and_its_end_once(tmp_path):
     log = tmp_path / "notices.jsonl"
     config = notify_config(tmp_path, [sys.executable, str(tmp_path / "recorder.py"), str(log)],
@@ -499,6 +503,7 @@ def test_an_hpc_outage_is_reported_once_after_the_limit_and_its_end_once(tmp_pat
 
 # -- readiness, config -----------------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_doctor_warns_without_a_ready_marker_or_a_quiet_period_of_30_seconds(tmp_path, capsys):
     config = make_config(tmp_path)  # quiet period 2 s, no marker; the HPC does not answer
     code, out, _ = cli(capsys, config, "doctor")
@@ -581,6 +586,7 @@ def run_example(tmp_path, notify: dict, case_maker) -> None:
     assert counters(ctx.conn).get("notices_sent") == 1, ctx.conn.execute("SELECT last_error FROM notices").fetchall()
 
 
+@pytest.mark.system
 def test_readme_mail_example_sends_a_mail_through_sendmail(tmp_path, monkeypatch):
     mail, = [n for n in readme_notify_examples() if "sendmail" in " ".join(n["command"])]
     fake = tmp_path / "sendmail"
@@ -595,6 +601,7 @@ def test_readme_mail_example_sends_a_mail_through_sendmail(tmp_path, monkeypatch
     assert json.loads(body)["event"] == "case_failed"   # the completed case is not in this example's events
 
 
+@pytest.mark.system
 def test_readme_webhook_example_posts_the_json_with_curl(tmp_path):
     hook, = [n for n in readme_notify_examples() if n["command"][0] == "curl"]
     received = []
@@ -646,3 +653,20 @@ def test_the_day_to_day_queries_read_only_their_partial_indexes(tmp_path):
         assert f"USING INDEX {index}" in details and "TEMP B-TREE" not in details, (sql, details)
     assert "USING INTEGER PRIMARY KEY (rowid>?)" in plan(notify.EVENTS_SQL, (1, 2))  # only the new events
     conn.close()
+
+
+def test_an_operators_retry_waits_its_turn_behind_urgent_cases(tmp_path):
+    """Bug: a retry kept the drop time, so an old normal case counted as waiting past
+    scheduling.max_wait_minutes and was claimed before urgent cases already waiting."""
+    from shared.actions import Operator, retry
+    ctx = context(make_config(tmp_path))
+    old = failed(ctx, "old normal", T0, host=None)
+    urgent = new_case(ctx, "urgent", T0 + 5000, priority="urgent")
+    assert retry(Operator(ctx.conn, ctx.config, "operator"), [old.case_id], now=T0 + 5005)[0][1].startswith("failed")
+    retried = get_case(ctx.conn, old.case_id)
+    assert retried.submitted_at == T0 + 5005
+    claim = claim_next_case(ctx.conn, worker="t", now=T0 + 5010, lease_seconds=60, max_wait_seconds=3600)
+    assert claim.case.case_id == urgent.case_id
+    first_event = ctx.conn.execute("SELECT at FROM case_events WHERE case_id = ? ORDER BY event_id LIMIT 1",
+                                   (old.case_id,)).fetchone()[0]
+    assert first_event == T0 - 100  # the drop time stays in the history

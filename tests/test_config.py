@@ -107,6 +107,7 @@ def test_file_errors(tmp_path):
         load_config(broken)
 
 
+@pytest.mark.system
 def test_program_exits_2_with_one_clear_line(tmp_path):
     data = base_config_data(tmp_path)
     data["hpc"]["password"] = "secret"

@@ -111,6 +111,7 @@ def one_error_line(err: str) -> str:
 
 # -- mqic-top ---------------------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_top_once_shows_totals_slots_cases_flags_and_heartbeats(world):
     config, _ = world
     result = top_once(config, 80)
@@ -131,6 +132,7 @@ def test_top_once_shows_totals_slots_cases_flags_and_heartbeats(world):
     assert "KST" in frame  # times in the configured zone (Asia/Seoul)
 
 
+@pytest.mark.system
 def test_top_once_fits_a_narrow_terminal(world):
     config, _ = world
     result = top_once(config, 60)
@@ -140,6 +142,7 @@ def test_top_once_fits_a_narrow_terminal(world):
     assert "gpu_a" in result.stdout and "alpha" in result.stdout and "STALE" in result.stdout
 
 
+@pytest.mark.system
 def test_top_says_when_the_database_is_missing(tmp_path):
     config = make_config(tmp_path)
     result = top_once(config, 80)
@@ -203,6 +206,7 @@ def test_status_and_cases_text_and_json(world, capsys):
     assert code == 2 and "invalid choice" in err
 
 
+@pytest.mark.system
 def test_show_prints_row_events_and_says_when_the_hpc_is_unreachable(world, capsys):
     config, ids = world  # the base config's HPC (127.0.0.1:22, no key) is unreachable
     code, out, err = cli(capsys, config, "show", str(ids["alpha"]))
@@ -227,6 +231,7 @@ def test_unknown_case_is_one_line_and_exit_1(world, capsys):
         assert one_error_line(err) == "mqic: case 999 not found"
 
 
+@pytest.mark.system
 def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**base_config_data(tmp_path), "hpc": {"host": "h"}}))
@@ -250,6 +255,7 @@ def test_database_missing_is_one_line_and_exit_1(tmp_path, capsys):
 
 # -- changing commands ------------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_retry_is_refused_while_the_hpc_cannot_tell_about_the_old_task(world, capsys):
     config, ids = world
     code, _, err = cli(capsys, config, "retry", str(ids["charlie"]))
@@ -292,6 +298,7 @@ def test_retry_by_outcome_and_all_failed(world, capsys, monkeypatch):
     assert code == 1 and "give one case id, or --all-failed" in err
 
 
+@pytest.mark.system
 def test_cancel_submitted_running_and_refusals(world, capsys):
     config, ids = world
     code, out, err = cli(capsys, config, "cancel", str(ids["delta"]))
@@ -381,6 +388,7 @@ def count(path: Path, sql: str) -> int:
         conn.close()
 
 
+@pytest.mark.system
 def test_backup_is_consistent_while_a_writer_inserts(world, capsys, tmp_path):
     config, _ = world
     stop = tmp_path / "stop-writer"
@@ -457,6 +465,7 @@ def test_doctor_flags_an_open_key_and_a_missing_host_entry(tmp_path, sshd, capsy
     assert "FAIL ssh:" in out and "FAIL pueue: skipped" in out
 
 
+@pytest.mark.system
 def test_sandbox_up_doctor_show_cancel_down(tmp_path, capsys):
     root = tmp_path / "sbx"
     code, out, err = cli_sandbox(capsys, "up", root)
@@ -571,6 +580,7 @@ def assert_no_full_scan(conn: sqlite3.Connection, sql: str, params: tuple = (), 
             assert match.group(1) in (ordered_walk, "g", "gpu_resources", "workers"), (sql, details)
 
 
+@pytest.mark.system
 def test_100k_cases_frame_and_listing_use_indexes(tmp_path, capsys):
     config = make_config(tmp_path)
     started = time.perf_counter()

@@ -14,6 +14,8 @@ from sandbox.casegen import make_case
 from shared.db import connect
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)
 

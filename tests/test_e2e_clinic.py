@@ -20,6 +20,8 @@ from tests.test_clinic import processes_with
 from tests.test_e2e import REPO, Supervisor, free_port
 from tests.test_exporter import scrape
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 SECOND = 1 / 86400  # retention is configured in days
 
 

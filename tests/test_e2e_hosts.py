@@ -14,6 +14,8 @@ from shared.db import connect
 from tests.conftest import skip_unless_slurm_can_run, wait_until
 from tests.test_e2e import Supervisor, free_port, settled_rows
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 FAST = {"scanner": {"quiescence_period_seconds": 0.5, "rescan_interval_seconds": 2},
         "main_loop": {"interval_seconds": 0.3, "running_case_timeout_hours": 1, "backoff_base_seconds": 1,
                       "lease_seconds": 20},

@@ -29,9 +29,10 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1400,1100")
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                reason="Debian's chromium and chromium-driver are not installed "
-                                       "(scripts/setup.sh installs them as root)")
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                                 reason="Debian's chromium and chromium-driver are not installed "
+                                        "(scripts/setup.sh installs them as root)")]
 
 
 @pytest.fixture

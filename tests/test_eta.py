@@ -242,6 +242,7 @@ def live(tmp_path):
     desk.conn.close()
 
 
+@pytest.mark.system
 def test_show_prints_the_eta_with_its_basis_and_times_in_the_configured_zone(live, capsys):
     code, out, err = cli(capsys, live.config, "show", str(live.ids["a"]))
     assert code == 0, err
@@ -258,6 +259,7 @@ def test_show_prints_the_eta_with_its_basis_and_times_in_the_configured_zone(liv
     assert code == 0 and "eta:" not in out
 
 
+@pytest.mark.system
 def test_top_shows_an_eta_column_for_running_and_waiting_cases(live):
     env = {**os.environ, "COLUMNS": "200"}
     result = subprocess.run([sys.executable, "-m", "console.top", "--once", "--config", str(live.config.source)],

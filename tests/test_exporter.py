@@ -76,6 +76,7 @@ def db_value(config, sql: str, params: tuple = ()) -> float:
         conn.close()
 
 
+@pytest.mark.system
 def test_metrics_equal_the_database(exporter):
     config, ids, port, process = exporter
     m = scrape(port)
@@ -123,6 +124,7 @@ def test_metrics_equal_the_database(exporter):
     assert process.wait(timeout=10) == 0
 
 
+@pytest.mark.system
 def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys, monkeypatch):
     config, ids, port, _ = exporter
     monkeypatch.setattr(actions.Operator, "snapshot", lambda self, host: model.Snapshot({}, {}))  # no HPC here
@@ -138,6 +140,7 @@ def test_failed_counter_only_grows_when_a_case_is_retried(exporter, capsys, monk
     capsys.readouterr()
 
 
+@pytest.mark.system
 def test_remote_unreachable_follows_what_the_workers_recorded(exporter):
     """host_reach: the newest call of any worker to the host wins."""
     config, _, port, _ = exporter

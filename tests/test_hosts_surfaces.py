@@ -117,6 +117,7 @@ def test_status_lists_both_hosts_with_their_reach_and_seats_and_every_seat(world
         assert re.search(row, text), (row, out)
 
 
+@pytest.mark.system
 def test_top_shows_a_line_per_host_every_seat_and_where_each_case_is(world):
     env = {**os.environ, "COLUMNS": "120"}
     result = subprocess.run([sys.executable, "-m", "console.top", "--once", "--config", str(world.config.source)],

@@ -22,6 +22,8 @@ from sandbox import casegen
 from sandbox.pueue_standin import write_wrappers
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "sandbox" / "pueue_standin.py"
 FAKE_MOQUI = REPO / "sandbox" / "fake_moqui"

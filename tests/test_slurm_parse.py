@@ -593,6 +593,7 @@ def test_other_argv_builders():
     assert sp.ping_argv() == ["scontrol", "ping"] and sp.version_argv() == ["sbatch", "--version"]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("code, arrives", [(0, 0), (3, 3), (254, 254), (255, sp.EXIT_255_REMAPPED)])
 def test_shielded_argv_keeps_exit_255_apart_from_ssh(code, arrives):
     argv = sp.shielded_argv(["sh", "-c", f"cat; exit {code}", "it's"])
@@ -634,6 +635,7 @@ def run_script(script: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("command, status", [("true", 0), ("exit 3", 3), ("no_such_command_xyz", 127),
                                              ("kill -9 $$", 137)])
+@pytest.mark.system
 def test_the_script_records_the_exit_status(tmp_path, command, status):
     script, case_dir = write_script(tmp_path, command)
     result = run_script(script)
@@ -642,6 +644,7 @@ def test_the_script_records_the_exit_status(tmp_path, command, status):
     assert sorted(p.name for p in (case_dir / sp.MQIC_DIR).iterdir()) == ["exit_status"]  # no temporary left
 
 
+@pytest.mark.system
 def test_the_script_runs_in_the_case_folder_with_its_environment(tmp_path):
     evil = "$(touch pwned) `touch pwned2` \"'"
     script, case_dir = write_script(tmp_path, 'pwd > where; [[ -n "$MQIC_CASE_NAME" ]] && printf %s "$MQIC_CASE_NAME" > name',
@@ -652,6 +655,7 @@ def test_the_script_runs_in_the_case_folder_with_its_environment(tmp_path):
     assert not list(tmp_path.rglob("pwned*"))
 
 
+@pytest.mark.system
 def test_the_script_replaces_a_stale_record_and_refuses_a_missing_folder(tmp_path):
     script, case_dir = write_script(tmp_path, "sleep 0")
     (case_dir / sp.MQIC_DIR).mkdir()
@@ -663,6 +667,7 @@ def test_the_script_replaces_a_stale_record_and_refuses_a_missing_folder(tmp_pat
     assert result.returncode == 1 and "mqic: cannot enter" in result.stderr
 
 
+@pytest.mark.system
 def test_a_term_to_the_whole_job_is_recorded_as_143(tmp_path):
     """What scancel --signal=TERM --full, a cancel or a time limit does: TERM to every process."""
     script, case_dir = write_script(tmp_path, "touch started; sleep 30")
@@ -675,6 +680,7 @@ def test_a_term_to_the_whole_job_is_recorded_as_143(tmp_path):
     assert (case_dir / sp.EXIT_STATUS_RECORD).read_text() == "143\n"
 
 
+@pytest.mark.system
 def test_a_term_to_the_script_alone_waits_for_the_command(tmp_path):
     script, case_dir = write_script(tmp_path, "touch started; sleep 1; exit 4")
     job = subprocess.Popen(["bash", str(script)], start_new_session=True)
@@ -724,6 +730,7 @@ def test_sbatch_argv_carries_a_comment_of_one_word():
         sp.sbatch_argv(5, "/r/5", sp.SubmitSettings("gpu"), comment="two words")
 
 
+@pytest.mark.system
 def test_without_its_own_record_the_script_execs_the_command_in_the_folder(tmp_path):
     script, case_dir = write_script(tmp_path, 'pwd > where; printf %s "$MQIC_CASE_NAME" > name; exit 5',
                                     env={"MQIC_CASE_NAME": "$(touch pwned)"}, record_exit=False)

@@ -19,6 +19,8 @@ from sandbox.waiting import wait_until
 from shared.backends import slurm_parse as sp
 from shared.backends.slurm_parse import SlurmErrorKind as Kind, TaskState
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 GPU = sp.SubmitSettings("gpu", gres="gpu:1", time_limit_seconds=600)
 PROJECT = Path(__file__).resolve().parent.parent
 

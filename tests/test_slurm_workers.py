@@ -10,11 +10,15 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case, get_slot
 from tests.conftest import skip_unless_slurm_can_run, wait_until
 from tests.test_workers import ctx_for, poll_until_final, submitted
 from workers import poller, reaper, submitter
+
+pytestmark = pytest.mark.system  # every test here starts real processes
 
 
 def test_a_case_runs_as_a_slurm_job_and_completes_with_its_results(slurm_hpc):

@@ -12,7 +12,7 @@ import pytest
 
 from sandbox.sshd import SandboxSshd, SandboxSshdError, SshEndpoint
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]  # every test here starts real processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNREACHABLE_EXIT = 255

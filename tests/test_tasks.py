@@ -108,6 +108,7 @@ def test_only_a_failure_of_the_case_counts_as_an_attempt(error, counted):
 
 @pytest.mark.parametrize("command, code", [("true", 0), ("exit 3", 3), ("cd /; exit 5", 5),
                                            ("echo hi; false", 1)])
+@pytest.mark.system
 def test_the_wrapper_records_the_exit_status_in_the_case_folder(tmp_path, command, code):
     result = subprocess.run(["sh", "-c", tasks.wrap_command(command)], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == code

@@ -20,6 +20,8 @@ from shared.remote import Remote, TransferUnsupported, folder_manifest
 from tests.conftest import hpc_overrides, make_config
 from tests.test_remote import make_case
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 _counter = itertools.count()
 
 

@@ -11,6 +11,8 @@ import pytest
 from shared.db import connect
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.system  # every test here starts real processes
+
 
 @pytest.mark.parametrize("program", ["scanner", "submitter", "poller", "reaper"])
 def test_worker_beats_logs_json_and_stops_cleanly_on_sigterm(hpc, program):
