@@ -77,6 +77,7 @@ def test_the_whole_system_runs_as_an_ordinary_user(account):
     data["main_loop"]["interval_seconds"] = 0.3
     data["scanner"].update(quiescence_period_seconds=0.5, rescan_interval_seconds=1)
     data["metrics"]["port"] = free_port()
+    data["web"] = {"listen": f"127.0.0.1:{free_port()}"}
     as_user(user, home, python, "-c", f"import pathlib,sys; pathlib.Path({str(config_path)!r}).write_text(sys.argv[1])",
             yaml.safe_dump(data))
     as_user(user, home, "mkdir", "-p", str(app / "run"), str(app / "logs"))
@@ -96,7 +97,7 @@ def test_the_whole_system_runs_as_an_ordinary_user(account):
         status = as_user(user, home, python, "-m", "console.cli", "status", env=env)
         assert "completed 3" in status
         programs = as_user(user, home, *supervisorctl, "status", env=env)
-        assert programs.count("RUNNING") == 5, programs
+        assert programs.count("RUNNING") == 6, programs  # four workers, the exporter and the web dashboard
         uid = int(as_user(user, home, "id", "-u").strip())
         written = [database, Path(data["spool"]["path"]), Path(data["logging"]["file"]).parent, app / "logs"]
         for top in written:
