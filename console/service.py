@@ -59,7 +59,7 @@ def main_unit(install: Install) -> str:
     stop = longest_stop_wait(install.project / "supervisord.conf") + STOP_MARGIN_SECONDS
     user = f"User={install.user}\n" if install.user else ""
     return f"""[Unit]
-Description=MQI Communicator (supervisord with the scanner, submitter, poller, reaper and exporter)
+Description=MQI Communicator (supervisord with the scanner, submitter, poller, reaper, exporter and web dashboard)
 Documentation=file://{install.project / 'README.md'}
 After=network-online.target remote-fs.target
 Wants=network-online.target
