@@ -4,7 +4,7 @@
    whole Flask application (routing, the queries, rendering), in process, with the one-second
    snapshot cache off, so every request pays for its queries. Median and worst of 20.
 2. The query plans of the case list (EXPLAIN QUERY PLAN), to show which index answers each filter.
-3. CPU of 20 live browsers on an idle system: the real program (``python -m web.server`` under
+3. CPU of 20 live browsers on an idle system: the real program (``python -m console.web.server`` under
    waitress) serves 20 clients that each fetch ``/part/overview`` every 2 s, as ``app.js`` does;
    we read the server's CPU seconds (utime+stime of /proc/<pid>/stat) over the window.
 
@@ -33,8 +33,8 @@ from bench.monitor_cost import seed  # noqa: E402
 from shared import queries  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.db import connect  # noqa: E402
-from web.app import create_app, case_filter  # noqa: E402
-from web.guard import guard_for  # noqa: E402
+from console.web.app import create_app, case_filter  # noqa: E402
+from console.web.guard import guard_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 20
@@ -112,7 +112,7 @@ def poll(url: str, stop: threading.Event, offset: float, counts: list[int]) -> N
 
 def live_browsers_cpu(config_path: Path, port: int, window: float) -> tuple[float, int, float]:
     """(server CPU seconds, requests answered, window) for CLIENTS pollers of the real program."""
-    server = subprocess.Popen([sys.executable, "-m", "web.server", "--config", str(config_path)], cwd=REPO,
+    server = subprocess.Popen([sys.executable, "-m", "console.web.server", "--config", str(config_path)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

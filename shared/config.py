@@ -201,7 +201,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class WebConfig:
-    """The web dashboard (``python -m web.server``): where it listens and whether it may act."""
+    """The web dashboard (``python -m console.web.server``): where it listens and whether it may act."""
     host: str = "127.0.0.1"
     port: int = 8080
     actions: bool = False

@@ -48,18 +48,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.system
 def test_the_wheel_carries_the_program_and_not_the_sandbox(tmp_path):
-    """A production install holds shared, workers, console and web; the sandbox is its own distribution."""
+    """A production install holds shared, workers and console (the web dashboard is console.web); the sandbox is its own distribution."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                     str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
     [wheel] = tmp_path.glob("mqi_communicator-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
-    assert tops == {"shared", "workers", "console", "web"}
-    assert "web/templates/_overview.html" in names and "web/static/app.js" in names  # the dashboard's files
+    assert tops == {"shared", "workers", "console"}
+    assert "console/web/templates/_overview.html" in names and "console/web/static/app.js" in names  # the dashboard's files
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "mqic = console.cli:main" in scripts and "mqic-top" in scripts and "mqic-scanner" not in scripts
-    assert "mqic-web = web.server:main" in scripts
+    assert "mqic-web" not in scripts  # supervisord runs python -m console.web.server
 
 
 @pytest.mark.system

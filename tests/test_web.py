@@ -14,8 +14,8 @@ from shared.states import CaseStatus
 from shared.store import get_case, note_remote, register_case
 from tests.conftest import make_config
 from tests.test_console import seed
-from web.app import create_app
-from web.guard import TokenFileError, guard_for, read_token
+from console.web.app import create_app
+from console.web.guard import TokenFileError, guard_for, read_token
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 TOKEN = "s3cret-operator-token-0123456789"
@@ -327,7 +327,7 @@ def test_the_program_refuses_to_start_with_an_open_token_file(tmp_path, capsys):
     token_file.write_text(TOKEN)
     token_file.chmod(0o640)
     config = make_config(tmp_path, web={"actions": True, "token_file": str(token_file)})
-    from web.server import main
+    from console.web.server import main
     assert main(["--config", str(config.source)]) == 2
     assert "expected mode 0600" in capsys.readouterr().err
 

@@ -19,9 +19,9 @@ from werkzeug.exceptions import HTTPException
 
 from shared import queries
 from shared.config import Config
-from web import operations
-from web.guard import COOKIE, Guard
-from web.reader import Reader
+from console.web import operations
+from console.web.guard import COOKIE, Guard
+from console.web.reader import Reader
 
 HERE = Path(__file__).resolve().parent
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none';"
@@ -35,7 +35,7 @@ class BadParameter(Exception):
 
 
 def create_app(config: Config, guard: Guard, *, clock: Callable[[], float] = time.time) -> Flask:
-    """The WSGI application (served by waitress in ``web.server``; tests use its test client)."""
+    """The WSGI application (served by waitress in ``console.web.server``; tests use its test client)."""
     app = Flask(__name__, template_folder=str(HERE / "templates"), static_folder=str(HERE / "static"))
     app.config.update(SEND_FILE_MAX_AGE_DEFAULT=300)
     reader = Reader(config, clock)

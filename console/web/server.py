@@ -14,8 +14,8 @@ from waitress import serve
 
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.logs import for_case, setup_logging
-from web.app import create_app
-from web.guard import TokenFileError, guard_for
+from console.web.app import create_app
+from console.web.guard import TokenFileError, guard_for
 
 THREADS = 6  # 20 polling browsers need few: every poll is answered from the shared one-second snapshot
 

@@ -22,8 +22,8 @@ from shared.doorbell import ring
 from shared.errors import MqicError
 from shared.priority import set_priority
 from shared.spool import Spool
-from web.guard import COOKIE, SIGN_IN_SECONDS, Guard
-from web.reader import Reader
+from console.web.guard import COOKIE, SIGN_IN_SECONDS, Guard
+from console.web.reader import Reader
 
 CASE_ACTIONS = ("retry", "cancel", "ack", "priority")
 HOST_ACTIONS = ("drain", "resume")
