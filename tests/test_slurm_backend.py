@@ -249,3 +249,10 @@ def test_ensure_slots_names_a_missing_partition_and_one_too_short():
 
 def test_our_time_limit_comes_after_our_own_timeout_and_its_grace():
     assert slurm.time_limit_seconds(24, 30) == 24 * 3600 + 30 + slurm.TIME_LIMIT_MARGIN_SECONDS
+
+
+def test_the_first_line_of_stderr_keeps_what_a_heading_introduces():
+    from shared.backends.common import first_line
+    assert first_line("\n  sbatch: error: one\nsbatch: error: two\n") == "sbatch: error: one"
+    assert first_line("Error:\n  Failed to canonicalize path\n  more\n") == "Error: Failed to canonicalize path"
+    assert first_line("") == "" and len(first_line("x" * 1000)) == 303

@@ -81,8 +81,12 @@ def submit_refusal(error: RemoteError, label: str, workdir: str) -> RemoteFailur
 
 
 def first_line(text: str) -> str:
-    """The first line of ``text`` that is not blank, stripped and cut short ("" if none)."""
-    line = next((line.strip() for line in (text or "").splitlines() if line.strip()), "")
+    """The first line of ``text`` that is not blank, stripped and cut short ("" if none).
+
+    A heading such as pueue's ``Error:`` takes the line it introduces with it.
+    """
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    line = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines or [""])[0]
     return line if len(line) <= _LINE_CHARS else line[:_LINE_CHARS] + "..."
 
 
