@@ -109,10 +109,11 @@ def retryable(op: Operator, case: Case) -> Case:
 
 
 def retry_one(op: Operator, case: Case, snapshot: model.Snapshot, now: float) -> str:
-    removed = tasks.clear_finished(op.backend(case.host), case, snapshot) if case.host is not None else []
+    backend = op.backend(case.host) if case.host is not None else None
+    removed = tasks.clear_finished(backend, case, snapshot) if backend is not None else []
     detail = f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id})"
     if removed:
-        detail += f"; removed finished task(s) {removed} from pueue"
+        detail += f"; removed finished {backend.words.task}(s) {removed} from {backend.words.scheduler}"
     if not move_case(op.conn, op.spool, case, CaseStatus.SUBMITTED, now=now, worker=op.who,
                      detail=detail, fields=dict(RETRY_CLEARS)):
         raise Refused(f"case {case.case_id} changed meanwhile; look again with `mqic show {case.case_id}`")
