@@ -37,7 +37,7 @@ JOB_NAME_PREFIX = "mqic_case_"
 MQIC_DIR = ".mqic"
 EXIT_STATUS_RECORD = f"{MQIC_DIR}/exit_status"
 OUTPUT_FILE_PATTERN = f"{MQIC_DIR}/slurm-%j.out"
-# Slurm expands '%' patterns in the whole output path and gives up on them at a '\\', so a
+# Slurm expands '%' patterns in the whole output path and drops them all at a backslash, so a
 # path that holds a case's folder name never goes there: the job's own shell opens its
 # output file (``OUTPUT_FILE_PATTERN`` with the job id) once it is in the case folder.
 SLURM_OUTPUT = "/dev/null"
