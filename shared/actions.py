@@ -114,11 +114,12 @@ def retryable(op: Operator, case: Case) -> Case:
 
 
 def retry_one(op: Operator, case: Case, snapshot: model.Snapshot, now: float) -> str:
-    removed = tasks.clear_finished(op.backend(case.host), case, snapshot) if case.host is not None else []
+    backend = op.backend(case.host) if case.host is not None else None
+    removed = tasks.clear_finished(backend, case, snapshot) if backend is not None else []
     detail = (f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id}); back in the queue "
               f"behind the cases already waiting (queued before at {local_time(op.config, case.submitted_at)})")
     if removed:
-        detail += f"; removed finished task(s) {removed} from the scheduler of host {case.host}"
+        detail += f"; removed finished {backend.words.task}(s) {removed} from {backend.words.scheduler}"
     # A fresh queue time: the retried case waits its turn instead of counting as waiting since its
     # drop (which would let it pass urgent cases through scheduling.max_wait_minutes).
     if not move_case(op.conn, op.spool, case, CaseStatus.SUBMITTED, now=now, worker=op.who,

@@ -255,10 +255,11 @@ class SlurmHpc:
     def jobs(self) -> list:
         """Every job of this test (its work dir is under this test's remote folder), from squeue."""
         from shared.backends import slurm, slurm_parse as sp
-        result = self.cluster.run(sp.squeue_argv(fmt=slurm.SQUEUE_FIELDS))
+        argv, fmt = slurm.squeue_call()
+        result = self.cluster.run(argv)
         assert result.returncode == 0, result.stderr
         base = str(self.root / "remote")
-        return [job for job in sp.parse_squeue(result.stdout, slurm.SQUEUE_FIELDS) if job.work_dir.startswith(base)]
+        return [job for job in sp.parse_marked_squeue(result.stdout, fmt) if job.work_dir.startswith(base)]
 
     def close(self) -> None:
         active = [job.job_id for job in self.jobs() if not job.verdict.ended]

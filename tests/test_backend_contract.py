@@ -16,6 +16,7 @@ import pytest
 from shared import tasks
 from shared.backends import Backend, backend_for, model
 from shared.config import Config
+from shared.errors import RemoteError
 from shared.remote import Remote
 from tests.conftest import wait_until
 
@@ -147,3 +148,30 @@ def test_ensure_slots_is_idempotent_and_the_version_is_known(host):
     assert host.backend.ensure_slots({SLOT: 1}) == []
     assert host.backend.version()[0].isdigit()
     assert host.backend.add_lands_within() > host.config.hosts[0].hpc.command_timeout_seconds
+
+
+HOSTILE_FOLDER = "case_9 " + "".join(chr(c) for c in range(32, 127) if chr(c) != "/") + "\ttab 환자"
+
+
+def test_a_folder_with_any_name_is_reported_whole_and_its_record_and_logs_are_found(host):
+    """Every printable ASCII character, a tab and unicode in the folder (issue 16): nothing shifts."""
+    workdir = host.case_dir(HOSTILE_FOLDER)
+    task_id = host.submit(9, 'echo "in $PWD"; sleep 3; exit 4', workdir=workdir)
+    task = host.wait_running(task_id)
+    assert (task.label, task.group, task.path) == ("mqic_case_9", SLOT, workdir)
+    wait_until(lambda: host.backend.logs([task], 5).get(task_id) == f"in {workdir}", timeout=20, interval=0.2,
+               message="its log")
+    wait_until(lambda: tasks.read_exit_records(host.remote, [workdir])[workdir] == 4, timeout=30, interval=0.2,
+               message="its exit record")
+
+
+def test_a_failed_submit_says_what_failed_in_the_backends_words(host):
+    """The exit code's meaning and the first line of stderr, never the submit script (issue 16)."""
+    (host.base / ".mqic-locks").write_text("not a folder: the submit cannot take its lock")
+    with pytest.raises(RemoteError) as caught:
+        host.submit(10, "true")
+    said = str(caught.value)
+    assert said.startswith(f"{host.backend.words.submit} failed (exit 89: the submit could not be prepared")
+    assert "mkdir" in said and "flock" not in said and "\n" not in said and len(said) < 400
+    other = {"pueue": "sbatch", "slurm": "pueue"}[host.backend.kind]
+    assert other not in said.lower()

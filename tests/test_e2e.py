@@ -128,6 +128,8 @@ SLURM_EXPECTED = {f"ok_{i:02d}": ("completed", "success", "done") for i in range
 SLURM_EXPECTED["fails"] = ("failed", "failed", "failed")
 SLURM_EXPECTED["hangs"] = ("failed", "timed_out", "failed")
 SLURM_EXPECTED["pt 'quoted' $(id); 환자"] = ("completed", "success", "done")
+# Every printable ASCII character (but '/'), a tab and '|': no field of squeue shifts (issue 16).
+SLURM_EXPECTED["".join(chr(c) for c in range(32, 127) if chr(c) != "/") + "\t|환자"] = ("completed", "success", "done")
 
 
 def test_cases_flow_through_a_slurm_cluster_under_supervisord(slurm_system):

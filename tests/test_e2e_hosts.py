@@ -148,8 +148,9 @@ def test_cases_run_on_a_pueue_host_and_a_slurm_cluster_at_once(hosts_system):
     assert count(conn, "SELECT COUNT(*) FROM gpu_resources WHERE status != 'available'") == 0
     assert_one_task_per_case_on_its_host(h, rows)
     cluster = SandboxSlurm.from_state(h.host("cluster").folder / "slurm")
-    result = cluster.run(slurm_parse.squeue_argv(fmt=slurm.SQUEUE_FIELDS))
-    jobs = slurm_parse.parse_squeue(result.stdout, slurm.SQUEUE_FIELDS)  # those ended under MinJobAge ago
+    argv, fmt = slurm.squeue_call()
+    result = cluster.run(argv)
+    jobs = slurm_parse.parse_marked_squeue(result.stdout, fmt)  # those ended under MinJobAge ago
     assert {job.name for job in jobs} <= {f"mqic_case_{r['case_id']}" for r in rows.values() if r["host"] == "cluster"}
     assert not [job for job in jobs if not job.verdict.ended]
 

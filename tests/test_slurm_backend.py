@@ -17,8 +17,8 @@ from shared.errors import BadOutput, RemoteError
 from tests.test_pueue_parse import FakeRunner
 
 SETTINGS = {"gpu_a": sp.SubmitSettings("gpu", gres="gpu:1", time_limit_seconds=3600)}
-LINES = """mqic-clock 1764579000
-11|mqic_case_1|PENDING|gpu|2026-12-01T08:00:00|2026-12-01T09:00:00|0:00|/r/1_case|mqic_slot=gpu_a|Resources
+CLOCK = 1764579000
+LINES = """11|mqic_case_1|PENDING|gpu|2026-12-01T08:00:00|2026-12-01T09:00:00|0:00|/r/1_case|mqic_slot=gpu_a|Resources
 12|mqic_case_2|RUNNING|gpu|2026-12-01T08:00:00|2026-12-01T08:00:05|1:00|/r/2_case|mqic_slot=gpu_b|None
 13|mqic_case_3|COMPLETED|gpu|2026-12-01T08:00:00|2026-12-01T08:00:05|1:00|/r/3_case|mqic_slot=gpu_a|None
 14|mqic_case_4|FAILED|gpu|2026-12-01T08:00:00|2026-12-01T08:00:05|1:00|/r/4_case|mqic_slot=gpu_a|NonZeroExitCode
@@ -28,15 +28,42 @@ LINES = """mqic-clock 1764579000
 18|mqic_case_8|OUT_OF_MEMORY|gpu|2026-12-01T08:00:00|2026-12-01T08:00:05|1:00|/r/8_case|mqic_slot=gpu_a|None
 19|other|SHINY_NEW|gpu|N/A|N/A|0:00|/home/x|a|b|c
 """
+ROWS = [dict(zip(slurm.SQUEUE_FIELDS, line.split("|", len(slurm.SQUEUE_FIELDS) - 1))) for line in LINES.splitlines()]
+
+
+def squeue_output(fmt: sp.MarkedFormat, rows=ROWS, clock=CLOCK) -> str:
+    """What the snapshot's call prints: the clock line, then each job's values between the markers."""
+    jobs = "".join(fmt.mark + fmt.mark.join(row[code] for code in fmt.codes) + fmt.mark + "\n" for row in rows)
+    return f"mqic-clock {clock}\n{jobs}"
+
+
+def squeue_reply(argv: list[str]) -> str:
+    """The snapshot's answer, in the format (and with the marker) that its argv asked for."""
+    text = next(word for word in argv if word.startswith("--format="))[len("--format="):]
+    mark = text[:text.index("%i")]
+    return squeue_output(sp.MarkedFormat(tuple(text.strip(mark).split(mark)), mark))
+
+
+def snapshot_of(rows=ROWS):
+    fmt = sp.MarkedFormat.fresh(slurm.SQUEUE_FIELDS)
+    return slurm.parse_snapshot(squeue_output(fmt, rows), fmt)
+
+
+class Runner(FakeRunner):
+    """A FakeRunner whose replies may also be functions of the argv."""
+
+    def run(self, argv, *, timeout=None):
+        reply = super().run(argv, timeout=timeout)
+        return reply(argv) if callable(reply) else reply
 
 
 def backend(*replies) -> tuple[slurm.SlurmBackend, FakeRunner]:
-    runner = FakeRunner(*replies)
+    runner = Runner(*replies)
     return slurm.SlurmBackend(runner, SETTINGS, timeout=20, bin_dir="/opt/slurm/bin"), runner
 
 
 def test_the_snapshot_is_one_call_with_the_clock_and_utc_times():
-    made, runner = backend(LINES)
+    made, runner = backend(squeue_reply)
     snapshot = made.snapshot()
     [(argv, timeout)] = runner.calls
     assert argv[:5] == ["sh", "-c", slurm.CLOCKED, "sh", slurm.CLOCK_PREFIX] and timeout == 20
@@ -49,7 +76,7 @@ def test_the_snapshot_is_one_call_with_the_clock_and_utc_times():
 
 
 def test_each_job_state_maps_onto_ours_or_is_left_to_the_exit_record():
-    tasks_ = slurm.parse_snapshot(LINES).tasks
+    tasks_ = snapshot_of().tasks
     waiting = tasks_[11]
     assert (waiting.state, waiting.start, waiting.detail) == (TaskState.QUEUED, None, "Resources")  # no estimate
     assert 13 not in tasks_ and 14 not in tasks_ and 18 not in tasks_  # ended by themselves: the record has the code
@@ -62,14 +89,15 @@ def test_each_job_state_maps_onto_ours_or_is_left_to_the_exit_record():
     assert (unknown.state, unknown.is_done, unknown.label) == (TaskState.UNKNOWN, False, "other")
 
 
-@pytest.mark.parametrize("text", ["", "mqic-clock soon\n", LINES.split("\n", 1)[1]])
-def test_a_snapshot_without_its_clock_is_bad_output(text):
+@pytest.mark.parametrize("text", ["", "mqic-clock soon\n", "{jobs}", "mqic-clock 1\n" + LINES])
+def test_a_snapshot_without_its_clock_or_its_markers_is_bad_output(text):
+    fmt = sp.MarkedFormat.fresh(slurm.SQUEUE_FIELDS)
     with pytest.raises(BadOutput):
-        slurm.parse_snapshot(text)
+        slurm.parse_snapshot(text.format(jobs=squeue_output(fmt).split("\n", 1)[1]), fmt)
 
 
 def test_logs_are_one_call_framed_by_a_mark_nobody_prints():
-    tasks_ = slurm.parse_snapshot(LINES).tasks
+    tasks_ = snapshot_of().tasks
     wanted = [tasks_[12], tasks_[11], tasks_[15]]
 
     def reply(argv, **_):
@@ -153,6 +181,56 @@ def test_what_a_failed_submit_means(code, stderr, expected, counted):
     assert type(caught.value) is expected
     if counted is not None:
         assert tasks.counts_as_attempt(caught.value) is counted
+    said = str(caught.value)
+    assert "pueue" not in said and "#!/bin/bash" not in said and "flock" not in said and len(said) < 400
+    if stderr and expected not in (AlreadySubmitted, SubmitLockBusy):
+        assert said.startswith(f"sbatch failed (exit {code}") and stderr.splitlines()[0] in said
+
+
+def test_a_failed_submit_says_what_failed_in_a_few_words():
+    """The exit code's meaning and the first line of stderr, not the submit script (issue 16)."""
+    argv = ["sh", "-c", slurm.SUBMIT_SCRIPT, "sh", "mqic_case_7", "20", "/r/7", "0", "squeue", "#!/bin/bash\n..."]
+    cases = {
+        (88, SQUEUE_OUTAGE + "\nsecond line"):
+            f"sbatch failed (exit 88: the look for an earlier task of the case failed; Slurm controller "
+            f"unreachable): {SQUEUE_OUTAGE}",
+        (1, OUTAGE): f"sbatch failed (exit 1: Slurm controller unreachable): {OUTAGE}",
+        (1, "sbatch: error: invalid partition specified: a100\nsbatch: error: Batch job submission failed"):
+            "sbatch failed (exit 1: invalid partition): sbatch: error: invalid partition specified: a100",
+        (89, ""): "sbatch failed (exit 89: the submit could not be prepared on the HPC (lock folder, "
+                  "environment or job script))",
+    }
+    for (code, stderr), expected in cases.items():
+        made, _ = backend(RemoteError(argv, code, stderr))
+        with pytest.raises(RemoteError) as caught:
+            made.submit(slot="gpu_a", label="mqic_case_7", workdir="/r/7", command="true", env={})
+        assert str(caught.value) == expected and caught.value.argv == argv   # the argv is kept for the log
+
+
+def test_any_slurm_error_names_its_command_not_the_script():
+    error = sp.SlurmError(["sh", "-c", "long script", "sh", "/opt/slurm/bin/scancel", "12"], 8,
+                          "scancel: error: Unable to contact slurm controller (connect failure)\n")
+    assert str(error) == ("scancel failed (exit 8: Slurm controller unreachable): "
+                          "scancel: error: Unable to contact slurm controller (connect failure)")
+
+
+def test_the_backend_speaks_slurm_words():
+    made, _ = backend()
+    assert (made.words.scheduler, made.words.task, made.words.submit, made.words.stop) == (
+        "Slurm", "job", "sbatch", "scancel")
+    assert "pueue" not in " ".join(vars(made.words).values())
+
+
+def test_every_case_name_keeps_its_job_in_its_slot_and_its_folder():
+    from tests.test_slurm_parse import HOSTILE_NAMES
+    rows = [{**ROWS[1], "%i": str(100 + i), "%j": f"mqic_case_{100 + i}", "%Z": f"/r/{100 + i}_{name}"}
+            for i, name in enumerate(HOSTILE_NAMES)]
+    tasks_ = snapshot_of(rows).tasks
+    assert len(tasks_) == len(HOSTILE_NAMES)
+    for i, name in enumerate(HOSTILE_NAMES):
+        task = tasks_[100 + i]
+        assert (task.label, task.group, task.path, task.state) == (
+            f"mqic_case_{100 + i}", "gpu_b", f"/r/{100 + i}_{name}", TaskState.RUNNING)
 
 
 def test_ensure_slots_names_a_missing_partition_and_one_too_short():
@@ -171,3 +249,10 @@ def test_ensure_slots_names_a_missing_partition_and_one_too_short():
 
 def test_our_time_limit_comes_after_our_own_timeout_and_its_grace():
     assert slurm.time_limit_seconds(24, 30) == 24 * 3600 + 30 + slurm.TIME_LIMIT_MARGIN_SECONDS
+
+
+def test_the_first_line_of_stderr_keeps_what_a_heading_introduces():
+    from shared.backends.common import first_line
+    assert first_line("\n  sbatch: error: one\nsbatch: error: two\n") == "sbatch: error: one"
+    assert first_line("Error:\n  Failed to canonicalize path\n  more\n") == "Error: Failed to canonicalize path"
+    assert first_line("") == "" and len(first_line("x" * 1000)) == 303

@@ -541,26 +541,28 @@ def test_sbatch_argv():
                                  time_limit_seconds=24 * 3600)
     assert sp.sbatch_argv(7, "/scratch/mqic/7_case", settings) == [
         "sbatch", "--parsable", "--job-name=mqic_case_7", "--chdir=/scratch/mqic/7_case",
-        "--output=/scratch/mqic/7_case/.mqic/slurm-%j.out", "--partition=gpu", "--account=physics",
+        "--output=/dev/null", "--partition=gpu", "--account=physics",
         "--qos=normal", "--gres=gpu:1", "--time=1-00:00:00", "--no-requeue"]
     minimal = sp.sbatch_argv(8, "/s/8/", sp.SubmitSettings("debug", requeue=True),
                              script_path="/s/8/.mqic/job.sh", bin_dir="/opt/slurm/bin/")
     assert minimal == ["/opt/slurm/bin/sbatch", "--parsable", "--job-name=mqic_case_8", "--chdir=/s/8",
-                       "--output=/s/8/.mqic/slurm-%j.out", "--partition=debug", "--requeue",
+                       "--output=/dev/null", "--partition=debug", "--requeue",
                        "/s/8/.mqic/job.sh"]
 
 
-def test_sbatch_argv_escapes_a_percent_in_the_folder():
-    argv = sp.sbatch_argv(9, "/s/9_100%dose", sp.SubmitSettings("gpu"))
-    assert "--chdir=/s/9_100%dose" in argv and "--output=/s/9_100%%dose/.mqic/slurm-%j.out" in argv
-    assert sp.output_path("/s/9_100%dose", 41) == "/s/9_100%dose/.mqic/slurm-41.out"
+def test_no_slurm_filename_pattern_ever_sees_the_folder():
+    """Slurm expands '%' in --output and drops every pattern at a '\\': the script opens the file."""
+    folder = "/s/9_100%dose %j \\ x"
+    argv = sp.sbatch_argv(9, folder, sp.SubmitSettings("gpu"))
+    assert f"--chdir={folder}" in argv and "--output=/dev/null" in argv
+    assert [word for word in argv if "%" in word] == [f"--chdir={folder}"]
+    assert sp.output_path(folder, 41) == f"{folder}/.mqic/slurm-41.out"
 
 
 @pytest.mark.parametrize("remote_dir, settings", [
     ("relative/dir", sp.SubmitSettings("gpu")),
     ("~/mqic/7", sp.SubmitSettings("gpu")),
-    ("/s/7\nrm -rf /", sp.SubmitSettings("gpu")),
-    ("/s/back\\slash", sp.SubmitSettings("gpu")),
+    ("/s/7\0x", sp.SubmitSettings("gpu")),
     ("/s/7", sp.SubmitSettings("")),
     ("/s/7", sp.SubmitSettings("--wrap=evil")),
     ("/s/7", sp.SubmitSettings("gpu", account="a b")),
@@ -739,3 +741,113 @@ def test_without_its_own_record_the_script_execs_the_command_in_the_folder(tmp_p
     assert (case_dir / "where").read_text().strip() == str(case_dir)
     assert (case_dir / "name").read_text() == "$(touch pwned)" and not list(tmp_path.rglob("pwned"))
     assert not (case_dir / sp.EXIT_STATUS_RECORD).exists()   # the wrapped command writes it, not the script
+
+
+# ---------------------------------------------------------------------------
+# No folder name can shift a field (issue 16): squeue read with a fresh marker
+# ---------------------------------------------------------------------------
+
+PRINTABLE = "".join(chr(c) for c in range(32, 127) if chr(c) != "/")
+HOSTILE_NAMES = [
+    *PRINTABLE,                                    # every printable ASCII character alone
+    PRINTABLE,                                     # and all of them in one name
+    "\t", "|", "a|b|c", "tab\there", "new\nline", "환자 é ü 🩻", "  spaces at both ends  ", "(null)",
+    "%j %% %x \\", "~mqic-0123456789abcdef~", "\x1f\x1e", "None", "Unknown", "mqic_slot=gpu_b",
+]
+# The codes the backend reads, the work dir and the comment before the reason.
+BACKEND_CODES = ("%i", "%j", "%T", "%P", "%V", "%S", "%M", "%Z", "%k", "%r")
+
+
+def render_marked(rows: list[dict[str, str]], fmt: sp.MarkedFormat) -> str:
+    """What squeue prints for ``--format=<fmt.text>``: the values as they are, between markers."""
+    return "".join(fmt.mark + fmt.mark.join(row[code] for code in fmt.codes) + fmt.mark + "\n" for row in rows)
+
+
+def captured_rows() -> list[dict[str, str]]:
+    """Every job line of every captured ``squeue --format`` as code -> value."""
+    rows = []
+    for capture in captures_of("squeue", exit_code=0):
+        fmt = capture.option("--format")
+        if fmt is None:
+            continue
+        codes = fmt.split("|")
+        rows += [dict(zip(codes, line.split("|", len(codes) - 1))) for line in capture.stdout.splitlines()]
+    return rows
+
+
+def test_the_marked_format_is_the_codes_between_fresh_markers():
+    first, second = sp.MarkedFormat.fresh(BACKEND_CODES), sp.MarkedFormat.fresh(BACKEND_CODES)
+    assert first.mark != second.mark and first.mark.startswith("~mqic-")
+    assert first.text == first.mark + first.mark.join(BACKEND_CODES) + first.mark
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=repr)
+def test_no_case_name_shifts_a_field_of_any_captured_job(name):
+    fmt = sp.MarkedFormat.fresh(BACKEND_CODES)
+    work_dir = f"/scratch/mqic/12_{name}"
+    rows = [{"%P": "gpu", "%V": "2026-12-01T04:54:40", "%S": "N/A", "%M": "0:00", "%r": "None", **row,
+             "%Z": work_dir, "%k": "mqic_slot=gpu_a"} for row in captured_rows()]
+    jobs = sp.parse_marked_squeue(render_marked(rows, fmt), fmt)
+    assert len(jobs) == len(rows) > 10
+    for job, row in zip(jobs, rows):
+        assert (job.job_id, job.name, job.state, job.partition) == (int(row["%i"]), row["%j"], row["%T"], "gpu")
+        assert (job.work_dir, job.comment, job.reason) == (work_dir, "mqic_slot=gpu_a", row["%r"])
+
+
+@pytest.mark.parametrize("name", ["a|b", "pt\t01", PRINTABLE])
+def test_the_old_bar_format_was_shifted_by_such_a_name(name):
+    """Why the backend reads markers: with '|' between fields the slot became the partition."""
+    line = f"5|mqic_case_5|RUNNING|gpu|N/A|N/A|0:01|/r/5_{name}|mqic_slot=gpu_a|None\n"
+    fmt = sp.MarkedFormat.fresh(BACKEND_CODES)
+    values = ["5", "mqic_case_5", "RUNNING", "gpu", "N/A", "N/A", "0:01", f"/r/5_{name}", "mqic_slot=gpu_a", "None"]
+    [marked] = sp.parse_marked_squeue(render_marked([dict(zip(BACKEND_CODES, values))], fmt), fmt)
+    assert (marked.work_dir, marked.comment) == (f"/r/5_{name}", "mqic_slot=gpu_a")
+    if "|" in name:
+        [shifted] = sp.parse_squeue(line, "|".join(BACKEND_CODES))
+        assert shifted.work_dir != marked.work_dir and shifted.comment != "mqic_slot=gpu_a"
+
+
+def test_a_foreign_job_with_any_name_and_comment_cannot_disturb_ours():
+    fmt = sp.MarkedFormat.fresh(BACKEND_CODES)
+    base = {"%T": "RUNNING", "%P": "gpu", "%V": "N/A", "%S": "N/A", "%M": "0:01", "%r": "None"}
+    foreign = {**base, "%i": "6", "%j": f"x{fmt.mark[:-1]}\n7|mqic_case_7", "%Z": "/tmp/\n", "%k": "|||"}
+    ours = {**base, "%i": "7", "%j": "mqic_case_7", "%Z": "/r/7_a\nb", "%k": "mqic_slot=gpu_a"}
+    other, mine = sp.parse_marked_squeue(render_marked([foreign, ours], fmt), fmt)
+    assert (other.job_id, other.name, other.work_dir, other.comment) == (6, foreign["%j"], "/tmp/\n", "|||")
+    assert (mine.job_id, mine.work_dir, mine.comment) == (7, "/r/7_a\nb", "mqic_slot=gpu_a")
+
+
+@pytest.mark.parametrize("text", [
+    "stray text",                                    # no marker at all
+    "{m}5{m}mqic_case_5{m}RUNNING{m}\n",             # a field missing
+    "x{m}5{m}mqic_case_5{m}RUNNING{m}gpu{m}\n",      # text before the first marker
+    "{m}5{m}mqic_case_5{m}RUNNING{m}gpu{m}junk\n",   # text after the last one
+    "{m}5{m}mqic_case_5{m}running{m}gpu{m}\n",       # not a state word
+])
+def test_marked_output_that_does_not_fit_is_bad_output(text):
+    fmt = sp.MarkedFormat("%i %j %T %P".split(), "~mqic-00~")
+    with pytest.raises(BadOutput):
+        sp.parse_marked_squeue(text.format(m=fmt.mark), fmt)
+
+
+def test_marked_output_of_nothing_is_no_job_and_array_jobs_are_left_out():
+    fmt = sp.MarkedFormat(("%i", "%j", "%T"), "~m~")
+    assert sp.parse_marked_squeue("", fmt) == () and sp.parse_marked_squeue("\n", fmt) == ()
+    assert sp.parse_marked_squeue("~m~13_[1-4]~m~x~m~PENDING~m~\n", fmt) == ()
+    with pytest.raises(ValueError):
+        sp.parse_marked_squeue("", sp.MarkedFormat(("%i", "%Z"), "~m~"))
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=repr)
+def test_every_case_name_goes_into_sbatch_and_the_script_as_it_is(tmp_path, name):
+    folder = tmp_path / f"12_{name}"
+    folder.mkdir()
+    argv = sp.sbatch_argv(12, str(folder), sp.SubmitSettings("gpu"), script_path=f"{folder}/.mqic/job.sh")
+    assert f"--chdir={folder}" in argv and argv[-1] == f"{folder}/.mqic/job.sh"
+    script = tmp_path / "job.sh"
+    script.write_text(sp.batch_script(12, str(folder), "pwd > where", sp.SubmitSettings("gpu"), record_exit=False))
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30, cwd="/",
+                            env={**os.environ, "SLURM_JOB_ID": "41"})
+    assert result.returncode == 0, result.stderr
+    assert (folder / "where").read_text() == f"{folder}\n"
+    assert (folder / ".mqic" / "slurm-41.out").exists()       # the script opened its output itself

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.backends import slurm
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case, get_slot
 from tests.conftest import skip_unless_slurm_can_run, wait_until
@@ -71,9 +72,13 @@ def test_a_job_cancelled_by_someone_else_is_requeued_and_runs_again(slurm_hpc):
     wait_until(lambda: [j for j in h.jobs() if j.verdict.state.value == "running"], timeout=30, message="running")
     h.cluster.run(["scancel", str(case.pueue_task_id)])
     wait_until(lambda: [j for j in h.jobs() if j.state == "CANCELLED"], timeout=30, message="cancelled")
+    killed = case.pueue_task_id
     poller.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
     assert case.status is CaseStatus.SUBMITTED and case.attempts == 1 and case.error_type == "TaskKilled"
+    # In Slurm's words (issue 16): a job, killed by someone else, what Slurm says of it; never pueue's.
+    assert case.error_message == f"poll: TaskKilled: job {killed} was {slurm.WORDS.killed_by_others}: cancelled"
+    assert not [e for e in case_events(ctx.conn, case.case_id) if "pueue" in (e["detail"] or "")]
     submitter.tick(ctx, case.next_attempt_at + 1)
     again = get_case(ctx.conn, case.case_id)
     assert again.status is CaseStatus.RUNNING and again.pueue_task_id != case.pueue_task_id
@@ -131,10 +136,21 @@ def test_a_controller_outage_changes_nothing_and_uses_no_attempt(tmp_path, sshd,
         running = submitted(ctx, "running through it", seconds=20)
         cluster.stop_daemon("slurmctld")
         drop_and_register(ctx, "submitted during it")
-        submitter.tick(ctx, time.time())
+        shift = 1000.0                                      # ctx's clock, not the tick's now, dates the event
+        ctx.clock = lambda: time.time() + shift
+        began = time.time()
+        submitter.tick(ctx, began)
         waiting = get_case(ctx.conn, running.case_id + 1)
         assert waiting.status is CaseStatus.SUBMITTED and waiting.attempts == 0
-        assert waiting.error_type == "SlurmOutage" and "Unable to contact slurm controller" in waiting.error_message
+        # Short, in Slurm's words (issue 16): what failed, what the exit code means, stderr's first line.
+        assert waiting.error_type == "SlurmOutage" and waiting.error_message == (
+            "sbatch: SlurmOutage: sbatch failed (exit 88: the look for an earlier task of the case failed; "
+            "Slurm controller unreachable): slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
+        retry = case_events(ctx.conn, waiting.case_id)[-1]
+        assert retry["to_status"] == "submitted" and waiting.error_message in retry["detail"]
+        assert "pueue" not in retry["detail"] and "#!/bin/bash" not in retry["detail"]
+        assert retry["at"] - (began + shift) >= 2.5         # squeue gave up after 3 s: dated after it
+        ctx.clock = time.time
         assert poller.tick(ctx, time.time() + 48 * 3600) == 0                  # no timeout without an answer
         assert get_case(ctx.conn, running.case_id).status is CaseStatus.RUNNING
         cluster.start()
@@ -144,6 +160,61 @@ def test_a_controller_outage_changes_nothing_and_uses_no_attempt(tmp_path, sshd,
         h.close()
 
 
-def drop_and_register(ctx, name):
+def drop_and_register(ctx, name, **kwargs):
     from tests.test_workers import registered
-    return registered(ctx, name)
+    return registered(ctx, name, **kwargs)
+
+
+# -- no case name can shift a Slurm field (issue 16) ------------------------------------------------
+
+PRINTABLE = "".join(chr(c) for c in range(32, 127) if chr(c) != "/")
+HOSTILE = [PRINTABLE, "pt|01\ttab 환자 🩻", "100% %j %% \\ dose|x"]
+
+
+def test_cases_with_any_name_run_complete_and_bring_their_results_back(slurm_hpc):
+    """Every printable character, a tab, '|' and unicode: each job keeps its folder and its slot."""
+    h = slurm_hpc()
+    ctx = ctx_for(h)
+    ids = [drop_and_register(ctx, name, seconds=0.3).case_id for name in HOSTILE]
+    seen = {}                                                            # job id -> what squeue said of it
+
+    def all_final():
+        submitter.tick(ctx, time.time())                                 # two slots: the third waits its turn
+        seen.update({job.job_id: job for job in h.jobs()})
+        poller.tick(ctx, time.time())
+        return all(get_case(ctx.conn, i).status in (CaseStatus.COMPLETED, CaseStatus.FAILED) for i in ids)
+    wait_until(all_final, timeout=90, interval=0.2, message="every case final")
+    for case in (get_case(ctx.conn, i) for i in ids):
+        job = seen[case.pueue_task_id]
+        assert (job.name, job.work_dir, job.comment) == (case.label, case.remote_dir, f"mqic_slot={case.pueue_group}")
+        assert case.remote_dir.endswith(case.folder_name) and case.case_name in HOSTILE
+        assert case.status is CaseStatus.COMPLETED and case.outcome == "success", case.error_message
+        assert case.attempts == 0
+        assert list(Path(case.case_path, "output").iterdir())            # results came back
+        assert "exit record" in case_events(ctx.conn, case.case_id)[-1]["detail"]
+        assert Path(case.remote_dir, ".mqic", f"slurm-{case.pueue_task_id}.out").is_file()  # the job's output
+
+
+@pytest.mark.parametrize("name", ["crashed|after sbatch", "crashed|after\tsbatch 환자 \\ %j"])
+def test_a_recovered_job_with_a_hostile_name_is_settled_from_the_record_in_its_own_folder(slurm_hpc, name):
+    """Recovery takes the folder from squeue; the job then ends and Slurm forgets it: the exit
+    record must be read from that folder (a shifted field read it from a cut path: "vanished")."""
+    from shared.recovery import recover_expired_claims
+    from shared.store import claim_next_case
+
+    h = slurm_hpc()
+    ctx = ctx_for(h)
+    host = ctx.hosts["hpc"]
+    case = drop_and_register(ctx, name, seconds=4)
+    assert submitter.host_ready(ctx, host)
+    claim = claim_next_case(ctx.conn, worker="dead:1", now=time.time() - 1000, lease_seconds=10)
+    remote_dir = host.remote.upload(Path(case.case_path), case.folder_name, case_id=case.case_id).remote_dir
+    host.backend.submit(slot=claim.group, label=case.label, workdir=remote_dir,
+                        command=submitter.render_command(host.config.hpc.remote_command, case, remote_dir),
+                        env=submitter.task_env(case, remote_dir, None))
+    assert recover_expired_claims(ctx, time.time()) == 1
+    case = get_case(ctx.conn, case.case_id)
+    assert case.status is CaseStatus.RUNNING and case.remote_dir == remote_dir   # squeue's %Z, whole
+    case = poll_until_final(ctx, case.case_id, timeout=60)
+    assert case.status is CaseStatus.COMPLETED and case.attempts == 0, case.error_message
+    assert "exit record" in case_events(ctx.conn, case.case_id)[-1]["detail"]

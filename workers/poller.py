@@ -90,7 +90,7 @@ def fetch_logs(ctx: Context, host: Host, tasks_wanted: list[model.TaskInfo]) -> 
     try:
         return host.backend.logs(tasks_wanted, ctx.config.pueue.log_lines)
     except RemoteFailure as exc:
-        ctx.log.warning("pueue log could not be read (%s)", exc, extra=for_case(None, "poll_logs", exc))
+        ctx.log.warning("%s could not be read (%s)", host.backend.words.logs, exc, extra=for_case(None, "poll_logs", exc))
         return None
 
 
@@ -205,8 +205,9 @@ def log_tail_of(ctx: Context, host: Host, case: Case, link: tasks.Link,
 
 def requeue_killed(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float) -> bool:
     """Killed by a signal we did not send: the old task leaves pueue's list, the case is retried."""
-    error = TaskKilled(f"task {link.task.id} was killed by a signal we did not send "
-                       f"(pueued restart, node reboot or another user)")
+    words = host.backend.words
+    error = TaskKilled(f"{words.task} {link.task.id} was {words.killed_by_others}"
+                       + (f": {link.task.detail}" if link.task.detail else ""))
     try:
         host.backend.remove([link.task.id])
     except RemoteFailure as exc:  # the label must name only the retry's task: try again next pass

@@ -156,7 +156,7 @@ def stage_tick(ctx: Context, now: float) -> int:
 
 
 def submit_task(ctx: Context, host: Host, claim: Claim, remote_dir: str, *, staged: bool) -> int:
-    """Send ``pueue add``; first make sure our claim still stands (with a fresh lease).
+    """Send the submit (``pueue add``, ``sbatch``); first make sure our claim still stands (with a fresh lease).
 
     For a pre-uploaded case the same remote call first checks that its folder is
     still there (WorkdirMissing otherwise), so a staged case costs one round trip.
@@ -166,7 +166,7 @@ def submit_task(ctx: Context, host: Host, claim: Claim, remote_dir: str, *, stag
     fields = {"remote_dir": remote_dir, "lease_until": now + ctx.config.main_loop.lease_seconds,
               "add_uncertain_until": now + host.backend.add_lands_within()}
     if not update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, fields, guard={"claimed_by": ctx.worker_id}):
-        raise LeaseLost(f"case {case.case_id}: claim lost before pueue add")
+        raise LeaseLost(f"case {case.case_id}: claim lost before {host.backend.words.submit}")
     return host.backend.submit(slot=claim.group, label=case.label, workdir=remote_dir,
                                command=render_command(host.config.hpc.remote_command, case, remote_dir),
                                env=task_env(case, remote_dir, claim.gpu), require_workdir=staged)
@@ -234,25 +234,28 @@ def process_claim(ctx: Context, host: Host, claim: Claim, now: float) -> None:
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
         return
-    except (model.AlreadySubmitted, model.SubmitLockBusy) as exc:  # recovery adopts the task by label
-        leave_for_recovery(ctx, case, exc, now)
-        return
-    except RemoteError as exc:
-        if may_have_been_stored(exc):
-            leave_for_recovery(ctx, case, exc, now)
-            return
-        # pueue refused: no task was created
-        if UNKNOWN_GROUP in f"{exc.stdout}{exc.stderr}":
-            ctx.state.setdefault(HOSTS_READY, set()).discard(host.name)  # recreate it before the retry
-        status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
-                               worker=ctx.name, operation="pueue add", guard=guard)
-        ctx.log.error("case %d: submit failed (%s); case is now %s", case.case_id, exc,
-                      status and status.value, extra=for_case(case.case_id, "submit", exc))
-        return
     except RemoteFailure as exc:
-        leave_for_recovery(ctx, case, exc, now)
+        submit_failed(ctx, host, case, exc, ctx.clock())  # recorded when it happened: after the remote call
         return
     record_running(ctx, claim, task_id, remote_dir, ctx.clock())
+
+
+def submit_failed(ctx: Context, host: Host, case: Case, exc: RemoteFailure, now: float) -> None:
+    """A submit that failed: let recovery look for its task by label, or retry if none can exist.
+
+    The texts name the host's own scheduler (``sbatch``, ``pueue add``) and say what failed
+    in a few words (the backend's message), never the submit script.
+    """
+    if not isinstance(exc, RemoteError) or may_have_been_stored(exc):
+        # AlreadySubmitted, SubmitLockBusy, SubmitUncertain, Unreachable...: the task may exist
+        leave_for_recovery(ctx, case, exc, now)
+        return
+    if UNKNOWN_GROUP in f"{exc.stdout}{exc.stderr}":
+        ctx.state.setdefault(HOSTS_READY, set()).discard(host.name)  # recreate it before the retry
+    status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
+                           worker=ctx.name, operation=host.backend.words.submit, guard={"claimed_by": ctx.worker_id})
+    ctx.log.error("case %d: submit failed (%s: %s); case is now %s", case.case_id, type(exc).__name__, exc,
+                  status and status.value, extra=for_case(case.case_id, "submit", exc))
 
 
 def host_ready(ctx: Context, host: Host) -> bool:

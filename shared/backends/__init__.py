@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol, Sequence
 
-from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo
+from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
 
 
 class Backend(Protocol):
     """What a worker needs from one HPC host."""
 
     kind: str
+    words: Words  # the scheduler's own words for every text written about this host
 
     def snapshot(self) -> Snapshot:
         """Every task of this host and the HPC's clock, in ONE remote call."""
@@ -25,7 +26,8 @@ class Backend(Protocol):
 
         Raises AlreadySubmitted (a task carries the label), WorkdirMissing,
         SubmitLockBusy, or a RemoteFailure; after Unreachable the add may still land
-        until ``add_lands_within`` has passed.
+        until ``add_lands_within`` has passed. A failure's text is short: what failed, the
+        exit code's meaning and the first line of stderr (never the submit script).
         """
 
     def add_lands_within(self) -> float:

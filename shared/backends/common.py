@@ -33,6 +33,14 @@ flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2;
 """.replace("LOCKS", LOCK_FOLDER)
 
 _EXCERPT_CHARS = 200
+_LINE_CHARS = 300
+# What the locked submit's own exit codes mean (85-87 become typed refusals).
+SUBMIT_EXIT_MEANINGS = {
+    88: "the look for an earlier task of the case failed",
+    89: "the submit could not be prepared on the HPC (lock folder, environment or job script)",
+    137: "killed after the command timeout",
+    254: "the command itself exited 255",
+}
 
 
 def split_clock(text: str, what: str) -> tuple[float, str]:
@@ -69,4 +77,30 @@ def submit_refusal(error: RemoteError, label: str, workdir: str) -> RemoteFailur
         return AlreadySubmitted(f"a task labelled {label} already exists on the HPC")
     if error.exit_code == LOCK_BUSY_EXIT:
         return SubmitLockBusy(f"another submission of {label} is still in flight on the HPC")
+    return error
+
+
+def first_line(text: str) -> str:
+    """The first line of ``text`` that is not blank, stripped and cut short ("" if none).
+
+    A heading such as pueue's ``Error:`` takes the line it introduces with it.
+    """
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    line = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines or [""])[0]
+    return line if len(line) <= _LINE_CHARS else line[:_LINE_CHARS] + "..."
+
+
+def failure_text(what: str, error: RemoteError, meaning: str = "") -> str:
+    """``<what> failed (exit N: meaning): <first line of stderr>``: a failure in a few words.
+
+    Never the argv: a submit's argv holds a whole script, which says nothing to an operator.
+    """
+    meaning = meaning or SUBMIT_EXIT_MEANINGS.get(error.exit_code, "")
+    said = first_line(error.stderr) or first_line(error.stdout)
+    return f"{what} failed (exit {error.exit_code}{': ' + meaning if meaning else ''})" + (f": {said}" if said else "")
+
+
+def with_text(error: RemoteFailure, text: str) -> RemoteFailure:
+    """``error`` itself, its message replaced by ``text`` (argv, exit code and stderr are kept)."""
+    error.args = (text,)
     return error

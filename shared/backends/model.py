@@ -129,6 +129,24 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Words:
+    """How a backend's scheduler names things, for every text a worker writes about it.
+
+    Workers take their words from ``backend.words``, so an event, a log line or an
+    ``error_message`` on a Slurm host never speaks of pueue, and no generic code branches
+    on a scheduler's name.
+    """
+
+    scheduler: str         # "pueue", "Slurm"
+    task: str              # what one run of a case is: "task", "job"
+    submit: str            # the command that starts it: "pueue add", "sbatch"
+    status: str            # the listing: "pueue status", "squeue"
+    logs: str              # where its output is read: "pueue log", "job output file"
+    stop: str              # the command that stops it: "pueue kill", "scancel"
+    killed_by_others: str  # how a task ends by a hand not ours, after "<task> 12 was "
+
+
+@dataclass(frozen=True)
 class KillResult:
     """Ids the scheduler acted on, and ids it refused (pueue: not running/paused, or unknown)."""
 

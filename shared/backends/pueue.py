@@ -15,14 +15,17 @@ import shlex
 from typing import Mapping, Sequence
 
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, add_lands_within,
-                                    checked_label, submit_refusal)
-from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo
+                                    checked_label, failure_text, submit_refusal, with_text)
+from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
 from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
                                          _checked_env, _is_int, _parse_id_reply, add_argv, parse_clocked_status,
                                          parse_groups, parse_log, parse_task_id, parse_version)
 from shared.errors import RemoteError
 
 _ALREADY_EXISTS = "already exists"
+WORDS = Words(scheduler="pueue", task="task", submit="pueue add", status="pueue status", logs="pueue log",
+              stop="pueue kill",
+              killed_by_others="killed by a signal we did not send (pueued restart, node reboot or another user)")
 
 # Idempotent add: under a per-label lock on the HPC, add only when no task carries the
 # label; the client is killed after ``limit`` seconds, so an add can never land later
@@ -59,7 +62,8 @@ def submit(
     try:
         return parse_task_id(runner.run(argv, timeout=timeout))
     except RemoteError as error:
-        raise submit_refusal(error, label, workdir) from None
+        refusal = submit_refusal(error, label, workdir)
+        raise (refusal if refusal is not error else with_text(error, failure_text(WORDS.submit, error))) from None
 
 
 def statuses(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> Snapshot:
@@ -192,6 +196,7 @@ class PueueBackend:
     """The ``Backend`` for a host running pueue: each slot is a pueue group."""
 
     kind = "pueue"
+    words = WORDS
 
     def __init__(self, runner: Runner, pueue_cmd: Sequence[str], timeout: float):
         self.runner, self.pueue_cmd, self.timeout = runner, list(pueue_cmd), timeout

@@ -24,13 +24,18 @@ from datetime import datetime, timezone
 from typing import Mapping, Sequence
 
 from shared.backends import slurm_parse as sp
-from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, add_lands_within,
-                                    checked_label, split_clock, submit_refusal)
-from shared.backends.model import KillResult, Runner, Snapshot, SubmitUncertain, TaskInfo, TaskState
+from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, SUBMIT_EXIT_MEANINGS,
+                                    add_lands_within, checked_label, failure_text, split_clock, submit_refusal,
+                                    with_text)
+from shared.backends.model import KillResult, Runner, Snapshot, SubmitUncertain, TaskInfo, TaskState, Words
 from shared.errors import HpcTrouble, RemoteError
 
-# The work dir and the comment come before the reason, the one free-text field Slurm fills.
-SQUEUE_FIELDS = "%i|%j|%T|%P|%V|%S|%M|%Z|%k|%r"
+# Read with a marker drawn fresh for each call (``sp.MarkedFormat``): the work dir holds the
+# case's folder name, and no character in it may shift a field.
+SQUEUE_FIELDS = ("%i", "%j", "%T", "%P", "%V", "%S", "%M", "%Z", "%k", "%r")
+WORDS = Words(scheduler="Slurm", task="job", submit="sbatch", status="squeue", logs="job output file",
+              stop="scancel",
+              killed_by_others="killed by someone else (a scancel we did not send, a preemption or a node failure)")
 SLOT_COMMENT = "mqic_slot="
 JOB_SCRIPT = f"{sp.MQIC_DIR}/slurm-job.sh"
 # Slurm's own time limit comes this long after ours (and its SIGKILL grace), so that our
@@ -129,10 +134,16 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=timezone.utc) if moment is not None else None
 
 
-def parse_snapshot(text: str) -> Snapshot:
-    """The clock line, then ``squeue --format=SQUEUE_FIELDS`` lines; BadOutput otherwise."""
+def squeue_call(bin_dir: str = "") -> tuple[list[str], sp.MarkedFormat]:
+    """The argv that lists our jobs (``SQUEUE_FIELDS``, a fresh marker) and the format to read it with."""
+    fmt = sp.MarkedFormat.fresh(SQUEUE_FIELDS)
+    return sp.squeue_argv(bin_dir=bin_dir, fmt=fmt.text), fmt
+
+
+def parse_snapshot(text: str, fmt: sp.MarkedFormat) -> Snapshot:
+    """The clock line, then the jobs of ``squeue --format=<fmt.text>``; BadOutput otherwise."""
     hpc_time, rest = split_clock(text, "squeue")
-    tasks = [task for job in sp.parse_squeue(rest, SQUEUE_FIELDS) if (task := task_of_job(job)) is not None]
+    tasks = [task for job in sp.parse_marked_squeue(rest, fmt) if (task := task_of_job(job)) is not None]
     return Snapshot(tasks={task.id: task for task in tasks}, groups={}, hpc_time=hpc_time)
 
 
@@ -172,6 +183,7 @@ class SlurmBackend:
     """The ``Backend`` for a host whose jobs run under Slurm: each slot is a partition entry."""
 
     kind = "slurm"
+    words = WORDS
 
     def __init__(self, runner: Runner, slots: Mapping[str, sp.SubmitSettings], timeout: float, bin_dir: str = ""):
         self.runner, self.slots, self.timeout, self.bin_dir = runner, dict(slots), timeout, bin_dir
@@ -192,8 +204,8 @@ class SlurmBackend:
 
     def snapshot(self) -> Snapshot:
         """Our jobs and the HPC's clock in ONE call (``squeue --me --states=all``, times in UTC)."""
-        squeue = sp.squeue_argv(bin_dir=self.bin_dir, fmt=SQUEUE_FIELDS)
-        return parse_snapshot(self._run(["sh", "-c", CLOCKED, "sh", CLOCK_PREFIX, "env", "TZ=UTC", *squeue]))
+        squeue, fmt = squeue_call(self.bin_dir)
+        return parse_snapshot(self._run(["sh", "-c", CLOCKED, "sh", CLOCK_PREFIX, "env", "TZ=UTC", *squeue]), fmt)
 
     def submit(self, *, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str],
                require_workdir: bool = False) -> int:
@@ -289,13 +301,19 @@ def _partition_problem(slot: str, settings: sp.SubmitSettings, partitions: Mappi
 
 
 def _submit_failure(error: RemoteError, label: str, workdir: str) -> Exception:
-    """What a failed SUBMIT_SCRIPT means: a refusal, an outage, an uncertain submit, or a SlurmError."""
+    """What a failed SUBMIT_SCRIPT means: a refusal, an outage, an uncertain submit, or a SlurmError.
+
+    Each says in a few words what failed (``sbatch failed (exit 1: Slurm controller
+    unreachable): sbatch: error: ...``), never the script.
+    """
     refusal = submit_refusal(error, label, workdir)
     if refusal is not error:
         return refusal
     slurm = sp.SlurmError.from_remote_error(error)
     if slurm.kind in _OUTAGE_KINDS:
-        return SlurmOutage(slurm.argv, slurm.exit_code, slurm.stderr, slurm.stdout)
+        slurm = SlurmOutage(slurm.argv, slurm.exit_code, slurm.stderr, slurm.stdout)
+    meaning = "; ".join(filter(None, (SUBMIT_EXIT_MEANINGS.get(error.exit_code), slurm.kind.meaning)))
+    text = failure_text(WORDS.submit, slurm, meaning)
     if error.exit_code not in _BEFORE_SBATCH_EXITS and slurm.kind.submit_may_have_landed:
-        return SubmitUncertain(f"sbatch for {label} may have landed: {slurm}")
-    return slurm
+        return SubmitUncertain(f"{text}; the job may have been made: looking for {label}")
+    return with_text(slurm, text)

@@ -10,6 +10,8 @@ what a command printed and returns frozen dataclasses, or raises ``BadOutput``.
   ``MinJobAge``; without accounting that record is the only lasting outcome).
 - ``squeue_argv``/``parse_squeue``: all our jobs in one call, finished ones included
   (``--states=all``: without it squeue hides jobs that have just finished).
+  ``MarkedFormat``/``parse_marked_squeue``: the same, its fields set off by a marker drawn
+  fresh for each call, so that no work dir (it holds the case's folder name) can shift a field.
 - ``sacct_argv``/``parse_sacct``: finished jobs where accounting exists.
 - ``scancel_argv``: ``--signal=TERM --full`` (without ``--full`` the batch script, which has no
   ``srun`` steps, is not signalled at all) and plain ``scancel``.
@@ -21,18 +23,26 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Mapping, Sequence
 
+from shared.backends.common import failure_text
 from shared.errors import BadOutput, RemoteError
 
 JOB_NAME_PREFIX = "mqic_case_"
 MQIC_DIR = ".mqic"
 EXIT_STATUS_RECORD = f"{MQIC_DIR}/exit_status"
 OUTPUT_FILE_PATTERN = f"{MQIC_DIR}/slurm-%j.out"
+# Slurm expands '%' patterns in the whole output path and drops them all at a backslash, so a
+# path that holds a case's folder name never goes there: the job's own shell opens its
+# output file (``OUTPUT_FILE_PATTERN`` with the job id) once it is in the case folder.
+SLURM_OUTPUT = "/dev/null"
+_REDIRECT_OUTPUT = ('[ -z "${SLURM_JOB_ID:-}" ] || exec >>"' + OUTPUT_FILE_PATTERN.replace("%j", "$SLURM_JOB_ID")
+                    + '" 2>&1')
 # The reason goes last: it is the one field Slurm may fill with free text (an admin's
 # state description), so a line is split into at most as many parts as there are fields.
 SQUEUE_FORMAT = "%i|%j|%T|%P|%V|%S|%M|%r"
@@ -318,24 +328,29 @@ def command_path(bin_dir: str, name: str) -> str:
 
 
 def output_path(remote_dir: str, job_id: int) -> str:
-    """The output file of job ``job_id`` (stdout and stderr) of the case in ``remote_dir``."""
+    """The output file of job ``job_id`` (stdout and stderr) of the case in ``remote_dir``.
+
+    The batch script opens it itself (``--output`` is /dev/null: see ``SLURM_OUTPUT``), so
+    Slurm's own notes (``*** JOB 5 CANCELLED ...``) are not in it; the job's state says as much.
+    """
     return f"{_checked_dir(remote_dir)}/{OUTPUT_FILE_PATTERN.replace('%j', str(int(job_id)))}"
 
 
 def sbatch_argv(case_id: int, remote_dir: str, settings: SubmitSettings, *,
                 script_path: str | None = None, bin_dir: str = "", comment: str | None = None) -> list[str]:
-    """``sbatch --parsable --job-name=mqic_case_<id> --chdir=DIR --output=DIR/.mqic/slurm-%j.out
+    """``sbatch --parsable --job-name=mqic_case_<id> --chdir=DIR --output=/dev/null
     --partition=P [--account=A] [--qos=Q] [--gres=G] [--time=T] --no-requeue [--comment=C] [SCRIPT]``.
 
-    Without ``script_path`` sbatch reads the script from its standard input. The folder
-    ``DIR/.mqic`` must exist before the submit: Slurm opens the output file before the
-    script runs, and a missing folder fails the job with no output at all (``0:53``).
-    ``remote_dir`` must be absolute (``~`` is not expanded here). ValueError on bad input.
+    Without ``script_path`` sbatch reads the script from its standard input. ``--chdir`` is
+    taken as it is, whatever the folder name holds; ``--output`` would not be (Slurm expands
+    ``%`` patterns in it and drops them all at a ``\\``), so the script writes
+    ``DIR/.mqic/slurm-<id>.out`` itself (``batch_script``). ``remote_dir`` must be absolute
+    (``~`` is not expanded here). ValueError on bad input.
     """
     directory = _checked_dir(remote_dir)
     argv = [
         command_path(bin_dir, "sbatch"), "--parsable", f"--job-name={job_name(case_id)}",
-        f"--chdir={directory}", f"--output={_output_pattern(directory)}",
+        f"--chdir={directory}", f"--output={SLURM_OUTPUT}",
         f"--partition={checked_word('partition', settings.partition)}",
     ]
     for option, value in (("account", settings.account), ("qos", settings.qos),
@@ -352,17 +367,13 @@ def sbatch_argv(case_id: int, remote_dir: str, settings: SubmitSettings, *,
     return argv
 
 
-def _output_pattern(directory: str) -> str:
-    # '%' starts a Slurm filename pattern (%j, %x, ...): a literal one is written '%%'.
-    return f"{directory.replace('%', '%%')}/{OUTPUT_FILE_PATTERN}"
-
-
 def batch_script(case_id: int, remote_dir: str, command: str, settings: SubmitSettings,
                  env: Mapping[str, str] | None = None, *, record_exit: bool = True) -> str:
     """The bash script of one case's job.
 
     It enters ``remote_dir`` (a missing folder ends the job with exit 1 instead of running
-    in /tmp, which is what ``--chdir`` alone would do), exports ``env`` (quoted), runs
+    in /tmp, which is what ``--chdir`` alone would do), sends its output (under Slurm) to
+    ``.mqic/slurm-<job id>.out``, exports ``env`` (quoted), runs
     ``command`` with ``bash -c`` in the foreground and writes the command's exit status to
     ``.mqic/exit_status`` through a temporary file and a rename. The script traps TERM so
     that ``scancel --signal=TERM --full``, a time limit or a cancel (TERM before Slurm's
@@ -380,13 +391,15 @@ def batch_script(case_id: int, remote_dir: str, command: str, settings: SubmitSe
     lines = ["#!/bin/bash", *(sbatch_line(line) for line in settings.extra_sbatch_lines)]
     if not record_exit:
         lines += [f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder.",
-                  _enter(directory), *_exports(env or {}), f"exec /bin/bash -c {_quote(command)}"]
+                  _enter(directory), f"mkdir -p {MQIC_DIR}", _REDIRECT_OUTPUT, *_exports(env or {}),
+                  f"exec /bin/bash -c {_quote(command)}"]
         return "\n".join(lines) + "\n"
     lines += [
         f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder",
         "# and records the command's exit status atomically (Slurm forgets finished jobs).",
         _enter(directory),
         f"mkdir -p {MQIC_DIR} && rm -f {EXIT_STATUS_RECORD}",
+        _REDIRECT_OUTPUT,
         *_exports(env or {}),
         "# A TERM must not end this script before the command has ended and been recorded.",
         "trap ':' TERM",
@@ -428,8 +441,10 @@ def _quote(text: str) -> str:
 
 
 def _checked_dir(path: str) -> str:
-    if not path.startswith("/") or _CONTROL_CHARS.search(path) or "\\" in path:
-        raise ValueError(f"expected an absolute path without control characters or '\\': {path!r}")
+    # Any other character may stand in a folder name: the path only ever reaches Slurm as
+    # --chdir (taken as it is) and the shell quoted, never inside a Slurm filename pattern.
+    if not path.startswith("/") or "\0" in path:
+        raise ValueError(f"expected an absolute path without NUL: {path!r}")
     return path.rstrip("/") or "/"
 
 
@@ -582,6 +597,9 @@ def parse_sbatch(stdout: str) -> int:
 def parse_squeue(stdout: str, fmt: str = SQUEUE_FORMAT) -> tuple[QueuedJob, ...]:
     """Lines of ``squeue --noheader --format=FMT`` (fields split by '|', the last may hold '|').
 
+    Only for formats where no field but the last can hold a '|' or a newline (the captures):
+    a work dir (``%Z``) can hold both, so the backend reads ``parse_marked_squeue``.
+
     ``fmt`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M %Z %k`` (reason,
     partition, submit and start time, elapsed, work dir, comment) are read too, any other
     field is skipped. An unset work dir or comment (``(null)``) is "". Lines of array or
@@ -589,14 +607,64 @@ def parse_squeue(stdout: str, fmt: str = SQUEUE_FORMAT) -> tuple[QueuedJob, ...]
     line that does not fit the format.
     """
     codes = fmt.split("|")
-    if not {"%i", "%j", "%T"} <= set(codes):
-        raise ValueError(f"squeue format needs %i, %j and %T: {fmt!r}")
+    _check_squeue_codes(codes)
     jobs = []
     for line in _lines(stdout):
         values = _split_fields(line, codes, "squeue")
         if _PLAIN_JOB_ID.fullmatch(values["%i"]):
             jobs.append(_queued_job(values, line))
     return tuple(jobs)
+
+
+@dataclass(frozen=True)
+class MarkedFormat:
+    """An squeue ``--format`` whose every field is set off by ``mark``, drawn fresh for each call.
+
+    squeue prints a field as it is, unquoted: a work dir holds the case's folder name, which
+    may hold '|', a tab, a newline, '%' or any other character but '/' and NUL. No value can
+    hold a random marker it could not know, so no value can shift a field or a line.
+    """
+
+    codes: tuple[str, ...]
+    mark: str
+
+    @classmethod
+    def fresh(cls, codes: Sequence[str]) -> MarkedFormat:
+        return cls(tuple(codes), f"~mqic-{secrets.token_hex(8)}~")
+
+    @property
+    def text(self) -> str:
+        """The ``--format`` value: ``MARK%iMARK%j...MARK`` (each job then ends with a newline)."""
+        return self.mark + self.mark.join(self.codes) + self.mark
+
+
+def parse_marked_squeue(stdout: str, fmt: MarkedFormat) -> tuple[QueuedJob, ...]:
+    """The jobs of ``squeue --noheader --format=<fmt.text>``, every value exactly as printed.
+
+    The codes are read as in ``parse_squeue``. BadOutput when the output does not have the
+    shape of the format (text outside the markers, a job with a field missing).
+    """
+    _check_squeue_codes(fmt.codes)
+    if not (stdout or "").strip():
+        return ()
+    head, *tokens = stdout.split(fmt.mark)
+    width = len(fmt.codes) + 1  # the fields, then what follows the last marker: the newline
+    if head.strip() or not tokens or len(tokens) % width:
+        raise BadOutput(f"squeue: output does not fit its format: {_excerpt(stdout)!r}")
+    jobs = []
+    for start in range(0, len(tokens), width):
+        *values, after = tokens[start:start + width]
+        if after.strip():
+            raise BadOutput(f"squeue: text between two jobs: {_excerpt(after)!r}")
+        fields = dict(zip(fmt.codes, values))
+        if _PLAIN_JOB_ID.fullmatch(fields["%i"]):
+            jobs.append(_queued_job(fields, "".join(values)))
+    return tuple(jobs)
+
+
+def _check_squeue_codes(codes: Sequence[str]) -> None:
+    if not {"%i", "%j", "%T"} <= set(codes):
+        raise ValueError(f"squeue format needs %i, %j and %T: {codes!r}")
 
 
 def _split_fields(line: str, names: Sequence[str], what: str) -> dict[str, str]:
@@ -808,6 +876,11 @@ class SlurmErrorKind(str, Enum):
         return self in _TRANSIENT
 
     @property
+    def meaning(self) -> str:
+        """A few words for a message ("" for OTHER: the first line of stderr says it)."""
+        return _MEANINGS.get(self, "")
+
+    @property
     def submit_may_have_landed(self) -> bool:
         """True when a failed sbatch may still have created the job: look it up by name."""
         return self in (SlurmErrorKind.CONTROLLER_TIMEOUT, SlurmErrorKind.OTHER)
@@ -817,6 +890,22 @@ _TRANSIENT = frozenset({
     SlurmErrorKind.CONTROLLER_DOWN, SlurmErrorKind.CONTROLLER_TIMEOUT,
     SlurmErrorKind.ACCOUNTING_DOWN, SlurmErrorKind.LIMIT_REACHED, SlurmErrorKind.OTHER,
 })
+_MEANINGS = {
+    SlurmErrorKind.CONTROLLER_DOWN: "Slurm controller unreachable",
+    SlurmErrorKind.CONTROLLER_TIMEOUT: "Slurm controller did not answer in time",
+    SlurmErrorKind.ACCOUNTING_DISABLED: "no Slurm accounting on this cluster",
+    SlurmErrorKind.ACCOUNTING_DOWN: "Slurm accounting unreachable",
+    SlurmErrorKind.NOT_CONFIGURED: "the Slurm client finds no configuration (SLURM_CONF?)",
+    SlurmErrorKind.NOT_INSTALLED: "command not found on the HPC",
+    SlurmErrorKind.INVALID_JOB_ID: "job unknown to Slurm",
+    SlurmErrorKind.INVALID_PARTITION: "invalid partition",
+    SlurmErrorKind.INVALID_ACCOUNT: "invalid account",
+    SlurmErrorKind.INVALID_QOS: "invalid QOS",
+    SlurmErrorKind.UNSATISFIABLE: "the request can never run on this cluster",
+    SlurmErrorKind.LIMIT_REACHED: "a submit limit was reached",
+    SlurmErrorKind.BAD_REQUEST: "Slurm refused the request",
+}
+_SLURM_COMMANDS = frozenset({"sbatch", "squeue", "scancel", "sinfo", "sacct", "sacctmgr", "scontrol", "srun"})
 _SHELL_COMMAND_NOT_FOUND = 127
 # Checked in order; the first match wins.
 _ERROR_PATTERNS: tuple[tuple[SlurmErrorKind, re.Pattern[str]], ...] = tuple(
@@ -849,6 +938,12 @@ _ERROR_PATTERNS: tuple[tuple[SlurmErrorKind, re.Pattern[str]], ...] = tuple(
 )
 
 
+def command_name(argv: Sequence[str]) -> str:
+    """The first Slurm command in ``argv`` (``squeue`` of ``sh -c ... /opt/slurm/bin/squeue``)."""
+    names = (word.rsplit("/", 1)[-1] for word in argv)
+    return next((name for name in names if name in _SLURM_COMMANDS), "remote command")
+
+
 def classify_error(stderr: str, exit_code: int) -> SlurmErrorKind:
     """The kind of failure of a Slurm command from its stderr (and stdout) and exit code.
 
@@ -867,11 +962,16 @@ def classify_error(stderr: str, exit_code: int) -> SlurmErrorKind:
 
 
 class SlurmError(RemoteError):
-    """A Slurm command ran on the HPC and failed; ``kind`` says what that means."""
+    """A Slurm command ran on the HPC and failed; ``kind`` says what that means.
+
+    Its message is short: ``squeue failed (exit 1: Slurm controller unreachable): <first
+    line of stderr>``; the argv (which may hold a whole script) stays in ``argv``.
+    """
 
     def __init__(self, argv: Sequence[str], exit_code: int, stderr: str, stdout: str = ""):
         super().__init__(list(argv), exit_code, stderr, stdout)
         self.kind = classify_error(f"{stderr or ''}\n{stdout or ''}", exit_code)
+        self.args = (failure_text(command_name(self.argv), self, self.kind.meaning),)
 
     @classmethod
     def from_remote_error(cls, error: RemoteError) -> SlurmError:
