@@ -839,6 +839,7 @@ def test_marked_output_of_nothing_is_no_job_and_array_jobs_are_left_out():
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES, ids=repr)
+@pytest.mark.system
 def test_every_case_name_goes_into_sbatch_and_the_script_as_it_is(tmp_path, name):
     folder = tmp_path / f"12_{name}"
     folder.mkdir()
