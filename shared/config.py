@@ -200,6 +200,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class GpusConfig:
+    """nvidia-smi telemetry on the hosts whose GPUs the login session sees (see ``shared.gpus``)."""
+    enabled: bool = True
+    interval_seconds: float = 10.0
+    command: tuple[str, ...] = ("nvidia-smi",)
+    idle_percent: float = 5.0
+    idle_minutes: float = 10.0
+    foreign_memory_mb: float = 100.0
+    avoid_foreign: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     root_dir: Path
     source: Path
@@ -216,6 +228,7 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    gpus: GpusConfig = field(default_factory=GpusConfig)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -636,6 +649,18 @@ def _notify(s: _Section) -> NotifyConfig:
     )
 
 
+def _gpus(s: _Section) -> GpusConfig:
+    return GpusConfig(
+        enabled=s.flag("enabled", True),
+        interval_seconds=s.number("interval_seconds", 10, minimum=0.5),
+        command=s.command("command", "nvidia-smi"),
+        idle_percent=s.number("idle_percent", 5, positive=True),
+        idle_minutes=s.number("idle_minutes", 10, positive=True),
+        foreign_memory_mb=s.number("foreign_memory_mb", 100),
+        avoid_foreign=s.flag("avoid_foreign", False),
+    )
+
+
 def _check_retention(config: Config) -> None:
     days = config.retention.remote_days
     for host in config.hosts:
@@ -659,7 +684,7 @@ def _check_delivery(config: Config) -> None:
 
 
 SECTIONS = ("root_dir", "scanner", "hpc", "hosts", "pueue", "slurm", "main_loop", "database", "spool",
-            "logging", "metrics", "health", "scheduling", "results", "retention", "notify")
+            "logging", "metrics", "health", "scheduling", "results", "retention", "notify", "gpus")
 
 
 def parse_config(data: Any, source: Path) -> Config:
@@ -698,6 +723,7 @@ def parse_config(data: Any, source: Path) -> Config:
         results=_results(sections["results"]),
         retention=_retention(sections["retention"]),
         notify=_notify(sections["notify"]),
+        gpus=_gpus(sections["gpus"]),
     )
     for section in sections.values():
         section.finish()

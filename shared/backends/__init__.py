@@ -15,6 +15,7 @@ class Backend(Protocol):
     """What a worker needs from one HPC host."""
 
     kind: str
+    # optional ``gpus_visible = True``: nvidia-smi in the login session sees the tasks' GPUs (shared.gpus)
 
     def snapshot(self) -> Snapshot:
         """Every task of this host and the HPC's clock, in ONE remote call."""
