@@ -11,7 +11,7 @@ import pytest
 from sandbox import nvidia_smi
 from shared import gpus
 from shared.config import GpusConfig
-from shared.db import SCHEMA_VERSION, schema_version
+from shared.db import SCHEMA_VERSION, connect, schema_version
 from shared.gpus_parse import GpuApp, GpuQuery, GpuReading, Probe, parse_compute_apps, parse_query_gpu
 from shared.states import CaseStatus, SlotStatus
 from shared.store import (SeatSpec, claim_next_case, get_case, register_case, slot_of_case, sync_slots, transition)
@@ -170,6 +170,34 @@ def test_seat_pinned_by_uuid_or_to_several_gpus_is_held_back_too(conn):
     gpus.record(conn, "hpc", probe(NOW), CONFIG, now=NOW)  # GPU 1's UUID is known from then on
     gpus.record(conn, "hpc", probe(NOW, only={0}, lost=["Unable to determine ...: GPU is lost"]), CONFIG, now=NOW)
     assert claimable_groups(conn) == ["unpinned"]
+
+
+def seed_gpus(config) -> None:
+    """Two GPUs on host ``hpc`` with a reading each: GPU 0 busy with case 1, GPU 1 with a stranger's process."""
+    conn = connect(config.database_path)
+    try:
+        gpus.record(conn, "hpc", probe(time.time(), apps=[GpuApp(UUID0, 11, 2048, 1), GpuApp(UUID1, 12, 900, None)]),
+                    config.gpus, now=time.time())
+    finally:
+        conn.close()
+
+
+def test_the_exporter_shows_each_gpus_reading_and_leaves_out_what_it_did_not_report(tmp_path):
+    from tests.conftest import make_config
+    from workers.exporter import DbCollector
+    config = make_config(tmp_path)
+    seed_gpus(config)
+    conn = connect(config.database_path)
+    lost = "Unable to determine the device handle for GPU 0000:18:00.0: GPU is lost."
+    gpus.record(conn, "hpc", probe(time.time(), only={0}, lost=[lost]), config.gpus, now=time.time())
+    conn.close()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in DbCollector(config).collect() for s in f.samples}
+    gpu0, gpu1 = (("gpu", "0"), ("host", "hpc")), (("gpu", "1"), ("host", "hpc"))
+    assert samples[("mqi_gpu_utilization_percent", gpu0)] == 95
+    assert samples[("mqi_gpu_memory_used_bytes", gpu0)] == 3000 * 1024 * 1024
+    assert samples[("mqi_gpu_temperature_celsius", gpu0)] == 70
+    assert samples[("mqi_gpu_answering", gpu1)] == 0 and ("mqi_gpu_utilization_percent", gpu1) not in samples
 
 
 # -- the nvidia-smi stand-in follows the real formats ---------------------------------------
