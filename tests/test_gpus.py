@@ -258,3 +258,17 @@ def test_the_fake_simulation_loads_its_gpu_while_it_runs(tmp_path):
         sim.kill()
         sim.wait()
     assert nvidia_smi.gpu_states(folder)[1]["utilization"] == 0  # a dead process holds nothing
+
+
+def test_gpus_keys_have_defaults_and_are_checked(tmp_path):
+    from shared.errors import ConfigError
+    from tests.conftest import make_config
+    defaults = make_config(tmp_path).gpus
+    assert defaults == GpusConfig(enabled=True, interval_seconds=10, command=("nvidia-smi",), idle_percent=5,
+                                  idle_minutes=10, foreign_memory_mb=100, avoid_foreign=False)
+    custom = make_config(tmp_path, gpus={"command": "/opt/nv/bin/nvidia-smi -i 0,1", "avoid_foreign": True})
+    assert custom.gpus.command == ("/opt/nv/bin/nvidia-smi", "-i", "0,1") and custom.gpus.avoid_foreign
+    for bad, key in (({"interval_seconds": 0}, "gpus.interval_seconds"), ({"avoid_foreign": "yes"}, "gpus.avoid_foreign"),
+                     ({"idle_minutes": -1}, "gpus.idle_minutes"), ({"idel_percent": 5}, "gpus.idel_percent")):
+        with pytest.raises(ConfigError, match=key):
+            make_config(tmp_path, gpus=bad)

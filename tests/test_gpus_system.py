@@ -171,3 +171,13 @@ def test_foreign_process_and_lost_gpu_keep_new_cases_off_their_gpus(gpu_system, 
     groups = {r[0] for r in conn.execute("SELECT DISTINCT pueue_group FROM slot_events WHERE to_status = 'assigned'")}
     assert "gpu_c" not in groups
     assert groups == ({"gpu_b"} if avoid else {"gpu_a", "gpu_b"})
+
+
+def test_poller_once_ends_with_its_telemetry_thread(hpc):
+    """``mqic-poller --once`` used to wait for ever on its helper threads (the stop event was never set)."""
+    h = hpc(gpus={"interval_seconds": 1})
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "workers.poller", "--once", "--config", str(h.config_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert time.monotonic() - started < 60
