@@ -36,7 +36,7 @@ from shared.states import CaseStatus
 from shared.worker import forget_logged, note_reach, per_item, reachable_hosts, worth_logging
 
 HISTORY_SECONDS = 24 * 3600.0
-LAST_PROBE = "gpu_last_probe"  # ctx.state: {host: our clock of the last probe sent}
+PROBE_KEY = "gpus.probed_at:"  # settings: our clock of the newest probe of each host
 REPEAT_LOG_SECONDS = 300
 IDLE_REASON = "GPU idle while running"
 
@@ -263,9 +263,17 @@ def sees_gpus(host) -> bool:
     return bool(getattr(host.backend, "gpus_visible", False))
 
 
-def due(ctx, host_name: str, now: float) -> bool:
-    last = ctx.state.setdefault(LAST_PROBE, {}).get(host_name)
-    return last is None or now - last >= ctx.config.gpus.interval_seconds
+def take_probe_turn(conn: sqlite3.Connection, host: str, now: float, interval: float) -> bool:
+    """True when this process may probe ``host`` now: the interval since the last probe by anyone
+    has passed (a compare-and-set on ``settings``, so two pollers still make one call per interval;
+    a clock set back does not stop the probes)."""
+    key = f"{PROBE_KEY}{host}"
+    with transaction(conn):
+        conn.execute("INSERT OR IGNORE INTO settings (key, value, updated_at) VALUES (?, ?, ?)",
+                     (key, 0.0, now))
+        return conn.execute("UPDATE settings SET value = :now, updated_at = :now WHERE key = :key"
+                            " AND (value <= :now - :interval OR value > :now)",
+                            {"key": key, "now": now, "interval": interval}).rowcount == 1
 
 
 def tick(ctx, now: float) -> int:
@@ -275,8 +283,7 @@ def tick(ctx, now: float) -> int:
         return 0
     done = 0
     for host in reachable_hosts(ctx):
-        if sees_gpus(host) and due(ctx, host.name, now):
-            ctx.state[LAST_PROBE][host.name] = now
+        if sees_gpus(host) and take_probe_turn(ctx.conn, host.name, now, config.interval_seconds):
             with per_item(ctx, None, f"gpus:{host.name}"):
                 done += probe_host(ctx, host, now)
     prune_history(ctx.conn, now - HISTORY_SECONDS)

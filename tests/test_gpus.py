@@ -272,3 +272,13 @@ def test_gpus_keys_have_defaults_and_are_checked(tmp_path):
                      ({"idle_minutes": -1}, "gpus.idle_minutes"), ({"idel_percent": 5}, "gpus.idel_percent")):
         with pytest.raises(ConfigError, match=key):
             make_config(tmp_path, gpus=bad)
+
+
+def test_two_pollers_share_one_probe_per_interval_and_a_clock_set_back_does_not_stop_probes(db_path):
+    first, second = connect(db_path), connect(db_path)
+    turns = [(gpus.take_probe_turn(first, "hpc", t, 10), gpus.take_probe_turn(second, "hpc", t + 0.1, 10))
+             for t in (NOW, NOW + 5, NOW + 10.5)]
+    assert turns == [(True, False), (False, False), (True, False)]
+    assert gpus.take_probe_turn(first, "gpu2", NOW, 10)  # each host has its own turn
+    assert gpus.take_probe_turn(second, "hpc", NOW - 3600, 10)  # the clock went back an hour
+    first.close(), second.close()

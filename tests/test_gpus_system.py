@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from dataclasses import replace
 import sys
 import time
 import urllib.request
@@ -79,8 +80,7 @@ def test_garbage_or_a_hung_nvidia_smi_changes_nothing(hpc):
     garbage = h.root / "bin" / "garbage-smi"
     garbage.write_text("#!/bin/sh\necho '<html>502 Bad Gateway</html>'\n")
     garbage.chmod(0o755)
-    ctx.config = __import__("dataclasses").replace(
-        ctx.config, gpus=__import__("dataclasses").replace(ctx.config.gpus, command=(str(garbage),)))
+    ctx.config = replace(ctx.config, gpus=replace(ctx.config.gpus, command=(str(garbage),)))
     assert gpus.tick(ctx, 300.0) == 0 and gpus.gpu_views(ctx.conn) == before
 
 
