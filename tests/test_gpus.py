@@ -2,6 +2,7 @@
 file with an injected clock; then the probe and the loop against the real sshd and the nvidia-smi stand-in."""
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -282,3 +283,21 @@ def test_two_pollers_share_one_probe_per_interval_and_a_clock_set_back_does_not_
     assert gpus.take_probe_turn(first, "gpu2", NOW, 10)  # each host has its own turn
     assert gpus.take_probe_turn(second, "hpc", NOW - 3600, 10)  # the clock went back an hour
     first.close(), second.close()
+
+
+def test_mqic_status_and_show_print_each_gpu_and_the_running_cases_gpu(tmp_path, capsys, monkeypatch):
+    from tests.conftest import cli, make_config
+    monkeypatch.setenv("COLUMNS", "200")
+    config = make_config(tmp_path)
+    conn = connect(config.database_path)
+    seats(conn)
+    case, _ = running_case(conn, "plan_7")
+    apps = [GpuApp(UUID0, 11, 2048, case.case_id), GpuApp(UUID1, 12, 900, None)]
+    gpus.record(conn, "hpc", probe(time.time(), apps=apps), config.gpus, now=time.time())
+    conn.close()
+    code, out, _ = cli(capsys, config, "status")
+    assert code == 0 and "GPUs (nvidia-smi)" in out
+    assert re.search(rf"hpc\s+0\s.*95%.*2\.9/16\.0 GiB\s+70C\s+case {case.case_id} plan_7", out), out
+    assert re.search(r"hpc\s+1\s.*0%.*someone else's process \(1\)", out), out
+    code, out, _ = cli(capsys, config, "show", str(case.case_id))
+    assert code == 0 and "gpu: hpc GPU 0: utilization 95%, memory 2.9/16.0 GiB, 70C (read 0s ago)" in out
