@@ -202,8 +202,20 @@ def up(root: Path, *, project_root: Path | None = None, groups: dict | None = No
     second_name = "cluster" if second_host == "slurm" else "gpu2"
     second = start_host(root, second_name, second_host, root / HOSTS_DIR / second_name, pueue_format=pueue_format)
     entries = [_entry(first, groups, partitions), _entry(second, second_groups, partitions)]
-    return _write_config(root, config_data(root, None, None, project_root=project, hosts=entries, **sections),
-                         (first, second))
+    data = config_data(root, None, None, project_root=project, hosts=entries, **sections)
+    share_gpu_stand_in(data, (first, second))
+    return _write_config(root, data, (first, second))
+
+
+def share_gpu_stand_in(data: dict, hosts: tuple[SandboxHost, ...]) -> None:
+    """``gpus.command`` is one for all hosts: point it at the first pueue host's stand-in and let
+    the stand-in answer each ssh session with the board of the host (sshd port) it came in on."""
+    pueue_hosts = [host for host in hosts if host.backend == "pueue"]
+    if not pueue_hosts:
+        return
+    nvidia_smi.map_ports(pueue_hosts[0].folder / GPUS_DIR,
+                         {host.endpoint.port: host.folder / GPUS_DIR for host in pueue_hosts})
+    data.setdefault("gpus", {}).setdefault("command", shlex.quote(str(pueue_hosts[0].bin["nvidia-smi"])))
 
 
 def _entry(host: SandboxHost, groups: dict | None, partitions: dict | None) -> dict:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 DIR_ENV = "MQI_FAKE_GPU_DIR"
+PORTS_FILE = "ports.json"
 GPU_FIELDS = {"index", "uuid", "name", "pci.bus_id", "utilization.gpu", "memory.used", "memory.total",
               "temperature.gpu"}
 APP_FIELDS = {"gpu_uuid", "pid", "used_memory", "process_name"}
@@ -237,11 +238,27 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--ctl"]:
         return ctl_main(args[1:])
-    folder = os.environ.get(DIR_ENV)
-    if not folder:
-        sys.stdout.write("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n")
+    folder = board_folder(dict(os.environ))
+    if folder is None:
+        sys.stdout.write(DRIVER_FAILED)
         return EXIT_DRIVER
-    return tool_main(args, Path(folder))
+    return tool_main(args, folder)
+
+
+def board_folder(environ: dict[str, str]) -> Path | None:
+    """The board of the host this ssh session reached: ``ports.json`` in the wrapper's folder maps
+    an sshd port to a host's board (two sandbox hosts share one ``gpus.command``), else its own."""
+    if not environ.get(DIR_ENV):
+        return None
+    folder = Path(environ[DIR_ENV])
+    words = environ.get("SSH_CONNECTION", "").split()
+    ports = _read(folder / PORTS_FILE, {})
+    return Path(ports[words[3]]) if len(words) == 4 and words[3] in ports else folder
+
+
+def map_ports(folder: Path, boards: dict[int, Path]) -> None:
+    """Write ``ports.json``: which board answers a session that came in on which sshd port."""
+    _write(Path(folder) / PORTS_FILE, {str(port): str(Path(board).resolve()) for port, board in boards.items()})
 
 
 if __name__ == "__main__":

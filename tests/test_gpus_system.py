@@ -181,3 +181,13 @@ def test_poller_once_ends_with_its_telemetry_thread(hpc):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert time.monotonic() - started < 60
+
+
+def test_two_sandbox_hosts_each_answer_with_their_own_gpus(two_hosts):
+    h = two_hosts("pueue", gpus={"interval_seconds": 1})
+    h.host("gpu2").gpus("lost", "1")
+    ctx = ctx_for(h, "poller-gpus")
+    assert gpus.tick(ctx, 100.0) == 2  # one probe per host
+    seen = {(v.host, v.index): v for v in gpus.gpu_views(ctx.conn)}
+    assert [key for key, v in sorted(seen.items()) if not v.answering] == [("gpu2", 1)]
+    assert seen[("gpu1", 0)].uuid != seen[("gpu2", 0)].uuid
