@@ -303,6 +303,9 @@ def probe_host(ctx, host, now: float) -> int:
         return 0
     views = record(ctx.conn, host.name, probe, config, now=ctx.clock())
     log_silent_gpus(ctx, host.name, views, now)
+    if probe.query.failure and not views and worth_logging(ctx, f"gpus:{host.name}:failure", now, REPEAT_LOG_SECONDS):
+        ctx.log.error("host %s: nvidia-smi lists no GPU: %s", host.name, probe.query.failure,
+                      extra={"operation": "gpus", "error_type": "NoGpus", "host": host.name})
     for case_id, reason in flag_idle_cases(ctx.conn, host.name, views, config, now=ctx.clock(), worker=ctx.name):
         ctx.log.error("case %d flagged for review: %s", case_id, reason,
                       extra=for_case(case_id, "gpus") | {"error_type": "GpuIdle"})
