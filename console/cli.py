@@ -32,9 +32,9 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 
 from console import service
-from console.top import (console_width, format_age, format_time, freshness, host_lines, slots_table, totals_line,
-                         upkeep_line)
-from shared import actions, maintenance, queries, retention, tasks, version
+from console.top import (console_width, format_age, format_time, freshness, gpu_memory, gpus_table, host_lines,
+                         slots_table, totals_line, upkeep_line)
+from shared import actions, gpus, maintenance, queries, retention, tasks, version
 from shared.backends import backend_for, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, HostConfig, default_config_path, load_config
@@ -109,7 +109,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print_json({"totals": view.totals, "hosts": view.hosts, "slots": view.slots, "workers": view.workers,
                     "last_change": view.last_change, "health": view.health,
-                    "upkeep": view.upkeep, "drained": view.upkeep.drained})
+                    "upkeep": view.upkeep, "drained": view.upkeep.drained, "gpus": view.gpus})
         return 0
     console = out()
     console.print(totals_line(view))
@@ -118,6 +118,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         console.print(upkeep)
     console.print(host_lines(view, config.tz))
     console.print(slots_table(view, config.tz))
+    if view.gpus:
+        console.print(gpus_table(view, config.gpus.interval_seconds))
     console.print(freshness(view, config.tz))
     return 0
 
@@ -254,14 +256,32 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
             case = existing_case(conn, args.case_id)
             events = queries.events_of(conn, case.case_id)
             eta = estimate(conn, config, time.time()).get(case.case_id)
+            case_gpus = gpus.gpus_of_case(conn, case, gpus.gpu_views(conn, case.host)) \
+                if case.status.value == "running" else []
     finally:
         conn.close()
     remote = remote_task(config, case) if case.pueue_task_id is not None else None
     if args.json:
-        print_json({"case": case, "events": events, "remote": remote, "eta": eta})
+        print_json({"case": case, "events": events, "remote": remote, "eta": eta, "gpus": case_gpus})
         return 0
     print_case(config, case, events, remote, eta)
+    print_case_gpus(config, case_gpus)
     return 0
+
+
+def print_case_gpus(config: Config, views: list) -> None:
+    """The running case's GPU(s) as nvidia-smi last saw them."""
+    now = time.time()
+    for gpu in views:
+        if not gpu.answering:
+            print(f"gpu: {gpu.host} GPU {gpu.index} NOT ANSWERING ({gpu.error})")
+            continue
+        util = "-" if gpu.utilization is None else f"{gpu.utilization:.0f}%"
+        temp = "-" if gpu.temperature is None else f"{gpu.temperature:.0f}C"
+        stale = " STALE" if gpu.stale(now, config.gpus.interval_seconds) else ""
+        foreign = f", someone else's process ({gpu.foreign_processes})" if gpu.foreign_processes else ""
+        print(f"gpu: {gpu.host} GPU {gpu.index}: utilization {util}, memory {gpu_memory(gpu)}, {temp}{foreign}"
+              f" (read {format_age(gpu.age(now))} ago{stale})")
 
 
 TIME_FIELDS = ("submitted_at", "status_updated_at", "started_at", "completed_at", "next_attempt_at",

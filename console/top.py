@@ -32,6 +32,7 @@ from shared.queries import STATUSES, CaseView, HostView, Overview, overview, rea
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect
+from shared.gpus import GpuView
 
 READ_BUSY_TIMEOUT_MS = 500
 STATUS_STYLES = {"submitted": "cyan", "submitting": "blue", "running": "yellow",
@@ -181,6 +182,42 @@ def slots_table(view: Overview, tz: ZoneInfo) -> Table:
     return table
 
 
+def gpu_who(gpu: GpuView, names: dict[int, str]) -> Text:
+    """Whose work is on the GPU: our case(s), someone else's process, or that it does not answer."""
+    if not gpu.answering:
+        return Text(f"NOT ANSWERING: {gpu.error or '?'}; no new case", style="bold red")
+    text = Text(", ".join(f"case {i} {names.get(i, '')}".rstrip() for i in gpu.case_ids))
+    if gpu.foreign_processes:
+        text.append("; " if gpu.case_ids else "")
+        text.append(f"someone else's process ({gpu.foreign_processes})"
+                    + ("; no new case" if gpu.blocks_claims else ""), style="bold yellow")
+    return text if text.plain else Text("-")
+
+
+def gpu_memory(gpu: GpuView) -> str:
+    if gpu.memory_used_mb is None:
+        return "-"
+    total = f"/{gpu.memory_total_mb / 1024:.1f}" if gpu.memory_total_mb else ""
+    return f"{gpu.memory_used_mb / 1024:.1f}{total} GiB"
+
+
+def gpus_table(view: Overview, interval: float) -> Table:
+    """One row per GPU from nvidia-smi: utilization bar, memory, temperature, whose work, reading age."""
+    table = Table(title="GPUs (nvidia-smi)", box=box.SIMPLE_HEAD, title_justify="left", expand=False)
+    for name in ("host", "gpu", "utilization", "memory", "temp", "on it", "read"):
+        table.add_column(name, overflow="fold", no_wrap=name == "utilization")
+    names = {slot.case_id: slot.case_name for slot in view.slots if slot.case_id is not None}
+    for gpu in view.gpus:
+        age = Text(f"{format_age(gpu.age(view.now))} ago",
+                   style="bold red" if gpu.stale(view.now, interval) else "")
+        if gpu.stale(view.now, interval):
+            age.append(" STALE")
+        temp = "-" if gpu.temperature is None else f"{gpu.temperature:.0f}C"
+        table.add_row(gpu.host, str(gpu.index), progress_cell(gpu.utilization if gpu.answering else None),
+                      gpu_memory(gpu), temp, gpu_who(gpu, names), age)
+    return table
+
+
 def cases_table(title: str, cases: Sequence[CaseView], view: Overview, tz: ZoneInfo,
                 etas: dict[int, Eta] | None = None) -> Table:
     """The cases with their progress and, for running and waiting ones, their ETA (``etas``)."""
@@ -259,8 +296,10 @@ def render(view: Overview | None, config: Config, now: float, message: str | Non
     upkeep = upkeep_line(view, tz)
     if upkeep is not None:
         parts.append(upkeep)
-    parts += [host_lines(view, tz), slots_table(view, tz),
-              cases_table("Recent cases", view.recent, view, tz, etas)]
+    parts += [host_lines(view, tz), slots_table(view, tz)]
+    if view.gpus:
+        parts.append(gpus_table(view, config.gpus.interval_seconds))
+    parts.append(cases_table("Recent cases", view.recent, view, tz, etas))
     if view.flagged:
         parts.append(review_table(view))
     parts += [workers_table(view, tz), freshness(view, tz)]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from sandbox import nvidia_smi
 from sandbox.pueue_standin import write_wrappers
 from sandbox.slurm import CLIENT_COMMANDS, SandboxSlurm, SandboxSlurmError
 from sandbox.sshd import SandboxSshd, SshEndpoint
@@ -32,6 +33,7 @@ DEFAULT_GROUPS = {"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}}
 DEFAULT_PARTITIONS = {"gpu_a": {"partition": "gpu", "gres": "gpu:1"},
                       "gpu_b": {"partition": "gpu", "gres": "gpu:1"}}
 HOST_KINDS = ("pueue", "slurm")
+GPUS_DIR = "gpus"  # root/gpus (a host's folder/gpus): the nvidia-smi stand-in's board, beside remote/
 HOSTS_DIR = "hosts"  # root/hosts/<name>/: a second host's sshd, pueue home or cluster, remote folder
 
 
@@ -58,6 +60,11 @@ class SandboxHost:
     def pueue_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.bin["pueue"]), *args], capture_output=True, text=True, timeout=60,
                               check=check)
+
+    def gpus(self, *args: str) -> None:
+        """Steer this host's fake GPUs (``sandbox.nvidia_smi`` control: idle on, lost 1, foreign 0 900, ...)."""
+        if nvidia_smi.ctl_main([str(self.folder / GPUS_DIR), *args]) != 0:
+            raise ValueError(f"bad GPU control command: {args!r}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,10 @@ class Sandbox:
 
     def pueue_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.hosts[0].pueue_cli(*args, check=check)
+
+    def gpus(self, *args: str) -> None:
+        """Steer the first host's fake GPUs (see ``SandboxHost.gpus``)."""
+        self.hosts[0].gpus(*args)
 
 
 def remote_command(python: str = sys.executable) -> str:
@@ -154,6 +165,7 @@ def config_data(root: Path, endpoint: SshEndpoint | None, pueue_bin: Path | None
         else:
             data["hpc"]["pueue_command"] = shlex.quote(str(pueue_bin))
             data["pueue"]["groups"] = groups or DEFAULT_GROUPS
+            data["gpus"] = {"command": shlex.quote(str(Path(pueue_bin).parent / "nvidia-smi"))}  # the stand-in's
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return data
@@ -190,8 +202,20 @@ def up(root: Path, *, project_root: Path | None = None, groups: dict | None = No
     second_name = "cluster" if second_host == "slurm" else "gpu2"
     second = start_host(root, second_name, second_host, root / HOSTS_DIR / second_name, pueue_format=pueue_format)
     entries = [_entry(first, groups, partitions), _entry(second, second_groups, partitions)]
-    return _write_config(root, config_data(root, None, None, project_root=project, hosts=entries, **sections),
-                         (first, second))
+    data = config_data(root, None, None, project_root=project, hosts=entries, **sections)
+    share_gpu_stand_in(data, (first, second))
+    return _write_config(root, data, (first, second))
+
+
+def share_gpu_stand_in(data: dict, hosts: tuple[SandboxHost, ...]) -> None:
+    """``gpus.command`` is one for all hosts: point it at the first pueue host's stand-in and let
+    the stand-in answer each ssh session with the board of the host (sshd port) it came in on."""
+    pueue_hosts = [host for host in hosts if host.backend == "pueue"]
+    if not pueue_hosts:
+        return
+    nvidia_smi.map_ports(pueue_hosts[0].folder / GPUS_DIR,
+                         {host.endpoint.port: host.folder / GPUS_DIR for host in pueue_hosts})
+    data.setdefault("gpus", {}).setdefault("command", shlex.quote(str(pueue_hosts[0].bin["nvidia-smi"])))
 
 
 def _entry(host: SandboxHost, groups: dict | None, partitions: dict | None) -> dict:
@@ -238,6 +262,7 @@ def start_slurm(root: Path) -> Path:
 def start_standin(root: Path, pueue_format: str) -> dict[str, Path]:
     """The pueue stand-in's wrappers in ``root/bin``, its daemon started (idempotent)."""
     wrappers = write_wrappers(root / "bin", root / "pueue", sys.executable)
+    wrappers["nvidia-smi"] = nvidia_smi.write_wrapper(root / "bin", root / GPUS_DIR)
     subprocess.run([str(wrappers["pueue-standin-ctl"]), "format", pueue_format], check=True,
                    capture_output=True, timeout=30)
     subprocess.run([str(wrappers["pueued"]), "-d"], check=True, capture_output=True, timeout=30)

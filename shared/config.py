@@ -217,6 +217,18 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class GpusConfig:
+    """nvidia-smi telemetry on the hosts whose GPUs the login session sees (see ``shared.gpus``)."""
+    enabled: bool = True
+    interval_seconds: float = 10.0
+    command: tuple[str, ...] = ("nvidia-smi",)
+    idle_percent: float = 5.0
+    idle_minutes: float = 10.0
+    foreign_memory_mb: float = 100.0
+    avoid_foreign: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     root_dir: Path
     source: Path
@@ -234,6 +246,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    gpus: GpusConfig = field(default_factory=GpusConfig)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -682,6 +695,18 @@ def _host_names(s: _Section, key: str) -> tuple[str, ...]:
     return tuple(v.lower() for v in value)
 
 
+def _gpus(s: _Section) -> GpusConfig:
+    return GpusConfig(
+        enabled=s.flag("enabled", True),
+        interval_seconds=s.number("interval_seconds", 10, minimum=0.5),
+        command=s.command("command", "nvidia-smi"),
+        idle_percent=s.number("idle_percent", 5, positive=True),
+        idle_minutes=s.number("idle_minutes", 10, positive=True),
+        foreign_memory_mb=s.number("foreign_memory_mb", 100),
+        avoid_foreign=s.flag("avoid_foreign", False),
+    )
+
+
 def _check_retention(config: Config) -> None:
     days = config.retention.remote_days
     for host in config.hosts:
@@ -705,7 +730,7 @@ def _check_delivery(config: Config) -> None:
 
 
 SECTIONS = ("root_dir", "scanner", "hpc", "hosts", "pueue", "slurm", "main_loop", "database", "spool",
-            "logging", "metrics", "health", "scheduling", "results", "retention", "notify", "web")
+            "logging", "metrics", "health", "scheduling", "results", "retention", "notify", "web", "gpus")
 
 
 def parse_config(data: Any, source: Path) -> Config:
@@ -745,6 +770,7 @@ def parse_config(data: Any, source: Path) -> Config:
         retention=_retention(sections["retention"]),
         notify=_notify(sections["notify"]),
         web=_web(sections["web"]),
+        gpus=_gpus(sections["gpus"]),
     )
     for section in sections.values():
         section.finish()

@@ -196,6 +196,42 @@ MIGRATIONS: tuple[str, ...] = (
         down_since REAL
     );
     """,
+    # issue 21: the GPUs themselves (nvidia-smi). ``gpus``: the newest reading per (host, GPU
+    # index), kept when the host stops answering (its age says how stale it is); times in
+    # ``host_time``/``idle_since`` are the HPC's clock, ``seen_at`` ours. ``blocks_claims``:
+    # the claim hands none of this GPU's seats out (lost, or a foreign process with
+    # ``gpus.avoid_foreign``). ``gpu_history``: one row per GPU per reading, pruned after a day.
+    """
+    CREATE TABLE gpus (
+        host TEXT NOT NULL,
+        gpu_index INTEGER NOT NULL,
+        uuid TEXT NOT NULL DEFAULT '',
+        utilization REAL,
+        memory_used_mb REAL,
+        memory_total_mb REAL,
+        temperature REAL,
+        answering INTEGER NOT NULL DEFAULT 1,
+        error TEXT,
+        processes TEXT NOT NULL DEFAULT '[]',
+        foreign_processes INTEGER NOT NULL DEFAULT 0,
+        idle_since REAL,
+        host_time REAL,
+        seen_at REAL NOT NULL,
+        blocks_claims INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (host, gpu_index)
+    );
+    CREATE TABLE gpu_history (
+        host TEXT NOT NULL,
+        gpu_index INTEGER NOT NULL,
+        at REAL NOT NULL,
+        utilization REAL,
+        memory_used_mb REAL,
+        temperature REAL,
+        answering INTEGER NOT NULL
+    );
+    CREATE INDEX gpu_history_by_time ON gpu_history(at);
+    CREATE INDEX gpu_history_by_gpu ON gpu_history(host, gpu_index, at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
+from shared.gpus import gpu_views
 from shared.config import HostConfig
 from shared.maintenance import Drain, drains
 from shared.states import CaseStatus
@@ -141,6 +142,7 @@ class Overview:
     hosts: tuple[HostView, ...]
     health: Health
     upkeep: Upkeep = Upkeep()
+    gpus: tuple = ()  # shared.gpus.GpuView per GPU: the newest nvidia-smi reading (issue 21)
 
     @property
     def active(self) -> int:
@@ -395,7 +397,8 @@ def overview(conn: sqlite3.Connection, now: float, stale_after: float, *, recent
         return Overview(now=now, totals=totals, slots=tuple(slots(conn)),
                         recent=tuple(recent_cases(conn, recent)), flagged=tuple(review_flags(conn, flags)),
                         workers=tuple(seen), last_change=last, hosts=known,
-                        health=judge_health(totals, seen, last, now, stale_after, kept, known), upkeep=kept)
+                        health=judge_health(totals, seen, last, now, stale_after, kept, known), upkeep=kept,
+                        gpus=tuple(gpu_views(conn)))
 
 
 # -- metrics helpers ------------------------------------------------------------------------------

@@ -363,8 +363,17 @@ def adopt_unnamed_host(conn: sqlite3.Connection, host: str, address: str) -> int
 URGENT_FIRST = ("CASE WHEN priority = 'urgent' OR submitted_at <= :aged THEN 0 ELSE 1 END,"
                 " submitted_at, case_id")
 # A seat can be handed out when its host is neither drained nor last seen unreachable.
+# issue 21: nor is its GPU one that nvidia-smi shows lost or not answering, or busy with someone
+# else's process under ``gpus.avoid_foreign`` (``gpus.blocks_claims``, kept by shared.gpus). A seat
+# names its GPUs as CUDA_VISIBLE_DEVICES does (indexes or UUIDs, comma-separated); one that names
+# none is never held back.
+SEAT_GPU_USABLE = ("NOT EXISTS (SELECT 1 FROM gpus WHERE gpus.host = gpu_resources.host AND gpus.blocks_claims = 1"
+                   " AND (instr(',' || replace(gpu_resources.gpu, ' ', '') || ',', ',' || gpus.gpu_index || ',') > 0"
+                   " OR (gpus.uuid <> '' AND instr(',' || replace(gpu_resources.gpu, ' ', '') || ',',"
+                   " ',' || gpus.uuid || ',') > 0)))")
 SEAT_USABLE = ("host NOT IN (SELECT host FROM drains)"
-               " AND host NOT IN (SELECT host FROM host_reach WHERE ok = 0)")
+               " AND host NOT IN (SELECT host FROM host_reach WHERE ok = 0)"
+               f" AND {SEAT_GPU_USABLE}")
 # Fill idle GPUs before queueing behind a running case; then the case's own host (where
 # it may be pre-uploaded); then the seat free longest.
 SEAT_ORDER = ("(SELECT COUNT(*) FROM gpu_resources AS b WHERE b.host = gpu_resources.host"

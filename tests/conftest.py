@@ -131,6 +131,8 @@ class Hpc:
 
         self.root, self.sshd = root, sshd
         self.bin = write_wrappers(root / "bin", root / "pueue")
+        from sandbox.nvidia_smi import write_wrapper
+        self.bin["nvidia-smi"] = write_wrapper(root / "bin", root / "gpus")
         self.ctl("format", sections.pop("pueue_format", "v4"))
         subprocess.run([str(self.bin["pueued"]), "-d"], check=True, capture_output=True, timeout=30)
         groups = sections.pop("groups", None)
@@ -152,6 +154,11 @@ class Hpc:
 
     def pueue(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.bin["pueue"]), *args], capture_output=True, text=True, timeout=60)
+
+    def gpus(self, *args: str) -> None:
+        """Steer the fake GPUs (``sandbox.nvidia_smi`` control: idle on, lost 1, foreign 0 900, ...)."""
+        from sandbox.nvidia_smi import ctl_main
+        assert ctl_main([str(self.root / "gpus"), *args]) == 0
 
     def status(self) -> dict:
         import json

@@ -107,8 +107,8 @@ def test_metrics_equal_the_database(exporter):
     assert len([k for k in m if k[0].endswith("_bucket") and ("phase", "run") in k[1]]) == len(BUCKETS) + 1
 
     # gpu_a assigned for the last 3000 s, gpu_b for 1200 + 50 + 100 s of the hour (plus seconds since seeding)
-    assert m[("mqi_gpu_utilization_percent", (("group", "gpu_a"), ("host", "hpc")))] == pytest.approx(3000 / 36, abs=0.5)
-    assert m[("mqi_gpu_utilization_percent", (("group", "gpu_b"), ("host", "hpc")))] == pytest.approx(1350 / 36, abs=0.5)
+    assert m[("mqi_slot_assigned_percent", (("group", "gpu_a"), ("host", "hpc")))] == pytest.approx(3000 / 36, abs=0.5)
+    assert m[("mqi_slot_assigned_percent", (("group", "gpu_b"), ("host", "hpc")))] == pytest.approx(1350 / 36, abs=0.5)
     for group in ("gpu_a", "gpu_b"):
         assert m[("mqi_slots", (("group", group), ("host", "hpc"), ("status", "assigned")))] == 1
         assert m[("mqi_slots", (("group", group), ("host", "hpc"), ("status", "available")))] == 0
@@ -173,11 +173,13 @@ def test_the_grafana_dashboard_only_uses_exported_metrics(tmp_path):
     dashboard = json.loads(DASHBOARD.read_text())
     config = make_config(tmp_path)
     seed(config, time.time())
+    from tests.test_gpus import seed_gpus
+    seed_gpus(config)
     exported = {s.name for f in DbCollector(config).collect() for s in f.samples}
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs and dashboard["title"]
     used = {name for expr in exprs for name in re.findall(r"\bmqi_[a-z_]+", expr)}
     assert used and used <= exported, used - exported
-    assert {"mqi_remote_unreachable", "mqi_worker_up", "mqi_gpu_utilization_percent",
+    assert {"mqi_remote_unreachable", "mqi_worker_up", "mqi_slot_assigned_percent",
             "mqi_task_execution_duration_seconds_bucket"} <= used
     assert not any(math.isnan(s.value) for f in DbCollector(config).collect() for s in f.samples)

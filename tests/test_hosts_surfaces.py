@@ -184,7 +184,7 @@ def test_metrics_carry_the_host_label(world):
         == (1, 1, 0)
 
     def busy(host, group):
-        return m[("mqi_gpu_utilization_percent", (("group", group), ("host", host)))]
+        return m[("mqi_slot_assigned_percent", (("group", group), ("host", host)))]
 
     # gpu1/gpu_a: seat 0 assigned for 3000 s, seat 1 for the last 1000 s of them: the GPU was busy 3000 s, not 4000
     assert busy("gpu1", "gpu_a") == pytest.approx(3000 / 36, abs=0.5)

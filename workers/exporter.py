@@ -28,6 +28,7 @@ from shared import queries
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect
+from shared.gpus import GpuView, gpu_views
 from shared.logs import for_case, setup_logging
 from shared.settings import counters
 from shared.states import SlotStatus
@@ -39,6 +40,7 @@ UTILIZATION_WINDOW_SECONDS = 3600.0
 SCRAPE_BUSY_TIMEOUT_MS = 2000
 REMOTE_HELP = "1 when the workers' newest call to the host did not get through (host_reach)"
 SEAT_STATES = tuple(s.value for s in SlotStatus)
+MIB = 1024 * 1024
 NO_HOST = "(none)"  # the label of a running case without a host (none should exist)
 
 log = logging.getLogger("mqic.exporter")
@@ -127,7 +129,8 @@ class DbCollector:
             kept = queries.upkeep(conn)
             counts = counters(conn)
             waiting = queries.waiting_by_priority(conn)
-        return [*case_families(totals, self.tally), phase_family(self.tally),
+            gpu_list = gpu_views(conn)
+        return [*gpu_families(gpu_list, now), *case_families(totals, self.tally), phase_family(self.tally),
                 *host_families(hosts, seats, busy, totals["running"]), *upkeep_families(kept, counts, waiting),
                 labelled_gauge("mqi_worker_up", "1 when the worker's heartbeat is fresh", "worker",
                                {w.name: float(w.alive) for w in seen}),
@@ -163,9 +166,35 @@ def host_families(hosts: list[queries.HostView], seats: list[queries.SlotView],
         labelled_gauge("mqi_drained", "1 while the host is drained (no new claims there)", "host",
                        {h.name: float(h.drained) for h in hosts}),
         gauge_by("mqi_slots", "Seats of each slot (host, group) by state", ("host", "group", "status"), by_state),
-        gauge_by("mqi_gpu_utilization_percent",
-                 f"Share of the last {UTILIZATION_WINDOW_SECONDS:g} s each GPU slot had a case assigned",
+        gauge_by("mqi_slot_assigned_percent",
+                 f"Share of the last {UTILIZATION_WINDOW_SECONDS:g} s each slot had a case assigned"
+                 " (not what the GPU did: see mqi_gpu_utilization_percent)",
                  ("host", "group"), {slot: 100.0 * s / UTILIZATION_WINDOW_SECONDS for slot, s in busy.items()}),
+    ]
+
+
+def gpu_families(views: list[GpuView], now: float) -> list[Metric]:
+    """Per GPU, from its newest nvidia-smi reading; a value the GPU did not report (or a GPU that does
+    not answer) is left out rather than shown as 0."""
+    def per_gpu(value) -> dict[tuple[str, str], float]:
+        return {(v.host, str(v.index)): float(value(v)) for v in views if v.answering and value(v) is not None}
+    labels = ("host", "gpu")
+    return [
+        gauge_by("mqi_gpu_utilization_percent", "GPU utilization reported by nvidia-smi", labels,
+                 per_gpu(lambda v: v.utilization)),
+        gauge_by("mqi_gpu_memory_used_bytes", "GPU memory in use (nvidia-smi)", labels,
+                 per_gpu(lambda v: None if v.memory_used_mb is None else v.memory_used_mb * MIB)),
+        gauge_by("mqi_gpu_memory_total_bytes", "GPU memory (nvidia-smi)", labels,
+                 per_gpu(lambda v: None if v.memory_total_mb is None else v.memory_total_mb * MIB)),
+        gauge_by("mqi_gpu_temperature_celsius", "GPU temperature (nvidia-smi)", labels,
+                 per_gpu(lambda v: v.temperature)),
+        gauge_by("mqi_gpu_foreign_processes", "Processes on the GPU that are not our cases' (over"
+                 " gpus.foreign_memory_mb)", labels, per_gpu(lambda v: v.foreign_processes)),
+        gauge_by("mqi_gpu_answering", "0 when the GPU does not answer (lost, driver failure): its seats get"
+                 " no new case", labels, {(v.host, str(v.index)): float(v.answering) for v in views}),
+        gauge_by("mqi_gpu_reading_age_seconds", "Seconds since the GPU's newest reading (grows while the host"
+                 " is unreachable or nvidia-smi hangs)", labels,
+                 {(v.host, str(v.index)): max(0.0, now - v.seen_at) for v in views}),
     ]
 
 

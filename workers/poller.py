@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from shared import tasks
+from shared import gpus, tasks
 from shared.backends import model, pueue_parse
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
@@ -33,8 +33,8 @@ from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.spool import merge_into, settle_folder
 from shared.remote import UnsafeMember
 from shared.store import Case, cases_with_status, flag_for_review, get_case, release_slot_of, update_case
-from shared.worker import (Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item, worker_main,
-                           worth_logging)
+from shared.worker import (Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
+                           start_helper_loop, worker_main, worth_logging)
 
 FAILED_OUTCOMES = {
     model.TaskState.FAILED: Outcome.FAILED,
@@ -342,8 +342,22 @@ def listen_for_work(ctx: Context) -> None:
     listen(ctx.spool.root, "poller", ctx.wake)
 
 
+def start_gpu_telemetry(ctx: Context) -> None:
+    """nvidia-smi telemetry in a thread of its own (own connection): a slow or hung nvidia-smi
+    never delays a pass that settles cases. The poller hosts it because it follows the running
+    cases that the readings are about; the reaper's day-to-day steps are slow by nature."""
+    gpus.apply_config(ctx.conn, ctx.config.gpus)
+    if ctx.config.gpus.enabled:
+        start_helper_loop(ctx, f"{ctx.name}-gpus", gpus.tick)
+
+
+def prepare(ctx: Context) -> None:
+    listen_for_work(ctx)
+    start_gpu_telemetry(ctx)
+
+
 def main(argv=None) -> int:
-    return worker_main("mqic-poller", "poller", tick, argv, prepare=listen_for_work, idle_wait=poll_interval)
+    return worker_main("mqic-poller", "poller", tick, argv, prepare=prepare, idle_wait=poll_interval)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ Precedence, per knob, highest first:
 So environment variables never override a value the case folder sets: a task
 run through pueue over ssh gets the ssh session's environment, and the per-case
 file is what tests use.
+
+GPU load: while it runs, it keeps ``<gpus>/load/<pid>.json`` (its GPU from
+``CUDA_VISIBLE_DEVICES``, ``memory_mb``, ``busy``: false while it hangs), which the
+sandbox's ``nvidia-smi`` stand-in (``sandbox/nvidia_smi.py``) reads. ``<gpus>`` is
+``$MQI_FAKE_GPU_DIR``, else the ``gpus`` folder beside the remote base folder
+(``$MQIC_REMOTE_DIR/../../gpus``) when it exists; without one, nothing is written.
 """
 from __future__ import annotations
 
@@ -120,9 +126,48 @@ def crash() -> None:
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
+GPU_MEMORY_MB = 2048
+
+
+def gpu_folder(environ: dict[str, str]) -> Path | None:
+    if environ.get("MQI_FAKE_GPU_DIR"):
+        return Path(environ["MQI_FAKE_GPU_DIR"])
+    if environ.get("MQIC_REMOTE_DIR"):
+        beside = Path(environ["MQIC_REMOTE_DIR"]).parent.parent / "gpus"
+        return beside if (beside / "board.json").exists() else None
+    return None
+
+
+def show_load(gpu: str, busy: bool) -> None:
+    """Tell the sandbox's nvidia-smi that this process holds ``gpu`` (busy or hanging idle)."""
+    folder = gpu_folder(dict(os.environ))
+    if folder is None:
+        return
+    entry = folder / "load" / f"{os.getpid()}.json"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    temporary = entry.with_name(f".{entry.name}.tmp")
+    temporary.write_text(json.dumps({"gpu": gpu.split(",")[0], "pid": os.getpid(), "memory_mb": GPU_MEMORY_MB,
+                                     "busy": busy}))
+    os.replace(temporary, entry)
+
+
+def drop_load() -> None:
+    folder = gpu_folder(dict(os.environ))
+    if folder is not None:
+        (folder / "load" / f"{os.getpid()}.json").unlink(missing_ok=True)
+
+
 def simulate(case_dir: Path, run: FakeRun) -> int:
-    started = time.monotonic()
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", os.environ.get("PUEUE_WORKER_ID", "0"))
+    show_load(gpu, busy=True)
+    try:
+        return simulate_on(case_dir, run, gpu)
+    finally:
+        drop_load()
+
+
+def simulate_on(case_dir: Path, run: FakeRun, gpu: str) -> int:
+    started = time.monotonic()
     say(f"MOQUI Monte Carlo dose engine (sandbox fake), GPU {gpu}")
     say(f"Reading parameters from {TPS_FILE}: {len(read_tps(case_dir))} keys")
     say(f"Simulating {run.batches * 10000} histories with {run.batches} batches")
@@ -132,6 +177,8 @@ def simulate(case_dir: Path, run: FakeRun) -> int:
         time.sleep(pause)
         say(f"Generating particles for ({batch} of {run.batches} batches)")
         if batch == trouble_at and run.mode != "ok":
+            if run.mode == "hang":
+                show_load(gpu, busy=False)  # a hang that holds its GPU and leaves it idle
             return misbehave(run.mode)
     out = write_dose(case_dir, run)
     say(f"Dose written to {out.name}/Dose.mhd")

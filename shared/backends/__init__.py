@@ -16,6 +16,7 @@ class Backend(Protocol):
 
     kind: str
     words: Words  # the scheduler's own words for every text written about this host
+    # optional ``gpus_visible = True``: nvidia-smi in the login session sees the tasks' GPUs (shared.gpus)
 
     def snapshot(self) -> Snapshot:
         """Every task of this host and the HPC's clock, in ONE remote call."""

@@ -197,6 +197,7 @@ class PueueBackend:
 
     kind = "pueue"
     words = WORDS
+    gpus_visible = True  # tasks run on the host we log into: nvidia-smi there sees their GPUs (shared.gpus)
 
     def __init__(self, runner: Runner, pueue_cmd: Sequence[str], timeout: float):
         self.runner, self.pueue_cmd, self.timeout = runner, list(pueue_cmd), timeout
