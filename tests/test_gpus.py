@@ -212,6 +212,7 @@ QUERY = "--query-gpu=index,uuid,utilization.gpu,memory.used,memory.total,tempera
 APPS = "--query-compute-apps=gpu_uuid,pid,used_memory"
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("fmt", ["csv", "csv,noheader", "csv,noheader,nounits"])
 def test_the_stand_in_prints_every_format_the_parser_reads(tmp_path, fmt):
     folder = tmp_path / "gpus"
@@ -225,6 +226,7 @@ def test_the_stand_in_prints_every_format_the_parser_reads(tmp_path, fmt):
     assert [(a.gpu_uuid, a.pid, a.memory_mb) for a in apps] == [(readings[1].uuid, 4242, 900)]
 
 
+@pytest.mark.system
 def test_the_stand_in_loses_a_gpu_fails_and_finds_no_devices_like_the_real_tool(tmp_path):
     folder = tmp_path / "gpus"
     nvidia_smi.init_board(folder)
@@ -239,6 +241,7 @@ def test_the_stand_in_loses_a_gpu_fails_and_finds_no_devices_like_the_real_tool(
     assert parse_query_gpu(stand_in(tmp_path, QUERY, "--format=csv").stdout).failure == "No devices were found"
 
 
+@pytest.mark.system
 def test_the_fake_simulation_loads_its_gpu_while_it_runs(tmp_path):
     folder = tmp_path / "gpus"
     nvidia_smi.init_board(folder)

@@ -97,6 +97,7 @@ def run_probe(argv: list[str]) -> str:
     return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
 
 
+@pytest.mark.system
 def test_probe_script_reads_clock_gpus_apps_and_our_case_from_the_environment(tmp_path):
     ours = subprocess.Popen(["sleep", "30"], env={"MQIC_CASE_ID": "42", "PATH": "/usr/bin:/bin"})
     theirs = subprocess.Popen(["sleep", "30"], env={"PATH": "/usr/bin:/bin"})
@@ -111,12 +112,14 @@ def test_probe_script_reads_clock_gpus_apps_and_our_case_from_the_environment(tm
     assert {(a.pid, a.case_id) for a in probe.apps} == {(ours.pid, 42), (theirs.pid, None)}
 
 
+@pytest.mark.system
 def test_probe_with_a_lost_gpu_exit_15(tmp_path):
     tool = fake_tool(tmp_path, capture("query-gpu.one-lost.txt"), "", code=15)
     probe = parse_probe(run_probe(probe_argv((str(tool),), 5)))
     assert len(probe.query.lost) == 1 and probe.apps == ()
 
 
+@pytest.mark.system
 def test_probe_command_missing_hung_or_cut_short(tmp_path):
     with pytest.raises(ToolMissing):
         parse_probe(run_probe(probe_argv((str(tmp_path / "no-such-smi"),), 5)))
