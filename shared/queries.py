@@ -530,13 +530,22 @@ def _like(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def _case_id_in(text: str) -> int | None:
+    """``text`` as a case id: ASCII digits within SQLite's integer range (``int()`` also takes
+    "²" and other Unicode digits, and SQLite refuses a larger number), else None."""
+    if text.isascii() and text.isdigit() and int(text) < 2**63:
+        return int(text)
+    return None
+
+
 def _filter_sql(f: CaseFilter) -> tuple[str, list[Any]]:
     """The WHERE clause of ``f`` (without the cursor) and its parameters."""
     clauses, params = [], []
     text = f.text.strip()
     if text:
-        clauses.append("(case_name LIKE ? ESCAPE '\\'" + (" OR case_id = ?)" if text.isdigit() else ")"))
-        params += [_like(text), int(text)] if text.isdigit() else [_like(text)]
+        as_id = _case_id_in(text)
+        clauses.append("(case_name LIKE ? ESCAPE '\\'" + (" OR case_id = ?)" if as_id is not None else ")"))
+        params += [_like(text)] + ([as_id] if as_id is not None else [])
     for column, value in (("status", f.status), ("host", f.host), ("priority", f.priority), ("outcome", f.outcome)):
         if value is not None:
             clauses.append(f"{column} = ?")

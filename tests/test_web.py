@@ -135,12 +135,22 @@ def test_case_list_filters_search_sorts_and_pages(world, client):
 @pytest.mark.parametrize("query, message", [
     ("?status=lost", "status: got 'lost', expected one of"), ("?limit=0", "limit: got '0'"),
     ("?limit=abc", "limit: got 'abc'"), ("?cursor=-1", "cursor"), ("?sort=random", "sort: got 'random'"),
-    ("?review=maybe", "review"), ("?colour=red", "unknown parameter 'colour'"), ("?q=" + "x" * 201, "q: longer")])
+    ("?review=maybe", "review"), ("?colour=red", "unknown parameter 'colour'"), ("?q=" + "x" * 201, "q: longer"),
+    ("?limit=\u00b2", "limit: got"), ("?cursor=\u0661\u0662", "cursor: got"),          # Unicode digits int() reads
+    ("?status=running&status=failed", "status: given more than once")])
 def test_bad_query_parameters_get_400_with_a_clear_message(client, query, message):
     api = client.get("/api/cases" + query)
     assert api.status_code == 400 and message in api.json["error"]
     page = client.get("/cases" + query)
     assert page.status_code == 400 and message.replace("'", "&#39;") in page.text
+
+
+def test_a_search_for_unicode_digits_or_a_huge_number_finds_nothing_instead_of_failing(world, client):
+    config, ids = world
+    for text in ("\u00b2", "9" * 40, str(2**63)):
+        answer = client.get("/api/cases", query_string={"q": text})
+        assert answer.status_code == 200 and answer.json["cases"] == [], text
+    assert client.get("/cases", query_string={"q": "9" * 40}).status_code == 200
 
 
 def test_static_files_cannot_leave_their_folder(client):
@@ -255,6 +265,49 @@ def test_actions_need_the_token_csrf_and_our_origin(operator_world):
     events = conn.execute("SELECT worker, detail FROM case_events WHERE case_id = ? ORDER BY event_id DESC LIMIT 1",
                           (ids["alpha"],)).fetchone()
     assert events["worker"] == "web:10.1.2.3"
+
+
+def test_a_token_csrf_field_or_cookie_outside_ascii_is_refused_not_a_crash(operator_world):
+    config, ids = operator_world
+    anonymous = app_for(config)
+    assert anonymous.post("/login", data={"token": "\u00e9" * 20}, headers={"Origin": ORIGIN}).status_code == 403
+    assert anonymous.post("/api/actions/ack", json={"case_id": ids["alpha"]},
+                          headers={"Authorization": "Bearer \u00e9t\u00e9"}).status_code == 403
+    for cookie in (f"{int(time.time())}-abc.\u00e9", "\u00b2-abc.def"):
+        anonymous.set_cookie("mqic_auth", cookie)
+        page = anonymous.get("/")
+        assert page.status_code == 200 and 'id="login"' in page.text, cookie
+    client, csrf = signed_in(config)
+    answer = client.post("/action/ack", data={"case_id": ids["alpha"], "csrf": "\u00e9" * 40}, headers={"Origin": ORIGIN})
+    assert answer.status_code == 403 and "CSRF" in answer.text
+    assert get_case(connect(config.database_path), ids["alpha"]).needs_review
+
+
+def test_a_malformed_origin_or_host_is_refused_not_a_crash(operator_world):
+    config, ids = operator_world
+    client, csrf = signed_in(config)
+    form = {"case_id": ids["alpha"], "csrf": csrf}
+    assert client.post("/action/ack", data=form, headers={"Origin": "http://[bad"}).status_code == 403
+    assert client.post("/action/ack", data=form, headers={"Origin": ORIGIN, "Host": "[bad"}).status_code == 403
+    assert get_case(connect(config.database_path), ids["alpha"]).needs_review
+
+
+def test_an_api_action_whose_body_is_not_an_object_or_whose_case_id_is_not_ascii_gets_400(operator_world):
+    config, ids = operator_world
+    client = app_for(config)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    listed = client.post("/api/actions/ack", json=[ids["alpha"]], headers=bearer)
+    assert listed.status_code == 400 and "JSON object" in listed.json["error"]
+    unicode_digit = client.post("/api/actions/ack", json={"case_id": "\u00b2"}, headers=bearer)
+    assert unicode_digit.status_code == 400 and "case_id" in unicode_digit.json["error"]
+
+
+def test_signing_out_from_another_site_is_refused(operator_world):
+    config, ids = operator_world
+    client, csrf = signed_in(config)
+    assert client.post("/logout", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert 'id="login"' not in client.get("/").text                     # still signed in
+    assert client.post("/logout", headers={"Origin": ORIGIN}).status_code == 303
 
 
 def test_priority_cancel_drain_resume_and_a_refusal_through_the_guarded_operations(operator_world):

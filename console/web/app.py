@@ -200,6 +200,9 @@ def case_filter(args: Any) -> queries.CaseFilter:
     unknown = sorted(set(args) - set(FILTER_KEYS))
     if unknown:
         raise BadParameter(f"unknown parameter {unknown[0]!r} (known: {', '.join(FILTER_KEYS)})")
+    repeated = sorted(key for key in set(args) if len(args.getlist(key)) > 1)
+    if repeated:
+        raise BadParameter(f"{repeated[0]}: given more than once (one value each)")
     text = args.get("q", "")
     for key in ("q", "host"):
         if len(args.get(key, "")) > 200:
@@ -223,6 +226,6 @@ def number(args: Any, key: str, low: int, high: int) -> int | None:
     value = args.get(key) or None
     if value is None:
         return None
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         raise BadParameter(f"{key}: got {value!r}, expected a whole number from {low} to {high}")
     return int(value)

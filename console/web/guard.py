@@ -61,7 +61,7 @@ class Guard:
         return hmac.new(self.token.encode(), f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
 
     def token_matches(self, given: str | None) -> bool:
-        return self.token is not None and given is not None and hmac.compare_digest(given.strip(), self.token)
+        return self.token is not None and given is not None and same_text(given.strip(), self.token)
 
     def new_cookie(self, now: float) -> str:
         nonce = f"{int(now)}-{secrets.token_hex(16)}"
@@ -73,27 +73,43 @@ class Guard:
             return None
         nonce, mac = cookie.rsplit(".", 1)
         issued = nonce.split("-", 1)[0]
-        if not issued.isdigit() or not 0 <= now - int(issued) <= SIGN_IN_SECONDS:
+        if not (issued.isascii() and issued.isdigit()) or not 0 <= now - int(issued) <= SIGN_IN_SECONDS:
             return None
-        return nonce if hmac.compare_digest(mac, self._mac("auth", nonce)) else None
+        return nonce if same_text(mac, self._mac("auth", nonce)) else None
 
     def csrf_for(self, nonce: str) -> str:
         return self._mac("csrf", nonce)[:40]
 
     def csrf_matches(self, nonce: str, given: str | None) -> bool:
-        return given is not None and hmac.compare_digest(given, self.csrf_for(nonce))
+        return given is not None and same_text(given, self.csrf_for(nonce))
 
     def host_allowed(self, host_header: str) -> bool:
         """The Host header names this server (a DNS-rebinding page's Host is the attacker's name)."""
-        name = urlsplit(f"//{host_header}").hostname or ""
-        return name.lower() in self.allowed_hosts
+        return host_name(host_header) in self.allowed_hosts
 
     @staticmethod
     def same_origin(origin: str | None, referer: str | None, host_header: str) -> bool:
         """The request comes from one of our own pages: its Origin (or, without one, its Referer)
         names the host it was sent to. A form posted from another site fails this."""
         source = origin if origin and origin != "null" else referer
-        return bool(source) and urlsplit(source).netloc.lower() == host_header.lower()
+        try:
+            return bool(source) and urlsplit(source).netloc.lower() == host_header.lower()
+        except ValueError:  # a malformed address, such as an unclosed "[": not ours
+            return False
+
+
+def same_text(given: str, expected: str) -> bool:
+    """A constant-time comparison that also takes what a client sends outside ASCII (as bytes;
+    ``hmac.compare_digest`` refuses non-ASCII ``str``)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
+
+
+def host_name(host_header: str) -> str:
+    """The lower-case name in a Host header; "" when it is malformed."""
+    try:
+        return (urlsplit(f"//{host_header}").hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 def guard_for(web: WebConfig) -> Guard:

@@ -46,6 +46,7 @@ def install(app: Flask, config: Config, guard: Guard, reader: Reader, clock: Cal
 
     @app.post("/logout")
     def logout():
+        check_request(guard, bearer_allowed=False)
         response = make_response(redirect("/", code=303))
         response.delete_cookie(COOKIE, path="/")
         return response
@@ -61,6 +62,8 @@ def install(app: Flask, config: Config, guard: Guard, reader: Reader, clock: Cal
     def api_action(name: str):
         who = authorise(guard, clock, form=False)
         fields = request.get_json(silent=True) if request.is_json else request.form
+        if fields is not None and not hasattr(fields, "get"):
+            abort(400, "the body must be a JSON object or a form, such as {\"case_id\": 12}")
         message, code = run(config, reader, name, fields or {}, who, clock())
         return jsonify({"ok": code == 200, "message": message}), code
 
@@ -124,7 +127,7 @@ def run(config: Config, reader: Reader, name: str, fields: Any, who: str, now: f
 
 def case_id_of(fields: Any) -> int:
     value = str(fields.get("case_id", ""))
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()) or int(value) > 2**62:
         abort(400, f"case_id: got {value!r}, expected a case number")
     return int(value)
 
