@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode
@@ -19,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared import queries
 from shared.config import Config
+from console.top import format_age, format_time
 from console.web import operations
 from console.web.guard import COOKIE, Guard
 from console.web.reader import Reader
@@ -51,27 +51,10 @@ def create_app(config: Config, guard: Guard, *, clock: Callable[[], float] = tim
 # -- formatting -------------------------------------------------------------------------------------
 
 def install_filters(app: Flask, config: Config) -> None:
+    """The same time and duration words as ``mqic-top``, in the configured zone."""
     tz = config.tz
-
-    def when(stamp: float | None, full: bool = False) -> str:
-        if stamp is None:
-            return "-"
-        return datetime.fromtimestamp(stamp, tz).strftime("%Y-%m-%d %H:%M:%S %Z" if full else "%m-%d %H:%M:%S")
-
-    def age(seconds: float | None) -> str:
-        if seconds is None:
-            return "-"
-        s = max(0, int(seconds))
-        if s < 60:
-            return f"{s}s"
-        if s < 3600:
-            return f"{s // 60}m{s % 60:02d}s"
-        if s < 86400:
-            return f"{s // 3600}h{s % 3600 // 60:02d}m"
-        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-    app.add_template_filter(when, "when")
-    app.add_template_filter(age, "age")
+    app.add_template_filter(lambda stamp, full=False: format_time(stamp, tz, full=full), "when")
+    app.add_template_filter(format_age, "age")
     app.add_template_global(tz.key, "tz_name")
 
 
