@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 from shared.config import HostConfig
 from shared.maintenance import Drain, drains
-from shared.states import CaseStatus
+from shared.states import CaseStatus, Outcome
 from shared.store import Case, case_from_row
 
 STATUSES = tuple(s.value for s in CaseStatus)
@@ -496,11 +496,28 @@ def merged_length(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+# -- health, as `mqic health --json` and the web's /api/health answer it --------------------------------
+
+def quick_check(conn: sqlite3.Connection) -> str | None:
+    """None when ``PRAGMA quick_check`` is clean, else what it reported."""
+    rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+    return None if rows == ["ok"] else "; ".join(rows[:3])
+
+
+def health_record(reasons: list[str], notes: Sequence[str], hosts: Sequence[HostView]) -> dict[str, Any]:
+    """The health report's stable fields; ``notes`` (a drained or unreachable host) do not make
+    the system unhealthy."""
+    return {"healthy": not reasons, "reasons": reasons, "drained": any(h.drained for h in hosts),
+            "notes": list(notes),
+            "hosts": [{"host": h.name, "backend": h.backend, "reachable": h.remote.reachable,
+                       "down_since": h.remote.down_since, "drained": h.drained, "seats": h.seats,
+                       "in_use": h.in_use, "running": h.running} for h in hosts]}
+
+
 # -- the case list of the web page and its API -------------------------------------------------------
 
 SORTS = ("newest", "oldest")
-OUTCOMES = ("success", "failed", "killed", "timed_out", "failed_to_spawn", "vanished", "cancelled",
-            "submit_error", "rejected")
+OUTCOMES = tuple(o.value for o in Outcome)
 COUNT_CAP = 10_000  # a count past this reads "10000+" (counting every match of a vague search costs a scan)
 
 

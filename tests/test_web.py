@@ -12,7 +12,7 @@ from shared.db import connect
 from shared.errors import ConfigError
 from shared.states import CaseStatus
 from shared.store import get_case, note_remote, register_case
-from tests.conftest import make_config
+from tests.conftest import cli, make_config
 from tests.test_console import seed
 from console.web.app import create_app
 from console.web.guard import TokenFileError, guard_for, read_token
@@ -192,6 +192,16 @@ def test_a_down_and_a_drained_host_are_at_the_top(world):
     assert "host hpc unreachable (Unreachable: ssh exit 255)" in attention and "since" in attention
     assert "host hpc drained by mqic-cli:alice (driver update)" in attention
     assert attention.index("unreachable") < attention.index("drained")
+
+
+def test_api_health_answers_what_mqic_health_json_says(world, capsys):
+    config, ids = world
+    from shared.maintenance import drain
+    conn = connect(config.database_path)
+    drain(conn, "hpc", now=time.time() - 60, by="mqic-cli:alice", reason="driver update")
+    conn.close()
+    code, out, _ = cli(capsys, config, "health", "--json")
+    assert app_for(config).get("/api/health").json == json.loads(out)
 
 
 def test_the_snapshot_is_shared_for_a_second(world, monkeypatch):

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared import queries
 from shared.config import Config
+from shared.priority import PRIORITIES
 from console.top import format_age, format_time
 from console.web import operations
 from console.web.guard import COOKIE, Guard
@@ -124,7 +125,7 @@ def install_pages(app: Flask, config: Config, reader: Reader, guard: Guard) -> N
             args = {k: v for k, v in request.args.items() if k != "cursor"}
             next_url = "/cases?" + urlencode({**args, "cursor": page.next_cursor})
         return render_template("cases.html", page=page, wanted=wanted, host_names=host_names,
-                               statuses=queries.STATUSES, outcomes=queries.OUTCOMES, next_url=next_url,
+                               statuses=queries.STATUSES, priorities=PRIORITIES, outcomes=queries.OUTCOMES, next_url=next_url,
                                count_cap=queries.COUNT_CAP)
 
     @app.get("/cases/<int:case_id>")
@@ -192,7 +193,7 @@ def case_filter(args: Any) -> queries.CaseFilter:
             raise BadParameter(f"{key}: longer than 200 characters")
     return queries.CaseFilter(
         text=text, status=one_of(args, "status", queries.STATUSES), host=args.get("host") or None,
-        priority=one_of(args, "priority", ("normal", "urgent")), outcome=one_of(args, "outcome", queries.OUTCOMES),
+        priority=one_of(args, "priority", PRIORITIES), outcome=one_of(args, "outcome", queries.OUTCOMES),
         review={None: None, "yes": True, "no": False}[one_of(args, "review", ("yes", "no"))],
         sort=one_of(args, "sort", queries.SORTS) or "newest", cursor=number(args, "cursor", 1, 2**62),
         limit=number(args, "limit", 1, MAX_LIMIT) or 50)

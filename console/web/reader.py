@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from console.cli import host_notes
 from shared import queries
 from shared.config import Config
 from shared.db import connect
@@ -115,18 +116,12 @@ class Reader:
         view: queries.Overview = data["view"]
         damage = self.integrity()
         reasons = list(view.health.reasons) + ([f"database integrity: {damage}"] if damage else [])
-        notes = [a.text for a in data["attention"] if a.kind in ("host_down", "drained")]
-        hosts = [{"host": h.name, "backend": h.backend, "reachable": h.remote.reachable,
-                  "down_since": h.remote.down_since, "drained": h.drained, "seats": h.seats, "in_use": h.in_use,
-                  "running": h.running} for h in view.hosts]
-        return {"healthy": not reasons, "reasons": reasons, "drained": any(h.drained for h in view.hosts),
-                "notes": notes, "hosts": hosts}
+        return queries.health_record(reasons, host_notes(view, self.config), view.hosts)
 
     def integrity(self) -> str | None:
         now = self.clock()
         if self.checked is None or now - self.checked[0] > HEALTH_CHECK_SECONDS:
-            rows = self.read(lambda conn: [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()])
-            self.checked = (now, None if rows == ["ok"] else "; ".join(rows[:3]))
+            self.checked = (now, self.read(queries.quick_check))
         return self.checked[1]
 
     # -- cases ----------------------------------------------------------------------------------
