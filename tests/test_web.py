@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -383,6 +384,12 @@ def test_the_token_file_must_be_ours_and_mode_0600(tmp_path):
     link.symlink_to(token_file)
     with pytest.raises(TokenFileError, match="regular file"):
         read_token(link)
+    folder, fifo = tmp_path / "folder", tmp_path / "fifo"
+    folder.mkdir(mode=0o700)
+    os.mkfifo(fifo, 0o600)
+    for path in (folder, fifo):                                          # a FIFO does not hang the start
+        with pytest.raises(TokenFileError, match="regular file"):
+            read_token(path)
 
 
 def test_the_program_refuses_to_start_with_an_open_token_file(tmp_path, capsys):

@@ -28,21 +28,33 @@ class TokenFileError(MqicError):
 
 
 def read_token(path: Path) -> str:
-    """The token in ``path``; TokenFileError unless the file is ours, a regular file and mode 0600."""
+    """The token in ``path``; TokenFileError unless the file is ours, a regular file and mode 0600.
+    The checks are made on the opened file (O_NOFOLLOW), so a swap after them cannot slip in."""
     try:
-        info = os.stat(path, follow_symlinks=False)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise TokenFileError(f"web.token_file {path}: not found (create it: "
                              f"umask 077; openssl rand -hex 32 > {path})") from None
+    except OSError:  # ELOOP: a symbolic link
+        raise TokenFileError(f"web.token_file {path}: expected a regular file (not a link or folder)") from None
+    try:
+        check_token_file(path, os.fstat(fd))
+    except TokenFileError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, encoding="utf-8") as file:
+        token = file.read().strip()
+    if len(token) < 16:
+        raise TokenFileError(f"web.token_file {path}: the token is shorter than 16 characters")
+    return token
+
+
+def check_token_file(path: Path, info: os.stat_result) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise TokenFileError(f"web.token_file {path}: expected a regular file (not a link or folder)")
     if stat.S_IMODE(info.st_mode) != 0o600 or info.st_uid != os.getuid():
         raise TokenFileError(f"web.token_file {path}: mode {stat.S_IMODE(info.st_mode):04o}, owner uid "
                              f"{info.st_uid}; expected mode 0600 and owned by us (chmod 600 {path})")
-    token = path.read_text(encoding="utf-8").strip()
-    if len(token) < 16:
-        raise TokenFileError(f"web.token_file {path}: the token is shorter than 16 characters")
-    return token
 
 
 @dataclass(frozen=True)
