@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 
 import pytest
@@ -214,6 +215,33 @@ def test_the_snapshot_is_shared_for_a_second(world, monkeypatch):
     monkeypatch.setattr(queries, "overview", lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(20):
         assert client.get("/part/overview").status_code == 200
+    assert len(calls) == 1
+
+
+def test_concurrent_pollers_share_one_snapshot(world, monkeypatch):
+    config, ids = world
+    app = create_app(config, guard_for(config.web))
+    calls = []
+    from shared import queries
+    real = queries.overview
+
+    def slow_overview(*a, **k):
+        calls.append(1)
+        time.sleep(0.2)                                                  # widens the window a race needs
+        return real(*a, **k)
+    monkeypatch.setattr(queries, "overview", slow_overview)
+    start, answers = threading.Barrier(8), []
+
+    def poll():
+        client = app.test_client()
+        start.wait()
+        answers.append(client.get("/part/overview"))
+    threads = [threading.Thread(target=poll) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [a.status_code for a in answers] == [200] * 8 and len({a.text for a in answers}) == 1
     assert len(calls) == 1
 
 
