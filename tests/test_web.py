@@ -437,6 +437,14 @@ def test_plots_page_draws_the_five_charts_as_svg_without_inline_style(world, cli
     assert text.count("<svg") == 5 and "style=" not in text and "<script" not in text.replace('<script src=', '')
 
 
+def test_hourly_plot_labels_are_the_hours_start_in_a_half_hour_time_zone(tmp_path):
+    config = make_config(tmp_path, logging={"timezone": "Asia/Kolkata"})   # UTC+05:30
+    seed(config, time.time())
+    chart = app_for(config).get("/plots").text.split('id="plot-per_hour"')[1].split("</figure>")[0]
+    labels = re.findall(r"<title>(\d\d:\d\d): ", chart)
+    assert len(labels) == 24 and all(label.endswith(":30") for label in labels), labels
+
+
 def test_running_cases_get_an_eta_on_the_overview_and_their_page(world, client):
     config, ids = world
     overview = client.get("/api/overview").json

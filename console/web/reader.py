@@ -165,8 +165,8 @@ class Reader:
             return [(datetime.fromtimestamp(start, tz).strftime(fmt), float(n)) for start, n in points]
 
         def work(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-            return [
-                ("per_hour", p.bar_chart_svg(labelled(p.completed_per_hour(conn, now), "%H:00"),
+            return [  # hourly buckets start on the hour in UTC: in a zone offset by :30 that is :30 there
+                ("per_hour", p.bar_chart_svg(labelled(p.completed_per_hour(conn, now), "%H:%M"),
                                              title="Cases completed per hour (last 24 h)", unit="cases")),
                 ("per_day", p.bar_chart_svg(labelled(p.completed_per_day(conn, now, tz), "%m-%d"),
                                             title="Cases completed per day (last 30 days)", unit="cases")),
