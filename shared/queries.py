@@ -581,18 +581,26 @@ def search_cases(conn: sqlite3.Connection, f: CaseFilter) -> CasePage:
     costs the same on page 1 and page 2,000 and at worst one pass over the table; the count
     uses the indexes and stops at ``COUNT_CAP``.
     """
+    rows = conn.execute(*search_page_sql(f)).fetchall()
+    matching = conn.execute(*search_count_sql(f)).fetchone()[0]
+    views = tuple(_case_view(r) for r in rows[:f.limit])
+    return CasePage(cases=views, matching=matching,
+                    next_cursor=views[-1].case_id if len(rows) > f.limit else None)
+
+
+def search_page_sql(f: CaseFilter, columns: str = CASE_VIEW_COLUMNS) -> tuple[str, list[Any]]:
+    """The statement of one page of ``f`` (one row more than ``limit``: is there a next page?)."""
     if f.sort not in SORTS:
         raise ValueError(f"sort must be one of {', '.join(SORTS)}")
     where, params = _filter_sql(f)
     descending = f.sort == "newest"
     keyset = "" if f.cursor is None else (" AND case_id < ?" if descending else " AND case_id > ?")
-    page_params = params + ([] if f.cursor is None else [f.cursor])
-    rows = conn.execute(f"SELECT {CASE_VIEW_COLUMNS} FROM cases NOT INDEXED WHERE {where}{keyset}"
-                        f" ORDER BY case_id {'DESC' if descending else 'ASC'} LIMIT ?",
-                        (*page_params, f.limit + 1)).fetchall()
-    matching = conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM cases WHERE {where} LIMIT ?)",
-                            (*params, COUNT_CAP + 1)).fetchone()[0]
-    views = tuple(_case_view(r) for r in rows[:f.limit])
-    return CasePage(cases=views, matching=matching,
-                    next_cursor=views[-1].case_id if len(rows) > f.limit else None)
+    return (f"SELECT {columns} FROM cases NOT INDEXED WHERE {where}{keyset}"
+            f" ORDER BY case_id {'DESC' if descending else 'ASC'} LIMIT ?",
+            params + ([] if f.cursor is None else [f.cursor]) + [f.limit + 1])
 
+
+def search_count_sql(f: CaseFilter) -> tuple[str, list[Any]]:
+    """The statement counting the matches of ``f``, up to ``COUNT_CAP + 1``."""
+    where, params = _filter_sql(f)
+    return f"SELECT COUNT(*) FROM (SELECT 1 FROM cases WHERE {where} LIMIT ?)", params + [COUNT_CAP + 1]
