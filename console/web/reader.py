@@ -102,11 +102,8 @@ class Reader:
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
             view = queries.overview(conn, now, self.config.unhealthy_after_seconds, recent=RECENT, flags=FLAGS,
                                     configured=self.config.hosts)
-            return {"view": view, "etas": self._etas(conn, now), "attention": attention(view)}
+            return {"view": view, "etas": eta_model.estimate(conn, self.config, now), "attention": attention(view)}
         return self.read(work)
-
-    def _etas(self, conn: sqlite3.Connection, now: float) -> dict[int, Any]:
-        return eta_model.estimate(conn, self.config, now)
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -140,7 +137,7 @@ class Reader:
             if case is None:
                 return None
             events = queries.events_of(conn, case_id)
-            etas = self._etas(conn, now) if case.status.value in queries.ACTIVE_STATUSES else {}
+            etas = eta_model.estimate(conn, self.config, now) if case.status.value in queries.ACTIVE_STATUSES else {}
             return {"case": case, "events": events, "eta": etas.get(case_id), "attempts": attempts(events),
                     "checksums": checksums(case.result_checksums), "folders": self.folders(case), "now": now}
         return self.read(work)
