@@ -218,6 +218,18 @@ def test_the_snapshot_is_shared_for_a_second(world, monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_snapshot_is_computed_again_once_its_second_has_passed():
+    from console.web.reader import Cache
+    now, computed = [100.0], []
+    cache = Cache(1.0, clock=lambda: now[0])
+    compute = lambda: computed.append(now[0]) or len(computed)
+    assert [cache.get("k", compute) for _ in range(3)] == [1, 1, 1]
+    now[0] += 0.99
+    assert cache.get("k", compute) == 1
+    now[0] += 0.02
+    assert cache.get("k", compute) == 2 and len(computed) == 2
+
+
 def test_concurrent_pollers_share_one_snapshot(world, monkeypatch):
     config, ids = world
     app = create_app(config, guard_for(config.web))
