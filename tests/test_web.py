@@ -139,7 +139,8 @@ def test_case_list_filters_search_sorts_and_pages(world, client):
     ("?limit=abc", "limit: got 'abc'"), ("?cursor=-1", "cursor"), ("?sort=random", "sort: got 'random'"),
     ("?review=maybe", "review"), ("?colour=red", "unknown parameter 'colour'"), ("?q=" + "x" * 201, "q: longer"),
     ("?limit=\u00b2", "limit: got"), ("?cursor=\u0661\u0662", "cursor: got"),          # Unicode digits int() reads
-    ("?status=running&status=failed", "status: given more than once")])
+    ("?status=running&status=failed", "status: given more than once"),
+    ("?cursor=" + "9" * 5000, "cursor: got")])                                        # past int()'s 4,300 digits
 def test_bad_query_parameters_get_400_with_a_clear_message(client, query, message):
     api = client.get("/api/cases" + query)
     assert api.status_code == 400 and message in api.json["error"]
@@ -324,9 +325,8 @@ def test_a_token_csrf_field_or_cookie_outside_ascii_is_refused_not_a_crash(opera
     assert anonymous.post("/login", data={"token": "\u00e9" * 20}, headers={"Origin": ORIGIN}).status_code == 403
     assert anonymous.post("/api/actions/ack", json={"case_id": ids["alpha"]},
                           headers={"Authorization": "Bearer \u00e9t\u00e9"}).status_code == 403
-    for cookie in (f"{int(time.time())}-abc.\u00e9", "\u00b2-abc.def"):
-        anonymous.set_cookie("mqic_auth", cookie)
-        page = anonymous.get("/")
+    for cookie in (f"{int(time.time())}-abc.\u00e9", "\u00b2-abc.def", "9" * 5000 + "-abc.def"):
+        page = app_for(config).get("/", headers={"Cookie": f"mqic_auth={cookie}"})     # a script's, past 4 KB
         assert page.status_code == 200 and 'id="login"' in page.text, cookie
     client, csrf = signed_in(config)
     answer = client.post("/action/ack", data={"case_id": ids["alpha"], "csrf": "\u00e9" * 40}, headers={"Origin": ORIGIN})
@@ -349,8 +349,9 @@ def test_an_api_action_whose_body_is_not_an_object_or_whose_case_id_is_not_ascii
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     listed = client.post("/api/actions/ack", json=[ids["alpha"]], headers=bearer)
     assert listed.status_code == 400 and "JSON object" in listed.json["error"]
-    unicode_digit = client.post("/api/actions/ack", json={"case_id": "\u00b2"}, headers=bearer)
-    assert unicode_digit.status_code == 400 and "case_id" in unicode_digit.json["error"]
+    for case_id in ("\u00b2", "9" * 5000):
+        answer = client.post("/api/actions/ack", json={"case_id": case_id}, headers=bearer)
+        assert answer.status_code == 400 and "case_id" in answer.json["error"]
 
 
 def test_signing_out_from_another_site_is_refused(operator_world):

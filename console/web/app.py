@@ -21,7 +21,7 @@ from shared.config import Config
 from shared.priority import PRIORITIES
 from console.top import format_age, format_time
 from console.web import operations
-from console.web.guard import COOKIE, Guard
+from console.web.guard import COOKIE, Guard, whole_number
 from console.web.reader import Reader
 
 HERE = Path(__file__).resolve().parent
@@ -210,6 +210,7 @@ def number(args: Any, key: str, low: int, high: int) -> int | None:
     value = args.get(key) or None
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
-        raise BadParameter(f"{key}: got {value!r}, expected a whole number from {low} to {high}")
-    return int(value)
+    found = whole_number(value, high)
+    if found is None or found < low:
+        raise BadParameter(f"{key}: got {value[:40]!r}, expected a whole number from {low} to {high}")
+    return found

@@ -85,7 +85,8 @@ class Guard:
             return None
         nonce, mac = cookie.rsplit(".", 1)
         issued = nonce.split("-", 1)[0]
-        if not (issued.isascii() and issued.isdigit()) or not 0 <= now - int(issued) <= SIGN_IN_SECONDS:
+        stamp = whole_number(issued)
+        if stamp is None or not 0 <= now - stamp <= SIGN_IN_SECONDS:
             return None
         return nonce if same_text(mac, self._mac("auth", nonce)) else None
 
@@ -108,6 +109,15 @@ class Guard:
             return bool(source) and urlsplit(source).netloc.lower() == host_header.lower()
         except ValueError:  # a malformed address, such as an unclosed "[": not ours
             return False
+
+
+def whole_number(text: str, high: int = 2**62) -> int | None:
+    """``text`` as a whole number from 0 to ``high``, else None. Only ASCII digits (``int()``
+    also reads "²" as a digit and fails on it), and few of them: ``int()`` refuses more than
+    4,300 digits, and a bigger number than ``high`` cannot be meant."""
+    if text.isascii() and text.isdigit() and len(text) <= len(str(high)) and int(text) <= high:
+        return int(text)
+    return None
 
 
 def same_text(given: str, expected: str) -> bool:

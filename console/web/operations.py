@@ -22,7 +22,7 @@ from shared.doorbell import ring
 from shared.errors import MqicError
 from shared.priority import set_priority
 from shared.spool import Spool
-from console.web.guard import COOKIE, SIGN_IN_SECONDS, Guard
+from console.web.guard import COOKIE, SIGN_IN_SECONDS, Guard, whole_number
 from console.web.reader import Reader
 
 CASE_ACTIONS = ("retry", "cancel", "ack", "priority")
@@ -127,9 +127,10 @@ def run(config: Config, reader: Reader, name: str, fields: Any, who: str, now: f
 
 def case_id_of(fields: Any) -> int:
     value = str(fields.get("case_id", ""))
-    if not (value.isascii() and value.isdigit()) or int(value) > 2**62:
-        abort(400, f"case_id: got {value!r}, expected a case number")
-    return int(value)
+    case_id = whole_number(value)
+    if case_id is None:
+        abort(400, f"case_id: got {value[:40]!r}, expected a case number")
+    return case_id
 
 
 def case_action(config: Config, conn: sqlite3.Connection, name: str, case_id: int, fields: Any, who: str,
