@@ -354,6 +354,18 @@ def test_an_api_action_whose_body_is_not_an_object_or_whose_case_id_is_not_ascii
         assert answer.status_code == 400 and "case_id" in answer.json["error"]
 
 
+@pytest.mark.parametrize("back", ["//evil.example", "/\\evil.example", "/\t/evil.example", "/\n/evil.example",
+                                  "https://evil.example/"])
+def test_the_page_to_return_to_is_never_another_site(operator_world, back):
+    config, ids = operator_world
+    signed_in_at = app_for(config).post("/login", data={"token": TOKEN, "back": back}, headers={"Origin": ORIGIN})
+    assert signed_in_at.status_code == 303 and signed_in_at.headers["Location"] == "/"
+    client, csrf = signed_in(config)
+    done = client.post("/action/ack", data={"case_id": ids["alpha"], "csrf": csrf, "back": back},
+                       headers={"Origin": ORIGIN})
+    assert done.status_code == 200 and 'href="/" id="back"' in done.text
+
+
 def test_signing_out_from_another_site_is_refused(operator_world):
     config, ids = operator_world
     client, csrf = signed_in(config)

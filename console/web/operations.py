@@ -101,8 +101,10 @@ def authorise(guard: Guard, clock: Callable[[], float], *, form: bool) -> str:
 
 
 def safe_back(value: str | None) -> str:
-    """A local path to return to (never another site)."""
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
+    """A local path to return to (never another site). Only visible ASCII: browsers drop a tab
+    or newline from a link, so "/<tab>/evil.example" would be "//evil.example", another site."""
+    if value and value.startswith("/") and not value.startswith("//") and \
+            all(" " < ch < "\x7f" and ch != "\\" for ch in value):
         return value
     return "/"
 
