@@ -113,6 +113,8 @@ def test_case_page_shows_fields_times_in_the_zone_events_attempts_and_folders(wo
     assert f"{ids['charlie']}_charlie" in text and "failed" in text    # spool/failed/<id>_charlie
     assert "submitter:1" in text                                       # the attempt's claim
     assert client.get("/cases/999999").status_code == 404
+    for url in ("/cases/", "/part/cases/", "/api/cases/"):                # past SQLite's integer: not found
+        assert client.get(url + "9" * 30).status_code == 404, url
 
 
 def test_case_list_filters_search_sorts_and_pages(world, client):

@@ -29,6 +29,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        " base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 FILTER_KEYS = ("q", "status", "host", "priority", "outcome", "review", "sort", "cursor", "limit")
 MAX_LIMIT = 500
+CASE_ID = f"<int(max={2**63 - 1}):case_id>"  # a larger number is no case: SQLite cannot even compare it
 
 
 class BadParameter(Exception):
@@ -128,12 +129,12 @@ def install_pages(app: Flask, config: Config, reader: Reader, guard: Guard) -> N
                                statuses=queries.STATUSES, priorities=PRIORITIES, outcomes=queries.OUTCOMES, next_url=next_url,
                                count_cap=queries.COUNT_CAP)
 
-    @app.get("/cases/<int:case_id>")
+    @app.get(f"/cases/{CASE_ID}")
     def case_page(case_id: int):
         data = reader.case(case_id) or abort(404, f"case {case_id} not found")
         return render_template("case.html", **data)
 
-    @app.get("/part/cases/<int:case_id>")
+    @app.get(f"/part/cases/{CASE_ID}")
     def case_part(case_id: int):
         def render() -> str:
             data = reader.case(case_id) or abort(404, f"case {case_id} not found")
@@ -169,7 +170,7 @@ def install_api(app: Flask, reader: Reader) -> None:
         return jsonify({"cases": queries.to_jsonable(page.cases), "matching": page.matching,
                         "matching_capped": page.matching > queries.COUNT_CAP, "next_cursor": page.next_cursor})
 
-    @app.get("/api/cases/<int:case_id>")
+    @app.get(f"/api/cases/{CASE_ID}")
     def api_case(case_id: int):
         data = reader.case(case_id) or abort(404, f"case {case_id} not found")
         return jsonify({"case": queries.case_record(data["case"]), "events": data["events"],
