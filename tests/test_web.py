@@ -158,6 +158,18 @@ def test_a_search_for_unicode_digits_or_a_huge_number_finds_nothing_instead_of_f
     assert client.get("/cases", query_string={"q": "9" * 40}).status_code == 200
 
 
+def test_a_page_asked_for_by_another_name_is_refused(world, client, tmp_path):
+    config, ids = world
+    for url in ("/", f"/cases/{ids['hostile']}", "/api/cases", "/part/overview"):     # DNS rebinding reads nothing
+        answer = client.get(url, headers={"Host": "evil.example"})
+        assert answer.status_code == 403 and "alpha" not in answer.text, url
+    assert client.get("/", headers={"Host": "127.0.0.1:8080"}).status_code == 200
+    (tmp_path / "named").mkdir()
+    named = make_config(tmp_path / "named", web={"allowed_hosts": ["mqic.clinic.local"]})
+    seed(named, time.time())
+    assert app_for(named).get("/api/cases", headers={"Host": "mqic.clinic.local"}).status_code == 200
+
+
 def test_static_files_cannot_leave_their_folder(client):
     assert client.get("/static/app.js").status_code == 200
     for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static/../../shared/config.py",

@@ -63,6 +63,13 @@ def install_filters(app: Flask, config: Config) -> None:
 # -- headers, errors --------------------------------------------------------------------------------
 
 def install_hooks(app: Flask, config: Config, guard: Guard, clock: Callable[[], float]) -> None:
+    @app.before_request
+    def known_host() -> None:
+        # A page on another site that rebinds its own name to this address (DNS rebinding)
+        # reaches us with its name in Host: it must not read case names, nor act.
+        if not guard.host_allowed(request.host):
+            abort(403, f"host {request.host!r} is not one of this server's names (web.allowed_hosts)")
+
     @app.after_request
     def security_headers(response: Response) -> Response:
         response.headers["Content-Security-Policy"] = CSP
