@@ -28,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
+from werkzeug.datastructures import MultiDict  # noqa: E402
 
 from bench.monitor_cost import seed  # noqa: E402
 from shared import queries  # noqa: E402
@@ -81,16 +82,18 @@ def server_times(config_path: Path, count: int) -> list[list]:
     return rows
 
 
+def plan_of(conn, sql: str, params: list) -> str:
+    return "; ".join(r["detail"] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
 def query_plans(config_path: Path) -> list[tuple[str, str]]:
     config = load_config(config_path)
     conn = connect(config.database_path, readonly=True)
     plans = []
     for args in ({}, {"status": "failed"}, {"outcome": "failed", "review": "yes"}, {"q": "498.77"}):
-        where, params = queries._filter_sql(case_filter(args))
-        sql = f"SELECT case_id FROM cases NOT INDEXED WHERE {where} ORDER BY case_id DESC LIMIT 51"
-        detail = "; ".join(r["detail"] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
-        count_sql = f"SELECT COUNT(*) FROM (SELECT 1 FROM cases WHERE {where} LIMIT 10001)"
-        counted = "; ".join(r["detail"] for r in conn.execute("EXPLAIN QUERY PLAN " + count_sql, params))
+        wanted = case_filter(MultiDict(args))
+        detail, counted = (plan_of(conn, *statement) for statement in (queries.search_page_sql(wanted),
+                                                                          queries.search_count_sql(wanted)))
         plans.append((str(args or "(none)"), f"page: {detail} | count: {counted}"))
     conn.close()
     return plans

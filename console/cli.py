@@ -172,12 +172,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
-def quick_check(conn: sqlite3.Connection) -> str | None:
-    """None when ``PRAGMA quick_check`` is clean, else what it reported."""
-    rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
-    return None if rows == ["ok"] else "; ".join(rows[:3])
-
-
 def cmd_health(config: Config, args: argparse.Namespace) -> int:
     """Exit 0 when healthy; 1 with the reasons (stale heartbeats, no progress, integrity)."""
     try:
@@ -187,7 +181,7 @@ def cmd_health(config: Config, args: argparse.Namespace) -> int:
     try:
         view = queries.overview(conn, time.time(), config.unhealthy_after_seconds, recent=0, flags=0,
                                 configured=config.hosts)
-        damage = quick_check(conn)
+        damage = queries.quick_check(conn)
     finally:
         conn.close()
     reasons = list(view.health.reasons) + ([f"database integrity: {damage}"] if damage else [])
@@ -209,18 +203,12 @@ def host_notes(view: queries.Overview, config: Config) -> list[str]:
     return notes
 
 
-def health_hosts(hosts: Sequence[queries.HostView]) -> list[dict[str, Any]]:
-    return [{"host": h.name, "backend": h.backend, "reachable": h.remote.reachable, "down_since": h.remote.down_since,
-             "drained": h.drained, "seats": h.seats, "in_use": h.in_use, "running": h.running} for h in hosts]
-
-
 def report_health(args: argparse.Namespace, healthy: bool, reasons: list[str], notes: list[str] = (),
                   hosts: Sequence[queries.HostView] = ()) -> int:
     """``notes`` (a drained or unreachable host) are shown but do not make the system unhealthy:
     maintenance is deliberate, and an outage shows as cases that stop moving."""
     if args.json:
-        print_json({"healthy": healthy, "reasons": reasons, "drained": any(h.drained for h in hosts),
-                    "notes": list(notes), "hosts": health_hosts(hosts)})
+        print_json(queries.health_record(reasons, notes, hosts))
     else:
         print(("healthy" if healthy else "unhealthy: " + "; ".join(reasons))
               + (f" ({'; '.join(notes)})" if notes else ""))
@@ -699,7 +687,7 @@ def check_database(config: Config) -> Check:
     try:
         conn = connect(path, readonly=True)
         try:
-            damage = quick_check(conn)
+            damage = queries.quick_check(conn)
         finally:
             conn.close()
     except sqlite3.Error as exc:

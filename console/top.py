@@ -27,7 +27,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from shared.eta import Eta, estimate
+from shared.eta import Eta, estimate, span
 from shared.queries import STATUSES, CaseView, HostView, Overview, overview, read_snapshot
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
@@ -43,17 +43,8 @@ STATUS_STYLES = {"submitted": "cyan", "submitting": "blue", "running": "yellow",
 # -- formatting ---------------------------------------------------------------------------------
 
 def format_age(seconds: float | None) -> str:
-    """A short duration: ``42s``, ``3m12s``, ``2h05m``, ``3d04h``."""
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    """A short duration (``shared.eta.span``), ``-`` for none."""
+    return "-" if seconds is None else span(seconds)
 
 
 def format_time(stamp: float | None, tz: ZoneInfo, *, full: bool = False) -> str:

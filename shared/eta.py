@@ -285,23 +285,57 @@ def _place_held(lanes: dict[tuple[str, str], _Lane], paces: dict[str, Pace], sta
 
 
 def _queue_starts(waiting: list[Case], lanes: list[_Lane], now: float) -> dict[int, Eta]:
-    """Starts of the ``submitted`` cases, in claim order, each on the lane whose seat frees first."""
+    """Starts of the ``submitted`` cases, each on the lane whose seat frees first, taken as the
+    claim takes them: the first in claim order that is not backing off then."""
     if not lanes:
         return {}
     heap = [(lane.claim_at(now), lane.gpu_free_at(now), i) for i, lane in enumerate(lanes)]
     heapq.heapify(heap)
     gpus = sum(lane.parallel for lane in lanes)
-    etas = {}
-    for place, case in enumerate(waiting, start=1):
-        claim, _, i = heapq.heappop(heap)
+    order, etas = _ClaimOrder(waiting), {}
+    while order:
+        free, _, i = heapq.heappop(heap)
+        place, case, claim = order.take(free)
         lane = lanes[i]
-        claim = max(claim, case.next_attempt_at or now)
         start, _ = lane.run_after(claim + lane.pace.handoff_seconds, now)
+        paused = f"backing off for {span(claim - now)}, " if claim > free else ""
         etas[case.case_id] = Eta(case.case_id, "start", start,
-                                 f"{ordinal(place)} in the queue ({case.priority}), {plural(gpus, 'GPU')} taking cases;"
-                                 f" {lane.pace.basis}")
+                                 f"{ordinal(place)} in the queue ({case.priority}), {paused}"
+                                 f"{plural(gpus, 'GPU')} taking cases; {lane.pace.basis}")
         heapq.heappush(heap, (lane.claim_at(now), lane.gpu_free_at(now), i))
     return etas
+
+
+class _ClaimOrder:
+    """The waiting cases as the claim takes them: in claim order, passing over a case whose
+    backoff (``next_attempt_at``) has not ended. Linear in the queue plus the cases passed over."""
+
+    def __init__(self, waiting: list[Case]):
+        self.waiting, self.head = waiting, 0
+        self.passed: list[tuple[int, Case]] = []  # (place, case) backing off, ahead of ``head``
+
+    def __bool__(self) -> bool:
+        return self.head < len(self.waiting) or bool(self.passed)
+
+    def take(self, free: float) -> tuple[int, Case, float]:
+        """(place, case, when) of the case a claim at ``free`` takes: the first ready one, else
+        the one whose backoff ends first (taken then)."""
+        for k, (place, case) in enumerate(self.passed):
+            if _ready_at(case) <= free:
+                return (*self.passed.pop(k), free)
+        while self.head < len(self.waiting):
+            place, case = self.head + 1, self.waiting[self.head]
+            self.head += 1
+            if _ready_at(case) <= free:
+                return place, case, free
+            self.passed.append((place, case))
+        k = min(range(len(self.passed)), key=lambda j: _ready_at(self.passed[j][1]))
+        place, case = self.passed.pop(k)
+        return place, case, _ready_at(case)
+
+
+def _ready_at(case: Case) -> float:
+    return case.next_attempt_at or 0.0
 
 
 # -- words --------------------------------------------------------------------------------------

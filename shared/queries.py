@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 from shared.gpus import gpu_views
 from shared.config import HostConfig
 from shared.maintenance import Drain, drains
-from shared.states import CaseStatus
+from shared.states import CaseStatus, Outcome
 from shared.store import Case, case_from_row
 
 STATUSES = tuple(s.value for s in CaseStatus)
@@ -499,11 +499,28 @@ def merged_length(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+# -- health, as `mqic health --json` and the web's /api/health answer it --------------------------------
+
+def quick_check(conn: sqlite3.Connection) -> str | None:
+    """None when ``PRAGMA quick_check`` is clean, else what it reported."""
+    rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+    return None if rows == ["ok"] else "; ".join(rows[:3])
+
+
+def health_record(reasons: list[str], notes: Sequence[str], hosts: Sequence[HostView]) -> dict[str, Any]:
+    """The health report's stable fields; ``notes`` (a drained or unreachable host) do not make
+    the system unhealthy."""
+    return {"healthy": not reasons, "reasons": reasons, "drained": any(h.drained for h in hosts),
+            "notes": list(notes),
+            "hosts": [{"host": h.name, "backend": h.backend, "reachable": h.remote.reachable,
+                       "down_since": h.remote.down_since, "drained": h.drained, "seats": h.seats,
+                       "in_use": h.in_use, "running": h.running} for h in hosts]}
+
+
 # -- the case list of the web page and its API -------------------------------------------------------
 
 SORTS = ("newest", "oldest")
-OUTCOMES = ("success", "failed", "killed", "timed_out", "failed_to_spawn", "vanished", "cancelled",
-            "submit_error", "rejected")
+OUTCOMES = tuple(o.value for o in Outcome)
 COUNT_CAP = 10_000  # a count past this reads "10000+" (counting every match of a vague search costs a scan)
 
 
@@ -533,13 +550,22 @@ def _like(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def _case_id_in(text: str) -> int | None:
+    """``text`` as a case id: ASCII digits within SQLite's integer range (``int()`` also takes
+    "²" and other Unicode digits, and SQLite refuses a larger number), else None."""
+    if text.isascii() and text.isdigit() and int(text) < 2**63:
+        return int(text)
+    return None
+
+
 def _filter_sql(f: CaseFilter) -> tuple[str, list[Any]]:
     """The WHERE clause of ``f`` (without the cursor) and its parameters."""
     clauses, params = [], []
     text = f.text.strip()
     if text:
-        clauses.append("(case_name LIKE ? ESCAPE '\\'" + (" OR case_id = ?)" if text.isdigit() else ")"))
-        params += [_like(text), int(text)] if text.isdigit() else [_like(text)]
+        as_id = _case_id_in(text)
+        clauses.append("(case_name LIKE ? ESCAPE '\\'" + (" OR case_id = ?)" if as_id is not None else ")"))
+        params += [_like(text)] + ([as_id] if as_id is not None else [])
     for column, value in (("status", f.status), ("host", f.host), ("priority", f.priority), ("outcome", f.outcome)):
         if value is not None:
             clauses.append(f"{column} = ?")
@@ -558,18 +584,26 @@ def search_cases(conn: sqlite3.Connection, f: CaseFilter) -> CasePage:
     costs the same on page 1 and page 2,000 and at worst one pass over the table; the count
     uses the indexes and stops at ``COUNT_CAP``.
     """
+    rows = conn.execute(*search_page_sql(f)).fetchall()
+    matching = conn.execute(*search_count_sql(f)).fetchone()[0]
+    views = tuple(_case_view(r) for r in rows[:f.limit])
+    return CasePage(cases=views, matching=matching,
+                    next_cursor=views[-1].case_id if len(rows) > f.limit else None)
+
+
+def search_page_sql(f: CaseFilter, columns: str = CASE_VIEW_COLUMNS) -> tuple[str, list[Any]]:
+    """The statement of one page of ``f`` (one row more than ``limit``: is there a next page?)."""
     if f.sort not in SORTS:
         raise ValueError(f"sort must be one of {', '.join(SORTS)}")
     where, params = _filter_sql(f)
     descending = f.sort == "newest"
     keyset = "" if f.cursor is None else (" AND case_id < ?" if descending else " AND case_id > ?")
-    page_params = params + ([] if f.cursor is None else [f.cursor])
-    rows = conn.execute(f"SELECT {CASE_VIEW_COLUMNS} FROM cases NOT INDEXED WHERE {where}{keyset}"
-                        f" ORDER BY case_id {'DESC' if descending else 'ASC'} LIMIT ?",
-                        (*page_params, f.limit + 1)).fetchall()
-    matching = conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM cases WHERE {where} LIMIT ?)",
-                            (*params, COUNT_CAP + 1)).fetchone()[0]
-    views = tuple(_case_view(r) for r in rows[:f.limit])
-    return CasePage(cases=views, matching=matching,
-                    next_cursor=views[-1].case_id if len(rows) > f.limit else None)
+    return (f"SELECT {columns} FROM cases NOT INDEXED WHERE {where}{keyset}"
+            f" ORDER BY case_id {'DESC' if descending else 'ASC'} LIMIT ?",
+            params + ([] if f.cursor is None else [f.cursor]) + [f.limit + 1])
 
+
+def search_count_sql(f: CaseFilter) -> tuple[str, list[Any]]:
+    """The statement counting the matches of ``f``, up to ``COUNT_CAP + 1``."""
+    where, params = _filter_sql(f)
+    return f"SELECT COUNT(*) FROM (SELECT 1 FROM cases WHERE {where} LIMIT ?)", params + [COUNT_CAP + 1]

@@ -144,6 +144,17 @@ def test_waiting_cases_start_one_after_another_behind_the_running_one(one_gpu):
     assert found[second].basis.startswith("2nd in the queue")
 
 
+def test_a_case_backing_off_lets_the_ready_case_behind_it_take_the_free_seat(one_gpu):
+    one_gpu.history([300.0, 300.0])
+    paused = one_gpu.waiting("paused", NOW - 60)
+    one_gpu.conn.execute("UPDATE cases SET next_attempt_at = ? WHERE case_id = ?", (NOW + 3600, paused))
+    ready = one_gpu.waiting("ready", NOW - 30)
+    found = one_gpu.estimate()
+    assert found[ready].at == NOW + HANDOFF                      # the claim skips a case in backoff
+    assert found[paused].at == NOW + 3600 + HANDOFF              # its seat is free again by then
+    assert "backing off" in found[paused].basis
+
+
 def test_an_urgent_case_starts_before_older_normal_ones_and_a_starved_one_before_it(tmp_path):
     desk = Desk(make_config(tmp_path, pueue={"groups": {"gpu_a": {"gpu": 0}}}, scheduling={"max_wait_minutes": 60}))
     desk.history([300.0])

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 import time
 
 import pytest
@@ -12,7 +14,7 @@ from shared.db import connect
 from shared.errors import ConfigError
 from shared.states import CaseStatus
 from shared.store import get_case, note_remote, register_case
-from tests.conftest import make_config
+from tests.conftest import cli, make_config
 from tests.test_console import seed
 from console.web.app import create_app
 from console.web.guard import TokenFileError, guard_for, read_token
@@ -111,6 +113,8 @@ def test_case_page_shows_fields_times_in_the_zone_events_attempts_and_folders(wo
     assert f"{ids['charlie']}_charlie" in text and "failed" in text    # spool/failed/<id>_charlie
     assert "submitter:1" in text                                       # the attempt's claim
     assert client.get("/cases/999999").status_code == 404
+    for url in ("/cases/", "/part/cases/", "/api/cases/"):                # past SQLite's integer: not found
+        assert client.get(url + "9" * 30).status_code == 404, url
 
 
 def test_case_list_filters_search_sorts_and_pages(world, client):
@@ -135,12 +139,35 @@ def test_case_list_filters_search_sorts_and_pages(world, client):
 @pytest.mark.parametrize("query, message", [
     ("?status=lost", "status: got 'lost', expected one of"), ("?limit=0", "limit: got '0'"),
     ("?limit=abc", "limit: got 'abc'"), ("?cursor=-1", "cursor"), ("?sort=random", "sort: got 'random'"),
-    ("?review=maybe", "review"), ("?colour=red", "unknown parameter 'colour'"), ("?q=" + "x" * 201, "q: longer")])
+    ("?review=maybe", "review"), ("?colour=red", "unknown parameter 'colour'"), ("?q=" + "x" * 201, "q: longer"),
+    ("?limit=\u00b2", "limit: got"), ("?cursor=\u0661\u0662", "cursor: got"),          # Unicode digits int() reads
+    ("?status=running&status=failed", "status: given more than once"),
+    ("?cursor=" + "9" * 5000, "cursor: got")])                                        # past int()'s 4,300 digits
 def test_bad_query_parameters_get_400_with_a_clear_message(client, query, message):
     api = client.get("/api/cases" + query)
     assert api.status_code == 400 and message in api.json["error"]
     page = client.get("/cases" + query)
     assert page.status_code == 400 and message.replace("'", "&#39;") in page.text
+
+
+def test_a_search_for_unicode_digits_or_a_huge_number_finds_nothing_instead_of_failing(world, client):
+    config, ids = world
+    for text in ("\u00b2", "9" * 40, str(2**63)):
+        answer = client.get("/api/cases", query_string={"q": text})
+        assert answer.status_code == 200 and answer.json["cases"] == [], text
+    assert client.get("/cases", query_string={"q": "9" * 40}).status_code == 200
+
+
+def test_a_page_asked_for_by_another_name_is_refused(world, client, tmp_path):
+    config, ids = world
+    for url in ("/", f"/cases/{ids['hostile']}", "/api/cases", "/part/overview"):     # DNS rebinding reads nothing
+        answer = client.get(url, headers={"Host": "evil.example"})
+        assert answer.status_code == 403 and "alpha" not in answer.text, url
+    assert client.get("/", headers={"Host": "127.0.0.1:8080"}).status_code == 200
+    (tmp_path / "named").mkdir()
+    named = make_config(tmp_path / "named", web={"allowed_hosts": ["mqic.clinic.local"]})
+    seed(named, time.time())
+    assert app_for(named).get("/api/cases", headers={"Host": "mqic.clinic.local"}).status_code == 200
 
 
 def test_static_files_cannot_leave_their_folder(client):
@@ -184,6 +211,16 @@ def test_a_down_and_a_drained_host_are_at_the_top(world):
     assert attention.index("unreachable") < attention.index("drained")
 
 
+def test_api_health_answers_what_mqic_health_json_says(world, capsys):
+    config, ids = world
+    from shared.maintenance import drain
+    conn = connect(config.database_path)
+    drain(conn, "hpc", now=time.time() - 60, by="mqic-cli:alice", reason="driver update")
+    conn.close()
+    code, out, _ = cli(capsys, config, "health", "--json")
+    assert app_for(config).get("/api/health").json == json.loads(out)
+
+
 def test_the_snapshot_is_shared_for_a_second(world, monkeypatch):
     config, ids = world
     client = app_for(config)
@@ -193,6 +230,45 @@ def test_the_snapshot_is_shared_for_a_second(world, monkeypatch):
     monkeypatch.setattr(queries, "overview", lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(20):
         assert client.get("/part/overview").status_code == 200
+    assert len(calls) == 1
+
+
+def test_a_snapshot_is_computed_again_once_its_second_has_passed():
+    from console.web.reader import Cache
+    now, computed = [100.0], []
+    cache = Cache(1.0, clock=lambda: now[0])
+    compute = lambda: computed.append(now[0]) or len(computed)
+    assert [cache.get("k", compute) for _ in range(3)] == [1, 1, 1]
+    now[0] += 0.99
+    assert cache.get("k", compute) == 1
+    now[0] += 0.02
+    assert cache.get("k", compute) == 2 and len(computed) == 2
+
+
+def test_concurrent_pollers_share_one_snapshot(world, monkeypatch):
+    config, ids = world
+    app = create_app(config, guard_for(config.web))
+    calls = []
+    from shared import queries
+    real = queries.overview
+
+    def slow_overview(*a, **k):
+        calls.append(1)
+        time.sleep(0.2)                                                  # widens the window a race needs
+        return real(*a, **k)
+    monkeypatch.setattr(queries, "overview", slow_overview)
+    start, answers = threading.Barrier(8), []
+
+    def poll():
+        client = app.test_client()
+        start.wait()
+        answers.append(client.get("/part/overview"))
+    threads = [threading.Thread(target=poll) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [a.status_code for a in answers] == [200] * 8 and len({a.text for a in answers}) == 1
     assert len(calls) == 1
 
 
@@ -255,6 +331,61 @@ def test_actions_need_the_token_csrf_and_our_origin(operator_world):
     events = conn.execute("SELECT worker, detail FROM case_events WHERE case_id = ? ORDER BY event_id DESC LIMIT 1",
                           (ids["alpha"],)).fetchone()
     assert events["worker"] == "web:10.1.2.3"
+
+
+def test_a_token_csrf_field_or_cookie_outside_ascii_is_refused_not_a_crash(operator_world):
+    config, ids = operator_world
+    anonymous = app_for(config)
+    assert anonymous.post("/login", data={"token": "\u00e9" * 20}, headers={"Origin": ORIGIN}).status_code == 403
+    assert anonymous.post("/api/actions/ack", json={"case_id": ids["alpha"]},
+                          headers={"Authorization": "Bearer \u00e9t\u00e9"}).status_code == 403
+    for cookie in (f"{int(time.time())}-abc.\u00e9", "\u00b2-abc.def", "9" * 5000 + "-abc.def"):
+        page = app_for(config).get("/", headers={"Cookie": f"mqic_auth={cookie}"})     # a script's, past 4 KB
+        assert page.status_code == 200 and 'id="login"' in page.text, cookie
+    client, csrf = signed_in(config)
+    answer = client.post("/action/ack", data={"case_id": ids["alpha"], "csrf": "\u00e9" * 40}, headers={"Origin": ORIGIN})
+    assert answer.status_code == 403 and "CSRF" in answer.text
+    assert get_case(connect(config.database_path), ids["alpha"]).needs_review
+
+
+def test_a_malformed_origin_or_host_is_refused_not_a_crash(operator_world):
+    config, ids = operator_world
+    client, csrf = signed_in(config)
+    form = {"case_id": ids["alpha"], "csrf": csrf}
+    assert client.post("/action/ack", data=form, headers={"Origin": "http://[bad"}).status_code == 403
+    assert client.post("/action/ack", data=form, headers={"Origin": ORIGIN, "Host": "[bad"}).status_code == 403
+    assert get_case(connect(config.database_path), ids["alpha"]).needs_review
+
+
+def test_an_api_action_whose_body_is_not_an_object_or_whose_case_id_is_not_ascii_gets_400(operator_world):
+    config, ids = operator_world
+    client = app_for(config)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    listed = client.post("/api/actions/ack", json=[ids["alpha"]], headers=bearer)
+    assert listed.status_code == 400 and "JSON object" in listed.json["error"]
+    for case_id in ("\u00b2", "9" * 5000):
+        answer = client.post("/api/actions/ack", json={"case_id": case_id}, headers=bearer)
+        assert answer.status_code == 400 and "case_id" in answer.json["error"]
+
+
+@pytest.mark.parametrize("back", ["//evil.example", "/\\evil.example", "/\t/evil.example", "/\n/evil.example",
+                                  "https://evil.example/"])
+def test_the_page_to_return_to_is_never_another_site(operator_world, back):
+    config, ids = operator_world
+    signed_in_at = app_for(config).post("/login", data={"token": TOKEN, "back": back}, headers={"Origin": ORIGIN})
+    assert signed_in_at.status_code == 303 and signed_in_at.headers["Location"] == "/"
+    client, csrf = signed_in(config)
+    done = client.post("/action/ack", data={"case_id": ids["alpha"], "csrf": csrf, "back": back},
+                       headers={"Origin": ORIGIN})
+    assert done.status_code == 200 and 'href="/" id="back"' in done.text
+
+
+def test_signing_out_from_another_site_is_refused(operator_world):
+    config, ids = operator_world
+    client, csrf = signed_in(config)
+    assert client.post("/logout", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert 'id="login"' not in client.get("/").text                     # still signed in
+    assert client.post("/logout", headers={"Origin": ORIGIN}).status_code == 303
 
 
 def test_priority_cancel_drain_resume_and_a_refusal_through_the_guarded_operations(operator_world):
@@ -320,6 +451,12 @@ def test_the_token_file_must_be_ours_and_mode_0600(tmp_path):
     link.symlink_to(token_file)
     with pytest.raises(TokenFileError, match="regular file"):
         read_token(link)
+    folder, fifo = tmp_path / "folder", tmp_path / "fifo"
+    folder.mkdir(mode=0o700)
+    os.mkfifo(fifo, 0o600)
+    for path in (folder, fifo):                                          # a FIFO does not hang the start
+        with pytest.raises(TokenFileError, match="regular file"):
+            read_token(path)
 
 
 def test_the_program_refuses_to_start_with_an_open_token_file(tmp_path, capsys):
@@ -337,6 +474,14 @@ def test_plots_page_draws_the_five_charts_as_svg_without_inline_style(world, cli
     for name in ("per_hour", "per_day", "turnaround", "gpu_wait", "gpu_busy"):
         assert f'id="plot-{name}"' in text
     assert text.count("<svg") == 5 and "style=" not in text and "<script" not in text.replace('<script src=', '')
+
+
+def test_hourly_plot_labels_are_the_hours_start_in_a_half_hour_time_zone(tmp_path):
+    config = make_config(tmp_path, logging={"timezone": "Asia/Kolkata"})   # UTC+05:30
+    seed(config, time.time())
+    chart = app_for(config).get("/plots").text.split('id="plot-per_hour"')[1].split("</figure>")[0]
+    labels = re.findall(r"<title>(\d\d:\d\d): ", chart)
+    assert len(labels) == 24 and all(label.endswith(":30") for label in labels), labels
 
 
 def test_running_cases_get_an_eta_on_the_overview_and_their_page(world, client):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode
@@ -19,8 +18,10 @@ from werkzeug.exceptions import HTTPException
 
 from shared import queries
 from shared.config import Config
+from shared.priority import PRIORITIES
+from console.top import format_age, format_time
 from console.web import operations
-from console.web.guard import COOKIE, Guard
+from console.web.guard import COOKIE, Guard, whole_number
 from console.web.reader import Reader
 
 HERE = Path(__file__).resolve().parent
@@ -28,6 +29,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        " base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 FILTER_KEYS = ("q", "status", "host", "priority", "outcome", "review", "sort", "cursor", "limit")
 MAX_LIMIT = 500
+CASE_ID = f"<int(max={2**63 - 1}):case_id>"  # a larger number is no case: SQLite cannot even compare it
 
 
 class BadParameter(Exception):
@@ -51,33 +53,23 @@ def create_app(config: Config, guard: Guard, *, clock: Callable[[], float] = tim
 # -- formatting -------------------------------------------------------------------------------------
 
 def install_filters(app: Flask, config: Config) -> None:
+    """The same time and duration words as ``mqic-top``, in the configured zone."""
     tz = config.tz
-
-    def when(stamp: float | None, full: bool = False) -> str:
-        if stamp is None:
-            return "-"
-        return datetime.fromtimestamp(stamp, tz).strftime("%Y-%m-%d %H:%M:%S %Z" if full else "%m-%d %H:%M:%S")
-
-    def age(seconds: float | None) -> str:
-        if seconds is None:
-            return "-"
-        s = max(0, int(seconds))
-        if s < 60:
-            return f"{s}s"
-        if s < 3600:
-            return f"{s // 60}m{s % 60:02d}s"
-        if s < 86400:
-            return f"{s // 3600}h{s % 3600 // 60:02d}m"
-        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-    app.add_template_filter(when, "when")
-    app.add_template_filter(age, "age")
+    app.add_template_filter(lambda stamp, full=False: format_time(stamp, tz, full=full), "when")
+    app.add_template_filter(format_age, "age")
     app.add_template_global(tz.key, "tz_name")
 
 
 # -- headers, errors --------------------------------------------------------------------------------
 
 def install_hooks(app: Flask, config: Config, guard: Guard, clock: Callable[[], float]) -> None:
+    @app.before_request
+    def known_host() -> None:
+        # A page on another site that rebinds its own name to this address (DNS rebinding)
+        # reaches us with its name in Host: it must not read case names, nor act.
+        if not guard.host_allowed(request.host):
+            abort(403, f"host {request.host!r} is not one of this server's names (web.allowed_hosts)")
+
     @app.after_request
     def security_headers(response: Response) -> Response:
         response.headers["Content-Security-Policy"] = CSP
@@ -141,15 +133,15 @@ def install_pages(app: Flask, config: Config, reader: Reader, guard: Guard) -> N
             args = {k: v for k, v in request.args.items() if k != "cursor"}
             next_url = "/cases?" + urlencode({**args, "cursor": page.next_cursor})
         return render_template("cases.html", page=page, wanted=wanted, host_names=host_names,
-                               statuses=queries.STATUSES, outcomes=queries.OUTCOMES, next_url=next_url,
+                               statuses=queries.STATUSES, priorities=PRIORITIES, outcomes=queries.OUTCOMES, next_url=next_url,
                                count_cap=queries.COUNT_CAP)
 
-    @app.get("/cases/<int:case_id>")
+    @app.get(f"/cases/{CASE_ID}")
     def case_page(case_id: int):
         data = reader.case(case_id) or abort(404, f"case {case_id} not found")
         return render_template("case.html", **data)
 
-    @app.get("/part/cases/<int:case_id>")
+    @app.get(f"/part/cases/{CASE_ID}")
     def case_part(case_id: int):
         def render() -> str:
             data = reader.case(case_id) or abort(404, f"case {case_id} not found")
@@ -185,7 +177,7 @@ def install_api(app: Flask, reader: Reader) -> None:
         return jsonify({"cases": queries.to_jsonable(page.cases), "matching": page.matching,
                         "matching_capped": page.matching > queries.COUNT_CAP, "next_cursor": page.next_cursor})
 
-    @app.get("/api/cases/<int:case_id>")
+    @app.get(f"/api/cases/{CASE_ID}")
     def api_case(case_id: int):
         data = reader.case(case_id) or abort(404, f"case {case_id} not found")
         return jsonify({"case": queries.case_record(data["case"]), "events": data["events"],
@@ -200,13 +192,16 @@ def case_filter(args: Any) -> queries.CaseFilter:
     unknown = sorted(set(args) - set(FILTER_KEYS))
     if unknown:
         raise BadParameter(f"unknown parameter {unknown[0]!r} (known: {', '.join(FILTER_KEYS)})")
+    repeated = sorted(key for key in set(args) if len(args.getlist(key)) > 1)
+    if repeated:
+        raise BadParameter(f"{repeated[0]}: given more than once (one value each)")
     text = args.get("q", "")
     for key in ("q", "host"):
         if len(args.get(key, "")) > 200:
             raise BadParameter(f"{key}: longer than 200 characters")
     return queries.CaseFilter(
         text=text, status=one_of(args, "status", queries.STATUSES), host=args.get("host") or None,
-        priority=one_of(args, "priority", ("normal", "urgent")), outcome=one_of(args, "outcome", queries.OUTCOMES),
+        priority=one_of(args, "priority", PRIORITIES), outcome=one_of(args, "outcome", queries.OUTCOMES),
         review={None: None, "yes": True, "no": False}[one_of(args, "review", ("yes", "no"))],
         sort=one_of(args, "sort", queries.SORTS) or "newest", cursor=number(args, "cursor", 1, 2**62),
         limit=number(args, "limit", 1, MAX_LIMIT) or 50)
@@ -223,6 +218,7 @@ def number(args: Any, key: str, low: int, high: int) -> int | None:
     value = args.get(key) or None
     if value is None:
         return None
-    if not value.isdigit() or not low <= int(value) <= high:
-        raise BadParameter(f"{key}: got {value!r}, expected a whole number from {low} to {high}")
-    return int(value)
+    found = whole_number(value, high)
+    if found is None or found < low:
+        raise BadParameter(f"{key}: got {value[:40]!r}, expected a whole number from {low} to {high}")
+    return found

@@ -28,21 +28,33 @@ class TokenFileError(MqicError):
 
 
 def read_token(path: Path) -> str:
-    """The token in ``path``; TokenFileError unless the file is ours, a regular file and mode 0600."""
+    """The token in ``path``; TokenFileError unless the file is ours, a regular file and mode 0600.
+    The checks are made on the opened file (O_NOFOLLOW), so a swap after them cannot slip in."""
     try:
-        info = os.stat(path, follow_symlinks=False)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise TokenFileError(f"web.token_file {path}: not found (create it: "
                              f"umask 077; openssl rand -hex 32 > {path})") from None
+    except OSError:  # ELOOP: a symbolic link
+        raise TokenFileError(f"web.token_file {path}: expected a regular file (not a link or folder)") from None
+    try:
+        check_token_file(path, os.fstat(fd))
+    except TokenFileError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, encoding="utf-8") as file:
+        token = file.read().strip()
+    if len(token) < 16:
+        raise TokenFileError(f"web.token_file {path}: the token is shorter than 16 characters")
+    return token
+
+
+def check_token_file(path: Path, info: os.stat_result) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise TokenFileError(f"web.token_file {path}: expected a regular file (not a link or folder)")
     if stat.S_IMODE(info.st_mode) != 0o600 or info.st_uid != os.getuid():
         raise TokenFileError(f"web.token_file {path}: mode {stat.S_IMODE(info.st_mode):04o}, owner uid "
                              f"{info.st_uid}; expected mode 0600 and owned by us (chmod 600 {path})")
-    token = path.read_text(encoding="utf-8").strip()
-    if len(token) < 16:
-        raise TokenFileError(f"web.token_file {path}: the token is shorter than 16 characters")
-    return token
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class Guard:
         return hmac.new(self.token.encode(), f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
 
     def token_matches(self, given: str | None) -> bool:
-        return self.token is not None and given is not None and hmac.compare_digest(given.strip(), self.token)
+        return self.token is not None and given is not None and same_text(given.strip(), self.token)
 
     def new_cookie(self, now: float) -> str:
         nonce = f"{int(now)}-{secrets.token_hex(16)}"
@@ -73,27 +85,53 @@ class Guard:
             return None
         nonce, mac = cookie.rsplit(".", 1)
         issued = nonce.split("-", 1)[0]
-        if not issued.isdigit() or not 0 <= now - int(issued) <= SIGN_IN_SECONDS:
+        stamp = whole_number(issued)
+        if stamp is None or not 0 <= now - stamp <= SIGN_IN_SECONDS:
             return None
-        return nonce if hmac.compare_digest(mac, self._mac("auth", nonce)) else None
+        return nonce if same_text(mac, self._mac("auth", nonce)) else None
 
     def csrf_for(self, nonce: str) -> str:
         return self._mac("csrf", nonce)[:40]
 
     def csrf_matches(self, nonce: str, given: str | None) -> bool:
-        return given is not None and hmac.compare_digest(given, self.csrf_for(nonce))
+        return given is not None and same_text(given, self.csrf_for(nonce))
 
     def host_allowed(self, host_header: str) -> bool:
         """The Host header names this server (a DNS-rebinding page's Host is the attacker's name)."""
-        name = urlsplit(f"//{host_header}").hostname or ""
-        return name.lower() in self.allowed_hosts
+        return host_name(host_header) in self.allowed_hosts
 
     @staticmethod
     def same_origin(origin: str | None, referer: str | None, host_header: str) -> bool:
         """The request comes from one of our own pages: its Origin (or, without one, its Referer)
         names the host it was sent to. A form posted from another site fails this."""
         source = origin if origin and origin != "null" else referer
-        return bool(source) and urlsplit(source).netloc.lower() == host_header.lower()
+        try:
+            return bool(source) and urlsplit(source).netloc.lower() == host_header.lower()
+        except ValueError:  # a malformed address, such as an unclosed "[": not ours
+            return False
+
+
+def whole_number(text: str, high: int = 2**62) -> int | None:
+    """``text`` as a whole number from 0 to ``high``, else None. Only ASCII digits (``int()``
+    also reads "²" as a digit and fails on it), and few of them: ``int()`` refuses more than
+    4,300 digits, and a bigger number than ``high`` cannot be meant."""
+    if text.isascii() and text.isdigit() and len(text) <= len(str(high)) and int(text) <= high:
+        return int(text)
+    return None
+
+
+def same_text(given: str, expected: str) -> bool:
+    """A constant-time comparison that also takes what a client sends outside ASCII (as bytes;
+    ``hmac.compare_digest`` refuses non-ASCII ``str``)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
+
+
+def host_name(host_header: str) -> str:
+    """The lower-case name in a Host header; "" when it is malformed."""
+    try:
+        return (urlsplit(f"//{host_header}").hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 def guard_for(web: WebConfig) -> Guard:

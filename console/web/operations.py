@@ -22,7 +22,7 @@ from shared.doorbell import ring
 from shared.errors import MqicError
 from shared.priority import set_priority
 from shared.spool import Spool
-from console.web.guard import COOKIE, SIGN_IN_SECONDS, Guard
+from console.web.guard import COOKIE, SIGN_IN_SECONDS, Guard, whole_number
 from console.web.reader import Reader
 
 CASE_ACTIONS = ("retry", "cancel", "ack", "priority")
@@ -46,6 +46,7 @@ def install(app: Flask, config: Config, guard: Guard, reader: Reader, clock: Cal
 
     @app.post("/logout")
     def logout():
+        check_request(guard, bearer_allowed=False)
         response = make_response(redirect("/", code=303))
         response.delete_cookie(COOKIE, path="/")
         return response
@@ -61,16 +62,17 @@ def install(app: Flask, config: Config, guard: Guard, reader: Reader, clock: Cal
     def api_action(name: str):
         who = authorise(guard, clock, form=False)
         fields = request.get_json(silent=True) if request.is_json else request.form
+        if fields is not None and not hasattr(fields, "get"):
+            abort(400, "the body must be a JSON object or a form, such as {\"case_id\": 12}")
         message, code = run(config, reader, name, fields or {}, who, clock())
         return jsonify({"ok": code == 200, "message": message}), code
 
 
 def check_request(guard: Guard, *, bearer_allowed: bool) -> None:
-    """403 unless actions are on, the Host is ours and (for a browser) the request came from our page."""
+    """403 unless actions are on and (for a browser) the request came from our page (the Host
+    was checked for every request)."""
     if not guard.actions:
         abort(403, f"actions are not allowed here ({guard.reason})")
-    if not guard.host_allowed(request.host):
-        abort(403, f"host {request.host!r} is not one of this server's names (web.allowed_hosts)")
     if bearer_allowed and bearer() is not None:
         return  # a browser cannot send this header cross-site without our consent (no CORS)
     if not guard.same_origin(request.headers.get("Origin"), request.headers.get("Referer"), request.host):
@@ -98,8 +100,10 @@ def authorise(guard: Guard, clock: Callable[[], float], *, form: bool) -> str:
 
 
 def safe_back(value: str | None) -> str:
-    """A local path to return to (never another site)."""
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
+    """A local path to return to (never another site). Only visible ASCII: browsers drop a tab
+    or newline from a link, so "/<tab>/evil.example" would be "//evil.example", another site."""
+    if value and value.startswith("/") and not value.startswith("//") and \
+            all(" " < ch < "\x7f" and ch != "\\" for ch in value):
         return value
     return "/"
 
@@ -124,9 +128,10 @@ def run(config: Config, reader: Reader, name: str, fields: Any, who: str, now: f
 
 def case_id_of(fields: Any) -> int:
     value = str(fields.get("case_id", ""))
-    if not value.isdigit():
-        abort(400, f"case_id: got {value!r}, expected a case number")
-    return int(value)
+    case_id = whole_number(value)
+    if case_id is None:
+        abort(400, f"case_id: got {value[:40]!r}, expected a case number")
+    return case_id
 
 
 def case_action(config: Config, conn: sqlite3.Connection, name: str, case_id: int, fields: Any, who: str,

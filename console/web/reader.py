@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from console.cli import host_notes
 from shared import queries
 from shared.config import Config
 from shared.db import connect
@@ -101,11 +102,8 @@ class Reader:
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
             view = queries.overview(conn, now, self.config.unhealthy_after_seconds, recent=RECENT, flags=FLAGS,
                                     configured=self.config.hosts)
-            return {"view": view, "etas": self._etas(conn, now), "attention": attention(view)}
+            return {"view": view, "etas": eta_model.estimate(conn, self.config, now), "attention": attention(view)}
         return self.read(work)
-
-    def _etas(self, conn: sqlite3.Connection, now: float) -> dict[int, Any]:
-        return eta_model.estimate(conn, self.config, now)
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -115,18 +113,12 @@ class Reader:
         view: queries.Overview = data["view"]
         damage = self.integrity()
         reasons = list(view.health.reasons) + ([f"database integrity: {damage}"] if damage else [])
-        notes = [a.text for a in data["attention"] if a.kind in ("host_down", "drained")]
-        hosts = [{"host": h.name, "backend": h.backend, "reachable": h.remote.reachable,
-                  "down_since": h.remote.down_since, "drained": h.drained, "seats": h.seats, "in_use": h.in_use,
-                  "running": h.running} for h in view.hosts]
-        return {"healthy": not reasons, "reasons": reasons, "drained": any(h.drained for h in view.hosts),
-                "notes": notes, "hosts": hosts}
+        return queries.health_record(reasons, host_notes(view, self.config), view.hosts)
 
     def integrity(self) -> str | None:
         now = self.clock()
         if self.checked is None or now - self.checked[0] > HEALTH_CHECK_SECONDS:
-            rows = self.read(lambda conn: [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()])
-            self.checked = (now, None if rows == ["ok"] else "; ".join(rows[:3]))
+            self.checked = (now, self.read(queries.quick_check))
         return self.checked[1]
 
     # -- cases ----------------------------------------------------------------------------------
@@ -145,7 +137,7 @@ class Reader:
             if case is None:
                 return None
             events = queries.events_of(conn, case_id)
-            etas = self._etas(conn, now) if case.status.value in queries.ACTIVE_STATUSES else {}
+            etas = eta_model.estimate(conn, self.config, now) if case.status.value in queries.ACTIVE_STATUSES else {}
             return {"case": case, "events": events, "eta": etas.get(case_id), "attempts": attempts(events),
                     "checksums": checksums(case.result_checksums), "folders": self.folders(case), "now": now}
         return self.read(work)
@@ -170,8 +162,8 @@ class Reader:
             return [(datetime.fromtimestamp(start, tz).strftime(fmt), float(n)) for start, n in points]
 
         def work(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-            return [
-                ("per_hour", p.bar_chart_svg(labelled(p.completed_per_hour(conn, now), "%H:00"),
+            return [  # hourly buckets start on the hour in UTC: in a zone offset by :30 that is :30 there
+                ("per_hour", p.bar_chart_svg(labelled(p.completed_per_hour(conn, now), "%H:%M"),
                                              title="Cases completed per hour (last 24 h)", unit="cases")),
                 ("per_day", p.bar_chart_svg(labelled(p.completed_per_day(conn, now, tz), "%m-%d"),
                                             title="Cases completed per day (last 30 days)", unit="cases")),
