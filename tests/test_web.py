@@ -523,3 +523,27 @@ def test_case_list_pages_never_sort_the_whole_table(world):
     for sql in statements:
         plan = " ".join(r["detail"] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
         assert "TEMP B-TREE" not in plan, (sql, plan)
+
+
+def test_the_overview_shows_every_gpu_and_puts_a_silent_or_foreign_one_at_the_top(tmp_path):
+    """Issue 21 on the web page: utilization, memory, temperature, whose work; a GPU that stopped
+    answering or holds someone else's process (with avoid_foreign) is in "Needs attention"."""
+    from shared import gpus
+    from shared.gpus_parse import GpuApp, GpuQuery, GpuReading, Probe
+    config = make_config(tmp_path, gpus={"avoid_foreign": True})
+    now = time.time()
+    conn = connect(config.database_path)
+    readings = (GpuReading(0, "GPU-aaa", 87.0, 30_000.0, 81_920.0, 64.0),
+                GpuReading(1, "GPU-bbb", 3.0, 20_000.0, 81_920.0, 41.0))
+    foreign = GpuApp("GPU-bbb", 4242, 20_000.0)
+    gpus.record(conn, "hpc", Probe(now, GpuQuery(readings), (foreign,)), config.gpus, now=now)
+    gpus.record(conn, "hpc", Probe(now, GpuQuery(readings[1:], lost=("GPU 0: GPU is lost",)), (foreign,)),
+                config.gpus, now=now)
+    conn.close()
+    page = app_for(config).get("/").get_data(as_text=True)
+    gpu_section = page[page.index('id="gpus"'):page.index('id="recent"')]
+    assert 'data-gpu="hpc:1"' in gpu_section and "41 °C" in gpu_section and "19.5 / 80.0 GiB" in gpu_section
+    assert "someone else's process (1); no new case" in gpu_section
+    assert "NOT ANSWERING" in gpu_section
+    attention = page[page.index('id="attention"'):page.index('id="health"')]
+    assert "GPU 0 does not answer" in attention and "GPU 1 has someone else&#39;s process" in attention

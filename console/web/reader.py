@@ -102,7 +102,8 @@ class Reader:
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
             view = queries.overview(conn, now, self.config.unhealthy_after_seconds, recent=RECENT, flags=FLAGS,
                                     configured=self.config.hosts)
-            return {"view": view, "etas": eta_model.estimate(conn, self.config, now), "attention": attention(view)}
+            return {"view": view, "etas": eta_model.estimate(conn, self.config, now), "attention": attention(view),
+                    "gpu_interval": self.config.gpus.interval_seconds}
         return self.read(work)
 
     # -- health ---------------------------------------------------------------------------------
@@ -202,6 +203,20 @@ def attention(view: queries.Overview) -> list[Attention]:
                                               + (f" ({d.reason})" if d.reason else ""), host=host.name, since=d.since))
     if kept.notices_failing:
         items.append(Attention("notices", f"{kept.notices_failing} notices could not be sent (retried)"))
+    items += gpu_attention(view)
+    return items
+
+
+def gpu_attention(view: queries.Overview) -> list[Attention]:
+    """GPUs that do not answer, and GPUs kept from new cases by someone else's process."""
+    items = []
+    for gpu in view.gpus:
+        if not gpu.answering:
+            items.append(Attention("gpu", f"host {gpu.host} GPU {gpu.index} does not answer ({gpu.error or '?'}): "
+                                          f"no new case on it", host=gpu.host))
+        elif gpu.blocks_claims:
+            items.append(Attention("gpu", f"host {gpu.host} GPU {gpu.index} has someone else's process "
+                                          f"({gpu.foreign_processes}): no new case on it", host=gpu.host))
     return items
 
 
