@@ -210,6 +210,7 @@ def worker_main(program: str, name: str, tick: Callable[[Context, float], int], 
     if prepare:
         prepare(ctx)
     code = run_worker(ctx, tick, idle_wait=idle_wait, once=args.once, drain=drain)
+    ctx.stop.set()  # after --once too: the helper loops end with the main one
     for helper in ctx.state.get(HELPER_THREADS, []):
         helper.join()  # each finishes the step in hand, then sees the stop event
     return 1 if ctx.state.get(HELPER_FAILED) else code
