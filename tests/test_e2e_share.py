@@ -86,6 +86,11 @@ def delivered(db: Db) -> set[str]:
     return {r[0] for r in db.conn.execute("SELECT case_name FROM cases WHERE delivered_at IS NOT NULL")}
 
 
+def delivery_error(db: Db, name: str) -> str:
+    row = db.case(name)
+    return (row["delivery_error"] if row is not None else None) or ""
+
+
 def timed(h, *args: str) -> tuple[float, subprocess.CompletedProcess]:
     started = time.monotonic()
     result = mqic(h, *args)
@@ -177,8 +182,8 @@ def test_an_unmounted_share_is_never_written_underneath_and_mounting_it_lets_del
     stop_all(sup)
     db = Db(h)
     drop(h, "waits")
-    wait_until(lambda: "ShareNotMounted" in (db.case("waits") or {"delivery_error": None})["delivery_error"] or "",
-               timeout=60, message="delivery refused: not mounted")
+    wait_until(lambda: "ShareNotMounted" in delivery_error(db, "waits"), timeout=60,
+               message="delivery refused: not mounted")
     time.sleep(1.5)  # a few more attempts (retry_seconds 1): still nothing may be written
     assert list(sshfs_share.mount.iterdir()) == [] and db.case("waits")["delivered_at"] is None
     assert (share_state(db) or {}).get("kind") == "not mounted"
