@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,62 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from bench.chaos_share import SshfsShare, sshfs_missing
 from sandbox.casegen import make_case
 from shared.delivery import sha256_of
 from tests.conftest import cli, wait_until
-from tests.test_clinic import RECORDER, processes_with
+from tests.test_clinic import RECORDER
 from tests.test_e2e_clinic import Db, content, drop, mqic, start, stop_all  # noqa: F401  (a fixture)
 from tests.test_exporter import scrape
 
-SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
-
-
-class SshfsShare:
-    """``<root>/tps``: a real FUSE mount (sshfs) of ``<root>/share-server`` through the sandbox sshd.
-
-    Its sftp-server runs under a unique name, so the test can stop it (SIGSTOP): every call on the
-    mount then blocks in the kernel, as on an SMB/NFS hard mount whose server stopped answering.
-    """
-
-    def __init__(self, sshd, root: Path):
-        self.server, self.mount = root / "share-server", root / "tps"
-        self.server.mkdir(parents=True)
-        self.mount.mkdir()
-        self.token = f"mqic-sftp-{os.getpid()}-{time.time_ns()}"
-        self.link = root / self.token
-        self.link.symlink_to(SFTP_SERVER)
-        self.endpoint = sshd.endpoint
-
-    def attach(self) -> None:
-        ep = self.endpoint
-        options = (f"IdentityFile={ep.identity_file},UserKnownHostsFile={ep.known_hosts_file},"
-                   f"StrictHostKeyChecking=yes,BatchMode=yes,IdentitiesOnly=yes,sftp_server={self.link}")
-        subprocess.run(["sshfs", "-p", str(ep.port), "-o", options, f"{ep.user}@{ep.host}:{self.server}",
-                        str(self.mount)], check=True, timeout=30, capture_output=True)
-        assert os.path.ismount(self.mount)
-
-    def server_pid(self) -> int:
-        pids = [pid for pid in processes_with(self.token)
-                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == str(self.link).encode()]
-        assert len(pids) == 1, pids
-        return pids[0]
-
-    def hang(self) -> None:
-        os.kill(self.server_pid(), signal.SIGSTOP)
-
-    def answer(self) -> None:
-        for pid in processes_with(self.token):
-            os.kill(pid, signal.SIGCONT)
-
-    def close(self) -> None:
-        self.answer()
-        subprocess.run(["fusermount", "-u", "-z", str(self.mount)], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def sshfs_share(sshd, tmp_path):
-    if shutil.which("sshfs") is None or not os.path.exists("/dev/fuse") or not SFTP_SERVER.exists():
-        pytest.skip("needs sshfs, /dev/fuse and openssh's sftp-server (scripts/setup.sh installs sshfs)")
+    missing = sshfs_missing()
+    if missing:
+        pytest.skip(f"needs a real FUSE share: {missing}")
     if not sshd.is_running():
         sshd.start()
     made = SshfsShare(sshd, tmp_path / "fuse")
