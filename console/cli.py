@@ -273,7 +273,7 @@ def print_case(config: Config, case: Case, events: list[dict], remote: dict | No
             continue
         print(f"{key:>18}: {format_time(value, tz, full=True) if key in TIME_FIELDS else value}")
     if case.result_checksums:
-        print(f"{'result_checksums':>18}: sha256 of {len(json.loads(case.result_checksums))} files"
+        print(f"{'result_checksums':>18}: recorded for {len(json.loads(case.result_checksums))} fetched files"
               f" (`mqic show {case.case_id} --json` lists them)")
     if case.error_message:
         print(f"{'error_message':>18}: {case.error_message}")
