@@ -2,6 +2,7 @@
 mounted, a damaged local copy, a delivery cut by a crash, and how durations read."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -206,7 +207,7 @@ def test_clean_up_keeps_the_hpc_folder_of_a_damaged_or_unproven_local_copy(kept,
     whole, deleted, changed = add("whole"), add("deleted"), add("changed")
     old_unrecorded = add("old, no record", result_checksums=None)
     old_delivered = add("old, delivered", result_checksums=json.dumps(
-        {name: __import__("hashlib").sha256(data).hexdigest() for name, data in RESULTS.items()}))
+        {name: hashlib.sha256(data).hexdigest() for name, data in RESULTS.items()}))
     (Path(deleted.case_path) / "output" / "dose.raw").unlink()
     (Path(changed.case_path) / "output" / "dose.raw").write_bytes(b"\x02" * 4000)   # same size, other bytes
     assert apply_retention(ctx, time.time()) == 2
@@ -236,3 +237,20 @@ def test_retention_with_fractional_days_says_hours_ago(kept, capsys):
         ctx.conn.execute("UPDATE cases SET completed_at = ? WHERE case_id = ?", (time.time() - 3 * 3600, case.case_id))
     config = replace(ctx.config, retention=RetentionConfig(remote_days=0.01))
     assert any("ended 3 h ago" in v.reason for v in plan(ctx.conn, config, time.time()))
+
+
+# -- the record kept at fetch time ----------------------------------------------------------------
+
+def test_the_poller_records_size_and_sha256_of_every_fetched_file_without_delivery(hpc):
+    """No ``results.deliver_to`` at all: the record is kept anyway, and matches the local copy."""
+    from tests.test_workers import ctx_for, poll_until_final, submitted
+    ctx = ctx_for(hpc())
+    assert ctx.config.results.deliver_to is None
+    case = poll_until_final(ctx, submitted(ctx, "fetched", seconds=0.2).case_id)
+    record = json.loads(case.result_checksums)
+    folder = Path(case.case_path)
+    files = {str(p.relative_to(folder)) for p in (folder / "output").rglob("*") if p.is_file()}
+    assert set(record) == files and files
+    assert all(record[name] == {"size": (folder / name).stat().st_size,
+                                "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+               for name in files)
