@@ -554,6 +554,7 @@ class ChaosRun:
         self.pueue("parallel", "0", "-g", "default")  # another user's tasks run side by side
         self.supervisor = Supervisor(self.scratch / "sup", self.config_path)
         self.supervisor.start()
+        self.wait_for(self.database_ready, 60)  # on a loaded machine the first disturbances could beat the schema
         self.note(f"sandbox HPC{' (2 hosts)' if self.sandbox2 else ''} and supervisord up in {self.scratch}; "
                   f"case timeout {self.plan.timeout:g} s")
 
@@ -586,6 +587,21 @@ class ChaosRun:
             self.share.attach()
         self.done.share_windows.append((begin, time.time()))
         self.note(f"results share back after being {kind}")
+
+    def database_ready(self) -> bool:
+        """The workers have created the database and its schema (the driver reads it from then on)."""
+        import sqlite3
+        from shared.db import connect
+        try:
+            conn = connect(self.config.database_path, readonly=True)
+        except sqlite3.Error:
+            return False
+        try:
+            return conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'cases'").fetchone()[0] == 1
+        except sqlite3.Error:
+            return False
+        finally:
+            conn.close()
 
     def _load_config(self):
         from shared.config import load_config
