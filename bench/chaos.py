@@ -31,6 +31,13 @@ cases are still being dropped: its sshd stops and every session dies, its Contro
 Meanwhile gpu1's pueue state is sampled every 0.5 s: the table gives the share of the samples
 with cases waiting in which every gpu1 group runs a task of ours.
 
+With ``--share`` every completed case's results are delivered to a real sshfs (FUSE) share
+(``bench/chaos_share.py``, its own sshd), which hangs (its sftp-server stopped) for 12 % of the
+run from the middle on, and is unmounted for 8 % later (a plain empty folder under its mount
+point): 0 lost, 0 misdelivered (every delivered folder holds exactly the fetched files), nothing
+written underneath, and no GPU seat stalled by it (a seat that became zombie during a share
+episode freed within 15 s).
+
 Then it waits until every case is final and prints a table; exit status 1 on any violation of
 ``bench.chaos_check.check_final_state`` (lost, run twice, wrongly failed, another user's task
 touched, ...). Tests import ``ChaosPlan``, ``run_chaos`` and the checker from here.
@@ -65,7 +72,7 @@ OUR_LABEL = "mqic_case_"
 DROP_SHARE = 0.7  # cases are dropped over the first 70 % of the run
 FORGETTING_AT = 0.35  # the pollers stop (another user cleans) at 35 % of the run, then the long outage
 WAITING_ACTIONS = {"owner kill", "remote kill", "restart", "lose adds",
-                   "clean, long outage, reused id", "host down"}  # they wait for something: each runs in a thread
+                   "clean, long outage, reused id", "host down", "share hangs", "share unmounted"}  # they wait for something: each runs in a thread
 HOST_NAMES = ("gpu1", "gpu2")  # with --hosts 2; the one host of the one-host run keeps the default name
 HOST_KEYS = ("host", "port", "user", "identity_file", "known_hosts_file", "remote_base_dir", "control_dir",
              "pueue_command")  # what the second sandbox's hosts: entry overrides of the hpc defaults
@@ -112,6 +119,7 @@ class ChaosPlan:
     calm: bool = False  # with 2 hosts: gpu2's outage alone, no other disturbance (a control for the busy figure)
     depth: int = 1  # each group's depth: 2 keeps the next case queued in pueue behind the running one
     case_seconds: tuple[float, float] = (0.3, 1.8)  # how long an ordinary case simulates, drawn between these
+    share: bool = False  # results delivered to a real sshfs share that hangs, then is unmounted
 
     @property
     def timeout(self) -> float:
@@ -337,6 +345,10 @@ class Disturbances:
     started_on_gpu1_while_down: int = 0  # cases whose task was submitted on gpu1 while gpu2 was down
     on_gpu2_when_down: list[int] = field(default_factory=list)  # cases running or submitting there then
     busy: list[BusySample] = field(default_factory=list)
+    share_windows: list[tuple[float, float]] = field(default_factory=list)  # the share hung or unmounted, epoch s
+    share_faults: Counter = field(default_factory=Counter)  # "hung" / "unmounted"
+    share: Counter = field(default_factory=Counter)  # bench.chaos_share.check_deliveries
+    stalled: tuple[int, float] = (0, 0.0)  # bench.chaos_share.stalled_seats
 
 
 @dataclass
@@ -352,7 +364,10 @@ class ChaosResult:
 
     @property
     def ok(self) -> bool:
-        return self.verdict.ok and self.settled
+        share_bad = self.plan.share and (self.done.share["misdelivered"] or self.done.share["underneath"]
+                                         or self.done.share["leftovers"] or self.done.share["undelivered"]
+                                         or self.done.stalled[0])
+        return self.verdict.ok and self.settled and not share_bad
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -403,6 +418,18 @@ class ChaosResult:
                 ("gpu1 busy while both hosts are up (the same measure)", self.busy(False).text()),
                 ("final on gpu1 / gpu2: completed, failed",
                  " / ".join(f"{v.get(f'completed_on:{h}', 0)}, {v.get(f'failed_on:{h}', 0)}" for h in HOST_NAMES)),
+            ]
+        if plan.share:
+            windows = ", ".join(f"{e - b:.0f} s" for b, e in d.share_windows)
+            rows += [
+                ("results share hung (sftp-server stopped) / unmounted", f"{d.share_faults['hung']} / "
+                                                                        f"{d.share_faults['unmounted']} ({windows})"),
+                ("results delivered whole (contents = the fetch record)", d.share["delivered"]),
+                ("**misdelivered / not delivered / temporaries left**",
+                 f"{d.share['misdelivered']} / {d.share['undelivered']} / {d.share['leftovers']}"),
+                ("**written underneath the unmounted mount point**", d.share["underneath"]),
+                ("**seats stalled by the share** (zombie > 15 s, begun in a share episode; longest)",
+                 f"{d.stalled[0]} ({d.stalled[1]:.1f} s)"),
             ]
         rows += [
             ("pueue daemon restarts (groups paused)", f"{d.restarts} ({d.paused_by_restart})"),
@@ -499,6 +526,8 @@ class ChaosRun:
         self.starts_log = self.scratch / "hpc" / "simulation_starts.log"
         self.lock = threading.Lock()  # helper threads record victims too
         self.late_store_due = 0.0  # monotonic time by which a late-stored add has landed
+        self.share = None  # bench.chaos_share.SshfsShare with --share
+        self.share_sshd = None
 
     # -- set-up -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -512,6 +541,8 @@ class ChaosRun:
                                    "running_case_timeout_hours": self.plan.timeout / 3600,
                                    "stuck_after_minutes": 60},
                         logging={"json_stdout": False})
+        if self.plan.share:
+            sections["results"] = self.start_share()
         self.sandbox = up(self.scratch / "hpc", groups=groups, **sections)
         self.config_path = self.sandbox.config_path
         if self.plan.hosts > 1:
@@ -523,8 +554,54 @@ class ChaosRun:
         self.pueue("parallel", "0", "-g", "default")  # another user's tasks run side by side
         self.supervisor = Supervisor(self.scratch / "sup", self.config_path)
         self.supervisor.start()
+        self.wait_for(self.database_ready, 60)  # on a loaded machine the first disturbances could beat the schema
         self.note(f"sandbox HPC{' (2 hosts)' if self.sandbox2 else ''} and supervisord up in {self.scratch}; "
                   f"case timeout {self.plan.timeout:g} s")
+
+    def start_share(self) -> dict:
+        """A real sshfs share through an sshd of its own; the config's ``results`` section."""
+        from bench.chaos_share import SshfsShare, sshfs_missing
+        from sandbox.sshd import SandboxSshd
+        missing = sshfs_missing()
+        if missing:
+            raise RuntimeError(f"--share needs a real FUSE share: {missing}")
+        self.share_sshd = SandboxSshd(self.scratch / "share" / "sshd")
+        self.share_sshd.start()
+        self.share = SshfsShare(self.share_sshd, self.scratch / "share")
+        self.share.attach()
+        return {"deliver_to": str(self.share.mount), "retry_seconds": 1, "share_timeout_seconds": 3}
+
+    def share_trouble(self, kind: str, seconds: float) -> None:
+        """The share hangs (``hung``) or is unmounted (``unmounted``) for ``seconds``, then is back."""
+        begin = time.time()
+        if kind == "hung":
+            self.share.hang()
+        else:
+            self.share.detach()
+        self.done.share_faults[kind] += 1
+        self.note(f"results share {kind} for {seconds:.0f} s")
+        time.sleep(seconds)
+        if kind == "hung":
+            self.share.answer()
+        else:
+            self.share.attach()
+        self.done.share_windows.append((begin, time.time()))
+        self.note(f"results share back after being {kind}")
+
+    def database_ready(self) -> bool:
+        """The workers have created the database and its schema (the driver reads it from then on)."""
+        import sqlite3
+        from shared.db import connect
+        try:
+            conn = connect(self.config.database_path, readonly=True)
+        except sqlite3.Error:
+            return False
+        try:
+            return conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'cases'").fetchone()[0] == 1
+        except sqlite3.Error:
+            return False
+        finally:
+            conn.close()
 
     def _load_config(self):
         from shared.config import load_config
@@ -1018,6 +1095,9 @@ class ChaosRun:
         plan += [((i + 0.7) * self.plan.kill_every, "random kill", self.kill_random_worker) for i in range(randoms)]
         if self.plan.hosts > 1:
             plan.append((self.plan.host_down_at, "host down", lambda: self.host_down(0.2 * self.plan.duration)))
+        if self.plan.share:
+            plan += [(0.5 * d, "share hangs", lambda: self.share_trouble("hung", 0.12 * d)),
+                     (0.7 * d, "share unmounted", lambda: self.share_trouble("unmounted", 0.08 * d))]
         return sorted(plan, key=lambda item: item[0])
 
     def disturb(self) -> None:
@@ -1052,10 +1132,13 @@ class ChaosRun:
         try:
             rows = conn.execute("SELECT COUNT(*), SUM(status IN ('completed','failed')) FROM cases").fetchone()
             busy = conn.execute("SELECT COUNT(*) FROM gpu_resources WHERE status != 'available'").fetchone()[0]
+            undelivered = conn.execute(
+                "SELECT COUNT(*) FROM cases WHERE status = 'completed' AND delivered_at IS NULL AND completed_at >="
+                " (SELECT value FROM settings WHERE key = 'results.deliver_since')").fetchone()[0]
         finally:
             conn.close()
         waiting = [n for n in os.listdir(self.config.scanner.watch_path)]
-        return rows[0] == len(self.specs) and rows[1] == rows[0] and busy == 0 and not waiting
+        return rows[0] == len(self.specs) and rows[1] == rows[0] and busy == 0 and not waiting and not undelivered
 
     def wait_for_the_end(self) -> bool:
         deadline = time.monotonic() + self.plan.settle_timeout
@@ -1112,6 +1195,11 @@ class ChaosRun:
         return {HOST_NAMES[0]: self.final_status_json(), HOST_NAMES[1]: self.final_status_json(self.sandbox2)}
 
     def judge(self, settled: bool) -> ChaosResult:
+        if self.share is not None:
+            from bench.chaos_share import check_deliveries, stalled_seats
+            self.share.detach()
+            self.done.share = check_deliveries(self.config.database_path, self.share)
+            self.done.stalled = stalled_seats(self.config.database_path, self.done.share_windows, 15.0)
         verdict = check_final_state(self.config.database_path, self.config.spool_path,
                                     self.config.scanner.watch_path, self.final_status(), self.expected(),
                                     groups=self.groups)
@@ -1126,6 +1214,10 @@ class ChaosRun:
             self.supervisor.shutdown()
         if self.plan.hosts > 1 and (self.scratch / "hpc2").is_dir():  # even if it did not come up whole
             down(self.scratch / "hpc2")
+        if self.share is not None:
+            self.share.close()
+        if self.share_sshd is not None:
+            self.share_sshd.stop()
         if self.sandbox is not None:
             down(self.scratch / "hpc")
             from shared.remote import Remote
@@ -1158,13 +1250,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="an ordinary case simulates between LOW and HIGH seconds")
     parser.add_argument("--calm", action="store_true",
                         help="with --hosts 2: gpu2's outage alone, no other disturbance (a control run)")
+    parser.add_argument("--share", action="store_true",
+                        help="deliver results to a real sshfs share that hangs, then is unmounted, mid-run")
     parser.add_argument("--scratch", type=Path, default=None, help="work folder (default: a new one in /tmp)")
     args = parser.parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="mqic-chaos-"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop supervisord, sshd, pueued
     plan = ChaosPlan(cases=args.cases, duration=args.duration, seed=args.seed, groups=args.groups,
                      case_timeout=args.case_timeout, hosts=args.hosts, host_down=args.host_down,
-                     calm=args.calm and args.hosts > 1, depth=args.depth, case_seconds=tuple(args.case_seconds))
+                     calm=args.calm and args.hosts > 1, depth=args.depth, case_seconds=tuple(args.case_seconds),
+                     share=args.share)
     result = run_chaos(plan, scratch)
     print()
     print(result.table())

@@ -34,7 +34,7 @@ from rich.console import Console
 from console import service
 from console.top import (console_width, format_age, format_time, freshness, gpu_memory, gpus_table, host_lines,
                          slots_table, totals_line, upkeep_line)
-from shared import actions, gpus, maintenance, queries, retention, tasks, version
+from shared import actions, gpus, maintenance, queries, retention, share, tasks, version
 from shared.backends import backend_for, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, HostConfig, default_config_path, load_config
@@ -299,7 +299,7 @@ def print_case(config: Config, case: Case, events: list[dict], remote: dict | No
     if estimated is not None:
         print(f"{'eta':>18}: {estimated}")
     if case.result_checksums:
-        print(f"{'result_checksums':>18}: sha256 of {len(json.loads(case.result_checksums))} files"
+        print(f"{'result_checksums':>18}: recorded for {len(json.loads(case.result_checksums))} fetched files"
               f" (`mqic show {case.case_id} --json` lists them)")
     if case.error_message:
         print(f"{'error_message':>18}: {case.error_message}")
@@ -514,11 +514,19 @@ def check_delivery(config: Config) -> Check | None:
     target = config.results.deliver_to
     if target is None:
         return None
-    if not target.is_dir():
-        return Check("results.deliver_to", False, f"{target} is not a folder", "mount the share or create the folder")
-    if not os.access(target, os.W_OK | os.X_OK):
+    request = {**share.share_request(config), "clean": False}
+    try:  # in a child with a time limit, like every access to the share
+        answer = share.run_on_share("probe", request, timeout=config.results.share_timeout_seconds)
+    except share.ShareNotAnswering as exc:
+        return Check("results.deliver_to", False, str(exc), "check the share's server and the mount")
+    except (share.ShareProblem, share.ShareWriteError) as exc:
+        return Check("results.deliver_to", False, str(exc), "mount the share (or create the folder and "
+                     "set results.expect_mount: false, or create the results.share_marker file in it)")
+    if not answer["writable"]:
         return Check("results.deliver_to", False, f"{target} is not writable", f"let this user write to {target}")
-    return Check("results.deliver_to", True, f"{target} is a writable folder")
+    proof = (f"holds {config.results.share_marker}" if config.results.share_marker else
+             "is a mount point" if config.results.expect_mount else "is a folder (expect_mount: false)")
+    return Check("results.deliver_to", True, f"{target} {proof} and is writable")
 
 
 def check_identity(host: HostConfig) -> Check:

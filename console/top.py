@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shared.eta import Eta, estimate, span
-from shared.queries import STATUSES, CaseView, HostView, Overview, overview, read_snapshot
+from shared.queries import STATUSES, CaseView, HostView, Overview, overview, read_snapshot, share_text
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect
@@ -116,6 +116,8 @@ def upkeep_line(view: Overview, tz: ZoneInfo) -> Text | None:
     parts: list[Text] = []
     if kept.urgent_waiting:
         parts.append(Text(f"urgent waiting {kept.urgent_waiting}", style="bold red"))
+    if kept.share is not None:
+        parts.append(Text(share_text(kept.share, view.now), style="bold red"))
     if kept.awaiting_delivery:
         text = Text(f"results awaiting delivery {kept.awaiting_delivery}")
         if kept.delivery_failing:

@@ -15,6 +15,7 @@ wants() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
 
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v sshfs >/dev/null || missing+=(sshfs)  # a real FUSE share for the results-share tests
 command -v ssh >/dev/null || missing+=(openssh-client)
 command -v rsync >/dev/null || missing+=(rsync)
 command -v tar >/dev/null || missing+=(tar)

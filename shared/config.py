@@ -28,7 +28,7 @@ SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
 TRANSFER_METHODS = ("scp", "tar", "rsync")
 BACKENDS = ("pueue", "slurm")
 SLURM_WORD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,127}$")
-NOTIFY_EVENTS = ("completed", "failed", "flagged", "unreachable")
+NOTIFY_EVENTS = ("completed", "failed", "flagged", "unreachable", "share")
 SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")
 INSECURE_SSH_OPTION = re.compile(
     r"StrictHostKeyChecking\s*=?\s*(no|off|accept-new)|PasswordAuthentication\s*=?\s*yes|"
@@ -165,6 +165,9 @@ class ResultsConfig:
     deliver_to: Path | None = None
     checksums: bool = True
     retry_seconds: float = 60.0
+    share_timeout_seconds: float = 30.0
+    expect_mount: bool = True
+    share_marker: str | None = None
 
 
 @dataclass(frozen=True)
@@ -638,8 +641,13 @@ def _logging(s: _Section) -> LoggingConfig:
 
 def _results(s: _Section) -> ResultsConfig:
     deliver_to = None if s.raw("deliver_to", None) is None else s.path("deliver_to")
+    marker = s.raw("share_marker", None)
+    if marker is not None and (not isinstance(marker, str) or not marker or "/" in marker or marker in (".", "..")):
+        raise ConfigError(f"results.share_marker: got {marker!r}, expected a plain file name such as .mqic-share")
     return ResultsConfig(deliver_to=deliver_to, checksums=s.flag("checksums", True),
-                         retry_seconds=s.number("retry_seconds", 60, positive=True))
+                         retry_seconds=s.number("retry_seconds", 60, positive=True),
+                         share_timeout_seconds=s.number("share_timeout_seconds", 30, positive=True),
+                         expect_mount=s.flag("expect_mount", True), share_marker=marker)
 
 
 def _retention(s: _Section) -> RetentionConfig:
@@ -723,8 +731,11 @@ def _check_delivery(config: Config) -> None:
         if not host.hpc.result_files:
             raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected result_files of host {host.name} "
                               f"to name the result files to deliver (it is empty)")
+    # Lexical only: resolving would stat the share, and a hung share would hang every program at start.
+    target = Path(os.path.normpath(target))
     for key, folder in (("scanner.watch_path", config.scanner.watch_path), ("spool.path", config.spool_path)):
-        if target.resolve() == folder.resolve() or folder.resolve() in target.resolve().parents:
+        folder = Path(os.path.normpath(folder))
+        if target == folder or folder in target.parents:
             raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected a folder outside "
                               f"{key} ({folder})")
 

@@ -5,20 +5,28 @@ delivered, so a failed delivery never touches a case's status or its spool
 folder; it is recorded (``delivery_error``, ``delivery_attempts``), shown, and
 tried again after ``results.retry_seconds``, for as long as it takes.
 
-Atomic: the files (those matching ``hpc.result_files`` in the case's
-``spool/done`` folder) are copied into ``<deliver_to>/.mqic-partial-<id>-<pid>``,
-flushed to disk, checked (sha256 when ``results.checksums``, else sizes) and only
-then renamed to ``<deliver_to>/<case name>``. A reader of ``deliver_to`` sees the
-complete folder or nothing. An earlier folder of the same name is replaced
-(renamed aside first, then removed). Cases that completed before delivery was
-configured are not delivered (``results.deliver_since`` in ``settings``).
+The record: when the poller fetches a case's results it records every file's
+size and sha256 (``result_checksums``, ``{name: {"size", "sha256"}}``); delivery
+copies exactly those files, first checking the local copy against the record (a
+damaged one flags the case for review and is not delivered), and checks every
+copy against it too (sizes always, sha256 unless ``results.checksums`` is false).
+
+The share is only touched from a child process with a time limit
+(``shared.share``): a share that stops answering or is not mounted is recorded
+once (``results.share_state``) and tried again after ``retry_seconds``; nothing
+is written underneath an unmounted share (``results.expect_mount`` /
+``results.share_marker``). Atomic: the files are copied into
+``<deliver_to>/.mqic-partial-<id>-<pid>``, flushed, checked and only then renamed
+to ``<deliver_to>/<case name>``; an earlier folder of that name is replaced.
+A claim is a short lease (``retry_seconds``) renewed while the copy shows signs of
+life, so a delivery cut by a crash is tried again after ``retry_seconds``, and its
+temporary folder (its process is gone) is removed then. Cases that completed
+before delivery was configured are not delivered (``results.deliver_since``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +36,19 @@ from shared.config import Config
 from shared.db import transaction
 from shared.errors import MqicError
 from shared.logs import for_case
+from shared.notify import queue_share_notice
 from shared.settings import bump, get_setting, since
+from shared.share import (ShareInterrupted, ShareProblem, ShareWriteError, note_share, probe_share, run_on_share,
+                          share_request, share_state)
+from shared.share_child import PARTIAL_PREFIX, REPLACED_PREFIX  # noqa: F401  (re-exported)
 from shared.states import CaseStatus
-from shared.store import Case, case_from_row, record_case_event
+from shared.store import Case, case_from_row, flag_for_review, record_case_event
 from shared.worker import Context, per_item
 
-PARTIAL_PREFIX = ".mqic-partial-"
-REPLACED_PREFIX = ".mqic-replaced-"
 SINCE_KEY = "results.deliver_since"
-LEASE_SECONDS = 600.0  # a delivery in hand is not started again by another process before this
-BATCH = 1  # one copy per pass, so a large one delays the rest of the worker's pass by one copy at most
+BATCH = 1  # one copy per pass, so a large one delays the rest of the upkeep pass by one copy at most
 CHUNK = 1 << 20
+RENEW_EVERY_SECONDS = 1.0
 
 # INDEXED BY: the partial index holds only undelivered cases; the status index would read every completed one.
 DUE_SQL = ("SELECT * FROM cases INDEXED BY cases_undelivered"
@@ -48,6 +58,10 @@ DUE_SQL = ("SELECT * FROM cases INDEXED BY cases_undelivered"
 
 class DeliveryError(MqicError):
     """The results could not be delivered this time (the message says why)."""
+
+
+class LocalCopyDamaged(DeliveryError):
+    """The local results differ from what was fetched: never delivered, the case is flagged."""
 
 
 def deliver_since(conn: sqlite3.Connection, config: Config, now: float) -> float | None:
@@ -90,99 +104,140 @@ def checksums(folder: Path, names: Sequence[str]) -> dict[str, str]:
     return {name: sha256_of(folder / name) for name in names}
 
 
+# -- the record of the fetched results ----------------------------------------------------------------
+
+def fetched_record(folder: Path) -> dict[str, dict[str, int | str]]:
+    """``{relative path: {"size", "sha256"}}`` of every regular file under ``folder`` (just fetched)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
+
+
+def recorded_results(case: Case) -> dict[str, tuple[int | None, str | None]] | None:
+    """``{name: (size, sha256)}`` recorded for the case, or None when nothing was recorded.
+
+    Cases completed before fetch-time records were kept may hold the sha256 sums that their
+    delivery recorded (``{name: sha256}``): their size is then unknown (None).
+    """
+    if not case.result_checksums:
+        return None
+    record = {}
+    for name, value in json.loads(case.result_checksums).items():
+        record[name] = (None, value) if isinstance(value, str) else (value.get("size"), value.get("sha256"))
+    return record
+
+
+def local_copy_problem(folder: Path, record: dict[str, tuple[int | None, str | None]]) -> str | None:
+    """None when every recorded file is in ``folder`` with its recorded size and sha256; else what differs."""
+    for name, (size, digest) in sorted(record.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"its local result file {name} is missing"
+        if size is not None and path.stat().st_size != size:
+            return f"its local result file {name} has {path.stat().st_size} bytes, {size} were fetched"
+        if digest is not None and sha256_of(path) != digest:
+            return f"its local result file {name} differs from the checksum recorded when it was fetched"
+    return None
+
+
 def due_cases(conn: sqlite3.Connection, since_at: float, now: float, limit: int = BATCH) -> list[Case]:
     return [case_from_row(r) for r in conn.execute(DUE_SQL, {"since": since_at, "now": now, "limit": limit})]
 
 
-def claim_delivery(conn: sqlite3.Connection, case: Case, now: float) -> bool:
-    """Take the case's delivery for ``LEASE_SECONDS`` (compare-and-set on ``next_delivery_at``)."""
+# -- claiming: a short lease, renewed while the copy is alive ----------------------------------------
+
+def claim_delivery(conn: sqlite3.Connection, case: Case, now: float, lease_seconds: float) -> float | None:
+    """Take the case's delivery until the returned moment (compare-and-set on ``next_delivery_at``)."""
+    until = now + lease_seconds
     with transaction(conn):
         cursor = conn.execute(
             "UPDATE cases SET next_delivery_at = ? WHERE case_id = ? AND status = 'completed'"
-            " AND delivered_at IS NULL AND next_delivery_at IS ?", (now + LEASE_SECONDS, case.case_id,
-                                                                    case.next_delivery_at))
-        return cursor.rowcount == 1
+            " AND delivered_at IS NULL AND next_delivery_at IS ?", (until, case.case_id, case.next_delivery_at))
+        return until if cursor.rowcount == 1 else None
 
 
-def copy_whole(source: Path, names: Sequence[str], target: Path, partial: Path,
-               sums: dict[str, str] | None) -> bool:
-    """Copy ``names`` into ``partial``, check them, rename to ``target``; True when it replaced a folder."""
-    for name in names:
-        (partial / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / name, partial / name)  # contents only: shares often refuse chmod
-        with open(partial / name, "rb") as handle:
-            os.fsync(handle.fileno())
-    for name in names:
-        copied = partial / name
-        if sums is not None and sha256_of(copied) != sums[name]:
-            raise DeliveryError(f"checksum of the copy of {name} differs from the fetched file")
-        if copied.stat().st_size != (source / name).stat().st_size:
-            raise DeliveryError(f"size of the copy of {name} differs from the fetched file")
-    return rename_into_place(partial, target)
+class Lease:
+    """Our claim on one delivery, pushed forward while the copying child is alive.
+
+    It moves by the real time elapsed since the claim (``ctx.clock``), on the claim's own
+    time base (the tick's ``now``), so an injected clock stays consistent.
+    """
+
+    def __init__(self, ctx: Context, case_id: int, until: float):
+        self.ctx, self.case_id, self.until, self.first = ctx, case_id, until, until
+        self.started = self.renewed = ctx.clock()
+
+    def renew(self) -> None:
+        now = self.ctx.clock()
+        if now - self.renewed < RENEW_EVERY_SECONDS:
+            return
+        until = self.first + (now - self.started)
+        with transaction(self.ctx.conn):
+            cursor = self.ctx.conn.execute("UPDATE cases SET next_delivery_at = ? WHERE case_id = ?"
+                                           " AND delivered_at IS NULL AND next_delivery_at = ?",
+                                           (until, self.case_id, self.until))
+        if cursor.rowcount == 1:
+            self.until, self.renewed = until, now
 
 
-def rename_into_place(partial: Path, target: Path) -> bool:
-    """Rename ``partial`` to ``target``; an earlier folder there is renamed aside, then removed."""
-    if not target.exists() and not target.is_symlink():
-        os.rename(partial, target)
-        return False
-    if target.is_symlink() or not target.is_dir():
-        raise DeliveryError(f"{target} exists and is not a folder; remove it to let the delivery through")
-    aside = target.with_name(f"{REPLACED_PREFIX}{partial.name[len(PARTIAL_PREFIX):]}")
-    os.rename(target, aside)
-    os.rename(partial, target)
-    shutil.rmtree(aside, ignore_errors=True)
-    return True
-
-
-def remove_partials(deliver_to: Path, case_id: int) -> None:
-    """Temporary copies of this case left by an interrupted delivery."""
-    for leftover in deliver_to.glob(f"{PARTIAL_PREFIX}{case_id}-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
+# -- copying --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Delivered:
     target: Path
     files: int
-    sums: dict[str, str]  # empty when results.checksums is off
+    record: dict[str, dict[str, int | str]]  # what the copies were checked against
     replaced: bool
+    recorded_now: bool  # no fetch-time record: the sums were taken from the local copy now
 
 
-def deliver_files(config: Config, case: Case) -> Delivered:
-    """Copy the case's results into ``deliver_to``. Raises DeliveryError or OSError."""
-    deliver_to = config.results.deliver_to
+def expected_files(config: Config, case: Case) -> tuple[dict[str, dict[str, int | str]], bool]:
+    """What to deliver and check the copies against: the fetch-time record, after checking the
+    local copy against it; for a case without one, the local files matching ``result_files``."""
     source = Path(case.case_path)
-    if not deliver_to.is_dir():
-        raise DeliveryError(f"results.deliver_to {deliver_to} is not a folder (is the share mounted?)")
     if case.local_removed_at is not None or case.spool_stage != "done" or not source.is_dir():
         raise DeliveryError(f"the case's local folder {source} is missing")
+    record = recorded_results(case)
+    if record is not None and all(size is not None for size, _ in record.values()):
+        problem = local_copy_problem(source, record)
+        if problem:
+            raise LocalCopyDamaged(problem)
+        return {name: {"size": size, "sha256": digest} for name, (size, digest) in record.items()}, False
     host = config.host(case.host)
     patterns = host.hpc.result_files if host else ()
     names = result_names(source, patterns)
     if not names:
         raise DeliveryError(f"no result files ({', '.join(patterns) or 'host ' + str(case.host) + ' not configured'})"
                             f" in {source}")
-    sums = checksums(source, names) if config.results.checksums else None
-    remove_partials(deliver_to, case.case_id)
-    partial = deliver_to / f"{PARTIAL_PREFIX}{case.case_id}-{os.getpid()}"
-    target = deliver_to / case.case_name
-    try:
-        replaced = copy_whole(source, names, target, partial, sums)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return Delivered(target=target, files=len(names), sums=sums or {}, replaced=replaced)
+    return {name: {"size": (source / name).stat().st_size, "sha256": sha256_of(source / name)}
+            for name in names}, True
+
+
+def deliver_files(ctx: Context, case: Case, lease: Lease | None = None) -> Delivered:
+    """Copy the case's results into ``deliver_to`` through the share child. Raises DeliveryError,
+    ShareProblem, ShareWriteError, ShareInterrupted or OSError."""
+    config = ctx.config
+    record, recorded_now = expected_files(config, case)
+    check = {name: (entry["size"], entry["sha256"] if config.results.checksums else None)
+             for name, entry in record.items()}
+    request = {**share_request(config), "case_id": case.case_id, "case_name": case.case_name,
+               "source": case.case_path, "expected": check}
+    answer = run_on_share("deliver", request, timeout=config.results.share_timeout_seconds, stop=ctx.stop,
+                          on_alive=lease.renew if lease else None)
+    return Delivered(target=Path(answer["target"]), files=len(record), record=record,
+                     replaced=answer["replaced"], recorded_now=recorded_now)
 
 
 def record_delivered(conn: sqlite3.Connection, case: Case, done: Delivered, *, now: float, worker: str) -> bool:
-    detail = (f"results delivered to {done.target} ({done.files} files{', sha256 recorded' if done.sums else ''}"
+    detail = (f"results delivered to {done.target} ({done.files} files, checked against "
+              f"{'the sums taken now (no record from the fetch)' if done.recorded_now else 'the fetch record'}"
               f"{'; replaced an earlier folder of that name' if done.replaced else ''})")
+    record = json.dumps(done.record, sort_keys=True) if done.recorded_now else case.result_checksums
     with transaction(conn):
         cursor = conn.execute(
             "UPDATE cases SET delivered_at = ?, delivered_to = ?, result_checksums = ?, delivery_error = NULL,"
             " next_delivery_at = NULL, delivery_attempts = delivery_attempts + 1"
             " WHERE case_id = ? AND status = 'completed' AND delivered_at IS NULL",
-            (now, str(done.target), json.dumps(done.sums, sort_keys=True) if done.sums else None, case.case_id))
+            (now, str(done.target), record, case.case_id))
         if cursor.rowcount != 1:
             return False
         record_case_event(conn, case.case_id, CaseStatus.COMPLETED, CaseStatus.COMPLETED, now=now, worker=worker,
@@ -207,30 +262,86 @@ def record_failure(conn: sqlite3.Connection, case: Case, error: Exception, retry
         bump(conn, "delivery_failures", now=now)
 
 
+def note_share_result(ctx: Context, problem: ShareProblem | None, now: float) -> None:
+    """Record the share's state; an episode's start and end each queue one notice."""
+    with transaction(ctx.conn):
+        change = note_share(ctx.conn, problem, now=now)
+        if change is not None:
+            queue_share_notice(ctx.conn, ctx.config, change, problem, now)
+    if change == "down":
+        ctx.log.error("results share %s: %s", problem.kind, problem,
+                      extra={"operation": "deliver", "error_type": type(problem).__name__})
+    elif change == "back":
+        ctx.log.info("results share answers again", extra={"operation": "deliver"})
+
+
 def deliver_case(ctx: Context, case: Case, now: float) -> bool:
     """Deliver one case's results (if this process wins its claim); True when delivered."""
-    if not claim_delivery(ctx.conn, case, now):
+    until = claim_delivery(ctx.conn, case, now, ctx.config.results.retry_seconds)
+    if until is None:
         return False
     try:
-        done = deliver_files(ctx.config, case)
-    except (DeliveryError, OSError) as exc:
-        record_failure(ctx.conn, case, exc, ctx.config.results.retry_seconds, now=now, worker=ctx.name)
-        ctx.log.warning("case %d: results delivery failed (%s); trying again in %g s", case.case_id, exc,
-                        ctx.config.results.retry_seconds, extra=for_case(case.case_id, "deliver", exc))
+        done = deliver_files(ctx, case, Lease(ctx, case.case_id, until))
+    except ShareInterrupted:
+        return False  # stopping: the short lease lets the next worker try soon
+    except (DeliveryError, ShareProblem, ShareWriteError, OSError) as exc:
+        failed_delivery(ctx, case, exc, now)
         return False
+    note_share_result(ctx, None, now)
     delivered = record_delivered(ctx.conn, case, done, now=now, worker=ctx.name)
     ctx.log.info("case %d: %d result files delivered to %s", case.case_id, done.files, done.target,
                  extra=for_case(case.case_id, "deliver"))
     return delivered
 
 
+def failed_delivery(ctx: Context, case: Case, exc: Exception, now: float) -> None:
+    if isinstance(exc, (ShareProblem, ShareWriteError)):  # refused: the share answered
+        note_share_result(ctx, exc if isinstance(exc, ShareProblem) else None, now)
+    record_failure(ctx.conn, case, exc, ctx.config.results.retry_seconds, now=now, worker=ctx.name)
+    if isinstance(exc, LocalCopyDamaged):
+        flag_for_review(ctx.conn, case, f"results not delivered: {exc}", now=now, worker=ctx.name)
+    ctx.log.warning("case %d: results delivery failed (%s); trying again in %g s", case.case_id, exc,
+                    ctx.config.results.retry_seconds, extra=for_case(case.case_id, "deliver", exc))
+
+
+def share_waits(ctx: Context, now: float) -> bool:
+    """True while the share is recorded down and was tried less than ``retry_seconds`` ago."""
+    state = share_state(ctx.conn)
+    return state is not None and now < state.checked_at + ctx.config.results.retry_seconds
+
+
+def probe(ctx: Context, now: float) -> None:
+    """Nothing due while the share is recorded down: ask it whether it is back."""
+    try:
+        answer = probe_share(ctx.config, stop=ctx.stop)
+    except ShareInterrupted:
+        return
+    except ShareProblem as exc:
+        note_share_result(ctx, exc, now)
+        return
+    except (ShareWriteError, OSError) as exc:
+        ctx.log.warning("results share probe: %s", exc, extra={"operation": "deliver", "error_type": type(exc).__name__})
+    else:
+        if answer.get("removed"):
+            ctx.log.info("results share: removed temporary copies left by dead processes: %s",
+                         ", ".join(answer["removed"]), extra={"operation": "deliver"})
+    note_share_result(ctx, None, now)
+
+
 def deliver_pending(ctx: Context, now: float) -> int:
-    """The delivery step of a worker's tick: deliver up to ``BATCH`` due cases; return how many."""
+    """The delivery step of the upkeep loop: deliver up to ``BATCH`` due cases; return how many.
+
+    While the share is recorded down it is tried once every ``retry_seconds`` (with a due case,
+    or with a probe when none is due), never once per case and pass.
+    """
     since_at = deliver_since(ctx.conn, ctx.config, now)
-    if since_at is None:
+    if since_at is None or share_waits(ctx, now):
         return 0
+    cases = due_cases(ctx.conn, since_at, now)
+    if not cases and share_state(ctx.conn) is not None:
+        probe(ctx, now)
     delivered = 0
-    for case in due_cases(ctx.conn, since_at, now):
+    for case in cases:
         with per_item(ctx, case.case_id, "deliver"):
             delivered += deliver_case(ctx, case, now)
     return delivered

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 from shared.config import Config
 from shared.db import transaction
+from shared.durations import in_words
 from shared.logs import for_case
 from shared.settings import bump, delete_setting, get_setting, put_setting, since
 from shared.worker import Context
@@ -165,10 +166,10 @@ def watch_reachability(conn: sqlite3.Connection, config: Config, now: float) -> 
             key = REPORTED_PREFIX + row["host"]
             if change == "report":
                 put_setting(conn, key, row["down_since"], now=now)
-                what = f"UNREACHABLE for {(now - row['down_since']) / 60:.0f} min"
+                what = f"UNREACHABLE for {in_words(now - row['down_since'])}"
             else:
                 delete_setting(conn, key)
-                what = f"reachable again after {(now - reported) / 60:.0f} min"
+                what = f"reachable again after {in_words(now - reported)}"
             added += _host_notice(conn, config, change, what, row, now)
     return added
 
@@ -183,6 +184,22 @@ def _host_notice(conn: sqlite3.Connection, config: Config, change: str, what: st
                "host": row["host"], "address": None if host is None else host.hpc.host, "error": error,
                "at": iso(now, config), "last_contact": iso(row["checked_at"], config), "worker": row["checked_by"]}
     add_notice(conn, f"hpc_{kind}", payload, case_id=None, now=now)
+    return 1
+
+
+def queue_share_notice(conn: sqlite3.Connection, config: Config, change: str, problem: Exception | None,
+                       now: float) -> int:
+    """One notice when the results share stops answering or is found unmounted (``down``), one when
+    it is back; called by delivery in the transaction that records the change."""
+    if "share" not in config.notify.events or not config.notify.command:
+        return 0
+    kind = "share_down" if change == "down" else "share_back"
+    share = str(config.results.deliver_to)
+    text = (f"MQIC: results share {share} {getattr(problem, 'kind', 'unusable')}: {problem}; deliveries wait"
+            if change == "down" else f"MQIC: results share {share} answers again; deliveries resume")
+    payload = {"event": kind, "text": one_line(text), "share": share, "error": None if problem is None else str(problem),
+               "at": iso(now, config)}
+    add_notice(conn, kind, payload, case_id=None, now=now)
     return 1
 
 

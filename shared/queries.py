@@ -14,7 +14,9 @@ from typing import Any, Iterator, Sequence
 
 from shared.gpus import gpu_views
 from shared.config import HostConfig
+from shared.durations import in_words
 from shared.maintenance import Drain, drains
+from shared.share import ShareState, share_state
 from shared.states import CaseStatus, Outcome
 from shared.store import Case, case_from_row
 
@@ -123,6 +125,7 @@ class Upkeep:
     delivery_error: str | None = None  # the newest delivery error, when some fail
     notices_pending: int = 0
     notices_failing: int = 0
+    share: ShareState | None = None  # the results share's recorded problem (None: it answered last time)
 
     @property
     def drained(self) -> bool:
@@ -351,9 +354,17 @@ def judge_health(totals: dict[str, int], workers_seen: list[WorkerView] | tuple[
     if active and last_change is not None and now - last_change > stale_after:
         reasons.append(f"no database change for {now - last_change:.0f}s while {active} cases are"
                        f" active (limit {stale_after:g}s)")
+    if upkeep.share is not None:
+        reasons.append(share_text(upkeep.share, now))
     if upkeep.delivery_failing:
         reasons.append(f"results delivery failing for {upkeep.delivery_failing} cases ({upkeep.delivery_error})")
     return Health(healthy=not reasons, reasons=tuple(reasons))
+
+
+def share_text(state: ShareState, now: float) -> str:
+    """``results share not answering for 3 min (since the delivery's error)``, as recorded by the reaper."""
+    return (f"results share {state.kind} for {in_words(now - state.since)} (last tried {in_words(now - state.checked_at)}"
+            f" ago: {state.error})")
 
 
 UNDELIVERED_SQL = ("SELECT COUNT(*), COUNT(delivery_error), MAX(CASE WHEN delivery_error IS NOT NULL"
@@ -381,7 +392,7 @@ def upkeep(conn: sqlite3.Connection) -> Upkeep:
     urgent = conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted' AND priority = 'urgent'").fetchone()[0]
     return Upkeep(drains=tuple(drains(conn)), urgent_waiting=urgent, awaiting_delivery=waiting,
                   delivery_failing=failing, delivery_error=error, notices_pending=pending,
-                  notices_failing=notices_failing)
+                  notices_failing=notices_failing, share=share_state(conn))
 
 
 def overview(conn: sqlite3.Connection, now: float, stale_after: float, *, recent: int = 10,

@@ -4,9 +4,13 @@
 after it ended, and only when nothing of the case can be lost:
 
 - a completed case: not flagged for review, its results delivered (when delivery
-  is configured and the case was due), and its local results intact (the folder is
-  in ``spool/done`` and matches the recorded checksums), or already retired by
-  ``retention.local_days``;
+  is configured and the case was due), and its local copy proven: every file
+  recorded when the results were fetched is in its ``spool/done`` folder with the
+  recorded size and sha256 (or the local folder was already retired by
+  ``retention.local_days``). A damaged local copy flags the case for review and the
+  HPC folder stays. A case completed before fetch-time records were kept is proven
+  only by the sha256 sums its delivery recorded; with no record at all its HPC
+  folder is kept (``mqic cleanup --dry-run`` lists it: remove it by hand once checked);
 - a failed case: only once an operator acknowledged it (``mqic ack ID``) and no
   zombie GPU slot names it (its task may still run); a retry makes it a waiting
   case again and these rules start over;
@@ -21,7 +25,6 @@ A case whose folder has vanished without us is flagged for review instead.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -30,7 +33,8 @@ from pathlib import Path, PurePosixPath
 
 from shared.config import Config
 from shared.db import transaction
-from shared.delivery import awaits_delivery, deliver_since, recorded_since, sha256_of
+from shared.delivery import awaits_delivery, deliver_since, local_copy_problem, recorded_results, recorded_since
+from shared.durations import in_words
 from shared.errors import MqicError, RemoteError, RemoteFailure, Unreachable
 from shared.logs import for_case
 from shared.maintenance import is_drained
@@ -58,6 +62,7 @@ ENDED = "status IN ('completed', 'failed') AND remote_removed_at IS NULL AND rem
 REMOTE_CANDIDATES_SQL = f"SELECT * FROM cases INDEXED BY cases_remote_kept WHERE {ENDED} AND completed_at < :cutoff"
 # The rules that SQL can tell, so cases kept for good never hide removable ones behind the LIMIT.
 REMOTE_DUE_SQL = (REMOTE_CANDIDATES_SQL + " AND needs_review = 0 AND (status = 'completed' OR acknowledged_at IS NOT NULL)"
+                  " AND (status = 'failed' OR result_checksums IS NOT NULL OR local_removed_at IS NOT NULL)"
                   " AND (status = 'failed' OR :since IS NULL OR delivered_at IS NOT NULL OR completed_at < :since)"
                   " AND NOT EXISTS (SELECT 1 FROM gpu_resources g WHERE g.assigned_case_id = cases.case_id)")
 LOCAL_CANDIDATES_SQL = ("SELECT * FROM cases INDEXED BY cases_local_kept WHERE status = 'completed' AND local_removed_at IS NULL"
@@ -105,21 +110,22 @@ def _cutoff(now: float, days: float | None) -> float | None:
 
 
 def _age(case: Case, now: float) -> str:
-    return f"ended {(now - (case.completed_at or now)) / DAY:.1f} d ago"
+    return f"ended {in_words(now - (case.completed_at or now))} ago"
+
+
+NO_RECORD = ("no record of its fetched results (it completed before MQIC kept one), so its local copy cannot be "
+             "proven; check it and remove the HPC folder by hand")
 
 
 def local_results_intact(case: Case) -> str | None:
-    """None when the case's local results are whole; else what is wrong."""
+    """None when the case's local copy is proven against the record of its fetched results; else why not."""
     if case.local_removed_at is not None:
         return None  # retired by local retention, which checked delivery first
     folder = Path(case.case_path)
     if case.spool_stage != "done" or not folder.is_dir():
         return f"its local results folder {folder} is missing"
-    for name, digest in json.loads(case.result_checksums or "{}").items():
-        path = folder / name
-        if not path.is_file() or sha256_of(path) != digest:
-            return f"its local result file {name} is missing or differs from its recorded checksum"
-    return None
+    record = recorded_results(case)
+    return NO_RECORD if record is None else local_copy_problem(folder, record)
 
 
 def _undelivered(case: Case) -> Judgement:
@@ -142,7 +148,7 @@ def judge_remote(conn: sqlite3.Connection, config: Config, case: Case, since_at:
         return _undelivered(case)
     problem = local_results_intact(case)
     if problem:
-        return _keep(problem, alarming=True)
+        return _keep(problem, alarming=problem is not NO_RECORD)
     return Judgement(True, f"completed, results safe locally, {_age(case, now)}")
 
 

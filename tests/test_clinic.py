@@ -2,6 +2,7 @@
 priority, drain, results delivery, retention, notices, the readiness warning and their config errors."""
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -67,11 +68,19 @@ def walk(ctx, case, *moves, at: float, **fields):
     return get_case(ctx.conn, case.case_id)
 
 
+def fetch_record(files: dict[str, bytes]) -> str:
+    """The record the poller keeps of fetched results: size and sha256 of each file."""
+    return json.dumps({name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                       for name, data in files.items()}, sort_keys=True)
+
+
 def completed(ctx, name: str, at: float, **fields):
-    """A case that ran on host ``hpc`` (the one host of ``make_config``) and completed."""
+    """A case that ran on host ``hpc`` (the one host of ``make_config``) and completed, its results
+    fetched and recorded as the poller does."""
     case = new_case(ctx, name, at - 100, files=RESULTS)
     return walk(ctx, case, CaseStatus.SUBMITTING, CaseStatus.RUNNING, CaseStatus.COMPLETED, at=at,
-                outcome="success", completed_at=at, **{"host": "hpc", **fields})
+                outcome="success", completed_at=at,
+                **{"host": "hpc", "result_checksums": fetch_record(RESULTS), **fields})
 
 
 def failed(ctx, name: str, at: float, **fields):
@@ -170,7 +179,8 @@ def deliver_all(ctx, now: float, passes: int = 20) -> int:
 def delivery_config(tmp_path, **results):
     (tmp_path / "tps").mkdir(exist_ok=True)
     return make_config(tmp_path, hpc={"result_files": ["output/*"]},
-                       results={"deliver_to": str(tmp_path / "tps"), "retry_seconds": 60, **results})
+                       results={"deliver_to": str(tmp_path / "tps"), "retry_seconds": 60, "expect_mount": False,
+                                **results})
 
 
 def test_delivery_copies_the_result_files_whole_with_checksums_and_an_event(tmp_path):
@@ -183,8 +193,9 @@ def test_delivery_copies_the_result_files_whole_with_checksums_and_an_event(tmp_
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == sorted(RESULTS)
     assert not (target / "plan.in").exists()          # only the result files
     case = get_case(ctx.conn, case.case_id)
-    sums = json.loads(case.result_checksums)
-    assert sums == {name: sha256_of(target / name) for name in RESULTS}
+    sums = json.loads(case.result_checksums)        # the fetch record, which every copy was checked against
+    assert sums == {name: {"size": (target / name).stat().st_size, "sha256": sha256_of(target / name)}
+                    for name in RESULTS}
     assert (case.delivered_at, case.delivered_to, case.delivery_error) == (T0 + 11, str(target), None)
     assert case.status is CaseStatus.COMPLETED and Path(case.case_path).is_dir()
     assert [p.name for p in config.results.deliver_to.iterdir()] == [case.case_name]
@@ -206,15 +217,15 @@ def test_failed_delivery_is_retried_shown_and_never_touches_the_case(tmp_path, c
     deliver_pending(ctx, T0)
     case = completed(ctx, "blocked", T0 + 10)
     folder_before = sorted(p.name for p in Path(case.case_path).rglob("*"))
-    # a file where the temporary copy goes: the copy fails half-way, after nothing was renamed
-    blocker = config.results.deliver_to / f"{PARTIAL_PREFIX}{case.case_id}-{os.getpid()}"
+    # a file where the results go: the copy is made, checked, then refused; nothing is renamed
+    blocker = config.results.deliver_to / "blocked"
     blocker.write_text("in the way")
     assert deliver_pending(ctx, T0 + 11) == 0
     row = get_case(ctx.conn, case.case_id)
     assert row.status is CaseStatus.COMPLETED and row.delivered_at is None and row.delivery_attempts == 1
     assert "Error" in row.delivery_error and row.next_delivery_at == T0 + 71
     assert sorted(p.name for p in Path(row.case_path).rglob("*")) == folder_before
-    assert not (config.results.deliver_to / "blocked").exists()
+    assert blocker.read_text() == "in the way" and [p.name for p in config.results.deliver_to.iterdir()] == ["blocked"]
     code, out, _ = cli(capsys, config, "cases")
     assert "DELIVERY FAILING" in out
     code, out, _ = cli(capsys, config, "health")
@@ -240,7 +251,7 @@ def test_an_earlier_folder_of_the_same_name_is_replaced_and_a_file_is_refused(tm
     again, clash = completed(ctx, "again", T0 + 10), completed(ctx, "clash", T0 + 10)
     assert deliver_all(ctx, T0 + 11) == 1
     assert sorted(p.name for p in (old / "output").iterdir()) == ["Dose.mhd", "dose.raw"]
-    assert get_case(ctx.conn, again.case_id).result_checksums is None
+    assert get_case(ctx.conn, again.case_id).result_checksums == fetch_record(RESULTS)  # the fetch record stays
     assert "exists and is not a folder" in get_case(ctx.conn, clash.case_id).delivery_error
     assert sorted(p.name for p in config.results.deliver_to.iterdir()) == ["again", "clash"]
 
@@ -268,7 +279,8 @@ def remote_folder(ctx, case, base: str) -> str:
 def retained(hpc, tmp_path):
     """A real HPC, delivery on since ``PAST`` and both retention rules (remote 10 days, local 30 days)."""
     (tmp_path / "tps").mkdir()
-    h = hpc(results={"deliver_to": str(tmp_path / "tps")}, retention={"remote_days": 10, "local_days": 30})
+    h = hpc(results={"deliver_to": str(tmp_path / "tps"), "expect_mount": False},
+            retention={"remote_days": 10, "local_days": 30})
     ctx = context(h.config)
     deliver_pending(ctx, PAST)  # delivery switched on 11 days ago
     return ctx, ctx.hosts["hpc"].remote.base_dir()

@@ -195,7 +195,7 @@ def test_results_are_delivered_whole_and_clean_up_removes_exactly_what_its_rules
     watcher.start()
     h, sup, port = start(hpc, tmp_path, groups={"gpu_a": {"gpu": 0}, "gpu_b": {"gpu": 1}, "gpu_c": {"gpu": 2}},
                          hpc={"result_files": ["output/*", "2*"]},
-                         results={"deliver_to": str(tps), "retry_seconds": 1},
+                         results={"deliver_to": str(tps), "retry_seconds": 1, "expect_mount": False},
                          retention={"remote_days": 4 * SECOND, "local_days": 8 * SECOND})
     stop_all(sup)
     db = Db(h)
@@ -253,7 +253,8 @@ def test_results_are_delivered_whole_and_clean_up_removes_exactly_what_its_rules
         delivered = tps / name
         assert set(sums) == set(content(delivered)) and any(k.startswith("output/") for k in sums)
         assert len(sums) > 10 and all(k.startswith(("output/", "2")) for k in sums)
-        assert all(sha256_of(delivered / k) == v for k, v in sums.items())
+        assert all(sha256_of(delivered / k) == v["sha256"] and (delivered / k).stat().st_size == v["size"]
+                   for k, v in sums.items())
     final = {name: content(tps / name) for name in ("ok_1", "ok_2", "blocked")}
     assert {name for name, _ in watcher.seen} == set(final)
     assert all(seen == final[name] for name, seen in watcher.seen), "a partial delivery was seen"

@@ -218,6 +218,8 @@ def upkeep_families(kept: queries.Upkeep, counts: dict[str, int], waiting: dict[
                          {"sent": counts.get("notices_sent", 0), "failed": counts.get("notices_failed", 0)}),
         GaugeMetricFamily("mqi_notices_unsent", "Notices not sent yet (waiting or being retried)",
                           value=kept.notices_pending),
+        GaugeMetricFamily("mqi_share_up", "0 while the results share is recorded as not answering or not mounted"
+                          " (results.share_state), else 1", value=0.0 if kept.share is not None else 1.0),
     ]
 
 

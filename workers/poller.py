@@ -19,12 +19,14 @@ case's remote folder, read for all such cases in one call):
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 from shared import gpus, tasks
 from shared.backends import model, pueue_parse
+from shared.delivery import fetched_record
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
@@ -125,6 +127,7 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
             free_gpu_early(ctx, case, now)
             if not fetch_results(ctx, host, case, link, staging):
                 return False
+        record = json.dumps(fetched_record(staging), sort_keys=True) if staging.exists() else None
         with ctx.spool.lock():
             current = get_case(ctx.conn, case.case_id)
             if current is None or current.status is not CaseStatus.RUNNING or \
@@ -133,11 +136,13 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
             folder = settle_folder(ctx.conn, ctx.spool, case.case_id, now=now, worker=ctx.name)
             if staging.exists() and folder is not None:  # None: flagged for review, results stay remote
                 merge_into(staging, folder)
+            else:
+                record = None
             moved = move_case(ctx.conn, ctx.spool, current, CaseStatus.COMPLETED, now=now, worker=ctx.name,
                               detail=f"task {task_id} on {host.name} succeeded" + (f" ({link.detail})" if link.from_record else ""),
                               slot_to=SlotStatus.AVAILABLE, guard=this_run(case),
                               fields={"outcome": Outcome.SUCCESS.value, "exit_code": 0, "progress": 100.0,
-                                      "completed_at": now, "pueue_task_id": task_id})
+                                      "completed_at": now, "pueue_task_id": task_id, "result_checksums": record})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if moved:

@@ -10,9 +10,11 @@ looked at from its own snapshot; a host last seen unreachable is probed every
 ``PROBE_DOWN_SECONDS`` with one cheap command, and marked up again when it answers. A
 case whose ``status_updated_at`` did not move for ``stuck_after_minutes`` is flagged
 for an operator, never failed. Timeouts are the poller's: they need a fresh answer.
-It also runs the day-to-day steps, which never change a case's status: results delivery
-(``shared.delivery``, one case per pass), clean-up (``shared.retention``) and notices
-(``shared.notify``, which never waits for the notifier).
+The day-to-day steps, which never change a case's status, run in a loop of their own
+(``upkeep_tick``, a helper thread ``<name>-upkeep`` with its own heartbeat), so none of them
+can ever hold up the safety steps above: results delivery (``shared.delivery``, one case per
+pass; the share is only touched from a child process with a time limit), clean-up
+(``shared.retention``) and notices (``shared.notify``, which never waits for the notifier).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from shared.retention import apply_retention
 from shared.spool import reconcile, sweep_staging
 from shared.states import SlotStatus
 from shared.store import Case, Slot, all_slots, case_from_row, down_hosts, flag_for_review, transition_slot
-from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, worker_main
+from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop, worker_main
 
 ORPHAN_CHECK_SECONDS = 30
 PROBE_DOWN_SECONDS = 5
@@ -157,15 +159,20 @@ def tick(ctx: Context, now: float) -> int:
             done += stop_orphans(ctx, host, snapshot, now)
             done += reclaim_zombies(ctx, here, snapshot, now)
     done += flag_stuck(ctx, now)
-    done += deliver_pending(ctx, now)
-    done += apply_retention(ctx, now)
-    done += send_notifications(ctx, now)
     check_heartbeats(ctx, now)
     return done
 
 
+def upkeep_tick(ctx: Context, now: float) -> int:
+    """One pass of the day-to-day steps (the upkeep loop's tick): delivery, clean-up, notices."""
+    done = deliver_pending(ctx, now)
+    done += apply_retention(ctx, now)
+    return done + send_notifications(ctx, now)
+
+
 def listen_for_work(ctx: Context) -> None:
     listen(ctx.spool.root, "reaper", ctx.wake)
+    start_helper_loop(ctx, f"{ctx.name}-upkeep", upkeep_tick)
 
 
 def main(argv=None) -> int:
