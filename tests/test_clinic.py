@@ -183,6 +183,7 @@ def delivery_config(tmp_path, **results):
                                 **results})
 
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_delivery_copies_the_result_files_whole_with_checksums_and_an_event(tmp_path):
     config = delivery_config(tmp_path)
     ctx = context(config)
@@ -211,6 +212,7 @@ def test_cases_completed_before_delivery_was_switched_on_are_left_alone(tmp_path
     assert get_case(ctx.conn, old.case_id).delivered_at is None and get_setting(ctx.conn, "results.deliver_since")
 
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_failed_delivery_is_retried_shown_and_never_touches_the_case(tmp_path, capsys):
     config = delivery_config(tmp_path)
     ctx = context(config)
@@ -240,6 +242,7 @@ def test_failed_delivery_is_retried_shown_and_never_touches_the_case(tmp_path, c
     assert sum("delivery failed" in e for e in events) == 1 and "results delivered to" in events[-1]
 
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_an_earlier_folder_of_the_same_name_is_replaced_and_a_file_is_refused(tmp_path):
     config = delivery_config(tmp_path, checksums=False)
     ctx = context(config)

@@ -45,6 +45,7 @@ def notices(ctx, kind: str) -> list[dict]:
 
 # -- a share that does not answer -----------------------------------------------------------------
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_a_share_that_does_not_answer_costs_one_time_limit_is_recorded_once_and_retried(tmp_path, monkeypatch,
                                                                                           capsys):
     """The child that touches the share hangs (as in a hung NFS call): the step returns after the
@@ -87,6 +88,7 @@ def test_a_share_that_does_not_answer_costs_one_time_limit_is_recorded_once_and_
                message="the abandoned children gone")
 
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_with_nothing_due_a_down_share_is_probed_every_retry_seconds(tmp_path, monkeypatch):
     config = share_config(tmp_path, expect_mount=False)
     ctx = context(config)
@@ -102,6 +104,7 @@ def test_with_nothing_due_a_down_share_is_probed_every_retry_seconds(tmp_path, m
     assert share_state(ctx.conn) is None and len(notices(ctx, "share_back")) == 1
 
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_run_on_share_abandons_a_silent_child_without_waiting(tmp_path, monkeypatch):
     monkeypatch.setattr(share, "CHILD", HANG)
     started = time.monotonic()
@@ -113,6 +116,7 @@ def test_run_on_share_abandons_a_silent_child_without_waiting(tmp_path, monkeypa
 
 # -- a share that is not mounted ------------------------------------------------------------------
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_an_unmounted_share_is_never_written_underneath(tmp_path, capsys):
     config = share_config(tmp_path)                               # expect_mount is on by default
     ctx = context(config)
@@ -129,6 +133,7 @@ def test_an_unmounted_share_is_never_written_underneath(tmp_path, capsys):
     assert "FAIL results.deliver_to: share not mounted" in out
 
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_a_share_marker_proves_the_share_and_its_absence_stops_delivery(tmp_path):
     config = share_config(tmp_path, share_marker=".mqic-share")
     ctx = context(config)
@@ -156,6 +161,7 @@ def test_results_share_keys_are_validated(tmp_path):
 
 # -- a delivery cut by a crash --------------------------------------------------------------------
 
+@pytest.mark.system  # delivery runs in a child process (shared.share)
 def test_a_delivery_cut_by_a_crash_is_retried_after_retry_seconds_and_its_partial_removed(tmp_path):
     config = share_config(tmp_path, expect_mount=False, retry_seconds=5)
     ctx = context(config)
