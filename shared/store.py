@@ -362,6 +362,9 @@ def adopt_unnamed_host(conn: sqlite3.Connection, host: str, address: str) -> int
 # every urgent case that arrives later, it is claimed before them.
 URGENT_FIRST = ("CASE WHEN priority = 'urgent' OR submitted_at <= :aged THEN 0 ELSE 1 END,"
                 " submitted_at, case_id")
+# Only a case whose folder is in spool/queued may be claimed or pre-uploaded: a registered
+# case is still in the drop folder (stage ``incoming``) until the scanner has moved it.
+CLAIMABLE = "status = 'submitted' AND spool_stage = 'queued'"
 # A seat can be handed out when its host is neither drained nor last seen unreachable.
 SEAT_USABLE = ("host NOT IN (SELECT host FROM drains)"
                " AND host NOT IN (SELECT host FROM host_reach WHERE ok = 0)")
@@ -397,7 +400,7 @@ class Claim:
 def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_seconds: float,
                     seats: Iterable[tuple[str, str]] | None = None,
                     max_wait_seconds: float | None = None) -> Claim | None:
-    """Atomically take the next eligible ``submitted`` case and a free seat for it.
+    """Atomically take the next eligible ``submitted`` case (its folder in spool/queued) and a free seat for it.
 
     Next means urgent first, oldest first within a priority, a normal case waiting
     longer than ``max_wait_seconds`` counting as urgent (``URGENT_FIRST``). The seat
@@ -408,14 +411,14 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
     eligible case or no usable seat.
     """
     allowed = None if seats is None else set(seats)
-    if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted'") or \
+    if not _any(conn, f"SELECT 1 FROM cases WHERE {CLAIMABLE}") or \
             not _any(conn, f"SELECT 1 FROM gpu_resources WHERE status = 'available' AND {SEAT_USABLE}"):
         return None  # nothing to do: no write lock taken
     with transaction(conn):
         if not _free_seats(conn, allowed, None):
             return None
         row = conn.execute(
-            "SELECT * FROM cases WHERE status = 'submitted'"
+            f"SELECT * FROM cases WHERE {CLAIMABLE}"
             " AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             " AND (claimed_by IS NULL OR lease_until < :now)"
             f" ORDER BY {URGENT_FIRST} LIMIT 1", {"now": now, "aged": _aged(now, max_wait_seconds)}).fetchone()
@@ -469,7 +472,7 @@ def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:
 
 def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float, lease_seconds: float,
                       max_wait_seconds: float | None = None, skip: int = 0) -> Case | None:
-    """Take the next ``submitted``, not yet staged, unclaimed case for a pre-upload.
+    """Take the next ``submitted``, not yet staged, unclaimed case in spool/queued for a pre-upload.
 
     Same order as ``claim_next_case`` (urgent first), past the first ``skip`` cases of
     that queue: those are the ones the free seats take next (a pre-upload racing their
@@ -478,12 +481,12 @@ def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float, leas
     ``claimed_by``/``lease_until`` mark the work, so ``claim_next_case`` leaves it
     alone until the lease ends.
     """
-    if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted' AND staged_at IS NULL"):
+    if not _any(conn, f"SELECT 1 FROM cases WHERE {CLAIMABLE} AND staged_at IS NULL"):
         return None
     with transaction(conn):
         row = conn.execute(
             "WITH queue AS (SELECT case_id, staged_at, ROW_NUMBER() OVER (ORDER BY"
-            f"  {URGENT_FIRST}) AS place FROM cases WHERE status = 'submitted'"
+            f"  {URGENT_FIRST}) AS place FROM cases WHERE {CLAIMABLE}"
             "   AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             "   AND (claimed_by IS NULL OR lease_until < :now))"
             " UPDATE cases SET claimed_by = :w, lease_until = :lease"
