@@ -196,6 +196,11 @@ MIGRATIONS: tuple[str, ...] = (
         down_since REAL
     );
     """,
+    # 8: a host whose key ssh refused is its own state, not an outage (issue 16): ``problem``
+    # 'host_key' until a call gets through again (``store.note_remote``).
+    """
+    ALTER TABLE host_reach ADD COLUMN problem TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
