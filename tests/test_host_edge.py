@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from shared.config import parse_config
 from shared.errors import HostKeyMismatch, LocalFailure, Unreachable
+from shared.notify import watch_reachability
 from shared.remote import Remote, presented_host_keys
-from tests.conftest import hpc_overrides, make_config
+from shared.states import CaseStatus
+from shared.store import HOST_KEY, down_hosts, get_case, host_key_refused
+from shared.tasks import counts_as_attempt
+from shared.worker import build_context, note_reach
+from tests.conftest import cli, hpc_overrides, make_config
+from tests.test_workers import ctx_for, poll_until_final, registered
+from workers import poller, reaper, submitter
 
 
 def other_key_line(tmp_path: Path, endpoint) -> str:
@@ -23,7 +33,8 @@ def other_key_line(tmp_path: Path, endpoint) -> str:
     key = tmp_path / "impostor_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     fields = " ".join(key.with_suffix(".pub").read_text().split()[:2])
-    return f"[{endpoint.host}]:{endpoint.port} {fields}\n"
+    other_key_line.last = f"[{endpoint.host}]:{endpoint.port} {fields}\n"
+    return other_key_line.last
 
 
 @pytest.fixture
@@ -125,3 +136,107 @@ def test_results_that_cannot_be_written_here_are_a_local_failure(tmp_path, remot
     not_a_folder.write_text("x")
     with pytest.raises(LocalFailure):
         remote.download_results(case, ["*.raw"], not_a_folder)
+
+
+# -- workers: what is recorded of a host ---------------------------------------------------------
+
+def reach_row(conn, host: str):
+    return conn.execute("SELECT ok, problem, error, down_since FROM host_reach WHERE host = ?", (host,)).fetchone()
+
+
+def test_only_an_answer_the_host_failed_to_give_marks_it_down(tmp_path):
+    ctx = build_context(make_config(tmp_path), "test")
+    host = next(iter(ctx.hosts.values()))
+    note_reach(ctx, host, LocalFailure("local folder /spool/queued/1_x is missing"))
+    assert reach_row(ctx.conn, host.name) is None                     # ours: says nothing of the host
+    ctx.stop.set()
+    note_reach(ctx, host, Unreachable("ssh failed: exit 255"))        # our own stop killed the call
+    assert reach_row(ctx.conn, host.name) is None and down_hosts(ctx.conn) == {}
+    ctx.stop.clear()
+    note_reach(ctx, host, Unreachable("Connection refused"))
+    assert tuple(reach_row(ctx.conn, host.name))[:2] == (0, None)
+
+
+def test_a_refused_key_is_its_own_state_until_a_call_gets_through(tmp_path):
+    ctx = build_context(make_config(tmp_path), "test")
+    host = next(iter(ctx.hosts.values()))
+    ctx.clock = lambda: 100.0
+    note_reach(ctx, host, Unreachable("Connection refused"))
+    ctx.clock = lambda: 200.0
+    note_reach(ctx, host, HostKeyMismatch("hpc", "Offending ED25519 key in kh:1", fingerprint="SHA256:abc"))
+    ok, problem, error, down_since = reach_row(ctx.conn, host.name)
+    assert (ok, problem, down_since) == (0, HOST_KEY, 200.0)          # a new problem: its own notice
+    assert "possible interception" in error and "SHA256:abc" in error
+    ctx.clock = lambda: 300.0
+    note_reach(ctx, host, Unreachable("no answer within 20s"))        # does not hide the key problem
+    assert tuple(reach_row(ctx.conn, host.name))[:2] == (0, HOST_KEY)
+    assert "possible interception" in reach_row(ctx.conn, host.name)["error"]
+    assert host_key_refused(ctx.conn) == {host.name} and host.name in down_hosts(ctx.conn)
+    note_reach(ctx, host, None)                                       # the operator fixed known_hosts
+    assert tuple(reach_row(ctx.conn, host.name)) == (1, None, None, None)
+
+
+def test_neither_a_local_failure_nor_a_refused_key_uses_up_an_attempt(tmp_path):
+    assert not counts_as_attempt(LocalFailure("disk full"))
+    assert not counts_as_attempt(HostKeyMismatch("hpc", "x"))
+
+
+def test_a_case_folder_missing_locally_fails_here_and_leaves_the_host_up(hpc):
+    h = hpc()
+    ctx = ctx_for(h)
+    case = registered(ctx, "vanishing")
+    t = time.time()
+    shutil.rmtree(case.case_path)                                      # our spool, not the HPC
+    assert submitter.tick(ctx, t + 200) == 1
+    after = get_case(ctx.conn, case.case_id)
+    assert (after.status, after.attempts, after.error_type) == (CaseStatus.SUBMITTED, 0, "LocalFailure")
+    assert down_hosts(ctx.conn) == {}
+    assert all(row["ok"] for row in ctx.conn.execute("SELECT ok FROM host_reach"))
+
+
+def with_known_hosts(h, text: str):
+    """``h``'s config with a known_hosts file of its own holding ``text``."""
+    data = yaml.safe_load(h.config_path.read_text())
+    path = h.root / "known_hosts"
+    path.write_text(text)
+    data["hpc"]["known_hosts_file"] = str(path)
+    h.config_path.write_text(yaml.safe_dump(data))
+    return parse_config(data, h.config_path), path
+
+
+def test_a_refused_key_stops_every_command_to_the_host_until_known_hosts_is_fixed(hpc, sshd, tmp_path, capsys):
+    h = hpc()
+    config, known_hosts = with_known_hosts(h, other_key_line(tmp_path, sshd.endpoint))
+    ctx = build_context(config, "submitter")
+    case = registered(ctx, "waits")
+    t = time.time()
+    before = sshd.sessions_started()
+    assert submitter.tick(ctx, t + 200) == 0                          # making the slots sure meets the key
+    assert host_key_refused(ctx.conn) == {"hpc"}
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.SUBMITTED
+    for now in (t + 210, t + 220):
+        submitter.tick(ctx, now)
+        submitter.stage_tick(ctx, now)
+        poller.tick(ctx, now)
+        reaper.probe_down_hosts(ctx, now)                              # a handshake only
+    assert sshd.sessions_started() == before                           # no command reached the host
+    assert host_key_refused(ctx.conn) == {"hpc"}
+    assert watch_reachability(ctx.conn, config, t + 230) == 1         # at once, not after 10 minutes
+    [notice] = ctx.conn.execute("SELECT kind, payload FROM notices").fetchall()
+    assert notice["kind"] == "hpc_host_key" and "HOST KEY CHANGED" in notice["payload"]
+    code, out, _ = cli(capsys, config, "status")
+    assert code == 0 and out.splitlines()[0].startswith("HOST KEY CHANGED on host hpc: possible interception")
+    assert "HOST KEY REFUSED" in out and "UNREACHABLE" not in out
+    code, out, _ = cli(capsys, config, "health")
+    assert code == 1 and "unhealthy: HOST KEY CHANGED on host hpc" in out and "unreachable since" not in out
+    code, out, _ = cli(capsys, config, "doctor")
+    [key_line] = [line for line in out.splitlines() if "ssh host key" in line]
+    assert key_line.startswith("FAIL") and sshd.host_key_fingerprint() in key_line and "ssh-keygen -R" in key_line
+    assert "check the host is up" not in out and known_hosts.read_text() == other_key_line.last  # never written
+    assert sshd.sessions_started() == before
+    known_hosts.write_text(sshd.endpoint.known_hosts_file.read_text())  # the operator's fix
+    assert reaper.probe_down_hosts(ctx, t + 240) == 1
+    assert host_key_refused(ctx.conn) == set() and down_hosts(ctx.conn) == {}
+    assert submitter.tick(ctx, t + 250) == 1
+    assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
+    assert poll_until_final(ctx, case.case_id).status is CaseStatus.COMPLETED
