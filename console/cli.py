@@ -572,8 +572,8 @@ def key_check(config: Config, host: HostConfig, exc: HostKeyMismatch) -> Check:
     hpc, name = host.hpc, known_host_name(host)
     try:
         seen = "; ".join(presented_host_keys(hpc, timeout=hpc.connect_timeout_seconds)) or "no key"
-    except RemoteFailure as scan_error:
-        seen = f"(could not list it: {one_line(scan_error)})"
+    except RemoteFailure as scan_error:  # e.g. reached only through a jump host: ssh's own word then
+        seen = exc.fingerprint or f"(could not list it: {one_line(scan_error)})"
     what = "no key for it in known_hosts" if exc.unknown else "HOST KEY CHANGED: possible interception"
     known = shlex.quote(str(hpc.known_hosts_file))
     hint = (f"verify that fingerprint with the cluster's admins (never accept it unchecked); if it is theirs:"

@@ -82,6 +82,17 @@ SCP_WITHOUT_SFTP = (
     "(the legacy scp protocol).")
 
 
+def last_lines(text: str, limit: int = 300) -> str:
+    """The last whole lines of ``text`` that fit in ``limit`` characters (at least the last line),
+    joined by spaces: never a message cut mid-sentence."""
+    kept: list[str] = []
+    for line in reversed([line.strip() for line in text.strip().splitlines() if line.strip()]):
+        if kept and sum(len(k) + 1 for k in kept) + len(line) > limit:
+            break
+        kept.insert(0, line)
+    return " ".join(kept)
+
+
 def transfer_failure(what: str, code: int, err: str, out: str = "", *, host: str = "") -> RemoteFailure:
     """The typed failure of a transfer that exited ``code``: a refused host key is HostKeyMismatch;
     connection trouble (ssh's 255, killed by our timeout, or a connection message) is Unreachable,
@@ -90,7 +101,7 @@ def transfer_failure(what: str, code: int, err: str, out: str = "", *, host: str
     if refused is not None:
         return refused
     if code in (SSH_UNREACHABLE, -9) or CONNECTION_TROUBLE.search(err):
-        return Unreachable(f"{what}: {err.strip()[-300:] or f'exit {code}'}")
+        return Unreachable(f"{what}: {last_lines(err) or f'exit {code}'}")
     return RemoteError([what], code, err, out)
 
 
@@ -377,10 +388,10 @@ class Remote:
         Returns when the key was accepted (ssh got as far as asking to log in); raises
         HostKeyMismatch when it was refused, Unreachable when the host did not get that far.
         """
-        exe, *_extra = self.hpc.ssh_command
+        exe, *extra = self.hpc.ssh_command
         handshake = local[exe][(*self._common_options("none"), "-o", "ControlMaster=no",
                                 "-o", "PubkeyAuthentication=no", "-o", "GSSAPIAuthentication=no",
-                                "-o", "HostbasedAuthentication=no", "-N", "-p", str(self.hpc.port),
+                                "-o", "HostbasedAuthentication=no", "-N", "-p", str(self.hpc.port), *extra,
                                 self.destination)]
         limit = timeout or self.hpc.connect_timeout_seconds + 10
         try:
@@ -391,7 +402,7 @@ class Remote:
         if refused is not None:
             raise refused
         if code != 0 and not AUTH_REACHED.search(err):
-            raise Unreachable(f"{self.hpc.host}: handshake failed: {' '.join(err.split())[-300:] or f'exit {code}'}")
+            raise Unreachable(f"{self.hpc.host}: handshake failed: {last_lines(err) or f'exit {code}'}")
 
     def close(self) -> None:
         """Stop the shared master connection (other workers start a new one when needed)."""
@@ -417,7 +428,7 @@ class Remote:
             refused = host_key_refusal(self.hpc.host, err)
             if refused is not None:
                 raise refused
-            raise Unreachable(f"{self.hpc.host}: ssh failed: {err.strip()[-300:] or 'exit 255'}")
+            raise Unreachable(f"{self.hpc.host}: ssh failed: {last_lines(err) or 'exit 255'}")
         if code != 0:
             raise RemoteError(list(argv) if argv is not None else [command], code, err, out)
         return out

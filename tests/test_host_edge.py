@@ -7,6 +7,7 @@ and ``note_reach`` with real SQLite files.
 """
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import time
@@ -14,11 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
+
+from console.top import render
 
 from shared.config import parse_config
+from shared.db import connect
 from shared.errors import HostKeyMismatch, LocalFailure, Unreachable
 from shared.notify import watch_reachability
-from shared.remote import Remote, presented_host_keys
+from shared.queries import overview
+from shared.remote import Remote, last_lines, presented_host_keys
 from shared.states import CaseStatus
 from shared.store import HOST_KEY, down_hosts, get_case, host_key_refused
 from shared.tasks import counts_as_attempt
@@ -194,6 +200,18 @@ def test_a_case_folder_missing_locally_fails_here_and_leaves_the_host_up(hpc):
     assert all(row["ok"] for row in ctx.conn.execute("SELECT ok FROM host_reach"))
 
 
+def top_frame(config) -> str:
+    """One ``mqic-top`` frame as plain text."""
+    conn = connect(config.database_path, readonly=True)
+    try:
+        view = overview(conn, time.time(), config.unhealthy_after_seconds, configured=config.hosts)
+    finally:
+        conn.close()
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render(view, config, time.time()))
+    return console.export_text()
+
+
 def with_known_hosts(h, text: str):
     """``h``'s config with a known_hosts file of its own holding ``text``."""
     data = yaml.safe_load(h.config_path.read_text())
@@ -229,6 +247,8 @@ def test_a_refused_key_stops_every_command_to_the_host_until_known_hosts_is_fixe
     assert "HOST KEY REFUSED" in out and "UNREACHABLE" not in out
     code, out, _ = cli(capsys, config, "health")
     assert code == 1 and "unhealthy: HOST KEY CHANGED on host hpc" in out and "unreachable since" not in out
+    frame = top_frame(config)
+    assert frame.splitlines()[1].startswith("HOST KEY CHANGED on host hpc") and frame.splitlines()[0].endswith("UNHEALTHY")
     code, out, _ = cli(capsys, config, "doctor")
     [key_line] = [line for line in out.splitlines() if "ssh host key" in line]
     assert key_line.startswith("FAIL") and sshd.host_key_fingerprint() in key_line and "ssh-keygen -R" in key_line
@@ -240,3 +260,10 @@ def test_a_refused_key_stops_every_command_to_the_host_until_known_hosts_is_fixe
     assert submitter.tick(ctx, t + 250) == 1
     assert get_case(ctx.conn, case.case_id).status is CaseStatus.RUNNING
     assert poll_until_final(ctx, case.case_id).status is CaseStatus.COMPLETED
+
+
+def test_an_ssh_error_is_quoted_in_whole_lines_never_cut_mid_sentence():
+    err = "\n".join(f"line {i}: " + "x" * 60 for i in range(10)) + "\nssh: connect to host h port 22: Connection refused\n"
+    quoted = last_lines(err)
+    assert quoted.endswith("Connection refused") and quoted.startswith("line ") and len(quoted) <= 300
+    assert last_lines("y" * 500) == "y" * 500  # one long line is kept whole
