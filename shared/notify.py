@@ -6,7 +6,8 @@ a cursor kept in ``settings`` and turns the wanted ones into rows of ``notices``
 considered once whatever crashes. A host counts as unreachable once the workers'
 calls to it have failed (``host_reach``, down since ``down_since``) for
 ``notify.unreachable_after_minutes``; one notice per host and outage, and one when it
-is back. A host whose key ssh refused (``problem`` ``host_key``) is reported at once. The outage already reported is kept per host in ``settings``.
+is back. A host whose key ssh refused (``problem`` ``host_key``) is reported at once.
+The outage already reported is kept per host in ``settings``.
 
 Sending never blocks the worker: ``notify.command`` (a list of arguments, no
 shell) is started as a child process with the notice's JSON on its standard

@@ -349,8 +349,9 @@ def judge_health(totals: dict[str, int], workers_seen: list[WorkerView] | tuple[
                  last_change: float | None, now: float, stale_after: float, upkeep: Upkeep = Upkeep(),
                  hosts_seen: Sequence[HostView] = ()) -> Health:
     """Healthy unless a host's key was refused (first), a heartbeat is stale (or none exists),
-    active cases sit unchanged too long, or results cannot be delivered. While every configured host is drained (any host, when
-    ``hosts_seen`` is not given), waiting cases are expected not to move."""
+    active cases sit unchanged too long, or results cannot be delivered. While every configured
+    host is drained (any host, when ``hosts_seen`` is not given), waiting cases are expected not
+    to move."""
     reasons = host_key_alerts(hosts_seen)
     reasons += [f"worker {w.name} heartbeat is {now - w.heartbeat:.0f}s old (limit {stale_after:g}s)"
                for w in workers_seen if not w.alive]

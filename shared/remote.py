@@ -310,7 +310,8 @@ def presented_host_keys(hpc: HpcConfig, *, timeout: float = 10) -> list[str]:
         scan = subprocess.run(["ssh-keyscan", "-T", str(int(timeout)), "-p", str(hpc.port), "--", hpc.host],
                               capture_output=True, timeout=timeout + 5, stdin=subprocess.DEVNULL)
         if not scan.stdout.strip():
-            raise Unreachable(f"{hpc.host}: ssh-keyscan got no key ({scan.stderr.decode(errors='replace').strip()[-200:]})")
+            said = last_lines(scan.stderr.decode(errors="replace"), 200)
+            raise Unreachable(f"{hpc.host}: ssh-keyscan got no key ({said})")
         listed = subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=scan.stdout, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LocalFailure(f"cannot list the host's keys: {exc}") from None

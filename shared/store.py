@@ -586,7 +586,8 @@ def note_remote(conn: sqlite3.Connection, host: str, name: str, *, ok: bool, now
             " error = CASE WHEN excluded.problem IS NULL AND host_reach.problem IS NOT NULL AND NOT excluded.ok"
             "   THEN host_reach.error ELSE excluded.error END,"
             " down_since = CASE WHEN excluded.ok THEN NULL"
-            "   WHEN excluded.problem IS NOT NULL AND excluded.problem IS NOT host_reach.problem THEN excluded.checked_at"
+            "   WHEN excluded.problem IS NOT NULL AND excluded.problem IS NOT host_reach.problem"
+            "   THEN excluded.checked_at"
             "   ELSE COALESCE(host_reach.down_since, excluded.checked_at) END,"
             " problem = CASE WHEN excluded.ok THEN NULL ELSE COALESCE(excluded.problem, host_reach.problem) END",
             {"host": host, "ok": int(ok), "now": now, "name": name, "error": None if ok else (error or "")[:500],

@@ -279,7 +279,8 @@ def counts_as_attempt(error: BaseException) -> bool:
     """Only a failure of the case itself uses up an attempt.
 
     An HPC that could not be reached, a pueued that was down, output we could not
-    read, a set-up problem of the HPC, a refused host key or trouble on our side never does; a claim whose owner died does
+    read, a set-up problem of the HPC, a refused host key or trouble on our side never
+    does; a claim whose owner died does
     (a case that keeps killing its submitter must end).
     """
     if isinstance(error, ClaimExpired):

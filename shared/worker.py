@@ -24,8 +24,8 @@ from shared.logs import for_case, setup_logging
 from shared.remote import Remote
 from shared.spool import Spool
 from shared.errors import HostKeyMismatch, LocalFailure, Unreachable
-from shared.store import (HOST_KEY, adopt_unnamed_host, beat, down_hosts, flag_for_review, get_case, note_remote, seat_specs,
-                          sync_slots)
+from shared.store import (HOST_KEY, adopt_unnamed_host, beat, down_hosts, flag_for_review, get_case, note_remote,
+                          seat_specs, sync_slots)
 
 
 HELPER_THREADS = "helper_threads"
@@ -135,7 +135,7 @@ def note_reach(ctx: "Context", host: Host, error: Exception | None) -> None:
                      error, extra={"operation": "reach", "error_type": type(error).__name__, "host": host.name})
         return
     problem = HOST_KEY if isinstance(error, HostKeyMismatch) else None
-    note_remote(ctx.conn, host.name, ctx.name, ok=error is None or not isinstance(error, (Unreachable, HostKeyMismatch)),
+    note_remote(ctx.conn, host.name, ctx.name, ok=not isinstance(error, (Unreachable, HostKeyMismatch)),
                 now=ctx.clock(), error=None if error is None else str(error), problem=problem)
 
 

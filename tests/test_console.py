@@ -343,7 +343,8 @@ def test_health_exit_codes(tmp_path, capsys):
     beat(conn, "poller", now=time.time())
     code, out, _ = cli(capsys, config, "health", "--json")
     assert code == 0 and json.loads(out) == {"healthy": True, "reasons": [], "drained": False, "notes": [], "hosts": [
-        {"host": "hpc", "backend": "pueue", "reachable": None, "down_since": None, "problem": None, "drained": False, "seats": 2,
+        {"host": "hpc", "backend": "pueue", "reachable": None, "down_since": None, "problem": None, "drained": False,
+         "seats": 2,
          "in_use": 2, "running": 1}]}
 
     strict = make_config(tmp_path, health={"unhealthy_after_seconds": 5})
