@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -14,7 +13,7 @@ from sandbox.casegen import make_case
 from shared.db import connect
 from tests.conftest import cli, wait_until
 from tests.test_e2e import Supervisor, free_port, settled_rows
-from tests.test_e2e_hosts import FAST, assert_all_completed_once, count, drop, hosts_system  # noqa: F401
+from tests.test_e2e_hosts import assert_all_completed_once, count, drop, hosts_system  # noqa: F401 (a fixture)
 
 RESTARTS = 4
 SLOW_PUEUE = "#!/bin/sh\nsleep 0.6\nexec {pueue} \"$@\"\n"  # every remote call lasts a while
@@ -36,9 +35,10 @@ def ssh_children(pid: int) -> list[int]:
 
 
 def worker_pid(sup: Supervisor, program: str) -> int:
-    return int(wait_until(lambda: sup.ctl("pid", f"mqic:{program}").strip().isdigit()
-                          and sup.ctl("pid", f"mqic:{program}").strip() != "0"
-                          and sup.ctl("pid", f"mqic:{program}").strip(), timeout=30, message=f"{program} pid"))
+    def running_pid() -> int | None:
+        text = sup.ctl("pid", f"mqic:{program}").strip()
+        return int(text) if text.isdigit() and text != "0" else None
+    return wait_until(running_pid, timeout=30, message=f"{program} running")
 
 
 def record_downs(conn) -> None:
@@ -63,7 +63,7 @@ def test_restarting_workers_mid_call_never_marks_the_host_down_nor_fails_a_case(
     data = yaml.safe_load(h.config_path.read_text())
     data["hpc"]["pueue_command"] = str(slow)
     h.config_path.write_text(yaml.safe_dump(data))
-    conn = connect(data["database"]["path"] if "database" in data else h.config.database_path)
+    conn = connect(h.config.database_path)
     record_downs(conn)
     sup = Supervisor(tmp_path, h.config_path)
     sup.start()
@@ -96,7 +96,8 @@ def notice_recorder(tmp_path: Path) -> tuple[list[str], Path]:
     return [sys.executable, str(script), str(log)], log
 
 
-def test_a_replaced_host_key_is_shown_as_such_and_nothing_reaches_the_host(hosts_system, tmp_path, capsys):  # noqa: F811
+def test_a_replaced_host_key_is_shown_as_such_and_nothing_reaches_the_host(hosts_system, tmp_path,  # noqa: F811
+                                                                           capsys):
     command, notices = notice_recorder(tmp_path)
     h, sup, conn = hosts_system(groups={"gpu_a": {"gpu": 0}}, second_groups={"gpu_a": {"gpu": 0}},
                                 notify={"command": command, "timeout_seconds": 5})
@@ -109,7 +110,8 @@ def test_a_replaced_host_key_is_shown_as_such_and_nothing_reaches_the_host(hosts
                timeout=30, message="gpu2's key seen refused")
     sessions = gpu2.sessions_started()
     on_gpu2 = [r[0] for r in conn.execute("SELECT case_id FROM cases WHERE host = 'gpu2' AND status = 'running'")]
-    wait_until(lambda: count(conn, "SELECT COUNT(*) FROM cases WHERE status = 'completed'") >= len(names) - len(on_gpu2),
+    others = len(names) - len(on_gpu2)
+    wait_until(lambda: count(conn, "SELECT COUNT(*) FROM cases WHERE status = 'completed'") >= others,
                timeout=120, message="gpu1 running every other case")
     wait_until(lambda: notices.exists() and "hpc_host_key" in notices.read_text(), timeout=30,
                message="the host key notice")

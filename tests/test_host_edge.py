@@ -248,7 +248,8 @@ def test_a_refused_key_stops_every_command_to_the_host_until_known_hosts_is_fixe
     code, out, _ = cli(capsys, config, "health")
     assert code == 1 and "unhealthy: HOST KEY CHANGED on host hpc" in out and "unreachable since" not in out
     frame = top_frame(config)
-    assert frame.splitlines()[1].startswith("HOST KEY CHANGED on host hpc") and frame.splitlines()[0].endswith("UNHEALTHY")
+    first, second = frame.splitlines()[:2]
+    assert first.endswith("UNHEALTHY") and second.startswith("HOST KEY CHANGED on host hpc")
     code, out, _ = cli(capsys, config, "doctor")
     [key_line] = [line for line in out.splitlines() if "ssh host key" in line]
     assert key_line.startswith("FAIL") and sshd.host_key_fingerprint() in key_line and "ssh-keygen -R" in key_line
@@ -263,7 +264,8 @@ def test_a_refused_key_stops_every_command_to_the_host_until_known_hosts_is_fixe
 
 
 def test_an_ssh_error_is_quoted_in_whole_lines_never_cut_mid_sentence():
-    err = "\n".join(f"line {i}: " + "x" * 60 for i in range(10)) + "\nssh: connect to host h port 22: Connection refused\n"
+    err = "\n".join(f"line {i}: " + "x" * 60 for i in range(10))
+    err += "\nssh: connect to host h port 22: Connection refused\n"
     quoted = last_lines(err)
     assert quoted.endswith("Connection refused") and quoted.startswith("line ") and len(quoted) <= 300
     assert last_lines("y" * 500) == "y" * 500  # one long line is kept whole
