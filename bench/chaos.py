@@ -48,6 +48,7 @@ import dataclasses
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -918,8 +919,12 @@ class ChaosRun:
         conn = connect(self.config.database_path, readonly=True)
         try:
             rows = conn.execute("SELECT case_id, case_name FROM cases WHERE status = 'running' AND host = ?",
-                                (host or self.config.hosts[0].name,))
+                                (host or self.config.hosts[0].name,)).fetchall()
             return [row[0] for row in rows if names is None or row[1] in names]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # created, its schema not committed yet (slow start under load)
+                return []
+            raise
         finally:
             conn.close()
 

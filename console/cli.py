@@ -41,9 +41,9 @@ from shared.config import Config, HostConfig, default_config_path, load_config
 from shared.db import connect
 from shared.doorbell import ring
 from shared.eta import Eta, estimate
-from shared.errors import ConfigError, MqicError, RemoteFailure
+from shared.errors import ConfigError, HostKeyMismatch, MqicError, RemoteFailure
 from shared.priority import PRIORITIES, PriorityRefused, set_priority
-from shared.remote import Remote, TransferUnsupported, UnsafeControlDir, ensure_private_dir
+from shared.remote import Remote, TransferUnsupported, UnsafeControlDir, ensure_private_dir, presented_host_keys
 from shared.spool import Spool
 from shared.states import Outcome
 from shared.store import Case, get_case
@@ -112,6 +112,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
                     "upkeep": view.upkeep, "drained": view.upkeep.drained, "gpus": view.gpus})
         return 0
     console = out()
+    for alert in queries.host_key_alerts(view.hosts):  # a security event goes first
+        console.print(alert, style="bold red")
     console.print(totals_line(view))
     upkeep = upkeep_line(view, config.tz)
     if upkeep is not None:
@@ -196,7 +198,7 @@ def host_notes(view: queries.Overview, config: Config) -> list[str]:
         if drain is not None:
             notes.append(f"host {host.name} drained since {format_time(drain.since, config.tz)} by {drain.drained_by}"
                          + (f" ({drain.reason})" if drain.reason else "") + ": no new claims there")
-        if remote.reachable is False:
+        if remote.reachable is False and not remote.key_refused:  # a refused key is a reason, not a note
             since = remote.down_since if remote.down_since is not None else remote.checked_at
             notes.append(f"host {host.name} unreachable since {format_time(since, config.tz)}"
                          f" ({format_age(view.now - since)}): no new claims there until it answers")
@@ -578,19 +580,39 @@ def remote_checks(config: Config, host: HostConfig) -> list[Check]:
     target = f"{hpc.user}@{hpc.host}:{hpc.port}"
     try:
         remote.run(["true"], timeout=hpc.connect_timeout_seconds + 10)
+    except HostKeyMismatch as exc:
+        return [key_check(config, host, exc), *skipped_checks(host, "skipped: the host's key was refused")]
     except (RemoteFailure, OSError) as exc:
         hint = (f"check the host is up and the key is authorized: ssh -i {hpc.identity_file}"
                 f" -p {hpc.port} {hpc.user}@{hpc.host} true")
-        skipped = "skipped: ssh is not reachable"
-        names = (*SCHEDULER_CHECKS[host.backend], "remote base dir", "transfer")
         return [Check("ssh", False, f"{target}: {one_line(exc)}", hint),
-                *(Check(name, False, skipped) for name in names)]
+                *skipped_checks(host, "skipped: ssh is not reachable")]
     checks = [Check("ssh", True, f"{target} answers")]
     checks += slurm_checks(config, host, remote) if host.backend == "slurm" else pueue_checks(config, host, remote)
     checks.append(attempt("remote base dir", lambda: probe_base_dir(remote, timeout),
                           f"create {hpc.remote_base_dir} on the HPC and make it writable by {hpc.user}"))
     checks.append(check_transfer(config, host, remote))
     return checks
+
+
+def skipped_checks(host: HostConfig, why: str) -> list[Check]:
+    return [Check(name, False, why) for name in (*SCHEDULER_CHECKS[host.backend], "remote base dir", "transfer")]
+
+
+def key_check(config: Config, host: HostConfig, exc: HostKeyMismatch) -> Check:
+    """ssh refused the host's key: name the key it presents now and how to accept it after checking.
+    Nothing here writes known_hosts: accepting a key is the operator's decision."""
+    hpc, name = host.hpc, known_host_name(host)
+    try:
+        seen = "; ".join(presented_host_keys(hpc, timeout=hpc.connect_timeout_seconds)) or "no key"
+    except RemoteFailure as scan_error:  # e.g. reached only through a jump host: ssh's own word then
+        seen = exc.fingerprint or f"(could not list it: {one_line(scan_error)})"
+    what = "no key for it in known_hosts" if exc.unknown else "HOST KEY CHANGED: possible interception"
+    known = shlex.quote(str(hpc.known_hosts_file))
+    hint = (f"verify that fingerprint with the cluster's admins (never accept it unchecked); if it is theirs:"
+            f" ssh-keygen -R {shlex.quote(name)} -f {known} && ssh-keyscan -p {hpc.port} {shlex.quote(hpc.host)}"
+            f" >> {known} (compare what it adds); the workers resume by themselves")
+    return Check("ssh host key", False, f"{hpc.user}@{hpc.host}:{hpc.port}: {what}; it presents {seen}", hint)
 
 
 def pueue_checks(config: Config, host: HostConfig, remote: Remote) -> list[Check]:

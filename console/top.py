@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shared.eta import Eta, estimate, span
-from shared.queries import STATUSES, CaseView, HostView, Overview, overview, read_snapshot, share_text
+from shared.queries import STATUSES, CaseView, HostView, Overview, host_key_alerts, overview, read_snapshot, share_text
 from shared.app import config_argument, load_or_exit
 from shared.config import Config
 from shared.db import connect
@@ -142,7 +142,7 @@ def host_line(host: HostView, now: float, tz: ZoneInfo) -> Text:
         text.append(f" at {format_time(remote.checked_at, tz)}")
     else:
         since = remote.down_since if remote.down_since is not None else remote.checked_at
-        text.append("UNREACHABLE", style="bold red")
+        text.append("HOST KEY REFUSED" if remote.key_refused else "UNREACHABLE", style="bold red")
         text.append(f" since {format_time(since, tz)} ({format_age(now - since)})")
         text.append(f": {remote.error}" if remote.error else "")
     text.append(f"; seats {host.in_use}/{host.seats} in use, {host.running} running")
@@ -279,6 +279,8 @@ def render(view: Overview | None, config: Config, now: float, message: str | Non
     ``etas`` (``shared.eta.estimate``) fill the cases' eta column."""
     tz = config.tz
     parts: list[RenderableType] = [header(view, tz, now)]
+    if view is not None:
+        parts += [Text(alert, style="bold red") for alert in host_key_alerts(view.hosts)]
     if message:
         parts.append(Text(f"! {message}", style="bold yellow"))
     if view is None:

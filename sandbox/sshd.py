@@ -185,6 +185,34 @@ class SandboxSshd:
         if kill_sessions:
             self._kill_sessions()
 
+    def replace_host_key(self) -> str:
+        """Give the server a new host key, as an interception (or a reinstall) would; return its
+        fingerprint (``SHA256:...``).
+
+        Every connection is cut and the server restarts on the same port; the clients'
+        ``known_hosts`` keeps naming the old key, so strict clients refuse the new one.
+        """
+        layout = self._layout
+        known = layout.known_hosts.read_text()
+        self.stop()
+        layout.host_key.unlink(missing_ok=True)
+        _ensure_key(layout.host_key, comment="mqic-sandbox-host")
+        self.start()
+        layout.known_hosts.write_text(known)
+        return self.host_key_fingerprint()
+
+    def host_key_fingerprint(self) -> str:
+        """The ``SHA256:...`` fingerprint of the key the server presents."""
+        listed = subprocess.run(["ssh-keygen", "-l", "-f", str(self._layout.host_key.with_suffix(".pub"))],
+                                capture_output=True, text=True, check=True)
+        return listed.stdout.split()[1]
+
+    def sessions_started(self) -> int:
+        """How many sessions (commands, shells, subsystems) the server started, from its log."""
+        if not self._layout.log_file.exists():
+            return 0
+        return self._layout.log_file.read_text(errors="replace").count("Starting session:")
+
     def is_running(self) -> bool:
         """Return True if this sandbox's listener process is alive."""
         self._reap_own_child()

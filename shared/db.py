@@ -232,6 +232,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX gpu_history_by_time ON gpu_history(at);
     CREATE INDEX gpu_history_by_gpu ON gpu_history(host, gpu_index, at);
     """,
+    # 9: a host whose key ssh refused is its own state, not an outage (issue 16): ``problem``
+    # 'host_key' until a call gets through again (``store.note_remote``).
+    """
+    ALTER TABLE host_reach ADD COLUMN problem TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -54,3 +54,29 @@ class ClaimExpired(MqicError):
 
 class HpcTrouble(RemoteFailure):
     """The HPC or its set-up failed, not the case (e.g. a transfer the HPC does not support)."""
+
+
+class LocalFailure(RemoteFailure):
+    """A remote action failed here, on this workstation, not at the host: our local tar could not
+    read the case folder, the local disk filled while fetching, our own shutdown stopped the call.
+
+    It says nothing about the host (it never marks it down) and nothing about the case (it never
+    uses up an attempt).
+    """
+
+
+class HostKeyMismatch(RemoteFailure):
+    """ssh refused the host key the HPC presented: changed (what an interception looks like) or
+    none known for it. Not an outage: nothing is sent to that host until an operator has checked
+    the key with the cluster's admins and fixed ``known_hosts``; never a reason to fail a case.
+    """
+
+    def __init__(self, host: str, detail: str, *, fingerprint: str | None = None, unknown: bool = False):
+        self.host = host
+        self.fingerprint = fingerprint
+        self.unknown = unknown
+        what = ("host key unknown: no key for it in known_hosts" if unknown
+                else "host key changed: possible interception")
+        seen = f"; it presented {fingerprint}" if fingerprint else ""
+        super().__init__(f"{host}: {what}{seen}; nothing is sent there until the key is verified with the"
+                         f" cluster's admins and known_hosts is fixed (see mqic doctor) [{detail}]")

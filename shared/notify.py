@@ -6,7 +6,8 @@ a cursor kept in ``settings`` and turns the wanted ones into rows of ``notices``
 considered once whatever crashes. A host counts as unreachable once the workers'
 calls to it have failed (``host_reach``, down since ``down_since``) for
 ``notify.unreachable_after_minutes``; one notice per host and outage, and one when it
-is back. The outage already reported is kept per host in ``settings``.
+is back. A host whose key ssh refused (``problem`` ``host_key``) is reported at once.
+The outage already reported is kept per host in ``settings``.
 
 Sending never blocks the worker: ``notify.command`` (a list of arguments, no
 shell) is started as a child process with the notice's JSON on its standard
@@ -35,6 +36,7 @@ from shared.db import transaction
 from shared.durations import in_words
 from shared.logs import for_case
 from shared.settings import bump, delete_setting, get_setting, put_setting, since
+from shared.store import HOST_KEY
 from shared.worker import Context
 
 CURSOR_KEY = "notify.cursor"
@@ -130,7 +132,7 @@ def collect_events(conn: sqlite3.Connection, config: Config, since_at: float, no
         return added
 
 
-REACH_SQL = "SELECT host, ok, checked_at, checked_by, error, down_since FROM host_reach ORDER BY host"
+REACH_SQL = "SELECT host, ok, checked_at, checked_by, error, down_since, problem FROM host_reach ORDER BY host"
 REPORTED_SQL = "SELECT key, value FROM settings WHERE key >= ? AND key < ?"
 
 
@@ -151,14 +153,15 @@ def reach_changes(conn: sqlite3.Connection, config: Config, now: float) -> list[
         if row["ok"] and known is not None:
             changes.append(("back", row, known))
         elif not row["ok"] and row["down_since"] is not None and known != row["down_since"] \
-                and (now - row["down_since"]) / 60 >= config.notify.unreachable_after_minutes:
+                and (row["problem"] == HOST_KEY or ("unreachable" in config.notify.events and  # a key: at once
+                     (now - row["down_since"]) / 60 >= config.notify.unreachable_after_minutes)):
             changes.append(("report", row, known))
     return changes
 
 
 def watch_reachability(conn: sqlite3.Connection, config: Config, now: float) -> int:
     """One notice per host that stays unreachable past the limit, one when it answers again."""
-    if "unreachable" not in config.notify.events or not reach_changes(conn, config, now):
+    if not reach_changes(conn, config, now):
         return 0  # the usual case: a read, no write lock
     added = 0
     with transaction(conn):
@@ -177,9 +180,11 @@ def watch_reachability(conn: sqlite3.Connection, config: Config, now: float) -> 
 def _host_notice(conn: sqlite3.Connection, config: Config, change: str, what: str, row: sqlite3.Row,
                  now: float) -> int:
     kind = "unreachable" if change == "report" else "reachable"
+    if change == "report" and row["problem"] == HOST_KEY:
+        kind, what = "host_key", "HOST KEY CHANGED: possible interception; nothing is sent there until it is verified"
     host = config.host(row["host"])
     where = f"host {row['host']}" + (f" ({host.hpc.host})" if host is not None and host.hpc.host != row["host"] else "")
-    error = row["error"] if kind == "unreachable" else None
+    error = row["error"] if kind != "reachable" else None
     payload = {"event": f"hpc_{kind}", "text": one_line(f"MQIC: {where} {what}" + (f": {error}" if error else "")),
                "host": row["host"], "address": None if host is None else host.hpc.host, "error": error,
                "at": iso(now, config), "last_contact": iso(row["checked_at"], config), "worker": row["checked_by"]}

@@ -18,7 +18,7 @@ from shared.durations import in_words
 from shared.maintenance import Drain, drains
 from shared.share import ShareState, share_state
 from shared.states import CaseStatus, Outcome
-from shared.store import Case, case_from_row
+from shared.store import HOST_KEY, Case, case_from_row
 
 STATUSES = tuple(s.value for s in CaseStatus)
 ACTIVE_STATUSES = ("submitted", "submitting", "running")
@@ -85,6 +85,11 @@ class RemoteView:
     checked_by: str | None = None
     error: str | None = None
     down_since: float | None = None
+    problem: str | None = None  # HOST_KEY: ssh refused the host's key (not an outage)
+
+    @property
+    def key_refused(self) -> bool:
+        return self.problem == HOST_KEY
 
 
 @dataclass(frozen=True)
@@ -254,7 +259,7 @@ SLOTS_SQL = (
     " c.case_name, c.status AS case_status, c.pueue_task_id, c.progress"
     " FROM gpu_resources g LEFT JOIN cases c ON c.case_id = g.assigned_case_id"
     " ORDER BY g.host, g.pueue_group, g.seat")
-REACH_SQL = "SELECT host, ok, checked_at, checked_by, error, down_since FROM host_reach ORDER BY host"
+REACH_SQL = "SELECT host, ok, checked_at, checked_by, error, down_since, problem FROM host_reach ORDER BY host"
 # A seat is in use while assigned or zombie (a zombie's task may still run).
 SEATS_BY_HOST_SQL = ("SELECT host, COUNT(*) AS seats, COALESCE(SUM(status IN ('assigned', 'zombie')), 0) AS in_use"
                      " FROM gpu_resources GROUP BY host")
@@ -273,7 +278,8 @@ def slots(conn: sqlite3.Connection) -> list[SlotView]:
 def reachability(conn: sqlite3.Connection) -> dict[str, RemoteView]:
     """What the workers last recorded of each host they talked to (``host_reach``), by host name."""
     return {r["host"]: RemoteView(host=r["host"], reachable=bool(r["ok"]), checked_at=r["checked_at"],
-                                  checked_by=r["checked_by"], error=r["error"], down_since=r["down_since"])
+                                  checked_by=r["checked_by"], error=r["error"], down_since=r["down_since"],
+                                  problem=r["problem"])
             for r in conn.execute(REACH_SQL)}
 
 
@@ -337,13 +343,22 @@ def last_db_change(conn: sqlite3.Connection) -> float | None:
     return max(stamps) if stamps else None
 
 
+def host_key_alerts(hosts_seen: Sequence[HostView]) -> list[str]:
+    """One line per host whose key ssh refused: a security event, shown first wherever health is."""
+    return [f"HOST KEY CHANGED on host {h.name}: possible interception; nothing is sent there until the key is"
+            f" verified with the cluster's admins and known_hosts is fixed (mqic doctor shows the key it presents)"
+            for h in hosts_seen if h.remote.key_refused]
+
+
 def judge_health(totals: dict[str, int], workers_seen: list[WorkerView] | tuple[WorkerView, ...],
                  last_change: float | None, now: float, stale_after: float, upkeep: Upkeep = Upkeep(),
                  hosts_seen: Sequence[HostView] = ()) -> Health:
-    """Healthy unless a heartbeat is stale (or none exists), active cases sit unchanged too long,
-    or results cannot be delivered. While every configured host is drained (any host, when
-    ``hosts_seen`` is not given), waiting cases are expected not to move."""
-    reasons = [f"worker {w.name} heartbeat is {now - w.heartbeat:.0f}s old (limit {stale_after:g}s)"
+    """Healthy unless a host's key was refused (first), a heartbeat is stale (or none exists),
+    active cases sit unchanged too long, or results cannot be delivered. While every configured
+    host is drained (any host, when ``hosts_seen`` is not given), waiting cases are expected not
+    to move."""
+    reasons = host_key_alerts(hosts_seen)
+    reasons += [f"worker {w.name} heartbeat is {now - w.heartbeat:.0f}s old (limit {stale_after:g}s)"
                for w in workers_seen if not w.alive]
     if not workers_seen:
         reasons.append("no worker has written a heartbeat (are the workers running?)")
@@ -524,7 +539,8 @@ def health_record(reasons: list[str], notes: Sequence[str], hosts: Sequence[Host
     return {"healthy": not reasons, "reasons": reasons, "drained": any(h.drained for h in hosts),
             "notes": list(notes),
             "hosts": [{"host": h.name, "backend": h.backend, "reachable": h.remote.reachable,
-                       "down_since": h.remote.down_since, "drained": h.drained, "seats": h.seats,
+                       "down_since": h.remote.down_since, "problem": h.remote.problem, "drained": h.drained,
+                       "seats": h.seats,
                        "in_use": h.in_use, "running": h.running} for h in hosts]}
 
 

@@ -11,8 +11,14 @@ detached; commands use ``ControlMaster=no``, which multiplexes when the master i
 and quietly connects directly when it is not, so a dead master never blocks a call.
 
 Failures are typed (``shared.errors``): ``Unreachable`` for ssh exit 255, timeouts
-and connection errors; ``RemoteError`` when the remote command failed; the caller
-decides what they mean. No retries and no sleeps here.
+and connection errors; ``HostKeyMismatch`` when ssh refused the host's key (never an
+outage); ``LocalFailure`` when the trouble was ours (the local folder unreadable, the
+local disk full); ``RemoteError`` when the remote command failed; the caller decides
+what they mean. No retries and no sleeps here.
+
+Every child (ssh, scp, rsync, tar) starts in its own session, so the group signal with
+which supervisord stops a worker does not cut a call in flight: the worker sets its stop
+event, the call ends within its timeout, then the worker exits.
 """
 from __future__ import annotations
 
@@ -22,9 +28,11 @@ import pwd
 import re
 import secrets
 import shlex
+import signal
 import stat
 import subprocess
 import tarfile
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +43,7 @@ from plumbum import local
 from plumbum.commands.processes import ProcessTimedOut
 
 from shared.config import HpcConfig
-from shared.errors import BadOutput, HpcTrouble, RemoteError, RemoteFailure, Unreachable
+from shared.errors import BadOutput, HostKeyMismatch, HpcTrouble, LocalFailure, RemoteError, RemoteFailure, Unreachable
 
 SSH_UNREACHABLE = 255
 UPLOAD_PREFIX = ".mqic-upload-"
@@ -47,6 +55,25 @@ CONNECTION_TROUBLE = re.compile(
     r"This does not look like a tar archive|Unexpected EOF in archive", re.IGNORECASE)
 
 
+# ssh's words when it refuses the key the host presented (changed, or none known for it)
+HOST_KEY_REFUSED = re.compile(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed|"
+                              r"No \S+ host key is known for|Host key for \S+ has changed", re.IGNORECASE)
+HOST_KEY_UNKNOWN = re.compile(r"No \S+ host key is known for", re.IGNORECASE)
+FINGERPRINT = re.compile(r"\b(SHA256:[A-Za-z0-9+/=]+)")
+AUTH_REACHED = re.compile(r"Permission denied|Authentications that can continue", re.IGNORECASE)
+
+
+def host_key_refusal(host: str, err: str) -> HostKeyMismatch | None:
+    """The HostKeyMismatch that ssh's ``err`` reports, if it refused the host's key."""
+    if not HOST_KEY_REFUSED.search(err):
+        return None
+    fingerprint = FINGERPRINT.search(err)
+    offending = re.search(r"Offending \S+ key in \S+", err)
+    detail = offending[0] if offending else " ".join(err.split())[-200:]
+    return HostKeyMismatch(host, detail, fingerprint=fingerprint[1] if fingerprint else None,
+                           unknown=bool(HOST_KEY_UNKNOWN.search(err)))
+
+
 SCP_CLOSED = re.compile(r"Connection closed|subsystem request failed", re.IGNORECASE)
 SCP_WITHOUT_SFTP = (
     "scp said 'Connection closed' before copying anything, yet {host} answers ssh: its sshd has no SFTP "
@@ -55,11 +82,26 @@ SCP_WITHOUT_SFTP = (
     "(the legacy scp protocol).")
 
 
-def transfer_failure(what: str, code: int, err: str, out: str = "") -> RemoteFailure:
-    """The typed failure of a transfer that exited ``code``: connection trouble (ssh's 255,
-    killed by our timeout, or a connection message) is Unreachable, anything else RemoteError."""
+def last_lines(text: str, limit: int = 300) -> str:
+    """The last whole lines of ``text`` that fit in ``limit`` characters (at least the last line),
+    joined by spaces: never a message cut mid-sentence."""
+    kept: list[str] = []
+    for line in reversed([line.strip() for line in text.strip().splitlines() if line.strip()]):
+        if kept and sum(len(k) + 1 for k in kept) + len(line) > limit:
+            break
+        kept.insert(0, line)
+    return " ".join(kept)
+
+
+def transfer_failure(what: str, code: int, err: str, out: str = "", *, host: str = "") -> RemoteFailure:
+    """The typed failure of a transfer that exited ``code``: a refused host key is HostKeyMismatch;
+    connection trouble (ssh's 255, killed by our timeout, or a connection message) is Unreachable,
+    anything else RemoteError."""
+    refused = host_key_refusal(host or what, err)
+    if refused is not None:
+        return refused
     if code in (SSH_UNREACHABLE, -9) or CONNECTION_TROUBLE.search(err):
-        return Unreachable(f"{what}: {err.strip()[-300:] or f'exit {code}'}")
+        return Unreachable(f"{what}: {last_lines(err) or f'exit {code}'}")
     return RemoteError([what], code, err, out)
 
 
@@ -99,15 +141,27 @@ class UploadResult:
 
 
 def folder_manifest(folder: Path) -> tuple[int, int]:
-    """(file count, total bytes) of the regular files under ``folder``, as find(1) sees them."""
+    """(file count, total bytes) of the regular files under ``folder``, as find(1) sees them.
+
+    Raises LocalFailure when ``folder`` is missing, or a folder or file in it cannot be read:
+    an upload of it would fail here, not at the host.
+    """
+    if not os.path.isdir(folder):
+        raise LocalFailure(f"local folder {folder} is missing or not a folder")
     files = size = 0
-    for dirpath, _dirnames, filenames in os.walk(folder):
+    for dirpath, _dirnames, filenames in os.walk(folder, onerror=_unreadable):
         for name in filenames:
             path = os.path.join(dirpath, name)
             if os.path.isfile(path) and not os.path.islink(path):
+                if not os.access(path, os.R_OK):
+                    raise LocalFailure(f"local file {path} is not readable")
                 files += 1
                 size += os.path.getsize(path)
     return files, size
+
+
+def _unreadable(error: OSError) -> None:
+    raise LocalFailure(f"local folder {error.filename} cannot be read: {error.strerror}")
 
 
 def remote_path_expr(path: str) -> str:
@@ -248,6 +302,22 @@ done | tar --null -T - -cf -
 """
 
 
+def presented_host_keys(hpc: HpcConfig, *, timeout: float = 10) -> list[str]:
+    """The fingerprints of the keys the host presents now (``ssh-keyscan | ssh-keygen -lf -``), one
+    ``bits SHA256:... host (TYPE)`` line each; reads and writes no known_hosts file. Raises
+    LocalFailure when the tools fail, Unreachable when the host sends no key."""
+    try:
+        scan = subprocess.run(["ssh-keyscan", "-T", str(int(timeout)), "-p", str(hpc.port), "--", hpc.host],
+                              capture_output=True, timeout=timeout + 5, stdin=subprocess.DEVNULL)
+        if not scan.stdout.strip():
+            said = last_lines(scan.stderr.decode(errors="replace"), 200)
+            raise Unreachable(f"{hpc.host}: ssh-keyscan got no key ({said})")
+        listed = subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=scan.stdout, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LocalFailure(f"cannot list the host's keys: {exc}") from None
+    return [line for line in listed.stdout.decode(errors="replace").splitlines() if line.strip()]
+
+
 class Remote:
     """The HPC as seen over ssh. Implements the ``Runner`` protocol of ``shared.backends.model``."""
 
@@ -260,7 +330,7 @@ class Remote:
         self._master_lock = threading.Lock()
 
     # -- command lines -------------------------------------------------------------------
-    def _common_options(self) -> list[str]:
+    def _common_options(self, control_path: str | None = None) -> list[str]:
         hpc = self.hpc
         return [
             "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
@@ -268,7 +338,7 @@ class Remote:
             "-o", f"UserKnownHostsFile={hpc.known_hosts_file}", "-o", "IdentitiesOnly=yes",
             "-i", str(hpc.identity_file), "-o", f"ConnectTimeout={int(hpc.connect_timeout_seconds)}",
             "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
-            "-o", f"ControlPath={self.control_path}",
+            "-o", f"ControlPath={control_path or self.control_path}",
         ]
 
     @property
@@ -300,7 +370,7 @@ class Remote:
             self.control_path.unlink(missing_ok=True)  # stale: its master is gone
             master = self.ssh_command(master=True)[self.destination]
             try:
-                master.run(retcode=None, timeout=self.hpc.connect_timeout_seconds + 5,
+                master.run(retcode=None, timeout=self.hpc.connect_timeout_seconds + 5, new_session=True,
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             except ProcessTimedOut:
                 pass  # commands then connect directly and report the real problem
@@ -309,8 +379,31 @@ class Remote:
         if not self.control_path.exists():
             return False
         check = self.ssh_command()["-O", "check", self.destination]
-        code, _out, _err = check.run(retcode=None, timeout=5)
+        code, _out, _err = check.run(retcode=None, timeout=5, new_session=True)
         return code == 0
+
+    def check_host_key(self, *, timeout: float | None = None) -> None:
+        """Connect, let ssh check the host's key, and authenticate with no method at all, so that
+        nothing but the handshake reaches the host (never the shared connection, never a command).
+
+        Returns when the key was accepted (ssh got as far as asking to log in); raises
+        HostKeyMismatch when it was refused, Unreachable when the host did not get that far.
+        """
+        exe, *extra = self.hpc.ssh_command
+        handshake = local[exe][(*self._common_options("none"), "-o", "ControlMaster=no",
+                                "-o", "PubkeyAuthentication=no", "-o", "GSSAPIAuthentication=no",
+                                "-o", "HostbasedAuthentication=no", "-N", "-p", str(self.hpc.port), *extra,
+                                self.destination)]
+        limit = timeout or self.hpc.connect_timeout_seconds + 10
+        try:
+            code, _out, err = handshake.run(retcode=None, timeout=limit, stdin=subprocess.DEVNULL, new_session=True)
+        except ProcessTimedOut:
+            raise Unreachable(f"{self.hpc.host}: no handshake within {limit:g}s") from None
+        refused = host_key_refusal(self.hpc.host, err)
+        if refused is not None:
+            raise refused
+        if code != 0 and not AUTH_REACHED.search(err):
+            raise Unreachable(f"{self.hpc.host}: handshake failed: {last_lines(err) or f'exit {code}'}")
 
     def close(self) -> None:
         """Stop the shared master connection (other workers start a new one when needed)."""
@@ -329,11 +422,14 @@ class Remote:
         ssh = self.ssh_command()[self.destination, "--", command]
         limit = timeout or self.hpc.command_timeout_seconds
         try:
-            code, out, err = ssh.run(retcode=None, timeout=limit, stdin=subprocess.DEVNULL)
+            code, out, err = ssh.run(retcode=None, timeout=limit, stdin=subprocess.DEVNULL, new_session=True)
         except ProcessTimedOut:
             raise Unreachable(f"{self.hpc.host}: no answer within {limit:g}s") from None
         if code == SSH_UNREACHABLE:
-            raise Unreachable(f"{self.hpc.host}: ssh failed: {err.strip()[-300:] or 'exit 255'}")
+            refused = host_key_refusal(self.hpc.host, err)
+            if refused is not None:
+                raise refused
+            raise Unreachable(f"{self.hpc.host}: ssh failed: {last_lines(err) or 'exit 255'}")
         if code != 0:
             raise RemoteError(list(argv) if argv is not None else [command], code, err, out)
         return out
@@ -412,11 +508,11 @@ class Remote:
 
     def _transfer(self, command, limit: float, what: str) -> None:
         try:
-            code, out, err = command.run(retcode=None, timeout=limit, stdin=subprocess.DEVNULL)
+            code, out, err = command.run(retcode=None, timeout=limit, stdin=subprocess.DEVNULL, new_session=True)
         except ProcessTimedOut:
             raise Unreachable(f"{what}: no progress within {limit:g}s") from None
         if code != 0:
-            raise transfer_failure(what, code, err, out)
+            raise transfer_failure(what, code, err, out, host=self.hpc.host)
 
     def _upload_scp(self, local_dir: Path, temp: str, limit: float) -> None:
         self.ensure_master()
@@ -439,11 +535,38 @@ class Remote:
         return True
 
     def _upload_tar(self, local_dir: Path, temp: str, limit: float) -> None:
+        """``tar -c | ssh tar -x``; our tar failing (the folder vanished or unreadable) is a LocalFailure."""
         self.ensure_master()
         remote = f"mkdir -p -- {shlex.quote(temp)} && tar -C {shlex.quote(temp)} -xf -"
-        pipeline = local["tar"]["-C", str(local_dir), "-cf", "-", "."] | \
-            self.ssh_command()[self.destination, "--", remote]
-        self._transfer(pipeline, limit, "tar upload")
+        ssh = self.ssh_command()[self.destination, "--", remote].formulate()
+        with tempfile.TemporaryFile() as tar_err:
+            tar = subprocess.Popen(["tar", "-C", str(local_dir), "-cf", "-", "."], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=tar_err, start_new_session=True)
+            with tar:
+                code, err = self._stream_into(ssh, tar, limit)
+            tar_err.seek(0)
+            if tar.returncode not in (0, -signal.SIGPIPE):  # SIGPIPE: ssh ended first and says why
+                detail = tar_err.read().decode("utf-8", "replace").strip()[-300:]
+                raise LocalFailure(f"tar upload: our local tar of {local_dir} failed (exit {tar.returncode}): {detail}")
+        if code != 0:
+            raise transfer_failure("tar upload", code, err, host=self.hpc.host)
+
+    @staticmethod
+    def _stream_into(argv: list[str], source: subprocess.Popen, limit: float) -> tuple[int, str]:
+        """Run ``argv`` reading ``source``'s output; (exit code, stderr). Unreachable after ``limit``."""
+        proc = subprocess.Popen(argv, stdin=source.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        source.stdout.close()  # ssh holds the pipe now: tar gets SIGPIPE if ssh dies
+        try:
+            _out, err = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            for child in (proc, source):
+                child.kill()
+            proc.communicate()
+            source.wait()
+            raise Unreachable(f"tar upload: no progress within {limit:g}s") from None
+        source.wait()
+        return proc.returncode, err.decode("utf-8", "replace")
 
     def _upload_rsync(self, local_dir: Path, temp: str, limit: float) -> None:
         self.ensure_master()
@@ -469,7 +592,7 @@ class Remote:
         self.ensure_master()
         command = " ".join(shlex.quote(w) for w in ("sh", "-c", RESULTS_SCRIPT, "sh", remote_dir, *patterns))
         ssh = self.ssh_command()[self.destination, "--", command]
-        proc = ssh.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = ssh.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, new_session=True)
         names = []
         timer = threading.Timer(timeout or self.hpc.command_timeout_seconds, proc.kill)
         timer.start()
@@ -482,6 +605,10 @@ class Remote:
             proc.kill()
             proc.communicate()
             raise
+        except OSError as exc:  # writing here failed (local disk full, folder gone): not the host's doing
+            proc.kill()
+            proc.communicate()
+            raise LocalFailure(f"download results into {local_dir}: {exc.strerror or exc}") from None
         except tarfile.TarError as exc:
             proc.wait()
             self._raise_for(proc, "download results", exc)
@@ -494,6 +621,6 @@ class Remote:
     def _raise_for(self, proc, what: str, problem: Exception | None) -> None:
         err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
         if proc.returncode != 0:
-            raise transfer_failure(what, proc.returncode, err)
+            raise transfer_failure(what, proc.returncode, err, host=self.hpc.host)
         if problem is not None:
             raise BadOutput(f"{what}: not a tar stream ({problem})")

@@ -362,6 +362,9 @@ def adopt_unnamed_host(conn: sqlite3.Connection, host: str, address: str) -> int
 # every urgent case that arrives later, it is claimed before them.
 URGENT_FIRST = ("CASE WHEN priority = 'urgent' OR submitted_at <= :aged THEN 0 ELSE 1 END,"
                 " submitted_at, case_id")
+# Only a case whose folder is in spool/queued may be claimed or pre-uploaded: a registered
+# case is still in the drop folder (stage ``incoming``) until the scanner has moved it.
+CLAIMABLE = "status = 'submitted' AND spool_stage = 'queued'"
 # A seat can be handed out when its host is neither drained nor last seen unreachable.
 # issue 21: nor is its GPU one that nvidia-smi shows lost or not answering, or busy with someone
 # else's process under ``gpus.avoid_foreign`` (``gpus.blocks_claims``, kept by shared.gpus). A seat
@@ -415,7 +418,7 @@ class Claim:
 def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_seconds: float,
                     seats: Iterable[tuple[str, str]] | None = None,
                     max_wait_seconds: float | None = None) -> Claim | None:
-    """Atomically take the next eligible ``submitted`` case and a free seat for it.
+    """Atomically take the next eligible ``submitted`` case (its folder in spool/queued) and a free seat for it.
 
     Next means urgent first, oldest first within a priority, a normal case waiting
     longer than ``max_wait_seconds`` counting as urgent (``URGENT_FIRST``). The seat
@@ -426,14 +429,14 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
     eligible case or no usable seat.
     """
     allowed = None if seats is None else set(seats)
-    if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted'") or \
+    if not _any(conn, f"SELECT 1 FROM cases WHERE {CLAIMABLE}") or \
             not _any(conn, f"SELECT 1 FROM gpu_resources WHERE status = 'available' AND {SEAT_USABLE}"):
         return None  # nothing to do: no write lock taken
     with transaction(conn):
         if not _free_seats(conn, allowed, None):
             return None
         row = conn.execute(
-            "SELECT * FROM cases WHERE status = 'submitted'"
+            f"SELECT * FROM cases WHERE {CLAIMABLE}"
             " AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             " AND (claimed_by IS NULL OR lease_until < :now)"
             f" ORDER BY {URGENT_FIRST} LIMIT 1", {"now": now, "aged": _aged(now, max_wait_seconds)}).fetchone()
@@ -487,7 +490,7 @@ def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:
 
 def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float, lease_seconds: float,
                       max_wait_seconds: float | None = None, skip: int = 0) -> Case | None:
-    """Take the next ``submitted``, not yet staged, unclaimed case for a pre-upload.
+    """Take the next ``submitted``, not yet staged, unclaimed case in spool/queued for a pre-upload.
 
     Same order as ``claim_next_case`` (urgent first), past the first ``skip`` cases of
     that queue: those are the ones the free seats take next (a pre-upload racing their
@@ -496,12 +499,12 @@ def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float, leas
     ``claimed_by``/``lease_until`` mark the work, so ``claim_next_case`` leaves it
     alone until the lease ends.
     """
-    if not _any(conn, "SELECT 1 FROM cases WHERE status = 'submitted' AND staged_at IS NULL"):
+    if not _any(conn, f"SELECT 1 FROM cases WHERE {CLAIMABLE} AND staged_at IS NULL"):
         return None
     with transaction(conn):
         row = conn.execute(
             "WITH queue AS (SELECT case_id, staged_at, ROW_NUMBER() OVER (ORDER BY"
-            f"  {URGENT_FIRST}) AS place FROM cases WHERE status = 'submitted'"
+            f"  {URGENT_FIRST}) AS place FROM cases WHERE {CLAIMABLE}"
             "   AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             "   AND (claimed_by IS NULL OR lease_until < :now))"
             " UPDATE cases SET claimed_by = :w, lease_until = :lease"
@@ -583,22 +586,40 @@ def beat(conn: sqlite3.Connection, name: str, *, now: float) -> None:
 
 
 def note_remote(conn: sqlite3.Connection, host: str, name: str, *, ok: bool, now: float,
-                error: str | None = None) -> None:
+                error: str | None = None, problem: str | None = None) -> None:
     """Record whether worker ``name``'s last call to ``host`` got through (Unreachable is not ok).
 
     ``host_reach`` keeps the newest word per host and since when it has been down; a
     host last seen unreachable gets no new claims (``SEAT_USABLE``) until a call gets through.
+    ``problem`` (``HOST_KEY``: ssh refused its key) stays until a call gets through, whatever
+    other failures are noted meanwhile; a new problem restarts ``down_since`` (it calls for its
+    own notice).
     """
     with transaction(conn):
         conn.execute(
-            "INSERT INTO host_reach (host, ok, checked_at, checked_by, error, down_since)"
-            " VALUES (:host, :ok, :now, :name, :error, CASE WHEN :ok THEN NULL ELSE :now END)"
+            "INSERT INTO host_reach (host, ok, checked_at, checked_by, error, down_since, problem)"
+            " VALUES (:host, :ok, :now, :name, :error, CASE WHEN :ok THEN NULL ELSE :now END, :problem)"
             " ON CONFLICT(host) DO UPDATE SET ok = excluded.ok, checked_at = excluded.checked_at,"
-            " checked_by = excluded.checked_by, error = excluded.error,"
-            " down_since = CASE WHEN excluded.ok THEN NULL ELSE COALESCE(host_reach.down_since, excluded.checked_at) END",
-            {"host": host, "ok": int(ok), "now": now, "name": name, "error": None if ok else (error or "")[:500]})
+            " checked_by = excluded.checked_by,"
+            " error = CASE WHEN excluded.problem IS NULL AND host_reach.problem IS NOT NULL AND NOT excluded.ok"
+            "   THEN host_reach.error ELSE excluded.error END,"
+            " down_since = CASE WHEN excluded.ok THEN NULL"
+            "   WHEN excluded.problem IS NOT NULL AND excluded.problem IS NOT host_reach.problem"
+            "   THEN excluded.checked_at"
+            "   ELSE COALESCE(host_reach.down_since, excluded.checked_at) END,"
+            " problem = CASE WHEN excluded.ok THEN NULL ELSE COALESCE(excluded.problem, host_reach.problem) END",
+            {"host": host, "ok": int(ok), "now": now, "name": name, "error": None if ok else (error or "")[:500],
+             "problem": None if ok else problem})
+
+
+HOST_KEY = "host_key"  # host_reach.problem: ssh refused the host's key (possible interception)
 
 
 def down_hosts(conn: sqlite3.Connection) -> dict[str, float]:
-    """Hosts last seen unreachable, with when that was last checked."""
+    """Hosts last seen unreachable (or whose key was refused), with when that was last checked."""
     return {row["host"]: row["checked_at"] for row in conn.execute("SELECT host, checked_at FROM host_reach WHERE ok = 0")}
+
+
+def host_key_refused(conn: sqlite3.Connection) -> set[str]:
+    """Hosts whose key ssh refused: nothing but a handshake goes there until a call gets through."""
+    return {row[0] for row in conn.execute("SELECT host FROM host_reach WHERE problem = ?", (HOST_KEY,))}

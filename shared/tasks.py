@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
 from shared.backends import Backend, model
-from shared.errors import (BadOutput, ClaimExpired, HpcTrouble, RemoteError,
+from shared.errors import (BadOutput, ClaimExpired, HostKeyMismatch, HpcTrouble, LocalFailure, RemoteError,
                            Unreachable)
 from shared.states import CaseStatus
 from shared.store import Case, update_case
@@ -279,12 +279,13 @@ def counts_as_attempt(error: BaseException) -> bool:
     """Only a failure of the case itself uses up an attempt.
 
     An HPC that could not be reached, a pueued that was down, output we could not
-    read, or a set-up problem of the HPC never does; a claim whose owner died does
+    read, a set-up problem of the HPC, a refused host key or trouble on our side never
+    does; a claim whose owner died does
     (a case that keeps killing its submitter must end).
     """
     if isinstance(error, ClaimExpired):
         return True
-    if isinstance(error, (Unreachable, BadOutput, HpcTrouble)):
+    if isinstance(error, (Unreachable, BadOutput, HpcTrouble, LocalFailure, HostKeyMismatch)):
         return False
     if isinstance(error, RemoteError):
         return not any(text in f"{error.stderr}\n{error.stdout}" for text in OUTAGE_TEXT)

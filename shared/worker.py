@@ -23,9 +23,9 @@ from shared.db import check_integrity, connect
 from shared.logs import for_case, setup_logging
 from shared.remote import Remote
 from shared.spool import Spool
-from shared.errors import Unreachable
-from shared.store import (adopt_unnamed_host, beat, down_hosts, flag_for_review, get_case, note_remote, seat_specs,
-                          sync_slots)
+from shared.errors import HostKeyMismatch, LocalFailure, Unreachable
+from shared.store import (HOST_KEY, adopt_unnamed_host, beat, down_hosts, flag_for_review, get_case, note_remote,
+                          seat_specs, sync_slots)
 
 
 HELPER_THREADS = "helper_threads"
@@ -124,9 +124,19 @@ def flag_repeated_error(ctx: "Context", case_id: int, operation: str, exc: Excep
 
 def note_reach(ctx: "Context", host: Host, error: Exception | None) -> None:
     """Record whether ``host`` answered (any answer, even an error, is reach): the monitor
-    shows it and the claim skips a host last seen unreachable."""
-    note_remote(ctx.conn, host.name, ctx.name, ok=not isinstance(error, Unreachable), now=ctx.clock(),
-                error=None if error is None else str(error))
+    shows it and the claim skips a host last seen unreachable.
+
+    Only an answer the host failed to give marks it down: a LocalFailure (our side) says
+    nothing about it, nor does a call that died while this worker is stopping (supervisord's
+    stop). A refused host key is recorded as its own problem (``HOST_KEY``), never an outage.
+    """
+    if isinstance(error, LocalFailure) or (isinstance(error, Unreachable) and ctx.stop.is_set()):
+        ctx.log.info("host %s: %s: %s (not the host's doing; nothing recorded)", host.name, type(error).__name__,
+                     error, extra={"operation": "reach", "error_type": type(error).__name__, "host": host.name})
+        return
+    problem = HOST_KEY if isinstance(error, HostKeyMismatch) else None
+    note_remote(ctx.conn, host.name, ctx.name, ok=not isinstance(error, (Unreachable, HostKeyMismatch)),
+                now=ctx.clock(), error=None if error is None else str(error), problem=problem)
 
 
 def reachable_hosts(ctx: "Context") -> list[Host]:

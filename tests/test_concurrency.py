@@ -84,6 +84,7 @@ def test_concurrent_claims_never_take_a_case_or_a_slot_twice(tmp_path):
     sync_slots(conn, [SeatSpec("hpc", f"g{i}", 0) for i in range(4)], now=0, worker="setup")
     for i in range(12):
         register_case(conn, case_name=f"c{i}", source_path=f"/nowhere/c{i}", now=i, worker="setup")
+    conn.execute("UPDATE cases SET spool_stage = 'queued'")  # as the scanner leaves them
     claims: list[tuple[int, str]] = []
     start = threading.Barrier(6)
 

@@ -350,7 +350,8 @@ def test_health_exit_codes(tmp_path, capsys):
     beat(conn, "poller", now=time.time())
     code, out, _ = cli(capsys, config, "health", "--json")
     assert code == 0 and json.loads(out) == {"healthy": True, "reasons": [], "drained": False, "notes": [], "hosts": [
-        {"host": "hpc", "backend": "pueue", "reachable": None, "down_since": None, "drained": False, "seats": 2,
+        {"host": "hpc", "backend": "pueue", "reachable": None, "down_since": None, "problem": None, "drained": False,
+         "seats": 2,
          "in_use": 2, "running": 1}]}
 
     strict = make_config(tmp_path, health={"unhealthy_after_seconds": 5})
@@ -462,7 +463,7 @@ def test_doctor_flags_an_open_key_and_a_missing_host_entry(tmp_path, sshd, capsy
     assert code == 1
     assert f"FAIL identity_file: {key} has mode 644" in out and f"fix: chmod 600 {key}" in out
     assert f"FAIL known_hosts: no entry for [127.0.0.1]:{sshd.endpoint.port}" in out and "ssh-keyscan" in out
-    assert "FAIL ssh:" in out and "FAIL pueue: skipped" in out
+    assert "FAIL ssh host key:" in out and "no key for it in known_hosts" in out and "FAIL pueue: skipped" in out
 
 
 @pytest.mark.system

@@ -399,7 +399,7 @@ ROWS = [
         "expected named groups 'done' and 'total'"),
     # The HPC side.
     Row("a missing key file", held_back_by(missing_key), "no-such-key not accessible: No such file or directory"),
-    Row("an unknown host key", unknown_host_key_is_refused, "Host key verification failed"),
+    Row("an unknown host key", unknown_host_key_is_refused, "host key changed: possible interception"),
     Row("a remote dir that is not writable", held_back_by(mounted_base("ro,size=1m"), expect_status=CaseStatus.FAILED),
         "Read-only file system"),
     Row("a full remote disk", held_back_by(mounted_base("size=1m")), "No space left on device"),

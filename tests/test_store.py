@@ -10,14 +10,18 @@ import pytest
 from shared.db import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version
 from shared.errors import ForbiddenTransition, UnknownStatus
 from shared.states import ALLOWED, SLOT_ALLOWED, CaseStatus, SlotStatus
-from shared.store import (SeatSpec, adopt_unnamed_host, case_events, claim_for_staging, claim_next_case, get_case, get_slot, mark_staged, note_remote,
+from shared.store import (SeatSpec, adopt_unnamed_host, case_events, claim_for_staging, claim_next_case, get_case, get_slot, mark_staged, note_remote, release_staging,
                           register_case, release_slot_of, sync_slots, transition, transition_slot, case_from_row)
 
 NOW = 1_700_000_000.0
 
 
-def new_case(conn, name="case", now=NOW):
-    return register_case(conn, case_name=name, source_path=f"/drop/{name}", now=now, worker="test")
+def new_case(conn, name="case", now=NOW, *, moved: bool = True):
+    """A registered case; ``moved``: its folder is in spool/queued, as the scanner leaves it."""
+    case = register_case(conn, case_name=name, source_path=f"/drop/{name}", now=now, worker="test")
+    if moved:
+        conn.execute("UPDATE cases SET spool_stage = 'queued' WHERE case_id = ?", (case.case_id,))
+    return get_case(conn, case.case_id)
 
 
 def force_status(conn, case_id, status):
@@ -289,3 +293,17 @@ def test_staging_leaves_the_head_of_the_queue_to_the_free_seats(conn):
     staged = claim_for_staging(conn, worker="stager", now=NOW + 10, lease_seconds=60, skip=1)
     assert staged.case_id == second.case_id
     assert claim_for_staging(conn, worker="stager", now=NOW + 10, lease_seconds=60).case_id == first.case_id
+
+
+def test_a_registered_case_not_yet_moved_into_the_spool_is_neither_claimed_nor_pre_uploaded(conn):
+    """Issue 16 (6a): the scanner registers a case, then moves its folder into spool/queued. In
+    between, a pre-upload would tar a folder that is not where the row says; the claim waits too."""
+    sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0, "0")], now=NOW, worker="t")
+    waiting = new_case(conn, "still-in-drop-folder", NOW, moved=False)
+    assert waiting.spool_stage == "incoming"
+    assert claim_for_staging(conn, worker="stager", now=NOW + 1, lease_seconds=60) is None
+    assert claim_next_case(conn, worker="sub", now=NOW + 1, lease_seconds=60) is None
+    conn.execute("UPDATE cases SET spool_stage = 'queued' WHERE case_id = ?", (waiting.case_id,))
+    assert claim_for_staging(conn, worker="stager", now=NOW + 2, lease_seconds=60).case_id == waiting.case_id
+    release_staging(conn, waiting.case_id, worker="stager")
+    assert claim_next_case(conn, worker="sub", now=NOW + 3, lease_seconds=60).case.case_id == waiting.case_id

@@ -31,7 +31,8 @@ from shared.recovery import recover_expired_claims
 from shared.retention import apply_retention
 from shared.spool import reconcile, sweep_staging
 from shared.states import SlotStatus
-from shared.store import Case, Slot, all_slots, case_from_row, down_hosts, flag_for_review, transition_slot
+from shared.store import (Case, Slot, all_slots, case_from_row, down_hosts, flag_for_review, host_key_refused,
+                          transition_slot)
 from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop, worker_main
 
 ORPHAN_CHECK_SECONDS = 30
@@ -40,13 +41,19 @@ LAST_ORPHAN_CHECK = "last_orphan_check"  # ctx.state: {host name: when its orpha
 
 
 def probe_down_hosts(ctx: Context, now: float) -> int:
-    """Ask each host last seen unreachable (and not asked for PROBE_DOWN_SECONDS) whether it answers."""
+    """Ask each host last seen unreachable (and not asked for PROBE_DOWN_SECONDS) whether it answers.
+
+    A host whose key ssh refused gets a handshake only, no command, until its key is accepted.
+    """
     answered = 0
+    key_refused = host_key_refused(ctx.conn)
     for name, checked_at in down_hosts(ctx.conn).items():
         host = ctx.host(name)
         if host is None or now - checked_at < PROBE_DOWN_SECONDS:
             continue
         try:
+            if name in key_refused:  # only a handshake until the key is accepted again
+                host.remote.check_host_key()
             host.remote.run(["true"], timeout=host.config.hpc.connect_timeout_seconds + 10)
         except RemoteFailure as exc:
             note_reach(ctx, host, exc)

@@ -24,7 +24,7 @@ from shared import tasks
 from shared.backends import model
 from shared.db import connect
 from shared.doorbell import listen, ring
-from shared.errors import MqicError, RemoteError, RemoteFailure, Unreachable
+from shared.errors import HostKeyMismatch, MqicError, RemoteError, RemoteFailure, Unreachable
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.maintenance import is_drained
@@ -98,7 +98,7 @@ def upload(ctx: Context, host: Host, case: Case, status: CaseStatus = CaseStatus
     with lease_keeper(ctx, case.case_id, status) as lost:
         try:
             result = host.remote.upload(Path(case.case_path), case.folder_name, case_id=case.case_id)
-        except Unreachable as exc:
+        except (Unreachable, HostKeyMismatch) as exc:
             note_reach(ctx, host, exc)  # no new claims for this host until it answers again
             raise
     if lost.is_set():
