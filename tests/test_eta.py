@@ -34,8 +34,10 @@ class Desk:
         sync_slots(self.conn, seat_specs(config), now=now - 86400, worker="test")
 
     def waiting(self, name: str, at: float, priority: str = "normal") -> int:
-        return register_case(self.conn, case_name=name, source_path=f"/drop/{name}", now=at, worker="scanner",
-                             priority=priority).case_id
+        case_id = register_case(self.conn, case_name=name, source_path=f"/drop/{name}", now=at, worker="scanner",
+                                priority=priority).case_id
+        self.conn.execute("UPDATE cases SET spool_stage = 'queued' WHERE case_id = ?", (case_id,))  # as the scanner
+        return case_id
 
     def running(self, name: str, claimed: float, *, started: float | None = None, seats=None,
                 progress: float = 0.0, reported: float | None = None) -> int:

@@ -35,8 +35,14 @@ def seats(conn):
     sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0, "0"), SeatSpec("hpc", "gpu_b", 0, "1")], now=NOW, worker="t")
 
 
+def queued_case(conn, name: str) -> None:
+    """A registered case whose folder is in spool/queued, as the scanner leaves it."""
+    case = register_case(conn, case_name=name, source_path=f"/drop/{name}", now=NOW, worker="t")
+    conn.execute("UPDATE cases SET spool_stage = 'queued' WHERE case_id = ?", (case.case_id,))
+
+
 def running_case(conn, name="c", started_at=NOW):
-    register_case(conn, case_name=name, source_path=f"/drop/{name}", now=NOW, worker="t")
+    queued_case(conn, name)
     claim = claim_next_case(conn, worker="w", now=NOW, lease_seconds=60)
     assert transition(conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=NOW, worker="w",
                       fields={"started_at": started_at, "running_since": NOW})
@@ -46,7 +52,7 @@ def running_case(conn, name="c", started_at=NOW):
 def claimable_groups(conn) -> list[str]:
     taken = []
     for i in range(3):
-        register_case(conn, case_name=f"new{i}", source_path=f"/drop/new{i}", now=NOW, worker="t")
+        queued_case(conn, f"new{i}")
     while (claim := claim_next_case(conn, worker="w", now=NOW + 1, lease_seconds=60)) is not None:
         taken.append(claim.group)
     return sorted(taken)

@@ -184,7 +184,7 @@ def test_api_health_cases_and_one_case_have_stable_fields(world, client):
     health = client.get("/api/health")
     assert health.status_code == 503                                    # the poller's heartbeat is stale
     assert set(health.json) == {"healthy", "reasons", "drained", "notes", "hosts"}
-    assert set(health.json["hosts"][0]) == {"host", "backend", "reachable", "down_since", "drained", "seats",
+    assert set(health.json["hosts"][0]) == {"host", "backend", "reachable", "down_since", "problem", "drained", "seats",
                                             "in_use", "running"}
     listing = client.get("/api/cases").json
     assert set(listing) == {"cases", "matching", "matching_capped", "next_cursor"}
