@@ -211,6 +211,18 @@ def test_a_down_and_a_drained_host_are_at_the_top(world):
     assert attention.index("unreachable") < attention.index("drained")
 
 
+def test_a_refused_host_key_is_shown_as_such_not_as_an_outage(world):
+    config, _ = world
+    conn = connect(config.database_path)
+    note_remote(conn, "hpc", "poller", ok=False, now=time.time() - 30, problem="host_key",
+                error="Host key verification failed.")
+    conn.close()
+    text = app_for(config).get("/").text
+    attention = text[text.index('id="attention"'):text.index('id="health"')]
+    assert 'data-kind="host_key"' in attention and "HOST KEY CHANGED on host hpc: possible interception" in attention
+    assert "unreachable" not in attention
+
+
 def test_api_health_answers_what_mqic_health_json_says(world, capsys):
     config, ids = world
     from shared.maintenance import drain

@@ -29,7 +29,6 @@ READ_BUSY_TIMEOUT_MS = 2000
 RECENT = 15
 FLAGS = 20
 HEALTH_CHECK_SECONDS = 60.0  # PRAGMA quick_check reads the whole file: at most once a minute
-HOST_KEY_WORDS = ("host key", "HOST IDENTIFICATION", "known_hosts")
 
 
 class Cache:
@@ -186,9 +185,13 @@ def attention(view: queries.Overview) -> list[Attention]:
         remote = host.remote
         if remote.reachable is False:
             since = remote.down_since if remote.down_since is not None else remote.checked_at
-            kind = "host_key" if any(w.lower() in (remote.error or "").lower() for w in HOST_KEY_WORDS) else "host_down"
-            items.append(Attention(kind, f"host {host.name} unreachable ({remote.error or 'no answer'})",
-                                   host=host.name, since=since))
+            if remote.key_refused:
+                items.append(Attention("host_key", f"HOST KEY CHANGED on host {host.name}: possible interception; "
+                                                   f"nothing is sent there (mqic doctor shows the key it presents)",
+                                       host=host.name, since=since))
+            else:
+                items.append(Attention("host_down", f"host {host.name} unreachable ({remote.error or 'no answer'})",
+                                       host=host.name, since=since))
     kept = view.upkeep
     if kept.delivery_failing:
         items.append(Attention("delivery", f"results delivery failing for {kept.delivery_failing} cases: "
