@@ -170,10 +170,12 @@ def test_the_dashboard_in_a_real_browser(web_system, browser, tmp_path):
     driver.find_element(By.NAME, "q").send_keys("_case")
     Select(driver.find_element(By.NAME, "status")).select_by_visible_text("failed")
     driver.find_element(By.ID, "search").click()
-    names = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#case-list .case-link")]
-    assert names == [f"{failed} failing_case"]
+    # the click returns before the results page is there: wait for it, then read the list in one script
+    wait_until(lambda: "status=failed" in driver.current_url and driver.execute_script(
+        "return document.readyState;") == "complete", timeout=15, message="the search results page")
+    assert live_text(driver, "#case-list .case-link") == [f"{failed} failing_case"]
     driver.get(base + "/cases?status=completed")
-    names = " ".join(r.text for r in driver.find_elements(By.CSS_SELECTOR, "#case-list .case-link"))
+    names = " ".join(live_text(driver, "#case-list .case-link"))
     assert "live_case" in names and HOSTILE in names and "failing_case" not in names
 
     # An action without the token is refused; with it, it works and shows in the events.
