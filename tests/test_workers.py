@@ -216,6 +216,18 @@ def test_remote_error_during_upload_is_a_permanent_failure(hpc):
     assert "mkdir" in case.error_message and case.outcome == "submit_error"
 
 
+def test_an_upload_failure_is_recorded_when_it_happened_not_when_the_pass_began(hpc):
+    """Bug (issue 16, 8): the failure was stamped with the pass's start, before an upload that can take minutes."""
+    ctx = ctx_for(hpc(hpc={"remote_base_dir": "/proc/mqic-not-writable"}))
+    case = registered(ctx, "unwritable")
+    submitter.host_ready(ctx, ctx.hosts["hpc"])
+    before = time.time()
+    submitter.tick(ctx, before - 500)  # a pass that began long before the upload failed
+    failed_at = ctx.conn.execute("SELECT at FROM case_events WHERE case_id = ? AND to_status = 'failed'",
+                                 (case.case_id,)).fetchone()[0]
+    assert failed_at >= before
+
+
 def claim_and_die(ctx, name, *, add_task: bool, hpc_obj=None):
     """Leave a case as a crashed submitter would: submitting, lease expired, maybe task added."""
     from shared.backends import pueue

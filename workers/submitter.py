@@ -219,8 +219,8 @@ def process_claim(ctx: Context, host: Host, claim: Claim, now: float) -> None:
     except LeaseLost as exc:
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "upload", exc))
         return
-    except RemoteFailure as exc:
-        status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
+    except RemoteFailure as exc:  # recorded when it happened: an upload can take minutes
+        status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=ctx.clock(),
                                worker=ctx.name, operation="upload", guard=guard)
         ctx.log.warning("case %d: upload failed (%s); case is now %s", case.case_id, exc,
                         status and status.value, extra=for_case(case.case_id, "upload", exc))
