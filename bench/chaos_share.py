@@ -24,6 +24,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from sandbox.procs import processes_with
+
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
 
 
@@ -36,17 +38,6 @@ def sshfs_missing() -> str | None:
     if not SFTP_SERVER.exists():
         return f"{SFTP_SERVER} is missing (openssh-sftp-server)"
     return None
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if token.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 class SshfsShare:

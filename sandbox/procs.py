@@ -24,6 +24,11 @@ def cmdline(pid: int) -> str:
     return read_proc(pid, "cmdline").decode(errors="replace").replace("\0", " ").strip()
 
 
+def processes_with(token: str) -> list[int]:
+    """The processes whose command line contains ``token`` (e.g. a test's unique folder)."""
+    return [pid for pid in all_pids() if token.encode() in read_proc(pid, "cmdline")]
+
+
 def environ(pid: int) -> list[str]:
     return read_proc(pid, "environ").decode(errors="replace").split("\0")
 

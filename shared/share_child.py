@@ -21,6 +21,8 @@ import signal
 import sys
 from pathlib import Path
 
+from shared.processes import pid_alive
+
 PARTIAL_PREFIX = ".mqic-partial-"
 REPLACED_PREFIX = ".mqic-replaced-"
 CHUNK = 1 << 20
@@ -66,16 +68,6 @@ def check_share(request: dict) -> Path:
                          f"results.share_marker or results.expect_mount: false)")
     alive()
     return folder
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale(folder: Path, case_id: int | None = None) -> list[str]:

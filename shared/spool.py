@@ -26,6 +26,7 @@ from typing import Iterator
 from filelock import FileLock
 
 from shared.db import STAGE_MISMATCH, transaction
+from shared.processes import pid_alive
 from shared.states import CaseStatus
 from shared.store import Case, case_from_row, flag_for_review, get_case
 
@@ -94,20 +95,12 @@ def sweep_staging(spool: Spool) -> int:
     removed = 0
     for entry in (spool.root / STAGING).iterdir():
         owner = STAGING_OWNER.search(entry.name)
-        if owner and not _alive(int(owner[1])):
+        if owner and not pid_alive(int(owner[1])):
             shutil.rmtree(entry, ignore_errors=True)
             removed += 1
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def merge_into(source: Path, dest: Path) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sandbox.procs import processes_with
 from shared.config import NOTIFY_EVENTS
 from shared.db import connect, transaction
 from shared.delivery import PARTIAL_PREFIX, deliver_pending, sha256_of
@@ -463,17 +464,6 @@ def test_a_hanging_notifier_never_holds_up_a_tick_and_is_killed_then_given_up(tm
     settle(ctx, now + 8, lambda: ctx.conn.execute("SELECT COUNT(*) FROM notices WHERE gave_up_at IS NOT NULL"
                                                   ).fetchone()[0] == 2)
     assert counters(ctx.conn)["notices_failed"] == 4 and processes_with(token) == []
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if token.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.system

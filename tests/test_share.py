@@ -25,7 +25,8 @@ from shared.share import ShareNotAnswering, share_state
 from shared.share_child import PARTIAL_PREFIX
 from shared.store import get_case
 from tests.conftest import cli, make_config, wait_until
-from tests.test_clinic import PAST, RESULTS, T0, completed, context, processes_with, remote_folder
+from sandbox.procs import processes_with
+from tests.test_clinic import PAST, RESULTS, T0, completed, context, remote_folder
 
 TOKEN = f"mqic-hanging-share-{os.getpid()}"
 HANG = [sys.executable, "-c", "import sys, time; sys.stdin.read(); time.sleep(120)", TOKEN]
