@@ -15,11 +15,9 @@ wants() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
 
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
-command -v sshfs >/dev/null || missing+=(sshfs)  # a real FUSE share for the results-share tests
 command -v ssh >/dev/null || missing+=(openssh-client)
 command -v rsync >/dev/null || missing+=(rsync)
 command -v tar >/dev/null || missing+=(tar)
-command -v systemd-analyze >/dev/null || missing+=(systemd)  # `mqic service` units are checked with it
 if wants debian; then
   [ -x "$DEBIAN_PYTHON" ] || missing+=(python3)
   # Debian keeps ensurepip (which `python3 -m venv` needs) in python3-venv.
@@ -55,18 +53,21 @@ if [ ${#slurm_missing[@]} -gt 0 ]; then
   fi
 fi
 
-# Headless Chromium and its driver for the dashboard's browser test (tests/test_e2e_web.py,
-# which skips without them). Only as root: a non-root setup goes on without them.
-browser_missing=()
-[ -x /usr/bin/chromium ] || browser_missing+=(chromium)
-[ -x /usr/bin/chromedriver ] || browser_missing+=(chromium-driver)
-if [ ${#browser_missing[@]} -gt 0 ]; then
+# What only the tests need: headless Chromium and its driver (tests/test_e2e_web.py), sshfs for a
+# real FUSE share that can hang (tests/test_e2e_share.py), systemd-analyze to check the units of
+# `mqic service`. Only as root: a non-root setup goes on without them (those tests then skip).
+test_missing=()
+[ -x /usr/bin/chromium ] || test_missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || test_missing+=(chromium-driver)
+command -v sshfs >/dev/null || test_missing+=(sshfs)
+command -v systemd-analyze >/dev/null || test_missing+=(systemd)
+if [ ${#test_missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${browser_missing[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${test_missing[@]}" >/dev/null
   else
-    echo "setup: the browser test will be skipped; as root, install: ${browser_missing[*]}" >&2
+    echo "setup: some tests will be skipped; as root, install: ${test_missing[*]}" >&2
   fi
 fi
 
