@@ -179,16 +179,17 @@ def test_squeue_reads_queued_running_and_held_jobs():
     by_id = {job.job_id: job for job in jobs}
     assert by_id[3] == sp.QueuedJob(3, "mqic_case_8", "PENDING", "Resources", started=None, elapsed_seconds=0)
     assert by_id[3].verdict == sp.JobVerdict(TaskState.WAITING, detail="Resources")
-    assert by_id[6].verdict.stuck and by_id[6].verdict.detail == "JobHeldUser"
+    assert by_id[6].verdict.detail == "JobHeldUser"
     assert by_id[1].started == datetime(2026, 12, 1, 4, 54, 47) and by_id[1].elapsed_seconds == 3
     assert by_id[1].verdict == sp.JobVerdict(TaskState.RUNNING)
     assert (by_id[1].case_id, by_id[6].case_id) == (7, None)
 
 
-def test_squeue_of_jobs_that_exceed_a_partition_limit_says_stuck():
+def test_squeue_of_jobs_that_exceed_a_partition_limit_says_why_they_wait():
     jobs = sp.parse_squeue(captured("07", "squeue --noheader --format '%i|%j|%T|%r'").stdout, "%i|%j|%T|%r")
-    assert [(job.reason, job.verdict.state, job.verdict.stuck) for job in jobs] == [
-        ("PartitionConfig", TaskState.WAITING, True), ("PartitionTimeLimit", TaskState.WAITING, True)]
+    assert [(job.reason, job.verdict.state, job.verdict.detail) for job in jobs] == [
+        ("PartitionConfig", TaskState.WAITING, "PartitionConfig"),
+        ("PartitionTimeLimit", TaskState.WAITING, "PartitionTimeLimit")]
 
 
 def test_squeue_with_all_states_shows_just_finished_jobs():
@@ -385,7 +386,7 @@ def test_slurm_error_classifies_a_remote_error():
 
 @pytest.mark.parametrize("state, exit_code, reason, expected", [
     ("PENDING", None, "Resources", sp.JobVerdict(TaskState.WAITING, detail="Resources")),
-    ("PENDING", None, "PartitionTimeLimit", sp.JobVerdict(TaskState.WAITING, stuck=True, detail="PartitionTimeLimit")),
+    ("PENDING", None, "PartitionTimeLimit", sp.JobVerdict(TaskState.WAITING, detail="PartitionTimeLimit")),
     ("REQUEUED", None, "", sp.JobVerdict(TaskState.WAITING)),
     ("REQUEUE_HOLD", None, "", sp.JobVerdict(TaskState.WAITING)),
     ("REQUEUE_FED", None, "", sp.JobVerdict(TaskState.WAITING)),
@@ -589,18 +590,9 @@ def test_other_argv_builders():
     assert sp.sacct_argv(names=["mqic_case_1"])[-2:] == ["--name=mqic_case_1", "--starttime=now-7days"]
     assert sp.scancel_argv([5]) == ["scancel", "5"]
     assert sp.scancel_argv([5, 6], signal="TERM") == ["scancel", "--signal=TERM", "--full", "5", "6"]
-    assert sp.scancel_by_name_argv("mqic_case_5") == ["scancel", "--me", "--name=mqic_case_5"]
     assert sp.scontrol_job_argv(5) == ["scontrol", "--oneliner", "show", "job", "5"]
     assert sp.sinfo_argv() == ["sinfo", "--noheader", f"--format={sp.SINFO_FORMAT}"]
     assert sp.ping_argv() == ["scontrol", "ping"] and sp.version_argv() == ["sbatch", "--version"]
-
-
-@pytest.mark.system
-@pytest.mark.parametrize("code, arrives", [(0, 0), (3, 3), (254, 254), (255, sp.EXIT_255_REMAPPED)])
-def test_shielded_argv_keeps_exit_255_apart_from_ssh(code, arrives):
-    argv = sp.shielded_argv(["sh", "-c", f"cat; exit {code}", "it's"])
-    result = subprocess.run(argv, input="script", capture_output=True, text=True, timeout=10)
-    assert (result.returncode, result.stdout) == (arrives, "script")
 
 
 @pytest.mark.parametrize("build", [
@@ -611,7 +603,6 @@ def test_shielded_argv_keeps_exit_255_apart_from_ssh(code, arrives):
     lambda: sp.squeue_argv(["-x"]),
     lambda: sp.scancel_argv([]),
     lambda: sp.scancel_argv([1], signal="TERM; rm"),
-    lambda: sp.scancel_by_name_argv(""),
 ])
 def test_argv_builders_refuse_bad_input(build):
     with pytest.raises(ValueError):

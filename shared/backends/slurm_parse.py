@@ -94,15 +94,13 @@ class JobVerdict:
     """A Slurm job state mapped onto ours by ``map_job_state``.
 
     ``ended``: Slurm is done with the job (also for UNKNOWN after a node failure, where
-    the exit-status record has to tell). ``stuck``: waiting, but for something that will
-    not happen by itself (a hold, a limit the job exceeds). ``detail`` says why in words.
+    the exit-status record has to tell). ``detail`` says why in words.
     """
 
     state: TaskState
     exit_code: int | None = None
     signal: int | None = None
     ended: bool = False
-    stuck: bool = False
     detail: str = ""
 
 
@@ -122,12 +120,6 @@ _ENDED_UNKNOWN = {
     "NODE_FAIL": "node failed; the job's processes may have run on: read the exit-status record",
     "REVOKED": "revoked by a federation sibling",
 }
-# Pending reasons that do not clear by themselves (EnforcePartLimits=NO accepts such jobs).
-STUCK_REASONS = frozenset({
-    "PartitionTimeLimit", "PartitionConfig", "PartitionNodeLimit", "BadConstraints",
-    "InvalidAccount", "InvalidQOS", "DependencyNeverSatisfied", "JobHeldUser", "JobHeldAdmin",
-    "QOSMaxWallDurationPerJobLimit", "AssocMaxWallDurationPerJobLimit",
-})
 _MAX_REAL_SIGNAL = 31  # above: Slurm's own codes, e.g. 0:53 when the output file cannot be opened
 
 
@@ -141,8 +133,7 @@ def map_job_state(state: str, exit_code: ExitCode | None = None, reason: str = "
     """
     base = _base_state(state)
     if base in _WAITING_STATES:
-        return JobVerdict(TaskState.WAITING, stuck=reason in STUCK_REASONS,
-                          detail="" if reason == "None" else reason)
+        return JobVerdict(TaskState.WAITING, detail="" if reason == "None" else reason)
     if base in _RUNNING_STATES:
         return JobVerdict(TaskState.RUNNING, detail=base.lower() if base != "RUNNING" else "")
     if base == "COMPLETED":
@@ -524,11 +515,6 @@ def scancel_argv(job_ids: Sequence[int], *, signal: str | None = None, bin_dir: 
     return [*_scancel_head(signal, bin_dir), *_id_list(job_ids).split(",")]
 
 
-def scancel_by_name_argv(name: str, *, signal: str | None = None, bin_dir: str = "") -> list[str]:
-    """``scancel --me --name=N [--signal=SIG --full]``: every job of ours with that exact name."""
-    return [*_scancel_head(signal, bin_dir), "--me", f"--name={checked_word('job name', name)}"]
-
-
 def _scancel_head(signal: str | None, bin_dir: str) -> list[str]:
     head = [command_path(bin_dir, "scancel")]
     if signal is not None:
@@ -556,19 +542,6 @@ def ping_argv(*, bin_dir: str = "") -> list[str]:
 def version_argv(*, bin_dir: str = "") -> list[str]:
     return [command_path(bin_dir, "sbatch"), "--version"]
 
-
-EXIT_255_REMAPPED = 254
-_REMAP_255 = '"$@"; status=$?; [ "$status" -ne 255 ] || status=254; exit "$status"'
-
-
-def shielded_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` run by ``sh`` so that the command's own exit 255 arrives as 254.
-
-    ssh exits 255 for its own failures, and the remote layer takes 255 for "unreachable";
-    sbatch also exits 255, for a bad ``--time`` or an unknown option, which is a config
-    error and must not look like an outage. Standard input passes through (the script).
-    """
-    return ["sh", "-c", _REMAP_255, "sh", *argv]
 
 
 # ---------------------------------------------------------------------------
