@@ -20,9 +20,8 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus
 from shared.store import Case, expired_leases, flag_for_review
-from shared.worker import Context, Host, note_reach, on_reachable_hosts, per_item, worth_logging
+from shared.worker import REPEAT_LOG_SECONDS, Context, Host, note_reach, on_reachable_hosts, per_item, worth_logging
 
-REPEAT_LOG_SECONDS = 300
 
 log = logging.getLogger("mqic.recovery")
 

@@ -32,11 +32,10 @@ from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus
 from shared.store import (Case, Claim, claim_for_staging, claim_next_case, free_slots, mark_staged,
                           release_staging, renew_lease, staged_waiting, update_case)
-from shared.worker import (Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop, worker_main,
-                           worth_logging)
+from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop,
+                           worker_main, worth_logging)
 
 HOSTS_READY = "hosts_ready"  # ctx.state: names of the hosts whose slots were made sure of
-REPEAT_LOG_SECONDS = 300
 STAGER_WAKE = "stager_wake"
 UNKNOWN_GROUP = "doesn't exists"  # sic: pueue's own wording
 # The pueue client sent the request but got no answer: the daemon may have stored the task.
