@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from sandbox.casegen import make_case
+from sandbox.sshd import free_port
 from shared.db import connect
 from shared.delivery import sha256_of
 from tests.conftest import wait_until
 from tests.test_clinic import processes_with
-from tests.test_e2e import REPO, Supervisor, free_port
+from tests.test_e2e import REPO, Supervisor
 from tests.test_exporter import scrape
 
 pytestmark = pytest.mark.system  # every test here starts real processes
