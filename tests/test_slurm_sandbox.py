@@ -51,14 +51,6 @@ def cluster(tmp_path_factory):
     sandbox.stop()
 
 
-@pytest.fixture(scope="module")
-def accounted(tmp_path_factory):
-    skip_unless_slurm_can_run(accounting=True)
-    sandbox = started(SandboxSlurm(tmp_path_factory.mktemp("slurm-acct"), accounting=True, kill_wait=5))
-    yield sandbox
-    sandbox.stop()
-
-
 @pytest.fixture
 def own_cluster(tmp_path):
     """A cluster for one test that stops daemons or the whole cluster."""
@@ -98,12 +90,6 @@ def wait_for_state(cluster: SandboxSlurm, job_id: int, *states: TaskState, timeo
     return wait_until(reached, timeout=timeout, interval=0.2, message=f"job {job_id} in {states}")
 
 
-def control_job(cluster: SandboxSlurm, job_id: int) -> sp.ControlJob:
-    result = cluster.run(sp.scontrol_job_argv(job_id))
-    assert result.returncode == 0, result.stderr
-    return sp.parse_scontrol_jobs(result.stdout)[0]
-
-
 def failure(cluster: SandboxSlurm, argv: list[str]) -> sp.SlurmError:
     result = cluster.run(argv)
     assert result.returncode != 0, result.stdout
@@ -111,7 +97,7 @@ def failure(cluster: SandboxSlurm, argv: list[str]) -> sp.SlurmError:
 
 
 def record(case_dir: Path) -> int:
-    return sp.parse_exit_status_record((case_dir / sp.EXIT_STATUS_RECORD).read_text())
+    return int((case_dir / sp.EXIT_STATUS_RECORD).read_text())
 
 
 def processes_with_conf(cluster: SandboxSlurm) -> list[int]:
@@ -140,7 +126,6 @@ def test_the_sandbox_starts_in_seconds_and_start_is_idempotent(cluster):
     assert cluster.ports == ports and cluster.startup_seconds < 1
     partitions = sp.parse_partitions(cluster.run(sp.sinfo_argv()).stdout)
     assert sorted(partitions) == ["debug", "gpu"] and partitions["debug"].default
-    assert sp.parse_ping(cluster.run(sp.ping_argv()).stdout) is True
     assert sp.parse_version(cluster.run(sp.version_argv()).stdout).startswith("22.05")
 
 
@@ -150,8 +135,7 @@ def test_a_case_job_runs_and_records_its_exit_status(cluster):
     assert list(mine) == [job_id] and mine[job_id].case_id == 101 and mine[job_id].partition == "gpu"
     finished = wait_for_state(cluster, job_id, TaskState.FAILED)
     assert finished.verdict.ended and finished.started is not None
-    assert control_job(cluster, job_id).verdict == sp.JobVerdict(
-        TaskState.FAILED, exit_code=3, ended=True, detail="NonZeroExitCode")
+    assert finished.verdict == sp.JobVerdict(TaskState.FAILED, ended=True, detail="NonZeroExitCode")
     assert record(case_dir) == 3
     output = Path(sp.output_path(str(case_dir), job_id)).read_text()
     assert output.strip() in ("gpu=0 case=101", "gpu=1 case=101")
@@ -176,7 +160,6 @@ def test_scancel_term_reaches_the_command_and_leaves_a_record(cluster):
     assert result.returncode == 0, result.stderr
     # The script records the command's 143 and exits with it: FAILED, not CANCELLED.
     wait_for_state(cluster, job_id, TaskState.FAILED, timeout=cluster.settings.kill_wait + 10)
-    assert control_job(cluster, job_id).verdict.exit_code == 143
     assert record(case_dir) == 143
 
 
@@ -193,11 +176,6 @@ def test_plain_scancel_kills_the_job_and_the_record_still_appears(cluster):
 def test_a_cancel_of_an_unknown_job_succeeds_silently_and_a_signal_says_invalid(cluster):
     assert cluster.run(sp.scancel_argv([99999])).returncode == 0
     assert failure(cluster, sp.scancel_argv([99999], signal="TERM")).kind is Kind.INVALID_JOB_ID
-
-
-def test_without_accounting_sacct_says_so(cluster):
-    error = failure(cluster, sp.sacct_argv([1]))
-    assert error.kind is Kind.ACCOUNTING_DISABLED and not error.kind.transient
 
 
 def test_a_wrong_partition_is_refused_at_submit(cluster):
@@ -230,34 +208,6 @@ def test_a_third_gpu_job_waits_for_a_free_gpu(cluster):
     cluster.run(sp.scancel_argv([second]))
 
 
-# --- with accounting -------------------------------------------------------------------------------
-
-def test_with_accounting_sacct_shows_the_finished_job(accounted):
-    print(f"slurm sandbox start-up with accounting: {accounted.startup_seconds:.2f} s")
-    job_id, case_dir = submit(accounted, 201, "exit 3")
-    cancelled, _ = submit(accounted, 202, "sleep 300")
-    wait_for_state(accounted, job_id, TaskState.FAILED)
-    wait_for_state(accounted, cancelled, TaskState.RUNNING, TaskState.WAITING)
-    accounted.run(sp.scancel_argv([cancelled]))
-
-    def accounted_jobs():
-        # Records lag: right after the end the name may still read "allocation".
-        result = accounted.run(sp.sacct_argv([job_id, cancelled]))
-        assert result.returncode == 0, result.stderr
-        jobs = {job.job_id: job for job in sp.parse_sacct(result.stdout)}
-        done = all(job_ in jobs and jobs[job_].verdict.ended and jobs[job_].case_id is not None
-                   for job_ in (job_id, cancelled))
-        return jobs if done else None
-
-    jobs = wait_until(accounted_jobs, timeout=40, interval=0.3, message="sacct records")
-    assert jobs[job_id].verdict == sp.JobVerdict(TaskState.FAILED, exit_code=3, ended=True)
-    assert (jobs[job_id].case_id, jobs[cancelled].case_id) == (201, 202)
-    assert jobs[cancelled].verdict.state is TaskState.KILLED
-    assert jobs[cancelled].verdict.detail == "cancelled by uid 0"
-    assert record(case_dir) == 3
-    assert accounted.run(sp.sacct_argv([99999])).stdout == ""
-
-
 # --- outages, neighbours, stopping, ssh ---------------------------------------------------------
 
 def test_a_controller_outage_is_could_not_tell_and_heals(own_cluster):
@@ -268,7 +218,6 @@ def test_a_controller_outage_is_could_not_tell_and_heals(own_cluster):
     assert not cluster.is_running()
     error = failure(cluster, sp.squeue_argv())
     assert error.kind is Kind.CONTROLLER_DOWN and error.kind.transient
-    assert failure(cluster, sp.ping_argv()).kind is Kind.CONTROLLER_DOWN
     cluster.start()
     assert cluster.is_running()
     wait_for_state(cluster, job_id, TaskState.SUCCESS, timeout=60)  # the job ran on meanwhile

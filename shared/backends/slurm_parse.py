@@ -12,7 +12,6 @@ what a command printed and returns frozen dataclasses, or raises ``BadOutput``.
   (``--states=all``: without it squeue hides jobs that have just finished).
   ``MarkedFormat``/``parse_marked_squeue``: the same, its fields set off by a marker drawn
   fresh for each call, so that no work dir (it holds the case's folder name) can shift a field.
-- ``sacct_argv``/``parse_sacct``: finished jobs where accounting exists.
 - ``scancel_argv``: ``--signal=TERM --full`` (without ``--full`` the batch script, which has no
   ``srun`` steps, is not signalled at all) and plain ``scancel``.
 - ``map_job_state``: the ONE place where a Slurm job state becomes ours.
@@ -25,7 +24,7 @@ import math
 import re
 import secrets
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Mapping, Sequence
@@ -46,7 +45,6 @@ _REDIRECT_OUTPUT = ('[ -z "${SLURM_JOB_ID:-}" ] || exec >>"' + OUTPUT_FILE_PATTE
 # The reason goes last: it is the one field Slurm may fill with free text (an admin's
 # state description), so a line is split into at most as many parts as there are fields.
 SQUEUE_FORMAT = "%i|%j|%T|%P|%V|%S|%M|%r"
-SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "Submit", "Start", "End", "Elapsed")
 SINFO_FORMAT = "%P|%a|%l|%D|%T|%N"
 
 _EXCERPT_CHARS = 200
@@ -58,8 +56,6 @@ _NO_TIME = frozenset({"N/A", "Unknown", "None", "NONE", ""})
 _SBATCH_PARSABLE = re.compile(r"(?P<id>\d+)(?:;\S+)?")
 _SBATCH_VERBOSE = re.compile(r"Submitted batch job (?P<id>\d+)")
 _VERSION = re.compile(r"\bslurm(?:-wlm)?\s+(?P<version>\d+\.\d+\.\d+\S*)")
-_PING = re.compile(r"Slurmctld\(\w+\) at \S+ is (?P<state>UP|DOWN)")
-_SCONTROL_KEY = re.compile(r"(?:^| )(?P<key>[A-Za-z][\w:/]*)=")
 _CANCELLED_BY = re.compile(r"CANCELLED by (?P<uid>\d+)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -82,14 +78,6 @@ class TaskState(str, Enum):
 
 
 @dataclass(frozen=True)
-class ExitCode:
-    """Slurm's ``E:S``: the script's exit status and the signal that ended it (0 if none)."""
-
-    status: int
-    signal: int
-
-
-@dataclass(frozen=True)
 class JobVerdict:
     """A Slurm job state mapped onto ours by ``map_job_state``.
 
@@ -98,8 +86,6 @@ class JobVerdict:
     """
 
     state: TaskState
-    exit_code: int | None = None
-    signal: int | None = None
     ended: bool = False
     detail: str = ""
 
@@ -120,16 +106,14 @@ _ENDED_UNKNOWN = {
     "NODE_FAIL": "node failed; the job's processes may have run on: read the exit-status record",
     "REVOKED": "revoked by a federation sibling",
 }
-_MAX_REAL_SIGNAL = 31  # above: Slurm's own codes, e.g. 0:53 when the output file cannot be opened
 
 
-def map_job_state(state: str, exit_code: ExitCode | None = None, reason: str = "") -> JobVerdict:
-    """Map a Slurm job state (squeue ``%T``, sacct ``State``, scontrol ``JobState``) onto ours.
+def map_job_state(state: str, reason: str = "") -> JobVerdict:
+    """Map a Slurm job state (squeue ``%T``) and its reason onto ours.
 
-    ``exit_code`` (sacct/scontrol ``E:S``) refines FAILED: a real signal (1-31) makes it
-    KILLED, a status makes it FAILED with that code, neither leaves the code None.
-    CANCELLED is KILLED; the caller knows whether it asked for it. A state we do not know
-    is UNKNOWN, never a failure. Never raises.
+    squeue prints no exit code: how a job that ended by itself went is for the exit-status
+    record to tell. CANCELLED is KILLED; the caller knows whether it asked for it. A state
+    we do not know is UNKNOWN, never a failure. Never raises.
     """
     base = _base_state(state)
     if base in _WAITING_STATES:
@@ -137,18 +121,15 @@ def map_job_state(state: str, exit_code: ExitCode | None = None, reason: str = "
     if base in _RUNNING_STATES:
         return JobVerdict(TaskState.RUNNING, detail=base.lower() if base != "RUNNING" else "")
     if base == "COMPLETED":
-        return JobVerdict(TaskState.SUCCESS, exit_code=0, ended=True)
+        return JobVerdict(TaskState.SUCCESS, ended=True)
     if base == "FAILED":
-        return _failed(exit_code, reason)
+        return JobVerdict(TaskState.FAILED, ended=True, detail=reason)
     if base == "OUT_OF_MEMORY":  # the case asked for too little memory: its own failure
-        return JobVerdict(TaskState.FAILED, exit_code=_nonzero_status(exit_code), ended=True,
-                          detail="out of memory")
+        return JobVerdict(TaskState.FAILED, ended=True, detail="out of memory")
     if base == "CANCELLED":
-        return JobVerdict(TaskState.KILLED, signal=_real_signal(exit_code), ended=True,
-                          detail=_cancelled_detail(state))
+        return JobVerdict(TaskState.KILLED, ended=True, detail=_cancelled_detail(state))
     if base in _KILLED_BY_CLUSTER:
-        return JobVerdict(TaskState.KILLED, signal=_real_signal(exit_code), ended=True,
-                          detail=_KILLED_BY_CLUSTER[base])
+        return JobVerdict(TaskState.KILLED, ended=True, detail=_KILLED_BY_CLUSTER[base])
     if base in _TIME_LIMITS:
         return JobVerdict(TaskState.TIMED_OUT, ended=True, detail=_TIME_LIMITS[base])
     if base in _ENDED_UNKNOWN:
@@ -160,27 +141,6 @@ def _base_state(state: str) -> str:
     """The state word alone: sacct writes "CANCELLED by 0" (and a '+' when it cuts a column)."""
     words = (state or "").strip().split()
     return words[0].rstrip("+") if words else ""
-
-
-def _failed(exit_code: ExitCode | None, reason: str) -> JobVerdict:
-    signal = _real_signal(exit_code)
-    if signal is not None:  # Slurm says Reason=JobLaunchFailure here, which misleads
-        return JobVerdict(TaskState.KILLED, signal=signal, ended=True,
-                          detail=f"killed by signal {signal}")
-    status = _nonzero_status(exit_code)
-    if status is None and exit_code is not None and exit_code.signal:
-        reason = f"{reason} (Slurm code 0:{exit_code.signal})".strip()
-    return JobVerdict(TaskState.FAILED, exit_code=status, ended=True, detail=reason)
-
-
-def _nonzero_status(exit_code: ExitCode | None) -> int | None:
-    return exit_code.status if exit_code is not None and exit_code.status != 0 else None
-
-
-def _real_signal(exit_code: ExitCode | None) -> int | None:
-    if exit_code is None or not 0 < exit_code.signal <= _MAX_REAL_SIGNAL:
-        return None
-    return exit_code.signal
 
 
 def _cancelled_detail(state: str) -> str:
@@ -224,56 +184,8 @@ class QueuedJob:
 
     @property
     def verdict(self) -> JobVerdict:
-        """Mapped state; squeue prints no exit code, so a FAILED job's code is None here."""
-        return map_job_state(self.state, None, self.reason)
-
-
-@dataclass(frozen=True)
-class AccountedJob:
-    """One allocation line of ``sacct`` (step lines such as ``5.batch`` are left out)."""
-
-    job_id: int
-    name: str
-    state: str
-    exit_code: ExitCode | None = None
-    submitted: datetime | None = None
-    started: datetime | None = None
-    ended_at: datetime | None = None
-    elapsed_seconds: int | None = None
-
-    @property
-    def case_id(self) -> int | None:
-        return case_id_from_job_name(self.name)
-
-    @property
-    def verdict(self) -> JobVerdict:
-        return map_job_state(self.state, self.exit_code)
-
-
-@dataclass(frozen=True)
-class ControlJob:
-    """The fields we use of one ``scontrol --oneliner show job`` line."""
-
-    job_id: int
-    name: str
-    state: str
-    reason: str
-    exit_code: ExitCode | None
-    restarts: int
-    run_seconds: int | None
-    started: datetime | None
-    ended_at: datetime | None
-    stdout_path: str
-    work_dir: str
-    fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def case_id(self) -> int | None:
-        return case_id_from_job_name(self.name)
-
-    @property
-    def verdict(self) -> JobVerdict:
-        return map_job_state(self.state, self.exit_code, self.reason)
+        """Mapped state (squeue prints no exit code)."""
+        return map_job_state(self.state, self.reason)
 
 
 @dataclass(frozen=True)
@@ -480,22 +392,6 @@ def _name_list(names: Sequence[str]) -> str:
     return ",".join(names)
 
 
-def sacct_argv(job_ids: Sequence[int] = (), names: Sequence[str] = (), *, since: str = "now-7days",
-               bin_dir: str = "", fields: Sequence[str] = SACCT_FIELDS) -> list[str]:
-    """``sacct --parsable2 --noheader --allocations --format=F,... (--jobs=IDS | --name=N --starttime=S)``.
-
-    Exactly one of ``job_ids`` or ``names``: plain sacct shows only today's jobs. With
-    ``names`` the search starts at ``since`` (any sacct time, e.g. ``now-7days``).
-    """
-    if bool(job_ids) == bool(names):
-        raise ValueError("sacct needs either job ids or job names")
-    argv = [command_path(bin_dir, "sacct"), "--parsable2", "--noheader", "--allocations",
-            f"--format={','.join(fields)}"]
-    if job_ids:
-        return [*argv, f"--jobs={_id_list(job_ids)}"]
-    return [*argv, f"--name={_name_list(names)}", f"--starttime={checked_word('time', since)}"]
-
-
 def _id_list(job_ids: Sequence[int]) -> str:
     ids = [int(job_id) for job_id in job_ids]
     if any(job_id <= 0 for job_id in ids):
@@ -524,19 +420,9 @@ def _scancel_head(signal: str | None, bin_dir: str) -> list[str]:
     return head
 
 
-def scontrol_job_argv(job_id: int, *, bin_dir: str = "") -> list[str]:
-    """``scontrol --oneliner show job ID``: one job while slurmctld still remembers it."""
-    return [command_path(bin_dir, "scontrol"), "--oneliner", "show", "job", _id_list([job_id])]
-
-
 def sinfo_argv(*, bin_dir: str = "") -> list[str]:
     """``sinfo --noheader --format=%P|%a|%l|%D|%T|%N``: partitions and their node states."""
     return [command_path(bin_dir, "sinfo"), "--noheader", f"--format={SINFO_FORMAT}"]
-
-
-def ping_argv(*, bin_dir: str = "") -> list[str]:
-    """``scontrol ping``: answers at once, exit 1 (with the same text) when slurmctld is down."""
-    return [command_path(bin_dir, "scontrol"), "ping"]
 
 
 def version_argv(*, bin_dir: str = "") -> list[str]:
@@ -672,77 +558,6 @@ def _checked_state(state: str, line: str) -> str:
     return state
 
 
-def parse_sacct(stdout: str, fields: Sequence[str] = SACCT_FIELDS) -> tuple[AccountedJob, ...]:
-    """Lines of ``sacct --parsable2 --noheader --format=FIELDS``: one AccountedJob per job.
-
-    Step lines (``12.batch``) and array or heterogeneous jobs are left out. ``JobID``,
-    ``JobName`` and ``State`` are required; ``ExitCode``, ``Submit``, ``Start``, ``End`` and
-    ``Elapsed`` are read when present. Empty output (an unknown id) is an empty tuple:
-    "not in sacct" means "could not tell" (records arrive 1-3 s late). BadOutput on garbage.
-    """
-    if not {"JobID", "JobName", "State"} <= set(fields):
-        raise ValueError(f"sacct fields need JobID, JobName and State: {fields!r}")
-    jobs = []
-    for line in _lines(stdout):
-        values = _split_fields(line, fields, "sacct")
-        if _PLAIN_JOB_ID.fullmatch(values["JobID"]):
-            jobs.append(_accounted_job(values, line))
-    return tuple(jobs)
-
-
-def _accounted_job(values: Mapping[str, str], line: str) -> AccountedJob:
-    exit_code = values.get("ExitCode")
-    return AccountedJob(
-        job_id=int(values["JobID"]),
-        name=values["JobName"],
-        state=_checked_state(values["State"], line),
-        exit_code=parse_exit_code(exit_code) if exit_code is not None else None,
-        submitted=parse_slurm_time(values.get("Submit", "")),
-        started=parse_slurm_time(values.get("Start", "")),
-        ended_at=parse_slurm_time(values.get("End", "")),
-        elapsed_seconds=parse_duration(values.get("Elapsed", "")),
-    )
-
-
-def parse_scontrol_jobs(stdout: str) -> tuple[ControlJob, ...]:
-    """Lines of ``scontrol --oneliner show job [ID]`` (``Key=Value`` pairs split by spaces).
-
-    A value holding " Word=" would be cut there; the fields we read never do.
-    BadOutput when JobId, JobName, JobState or ExitCode is missing or unreadable.
-    """
-    return tuple(_control_job(_key_values(line), line) for line in _lines(stdout))
-
-
-def _key_values(line: str) -> dict[str, str]:
-    keys = list(_SCONTROL_KEY.finditer(line))
-    values = {}
-    for match, following in zip(keys, [*keys[1:], None]):
-        end = following.start() if following is not None else len(line)
-        values[match["key"]] = line[match.end():end].strip()
-    return values
-
-
-def _control_job(values: Mapping[str, str], line: str) -> ControlJob:
-    missing = [key for key in ("JobId", "JobName", "JobState", "ExitCode") if key not in values]
-    if missing or not _PLAIN_JOB_ID.fullmatch(values["JobId"]):
-        raise BadOutput(f"scontrol show job: missing {missing or ['JobId']} in {_excerpt(line)!r}")
-    restarts = values.get("Restarts", "0")
-    return ControlJob(
-        job_id=int(values["JobId"]),
-        name=values["JobName"],
-        state=_checked_state(values["JobState"], line),
-        reason=values.get("Reason", ""),
-        exit_code=parse_exit_code(values["ExitCode"]),
-        restarts=int(restarts) if restarts.isdigit() else 0,
-        run_seconds=parse_duration(values.get("RunTime", "")),
-        started=parse_slurm_time(values.get("StartTime", "")),
-        ended_at=parse_slurm_time(values.get("EndTime", "")),
-        stdout_path=values.get("StdOut", ""),
-        work_dir=values.get("WorkDir", ""),
-        fields=dict(values),
-    )
-
-
 def parse_partitions(stdout: str) -> dict[str, PartitionInfo]:
     """``sinfo --noheader --format=%P|%a|%l|%D|%T|%N`` by partition name (``*`` marks the default)."""
     partitions: dict[str, PartitionInfo] = {}
@@ -763,36 +578,12 @@ def parse_partitions(stdout: str) -> dict[str, PartitionInfo]:
     return partitions
 
 
-def parse_ping(stdout: str) -> bool:
-    """``scontrol ping``: True for "... is UP", False for "... is DOWN" (printed with exit 1)."""
-    match = _PING.search(stdout or "")
-    if match is None:
-        raise BadOutput(f"scontrol ping: no UP or DOWN in {_excerpt(stdout)!r}")
-    return match["state"] == "UP"
-
-
 def parse_version(stdout: str) -> str:
     """``slurm-wlm 22.05.8`` (or ``slurm 23.02.1``) -> ``22.05.8``."""
     match = _VERSION.search(stdout or "")
     if match is None:
         raise BadOutput(f"Slurm --version: no version in {_excerpt(stdout)!r}")
     return match["version"]
-
-
-def parse_exit_status_record(text: str) -> int:
-    """The exit status written by ``batch_script`` into ``.mqic/exit_status`` (0-255)."""
-    value = (text or "").strip()
-    if not value.isdigit() or not value.isascii() or int(value) > 255:
-        raise BadOutput(f"exit-status record: expected 0-255, got {_excerpt(text)!r}")
-    return int(value)
-
-
-def parse_exit_code(text: str) -> ExitCode:
-    """Slurm's ``E:S`` (``3:0``, ``0:15``)."""
-    status, _, signal = (text or "").strip().partition(":")
-    if not (status.isdigit() and signal.isdigit()):
-        raise BadOutput(f"not a Slurm exit code E:S: {text!r}")
-    return ExitCode(int(status), int(signal))
 
 
 def parse_duration(text: str) -> int | None:
