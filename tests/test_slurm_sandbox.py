@@ -17,6 +17,7 @@ import pytest
 from sandbox.slurm import SandboxSlurm, missing_binaries
 from sandbox.waiting import wait_until
 from shared.backends import slurm_parse as sp
+from shared.backends.slurm import SQUEUE_FIELDS
 from shared.backends.slurm_parse import SlurmErrorKind as Kind, TaskState
 
 pytestmark = pytest.mark.system  # every test here starts real processes
@@ -78,9 +79,11 @@ def submit(cluster: SandboxSlurm, case_id: int, command: str, settings: sp.Submi
 
 
 def queued(cluster: SandboxSlurm, names=()) -> dict[int, sp.QueuedJob]:
-    result = cluster.run(sp.squeue_argv(names))
+    """Our jobs as the backend lists them (``names``: only those)."""
+    fmt = sp.MarkedFormat.fresh(SQUEUE_FIELDS)
+    result = cluster.run(sp.squeue_argv(fmt=fmt.text))
     assert result.returncode == 0, result.stderr
-    return {job.job_id: job for job in sp.parse_squeue(result.stdout)}
+    return {job.job_id: job for job in sp.parse_marked_squeue(result.stdout, fmt) if not names or job.name in names}
 
 
 def wait_for_state(cluster: SandboxSlurm, job_id: int, *states: TaskState, timeout: float = 40) -> sp.QueuedJob:
@@ -216,7 +219,7 @@ def test_a_controller_outage_is_could_not_tell_and_heals(own_cluster):
     wait_until(lambda: (case_dir / "started").exists(), timeout=20, message="the command to start")
     cluster.stop_daemon("slurmctld")
     assert not cluster.is_running()
-    error = failure(cluster, sp.squeue_argv())
+    error = failure(cluster, sp.squeue_argv(fmt="%i"))
     assert error.kind is Kind.CONTROLLER_DOWN and error.kind.transient
     cluster.start()
     assert cluster.is_running()
@@ -262,9 +265,10 @@ def test_the_wrappers_submit_over_ssh(cluster, sshd):
     job_id = sp.parse_sbatch(submitted.stdout)
 
     def over_ssh():
-        argv = [*sshd.endpoint.ssh_base_argv(), shlex.join(sp.squeue_argv([sp.job_name(601)], bin_dir=bin_dir))]
+        fmt = sp.MarkedFormat.fresh(SQUEUE_FIELDS)
+        argv = [*sshd.endpoint.ssh_base_argv(), shlex.join(sp.squeue_argv(fmt=fmt.text, bin_dir=bin_dir))]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        jobs = {job.job_id: job for job in sp.parse_squeue(result.stdout)}
+        jobs = {job.job_id: job for job in sp.parse_marked_squeue(result.stdout, fmt)}
         return job_id in jobs and jobs[job_id].verdict.ended and jobs[job_id]
 
     assert wait_until(over_ssh, timeout=40, interval=0.3, message="the job over ssh").verdict.state is TaskState.FAILED

@@ -8,10 +8,10 @@ what a command printed and returns frozen dataclasses, or raises ``BadOutput``.
   script runs the case's command in the case folder and records the command's exit status
   atomically in ``<case folder>/.mqic/exit_status`` (Slurm forgets finished jobs after
   ``MinJobAge``; without accounting that record is the only lasting outcome).
-- ``squeue_argv``/``parse_squeue``: all our jobs in one call, finished ones included
-  (``--states=all``: without it squeue hides jobs that have just finished).
-  ``MarkedFormat``/``parse_marked_squeue``: the same, its fields set off by a marker drawn
-  fresh for each call, so that no work dir (it holds the case's folder name) can shift a field.
+- ``squeue_argv``, ``MarkedFormat``/``parse_marked_squeue``: all our jobs in one call,
+  finished ones included (``--states=all``: without it squeue hides jobs that have just
+  finished), its fields set off by a marker drawn fresh for each call, so that no work dir
+  (it holds the case's folder name) can shift a field.
 - ``scancel_argv``: ``--signal=TERM --full`` (without ``--full`` the batch script, which has no
   ``srun`` steps, is not signalled at all) and plain ``scancel``.
 - ``map_job_state``: the ONE place where a Slurm job state becomes ours.
@@ -42,9 +42,6 @@ OUTPUT_FILE_PATTERN = f"{MQIC_DIR}/slurm-%j.out"
 SLURM_OUTPUT = "/dev/null"
 _REDIRECT_OUTPUT = ('[ -z "${SLURM_JOB_ID:-}" ] || exec >>"' + OUTPUT_FILE_PATTERN.replace("%j", "$SLURM_JOB_ID")
                     + '" 2>&1')
-# The reason goes last: it is the one field Slurm may fill with free text (an admin's
-# state description), so a line is split into at most as many parts as there are fields.
-SQUEUE_FORMAT = "%i|%j|%T|%P|%V|%S|%M|%r"
 SINFO_FORMAT = "%P|%a|%l|%D|%T|%N"
 
 _EXCERPT_CHARS = 200
@@ -371,25 +368,13 @@ def format_time_limit(seconds: float) -> str:
 # Other commands
 # ---------------------------------------------------------------------------
 
-def squeue_argv(names: Sequence[str] = (), *, bin_dir: str = "", fmt: str = SQUEUE_FORMAT) -> list[str]:
-    """``squeue --me --noheader --states=all --format=FMT [--name=N1,N2]``: our jobs in one call.
+def squeue_argv(*, fmt: str, bin_dir: str = "") -> list[str]:
+    """``squeue --me --noheader --states=all --format=FMT``: every job of our user in one call.
 
-    Without ``names`` every job of our user is listed; ``parse_squeue`` then gives all of
-    them and ``case_id`` tells ours. ``--states=all`` keeps jobs that have just finished
-    (until ``MinJobAge``); without it they would look absent.
+    ``case_id`` tells ours. ``--states=all`` keeps jobs that have just finished (until
+    ``MinJobAge``); without it they would look absent.
     """
-    argv = [command_path(bin_dir, "squeue"), "--me", "--noheader", "--states=all", f"--format={fmt}"]
-    if names:
-        argv.append(f"--name={_name_list(names)}")
-    return argv
-
-
-def _name_list(names: Sequence[str]) -> str:
-    for name in names:
-        checked_word("job name", name)
-        if "," in name:
-            raise ValueError(f"a job name in a list cannot hold a comma: {name!r}")
-    return ",".join(names)
+    return [command_path(bin_dir, "squeue"), "--me", "--noheader", "--states=all", f"--format={fmt}"]
 
 
 def _id_list(job_ids: Sequence[int]) -> str:
@@ -453,28 +438,6 @@ def parse_sbatch(stdout: str) -> int:
     return int(match["id"])
 
 
-def parse_squeue(stdout: str, fmt: str = SQUEUE_FORMAT) -> tuple[QueuedJob, ...]:
-    """Lines of ``squeue --noheader --format=FMT`` (fields split by '|', the last may hold '|').
-
-    Only for formats where no field but the last can hold a '|' or a newline (the captures):
-    a work dir (``%Z``) can hold both, so the backend reads ``parse_marked_squeue``.
-
-    ``fmt`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M %Z %k`` (reason,
-    partition, submit and start time, elapsed, work dir, comment) are read too, any other
-    field is skipped. An unset work dir or comment (``(null)``) is "". Lines of array or
-    heterogeneous jobs (``12_3``, ``12+0``) are left out: ours are plain jobs. BadOutput on a
-    line that does not fit the format.
-    """
-    codes = fmt.split("|")
-    _check_squeue_codes(codes)
-    jobs = []
-    for line in _lines(stdout):
-        values = _split_fields(line, codes, "squeue")
-        if _PLAIN_JOB_ID.fullmatch(values["%i"]):
-            jobs.append(_queued_job(values, line))
-    return tuple(jobs)
-
-
 @dataclass(frozen=True)
 class MarkedFormat:
     """An squeue ``--format`` whose every field is set off by ``mark``, drawn fresh for each call.
@@ -500,8 +463,12 @@ class MarkedFormat:
 def parse_marked_squeue(stdout: str, fmt: MarkedFormat) -> tuple[QueuedJob, ...]:
     """The jobs of ``squeue --noheader --format=<fmt.text>``, every value exactly as printed.
 
-    The codes are read as in ``parse_squeue``. BadOutput when the output does not have the
-    shape of the format (text outside the markers, a job with a field missing).
+    ``codes`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M %Z %k`` (reason,
+    partition, submit and start time, elapsed, work dir, comment) are read too, any other
+    field is skipped. An unset work dir or comment (``(null)``) is "". Lines of array or
+    heterogeneous jobs (``12_3``, ``12+0``) are left out: ours are plain jobs. BadOutput
+    when the output does not have the shape of the format (text outside the markers, a
+    job with a field missing).
     """
     _check_squeue_codes(fmt.codes)
     if not (stdout or "").strip():
