@@ -10,16 +10,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from sandbox.waiting import wait_until
+from shared import tasks
 from shared.backends import slurm_parse as sp
 from shared.backends.slurm_parse import SlurmErrorKind as Kind, TaskState
 from shared.errors import BadOutput, RemoteError
@@ -477,17 +475,6 @@ def run_script(script: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30, cwd="/")
 
 
-@pytest.mark.parametrize("command, status", [("true", 0), ("exit 3", 3), ("no_such_command_xyz", 127),
-                                             ("kill -9 $$", 137)])
-@pytest.mark.system
-def test_the_script_records_the_exit_status(tmp_path, command, status):
-    script, case_dir = write_script(tmp_path, command)
-    result = run_script(script)
-    assert result.returncode == status
-    assert (case_dir / sp.EXIT_STATUS_RECORD).read_text() == f"{status}\n"
-    assert sorted(p.name for p in (case_dir / sp.MQIC_DIR).iterdir()) == ["exit_status"]  # no temporary left
-
-
 @pytest.mark.system
 def test_the_script_runs_in_the_case_folder_with_its_environment(tmp_path):
     evil = "$(touch pwned) `touch pwned2` \"'"
@@ -500,38 +487,12 @@ def test_the_script_runs_in_the_case_folder_with_its_environment(tmp_path):
 
 
 @pytest.mark.system
-def test_the_script_replaces_a_stale_record_and_refuses_a_missing_folder(tmp_path):
+def test_the_script_refuses_a_missing_folder(tmp_path):
     script, case_dir = write_script(tmp_path, "sleep 0")
-    (case_dir / sp.MQIC_DIR).mkdir()
-    (case_dir / sp.EXIT_STATUS_RECORD).write_text("3\n")
     assert run_script(script).returncode == 0
-    assert (case_dir / sp.EXIT_STATUS_RECORD).read_text() == "0\n"
     os.rename(case_dir, tmp_path / "moved")
     result = run_script(script)
     assert result.returncode == 1 and "mqic: cannot enter" in result.stderr
-
-
-@pytest.mark.system
-def test_a_term_to_the_whole_job_is_recorded_as_143(tmp_path):
-    """What scancel --signal=TERM --full, a cancel or a time limit does: TERM to every process."""
-    script, case_dir = write_script(tmp_path, "touch started; sleep 30")
-    job = subprocess.Popen(["bash", str(script)], start_new_session=True)
-    wait_until(lambda: (case_dir / "started").exists(), timeout=10, message="the command to start")
-    time.sleep(0.2)  # let bash -c exec sleep
-    began = time.monotonic()
-    os.killpg(job.pid, signal.SIGTERM)
-    assert job.wait(timeout=10) == 143 and time.monotonic() - began < 5
-    assert (case_dir / sp.EXIT_STATUS_RECORD).read_text() == "143\n"
-
-
-@pytest.mark.system
-def test_a_term_to_the_script_alone_waits_for_the_command(tmp_path):
-    script, case_dir = write_script(tmp_path, "touch started; sleep 1; exit 4")
-    job = subprocess.Popen(["bash", str(script)], start_new_session=True)
-    wait_until(lambda: (case_dir / "started").exists(), timeout=10, message="the command to start")
-    job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=10) == 4
-    assert (case_dir / sp.EXIT_STATUS_RECORD).read_text() == "4\n"
 
 
 def test_extra_sbatch_lines_come_first(tmp_path):
@@ -577,12 +538,12 @@ def test_sbatch_argv_carries_a_comment_of_one_word():
 @pytest.mark.system
 def test_without_its_own_record_the_script_execs_the_command_in_the_folder(tmp_path):
     script, case_dir = write_script(tmp_path, 'pwd > where; printf %s "$MQIC_CASE_NAME" > name; exit 5',
-                                    env={"MQIC_CASE_NAME": "$(touch pwned)"}, record_exit=False)
+                                    env={"MQIC_CASE_NAME": "$(touch pwned)"})
     assert "exec /bin/bash -c" in script.read_text() and "trap" not in script.read_text()
     assert run_script(script).returncode == 5
     assert (case_dir / "where").read_text().strip() == str(case_dir)
     assert (case_dir / "name").read_text() == "$(touch pwned)" and not list(tmp_path.rglob("pwned"))
-    assert not (case_dir / sp.EXIT_STATUS_RECORD).exists()   # the wrapped command writes it, not the script
+    assert not (case_dir / tasks.EXIT_RECORD).exists()   # the wrapped command writes it, not the script
 
 
 # ---------------------------------------------------------------------------
@@ -688,7 +649,7 @@ def test_every_case_name_goes_into_sbatch_and_the_script_as_it_is(tmp_path, name
     argv = sp.sbatch_argv(12, str(folder), sp.SubmitSettings("gpu"), script_path=f"{folder}/.mqic/job.sh")
     assert f"--chdir={folder}" in argv and argv[-1] == f"{folder}/.mqic/job.sh"
     script = tmp_path / "job.sh"
-    script.write_text(sp.batch_script(12, str(folder), "pwd > where", sp.SubmitSettings("gpu"), record_exit=False))
+    script.write_text(sp.batch_script(12, str(folder), "pwd > where", sp.SubmitSettings("gpu")))
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30, cwd="/",
                             env={**os.environ, "SLURM_JOB_ID": "41"})
     assert result.returncode == 0, result.stderr

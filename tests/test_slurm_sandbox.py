@@ -16,6 +16,7 @@ import pytest
 
 from sandbox.slurm import SandboxSlurm, missing_binaries
 from sandbox.waiting import wait_until
+from shared import tasks
 from shared.backends import slurm_parse as sp
 from shared.backends.slurm import SQUEUE_FIELDS
 from shared.backends.slurm_parse import SlurmErrorKind as Kind, TaskState
@@ -72,7 +73,8 @@ def own_cluster(tmp_path):
 def submit(cluster: SandboxSlurm, case_id: int, command: str, settings: sp.SubmitSettings = GPU) -> tuple[int, Path]:
     case_dir = cluster.root / "cases" / f"{case_id}_case"
     (case_dir / sp.MQIC_DIR).mkdir(parents=True, exist_ok=True)
-    script = sp.batch_script(case_id, str(case_dir), command, settings, env={"MQIC_CASE_ID": str(case_id)})
+    script = sp.batch_script(case_id, str(case_dir), tasks.wrap_command(command), settings,
+                             env={"MQIC_CASE_ID": str(case_id)})
     result = cluster.run(sp.sbatch_argv(case_id, str(case_dir), settings), stdin=script)
     assert result.returncode == 0, result.stderr
     return sp.parse_sbatch(result.stdout), case_dir
@@ -100,7 +102,7 @@ def failure(cluster: SandboxSlurm, argv: list[str]) -> sp.SlurmError:
 
 
 def record(case_dir: Path) -> int:
-    return int((case_dir / sp.EXIT_STATUS_RECORD).read_text())
+    return int((case_dir / tasks.EXIT_RECORD).read_text())
 
 
 def processes_with_conf(cluster: SandboxSlurm) -> list[int]:
@@ -155,25 +157,24 @@ def test_one_squeue_shows_every_job_of_ours(cluster):
     wait_for_state(cluster, first, TaskState.KILLED)
 
 
-def test_scancel_term_reaches_the_command_and_leaves_a_record(cluster):
+def test_scancel_term_ends_the_job_and_a_signal_leaves_no_record(cluster):
+    """As shared/backends/slurm.py says: a signalled job has no record; squeue tells its end."""
     job_id, case_dir = submit(cluster, 104, "touch started; sleep 300")
     wait_for_state(cluster, job_id, TaskState.RUNNING)
     wait_until(lambda: (case_dir / "started").exists(), timeout=20, message="the command to start")
     result = cluster.run(sp.scancel_argv([job_id], signal="TERM"))
     assert result.returncode == 0, result.stderr
-    # The script records the command's 143 and exits with it: FAILED, not CANCELLED.
     wait_for_state(cluster, job_id, TaskState.FAILED, timeout=cluster.settings.kill_wait + 10)
-    assert record(case_dir) == 143
+    assert not (case_dir / tasks.EXIT_RECORD).exists()
 
 
-def test_plain_scancel_kills_the_job_and_the_record_still_appears(cluster):
+def test_plain_scancel_kills_the_job_and_leaves_no_record(cluster):
     job_id, case_dir = submit(cluster, 105, "touch started; sleep 300")
     wait_until(lambda: (case_dir / "started").exists(), timeout=20, message="the command to start")
     assert cluster.run(sp.scancel_argv([job_id])).returncode == 0
     ended = wait_for_state(cluster, job_id, TaskState.KILLED, timeout=cluster.settings.kill_wait + 10)
     assert ended.state == "CANCELLED"
-    wait_until(lambda: (case_dir / sp.EXIT_STATUS_RECORD).exists(), timeout=10, message="the record")
-    assert record(case_dir) == 143
+    assert not (case_dir / tasks.EXIT_RECORD).exists()
 
 
 def test_a_cancel_of_an_unknown_job_succeeds_silently_and_a_signal_says_invalid(cluster):
@@ -246,7 +247,7 @@ def test_stop_cancels_the_jobs_and_leaves_no_process(own_cluster):
     assert not cluster.is_running()
     assert processes_with_conf(cluster) == []
     assert not list((cluster.root / "run").glob("*.pid"))
-    assert record(case_dir) == 143
+    assert not (case_dir / tasks.EXIT_RECORD).exists()
 
 
 def test_the_wrappers_submit_over_ssh(cluster, sshd):
@@ -259,7 +260,7 @@ def test_the_wrappers_submit_over_ssh(cluster, sshd):
     command = (f"mkdir -p {shlex.quote(str(case_dir / sp.MQIC_DIR))} && "
                + shlex.join(sp.sbatch_argv(601, str(case_dir), settings, bin_dir=bin_dir)))
     ssh = [*sshd.endpoint.ssh_base_argv(), command]
-    submitted = subprocess.run(ssh, input=sp.batch_script(601, str(case_dir), "exit 5", settings),
+    submitted = subprocess.run(ssh, input=sp.batch_script(601, str(case_dir), tasks.wrap_command("exit 5"), settings),
                                capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     job_id = sp.parse_sbatch(submitted.stdout)

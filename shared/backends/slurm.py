@@ -214,7 +214,7 @@ class SlurmBackend:
         if case_id is None or sp.job_name(case_id) != label:
             raise ValueError(f"a Slurm job name must be mqic_case_<id>: {label!r}")
         settings = self._settings(slot)
-        script = sp.batch_script(case_id, workdir, command, settings, env, record_exit=False)
+        script = sp.batch_script(case_id, workdir, command, settings, env)
         sbatch = sp.sbatch_argv(case_id, workdir, settings, script_path=f"{workdir.rstrip('/')}/{JOB_SCRIPT}",
                                 bin_dir=self.bin_dir, comment=f"{SLOT_COMMENT}{slot}")
         limit = str(max(1, int(self.timeout)))

@@ -5,8 +5,8 @@ builder returns an argv (a list of words; the runner quotes each one) and every 
 what a command printed and returns frozen dataclasses, or raises ``BadOutput``.
 
 - ``sbatch_argv`` and ``batch_script``: one job per case, named ``mqic_case_<id>``, whose
-  script runs the case's command in the case folder and records the command's exit status
-  atomically in ``<case folder>/.mqic/exit_status`` (Slurm forgets finished jobs after
+  script runs the case's (wrapped) command in the case folder; the wrapper records the exit
+  status in ``<case folder>/.mqic/exit_status`` (Slurm forgets finished jobs after
   ``MinJobAge``; without accounting that record is the only lasting outcome).
 - ``squeue_argv``, ``MarkedFormat``/``parse_marked_squeue``: all our jobs in one call,
   finished ones included (``--states=all``: without it squeue hides jobs that have just
@@ -34,7 +34,6 @@ from shared.errors import BadOutput, RemoteError
 
 JOB_NAME_PREFIX = "mqic_case_"
 MQIC_DIR = ".mqic"
-EXIT_STATUS_RECORD = f"{MQIC_DIR}/exit_status"
 OUTPUT_FILE_PATTERN = f"{MQIC_DIR}/slurm-%j.out"
 # Slurm expands '%' patterns in the whole output path and drops them all at a backslash, so a
 # path that holds a case's folder name never goes there: the job's own shell opens its
@@ -268,47 +267,22 @@ def sbatch_argv(case_id: int, remote_dir: str, settings: SubmitSettings, *,
 
 
 def batch_script(case_id: int, remote_dir: str, command: str, settings: SubmitSettings,
-                 env: Mapping[str, str] | None = None, *, record_exit: bool = True) -> str:
+                 env: Mapping[str, str] | None = None) -> str:
     """The bash script of one case's job.
 
     It enters ``remote_dir`` (a missing folder ends the job with exit 1 instead of running
     in /tmp, which is what ``--chdir`` alone would do), sends its output (under Slurm) to
-    ``.mqic/slurm-<job id>.out``, exports ``env`` (quoted), runs
-    ``command`` with ``bash -c`` in the foreground and writes the command's exit status to
-    ``.mqic/exit_status`` through a temporary file and a rename. The script traps TERM so
-    that ``scancel --signal=TERM --full``, a time limit or a cancel (TERM before Slurm's
-    KILL) still leaves a record: the command gets the TERM, the script waits for it and
-    records its status (143 for a command killed by TERM). Only a SIGKILL of the script
-    leaves no record. A stale record from an earlier run is removed first.
-
-    With ``record_exit=False`` the script only enters the folder, exports ``env`` and
-    ``exec``s the command, which then writes the record itself (the Slurm backend runs
-    the command that ``shared.tasks.wrap_command`` wrapped, as pueue does).
+    ``.mqic/slurm-<job id>.out``, exports ``env`` (quoted) and ``exec``s ``command`` with
+    ``bash -c``. The command writes the exit-status record itself: the Slurm backend runs
+    the command that ``shared.tasks.wrap_command`` wrapped, as pueue does.
     """
     directory = _checked_dir(remote_dir)
     if not command.strip():
         raise ValueError("the remote command is empty")
-    lines = ["#!/bin/bash", *(sbatch_line(line) for line in settings.extra_sbatch_lines)]
-    if not record_exit:
-        lines += [f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder.",
-                  _enter(directory), f"mkdir -p {MQIC_DIR}", _REDIRECT_OUTPUT, *_exports(env or {}),
-                  f"exec /bin/bash -c {_quote(command)}"]
-        return "\n".join(lines) + "\n"
-    lines += [
-        f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder",
-        "# and records the command's exit status atomically (Slurm forgets finished jobs).",
-        _enter(directory),
-        f"mkdir -p {MQIC_DIR} && rm -f {EXIT_STATUS_RECORD}",
-        _REDIRECT_OUTPUT,
-        *_exports(env or {}),
-        "# A TERM must not end this script before the command has ended and been recorded.",
-        "trap ':' TERM",
-        f"/bin/bash -c {_quote(command)}",
-        "status=$?",
-        f'printf \'%s\\n\' "$status" > "{EXIT_STATUS_RECORD}.$$" '
-        f'&& mv -f -- "{EXIT_STATUS_RECORD}.$$" {EXIT_STATUS_RECORD}',
-        'exit "$status"',
-    ]
+    lines = ["#!/bin/bash", *(sbatch_line(line) for line in settings.extra_sbatch_lines),
+             f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder.",
+             _enter(directory), f"mkdir -p {MQIC_DIR}", _REDIRECT_OUTPUT, *_exports(env or {}),
+             f"exec /bin/bash -c {_quote(command)}"]
     return "\n".join(lines) + "\n"
 
 
