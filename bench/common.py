@@ -18,7 +18,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ if str(REPO) not in sys.path:
 from sandbox import hpc as sandbox_hpc  # noqa: E402
 from sandbox import waiting  # noqa: E402
 from sandbox.slurm import SandboxSlurm  # noqa: E402
+from sandbox.sshd import free_port  # noqa: E402
 from shared.backends import model, pueue_parse  # noqa: E402
 from shared.config import Config, MainLoopConfig, load_config  # noqa: E402
 from shared.db import connect  # noqa: E402
@@ -120,12 +120,6 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
                what: str = "condition") -> object:
     """Poll ``condition`` until truthy; raise Timeout after ``timeout`` seconds."""
     return waiting.wait_until(condition, timeout, interval, what)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- the sandbox and the system ----------------------------------------------------------------------

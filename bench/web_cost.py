@@ -31,6 +31,7 @@ import yaml  # noqa: E402
 from werkzeug.datastructures import MultiDict  # noqa: E402
 
 from bench.monitor_cost import seed  # noqa: E402
+from sandbox.sshd import free_port  # noqa: E402
 from shared import queries  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.db import connect  # noqa: E402
@@ -144,13 +145,6 @@ def live_browsers_cpu(config_path: Path, port: int, window: float) -> tuple[floa
     finally:
         server.terminate()
         server.wait(timeout=15)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:

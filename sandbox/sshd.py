@@ -228,7 +228,7 @@ class SandboxSshd:
         elif state is not None:
             port = state["port"]
         else:
-            port = _free_loopback_port()
+            port = free_port()
         return port, _current_user()
 
     def _write_client_files(self, port: int) -> None:
@@ -400,7 +400,8 @@ def _public_key_fields(private_key: Path) -> str:
     return " ".join(private_key.with_suffix(".pub").read_text().split()[:2])
 
 
-def _free_loopback_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for the sandbox, tests and benches)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((LOOPBACK, 0))
         return probe.getsockname()[1]

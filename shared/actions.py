@@ -18,15 +18,7 @@ from shared.lifecycle import move_case
 from shared.remote import Remote
 from shared.spool import Spool
 from shared.states import FINAL, CaseStatus, Outcome, SlotStatus
-from shared.store import Case, clear_review, get_case
-
-RETRY_CLEARS = {"attempts": 0, "next_attempt_at": None, "outcome": None, "exit_code": None,
-                "error_type": None, "error_message": None, "log_tail": None, "completed_at": None,
-                "started_at": None, "progress": 0.0, "claimed_by": None, "lease_until": None,
-                "pueue_task_id": None, "pueue_group": None, "remote_dir": None, "host": None, "staged_at": None,
-                "running_since": None, "add_uncertain_until": None, "stop_requested_at": None,
-                "acknowledged_at": None, "remote_removed_at": None}
-
+from shared.store import RETRY_CLEARS, Case, clear_review, get_case
 
 def local_time(config: Config, stamp: float) -> str:
     return datetime.fromtimestamp(stamp, config.tz).strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -33,11 +33,10 @@ from shared.gpus_parse import GpuReading, Probe, parse_probe, probe_argv
 from shared.logs import for_case
 from shared.store import Case, cases_with_status, flag_for_review, slot_of_case
 from shared.states import CaseStatus
-from shared.worker import forget_logged, note_reach, per_item, reachable_hosts, worth_logging
+from shared.worker import REPEAT_LOG_SECONDS, forget_logged, note_reach, per_item, reachable_hosts, worth_logging
 
 HISTORY_SECONDS = 24 * 3600.0
 PROBE_KEY = "gpus.probed_at:"  # settings: our clock of the newest probe of each host
-REPEAT_LOG_SECONDS = 300
 IDLE_REASON = "GPU idle while running"
 
 

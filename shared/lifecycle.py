@@ -15,7 +15,7 @@ from shared.db import transaction
 from shared.errors import RemoteError, Unreachable
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
-from shared.store import Case, release_slot_of, transition
+from shared.store import ATTEMPT_CLEARS, Case, release_slot_of, transition
 from shared.tasks import counts_as_attempt
 
 TRANSIENT_REMOTE_TEXT = (
@@ -70,10 +70,8 @@ def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: Ma
     message = f"{operation}: {type(error).__name__}: {error}"[:2000]
     counted = counts_as_attempt(error)
     attempts = case.attempts + counted
-    error_fields = {"error_type": type(error).__name__, "error_message": message, "attempts": attempts,
-                    "claimed_by": None, "lease_until": None, "staged_at": None, "add_uncertain_until": None,
-                    "remote_dir": None, "host": None,
-                    "stop_requested_at": None, "running_since": None}
+    error_fields = {**ATTEMPT_CLEARS, "error_type": type(error).__name__, "error_message": message,
+                    "attempts": attempts}
     if not counted or (is_transient(error) and attempts < policy.max_attempts):
         # An unreachable host gets no claims until it answers, so the case may go to another host at once.
         delay = 0.0 if isinstance(error, Unreachable) else backoff_seconds(policy, max(1, attempts))

@@ -19,10 +19,9 @@ from shared.errors import ClaimExpired, RemoteFailure
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus
-from shared.store import Case, expired_leases, flag_for_review
-from shared.worker import Context, Host, note_reach, on_reachable_hosts, per_item, worth_logging
+from shared.store import CLAIM_CLEARS, Case, expired_leases, flag_for_review
+from shared.worker import REPEAT_LOG_SECONDS, Context, Host, note_reach, on_reachable_hosts, per_item, worth_logging
 
-REPEAT_LOG_SECONDS = 300
 
 log = logging.getLogger("mqic.recovery")
 
@@ -71,8 +70,8 @@ def exit_record(ctx: Context, host: Host, case: Case) -> tasks.ExitRecord | None
 
 def adopt(ctx: Context, case: Case, task: model.TaskInfo | None, now: float) -> None:
     """The case's task exists (or ran and left its exit record): the case is running."""
-    fields = {"pueue_task_id": None if task is None else task.id, "claimed_by": None, "lease_until": None,
-              "add_uncertain_until": None, "running_since": now}
+    # Only the claim: unlike record_running, staged_at and stop_requested_at stay as they are.
+    fields = {**CLAIM_CLEARS, "pueue_task_id": None if task is None else task.id, "running_since": now}
     if task is not None and task.path:
         fields["remote_dir"] = task.path
     how = f"task {task.id} found by label {case.label}" if task else "its exit record found on the HPC"

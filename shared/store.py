@@ -93,6 +93,21 @@ class Slot:
 
 CASE_COLUMNS = frozenset(f.name for f in dataclasses.fields(Case))
 
+# The per-attempt columns a move resets, in one place, from narrowest to widest; each mover
+# adds what it sets itself. A submitter's claim on the case (recovery's adopt clears only this):
+CLAIM_CLEARS: dict[str, Any] = {"claimed_by": None, "lease_until": None, "add_uncertain_until": None}
+# The submit is over and a task runs (the submitter's record_running):
+SUBMIT_CLEARS: dict[str, Any] = {**CLAIM_CLEARS, "staged_at": None, "stop_requested_at": None}
+# The attempt on its host is over, the case goes back to the queue or fails (lifecycle.retry_or_fail):
+ATTEMPT_CLEARS: dict[str, Any] = {**SUBMIT_CLEARS, "remote_dir": None, "host": None, "running_since": None}
+# An operator's retry starts the case afresh: no trace of any earlier run (actions.retry):
+RETRY_CLEARS: dict[str, Any] = {
+    **ATTEMPT_CLEARS, "attempts": 0, "next_attempt_at": None, "outcome": None, "exit_code": None,
+    "error_type": None, "error_message": None, "log_tail": None, "completed_at": None, "started_at": None,
+    "progress": 0.0, "pueue_task_id": None, "pueue_group": None, "acknowledged_at": None,
+    "remote_removed_at": None,
+}
+
 
 NAME_MAX_BYTES = 240
 

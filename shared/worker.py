@@ -156,7 +156,7 @@ def on_reachable_hosts(ctx: "Context", cases: list, now: float, what: str) -> li
     for case in cases:
         by_host.setdefault(case.host, []).append(case)
     for name in by_host.keys() - ctx.hosts.keys():
-        if worth_logging(ctx, f"unknown-host:{name}", now, 300):
+        if worth_logging(ctx, f"unknown-host:{name}", now, REPEAT_LOG_SECONDS):
             ctx.log.error("%d %s on host %r, which is not configured; they wait for it", len(by_host[name]), what,
                           name, extra={"operation": "hosts", "error_type": "UnknownHost"})
     return [(host, by_host[host.name]) for host in reachable_hosts(ctx) if host.name in by_host] if by_host else []
@@ -258,6 +258,8 @@ def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], 
 
 
 LOGGED_AT = "logged_at"
+# A condition that keeps coming up is logged again at most this often (``worth_logging``).
+REPEAT_LOG_SECONDS = 300
 
 
 def worth_logging(ctx: Context, key: str, now: float, every_seconds: float) -> bool:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.casegen import make_case
+from sandbox.sshd import free_port
 from shared.db import connect
 from tests.conftest import wait_until
 
@@ -18,12 +18,6 @@ pytestmark = pytest.mark.system  # every test here starts real processes
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Supervisor:

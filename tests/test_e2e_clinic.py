@@ -14,10 +14,11 @@ import pytest
 
 from sandbox.casegen import make_case
 from sandbox.procs import processes_with
+from sandbox.sshd import free_port
 from shared.db import connect
 from shared.delivery import sha256_of
 from tests.conftest import wait_until
-from tests.test_e2e import REPO, Supervisor, free_port
+from tests.test_e2e import REPO, Supervisor
 from tests.test_exporter import scrape
 
 pytestmark = pytest.mark.system  # every test here starts real processes

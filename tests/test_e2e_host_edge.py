@@ -10,9 +10,10 @@ from pathlib import Path
 import yaml
 
 from sandbox.casegen import make_case
+from sandbox.sshd import free_port
 from shared.db import connect
 from tests.conftest import cli, wait_until
-from tests.test_e2e import Supervisor, free_port, settled_rows
+from tests.test_e2e import Supervisor, settled_rows
 from tests.test_e2e_hosts import assert_all_completed_once, count, drop, hosts_system  # noqa: F401 (a fixture)
 
 RESTARTS = 4

@@ -9,10 +9,11 @@ import pytest
 
 from sandbox.casegen import make_case
 from sandbox.slurm import SandboxSlurm
+from sandbox.sshd import free_port
 from shared.backends import pueue_parse, slurm, slurm_parse
 from shared.db import connect
 from tests.conftest import skip_unless_slurm_can_run, wait_until
-from tests.test_e2e import Supervisor, free_port, settled_rows
+from tests.test_e2e import Supervisor, settled_rows
 
 pytestmark = pytest.mark.system  # every test here starts real processes
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sandbox.sshd import free_port
 from tests.conftest import wait_until
-from tests.test_e2e import free_port
 
 pytestmark = pytest.mark.system  # every test here starts real processes
 

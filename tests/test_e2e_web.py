@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from sandbox.casegen import make_case
+from sandbox.sshd import free_port
 from shared.db import connect
 from tests.conftest import wait_until
-from tests.test_e2e import REPO, Supervisor, free_port
+from tests.test_e2e import REPO, Supervisor
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 HOSTILE = "<img src=x onerror=alert(1)>"

@@ -5,7 +5,6 @@ import json
 import math
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from console.cli import main as cli_main
+from sandbox.sshd import free_port
 from shared import actions
 from shared.backends import model
 from shared.db import connect
@@ -27,12 +27,6 @@ from workers.exporter import BUCKETS, DbCollector
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "mqic-dashboard.json"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from sandbox.casegen import make_case
+from sandbox.sshd import free_port
 from shared import gpus
 from shared.db import connect
 from shared.states import CaseStatus
 from shared.store import get_case
 from tests.conftest import wait_until
-from tests.test_e2e import Supervisor, free_port
+from tests.test_e2e import Supervisor
 from tests.test_workers import ctx_for, submitted
 from workers import poller
 

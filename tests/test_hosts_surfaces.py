@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sandbox.sshd import free_port
 from shared.backends import model, pueue
 from shared.config import parse_config
 from shared.db import connect, transaction
@@ -272,18 +272,13 @@ def test_a_case_notice_names_the_host_the_case_ran_on(tmp_path):
 
 # -- doctor and show against real hosts ------------------------------------------------------------------
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_doctor_checks_every_host_and_names_it_in_each_line(tmp_path, sshd, capsys):
     if not sshd.is_running():
         sshd.start()
     control = Path(f"/tmp/mqic-t-hosts-{os.getpid()}")
     config = make_hosts_config(tmp_path, [{"name": "near", "groups": ["gpu_a"]},
-                                          {"name": "far", "port": closed_port(), "groups": ["gpu_a"]}],
+                                          {"name": "far", "port": free_port(),  # nobody listens there
+                                           "groups": ["gpu_a"]}],
                                hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", control))
     try:
         code, out, _ = cli(capsys, config, "doctor")

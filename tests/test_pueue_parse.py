@@ -318,16 +318,6 @@ def test_progress_with_a_configured_pattern():
     assert pueue_parse.parse_progress("step 3/4\nstep 1/4", r"step (?P<done>\d+)/(?P<total>\d+)") == 25.0
 
 
-def test_failure_and_success_markers():
-    assert pueue_parse.find_failure_marker(MOQUI_LOG) is None
-    assert pueue_parse.find_failure_marker(MOQUI_LOG + "\n  FATAL ERROR: out of memory\nERROR: x") == "FATAL ERROR: out of memory"
-    assert pueue_parse.find_failure_marker("ok\nERROR: cannot open RP.dcm") == "ERROR: cannot open RP.dcm"
-    assert pueue_parse.find_failure_marker("sh: line 1: 42 Segmentation fault (core dumped)").endswith("(core dumped)")
-    assert pueue_parse.find_failure_marker(sample("log_v4.json")) is None  # "RuntimeError:" is not "ERROR:"
-    assert pueue_parse.has_success_marker(MOQUI_LOG + "\nTotal execution time: 312.4 s")
-    assert not pueue_parse.has_success_marker(MOQUI_LOG + "\nestimated Total execution time: 3 s")
-
-
 # --- small text outputs ------------------------------------------------------
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -355,6 +345,11 @@ def test_version_and_groups():
             pueue_parse.parse_groups(bad)
 
 
+def read_kill_reply(stdout, stderr, exit_code, ids):
+    """How the pueue driver reads a ``pueue kill`` reply (``pueue._act_on_ids``)."""
+    return pueue_parse._parse_id_reply("kill", pueue_parse._KILLED_LINE, stdout, stderr, exit_code, ids)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name, ids, killed, failed", [
     ("kill_running", [4], (4,), ()),
@@ -366,17 +361,16 @@ def test_version_and_groups():
 ])
 def test_kill_output_samples(version, name, ids, killed, failed):
     response = cli(name, version)
-    result = pueue_parse.parse_kill(response["stdout"], response["stderr"], response["exit"], ids)
-    assert result == model.KillResult(killed=killed, failed=failed)
+    assert read_kill_reply(response["stdout"], response["stderr"], response["exit"], ids) == (killed, failed)
 
 
 def test_kill_output_that_does_not_account_for_every_id_is_bad_output():
     with pytest.raises(BadOutput):
-        pueue_parse.parse_kill("Tasks are being killed: 4\n", "", 0, [4, 5])
+        read_kill_reply("Tasks are being killed: 4\n", "", 0, [4, 5])
     with pytest.raises(BadOutput):
-        pueue_parse.parse_kill("", cli(DAEMON_DOWN, "v4")["stderr"], 1, [4])
+        read_kill_reply("", cli(DAEMON_DOWN, "v4")["stderr"], 1, [4])
     with pytest.raises(BadOutput):
-        pueue_parse.parse_kill("", "error: unexpected argument", 2, [])
+        read_kill_reply("", "error: unexpected argument", 2, [])
 
 
 # --- driver ------------------------------------------------------------------

@@ -6,12 +6,13 @@ tests/test_backend_contract.py and tests/test_slurm_workers.py.
 """
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 import pytest
 
 from shared import tasks
-from shared.backends import slurm, slurm_parse as sp
+from shared.backends import common, pueue, slurm, slurm_parse as sp
 from shared.backends.model import AlreadySubmitted, SubmitLockBusy, SubmitUncertain, TaskState, WorkdirMissing
 from shared.errors import BadOutput, RemoteError
 from tests.test_pueue_parse import FakeRunner
@@ -256,3 +257,11 @@ def test_the_first_line_of_stderr_keeps_what_a_heading_introduces():
     assert first_line("\n  sbatch: error: one\nsbatch: error: two\n") == "sbatch: error: one"
     assert first_line("Error:\n  Failed to canonicalize path\n  more\n") == "Error: Failed to canonicalize path"
     assert first_line("") == "" and len(first_line("x" * 1000)) == 303
+
+
+@pytest.mark.parametrize("script", [common.LOCKED_SUBMIT_PRELUDE, pueue.ADD_SCRIPT, slurm.SUBMIT_SCRIPT])
+def test_the_submit_scripts_take_their_exit_codes_from_the_named_constants(script):
+    assert not re.search(r"@[A-Z0-9_]*@", script)
+    assert common.with_exit_codes("exit @LABEL_EXISTS_EXIT@") == f"exit {common.LABEL_EXISTS_EXIT}"
+    with pytest.raises(KeyError):
+        common.with_exit_codes("exit @NO_SUCH_EXIT@")

@@ -307,3 +307,9 @@ def test_a_registered_case_not_yet_moved_into_the_spool_is_neither_claimed_nor_p
     assert claim_for_staging(conn, worker="stager", now=NOW + 2, lease_seconds=60).case_id == waiting.case_id
     release_staging(conn, waiting.case_id, worker="stager")
     assert claim_next_case(conn, worker="sub", now=NOW + 3, lease_seconds=60).case.case_id == waiting.case_id
+
+
+def test_the_per_attempt_resets_name_case_columns_and_widen_in_order():
+    from shared.store import ATTEMPT_CLEARS, CASE_COLUMNS, CLAIM_CLEARS, RETRY_CLEARS, SUBMIT_CLEARS
+    assert set(RETRY_CLEARS) <= CASE_COLUMNS
+    assert set(CLAIM_CLEARS) < set(SUBMIT_CLEARS) < set(ATTEMPT_CLEARS) < set(RETRY_CLEARS)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sandbox.sshd import free_port
 from shared.db import SCHEMA_VERSION, connect
 from tests.conftest import wait_until
-from tests.test_e2e import Supervisor, free_port
+from tests.test_e2e import Supervisor
 
 pytestmark = pytest.mark.system  # every test here starts real processes
 

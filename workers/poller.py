@@ -35,7 +35,7 @@ from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.spool import merge_into, settle_folder
 from shared.remote import UnsafeMember
 from shared.store import Case, cases_with_status, flag_for_review, get_case, release_slot_of, update_case
-from shared.worker import (Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
+from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
                            start_helper_loop, worker_main, worth_logging)
 
 FAILED_OUTCOMES = {
@@ -46,7 +46,7 @@ FAILED_OUTCOMES = {
     model.TaskState.ERRORED: Outcome.FAILED,
 }
 PAUSED_GROUPS = "paused_groups"
-REPEAT_LOG_SECONDS = 300
+WAITING_REFRESH_SHARE_OF_STUCK = 0.5  # see waiting_refresh_seconds
 
 
 def this_run(case: Case) -> dict:
@@ -259,9 +259,18 @@ def run_again(ctx: Context, case: Case, error: Exception, outcome: Outcome, now:
     return status is not None
 
 
+def waiting_refresh_seconds(ctx: Context) -> float:
+    """How old a waiting case's ``status_updated_at`` gets before the poller renews it.
+
+    Half of ``stuck_after_minutes``: renewed well before the reaper would flag the case as
+    stuck, yet written at most about twice per stuck period rather than on every poll.
+    """
+    return ctx.config.main_loop.stuck_after_minutes * 60 * WAITING_REFRESH_SHARE_OF_STUCK
+
+
 def update_progress(ctx: Context, case: Case, link: tasks.Link, output: str | None, now: float) -> bool:
     task, fields = link.task, {}
-    if link.found is tasks.Found.WAITING and now - case.status_updated_at > ctx.config.main_loop.stuck_after_minutes * 30:
+    if link.found is tasks.Found.WAITING and now - case.status_updated_at > waiting_refresh_seconds(ctx):
         fields["status_updated_at"] = now  # queued behind another case (depth > 1): waiting is not being stuck
     progress = pueue_parse.parse_progress(output or "", ctx.config.pueue.progress_pattern)
     if progress is not None and abs(progress - case.progress) >= 0.01:

@@ -30,13 +30,12 @@ from shared.logs import for_case
 from shared.maintenance import is_drained
 from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus
-from shared.store import (Case, Claim, claim_for_staging, claim_next_case, free_slots, mark_staged,
+from shared.store import (SUBMIT_CLEARS, Case, Claim, claim_for_staging, claim_next_case, free_slots, mark_staged,
                           release_staging, renew_lease, staged_waiting, update_case)
-from shared.worker import (Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop, worker_main,
-                           worth_logging)
+from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop,
+                           worker_main, worth_logging)
 
 HOSTS_READY = "hosts_ready"  # ctx.state: names of the hosts whose slots were made sure of
-REPEAT_LOG_SECONDS = 300
 STAGER_WAKE = "stager_wake"
 UNKNOWN_GROUP = "doesn't exists"  # sic: pueue's own wording
 # The pueue client sent the request but got no answer: the daemon may have stored the task.
@@ -176,9 +175,8 @@ def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, no
     case = claim.case
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name,
                       detail=f"task {task_id} in {claim.slot.name}",
-                      fields={"pueue_task_id": task_id, "remote_dir": remote_dir, "claimed_by": None,
-                              "lease_until": None, "started_at": None, "running_since": now, "progress": 0.0,
-                              "staged_at": None, "add_uncertain_until": None, "stop_requested_at": None,
+                      fields={**SUBMIT_CLEARS, "pueue_task_id": task_id, "remote_dir": remote_dir,
+                              "started_at": None, "running_since": now, "progress": 0.0,
                               "error_type": None, "error_message": None},
                       guard={"claimed_by": ctx.worker_id})
     if moved:

@@ -18,28 +18,45 @@ from shared.errors import BadOutput, RemoteError, RemoteFailure
 CLOCK_PREFIX = "mqic-clock "
 CLOCKED = 'printf \'%s%s\\n\' "$1" "$(date +%s)"; shift; exec "$@"'
 
+# The locked submit's own exit codes; the scripts get them through ``with_exit_codes``.
+LOCK_BUSY_EXIT = 85
 WORKDIR_MISSING_EXIT = 86
 LABEL_EXISTS_EXIT = 87
-LOCK_BUSY_EXIT = 85
+LOOKUP_FAILED_EXIT = 88
+PREPARE_FAILED_EXIT = 89
+OWN_255_EXIT = 254  # the command's own exit 255, moved off ssh's 255 ("unreachable")
+_EXIT_CODES = {
+    "LOCK_BUSY_EXIT": LOCK_BUSY_EXIT, "WORKDIR_MISSING_EXIT": WORKDIR_MISSING_EXIT,
+    "LABEL_EXISTS_EXIT": LABEL_EXISTS_EXIT, "LOOKUP_FAILED_EXIT": LOOKUP_FAILED_EXIT,
+    "PREPARE_FAILED_EXIT": PREPARE_FAILED_EXIT, "OWN_255_EXIT": OWN_255_EXIT,
+}
+_EXIT_PLACEHOLDER = re.compile(r"@([A-Z0-9_]+_EXIT)@")
 LOCK_FOLDER = ".mqic-locks"
 SAFE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 
+
+
+def with_exit_codes(script: str) -> str:
+    """``script`` with each ``@NAME_EXIT@`` replaced by that exit code (KeyError for an unknown name)."""
+    return _EXIT_PLACEHOLDER.sub(lambda match: str(_EXIT_CODES[match[1]]), script)
+
+
 # Expects $label, $limit, $workdir and $need_dir set by the script it starts.
-LOCKED_SUBMIT_PRELUDE = r"""
+LOCKED_SUBMIT_PRELUDE = with_exit_codes(r"""
 lockdir=${workdir%/*}/LOCKS
-mkdir -p -- "$lockdir" && exec 9>>"$lockdir/$label.lock" || exit 89
-flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2; exit 85; }
-[ "$need_dir" = 0 ] || [ -d "$workdir" ] || exit 86
-""".replace("LOCKS", LOCK_FOLDER)
+mkdir -p -- "$lockdir" && exec 9>>"$lockdir/$label.lock" || exit @PREPARE_FAILED_EXIT@
+flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2; exit @LOCK_BUSY_EXIT@; }
+[ "$need_dir" = 0 ] || [ -d "$workdir" ] || exit @WORKDIR_MISSING_EXIT@
+""").replace("LOCKS", LOCK_FOLDER)
 
 _EXCERPT_CHARS = 200
 _LINE_CHARS = 300
 # What the locked submit's own exit codes mean (85-87 become typed refusals).
 SUBMIT_EXIT_MEANINGS = {
-    88: "the look for an earlier task of the case failed",
-    89: "the submit could not be prepared on the HPC (lock folder, environment or job script)",
+    LOOKUP_FAILED_EXIT: "the look for an earlier task of the case failed",
+    PREPARE_FAILED_EXIT: "the submit could not be prepared on the HPC (lock folder, environment or job script)",
     137: "killed after the command timeout",
-    254: "the command itself exited 255",
+    OWN_255_EXIT: "the command itself exited 255",
 }
 
 

@@ -15,7 +15,7 @@ import shlex
 from typing import Mapping, Sequence
 
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, add_lands_within,
-                                    checked_label, failure_text, submit_refusal, with_text)
+                                    checked_label, failure_text, submit_refusal, with_exit_codes, with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
 from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
                                          _checked_env, _is_int, _parse_id_reply, add_argv, parse_clocked_status,
@@ -30,13 +30,13 @@ WORDS = Words(scheduler="pueue", task="task", submit="pueue add", status="pueue 
 # Idempotent add: under a per-label lock on the HPC, add only when no task carries the
 # label; the client is killed after ``limit`` seconds, so an add can never land later
 # than ``limit`` after the script started.
-ADD_SCRIPT = r"""
+ADD_SCRIPT = with_exit_codes(r"""
 pueue=$1 label=$2 limit=$3 workdir=$4 need_dir=$5; shift 5""" + LOCKED_SUBMIT_PRELUDE.rstrip("\n") + r"""
-while [ "$1" != --mqic-add-- ]; do export "$1" || exit 89; shift; done; shift
-tasks=$(eval "$pueue status --json") || exit 88
-case $tasks in *"\"label\":\"$label\""*) echo "$label already has a task" >&2; exit 87;; esac
+while [ "$1" != --mqic-add-- ]; do export "$1" || exit @PREPARE_FAILED_EXIT@; shift; done; shift
+tasks=$(eval "$pueue status --json") || exit @LOOKUP_FAILED_EXIT@
+case $tasks in *"\"label\":\"$label\""*) echo "$label already has a task" >&2; exit @LABEL_EXISTS_EXIT@;; esac
 eval "exec timeout -s KILL $limit $pueue \"\$@\""
-"""
+""")
 
 
 def submit(

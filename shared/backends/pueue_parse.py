@@ -13,12 +13,10 @@ from datetime import datetime
 from typing import Any, Mapping, Sequence
 
 from shared.backends.common import split_clock
-from shared.backends.model import GroupInfo, KillResult, Snapshot, TaskInfo, TaskState
+from shared.backends.model import GroupInfo, Snapshot, TaskInfo, TaskState
 from shared.errors import BadOutput
 
 DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<total>\d+) batches\)"
-FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")
-SUCCESS_MARKER = "Total execution time:"
 LOG_HANDLE_ERROR = "(Pueue error) Failed to get log file handle"
 
 _EXCERPT_CHARS = 200
@@ -329,16 +327,6 @@ def parse_version(stdout: str) -> str:
     return match[1]
 
 
-def parse_kill(stdout: str, stderr: str, exit_code: int, requested_ids: Sequence[int]) -> KillResult:
-    """Read ``pueue kill IDS`` output (either stream) into a KillResult.
-
-    Raises BadOutput when the exit code is neither 0 nor 1, or when some
-    requested id is in neither the "being killed" nor the "failed" line.
-    """
-    killed, failed = _parse_id_reply("kill", _KILLED_LINE, stdout, stderr, exit_code, requested_ids)
-    return KillResult(killed=killed, failed=failed)
-
-
 def _parse_id_reply(verb: str, done_line: re.Pattern[str], stdout: str, stderr: str, exit_code: int,
                     requested_ids: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     text = f"{stdout or ''}\n{stderr or ''}"
@@ -370,19 +358,6 @@ def parse_progress(output: str, pattern: str | re.Pattern[str] = DEFAULT_PROGRES
     if total <= 0:
         return None
     return max(0.0, min(100.0, 100.0 * done / total))
-
-
-def find_failure_marker(output: str, markers: Sequence[str] = FAILURE_MARKERS) -> str | None:
-    """The first log line containing a failure marker (stripped), or None."""
-    for line in (output or "").splitlines():
-        if any(marker in line for marker in markers):
-            return line.strip()
-    return None
-
-
-def has_success_marker(output: str, marker: str = SUCCESS_MARKER) -> bool:
-    """True when some log line starts with the success marker ("Total execution time:")."""
-    return any(line.lstrip().startswith(marker) for line in (output or "").splitlines())
 
 
 def add_argv(

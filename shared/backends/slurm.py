@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from typing import Mapping, Sequence
 
 from shared.backends import slurm_parse as sp
-from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, SUBMIT_EXIT_MEANINGS,
-                                    add_lands_within, checked_label, failure_text, split_clock, submit_refusal,
-                                    with_text)
+from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, LOOKUP_FAILED_EXIT,
+                                    PREPARE_FAILED_EXIT, SUBMIT_EXIT_MEANINGS, add_lands_within, checked_label,
+                                    failure_text, split_clock, submit_refusal, with_exit_codes, with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, SubmitUncertain, TaskInfo, TaskState, Words
 from shared.errors import HpcTrouble, RemoteError
 
@@ -45,16 +45,16 @@ TIME_LIMIT_MARGIN_SECONDS = 600
 # Idempotent submit: under the per-label lock, submit only when no active job carries the
 # label; write the batch script into the case folder and run sbatch killed after ``limit``
 # seconds (its own exit 255 arrives as 254, never as ssh's "unreachable").
-SUBMIT_SCRIPT = r"""
+SUBMIT_SCRIPT = with_exit_codes(r"""
 label=$1 limit=$2 workdir=$3 need_dir=$4 squeue=$5 script=$6; shift 6""" + LOCKED_SUBMIT_PRELUDE.rstrip("\n") + r"""
-jobs=$("$squeue" --me --noheader --name="$label" --format=%i) || exit 88
-[ -z "$jobs" ] || { echo "$label already has job(s)" $jobs >&2; exit 87; }
-cd -- "$workdir" && mkdir -p .mqic && printf '%s' "$script" > JOB_SCRIPT || exit 89
+jobs=$("$squeue" --me --noheader --name="$label" --format=%i) || exit @LOOKUP_FAILED_EXIT@
+[ -z "$jobs" ] || { echo "$label already has job(s)" $jobs >&2; exit @LABEL_EXISTS_EXIT@; }
+cd -- "$workdir" && mkdir -p .mqic && printf '%s' "$script" > JOB_SCRIPT || exit @PREPARE_FAILED_EXIT@
 timeout -s KILL "$limit" "$@"; status=$?
-[ "$status" -ne 255 ] || status=254
+[ "$status" -ne 255 ] || status=@OWN_255_EXIT@
 exit "$status"
-""".replace("JOB_SCRIPT", JOB_SCRIPT)
-_BEFORE_SBATCH_EXITS = (88, 89)
+""").replace("JOB_SCRIPT", JOB_SCRIPT)
+_BEFORE_SBATCH_EXITS = (LOOKUP_FAILED_EXIT, PREPARE_FAILED_EXIT)
 
 # Cancels waiting jobs only (one that started meanwhile is left alone), then lists our
 # active jobs: that fresh list says what was removed. scancel's own exit is not the
@@ -214,7 +214,7 @@ class SlurmBackend:
         if case_id is None or sp.job_name(case_id) != label:
             raise ValueError(f"a Slurm job name must be mqic_case_<id>: {label!r}")
         settings = self._settings(slot)
-        script = sp.batch_script(case_id, workdir, command, settings, env, record_exit=False)
+        script = sp.batch_script(case_id, workdir, command, settings, env)
         sbatch = sp.sbatch_argv(case_id, workdir, settings, script_path=f"{workdir.rstrip('/')}/{JOB_SCRIPT}",
                                 bin_dir=self.bin_dir, comment=f"{SLOT_COMMENT}{slot}")
         limit = str(max(1, int(self.timeout)))

@@ -5,14 +5,13 @@ builder returns an argv (a list of words; the runner quotes each one) and every 
 what a command printed and returns frozen dataclasses, or raises ``BadOutput``.
 
 - ``sbatch_argv`` and ``batch_script``: one job per case, named ``mqic_case_<id>``, whose
-  script runs the case's command in the case folder and records the command's exit status
-  atomically in ``<case folder>/.mqic/exit_status`` (Slurm forgets finished jobs after
+  script runs the case's (wrapped) command in the case folder; the wrapper records the exit
+  status in ``<case folder>/.mqic/exit_status`` (Slurm forgets finished jobs after
   ``MinJobAge``; without accounting that record is the only lasting outcome).
-- ``squeue_argv``/``parse_squeue``: all our jobs in one call, finished ones included
-  (``--states=all``: without it squeue hides jobs that have just finished).
-  ``MarkedFormat``/``parse_marked_squeue``: the same, its fields set off by a marker drawn
-  fresh for each call, so that no work dir (it holds the case's folder name) can shift a field.
-- ``sacct_argv``/``parse_sacct``: finished jobs where accounting exists.
+- ``squeue_argv``, ``MarkedFormat``/``parse_marked_squeue``: all our jobs in one call,
+  finished ones included (``--states=all``: without it squeue hides jobs that have just
+  finished), its fields set off by a marker drawn fresh for each call, so that no work dir
+  (it holds the case's folder name) can shift a field.
 - ``scancel_argv``: ``--signal=TERM --full`` (without ``--full`` the batch script, which has no
   ``srun`` steps, is not signalled at all) and plain ``scancel``.
 - ``map_job_state``: the ONE place where a Slurm job state becomes ours.
@@ -25,7 +24,7 @@ import math
 import re
 import secrets
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Mapping, Sequence
@@ -35,7 +34,6 @@ from shared.errors import BadOutput, RemoteError
 
 JOB_NAME_PREFIX = "mqic_case_"
 MQIC_DIR = ".mqic"
-EXIT_STATUS_RECORD = f"{MQIC_DIR}/exit_status"
 OUTPUT_FILE_PATTERN = f"{MQIC_DIR}/slurm-%j.out"
 # Slurm expands '%' patterns in the whole output path and drops them all at a backslash, so a
 # path that holds a case's folder name never goes there: the job's own shell opens its
@@ -43,10 +41,6 @@ OUTPUT_FILE_PATTERN = f"{MQIC_DIR}/slurm-%j.out"
 SLURM_OUTPUT = "/dev/null"
 _REDIRECT_OUTPUT = ('[ -z "${SLURM_JOB_ID:-}" ] || exec >>"' + OUTPUT_FILE_PATTERN.replace("%j", "$SLURM_JOB_ID")
                     + '" 2>&1')
-# The reason goes last: it is the one field Slurm may fill with free text (an admin's
-# state description), so a line is split into at most as many parts as there are fields.
-SQUEUE_FORMAT = "%i|%j|%T|%P|%V|%S|%M|%r"
-SACCT_FIELDS = ("JobID", "JobName", "State", "ExitCode", "Submit", "Start", "End", "Elapsed")
 SINFO_FORMAT = "%P|%a|%l|%D|%T|%N"
 
 _EXCERPT_CHARS = 200
@@ -58,8 +52,6 @@ _NO_TIME = frozenset({"N/A", "Unknown", "None", "NONE", ""})
 _SBATCH_PARSABLE = re.compile(r"(?P<id>\d+)(?:;\S+)?")
 _SBATCH_VERBOSE = re.compile(r"Submitted batch job (?P<id>\d+)")
 _VERSION = re.compile(r"\bslurm(?:-wlm)?\s+(?P<version>\d+\.\d+\.\d+\S*)")
-_PING = re.compile(r"Slurmctld\(\w+\) at \S+ is (?P<state>UP|DOWN)")
-_SCONTROL_KEY = re.compile(r"(?:^| )(?P<key>[A-Za-z][\w:/]*)=")
 _CANCELLED_BY = re.compile(r"CANCELLED by (?P<uid>\d+)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -82,27 +74,15 @@ class TaskState(str, Enum):
 
 
 @dataclass(frozen=True)
-class ExitCode:
-    """Slurm's ``E:S``: the script's exit status and the signal that ended it (0 if none)."""
-
-    status: int
-    signal: int
-
-
-@dataclass(frozen=True)
 class JobVerdict:
     """A Slurm job state mapped onto ours by ``map_job_state``.
 
     ``ended``: Slurm is done with the job (also for UNKNOWN after a node failure, where
-    the exit-status record has to tell). ``stuck``: waiting, but for something that will
-    not happen by itself (a hold, a limit the job exceeds). ``detail`` says why in words.
+    the exit-status record has to tell). ``detail`` says why in words.
     """
 
     state: TaskState
-    exit_code: int | None = None
-    signal: int | None = None
     ended: bool = False
-    stuck: bool = False
     detail: str = ""
 
 
@@ -122,42 +102,30 @@ _ENDED_UNKNOWN = {
     "NODE_FAIL": "node failed; the job's processes may have run on: read the exit-status record",
     "REVOKED": "revoked by a federation sibling",
 }
-# Pending reasons that do not clear by themselves (EnforcePartLimits=NO accepts such jobs).
-STUCK_REASONS = frozenset({
-    "PartitionTimeLimit", "PartitionConfig", "PartitionNodeLimit", "BadConstraints",
-    "InvalidAccount", "InvalidQOS", "DependencyNeverSatisfied", "JobHeldUser", "JobHeldAdmin",
-    "QOSMaxWallDurationPerJobLimit", "AssocMaxWallDurationPerJobLimit",
-})
-_MAX_REAL_SIGNAL = 31  # above: Slurm's own codes, e.g. 0:53 when the output file cannot be opened
 
 
-def map_job_state(state: str, exit_code: ExitCode | None = None, reason: str = "") -> JobVerdict:
-    """Map a Slurm job state (squeue ``%T``, sacct ``State``, scontrol ``JobState``) onto ours.
+def map_job_state(state: str, reason: str = "") -> JobVerdict:
+    """Map a Slurm job state (squeue ``%T``) and its reason onto ours.
 
-    ``exit_code`` (sacct/scontrol ``E:S``) refines FAILED: a real signal (1-31) makes it
-    KILLED, a status makes it FAILED with that code, neither leaves the code None.
-    CANCELLED is KILLED; the caller knows whether it asked for it. A state we do not know
-    is UNKNOWN, never a failure. Never raises.
+    squeue prints no exit code: how a job that ended by itself went is for the exit-status
+    record to tell. CANCELLED is KILLED; the caller knows whether it asked for it. A state
+    we do not know is UNKNOWN, never a failure. Never raises.
     """
     base = _base_state(state)
     if base in _WAITING_STATES:
-        return JobVerdict(TaskState.WAITING, stuck=reason in STUCK_REASONS,
-                          detail="" if reason == "None" else reason)
+        return JobVerdict(TaskState.WAITING, detail="" if reason == "None" else reason)
     if base in _RUNNING_STATES:
         return JobVerdict(TaskState.RUNNING, detail=base.lower() if base != "RUNNING" else "")
     if base == "COMPLETED":
-        return JobVerdict(TaskState.SUCCESS, exit_code=0, ended=True)
+        return JobVerdict(TaskState.SUCCESS, ended=True)
     if base == "FAILED":
-        return _failed(exit_code, reason)
+        return JobVerdict(TaskState.FAILED, ended=True, detail=reason)
     if base == "OUT_OF_MEMORY":  # the case asked for too little memory: its own failure
-        return JobVerdict(TaskState.FAILED, exit_code=_nonzero_status(exit_code), ended=True,
-                          detail="out of memory")
+        return JobVerdict(TaskState.FAILED, ended=True, detail="out of memory")
     if base == "CANCELLED":
-        return JobVerdict(TaskState.KILLED, signal=_real_signal(exit_code), ended=True,
-                          detail=_cancelled_detail(state))
+        return JobVerdict(TaskState.KILLED, ended=True, detail=_cancelled_detail(state))
     if base in _KILLED_BY_CLUSTER:
-        return JobVerdict(TaskState.KILLED, signal=_real_signal(exit_code), ended=True,
-                          detail=_KILLED_BY_CLUSTER[base])
+        return JobVerdict(TaskState.KILLED, ended=True, detail=_KILLED_BY_CLUSTER[base])
     if base in _TIME_LIMITS:
         return JobVerdict(TaskState.TIMED_OUT, ended=True, detail=_TIME_LIMITS[base])
     if base in _ENDED_UNKNOWN:
@@ -169,27 +137,6 @@ def _base_state(state: str) -> str:
     """The state word alone: sacct writes "CANCELLED by 0" (and a '+' when it cuts a column)."""
     words = (state or "").strip().split()
     return words[0].rstrip("+") if words else ""
-
-
-def _failed(exit_code: ExitCode | None, reason: str) -> JobVerdict:
-    signal = _real_signal(exit_code)
-    if signal is not None:  # Slurm says Reason=JobLaunchFailure here, which misleads
-        return JobVerdict(TaskState.KILLED, signal=signal, ended=True,
-                          detail=f"killed by signal {signal}")
-    status = _nonzero_status(exit_code)
-    if status is None and exit_code is not None and exit_code.signal:
-        reason = f"{reason} (Slurm code 0:{exit_code.signal})".strip()
-    return JobVerdict(TaskState.FAILED, exit_code=status, ended=True, detail=reason)
-
-
-def _nonzero_status(exit_code: ExitCode | None) -> int | None:
-    return exit_code.status if exit_code is not None and exit_code.status != 0 else None
-
-
-def _real_signal(exit_code: ExitCode | None) -> int | None:
-    if exit_code is None or not 0 < exit_code.signal <= _MAX_REAL_SIGNAL:
-        return None
-    return exit_code.signal
 
 
 def _cancelled_detail(state: str) -> str:
@@ -233,56 +180,8 @@ class QueuedJob:
 
     @property
     def verdict(self) -> JobVerdict:
-        """Mapped state; squeue prints no exit code, so a FAILED job's code is None here."""
-        return map_job_state(self.state, None, self.reason)
-
-
-@dataclass(frozen=True)
-class AccountedJob:
-    """One allocation line of ``sacct`` (step lines such as ``5.batch`` are left out)."""
-
-    job_id: int
-    name: str
-    state: str
-    exit_code: ExitCode | None = None
-    submitted: datetime | None = None
-    started: datetime | None = None
-    ended_at: datetime | None = None
-    elapsed_seconds: int | None = None
-
-    @property
-    def case_id(self) -> int | None:
-        return case_id_from_job_name(self.name)
-
-    @property
-    def verdict(self) -> JobVerdict:
-        return map_job_state(self.state, self.exit_code)
-
-
-@dataclass(frozen=True)
-class ControlJob:
-    """The fields we use of one ``scontrol --oneliner show job`` line."""
-
-    job_id: int
-    name: str
-    state: str
-    reason: str
-    exit_code: ExitCode | None
-    restarts: int
-    run_seconds: int | None
-    started: datetime | None
-    ended_at: datetime | None
-    stdout_path: str
-    work_dir: str
-    fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def case_id(self) -> int | None:
-        return case_id_from_job_name(self.name)
-
-    @property
-    def verdict(self) -> JobVerdict:
-        return map_job_state(self.state, self.exit_code, self.reason)
+        """Mapped state (squeue prints no exit code)."""
+        return map_job_state(self.state, self.reason)
 
 
 @dataclass(frozen=True)
@@ -368,47 +267,22 @@ def sbatch_argv(case_id: int, remote_dir: str, settings: SubmitSettings, *,
 
 
 def batch_script(case_id: int, remote_dir: str, command: str, settings: SubmitSettings,
-                 env: Mapping[str, str] | None = None, *, record_exit: bool = True) -> str:
+                 env: Mapping[str, str] | None = None) -> str:
     """The bash script of one case's job.
 
     It enters ``remote_dir`` (a missing folder ends the job with exit 1 instead of running
     in /tmp, which is what ``--chdir`` alone would do), sends its output (under Slurm) to
-    ``.mqic/slurm-<job id>.out``, exports ``env`` (quoted), runs
-    ``command`` with ``bash -c`` in the foreground and writes the command's exit status to
-    ``.mqic/exit_status`` through a temporary file and a rename. The script traps TERM so
-    that ``scancel --signal=TERM --full``, a time limit or a cancel (TERM before Slurm's
-    KILL) still leaves a record: the command gets the TERM, the script waits for it and
-    records its status (143 for a command killed by TERM). Only a SIGKILL of the script
-    leaves no record. A stale record from an earlier run is removed first.
-
-    With ``record_exit=False`` the script only enters the folder, exports ``env`` and
-    ``exec``s the command, which then writes the record itself (the Slurm backend runs
-    the command that ``shared.tasks.wrap_command`` wrapped, as pueue does).
+    ``.mqic/slurm-<job id>.out``, exports ``env`` (quoted) and ``exec``s ``command`` with
+    ``bash -c``. The command writes the exit-status record itself: the Slurm backend runs
+    the command that ``shared.tasks.wrap_command`` wrapped, as pueue does.
     """
     directory = _checked_dir(remote_dir)
     if not command.strip():
         raise ValueError("the remote command is empty")
-    lines = ["#!/bin/bash", *(sbatch_line(line) for line in settings.extra_sbatch_lines)]
-    if not record_exit:
-        lines += [f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder.",
-                  _enter(directory), f"mkdir -p {MQIC_DIR}", _REDIRECT_OUTPUT, *_exports(env or {}),
-                  f"exec /bin/bash -c {_quote(command)}"]
-        return "\n".join(lines) + "\n"
-    lines += [
-        f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder",
-        "# and records the command's exit status atomically (Slurm forgets finished jobs).",
-        _enter(directory),
-        f"mkdir -p {MQIC_DIR} && rm -f {EXIT_STATUS_RECORD}",
-        _REDIRECT_OUTPUT,
-        *_exports(env or {}),
-        "# A TERM must not end this script before the command has ended and been recorded.",
-        "trap ':' TERM",
-        f"/bin/bash -c {_quote(command)}",
-        "status=$?",
-        f'printf \'%s\\n\' "$status" > "{EXIT_STATUS_RECORD}.$$" '
-        f'&& mv -f -- "{EXIT_STATUS_RECORD}.$$" {EXIT_STATUS_RECORD}',
-        'exit "$status"',
-    ]
+    lines = ["#!/bin/bash", *(sbatch_line(line) for line in settings.extra_sbatch_lines),
+             f"# Written by MQI Communicator for case {int(case_id)}: runs its command in its folder.",
+             _enter(directory), f"mkdir -p {MQIC_DIR}", _REDIRECT_OUTPUT, *_exports(env or {}),
+             f"exec /bin/bash -c {_quote(command)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -468,41 +342,13 @@ def format_time_limit(seconds: float) -> str:
 # Other commands
 # ---------------------------------------------------------------------------
 
-def squeue_argv(names: Sequence[str] = (), *, bin_dir: str = "", fmt: str = SQUEUE_FORMAT) -> list[str]:
-    """``squeue --me --noheader --states=all --format=FMT [--name=N1,N2]``: our jobs in one call.
+def squeue_argv(*, fmt: str, bin_dir: str = "") -> list[str]:
+    """``squeue --me --noheader --states=all --format=FMT``: every job of our user in one call.
 
-    Without ``names`` every job of our user is listed; ``parse_squeue`` then gives all of
-    them and ``case_id`` tells ours. ``--states=all`` keeps jobs that have just finished
-    (until ``MinJobAge``); without it they would look absent.
+    ``case_id`` tells ours. ``--states=all`` keeps jobs that have just finished (until
+    ``MinJobAge``); without it they would look absent.
     """
-    argv = [command_path(bin_dir, "squeue"), "--me", "--noheader", "--states=all", f"--format={fmt}"]
-    if names:
-        argv.append(f"--name={_name_list(names)}")
-    return argv
-
-
-def _name_list(names: Sequence[str]) -> str:
-    for name in names:
-        checked_word("job name", name)
-        if "," in name:
-            raise ValueError(f"a job name in a list cannot hold a comma: {name!r}")
-    return ",".join(names)
-
-
-def sacct_argv(job_ids: Sequence[int] = (), names: Sequence[str] = (), *, since: str = "now-7days",
-               bin_dir: str = "", fields: Sequence[str] = SACCT_FIELDS) -> list[str]:
-    """``sacct --parsable2 --noheader --allocations --format=F,... (--jobs=IDS | --name=N --starttime=S)``.
-
-    Exactly one of ``job_ids`` or ``names``: plain sacct shows only today's jobs. With
-    ``names`` the search starts at ``since`` (any sacct time, e.g. ``now-7days``).
-    """
-    if bool(job_ids) == bool(names):
-        raise ValueError("sacct needs either job ids or job names")
-    argv = [command_path(bin_dir, "sacct"), "--parsable2", "--noheader", "--allocations",
-            f"--format={','.join(fields)}"]
-    if job_ids:
-        return [*argv, f"--jobs={_id_list(job_ids)}"]
-    return [*argv, f"--name={_name_list(names)}", f"--starttime={checked_word('time', since)}"]
+    return [command_path(bin_dir, "squeue"), "--me", "--noheader", "--states=all", f"--format={fmt}"]
 
 
 def _id_list(job_ids: Sequence[int]) -> str:
@@ -524,11 +370,6 @@ def scancel_argv(job_ids: Sequence[int], *, signal: str | None = None, bin_dir: 
     return [*_scancel_head(signal, bin_dir), *_id_list(job_ids).split(",")]
 
 
-def scancel_by_name_argv(name: str, *, signal: str | None = None, bin_dir: str = "") -> list[str]:
-    """``scancel --me --name=N [--signal=SIG --full]``: every job of ours with that exact name."""
-    return [*_scancel_head(signal, bin_dir), "--me", f"--name={checked_word('job name', name)}"]
-
-
 def _scancel_head(signal: str | None, bin_dir: str) -> list[str]:
     head = [command_path(bin_dir, "scancel")]
     if signal is not None:
@@ -538,37 +379,14 @@ def _scancel_head(signal: str | None, bin_dir: str) -> list[str]:
     return head
 
 
-def scontrol_job_argv(job_id: int, *, bin_dir: str = "") -> list[str]:
-    """``scontrol --oneliner show job ID``: one job while slurmctld still remembers it."""
-    return [command_path(bin_dir, "scontrol"), "--oneliner", "show", "job", _id_list([job_id])]
-
-
 def sinfo_argv(*, bin_dir: str = "") -> list[str]:
     """``sinfo --noheader --format=%P|%a|%l|%D|%T|%N``: partitions and their node states."""
     return [command_path(bin_dir, "sinfo"), "--noheader", f"--format={SINFO_FORMAT}"]
 
 
-def ping_argv(*, bin_dir: str = "") -> list[str]:
-    """``scontrol ping``: answers at once, exit 1 (with the same text) when slurmctld is down."""
-    return [command_path(bin_dir, "scontrol"), "ping"]
-
-
 def version_argv(*, bin_dir: str = "") -> list[str]:
     return [command_path(bin_dir, "sbatch"), "--version"]
 
-
-EXIT_255_REMAPPED = 254
-_REMAP_255 = '"$@"; status=$?; [ "$status" -ne 255 ] || status=254; exit "$status"'
-
-
-def shielded_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` run by ``sh`` so that the command's own exit 255 arrives as 254.
-
-    ssh exits 255 for its own failures, and the remote layer takes 255 for "unreachable";
-    sbatch also exits 255, for a bad ``--time`` or an unknown option, which is a config
-    error and must not look like an outage. Standard input passes through (the script).
-    """
-    return ["sh", "-c", _REMAP_255, "sh", *argv]
 
 
 # ---------------------------------------------------------------------------
@@ -592,28 +410,6 @@ def parse_sbatch(stdout: str) -> int:
     if match is None:
         raise BadOutput(f"sbatch: expected a job id, got {_excerpt(stdout)!r}")
     return int(match["id"])
-
-
-def parse_squeue(stdout: str, fmt: str = SQUEUE_FORMAT) -> tuple[QueuedJob, ...]:
-    """Lines of ``squeue --noheader --format=FMT`` (fields split by '|', the last may hold '|').
-
-    Only for formats where no field but the last can hold a '|' or a newline (the captures):
-    a work dir (``%Z``) can hold both, so the backend reads ``parse_marked_squeue``.
-
-    ``fmt`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M %Z %k`` (reason,
-    partition, submit and start time, elapsed, work dir, comment) are read too, any other
-    field is skipped. An unset work dir or comment (``(null)``) is "". Lines of array or
-    heterogeneous jobs (``12_3``, ``12+0``) are left out: ours are plain jobs. BadOutput on a
-    line that does not fit the format.
-    """
-    codes = fmt.split("|")
-    _check_squeue_codes(codes)
-    jobs = []
-    for line in _lines(stdout):
-        values = _split_fields(line, codes, "squeue")
-        if _PLAIN_JOB_ID.fullmatch(values["%i"]):
-            jobs.append(_queued_job(values, line))
-    return tuple(jobs)
 
 
 @dataclass(frozen=True)
@@ -641,8 +437,12 @@ class MarkedFormat:
 def parse_marked_squeue(stdout: str, fmt: MarkedFormat) -> tuple[QueuedJob, ...]:
     """The jobs of ``squeue --noheader --format=<fmt.text>``, every value exactly as printed.
 
-    The codes are read as in ``parse_squeue``. BadOutput when the output does not have the
-    shape of the format (text outside the markers, a job with a field missing).
+    ``codes`` must contain ``%i``, ``%j`` and ``%T``; ``%r %P %V %S %M %Z %k`` (reason,
+    partition, submit and start time, elapsed, work dir, comment) are read too, any other
+    field is skipped. An unset work dir or comment (``(null)``) is "". Lines of array or
+    heterogeneous jobs (``12_3``, ``12+0``) are left out: ours are plain jobs. BadOutput
+    when the output does not have the shape of the format (text outside the markers, a
+    job with a field missing).
     """
     _check_squeue_codes(fmt.codes)
     if not (stdout or "").strip():
@@ -699,77 +499,6 @@ def _checked_state(state: str, line: str) -> str:
     return state
 
 
-def parse_sacct(stdout: str, fields: Sequence[str] = SACCT_FIELDS) -> tuple[AccountedJob, ...]:
-    """Lines of ``sacct --parsable2 --noheader --format=FIELDS``: one AccountedJob per job.
-
-    Step lines (``12.batch``) and array or heterogeneous jobs are left out. ``JobID``,
-    ``JobName`` and ``State`` are required; ``ExitCode``, ``Submit``, ``Start``, ``End`` and
-    ``Elapsed`` are read when present. Empty output (an unknown id) is an empty tuple:
-    "not in sacct" means "could not tell" (records arrive 1-3 s late). BadOutput on garbage.
-    """
-    if not {"JobID", "JobName", "State"} <= set(fields):
-        raise ValueError(f"sacct fields need JobID, JobName and State: {fields!r}")
-    jobs = []
-    for line in _lines(stdout):
-        values = _split_fields(line, fields, "sacct")
-        if _PLAIN_JOB_ID.fullmatch(values["JobID"]):
-            jobs.append(_accounted_job(values, line))
-    return tuple(jobs)
-
-
-def _accounted_job(values: Mapping[str, str], line: str) -> AccountedJob:
-    exit_code = values.get("ExitCode")
-    return AccountedJob(
-        job_id=int(values["JobID"]),
-        name=values["JobName"],
-        state=_checked_state(values["State"], line),
-        exit_code=parse_exit_code(exit_code) if exit_code is not None else None,
-        submitted=parse_slurm_time(values.get("Submit", "")),
-        started=parse_slurm_time(values.get("Start", "")),
-        ended_at=parse_slurm_time(values.get("End", "")),
-        elapsed_seconds=parse_duration(values.get("Elapsed", "")),
-    )
-
-
-def parse_scontrol_jobs(stdout: str) -> tuple[ControlJob, ...]:
-    """Lines of ``scontrol --oneliner show job [ID]`` (``Key=Value`` pairs split by spaces).
-
-    A value holding " Word=" would be cut there; the fields we read never do.
-    BadOutput when JobId, JobName, JobState or ExitCode is missing or unreadable.
-    """
-    return tuple(_control_job(_key_values(line), line) for line in _lines(stdout))
-
-
-def _key_values(line: str) -> dict[str, str]:
-    keys = list(_SCONTROL_KEY.finditer(line))
-    values = {}
-    for match, following in zip(keys, [*keys[1:], None]):
-        end = following.start() if following is not None else len(line)
-        values[match["key"]] = line[match.end():end].strip()
-    return values
-
-
-def _control_job(values: Mapping[str, str], line: str) -> ControlJob:
-    missing = [key for key in ("JobId", "JobName", "JobState", "ExitCode") if key not in values]
-    if missing or not _PLAIN_JOB_ID.fullmatch(values["JobId"]):
-        raise BadOutput(f"scontrol show job: missing {missing or ['JobId']} in {_excerpt(line)!r}")
-    restarts = values.get("Restarts", "0")
-    return ControlJob(
-        job_id=int(values["JobId"]),
-        name=values["JobName"],
-        state=_checked_state(values["JobState"], line),
-        reason=values.get("Reason", ""),
-        exit_code=parse_exit_code(values["ExitCode"]),
-        restarts=int(restarts) if restarts.isdigit() else 0,
-        run_seconds=parse_duration(values.get("RunTime", "")),
-        started=parse_slurm_time(values.get("StartTime", "")),
-        ended_at=parse_slurm_time(values.get("EndTime", "")),
-        stdout_path=values.get("StdOut", ""),
-        work_dir=values.get("WorkDir", ""),
-        fields=dict(values),
-    )
-
-
 def parse_partitions(stdout: str) -> dict[str, PartitionInfo]:
     """``sinfo --noheader --format=%P|%a|%l|%D|%T|%N`` by partition name (``*`` marks the default)."""
     partitions: dict[str, PartitionInfo] = {}
@@ -790,36 +519,12 @@ def parse_partitions(stdout: str) -> dict[str, PartitionInfo]:
     return partitions
 
 
-def parse_ping(stdout: str) -> bool:
-    """``scontrol ping``: True for "... is UP", False for "... is DOWN" (printed with exit 1)."""
-    match = _PING.search(stdout or "")
-    if match is None:
-        raise BadOutput(f"scontrol ping: no UP or DOWN in {_excerpt(stdout)!r}")
-    return match["state"] == "UP"
-
-
 def parse_version(stdout: str) -> str:
     """``slurm-wlm 22.05.8`` (or ``slurm 23.02.1``) -> ``22.05.8``."""
     match = _VERSION.search(stdout or "")
     if match is None:
         raise BadOutput(f"Slurm --version: no version in {_excerpt(stdout)!r}")
     return match["version"]
-
-
-def parse_exit_status_record(text: str) -> int:
-    """The exit status written by ``batch_script`` into ``.mqic/exit_status`` (0-255)."""
-    value = (text or "").strip()
-    if not value.isdigit() or not value.isascii() or int(value) > 255:
-        raise BadOutput(f"exit-status record: expected 0-255, got {_excerpt(text)!r}")
-    return int(value)
-
-
-def parse_exit_code(text: str) -> ExitCode:
-    """Slurm's ``E:S`` (``3:0``, ``0:15``)."""
-    status, _, signal = (text or "").strip().partition(":")
-    if not (status.isdigit() and signal.isdigit()):
-        raise BadOutput(f"not a Slurm exit code E:S: {text!r}")
-    return ExitCode(int(status), int(signal))
 
 
 def parse_duration(text: str) -> int | None:
