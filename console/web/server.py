@@ -1,4 +1,4 @@
-"""mqic-web: serves the dashboard (``web.app``) with waitress on ``web.listen``.
+"""The web dashboard program: serves ``console.web.app`` with waitress on ``web.listen``.
 
 Refuses to start (exit 2, one line) when actions are on and ``web.token_file`` is missing or not
 mode 0600. SIGTERM (supervisord's stop) ends it; it keeps no state, so a restart loses nothing.
