@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +14,8 @@ from shared.states import CaseStatus, SlotStatus
 from shared.store import (URGENT_FIRST, case_from_row, claim_next_case, note_remote, register_case, release_slot_of,
                           seat_specs, sync_slots, transition, update_case)
 from tests.conftest import cli, make_config, make_hosts_config
+from tests.test_console import top_once
 
-ROOT = Path(__file__).resolve().parents[1]
 
 NOW = 1_000_000.0
 HANDOFF = 10.0  # claim -> running row in every recorded run
@@ -274,9 +270,7 @@ def test_show_prints_the_eta_with_its_basis_and_times_in_the_configured_zone(liv
 
 @pytest.mark.system
 def test_top_shows_an_eta_column_for_running_and_waiting_cases(live):
-    env = {**os.environ, "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "console.top", "--once", "--config", str(live.config.source)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = top_once(live.config, 200)
     assert result.returncode == 0, result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines()
              if re.match(r"\s*\d+\s+(a|b|old)", line)}
