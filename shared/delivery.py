@@ -25,7 +25,6 @@ before delivery was configured are not delivered (``results.deliver_since``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -40,14 +39,13 @@ from shared.notify import queue_share_notice
 from shared.settings import bump, get_setting, since
 from shared.share import (ShareInterrupted, ShareProblem, ShareWriteError, note_share, probe_share, run_on_share,
                           share_request, share_state)
-from shared.share_child import PARTIAL_PREFIX, REPLACED_PREFIX  # noqa: F401  (re-exported)
+from shared.share_child import PARTIAL_PREFIX, REPLACED_PREFIX, sha256_of  # noqa: F401  (re-exported)
 from shared.states import CaseStatus
 from shared.store import Case, case_from_row, flag_for_review, record_case_event
 from shared.worker import Context, per_item
 
 SINCE_KEY = "results.deliver_since"
 BATCH = 1  # one copy per pass, so a large one delays the rest of the upkeep pass by one copy at most
-CHUNK = 1 << 20
 RENEW_EVERY_SECONDS = 1.0
 
 # INDEXED BY: the partial index holds only undelivered cases; the status index would read every completed one.
@@ -91,25 +89,17 @@ def result_names(folder: Path, patterns: Sequence[str]) -> list[str]:
     return sorted(names)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checksums(folder: Path, names: Sequence[str]) -> dict[str, str]:
-    """``{relative path: sha256}`` of ``names`` under ``folder``."""
-    return {name: sha256_of(folder / name) for name in names}
-
-
 # -- the record of the fetched results ----------------------------------------------------------------
 
+def file_record(folder: Path, names: Sequence[str]) -> dict[str, dict[str, int | str]]:
+    """``{relative path: {"size", "sha256"}}`` of ``names`` under ``folder``."""
+    return {name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)} for name in names}
+
+
 def fetched_record(folder: Path) -> dict[str, dict[str, int | str]]:
-    """``{relative path: {"size", "sha256"}}`` of every regular file under ``folder`` (just fetched)."""
+    """The ``file_record`` of every regular file under ``folder`` (just fetched)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
+    return file_record(folder, [str(p.relative_to(folder)) for p in files])
 
 
 def recorded_results(case: Case) -> dict[str, tuple[int | None, str | None]] | None:
@@ -208,8 +198,7 @@ def expected_files(config: Config, case: Case) -> tuple[dict[str, dict[str, int 
     if not names:
         raise DeliveryError(f"no result files ({', '.join(patterns) or 'host ' + str(case.host) + ' not configured'})"
                             f" in {source}")
-    return {name: {"size": (source / name).stat().st_size, "sha256": sha256_of(source / name)}
-            for name in names}, True
+    return file_record(source, names), True
 
 
 def deliver_files(ctx: Context, case: Case, lease: Lease | None = None) -> Delivered:

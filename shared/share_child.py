@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 from shared.processes import pid_alive
 
@@ -85,12 +86,13 @@ def remove_stale(folder: Path, case_id: int | None = None) -> list[str]:
     return removed
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, on_chunk: Callable[[], None] = lambda: None) -> str:
+    """The file's sha256, read a chunk at a time (``on_chunk`` after each: the child's sign of life)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
-            alive()
+            on_chunk()
     return digest.hexdigest()
 
 
@@ -111,7 +113,7 @@ def verify(partial: Path, expected: dict) -> None:
         copied = partial / name
         if copied.stat().st_size != size:
             raise Refused(f"size of the copy of {name} differs from the fetched file")
-        if digest is not None and sha256_of(copied) != digest:
+        if digest is not None and sha256_of(copied, alive) != digest:
             raise Refused(f"checksum of the copy of {name} differs from the fetched file")
         alive()
 
