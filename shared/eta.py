@@ -99,13 +99,11 @@ RECENT_SQL = ("SELECT case_id, host, started_at, completed_at, running_since FRO
               " WHERE status = 'completed' ORDER BY submitted_at DESC, case_id DESC LIMIT ?")
 
 
-def _recent_runs(conn: sqlite3.Connection, now: float, host: str | None = None) -> list[_Run]:
-    """The newest completed runs (of ``host``, or any), newest first, from a bounded window."""
+def _recent_runs(conn: sqlite3.Connection, now: float) -> list[_Run]:
+    """The newest completed runs of every host, newest first, from a bounded window."""
     runs, wanted = [], []
     for r in conn.execute(RECENT_SQL, (RUN_WINDOW,)):
         if r["started_at"] is None or r["completed_at"] is None or r["completed_at"] > now:
-            continue
-        if host is not None and r["host"] != host:
             continue
         wanted.append(r)
     claims = _claim_times(conn, [r["case_id"] for r in wanted[:RECENT_RUNS * 8]])
@@ -125,13 +123,6 @@ def _claim_times(conn: sqlite3.Connection, case_ids: list[int]) -> dict[int, flo
         if row is not None:
             found[case_id] = row[0]
     return found
-
-
-def recent_run_seconds(conn: sqlite3.Connection, host: str, now: float) -> float | None:
-    """Median run time (real start to completed) of ``host``'s last ``RECENT_RUNS`` runs
-    completed by ``now``; None when it has none in the newest ``RUN_WINDOW`` completed cases."""
-    runs = _recent_runs(conn, now, host)[:RECENT_RUNS]
-    return statistics.median(r.seconds for r in runs) if runs else None
 
 
 def _median_or(values: Iterable[float], default: float) -> float:

@@ -106,9 +106,10 @@ def test_with_a_measured_median_the_rate_counts_for_the_fraction_done(one_gpu):
 def test_without_progress_a_running_case_takes_the_hosts_recent_median_run(one_gpu):
     one_gpu.history([200.0, 300.0, 400.0])
     case_id = one_gpu.running("a", NOW - 70, started=NOW - 50)
-    assert eta.recent_run_seconds(one_gpu.conn, "hpc", NOW) == 300.0
-    assert eta.recent_run_seconds(one_gpu.conn, "elsewhere", NOW) is None
-    assert eta.recent_run_seconds(one_gpu.conn, "hpc", NOW - 49_900) is None  # none completed by then
+    paces = eta.host_paces(one_gpu.conn, ["hpc", "elsewhere"], NOW, [])
+    assert (paces["hpc"].run_seconds, paces["hpc"].basis) == (300.0, "median of 3 runs on hpc")
+    assert paces["elsewhere"].basis == "median of 3 runs on all hosts"  # none of its own
+    assert not eta.host_paces(one_gpu.conn, ["hpc"], NOW - 49_900, [])["hpc"].measured  # none completed by then
     found = one_gpu.estimate()[case_id]
     assert (found.kind, found.at) == ("finish", NOW - 50 + 300)
     assert "no progress yet" in found.basis and "median of 3 runs on hpc" in found.basis
