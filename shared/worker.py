@@ -190,8 +190,8 @@ def run_worker(ctx: Context, tick: Callable[[Context, float], int], *,
 
     Between passes it waits the interval (or ``idle_wait(ctx)``) unless woken;
     with ``drain`` a pass that did work is followed at once by another.
+    The caller logs the start and the stop (a process's stop comes after its helpers').
     """
-    ctx.log.info("%s started (pid %d)", ctx.name, os.getpid())
     interval = ctx.config.main_loop.interval_seconds
     while not ctx.stop.is_set():
         done = tick(ctx, time.time())
@@ -201,7 +201,6 @@ def run_worker(ctx: Context, tick: Callable[[Context, float], int], *,
         wait = 0.0 if (done and drain) else (idle_wait(ctx) if idle_wait else interval)
         ctx.wake.wait(wait)
         ctx.wake.clear()
-    ctx.log.info("%s stopped", ctx.name)
     return 0
 
 
@@ -217,12 +216,14 @@ def worker_main(program: str, name: str, tick: Callable[[Context, float], int], 
     log = setup_logging(config.logging, worker_name)
     ctx = build_context(config, worker_name, log=log)
     install_signal_handlers(ctx)
+    ctx.log.info("%s started (pid %d)", ctx.name, os.getpid())
     if prepare:
         prepare(ctx)
     code = run_worker(ctx, tick, idle_wait=idle_wait, once=args.once, drain=drain)
     ctx.stop.set()  # after --once too: the helper loops end with the main one
     for helper in ctx.state.get(HELPER_THREADS, []):
         helper.join()  # each finishes the step in hand, then sees the stop event
+    ctx.log.info("%s stopped", ctx.name)  # the process's last line, after its helpers'
     return 1 if ctx.state.get(HELPER_FAILED) else code
 
 
@@ -241,8 +242,10 @@ def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], 
 
     def loop() -> None:
         helper.conn = connect(ctx.config.database_path, migrate=False)  # sqlite: one per thread
+        helper.log.info("%s started (pid %d)", name, os.getpid())
         try:
             run_worker(helper, tick, drain=drain)
+            helper.log.info("%s stopped", name)
         except BaseException:
             helper.log.exception("%s died; stopping the process", name)
             ctx.state[HELPER_FAILED] = True
