@@ -50,7 +50,7 @@ RENEW_EVERY_SECONDS = 1.0
 
 # INDEXED BY: the partial index holds only undelivered cases; the status index would read every completed one.
 DUE_SQL = ("SELECT * FROM cases INDEXED BY cases_undelivered"
-           " WHERE status = 'completed' AND delivered_at IS NULL AND completed_at >= :since"
+           f" WHERE status = {CaseStatus.COMPLETED.sql} AND delivered_at IS NULL AND completed_at >= :since"
            " AND (next_delivery_at IS NULL OR next_delivery_at <= :now) ORDER BY completed_at LIMIT :limit")
 
 
@@ -140,7 +140,7 @@ def claim_delivery(conn: sqlite3.Connection, case: Case, now: float, lease_secon
     until = now + lease_seconds
     with transaction(conn):
         cursor = conn.execute(
-            "UPDATE cases SET next_delivery_at = ? WHERE case_id = ? AND status = 'completed'"
+            f"UPDATE cases SET next_delivery_at = ? WHERE case_id = ? AND status = {CaseStatus.COMPLETED.sql}"
             " AND delivered_at IS NULL AND next_delivery_at IS ?", (until, case.case_id, case.next_delivery_at))
         return until if cursor.rowcount == 1 else None
 
@@ -225,7 +225,7 @@ def record_delivered(conn: sqlite3.Connection, case: Case, done: Delivered, *, n
         cursor = conn.execute(
             "UPDATE cases SET delivered_at = ?, delivered_to = ?, result_checksums = ?, delivery_error = NULL,"
             " next_delivery_at = NULL, delivery_attempts = delivery_attempts + 1"
-            " WHERE case_id = ? AND status = 'completed' AND delivered_at IS NULL",
+            f" WHERE case_id = ? AND status = {CaseStatus.COMPLETED.sql} AND delivered_at IS NULL",
             (now, str(done.target), record, case.case_id))
         if cursor.rowcount != 1:
             return False
@@ -242,8 +242,8 @@ def record_failure(conn: sqlite3.Connection, case: Case, error: Exception, retry
     with transaction(conn):
         cursor = conn.execute(
             "UPDATE cases SET delivery_error = ?, next_delivery_at = ?, delivery_attempts = delivery_attempts + 1"
-            " WHERE case_id = ? AND status = 'completed' AND delivered_at IS NULL", (message, now + retry_seconds,
-                                                                                    case.case_id))
+            f" WHERE case_id = ? AND status = {CaseStatus.COMPLETED.sql} AND delivered_at IS NULL",
+            (message, now + retry_seconds, case.case_id))
         if cursor.rowcount == 1 and case.delivery_error is None:
             record_case_event(conn, case.case_id, CaseStatus.COMPLETED, CaseStatus.COMPLETED, now=now,
                               worker=worker, detail=f"results delivery failed, retried every "

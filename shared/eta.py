@@ -28,6 +28,7 @@ from typing import Iterable
 from shared.config import Config
 from shared.maintenance import drains
 from shared.store import Case, case_from_row, down_hosts, waiting_in_claim_order
+from shared.states import CaseStatus, sql_list
 
 DEFAULT_RUN_SECONDS = 1800.0   # no run finished anywhere yet, none in flight with progress
 DEFAULT_HANDOFF_SECONDS = 30.0  # claim -> task on the HPC (upload, submit) when never measured
@@ -96,7 +97,7 @@ class _Lane:
 # -- recent runs --------------------------------------------------------------------------------
 
 RECENT_SQL = ("SELECT case_id, host, started_at, completed_at, running_since FROM cases"
-              " WHERE status = 'completed' ORDER BY submitted_at DESC, case_id DESC LIMIT ?")
+              f" WHERE status = {CaseStatus.COMPLETED.sql} ORDER BY submitted_at DESC, case_id DESC LIMIT ?")
 
 
 def _recent_runs(conn: sqlite3.Connection, now: float) -> list[_Run]:
@@ -118,8 +119,9 @@ def _claim_times(conn: sqlite3.Connection, case_ids: list[int]) -> dict[int, flo
     """Each case's last claim (``submitted -> submitting``), from the per-case event index."""
     found = {}
     for case_id in case_ids:
-        row = conn.execute("SELECT at FROM case_events WHERE case_id = ? AND from_status = 'submitted'"
-                           " AND to_status = 'submitting' ORDER BY event_id DESC LIMIT 1", (case_id,)).fetchone()
+        row = conn.execute(f"SELECT at FROM case_events WHERE case_id = ? AND from_status = {CaseStatus.SUBMITTED.sql}"
+                           f" AND to_status = {CaseStatus.SUBMITTING.sql} ORDER BY event_id DESC LIMIT 1",
+                           (case_id,)).fetchone()
         if row is not None:
             found[case_id] = row[0]
     return found
@@ -218,7 +220,8 @@ def _lane_of(lanes: dict[tuple[str, str], _Lane], case: Case, paces: dict[str, P
     return lanes[key]
 
 
-HELD_SQL = "SELECT * FROM cases WHERE status IN ('running', 'submitting') ORDER BY status_updated_at, case_id"
+HELD_SQL = (f"SELECT * FROM cases WHERE status IN ({sql_list(CaseStatus.RUNNING, CaseStatus.SUBMITTING)})"
+            " ORDER BY status_updated_at, case_id")
 
 
 def _held_cases(conn: sqlite3.Connection) -> tuple[list[Case], list[Case], list[Case]]:

@@ -16,14 +16,15 @@ from html import escape
 from zoneinfo import ZoneInfo
 
 from shared.queries import slot_busy_seconds
+from shared.states import CaseStatus, sql_list
 
 # Workers stamp events with the ``now`` of their pass, so ids and times may disagree by a
 # pass; the search for a window's first event allows this much.
 CLOCK_SLACK_SECONDS = 600.0
 ENDED_SQL = ("SELECT e.case_id, e.to_status, e.at, c.submitted_at, c.started_at"
              " FROM case_events e JOIN cases c ON c.case_id = e.case_id"
-             " WHERE e.event_id >= :first AND e.at >= :since AND e.from_status = 'running'"
-             " AND e.to_status IN ('completed', 'failed') ORDER BY e.event_id DESC")
+             f" WHERE e.event_id >= :first AND e.at >= :since AND e.from_status = {CaseStatus.RUNNING.sql}"
+             f" AND e.to_status IN ({sql_list(CaseStatus.COMPLETED, CaseStatus.FAILED)}) ORDER BY e.event_id DESC")
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def gpu_wait_seconds(conn: sqlite3.Connection, since: float) -> list[float]:
     those that ended since then (completed or failed) and those running now."""
     ended = {r["case_id"]: r for r in _ended_since(conn, since)}
     running = conn.execute("SELECT case_id, submitted_at, started_at FROM cases"
-                           " WHERE status = 'running' AND started_at >= ?", (since,)).fetchall()
+                           f" WHERE status = {CaseStatus.RUNNING.sql} AND started_at >= ?", (since,)).fetchall()
     rows = [r for r in ended.values() if r["started_at"] is not None and r["started_at"] >= since] + running
     return [max(0.0, r["started_at"] - r["submitted_at"]) for r in rows]
 

@@ -17,7 +17,7 @@ from shared.config import HostConfig
 from shared.durations import in_words
 from shared.maintenance import Drain, drains
 from shared.share import ShareState, share_state
-from shared.states import CaseStatus, Outcome
+from shared.states import CaseStatus, Outcome, SlotStatus, sql_list
 from shared.store import HOST_KEY, Case, case_from_row
 
 STATUSES = tuple(s.value for s in CaseStatus)
@@ -261,9 +261,10 @@ SLOTS_SQL = (
     " ORDER BY g.host, g.pueue_group, g.seat")
 REACH_SQL = "SELECT host, ok, checked_at, checked_by, error, down_since, problem FROM host_reach ORDER BY host"
 # A seat is in use while assigned or zombie (a zombie's task may still run).
-SEATS_BY_HOST_SQL = ("SELECT host, COUNT(*) AS seats, COALESCE(SUM(status IN ('assigned', 'zombie')), 0) AS in_use"
+SEATS_BY_HOST_SQL = ("SELECT host, COUNT(*) AS seats,"
+                     f" COALESCE(SUM(status IN ({sql_list(SlotStatus.ASSIGNED, SlotStatus.ZOMBIE)})), 0) AS in_use"
                      " FROM gpu_resources GROUP BY host")
-RUNNING_BY_HOST_SQL = "SELECT host, COUNT(*) FROM cases WHERE status = 'running' GROUP BY host"
+RUNNING_BY_HOST_SQL = f"SELECT host, COUNT(*) FROM cases WHERE status = {CaseStatus.RUNNING.sql} GROUP BY host"
 
 
 def slots(conn: sqlite3.Connection) -> list[SlotView]:
@@ -319,7 +320,8 @@ def hosts(conn: sqlite3.Connection, configured: Sequence[HostConfig] = ()) -> li
 
 def in_flight_on(conn: sqlite3.Connection, host: str) -> int:
     """Cases being submitted to or running on ``host``."""
-    return conn.execute("SELECT COUNT(*) FROM cases WHERE status IN ('submitting', 'running') AND host = ?",
+    return conn.execute("SELECT COUNT(*) FROM cases"
+                        f" WHERE status IN ({sql_list(CaseStatus.SUBMITTING, CaseStatus.RUNNING)}) AND host = ?",
                         (host,)).fetchone()[0]
 
 
@@ -384,7 +386,7 @@ def share_text(state: ShareState, now: float) -> str:
 
 UNDELIVERED_SQL = ("SELECT COUNT(*), COUNT(delivery_error), MAX(CASE WHEN delivery_error IS NOT NULL"
                    " THEN completed_at END) FROM cases INDEXED BY cases_undelivered"
-                   " WHERE status = 'completed' AND delivered_at IS NULL"
+                   f" WHERE status = {CaseStatus.COMPLETED.sql} AND delivered_at IS NULL"
                    " AND completed_at >= (SELECT value FROM settings WHERE key = 'results.deliver_since')")
 NOTICES_SQL = ("SELECT COUNT(*), COUNT(last_error) FROM notices"
                " WHERE sent_at IS NULL AND gave_up_at IS NULL")
@@ -392,7 +394,8 @@ NOTICES_SQL = ("SELECT COUNT(*), COUNT(last_error) FROM notices"
 
 def waiting_by_priority(conn: sqlite3.Connection) -> dict[str, int]:
     """Submitted cases per priority (both keys, zero when none)."""
-    counts = dict(conn.execute("SELECT priority, COUNT(*) FROM cases WHERE status = 'submitted' GROUP BY priority"))
+    counts = dict(conn.execute(
+        f"SELECT priority, COUNT(*) FROM cases WHERE status = {CaseStatus.SUBMITTED.sql} GROUP BY priority"))
     return {p: counts.get(p, 0) for p in ("normal", "urgent")}
 
 
@@ -401,10 +404,12 @@ def upkeep(conn: sqlite3.Connection) -> Upkeep:
     waiting, failing, newest = conn.execute(UNDELIVERED_SQL).fetchone()
     error = None
     if failing:
-        error = conn.execute("SELECT delivery_error FROM cases WHERE status = 'completed' AND delivered_at IS NULL"
+        error = conn.execute("SELECT delivery_error FROM cases"
+                             f" WHERE status = {CaseStatus.COMPLETED.sql} AND delivered_at IS NULL"
                              " AND completed_at = ? AND delivery_error IS NOT NULL LIMIT 1", (newest,)).fetchone()[0]
     pending, notices_failing = conn.execute(NOTICES_SQL).fetchone()
-    urgent = conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted' AND priority = 'urgent'").fetchone()[0]
+    urgent = conn.execute("SELECT COUNT(*) FROM cases"
+                          f" WHERE status = {CaseStatus.SUBMITTED.sql} AND priority = 'urgent'").fetchone()[0]
     return Upkeep(drains=tuple(drains(conn)), urgent_waiting=urgent, awaiting_delivery=waiting,
                   delivery_failing=failing, delivery_error=error, notices_pending=pending,
                   notices_failing=notices_failing, share=share_state(conn))
@@ -432,18 +437,18 @@ def overview(conn: sqlite3.Connection, now: float, stale_after: float, *, recent
 # A phase ends at an event: the upload when the case starts running (it began at the
 # latest claim, submitted -> submitting); queue wait and run when it completes (running
 # event -> started_at -> completed_at). The case row is final by then, so a sample never changes.
-PHASE_EVENTS_SQL = """
+PHASE_EVENTS_SQL = f"""
 SELECT e.event_id, e.to_status, e.at, c.started_at, c.completed_at,
   (SELECT s.at FROM case_events s WHERE s.case_id = e.case_id AND s.event_id < e.event_id
-     AND s.to_status = 'submitting' AND s.from_status = 'submitted'
+     AND s.to_status = {CaseStatus.SUBMITTING.sql} AND s.from_status = {CaseStatus.SUBMITTED.sql}
      ORDER BY s.event_id DESC LIMIT 1) AS upload_started,
   (SELECT r.at FROM case_events r WHERE r.case_id = e.case_id AND r.event_id < e.event_id
-     AND r.to_status = 'running' AND r.from_status = 'submitting'
+     AND r.to_status = {CaseStatus.RUNNING.sql} AND r.from_status = {CaseStatus.SUBMITTING.sql}
      ORDER BY r.event_id DESC LIMIT 1) AS running_since
 FROM case_events e JOIN cases c ON c.case_id = e.case_id
 WHERE e.event_id > ? AND e.event_id <= ?
-  AND ((e.to_status = 'running' AND e.from_status = 'submitting')
-       OR (e.to_status = 'completed' AND e.from_status = 'running'))
+  AND ((e.to_status = {CaseStatus.RUNNING.sql} AND e.from_status = {CaseStatus.SUBMITTING.sql})
+       OR (e.to_status = {CaseStatus.COMPLETED.sql} AND e.from_status = {CaseStatus.RUNNING.sql}))
 ORDER BY e.event_id"""
 
 

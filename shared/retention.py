@@ -39,7 +39,7 @@ from shared.errors import MqicError, RemoteError, RemoteFailure, Unreachable
 from shared.logs import for_case
 from shared.maintenance import is_drained
 from shared.settings import bump
-from shared.states import CaseStatus
+from shared.states import CaseStatus, sql_list
 from shared.store import Case, case_from_row, flag_for_review, get_case, record_case_event
 from shared.worker import Context, note_reach, per_item, reachable_hosts
 
@@ -57,15 +57,19 @@ case $real in "$base"/?*) ;; *) echo "refused: $dir resolves to $real, outside $
 rm -rf -- "$dir" && printf 'removed'
 """
 
-ENDED = "status IN ('completed', 'failed') AND remote_removed_at IS NULL AND remote_dir IS NOT NULL"
+ENDED = (f"status IN ({sql_list(CaseStatus.COMPLETED, CaseStatus.FAILED)})"
+         " AND remote_removed_at IS NULL AND remote_dir IS NOT NULL")
 # INDEXED BY: the partial indexes hold only folders not removed yet (the status index would read them all).
 REMOTE_CANDIDATES_SQL = f"SELECT * FROM cases INDEXED BY cases_remote_kept WHERE {ENDED} AND completed_at < :cutoff"
 # The rules that SQL can tell, so cases kept for good never hide removable ones behind the LIMIT.
-REMOTE_DUE_SQL = (REMOTE_CANDIDATES_SQL + " AND needs_review = 0 AND (status = 'completed' OR acknowledged_at IS NOT NULL)"
-                  " AND (status = 'failed' OR result_checksums IS NOT NULL OR local_removed_at IS NOT NULL)"
-                  " AND (status = 'failed' OR :since IS NULL OR delivered_at IS NOT NULL OR completed_at < :since)"
+REMOTE_DUE_SQL = (REMOTE_CANDIDATES_SQL
+                  + f" AND needs_review = 0 AND (status = {CaseStatus.COMPLETED.sql} OR acknowledged_at IS NOT NULL)"
+                  f" AND (status = {CaseStatus.FAILED.sql} OR result_checksums IS NOT NULL OR local_removed_at IS NOT NULL)"
+                  f" AND (status = {CaseStatus.FAILED.sql} OR :since IS NULL OR delivered_at IS NOT NULL"
+                  " OR completed_at < :since)"
                   " AND NOT EXISTS (SELECT 1 FROM gpu_resources g WHERE g.assigned_case_id = cases.case_id)")
-LOCAL_CANDIDATES_SQL = ("SELECT * FROM cases INDEXED BY cases_local_kept WHERE status = 'completed' AND local_removed_at IS NULL"
+LOCAL_CANDIDATES_SQL = ("SELECT * FROM cases INDEXED BY cases_local_kept"
+                        f" WHERE status = {CaseStatus.COMPLETED.sql} AND local_removed_at IS NULL"
                         " AND completed_at < :cutoff")
 LOCAL_DUE_SQL = (LOCAL_CANDIDATES_SQL + " AND needs_review = 0"
                  " AND (:since IS NULL OR delivered_at IS NOT NULL OR completed_at < :since)")
@@ -244,8 +248,9 @@ def remove_local_folder(ctx: Context, case: Case, reason: str, now: float) -> bo
         raise RetentionRefused(f"{folder} is not inside {ctx.spool.stage_dir('done')}")
     trash = ctx.spool.staging_dir(f"{REMOVING_PREFIX}{case.case_id}")
     with ctx.spool.lock(), transaction(ctx.conn):
-        cursor = ctx.conn.execute("UPDATE cases SET local_removed_at = ? WHERE case_id = ? AND status = 'completed'"
-                                  " AND local_removed_at IS NULL", (now, case.case_id))
+        cursor = ctx.conn.execute("UPDATE cases SET local_removed_at = ? WHERE case_id = ?"
+                                  f" AND status = {CaseStatus.COMPLETED.sql} AND local_removed_at IS NULL",
+                                  (now, case.case_id))
         if cursor.rowcount != 1:
             return False
         record_case_event(ctx.conn, case.case_id, case.status, case.status, now=now, worker=ctx.name,
@@ -370,8 +375,8 @@ def acknowledge(conn: sqlite3.Connection, case: Case, *, now: float, worker: str
     if case.status is not CaseStatus.FAILED:
         return False
     with transaction(conn):
-        cursor = conn.execute("UPDATE cases SET acknowledged_at = ? WHERE case_id = ? AND status = 'failed'"
-                              " AND acknowledged_at IS NULL", (now, case.case_id))
+        cursor = conn.execute("UPDATE cases SET acknowledged_at = ? WHERE case_id = ?"
+                              f" AND status = {CaseStatus.FAILED.sql} AND acknowledged_at IS NULL", (now, case.case_id))
         if cursor.rowcount != 1:
             return False
         record_case_event(conn, case.case_id, case.status, case.status, now=now, worker=worker,

@@ -7,6 +7,11 @@ from shared.errors import ForbiddenTransition, UnknownStatus
 
 
 class _Parsed(str, Enum):
+    @property
+    def sql(self) -> str:
+        """The value as an SQL string literal, for queries: ``'completed'`` (values are ours, never user data)."""
+        return f"'{self.value}'"
+
     @classmethod
     def parse(cls, value: str):
         """The member named by a stored value; UnknownStatus for anything else."""
@@ -28,6 +33,11 @@ class SlotStatus(_Parsed):
     AVAILABLE = "available"
     ASSIGNED = "assigned"
     ZOMBIE = "zombie"
+
+
+def sql_list(*members: _Parsed) -> str:
+    """``'running', 'submitting'``: the values as SQL literals for an ``IN (...)`` list."""
+    return ", ".join(member.sql for member in members)
 
 
 class Outcome(str, Enum):

@@ -246,7 +246,8 @@ def register_case(conn: sqlite3.Connection, *, case_name: str, source_path: str,
     with transaction(conn):
         cursor = conn.execute(
             "INSERT INTO cases (case_name, case_path, source_path, spool_stage, status,"
-            " submitted_at, status_updated_at, priority) VALUES (?, ?, ?, 'incoming', 'submitted', ?, ?, ?)",
+            " submitted_at, status_updated_at, priority)"
+            f" VALUES (?, ?, ?, 'incoming', {CaseStatus.SUBMITTED.sql}, ?, ?, ?)",
             (case_name, source_path, source_path, now, now, priority))
         case_id = cursor.lastrowid
         record_case_event(conn, case_id, None, CaseStatus.SUBMITTED, now=now, worker=worker,
@@ -293,7 +294,8 @@ def release_slot_of(conn: sqlite3.Connection, case: Case, to: SlotStatus, *, now
     with transaction(conn):
         if guard is not None and not case_still(conn, case, guard):
             return False
-        row = conn.execute("SELECT * FROM gpu_resources WHERE assigned_case_id = ? AND status = 'assigned'",
+        row = conn.execute("SELECT * FROM gpu_resources"
+                           f" WHERE assigned_case_id = ? AND status = {SlotStatus.ASSIGNED.sql}",
                            (case.case_id,)).fetchone()
         if row is None:
             return False
@@ -337,7 +339,8 @@ def sync_slots(conn: sqlite3.Connection, seats: Iterable[SeatSpec], *, now: floa
         for spec in wanted:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO gpu_resources (host, pueue_group, seat, status, gpu, updated_at)"
-                " VALUES (?, ?, ?, 'available', ?, ?)", (spec.host, spec.group, spec.seat, spec.gpu, now))
+                f" VALUES (?, ?, ?, {SlotStatus.AVAILABLE.sql}, ?, ?)",
+                (spec.host, spec.group, spec.seat, spec.gpu, now))
             conn.execute("UPDATE gpu_resources SET gpu = ? WHERE host = ? AND pueue_group = ? AND seat = ?",
                          (spec.gpu, spec.host, spec.group, spec.seat))
             if cursor.rowcount == 1:
@@ -347,9 +350,10 @@ def sync_slots(conn: sqlite3.Connection, seats: Iterable[SeatSpec], *, now: floa
                                   worker=worker, detail="slot created from config")
                 added.append(slot.name)
         keys = {(spec.host, spec.group, spec.seat) for spec in wanted}
-        for row in conn.execute("SELECT * FROM gpu_resources WHERE status = 'available'").fetchall():
+        for row in conn.execute(f"SELECT * FROM gpu_resources WHERE status = {SlotStatus.AVAILABLE.sql}").fetchall():
             if (row["host"], row["pueue_group"], row["seat"]) not in keys:
-                conn.execute("DELETE FROM gpu_resources WHERE slot_id = ? AND status = 'available'", (row["slot_id"],))
+                conn.execute(f"DELETE FROM gpu_resources WHERE slot_id = ? AND status = {SlotStatus.AVAILABLE.sql}",
+                             (row["slot_id"],))
     return added
 
 
@@ -379,7 +383,7 @@ URGENT_FIRST = ("CASE WHEN priority = 'urgent' OR submitted_at <= :aged THEN 0 E
                 " submitted_at, case_id")
 # Only a case whose folder is in spool/queued may be claimed or pre-uploaded: a registered
 # case is still in the drop folder (stage ``incoming``) until the scanner has moved it.
-CLAIMABLE = "status = 'submitted' AND spool_stage = 'queued'"
+CLAIMABLE = f"status = {CaseStatus.SUBMITTED.sql} AND spool_stage = 'queued'"
 # A seat can be handed out when its host is neither drained nor last seen unreachable.
 # issue 21: nor is its GPU one that nvidia-smi shows lost or not answering, or busy with someone
 # else's process under ``gpus.avoid_foreign`` (``gpus.blocks_claims``, kept by shared.gpus). A seat
@@ -395,7 +399,7 @@ SEAT_USABLE = ("host NOT IN (SELECT host FROM drains)"
 # Fill idle GPUs before queueing behind a running case; then the case's own host (where
 # it may be pre-uploaded); then the seat free longest.
 SEAT_ORDER = ("(SELECT COUNT(*) FROM gpu_resources AS b WHERE b.host = gpu_resources.host"
-              " AND b.pueue_group = gpu_resources.pueue_group AND b.status <> 'available'),"
+              f" AND b.pueue_group = gpu_resources.pueue_group AND b.status <> {SlotStatus.AVAILABLE.sql}),"
               " host IS NOT :case_host, updated_at, host, pueue_group, seat")
 
 
@@ -407,7 +411,7 @@ def waiting_in_claim_order(conn: sqlite3.Connection, *, now: float,
                            max_wait_seconds: float | None = None) -> list[Case]:
     """Every ``submitted`` case in the order the claim takes them (``URGENT_FIRST``), for
     estimates and screens; backoff and staging claims are left to the caller."""
-    rows = conn.execute(f"SELECT * FROM cases WHERE status = 'submitted' ORDER BY {URGENT_FIRST}",
+    rows = conn.execute(f"SELECT * FROM cases WHERE status = {CaseStatus.SUBMITTED.sql} ORDER BY {URGENT_FIRST}",
                         {"aged": _aged(now, max_wait_seconds)})
     return [case_from_row(r) for r in rows]
 
@@ -445,7 +449,7 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
     """
     allowed = None if seats is None else set(seats)
     if not _any(conn, f"SELECT 1 FROM cases WHERE {CLAIMABLE}") or \
-            not _any(conn, f"SELECT 1 FROM gpu_resources WHERE status = 'available' AND {SEAT_USABLE}"):
+            not _any(conn, f"SELECT 1 FROM gpu_resources WHERE status = {SlotStatus.AVAILABLE.sql} AND {SEAT_USABLE}"):
         return None  # nothing to do: no write lock taken
     with transaction(conn):
         if not _free_seats(conn, allowed, None):
@@ -459,11 +463,11 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
             return None
         slot = _free_seats(conn, allowed, row["host"])[0]
         row = conn.execute(
-            "UPDATE cases SET status = 'submitting', status_updated_at = :now, claimed_by = :w,"
+            f"UPDATE cases SET status = {CaseStatus.SUBMITTING.sql}, status_updated_at = :now, claimed_by = :w,"
             " lease_until = :lease, pueue_group = :g, host = :h,"
             " remote_dir = CASE WHEN host IS :h THEN remote_dir END,"  # a pre-upload elsewhere is not used
             " staged_at = CASE WHEN host IS :h THEN staged_at END"
-            " WHERE case_id = :id AND status = 'submitted'"
+            f" WHERE case_id = :id AND status = {CaseStatus.SUBMITTED.sql}"
             " RETURNING *", {"now": now, "w": worker, "lease": now + lease_seconds, "g": slot.pueue_group,
                              "h": slot.host, "id": row["case_id"]}).fetchone()
         case = case_from_row(row)
@@ -480,7 +484,7 @@ def _any(conn: sqlite3.Connection, query: str) -> bool:
 
 
 def _free_seats(conn: sqlite3.Connection, allowed: set[tuple[str, str]] | None, case_host: str | None) -> list[Slot]:
-    rows = conn.execute(f"SELECT * FROM gpu_resources WHERE status = 'available' AND {SEAT_USABLE}"
+    rows = conn.execute(f"SELECT * FROM gpu_resources WHERE status = {SlotStatus.AVAILABLE.sql} AND {SEAT_USABLE}"
                         f" ORDER BY {SEAT_ORDER}", {"case_host": case_host}).fetchall()
     return [slot_from_row(r) for r in rows if allowed is None or (r["host"], r["pueue_group"]) in allowed]
 
@@ -499,7 +503,8 @@ def free_slots(conn: sqlite3.Connection, seats: Iterable[tuple[str, str]] | None
 
 def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:
     """How many ``submitted`` cases are already uploaded (to ``host``, or anywhere) and wait for a seat."""
-    return conn.execute("SELECT COUNT(*) FROM cases WHERE status = 'submitted' AND staged_at IS NOT NULL"
+    return conn.execute(f"SELECT COUNT(*) FROM cases WHERE status = {CaseStatus.SUBMITTED.sql}"
+                        " AND staged_at IS NOT NULL"
                         " AND (:host IS NULL OR host = :host)", {"host": host}).fetchone()[0]
 
 
@@ -524,7 +529,7 @@ def claim_for_staging(conn: sqlite3.Connection, *, worker: str, now: float, leas
             "   AND (claimed_by IS NULL OR lease_until < :now))"
             " UPDATE cases SET claimed_by = :w, lease_until = :lease"
             " WHERE case_id = (SELECT case_id FROM queue WHERE place > :skip AND staged_at IS NULL"
-            "   ORDER BY place LIMIT 1) AND status = 'submitted' RETURNING *",
+            f"   ORDER BY place LIMIT 1) AND status = {CaseStatus.SUBMITTED.sql} RETURNING *",
             {"w": worker, "now": now, "lease": now + lease_seconds, "skip": skip,
              "aged": _aged(now, max_wait_seconds)}).fetchone()
     return None if row is None else case_from_row(row)
@@ -536,7 +541,7 @@ def mark_staged(conn: sqlite3.Connection, case: Case, *, host: str, remote_dir: 
     with transaction(conn):
         cursor = conn.execute(
             "UPDATE cases SET host = ?, remote_dir = ?, staged_at = ?, claimed_by = NULL, lease_until = NULL"
-            " WHERE case_id = ? AND status = 'submitted' AND claimed_by = ?",
+            f" WHERE case_id = ? AND status = {CaseStatus.SUBMITTED.sql} AND claimed_by = ?",
             (host, remote_dir, now, case.case_id, worker))
         if cursor.rowcount != 1:
             return False
@@ -551,7 +556,7 @@ def release_staging(conn: sqlite3.Connection, case_id: int, *, worker: str) -> b
 
 
 def expired_leases(conn: sqlite3.Connection, now: float, limit: int = 100) -> list[Case]:
-    rows = conn.execute("SELECT * FROM cases WHERE status = 'submitting' AND lease_until < ?"
+    rows = conn.execute(f"SELECT * FROM cases WHERE status = {CaseStatus.SUBMITTING.sql} AND lease_until < ?"
                         " ORDER BY case_id LIMIT ?", (now, limit))
     return [case_from_row(r) for r in rows]
 
