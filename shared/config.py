@@ -644,7 +644,11 @@ PLAIN_SECTIONS = {"pueue": PueueConfig, "main_loop": MainLoopConfig, "database":
 
 
 def _refuse_secrets(data: Any, problems: Problems, prefix: str = "") -> None:
-    if isinstance(data, dict):
+    """Record every key that looks like a password, at any depth (``hosts`` entries too)."""
+    if isinstance(data, list):
+        for index, item in enumerate(data):
+            _refuse_secrets(item, problems, f"{prefix[:-1]}[{index}].")
+    elif isinstance(data, dict):
         for key, value in data.items():
             name = f"{prefix}{key}"
             if _secret(str(key)):
@@ -685,14 +689,13 @@ def _single_host(sections: dict[str, Section]) -> HostConfig:
     name = hpc_section.get("name", HOST_NAME)
     hpc = read(HpcConfig, hpc_section)
     pueue.used.add("groups")
-    slurm.used.update(slurm.data)
-    if hpc.backend is BAD:
-        return HostConfig(name=name, hpc=hpc)
     if hpc.backend == "slurm":
         if "groups" in pueue.data:
             pueue.problem("groups", "not used with hpc.backend slurm: the slots are slurm.partitions")
-        slurm.used.clear()
         return HostConfig(name=name, hpc=hpc, slurm=_slurm(slurm))
+    slurm.used.update(slurm.data)  # refused whole below, or its backend is unknown
+    if hpc.backend is BAD:  # its problem is recorded; the slots cannot be told apart
+        return HostConfig(name=name, hpc=hpc)
     if slurm.data:
         slurm.problems.add("slurm", f"given, but hpc.backend is {hpc.backend!r} (set hpc.backend: slurm to use it)")
     return HostConfig(name=name, hpc=hpc, groups=_groups(pueue, GROUPS.default))
@@ -834,7 +837,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None  # one line
     return parse_config(data, source)
 
 
