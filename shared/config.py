@@ -23,8 +23,8 @@ import yaml
 
 from shared.backends.slurm_parse import sbatch_line
 from shared.config_keys import (BAD, Entries, Invalid, Problems, Section, Setting, bad, choice, did_you_mean, flag,
-                                known, local_path, markdown_table, number, optional, read, rows, setting, settings,
-                                text)
+                                known, local_path, markdown_table, number, optional, read, replace_between, rows, setting,
+                                settings, text)
 from shared.errors import ConfigError
 
 DEFAULT_CONFIG = "config/config.yaml"
@@ -566,7 +566,7 @@ class GpusConfig:
     enabled: bool = setting(
         flag, True, "nvidia-smi telemetry on the pueue hosts (see \"The GPUs themselves\"); `false`: no call, and "
                     "nothing read earlier holds a seat back")
-    interval_seconds: float = setting(number(minimum=0.5), 10, "at most one remote call per host this often")
+    interval_seconds: float = setting(number(minimum=0.5), 10, "at most one remote call per host this often (≥ 0.5)")
     command: tuple[str, ...] = setting(
         command_line, "nvidia-smi", "command line of nvidia-smi on the HPC (e.g. `/usr/bin/nvidia-smi`); run with the "
                                "two `--query-…` options")
@@ -847,6 +847,15 @@ def default_config_path() -> str:
 
 
 # -- README's configuration table ------------------------------------------------------------------
+
+TABLE_BEGIN = "<!-- config-table: generated from the declarations in shared/config.py by scripts/config-table.py -->"
+TABLE_END = "<!-- /config-table -->"
+
+
+def readme_with_config_table(readme: str) -> str:
+    """README's text with its configuration table (between TABLE_BEGIN and TABLE_END) made from the declarations."""
+    return replace_between(readme, TABLE_BEGIN, TABLE_END, config_table())
+
 
 def config_table() -> str:
     """README's configuration table (markdown): every key declared above, in README's order."""

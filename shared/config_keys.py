@@ -271,3 +271,10 @@ def optional(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def maybe(value: Any) -> Any:
         return None if value is None else kind(value)
     return maybe
+
+
+def replace_between(document: str, begin: str, end: str, block: str) -> str:
+    """``document`` with the lines between the marker lines ``begin`` and ``end`` replaced by ``block``."""
+    start = document.index(begin + "\n") + len(begin) + 1
+    stop = document.index(end, start)
+    return document[:start] + block + document[stop:]
