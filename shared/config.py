@@ -23,8 +23,8 @@ import yaml
 
 from shared.backends.slurm_parse import sbatch_line
 from shared.config_keys import (BAD, Entries, Invalid, Problems, Section, Setting, bad, choice, did_you_mean, flag,
-                                known, local_path, markdown_table, number, optional, read, replace_between, rows, setting,
-                                settings, text)
+                                known, local_path, markdown_table, number, optional, read, replace_between, rows,
+                                setting, settings, text)
 from shared.errors import ConfigError
 
 DEFAULT_CONFIG = "config/config.yaml"
@@ -811,7 +811,8 @@ def parse_config(data: Any, source: Path) -> Config:
         if key not in SECTIONS and not _secret(str(key)):
             problems.add(str(key), f"unknown section ({did_you_mean(str(key), SECTIONS)}known: {', '.join(SECTIONS)})")
     root = ROOT_DIR.kind(data.get("root_dir") or source.resolve().parent.parent)
-    sections = {name: Section(name, data.get(name), problems, root) for name in SECTIONS if name not in ("root_dir", "hosts")}
+    sections = {name: Section(name, data.get(name), problems, root)
+                for name in SECTIONS if name not in ("root_dir", "hosts")}
     scanner = read(ScannerConfig, sections["scanner"])  # problems are listed in the order of the sections
     hosts = _hosts(data["hosts"], sections) if "hosts" in data else (_single_host(sections),)
     plain = {name: read(cls, sections[name]) for name, cls in PLAIN_SECTIONS.items()}

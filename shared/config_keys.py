@@ -234,7 +234,6 @@ def number(*, minimum: float = 0, positive: bool = False, integer: bool = False)
         if value < minimum or (positive and value <= 0):
             raise bad(value, f"{noun} {bound}")
         return value
-    kind.__doc__ = f"{noun} {bound}"
     return kind
 
 
