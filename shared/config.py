@@ -179,8 +179,9 @@ def hpc_folder(value: Any) -> str:
 
 
 def time_zone(value: Any) -> str:
+    text(value)
     try:
-        ZoneInfo(text(value))
+        ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         raise bad(value, "an IANA time zone such as Asia/Seoul") from None
     return value

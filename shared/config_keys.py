@@ -41,7 +41,7 @@ BAD = _Marker("BAD")            # the value of a key whose problem was recorded
 _UNSET = _Marker("UNSET")
 
 
-class Invalid(ValueError):
+class Invalid(Exception):
     """A value a kind refuses; the text is what follows ``key: `` in the message."""
 
 

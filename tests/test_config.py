@@ -157,6 +157,8 @@ SLURM_BAD = [
     ({"partitions": {}}, "slurm.partitions: got {}, expected a mapping of slot names to partition settings"),
     ({"partitions": {"gpu a": {"partition": "gpu"}}}, "slurm.partitions: got slot name 'gpu a'"),
     ({"partitions": {"gpu_a": {"gres": "gpu:1"}}}, "slurm.partitions.gpu_a.partition: missing, this key is required"),
+    ({"partitions": {"gpu_a": {"partition": None}}},  # was taken as no partition at all
+     "slurm.partitions.gpu_a.partition: got None, expected one word"),
     ({"partitions": {"gpu_a": {"partition": "gpu --uid=0"}}},
      "slurm.partitions.gpu_a.partition: got 'gpu --uid=0', expected one word"),
     ({"partitions": {"gpu_a": {"partition": "gpu", "gres": "-gpu"}}}, "slurm.partitions.gpu_a.gres: got '-gpu'"),
