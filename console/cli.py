@@ -733,7 +733,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         config = load_config(source)
     except ConfigError as exc:
-        print(Check("config", False, " ".join(str(exc).split()), f"edit {source}; every key is described in README.md").line())
+        for problem in str(exc).splitlines():  # one line per problem of the file
+            print(Check("config", False, problem, f"edit {source}; every key is described in README.md").line())
         return EXIT_CONFIG
     checks = [Check("config", True, f"{config.source} is valid")]
     checks += [check for host in config.hosts for check in host_checks(config, host)]

@@ -17,11 +17,12 @@ def config_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_or_exit(path: str | None, program: str) -> Config:
-    """Load the config, or print one clear line to stderr and exit 2."""
+    """Load the config, or print one clear line per problem to stderr and exit 2."""
     try:
         return load_config(path or default_config_path())
     except ConfigError as exc:
-        print(f"{program}: config error: {exc}", file=sys.stderr)
+        for problem in str(exc).splitlines():
+            print(f"{program}: config error: {problem}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 

@@ -1,23 +1,30 @@
 """Configuration: one YAML file, validated at start into frozen dataclasses.
 
-Every problem is reported as one ``ConfigError`` naming the key, the value and
-what was expected; programs turn it into exit code 2. Relative paths are
-resolved against ``root_dir``, which defaults to the parent of the folder that
-holds the config file (the project root for ``config/config.yaml``).
+Every key is declared once, as a field of its section's dataclass made with
+``shared.config_keys.setting`` (how its value is read, its default, its help); the loader
+reads every section from those declarations and README's configuration table is
+generated from them (``scripts/config-table.py``). A bad file gives one ``ConfigError``
+listing every problem, one per line, each naming the key, the value and what was
+expected; programs turn it into exit code 2. Relative paths are resolved against
+``root_dir``, which defaults to the parent of the folder that holds the config file (the
+project root for ``config/config.yaml``).
 """
 from __future__ import annotations
 
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from shared.backends.slurm_parse import sbatch_line
+from shared.config_keys import (BAD, Entries, Invalid, Problems, Section, Setting, bad, choice, did_you_mean, flag,
+                                known, local_path, markdown_table, number, optional, read, replace_between, rows,
+                                setting, settings, text)
 from shared.errors import ConfigError
 
 DEFAULT_CONFIG = "config/config.yaml"
@@ -34,397 +41,54 @@ INSECURE_SSH_OPTION = re.compile(
     r"StrictHostKeyChecking\s*=?\s*(no|off|accept-new)|PasswordAuthentication\s*=?\s*yes|"
     r"BatchMode\s*=?\s*no|UserKnownHostsFile\s*=?\s*/dev/null", re.IGNORECASE)
 DEFAULT_HOST_NAME = "hpc"  # the name of the one host of a config without ``hosts:``
-_REQUIRED = object()
+LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
 
 
-@dataclass(frozen=True)
-class ScannerConfig:
-    watch_path: Path
-    quiescence_period_seconds: float = 5.0
-    ready_marker: str | None = None
-    rescan_interval_seconds: float = 10.0
-    urgent_marker: str | None = "_URGENT"
-    urgent_name_pattern: str | None = None
+# -- kinds: how one value is read (each returns the value or raises Invalid) --------------------
 
-
-@dataclass(frozen=True)
-class HpcConfig:
-    host: str
-    user: str
-    identity_file: Path
-    known_hosts_file: Path
-    remote_base_dir: str
-    port: int = 22
-    ssh_command: tuple[str, ...] = ("ssh",)
-    scp_command: tuple[str, ...] = ("scp",)
-    pueue_command: tuple[str, ...] = ("pueue",)
-    connect_timeout_seconds: float = 10.0
-    command_timeout_seconds: float = 60.0
-    upload_timeout_seconds: float = 3600.0
-    control_dir: Path | None = None
-    control_persist_seconds: int = 600
-    remote_command: str = DEFAULT_REMOTE_COMMAND
-    transfer: str = "tar"
-    result_files: tuple[str, ...] = ()
-    backend: str = "pueue"
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    name: str
-    gpu: str | None = None
-    parallel: int = 1
-    depth: int = 1
-
-
-@dataclass(frozen=True)
-class PartitionConfig:
-    """One slot of ours on a Slurm cluster: the partition its jobs go to, and how."""
-    name: str
-    partition: str
-    account: str | None = None
-    qos: str | None = None
-    gres: str | None = None
-    extra_sbatch: tuple[str, ...] = ()
-    depth: int = 1
-
-
-@dataclass(frozen=True)
-class SlurmConfig:
-    partitions: tuple[PartitionConfig, ...]
-    bin_dir: str = ""
-
-
-@dataclass(frozen=True)
-class SlotConfig:
-    """A slot of ours on one host, whatever the backend: a pueue group or a Slurm partition entry.
-
-    ``depth`` is how many of our cases it holds at once, running or queued behind each
-    other on the HPC (each is one seat row in the database). ``gpu`` pins a device
-    (pueue: ``CUDA_VISIBLE_DEVICES``); ``gres`` asks Slurm for one.
-    """
-    name: str
-    gpu: str | None = None
-    gres: str | None = None
-    parallel: int = 1
-    depth: int = 1
-
-
-@dataclass(frozen=True)
-class HostConfig:
-    """One HPC host: how to reach it (``hpc``), its scheduler and its slots."""
-    name: str
-    hpc: HpcConfig
-    groups: tuple[GroupConfig, ...] = ()
-    slurm: SlurmConfig | None = None
-
-    @property
-    def backend(self) -> str:
-        return self.hpc.backend
-
-    @property
-    def slots(self) -> tuple[SlotConfig, ...]:
-        """The Slurm partition entries on a Slurm host, else the pueue groups."""
-        if self.slurm is not None:
-            return tuple(SlotConfig(name=p.name, gres=p.gres, depth=p.depth) for p in self.slurm.partitions)
-        return tuple(SlotConfig(name=g.name, gpu=g.gpu, parallel=g.parallel, depth=g.depth) for g in self.groups)
-
-
-@dataclass(frozen=True)
-class PueueConfig:
-    resume_paused_groups: bool = False
-    log_lines: int = 15
-    progress_pattern: str = DEFAULT_PROGRESS_PATTERN
-
-
-@dataclass(frozen=True)
-class MainLoopConfig:
-    interval_seconds: float = 1.0
-    poll_interval_seconds: float = 0.25
-    running_case_timeout_hours: float = 24.0
-    stuck_after_minutes: float = 60.0
-    max_attempts: int = 5
-    backoff_base_seconds: float = 30.0
-    backoff_cap_seconds: float = 900.0
-    lease_seconds: float = 120.0
-    kill_grace_seconds: float = 30.0
-
-
-@dataclass(frozen=True)
-class SchedulingConfig:
-    max_wait_minutes: float = 60.0
-
-    @property
-    def max_wait_seconds(self) -> float:
-        """A normal case waiting longer than this is claimed like an urgent one."""
-        return self.max_wait_minutes * 60
-
-
-@dataclass(frozen=True)
-class ResultsConfig:
-    deliver_to: Path | None = None
-    checksums: bool = True
-    retry_seconds: float = 60.0
-    share_timeout_seconds: float = 30.0
-    expect_mount: bool = True
-    share_marker: str | None = None
-
-
-@dataclass(frozen=True)
-class RetentionConfig:
-    remote_days: float | None = None
-    local_days: float | None = None
-
-
-@dataclass(frozen=True)
-class NotifyConfig:
-    command: tuple[str, ...] = ()
-    events: tuple[str, ...] = NOTIFY_EVENTS
-    timeout_seconds: float = 10.0
-    unreachable_after_minutes: float = 10.0
-    max_attempts: int = 3
-    retry_seconds: float = 60.0
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    file: Path
-    level: str = "INFO"
-    max_bytes: int = 10 * 1024 * 1024
-    backup_count: int = 5
-    timezone: str = "Asia/Seoul"
-    json_stdout: bool = True
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-
-
-@dataclass(frozen=True)
-class WebConfig:
-    """The web dashboard (``python -m console.web.server``): where it listens and whether it may act."""
-    host: str = "127.0.0.1"
-    port: int = 8080
-    actions: bool = False
-    token_file: Path | None = None
-    refresh_seconds: float = 2.0
-    cache_seconds: float = 1.0
-    allowed_hosts: tuple[str, ...] = ()
-
-    @property
-    def loopback(self) -> bool:
-        """True when only this machine can reach the page (127.0.0.0/8, ::1, localhost)."""
-        return self.host == "localhost" or self.host == "::1" or self.host.startswith("127.")
-
-
-@dataclass(frozen=True)
-class GpusConfig:
-    """nvidia-smi telemetry on the hosts whose GPUs the login session sees (see ``shared.gpus``)."""
-    enabled: bool = True
-    interval_seconds: float = 10.0
-    command: tuple[str, ...] = ("nvidia-smi",)
-    idle_percent: float = 5.0
-    idle_minutes: float = 10.0
-    foreign_memory_mb: float = 100.0
-    avoid_foreign: bool = False
-
-
-@dataclass(frozen=True)
-class Config:
-    root_dir: Path
-    source: Path
-    scanner: ScannerConfig
-    hosts: tuple[HostConfig, ...]
-    pueue: PueueConfig
-    main_loop: MainLoopConfig
-    database_path: Path
-    spool_path: Path
-    logging: LoggingConfig
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    unhealthy_after_seconds: float = 300.0
-    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
-    results: ResultsConfig = field(default_factory=ResultsConfig)
-    retention: RetentionConfig = field(default_factory=RetentionConfig)
-    notify: NotifyConfig = field(default_factory=NotifyConfig)
-    web: WebConfig = field(default_factory=WebConfig)
-    gpus: GpusConfig = field(default_factory=GpusConfig)
-
-    @property
-    def tz(self) -> ZoneInfo:
-        return ZoneInfo(self.logging.timezone)
-
-    def host(self, name: str | None) -> HostConfig | None:
-        """The configured host called ``name`` (None: not configured)."""
-        return next((h for h in self.hosts if h.name == name), None)
-
-    @property
-    def seat_count(self) -> int:
-        """How many cases all hosts hold at once (every slot's depth)."""
-        return sum(slot.depth for host in self.hosts for slot in host.slots)
-
-
-class _Section:
-    """Reads one mapping of the YAML file, remembering which keys were used."""
-
-    def __init__(self, name: str, data: Any, root: Path):
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{name}: got {data!r}, expected a mapping of keys")
-        self.name, self.data, self.root, self.used = name, data, root, set()
-
-    def key(self, key: str) -> str:
-        return f"{self.name}.{key}"
-
-    def raw(self, key: str, default: Any) -> Any:
-        self.used.add(key)
-        value = self.data.get(key, default)
-        if value is _REQUIRED:
-            raise ConfigError(f"{self.key(key)}: missing, this key is required")
-        return value
-
-    def number(self, key: str, default: Any = _REQUIRED, *, minimum: float = 0,
-               integer: bool = False, positive: bool = False) -> Any:
-        value = self.raw(key, default)
-        kind = "an integer" if integer else "a number"
-        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type:
-            raise ConfigError(f"{self.key(key)}: got {value!r}, expected {kind}")
-        if value < minimum or (positive and value <= 0):
-            bound = f"> {minimum}" if positive else f">= {minimum}"
-            raise ConfigError(f"{self.key(key)}: got {value!r}, expected {kind} {bound}")
-        return value
-
-    def optional_number(self, key: str, **limits: Any) -> Any:
-        """A number, or None when the key is absent or null."""
-        if self.raw(key, None) is None:
-            return None
-        return self.number(key, **limits)
-
-    def text(self, key: str, default: Any = _REQUIRED, *, optional: bool = False) -> Any:
-        value = self.raw(key, default)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"{self.key(key)}: got {value!r}, expected a non-empty string")
-        return value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.key(key)}: got {value!r}, expected true or false")
-        return value
-
-    def path(self, key: str, default: Any = _REQUIRED) -> Path:
-        value = Path(os.path.expanduser(self.text(key, default)))
-        return value if value.is_absolute() else (self.root / value)
-
-    def command(self, key: str, default: str) -> tuple[str, ...]:
-        value = self.text(key, default)
-        if INSECURE_SSH_OPTION.search(value):
-            raise ConfigError(f"{self.key(key)}: got {value!r}, expected no option that weakens "
-                              f"key or host-key checking (hosts are verified against hpc.known_hosts_file)")
-        try:
-            words = tuple(shlex.split(value))
-        except ValueError as exc:
-            raise ConfigError(f"{self.key(key)}: got {value!r}, expected a command line ({exc})") from None
-        if not words:
-            raise ConfigError(f"{self.key(key)}: got {value!r}, expected a command line")
-        return words
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.raw(key, default)
-        if value not in choices:
-            raise ConfigError(f"{self.key(key)}: got {value!r}, expected one of {', '.join(choices)}")
-        return value
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used, key=str)
-        if unknown:
-            raise ConfigError(f"{self.key(str(unknown[0]))}: unknown key (check the spelling; "
-                              f"known keys: {', '.join(sorted(self.used))})")
-
-
-def _refuse_secrets(data: Any, prefix: str = "") -> None:
-    if isinstance(data, dict):
-        for key, value in data.items():
-            name = f"{prefix}{key}"
-            if SECRET_KEY.search(str(key)):
-                raise ConfigError(f"{name}: passwords and passphrases are never accepted in the "
-                                  f"config; use key authentication (hpc.identity_file) with ssh-agent")
-            _refuse_secrets(value, f"{name}.")
-
-
-def _file_name(s: _Section, key: str, default: str | None) -> str | None:
-    name = s.text(key, default, optional=True)
-    if name is not None and ("/" in name or name in (".", "..")):
-        raise ConfigError(f"{s.key(key)}: got {name!r}, expected a plain file name")
+def file_name(value: Any) -> str:
+    name = text(value)
+    if "/" in name or name in (".", ".."):
+        raise bad(name, "a plain file name")
     return name
 
 
-def _scanner(s: _Section) -> ScannerConfig:
-    marker = _file_name(s, "ready_marker", None)
-    urgent = _file_name(s, "urgent_marker", "_URGENT")
-    if urgent is not None and urgent == marker:
-        raise ConfigError(f"scanner.urgent_marker: got {urgent!r}, expected a name other than "
-                          f"scanner.ready_marker (a ready case would always be urgent)")
-    pattern = s.text("urgent_name_pattern", None, optional=True)
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"scanner.urgent_name_pattern: got {pattern!r}, expected a regular "
-                              f"expression ({exc})") from None
-    return ScannerConfig(
-        watch_path=s.path("watch_path"),
-        quiescence_period_seconds=s.number("quiescence_period_seconds", 5),
-        ready_marker=marker,
-        rescan_interval_seconds=s.number("rescan_interval_seconds", 10, positive=True),
-        urgent_marker=urgent,
-        urgent_name_pattern=pattern,
-    )
+def regex(value: Any) -> str:
+    try:
+        re.compile(text(value))
+    except re.error as exc:
+        raise bad(value, f"a regular expression ({exc})") from None
+    return value
 
 
-def _hpc(s: _Section) -> HpcConfig:
-    """The ssh, folder and command settings of one host (the ``hpc`` section or a ``hosts`` entry)."""
-    control_dir = s.raw("control_dir", None)
-    return HpcConfig(
-        host=s.text("host"),
-        user=s.text("user"),
-        port=s.number("port", 22, minimum=1, integer=True),
-        identity_file=s.path("identity_file"),
-        known_hosts_file=s.path("known_hosts_file"),
-        remote_base_dir=_remote_path(s, "remote_base_dir"),
-        ssh_command=s.command("ssh_command", "ssh"),
-        scp_command=s.command("scp_command", "scp"),
-        pueue_command=s.command("pueue_command", "pueue"),
-        connect_timeout_seconds=s.number("connect_timeout_seconds", 10, positive=True),
-        command_timeout_seconds=s.number("command_timeout_seconds", 60, positive=True),
-        upload_timeout_seconds=s.number("upload_timeout_seconds", 3600, positive=True),
-        control_dir=None if control_dir is None else s.path("control_dir"),
-        control_persist_seconds=s.number("control_persist_seconds", 600, integer=True),
-        remote_command=_command_template(s),
-        transfer=s.choice("transfer", "tar", TRANSFER_METHODS),
-        result_files=_string_list(s, "result_files"),
-        backend=s.choice("backend", "pueue", BACKENDS),
-    )
+def command_line(value: Any) -> tuple[str, ...]:
+    """A command line split into words (no shell), refusing options that weaken ssh's checks."""
+    value = text(value)
+    if INSECURE_SSH_OPTION.search(value):
+        raise bad(value, "no option that weakens key or host-key checking (hosts are verified against "
+                         "hpc.known_hosts_file)")
+    try:
+        words = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise bad(value, f"a command line ({exc})") from None
+    if not words:
+        raise bad(value, "a command line")
+    return words
 
 
-def _command_template(s: _Section) -> str:
-    value = s.text("remote_command", DEFAULT_REMOTE_COMMAND)
+def command_template(value: Any) -> str:
+    """``hpc.remote_command``: placeholders {case_id}, {case_name}, {remote_dir}, none inside quotes."""
+    value = text(value)
     try:
         value.format(case_id=1, case_name="name", remote_dir="/dir")
     except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"hpc.remote_command: got {value!r}, expected a command whose only placeholders are "
-                          f"{{case_id}}, {{case_name}}, {{remote_dir}} (write a literal brace twice: {{{{ }}}}); "
-                          f"problem: {exc!r}") from None
+        raise bad(value, f"a command whose only placeholders are {{case_id}}, {{case_name}}, {{remote_dir}} "
+                         f"(write a literal brace twice: {{{{ }}}}); problem: {exc!r}") from None
     quoted = quoted_placeholder(value)
     if quoted:
-        raise ConfigError(f"hpc.remote_command: got {value!r}, expected placeholders outside quotes: {quoted} is "
-                          f"inside quotes, where its shell quoting does not protect; write it bare, or use the "
-                          f"environment variables \"$MQIC_CASE_ID\", \"$MQIC_CASE_NAME\", \"$MQIC_REMOTE_DIR\"")
+        raise bad(value, f"placeholders outside quotes: {quoted} is inside quotes, where its shell quoting does "
+                         f"not protect; write it bare, or use the environment variables \"$MQIC_CASE_ID\", "
+                         f"\"$MQIC_CASE_NAME\", \"$MQIC_REMOTE_DIR\"")
     return value
 
 
@@ -447,356 +111,724 @@ def quoted_placeholder(template: str) -> str | None:
     return None
 
 
-def _remote_path(s: _Section, key: str) -> str:
-    value = s.text(key)
+def remote_path(value: Any) -> str:
+    value = text(value)
     if not SAFE_REMOTE_PATH.match(value) or value.startswith("~") and value not in ("~",) and not value.startswith("~/"):
-        raise ConfigError(f"{s.key(key)}: got {value!r}, expected an absolute path or one under ~/ "
-                          f"made of letters, digits and _ . / + -")
+        raise bad(value, "an absolute path or one under ~/ made of letters, digits and _ . / + -")
     if not value.startswith(("/", "~")):
-        raise ConfigError(f"{s.key(key)}: got {value!r}, expected an absolute path or one under ~/")
+        raise bad(value, "an absolute path or one under ~/")
     return value.rstrip("/") or "/"
 
 
-def _string_list(s: _Section, key: str) -> tuple[str, ...]:
-    value = s.raw(key, [])
+def relative_globs(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{s.key(key)}: got {value!r}, expected a list of file names or globs")
+        raise bad(value, "a list of file names or globs")
     for item in value:
         if item.startswith("/") or ".." in Path(item).parts:
-            raise ConfigError(f"{s.key(key)}: got {item!r}, expected a path inside the case folder")
+            raise bad(item, "a path inside the case folder")
     return tuple(value)
 
 
-def _depth(s: _Section) -> int:
-    return s.number("depth", 1, minimum=1, integer=True)
-
-
-def _group(section: str, name: Any, spec: Any) -> GroupConfig:
-    if not isinstance(name, str) or not GROUP_NAME.match(name):
-        raise ConfigError(f"{section}: got group name {name!r}, expected letters, digits, '_', '-', '.'")
-    s = _Section(f"{section}.{name}", spec, Path("."))
-    gpu = s.raw("gpu", None)
-    if gpu is not None and (isinstance(gpu, bool) or not re.fullmatch(r"[0-9A-Za-z,:-]+", str(gpu))):
-        raise ConfigError(f"{section}.{name}.gpu: got {gpu!r}, expected a GPU index such as 0 or '0,1'")
-    group = GroupConfig(name=name, gpu=None if gpu is None else str(gpu),
-                        parallel=s.number("parallel", 1, minimum=1, integer=True), depth=_depth(s))
-    s.finish()
-    return group
-
-
-def _groups(section: str, raw_groups: Any) -> tuple[GroupConfig, ...]:
-    if isinstance(raw_groups, list):
-        raw_groups = {name: {} for name in raw_groups}
-    if not isinstance(raw_groups, dict) or not raw_groups:
-        raise ConfigError(f"{section}: got {raw_groups!r}, expected a non-empty mapping of group names")
-    return tuple(_group(section, name, spec) for name, spec in raw_groups.items())
-
-
-def _pueue(s: _Section) -> PueueConfig:
-    pattern = s.text("progress_pattern", DEFAULT_PROGRESS_PATTERN)
-    try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"pueue.progress_pattern: got {pattern!r}, expected a regular expression ({exc})") from None
-    if not {"done", "total"} <= set(compiled.groupindex):
-        raise ConfigError(f"pueue.progress_pattern: got {pattern!r}, expected named groups 'done' and 'total'")
-    return PueueConfig(
-        resume_paused_groups=s.flag("resume_paused_groups", False),
-        log_lines=s.number("log_lines", 15, minimum=1, integer=True),
-        progress_pattern=pattern,
-    )
-
-
-def _slot_name(section: str, name: Any) -> str:
-    if not isinstance(name, str) or not GROUP_NAME.match(name):
-        raise ConfigError(f"{section}: got slot name {name!r}, expected letters, digits, '_', '-', '.'")
-    return name
-
-
-def _slurm_word(s: _Section, key: str, required: bool = False) -> str | None:
-    value = s.raw(key, _REQUIRED if required else None)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not SLURM_WORD.match(value):
-        raise ConfigError(f"{s.key(key)}: got {value!r}, expected one word of letters, digits and _ . : + = -")
+def host_name(value: Any) -> str:
+    if not isinstance(value, str) or not GROUP_NAME.match(value):
+        raise bad(value, "a host name of letters, digits, '_', '-', '.'")
     return value
 
 
-def _sbatch_lines(s: _Section) -> tuple[str, ...]:
-    value = s.raw("extra_sbatch", [])
+def host_list(value: Any) -> list:
+    if not isinstance(value, list) or not value:
+        raise bad(value, "a list of hosts, each with a name, ssh settings and groups (pueue) or partitions (Slurm)")
+    return value
+
+
+def gpu_index(value: Any) -> str:
+    if isinstance(value, bool) or not re.fullmatch(r"[0-9A-Za-z,:-]+", str(value)):
+        raise bad(value, "a GPU index such as 0 or '0,1'")
+    return str(value)
+
+
+def progress_regex(value: Any) -> str:
+    if not {"done", "total"} <= set(re.compile(regex(value)).groupindex):
+        raise bad(value, "named groups 'done' and 'total'")
+    return value
+
+
+def slurm_word(value: Any) -> str:
+    if not isinstance(value, str) or not SLURM_WORD.match(value):
+        raise bad(value, "one word of letters, digits and _ . : + = -")
+    return value
+
+
+def sbatch_lines(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
-        raise ConfigError(f"{s.key('extra_sbatch')}: got {value!r}, expected a list of options such as --mem=16G")
+        raise bad(value, "a list of options such as --mem=16G")
     for line in value:
         try:
             sbatch_line(line)
         except ValueError:
-            raise ConfigError(f"{s.key('extra_sbatch')}: got {line!r}, expected one sbatch option such as "
-                              f"--mem=16G or '#SBATCH --cpus-per-task=4'") from None
+            raise bad(line, "one sbatch option such as --mem=16G or '#SBATCH --cpus-per-task=4'") from None
     return tuple(value)
 
 
-def _partition(section: str, name: Any, spec: Any) -> PartitionConfig:
-    s = _Section(f"{section}.{_slot_name(section, name)}", spec, Path("."))
-    partition = PartitionConfig(name=name, partition=_slurm_word(s, "partition", required=True),
-                                account=_slurm_word(s, "account"), qos=_slurm_word(s, "qos"),
-                                gres=_slurm_word(s, "gres"), extra_sbatch=_sbatch_lines(s), depth=_depth(s))
-    s.finish()
-    return partition
-
-
-def _slurm(s: _Section, prefix: str) -> SlurmConfig:
-    """Partitions and bin_dir, read from ``s`` (the ``slurm`` section, or a ``hosts`` entry)."""
-    raw = s.raw("partitions", None)
-    if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{prefix}partitions: got {raw!r}, expected a mapping of slot names to partition "
-                          f"settings, e.g. {{gpu_a: {{partition: gpu, gres: 'gpu:1'}}}}")
-    bin_dir = s.text("bin_dir", None, optional=True)
-    if bin_dir is not None and not bin_dir.startswith("/"):
-        raise ConfigError(f"{prefix}bin_dir: got {bin_dir!r}, expected an absolute folder on the HPC")
-    return SlurmConfig(partitions=tuple(_partition(f"{prefix}partitions", name, spec) for name, spec in raw.items()),
-                       bin_dir=bin_dir or "")
-
-
-def _host_name(section: str, value: Any) -> str:
-    if not isinstance(value, str) or not GROUP_NAME.match(value):
-        raise ConfigError(f"{section}: got {value!r}, expected a host name of letters, digits, '_', '-', '.'")
+def hpc_folder(value: Any) -> str:
+    if value is None:
+        return ""
+    if not text(value).startswith("/"):
+        raise bad(value, "an absolute folder on the HPC")
     return value
 
 
-def _single_host(sections: dict[str, _Section], pueue_data: Any) -> HostConfig:
-    """The one host of a config without ``hosts:``: ``hpc`` with ``pueue.groups`` or ``slurm``."""
-    hpc_section = sections["hpc"]
-    name = _host_name("hpc.name", hpc_section.raw("name", DEFAULT_HOST_NAME))
-    hpc = _hpc(hpc_section)
-    slurm_section = sections["slurm"]
-    if hpc.backend != "slurm":
-        if slurm_section.data:
-            raise ConfigError(f"slurm: given, but hpc.backend is {hpc.backend!r} (set hpc.backend: slurm to use it)")
-        groups = _groups("pueue.groups", pueue_data.get("groups", {"default": {}})
-                         if isinstance(pueue_data, dict) else {"default": {}})
-        return HostConfig(name=name, hpc=hpc, groups=groups)
-    if isinstance(pueue_data, dict) and "groups" in pueue_data:
-        raise ConfigError("pueue.groups: not used with hpc.backend slurm: the slots are slurm.partitions")
-    return HostConfig(name=name, hpc=hpc, slurm=_slurm(slurm_section, "slurm."))
-
-
-def _hosts(raw: Any, defaults: Any, root: Path, data: dict) -> tuple[HostConfig, ...]:
-    """The ``hosts:`` list; each entry is ``hpc:`` (the defaults) overridden by the entry's own keys."""
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"hosts: got {raw!r}, expected a list of hosts, each with a name, ssh settings and "
-                          f"groups (pueue) or partitions (Slurm)")
-    for key in ("slurm",):
-        if data.get(key):
-            raise ConfigError(f"{key}: not used with hosts: give each Slurm host its partitions and bin_dir")
-    if isinstance(data.get("pueue"), dict) and "groups" in data["pueue"]:
-        raise ConfigError("pueue.groups: not used with hosts: give each pueue host its groups")
-    hosts: list[HostConfig] = []
-    for index, entry in enumerate(raw):
-        if not isinstance(entry, dict):
-            raise ConfigError(f"hosts[{index}]: got {entry!r}, expected a mapping with name, host, groups ...")
-        name = _host_name(f"hosts[{index}].name", entry.get("name"))
-        if any(h.name == name for h in hosts):
-            raise ConfigError(f"hosts[{index}].name: got {name!r}, expected a name no other host has")
-        s = _Section(f"hosts.{name}", {**(defaults or {}), **entry}, root)
-        s.raw("name", None)
-        hpc = _hpc(s)
-        if hpc.backend == "slurm":
-            host = HostConfig(name=name, hpc=hpc, slurm=_slurm(s, f"hosts.{name}."))
-        else:
-            host = HostConfig(name=name, hpc=hpc, groups=_groups(f"hosts.{name}.groups", s.raw("groups", None)))
-        s.finish()
-        hosts.append(host)
-    return tuple(hosts)
-
-
-def _main_loop(s: _Section) -> MainLoopConfig:
-    return MainLoopConfig(
-        interval_seconds=s.number("interval_seconds", 1, positive=True),
-        poll_interval_seconds=s.number("poll_interval_seconds", 0.25, positive=True),
-        running_case_timeout_hours=s.number("running_case_timeout_hours", 24, positive=True),
-        stuck_after_minutes=s.number("stuck_after_minutes", 60, positive=True),
-        max_attempts=s.number("max_attempts", 5, minimum=1, integer=True),
-        backoff_base_seconds=s.number("backoff_base_seconds", 30),
-        backoff_cap_seconds=s.number("backoff_cap_seconds", 900),
-        lease_seconds=s.number("lease_seconds", 120, positive=True),
-        kill_grace_seconds=s.number("kill_grace_seconds", 30),
-    )
-
-
-def _logging(s: _Section) -> LoggingConfig:
-    tz = s.text("timezone", "Asia/Seoul")
+def time_zone(value: Any) -> str:
+    text(value)
     try:
-        ZoneInfo(tz)
+        ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"logging.timezone: got {tz!r}, expected an IANA time zone such as Asia/Seoul") from None
-    return LoggingConfig(
-        file=s.path("file", "logs/communicator_local.log"),
-        level=s.choice("level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-        max_bytes=s.number("max_bytes", 10 * 1024 * 1024, minimum=1024, integer=True),
-        backup_count=s.number("backup_count", 5, integer=True),
-        timezone=tz,
-        json_stdout=s.flag("json_stdout", True),
-    )
+        raise bad(value, "an IANA time zone such as Asia/Seoul") from None
+    return value
 
 
-def _results(s: _Section) -> ResultsConfig:
-    deliver_to = None if s.raw("deliver_to", None) is None else s.path("deliver_to")
-    marker = s.raw("share_marker", None)
-    if marker is not None and (not isinstance(marker, str) or not marker or "/" in marker or marker in (".", "..")):
-        raise ConfigError(f"results.share_marker: got {marker!r}, expected a plain file name such as .mqic-share")
-    return ResultsConfig(deliver_to=deliver_to, checksums=s.flag("checksums", True),
-                         retry_seconds=s.number("retry_seconds", 60, positive=True),
-                         share_timeout_seconds=s.number("share_timeout_seconds", 30, positive=True),
-                         expect_mount=s.flag("expect_mount", True), share_marker=marker)
+def share_marker(value: Any) -> str:
+    if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+        raise bad(value, "a plain file name such as .mqic-share")
+    return value
 
 
-def _retention(s: _Section) -> RetentionConfig:
-    return RetentionConfig(remote_days=s.optional_number("remote_days", positive=True),
-                           local_days=s.optional_number("local_days", positive=True))
+def argument_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(w, str) and w for w in value):
+        raise bad(value, "a list of arguments such as [curl, --data-binary, '@-', URL] (no shell; the event JSON "
+                         "arrives on stdin)")
+    return tuple(value)
 
 
-def _notify(s: _Section) -> NotifyConfig:
-    command = s.raw("command", None)
-    if command is None:
-        command = []
-    if not isinstance(command, list) or not all(isinstance(w, str) and w for w in command):
-        raise ConfigError(f"notify.command: got {command!r}, expected a list of arguments such as "
-                          f"[curl, --data-binary, '@-', URL] (no shell; the event JSON arrives on stdin)")
-    events = s.raw("events", list(NOTIFY_EVENTS))
-    if not isinstance(events, list) or not set(events) <= set(NOTIFY_EVENTS) or \
-            not all(isinstance(e, str) for e in events):
-        raise ConfigError(f"notify.events: got {events!r}, expected a list of {', '.join(NOTIFY_EVENTS)}")
-    return NotifyConfig(
-        command=tuple(command), events=tuple(events),
-        timeout_seconds=s.number("timeout_seconds", 10, positive=True),
-        unreachable_after_minutes=s.number("unreachable_after_minutes", 10, positive=True),
-        max_attempts=s.number("max_attempts", 3, minimum=1, integer=True),
-        retry_seconds=s.number("retry_seconds", 60, positive=True),
-    )
+def notify_events(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(e, str) for e in value) or \
+            not set(value) <= set(NOTIFY_EVENTS):
+        raise bad(value, f"a list of {', '.join(NOTIFY_EVENTS)}")
+    return tuple(value)
 
 
-LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
-
-
-def _web(s: _Section) -> WebConfig:
-    listen = s.text("listen", "127.0.0.1:8080")
-    match = LISTEN.match(listen)
+def listen_address(value: Any) -> str:
+    match = LISTEN.match(text(value))
     if match is None or not 0 <= int(match["port"]) <= 65535:  # 0: any free port (tests)
-        raise ConfigError(f"web.listen: got {listen!r}, expected HOST:PORT such as 127.0.0.1:8080 or [::1]:8080")
-    token_file = None if s.raw("token_file", None) is None else s.path("token_file")
-    actions = s.flag("actions", False)
-    if actions and token_file is None:
-        raise ConfigError("web.actions: got true, expected web.token_file too (the file holding the operators' "
-                          "token, mode 0600): actions from the browser always need the token")
-    return WebConfig(host=match["v6"] or match["host"], port=int(match["port"]), actions=actions,
-                     token_file=token_file,
-                     refresh_seconds=s.number("refresh_seconds", 2, positive=True),
-                     cache_seconds=s.number("cache_seconds", 1, minimum=0),
-                     allowed_hosts=_host_names(s, "allowed_hosts"))
+        raise bad(value, "HOST:PORT such as 127.0.0.1:8080 or [::1]:8080")
+    return value
 
 
-def _host_names(s: _Section, key: str) -> tuple[str, ...]:
-    value = s.raw(key, [])
+def host_names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.:-]+", v)
                                               for v in value):
-        raise ConfigError(f"{s.key(key)}: got {value!r}, expected a list of host names such as [mqic.clinic.local]")
+        raise bad(value, "a list of host names such as [mqic.clinic.local]")
     return tuple(v.lower() for v in value)
 
 
-def _gpus(s: _Section) -> GpusConfig:
-    return GpusConfig(
-        enabled=s.flag("enabled", True),
-        interval_seconds=s.number("interval_seconds", 10, minimum=0.5),
-        command=s.command("command", "nvidia-smi"),
-        idle_percent=s.number("idle_percent", 5, positive=True),
-        idle_minutes=s.number("idle_minutes", 10, positive=True),
-        foreign_memory_mb=s.number("foreign_memory_mb", 100),
-        avoid_foreign=s.flag("avoid_foreign", False),
-    )
+def root_dir(value: Any) -> Path:
+    return Path(os.path.expanduser(str(value)))
 
 
-def _check_retention(config: Config) -> None:
-    days = config.retention.remote_days
-    for host in config.hosts:
-        if days is not None and not host.hpc.result_files:
-            raise ConfigError(f"retention.remote_days: got {days!r}, expected result_files of host {host.name} to "
-                              f"name the result files (it is empty, so the HPC folder holds the only copy)")
+# -- the sections: every key declared once --------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ScannerConfig:
+    watch_path: Path = setting(local_path, help="drop folder watched for case folders")
+    quiescence_period_seconds: float = setting(
+        number(), 5, "a folder is ready when nothing in it changed this long")
+    ready_marker: str | None = setting(
+        optional(file_name), None, "file name (e.g. `_CASE_READY`) that makes a folder ready at once")
+    rescan_interval_seconds: float = setting(
+        number(positive=True), 10, "full rescan interval even without inotify events")
+    urgent_marker: str | None = setting(
+        optional(file_name), "_URGENT",
+        "file name that makes a dropped case urgent (`null`: off); must differ from `ready_marker`")
+    urgent_name_pattern: str | None = setting(
+        optional(regex), None, "regular expression (Python `re.search`) on the folder name that makes a dropped "
+                               "case urgent, e.g. `^STAT_`")
 
 
-def _check_delivery(config: Config) -> None:
-    target = config.results.deliver_to
-    if target is None:
-        return
-    for host in config.hosts:
-        if not host.hpc.result_files:
-            raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected result_files of host {host.name} "
-                              f"to name the result files to deliver (it is empty)")
-    # Lexical only: resolving would stat the share, and a hung share would hang every program at start.
-    target = Path(os.path.normpath(target))
-    for key, folder in (("scanner.watch_path", config.scanner.watch_path), ("spool.path", config.spool_path)):
-        folder = Path(os.path.normpath(folder))
-        if target == folder or folder in target.parents:
-            raise ConfigError(f"results.deliver_to: got {str(target)!r}, expected a folder outside "
-                              f"{key} ({folder})")
+@dataclass(frozen=True, kw_only=True)
+class HpcConfig:
+    """How to reach one host and run a case there (the ``hpc`` section, or one ``hosts`` entry)."""
+    host: str = setting(text, help="the HPC login's host name or address")
+    user: str = setting(text, help="the account used on it")
+    port: int = setting(number(minimum=1, integer=True), 22, "ssh port")
+    identity_file: Path = setting(local_path, help="private key (ssh-agent may hold its passphrase)")
+    known_hosts_file: Path = setting(local_path, help="host keys checked strictly; an unknown key is refused")
+    remote_base_dir: str = setting(
+        remote_path, help="absolute or `~/…` (expanded on the HPC); letters, digits, `_ . / + -`")
+    backend: str = setting(
+        choice(*BACKENDS), "pueue", "`pueue` (slots are `pueue.groups`) or `slurm` (slots are `slurm.partitions`, "
+                                    "see \"Running on a Slurm cluster\")")
+    ssh_command: tuple[str, ...] = setting(
+        command_line, "ssh", "command plus extra options (e.g. `ssh -o ProxyJump=bastion`); options weakening host-key "
+                        "or key checks are refused")
+    scp_command: tuple[str, ...] = setting(
+        command_line, "scp", "as `ssh_command`, for scp; `scp -O` (legacy protocol) where the HPC's sshd has no SFTP "
+                        "server")
+    pueue_command: tuple[str, ...] = setting(command_line, "pueue", "path of pueue on the HPC (pueue only)")
+    connect_timeout_seconds: float = setting(number(positive=True), 10, "ssh connect timeout")
+    command_timeout_seconds: float = setting(number(positive=True), 60, "limit for one remote command")
+    upload_timeout_seconds: float = setting(number(positive=True), 3600, "limit for one upload")
+    control_dir: Path | None = setting(
+        optional(local_path), None,
+        "private folder of the shared ControlMaster socket, created 0700 when missing; used only when it is a "
+        "real folder (not a symlink), owned by us, mode 0700 exactly: otherwise nothing is sent to the HPC "
+        "(`UnsafeControlDir`, treated as unreachable, no case fails) and the log and `mqic doctor` say what is "
+        "wrong and the fix", shown="`/tmp/mqic-ssh-<uid>`")
+    control_persist_seconds: int = setting(
+        number(integer=True), 600, "how long the shared connection stays up when idle")
+    transfer: str = setting(
+        choice(*TRANSFER_METHODS), "tar",
+        "`tar` (one stream over the shared ssh connection; needs only ssh and tar; fastest for many files), `scp` "
+        "or `rsync` (resumable). OpenSSH 9 `scp` needs an SFTP server on the HPC: without one the upload fails "
+        "with `TransferUnsupported` (a configuration error, not an outage) whose message names the fix, "
+        "`transfer: tar` or `scp_command: \"scp -O\"`; cases wait (no attempt used up) until the configuration "
+        "is fixed")
+    remote_command: str = setting(
+        command_template, DEFAULT_REMOTE_COMMAND,
+        "run in the remote case folder; the task's environment holds `MQIC_CASE_ID`, `MQIC_CASE_NAME` and "
+        "`MQIC_REMOTE_DIR` (use them as `\"$MQIC_CASE_NAME\"`); the placeholders `{case_id}`, `{case_name}`, "
+        "`{remote_dir}` are substituted shell-quoted and refused inside quotes (where quoting does not protect); "
+        "write a literal brace twice. The command is wrapped so that its exit status lands in "
+        "`.mqic/exit_status` and its output in `.mqic/output.log` in the case folder")
+    result_files: tuple[str, ...] = setting(
+        relative_globs, [],
+        "files/globs (relative to the case folder) fetched back into the local case folder on success, as one "
+        "tar stream checked member by member: only regular files and folders inside the case folder; an "
+        "absolute name, a `..`, any link (symbolic or hard, even one pointing inside), a device or a fifo is "
+        "refused (`UnsafeMember` naming the member, nothing written outside). Our checks run on every Python; "
+        "the `data` extraction filter runs as well where Python has it (3.11.4+)")
 
+
+@dataclass(frozen=True, kw_only=True)
+class GroupConfig:
+    """One pueue group of ours: an entry of ``pueue.groups`` (or of a host's ``groups``)."""
+    name: str
+    gpu: str | None = setting(optional(gpu_index), None,
+                              "pins `CUDA_VISIBLE_DEVICES` to this GPU index (e.g. `0`, or `'0,1'`)")
+    parallel: int = setting(number(minimum=1, integer=True), 1, "how many tasks pueue runs at once in the group")
+    depth: int = setting(
+        number(minimum=1, integer=True), 1,
+        "how many of our cases the group holds at once, running or queued in pueue behind each other (`depth: 2` "
+        "puts the next case in the group's queue while one runs, so pueue starts it the moment the GPU frees)")
+
+
+GROUPS = Setting(
+    Entries(GroupConfig, "group name", GROUP_NAME, "a non-empty mapping of group names", names_alone=True),
+    {"default": {}},
+    "a pueue host's slots, its GPU groups by name, e.g. `{gpu_a: {gpu: 0}, gpu_b: {gpu: 1}}` (a list of names "
+    "takes every default). Refused with `hpc.backend: slurm` and with `hosts:` (each host has its own `groups`)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionConfig:
+    """One slot of ours on a Slurm cluster: the partition its jobs go to, and how."""
+    name: str
+    partition: str = setting(slurm_word, help="the partition its jobs go to (several slots may name the same one)")
+    account: str | None = setting(optional(slurm_word), None, "`sbatch --account`")
+    qos: str | None = setting(optional(slurm_word), None, "`sbatch --qos`")
+    gres: str | None = setting(optional(slurm_word), None, "`sbatch --gres`, e.g. `gpu:1`")
+    extra_sbatch: tuple[str, ...] = setting(
+        sbatch_lines, [], "more `sbatch` options, one per item, such as `--mem=16G` (a leading `#SBATCH` is accepted)")
+    depth: int = setting(number(minimum=1, integer=True), 1,
+                         "how many of our cases the slot holds at a time, running or pending in Slurm's queue")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmConfig:
+    """A Slurm host's slots (the ``slurm`` section, or the ``partitions`` and ``bin_dir`` of a ``hosts`` entry)."""
+    partitions: tuple[PartitionConfig, ...] = setting(
+        Entries(PartitionConfig, "slot name", GROUP_NAME, "a mapping of slot names to partition settings, e.g. "
+                                                          "{gpu_a: {partition: gpu, gres: 'gpu:1'}}"),
+        None, "our slots by name, e.g. `{gpu_a: {partition: gpu, gres: 'gpu:1'}}`; every value a single word of "
+              "letters, digits, `_ . : + = -`. Refused with `hpc.backend: pueue` and with `hosts:`",
+        shown="required with `hpc.backend: slurm`")
+    bin_dir: str = setting(hpc_folder, None, "absolute folder of `sbatch`, `squeue`, `scancel`, `sinfo` on the HPC",
+                           shown="none (the PATH)")
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """A slot of ours on one host, whatever the backend: a pueue group or a Slurm partition entry.
+
+    ``depth`` is how many of our cases it holds at once, running or queued behind each
+    other on the HPC (each is one seat row in the database). ``gpu`` pins a device
+    (pueue: ``CUDA_VISIBLE_DEVICES``); ``gres`` asks Slurm for one.
+    """
+    name: str
+    gpu: str | None = None
+    gres: str | None = None
+    parallel: int = 1
+    depth: int = 1
+
+
+HOST_NAME = Setting(host_name, DEFAULT_HOST_NAME, "the host's name in the database, logs, metrics and "
+                                                  "`mqic drain` (a config without `hosts:`)")
+HOSTS = Setting(host_list, None, "several hosts: a list of entries, each with `name`, any `hpc.*` key (the `hpc:` "
+                                 "section gives the defaults) and `groups` (pueue) or `partitions` and `bin_dir` "
+                                 "(Slurm); see \"Several hosts\"")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """One HPC host: how to reach it (``hpc``), its scheduler and its slots."""
+    name: str
+    hpc: HpcConfig
+    groups: tuple[GroupConfig, ...] = ()
+    slurm: SlurmConfig | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.hpc.backend
+
+    @property
+    def slots(self) -> tuple[SlotConfig, ...]:
+        """The Slurm partition entries on a Slurm host, else the pueue groups."""
+        if self.slurm is not None:
+            return tuple(SlotConfig(name=p.name, gres=p.gres, depth=p.depth) for p in self.slurm.partitions)
+        return tuple(SlotConfig(name=g.name, gpu=g.gpu, parallel=g.parallel, depth=g.depth) for g in self.groups)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PueueConfig:
+    resume_paused_groups: bool = setting(flag, False, "resume groups that a pueued restart paused")
+    log_lines: int = setting(number(minimum=1, integer=True), 15,
+                             "log lines read per pass and kept as a failed case's log tail (Slurm too)")
+    progress_pattern: str = setting(progress_regex, DEFAULT_PROGRESS_PATTERN,
+                                    "regex with named groups `done` and `total` (Slurm too)",
+                                    shown="MOQUI's `Generating particles for (i of N batches)`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MainLoopConfig:
+    interval_seconds: float = setting(
+        number(positive=True), 1,
+        "pause between passes of a worker with nothing to do (doorbells cut it short)")
+    poll_interval_seconds: float = setting(
+        number(positive=True), 0.25,
+        "pause between two `pueue status` calls of the poller (one call per pass, whatever the number of cases)")
+    running_case_timeout_hours: float = setting(
+        number(positive=True), 24,
+        "a task running longer than this, measured on the HPC's clock from its start there, is failed "
+        "(`timed_out`) and stopped. On Slurm each job's `--time` is this plus `kill_grace_seconds` plus 10 "
+        "minutes, so our own timeout acts first")
+    kill_grace_seconds: float = setting(number(), 30, "a task we stop gets SIGTERM, then SIGKILL after this long")
+    stuck_after_minutes: float = setting(number(positive=True), 60, "no change for this long flags a case for review")
+    max_attempts: int = setting(
+        number(minimum=1, integer=True), 5,
+        "failures of the case itself retried up to this many attempts (an unreachable HPC or a pueued that is "
+        "down never uses one up)")
+    backoff_base_seconds: float = setting(
+        number(), 30, "retry delay `backoff_base_seconds·2^(attempt-1)`, capped at `backoff_cap_seconds`")
+    backoff_cap_seconds: float = setting(number(), 900, "the longest retry delay")
+    lease_seconds: float = setting(
+        number(positive=True), 120,
+        "claim lease (renewed during uploads); more than every host's `command_timeout_seconds`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulingConfig:
+    max_wait_minutes: float = setting(
+        number(positive=True), 60,
+        "a normal case that has waited longer than this is claimed like an urgent one (no starvation)")
+
+    @property
+    def max_wait_seconds(self) -> float:
+        """A normal case waiting longer than this is claimed like an urgent one."""
+        return self.max_wait_minutes * 60
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultsConfig:
+    deliver_to: Path | None = setting(
+        optional(local_path), None,
+        "folder (e.g. the TPS import share) that receives each completed case's result files as "
+        "`<case name>/…`, whole; needs `hpc.result_files`; must be outside the drop folder and the spool")
+    checksums: bool = setting(
+        flag, True, "check every delivered copy against the sha256 recorded when the results were fetched "
+                    "(false: sizes only). The record itself (size and sha256 of every fetched file) is always kept")
+    retry_seconds: float = setting(
+        number(positive=True), 60,
+        "a failed delivery, or a share recorded as not answering or not mounted, is tried again after this long "
+        "(for as long as it takes); also the lease of a delivery in hand (renewed while its copy is alive)")
+    share_timeout_seconds: float = setting(
+        number(positive=True), 30,
+        "every operation on `deliver_to` runs in a child process; one that shows no sign of life (a file or 1 MiB "
+        "copied, a check done) for this long is killed and abandoned, and the share recorded as not answering")
+    expect_mount: bool = setting(
+        flag, True, "deliver only when `deliver_to` is a mount point (`os.path.ismount`), so an unmounted share is "
+                    "never filled underneath its mount point; `false` for a plain local folder")
+    share_marker: str | None = setting(
+        optional(share_marker), None,
+        "a file name (e.g. `.mqic-share`) the operator created on the share: deliver only when "
+        "`deliver_to/<marker>` exists (instead of the mount-point check; for a `deliver_to` below a share's "
+        "mount point)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentionConfig:
+    remote_days: float | None = setting(
+        optional(number(positive=True)), None,
+        "remove a case's folder on the HPC this many days after it ended, under the rules of \"Clean-up\"; needs "
+        "`hpc.result_files`; fractions allowed (`0.5` = 12 h)", shown="none (keep)")
+    local_days: float | None = setting(
+        optional(number(positive=True)), None,
+        "remove a completed case's `spool/done` folder this many days after completion (the database row "
+        "stays); fractions allowed", shown="none (keep)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotifyConfig:
+    command: tuple[str, ...] = setting(
+        argument_list, None, "list of arguments (no shell) run with the event as JSON on standard input, see "
+                             "\"Notices\"")
+    events: tuple[str, ...] = setting(notify_events, list(NOTIFY_EVENTS), "which events are sent")
+    timeout_seconds: float = setting(
+        number(positive=True), 10,
+        "a notifier still running after this long is killed (with what it started) and counted as failed")
+    unreachable_after_minutes: float = setting(
+        number(positive=True), 10,
+        "one notice per host once it has been unreachable this long, one when it answers again; fractions "
+        "allowed (`0.5` = 30 s)")
+    max_attempts: int = setting(number(minimum=1, integer=True), 3, "a failed notice is run at most this many times")
+    retry_seconds: float = setting(number(positive=True), 60, "a failed notice is retried after this long")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatabaseConfig:
+    path: Path = setting(local_path, "database/mqi_communicator.db", "SQLite state")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpoolConfig:
+    path: Path = setting(local_path, "spool", "stage folders")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    file: Path = setting(local_path, "logs/communicator_local.log", "readable rotating log")
+    level: str = setting(choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "lowest level logged")
+    max_bytes: int = setting(number(minimum=1024, integer=True), 10 * 1024 * 1024,
+                             "size at which the log file is rotated", shown="10485760 (10 MiB)")
+    backup_count: int = setting(number(integer=True), 5, "rotated log files kept")
+    timezone: str = setting(time_zone, "Asia/Seoul", "timezone of every timestamp")
+    json_stdout: bool = setting(flag, True, "JSON lines on stdout (captured by supervisord)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    host: str = setting(text, "127.0.0.1", "address of the Prometheus exporter")
+    port: int = setting(number(minimum=1, integer=True), 8000, "port of the Prometheus exporter")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealthConfig:
+    unhealthy_after_seconds: float = setting(
+        number(positive=True), 300, "heartbeat age that makes a worker stale")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebConfig:
+    """The web dashboard (``python -m console.web.server``): where it listens and whether it may act."""
+    listen: str = setting(
+        listen_address, "127.0.0.1:8080",
+        "where the web dashboard listens (`HOST:PORT`, `[::1]:PORT`; port 0 picks a free one, for tests)")
+    actions: bool = setting(flag, False, "operator actions from the browser; true needs `web.token_file`")
+    token_file: Path | None = setting(
+        optional(local_path), None,
+        "file holding the operators' token (at least 16 characters), mode 0600 and ours, else the program "
+        "refuses to start; never put the token itself in config.yaml")
+    allowed_hosts: tuple[str, ...] = setting(
+        host_names, [],
+        "names by which browsers reach the page besides the listen address and `localhost` (e.g. the reverse "
+        "proxy's `mqic.clinic.local`, or the workstation's address when `web.listen` is `0.0.0.0`); a request "
+        "whose `Host` is none of them is refused, pages included (DNS rebinding)")
+    refresh_seconds: float = setting(number(positive=True), 2, "how often an open page fetches its live parts")
+    cache_seconds: float = setting(number(minimum=0), 1, "one database read serves every browser for this long")
+
+    @property
+    def host(self) -> str:
+        match = LISTEN.match(self.listen)
+        return match["v6"] or match["host"]
+
+    @property
+    def port(self) -> int:
+        return int(LISTEN.match(self.listen)["port"])
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can reach the page (127.0.0.0/8, ::1, localhost)."""
+        return self.host == "localhost" or self.host == "::1" or self.host.startswith("127.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpusConfig:
+    """nvidia-smi telemetry on the hosts whose GPUs the login session sees (see ``shared.gpus``)."""
+    enabled: bool = setting(
+        flag, True, "nvidia-smi telemetry on the pueue hosts (see \"The GPUs themselves\"); `false`: no call, and "
+                    "nothing read earlier holds a seat back")
+    interval_seconds: float = setting(number(minimum=0.5), 10, "at most one remote call per host this often (≥ 0.5)")
+    command: tuple[str, ...] = setting(
+        command_line, "nvidia-smi", "command line of nvidia-smi on the HPC (e.g. `/usr/bin/nvidia-smi`); run with the "
+                               "two `--query-…` options")
+    idle_percent: float = setting(number(positive=True), 5, "a GPU under this utilization counts as idle")
+    idle_minutes: float = setting(
+        number(positive=True), 10,
+        "a running case whose GPU stayed idle this long (HPC clock) is flagged for review, \"GPU idle while "
+        "running\"; never failed")
+    foreign_memory_mb: float = setting(
+        number(), 100, "a process that is not one of our cases and holds more GPU memory than this is \"someone "
+                       "else's process\" (unknown memory counts)")
+    avoid_foreign: bool = setting(
+        flag, False, "`true`: a GPU with someone else's process gets no new case until it is free again; a case "
+                     "already on it keeps its seat")
+
+
+ROOT_DIR = Setting(root_dir, None, "the folder relative paths are taken from",
+                   shown="the folder above the config file's folder")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    root_dir: Path
+    source: Path
+    scanner: ScannerConfig
+    hosts: tuple[HostConfig, ...]
+    pueue: PueueConfig
+    main_loop: MainLoopConfig
+    database: DatabaseConfig
+    spool: SpoolConfig
+    logging: LoggingConfig
+    metrics: MetricsConfig
+    health: HealthConfig
+    scheduling: SchedulingConfig
+    results: ResultsConfig
+    retention: RetentionConfig
+    notify: NotifyConfig
+    web: WebConfig
+    gpus: GpusConfig
+
+    @property
+    def database_path(self) -> Path:
+        return self.database.path
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool.path
+
+    @property
+    def unhealthy_after_seconds(self) -> float:
+        return self.health.unhealthy_after_seconds
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.logging.timezone)
+
+    def host(self, name: str | None) -> HostConfig | None:
+        """The configured host called ``name`` (None: not configured)."""
+        return next((h for h in self.hosts if h.name == name), None)
+
+    @property
+    def seat_count(self) -> int:
+        """How many cases all hosts hold at once (every slot's depth)."""
+        return sum(slot.depth for host in self.hosts for slot in host.slots)
+
+
+# -- reading the file ----------------------------------------------------------------------------
 
 SECTIONS = ("root_dir", "scanner", "hpc", "hosts", "pueue", "slurm", "main_loop", "database", "spool",
             "logging", "metrics", "health", "scheduling", "results", "retention", "notify", "web", "gpus")
+PLAIN_SECTIONS = {"pueue": PueueConfig, "main_loop": MainLoopConfig, "database": DatabaseConfig,
+                  "spool": SpoolConfig, "logging": LoggingConfig, "metrics": MetricsConfig, "health": HealthConfig,
+                  "scheduling": SchedulingConfig, "results": ResultsConfig, "retention": RetentionConfig,
+                  "notify": NotifyConfig, "web": WebConfig, "gpus": GpusConfig}
+
+
+def _refuse_secrets(data: Any, problems: Problems, prefix: str = "") -> None:
+    """Record every key that looks like a password, at any depth (``hosts`` entries too)."""
+    if isinstance(data, list):
+        for index, item in enumerate(data):
+            _refuse_secrets(item, problems, f"{prefix[:-1]}[{index}].")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{prefix}{key}"
+            if _secret(str(key)):
+                problems.add(name, "passwords and passphrases are never accepted in the config; use key "
+                                   "authentication (hpc.identity_file) with ssh-agent")
+            else:
+                _refuse_secrets(value, problems, f"{name}.")
+
+
+def _secret(key: str) -> bool:
+    return SECRET_KEY.search(key) is not None
+
+
+def _groups(s: Section, default: Any = None) -> tuple[GroupConfig, ...]:
+    """A pueue host's slots: the ``groups`` key of ``s`` (``pueue``, or a ``hosts`` entry)."""
+    return s.get("groups", GROUPS, default)
+
+
+def _slurm(s: Section) -> SlurmConfig:
+    """A Slurm host's slots: ``partitions`` and ``bin_dir`` of ``s`` (``slurm``, or a ``hosts`` entry)."""
+    return read(SlurmConfig, s)
+
+
+def _host(name: str, s: Section) -> HostConfig:
+    """A ``hosts`` entry: its ssh and command keys, and its slots as its backend reads them."""
+    hpc = read(HpcConfig, s)
+    if hpc.backend is BAD:  # its problem is recorded; the slots cannot be told apart
+        s.used.update(("groups", *settings(SlurmConfig)))
+        return HostConfig(name=name, hpc=hpc)
+    if hpc.backend == "slurm":
+        return HostConfig(name=name, hpc=hpc, slurm=_slurm(s))
+    return HostConfig(name=name, hpc=hpc, groups=_groups(s))
+
+
+def _single_host(sections: dict[str, Section]) -> HostConfig:
+    """The one host of a config without ``hosts:``: ``hpc`` with ``pueue.groups`` or ``slurm``."""
+    hpc_section, pueue, slurm = sections["hpc"], sections["pueue"], sections["slurm"]
+    name = hpc_section.get("name", HOST_NAME)
+    hpc = read(HpcConfig, hpc_section)
+    pueue.used.add("groups")
+    if hpc.backend == "slurm":
+        if "groups" in pueue.data:
+            pueue.problem("groups", "not used with hpc.backend slurm: the slots are slurm.partitions")
+        return HostConfig(name=name, hpc=hpc, slurm=_slurm(slurm))
+    slurm.used.update(slurm.data)  # refused whole below, or its backend is unknown
+    if hpc.backend is BAD:  # its problem is recorded; the slots cannot be told apart
+        return HostConfig(name=name, hpc=hpc)
+    if slurm.data:
+        slurm.problems.add("slurm", f"given, but hpc.backend is {hpc.backend!r} (set hpc.backend: slurm to use it)")
+    return HostConfig(name=name, hpc=hpc, groups=_groups(pueue, GROUPS.default))
+
+
+def _hosts(raw: Any, sections: dict[str, Section]) -> tuple[HostConfig, ...]:
+    """The ``hosts:`` list; each entry is ``hpc:`` (the defaults) overridden by the entry's own keys."""
+    defaults, pueue, slurm = sections["hpc"], sections["pueue"], sections["slurm"]
+    defaults.used.update(defaults.data)  # the hosts' defaults, checked in each host
+    slurm.used.update(slurm.data)
+    pueue.used.add("groups")
+    if slurm.data:
+        slurm.problems.add("slurm", "not used with hosts: give each Slurm host its partitions and bin_dir")
+    if "groups" in pueue.data:
+        pueue.problem("groups", "not used with hosts: give each pueue host its groups")
+    try:
+        entries = HOSTS.kind(raw)
+    except Invalid as exc:
+        defaults.problems.add("hosts", str(exc))
+        return ()
+    hosts: list[HostConfig] = []
+    for index, entry in enumerate(entries):
+        host = _host_entry(index, entry, defaults, [h.name for h in hosts])
+        if host is not None:
+            hosts.append(host)
+    return tuple(hosts)
+
+
+def _host_entry(index: int, entry: Any, defaults: Section, taken: list[str]) -> HostConfig | None:
+    """One ``hosts`` entry, or None when it has no usable name (its problem recorded)."""
+    problems = defaults.problems
+    if not isinstance(entry, dict):
+        problems.add(f"hosts[{index}]", f"got {entry!r}, expected a mapping with name, host, groups ...")
+        return None
+    try:
+        name = HOST_NAME.kind(entry.get("name"))
+    except Invalid as exc:
+        problems.add(f"hosts[{index}].name", str(exc))
+        return None
+    if name in taken:
+        problems.add(f"hosts[{index}].name", f"got {name!r}, expected a name no other host has")
+        return None
+    s = Section(f"hosts.{name}", {**defaults.data, **entry}, problems, defaults.root)
+    s.used.add("name")
+    host = _host(name, s)
+    s.finish(ignore=_secret)
+    return host
+
+
+# -- checks across keys (each skips a value whose own problem was recorded) -----------------------
+
+def _check_markers(config: Config) -> Iterator[tuple[str, str]]:
+    ready, urgent = config.scanner.ready_marker, config.scanner.urgent_marker
+    if known(ready, urgent) and urgent is not None and urgent == ready:
+        yield "scanner.urgent_marker", (f"got {urgent!r}, expected a name other than scanner.ready_marker (a ready "
+                                        f"case would always be urgent)")
+
+
+def _check_web_token(config: Config) -> Iterator[tuple[str, str]]:
+    if config.web.actions is True and config.web.token_file is None:
+        yield "web.actions", ("got true, expected web.token_file too (the file holding the operators' token, mode "
+                              "0600): actions from the browser always need the token")
+
+
+def _check_lease(config: Config) -> Iterator[tuple[str, str]]:
+    lease = config.main_loop.lease_seconds
+    for host in config.hosts:
+        timeout = host.hpc.command_timeout_seconds
+        if known(lease, timeout) and lease <= timeout:
+            yield "main_loop.lease_seconds", (f"got {lease!r}, expected more than the command_timeout_seconds of "
+                                              f"host {host.name} ({timeout!r}), or a slow submit could outlive its "
+                                              f"claim")
+
+
+def _check_delivery(config: Config) -> Iterator[tuple[str, str]]:
+    target = config.results.deliver_to
+    if target is None or target is BAD:
+        return
+    for host in config.hosts:
+        if host.hpc.result_files == ():
+            yield "results.deliver_to", (f"got {str(target)!r}, expected result_files of host {host.name} to name "
+                                         f"the result files to deliver (it is empty)")
+    # Lexical only: resolving would stat the share, and a hung share would hang every program at start.
+    target = Path(os.path.normpath(target))
+    for key, folder in (("scanner.watch_path", config.scanner.watch_path), ("spool.path", config.spool_path)):
+        if folder is BAD:
+            continue
+        folder = Path(os.path.normpath(folder))
+        if target == folder or folder in target.parents:
+            yield "results.deliver_to", f"got {str(target)!r}, expected a folder outside {key} ({folder})"
+
+
+def _check_retention(config: Config) -> Iterator[tuple[str, str]]:
+    days = config.retention.remote_days
+    if days is None or days is BAD:
+        return
+    for host in config.hosts:
+        if host.hpc.result_files == ():
+            yield "retention.remote_days", (f"got {days!r}, expected result_files of host {host.name} to name the "
+                                            f"result files (it is empty, so the HPC folder holds the only copy)")
+
+
+CHECKS = (_check_markers, _check_web_token, _check_lease, _check_delivery, _check_retention)
 
 
 def parse_config(data: Any, source: Path) -> Config:
-    """Validate the parsed YAML ``data`` read from ``source``; raise ConfigError."""
+    """Validate the parsed YAML ``data`` read from ``source``; raise one ConfigError listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: got {type(data).__name__}, expected a mapping of sections")
-    _refuse_secrets(data)
+    problems = Problems()
+    _refuse_secrets(data, problems)
     for key in data:
-        if key not in SECTIONS:
-            raise ConfigError(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
-    root = Path(os.path.expanduser(str(data.get("root_dir") or source.resolve().parent.parent)))
-    sections = {name: _Section(name, data.get(name), root) for name in SECTIONS[1:] if name != "hosts"}
-    scanner = _scanner(sections["scanner"])  # errors are reported in the order of the sections
-    if "hosts" in data:
-        hosts = _hosts(data["hosts"], data.get("hpc"), root, data)
-        sections["hpc"].used |= set(sections["hpc"].data)  # the hosts' defaults, checked in each host
-        sections["slurm"].used |= set(sections["slurm"].data)
-    else:
-        hosts = (_single_host(sections, data.get("pueue")),)
-    sections["pueue"].raw("groups", None)
-    config = Config(
-        root_dir=root,
-        source=source,
-        scanner=scanner,
-        hosts=hosts,
-        pueue=_pueue(sections["pueue"]),
-        main_loop=_main_loop(sections["main_loop"]),
-        database_path=sections["database"].path("path", "database/mqi_communicator.db"),
-        spool_path=sections["spool"].path("path", "spool"),
-        logging=_logging(sections["logging"]),
-        metrics=MetricsConfig(host=sections["metrics"].text("host", "127.0.0.1"),
-                              port=sections["metrics"].number("port", 8000, minimum=1, integer=True)),
-        unhealthy_after_seconds=sections["health"].number("unhealthy_after_seconds", 300, positive=True),
-        scheduling=SchedulingConfig(
-            max_wait_minutes=sections["scheduling"].number("max_wait_minutes", 60, positive=True)),
-        results=_results(sections["results"]),
-        retention=_retention(sections["retention"]),
-        notify=_notify(sections["notify"]),
-        web=_web(sections["web"]),
-        gpus=_gpus(sections["gpus"]),
-    )
+        if key not in SECTIONS and not _secret(str(key)):
+            problems.add(str(key), f"unknown section ({did_you_mean(str(key), SECTIONS)}known: {', '.join(SECTIONS)})")
+    root = ROOT_DIR.kind(data.get("root_dir") or source.resolve().parent.parent)
+    sections = {name: Section(name, data.get(name), problems, root)
+                for name in SECTIONS if name not in ("root_dir", "hosts")}
+    scanner = read(ScannerConfig, sections["scanner"])  # problems are listed in the order of the sections
+    hosts = _hosts(data["hosts"], sections) if "hosts" in data else (_single_host(sections),)
+    plain = {name: read(cls, sections[name]) for name, cls in PLAIN_SECTIONS.items()}
     for section in sections.values():
-        section.finish()
-    for host in config.hosts:
-        if config.main_loop.lease_seconds <= host.hpc.command_timeout_seconds:
-            raise ConfigError(f"main_loop.lease_seconds: got {config.main_loop.lease_seconds!r}, expected more than "
-                              f"the command_timeout_seconds of host {host.name} ({host.hpc.command_timeout_seconds!r}),"
-                              f" or a slow submit could outlive its claim")
-    _check_delivery(config)
-    _check_retention(config)
+        section.finish(ignore=_secret)
+    config = Config(root_dir=root, source=source, scanner=scanner, hosts=hosts, **plain)
+    for check in CHECKS:
+        for key, problem in check(config):
+            problems.add(key, problem)
+    problems.raise_if_any()
     return config
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the YAML file at ``path``; raise ConfigError naming the problem."""
+    """Read and validate the YAML file at ``path``; raise ConfigError naming every problem (one per line)."""
     source = Path(path)
     try:
         text = source.read_text(encoding="utf-8")
@@ -807,10 +839,32 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None  # one line
     return parse_config(data, source)
 
 
 def default_config_path() -> str:
     """``$MQIC_CONFIG`` when set, else ``config/config.yaml``."""
     return os.environ.get("MQIC_CONFIG") or DEFAULT_CONFIG
+
+
+# -- README's configuration table ------------------------------------------------------------------
+
+TABLE_BEGIN = "<!-- config-table: generated from the declarations in shared/config.py by scripts/config-table.py -->"
+TABLE_END = "<!-- /config-table -->"
+
+
+def readme_with_config_table(readme: str) -> str:
+    """README's text with its configuration table (between TABLE_BEGIN and TABLE_END) made from the declarations."""
+    return replace_between(readme, TABLE_BEGIN, TABLE_END, config_table())
+
+
+def config_table() -> str:
+    """README's configuration table (markdown): every key declared above, in README's order."""
+    return markdown_table([
+        ("root_dir", ROOT_DIR), *rows("scanner", ScannerConfig),
+        ("hpc.name", HOST_NAME), *rows("hpc", HpcConfig), ("hosts", HOSTS),
+        ("pueue.groups", GROUPS), *rows("pueue.groups.<name>", GroupConfig), *rows("pueue", PueueConfig),
+        *rows("slurm", SlurmConfig), *rows("slurm.partitions.<name>", PartitionConfig),
+        *[row for name, cls in PLAIN_SECTIONS.items() if name != "pueue" for row in rows(name, cls)],
+    ])

@@ -1,6 +1,9 @@
-"""Configuration: defaults, and one precise message (key, value, expectation) per mistake."""
+"""Configuration: defaults, one precise message (key, value, expectation) per mistake, every mistake in one
+run, and README's table made from the same declarations."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.config import load_config, parse_config
+from shared.config import PLAIN_SECTIONS, load_config, parse_config, readme_with_config_table
+from shared.config_keys import Problems, Section, markdown_table, number, read, rows, setting, text
 from shared.errors import ConfigError
 from tests.conftest import base_config_data, make_config
 
@@ -153,6 +157,8 @@ SLURM_BAD = [
     ({"partitions": {}}, "slurm.partitions: got {}, expected a mapping of slot names to partition settings"),
     ({"partitions": {"gpu a": {"partition": "gpu"}}}, "slurm.partitions: got slot name 'gpu a'"),
     ({"partitions": {"gpu_a": {"gres": "gpu:1"}}}, "slurm.partitions.gpu_a.partition: missing, this key is required"),
+    ({"partitions": {"gpu_a": {"partition": None}}},  # was taken as no partition at all
+     "slurm.partitions.gpu_a.partition: got None, expected one word"),
     ({"partitions": {"gpu_a": {"partition": "gpu --uid=0"}}},
      "slurm.partitions.gpu_a.partition: got 'gpu --uid=0', expected one word"),
     ({"partitions": {"gpu_a": {"partition": "gpu", "gres": "-gpu"}}}, "slurm.partitions.gpu_a.gres: got '-gpu'"),
@@ -236,3 +242,106 @@ def test_hosts_refuse_the_single_host_slot_sections(tmp_path):
     data = {**base_config_data(tmp_path), "hosts": [{"name": "a", "groups": ["g"]}]}
     with pytest.raises(ConfigError, match="pueue.groups: not used with hosts"):
         parse_config(data, tmp_path / "c.yaml")
+
+
+# -- every key declared once; every problem in one run ---------------------------------------------
+
+def test_every_problem_of_the_file_is_reported_in_one_run_each_naming_its_key(tmp_path):
+    data = base_config_data(tmp_path)
+    data["scanner"]["quiescence_period_seconds"] = "soon"
+    data["hpc"].update(port=0, hots="x", password="hunter2")
+    del data["hpc"]["user"]
+    data["pueue"]["groups"]["gpu_b"] = {"gpu": "0; rm -rf /", "depth": 0}
+    data["gpus"] = {"idel_percent": 5, "interval_seconds": 0}
+    data["web"] = {"actions": True}
+    data["hcp"] = {}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, tmp_path / "c.yaml")
+    lines = str(caught.value).splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "hpc.password: passwords and passphrases are never accepted in the config; use key authentication",
+        "hcp: unknown section",
+        "scanner.quiescence_period_seconds: got 'soon', expected a number",
+        "hpc.user: missing, this key is required",
+        "hpc.port: got 0, expected an integer >= 1",
+        "pueue.groups.gpu_b.gpu: got '0; rm -rf /', expected a GPU index such as 0 or '0,1'",
+        "pueue.groups.gpu_b.depth: got 0, expected an integer >= 1",
+        "gpus.interval_seconds: got 0, expected a number >= 0.5",
+        "hpc.hots: unknown key",
+        "gpus.idel_percent: unknown key",
+        "web.actions: got true, expected web.token_file too"]
+    assert "hcp: unknown section (did you mean hpc? known: root_dir, scanner, hpc," in lines[1]
+    assert "hpc.hots: unknown key (did you mean host? known keys: backend," in lines[8]
+    assert "gpus.idel_percent: unknown key (did you mean idle_percent?" in lines[9]
+
+
+def test_an_unknown_key_with_no_close_name_asks_to_check_the_spelling(tmp_path):
+    with pytest.raises(ConfigError, match=r"scanner.zzz: unknown key \(check the spelling; known keys: quiescence"):
+        make_config(tmp_path, scanner={"zzz": 1})
+
+
+def test_checks_across_keys_skip_a_value_that_has_its_own_problem(tmp_path):
+    with pytest.raises(ConfigError) as caught:       # 120 (the default) <= 200 would be a second, false problem
+        make_config(tmp_path, main_loop={"lease_seconds": "long"}, hpc={"command_timeout_seconds": 200},
+                    scanner={"ready_marker": "a/b", "urgent_marker": "a/b"}, retention={"remote_days": -1})
+    assert str(caught.value).splitlines() == [
+        "scanner.ready_marker: got 'a/b', expected a plain file name",
+        "scanner.urgent_marker: got 'a/b', expected a plain file name",
+        "main_loop.lease_seconds: got 'long', expected a number",
+        "retention.remote_days: got -1, expected a number > 0"]
+
+
+def test_a_password_inside_a_hosts_entry_is_refused(tmp_path):
+    data = hosts_data(tmp_path, [{"name": "a", "groups": ["g"]}, {"name": "b", "groups": ["g"], "passphrase": "x"}])
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, tmp_path / "c.yaml")
+    assert str(caught.value).splitlines() == [
+        "hosts[1].passphrase: passwords and passphrases are never accepted in the config; use key authentication "
+        "(hpc.identity_file) with ssh-agent"]
+
+
+def test_the_dataclass_defaults_are_the_loaders_defaults(tmp_path):
+    config = make_config(tmp_path)
+    for name, cls in PLAIN_SECTIONS.items():
+        if not any(isinstance(f.default, Path) for f in dataclasses.fields(cls)):  # paths: taken from root_dir
+            assert getattr(config, name) == cls(), name
+    hpc = config.hosts[0].hpc
+    assert (hpc.port, hpc.ssh_command, hpc.transfer, hpc.result_files, hpc.backend) == (22, ("ssh",), "tar", (), "pueue")
+    assert (config.database_path, config.spool_path, config.logging.file, config.unhealthy_after_seconds) == (
+        tmp_path / "db" / "test.db", tmp_path / "spool", tmp_path / "logs" / "test.log", 300)
+    assert make_config(tmp_path, hpc={"name": "x"}).hosts[0].groups[0].depth == 1
+
+
+def test_a_module_declares_its_own_section_with_the_same_mechanism(tmp_path):
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Plugin:
+        speed: int = setting(number(minimum=1, integer=True), 3, "how fast")
+        label: str = setting(text, help="its name")
+    problems = Problems()
+    section = Section("plugin", {"speed": 0, "colour": "red"}, problems)
+    read(Plugin, section)
+    section.finish()
+    assert problems.lines[0] == "plugin.speed: got 0, expected an integer >= 1"
+    assert problems.lines[1] == "plugin.label: missing, this key is required"
+    assert problems.lines[2].startswith("plugin.colour: unknown key (check the spelling; known keys: label, speed)")
+    assert Plugin(label="x").speed == 3
+    assert markdown_table(rows("plugin", Plugin)).splitlines()[2:] == [
+        "| `plugin.speed` | 3 | how fast |", "| `plugin.label` | required | its name |"]
+
+
+def test_readme_configuration_table_is_the_one_the_declarations_give():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert readme_with_config_table(readme) == readme, "README's configuration table drifted: run scripts/config-table.py"
+
+
+def test_config_table_script_rewrites_only_the_table_and_checks_it(tmp_path):
+    spec = importlib.util.spec_from_file_location("config_table", REPO / "scripts" / "config-table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    drifted = tmp_path / "README.md"
+    drifted.write_text(readme.replace("| `hpc.port` | 22 | ssh port |", "| `hpc.port` | 2222 | ssh port |"))
+    assert script.main(["--check", "--readme", str(drifted)]) == 1
+    assert script.main(["--readme", str(drifted)]) == 0
+    assert drifted.read_text() == readme
+    assert script.main(["--check", "--readme", str(drifted)]) == 0

@@ -232,7 +232,7 @@ def test_unknown_case_is_one_line_and_exit_1(world, capsys):
 
 
 @pytest.mark.system
-def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
+def test_bad_config_exits_2_with_one_line_per_problem(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**base_config_data(tmp_path), "hpc": {"host": "h"}}))
     for args in (["status"], ["cases", "--json"], ["health"]):
@@ -241,10 +241,14 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
         except SystemExit as exc:
             code = exc.code
         err = capsys.readouterr().err
-        assert code == 2 and one_error_line(err).startswith("mqic: config error: hpc.")
+        assert code == 2 and err.strip().splitlines() == [  # every problem, one line each
+            f"mqic: config error: hpc.{key}: missing, this key is required"
+            for key in ("user", "identity_file", "known_hosts_file", "remote_base_dir")]
     result = subprocess.run([sys.executable, "-m", "console.cli", "--config", str(bad), "doctor"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and result.stdout.startswith("FAIL config: hpc.")
+    assert result.returncode == 2 and [line.split(" -> fix:")[0] for line in result.stdout.splitlines()] == [
+        f"FAIL config: hpc.{key}: missing, this key is required"
+        for key in ("user", "identity_file", "known_hosts_file", "remote_base_dir")]
 
 
 def test_database_missing_is_one_line_and_exit_1(tmp_path, capsys):

@@ -34,11 +34,13 @@ def test_worker_beats_logs_json_and_stops_cleanly_on_sigterm(hpc, program):
     assert lines[-1]["message"] == f"{program} stopped"
 
 
-def test_bad_config_exits_2_with_one_line(tmp_path):
+def test_bad_config_exits_2_with_one_line_per_problem(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("scanner: {watch_path: x, quiescence_period_seconds: soon}\n")
     result = subprocess.run([sys.executable, "-m", "workers.poller", "--config", str(bad)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "mqic-poller: config error: scanner.quiescence_period_seconds: got 'soon', expected a number"]
+    assert result.stderr.strip().splitlines() == [  # every problem of the file, one per line
+        "mqic-poller: config error: scanner.quiescence_period_seconds: got 'soon', expected a number",
+        *[f"mqic-poller: config error: hpc.{key}: missing, this key is required"
+          for key in ("host", "user", "identity_file", "known_hosts_file", "remote_base_dir")]]
