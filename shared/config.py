@@ -26,7 +26,7 @@ DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<tot
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
 TRANSFER_METHODS = ("scp", "tar", "rsync")
-BACKENDS = ("pueue", "slurm")
+BACKENDS = ("pueue", "slurm", "direct")
 SLURM_WORD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,127}$")
 NOTIFY_EVENTS = ("completed", "failed", "flagged", "unreachable", "share")
 SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")
