@@ -287,3 +287,13 @@ def test_the_version_names_bash_and_ids_are_never_reused(box):
     assert made.remove([first]).killed == (first,)
     assert start(box, 7, "true") == first + 1
     assert not Path(h.tasks_dir, str(first)).exists()
+
+
+def test_the_readme_example_is_a_valid_direct_config(tmp_path):
+    import yaml
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example, = [yaml.safe_load(block.split("```")[0]) for block in readme.split("```yaml\n")[1:]
+                if "backend: direct" in block.split("```")[0]]
+    config = make_config(tmp_path, hpc=example["hpc"], pueue=example["pueue"])
+    host = config.hosts[0]
+    assert host.backend == "direct" and [(s.name, s.gpu) for s in host.slots] == [("gpu0", "0"), ("gpu1", "1")]
