@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -297,3 +298,15 @@ def test_the_readme_example_is_a_valid_direct_config(tmp_path):
     config = make_config(tmp_path, hpc=example["hpc"], pueue=example["pueue"])
     host = config.hosts[0]
     assert host.backend == "direct" and [(s.name, s.gpu) for s in host.slots] == [("gpu0", "0"), ("gpu1", "1")]
+
+
+def test_a_record_ended_more_than_a_day_ago_is_dropped_by_the_next_submit(box):
+    """So a snapshot stays short on a box that runs for years; the exit record in the folder stays."""
+    h, _, made = box
+    old, recent = start(box, 9, "true"), start(box, 10, "true")
+    wait_until(lambda: state_of(made, recent) is model.TaskState.SUCCESS and state_of(made, old)
+               is model.TaskState.SUCCESS, timeout=20, message="both done")
+    (h.tasks_dir / str(old) / "end").write_text(f"{int(time.time()) - direct.ENDED_KEPT_SECONDS - 60} 0")
+    again = start(box, 9, "true")                                   # its label is free again too
+    assert old not in made.snapshot().tasks and recent in made.snapshot().tasks and again > recent
+    assert (h.root / "remote" / "case_9" / tasks.EXIT_RECORD).is_file()

@@ -22,7 +22,8 @@ exit code, ``signal`` when the group was signalled (no exit was recorded), ``spa
 the workdir was gone. ``snapshot`` lists every record with the HPC's clock; a task whose
 runner and process group are both gone without an end stamp (a reboot, a kill of
 everything) is left out, so that ``shared.tasks`` reads its exit record, as for a task a
-scheduler forgot: never "failed" by guess.
+scheduler forgot: never "failed" by guess. An ended task's record is dropped by the first
+submit a day after its end (``ENDED_KEPT_SECONDS``); its exit record stays in its folder.
 
 What it does not do: no fair order among tasks waiting for one slot (flock's), no
 ``parallel`` above 1, no pausing, no resource limits.
@@ -45,24 +46,28 @@ RUNNER_NAME = "mqic-direct-runner"  # the runner's $0: how a live pid is told fr
 WORDS = Words(scheduler="the direct runner", task="task", submit="direct start", status="direct task list",
               logs="direct task output", stop="kill",
               killed_by_others="killed by a signal we did not send (another user or process)")
+# An ended task's record is kept this long, then the next submit drops it (a snapshot stays
+# short); what became of it is in the exit record in its case folder, as for a job Slurm forgot.
+ENDED_KEPT_SECONDS = 24 * 3600
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FIELDS = ("label", "slot", "workdir", "enqueued", "start", "end", "live")
 
 # Every script starts here: $1 is remote_base_dir ("~" expanded here), $2 the lock wait.
-# ``alive DIR``: its runner (this boot, still our runner) or its process group still lives.
+# ``alive DIR``: its runner (this boot, still our runner) or its process group still lives;
+# ``runner_alive`` and ``group_alive`` leave the pid they read in $r and $g.
 _PROLOGUE = r"""
 base=$1 limit=$2; shift 2
 case $base in "~") base=$HOME;; "~/"*) base=$HOME/${base#"~/"};; esac
 S=$base/STATE
 boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)
-this_boot() { [ "$(cat -- "$1/boot" 2>/dev/null)" = "$boot" ]; }
+slurp() { REPLY=; IFS= read -r -d '' REPLY < "$1"; } 2>/dev/null   # a whole file, without a fork
+this_boot() { slurp "$1/boot"; [ "$REPLY" = "$boot" ]; }
 runner_alive() {
-  local r; r=$(cat -- "$1/runner" 2>/dev/null) && [ -n "$r" ] && this_boot "$1" && kill -0 "$r" 2>/dev/null &&
+  slurp "$1/runner"; r=$REPLY
+  [ -n "$r" ] && this_boot "$1" && kill -0 "$r" 2>/dev/null &&
     { [ ! -r "/proc/$r/cmdline" ] || tr '\0' '\n' < "/proc/$r/cmdline" | grep -qx RUNNER; }
 }
-group_alive() {
-  local g; g=$(cat -- "$1/pgid" 2>/dev/null) && [ -n "$g" ] && this_boot "$1" && kill -0 -- "-$g" 2>/dev/null
-}
+group_alive() { slurp "$1/pgid"; g=$REPLY; [ -n "$g" ] && this_boot "$1" && kill -0 -- "-$g" 2>/dev/null; }
 alive() { runner_alive "$1" || group_alive "$1"; }
 state_lock() { mkdir -p -- "$S" && exec 8>>"$S/lock" && flock "$@" -w "$limit" 8; }
 """.replace("STATE", STATE_FOLDER).replace("RUNNER", RUNNER_NAME)
@@ -88,13 +93,22 @@ stamp end "$(date +%s) $status"
 # $1.. after the prologue: label workdir need_dir slot command runner-script, then NAME=value words.
 SUBMIT_SCRIPT = with_exit_codes(_PROLOGUE + r"""
 label=$1 workdir=$2 need_dir=$3 slot=$4 command=$5 runner=$6; shift 6""" + LOCKED_SUBMIT_PRELUDE.rstrip("\n") + r"""
-mkdir -p -- "$S/tasks" "$S/slots" && state_lock || exit @PREPARE_FAILED_EXIT@
+mkdir -p -- "$S/tasks" "$S/slots" || exit @PREPARE_FAILED_EXIT@
+state_lock || { echo "the state lock of $S stayed busy" >&2; exit @LOCK_BUSY_EXIT@; }
+rm -rf -- "$S"/tasks/.new-*   # a submit cut short while it wrote its record
+old=$(( $(date +%s) - KEPT ))
 for d in "$S"/tasks/*/; do
-  [ "$(cat -- "$d/label" 2>/dev/null)" = "$label" ] || continue
-  if [ -f "$d/end" ] || alive "$d"; then echo "$label already has task $(basename -- "$d")" >&2; exit @LABEL_EXISTS_EXIT@; fi
+  d=${d%/}
+  [ -d "$d" ] || continue
+  if [ -f "$d/end" ]; then   # ended long ago: dropped (the exit record in its folder outlives it)
+    slurp "$d/end"
+    case ${REPLY%% *} in ''|*[!0-9]*) ;; *) [ "${REPLY%% *}" -ge "$old" ] || { rm -rf -- "$d"; continue; };; esac
+  fi
+  slurp "$d/label"; [ "$REPLY" = "$label" ] || continue
+  if [ -f "$d/end" ] || alive "$d"; then echo "$label already has task ${d##*/}" >&2; exit @LABEL_EXISTS_EXIT@; fi
   rm -rf -- "$d"   # ended without a stamp: not listed, its exit record tells
 done
-id=$(cat -- "$S/next_id" 2>/dev/null || echo 1)
+slurp "$S/next_id"; id=${REPLY:-1}
 case $id in ''|*[!0-9]*) echo "bad $S/next_id: $id" >&2; exit @PREPARE_FAILED_EXIT@;; esac
 new=$S/tasks/.new-$id
 { printf '%s' "$((id + 1))" > "$S/next_id.part" && mv -f -- "$S/next_id.part" "$S/next_id" &&
@@ -105,7 +119,7 @@ setsid bash -c "$runner" RUNNER "$S/tasks/$id" "$S/slots/$slot.lock" "$workdir" 
   </dev/null >/dev/null 2>&1 8>&- 9>&- &
 printf '%s' "$!" > "$S/tasks/$id/runner"
 echo "$id"
-""").replace("RUNNER", RUNNER_NAME)
+""").replace("RUNNER", RUNNER_NAME).replace("KEPT", str(ENDED_KEPT_SECONDS))
 
 # $1 the marker; one record per task: <mark>T<id><mark>label<mark>...<mark>live<mark>
 SNAPSHOT_SCRIPT = _PROLOGUE + r"""
@@ -118,7 +132,7 @@ for d in "$S"/tasks/*/; do
   d=${d%/}
   if [ -f "$d/end" ]; then live=-; elif alive "$d"; then live=1; else live=0; fi
   printf '%sT%s%s' "$mark" "${d##*/}" "$mark"
-  for f in label slot workdir enqueued start end; do cat -- "$d/$f" 2>/dev/null; printf '%s' "$mark"; done
+  for f in label slot workdir enqueued start end; do slurp "$d/$f"; printf '%s%s' "$REPLY" "$mark"; done
   printf '%s%s\n' "$live" "$mark"
 done
 """.replace("CLOCK", CLOCK_PREFIX)
@@ -128,7 +142,7 @@ STOP_SCRIPT = _PROLOGUE + r"""
 sig=$1; shift
 for id; do
   d=$S/tasks/$id
-  if [ ! -f "$d/end" ] && group_alive "$d" && kill -s "$sig" -- "-$(cat -- "$d/pgid")" 2>/dev/null
+  if [ ! -f "$d/end" ] && group_alive "$d" && kill -s "$sig" -- "-$g" 2>/dev/null
   then echo "killed $id"; else echo "failed $id"; fi
 done
 """
@@ -141,7 +155,7 @@ for id; do
   d=$S/tasks/$id
   if [ ! -d "$d" ]; then echo "removed $id"
   elif mkdir -- "$d/started" 2>/dev/null; then   # it can no longer start: end its waiting runner
-    runner_alive "$d" && kill -s TERM -- "-$(cat -- "$d/runner")" 2>/dev/null
+    runner_alive "$d" && kill -s TERM -- "-$r" 2>/dev/null
     rm -rf -- "$d"; echo "removed $id"
   elif [ -f "$d/end" ] || ! alive "$d"; then rm -rf -- "$d"; echo "removed $id"
   else echo "failed $id"; fi
