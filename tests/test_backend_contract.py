@@ -2,9 +2,8 @@
 
 Run against the pueue stand-in (the ``hpc`` fixture), a real single-node Slurm (the
 ``slurm_hpc`` fixture) and a box without a scheduler (``direct_hpc``), all over the session's
-real sshd. Each backend's slot holds one
-task at a time, so the next one waits. The Slurm runs skip, saying why, only where Slurm
-cannot run here (not root, packages missing).
+real sshd. Each backend's slot holds one task at a time, so the next one waits. The Slurm runs
+skip, saying why, only where Slurm cannot run here (not root, packages missing).
 """
 from __future__ import annotations
 
