@@ -33,7 +33,7 @@ DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<tot
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
 TRANSFER_METHODS = ("scp", "tar", "rsync")
-BACKENDS = ("pueue", "slurm")
+BACKENDS = ("pueue", "slurm", "direct")
 SLURM_WORD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,127}$")
 NOTIFY_EVENTS = ("completed", "failed", "flagged", "unreachable", "share")
 SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")
@@ -257,8 +257,9 @@ class HpcConfig:
     remote_base_dir: str = setting(
         remote_path, help="absolute or `~/…` (expanded on the HPC); letters, digits, `_ . / + -`")
     backend: str = setting(
-        choice(*BACKENDS), "pueue", "`pueue` (slots are `pueue.groups`) or `slurm` (slots are `slurm.partitions`, "
-                                    "see \"Running on a Slurm cluster\")")
+        choice(*BACKENDS), "pueue", "`pueue` (slots are `pueue.groups`), `slurm` (slots are `slurm.partitions`, "
+                                    "see \"Running on a Slurm cluster\") or `direct` (no scheduler; slots are "
+                                    "`pueue.groups`, see \"Running on one GPU box without a scheduler\")")
     ssh_command: tuple[str, ...] = setting(
         command_line, "ssh", "command plus extra options (e.g. `ssh -o ProxyJump=bastion`); options weakening host-key "
                         "or key checks are refused")

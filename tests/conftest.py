@@ -20,7 +20,8 @@ from shared.spool import Spool
 # The system tier starts real processes (sshd, the pueue stand-in, supervisord, Slurm, a browser); the
 # fast tier starts none. A test is in the system tier when it asks for one of these fixtures or is
 # marked `system`; under MQIC_TEST_TIER=fast any process a test starts fails it, so the split stays true.
-SYSTEM_FIXTURES = {"sshd", "remote_config", "hpc", "slurm_cluster", "own_slurm", "slurm_hpc", "two_hosts"}
+SYSTEM_FIXTURES = {"sshd", "remote_config", "hpc", "slurm_cluster", "own_slurm", "slurm_hpc", "two_hosts",
+                   "direct_hpc"}
 
 
 def pytest_configure(config):
@@ -287,6 +288,73 @@ def slurm_hpc(tmp_path, sshd, slurm_cluster):
 
     def build(**sections) -> SlurmHpc:
         made.append(SlurmHpc(tmp_path / f"slurm-hpc{len(made)}", sshd, slurm_cluster, **sections))
+        return made[-1]
+
+    yield build
+    for item in made:
+        item.close()
+
+
+# -- direct: a GPU box without a scheduler (the session sshd), one config per test -----------------
+
+class DirectHpc:
+    """A per-test GPU box without a scheduler: the session sshd, a config with ``hpc.backend: direct``
+    (its slots are ``groups``, like pueue's), the nvidia-smi stand-in on its PATH of commands."""
+
+    def __init__(self, root: Path, sshd, groups: dict | None = None, **sections):
+        from sandbox.hpc import config_data
+        from sandbox.nvidia_smi import write_wrapper
+        from shared.config import parse_config
+
+        self.root, self.sshd = root, sshd
+        nvidia_smi = write_wrapper(root / "bin", root / "gpus")
+        overrides = {"main_loop": {"backoff_base_seconds": 10, "lease_seconds": 60},
+                     "scanner": {"ready_marker": None}, "web": {"listen": "127.0.0.1:0"}}
+        for section, values in sections.items():
+            overrides.setdefault(section, {}).update(values)
+        data = config_data(root, sshd.endpoint, nvidia_smi.parent / "pueue", project_root=root, groups=groups,
+                           **overrides)
+        del data["hpc"]["pueue_command"]
+        data["hpc"]["backend"] = "direct"
+        data["hpc"]["control_dir"] = f"/tmp/mqic-t-{os.getpid()}-{next(_counter)}"
+        (root / "incoming").mkdir(parents=True, exist_ok=True)
+        (root / "remote").mkdir(exist_ok=True)
+        self.config_path = root / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(data))
+        self.config = parse_config(data, self.config_path)
+
+    @property
+    def tasks_dir(self) -> Path:
+        from shared.backends.direct import STATE_FOLDER
+        return self.root / "remote" / STATE_FOLDER / "tasks"
+
+    def task_file(self, task_id: int, name: str) -> str:
+        return (self.tasks_dir / str(task_id) / name).read_text()
+
+    def close(self) -> None:
+        """End what this test's tasks left running: each runner's and task's own process group."""
+        import signal
+        for task in self.tasks_dir.glob("*") if self.tasks_dir.is_dir() else ():
+            for name in ("runner", "pgid"):
+                pid = (task / name).read_text().strip() if (task / name).is_file() else ""
+                if pid.isdigit():
+                    try:
+                        os.killpg(int(pid), signal.SIGKILL)
+                    except OSError:
+                        pass
+        from shared.remote import Remote
+        Remote(self.config.hosts[0].hpc).close()
+        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def direct_hpc(tmp_path, sshd):
+    if not sshd.is_running():
+        sshd.start()
+    made = []
+
+    def build(**sections) -> DirectHpc:
+        made.append(DirectHpc(tmp_path / f"direct-hpc{len(made)}", sshd, **sections))
         return made[-1]
 
     yield build

@@ -1,9 +1,9 @@
 """One contract, every backend: what a worker may rely on from ``ctx.backend``.
 
-Run against the pueue stand-in (the ``hpc`` fixture) and a real single-node Slurm (the
-``slurm_hpc`` fixture), both over the session's real sshd. Each backend's slot holds one
-task at a time, so the next one waits. The Slurm runs skip, saying why, only where Slurm
-cannot run here (not root, packages missing).
+Run against the pueue stand-in (the ``hpc`` fixture), a real single-node Slurm (the
+``slurm_hpc`` fixture) and a box without a scheduler (``direct_hpc``), all over the session's
+real sshd. Each backend's slot holds one task at a time, so the next one waits. The Slurm runs
+skip, saying why, only where Slurm cannot run here (not root, packages missing).
 """
 from __future__ import annotations
 
@@ -60,10 +60,12 @@ class Host:
                    message=f"task {task_id} ended")
 
 
-@pytest.fixture(params=["pueue", "slurm"])
+@pytest.fixture(params=["pueue", "slurm", "direct"])
 def host(request):
     if request.param == "pueue":
         config = request.getfixturevalue("hpc")(groups={SLOT: {"gpu": 0}}).config
+    elif request.param == "direct":  # no scheduler: its slot is one GPU of the box, one task at a time
+        config = request.getfixturevalue("direct_hpc")(groups={SLOT: {"gpu": 0}}).config
     else:  # its slot asks for both GPUs of the one node, so a second job waits
         build = request.getfixturevalue("slurm_hpc")
         config = build(partitions={SLOT: {"partition": "gpu", "gres": "gpu:2"}}).config
@@ -173,5 +175,5 @@ def test_a_failed_submit_says_what_failed_in_the_backends_words(host):
     said = str(caught.value)
     assert said.startswith(f"{host.backend.words.submit} failed (exit 89: the submit could not be prepared")
     assert "mkdir" in said and "flock" not in said and "\n" not in said and len(said) < 400
-    other = {"pueue": "sbatch", "slurm": "pueue"}[host.backend.kind]
-    assert other not in said.lower()
+    others = {"pueue": ("sbatch",), "slurm": ("pueue",), "direct": ("sbatch", "pueue")}[host.backend.kind]
+    assert not [other for other in others if other in said.lower()]

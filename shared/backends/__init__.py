@@ -59,5 +59,8 @@ def backend_for(config, host, runner: Runner) -> Backend:
     if host.backend == "slurm":
         from shared.backends.slurm import SlurmBackend
         return SlurmBackend.from_config(config, host, runner)
+    if host.backend == "direct":
+        from shared.backends.direct import DirectBackend
+        return DirectBackend.from_config(config, host, runner)
     from shared.backends.pueue import PueueBackend
     return PueueBackend(runner, tuple(host.hpc.pueue_command), host.hpc.command_timeout_seconds)
