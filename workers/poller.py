@@ -343,8 +343,8 @@ def poll_host(ctx: Context, host: Host, running: list[Case], now: float) -> int:
     forgotten = [case for case in running if tasks.needs_record(case, snapshot)]
     records = fetch_records(ctx, host, forgotten) if forgotten else {}
     links, rulings = {}, {}
-    for case in running:  # an Unlisted verdict is logged for its case; the others go on
-        with per_item(ctx, case.case_id, "poll"):
+    for case in running:  # an Unlisted verdict is logged for its case (never a default); the others go on
+        with per_item(ctx, case.case_id, "verdict"):
             links[case.case_id] = link = tasks.resolve(case, snapshot, records)
             rulings[case.case_id] = verdict_of(ctx, case, link, snapshot)
     decided = [case for case in running if case.case_id in rulings]
