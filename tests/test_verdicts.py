@@ -211,3 +211,49 @@ def test_an_expired_claim_with_nothing_left_requeues_as_the_attempt_count_by_typ
 def test_docs_verdicts_md_is_the_table_printed():
     assert (ROOT / "docs" / "verdicts.md").read_text() == verdicts.DOC_HEAD + verdicts.markdown(), \
         "regenerate: python -m shared.verdicts > docs/verdicts.md"
+
+
+# -- carried out: what a requeue verdict records (real SQLite and spool, no process) ---------------
+
+def running_case(conn, spool, tmp_path, now: float) -> Case:
+    from shared.spool import settle_folder
+    from shared.store import SeatSpec, claim_next_case, get_case, register_case, sync_slots, transition
+    folder = tmp_path / "incoming" / "c"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plan.dcm").write_bytes(b"x")
+    registered = register_case(conn, case_name="c", source_path=str(folder), now=now, worker="scanner")
+    with spool.lock():
+        settle_folder(conn, spool, registered.case_id, now=now, worker="scanner")
+    sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0)], now=now, worker="t")
+    claim = claim_next_case(conn, worker="submitter", now=now, lease_seconds=60)
+    assert transition(conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=now, worker="t",
+                      fields={"pueue_task_id": 3, "remote_dir": "/remote/1_c", "running_since": now})
+    return get_case(conn, claim.case.case_id)
+
+
+def test_a_requeue_verdict_uses_an_attempt_and_records_its_outcome_once_attempts_run_out(conn, spool, tmp_path):
+    from shared.config import MainLoopConfig
+    from shared.lifecycle import requeue_or_fail
+    from shared.store import get_case
+    killed = verdicts.verdict_for(tasks.resolve(case(), snapshot(task(T.KILLED))), Phase.RUNNING)
+    policy = MainLoopConfig(max_attempts=2, backoff_base_seconds=30)
+    seat = "SELECT status FROM gpu_resources"
+    for attempt, status in ((1, CaseStatus.SUBMITTED), (2, CaseStatus.FAILED)):
+        now = 1000.0 * attempt
+        running = running_case(conn, spool, tmp_path, now) if attempt == 1 else _run_again(conn, now)
+        assert requeue_or_fail(conn, spool, running, policy, killed.error_type, "poll: TaskKilled: task 3 was killed",
+                               counted=killed.uses_attempt, retry=True, outcome=killed.outcome,
+                               slot_to=killed.slot, now=now, worker="poller") is status
+        after = get_case(conn, running.case_id)
+        assert (after.status, after.attempts, after.error_type) == (status, attempt, "TaskKilled")
+        assert conn.execute(seat).fetchone()[0] == SlotStatus.AVAILABLE.value
+    assert after.outcome == Outcome.KILLED.value and after.completed_at == 2000.0
+    assert after.next_attempt_at == 1000.0 + 30  # the first requeue waited the backoff
+
+
+def _run_again(conn, now: float) -> Case:
+    from shared.store import claim_next_case, get_case, transition
+    claim = claim_next_case(conn, worker="submitter", now=now, lease_seconds=60)
+    assert transition(conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=now, worker="t",
+                      fields={"pueue_task_id": 4, "remote_dir": "/remote/1_c", "running_since": now})
+    return get_case(conn, claim.case.case_id)
