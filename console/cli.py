@@ -34,8 +34,8 @@ from rich.console import Console
 from console import service
 from console.top import (console_width, format_age, format_time, freshness, gpu_memory, gpus_table, host_lines,
                          slots_table, totals_line, upkeep_line)
-from shared import actions, gpus, maintenance, queries, retention, share, tasks, version
-from shared.backends import backend_for, pueue
+from shared import actions, gpus, maintenance, queries, retention, share, tasks, verdicts, version
+from shared.backends import backend_for, model, pueue
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
 from shared.config import Config, HostConfig, default_config_path, load_config
 from shared.db import connect
@@ -235,7 +235,19 @@ def remote_task(config: Config, case: Case) -> dict[str, Any]:
     return {"host": host.name, "task_id": task.id, "state": task.state.value, "exit_code": task.exit_code,
             "group": task.group, "label": task.label, "path": task.path,
             "start": task.start.isoformat() if task.start else None,
-            "end": task.end.isoformat() if task.end else None}
+            "end": task.end.isoformat() if task.end else None,
+            "verdict": verdict_record(config, case, snapshot)}
+
+
+def verdict_record(config: Config, case: Case, snapshot: model.Snapshot) -> dict[str, Any]:
+    """The row of the verdict table (``shared.verdicts``) for what became of the case's task:
+    what the poller does with it while the case is running."""
+    link = tasks.resolve(case, snapshot)
+    overdue = tasks.overdue(link, snapshot, config.main_loop.running_case_timeout_hours * 3600)
+    ruling = verdicts.verdict_for(link, verdicts.Phase.RUNNING, by_us=verdicts.killed_by_us(case.outcome),
+                                  overdue=overdue)
+    return {"action": ruling.action.value, "outcome": ruling.outcome and ruling.outcome.value,
+            "uses_attempt": ruling.uses_attempt, "why": ruling.why}
 
 
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
@@ -316,6 +328,10 @@ def print_case(config: Config, case: Case, events: list[dict], remote: dict | No
     else:
         print(f"remote: task {remote['task_id']} {remote['state']} in group {remote['group']} on host {remote['host']}"
               + (f" (exit code {remote['exit_code']})" if remote["exit_code"] is not None else ""))
+        ruling = remote["verdict"]
+        print(f"verdict: {ruling['action']}" + (f" ({ruling['outcome']})" if ruling["outcome"] else "")
+              + (", an attempt used" if ruling["uses_attempt"] else "") + f": {ruling['why']}"
+              + ("" if case.status.value == "running" else f" (the case is {case.status.value}; the poller acts only on running cases)"))
     if case.log_tail:
         print("log tail:\n" + case.log_tail.rstrip())
 

@@ -60,29 +60,44 @@ def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: Ma
                   error: Exception, *, now: float, worker: str, operation: str,
                   guard: dict[str, Any] | None = None,
                   outcome: Outcome = Outcome.SUBMIT_ERROR) -> CaseStatus | None:
-    """After a failure: back to ``submitted`` with backoff, or ``failed`` once attempts run out.
+    """After a failure that is not a task's verdict (an upload or submit error, an unreachable
+    host): back to ``submitted`` with backoff, or ``failed`` once attempts run out.
 
     Only for failures where no remote task of this attempt can still run. The attempt
     is counted only when the failure is the case's own (``counts_as_attempt``): an
     outage never uses one up. The slot is freed either way. Returns the new status,
     or None when the case had moved.
     """
-    message = f"{operation}: {type(error).__name__}: {error}"[:2000]
     counted = counts_as_attempt(error)
+    return requeue_or_fail(conn, spool, case, policy, type(error).__name__, f"{operation}: {type(error).__name__}: {error}",
+                           counted=counted, retry=not counted or is_transient(error), outcome=outcome,
+                           at_once=isinstance(error, Unreachable), now=now, worker=worker, guard=guard)
+
+
+def requeue_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: MainLoopConfig,
+                    error_type: str, message: str, *, counted: bool, retry: bool, outcome: Outcome,
+                    now: float, worker: str, guard: dict[str, Any] | None = None, at_once: bool = False,
+                    slot_to: SlotStatus = SlotStatus.AVAILABLE) -> CaseStatus | None:
+    """Back to ``submitted`` (after backoff, or ``at_once``), or ``failed`` with ``outcome``.
+
+    ``counted``: the failure uses up one of the case's attempts; ``retry``: it is worth
+    another one. The case runs again unless the attempt is counted and either not worth
+    retrying or the last one. The seat becomes ``slot_to`` either way. A task's verdict
+    (``shared.verdicts``) gives every argument; ``retry_or_fail`` derives them from an error.
+    """
+    message = message[:2000]
     attempts = case.attempts + counted
-    error_fields = {**ATTEMPT_CLEARS, "error_type": type(error).__name__, "error_message": message,
-                    "attempts": attempts}
-    if not counted or (is_transient(error) and attempts < policy.max_attempts):
+    error_fields = {**ATTEMPT_CLEARS, "error_type": error_type, "error_message": message, "attempts": attempts}
+    if not counted or (retry and attempts < policy.max_attempts):
         # An unreachable host gets no claims until it answers, so the case may go to another host at once.
-        delay = 0.0 if isinstance(error, Unreachable) else backoff_seconds(policy, max(1, attempts))
+        delay = 0.0 if at_once else backoff_seconds(policy, max(1, attempts))
         fields = {**error_fields, "next_attempt_at": now + delay}
         why = f"attempt {attempts} of {policy.max_attempts} used" if counted else "no attempt used"
         moved = move_case(conn, spool, case, CaseStatus.SUBMITTED, now=now, worker=worker,
-                          detail=f"retry ({why}) after {message}", fields=fields, guard=guard,
-                          slot_to=SlotStatus.AVAILABLE)
+                          detail=f"retry ({why}) after {message}", fields=fields, guard=guard, slot_to=slot_to)
         return CaseStatus.SUBMITTED if moved else None
     fields = {**error_fields, "outcome": outcome.value, "completed_at": now}
     moved = move_case(conn, spool, case, CaseStatus.FAILED, now=now, worker=worker,
                       detail=f"gave up after attempt {attempts}: {message}", fields=fields,
-                      guard=guard, slot_to=SlotStatus.AVAILABLE)
+                      guard=guard, slot_to=slot_to)
     return CaseStatus.FAILED if moved else None

@@ -1,25 +1,27 @@
 """Reconciling a ``submitting`` case whose owner died or whose ``pueue add`` answer was lost.
 
-From one fresh snapshot: a task carrying the case's label in the group of the slot it
-claimed is adopted (the case is ``running``); one in another group is an orphan that
-the reaper stops. No such task proves nothing while an add may still land
-(``add_uncertain_until``); after that, an exit record in the case's remote folder
-means the task ran and pueue forgot it (the case is ``running`` and the poller
-settles it from the record); with neither, the case is retried. Could not tell:
-nothing changes and the next pass asks again. This is the only way an expired claim
-goes back to ``submitted``, so no case ever gets a second remote task.
+From one fresh snapshot, ``shared.tasks.resolve_claim`` finds what became of the task and
+the verdict table (``shared.verdicts``, phase ``claim``) says what happens: a task
+carrying the case's label in the group of the slot it claimed is adopted (the case is
+``running``); one in another group is an orphan that the reaper stops. No such task
+proves nothing while an add may still land (``add_uncertain_until``); after that, an
+exit record in the case's remote folder means the task ran and pueue forgot it (adopted:
+the poller settles it from the record); with neither, the case is requeued. Could not
+tell: nothing changes and the next pass asks again. This is the only way an expired
+claim goes back to ``submitted``, so no case ever gets a second remote task.
 """
 from __future__ import annotations
 
 import logging
 
-from shared import tasks
+from shared import tasks, verdicts
 from shared.backends import model
-from shared.errors import ClaimExpired, RemoteFailure
-from shared.lifecycle import move_case, retry_or_fail
+from shared.errors import RemoteFailure
+from shared.lifecycle import move_case, requeue_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus
 from shared.store import CLAIM_CLEARS, Case, expired_leases, flag_for_review
+from shared.verdicts import Action, Phase, Verdict
 from shared.worker import REPEAT_LOG_SECONDS, Context, Host, note_reach, on_reachable_hosts, per_item, worth_logging
 
 
@@ -28,29 +30,38 @@ log = logging.getLogger("mqic.recovery")
 
 def recover_claim(ctx: Context, host: Host, case: Case, snapshot: model.Snapshot, now: float) -> str:
     """Resolve one expired ``submitting`` claim; return found / not_found / waiting / unreachable."""
-    labelled = [t for t in snapshot.by_label(case.label) if t.group == case.pueue_group]
-    if labelled:
-        adopt(ctx, case, max(labelled, key=lambda t: t.id), now)
+    labelled = tasks.claimed_tasks(case, snapshot)
+    may_land = case.add_uncertain_until is not None and now < case.add_uncertain_until
+    record = exit_record(ctx, host, case) if not labelled and not may_land else None
+    link = tasks.resolve_claim(case, snapshot, record, add_may_land=may_land)
+    verdict = verdicts.verdict_for(link, Phase.CLAIM)
+    if verdict.action is Action.ADOPT:
+        adopt(ctx, case, link.task, now)
         if len(labelled) > 1:
             flag_for_review(ctx.conn, case, f"{len(labelled)} remote tasks carry label {case.label}",
                             now=now, worker=ctx.name)
         return "found"
-    if case.add_uncertain_until is not None and now < case.add_uncertain_until:
+    if verdict.action is Action.REQUEUE:
+        requeue(ctx, case, verdict, now)
+        return "not_found"
+    if verdict.action is not Action.WAIT:
+        raise verdicts.Unlisted(f"recovery cannot carry out {verdict.action}")
+    if may_land:
         return "waiting"  # an add whose answer was lost may still land: no task proves nothing yet
-    record = exit_record(ctx, host, case)
-    if record is None or record is tasks.Record.UNREADABLE:
-        if worth_logging(ctx, f"recover:{case.case_id}", now, REPEAT_LOG_SECONDS):
-            log.warning("case %d: claim expired, HPC could not tell; will ask again", case.case_id,
-                        extra=for_case(case.case_id, "recover_claim"))
-        return "unreachable"
-    if isinstance(record, int):
-        adopt(ctx, case, None, now)
-        return "found"
-    if retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, ClaimExpired(f"claim of {case.claimed_by} expired"),
-                     now=now, worker=ctx.name, operation="recover_claim", guard=guard_of(case)):
+    if worth_logging(ctx, f"recover:{case.case_id}", now, REPEAT_LOG_SECONDS):
+        log.warning("case %d: claim expired, HPC could not tell; will ask again", case.case_id,
+                    extra=for_case(case.case_id, "recover_claim"))
+    return "unreachable"
+
+
+def requeue(ctx: Context, case: Case, verdict: Verdict, now: float) -> None:
+    """No task and no exit record: the case runs again as the verdict says."""
+    reason = f"claim of {case.claimed_by} expired"
+    if requeue_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, verdict.error_type,
+                       f"recover_claim: {verdict.error_type}: {reason}", counted=verdict.uses_attempt, retry=True,
+                       outcome=verdict.outcome, slot_to=verdict.slot, now=now, worker=ctx.name, guard=guard_of(case)):
         log.info("case %d: claim expired and no remote task exists; retrying", case.case_id,
                  extra=for_case(case.case_id, "recover_claim"))
-    return "not_found"
 
 
 def guard_of(case: Case) -> dict:

@@ -3,7 +3,9 @@
 - ``resolve``: what became of a case's task, from ONE fresh snapshot and, when pueue
   no longer lists the task, from the exit-status record that the task's wrapper
   leaves in the case's remote folder (``.mqic/exit_status``): waiting, running,
-  finished with a result, proven absent, or could not tell.
+  finished with a result, proven absent, or could not tell. ``resolve_claim`` does the
+  same for a case whose submitter died mid-submission. What then happens to the case
+  is one row of the verdict table, ``shared.verdicts``.
 - ``wrap_command``: the wrapper that writes that record atomically.
 - ``stop``: stop a case's task, found by its label in a fresh snapshot (ids are
   reused, labels are ours): a waiting task is removed, a running one gets SIGTERM,
@@ -88,9 +90,33 @@ def resolve(case: Case, snapshot: model.Snapshot, records: Mapping[str, ExitReco
     task = task_of(case, snapshot)
     if task is not None:
         return _from_task(task)
+    return _from_record(case, (records or {}).get(case.remote_dir) if case.remote_dir else None)
+
+
+def claimed_tasks(case: Case, snapshot: model.Snapshot) -> list[model.TaskInfo]:
+    """The tasks carrying ``case``'s label in the group of the slot it claimed."""
+    return [t for t in snapshot.by_label(case.label) if t.group == case.pueue_group]
+
+
+def resolve_claim(case: Case, snapshot: model.Snapshot, record: ExitRecord | None, *, add_may_land: bool) -> Link:
+    """What became of the task of a ``submitting`` case whose claim expired.
+
+    A task carrying the label in the group of the claimed slot is the case's (the newest
+    when several do). With none, nothing is proven while an add whose answer was lost may
+    still land (``add_may_land``); after that the exit record tells (``record`` None: it
+    was not read, which is "could not tell").
+    """
+    labelled = claimed_tasks(case, snapshot)
+    if labelled:
+        return _from_task(max(labelled, key=lambda t: t.id))
+    if add_may_land:
+        return Link(Found.UNKNOWN, detail="no task yet, but an add whose answer was lost may still land")
+    return _from_record(case, record)
+
+
+def _from_record(case: Case, record: ExitRecord | None) -> Link:
     if not case.remote_dir:
         return Link(Found.ABSENT, detail="no remote folder was ever recorded")
-    record = (records or {}).get(case.remote_dir)
     if record is None or record is Record.UNREADABLE:
         return Link(Found.UNKNOWN, detail=f"task gone from the scheduler; exit record {record or 'not read'}")
     if record is Record.MISSING:

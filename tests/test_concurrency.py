@@ -6,6 +6,7 @@ pollers that the chaos run found (see docs/chaos.md), pinned down deterministica
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from bench.chaos import Expected, chain_problems, check_final_state
 from sandbox.casegen import make_case
-from shared import tasks
+from shared import tasks, verdicts
 from shared.backends import model, pueue
 from shared.db import connect
 from shared.states import ALLOWED, CaseStatus, SlotStatus
@@ -237,7 +238,8 @@ def test_a_poller_that_read_a_case_before_its_requeue_cannot_touch_its_next_run(
     h = hpc(groups={"gpu_a": {"gpu": 0}})
     ctx, first_run, link = running_case_with_finished_task(h, "requeued")
     host = ctx.hosts["hpc"]
-    assert poller.run_again(ctx, first_run, poller.TaskKilled("killed by someone"), "killed", time.time())
+    killed = verdicts.verdict_for(dataclasses.replace(link, result=model.TaskState.KILLED), verdicts.Phase.RUNNING)
+    assert poller.run_again(ctx, first_run, killed, "killed by someone", time.time())
     host.backend.remove([first_run.pueue_task_id])
     submitter.tick(ctx, time.time() + 60)                              # the next run, after the backoff
     next_run = get_case(ctx.conn, first_run.case_id)

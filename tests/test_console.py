@@ -496,11 +496,15 @@ def test_sandbox_up_doctor_show_cancel_down(tmp_path, capsys):
         shown = json.loads(out)
         assert code == 0 and shown["remote"]["state"] == "running"
         assert shown["remote"]["label"] == case_label(case_id)
+        assert shown["remote"]["verdict"] == {"action": "wait", "outcome": None, "uses_attempt": False,
+                                              "why": "progress read from its log"}
         code, out, err = cli(capsys, config, "cancel", str(case_id))
         assert code == 0 and "sigterm" in out, err
         task_id = shown["remote"]["task_id"]
         wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is model.TaskState.KILLED,
                    timeout=15, message="task killed")
+        code, out, _ = cli(capsys, config, "show", str(case_id))  # our own signal: nothing left to decide
+        assert "verdict: wait: killed by our own signal" in out and "(the case is failed;" in out
         remote.close()
     finally:
         code, out, _ = cli_sandbox(capsys, "down", root)

@@ -3,19 +3,21 @@
 Hosts are polled one after the other; a host last seen unreachable is skipped (its
 cases wait, the reaper probes it), so it never holds up the others.
 
-What became of each case's task is decided by ``shared.tasks.resolve`` from that one
+What became of each case's task is found by ``shared.tasks.resolve`` from that one
 fresh snapshot (and, for a task pueue no longer lists, from its exit record in the
-case's remote folder, read for all such cases in one call):
+case's remote folder, read for all such cases in one call); what happens to the case is
+its row of the verdict table (``shared.verdicts``, printed in ``docs/verdicts.md``), which
+this module only carries out:
 
-- success: results are fetched, the case completes and its slot is freed;
-- failure or spawn failure: the case fails with its exit code and last log lines, and
-  the slot becomes a zombie until the reaper sees the group idle;
-- killed by a signal we did not send (pueued restart, node reboot, another user):
-  requeued within ``max_attempts``, the reason in the event history;
-- running longer than ``running_case_timeout_hours`` on the HPC's own clock: failed
-  (``timed_out``), slot zombie, the task sent SIGTERM (the reaper sends SIGKILL later);
-- proven absent (no task, no exit record): retried;
-- could not tell (unreachable, garbage, unknown state): no change.
+- complete: results are fetched, the case completes and its slot is freed;
+- fail: the case fails with its outcome, exit code and last log lines, and the slot
+  becomes a zombie until the reaper sees the group idle;
+- requeue (killed by a signal we did not send, or proven absent): the case runs again,
+  one attempt used, with the verdict's outcome once ``max_attempts`` are used up;
+- time out (running longer than ``running_case_timeout_hours`` on the HPC's own clock):
+  failed (``timed_out``), slot zombie, the task sent SIGTERM (the reaper sends SIGKILL later);
+- wait: a live task has its progress read; could not tell (unreachable, garbage, unknown
+  state) changes nothing.
 """
 from __future__ import annotations
 
@@ -24,27 +26,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from shared import gpus, tasks
+from shared import gpus, tasks, verdicts
 from shared.backends import model, pueue_parse
 from shared.delivery import fetched_record
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
-from shared.lifecycle import move_case, retry_or_fail
+from shared.lifecycle import move_case, requeue_or_fail
 from shared.logs import for_case
-from shared.states import CaseStatus, Outcome, SlotStatus
+from shared.states import CaseStatus, SlotStatus
+from shared.verdicts import Action, Phase, Verdict
 from shared.spool import merge_into, settle_folder
 from shared.remote import UnsafeMember
 from shared.store import Case, cases_with_status, flag_for_review, get_case, release_slot_of, update_case
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
                            start_helper_loop, worker_main, worth_logging)
 
-FAILED_OUTCOMES = {
-    model.TaskState.FAILED: Outcome.FAILED,
-    model.TaskState.KILLED: Outcome.KILLED,
-    model.TaskState.FAILED_TO_SPAWN: Outcome.FAILED_TO_SPAWN,
-    model.TaskState.DEPENDENCY_FAILED: Outcome.FAILED,
-    model.TaskState.ERRORED: Outcome.FAILED,
-}
 PAUSED_GROUPS = "paused_groups"
 WAITING_REFRESH_SHARE_OF_STUCK = 0.5  # see waiting_refresh_seconds
 
@@ -54,14 +50,6 @@ def this_run(case: Case) -> dict:
     is guarded on them, so a pass that read the case before it was requeued and submitted again
     (by another poller, a quick submitter) can never settle, free or update the new run."""
     return {"running_since": case.running_since, "pueue_task_id": case.pueue_task_id}
-
-
-class TaskVanished(RemoteFailure):
-    """The case's task is no longer in pueue's list (cleaned or removed) and left no result."""
-
-
-class TaskKilled(RemoteFailure):
-    """The case's task was killed by a signal we did not send."""
 
 
 def fetch_snapshot(ctx: Context, host: Host) -> model.Snapshot | None:
@@ -118,13 +106,19 @@ def handle_paused_groups(ctx: Context, host: Host, snapshot: model.Snapshot, now
                 ctx.log.warning("could not resume %s: %s", group, exc, extra=for_case(None, "resume", exc))
 
 
-def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float) -> bool:
-    """Fetch results into a private folder, then, only if this worker wins the move, file them."""
+def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float, verdict: Verdict | None = None) -> bool:
+    """Fetch results into a private folder, then, only if this worker wins the move, file them.
+
+    ``verdict``: the link's row of the verdict table (looked up when not given), which must say complete.
+    """
+    verdict = verdict or verdicts.verdict_for(link, Phase.RUNNING)
+    if verdict.action is not Action.COMPLETE:
+        raise ValueError(f"case {case.case_id}: the verdict is {verdict.action.value}, not complete")
     staging = ctx.spool.staging_dir(f"results-{case.case_id}")
     task_id = link.task.id if link.task else case.pueue_task_id
     try:
         if host.config.hpc.result_files:
-            free_gpu_early(ctx, case, now)
+            free_gpu_early(ctx, case, verdict.slot, now)
             if not fetch_results(ctx, host, case, link, staging):
                 return False
         record = json.dumps(fetched_record(staging), sort_keys=True) if staging.exists() else None
@@ -140,8 +134,8 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
                 record = None
             moved = move_case(ctx.conn, ctx.spool, current, CaseStatus.COMPLETED, now=now, worker=ctx.name,
                               detail=f"task {task_id} on {host.name} succeeded" + (f" ({link.detail})" if link.from_record else ""),
-                              slot_to=SlotStatus.AVAILABLE, guard=this_run(case),
-                              fields={"outcome": Outcome.SUCCESS.value, "exit_code": 0, "progress": 100.0,
+                              slot_to=verdict.slot, guard=this_run(case),
+                              fields={"outcome": verdict.outcome.value, "exit_code": 0, "progress": 100.0,
                                       "completed_at": now, "pueue_task_id": task_id, "result_checksums": record})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -151,9 +145,9 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
     return moved
 
 
-def free_gpu_early(ctx: Context, case: Case, now: float) -> None:
+def free_gpu_early(ctx: Context, case: Case, slot_to: SlotStatus, now: float) -> None:
     """The task is over, so its GPU is free: hand the slot on before the download."""
-    if release_slot_of(ctx.conn, case, SlotStatus.AVAILABLE, now=now, worker=ctx.name, guard=this_run(case),
+    if release_slot_of(ctx.conn, case, slot_to, now=now, worker=ctx.name, guard=this_run(case),
                        detail=f"task of case {case.case_id} succeeded; results being fetched"):
         ring(ctx.spool.root, "submitter")
 
@@ -177,23 +171,26 @@ def fetch_results(ctx: Context, host: Host, case: Case, link: tasks.Link, stagin
     return True
 
 
-def fail(ctx: Context, host: Host, case: Case, link: tasks.Link, log_tail: str, now: float) -> bool:
-    outcome = FAILED_OUTCOMES[link.result]
+def fail(ctx: Context, host: Host, case: Case, link: tasks.Link, verdict: Verdict,
+         outputs: dict[int, str] | None, now: float) -> bool:
+    """Fail the case with the verdict's outcome, the task's exit code and its last log lines."""
+    log_tail = log_tail_of(ctx, host, case, link, outputs)
+    if log_tail is None:
+        return False  # the verdict stays; carry it out on a pass that can keep the log tail
     task_id = link.task.id if link.task else case.pueue_task_id
     detail = link.task.detail if link.task else ""
     reason = detail or (f"exit code {link.exit_code}" if link.exit_code is not None else link.result.value)
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
                       detail=f"task {task_id} on {host.name}: {link.result.value} ({reason})"
                              + (f"; {link.detail}" if link.from_record else ""),
-                      slot_to=SlotStatus.ZOMBIE, guard=this_run(case),
-                      fields={"outcome": outcome.value, "exit_code": link.exit_code, "completed_at": now,
-                              "error_type": f"Task{link.result.value.title().replace('_', '')}",
-                              "error_message": reason[:2000], "log_tail": log_tail[-4000:],
-                              "pueue_task_id": task_id})
+                      slot_to=verdict.slot, guard=this_run(case),
+                      fields={"outcome": verdict.outcome.value, "exit_code": link.exit_code, "completed_at": now,
+                              "error_type": verdict.error_type, "error_message": reason[:2000],
+                              "log_tail": log_tail[-4000:], "pueue_task_id": task_id})
     if moved:
         ring(ctx.spool.root, "reaper")
         ctx.log.error("case %d failed: %s (%s)", case.case_id, link.result.value, reason,
-                      extra=for_case(case.case_id, "complete") | {"error_type": outcome.value})
+                      extra=for_case(case.case_id, "complete") | {"error_type": verdict.outcome.value})
     return moved
 
 
@@ -208,32 +205,36 @@ def log_tail_of(ctx: Context, host: Host, case: Case, link: tasks.Link,
         return None
 
 
-def requeue_killed(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float) -> bool:
-    """Killed by a signal we did not send: the old task leaves pueue's list, the case is retried."""
+def requeue(ctx: Context, host: Host, case: Case, link: tasks.Link, verdict: Verdict, now: float) -> bool:
+    """Run the case again. A task the scheduler still lists (a killed one) leaves its list
+    first, so the label names only the retry's task."""
     words = host.backend.words
-    error = TaskKilled(f"{words.task} {link.task.id} was {words.killed_by_others}"
-                       + (f": {link.task.detail}" if link.task.detail else ""))
+    if link.task is None:
+        reason = f"task {case.pueue_task_id} ({case.label}) is no longer listed on {case.host}: {link.detail}"
+        return run_again(ctx, case, verdict, reason, now)
+    reason = (f"{words.task} {link.task.id} was {words.killed_by_others}"
+              + (f": {link.task.detail}" if link.task.detail else ""))
     try:
         host.backend.remove([link.task.id])
     except RemoteFailure as exc:  # the label must name only the retry's task: try again next pass
-        ctx.log.warning("case %d: cannot remove killed task %d yet (%s)", case.case_id, link.task.id, exc,
+        ctx.log.warning("case %d: cannot remove %s %d yet (%s)", case.case_id, words.task, link.task.id, exc,
                         extra=for_case(case.case_id, "requeue", exc))
         return False
-    return run_again(ctx, case, error, Outcome.KILLED, now)
+    return run_again(ctx, case, verdict, reason, now)
 
 
-def time_out(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float) -> bool:
+def time_out(ctx: Context, host: Host, case: Case, link: tasks.Link, verdict: Verdict, now: float) -> bool:
     """Fail a case whose task ran too long on the HPC's clock, then ask the task to stop (SIGTERM)."""
     hours = ctx.config.main_loop.running_case_timeout_hours
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
                       detail=f"running longer than {hours:g} h on the HPC: stopping task {link.task.id}",
-                      slot_to=SlotStatus.ZOMBIE, guard=this_run(case),
-                      fields={"outcome": Outcome.TIMED_OUT.value, "completed_at": now, "pueue_task_id": link.task.id,
-                              "error_type": "Timeout", "error_message": f"ran longer than {hours:g} h"})
+                      slot_to=verdict.slot, guard=this_run(case),
+                      fields={"outcome": verdict.outcome.value, "completed_at": now, "pueue_task_id": link.task.id,
+                              "error_type": verdict.error_type, "error_message": f"ran longer than {hours:g} h"})
     if not moved:
         return False
     ctx.log.error("case %d timed out after %g h; stopping task %d", case.case_id, hours, link.task.id,
-                  extra=for_case(case.case_id, "timeout") | {"error_type": "Timeout"})
+                  extra=for_case(case.case_id, "timeout") | {"error_type": verdict.error_type})
     ring(ctx.spool.root, "reaper")
     failed = get_case(ctx.conn, case.case_id)
     try:
@@ -244,17 +245,15 @@ def time_out(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float)
     return True
 
 
-def vanished(ctx: Context, case: Case, link: tasks.Link, now: float) -> bool:
-    error = TaskVanished(f"task {case.pueue_task_id} ({case.label}) is no longer listed on {case.host}: {link.detail}")
-    return run_again(ctx, case, error, Outcome.VANISHED, now)
-
-
-def run_again(ctx: Context, case: Case, error: Exception, outcome: Outcome, now: float) -> bool:
-    """No task of this attempt can run any more: retry the case (``outcome`` once attempts run out)."""
-    status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, error, now=now,
-                           worker=ctx.name, operation="poll", outcome=outcome, guard=this_run(case))
-    ctx.log.warning("case %d: %s; case is now %s", case.case_id, error, status and status.value,
-                    extra=for_case(case.case_id, "poll", error))
+def run_again(ctx: Context, case: Case, verdict: Verdict, reason: str, now: float) -> bool:
+    """No task of this attempt can run any more: the case runs again as the verdict says
+    (its attempt used or not; failed with its outcome once attempts run out)."""
+    status = requeue_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, verdict.error_type,
+                             f"poll: {verdict.error_type}: {reason}", counted=verdict.uses_attempt, retry=True,
+                             outcome=verdict.outcome, slot_to=verdict.slot, now=now, worker=ctx.name,
+                             guard=this_run(case))
+    ctx.log.warning("case %d: %s; case is now %s", case.case_id, reason, status and status.value,
+                    extra=for_case(case.case_id, "poll") | {"error_type": verdict.error_type})
     ring(ctx.spool.root, "submitter")
     return status is not None
 
@@ -283,38 +282,49 @@ def update_progress(ctx: Context, case: Case, link: tasks.Link, output: str | No
     return update_case(ctx.conn, case.case_id, CaseStatus.RUNNING, fields, guard=this_run(case))
 
 
+def verdict_of(ctx: Context, case: Case, link: tasks.Link, snapshot: model.Snapshot) -> Verdict:
+    """The row of the verdict table for a running case whose task became ``link``."""
+    overdue = tasks.overdue(link, snapshot, ctx.config.main_loop.running_case_timeout_hours * 3600)
+    return verdicts.verdict_for(link, Phase.RUNNING, by_us=verdicts.killed_by_us(case.outcome), overdue=overdue)
+
+
 def apply(ctx: Context, host: Host, case: Case, link: tasks.Link, snapshot: model.Snapshot,
           outputs: dict[int, str] | None, now: float) -> bool:
     """Decide one running case from what its task became; True when its row changed."""
-    found = link.found
-    if found is tasks.Found.UNKNOWN:
-        if worth_logging(ctx, f"unknown:{case.case_id}", now, REPEAT_LOG_SECONDS):
-            ctx.log.warning("case %d: could not tell what became of its task (%s); no change", case.case_id,
-                            link.detail, extra=for_case(case.case_id, "poll") | {"error_type": "CouldNotTell"})
-        return False
-    if found is tasks.Found.ABSENT:
-        return vanished(ctx, case, link, now)
-    if found is tasks.Found.FINISHED:
-        return finish(ctx, host, case, link, outputs, now)
-    if tasks.overdue(link, snapshot, ctx.config.main_loop.running_case_timeout_hours * 3600):
-        return time_out(ctx, host, case, link, now)
-    return update_progress(ctx, case, link, (outputs or {}).get(link.task.id), now)
+    return carry_out(ctx, host, case, link, verdict_of(ctx, case, link, snapshot), outputs, now)
 
 
-def finish(ctx: Context, host: Host, case: Case, link: tasks.Link, outputs: dict[int, str] | None,
-           now: float) -> bool:
-    if link.result is model.TaskState.SUCCESS:
-        return complete(ctx, host, case, link, now)
-    if link.result is model.TaskState.KILLED:
-        return requeue_killed(ctx, host, case, link, now)
-    log_tail = log_tail_of(ctx, host, case, link, outputs)
-    if log_tail is None:
-        return False  # the failure stays; fail it on a pass that can keep its log tail
-    return fail(ctx, host, case, link, log_tail, now)
+def carry_out(ctx: Context, host: Host, case: Case, link: tasks.Link, verdict: Verdict,
+              outputs: dict[int, str] | None, now: float) -> bool:
+    """Do what ``verdict`` says to one running case; True when its row changed."""
+    action = verdict.action
+    if action is Action.COMPLETE:
+        return complete(ctx, host, case, link, now, verdict)
+    if action is Action.FAIL:
+        return fail(ctx, host, case, link, verdict, outputs, now)
+    if action is Action.TIME_OUT:
+        return time_out(ctx, host, case, link, verdict, now)
+    if action is Action.REQUEUE:
+        return requeue(ctx, host, case, link, verdict, now)
+    if action is Action.WAIT:
+        return wait(ctx, case, link, outputs, now)
+    raise verdicts.Unlisted(f"the poller cannot carry out {action}")
 
 
-def succeeded(link: tasks.Link) -> bool:
-    return link.found is tasks.Found.FINISHED and link.result is model.TaskState.SUCCESS
+def wait(ctx: Context, case: Case, link: tasks.Link, outputs: dict[int, str] | None, now: float) -> bool:
+    """No status change: a live task has its progress read; "could not tell" is logged (now and then)."""
+    if link.found in (tasks.Found.WAITING, tasks.Found.RUNNING):
+        return update_progress(ctx, case, link, (outputs or {}).get(link.task.id), now)
+    if link.found is tasks.Found.UNKNOWN and worth_logging(ctx, f"unknown:{case.case_id}", now, REPEAT_LOG_SECONDS):
+        ctx.log.warning("case %d: could not tell what became of its task (%s); no change", case.case_id,
+                        link.detail, extra=for_case(case.case_id, "poll") | {"error_type": "CouldNotTell"})
+    return False
+
+
+def needs_log(link: tasks.Link, verdict: Verdict) -> bool:
+    """The scheduler's log of the task is read for a failure (its tail is kept) and for a running task's progress."""
+    return link.task is not None and (verdict.action is Action.FAIL or
+                                      (verdict.action is Action.WAIT and link.found is tasks.Found.RUNNING))
 
 
 def tick(ctx: Context, now: float) -> int:
@@ -332,19 +342,23 @@ def poll_host(ctx: Context, host: Host, running: list[Case], now: float) -> int:
     handle_paused_groups(ctx, host, snapshot, now)
     forgotten = [case for case in running if tasks.needs_record(case, snapshot)]
     records = fetch_records(ctx, host, forgotten) if forgotten else {}
-    links = {case.case_id: tasks.resolve(case, snapshot, records) for case in running}
+    links, rulings = {}, {}
+    for case in running:  # an Unlisted verdict is logged for its case (never a default); the others go on
+        with per_item(ctx, case.case_id, "verdict"):
+            links[case.case_id] = link = tasks.resolve(case, snapshot, records)
+            rulings[case.case_id] = verdict_of(ctx, case, link, snapshot)
+    decided = [case for case in running if case.case_id in rulings]
     changed = 0
-    for case in running:  # successes first, so freed GPUs are handed on before the log call
-        if succeeded(links[case.case_id]):
+    for case in decided:  # completions first, so freed GPUs are handed on before the log call
+        if rulings[case.case_id].action is Action.COMPLETE:
             with per_item(ctx, case.case_id, "poll"):
-                changed += complete(ctx, host, case, links[case.case_id], now)
-    wanted = [link.task for link in links.values() if link.task is not None and not succeeded(link)
-              and (link.found is tasks.Found.RUNNING or link.result in FAILED_OUTCOMES)]
+                changed += complete(ctx, host, case, links[case.case_id], now, rulings[case.case_id])
+    wanted = [links[c.case_id].task for c in decided if needs_log(links[c.case_id], rulings[c.case_id])]
     outputs = fetch_logs(ctx, host, wanted) if wanted else {}
-    for case in running:
-        if not succeeded(links[case.case_id]):
+    for case in decided:
+        if rulings[case.case_id].action is not Action.COMPLETE:
             with per_item(ctx, case.case_id, "poll"):
-                changed += apply(ctx, host, case, links[case.case_id], snapshot, outputs, now)
+                changed += carry_out(ctx, host, case, links[case.case_id], rulings[case.case_id], outputs, now)
     return changed
 
 

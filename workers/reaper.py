@@ -10,6 +10,9 @@ looked at from its own snapshot; a host last seen unreachable is probed every
 ``PROBE_DOWN_SECONDS`` with one cheap command, and marked up again when it answers. A
 case whose ``status_updated_at`` did not move for ``stuck_after_minutes`` is flagged
 for an operator, never failed. Timeouts are the poller's: they need a fresh answer.
+Expired claims are settled by ``shared.recovery`` from the verdict table
+(``shared.verdicts``, phase ``claim``); the reaper itself decides no case's fate from its
+task: it only stops tasks that no case owns and frees seats that no task holds.
 The day-to-day steps, which never change a case's status, run in a loop of their own
 (``upkeep_tick``, a helper thread ``<name>-upkeep`` with its own heartbeat), so none of them
 can ever hold up the safety steps above: results delivery (``shared.delivery``, one case per
