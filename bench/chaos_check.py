@@ -187,7 +187,7 @@ def _check_slots(conn, verdict: Verdict) -> None:
 
 
 def seat_name(row) -> str:
-    """``host/group`` (``#seat`` past the first), as ``shared.store.Slot.name`` says it."""
+    """``host/group`` (``#seat`` past the first), as ``shared.seats.Slot.name`` says it."""
     return f"{row['host']}/{row['pueue_group']}" + (f"#{row['seat']}" if row["seat"] else "")
 
 

@@ -18,7 +18,7 @@ from shared.lifecycle import move_case
 from shared.remote import Remote
 from shared.spool import Spool
 from shared.states import FINAL, CaseStatus, Outcome, SlotStatus
-from shared.store import RETRY_CLEARS, Case, clear_review, get_case
+from shared.store import Case, clear_review, get_case, RETRY_CLEARS
 
 def local_time(config: Config, stamp: float) -> str:
     return datetime.fromtimestamp(stamp, config.tz).strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -165,7 +165,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 7: several hosts and slots with depth (issue 11). A slot row is one seat of a
     # (host, group) that holds ``depth`` cases; rows of the one host of older versions
-    # carry host '' until a worker names them (``store.adopt_unnamed_host``).
+    # carry host '' until a worker names them (``seats.adopt_unnamed_host``).
     f"""
     CREATE TABLE seats (
         slot_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -233,7 +233,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX gpu_history_by_gpu ON gpu_history(host, gpu_index, at);
     """,
     # 9: a host whose key ssh refused is its own state, not an outage (issue 16): ``problem``
-    # 'host_key' until a call gets through again (``store.note_remote``).
+    # 'host_key' until a call gets through again (``liveness.note_remote``).
     """
     ALTER TABLE host_reach ADD COLUMN problem TEXT;
     """,

@@ -39,7 +39,7 @@ from shared.notify import queue_share_notice
 from shared.settings import bump, get_setting, since
 from shared.share import (ShareInterrupted, ShareProblem, ShareWriteError, note_share, probe_share, run_on_share,
                           share_request, share_state)
-from shared.share_child import PARTIAL_PREFIX, REPLACED_PREFIX, sha256_of  # noqa: F401  (re-exported)
+from shared.share_child import sha256_of
 from shared.states import CaseStatus
 from shared.store import Case, case_from_row, flag_for_review, record_case_event
 from shared.worker import Context, per_item

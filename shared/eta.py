@@ -10,7 +10,7 @@ recent runs, then plays the queue forward on paper:
   being uploaded, or ``submitted``) gets a start: each slot of a host taking claims
   (neither drained nor last seen unreachable) is a lane that runs ``parallel`` cases
   at once and holds ``depth``; the waiting cases, in the claim's own order
-  (``store.waiting_in_claim_order``), take the lane whose seat frees first, start one
+  (``claims.waiting_in_claim_order``), take the lane whose seat frees first, start one
   upload after their claim (or when the GPU frees, if later) and run one median run.
 
 Times mix our clock and the HPC's (``started_at`` is the scheduler's start): they are
@@ -25,10 +25,12 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from shared.claims import waiting_in_claim_order
 from shared.config import Config
+from shared.liveness import down_hosts
 from shared.maintenance import drains
-from shared.store import Case, case_from_row, down_hosts, waiting_in_claim_order
 from shared.states import CaseStatus, sql_list
+from shared.store import Case, case_from_row
 
 DEFAULT_RUN_SECONDS = 1800.0   # no run finished anywhere yet, none in flight with progress
 DEFAULT_HANDOFF_SECONDS = 30.0  # claim -> task on the HPC (upload, submit) when never measured

@@ -13,7 +13,7 @@ Then, in the database:
   ``gpus.foreign_memory_mb`` is foreign.
 - A GPU that does not answer (listed as lost, no longer listed, or the tool's own failure
   such as the driver gone) is marked so and ``blocks_claims``; so is a GPU with a foreign
-  process when ``gpus.avoid_foreign`` is on. ``shared.store.SEAT_GPU_USABLE`` keeps new
+  process when ``gpus.avoid_foreign`` is on. ``shared.claims.SEAT_GPU_USABLE`` keeps new
   cases off such a GPU's seats; a seat that holds a case keeps it.
 - A running case whose GPU stayed under ``gpus.idle_percent`` for ``gpus.idle_minutes`` (on
   the HPC's clock, counted from the later of the idle streak's start and the task's start)
@@ -31,8 +31,9 @@ from shared.db import transaction
 from shared.errors import RemoteFailure, Unreachable
 from shared.gpus_parse import GpuReading, Probe, parse_probe, probe_argv
 from shared.logs import for_case
-from shared.store import Case, cases_with_status, flag_for_review, slot_of_case
+from shared.seats import slot_of_case
 from shared.states import CaseStatus
+from shared.store import Case, cases_with_status, flag_for_review
 from shared.worker import REPEAT_LOG_SECONDS, forget_logged, note_reach, per_item, reachable_hosts, worth_logging
 
 HISTORY_SECONDS = 24 * 3600.0

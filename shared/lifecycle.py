@@ -13,9 +13,10 @@ from typing import Any
 from shared.config import MainLoopConfig
 from shared.db import transaction
 from shared.errors import RemoteError, Unreachable
+from shared.seats import release_slot_of
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
-from shared.store import ATTEMPT_CLEARS, Case, release_slot_of, transition
+from shared.store import ATTEMPT_CLEARS, Case, transition
 from shared.tasks import counts_as_attempt
 
 TRANSIENT_REMOTE_TEXT = (

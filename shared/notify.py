@@ -34,9 +34,9 @@ from typing import IO, Any
 from shared.config import Config
 from shared.db import transaction
 from shared.durations import in_words
+from shared.liveness import HOST_KEY
 from shared.logs import for_case
 from shared.settings import bump, delete_setting, get_setting, put_setting, since
-from shared.store import HOST_KEY
 from shared.worker import Context
 
 CURSOR_KEY = "notify.cursor"

@@ -4,7 +4,7 @@ A case is urgent from the moment it is dropped when its folder holds the
 ``scanner.urgent_marker`` file or its name matches ``scanner.urgent_name_pattern``;
 an operator can change it later (``mqic priority ID urgent|normal``) while it
 waits. The claim order itself (and the anti-starvation rule) is
-``shared.store.URGENT_FIRST``.
+``shared.claims.URGENT_FIRST``.
 """
 from __future__ import annotations
 

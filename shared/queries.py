@@ -12,13 +12,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
-from shared.gpus import gpu_views
 from shared.config import HostConfig
 from shared.durations import in_words
+from shared.gpus import gpu_views
+from shared.liveness import HOST_KEY
 from shared.maintenance import Drain, drains
 from shared.share import ShareState, share_state
 from shared.states import CaseStatus, Outcome, SlotStatus, sql_list
-from shared.store import HOST_KEY, Case, case_from_row
+from shared.store import Case, case_from_row
 
 STATUSES = tuple(s.value for s in CaseStatus)
 ACTIVE_STATUSES = ("submitted", "submitting", "running")

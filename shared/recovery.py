@@ -16,13 +16,15 @@ import logging
 
 from shared import tasks, verdicts
 from shared.backends import model
+from shared.claims import expired_leases
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case, requeue_or_fail
 from shared.logs import for_case
 from shared.states import CaseStatus
-from shared.store import CLAIM_CLEARS, Case, expired_leases, flag_for_review
+from shared.store import Case, CLAIM_CLEARS, flag_for_review
 from shared.verdicts import Action, Phase, Verdict
-from shared.worker import REPEAT_LOG_SECONDS, Context, Host, note_reach, on_reachable_hosts, per_item, worth_logging
+from shared.worker import (
+    REPEAT_LOG_SECONDS, Context, Host, note_reach, on_reachable_hosts, per_item, worth_logging)
 
 
 log = logging.getLogger("mqic.recovery")

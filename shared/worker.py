@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterator
 from shared.backends import Backend, backend_for
 from shared.config import Config, HostConfig
 from shared.db import check_integrity, connect
+from shared.errors import HostKeyMismatch, LocalFailure, Unreachable
+from shared.liveness import beat, down_hosts, HOST_KEY, note_remote
 from shared.logs import for_case, setup_logging
 from shared.remote import Remote
+from shared.seats import adopt_unnamed_host, seat_specs, sync_slots
 from shared.spool import Spool
-from shared.errors import HostKeyMismatch, LocalFailure, Unreachable
-from shared.store import (HOST_KEY, adopt_unnamed_host, beat, down_hosts, flag_for_review, get_case, note_remote,
-                          seat_specs, sync_slots)
+from shared.store import flag_for_review, get_case
 
 
 HELPER_THREADS = "helper_threads"

@@ -16,20 +16,23 @@ import pytest
 import yaml
 
 from sandbox.procs import processes_with
+from shared.claims import claim_for_staging, claim_next_case
 from shared.config import NOTIFY_EVENTS
 from shared.db import connect, transaction
-from shared.delivery import PARTIAL_PREFIX, deliver_pending, sha256_of
+from shared.delivery import deliver_pending
 from shared.errors import ConfigError
 from shared.lifecycle import move_case
+from shared.liveness import beat, note_remote
 from shared.maintenance import drain, resume
 from shared.notify import send_notifications
 from shared.priority import PriorityRefused, set_priority
 from shared.retention import apply_retention, inside_base
+from shared.seats import transition_slot
 from shared.settings import counters, get_setting
+from shared.share_child import sha256_of
 from shared.spool import settle_folder
 from shared.states import CaseStatus, SlotStatus
-from shared.store import (beat, claim_for_staging, claim_next_case, flag_for_review, get_case, note_remote,
-                          register_case, transition_slot)
+from shared.store import flag_for_review, get_case, register_case
 from shared.worker import build_context
 from tests.conftest import cli, make_config, wait_until
 from workers import scanner

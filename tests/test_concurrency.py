@@ -17,9 +17,11 @@ from bench.chaos import Expected, chain_problems, check_final_state
 from sandbox.casegen import make_case
 from shared import tasks, verdicts
 from shared.backends import model, pueue
+from shared.claims import claim_next_case
 from shared.db import connect
+from shared.seats import SeatSpec, sync_slots
 from shared.states import ALLOWED, CaseStatus, SlotStatus
-from shared.store import SeatSpec, claim_next_case, get_case, register_case, sync_slots, transition
+from shared.store import get_case, register_case, transition
 from shared.worker import build_context
 from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter

@@ -19,13 +19,15 @@ from console.cli import main as cli_main
 from console.top import Reader, render
 from shared import actions
 from shared.backends import model, pueue
+from shared.claims import claim_next_case
 from shared.db import connect, transaction
 from shared.lifecycle import move_case
+from shared.liveness import beat
 from shared.remote import Remote
+from shared.seats import get_slot, seat_specs, sync_slots
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
-from shared.store import (beat, case_label, claim_next_case, flag_for_review, get_case, get_slot,
-                          register_case, seat_specs, sync_slots)
+from shared.store import case_label, flag_for_review, get_case, register_case
 from tests.conftest import base_config_data, cli, make_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

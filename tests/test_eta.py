@@ -8,11 +8,13 @@ import time
 import pytest
 
 from shared import eta
+from shared.claims import claim_next_case, URGENT_FIRST
 from shared.db import connect
+from shared.liveness import note_remote
 from shared.maintenance import drain
+from shared.seats import release_slot_of, seat_specs, sync_slots
 from shared.states import CaseStatus, SlotStatus
-from shared.store import (URGENT_FIRST, case_from_row, claim_next_case, note_remote, register_case, release_slot_of,
-                          seat_specs, sync_slots, transition, update_case)
+from shared.store import case_from_row, register_case, transition, update_case
 from tests.conftest import cli, make_config, make_hosts_config
 from tests.test_console import top_once
 

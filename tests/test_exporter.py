@@ -20,7 +20,7 @@ from sandbox.sshd import free_port
 from shared import actions
 from shared.backends import model
 from shared.db import connect
-from shared.store import note_remote
+from shared.liveness import note_remote
 from tests.conftest import make_config, wait_until
 from tests.test_console import seed
 from workers.exporter import BUCKETS, DbCollector

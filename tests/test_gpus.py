@@ -11,11 +11,13 @@ import pytest
 
 from sandbox import nvidia_smi
 from shared import gpus
+from shared.claims import claim_next_case
 from shared.config import GpusConfig
 from shared.db import SCHEMA_VERSION, connect, schema_version
 from shared.gpus_parse import GpuApp, GpuQuery, GpuReading, Probe, parse_compute_apps, parse_query_gpu
+from shared.seats import SeatSpec, slot_of_case, sync_slots
 from shared.states import CaseStatus, SlotStatus
-from shared.store import (SeatSpec, claim_next_case, get_case, register_case, slot_of_case, sync_slots, transition)
+from shared.store import get_case, register_case, transition
 
 NOW = 1_800_000_000.0
 UUID0, UUID1 = "GPU-aaaa-0", "GPU-bbbb-1"

@@ -22,11 +22,12 @@ from console.top import render
 from shared.config import parse_config
 from shared.db import connect
 from shared.errors import HostKeyMismatch, LocalFailure, Unreachable
+from shared.liveness import down_hosts, HOST_KEY, host_key_refused
 from shared.notify import watch_reachability
 from shared.queries import overview
 from shared.remote import Remote, last_lines, presented_host_keys
 from shared.states import CaseStatus
-from shared.store import HOST_KEY, down_hosts, get_case, host_key_refused
+from shared.store import get_case
 from shared.tasks import counts_as_attempt
 from shared.worker import build_context, note_reach
 from tests.conftest import cli, hpc_overrides, make_config

@@ -11,8 +11,10 @@ import time
 import yaml
 
 from shared.config import parse_config
+from shared.liveness import down_hosts
+from shared.seats import all_slots, get_slot
 from shared.states import CaseStatus, SlotStatus
-from shared.store import all_slots, down_hosts, get_case, get_slot
+from shared.store import get_case
 from shared.worker import build_context
 from tests.test_workers import drop, poll_until_final
 from workers import poller, reaper, scanner, submitter

@@ -17,15 +17,17 @@ import yaml
 
 from sandbox.sshd import free_port
 from shared.backends import model, pueue
+from shared.claims import claim_next_case
 from shared.config import parse_config
 from shared.db import connect, transaction
 from shared.lifecycle import move_case
+from shared.liveness import beat, note_remote
 from shared.notify import collect_events, watch_reachability
 from shared.remote import Remote
+from shared.seats import seat_specs, sync_slots
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, SlotStatus
-from shared.store import (beat, case_label, claim_next_case, get_case, note_remote, register_case, seat_specs,
-                          sync_slots)
+from shared.store import case_label, get_case, register_case
 from tests.conftest import cli, hpc_overrides, make_hosts_config, wait_until
 from workers.exporter import DbCollector
 

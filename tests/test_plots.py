@@ -8,8 +8,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from shared import plots
+from shared.seats import release_slot_of
 from shared.states import CaseStatus, SlotStatus
-from shared.store import case_from_row, release_slot_of, transition
+from shared.store import case_from_row, transition
 from tests.conftest import make_config
 from tests.test_eta import HANDOFF, Desk
 

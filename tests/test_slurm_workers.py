@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from shared.backends import slurm
+from shared.seats import get_slot
 from shared.states import CaseStatus, SlotStatus
-from shared.store import case_events, get_case, get_slot
+from shared.store import case_events, get_case
 from tests.conftest import skip_unless_slurm_can_run, wait_until
 from tests.test_workers import ctx_for, poll_until_final, submitted
 from workers import poller, reaper, submitter
@@ -200,7 +201,7 @@ def test_a_recovered_job_with_a_hostile_name_is_settled_from_the_record_in_its_o
     """Recovery takes the folder from squeue; the job then ends and Slurm forgets it: the exit
     record must be read from that folder (a shifted field read it from a cut path: "vanished")."""
     from shared.recovery import recover_expired_claims
-    from shared.store import claim_next_case
+    from shared.claims import claim_next_case
 
     h = slurm_hpc()
     ctx = ctx_for(h)

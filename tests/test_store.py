@@ -7,11 +7,14 @@ import sqlite3
 
 import pytest
 
-from shared.db import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version
+from shared.claims import claim_for_staging, claim_next_case, mark_staged, release_staging
+from shared.db import (
+    MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version)
 from shared.errors import ForbiddenTransition, UnknownStatus
+from shared.liveness import note_remote
+from shared.seats import adopt_unnamed_host, get_slot, release_slot_of, SeatSpec, sync_slots, transition_slot
 from shared.states import ALLOWED, SLOT_ALLOWED, CaseStatus, SlotStatus
-from shared.store import (SeatSpec, adopt_unnamed_host, case_events, claim_for_staging, claim_next_case, get_case, get_slot, mark_staged, note_remote, release_staging,
-                          register_case, release_slot_of, sync_slots, transition, transition_slot, case_from_row)
+from shared.store import case_events, case_from_row, get_case, register_case, transition
 
 NOW = 1_700_000_000.0
 

@@ -217,7 +217,9 @@ def test_docs_verdicts_md_is_the_table_printed():
 
 def running_case(conn, spool, tmp_path, now: float) -> Case:
     from shared.spool import settle_folder
-    from shared.store import SeatSpec, claim_next_case, get_case, register_case, sync_slots, transition
+    from shared.claims import claim_next_case
+    from shared.seats import SeatSpec, sync_slots
+    from shared.store import get_case, register_case, transition
     folder = tmp_path / "incoming" / "c"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "plan.dcm").write_bytes(b"x")
@@ -252,7 +254,8 @@ def test_a_requeue_verdict_uses_an_attempt_and_records_its_outcome_once_attempts
 
 
 def _run_again(conn, now: float) -> Case:
-    from shared.store import claim_next_case, get_case, transition
+    from shared.claims import claim_next_case
+    from shared.store import get_case, transition
     claim = claim_next_case(conn, worker="submitter", now=now, lease_seconds=60)
     assert transition(conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=now, worker="t",
                       fields={"pueue_task_id": 4, "remote_dir": "/remote/1_c", "running_since": now})

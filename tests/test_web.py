@@ -12,8 +12,9 @@ import pytest
 from shared.config import WebConfig
 from shared.db import connect
 from shared.errors import ConfigError
+from shared.liveness import note_remote
 from shared.states import CaseStatus
-from shared.store import get_case, note_remote, register_case
+from shared.store import get_case, register_case
 from tests.conftest import cli, make_config
 from tests.test_console import seed
 from console.web.app import create_app

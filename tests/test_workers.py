@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from sandbox.casegen import make_case
-from shared.states import CaseStatus, SlotStatus
-from shared.store import case_events, down_hosts, get_case, get_slot
+from shared.liveness import down_hosts
 from shared.recovery import recover_expired_claims
+from shared.seats import get_slot
+from shared.states import CaseStatus, SlotStatus
+from shared.store import case_events, get_case
 from shared.worker import HELPER_THREADS, build_context
 from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter
@@ -231,7 +233,7 @@ def test_an_upload_failure_is_recorded_when_it_happened_not_when_the_pass_began(
 def claim_and_die(ctx, name, *, add_task: bool, hpc_obj=None):
     """Leave a case as a crashed submitter would: submitting, lease expired, maybe task added."""
     from shared.backends import pueue
-    from shared.store import claim_next_case
+    from shared.claims import claim_next_case
     case = registered(ctx, name)
     assert submitter.host_ready(ctx, ctx.hosts["hpc"])
     claim = claim_next_case(ctx.conn, worker="dead:1", now=time.time() - 1000, lease_seconds=10)
@@ -468,7 +470,7 @@ def test_reaper_flags_a_stuck_case_for_review_without_failing_it(hpc):
 
 
 def test_reaper_reports_stale_worker_heartbeats(hpc):
-    from shared.store import beat
+    from shared.liveness import beat
     ctx = ctx_for(hpc())
     beat(ctx.conn, "poller", now=T0)
     assert reaper.check_heartbeats(ctx, T0 + 10) == []

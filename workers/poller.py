@@ -33,11 +33,12 @@ from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
 from shared.lifecycle import move_case, requeue_or_fail
 from shared.logs import for_case
-from shared.states import CaseStatus, SlotStatus
-from shared.verdicts import Action, Phase, Verdict
-from shared.spool import merge_into, settle_folder
 from shared.remote import UnsafeMember
-from shared.store import Case, cases_with_status, flag_for_review, get_case, release_slot_of, update_case
+from shared.seats import release_slot_of
+from shared.spool import merge_into, settle_folder
+from shared.states import CaseStatus, SlotStatus
+from shared.store import Case, cases_with_status, flag_for_review, get_case, update_case
+from shared.verdicts import Action, Phase, Verdict
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
                            start_helper_loop, worker_main, worth_logging)
 

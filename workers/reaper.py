@@ -28,14 +28,15 @@ from shared.backends import model
 from shared.delivery import deliver_pending
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
+from shared.liveness import down_hosts, host_key_refused
 from shared.logs import for_case
 from shared.notify import send_notifications
 from shared.recovery import recover_expired_claims
 from shared.retention import apply_retention
+from shared.seats import all_slots, Slot, transition_slot
 from shared.spool import reconcile, sweep_staging
 from shared.states import SlotStatus
-from shared.store import (Case, Slot, all_slots, case_from_row, down_hosts, flag_for_review, host_key_refused,
-                          transition_slot)
+from shared.store import Case, case_from_row, flag_for_review
 from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop, worker_main
 
 ORPHAN_CHECK_SECONDS = 30

@@ -1,6 +1,6 @@
 """submitter: claims a ``submitted`` case with a free seat on some host, uploads it there, submits it.
 
-A seat is one of a slot's ``depth`` places on one host (``shared.store.claim_next_case``
+A seat is one of a slot's ``depth`` places on one host (``shared.claims.claim_next_case``
 picks it: idle GPUs first, then the host the case was pre-uploaded to). Each host has
 its own connection and readiness, so a host that is down or not ready only loses its
 own seats.
@@ -22,6 +22,9 @@ from typing import Iterator
 
 from shared import tasks
 from shared.backends import model
+from shared.claims import (
+    Claim, claim_for_staging, claim_next_case, free_slots, mark_staged, release_staging, renew_lease,
+    staged_waiting)
 from shared.db import connect
 from shared.doorbell import listen, ring
 from shared.errors import HostKeyMismatch, MqicError, RemoteError, RemoteFailure, Unreachable
@@ -30,8 +33,7 @@ from shared.logs import for_case
 from shared.maintenance import is_drained
 from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus
-from shared.store import (SUBMIT_CLEARS, Case, Claim, claim_for_staging, claim_next_case, free_slots, mark_staged,
-                          release_staging, renew_lease, staged_waiting, update_case)
+from shared.store import Case, SUBMIT_CLEARS, update_case
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop,
                            worker_main, worth_logging)
 
