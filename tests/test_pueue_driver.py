@@ -7,7 +7,7 @@ import pytest
 
 from shared.backends import model, pueue
 from shared.backends.common import parse_progress
-from shared.errors import BadOutput, SchedulerOutage, SlotLost
+from shared.errors import BadOutput, RemoteError, SchedulerOutage, SlotLost
 from shared.remote import Remote
 from tests.conftest import wait_until
 
