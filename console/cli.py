@@ -37,11 +37,11 @@ from console.top import (console_width, format_age, format_time, freshness, gpu_
 from shared import actions, gpus, maintenance, queries, retention, share, tasks, version
 from shared.backends import backend_for, scheduler_of
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
+from shared.checks import Check, attempt, one_line, setting
 from shared.config import Config, HostConfig, default_config_path, load_config
 from shared.db import connect
 from shared.doorbell import ring
 from shared.eta import Eta, estimate
-from shared.checks import Check, attempt, one_line, setting
 from shared.errors import ConfigError, HostKeyMismatch, MqicError, RemoteFailure
 from shared.priority import PRIORITIES, PriorityRefused, set_priority
 from shared.remote import Remote, TransferUnsupported, UnsafeControlDir, ensure_private_dir, presented_host_keys
