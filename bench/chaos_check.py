@@ -139,7 +139,7 @@ def check_final_state(db_path: Path, spool_root: Path, watch_path: Path, status_
         _check_case(row, events.get(row["case_id"], []), snapshots, expected, spool_root, verdict)
     for host, snapshot in snapshots.items():
         _check_orphan_tasks(rows, snapshot, host, verdict)
-        _check_groups_running(snapshot, groups, host, verdict)
+        _check_groups_running(groups_of(status_json, host), groups, host, verdict)
     check_foreign_tasks(snapshot_of(snapshots, expected.foreign_host), expected, verdict)
     _check_folders(rows, spool_root, watch_path, verdict)
     return verdict
@@ -153,12 +153,18 @@ def parse_snapshots(status_json: str | Mapping[str, str]) -> dict[str | None, ob
     return {host: pueue_parse.parse_status(text) for host, text in status_json.items()}
 
 
+def groups_of(status_json: str | Mapping[str, str], host: str | None) -> dict:
+    """The pueue groups in the final ``status --json`` of ``host`` (of the one host: None)."""
+    from shared.backends import pueue_parse
+    return pueue_parse.parse_status_groups(status_json if isinstance(status_json, str) else status_json[host])
+
+
 def snapshot_of(snapshots: Mapping[str | None, object], host: str | None):
     """The snapshot of ``host`` (the only one, in a one-host call; an empty one for a host never used)."""
     from shared.backends.model import Snapshot
     if None in snapshots:
         return snapshots[None]
-    return snapshots.get(host) or Snapshot(tasks={}, groups={})
+    return snapshots.get(host) or Snapshot(tasks={})
 
 
 def tasks_by_label(snapshots: Mapping[str | None, object], label: str) -> list:
@@ -386,9 +392,10 @@ def check_foreign_tasks(snapshot, expected: Expected, verdict: Verdict) -> None:
                                            "someone killed it")
 
 
-def _check_groups_running(snapshot, groups: tuple[str, ...], host: str | None, verdict: Verdict) -> None:
+def _check_groups_running(known: Mapping[str, object], groups: tuple[str, ...], host: str | None,
+                          verdict: Verdict) -> None:
     for group in groups:
-        info = snapshot.groups.get(group)
+        info = known.get(group)
         if info is None or info.paused:
             verdict.add("paused_groups", f"pueue group {group}{f' on {host}' if host else ''} is "
                                          f"{info and info.status} at the end")

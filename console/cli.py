@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,8 +35,9 @@ from console import service
 from console.top import (console_width, format_age, format_time, freshness, gpu_memory, gpus_table, host_lines,
                          slots_table, totals_line, upkeep_line)
 from shared import actions, gpus, maintenance, queries, retention, share, tasks, verdicts, version
-from shared.backends import backend_for, model, pueue
+from shared.backends import backend_for, model, scheduler_of
 from shared.app import EXIT_CONFIG, config_argument, load_or_exit
+from shared.checks import Check, attempt, one_line, setting
 from shared.config import Config, HostConfig, default_config_path, load_config
 from shared.db import connect
 from shared.doorbell import ring
@@ -167,11 +168,6 @@ def cases_lines(cases: list[queries.CaseView], now: float) -> list[str]:
                      f"  {case.host or '-':<8}  {case.pueue_group or '-':<8}  {task:>5}  {case.attempts:>5}"
                      f"  {format_age(now - case.updated_at):>7}  {case.case_name}" + (f"  [{note}]" if note else ""))
     return lines
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line (ssh errors span several)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def cmd_health(config: Config, args: argparse.Namespace) -> int:
@@ -480,26 +476,6 @@ def cmd_cleanup(config: Config, args: argparse.Namespace) -> int:
 
 # -- doctor ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    hint: str = ""
-    warn: bool = False  # ok, but worth changing: never fails the doctor
-    host: str | None = None  # the configured host it checked (None: a check of this workstation)
-
-    def line(self) -> str:
-        label = "FAIL" if not self.ok else ("WARN" if self.warn else "OK  ")
-        text = f"{label} {self.name}: {self.detail}" + (f" (host {self.host})" if self.host is not None else "")
-        return text if (self.ok and not self.warn) or not self.hint else f"{text} -> fix: {self.hint}"
-
-
-def setting(config: Config, host: HostConfig, key: str, section: str = "hpc") -> str:
-    """How a hint names a host's setting: ``hpc.KEY`` with one host, else ``KEY of host NAME``."""
-    return f"{section}.{key}" if len(config.hosts) == 1 else f"{key} of host {host.name}"
-
-
 MIN_QUIET_SECONDS = 30
 
 
@@ -579,9 +555,6 @@ def check_known_hosts(host: HostConfig) -> Check:
     return Check("known_hosts", True, f"{name} found in {path}", host=host.name)
 
 
-SCHEDULER_CHECKS = {"pueue": ("pueue", "pueue groups"), "slurm": ("slurm", "slurm partitions")}
-
-
 def host_checks(config: Config, host: HostConfig) -> list[Check]:
     """Everything the doctor checks of one host, each line naming it."""
     checks = [check_identity(host), check_known_hosts(host), check_control_dir(config, host),
@@ -604,7 +577,7 @@ def remote_checks(config: Config, host: HostConfig) -> list[Check]:
         return [Check("ssh", False, f"{target}: {one_line(exc)}", hint),
                 *skipped_checks(host, "skipped: ssh is not reachable")]
     checks = [Check("ssh", True, f"{target} answers")]
-    checks += slurm_checks(config, host, remote) if host.backend == "slurm" else pueue_checks(config, host, remote)
+    checks += scheduler_of(host).doctor_checks(config, host, remote)
     checks.append(attempt("remote base dir", lambda: probe_base_dir(remote, timeout),
                           f"create {hpc.remote_base_dir} on the HPC and make it writable by {hpc.user}"))
     checks.append(check_transfer(config, host, remote))
@@ -612,7 +585,7 @@ def remote_checks(config: Config, host: HostConfig) -> list[Check]:
 
 
 def skipped_checks(host: HostConfig, why: str) -> list[Check]:
-    return [Check(name, False, why) for name in (*SCHEDULER_CHECKS[host.backend], "remote base dir", "transfer")]
+    return [Check(name, False, why) for name in (*scheduler_of(host).check_names, "remote base dir", "transfer")]
 
 
 def key_check(config: Config, host: HostConfig, exc: HostKeyMismatch) -> Check:
@@ -629,33 +602,6 @@ def key_check(config: Config, host: HostConfig, exc: HostKeyMismatch) -> Check:
             f" ssh-keygen -R {shlex.quote(name)} -f {known} && ssh-keyscan -p {hpc.port} {shlex.quote(hpc.host)}"
             f" >> {known} (compare what it adds); the workers resume by themselves")
     return Check("ssh host key", False, f"{hpc.user}@{hpc.host}:{hpc.port}: {what}; it presents {seen}", hint)
-
-
-def pueue_checks(config: Config, host: HostConfig, remote: Remote) -> list[Check]:
-    cmd, timeout = list(host.hpc.pueue_command), host.hpc.command_timeout_seconds
-    return [attempt("pueue", lambda: f"version {pueue.version(remote, cmd, timeout=timeout)}",
-                    f"install pueue on the HPC and start it (pueued -d); {setting(config, host, 'pueue_command')}"
-                    f" is {shlex.join(cmd)}"),
-            check_groups(host, remote, cmd, timeout)]
-
-
-def slurm_checks(config: Config, host: HostConfig, remote: Remote) -> list[Check]:
-    """sbatch answers with its version; every slot's partition exists and allows our time limit."""
-    backend = backend_for(config, host, remote)
-    slurm = host.slurm
-    bin_dir = setting(config, host, "bin_dir", "slurm")
-    where = f"{bin_dir} is {slurm.bin_dir}" if slurm.bin_dir else f"set {bin_dir} if they are not on the PATH"
-    slots = ", ".join(f"{p.name} -> {p.partition}" for p in slurm.partitions)
-
-    def partitions() -> str:
-        backend.ensure_slots({slot.name: slot.parallel for slot in host.slots})
-        return slots
-
-    return [attempt("slurm", lambda: f"sbatch {backend.version()}",
-                    f"install the Slurm client commands (sbatch, squeue, scancel, sinfo) on the HPC; {where}"),
-            attempt("slurm partitions", partitions,
-                    f"fix {setting(config, host, 'partitions', 'slurm')} (sinfo lists the"
-                    f" partitions) or lower main_loop.running_case_timeout_hours")]
 
 
 def check_control_dir(config: Config, host: HostConfig) -> Check:
@@ -695,35 +641,10 @@ def check_transfer(config: Config, host: HostConfig, remote: Remote) -> Check:
     return Check("transfer", True, f"{method} upload of {result.files} files verified and removed again")
 
 
-def attempt(name: str, action: Callable[[], str], hint: str) -> Check:
-    try:
-        return Check(name, True, action())
-    except (RemoteFailure, OSError) as exc:
-        return Check(name, False, one_line(exc), hint)
-
-
 def probe_base_dir(remote: Remote, timeout: float) -> str:
     base = remote.base_dir()
     remote.run_script(PROBE_SCRIPT, base, timeout=timeout)
     return f"{base} is writable"
-
-
-def check_groups(host: HostConfig, remote: Remote, cmd: list[str], timeout: float) -> Check:
-    try:
-        groups = pueue.statuses(remote, cmd, timeout=timeout).groups
-    except (RemoteFailure, OSError) as exc:
-        return Check("pueue groups", False, one_line(exc), "start the pueue daemon: pueued -d")
-    wanted = [g.name for g in host.groups]
-    missing = [name for name in wanted if name not in groups]
-    paused = [name for name in wanted if name in groups and groups[name].paused]
-    if missing:
-        adds = "; ".join(f"pueue group add {g.name} -p {g.parallel}" for g in host.groups if g.name in missing)
-        return Check("pueue groups", False, f"missing on the HPC: {', '.join(missing)}",
-                     f"the submitter creates them when it starts, or run: {adds}")
-    if paused:
-        return Check("pueue groups", False, f"paused: {', '.join(paused)}",
-                     "; ".join(f"pueue start -g {name}" for name in paused))
-    return Check("pueue groups", True, ", ".join(wanted))
 
 
 def check_database(config: Config) -> Check:
@@ -914,6 +835,17 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
+def add_sandbox_parser(sub) -> None:
+    """``mqic sandbox``: the sandbox names the schedulers it starts (pueue's stand-in, a real Slurm)."""
+    sandbox = sub.add_parser("sandbox", help="start or stop the local sandbox HPC")
+    sandbox.add_argument("action", choices=("up", "down"))
+    sandbox.add_argument("--root", help="sandbox folder (default: .sandbox in the project)")
+    sandbox.add_argument("--slurm", action="store_true",
+                         help="up: a real single-node Slurm instead of the pueue stand-in (needs root)")
+    sandbox.add_argument("--second-host", choices=("pueue", "slurm"),
+                         help="up: a second host beside the first (own sshd), in a config with a hosts: list")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="MQI Communicator operator commands")
     config_argument(parser)
@@ -948,17 +880,11 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--dry-run", action="store_true", help="only show what would be removed and what is kept")
     health = sub.add_parser("health", help="exit 0 when healthy, 1 otherwise")
     health.add_argument("--json", action="store_true")
-    sub.add_parser("doctor", help="check config, keys, ssh, pueue or Slurm, and the remote folder")
+    sub.add_parser("doctor", help="check config, keys, ssh, each host's scheduler, and the remote folder")
     backup = sub.add_parser("backup", help="consistent copy of the database, with retention")
     backup.add_argument("--dest", help="folder for the copies (default: backups/ in the project)")
     backup.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="how many copies to keep (14)")
-    sandbox = sub.add_parser("sandbox", help="start or stop the local sandbox HPC")
-    sandbox.add_argument("action", choices=("up", "down"))
-    sandbox.add_argument("--root", help="sandbox folder (default: .sandbox in the project)")
-    sandbox.add_argument("--slurm", action="store_true",
-                         help="up: a real single-node Slurm instead of the pueue stand-in (needs root)")
-    sandbox.add_argument("--second-host", choices=("pueue", "slurm"),
-                         help="up: a second host beside the first (own sshd), in a config with a hosts: list")
+    add_sandbox_parser(sub)
     svc = sub.add_parser("service", help="install systemd units (start at boot, daily backup) or show them")
     svc.add_argument("action", choices=("install", "status"))
     svc.add_argument("--user", dest="user_mode", action="store_true",

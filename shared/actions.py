@@ -48,7 +48,7 @@ class Operator:
     def snapshot(self, host_name: str | None) -> model.Snapshot:
         """A fresh look at host ``host_name`` (None: never placed, so no tasks); Refused when it cannot tell."""
         if host_name is None:
-            return model.Snapshot(tasks={}, groups={})
+            return model.Snapshot(tasks={})
         try:
             return replace(self.backend(host_name).snapshot(), host=host_name)
         except (RemoteFailure, OSError) as exc:

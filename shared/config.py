@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from shared.backends import NAMES as SCHEDULER_NAMES
 from shared.backends.slurm_parse import sbatch_line
 from shared.config_keys import (BAD, Entries, Invalid, Problems, Section, Setting, bad, choice, did_you_mean, flag,
                                 known, local_path, markdown_table, number, optional, read, replace_between, rows,
@@ -33,7 +34,7 @@ DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<tot
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
 TRANSFER_METHODS = ("scp", "tar", "rsync")
-BACKENDS = ("pueue", "slurm", "direct")
+BACKENDS = SCHEDULER_NAMES  # the registry's names (shared.backends.MODULES)
 SLURM_WORD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,127}$")
 NOTIFY_EVENTS = ("completed", "failed", "flagged", "unreachable", "share")
 SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")

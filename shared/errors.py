@@ -25,7 +25,7 @@ class UnknownStatus(MqicError):
 
 
 class RemoteFailure(MqicError):
-    """Base of the failures of a remote (ssh/scp/pueue) action."""
+    """Base of the failures of a remote action (ssh, scp, the scheduler's commands)."""
 
 
 class Unreachable(RemoteFailure):
@@ -80,3 +80,50 @@ class HostKeyMismatch(RemoteFailure):
         seen = f"; it presented {fingerprint}" if fingerprint else ""
         super().__init__(f"{host}: {what}{seen}; nothing is sent there until the key is verified with the"
                          f" cluster's admins and known_hosts is fixed (see mqic doctor) [{detail}]")
+
+
+# -- what a failed remote command means ---------------------------------------------------------
+# Typed where the text is read (``shared.remote`` for the OS's words, each backend for its
+# scheduler's); generic code decides from these types alone and never reads a command's text.
+
+class TransientRemoteError(RemoteError):
+    """The remote command failed for a reason that passes: another attempt may succeed.
+
+    It still uses up an attempt (``shared.tasks.counts_as_attempt``), so a trouble that
+    never passes ends once ``max_attempts`` are used.
+    """
+
+
+class ResourceShortage(TransientRemoteError):
+    """The HPC's system ran short of something that comes back: disk space, quota, processes,
+    open files ("No space left on device", "Disk quota exceeded", "Resource temporarily
+    unavailable", "Too many open files"; read in ``shared.remote``)."""
+
+
+class SlotLost(TransientRemoteError):
+    """The scheduler no longer knows one of our slots (someone removed it): the submitter makes
+    the host's slots sure again before it submits there."""
+
+
+class SchedulerOutage(RemoteError, HpcTrouble):
+    """The scheduler could not take the request at all (its daemon or controller down, no
+    configuration, a submit limit): nothing was made, and no attempt is used up."""
+
+
+# -- what a submit says besides "done" (``Backend.submit``) ---------------------------------------
+
+class WorkdirMissing(RemoteFailure):
+    """``submit(require_workdir=True)``: the working directory is gone; no task was added."""
+
+
+class AlreadySubmitted(RemoteFailure):
+    """``submit``: a task with this label already exists on the HPC; no second one was added."""
+
+
+class SubmitLockBusy(RemoteFailure):
+    """``submit``: another submission of this label still holds its lock on the HPC (outcome unknown)."""
+
+
+class SubmitUncertain(RemoteFailure):
+    """``submit``: the request may have reached the scheduler but its answer was lost (its
+    client killed by a signal, the daemon gone after it read the request): look it up by label."""

@@ -1,7 +1,7 @@
 """The GPUs themselves: nvidia-smi telemetry per host, what it means for our cases, what the screens read.
 
 A helper thread of the poller (``poller-gpus``) calls ``tick(ctx, now)``: for every
-reachable host whose GPUs its login session sees (a pueue host), at most ONE remote call
+reachable host whose GPUs its login session sees (its scheduler's ``gpus_visible``), at most ONE remote call
 per ``gpus.interval_seconds`` (``gpus_parse.probe_argv``: clock, GPUs, processes, owners).
 Then, in the database:
 
@@ -26,6 +26,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Iterable
 
+from shared.backends import scheduler_of
 from shared.config import GpusConfig
 from shared.db import transaction
 from shared.errors import RemoteFailure, Unreachable
@@ -259,8 +260,8 @@ def flag_idle_cases(conn: sqlite3.Connection, host: str, views: list[GpuView], c
 # -- the loop (a helper thread of the poller) --------------------------------------------------
 
 def sees_gpus(host) -> bool:
-    """Whether the host's GPUs are visible from its login session (the backend says so)."""
-    return bool(getattr(host.backend, "gpus_visible", False))
+    """Whether the host's GPUs are visible from its login session (its scheduler's registry entry says so)."""
+    return scheduler_of(host.config).gpus_visible
 
 
 def take_probe_turn(conn: sqlite3.Connection, host: str, now: float, interval: float) -> bool:

@@ -12,18 +12,12 @@ from typing import Any
 
 from shared.config import MainLoopConfig
 from shared.db import transaction
-from shared.errors import RemoteError, Unreachable
+from shared.errors import RemoteError, TransientRemoteError, Unreachable
 from shared.seats import release_slot_of
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import ATTEMPT_CLEARS, Case, transition
 from shared.tasks import counts_as_attempt
-
-TRANSIENT_REMOTE_TEXT = (
-    "No space left on device", "Disk quota exceeded", "Resource temporarily unavailable",
-    "Too many open files",
-    "doesn't exists. Use one of these",  # a pueue group vanished; the submitter recreates it
-)
 
 
 def move_case(conn: sqlite3.Connection, spool: Spool, case: Case, to: CaseStatus, *, now: float,
@@ -50,11 +44,11 @@ def backoff_seconds(policy: MainLoopConfig, attempts: int) -> float:
 
 
 def is_transient(exc: Exception) -> bool:
-    """Worth another attempt: anything but a RemoteError that says "never" (e.g. a refused path)."""
+    """Worth another attempt: anything but a RemoteError that says "never" (e.g. a refused path);
+    a ``TransientRemoteError`` (a full disk, a slot the scheduler lost) passes. Types only."""
     if not isinstance(exc, RemoteError) or not counts_as_attempt(exc):
         return True
-    text = f"{exc.stderr}\n{exc.stdout}"
-    return any(marker in text for marker in TRANSIENT_REMOTE_TEXT)
+    return isinstance(exc, TransientRemoteError)
 
 
 def retry_or_fail(conn: sqlite3.Connection, spool: Spool, case: Case, policy: MainLoopConfig,

@@ -13,8 +13,9 @@ and quietly connects directly when it is not, so a dead master never blocks a ca
 Failures are typed (``shared.errors``): ``Unreachable`` for ssh exit 255, timeouts
 and connection errors; ``HostKeyMismatch`` when ssh refused the host's key (never an
 outage); ``LocalFailure`` when the trouble was ours (the local folder unreadable, the
-local disk full); ``RemoteError`` when the remote command failed; the caller decides
-what they mean. No retries and no sleeps here.
+local disk full); ``RemoteError`` when the remote command failed (``ResourceShortage`` when
+the HPC's system said it ran short of something that comes back: ``remote_error``); the
+caller decides what they mean. No retries and no sleeps here.
 
 Every child (ssh, scp, rsync, tar) starts in its own session, so the group signal with
 which supervisord stops a worker does not cut a call in flight: the worker sets its stop
@@ -43,7 +44,8 @@ from plumbum import local
 from plumbum.commands.processes import ProcessTimedOut
 
 from shared.config import HpcConfig
-from shared.errors import BadOutput, HostKeyMismatch, HpcTrouble, LocalFailure, RemoteError, RemoteFailure, Unreachable
+from shared.errors import (BadOutput, HostKeyMismatch, HpcTrouble, LocalFailure, RemoteError, RemoteFailure,
+                           ResourceShortage, Unreachable)
 
 SSH_UNREACHABLE = 255
 UPLOAD_PREFIX = ".mqic-upload-"
@@ -53,6 +55,12 @@ CONNECTION_TROUBLE = re.compile(
     r"Connection to .* closed by remote host|port \d+: Operation timed out|"
     # the remote tar of an upload got a cut stream: our sending side died, not the case
     r"This does not look like a tar archive|Unexpected EOF in archive", re.IGNORECASE)
+
+
+# The HPC's system ran short of something that comes back (disk space, quota, processes, open
+# files): the command may well work on another attempt.
+RESOURCE_SHORTAGE = re.compile(r"No space left on device|Disk quota exceeded|Resource temporarily unavailable|"
+                               r"Too many open files")
 
 
 # ssh's words when it refuses the key the host presented (changed, or none known for it)
@@ -93,16 +101,23 @@ def last_lines(text: str, limit: int = 300) -> str:
     return " ".join(kept)
 
 
+def remote_error(argv: Sequence[str], code: int, err: str, out: str = "") -> RemoteError:
+    """The typed failure of a remote command that ran and exited ``code``: ``ResourceShortage``
+    when the HPC's system says it ran short (``RESOURCE_SHORTAGE``), else ``RemoteError``."""
+    kind = ResourceShortage if RESOURCE_SHORTAGE.search(f"{err}\n{out}") else RemoteError
+    return kind(list(argv), code, err, out)
+
+
 def transfer_failure(what: str, code: int, err: str, out: str = "", *, host: str = "") -> RemoteFailure:
     """The typed failure of a transfer that exited ``code``: a refused host key is HostKeyMismatch;
     connection trouble (ssh's 255, killed by our timeout, or a connection message) is Unreachable,
-    anything else RemoteError."""
+    anything else ``remote_error``."""
     refused = host_key_refusal(host or what, err)
     if refused is not None:
         return refused
     if code in (SSH_UNREACHABLE, -9) or CONNECTION_TROUBLE.search(err):
         return Unreachable(f"{what}: {last_lines(err) or f'exit {code}'}")
-    return RemoteError([what], code, err, out)
+    return remote_error([what], code, err, out)
 
 
 class VerifyFailed(RemoteFailure):
@@ -431,7 +446,7 @@ class Remote:
                 raise refused
             raise Unreachable(f"{self.hpc.host}: ssh failed: {last_lines(err) or 'exit 255'}")
         if code != 0:
-            raise RemoteError(list(argv) if argv is not None else [command], code, err, out)
+            raise remote_error(list(argv) if argv is not None else [command], code, err, out)
         return out
 
     def run_script(self, script: str, *args: str, timeout: float | None = None) -> str:
@@ -493,7 +508,7 @@ class Remote:
             reason = out.strip()[-300:]
         else:
             return error
-        return RemoteError(error.argv, error.exit_code, f"{error.stderr.strip()}\n{reason}", error.stdout)
+        return remote_error(error.argv, error.exit_code, f"{error.stderr.strip()}\n{reason}", error.stdout)
 
     def finalize_upload(self, temp: str, final: str, files: int, size: int) -> None:
         """Verify ``temp`` holds ``files`` files of ``size`` bytes, then rename it to ``final``."""

@@ -24,8 +24,7 @@ from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
 from shared.backends import Backend, model
-from shared.errors import (BadOutput, ClaimExpired, HostKeyMismatch, HpcTrouble, LocalFailure, RemoteError,
-                           Unreachable)
+from shared.errors import BadOutput, ClaimExpired, HostKeyMismatch, HpcTrouble, LocalFailure, Unreachable
 from shared.states import CaseStatus
 from shared.store import Case, update_case
 
@@ -33,9 +32,6 @@ OUR_LABEL = re.compile(r"mqic_case_(\d+)")
 RECORD_DIR = ".mqic"
 EXIT_RECORD = f"{RECORD_DIR}/exit_status"
 OUTPUT_RECORD = f"{RECORD_DIR}/output.log"
-# pueued down or unreachable: the HPC did not answer for the case.
-OUTAGE_TEXT = ("while connecting to daemon", "Connection refused (os error 111)",
-               "Couldn't find a configuration file")
 
 
 class Found(str, Enum):
@@ -304,15 +300,11 @@ def our_case_ids(snapshot: model.Snapshot) -> list[int]:
 def counts_as_attempt(error: BaseException) -> bool:
     """Only a failure of the case itself uses up an attempt.
 
-    An HPC that could not be reached, a pueued that was down, output we could not
-    read, a set-up problem of the HPC, a refused host key or trouble on our side never
-    does; a claim whose owner died does
-    (a case that keeps killing its submitter must end).
+    An HPC that could not be reached, a scheduler that could not take the request
+    (``SchedulerOutage``, an ``HpcTrouble``), output we could not read, a set-up problem of
+    the HPC, a refused host key or trouble on our side never does; a claim whose owner died
+    does (a case that keeps killing its submitter must end). Types only, never a text.
     """
     if isinstance(error, ClaimExpired):
         return True
-    if isinstance(error, (Unreachable, BadOutput, HpcTrouble, LocalFailure, HostKeyMismatch)):
-        return False
-    if isinstance(error, RemoteError):
-        return not any(text in f"{error.stderr}\n{error.stdout}" for text in OUTAGE_TEXT)
-    return True
+    return not isinstance(error, (Unreachable, BadOutput, HpcTrouble, LocalFailure, HostKeyMismatch))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import tasks
+from shared import errors, tasks
 from shared.backends import Backend, backend_for, model
 from shared.config import Config
 from shared.errors import RemoteError
@@ -89,13 +89,13 @@ def test_a_submitted_task_carries_our_label_and_slot_on_the_hpc_clock(host):
 
 def test_a_second_submit_of_a_label_is_refused(host):
     task_id = host.submit(2, "sleep 30")
-    with pytest.raises(model.AlreadySubmitted):
+    with pytest.raises(errors.AlreadySubmitted):
         host.submit(2, "true")
     assert [t.id for t in host.backend.snapshot().by_label("mqic_case_2") if not t.is_done] == [task_id]
 
 
 def test_a_missing_workdir_is_refused_and_nothing_is_added(host):
-    with pytest.raises(model.WorkdirMissing):
+    with pytest.raises(errors.WorkdirMissing):
         host.submit(3, "true", workdir=str(host.base / "gone"), require_workdir=True)
     assert host.backend.snapshot().by_label("mqic_case_3") == []
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import tasks
+from shared import errors, tasks
 from shared.backends import backend_for, direct, model
 from shared.backends.common import CLOCK_PREFIX, LABEL_EXISTS_EXIT, LOCK_BUSY_EXIT, WORKDIR_MISSING_EXIT
 from shared.backends.direct import DirectBackend, Record, SlotProblem, task_of_record
@@ -160,8 +160,8 @@ def test_a_bad_submit_is_refused_before_any_call(kwargs, problem):
 
 
 @pytest.mark.parametrize("code, refusal", [
-    (LABEL_EXISTS_EXIT, model.AlreadySubmitted), (WORKDIR_MISSING_EXIT, model.WorkdirMissing),
-    (LOCK_BUSY_EXIT, model.SubmitLockBusy),
+    (LABEL_EXISTS_EXIT, errors.AlreadySubmitted), (WORKDIR_MISSING_EXIT, errors.WorkdirMissing),
+    (LOCK_BUSY_EXIT, errors.SubmitLockBusy),
 ])
 def test_the_locked_submits_exit_codes_are_typed_refusals(code, refusal):
     runner = Recorder(error=RemoteError(["bash"], code, "said no"))

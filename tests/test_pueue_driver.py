@@ -5,8 +5,10 @@ import time
 
 import pytest
 
-from shared.backends import model, pueue, pueue_parse
-from shared.errors import BadOutput, RemoteError
+from shared import errors
+from shared.backends import model, pueue
+from shared.backends.common import parse_progress
+from shared.errors import BadOutput, RemoteError, SchedulerOutage, SlotLost
 from shared.remote import Remote
 from tests.conftest import wait_until
 
@@ -38,14 +40,14 @@ def test_submit_status_logs_and_label_lookup(driver, tmp_path):
     assert done.path == str(workdir) and done.start is not None and done.end is not None
     output = pueue.logs(remote, cmd, [task_id], lines=5)[task_id]
     assert output.splitlines()[-1] == "0 gpu_a"
-    assert pueue_parse.parse_progress(output) == 75.0
+    assert parse_progress(output) == 75.0
     snapshot = pueue.statuses(remote, cmd)
     assert [t.id for t in snapshot.by_label("mqic_case_1")] == [task_id] and snapshot.by_label("mqic_case_") == []
     assert abs(snapshot.hpc_time - time.time()) < 5          # the HPC's clock (here: the same machine)
-    with pytest.raises(model.AlreadySubmitted):               # one task per label, whatever happens
+    with pytest.raises(errors.AlreadySubmitted):               # one task per label, whatever happens
         pueue.submit(remote, cmd, group="gpu_a", label="mqic_case_1", workdir=str(workdir), command="true")
     h.ctl("stop")
-    with pytest.raises(RemoteError, match="while connecting to daemon"):
+    with pytest.raises(SchedulerOutage, match="while connecting to daemon"):  # no attempt is used
         pueue.statuses(remote, cmd)
 
 
@@ -84,18 +86,18 @@ def test_garbage_status_is_bad_output(driver):
     h.ctl("garbage", "1")
     with pytest.raises(BadOutput):
         pueue.statuses(remote, cmd)
-    assert pueue.statuses(remote, cmd).groups["gpu_a"].parallel_tasks == 1
+    assert pueue.statuses(remote, cmd).paused_slots == ()  # the next answer reads again
 
 
-def test_unknown_group_is_a_remote_error(driver, tmp_path):
+def test_unknown_group_is_a_lost_slot(driver, tmp_path):
     _h, remote, cmd, _fmt = driver
-    with pytest.raises(RemoteError, match="doesn't exists"):
+    with pytest.raises(SlotLost, match="doesn't exists"):
         pueue.submit(remote, cmd, group="gpu_zz", label="x", workdir=str(tmp_path), command="true")
 
 
 def test_require_workdir_checks_the_folder_in_the_same_call(driver, tmp_path):
     h, remote, cmd, _fmt = driver
-    with pytest.raises(model.WorkdirMissing):
+    with pytest.raises(errors.WorkdirMissing):
         pueue.submit(remote, cmd, group="gpu_a", label="w", workdir=str(tmp_path / "gone"), command="true",
                      require_workdir=True)
     assert h.tasks_labelled("w") == []

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from shared import errors
 from shared.backends import model, pueue, pueue_parse
+from shared.backends.common import parse_progress
 from shared.errors import BadOutput, RemoteError, Unreachable
 from shared.backends.model import TaskState
 
@@ -27,9 +29,9 @@ EXPECTED_STATES = {
     6: (TaskState.QUEUED, None),
     7: (TaskState.RUNNING, None),
     8: (TaskState.QUEUED, None),
-    9: (TaskState.STASHED, None),
-    10: (TaskState.STASHED, None),
-    11: (TaskState.LOCKED, None),
+    9: (TaskState.QUEUED, None),    # Stashed: held back, waiting for us (the word is in detail)
+    10: (TaskState.QUEUED, None),   # Stashed
+    11: (TaskState.QUEUED, None),   # Locked
     12: (TaskState.DEPENDENCY_FAILED, None),
 }
 SPAWN_ERROR = (
@@ -94,7 +96,8 @@ def test_every_sample_task_maps_to_its_state(version):
     mapped = {task_id: (task.state, task.exit_code) for task_id, task in snapshot.tasks.items()}
     assert mapped == EXPECTED_STATES
     assert snapshot.tasks[3].detail == SPAWN_ERROR
-    assert all(task.detail == "" for task_id, task in snapshot.tasks.items() if task_id != 3)
+    assert [snapshot.tasks[i].detail for i in (9, 10, 11)] == ["stashed", "stashed", "locked"]
+    assert all(task.detail == "" for task_id, task in snapshot.tasks.items() if task_id not in (3, 9, 10, 11))
 
 
 def test_v3_and_v4_map_the_same_tasks_alike():
@@ -145,7 +148,7 @@ def test_state_helpers():
         TaskState.SUCCESS, TaskState.FAILED, TaskState.KILLED, TaskState.FAILED_TO_SPAWN,
         TaskState.DEPENDENCY_FAILED, TaskState.ERRORED}
     assert {s for s in TaskState if s.is_active} == {TaskState.RUNNING, TaskState.PAUSED}
-    assert {s for s in TaskState if s.is_waiting} == {TaskState.QUEUED, TaskState.STASHED, TaskState.LOCKED}
+    assert {s for s in TaskState if s.is_waiting} == {TaskState.QUEUED}
     assert not TaskState.SUCCESS.is_failure and TaskState.KILLED.is_failure
     assert pueue_parse.map_task_status({"Done": "Errored"}) == (TaskState.ERRORED, None, "")
 
@@ -158,12 +161,12 @@ def test_status_fields_and_groups(version):
     task = snapshot.tasks[8]
     assert (task.id, task.label, task.group, task.path) == (8, "mqic_case_16", "gpu_b", "/scratch/alice/mqic")
     assert task.command == "python -u run_case.py --config cases/case_16.yaml"
-    assert snapshot.groups == {
-        "default": model.GroupInfo("default", "Running", 1),
-        "gpu_a": model.GroupInfo("gpu_a", "Running", 2),
-        "gpu_b": model.GroupInfo("gpu_b", "Running", 1),
+    assert pueue_parse.parse_status_groups(status_text(version)) == {
+        "default": pueue_parse.GroupInfo("default", "Running", 1),
+        "gpu_a": pueue_parse.GroupInfo("gpu_a", "Running", 2),
+        "gpu_b": pueue_parse.GroupInfo("gpu_b", "Running", 1),
     }
-    assert snapshot.paused_groups() == []
+    assert snapshot.paused_slots == ()
 
 
 def test_v3_times_are_top_level():
@@ -217,8 +220,9 @@ def test_status_after_a_warning_line_and_v4_reset_and_paused_groups():
     document["groups"]["gpu_b"]["status"] = "Reset"
     text = "Different daemon version detected '3.4.0'. Consider restarting the daemon.\n" + json.dumps(document) + "\n"
     snapshot = pueue_parse.parse_status(text)
-    assert snapshot.paused_groups() == ["gpu_a"]
-    assert snapshot.groups["gpu_b"].status == "Reset" and not snapshot.groups["gpu_b"].paused
+    assert snapshot.paused_slots == ("gpu_a",)
+    groups = pueue_parse.parse_status_groups(text)
+    assert groups["gpu_b"].status == "Reset" and not groups["gpu_b"].paused
     assert len(snapshot.tasks) == 13
 
 
@@ -304,18 +308,18 @@ MOQUI_LOG = "\n".join([
 
 
 def test_progress_from_the_newest_progress_line():
-    assert pueue_parse.parse_progress(MOQUI_LOG) == 25.0
-    assert pueue_parse.parse_progress(MOQUI_LOG + "\nGenerating particles for (40 of 40 batches)\nTotal execution time: 3 s") == 100.0
+    assert parse_progress(MOQUI_LOG) == 25.0
+    assert parse_progress(MOQUI_LOG + "\nGenerating particles for (40 of 40 batches)\nTotal execution time: 3 s") == 100.0
 
 
 def test_progress_none_without_a_progress_line_or_with_zero_total():
-    assert pueue_parse.parse_progress("MOQUI starting with 40 batches") is None
-    assert pueue_parse.parse_progress("") is None
-    assert pueue_parse.parse_progress("Generating particles for (0 of 0 batches)") is None
+    assert parse_progress("MOQUI starting with 40 batches") is None
+    assert parse_progress("") is None
+    assert parse_progress("Generating particles for (0 of 0 batches)") is None
 
 
 def test_progress_with_a_configured_pattern():
-    assert pueue_parse.parse_progress("step 3/4\nstep 1/4", r"step (?P<done>\d+)/(?P<total>\d+)") == 25.0
+    assert parse_progress("step 3/4\nstep 1/4", r"step (?P<done>\d+)/(?P<total>\d+)") == 25.0
 
 
 # --- small text outputs ------------------------------------------------------
@@ -339,7 +343,7 @@ def test_version_and_groups():
         pueue_parse.parse_version("command not found")
     groups = pueue_parse.parse_groups(sample("group_v3_v4.json"))
     assert groups == pueue_parse.parse_groups(cli("group_json", "v3")["stdout"])
-    assert groups["gpu_a"] == model.GroupInfo("gpu_a", "Running", 2)
+    assert groups["gpu_a"] == pueue_parse.GroupInfo("gpu_a", "Running", 2)
     for bad in ("", "garbage", "[]", '{"gpu_a": {"status": "Running"}}', '{"gpu_a": 2}'):
         with pytest.raises(BadOutput):
             pueue_parse.parse_groups(bad)
@@ -419,8 +423,8 @@ def test_submit_returns_the_id_even_after_a_version_warning(version):
     assert argv[9:11] == ["CUDA_VISIBLE_DEVICES=0", "--mqic-add--"] and argv[-1] == TRICKY_COMMAND
 
 
-@pytest.mark.parametrize("code, error", [(86, model.WorkdirMissing), (87, model.AlreadySubmitted),
-                                         (85, model.SubmitLockBusy)])
+@pytest.mark.parametrize("code, error", [(86, errors.WorkdirMissing), (87, errors.AlreadySubmitted),
+                                         (85, errors.SubmitLockBusy)])
 def test_submit_refusals_of_the_add_script_are_typed(code, error):
     runner = FakeRunner(RemoteError(["sh"], code, ""))
     with pytest.raises(error):

@@ -13,7 +13,8 @@ import pytest
 
 from shared import tasks
 from shared.backends import common, pueue, slurm, slurm_parse as sp
-from shared.backends.model import AlreadySubmitted, SubmitLockBusy, SubmitUncertain, TaskState, WorkdirMissing
+from shared.backends.model import TaskState
+from shared.errors import AlreadySubmitted, SubmitLockBusy, SubmitUncertain, WorkdirMissing
 from shared.errors import BadOutput, RemoteError
 from tests.test_pueue_parse import FakeRunner
 
@@ -69,7 +70,7 @@ def test_the_snapshot_is_one_call_with_the_clock_and_utc_times():
     [(argv, timeout)] = runner.calls
     assert argv[:5] == ["sh", "-c", slurm.CLOCKED, "sh", slurm.CLOCK_PREFIX] and timeout == 20
     assert argv[5:8] == ["env", "TZ=UTC", "/opt/slurm/bin/squeue"] and "--me" in argv and "--states=all" in argv
-    assert snapshot.hpc_time == 1764579000 and snapshot.groups == {}
+    assert snapshot.hpc_time == 1764579000 and snapshot.paused_slots == ()
     running = snapshot.tasks[12]
     assert (running.label, running.group, running.state, running.path) == ("mqic_case_2", "gpu_b", TaskState.RUNNING,
                                                                            "/r/2_case")

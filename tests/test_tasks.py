@@ -10,7 +10,7 @@ import pytest
 
 from shared import tasks
 from shared.backends import model, pueue
-from shared.errors import BadOutput, ClaimExpired, RemoteError, Unreachable
+from shared.errors import BadOutput, ClaimExpired, RemoteError, SchedulerOutage, Unreachable
 from shared.backends.pueue import PueueBackend
 from shared.remote import Remote, TransferUnsupported, UnsafeControlDir
 from shared.states import CaseStatus
@@ -25,7 +25,7 @@ def task(task_id, label, state, **extra) -> model.TaskInfo:
 
 
 def snapshot(*items, hpc_time=None, host="hpc") -> model.Snapshot:
-    return model.Snapshot(tasks={t.id: t for t in items}, groups={}, hpc_time=hpc_time, host=host)
+    return model.Snapshot(tasks={t.id: t for t in items}, hpc_time=hpc_time, host=host)
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_a_case_owns_no_task_on_a_host_it_does_not_live_on(case):
 @pytest.mark.parametrize("error, counted", [
     (Unreachable("ssh: connect: Connection refused"), False),
     (BadOutput("garbage"), False),
-    (RemoteError(["pueue"], 1, 'I/O error at path "/run/pueue.socket" while connecting to daemon'), False),
+    (SchedulerOutage(["pueue"], 1, 'I/O error at path "/run/pueue.socket" while connecting to daemon'), False),
     (RemoteError(["scp"], 1, "scp: /x: Permission denied"), True),
     (ClaimExpired("claim of submitter:1 expired"), True),
     (TransferUnsupported(["scp upload"], 255, "scp: Connection closed; set hpc.transfer: tar"), False),

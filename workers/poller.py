@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 
 from shared import gpus, tasks, verdicts
-from shared.backends import model, pueue_parse
+from shared.backends import model, output_lines, progress_pattern, resumes_paused_slots
+from shared.backends.common import parse_progress
 from shared.delivery import fetched_record
 from shared.doorbell import listen, ring
 from shared.errors import RemoteFailure
@@ -42,7 +43,7 @@ from shared.verdicts import Action, Phase, Verdict
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
                            start_helper_loop, worker_main, worth_logging)
 
-PAUSED_GROUPS = "paused_groups"
+PAUSED_SLOTS = "paused_slots"
 WAITING_REFRESH_SHARE_OF_STUCK = 0.5  # see waiting_refresh_seconds
 
 
@@ -79,32 +80,34 @@ def fetch_records(ctx: Context, host: Host, cases: list[Case]) -> dict[str, task
 def fetch_logs(ctx: Context, host: Host, tasks_wanted: list[model.TaskInfo]) -> dict[int, str] | None:
     """The log tails of ``tasks_wanted`` by task id, or None when they could not be read this pass."""
     try:
-        return host.backend.logs(tasks_wanted, ctx.config.pueue.log_lines)
+        return host.backend.logs(tasks_wanted, output_lines(ctx.config))
     except RemoteFailure as exc:
         ctx.log.warning("%s could not be read (%s)", host.backend.words.logs, exc, extra=for_case(None, "poll_logs", exc))
         return None
 
 
-def handle_paused_groups(ctx: Context, host: Host, snapshot: model.Snapshot, now: float) -> None:
-    """Report a paused group of ours once (again every few minutes), and resume it if configured."""
+def handle_paused_slots(ctx: Context, host: Host, snapshot: model.Snapshot, now: float) -> None:
+    """Report a slot of ours the scheduler paused once (again every few minutes), and resume it
+    where the scheduler can and the config asks for it (``shared.backends.resumes_paused_slots``)."""
     ours = {s.name for s in host.config.slots}
-    paused = [g for g in snapshot.paused_groups() if g in ours]
-    was_paused = ctx.state.setdefault(PAUSED_GROUPS, {})
-    for group in set(was_paused.get(host.name, ())) - set(paused):
-        forget_logged(ctx, f"paused:{host.name}:{group}")
-        ctx.log.info("host %s: pueue group %s is running again", host.name, group, extra={"operation": "poll"})
+    paused = [slot for slot in snapshot.paused_slots if slot in ours]
+    words, resume = host.backend.words, resumes_paused_slots(ctx.config, host.config)
+    was_paused = ctx.state.setdefault(PAUSED_SLOTS, {})
+    for slot in set(was_paused.get(host.name, ())) - set(paused):
+        forget_logged(ctx, f"paused:{host.name}:{slot}")
+        ctx.log.info("host %s: %s %s is running again", host.name, words.slot, slot, extra={"operation": "poll"})
     was_paused[host.name] = paused
-    for group in paused:
-        if worth_logging(ctx, f"paused:{host.name}:{group}", now, REPEAT_LOG_SECONDS):
-            ctx.log.error("host %s: pueue group %s is PAUSED (pueued restarted?); queued cases wait%s",
-                          host.name, group, "; resuming it" if ctx.config.pueue.resume_paused_groups else
-                          "; resume it with `pueue start -g " + group + "`",
-                          extra={"operation": "poll", "error_type": "GroupPaused"})
-        if ctx.config.pueue.resume_paused_groups:
+    for slot in paused:
+        if worth_logging(ctx, f"paused:{host.name}:{slot}", now, REPEAT_LOG_SECONDS):
+            ctx.log.error("host %s: %s %s is PAUSED (%s); queued cases wait%s", host.name, words.slot, slot,
+                          words.paused_why, "; resuming it" if resume else
+                          f"; resume it with `{words.resume.format(slot=slot)}`",
+                          extra={"operation": "poll", "error_type": "SlotPaused"})
+        if resume:
             try:
-                host.backend.resume_slot(group)
+                host.backend.resume_slot(slot)
             except RemoteFailure as exc:
-                ctx.log.warning("could not resume %s: %s", group, exc, extra=for_case(None, "resume", exc))
+                ctx.log.warning("could not resume %s: %s", slot, exc, extra=for_case(None, "resume", exc))
 
 
 def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float, verdict: Verdict | None = None) -> bool:
@@ -201,7 +204,7 @@ def log_tail_of(ctx: Context, host: Host, case: Case, link: tasks.Link,
     if link.task is not None:
         return None if outputs is None else outputs.get(link.task.id, "")
     try:
-        return tasks.read_output_tail(host.remote, case.remote_dir, ctx.config.pueue.log_lines, timeout=host.timeout)
+        return tasks.read_output_tail(host.remote, case.remote_dir, output_lines(ctx.config), timeout=host.timeout)
     except RemoteFailure:
         return None
 
@@ -272,7 +275,7 @@ def update_progress(ctx: Context, case: Case, link: tasks.Link, output: str | No
     task, fields = link.task, {}
     if link.found is tasks.Found.WAITING and now - case.status_updated_at > waiting_refresh_seconds(ctx):
         fields["status_updated_at"] = now  # queued behind another case (depth > 1): waiting is not being stuck
-    progress = pueue_parse.parse_progress(output or "", ctx.config.pueue.progress_pattern)
+    progress = parse_progress(output or "", progress_pattern(ctx.config))
     if progress is not None and abs(progress - case.progress) >= 0.01:
         fields["progress"] = progress
     if task.start is not None and case.started_at != task.start.timestamp():
@@ -340,7 +343,7 @@ def poll_host(ctx: Context, host: Host, running: list[Case], now: float) -> int:
     snapshot = fetch_snapshot(ctx, host)
     if snapshot is None:
         return 0
-    handle_paused_groups(ctx, host, snapshot, now)
+    handle_paused_slots(ctx, host, snapshot, now)
     forgotten = [case for case in running if tasks.needs_record(case, snapshot)]
     records = fetch_records(ctx, host, forgotten) if forgotten else {}
     links, rulings = {}, {}

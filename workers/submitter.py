@@ -5,10 +5,11 @@ picks it: idle GPUs first, then the host the case was pre-uploaded to). Each hos
 its own connection and readiness, so a host that is down or not ready only loses its
 own seats.
 
-Exactly-once rule: a failure *before* ``pueue add`` was sent (upload, verify) sends
-the case back to ``submitted`` at once; a failure *at or after* it (the add may
-have happened) leaves the case ``submitting`` with its lease cut short, so that
-``recover_claim`` looks the task up by label before anything is retried.
+Exactly-once rule: a failure *before* the submit was sent (upload, verify) sends
+the case back to ``submitted`` at once; a failure *at or after* it (the submit may
+have landed) leaves the case ``submitting`` with its lease cut short, so that
+``recover_claim`` looks the task up by label before anything is retried. Which is which
+the backend says by the error's type (``shared.errors``), never by its text.
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ from pathlib import Path
 from typing import Iterator
 
 from shared import tasks
-from shared.backends import model
 from shared.claims import (
     Claim, claim_for_staging, claim_next_case, free_slots, mark_staged, release_staging, renew_lease,
     staged_waiting)
 from shared.db import connect
 from shared.doorbell import listen, ring
-from shared.errors import HostKeyMismatch, MqicError, RemoteError, RemoteFailure, Unreachable
+from shared.errors import (HostKeyMismatch, MqicError, RemoteError, RemoteFailure, SlotLost, Unreachable,
+                           WorkdirMissing)
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.maintenance import is_drained
@@ -39,9 +40,6 @@ from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, note_reach, per_it
 
 HOSTS_READY = "hosts_ready"  # ctx.state: names of the hosts whose slots were made sure of
 STAGER_WAKE = "stager_wake"
-UNKNOWN_GROUP = "doesn't exists"  # sic: pueue's own wording
-# The pueue client sent the request but got no answer: the daemon may have stored the task.
-ADD_OUTCOME_UNKNOWN = ("Failed to receive message from daemon",)
 
 
 class LeaseLost(MqicError):
@@ -157,7 +155,7 @@ def stage_tick(ctx: Context, now: float) -> int:
 
 
 def submit_task(ctx: Context, host: Host, claim: Claim, remote_dir: str, *, staged: bool) -> int:
-    """Send the submit (``pueue add``, ``sbatch``); first make sure our claim still stands (with a fresh lease).
+    """Send the submit (``backend.words.submit``); first make sure our claim still stands (with a fresh lease).
 
     For a pre-uploaded case the same remote call first checks that its folder is
     still there (WorkdirMissing otherwise), so a staged case costs one round trip.
@@ -187,17 +185,15 @@ def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, no
                      extra=for_case(case.case_id, "submit"))
 
 
-def may_have_been_stored(exc: RemoteError) -> bool:
-    """True unless the failed ``pueue add`` proves that no task was created.
-
-    A client killed by a signal (exit > 128) or one that lost the daemon after sending
-    cannot tell; pueue's own refusals (unknown group, bad path) can.
-    """
-    return exc.exit_code > 128 or any(text in f"{exc.stdout}\n{exc.stderr}" for text in ADD_OUTCOME_UNKNOWN)
+def may_have_been_stored(exc: RemoteFailure) -> bool:
+    """True unless the failed submit proves that no task was created: only a ``RemoteError``
+    (the scheduler's own refusal, an outage) does. ``SubmitUncertain`` (an answer lost),
+    ``AlreadySubmitted``, ``SubmitLockBusy``, ``Unreachable``... cannot tell."""
+    return not isinstance(exc, RemoteError)
 
 
 def leave_for_recovery(ctx: Context, case: Case, error: Exception, now: float) -> None:
-    """``pueue add`` may or may not have happened: let recovery decide by label.
+    """The submit may or may not have happened: let recovery decide by label.
 
     It adopts a task found by label at once; "no task" counts only once the add can no
     longer land (``add_uncertain_until``, set before the add was sent).
@@ -227,7 +223,7 @@ def process_claim(ctx: Context, host: Host, claim: Claim, now: float) -> None:
         return
     try:
         task_id = submit_task(ctx, host, claim, remote_dir, staged=staged)
-    except model.WorkdirMissing as exc:  # the pre-uploaded folder vanished: upload it now
+    except WorkdirMissing as exc:  # the pre-uploaded folder vanished: upload it now
         ctx.log.warning("case %d: %s; uploading again", case.case_id, exc, extra=for_case(case.case_id, "submit", exc))
         unstaged = replace(case, staged_at=None)
         return process_claim(ctx, host, replace(claim, case=unstaged), now)
@@ -243,15 +239,14 @@ def process_claim(ctx: Context, host: Host, claim: Claim, now: float) -> None:
 def submit_failed(ctx: Context, host: Host, case: Case, exc: RemoteFailure, now: float) -> None:
     """A submit that failed: let recovery look for its task by label, or retry if none can exist.
 
-    The texts name the host's own scheduler (``sbatch``, ``pueue add``) and say what failed
-    in a few words (the backend's message), never the submit script.
+    The texts name the host's own scheduler (``backend.words``) and say what failed in a few
+    words (the backend's message), never the submit script.
     """
-    if not isinstance(exc, RemoteError) or may_have_been_stored(exc):
-        # AlreadySubmitted, SubmitLockBusy, SubmitUncertain, Unreachable...: the task may exist
+    if may_have_been_stored(exc):
         leave_for_recovery(ctx, case, exc, now)
         return
-    if UNKNOWN_GROUP in f"{exc.stdout}{exc.stderr}":
-        ctx.state.setdefault(HOSTS_READY, set()).discard(host.name)  # recreate it before the retry
+    if isinstance(exc, SlotLost):
+        ctx.state.setdefault(HOSTS_READY, set()).discard(host.name)  # make the slots sure again before the retry
     status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
                            worker=ctx.name, operation=host.backend.words.submit, guard={"claimed_by": ctx.worker_id})
     ctx.log.error("case %d: submit failed (%s: %s); case is now %s", case.case_id, type(exc).__name__, exc,
@@ -259,8 +254,8 @@ def submit_failed(ctx: Context, host: Host, case: Case, exc: RemoteFailure, now:
 
 
 def host_ready(ctx: Context, host: Host) -> bool:
-    """Make a host's slots usable once per process (pueue: create missing groups, again after pueue
-    forgot one; Slurm: check the partitions exist). A host that fails is asked again next pass."""
+    """Make a host's slots usable once per process (create the missing ones, or check that they exist),
+    again after the scheduler lost one (``SlotLost``). A host that fails is asked again next pass."""
     ready = ctx.state.setdefault(HOSTS_READY, set())
     if host.name in ready:
         return True

@@ -1,34 +1,52 @@
-"""Ways of running a case on an HPC: one module per scheduler (pueue, Slurm) behind one interface.
+"""Ways of running a case on an HPC: one module per scheduler behind one interface, found in one registry.
 
 A worker sees only ``Backend``: it speaks our words (submit, snapshot, logs, stop,
 remove, slots) and reports what the HPC said, or raises a ``RemoteFailure`` when it
 could not tell. It never decides a case's fate: ``shared.tasks`` and the workers do.
+
+Each scheduler's module defines ONE ``Scheduler`` entry, ``SCHEDULER``: its name as
+``hpc.backend`` takes it, how to build its Backend, its doctor checks and what it can do.
+``MODULES`` names those modules, one line each; adding a scheduler is one module and one
+line there. Nothing outside this folder branches on a scheduler's name or reads its text:
+backends raise the typed errors of ``shared.errors``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, Sequence
 
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
+from shared.errors import ConfigError
+
+# The registry: the name ``hpc.backend`` takes -> the module whose ``SCHEDULER`` it is.
+MODULES: dict[str, str] = {
+    "pueue": "shared.backends.pueue",
+    "slurm": "shared.backends.slurm",
+    "direct": "shared.backends.direct",
+}
+NAMES = tuple(MODULES)
 
 
 class Backend(Protocol):
     """What a worker needs from one HPC host."""
 
-    kind: str
+    kind: str    # the registry name of its scheduler (``hpc.backend``)
     words: Words  # the scheduler's own words for every text written about this host
-    # optional ``gpus_visible = True``: nvidia-smi in the login session sees the tasks' GPUs (shared.gpus)
 
     def snapshot(self) -> Snapshot:
-        """Every task of this host and the HPC's clock, in ONE remote call."""
+        """Every task of this host, the slots it paused and the HPC's clock, in ONE remote call."""
 
     def submit(self, *, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str],
                require_workdir: bool = False) -> int:
         """Start ``command`` in ``workdir`` in ``slot``, at most one task per ``label``.
 
-        Raises AlreadySubmitted (a task carries the label), WorkdirMissing,
-        SubmitLockBusy, or a RemoteFailure; after Unreachable the add may still land
-        until ``add_lands_within`` has passed. A failure's text is short: what failed, the
-        exit code's meaning and the first line of stderr (never the submit script).
+        Raises AlreadySubmitted (a task carries the label), WorkdirMissing, SubmitLockBusy,
+        SubmitUncertain (the request may have landed: look it up by label), or another
+        RemoteFailure, which proves that no task was made (a ``SchedulerOutage`` uses no
+        attempt); after Unreachable the add may still land until ``add_lands_within`` has
+        passed. A failure's text is short: what failed, the exit code's meaning and the first
+        line of stderr (never the submit script).
         """
 
     def add_lands_within(self) -> float:
@@ -38,29 +56,74 @@ class Backend(Protocol):
         """The last ``lines`` lines of each task's output (by task id), in ONE remote call."""
 
     def stop(self, task_ids: Sequence[int], *, gently: bool) -> KillResult:
-        """Signal running tasks: SIGTERM when ``gently``, else end them for sure (pueue: SIGKILL;
-        Slurm: ``scancel``, TERM then KILL after KillWait). Ids the scheduler refused are ``failed``."""
+        """Signal running tasks: SIGTERM when ``gently``, else end them for sure. Ids the scheduler
+        refused are ``failed``."""
 
     def remove(self, task_ids: Sequence[int]) -> KillResult:
         """Take waiting or finished tasks out of the scheduler's list; a running one comes back in ``failed``."""
 
     def ensure_slots(self, wanted: Mapping[str, int]) -> list[str]:
-        """Make every slot usable (pueue: create its group; Slurm: check its partition); return those created."""
+        """Make every slot usable (create it, or check that it exists); return those created."""
 
     def resume_slot(self, slot: str) -> None:
-        """Resume a slot the scheduler paused (pueue: a group after a daemon restart)."""
+        """Resume a slot the scheduler paused (called only where its entry ``pauses_slots``)."""
 
     def version(self) -> str:
         """The scheduler's version, for ``mqic doctor``."""
 
 
+@dataclass(frozen=True)
+class Scheduler:
+    """One registry entry: everything generic code may know of a scheduler.
+
+    ``build(config, host, runner)`` makes the host's Backend; ``doctor_checks(config, host,
+    runner)`` checks the scheduler and our slots on a host ssh reaches (``shared.checks.Check``
+    lines), and ``check_names`` names those lines, for when ssh does not answer.
+    ``pauses_slots``: the scheduler may pause a slot by itself and ``resume_slot`` resumes it.
+    ``gpus_visible``: nvidia-smi in the host's login session sees its tasks' GPUs (``shared.gpus``).
+    """
+
+    name: str
+    words: Words
+    build: Callable[..., Backend]
+    doctor_checks: Callable[..., list]
+    check_names: tuple[str, ...]
+    pauses_slots: bool = False
+    gpus_visible: bool = False
+
+
+def scheduler(name: str) -> Scheduler:
+    """The registry entry named ``name``; ConfigError naming ``hpc.backend`` and every known name."""
+    module = MODULES.get(name) if isinstance(name, str) else None
+    if module is None:
+        raise ConfigError(f"hpc.backend: got {name!r}, expected one of: {', '.join(NAMES)}")
+    return importlib.import_module(module).SCHEDULER
+
+
+def scheduler_of(host) -> Scheduler:
+    """The registry entry of a configured host (a ``HostConfig``)."""
+    return scheduler(host.backend)
+
+
 def backend_for(config, host, runner: Runner) -> Backend:
     """The backend that ``host`` (a ``HostConfig`` of ``config``) names, talking through ``runner``."""
-    if host.backend == "slurm":
-        from shared.backends.slurm import SlurmBackend
-        return SlurmBackend.from_config(config, host, runner)
-    if host.backend == "direct":
-        from shared.backends.direct import DirectBackend
-        return DirectBackend.from_config(config, host, runner)
-    from shared.backends.pueue import PueueBackend
-    return PueueBackend(runner, tuple(host.hpc.pueue_command), host.hpc.command_timeout_seconds)
+    return scheduler_of(host).build(config, host, runner)
+
+
+# -- settings every scheduler's tasks share --------------------------------------------------------
+# They are read from the config's ``pueue`` section, where they were first written; generic code
+# reads them here, under neutral names.
+
+def output_lines(config) -> int:
+    """How many lines of a task's output the poller keeps as its log tail."""
+    return config.pueue.log_lines
+
+
+def progress_pattern(config) -> str:
+    """The regular expression (groups ``done``, ``total``) that reads a case's progress from its output."""
+    return config.pueue.progress_pattern
+
+
+def resumes_paused_slots(config, host) -> bool:
+    """Whether the poller resumes a slot the scheduler paused: it can, and the config asks for it."""
+    return scheduler_of(host).pauses_slots and config.pueue.resume_paused_groups

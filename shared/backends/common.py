@@ -7,13 +7,14 @@
   (``<parent of workdir>/.mqic-locks/<label>.lock``) and checks the working directory;
   each backend's submit script goes on from there (check the label, add the task with
   its client killed after ``limit`` seconds). Its exit codes become typed refusals.
+- A case's progress, read from its output whatever the scheduler (``parse_progress``).
 """
 from __future__ import annotations
 
 import re
 
-from shared.backends.model import AlreadySubmitted, SubmitLockBusy, WorkdirMissing
-from shared.errors import BadOutput, RemoteError, RemoteFailure
+from shared.errors import (AlreadySubmitted, BadOutput, RemoteError, RemoteFailure, SubmitLockBusy,
+                           WorkdirMissing)
 
 CLOCK_PREFIX = "mqic-clock "
 CLOCKED = 'printf \'%s%s\\n\' "$1" "$(date +%s)"; shift; exec "$@"'
@@ -31,6 +32,7 @@ _EXIT_CODES = {
     "PREPARE_FAILED_EXIT": PREPARE_FAILED_EXIT, "OWN_255_EXIT": OWN_255_EXIT,
 }
 _EXIT_PLACEHOLDER = re.compile(r"@([A-Z0-9_]+_EXIT)@")
+DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<total>\d+) batches\)"
 LOCK_FOLDER = ".mqic-locks"
 SAFE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -97,6 +99,12 @@ def submit_refusal(error: RemoteError, label: str, workdir: str) -> RemoteFailur
     return error
 
 
+def answer_lost(error: RemoteError) -> bool:
+    """True when a submit's client ended by a signal (exit > 128: killed after ``limit``, or its
+    own 255 moved to 254): it cannot tell whether the scheduler took the request."""
+    return error.exit_code > 128
+
+
 def first_line(text: str) -> str:
     """The first line of ``text`` that is not blank, stripped and cut short ("" if none).
 
@@ -121,3 +129,18 @@ def with_text(error: RemoteFailure, text: str) -> RemoteFailure:
     """``error`` itself, its message replaced by ``text`` (argv, exit code and stderr are kept)."""
     error.args = (text,)
     return error
+
+
+def parse_progress(output: str, pattern: str | re.Pattern[str] = DEFAULT_PROGRESS_PATTERN) -> float | None:
+    """Percent done (100*done/total) from the newest match of ``pattern`` in a task's output.
+
+    ``pattern`` needs the named groups ``done`` and ``total``. None when no line
+    matches or the total is 0; the result is clamped to 0..100.
+    """
+    matches = list(re.finditer(pattern, output or ""))
+    if not matches:
+        return None
+    done, total = int(matches[-1]["done"]), int(matches[-1]["total"])
+    if total <= 0:
+        return None
+    return max(0.0, min(100.0, 100.0 * done / total))

@@ -36,9 +36,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping, Sequence
 
+from shared.backends import Scheduler
 from shared.backends.common import (CLOCK_PREFIX, LOCKED_SUBMIT_PRELUDE, add_lands_within, checked_label,
                                     failure_text, split_clock, submit_refusal, with_exit_codes, with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, TaskState, Words
+from shared.checks import Check, attempt
 from shared.errors import BadOutput, RemoteError
 
 STATE_FOLDER = ".mqic-direct"
@@ -263,7 +265,7 @@ def parse_snapshot(text: str, mark: str) -> Snapshot:
     """The clock line, then the task records; BadOutput otherwise."""
     hpc_time, rest = split_clock(text, WORDS.status)
     tasks = [task for record in parse_records(rest, mark) if (task := task_of_record(record)) is not None]
-    return Snapshot(tasks={task.id: task for task in tasks}, groups={}, hpc_time=hpc_time)
+    return Snapshot(tasks={task.id: task for task in tasks}, hpc_time=hpc_time)
 
 
 def parse_acted(text: str, ids: Sequence[int], done_word: str) -> KillResult:
@@ -398,3 +400,26 @@ def _checked_ids(task_ids: Sequence[int]) -> list[int]:
     if bad or not task_ids:
         raise ValueError(f"not task ids: {bad or 'none given'!r}")
     return list(dict.fromkeys(task_ids))
+
+
+# -- mqic doctor --------------------------------------------------------------------------------------
+
+def doctor_checks(config, host, runner: Runner) -> list[Check]:
+    """bash, flock and setsid answer; the state folder and every slot's lock file exist (made if missing)."""
+    backend = DirectBackend.from_config(config, host, runner)
+
+    def slots() -> str:
+        made = backend.ensure_slots({slot.name: slot.parallel for slot in host.slots})
+        names = ", ".join(slot.name for slot in host.slots)
+        return f"{names} (made now: {', '.join(made)})" if made else names
+
+    return [attempt("direct", backend.version, "the host needs bash and util-linux (flock, setsid) on the PATH"),
+            attempt("direct slots", slots, f"check that {backend.base_dir}/{STATE_FOLDER} can be written, and give each"
+                                           " GPU its own slot with parallel 1")]
+
+
+SCHEDULER = Scheduler(
+    name="direct", words=WORDS, build=DirectBackend.from_config, doctor_checks=doctor_checks,
+    check_names=("direct", "direct slots"),
+    gpus_visible=True,   # tasks run on the host we log into: nvidia-smi there sees their GPUs
+)

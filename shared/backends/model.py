@@ -1,8 +1,10 @@
 """What a worker knows of an HPC's tasks, in our words, whatever backend runs them.
 
-Every backend (``shared.backends.pueue``, ``shared.backends.slurm``) maps its own
+Every backend (one module per scheduler, see ``shared.backends``) maps its own
 states onto ``TaskState`` in one pure function and reports one ``Snapshot`` per
-host per pass. "Could not tell" is ``TaskState.UNKNOWN``, never a failure.
+host per pass. "Could not tell" is ``TaskState.UNKNOWN``, never a failure. The
+scheduler's own word for a state we fold into ours (a held or stashed task is
+``QUEUED``) stays in ``TaskInfo.detail``.
 """
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Protocol, Sequence
-
-from shared.errors import RemoteFailure
 
 
 class Runner(Protocol):
@@ -21,13 +21,11 @@ class Runner(Protocol):
 
 
 class TaskState(str, Enum):
-    """Our name for a task's status (pueue's, or a Slurm job's); Done results are flattened into it."""
+    """Our name for a task's status, whatever the scheduler; its finished results are flattened into it."""
 
-    QUEUED = "queued"
+    QUEUED = "queued"    # waiting: not started yet (held, stashed or locked too; the word is in ``detail``)
     RUNNING = "running"
-    PAUSED = "paused"
-    STASHED = "stashed"
-    LOCKED = "locked"
+    PAUSED = "paused"    # started, then stopped for a while: its process exists
     SUCCESS = "success"
     FAILED = "failed"
     KILLED = "killed"
@@ -53,8 +51,8 @@ class TaskState(str, Enum):
 
     @property
     def is_waiting(self) -> bool:
-        """True while the task has not started yet (queued, stashed, locked)."""
-        return self in (TaskState.QUEUED, TaskState.STASHED, TaskState.LOCKED)
+        """True while the task has not started yet."""
+        return self is TaskState.QUEUED
 
 
 _DONE_STATES = frozenset({
@@ -65,12 +63,13 @@ _DONE_STATES = frozenset({
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """One task: a pueue task (``status --json``, ``log --json``) or a Slurm job (``squeue``).
+    """One task of the scheduler, as its listing reports it.
 
-    ``exit_code`` is set only for ``FAILED``. ``detail`` holds the spawn error of
-    ``FAILED_TO_SPAWN`` or the raw JSON of a status we do not know. ``ended`` is
-    True whenever pueue reports the task Done, including a Done result we do not
-    know (state ``UNKNOWN``), so ``is_done`` can tell "finished, outcome unknown"
+    ``exit_code`` is set only for ``FAILED``. ``detail`` holds the scheduler's own word
+    where ours is coarser (a waiting task it holds back, why a job ended), the spawn
+    error of ``FAILED_TO_SPAWN`` or the raw text of a status we do not know. ``ended`` is
+    True whenever the scheduler reports the task finished, including with a result we do
+    not know (state ``UNKNOWN``), so ``is_done`` can tell "finished, outcome unknown"
     from "still going".
     """
 
@@ -89,33 +88,22 @@ class TaskInfo:
 
     @property
     def is_done(self) -> bool:
-        """True when pueue has finished with the task, whatever the result."""
+        """True when the scheduler has finished with the task, whatever the result."""
         return self.state.is_done or self.ended
 
 
 @dataclass(frozen=True)
-class GroupInfo:
-    """A pueue group: ``status`` is "Running", "Paused", "Reset" or kept as sent."""
-
-    name: str
-    status: str
-    parallel_tasks: int
-
-    @property
-    def paused(self) -> bool:
-        return self.status == "Paused"
-
-
-@dataclass(frozen=True)
 class Snapshot:
-    """Everything one ``status --json`` call reported.
+    """Everything one listing of the scheduler reported.
 
     ``hpc_time`` is the HPC's own clock (epoch seconds) when the snapshot was taken,
     so task times (also the HPC's clock) are compared on one clock, never ours.
+    ``paused_slots``: the slots the scheduler has paused, sorted; they start no waiting
+    task until resumed (only a scheduler whose entry ``pauses_slots`` reports any).
     """
 
     tasks: dict[int, TaskInfo]
-    groups: dict[str, GroupInfo]
+    paused_slots: tuple[str, ...] = ()
     hpc_time: float | None = None
     host: str = ""  # the configured host it came from (``shared.worker.Host.snapshot``)
 
@@ -123,18 +111,14 @@ class Snapshot:
         """Tasks whose label equals ``label`` exactly, in id order."""
         return [task for _, task in sorted(self.tasks.items()) if task.label == label]
 
-    def paused_groups(self) -> list[str]:
-        """Names of the paused groups, sorted (after a daemon restart they need ``start -g``)."""
-        return sorted(name for name, group in self.groups.items() if group.paused)
-
 
 @dataclass(frozen=True)
 class Words:
     """How a backend's scheduler names things, for every text a worker writes about it.
 
     Workers take their words from ``backend.words``, so an event, a log line or an
-    ``error_message`` on a Slurm host never speaks of pueue, and no generic code branches
-    on a scheduler's name.
+    ``error_message`` on a host speaks of that host's own scheduler, and no generic code
+    branches on a scheduler's name.
     """
 
     scheduler: str         # "pueue", "Slurm"
@@ -144,27 +128,15 @@ class Words:
     logs: str              # where its output is read: "pueue log", "job output file"
     stop: str              # the command that stops it: "pueue kill", "scancel"
     killed_by_others: str  # how a task ends by a hand not ours, after "<task> 12 was "
+    slot: str = "slot"     # what one slot of ours is there: "pueue group", "partition"
+    paused_why: str = ""   # the likely reason a slot is paused (schedulers that pause slots)
+    resume: str = ""       # how an operator resumes a paused slot, with ``{slot}``
 
 
 @dataclass(frozen=True)
 class KillResult:
-    """Ids the scheduler acted on, and ids it refused (pueue: not running/paused, or unknown)."""
+    """Ids the scheduler acted on, and ids it refused (not running or paused, or unknown to it)."""
 
     killed: tuple[int, ...]
     failed: tuple[int, ...]
 
-
-class WorkdirMissing(RemoteFailure):
-    """``submit(require_workdir=True)``: the working directory is gone; no task was added."""
-
-
-class AlreadySubmitted(RemoteFailure):
-    """``submit``: a task with this label already exists on the HPC; no second one was added."""
-
-
-class SubmitLockBusy(RemoteFailure):
-    """``submit``: another submission of this label still holds its lock on the HPC (outcome unknown)."""
-
-
-class SubmitUncertain(RemoteFailure):
-    """``submit``: the request may have reached the scheduler but its answer was lost (look it up by label)."""

@@ -5,8 +5,13 @@ Each driver function makes ONE runner call, parses its stdout with
 database. Failures are typed, never ``None``:
 
 - ``Unreachable``: the host could not be reached (raised by the runner);
-- ``RemoteError``: pueue ran and exited non-zero (raised by the runner);
+- ``RemoteError``: pueue ran and exited non-zero, typed by what pueue said
+  (``pueue_parse.classify_error``): ``SchedulerOutage`` when the daemon could not take the
+  request at all, ``SlotLost`` when a group of ours is gone; a submit whose answer was lost
+  is ``SubmitUncertain``;
 - ``BadOutput``: pueue answered something we could not read.
+
+``SCHEDULER`` is this module's one entry in the registry (``shared.backends``).
 """
 from __future__ import annotations
 
@@ -14,18 +19,22 @@ import re
 import shlex
 from typing import Mapping, Sequence
 
+from shared.backends import Scheduler
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, add_lands_within,
                                     checked_label, failure_text, submit_refusal, with_exit_codes, with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
 from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
-                                         _checked_env, _is_int, _parse_id_reply, add_argv, parse_clocked_status,
-                                         parse_groups, parse_log, parse_task_id, parse_version)
-from shared.errors import RemoteError
+                                         _checked_env, _is_int, _parse_id_reply, add_answer_lost, add_argv,
+                                         classify_error, parse_clocked_status, parse_groups, parse_log,
+                                         parse_status_groups, parse_task_id, parse_version)
+from shared.checks import Check, attempt, one_line, setting
+from shared.errors import RemoteError, RemoteFailure, SubmitUncertain
 
 _ALREADY_EXISTS = "already exists"
 WORDS = Words(scheduler="pueue", task="task", submit="pueue add", status="pueue status", logs="pueue log",
               stop="pueue kill",
-              killed_by_others="killed by a signal we did not send (pueued restart, node reboot or another user)")
+              killed_by_others="killed by a signal we did not send (pueued restart, node reboot or another user)",
+              slot="pueue group", paused_why="pueued restarted?", resume="pueue start -g {slot}")
 
 # Idempotent add: under a per-label lock on the HPC, add only when no task carries the
 # label; the client is killed after ``limit`` seconds, so an add can never land later
@@ -50,7 +59,8 @@ def submit(
     adds the task only if no task carries ``label`` (AlreadySubmitted otherwise) and
     kills its own pueue client after ``timeout`` seconds, so an add whose answer was
     lost can no longer land once that time has passed. ``require_workdir`` checks that
-    ``workdir`` exists first (WorkdirMissing). Runner errors propagate; BadOutput if no id.
+    ``workdir`` exists first (WorkdirMissing). SubmitUncertain when the answer was lost
+    (``pueue_parse.add_answer_lost``); other runner errors propagate, typed; BadOutput if no id.
     """
     checked_label(label)
     add = add_argv(["pueue"], group=group, label=label, workdir=workdir, command=command)
@@ -62,14 +72,32 @@ def submit(
     try:
         return parse_task_id(runner.run(argv, timeout=timeout))
     except RemoteError as error:
-        refusal = submit_refusal(error, label, workdir)
-        raise (refusal if refusal is not error else with_text(error, failure_text(WORDS.submit, error))) from None
+        raise _submit_failure(error, label, workdir) from None
+
+
+def _submit_failure(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
+    """What a failed ADD_SCRIPT means: a refusal, an add whose answer was lost, or the typed error."""
+    refusal = submit_refusal(error, label, workdir)
+    if refusal is not error:
+        return refusal
+    text = failure_text(WORDS.submit, error)
+    if add_answer_lost(error):
+        return SubmitUncertain(f"{text}; the task may have been added: looking for {label}")
+    return with_text(classify_error(error), text)
+
+
+def _run(runner: Runner, argv: Sequence[str], timeout: float | None) -> str:
+    """One pueue call; a failure comes back typed by what pueue said (``classify_error``)."""
+    try:
+        return runner.run(list(argv), timeout=timeout)
+    except RemoteError as error:
+        raise classify_error(error) from None
 
 
 def statuses(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> Snapshot:
     """All tasks and groups of the host in ONE remote call, with the HPC's clock."""
     argv = ["sh", "-c", CLOCKED, "sh", CLOCK_PREFIX, *pueue_cmd, "status", "--json"]
-    return parse_clocked_status(runner.run(argv, timeout=timeout))
+    return parse_clocked_status(_run(runner, argv, timeout))
 
 
 def logs(
@@ -85,7 +113,7 @@ def logs(
     if lines < 1:
         raise ValueError(f"lines must be at least 1, got {lines}")
     argv = [*pueue_cmd, "log", "--json", "--lines", str(lines), *map(str, _checked_ids(task_ids))]
-    entries = parse_log(runner.run(argv, timeout=timeout))
+    entries = parse_log(_run(runner, argv, timeout))
     return {task_id: entry.output for task_id, entry in entries.items()}
 
 
@@ -125,7 +153,7 @@ def _act_on_ids(runner: Runner, pueue_cmd: Sequence[str], verb: list[str], done_
     ids = _checked_ids(task_ids)
     argv = [*pueue_cmd, *verb, *map(str, ids)]
     try:
-        stdout = runner.run(argv, timeout=timeout)
+        stdout = _run(runner, argv, timeout)
     except RemoteError as error:
         if not _KILL_FAILED_LINE.search(f"{error.stdout}\n{error.stderr}"):
             raise
@@ -151,7 +179,7 @@ def ensure_groups(
     ("already exists") is not an error; the limit is then set explicitly.
     Note: v3 creates groups asynchronously, so a task added right after may race.
     """
-    existing = parse_groups(runner.run([*pueue_cmd, "group", "--json"], timeout=timeout))
+    existing = parse_groups(_run(runner, [*pueue_cmd, "group", "--json"], timeout))
     created = []
     for name, parallel in wanted.items():
         if name in existing:
@@ -167,7 +195,7 @@ def ensure_groups(
 def _add_group(runner: Runner, pueue_cmd: Sequence[str], name: str, parallel: int, timeout: float | None) -> bool:
     """True if we created the group, False if someone else already had."""
     try:
-        runner.run([*pueue_cmd, "group", "add", name, "-p", str(parallel)], timeout=timeout)
+        _run(runner, [*pueue_cmd, "group", "add", name, "-p", str(parallel)], timeout)
     except RemoteError as error:
         if _ALREADY_EXISTS not in f"{error.stdout}\n{error.stderr}":
             raise
@@ -179,17 +207,17 @@ def set_parallel(
     runner: Runner, pueue_cmd: Sequence[str], group: str, parallel: int, timeout: float | None = None,
 ) -> None:
     """``parallel N -g GROUP``: set a group's limit (running tasks are never stopped)."""
-    runner.run([*pueue_cmd, "parallel", str(parallel), "-g", group], timeout=timeout)
+    _run(runner, [*pueue_cmd, "parallel", str(parallel), "-g", group], timeout)
 
 
 def resume_group(runner: Runner, pueue_cmd: Sequence[str], group: str, timeout: float | None = None) -> None:
     """``start -g GROUP``: resume a paused group (a daemon restart pauses groups with queued tasks)."""
-    runner.run([*pueue_cmd, "start", "-g", group], timeout=timeout)
+    _run(runner, [*pueue_cmd, "start", "-g", group], timeout)
 
 
 def version(runner: Runner, pueue_cmd: Sequence[str], timeout: float | None = None) -> str:
     """The client's version, e.g. "4.0.4"."""
-    return parse_version(runner.run([*pueue_cmd, "--version"], timeout=timeout))
+    return parse_version(_run(runner, [*pueue_cmd, "--version"], timeout))
 
 
 class PueueBackend:
@@ -197,10 +225,13 @@ class PueueBackend:
 
     kind = "pueue"
     words = WORDS
-    gpus_visible = True  # tasks run on the host we log into: nvidia-smi there sees their GPUs (shared.gpus)
 
     def __init__(self, runner: Runner, pueue_cmd: Sequence[str], timeout: float):
         self.runner, self.pueue_cmd, self.timeout = runner, list(pueue_cmd), timeout
+
+    @classmethod
+    def from_config(cls, config, host, runner: Runner) -> PueueBackend:
+        return cls(runner, tuple(host.hpc.pueue_command), host.hpc.command_timeout_seconds)
 
     def snapshot(self) -> Snapshot:
         return statuses(self.runner, self.pueue_cmd, timeout=self.timeout)
@@ -230,3 +261,40 @@ class PueueBackend:
 
     def version(self) -> str:
         return version(self.runner, self.pueue_cmd, timeout=self.timeout)
+
+
+# -- mqic doctor --------------------------------------------------------------------------------------
+
+def doctor_checks(config, host, runner: Runner) -> list[Check]:
+    """pueue answers with its version; every group of ours exists on the host and is not paused."""
+    cmd, timeout = list(host.hpc.pueue_command), host.hpc.command_timeout_seconds
+    return [attempt("pueue", lambda: f"version {version(runner, cmd, timeout=timeout)}",
+                    f"install pueue on the HPC and start it (pueued -d); {setting(config, host, 'pueue_command')}"
+                    f" is {shlex.join(cmd)}"),
+            check_groups(host, runner, cmd, timeout)]
+
+
+def check_groups(host, runner: Runner, cmd: list[str], timeout: float) -> Check:
+    try:
+        groups = parse_status_groups(_run(runner, [*cmd, "status", "--json"], timeout))
+    except (RemoteFailure, OSError) as exc:
+        return Check("pueue groups", False, one_line(exc), "start the pueue daemon: pueued -d")
+    wanted = [g.name for g in host.groups]
+    missing = [name for name in wanted if name not in groups]
+    paused = [name for name in wanted if name in groups and groups[name].paused]
+    if missing:
+        adds = "; ".join(f"pueue group add {g.name} -p {g.parallel}" for g in host.groups if g.name in missing)
+        return Check("pueue groups", False, f"missing on the HPC: {', '.join(missing)}",
+                     f"the submitter creates them when it starts, or run: {adds}")
+    if paused:
+        return Check("pueue groups", False, f"paused: {', '.join(paused)}",
+                     "; ".join(f"pueue start -g {name}" for name in paused))
+    return Check("pueue groups", True, ", ".join(wanted))
+
+
+SCHEDULER = Scheduler(
+    name="pueue", words=WORDS, build=PueueBackend.from_config, doctor_checks=doctor_checks,
+    check_names=("pueue", "pueue groups"),
+    pauses_slots=True,   # a daemon restart pauses groups with queued tasks; ``start -g`` resumes one
+    gpus_visible=True,   # tasks run on the host we log into: nvidia-smi there sees their GPUs
+)

@@ -12,11 +12,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from shared.backends.common import split_clock
-from shared.backends.model import GroupInfo, Snapshot, TaskInfo, TaskState
-from shared.errors import BadOutput
+from shared.backends.common import answer_lost, split_clock
+from shared.backends.model import Snapshot, TaskInfo, TaskState
+from shared.errors import BadOutput, RemoteError, SchedulerOutage, SlotLost, TransientRemoteError
 
-DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<total>\d+) batches\)"
 LOG_HANDLE_ERROR = "(Pueue error) Failed to get log file handle"
 
 _EXCERPT_CHARS = 200
@@ -27,9 +26,30 @@ _KILLED_LINE = re.compile(r"Tasks are being killed:([\d, ]*)")
 _KILL_FAILED_LINE = re.compile(r"The command failed for tasks:([\d, ]*)")
 _REMOVED_LINE = re.compile(r"Tasks removed from list:([\d, ]*)")
 _ALREADY_EXISTS = "already exists"
+# The client's words when the daemon could not take a request at all: it is down (its socket
+# missing or stale) or was never started (no configuration). Nothing was made.
+OUTAGE_TEXTS = ("while connecting to daemon", "Connection refused (os error 111)",
+                "Couldn't find a configuration file")
+# A group of ours was removed: "Group gpu_c doesn't exists. Use one of these: [...]" (sic).
+SLOT_LOST_TEXT = "doesn't exists. Use one of these"
+# The client sent a request but the daemon's answer never came: it may have stored the task.
+ANSWER_LOST_TEXTS = ("Failed to receive message from daemon",)
 _RFC3339 = re.compile(
     r"(?P<base>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(?P<fraction>\d+))?(?P<offset>[Zz]|[+-]\d\d:\d\d)"
 )
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A pueue group: ``status`` is "Running", "Paused", "Reset" or kept as sent."""
+
+    name: str
+    status: str
+    parallel_tasks: int
+
+    @property
+    def paused(self) -> bool:
+        return self.status == "Paused"
 
 
 @dataclass(frozen=True)
@@ -50,9 +70,10 @@ _LIFECYCLE = {
     "Queued": TaskState.QUEUED,
     "Running": TaskState.RUNNING,
     "Paused": TaskState.PAUSED,
-    "Stashed": TaskState.STASHED,
-    "Locked": TaskState.LOCKED,
+    "Stashed": TaskState.QUEUED,
+    "Locked": TaskState.QUEUED,
 }
+_WAITING_WORDS = {"Stashed": "stashed", "Locked": "locked"}  # held back: not started yet, in ``detail``
 _UNIT_RESULTS = {
     "Success": TaskState.SUCCESS,
     "Killed": TaskState.KILLED,
@@ -65,8 +86,9 @@ def map_task_status(raw_status: Any) -> tuple[TaskState, int | None, str]:
     """Map pueue's ``status`` JSON value (v3 or v4 shape) to ``(state, exit_code, detail)``.
 
     ``exit_code`` is N for ``{"Failed": N}`` and None otherwise; ``detail`` is the
-    spawn error text for FailedToSpawn, the raw JSON for anything we do not know
-    (state UNKNOWN), else "". Never raises.
+    spawn error text for FailedToSpawn, pueue's word for a task it holds back (Stashed,
+    Locked: both QUEUED for us), the raw JSON for anything we do not know (state
+    UNKNOWN), else "". Never raises.
     """
     try:
         mapped = _map_known_status(raw_status)
@@ -80,7 +102,7 @@ def map_task_status(raw_status: Any) -> tuple[TaskState, int | None, str]:
 def _map_known_status(raw_status: Any) -> tuple[TaskState, int | None, str] | None:
     name, payload = _variant(raw_status)
     if name in _LIFECYCLE and (payload is None or isinstance(payload, dict)):
-        return _LIFECYCLE[name], None, ""
+        return _LIFECYCLE[name], None, _WAITING_WORDS.get(name, "")
     if name == "Done":
         return _map_result(_done_result(payload))
     return None
@@ -255,17 +277,26 @@ def parse_status(text: str) -> Snapshot:
     """Parse ``pueue status --json`` (v3 or v4, detected per task) into a Snapshot.
 
     Raises BadOutput for non-JSON, a wrong top-level shape, or a task missing
-    id/group/status. Unknown statuses do not raise: they map to UNKNOWN.
+    id/group/status. Unknown statuses do not raise: they map to UNKNOWN. The paused
+    groups are the snapshot's ``paused_slots``.
     """
+    tasks, groups = _parse_status_document(text)
+    return Snapshot(tasks={task.id: task for task in tasks},
+                    paused_slots=tuple(sorted(name for name, group in groups.items() if group.paused)))
+
+
+def parse_status_groups(text: str) -> dict[str, GroupInfo]:
+    """The groups of ``pueue status --json`` (``mqic doctor`` and the chaos check read them all)."""
+    return _parse_status_document(text)[1]
+
+
+def _parse_status_document(text: str) -> tuple[list[TaskInfo], dict[str, GroupInfo]]:
     what = "pueue status --json"
     document = _load_json(text, what)
     if not isinstance(document, dict) or not isinstance(document.get("tasks"), dict):
         raise BadOutput(f"{what}: expected {{'tasks': {{...}}, 'groups': {{...}}}}: {_excerpt(text)!r}")
     tasks = [_parse_task(raw, what) for raw in document["tasks"].values()]
-    return Snapshot(
-        tasks={task.id: task for task in tasks},
-        groups=_parse_group_map(document.get("groups"), what),
-    )
+    return tasks, _parse_group_map(document.get("groups"), what)
 
 
 def parse_groups(text: str) -> dict[str, GroupInfo]:
@@ -345,19 +376,31 @@ def _ids_in_lines(pattern: re.Pattern[str], text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def parse_progress(output: str, pattern: str | re.Pattern[str] = DEFAULT_PROGRESS_PATTERN) -> float | None:
-    """Percent done (100*done/total) from the newest match of ``pattern`` in the log.
+# ---------------------------------------------------------------------------
+# Failures: the one place pueue's words become our types
+# ---------------------------------------------------------------------------
 
-    ``pattern`` needs the named groups ``done`` and ``total``. None when no line
-    matches or the total is 0; the result is clamped to 0..100.
-    """
-    matches = list(re.finditer(pattern, output or ""))
-    if not matches:
-        return None
-    done, total = int(matches[-1]["done"]), int(matches[-1]["total"])
-    if total <= 0:
-        return None
-    return max(0.0, min(100.0, 100.0 * done / total))
+def classify_error(error: RemoteError) -> RemoteError:
+    """What a failed pueue command means, as a type: the daemon could not take it at all
+    (``SchedulerOutage``: no attempt is used), a group of ours is gone (``SlotLost``), else
+    ``error`` itself (a ``ResourceShortage`` from ``shared.remote`` stays one)."""
+    said = f"{error.stdout or ''}\n{error.stderr or ''}"
+    if any(text in said for text in OUTAGE_TEXTS):
+        kind: type[RemoteError] = SchedulerOutage
+    elif SLOT_LOST_TEXT in said and not isinstance(error, TransientRemoteError):
+        kind = SlotLost
+    else:
+        return error
+    typed = kind(error.argv, error.exit_code, error.stderr, error.stdout)
+    typed.args = error.args
+    return typed
+
+
+def add_answer_lost(error: RemoteError) -> bool:
+    """True when a failed ``pueue add`` cannot tell whether the task was stored: its client was
+    killed by a signal (exit > 128, e.g. after our time limit) or lost the daemon after sending."""
+    said = f"{error.stdout or ''}\n{error.stderr or ''}"
+    return answer_lost(error) or any(text in said for text in ANSWER_LOST_TEXTS)
 
 
 def add_argv(

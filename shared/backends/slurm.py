@@ -12,9 +12,11 @@ folder, exports the case's variables and ``exec``s it. So one place writes the r
 on Slurm as on pueue: a job ended by a signal (a cancel, a time limit) leaves none.
 
 Failures are typed, never ``None``: ``Unreachable`` (raised by the runner), ``SlurmError``
-(a ``RemoteError`` whose ``kind`` says what Slurm meant), ``SlurmOutage`` (Slurm could not
-take a submit, e.g. slurmctld is down: no job was made and no attempt is used up),
-``SubmitUncertain`` (the submit may have landed), ``BadOutput``.
+(a ``RemoteError`` whose ``kind`` says what Slurm meant), ``SlurmOutage`` (a ``SchedulerOutage``:
+Slurm could not take a submit, e.g. slurmctld is down: no job was made and no attempt is used
+up), ``SubmitUncertain`` (the submit may have landed), ``BadOutput``.
+
+``SCHEDULER`` is this module's one entry in the registry (``shared.backends``).
 """
 from __future__ import annotations
 
@@ -23,19 +25,23 @@ import uuid
 from datetime import datetime, timezone
 from typing import Mapping, Sequence
 
+from shared.backends import Scheduler
 from shared.backends import slurm_parse as sp
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, LOOKUP_FAILED_EXIT,
-                                    PREPARE_FAILED_EXIT, SUBMIT_EXIT_MEANINGS, add_lands_within, checked_label,
-                                    failure_text, split_clock, submit_refusal, with_exit_codes, with_text)
-from shared.backends.model import KillResult, Runner, Snapshot, SubmitUncertain, TaskInfo, TaskState, Words
-from shared.errors import HpcTrouble, RemoteError
+                                    PREPARE_FAILED_EXIT, SUBMIT_EXIT_MEANINGS, add_lands_within, answer_lost,
+                                    checked_label, failure_text, split_clock, submit_refusal, with_exit_codes,
+                                    with_text)
+from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, TaskState, Words
+from shared.checks import Check, attempt, setting
+from shared.errors import RemoteError, ResourceShortage, SchedulerOutage, SubmitUncertain
 
 # Read with a marker drawn fresh for each call (``sp.MarkedFormat``): the work dir holds the
 # case's folder name, and no character in it may shift a field.
 SQUEUE_FIELDS = ("%i", "%j", "%T", "%P", "%V", "%S", "%M", "%Z", "%k", "%r")
 WORDS = Words(scheduler="Slurm", task="job", submit="sbatch", status="squeue", logs="job output file",
               stop="scancel",
-              killed_by_others="killed by someone else (a scancel we did not send, a preemption or a node failure)")
+              killed_by_others="killed by someone else (a scancel we did not send, a preemption or a node failure)",
+              slot="partition")
 SLOT_COMMENT = "mqic_slot="
 JOB_SCRIPT = f"{sp.MQIC_DIR}/slurm-job.sh"
 # Slurm's own time limit comes this long after ours (and its SIGKILL grace), so that our
@@ -88,7 +94,7 @@ _OUTAGE_KINDS = frozenset({sp.SlurmErrorKind.CONTROLLER_DOWN, sp.SlurmErrorKind.
 _KILL_ERROR_ID = re.compile(r"job id (\d+)")
 
 
-class SlurmOutage(sp.SlurmError, HpcTrouble):
+class SlurmOutage(sp.SlurmError, SchedulerOutage):
     """Slurm could not take the request (slurmctld down, a submit limit): nothing was made."""
 
 
@@ -144,7 +150,7 @@ def parse_snapshot(text: str, fmt: sp.MarkedFormat) -> Snapshot:
     """The clock line, then the jobs of ``squeue --format=<fmt.text>``; BadOutput otherwise."""
     hpc_time, rest = split_clock(text, "squeue")
     tasks = [task for job in sp.parse_marked_squeue(rest, fmt) if (task := task_of_job(job)) is not None]
-    return Snapshot(tasks={task.id: task for task in tasks}, groups={}, hpc_time=hpc_time)
+    return Snapshot(tasks={task.id: task for task in tasks}, hpc_time=hpc_time)
 
 
 def parse_logs(text: str, mark: str) -> dict[int, str]:
@@ -280,7 +286,7 @@ class SlurmBackend:
         return []
 
     def resume_slot(self, slot: str) -> None:
-        """Nothing to do: Slurm does not pause a partition of ours by itself."""
+        """Nothing to do: Slurm does not pause a partition of ours by itself (``pauses_slots`` is False)."""
 
     def version(self) -> str:
         return sp.parse_version(self._run(sp.version_argv(bin_dir=self.bin_dir)))
@@ -314,6 +320,36 @@ def _submit_failure(error: RemoteError, label: str, workdir: str) -> Exception:
         slurm = SlurmOutage(slurm.argv, slurm.exit_code, slurm.stderr, slurm.stdout)
     meaning = "; ".join(filter(None, (SUBMIT_EXIT_MEANINGS.get(error.exit_code), slurm.kind.meaning)))
     text = failure_text(WORDS.submit, slurm, meaning)
-    if error.exit_code not in _BEFORE_SBATCH_EXITS and slurm.kind.submit_may_have_landed:
+    if answer_lost(error) or (error.exit_code not in _BEFORE_SBATCH_EXITS and slurm.kind.submit_may_have_landed):
         return SubmitUncertain(f"{text}; the job may have been made: looking for {label}")
-    return with_text(slurm, text)
+    # The HPC's system ran short (disk, processes: ``shared.remote`` said so): that passes.
+    return with_text(error if isinstance(error, ResourceShortage) else slurm, text)
+
+
+# -- mqic doctor --------------------------------------------------------------------------------------
+
+def doctor_checks(config, host, runner: Runner) -> list[Check]:
+    """sbatch answers with its version; every slot's partition exists and allows our time limit."""
+    backend = SlurmBackend.from_config(config, host, runner)
+    slurm = host.slurm
+    bin_dir = setting(config, host, "bin_dir", "slurm")
+    where = f"{bin_dir} is {slurm.bin_dir}" if slurm.bin_dir else f"set {bin_dir} if they are not on the PATH"
+    slots = ", ".join(f"{p.name} -> {p.partition}" for p in slurm.partitions)
+
+    def partitions() -> str:
+        backend.ensure_slots({slot.name: slot.parallel for slot in host.slots})
+        return slots
+
+    return [attempt("slurm", lambda: f"sbatch {backend.version()}",
+                    f"install the Slurm client commands (sbatch, squeue, scancel, sinfo) on the HPC; {where}"),
+            attempt("slurm partitions", partitions,
+                    f"fix {setting(config, host, 'partitions', 'slurm')} (sinfo lists the"
+                    f" partitions) or lower main_loop.running_case_timeout_hours")]
+
+
+SCHEDULER = Scheduler(
+    name="slurm", words=WORDS, build=SlurmBackend.from_config, doctor_checks=doctor_checks,
+    check_names=("slurm", "slurm partitions"),
+    pauses_slots=False,   # Slurm never pauses a partition of ours by itself
+    gpus_visible=False,   # jobs run on compute nodes: the login session sees none of their GPUs
+)
