@@ -78,7 +78,7 @@ def test_a_snapshot_keeps_any_folder_name_whole_on_the_hosts_clock():
     text = printed(record(id=1, workdir=hostile, start=str(T0)), record(id=2, live="0"),
                    record(id=3, label="mqic_case_3", end=f"{T0} 0", live="-"))
     snapshot = direct.parse_snapshot(text, MARK)
-    assert snapshot.hpc_time == T0 + 60 and snapshot.groups == {}
+    assert snapshot.hpc_time == T0 + 60 and snapshot.paused_slots == ()
     assert sorted(snapshot.tasks) == [1, 3]
     assert snapshot.tasks[1].path == hostile and snapshot.by_label("mqic_case_3")[0].state is model.TaskState.SUCCESS
 

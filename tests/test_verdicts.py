@@ -39,7 +39,7 @@ def case(**fields) -> Case:
 
 
 def snapshot(*listed: model.TaskInfo) -> model.Snapshot:
-    return model.Snapshot(tasks={t.id: t for t in listed}, groups={}, hpc_time=STARTED.timestamp() + 60)
+    return model.Snapshot(tasks={t.id: t for t in listed}, hpc_time=STARTED.timestamp() + 60)
 
 
 def task(state: T, label: str = "mqic_case_7") -> model.TaskInfo:
