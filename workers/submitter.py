@@ -175,7 +175,7 @@ def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, no
     case = claim.case
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name,
                       detail=f"task {task_id} in {claim.slot.name}",
-                      fields={**SUBMIT_CLEARS, "pueue_task_id": task_id, "remote_dir": remote_dir,
+                      fields={**SUBMIT_CLEARS, "task_id": task_id, "remote_dir": remote_dir,
                               "started_at": None, "running_since": now, "progress": 0.0,
                               "error_type": None, "error_message": None},
                       guard={"claimed_by": ctx.worker_id})
