@@ -13,7 +13,7 @@ from shared.recovery import recover_expired_claims
 from shared.seats import get_slot
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case
-from shared.worker import HELPER_THREADS, build_context
+from shared.worker import build_context
 from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter
 
@@ -490,8 +490,8 @@ def test_the_stager_thread_of_the_process_pre_uploads_while_every_gpu_is_busy(hp
                             message="the stager thread pre-uploads the waiting case")
     finally:
         ctx.stop.set()
-        ctx.state[submitter.STAGER_WAKE].set()
-        for thread in ctx.state[HELPER_THREADS]:
+        ctx.memory.stager_wake.set()
+        for thread in ctx.memory.helper_threads:
             thread.join(timeout=30)
     assert staged and get_case(ctx.conn, waiting.case_id).host == "hpc"
     h.pueue("kill", "--all")

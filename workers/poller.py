@@ -43,7 +43,6 @@ from shared.verdicts import Action, Phase, Verdict
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
                            start_helper_loop, worker_main, worth_logging)
 
-PAUSED_SLOTS = "paused_slots"
 WAITING_REFRESH_SHARE_OF_STUCK = 0.5  # see waiting_refresh_seconds
 
 
@@ -92,7 +91,7 @@ def handle_paused_slots(ctx: Context, host: Host, snapshot: model.Snapshot, now:
     ours = {s.name for s in host.config.slots}
     paused = [slot for slot in snapshot.paused_slots if slot in ours]
     words, resume = host.backend.words, resumes_paused_slots(ctx.config, host.config)
-    was_paused = ctx.state.setdefault(PAUSED_SLOTS, {})
+    was_paused = ctx.memory.paused_slots
     for slot in set(was_paused.get(host.name, ())) - set(paused):
         forget_logged(ctx, f"paused:{host.name}:{slot}")
         ctx.log.info("host %s: %s %s is running again", host.name, words.slot, slot, extra={"operation": "poll"})
