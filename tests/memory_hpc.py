@@ -82,6 +82,11 @@ class Run:
 Program = Callable[[Run], "int | None"]
 
 
+def sleeps(seconds: float, code: int = 0) -> Program:
+    """A program that runs ``seconds`` on the HPC's clock, then exits ``code`` (``sleep N``)."""
+    return lambda run: code if run.elapsed >= seconds else None
+
+
 def fake_moqui(run: Run) -> int | None:
     """What ``sandbox/fake_moqui`` does, on the HPC's clock: ``mqi_fake.json``'s ``seconds``,
     ``batches`` and ``mode`` (ok, fail, hang, crash); one progress line per batch; ``output/``."""
