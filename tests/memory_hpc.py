@@ -572,8 +572,10 @@ class MemorySandbox:
 
         self.root = root
         (root / "incoming").mkdir(parents=True, exist_ok=True)
-        if hosts is not None:
-            hosts = [{"remote_base_dir": str(root / f"remote-{h['name']}"), **h} for h in hosts]
+        if hosts is not None:  # each host its own name, disk and slots (``groups``)
+            hosts = [{"host": f"{h['name']}.memory.invalid", "user": "physics", "identity_file": str(root / "keys" / "id"),
+                      "known_hosts_file": str(root / "keys" / "known_hosts"),
+                      "remote_base_dir": str(root / f"remote-{h['name']}"), **h} for h in hosts]
         data = memory_config_data(root, groups=groups, hosts=hosts, **sections)
         self.config_path = root / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(data))
