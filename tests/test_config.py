@@ -139,8 +139,8 @@ def slurm_data(tmp_path: Path, partitions=None, **slurm) -> dict:
 
 def test_slurm_partitions_are_our_slots(tmp_path):
     config = parse_config(slurm_data(tmp_path, bin_dir="/opt/slurm/bin"), tmp_path / "c.yaml")
-    assert config.hosts[0].hpc.backend == "slurm" and config.hosts[0].slurm.bin_dir == "/opt/slurm/bin"
-    first = config.hosts[0].slurm.partitions[0]
+    assert config.hosts[0].hpc.backend == "slurm" and config.hosts[0].slot_config.bin_dir == "/opt/slurm/bin"
+    first = config.hosts[0].slot_config.partitions[0]
     assert (first.name, first.partition, first.account, first.qos, first.gres) == ("gpu_a", "gpu", "physics", "normal", "gpu:1")
     assert first.extra_sbatch == ("--mem=16G", "#SBATCH --cpus-per-task=4")
     assert [(s.name, s.gpu, s.gres, s.parallel) for s in config.hosts[0].slots] == [("gpu_a", None, "gpu:1", 1),
@@ -149,7 +149,7 @@ def test_slurm_partitions_are_our_slots(tmp_path):
 
 def test_pueue_groups_are_our_slots_by_default(tmp_path):
     config = make_config(tmp_path)
-    assert config.hosts[0].hpc.backend == "pueue" and config.hosts[0].slurm is None
+    assert config.hosts[0].hpc.backend == "pueue" and config.hosts[0].slot_config.slots() == config.hosts[0].slots
     assert [(s.name, s.gpu, s.gres) for s in config.hosts[0].slots] == [("gpu_a", "0", None), ("gpu_b", "1", None)]
 
 
@@ -211,7 +211,7 @@ def test_hosts_take_their_defaults_from_hpc_and_name_their_own_slots(tmp_path):
     gpu1, cluster = config.hosts
     assert (gpu1.name, gpu1.hpc.host, gpu1.hpc.user, gpu1.backend) == ("gpu1", "gpu1.example.org", "root", "pueue")
     assert [(s.name, s.gpu, s.depth) for s in gpu1.slots] == [("gpu_a", "0", 2), ("gpu_b", "1", 1)]
-    assert (cluster.hpc.user, cluster.backend, cluster.slurm.bin_dir) == ("physics", "slurm", "/opt/slurm/bin")
+    assert (cluster.hpc.user, cluster.backend, cluster.bin_dir) == ("physics", "slurm", "/opt/slurm/bin")
     assert [(s.name, s.gres, s.depth) for s in cluster.slots] == [("a100", "gpu:1", 4)]
     assert cluster.hpc.identity_file == gpu1.hpc.identity_file      # from hpc:, the defaults
     assert config.seat_count == 7 and config.host("cluster") is cluster and config.host("nope") is None
