@@ -765,7 +765,7 @@ def default_config_path() -> str:
 
 # -- README's configuration table ------------------------------------------------------------------
 
-TABLE_BEGIN = "<!-- config-table: generated from the declarations in shared/config.py by scripts/config-table.py -->"
+TABLE_BEGIN = "<!-- config-table: generated from the config key declarations by scripts/config-table.py -->"
 TABLE_END = "<!-- /config-table -->"
 
 
