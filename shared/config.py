@@ -3,18 +3,18 @@
 Every key is declared once, as a field of its section's dataclass made with
 ``shared.config_keys.setting`` (how its value is read, its default, its help); the loader
 reads every section from those declarations and README's configuration table is
-generated from them (``scripts/config-table.py``).
+generated from them (``scripts/config-table.py``). A bad file gives one ``ConfigError``
+listing every problem, one per line, each naming the key, the value and what was
+expected; programs turn it into exit code 2. Relative paths are resolved against
+``root_dir``, which defaults to the parent of the folder that holds the config file (the
+project root for ``config/config.yaml``).
 
 What a scheduler needs of the config is its registry entry's part (``shared.backends``),
 declared in its own module: where a host's slots are configured and how they are read
 (``slot_keys``), the top-level sections it declares (``sections``, found as
 ``config.<name>``) and the keys it adds to ``hpc`` and every ``hosts`` entry
 (``host_keys``, found as ``host.hpc.<key>``). This module reads them for every entry, so
-it names no scheduler, and adding one needs no edit here. A bad file gives one ``ConfigError``
-listing every problem, one per line, each naming the key, the value and what was
-expected; programs turn it into exit code 2. Relative paths are resolved against
-``root_dir``, which defaults to the parent of the folder that holds the config file (the
-project root for ``config/config.yaml``).
+it names no scheduler, and adding one needs no edit here.
 """
 from __future__ import annotations
 

@@ -194,7 +194,11 @@ def joined(cls: type, keys: Iterable[type] = (), fields: Iterable[tuple[str, typ
     modules declare); ``fields``: more ``(name, type)`` fields, each a section read apart.
     """
     bases = tuple(dict.fromkeys(reversed(tuple(keys))))  # dataclass fields come in reverse MRO order
-    made = dataclasses.make_dataclass(cls.__name__, list(fields), bases=(*bases, cls), frozen=True, kw_only=True,
+    fields = list(fields)
+    names = [f.name for base in (cls, *bases) for f in dataclasses.fields(base)] + [name for name, _ in fields]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise TypeError(f"{cls.__name__}: declared twice: {', '.join(twice)}")  # one would hide the other
+    made = dataclasses.make_dataclass(cls.__name__, fields, bases=(*bases, cls), frozen=True, kw_only=True,
                                       namespace={"__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
     made.__module__ = cls.__module__  # where it is found by name, as ``cls`` was
     return made

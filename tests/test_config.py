@@ -14,8 +14,8 @@ import yaml
 from shared import backends
 from shared.backends import Scheduler, SlotConfig, SlotKeys, pueue, slurm
 from shared.config import PLAIN_SECTIONS, SCHEDULER_SECTIONS, load_config, parse_config, readme_with_config_table
-from shared.config_keys import (NAME, Entries, Problems, Section, command_line, markdown_table, number, read, rows,
-                                setting, text)
+from shared.config_keys import (NAME, Entries, Problems, Section, command_line, joined, markdown_table, number, read,
+                                rows, setting, settings, text)
 from shared.errors import ConfigError
 from tests.conftest import base_config_data, make_config
 
@@ -457,6 +457,25 @@ def test_a_new_schedulers_slots_are_refused_where_they_do_not_belong(tmp_path, c
         "hosts.f.lanes: got None, expected a mapping of lane names"]
     with pytest.raises(ConfigError, match="hpc.backend: got 'sge', expected one of pueue, slurm, direct, farm"):
         config_with_farm.parse_config(base_config_data(tmp_path) | {"hpc": {"backend": "sge"}}, tmp_path / "c.yaml")
+
+
+def test_joined_sections_keep_their_keys_and_refuse_one_declared_twice():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Base:
+        speed: int = setting(number(), 1, "how fast")
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Extra:
+        colour: str = setting(text, "red", "which colour")
+
+    made = joined(Base, keys=[Extra], fields=[("more", int)])
+    assert made.__name__ == "Base" and list(settings(made)) == ["speed", "colour"]
+    assert made(more=2) == made(speed=1, colour="red", more=2)
+    with pytest.raises(TypeError, match="Base: declared twice: speed"):
+        joined(Base, keys=[dataclasses.make_dataclass("Twin", [("speed", int, setting(number(), 2, ""))],
+                                                      frozen=True, kw_only=True)])
+    with pytest.raises(TypeError, match="declared twice: colour"):
+        joined(Base, keys=[Extra], fields=[("colour", str)])
 
 
 def test_no_backend_module_imports_the_config_reader():
