@@ -32,7 +32,7 @@ from sandbox.casegen import make_case  # noqa: E402
 from shared import gpus  # noqa: E402
 from shared.states import CaseStatus  # noqa: E402
 from shared.store import cases_with_status  # noqa: E402
-from shared.worker import HELPER_THREADS, build_context, start_helper_loop  # noqa: E402
+from shared.worker import build_context, start_helper_loop  # noqa: E402
 from workers import poller, scanner, submitter  # noqa: E402
 
 TELEMETRY_THREAD = "poller-gpus"
@@ -67,7 +67,7 @@ def start_running_cases(ws: Workspace, count: int) -> None:
 
 def stop_helpers(ctx) -> None:
     ctx.stop.set()
-    for thread in ctx.state.get(HELPER_THREADS, []):
+    for thread in ctx.memory.helper_threads:
         thread.join(timeout=60)
 
 

@@ -163,9 +163,9 @@ def cases_lines(cases: list[queries.CaseView], now: float) -> list[str]:
     lines = [CASES_HEADER]
     for case in cases:
         note = case_note(case)
-        task = "-" if case.pueue_task_id is None else str(case.pueue_task_id)
+        task = "-" if case.task_id is None else str(case.task_id)
         lines.append(f"{case.case_id:>7}  {case.status:<10}  {case.priority:<6}  {case.progress:>3.0f}%"
-                     f"  {case.host or '-':<8}  {case.pueue_group or '-':<8}  {task:>5}  {case.attempts:>5}"
+                     f"  {case.host or '-':<8}  {case.slot or '-':<8}  {task:>5}  {case.attempts:>5}"
                      f"  {format_age(now - case.updated_at):>7}  {case.case_name}" + (f"  [{note}]" if note else ""))
     return lines
 
@@ -227,7 +227,7 @@ def remote_task(config: Config, case: Case) -> dict[str, Any]:
         return {"error": f"host {host.name} unreachable or {host.backend} failed ({one_line(exc)})"}
     task = tasks.task_of(case, snapshot)
     if task is None:
-        return {"error": f"no {host.backend} task {case.pueue_task_id} with label {case.label} on host {host.name}"}
+        return {"error": f"no {host.backend} task {case.task_id} with label {case.label} on host {host.name}"}
     return {"host": host.name, "task_id": task.id, "state": task.state.value, "exit_code": task.exit_code,
             "group": task.group, "label": task.label, "path": task.path,
             "start": task.start.isoformat() if task.start else None,
@@ -258,7 +258,7 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
                 if case.status.value == "running" else []
     finally:
         conn.close()
-    remote = remote_task(config, case) if case.pueue_task_id is not None else None
+    remote = remote_task(config, case) if case.task_id is not None else None
     if args.json:
         print_json({"case": case, "events": events, "remote": remote, "eta": eta, "gpus": case_gpus})
         return 0

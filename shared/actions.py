@@ -108,7 +108,7 @@ def retryable(op: Operator, case: Case) -> Case:
 def retry_one(op: Operator, case: Case, snapshot: model.Snapshot, now: float) -> str:
     backend = op.backend(case.host) if case.host is not None else None
     removed = tasks.clear_finished(backend, case, snapshot) if backend is not None else []
-    detail = (f"operator retry (was {case.outcome or 'failed'}, task {case.pueue_task_id}); back in the queue "
+    detail = (f"operator retry (was {case.outcome or 'failed'}, task {case.task_id}); back in the queue "
               f"behind the cases already waiting (queued before at {local_time(op.config, case.submitted_at)})")
     if removed:
         detail += f"; removed finished {backend.words.task}(s) {removed} from {backend.words.scheduler}"
@@ -148,10 +148,10 @@ def stop_cancelled(op: Operator, case: Case, now: float) -> str:
         done = tasks.stop(op.conn, op.backend(case.host), op.config.main_loop.kill_grace_seconds, failed,
                           tasks.unfinished(failed, op.snapshot(case.host)), now=now)
     except (Refused, RemoteFailure, OSError) as exc:
-        return f"could not stop its task now ({exc}); the reaper stops it while slot {case.pueue_group} is zombie"
+        return f"could not stop its task now ({exc}); the reaper stops it while slot {case.slot} is zombie"
     if not done:
-        return f"no unfinished task labelled {case.label}; the reaper frees slot {case.pueue_group}"
-    return f"{', '.join(done)}; the reaper sends SIGKILL after the grace period and frees slot {case.pueue_group}"
+        return f"no unfinished task labelled {case.label}; the reaper frees slot {case.slot}"
+    return f"{', '.join(done)}; the reaper sends SIGKILL after the grace period and frees slot {case.slot}"
 
 
 def acknowledge(op: Operator, case_id: int, *, now: float) -> tuple[Case, bool, bool]:

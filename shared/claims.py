@@ -75,7 +75,7 @@ class Claim:
 
     @property
     def group(self) -> str:
-        return self.slot.pueue_group
+        return self.slot.slot
 
     @property
     def gpu(self) -> str | None:
@@ -116,7 +116,7 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
             " remote_dir = CASE WHEN host IS :h THEN remote_dir END,"  # a pre-upload elsewhere is not used
             " staged_at = CASE WHEN host IS :h THEN staged_at END"
             f" WHERE case_id = :id AND status = {CaseStatus.SUBMITTED.sql}"
-            " RETURNING *", {"now": now, "w": worker, "lease": now + lease_seconds, "g": slot.pueue_group,
+            " RETURNING *", {"now": now, "w": worker, "lease": now + lease_seconds, "g": slot.slot,
                              "h": slot.host, "id": row["case_id"]}).fetchone()
         case = case_from_row(row)
         record_case_event(conn, case.case_id, CaseStatus.SUBMITTED, CaseStatus.SUBMITTING, now=now,

@@ -216,7 +216,7 @@ def _lanes(config: Config, paces: dict[str, Pace], closed: set[str]) -> dict[tup
 
 def _lane_of(lanes: dict[tuple[str, str], _Lane], case: Case, paces: dict[str, Pace], fallback: Pace) -> _Lane:
     """The lane a placed case is on; a slot the config no longer has gets a lane of its own."""
-    key = (case.host or "", case.pueue_group or "")
+    key = (case.host or "", case.slot or "")
     if key not in lanes:
         lanes[key] = _Lane(key[0], key[1], 1, 1, paces.get(key[0], fallback), claimable=False)
     return lanes[key]

@@ -42,7 +42,6 @@ from shared.worker import Context
 CURSOR_KEY = "notify.cursor"
 SINCE_KEY = "notify.since"
 REPORTED_PREFIX = "notify.down_reported."  # + host name: the down_since of the outage reported
-SENDING = "notify_sending"  # ctx.state: notice_id -> Sending (children of this process)
 _CHILDREN: set[subprocess.Popen] = set()  # killed when the process exits, so none outlives its worker
 MAX_PARALLEL = 1  # one at a time, oldest first: notices arrive in the order things happened
 EVENT_BATCH = 500
@@ -307,7 +306,7 @@ def finish_sent(ctx: Context, now: float) -> int:
 
     A child still running keeps its notice's lease, so nobody starts it a second time.
     """
-    running: dict[int, Sending] = ctx.state.setdefault(SENDING, {})
+    running: dict[int, Sending] = ctx.memory.notices_sending
     settled = 0
     for notice_id, sending in list(running.items()):
         result = outcome(sending, ctx.config, ctx.stop.is_set())
@@ -328,7 +327,7 @@ def finish_sent(ctx: Context, now: float) -> int:
 
 def start_due(ctx: Context, now: float) -> int:
     """Start notifiers for due notices, up to ``MAX_PARALLEL`` children of this process."""
-    running: dict[int, Sending] = ctx.state.setdefault(SENDING, {})
+    running: dict[int, Sending] = ctx.memory.notices_sending
     lease = lease_seconds(ctx.config)
     started = 0
     while len(running) < MAX_PARALLEL:

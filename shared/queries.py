@@ -37,8 +37,8 @@ class CaseView:
     status: str
     progress: float
     host: str | None  # the host its folder and task are on (None: never placed)
-    pueue_group: str | None
-    pueue_task_id: int | None
+    slot: str | None
+    task_id: int | None
     submitted_at: float
     updated_at: float
     attempts: int
@@ -194,8 +194,8 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def _case_view(row: sqlite3.Row) -> CaseView:
     return CaseView(case_id=row["case_id"], case_name=row["case_name"], status=row["status"],
-                    progress=row["progress"], host=row["host"], pueue_group=row["pueue_group"],
-                    pueue_task_id=row["pueue_task_id"], submitted_at=row["submitted_at"],
+                    progress=row["progress"], host=row["host"], slot=row["pueue_group"],
+                    task_id=row["pueue_task_id"], submitted_at=row["submitted_at"],
                     updated_at=row["status_updated_at"], attempts=row["attempts"],
                     outcome=row["outcome"], needs_review=bool(row["needs_review"]),
                     review_reason=row["review_reason"], priority=row["priority"],

@@ -84,7 +84,7 @@ def exit_record(ctx: Context, host: Host, case: Case) -> tasks.ExitRecord | None
 def adopt(ctx: Context, case: Case, task: model.TaskInfo | None, now: float) -> None:
     """The case's task exists (or ran and left its exit record): the case is running."""
     # Only the claim: unlike record_running, staged_at and stop_requested_at stay as they are.
-    fields = {**CLAIM_CLEARS, "pueue_task_id": None if task is None else task.id, "running_since": now}
+    fields = {**CLAIM_CLEARS, "task_id": None if task is None else task.id, "running_since": now}
     if task is not None and task.path:
         fields["remote_dir"] = task.path
     how = f"task {task.id} found by label {case.label}" if task else "its exit record found on the HPC"

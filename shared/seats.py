@@ -20,7 +20,7 @@ class Slot:
     """One seat of a (host, group or partition): it holds one case at a time."""
     slot_id: int
     host: str
-    pueue_group: str
+    slot: str    # column pueue_group: the slot (pueue group, Slurm partition entry, direct slot) it belongs to
     seat: int
     status: SlotStatus
     assigned_case_id: int | None
@@ -30,11 +30,12 @@ class Slot:
     @property
     def name(self) -> str:
         """``host/group`` (and ``#seat`` past the first): how logs and screens name it."""
-        return f"{self.host}/{self.pueue_group}" + (f"#{self.seat}" if self.seat else "")
+        return f"{self.host}/{self.slot}" + (f"#{self.seat}" if self.seat else "")
 
 
 def slot_from_row(row: sqlite3.Row) -> Slot:
     data = dict(row)
+    data["slot"] = data.pop("pueue_group")  # the seed's column name (shared.store.FIELD_COLUMNS)
     data["status"] = SlotStatus.parse(data["status"])
     return Slot(**data)
 
@@ -63,7 +64,7 @@ def record_slot_event(conn: sqlite3.Connection, slot: Slot, frm: SlotStatus | No
     conn.execute(
         "INSERT INTO slot_events (host, pueue_group, seat, from_status, to_status, case_id, at, worker, detail)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (slot.host, slot.pueue_group, slot.seat, None if frm is None else frm.value, to.value, case_id, now,
+        (slot.host, slot.slot, slot.seat, None if frm is None else frm.value, to.value, case_id, now,
          worker, detail))
 
 

@@ -28,8 +28,8 @@ class Case:
     spool_stage: str
     status: CaseStatus
     progress: float
-    pueue_group: str | None
-    pueue_task_id: int | None
+    slot: str | None       # column pueue_group: the pueue group, Slurm partition entry or direct slot
+    task_id: int | None    # column pueue_task_id: the task's (or job's) id on its host
     remote_dir: str | None
     submitted_at: float
     status_updated_at: float
@@ -74,7 +74,10 @@ class Case:
         return spool_folder_name(self.case_id, self.case_name)
 
 
-CASE_COLUMNS = frozenset(f.name for f in dataclasses.fields(Case))
+# The seed's column names stay in the database; code names them for what they are on any backend.
+FIELD_COLUMNS = {"slot": "pueue_group", "task_id": "pueue_task_id"}
+COLUMN_FIELDS = {column: field for field, column in FIELD_COLUMNS.items()}
+CASE_FIELDS = frozenset(f.name for f in dataclasses.fields(Case))
 
 # The per-attempt columns a move resets, in one place, from narrowest to widest; each mover
 # adds what it sets itself. A submitter's claim on the case (recovery's adopt clears only this):
@@ -87,7 +90,7 @@ ATTEMPT_CLEARS: dict[str, Any] = {**SUBMIT_CLEARS, "remote_dir": None, "host": N
 RETRY_CLEARS: dict[str, Any] = {
     **ATTEMPT_CLEARS, "attempts": 0, "next_attempt_at": None, "outcome": None, "exit_code": None,
     "error_type": None, "error_message": None, "log_tail": None, "completed_at": None, "started_at": None,
-    "progress": 0.0, "pueue_task_id": None, "pueue_group": None, "acknowledged_at": None,
+    "progress": 0.0, "task_id": None, "slot": None, "acknowledged_at": None,
     "remote_removed_at": None,
 }
 
@@ -110,7 +113,7 @@ def case_label(case_id: int) -> str:
 
 def case_from_row(row: sqlite3.Row) -> Case:
     """Build a Case; an unknown status raises UnknownStatus."""
-    data = dict(row)
+    data = {COLUMN_FIELDS.get(column, column): value for column, value in dict(row).items()}
     data["status"] = CaseStatus.parse(data["status"])
     data["needs_review"] = bool(data["needs_review"])
     return Case(**data)
@@ -127,17 +130,20 @@ def cases_with_status(conn: sqlite3.Connection, status: CaseStatus, limit: int =
     return [case_from_row(r) for r in rows]
 
 
+def column_of(field: str) -> str:
+    """The ``cases`` column that holds ``field`` of ``Case`` (ValueError for anything else)."""
+    if field not in CASE_FIELDS:
+        raise ValueError(f"not a field of a case: {field!r}")
+    return FIELD_COLUMNS.get(field, field)
+
+
 def _assignments(fields: dict[str, Any]) -> str:
-    unknown = set(fields) - CASE_COLUMNS
-    if unknown:
-        raise ValueError(f"not a cases column: {sorted(unknown)}")
-    return "".join(f", {name} = :f_{name}" for name in fields)
+    return "".join(f", {column_of(name)} = :f_{name}" for name in fields)
 
 
 def _guard_sql(guard: dict[str, Any]) -> str:
     """`` AND col IS :g_col`` for each guarded column (the columns are checked to be ours)."""
-    _assignments(guard)
-    return "".join(f" AND {name} IS :g_{name}" for name in guard)
+    return "".join(f" AND {column_of(name)} IS :g_{name}" for name in guard)
 
 
 def _guard_params(guard: dict[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def task_of(case: Case, snapshot: model.Snapshot) -> model.TaskInfo | None:
 
     A case without a recorded id (recovered from its exit record) has none.
     """
-    task = snapshot.tasks.get(case.pueue_task_id) if case.pueue_task_id is not None else None
+    task = snapshot.tasks.get(case.task_id) if case.task_id is not None else None
     return task if task is not None and task.label == case.label else None
 
 
@@ -91,7 +91,7 @@ def resolve(case: Case, snapshot: model.Snapshot, records: Mapping[str, ExitReco
 
 def claimed_tasks(case: Case, snapshot: model.Snapshot) -> list[model.TaskInfo]:
     """The tasks carrying ``case``'s label in the group of the slot it claimed."""
-    return [t for t in snapshot.by_label(case.label) if t.group == case.pueue_group]
+    return [t for t in snapshot.by_label(case.label) if t.group == case.slot]
 
 
 def resolve_claim(case: Case, snapshot: model.Snapshot, record: ExitRecord | None, *, add_may_land: bool) -> Link:
@@ -279,9 +279,9 @@ def _owns(case: Case, task: model.TaskInfo, host: str) -> bool:
     if case.host != host:
         return False  # the case lives on another host (it moved there before it ever started here)
     if case.status is CaseStatus.SUBMITTING:
-        return task.group == case.pueue_group  # recovery adopts it; elsewhere it holds no slot of ours
+        return task.group == case.slot  # recovery adopts it; elsewhere it holds no slot of ours
     if case.status is CaseStatus.RUNNING:
-        return case.pueue_task_id in (None, task.id)
+        return case.task_id in (None, task.id)
     return False
 
 

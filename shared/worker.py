@@ -29,10 +29,29 @@ from shared.spool import Spool
 from shared.store import flag_for_review, get_case
 
 
-HELPER_THREADS = "helper_threads"
-HELPER_FAILED = "helper_failed"
-REPEATED_ERRORS = "repeated_errors"  # ctx.state: {(case_id, operation): consecutive unexpected errors}
 REVIEW_AFTER_REPEATS = 3
+
+
+@dataclass
+class Memory:
+    """What a worker's loop remembers between passes, in this process only (never a truth: the
+    database is). A helper thread starts with a memory of its own, sharing what its starter hands it."""
+    # every loop
+    repeated_errors: dict[tuple[int | None, str], int] = field(default_factory=dict)  # per_item
+    logged_at: dict[str, float] = field(default_factory=dict)                        # worth_logging
+    helper_threads: list[threading.Thread] = field(default_factory=list)             # start_helper_loop
+    helper_failed: bool = False
+    notices_sending: dict[int, Any] = field(default_factory=dict)  # shared.notify: notice id -> its child
+    # the scanner: folder name -> what it last saw of it (quiescence)
+    pending: dict[str, Any] = field(default_factory=dict)
+    # the submitter: hosts whose slots were made sure of (shared with its stager); the stager's doorbell
+    hosts_ready: set[str] = field(default_factory=set)
+    stager_wake: threading.Event | None = None
+    # the poller: host -> the slots its scheduler had paused at the last look
+    paused_slots: dict[str, list[str]] = field(default_factory=dict)
+    # the reaper: host -> when its orphans were last looked for; workers already reported stale
+    orphans_checked_at: dict[str, float] = field(default_factory=dict)
+    stale_workers: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -75,7 +94,7 @@ class Context:
     log: logging.Logger
     stop: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)
-    state: dict[str, Any] = field(default_factory=dict)  # per-process observations only
+    memory: Memory = field(default_factory=Memory)  # per-process observations only
     clock: Callable[[], float] = time.time  # real time for leases and stamps after long steps
 
     @property
@@ -94,9 +113,9 @@ def per_item(ctx: "Context", case_id: int | None, operation: str) -> Iterator[No
 
     The third unexpected error in a row on one (case, operation) flags the case for
     review with the error's type and message, so it never loops silently (counted in
-    ``ctx.state``, per process); a success of that (case, operation) resets the count.
+    ``ctx.memory``, per process); a success of that (case, operation) resets the count.
     """
-    repeats = ctx.state.setdefault(REPEATED_ERRORS, {})
+    repeats = ctx.memory.repeated_errors
     try:
         yield
     except sqlite3.Error:
@@ -222,24 +241,24 @@ def worker_main(program: str, name: str, tick: Callable[[Context, float], int], 
         prepare(ctx)
     code = run_worker(ctx, tick, idle_wait=idle_wait, once=args.once, drain=drain)
     ctx.stop.set()  # after --once too: the helper loops end with the main one
-    for helper in ctx.state.get(HELPER_THREADS, []):
+    for helper in ctx.memory.helper_threads:
         helper.join()  # each finishes the step in hand, then sees the stop event
     ctx.log.info("%s stopped", ctx.name)  # the process's last line, after its helpers'
-    return 1 if ctx.state.get(HELPER_FAILED) else code
+    return 1 if ctx.memory.helper_failed else code
 
 
 def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], int], *,
-                      drain: bool = False, shared: dict[str, Any] | None = None) -> Context:
+                      drain: bool = False, shared: tuple[str, ...] = ()) -> Context:
     """Run ``tick`` in a thread of this process with its own connection, name and wake event.
 
-    Its ``state`` starts as ``shared`` (entries the main loop keeps up to date for it, e.g.
-    which hosts are ready), else empty. It shares the stop event, so SIGTERM ends both loops;
+    Its ``memory`` is its own, but for the ``shared`` fields (the same objects as the main loop's,
+    which keeps them up to date for it, e.g. which hosts are ready). It shares the stop event, so SIGTERM ends both loops;
     ``worker_main`` joins it.
     If the helper dies (say, a database error), the whole process stops and exits 1,
     so supervisord restarts it.
     """
-    helper = replace(ctx, name=name, wake=threading.Event(), state=dict(shared or {}),
-                     log=logging.getLogger(f"mqic.{name}"))
+    memory = Memory(**{key: getattr(ctx.memory, key) for key in shared})
+    helper = replace(ctx, name=name, wake=threading.Event(), memory=memory, log=logging.getLogger(f"mqic.{name}"))
 
     def loop() -> None:
         helper.conn = connect(ctx.config.database_path, migrate=False)  # sqlite: one per thread
@@ -249,19 +268,18 @@ def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], 
             helper.log.info("%s stopped", name)
         except BaseException:
             helper.log.exception("%s died; stopping the process", name)
-            ctx.state[HELPER_FAILED] = True
+            ctx.memory.helper_failed = True
             ctx.stop.set()
             ctx.wake.set()
         finally:
             helper.conn.close()
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
-    ctx.state.setdefault(HELPER_THREADS, []).append(thread)
+    ctx.memory.helper_threads.append(thread)
     thread.start()
     return helper
 
 
-LOGGED_AT = "logged_at"
 # A condition that keeps coming up is logged again at most this often (``worth_logging``).
 REPEAT_LOG_SECONDS = 300
 
@@ -272,7 +290,7 @@ def worth_logging(ctx: Context, key: str, now: float, every_seconds: float) -> b
     Keeps a recurring condition (a paused group, a task we cannot read) to one log
     line per change instead of one per pass; ``forget_logged`` re-arms it.
     """
-    logged = ctx.state.setdefault(LOGGED_AT, {})
+    logged = ctx.memory.logged_at
     if key in logged and now - logged[key] < every_seconds:
         return False
     logged[key] = now
@@ -281,4 +299,4 @@ def worth_logging(ctx: Context, key: str, now: float, every_seconds: float) -> b
 
 def forget_logged(ctx: Context, key: str) -> None:
     """The condition ``key`` is over: the next occurrence is logged at once."""
-    ctx.state.get(LOGGED_AT, {}).pop(key, None)
+    ctx.memory.logged_at.pop(key, None)

@@ -457,7 +457,7 @@ def test_a_hanging_notifier_never_holds_up_a_tick_and_is_killed_then_given_up(tm
     for _ in range(5):
         send_notifications(ctx, now + 2)
     assert time.monotonic() - started < 0.5                   # a notifier started, never waited for
-    [sending] = ctx.state["notify_sending"].values()
+    [sending] = ctx.memory.notices_sending.values()
     assert sending.process.poll() is None
     settle(ctx, now + 2, lambda: ctx.conn.execute("SELECT COUNT(*) FROM notices WHERE last_error IS NOT NULL"
                                                   ).fetchone()[0] == 2)

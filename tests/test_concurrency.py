@@ -242,7 +242,7 @@ def test_a_poller_that_read_a_case_before_its_requeue_cannot_touch_its_next_run(
     host = ctx.hosts["hpc"]
     killed = verdicts.verdict_for(dataclasses.replace(link, result=model.TaskState.KILLED), verdicts.Phase.RUNNING)
     assert poller.run_again(ctx, first_run, killed, "killed by someone", time.time())
-    host.backend.remove([first_run.pueue_task_id])
+    host.backend.remove([first_run.task_id])
     submitter.tick(ctx, time.time() + 60)                              # the next run, after the backoff
     next_run = get_case(ctx.conn, first_run.case_id)
     assert next_run.status is CaseStatus.RUNNING and next_run.running_since != first_run.running_since
@@ -251,7 +251,7 @@ def test_a_poller_that_read_a_case_before_its_requeue_cannot_touch_its_next_run(
     assert not poller.complete(ctx, host, first_run, link, time.time())
     assert not poller.update_progress(ctx, first_run, link, "Generating particles for (1 of 2 batches)", time.time())
     now = get_case(ctx.conn, first_run.case_id)
-    assert (now.status, now.pueue_task_id, now.running_since, now.progress) == \
-        (CaseStatus.RUNNING, next_run.pueue_task_id, next_run.running_since, next_run.progress)
+    assert (now.status, now.task_id, now.running_since, now.progress) == \
+        (CaseStatus.RUNNING, next_run.task_id, next_run.running_since, next_run.progress)
     seat = next(s for s in reaper.all_slots(ctx.conn) if s.assigned_case_id == first_run.case_id)
     assert seat.status is SlotStatus.ASSIGNED                          # the next run keeps its GPU

@@ -65,11 +65,11 @@ def seed(config, now: float) -> dict[str, int]:
 
     register("alpha", now - 3100)
     claim(now - 3000)
-    move("alpha", CaseStatus.RUNNING, now - 2900, pueue_task_id=11, started_at=now - 2800, progress=42.0,
+    move("alpha", CaseStatus.RUNNING, now - 2900, task_id=11, started_at=now - 2800, progress=42.0,
          claimed_by=None, lease_until=None, remote_dir="/remote/1_alpha")
     register("bravo", now - 2600)
     claim(now - 2500)
-    move("bravo", CaseStatus.RUNNING, now - 2400, pueue_task_id=12, started_at=now - 2300, claimed_by=None,
+    move("bravo", CaseStatus.RUNNING, now - 2400, task_id=12, started_at=now - 2300, claimed_by=None,
          lease_until=None)
     move("bravo", CaseStatus.COMPLETED, now - 1300, slot_to=SlotStatus.AVAILABLE, outcome="success",
          exit_code=0, progress=100.0, completed_at=now - 1300)
@@ -535,7 +535,7 @@ def running_case_with_task(config, remote: Remote, cmd: list[str]) -> int:
     task_id = pueue.submit(remote, cmd, group="gpu_a", label=case_label(case.case_id), workdir=workdir,
                            command="sleep 60")
     assert move_case(conn, spool, claim.case, CaseStatus.RUNNING, now=time.time(), worker="test",
-                     fields={"pueue_task_id": task_id, "claimed_by": None, "lease_until": None})
+                     fields={"task_id": task_id, "claimed_by": None, "lease_until": None})
     wait_until(lambda: pueue.statuses(remote, cmd).tasks[task_id].state is model.TaskState.RUNNING,
                timeout=15, message="task running")
     conn.close()

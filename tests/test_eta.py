@@ -45,7 +45,7 @@ class Desk:
         assert claim.case.case_name == name
         on_hpc = claimed + HANDOFF
         assert transition(self.conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=on_hpc,
-                          worker="test", fields={"running_since": on_hpc, "pueue_task_id": claim.case.case_id,
+                          worker="test", fields={"running_since": on_hpc, "task_id": claim.case.case_id,
                                                  "claimed_by": None, "lease_until": None})
         if started is not None:  # what the poller writes: the scheduler's start, then progress
             fields = {"started_at": started, "status_updated_at": reported or started, "progress": progress}

@@ -129,7 +129,7 @@ def test_with_avoid_foreign_the_gpu_gets_no_new_case_until_free_and_a_running_ca
     stranger = [GpuApp(UUID0, 4242, 900, None), GpuApp(UUID1, 4243, 900, None)]
     gpus.record(conn, "hpc", probe(NOW, apps=stranger), avoid, now=NOW)
     assert claimable_groups(conn) == []  # GPU 1 held back; GPU 0's seat is still the running case's
-    assert get_case(conn, case.case_id).status is CaseStatus.RUNNING and slot.pueue_group == "gpu_a"
+    assert get_case(conn, case.case_id).status is CaseStatus.RUNNING and slot.slot == "gpu_a"
     assert slot_of_case(conn, case.case_id).status is SlotStatus.ASSIGNED
     gpus.record(conn, "hpc", probe(NOW + 10), avoid, now=NOW + 10)  # the stranger left
     assert claimable_groups(conn) == ["gpu_b"]

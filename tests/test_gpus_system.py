@@ -45,7 +45,7 @@ def test_one_probe_per_host_per_interval_shows_the_running_case_on_its_gpu(hpc):
     h = hpc(gpus={"interval_seconds": 10})
     ctx = ctx_for(h, "poller-gpus")
     case = submitted(ctx, "busy", seconds=30, batches=30)
-    gpu = 0 if get_case(ctx.conn, case.case_id).pueue_group == "gpu_a" else 1
+    gpu = 0 if get_case(ctx.conn, case.case_id).slot == "gpu_a" else 1
     tick_until(ctx, lambda: (v := view(ctx, gpu)) is not None and v.case_ids == [case.case_id],
                timeout=30, message="our case seen on its GPU")
     busy = view(ctx, gpu)

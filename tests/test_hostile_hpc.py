@@ -55,9 +55,9 @@ def reused_by_foreign_task(h, case):
     """Our task finished; another user cleans, and their new task takes our recorded id."""
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="our task done")
     assert h.pueue("clean").returncode == 0
-    foreign = h.pueue("add", "--print-task-id", "-g", case.pueue_group, "--label", "other_user_job",
+    foreign = h.pueue("add", "--print-task-id", "-g", case.slot, "--label", "other_user_job",
                       "--", "sleep 30")
-    assert int(foreign.stdout.strip().splitlines()[-1]) == case.pueue_task_id
+    assert int(foreign.stdout.strip().splitlines()[-1]) == case.task_id
     wait_until(lambda: h.tasks_labelled("other_user_job")[0]["status"].get("Running"), message="foreign running")
 
 

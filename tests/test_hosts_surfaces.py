@@ -65,7 +65,7 @@ class World:
         claim = claim_next_case(self.conn, worker="submitter:1", now=at, lease_seconds=120, seats=[(host, group)])
         assert claim.case.case_name == name and claim.host == host
         assert move_case(self.conn, self.spool, claim.case, CaseStatus.RUNNING, now=at + 5, worker="test",
-                         fields={"pueue_task_id": task_id, "claimed_by": None, "lease_until": None})
+                         fields={"task_id": task_id, "claimed_by": None, "lease_until": None})
         return get_case(self.conn, claim.case.case_id)
 
 
@@ -336,7 +336,7 @@ def test_show_asks_the_case_host_and_doctor_passes_on_both(hpc, tmp_path, capsys
     task_id = pueue.submit(remote_b, cmd_b, group="gpu_a", label=case_label(case.case_id),
                            workdir=remote_b.base_dir(), command="sleep 60")
     assert move_case(w.conn, w.spool, claim.case, CaseStatus.RUNNING, now=time.time(), worker="test",
-                     fields={"pueue_task_id": task_id, "claimed_by": None, "lease_until": None})
+                     fields={"task_id": task_id, "claimed_by": None, "lease_until": None})
     wait_until(lambda: pueue.statuses(remote_b, cmd_b).tasks[task_id].state is model.TaskState.RUNNING,
                timeout=15, message="task running on b")
     assert h_a.status()["tasks"] == {}            # host a has no task: asked there, show would find none

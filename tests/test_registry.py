@@ -221,7 +221,8 @@ def test_the_submit_refusals_are_declared_once_in_shared_errors():
 # -- no scheduler named outside its backend --------------------------------------------------------
 
 SCHEDULER_WORD = re.compile(r"pueue|slurm", re.IGNORECASE)
-# Columns another phase renames (issue 17: "the database keeps the seed's columns").
+# The database keeps the seed's column names (issue 17); SQL may name them, code says task_id and slot
+# (``shared.store.FIELD_COLUMNS`` maps the two).
 SEED_COLUMNS = re.compile(r"pueue_task_id|pueue_group")
 # Where a scheduler may be named: its own folder, and the sandbox command, which starts a pueue
 # stand-in or a real Slurm. The config reader is scanned like the rest: what a scheduler needs of
@@ -255,7 +256,7 @@ def documentation(tree: ast.AST) -> list[ast.expr]:
 
 def scheduler_words_in_code(source: str, allowed: set[str] = frozenset()) -> list[str]:
     """``line: token`` for each name or string literal naming a scheduler (docstrings, help texts of
-    config keys, comments, seed columns and the functions in ``allowed`` aside)."""
+    config keys, comments, seed columns in strings and the functions in ``allowed`` aside)."""
     tree = ast.parse(source)
     spans = [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in documentation(tree)]
     allowed_lines = set()
@@ -266,7 +267,8 @@ def scheduler_words_in_code(source: str, allowed: set[str] = frozenset()) -> lis
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type not in TEXTS or any(start <= token.start < end for start, end in spans):
             continue
-        if token.start[0] in allowed_lines or not SCHEDULER_WORD.search(SEED_COLUMNS.sub("", token.string)):
+        text = token.string if token.type == tokenize.NAME else SEED_COLUMNS.sub("", token.string)
+        if token.start[0] in allowed_lines or not SCHEDULER_WORD.search(text):
             continue
         found.append(f"{token.start[0]}: {token.string[:80]}")
     return found
@@ -283,14 +285,14 @@ def test_no_module_outside_the_backends_names_a_scheduler_in_code():
 
 
 def test_the_name_check_sees_what_it_should():
-    """The check itself: a name or a string in code is caught; a docstring, a comment, a seed column
-    and an allowed function are not."""
+    """The check itself: a name or a string in code is caught (a seed column's name as an attribute too);
+    a docstring, a comment, a seed column in SQL and an allowed function are not."""
     source = ('"""pueue in a docstring."""\nimport x  # pueue in a comment\n'
               'a = x.pueue_task_id\nb = "SELECT pueue_group FROM t"\nc = x.pueue\nd = f"{x} Slurm job"\n'
               'def sandbox():\n    return "--slurm"\n')
     found = scheduler_words_in_code(source, {"sandbox"})
-    assert [line.split(":")[0] for line in found] == ["5", "6"]
-    assert len(scheduler_words_in_code(source)) == 3
+    assert [line.split(":")[0] for line in found] == ["3", "5", "6"]
+    assert len(scheduler_words_in_code(source)) == 4
 
 
 def test_the_name_check_reads_a_config_keys_help_as_documentation_and_the_rest_as_code():

@@ -27,13 +27,13 @@ def test_a_case_runs_as_a_slurm_job_and_completes_with_its_results(slurm_hpc):
     h = slurm_hpc()
     ctx = ctx_for(h)
     case = submitted(ctx, "success", seconds=0.3)
-    [job] = [j for j in h.jobs() if j.job_id == case.pueue_task_id]
-    assert (job.name, job.partition, job.comment, job.work_dir) == (case.label, "gpu", f"mqic_slot={case.pueue_group}",
+    [job] = [j for j in h.jobs() if j.job_id == case.task_id]
+    assert (job.name, job.partition, job.comment, job.work_dir) == (case.label, "gpu", f"mqic_slot={case.slot}",
                                                                     case.remote_dir)
     case = poll_until_final(ctx, case.case_id, timeout=40)
     assert case.status is CaseStatus.COMPLETED and case.outcome == "success" and case.progress == 100
     assert list(Path(case.case_path, "output").iterdir())           # result_files: output/*
-    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
+    assert get_slot(ctx.conn, case.slot).status is SlotStatus.AVAILABLE
     assert "exit record" in case_events(ctx.conn, case.case_id)[-1]["detail"]  # Slurm forgets; the record tells
 
 
@@ -43,9 +43,9 @@ def test_a_failing_case_fails_with_its_exit_code_and_log_tail(slurm_hpc):
     case = poll_until_final(ctx, case.case_id, timeout=40)
     assert case.status is CaseStatus.FAILED and case.outcome == "failed" and case.exit_code == 1
     assert "FATAL ERROR" in case.log_tail
-    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.ZOMBIE
+    assert get_slot(ctx.conn, case.slot).status is SlotStatus.ZOMBIE
     reaper.tick(ctx, time.time())                                    # no job of ours left in the slot
-    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
+    assert get_slot(ctx.conn, case.slot).status is SlotStatus.AVAILABLE
 
 
 def test_a_case_past_its_timeout_is_failed_and_its_job_stopped(slurm_hpc):
@@ -61,7 +61,7 @@ def test_a_case_past_its_timeout_is_failed_and_its_job_stopped(slurm_hpc):
     assert case.outcome == "timed_out" and case.stop_requested_at
     wait_until(lambda: all(j.verdict.ended for j in h.jobs()), timeout=30, interval=0.3, message="job stopped")
     reaper.tick(ctx, time.time())
-    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
+    assert get_slot(ctx.conn, case.slot).status is SlotStatus.AVAILABLE
     poller.tick(ctx, time.time())
     assert get_case(ctx.conn, case.case_id).outcome == "timed_out"
 
@@ -71,9 +71,9 @@ def test_a_job_cancelled_by_someone_else_is_requeued_and_runs_again(slurm_hpc):
     ctx = ctx_for(h)
     case = submitted(ctx, "cancelled outside", seconds=30)
     wait_until(lambda: [j for j in h.jobs() if j.verdict.state.value == "running"], timeout=30, message="running")
-    h.cluster.run(["scancel", str(case.pueue_task_id)])
+    h.cluster.run(["scancel", str(case.task_id)])
     wait_until(lambda: [j for j in h.jobs() if j.state == "CANCELLED"], timeout=30, message="cancelled")
-    killed = case.pueue_task_id
+    killed = case.task_id
     poller.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
     assert case.status is CaseStatus.SUBMITTED and case.attempts == 1 and case.error_type == "TaskKilled"
@@ -82,7 +82,7 @@ def test_a_job_cancelled_by_someone_else_is_requeued_and_runs_again(slurm_hpc):
     assert not [e for e in case_events(ctx.conn, case.case_id) if "pueue" in (e["detail"] or "")]
     submitter.tick(ctx, case.next_attempt_at + 1)
     again = get_case(ctx.conn, case.case_id)
-    assert again.status is CaseStatus.RUNNING and again.pueue_task_id != case.pueue_task_id
+    assert again.status is CaseStatus.RUNNING and again.task_id != case.task_id
 
 
 # -- operator surfaces on Slurm ------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_sandbox_up_slurm_then_doctor_show_and_cancel(tmp_path, capsys):
         wait_until(lambda: json.loads(cli(capsys, config, "show", str(case.case_id), "--json")[1])["remote"]
                    .get("state") == "running", timeout=30, interval=0.3, message="shown running")
         code, out, err = cli(capsys, config, "cancel", str(case.case_id))
-        assert code == 0 and f"sigterm {case.pueue_task_id}" in out, err
+        assert code == 0 and f"sigterm {case.task_id}" in out, err
 
         broken = yaml.safe_load((root / "config.yaml").read_text())
         broken["slurm"]["partitions"]["gpu_b"]["partition"] = "a100"
@@ -186,14 +186,14 @@ def test_cases_with_any_name_run_complete_and_bring_their_results_back(slurm_hpc
         return all(get_case(ctx.conn, i).status in (CaseStatus.COMPLETED, CaseStatus.FAILED) for i in ids)
     wait_until(all_final, timeout=90, interval=0.2, message="every case final")
     for case in (get_case(ctx.conn, i) for i in ids):
-        job = seen[case.pueue_task_id]
-        assert (job.name, job.work_dir, job.comment) == (case.label, case.remote_dir, f"mqic_slot={case.pueue_group}")
+        job = seen[case.task_id]
+        assert (job.name, job.work_dir, job.comment) == (case.label, case.remote_dir, f"mqic_slot={case.slot}")
         assert case.remote_dir.endswith(case.folder_name) and case.case_name in HOSTILE
         assert case.status is CaseStatus.COMPLETED and case.outcome == "success", case.error_message
         assert case.attempts == 0
         assert list(Path(case.case_path, "output").iterdir())            # results came back
         assert "exit record" in case_events(ctx.conn, case.case_id)[-1]["detail"]
-        assert Path(case.remote_dir, ".mqic", f"slurm-{case.pueue_task_id}.out").is_file()  # the job's output
+        assert Path(case.remote_dir, ".mqic", f"slurm-{case.task_id}.out").is_file()  # the job's output
 
 
 @pytest.mark.parametrize("name", ["crashed|after sbatch", "crashed|after\tsbatch 환자 \\ %j"])

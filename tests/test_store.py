@@ -78,8 +78,8 @@ def test_guard_columns_must_still_hold(conn):
     assert not transition(conn, case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=NOW,
                           worker="b", guard={"claimed_by": "b"})
     assert transition(conn, case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=NOW,
-                      worker="a", guard={"claimed_by": "a"}, fields={"pueue_task_id": 3})
-    assert get_case(conn, case.case_id).pueue_task_id == 3
+                      worker="a", guard={"claimed_by": "a"}, fields={"task_id": 3})
+    assert get_case(conn, case.case_id).task_id == 3
 
 
 @pytest.mark.parametrize("frm,to", list(itertools.product(SlotStatus, SlotStatus)))
@@ -313,6 +313,6 @@ def test_a_registered_case_not_yet_moved_into_the_spool_is_neither_claimed_nor_p
 
 
 def test_the_per_attempt_resets_name_case_columns_and_widen_in_order():
-    from shared.store import ATTEMPT_CLEARS, CASE_COLUMNS, CLAIM_CLEARS, RETRY_CLEARS, SUBMIT_CLEARS
-    assert set(RETRY_CLEARS) <= CASE_COLUMNS
+    from shared.store import ATTEMPT_CLEARS, CASE_FIELDS, CLAIM_CLEARS, RETRY_CLEARS, SUBMIT_CLEARS
+    assert set(RETRY_CLEARS) <= CASE_FIELDS
     assert set(CLAIM_CLEARS) < set(SUBMIT_CLEARS) < set(ATTEMPT_CLEARS) < set(RETRY_CLEARS)

@@ -32,7 +32,7 @@ def snapshot(*items, hpc_time=None, host="hpc") -> model.Snapshot:
 def case(conn):
     registered = register_case(conn, case_name="c", source_path="/x", now=0, worker="t")
     update_case(conn, registered.case_id, CaseStatus.SUBMITTED,
-                {"pueue_task_id": 4, "remote_dir": "/hpc/1_c", "status": "running", "host": "hpc"})
+                {"task_id": 4, "remote_dir": "/hpc/1_c", "status": "running", "host": "hpc"})
     return dataclasses.replace(get_case(conn, registered.case_id), status=CaseStatus.RUNNING)
 
 
@@ -73,7 +73,7 @@ def test_overdue_only_on_the_hpc_clock_and_only_while_running(case):
 
 
 def test_orphans_are_our_labelled_unfinished_tasks_that_no_case_owns(case):
-    submitting = dataclasses.replace(case, case_id=2, status=CaseStatus.SUBMITTING, pueue_group="gpu_a")
+    submitting = dataclasses.replace(case, case_id=2, status=CaseStatus.SUBMITTING, slot="gpu_a")
     completed = dataclasses.replace(case, case_id=3, status=CaseStatus.COMPLETED)
     snap = snapshot(task(4, case.label, T.RUNNING), task(5, case.label, T.QUEUED),
                     task(6, "mqic_case_2", T.RUNNING), task(7, "mqic_case_3", T.RUNNING),

@@ -34,7 +34,7 @@ def case(**fields) -> Case:
     base = {f.name: None for f in dataclasses.fields(Case) if f.default is dataclasses.MISSING}
     base |= dict(case_id=7, case_name="c", status=CaseStatus.RUNNING, case_path="/spool/active/7_c",
                  submitted_at=0.0, status_updated_at=0.0, progress=0.0, attempts=0, needs_review=False,
-                 pueue_task_id=3, pueue_group="gpu_a", host="hpc", remote_dir="/remote/7_c")
+                 task_id=3, slot="gpu_a", host="hpc", remote_dir="/remote/7_c")
     return Case(**(base | fields))
 
 
@@ -190,7 +190,7 @@ def test_only_a_running_task_past_the_limit_times_out():
 
 
 def test_a_claim_adopts_any_labelled_task_in_its_group_and_waits_while_the_add_may_land():
-    claimed = case(status=CaseStatus.SUBMITTING, pueue_task_id=None)
+    claimed = case(status=CaseStatus.SUBMITTING, task_id=None)
     for state in T:
         link = tasks.resolve_claim(claimed, snapshot(task(state)), None, add_may_land=True)
         assert link.task is not None and verdicts.verdict_for(link, Phase.CLAIM).action is Action.ADOPT
@@ -229,7 +229,7 @@ def running_case(conn, spool, tmp_path, now: float) -> Case:
     sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0)], now=now, worker="t")
     claim = claim_next_case(conn, worker="submitter", now=now, lease_seconds=60)
     assert transition(conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=now, worker="t",
-                      fields={"pueue_task_id": 3, "remote_dir": "/remote/1_c", "running_since": now})
+                      fields={"task_id": 3, "remote_dir": "/remote/1_c", "running_since": now})
     return get_case(conn, claim.case.case_id)
 
 
@@ -258,5 +258,5 @@ def _run_again(conn, now: float) -> Case:
     from shared.store import get_case, transition
     claim = claim_next_case(conn, worker="submitter", now=now, lease_seconds=60)
     assert transition(conn, claim.case.case_id, CaseStatus.SUBMITTING, CaseStatus.RUNNING, now=now, worker="t",
-                      fields={"pueue_task_id": 4, "remote_dir": "/remote/1_c", "running_since": now})
+                      fields={"task_id": 4, "remote_dir": "/remote/1_c", "running_since": now})
     return get_case(conn, claim.case.case_id)

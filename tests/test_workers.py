@@ -13,7 +13,7 @@ from shared.recovery import recover_expired_claims
 from shared.seats import get_slot
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case
-from shared.worker import HELPER_THREADS, build_context
+from shared.worker import build_context
 from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter
 
@@ -143,11 +143,11 @@ def test_submitter_uploads_and_submits_with_label_group_and_gpu(hpc):
     case = registered(ctx, "happy")
     assert submitter.tick(ctx, time.time()) == 1
     case = get_case(ctx.conn, case.case_id)
-    assert case.status is CaseStatus.RUNNING and case.pueue_task_id is not None
+    assert case.status is CaseStatus.RUNNING and case.task_id is not None
     assert Path(case.case_path).parent == ctx.spool.stage_dir("active")
     assert os.path.isdir(case.remote_dir) and case.remote_dir.endswith(case.folder_name)
     [task] = h.tasks_labelled(f"mqic_case_{case.case_id}")
-    assert task["group"] == case.pueue_group == "gpu_a" and task["path"] == case.remote_dir
+    assert task["group"] == case.slot == "gpu_a" and task["path"] == case.remote_dir
     assert task["envs"]["CUDA_VISIBLE_DEVICES"] == "0"
     slot = get_slot(ctx.conn, "gpu_a")
     assert slot.status is SlotStatus.ASSIGNED and slot.assigned_case_id == case.case_id
@@ -250,7 +250,7 @@ def test_recovery_finds_the_task_of_a_crashed_submitter_by_label(hpc):
     case = claim_and_die(ctx, "crashed after add", add_task=True)
     submitter.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
-    assert case.status is CaseStatus.RUNNING and case.pueue_task_id is not None
+    assert case.status is CaseStatus.RUNNING and case.task_id is not None
     assert len(h.tasks_labelled(case.label)) == 1          # never a second remote job
 
 
@@ -292,10 +292,10 @@ def test_poller_fails_a_failed_case_with_exit_code_and_log_tail(hpc):
     assert case.status is CaseStatus.FAILED and case.outcome == "failed" and case.exit_code == 1
     assert "FATAL ERROR" in case.log_tail
     assert Path(case.case_path).parent == ctx.spool.stage_dir("failed")
-    slot = get_slot(ctx.conn, case.pueue_group)
+    slot = get_slot(ctx.conn, case.slot)
     assert slot.status is SlotStatus.ZOMBIE
     reaper.tick(ctx, time.time())                         # group idle: the zombie is reclaimed
-    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
+    assert get_slot(ctx.conn, case.slot).status is SlotStatus.AVAILABLE
 
 
 def test_a_task_killed_by_a_signal_we_did_not_send_is_requeued_and_runs_again(hpc):
@@ -303,7 +303,7 @@ def test_a_task_killed_by_a_signal_we_did_not_send_is_requeued_and_runs_again(hp
     ctx = ctx_for(h)
     case = submitted(ctx, "killed outside", seconds=30)
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Running"), message="task running")
-    h.pueue("kill", str(case.pueue_task_id))
+    h.pueue("kill", str(case.task_id))
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task killed")
     poller.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
@@ -320,7 +320,7 @@ def test_killed_again_and_again_fails_as_killed_once_attempts_run_out(hpc):
     ctx = ctx_for(h)
     case = submitted(ctx, "killed for good", seconds=30)
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Running"), message="task running")
-    h.pueue("kill", str(case.pueue_task_id))
+    h.pueue("kill", str(case.task_id))
     case = poll_until_final(ctx, case.case_id)
     assert case.status is CaseStatus.FAILED and case.outcome == "killed"
 
@@ -427,10 +427,10 @@ def test_a_case_past_its_timeout_on_the_hpc_clock_is_failed_and_its_task_stopped
     poller.tick(ctx, time.time())
     case = get_case(ctx.conn, case.case_id)
     assert case.status is CaseStatus.FAILED and case.outcome == "timed_out" and case.stop_requested_at
-    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.ZOMBIE
+    assert get_slot(ctx.conn, case.slot).status is SlotStatus.ZOMBIE
     wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="stopped by SIGTERM")
     reaper.tick(ctx, time.time())
-    assert get_slot(ctx.conn, case.pueue_group).status is SlotStatus.AVAILABLE
+    assert get_slot(ctx.conn, case.slot).status is SlotStatus.AVAILABLE
     poller.tick(ctx, time.time())                            # the poller does not touch it again
     assert get_case(ctx.conn, case.case_id).outcome == "timed_out"
 
@@ -490,8 +490,8 @@ def test_the_stager_thread_of_the_process_pre_uploads_while_every_gpu_is_busy(hp
                             message="the stager thread pre-uploads the waiting case")
     finally:
         ctx.stop.set()
-        ctx.state[submitter.STAGER_WAKE].set()
-        for thread in ctx.state[HELPER_THREADS]:
+        ctx.memory.stager_wake.set()
+        for thread in ctx.memory.helper_threads:
             thread.join(timeout=30)
     assert staged and get_case(ctx.conn, waiting.case_id).host == "hpc"
     h.pueue("kill", "--all")

@@ -43,7 +43,6 @@ from shared.verdicts import Action, Phase, Verdict
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
                            start_helper_loop, worker_main, worth_logging)
 
-PAUSED_SLOTS = "paused_slots"
 WAITING_REFRESH_SHARE_OF_STUCK = 0.5  # see waiting_refresh_seconds
 
 
@@ -51,7 +50,7 @@ def this_run(case: Case) -> dict:
     """The columns that tell this run of a case from a later one: every change the poller makes
     is guarded on them, so a pass that read the case before it was requeued and submitted again
     (by another poller, a quick submitter) can never settle, free or update the new run."""
-    return {"running_since": case.running_since, "pueue_task_id": case.pueue_task_id}
+    return {"running_since": case.running_since, "task_id": case.task_id}
 
 
 def fetch_snapshot(ctx: Context, host: Host) -> model.Snapshot | None:
@@ -92,7 +91,7 @@ def handle_paused_slots(ctx: Context, host: Host, snapshot: model.Snapshot, now:
     ours = {s.name for s in host.config.slots}
     paused = [slot for slot in snapshot.paused_slots if slot in ours]
     words, resume = host.backend.words, resumes_paused_slots(ctx.config, host.config)
-    was_paused = ctx.state.setdefault(PAUSED_SLOTS, {})
+    was_paused = ctx.memory.paused_slots
     for slot in set(was_paused.get(host.name, ())) - set(paused):
         forget_logged(ctx, f"paused:{host.name}:{slot}")
         ctx.log.info("host %s: %s %s is running again", host.name, words.slot, slot, extra={"operation": "poll"})
@@ -119,7 +118,7 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float,
     if verdict.action is not Action.COMPLETE:
         raise ValueError(f"case {case.case_id}: the verdict is {verdict.action.value}, not complete")
     staging = ctx.spool.staging_dir(f"results-{case.case_id}")
-    task_id = link.task.id if link.task else case.pueue_task_id
+    task_id = link.task.id if link.task else case.task_id
     try:
         if host.config.hpc.result_files:
             free_gpu_early(ctx, case, verdict.slot, now)
@@ -140,7 +139,7 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float,
                               detail=f"task {task_id} on {host.name} succeeded" + (f" ({link.detail})" if link.from_record else ""),
                               slot_to=verdict.slot, guard=this_run(case),
                               fields={"outcome": verdict.outcome.value, "exit_code": 0, "progress": 100.0,
-                                      "completed_at": now, "pueue_task_id": task_id, "result_checksums": record})
+                                      "completed_at": now, "task_id": task_id, "result_checksums": record})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if moved:
@@ -181,7 +180,7 @@ def fail(ctx: Context, host: Host, case: Case, link: tasks.Link, verdict: Verdic
     log_tail = log_tail_of(ctx, host, case, link, outputs)
     if log_tail is None:
         return False  # the verdict stays; carry it out on a pass that can keep the log tail
-    task_id = link.task.id if link.task else case.pueue_task_id
+    task_id = link.task.id if link.task else case.task_id
     detail = link.task.detail if link.task else ""
     reason = detail or (f"exit code {link.exit_code}" if link.exit_code is not None else link.result.value)
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
@@ -190,7 +189,7 @@ def fail(ctx: Context, host: Host, case: Case, link: tasks.Link, verdict: Verdic
                       slot_to=verdict.slot, guard=this_run(case),
                       fields={"outcome": verdict.outcome.value, "exit_code": link.exit_code, "completed_at": now,
                               "error_type": verdict.error_type, "error_message": reason[:2000],
-                              "log_tail": log_tail[-4000:], "pueue_task_id": task_id})
+                              "log_tail": log_tail[-4000:], "task_id": task_id})
     if moved:
         ring(ctx.spool.root, "reaper")
         ctx.log.error("case %d failed: %s (%s)", case.case_id, link.result.value, reason,
@@ -214,7 +213,7 @@ def requeue(ctx: Context, host: Host, case: Case, link: tasks.Link, verdict: Ver
     first, so the label names only the retry's task."""
     words = host.backend.words
     if link.task is None:
-        reason = f"task {case.pueue_task_id} ({case.label}) is no longer listed on {case.host}: {link.detail}"
+        reason = f"task {case.task_id} ({case.label}) is no longer listed on {case.host}: {link.detail}"
         return run_again(ctx, case, verdict, reason, now)
     reason = (f"{words.task} {link.task.id} was {words.killed_by_others}"
               + (f": {link.task.detail}" if link.task.detail else ""))
@@ -233,7 +232,7 @@ def time_out(ctx: Context, host: Host, case: Case, link: tasks.Link, verdict: Ve
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.FAILED, now=now, worker=ctx.name,
                       detail=f"running longer than {hours:g} h on the HPC: stopping task {link.task.id}",
                       slot_to=verdict.slot, guard=this_run(case),
-                      fields={"outcome": verdict.outcome.value, "completed_at": now, "pueue_task_id": link.task.id,
+                      fields={"outcome": verdict.outcome.value, "completed_at": now, "task_id": link.task.id,
                               "error_type": verdict.error_type, "error_message": f"ran longer than {hours:g} h"})
     if not moved:
         return False

@@ -41,7 +41,6 @@ from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, 
 
 ORPHAN_CHECK_SECONDS = 30
 PROBE_DOWN_SECONDS = 5
-LAST_ORPHAN_CHECK = "last_orphan_check"  # ctx.state: {host name: when its orphans were last looked for}
 
 
 def probe_down_hosts(ctx: Context, now: float) -> int:
@@ -72,7 +71,7 @@ def probe_down_hosts(ctx: Context, now: float) -> int:
 
 def snapshot_if_needed(ctx: Context, host: Host, zombies: list[Slot], now: float) -> model.Snapshot | None:
     """One snapshot of ``host`` when a zombie seat waits there, or every ORPHAN_CHECK_SECONDS for orphans."""
-    checked = ctx.state.setdefault(LAST_ORPHAN_CHECK, {})
+    checked = ctx.memory.orphans_checked_at
     if not zombies and now - checked.get(host.name, 0.0) < ORPHAN_CHECK_SECONDS:
         return None
     try:
@@ -148,11 +147,11 @@ def check_heartbeats(ctx: Context, now: float) -> list[str]:
     """Names of workers whose heartbeat is older than ``health.unhealthy_after_seconds``."""
     limit = now - ctx.config.unhealthy_after_seconds
     stale = [r[0] for r in ctx.conn.execute("SELECT name FROM workers WHERE heartbeat < ?", (limit,))]
-    warned = ctx.state.setdefault("stale_workers", set())
+    warned = ctx.memory.stale_workers
     for name in set(stale) - warned:
         ctx.log.error("worker %s has not written a heartbeat for over %g s", name,
                       ctx.config.unhealthy_after_seconds, extra={"operation": "heartbeat", "error_type": "Stale"})
-    ctx.state["stale_workers"] = set(stale)
+    ctx.memory.stale_workers = set(stale)
     return stale
 
 

@@ -22,7 +22,6 @@ from shared.spool import reconcile, reject, settle_folder
 from shared.store import register_case
 from shared.worker import Context, worker_main
 
-PENDING = "pending"  # ctx.state key: name -> Observation
 
 
 class NotACase(Exception):
@@ -90,7 +89,7 @@ def ready(ctx: Context, item: Path, now: float) -> bool:
 
 
 def settled(ctx: Context, item: Path, prints: tuple, now: float) -> bool:
-    pending = ctx.state.setdefault(PENDING, {})
+    pending = ctx.memory.pending
     seen = pending.get(item.name)
     if seen is None or seen.fingerprint != prints:
         pending[item.name] = Observation(prints, now)
@@ -133,13 +132,13 @@ def scan_item(ctx: Context, item: Path, now: float) -> int:
             return 0
     except NotACase as problem:
         set_aside(ctx, item, str(problem), now)
-        ctx.state.get(PENDING, {}).pop(item.name, None)
+        ctx.memory.pending.pop(item.name, None)
         return 1
     except FileNotFoundError:
-        ctx.state.get(PENDING, {}).pop(item.name, None)
+        ctx.memory.pending.pop(item.name, None)
         return 0  # removed while we looked
     register(ctx, item, now)
-    ctx.state.get(PENDING, {}).pop(item.name, None)
+    ctx.memory.pending.pop(item.name, None)
     return 1
 
 
@@ -154,8 +153,8 @@ def tick(ctx: Context, now: float) -> int:
     watch = ctx.config.scanner.watch_path
     skip = in_progress_names(ctx)
     names = sorted(n for n in os.listdir(watch) if not n.startswith(".") and n not in skip)
-    for gone in set(ctx.state.get(PENDING, {})) - set(names):
-        ctx.state[PENDING].pop(gone)
+    for gone in set(ctx.memory.pending) - set(names):
+        ctx.memory.pending.pop(gone)
     for name in names:
         if ctx.stop.is_set():
             break
@@ -168,7 +167,7 @@ def tick(ctx: Context, now: float) -> int:
 
 def idle_wait(ctx: Context) -> float:
     """Sleep until the next rescan, or sooner while a folder is waiting to settle."""
-    if ctx.state.get(PENDING):
+    if ctx.memory.pending:
         return min(0.5, ctx.config.scanner.quiescence_period_seconds / 4 or 0.5)
     return ctx.config.scanner.rescan_interval_seconds
 

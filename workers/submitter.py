@@ -38,8 +38,6 @@ from shared.store import Case, SUBMIT_CLEARS, update_case
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop,
                            worker_main, worth_logging)
 
-HOSTS_READY = "hosts_ready"  # ctx.state: names of the hosts whose slots were made sure of
-STAGER_WAKE = "stager_wake"
 
 
 class LeaseLost(MqicError):
@@ -175,7 +173,7 @@ def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, no
     case = claim.case
     moved = move_case(ctx.conn, ctx.spool, case, CaseStatus.RUNNING, now=now, worker=ctx.name,
                       detail=f"task {task_id} in {claim.slot.name}",
-                      fields={**SUBMIT_CLEARS, "pueue_task_id": task_id, "remote_dir": remote_dir,
+                      fields={**SUBMIT_CLEARS, "task_id": task_id, "remote_dir": remote_dir,
                               "started_at": None, "running_since": now, "progress": 0.0,
                               "error_type": None, "error_message": None},
                       guard={"claimed_by": ctx.worker_id})
@@ -246,7 +244,7 @@ def submit_failed(ctx: Context, host: Host, case: Case, exc: RemoteFailure, now:
         leave_for_recovery(ctx, case, exc, now)
         return
     if isinstance(exc, SlotLost):
-        ctx.state.setdefault(HOSTS_READY, set()).discard(host.name)  # make the slots sure again before the retry
+        ctx.memory.hosts_ready.discard(host.name)  # make the slots sure again before the retry
     status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=now,
                            worker=ctx.name, operation=host.backend.words.submit, guard={"claimed_by": ctx.worker_id})
     ctx.log.error("case %d: submit failed (%s: %s); case is now %s", case.case_id, type(exc).__name__, exc,
@@ -256,7 +254,7 @@ def submit_failed(ctx: Context, host: Host, case: Case, exc: RemoteFailure, now:
 def host_ready(ctx: Context, host: Host) -> bool:
     """Make a host's slots usable once per process (create the missing ones, or check that they exist),
     again after the scheduler lost one (``SlotLost``). A host that fails is asked again next pass."""
-    ready = ctx.state.setdefault(HOSTS_READY, set())
+    ready = ctx.memory.hosts_ready
     if host.name in ready:
         return True
     try:
@@ -277,7 +275,7 @@ def host_ready(ctx: Context, host: Host) -> bool:
 
 def ready_hosts(ctx: Context) -> list[Host]:
     """The hosts whose slots were made sure of (those not yet are not asked here: see ``host_ready``)."""
-    ready = ctx.state.get(HOSTS_READY, set())
+    ready = ctx.memory.hosts_ready
     return [host for host in reachable_hosts(ctx) if host.name in ready]
 
 
@@ -308,14 +306,14 @@ def tick(ctx: Context, now: float) -> int:
 
 
 def wake_stager(ctx: Context) -> None:
-    if STAGER_WAKE in ctx.state:
-        ctx.state[STAGER_WAKE].set()
+    if ctx.memory.stager_wake is not None:
+        ctx.memory.stager_wake.set()
 
 
 def start_stager_and_doorbell(ctx: Context) -> None:
-    ready = ctx.state.setdefault(HOSTS_READY, set())  # one set: the main loop makes hosts ready for both
-    stager = start_helper_loop(ctx, f"{ctx.name}-stager", stage_tick, drain=True, shared={HOSTS_READY: ready})
-    ctx.state[STAGER_WAKE] = stager.wake
+    # one set: the main loop makes hosts ready for both
+    stager = start_helper_loop(ctx, f"{ctx.name}-stager", stage_tick, drain=True, shared=("hosts_ready",))
+    ctx.memory.stager_wake = stager.wake
     listen(ctx.spool.root, "submitter", ctx.wake, stager.wake)
 
 
