@@ -459,3 +459,11 @@ def cli(capsys, config, *args: str) -> tuple[int, str, str]:
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def get_slot(conn, slot: str, *, host: str = "hpc", seat: int = 0):
+    """Seat ``seat`` of ``slot`` on ``host`` (the default names the one host of a config without ``hosts:``)."""
+    from shared.seats import slot_from_row
+    row = conn.execute("SELECT * FROM gpu_resources WHERE host = ? AND pueue_group = ? AND seat = ?",
+                       (host, slot, seat)).fetchone()
+    return None if row is None else slot_from_row(row)

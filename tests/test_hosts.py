@@ -8,9 +8,10 @@ through real sshds, pueue stand-ins and Slurm is proven end to end in ``test_e2e
 from __future__ import annotations
 
 from shared.liveness import down_hosts
-from shared.seats import all_slots, get_slot
+from shared.seats import all_slots
 from shared.states import CaseStatus, SlotStatus
 from shared.store import get_case
+from tests.conftest import get_slot
 from tests.test_workers import drop, run_until_final
 from workers import poller, reaper, scanner, submitter
 

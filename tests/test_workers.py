@@ -18,11 +18,10 @@ from sandbox.casegen import make_case
 from shared.errors import BadOutput, RemoteError
 from shared.liveness import down_hosts
 from shared.recovery import recover_expired_claims
-from shared.seats import get_slot
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case
 from shared.worker import build_context
-from tests.conftest import wait_until
+from tests.conftest import get_slot, wait_until
 from tests.memory_hpc import MOQUI_COMMAND, sleeps
 from workers import poller, reaper, scanner, submitter
 
