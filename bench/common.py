@@ -14,6 +14,7 @@ Nothing here tunes the system: the config is the sandbox's, with the product def
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -26,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import yaml
 
@@ -109,6 +110,34 @@ def machine_line(when: str = "start") -> str:
     load = os.getloadavg()
     return (f"machine at {when}: {os.cpu_count()} cores, load {load[0]:.2f}/{load[1]:.2f}, "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}, python {sys.version.split()[0]}")
+
+
+# -- load beside a run ------------------------------------------------------------------------------
+
+# A busy loop that also ends when its parent is gone: a bench killed with SIGKILL leaves no spinner.
+SPINNER = ("import os, sys\nparent = int(sys.argv[1])\n"
+           "while os.getppid() == parent:\n    for _ in range(200_000):\n        pass\n")
+
+
+@contextlib.contextmanager
+def cpu_load(count: int) -> Iterator[list[int]]:
+    """``count`` CPU-bound processes for the ``with`` block (their pids); always stopped after it.
+
+    Each spins until it is killed here (on leaving the block, also after Ctrl-C or an
+    exception) or its parent, this process, is gone (checked every few milliseconds).
+    """
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen([sys.executable, "-c", SPINNER, str(os.getpid())],
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+        yield [proc.pid for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 # -- waiting ---------------------------------------------------------------------------------------
