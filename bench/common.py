@@ -140,6 +140,14 @@ def cpu_load(count: int) -> Iterator[list[int]]:
             proc.wait()
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end the bench like Ctrl-C does: through its ``finally`` blocks (load stopped,
+    workers and sandbox shut down). A bench started in the background ignores SIGINT."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 # -- waiting ---------------------------------------------------------------------------------------
 
 Timeout = TimeoutError
@@ -213,10 +221,15 @@ class Workspace:
 
     ``slurm`` (the ``sandbox.slurm.SandboxSlurm`` settings, e.g. ``{"gpus": 3}``) runs a
     real single-node Slurm instead of the stand-in, with ``partitions`` as the slots.
+
+    ``second_groups``: a second pueue host (``gpu2``, with these groups; the first is then
+    ``gpu1``). ``login_delays``: {host name: seconds} every remote command on that host
+    waits first (a slow login node; the one host alone is named ``hpc``).
     """
 
     def __init__(self, name: str, *, groups: dict | None = None, keep: bool = False,
-                 slurm: dict | None = None, partitions: dict | None = None, **sections: dict):
+                 slurm: dict | None = None, partitions: dict | None = None, second_groups: dict | None = None,
+                 login_delays: dict[str, float] | None = None, **sections: dict):
         self.name, self.keep = name, keep
         self.root = Path(tempfile.mkdtemp(prefix=f"mqic-bench-{name}-", dir="/tmp"))
         sections = {key: dict(value) for key, value in sections.items()}
@@ -224,8 +237,11 @@ class Workspace:
         sections.setdefault("metrics", {"port": free_port()})
         self.supervisor: Supervisor | None = None
         self.processes: list[subprocess.Popen] = []
+        hosts = {"login_delays": login_delays}
+        if second_groups is not None:
+            hosts |= {"second_host": "pueue", "second_groups": second_groups}
         try:
-            self.sandbox = self._sandbox_up(groups, slurm, partitions, sections)
+            self.sandbox = self._sandbox_up(groups, slurm, partitions, sections | hosts)
         except BaseException:
             sandbox_hpc.down(self.root / "hpc")
             shutil.rmtree(self.root, ignore_errors=True)
@@ -325,10 +341,10 @@ class Workspace:
         finally:
             try:
                 from shared.remote import Remote
-                config = self.config
-                Remote(config.hosts[0].hpc).close()
-                if config.hosts[0].hpc.control_dir:
-                    shutil.rmtree(config.hosts[0].hpc.control_dir, ignore_errors=True)
+                for host in self.config.hosts:
+                    Remote(host.hpc).close()
+                    if host.hpc.control_dir:
+                        shutil.rmtree(host.hpc.control_dir, ignore_errors=True)
             except Exception:  # noqa: BLE001 - teardown goes on
                 pass
             sandbox_hpc.down(self.root / "hpc")

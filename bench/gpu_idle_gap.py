@@ -453,6 +453,7 @@ def _met(ok: bool) -> str:
 
 def main(argv=None) -> int:
     args = common.bench_args(__doc__.splitlines()[0], argv, extra_args)
+    common.exit_on_sigterm()
     cases = args.cases or (6 if args.quick else 30)
     naive_cases = args.naive_cases or (6 if args.quick else 9)
     modes = [MODES[key] for key in args.modes.split(",") if key]
