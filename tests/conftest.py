@@ -23,14 +23,36 @@ from shared.spool import Spool
 SYSTEM_FIXTURES = {"sshd", "remote_config", "hpc", "slurm_cluster", "own_slurm", "slurm_hpc", "two_hosts"}
 
 
+# -- running in parallel (pytest-xdist, `-n N --dist loadgroup`) -----------------------------------------
+# Each worker is its own process with its own session sshd, tmp dirs (tmp_path), ssh control folders
+# (named after its pid), supervisord homes and free ports. What must not run at once, or is cheaper
+# started once, shares an xdist group (one worker runs a whole group, one test after another):
+#   slurm_cluster  the session Slurm cluster: started once, on the one worker that runs every test using it
+#   chaos          the two short chaos runs: each loads the machine for a minute and judges its own timing
+#   install        test_install builds the project's wheel in the checkout itself (build/, *.egg-info)
+XDIST_GROUP_BY_FIXTURE = {"slurm_cluster": "slurm_cluster", "slurm_hpc": "slurm_cluster"}
+XDIST_GROUP_BY_MODULE = {"test_chaos.py": "chaos", "test_install.py": "install"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "system: starts real processes (the system tier; see README, Tests)")
+    config.addinivalue_line("markers", "xdist_group(name): tests that one pytest-xdist worker runs one at a time")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects and before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SYSTEM_FIXTURES & fixtures:
             item.add_marker(pytest.mark.system)
+        if item.get_closest_marker("system") is None or item.get_closest_marker("xdist_group"):
+            continue
+        if "slurm" in getattr(getattr(item, "callspec", None), "params", {}).values():
+            fixtures.add("slurm_hpc")  # a contract test run on Slurm asks for slurm_hpc through getfixturevalue
+        group = next((XDIST_GROUP_BY_FIXTURE[f] for f in sorted(fixtures) if f in XDIST_GROUP_BY_FIXTURE),
+                     XDIST_GROUP_BY_MODULE.get(item.path.name))
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
