@@ -9,6 +9,9 @@
 #   ./run-tests.sh --fast   the fast tier only, under both Pythons.
 #   MQIC_TEST_PYTHON=newest|debian   only that Python, which then runs every test (or the fast tier with
 #                           --fast). Other arguments go to pytest.
+#   MQIC_TEST_WORKERS=N     pytest-xdist workers for a run of every test (default 2, one per core here: the
+#                           system tier mostly waits on real processes); each module runs whole on one worker
+#                           (--dist loadfile, see tests/conftest.py). 0 runs every test in this one process.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,6 +19,10 @@ fast_only=false
 if [ "${1:-}" = --fast ]; then fast_only=true; shift; fi
 
 choice=${MQIC_TEST_PYTHON:-both}
+workers=${MQIC_TEST_WORKERS:-2}
+case "$workers" in
+  ''|*[!0-9]*) echo "run-tests: MQIC_TEST_WORKERS must be a number, not '$workers'" >&2; exit 2 ;;
+esac
 case "$choice" in
   newest) pythons=(newest) ;;
   debian) pythons=(debian) ;;
@@ -41,8 +48,10 @@ run() {  # run WHICH TIER [pytest args...]
   echo "run-tests: $which Python $("$venv/bin/python" --version | cut -d' ' -f2) ($venv): $tier"
   if [ "$tier" = fast ]; then
     MQIC_TEST_TIER=fast "$venv/bin/python" -m pytest -q -m "not system" "$@"
-  else
+  elif [ "$workers" = 0 ]; then
     "$venv/bin/python" -m pytest -q "$@"
+  else
+    "$venv/bin/python" -m pytest -q -n "$workers" --dist loadfile "$@"
   fi
 }
 

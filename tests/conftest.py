@@ -5,6 +5,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,42 @@ SYSTEM_FIXTURES = {"sshd", "remote_config", "hpc", "slurm_cluster", "own_slurm",
                    "direct_hpc"}
 
 
+# -- running in parallel (pytest-xdist: `-n N --dist loadfile`, as ./run-tests.sh does) -----------------
+# Each worker is its own process with its own session sshd (and Slurm cluster), tmp dirs, ssh control
+# folders (named after its pid), supervisord homes and free ports, so tests of different workers share
+# nothing. `--dist loadfile` runs each module on one worker, one test after another, as before: the two
+# chaos runs never overlap, test_install's two builds in the checkout never run at once, and a module's
+# module-scoped fixtures start once. (`--dist loadgroup` with xdist_group marks would be finer, but
+# pytest-xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9 no longer reads.)
+# Under xdist the tmp dirs sit under a short base (/tmp/mqic-xdist-XXXX/popen-gwN/) rather than
+# /tmp/pytest-of-root/pytest-N/popen-gwN/: supervisord's socket (<home>/run/supervisor.sock, bound under
+# a longer temporary name first) must fit AF_UNIX's 108 bytes in the deepest test folder (test_chaos).
+# The base is removed when every test passed and kept, for a look, when one failed.
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "system: starts real processes (the system tier; see README, Tests)")
+
+
+_SHORT_BASETEMP = pytest.StashKey[str]()
+
+
+def _xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads --basetemp
+def pytest_cmdline_main(config):
+    if _xdist_controller(config) and not config.option.basetemp:
+        config.option.basetemp = tempfile.mkdtemp(prefix="mqic-xdist-")
+        config.stash[_SHORT_BASETEMP] = config.option.basetemp
+
+
+@pytest.hookimpl(trylast=True)  # after every worker has stopped its sshd and clusters
+def pytest_sessionfinish(session, exitstatus):
+    base = session.config.stash.get(_SHORT_BASETEMP, None)
+    if base is not None and exitstatus == 0:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

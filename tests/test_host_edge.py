@@ -8,6 +8,7 @@ and ``note_reach`` with real SQLite files.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import time
@@ -54,7 +55,7 @@ def remote_with_known_hosts(tmp_path, sshd):
     def build(known_hosts: str) -> Remote:
         path = tmp_path / f"known_hosts_{len(made)}"
         path.write_text(known_hosts)
-        control = Path(f"/tmp/mqic-hk-{len(made)}-{id(made)}")
+        control = Path(f"/tmp/mqic-hk-{os.getpid()}-{len(made)}-{id(made)}")  # one per xdist worker too
         config = make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", control,
                                                          known_hosts_file=str(path), transfer="tar"))
         made.append(Remote(config.hosts[0].hpc))

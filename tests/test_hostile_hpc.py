@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from sandbox.procs import is_alive
 from shared.states import CaseStatus
 from shared.store import get_case
 from shared.recovery import recover_expired_claims
@@ -15,13 +16,14 @@ from tests.test_workers import ctx_for, registered, submitted
 from workers import poller, reaper, submitter
 
 # Once (while the flag exists) `pueue add` hangs without an answer, so our ssh gives up, and
-# its request reaches the daemon only 3 s later: the task is stored after the client gave up.
+# its request reaches the daemon only 3 s later: the task is stored after the client gave up
+# (``<shim>.late`` holds the pid of that late add).
 LATE_ADD = """#!/bin/sh
 real="$(dirname "$0")/hpc0/bin/pueue"
 if [ "$1" = add ] && [ -e "$0.flag" ]; then
   rm -f "$0.flag"
-  nohup sh -c 'sleep 3; exec "$0" "$@"' "$real" "$@" >/dev/null 2>&1 &
-  sleep 30
+  nohup sh -c 'echo $$ > "$1.partial" && mv "$1.partial" "$1"; shift; sleep 3; exec "$@"' sh "$0.late" "$real" "$@" >/dev/null 2>&1 &
+  sleep 8   # well past our 2 s command timeout and the late add (3 s)
 fi
 exec "$real" "$@"
 """
@@ -47,7 +49,9 @@ def test_a_lost_add_answer_never_runs_the_case_twice(hpc, tmp_path):
         return get_case(ctx.conn, case.case_id).status is CaseStatus.COMPLETED
 
     wait_until(settled, timeout=60, interval=0.5, message="case completed")
-    time.sleep(4)                                            # let a late add land, if one could
+    late = slow.with_name(slow.name + ".late")
+    wait_until(lambda: late.exists() and not is_alive(int(late.read_text())), timeout=30,
+               message="the late add landed")
     assert len(h.tasks_labelled(case.label)) == 1            # one remote task: never run twice
 
 

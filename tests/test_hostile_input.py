@@ -59,7 +59,7 @@ class Rig:
         rows = self.ctx.conn.execute("SELECT * FROM cases WHERE case_name = ? ORDER BY case_id", (name,))
         return [case_from_row(r) for r in rows]
 
-    def drive(self, case_id: int, ctx: Context | None = None, timeout: float = 30) -> Case:
+    def drive(self, case_id: int, ctx: Context | None = None, timeout: float = 60) -> Case:
         """Tick submitter, poller and reaper until the case is final."""
         ctx = ctx or self.ctx
 
