@@ -218,7 +218,7 @@ def test_show_prints_row_events_and_says_when_the_hpc_is_unreachable(world, caps
     assert re.search(r"^\s+host: hpc$", out, re.MULTILINE)  # the host its folder and task are on
     code, out, _ = cli(capsys, config, "show", str(ids["alpha"]), "--json")
     shown = json.loads(out)
-    assert shown["case"]["status"] == "running" and shown["case"]["pueue_task_id"] == 11
+    assert shown["case"]["status"] == "running" and shown["case"]["task_id"] == 11
     assert [e["to_status"] for e in shown["events"]] == ["submitted", "submitting", "running", "running"]
     assert "unreachable" in shown["remote"]["error"]
     code, out, _ = cli(capsys, config, "show", str(ids["delta"]), "--json")
