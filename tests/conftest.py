@@ -205,24 +205,34 @@ class Hpc:
 
     def close(self) -> None:
         subprocess.run([str(self.bin["pueue-standin-ctl"]), "stop"], capture_output=True, timeout=60)
-        from shared.remote import Remote
-        Remote(self.config.hosts[0].hpc).close()
-        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
+        close_ssh(self.config)
 
 
-@pytest.fixture
-def hpc(tmp_path, sshd):
+def close_ssh(config: Config) -> None:
+    """End the shared ssh connection of ``config``'s first host and remove its control folder."""
+    from shared.remote import Remote
+    Remote(config.hosts[0].hpc).close()
+    shutil.rmtree(config.hosts[0].hpc.control_dir, ignore_errors=True)
+
+
+def sandbox_hosts(tmp_path: Path, sshd, make, prefix: str):
+    """A fixture's body: ``build(**sections)`` makes host ``<prefix>N`` over the session's sshd; all closed after."""
     if not sshd.is_running():
         sshd.start()
     made = []
 
-    def build(**sections) -> Hpc:
-        made.append(Hpc(tmp_path / f"hpc{len(made)}", sshd, **sections))
+    def build(**sections):
+        made.append(make(tmp_path / f"{prefix}{len(made)}", sshd, **sections))
         return made[-1]
 
     yield build
     for item in made:
         item.close()
+
+
+@pytest.fixture
+def hpc(tmp_path, sshd):
+    yield from sandbox_hosts(tmp_path, sshd, Hpc, "hpc")
 
 
 @pytest.fixture
@@ -324,9 +334,7 @@ class SlurmHpc:
             self.cluster.run(["scancel", *map(str, active)])
             wait_until(lambda: not [j for j in self.jobs() if not j.verdict.ended], timeout=30,
                        message="this test's jobs ended")
-        from shared.remote import Remote
-        Remote(self.config.hosts[0].hpc).close()
-        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
+        close_ssh(self.config)
 
 
 @pytest.fixture
@@ -391,24 +399,12 @@ class DirectHpc:
                         os.killpg(int(pid), signal.SIGKILL)
                     except OSError:
                         pass
-        from shared.remote import Remote
-        Remote(self.config.hosts[0].hpc).close()
-        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
+        close_ssh(self.config)
 
 
 @pytest.fixture
 def direct_hpc(tmp_path, sshd):
-    if not sshd.is_running():
-        sshd.start()
-    made = []
-
-    def build(**sections) -> DirectHpc:
-        made.append(DirectHpc(tmp_path / f"direct-hpc{len(made)}", sshd, **sections))
-        return made[-1]
-
-    yield build
-    for item in made:
-        item.close()
+    yield from sandbox_hosts(tmp_path, sshd, DirectHpc, "direct-hpc")
 
 
 # -- several hosts (issue 11) ----------------------------------------------------------------------
