@@ -686,18 +686,14 @@ def _check_lease(config: Config) -> Iterator[tuple[str, str]]:
                                               f"claim")
 
 
-def _hosts_without_result_files(config: Config) -> list[str]:
-    """Hosts whose ``result_files`` is empty: nothing of theirs can be delivered or checked as a copy."""
-    return [host.name for host in config.hosts if host.hpc.result_files == ()]
-
-
 def _check_delivery(config: Config) -> Iterator[tuple[str, str]]:
     target = config.results.deliver_to
     if target is None or target is BAD:
         return
-    for name in _hosts_without_result_files(config):
-        yield "results.deliver_to", (f"got {str(target)!r}, expected result_files of host {name} to name "
-                                     f"the result files to deliver (it is empty)")
+    for host in config.hosts:
+        if host.hpc.result_files == ():
+            yield "results.deliver_to", (f"got {str(target)!r}, expected result_files of host {host.name} to name "
+                                         f"the result files to deliver (it is empty)")
     # Lexical only: resolving would stat the share, and a hung share would hang every program at start.
     target = Path(os.path.normpath(target))
     for key, folder in (("scanner.watch_path", config.scanner.watch_path), ("spool.path", config.spool_path)):
@@ -712,9 +708,10 @@ def _check_retention(config: Config) -> Iterator[tuple[str, str]]:
     days = config.retention.remote_days
     if days is None or days is BAD:
         return
-    for name in _hosts_without_result_files(config):
-        yield "retention.remote_days", (f"got {days!r}, expected result_files of host {name} to name the "
-                                        f"result files (it is empty, so the HPC folder holds the only copy)")
+    for host in config.hosts:
+        if host.hpc.result_files == ():
+            yield "retention.remote_days", (f"got {days!r}, expected result_files of host {host.name} to name the "
+                                            f"result files (it is empty, so the HPC folder holds the only copy)")
 
 
 CHECKS = (_check_markers, _check_web_token, _check_lease, _check_delivery, _check_retention)

@@ -205,34 +205,24 @@ class Hpc:
 
     def close(self) -> None:
         subprocess.run([str(self.bin["pueue-standin-ctl"]), "stop"], capture_output=True, timeout=60)
-        close_ssh(self.config)
+        from shared.remote import Remote
+        Remote(self.config.hosts[0].hpc).close()
+        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
 
 
-def close_ssh(config: Config) -> None:
-    """End the shared ssh connection of ``config``'s first host and remove its control folder."""
-    from shared.remote import Remote
-    Remote(config.hosts[0].hpc).close()
-    shutil.rmtree(config.hosts[0].hpc.control_dir, ignore_errors=True)
-
-
-def sandbox_hosts(tmp_path: Path, sshd, make, prefix: str):
-    """A fixture's body: ``build(**sections)`` makes host ``<prefix>N`` over the session's sshd; all closed after."""
+@pytest.fixture
+def hpc(tmp_path, sshd):
     if not sshd.is_running():
         sshd.start()
     made = []
 
-    def build(**sections):
-        made.append(make(tmp_path / f"{prefix}{len(made)}", sshd, **sections))
+    def build(**sections) -> Hpc:
+        made.append(Hpc(tmp_path / f"hpc{len(made)}", sshd, **sections))
         return made[-1]
 
     yield build
     for item in made:
         item.close()
-
-
-@pytest.fixture
-def hpc(tmp_path, sshd):
-    yield from sandbox_hosts(tmp_path, sshd, Hpc, "hpc")
 
 
 @pytest.fixture
@@ -334,7 +324,9 @@ class SlurmHpc:
             self.cluster.run(["scancel", *map(str, active)])
             wait_until(lambda: not [j for j in self.jobs() if not j.verdict.ended], timeout=30,
                        message="this test's jobs ended")
-        close_ssh(self.config)
+        from shared.remote import Remote
+        Remote(self.config.hosts[0].hpc).close()
+        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -399,12 +391,24 @@ class DirectHpc:
                         os.killpg(int(pid), signal.SIGKILL)
                     except OSError:
                         pass
-        close_ssh(self.config)
+        from shared.remote import Remote
+        Remote(self.config.hosts[0].hpc).close()
+        shutil.rmtree(self.config.hosts[0].hpc.control_dir, ignore_errors=True)
 
 
 @pytest.fixture
 def direct_hpc(tmp_path, sshd):
-    yield from sandbox_hosts(tmp_path, sshd, DirectHpc, "direct-hpc")
+    if not sshd.is_running():
+        sshd.start()
+    made = []
+
+    def build(**sections) -> DirectHpc:
+        made.append(DirectHpc(tmp_path / f"direct-hpc{len(made)}", sshd, **sections))
+        return made[-1]
+
+    yield build
+    for item in made:
+        item.close()
 
 
 # -- several hosts (issue 11) ----------------------------------------------------------------------
