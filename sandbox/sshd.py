@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sandbox import procs
+from sandbox import login_lock, procs
 from shared.errors import MqicError
 
 SSHD_BINARY = Path("/usr/sbin/sshd")
@@ -183,6 +183,7 @@ class SandboxSshd:
         _ensure_key(layout.host_key, comment="mqic-sandbox-host")
         _ensure_key(layout.client_key, comment="mqic-sandbox-client")
         port, user = self._port_and_user()
+        login_lock.keep_free(user)
         self._write_state(port, user)
         self._write_client_files(port)
         # A slow host stays slow across restarts (an outage test's stop and start): the file says so.
