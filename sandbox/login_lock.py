@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-STALE_AFTER_S = 5.0
-SWEEP_INTERVAL_S = 1.0
+STALE_AFTER_S = 2.0
+SWEEP_INTERVAL_S = 0.5
 
 _watched: set[Path] = set()
 _watched_guard = threading.Lock()
