@@ -2,7 +2,8 @@
 
 A claim is one compare-and-set (``submitted -> submitting``) that also takes a free seat; the
 claim order (urgent or aged first, then the oldest) and a seat's usability (host not drained,
-reachable, its GPU not blocked) are SQL fragments kept here, in one place.
+reachable, its GPU not blocked) are SQL fragments kept here, in one place, and so is which free
+seat a case takes (``seat_rank``), also when each host claims for itself (``claim_next_case(host=)``).
 """
 from __future__ import annotations
 
