@@ -234,11 +234,18 @@ def run_worker(ctx: Context, tick: Callable[[Context, float], int], *,
 
 def worker_main(program: str, name: str, tick: Callable[[Context, float], int], argv=None, *,
                 prepare: Callable[[Context], None] | None = None,
-                idle_wait: Callable[[Context], float] | None = None, drain: bool = False) -> int:
-    """Entry point shared by the worker programs: config, logging, context, loop."""
+                idle_wait: Callable[[Context], float] | None = None, drain: bool = False,
+                one_pass: Callable[[Context, float], int] | None = None) -> int:
+    """Entry point shared by the worker programs: config, logging, context, loop.
+
+    ``one_pass``: what ``--once`` runs instead of ``tick`` when a process does its work in helper
+    loops (one per host): the whole pass in this thread, and ``prepare`` (which starts them) is skipped.
+    """
     from shared.app import load_or_exit, worker_args
 
     args = worker_args(program, argv)
+    if args.once and one_pass is not None:
+        tick, prepare = one_pass, None
     config = load_or_exit(args.config, program)
     worker_name = args.name or name
     log = setup_logging(config.logging, worker_name)

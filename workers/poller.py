@@ -418,7 +418,8 @@ def prepare(ctx: Context) -> None:
 
 
 def main(argv=None) -> int:
-    return worker_main("mqic-poller", "poller", watch_tick, argv, prepare=prepare, idle_wait=poll_interval)
+    return worker_main("mqic-poller", "poller", watch_tick, argv, prepare=prepare, idle_wait=poll_interval,
+                       one_pass=tick)
 
 
 if __name__ == "__main__":

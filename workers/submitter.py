@@ -394,7 +394,8 @@ def start_loops(ctx: Context) -> None:
 
 
 def main(argv=None) -> int:
-    return worker_main("mqic-submitter", "submitter", recover_tick, argv, prepare=start_loops, drain=True)
+    return worker_main("mqic-submitter", "submitter", recover_tick, argv, prepare=start_loops, drain=True,
+                       one_pass=tick)
 
 
 if __name__ == "__main__":
