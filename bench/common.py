@@ -14,6 +14,7 @@ Nothing here tunes the system: the config is the sandbox's, with the product def
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -26,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import yaml
 
@@ -111,6 +112,42 @@ def machine_line(when: str = "start") -> str:
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}, python {sys.version.split()[0]}")
 
 
+# -- load beside a run ------------------------------------------------------------------------------
+
+# A busy loop that also ends when its parent is gone: a bench killed with SIGKILL leaves no spinner.
+SPINNER = ("import os, sys\nparent = int(sys.argv[1])\n"
+           "while os.getppid() == parent:\n    for _ in range(200_000):\n        pass\n")
+
+
+@contextlib.contextmanager
+def cpu_load(count: int) -> Iterator[list[int]]:
+    """``count`` CPU-bound processes for the ``with`` block (their pids); always stopped after it.
+
+    Each spins until it is killed here (on leaving the block, also after Ctrl-C or an
+    exception) or its parent, this process, is gone (checked every few milliseconds).
+    """
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen([sys.executable, "-c", SPINNER, str(os.getpid())],
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+        yield [proc.pid for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end the bench like Ctrl-C does: through its ``finally`` blocks (load stopped,
+    workers and sandbox shut down). A bench started in the background ignores SIGINT."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 # -- waiting ---------------------------------------------------------------------------------------
 
 Timeout = TimeoutError
@@ -184,10 +221,15 @@ class Workspace:
 
     ``slurm`` (the ``sandbox.slurm.SandboxSlurm`` settings, e.g. ``{"gpus": 3}``) runs a
     real single-node Slurm instead of the stand-in, with ``partitions`` as the slots.
+
+    ``second_groups``: a second pueue host (``gpu2``, with these groups; the first is then
+    ``gpu1``). ``login_delays``: {host name: seconds} every remote command on that host
+    waits first (a slow login node; the one host alone is named ``hpc``).
     """
 
     def __init__(self, name: str, *, groups: dict | None = None, keep: bool = False,
-                 slurm: dict | None = None, partitions: dict | None = None, **sections: dict):
+                 slurm: dict | None = None, partitions: dict | None = None, second_groups: dict | None = None,
+                 login_delays: dict[str, float] | None = None, **sections: dict):
         self.name, self.keep = name, keep
         self.root = Path(tempfile.mkdtemp(prefix=f"mqic-bench-{name}-", dir="/tmp"))
         sections = {key: dict(value) for key, value in sections.items()}
@@ -195,8 +237,11 @@ class Workspace:
         sections.setdefault("metrics", {"port": free_port()})
         self.supervisor: Supervisor | None = None
         self.processes: list[subprocess.Popen] = []
+        hosts = {"login_delays": login_delays}
+        if second_groups is not None:
+            hosts |= {"second_host": "pueue", "second_groups": second_groups}
         try:
-            self.sandbox = self._sandbox_up(groups, slurm, partitions, sections)
+            self.sandbox = self._sandbox_up(groups, slurm, partitions, sections | hosts)
         except BaseException:
             sandbox_hpc.down(self.root / "hpc")
             shutil.rmtree(self.root, ignore_errors=True)
@@ -296,10 +341,10 @@ class Workspace:
         finally:
             try:
                 from shared.remote import Remote
-                config = self.config
-                Remote(config.hosts[0].hpc).close()
-                if config.hosts[0].hpc.control_dir:
-                    shutil.rmtree(config.hosts[0].hpc.control_dir, ignore_errors=True)
+                for host in self.config.hosts:
+                    Remote(host.hpc).close()
+                    if host.hpc.control_dir:
+                        shutil.rmtree(host.hpc.control_dir, ignore_errors=True)
             except Exception:  # noqa: BLE001 - teardown goes on
                 pass
             sandbox_hpc.down(self.root / "hpc")

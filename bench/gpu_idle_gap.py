@@ -22,8 +22,12 @@ every mode. Real pueue, like the stand-in with its task loop, stamps a task's en
 its pass notices the exit, the same instant it starts the next queued task, so pueue's
 own times cannot show that idle time.
 
+``--load N`` runs every mode twice, first as the machine is, then with N CPU-bound
+processes beside it (started for that run, always stopped after it), and prints both
+side by side with issue 19's targets beside the figures.
+
     .venv/bin/python bench/gpu_idle_gap.py [--quick] [--cases N] [--modes pueue1,pueue2,slurm]
-        [--naive-cases N] [--skip-naive] [--run-seconds S] [--pueue-loop-ms MS] [--keep]
+        [--naive-cases N] [--skip-naive] [--run-seconds S] [--pueue-loop-ms MS] [--load N] [--keep]
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ PUEUE_LOOP_MS = 300  # real pueue v4's task handler: one pass, then sleep 300 ms
 LABEL = "mqic_case_"
 TARGET_GAP_SECONDS = 0.3   # issue 11: "within pueue's own scheduling loop"
 TARGET_WALL_RATIO = 1.15   # issue 11: "within 15 % of the ideal"
+# issue 19, 30 cases of 2 s on 3 GPUs, quiet and with two busy processes beside it: (median gap s, wall / ideal)
+ISSUE19_TARGETS = {"pueue2": (0.35, 1.2), "slurm": (1.0, 1.3)}
 SLURM_CLUSTER = {"gpus": GPUS, "cpus": GPUS, "min_job_age": 300}  # Slurm's default MinJobAge keeps the times
 
 
@@ -235,7 +241,7 @@ def feed_interval(runs: list[Run]) -> float:
 
 
 def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int, seats: int | None = None,
-              run_seconds: float = RUN_SECONDS) -> dict:
+              run_seconds: float = RUN_SECONDS, gpus: int = GPUS) -> dict:
     """The figures of one mode's run (NaN where a mode has no timeline)."""
     sched, own = gaps_of(runs, own=False), gaps_of(runs, own=True)
     main = own or sched  # what the GPU saw, where we have it
@@ -248,7 +254,7 @@ def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int, s
     ahead = [g for g in main if g.queued_ahead]
     leads = [(g.prev.proc_end or g.prev.end) - g.nxt.on_hpc for g in ahead]
     wall = finished_at - drop_at
-    ideal, ideal_measured = cases * run_seconds / GPUS, sum(lengths) / GPUS
+    ideal, ideal_measured = cases * run_seconds / gpus, sum(lengths) / gpus
     return {
         "cases": cases, "runs": len(runs),
         "gap_median": median([g.seconds for g in main]), "gap_p90": percentile([g.seconds for g in main], 90),
@@ -260,10 +266,21 @@ def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int, s
         "tail": finished_at - max(ends) if ends else float("nan"),
         "run_median": median(lengths), "wall": wall, "ideal": ideal, "ideal_measured": ideal_measured,
         "wall_ratio": wall / ideal, "wall_ratio_measured": wall / ideal_measured if ideal_measured else float("nan"),
-        "busy": sum(lengths) / (GPUS * wall) * 100 if wall > 0 else 0.0,
-        "feed": feed_interval(runs), "demand": median(lengths) / GPUS,
+        "busy": sum(lengths) / (gpus * wall) * 100 if wall > 0 else 0.0,
+        "busy_span": busy_span(runs, gpus),
+        "feed": feed_interval(runs), "demand": median(lengths) / gpus,
         "most_on_hpc": f"{most_on_hpc(runs)} of {seats}" if seats else "-",
     }
+
+
+def busy_span(runs: list[Run], gpus: int) -> float:
+    """GPUs busy (%) from the first task's start to the last task's end (the timeline's, else the scheduler's)."""
+    spans = [(r.proc_start, r.proc_end) if r.proc_start and r.proc_end else (r.start, r.end) for r in runs]
+    spans = [(a, b) for a, b in spans if a is not None and b is not None]
+    if not spans:
+        return float("nan")
+    window = max(b for _, b in spans) - min(a for a, _ in spans)
+    return sum(b - a for a, b in spans) / (gpus * window) * 100 if window > 0 else float("nan")
 
 
 def breakdown(ws: Workspace, runs: list[Run], events: dict[int, dict[str, float]], staged: set[int]) -> dict:
@@ -378,6 +395,8 @@ METRICS = (
     ("wall", "wall: drop -> last case completed (s)"), ("ideal", "ideal: cases x run length / GPUs (s)"),
     ("wall_ratio", "wall / ideal"), ("ideal_measured", "ideal with the measured run times (s)"),
     ("wall_ratio_measured", "wall / ideal with measured run times"), ("busy", "GPU busy share (%)"),
+    ("busy_span", "GPUs busy, first start -> last end (%)"),
+    ("load_line", "machine load (1 min), run start -> end"),
 )
 STEPS = {"detect": "A ends -> start of the poller pass that freed A's seat (poll cadence)",
          "wake": "that pass starts -> B claimed (negative: B had another seat already)",
@@ -405,22 +424,55 @@ def extra_args(parser) -> None:
                         help="the fake simulation's length (default 2; the issue's figures are for 2)")
     parser.add_argument("--pueue-loop-ms", type=int, default=PUEUE_LOOP_MS,
                         help="the stand-in's task-handler pass, like real pueue v4 (default 300; 0: instant)")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="also run every mode with N CPU-bound processes beside it, and print both (issue 19: 2)")
+
+
+def column(mode: Mode, load: int, loaded_runs: bool) -> str:
+    """A result column's title: the mode, and with --load the busy processes added beside it."""
+    return f"{mode.title}, +{load} busy" if loaded_runs else mode.title
+
+
+def issue19_rows(results: dict, columns: dict[str, Mode]) -> list[list]:
+    """One row per measured column that issue 19 sets a target for: figure, target, MET or NOT MET."""
+    rows = []
+    for title, mode in columns.items():
+        if mode.key not in ISSUE19_TARGETS or title not in results:
+            continue
+        gap_target, wall_target = ISSUE19_TARGETS[mode.key]
+        figures = results[title]
+        rows.append([title, figures["gap_median"], f"<= {gap_target:g}", _met(figures["gap_median"] <= gap_target),
+                     figures["wall_ratio"], f"<= {wall_target:g}", _met(figures["wall_ratio"] <= wall_target),
+                     figures["load_line"]])
+    return rows
+
+
+def _met(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
 
 
 def main(argv=None) -> int:
     args = common.bench_args(__doc__.splitlines()[0], argv, extra_args)
+    common.exit_on_sigterm()
     cases = args.cases or (6 if args.quick else 30)
     naive_cases = args.naive_cases or (6 if args.quick else 9)
     modes = [MODES[key] for key in args.modes.split(",") if key]
+    loads = [0, args.load] if args.load else [0]
     print(common.machine_line())
-    results, parts, settings = {}, {}, {}
+    results, parts, settings, columns = {}, {}, {}, {}
     for mode in modes:
-        try:
-            results[mode.title], parts[mode.title], settings[mode.title] = run_mode(args, mode, cases)
-        except Exception as exc:  # noqa: BLE001 - one mode that cannot run still leaves the others' figures
-            print(f"{mode.title}: not measured ({type(exc).__name__}: {exc})")
-            continue
-        print(f"{mode.title}: done; {common.machine_line('its end')}")
+        for load in loads:
+            title = column(mode, load, bool(args.load))
+            columns[title] = mode
+            try:
+                with common.cpu_load(load):
+                    at_start = os.getloadavg()[0]
+                    results[title], parts[title], settings[title] = run_mode(args, mode, cases)
+                    results[title]["load_line"] = f"{at_start:.1f} -> {os.getloadavg()[0]:.1f}"
+            except Exception as exc:  # noqa: BLE001 - one mode that cannot run still leaves the others' figures
+                print(f"{title}: not measured ({type(exc).__name__}: {exc})")
+                continue
+            print(f"{title}: done; {common.machine_line('its end')}")
     if not args.skip_naive:
         results[f"naive ({naive_cases} cases)"] = run_naive(args, naive_cases)
     print()
@@ -428,19 +480,24 @@ def main(argv=None) -> int:
           f" stand-in task loop {args.pueue_loop_ms} ms")
     for title, values in settings.items():
         print(f"  {title}: {values['cadence']}, hpc.transfer={values['transfer']}, outcomes {values['outcomes']}")
-    print(table(["metric", *results], [[label, *(r[key] for r in results.values())] for key, label in METRICS]))
+    print(table(["metric", *results], [[label, *(r.get(key) for r in results.values())] for key, label in METRICS]))
     for title, part in parts.items():
         print()
         print(table([f"{title}: gaps not queued ahead", "gaps", "median s", "worst s"],
                     [[STEPS[k], *part[k]] for k in STEPS]))
         print(f"cases pre-uploaded while every seat was taken: {part['staged_total']} of {cases}")
-        if part["late"] and MODES_BY_TITLE[title].depth > 1:
+        if part["late"] and columns[title].depth > 1:
             print(table(["GPU", "A", "A ends", "B", "B claimed", "B on HPC", "B starts", "gap s"], part["late"],
                         title=f"{title}: each gap not queued ahead (seconds from the drop)"))
     deep = MODES["pueue2"].title
     if deep in results:
         print(f"\nissue 11 target for {deep}:")
         print("\n".join(verdict(results[deep])))
+    targets = issue19_rows(results, columns)
+    if targets:
+        print()
+        print(table(["issue 19 (30 cases of 2 s, 3 GPUs)", "median gap s", "target", "", "wall / ideal", "target", "",
+                     "load 1 min, start -> end"], targets))
     print(common.machine_line("end"))
     return 0
 

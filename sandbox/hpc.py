@@ -10,6 +10,11 @@ host; the config then has a ``hosts:`` list (``gpu1`` and ``gpu2``, or a pueue h
 ``cluster``), each with its own remote folder, and ``hpc:`` gives their common defaults.
 ``down(root)`` stops whatever runs. Used by ``mqic sandbox up|down``, the end-to-end tests
 and the benchmarks.
+
+``up(root, ..., login_delays={"gpu2": 3.0})`` makes a host slow: every remote command,
+transfer or shell on it first waits that many seconds in its login path (``sandbox.sshd``'s
+``login_delay``; ``host.sshd.set_login_delay(S)`` changes it while it runs), like a busy
+login node. The host of a one-host sandbox is named ``hpc``.
 """
 from __future__ import annotations
 
@@ -173,7 +178,8 @@ def config_data(root: Path, endpoint: SshEndpoint | None, pueue_bin: Path | None
 
 def up(root: Path, *, project_root: Path | None = None, groups: dict | None = None,
        pueue_format: str = "v4", slurm: bool = False, partitions: dict | None = None,
-       second_host: str | None = None, second_groups: dict | None = None, **sections: dict) -> Sandbox:
+       second_host: str | None = None, second_groups: dict | None = None,
+       login_delays: dict[str, float] | None = None, **sections: dict) -> Sandbox:
     """Start (or re-attach to) the sandbox HPC under ``root`` and write its config.
 
     ``slurm``: a real single-node Slurm (needs root and its Debian packages; raises
@@ -181,6 +187,7 @@ def up(root: Path, *, project_root: Path | None = None, groups: dict | None = No
     ("pueue" or "slurm"): a second host with its own sshd; the first is then named
     ``gpu1`` (``cluster`` with ``slurm``), the second ``gpu2`` (``cluster`` for Slurm,
     one cluster only) with ``second_groups``; ``partitions`` are the Slurm host's.
+    ``login_delays``: {host name: seconds} every login to that host waits first (a slow host).
     """
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -188,8 +195,9 @@ def up(root: Path, *, project_root: Path | None = None, groups: dict | None = No
         (root / sub).mkdir(exist_ok=True)
     project = project_root or Path(__file__).resolve().parents[1]
     first_kind = "slurm" if slurm else "pueue"
+    delays = login_delays or {}
     if second_host is None:
-        first = start_host(root, "hpc", first_kind, root, pueue_format=pueue_format)
+        first = start_host(root, "hpc", first_kind, root, pueue_format=pueue_format, login_delay=delays.get("hpc"))
         data = config_data(root, first.endpoint, first.bin.get("pueue"), project_root=project, groups=groups,
                            slurm_bin=first.bin["sbatch"].parent if slurm else None, partitions=partitions,
                            **sections)
@@ -198,9 +206,12 @@ def up(root: Path, *, project_root: Path | None = None, groups: dict | None = No
         raise ValueError(f"second_host: got {second_host!r}, expected one of {', '.join(HOST_KINDS)}")
     if slurm and second_host == "slurm":
         raise ValueError("second_host: the sandbox runs one Slurm cluster; make one of the hosts pueue")
-    first = start_host(root, "cluster" if slurm else "gpu1", first_kind, root, pueue_format=pueue_format)
+    first_name = "cluster" if slurm else "gpu1"
+    first = start_host(root, first_name, first_kind, root, pueue_format=pueue_format,
+                       login_delay=delays.get(first_name))
     second_name = "cluster" if second_host == "slurm" else "gpu2"
-    second = start_host(root, second_name, second_host, root / HOSTS_DIR / second_name, pueue_format=pueue_format)
+    second = start_host(root, second_name, second_host, root / HOSTS_DIR / second_name, pueue_format=pueue_format,
+                        login_delay=delays.get(second_name))
     entries = [_entry(first, groups, partitions), _entry(second, second_groups, partitions)]
     data = config_data(root, None, None, project_root=project, hosts=entries, **sections)
     share_gpu_stand_in(data, (first, second))
@@ -231,15 +242,17 @@ def _write_config(root: Path, data: dict, hosts: tuple[SandboxHost, ...]) -> San
     return Sandbox(root=root, config_path=config_path, hosts=hosts)
 
 
-def start_host(root: Path, name: str, backend: str, folder: Path, *, pueue_format: str = "v4") -> SandboxHost:
+def start_host(root: Path, name: str, backend: str, folder: Path, *, pueue_format: str = "v4",
+               login_delay: float | None = None) -> SandboxHost:
     """Start (or re-attach to) one host in ``folder``: its sshd, then its pueue stand-in or Slurm.
 
     The first host lives in ``root`` itself (``root/sshd``, ``root/bin``, ``root/remote``), as
-    it always has; its remote folder is ``folder/remote``.
+    it always has; its remote folder is ``folder/remote``. ``login_delay``: a slow host (every
+    login waits that many seconds; see ``sandbox.sshd``).
     """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "remote").mkdir(exist_ok=True)
-    endpoint = SandboxSshd(folder / "sshd").start()
+    endpoint = SandboxSshd(folder / "sshd", login_delay=login_delay).start()
     if backend == "slurm":
         bin_dir = start_slurm(folder / "slurm")
         wrappers = {command: bin_dir / command for command in CLIENT_COMMANDS}

@@ -13,6 +13,12 @@ Usage::
 
 or from a shell: ``python -m sandbox.sshd start|stop|status ROOT`` (``start --no-sftp``: an sshd
 without the SFTP subsystem, as on HPCs where OpenSSH 9 ``scp`` cannot copy).
+
+A slow host (``login_delay``, or ``start --login-delay S``): every session (remote command,
+transfer, shell) goes through a small login script (``ForceCommand``) that first sleeps the
+seconds in ``ROOT/login_delay_seconds``, read at each login, like a busy login node or a slow
+``module``/conda init, and notes the login in ``ROOT/logins.log``. ``set_login_delay`` changes
+it while the server runs. Without it the server has no such script, as before.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import argparse
 import json
 import os
 import pwd
+import shlex
 import signal
 import socket
 import subprocess
@@ -114,6 +121,18 @@ class _Layout:
     def state_file(self) -> Path:
         return self.root / "state.json"
 
+    @property
+    def login_delay(self) -> Path:
+        return self.root / "login_delay_seconds"
+
+    @property
+    def login_script(self) -> Path:
+        return self.root / "login.sh"
+
+    @property
+    def login_log(self) -> Path:
+        return self.root / "logins.log"
+
 
 class SandboxSshd:
     """One sshd listening on 127.0.0.1, run as the current user, owned by ``root``.
@@ -122,10 +141,12 @@ class SandboxSshd:
     started by another process), it only returns the endpoint.
     """
 
-    def __init__(self, root: Path, port: int | None = None, *, sftp: bool = True):
+    def __init__(self, root: Path, port: int | None = None, *, sftp: bool = True,
+                 login_delay: float | None = None):
         self._layout = _Layout(Path(root).resolve())
         self._requested_port = port
         self._sftp = sftp  # False: no ``Subsystem sftp``, like HPCs where OpenSSH 9 scp fails
+        self._login_delay = login_delay  # seconds every login sleeps (a slow host); None: no login script
         self._process: subprocess.Popen[bytes] | None = None
         self.endpoint: SshEndpoint | None = None
 
@@ -152,6 +173,8 @@ class SandboxSshd:
         Returns once the port accepts a TCP connection and sends the SSH banner.
         Raises ``SandboxSshdError`` with the tail of the sshd log if it does not.
         """
+        if self._login_delay is not None:
+            self.set_login_delay(self._login_delay)
         if self.is_running():
             return self._endpoint_from_state()
         layout = self._layout
@@ -162,7 +185,11 @@ class SandboxSshd:
         port, user = self._port_and_user()
         self._write_state(port, user)
         self._write_client_files(port)
-        layout.config.write_text(_sshd_config_text(layout, port, user, sftp=self._sftp))
+        # A slow host stays slow across restarts (an outage test's stop and start): the file says so.
+        slow = layout.login_delay.exists()
+        if slow:
+            _write_login_script(layout)
+        layout.config.write_text(_sshd_config_text(layout, port, user, sftp=self._sftp, login_script=slow))
         self.endpoint = self._endpoint_for(port, user)
         self._launch_and_wait(port)
         return self.endpoint
@@ -206,6 +233,30 @@ class SandboxSshd:
         listed = subprocess.run(["ssh-keygen", "-l", "-f", str(self._layout.host_key.with_suffix(".pub"))],
                                 capture_output=True, text=True, check=True)
         return listed.stdout.split()[1]
+
+    def set_login_delay(self, seconds: float) -> None:
+        """Make every later login sleep ``seconds`` first (0: no sleep, the login script stays).
+
+        Takes effect at once on a server started with a login delay; on one started without,
+        at its next start.
+        """
+        if seconds < 0:
+            raise ValueError(f"login delay: got {seconds!r}, expected seconds >= 0")
+        self._layout.root.mkdir(parents=True, exist_ok=True)
+        staging = self._layout.login_delay.with_suffix(".partial")
+        staging.write_text(f"{seconds:g}\n")
+        os.rename(staging, self._layout.login_delay)
+
+    def logins(self) -> list[tuple[float, float]]:
+        """(epoch seconds, delay slept) of each login through the slow-host login script so far."""
+        if not self._layout.login_log.exists():
+            return []
+        found = []
+        for line in self._layout.login_log.read_text(errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) == 2:
+                found.append((float(fields[0]), float(fields[1])))
+        return found
 
     def sessions_started(self) -> int:
         """How many sessions (commands, shells, subsystems) the server started, from its log."""
@@ -344,7 +395,38 @@ class SandboxSshd:
 
 # --- setup helpers ----------------------------------------------------------
 
-def _sshd_config_text(layout: _Layout, port: int, user: str, *, sftp: bool = True) -> str:
+SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
+
+# The slow host's login path. sshd runs it through the user's login shell (which reads its rc files
+# as for any command); the command is then run by the same shell without reading them again (bash
+# reads ~/.bashrc for an ssh command only at shell level 1; the first bash lowered SHLVL to 0 when it
+# exec'ed this script), so the only extra cost is the sleep and one small sh.
+LOGIN_SCRIPT = """#!/bin/sh
+# Written by sandbox/sshd.py: a slow host's login path (the delay file is read at every login).
+delay=$(cat {delay} 2>/dev/null) || delay=0
+case "$delay" in ''|0) ;; *) sleep "$delay" ;; esac
+echo "$(date +%s.%N) ${{delay:-0}}" >> {log}
+case "$SSH_ORIGINAL_COMMAND" in
+  '') exec "${{SHELL:-/bin/sh}}" -l ;;
+  internal-sftp) exec {sftp_server} ;;
+  *) SHLVL=1 exec "${{SHELL:-/bin/sh}}" -c "$SSH_ORIGINAL_COMMAND" ;;
+esac
+"""
+
+
+def login_script_text(delay_file: Path, log_file: Path, sftp_server: Path = SFTP_SERVER) -> str:
+    """The slow host's login script: sleep what ``delay_file`` says, note the login, run the command."""
+    return LOGIN_SCRIPT.format(delay=shlex.quote(str(delay_file)), log=shlex.quote(str(log_file)),
+                               sftp_server=shlex.quote(str(sftp_server)))
+
+
+def _write_login_script(layout: _Layout) -> None:
+    layout.login_script.write_text(login_script_text(layout.login_delay, layout.login_log))
+    layout.login_script.chmod(0o755)
+
+
+def _sshd_config_text(layout: _Layout, port: int, user: str, *, sftp: bool = True,
+                      login_script: bool = False) -> str:
     lines = [
         f"ListenAddress {LOOPBACK}",
         f"Port {port}",
@@ -370,6 +452,8 @@ def _sshd_config_text(layout: _Layout, port: int, user: str, *, sftp: bool = Tru
     ]
     if sftp:
         lines.append("Subsystem sftp internal-sftp")
+    if login_script:
+        lines.append(f"ForceCommand {layout.login_script}")
     return "# Written by sandbox/sshd.py; rewritten on every start.\n" + "\n".join(lines) + "\n"
 
 
@@ -451,17 +535,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path)
     parser.add_argument("--no-sftp", dest="sftp", action="store_false",
                         help="start without the SFTP subsystem (as some HPCs run sshd)")
+    parser.add_argument("--login-delay", type=float, metavar="S",
+                        help="start as a slow host: every login sleeps S seconds first")
     args = parser.parse_args(argv)
     try:
-        return _run_action(args.action, args.root, sftp=args.sftp)
+        return _run_action(args.action, args.root, sftp=args.sftp, login_delay=args.login_delay)
     except SandboxSshdError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
 
-def _run_action(action: str, root: Path, *, sftp: bool = True) -> int:
+def _run_action(action: str, root: Path, *, sftp: bool = True, login_delay: float | None = None) -> int:
     if action == "start":
-        print(json.dumps(SandboxSshd(root, sftp=sftp).start().to_json_dict()))
+        print(json.dumps(SandboxSshd(root, sftp=sftp, login_delay=login_delay).start().to_json_dict()))
         return 0
     try:
         sandbox = SandboxSshd.from_state(root)

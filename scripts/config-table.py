@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Rewrite README.md's configuration table from the config keys declared in shared/config.py.
+"""Rewrite README.md's configuration table from the config key declarations (config.py, each scheduler's).
 
     scripts/config-table.py           rewrite the table in README.md (between its config-table markers)
     scripts/config-table.py --check   change nothing; exit 1 when README's table differs from the declarations
 
-Edit a key's default or help where it is declared (its ``setting(...)`` in shared/config.py), then run this.
+Edit a key's default or help where it is declared (its ``setting(...)`` in shared/config.py, or in a scheduler's
+module under shared/backends/), then run this.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if wanted == readme:
         return 0
     if args.check:
-        print(f"{args.readme}: the configuration table differs from shared/config.py; run scripts/config-table.py",
+        print(f"{args.readme}: the configuration table differs from the declarations; run scripts/config-table.py",
               file=sys.stderr)
         return 1
     args.readme.write_text(wanted, encoding="utf-8")

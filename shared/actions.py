@@ -65,7 +65,7 @@ class Operator:
 
 def failed_case_ids(conn: sqlite3.Connection, outcome: str | None = None) -> list[int]:
     """Ids of the failed cases, optionally only those with ``outcome``."""
-    query = "SELECT case_id FROM cases WHERE status = 'failed'" + (" AND outcome = ?" if outcome else "")
+    query = f"SELECT case_id FROM cases WHERE status = {CaseStatus.FAILED.sql}" + (" AND outcome = ?" if outcome else "")
     return [row[0] for row in conn.execute(query + " ORDER BY case_id", (outcome,) if outcome else ())]
 
 
@@ -97,7 +97,7 @@ def retryable(op: Operator, case: Case) -> Case:
     """``case`` if it may be retried as far as our own records tell; Refused otherwise."""
     if case.status is not CaseStatus.FAILED:
         raise Refused(f"case {case.case_id} is {case.status.value}: only failed cases can be retried")
-    zombie = op.conn.execute("SELECT pueue_group FROM gpu_resources WHERE status = 'zombie'"
+    zombie = op.conn.execute(f"SELECT pueue_group FROM gpu_resources WHERE status = {SlotStatus.ZOMBIE.sql}"
                              " AND assigned_case_id = ?", (case.case_id,)).fetchone()
     if zombie is not None:
         raise Refused(f"case {case.case_id}: its previous task may still run (slot {zombie[0]} is zombie "

@@ -8,12 +8,18 @@ listing every problem, one per line, each naming the key, the value and what was
 expected; programs turn it into exit code 2. Relative paths are resolved against
 ``root_dir``, which defaults to the parent of the folder that holds the config file (the
 project root for ``config/config.yaml``).
+
+What a scheduler needs of the config is its registry entry's part (``shared.backends``),
+declared in its own module: where a host's slots are configured and how they are read
+(``slot_keys``), the top-level sections it declares (``sections``, found as
+``config.<name>``) and the keys it adds to ``hpc`` and every ``hosts`` entry
+(``host_keys``, found as ``host.hpc.<key>``). This module reads them for every entry, so
+it names no scheduler, and adding one needs no edit here.
 """
 from __future__ import annotations
 
 import os
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,28 +27,27 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from shared.backends import NAMES as SCHEDULER_NAMES
-from shared.backends.slurm_parse import sbatch_line
-from shared.config_keys import (BAD, Entries, Invalid, Problems, Section, Setting, bad, choice, did_you_mean, flag,
-                                known, local_path, markdown_table, number, optional, read, replace_between, rows,
-                                setting, settings, text)
+from shared.backends import DEFAULT, NAMES, SlotConfig, SlotKeys, schedulers
+from shared.backends import scheduler as scheduler_entry
+from shared.config_keys import (BAD, NAME, Entries, Invalid, Problems, Section, Setting, bad, choice, command_line,
+                                did_you_mean, flag, joined, known, local_path, markdown_table, number, optional, read,
+                                regex, replace_between, rows, setting, settings, text)
 from shared.errors import ConfigError
 
 DEFAULT_CONFIG = "config/config.yaml"
 DEFAULT_REMOTE_COMMAND = "python interpreter.py && python moquisim.py"
-DEFAULT_PROGRESS_PATTERN = r"Generating particles for \((?P<done>\d+) of (?P<total>\d+) batches\)"
-GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SECRET_KEY = re.compile(r"pass(word|wd|phrase)?$|secret|^pwd$", re.IGNORECASE)
 TRANSFER_METHODS = ("scp", "tar", "rsync")
-BACKENDS = SCHEDULER_NAMES  # the registry's names (shared.backends.MODULES)
-SLURM_WORD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,127}$")
+BACKENDS = NAMES  # the registry's names (shared.backends.MODULES)
 NOTIFY_EVENTS = ("completed", "failed", "flagged", "unreachable", "share")
 SAFE_REMOTE_PATH = re.compile(r"^~?[A-Za-z0-9_./+-]*$")
-INSECURE_SSH_OPTION = re.compile(
-    r"StrictHostKeyChecking\s*=?\s*(no|off|accept-new)|PasswordAuthentication\s*=?\s*yes|"
-    r"BatchMode\s*=?\s*no|UserKnownHostsFile\s*=?\s*/dev/null", re.IGNORECASE)
 DEFAULT_HOST_NAME = "hpc"  # the name of the one host of a config without ``hosts:``
 LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
+
+# What the schedulers declare (each registry entry's part of the config, see the module's docstring).
+SCHEDULERS = schedulers()
+SLOT_KEYS: tuple[SlotKeys, ...] = tuple(dict.fromkeys(entry.slot_keys for entry in SCHEDULERS))  # some share one
+SCHEDULER_SECTIONS: dict[str, type] = {name: cls for entry in SCHEDULERS for name, cls in entry.sections.items()}
 
 
 # -- kinds: how one value is read (each returns the value or raises Invalid) --------------------
@@ -52,29 +57,6 @@ def file_name(value: Any) -> str:
     if "/" in name or name in (".", ".."):
         raise bad(name, "a plain file name")
     return name
-
-
-def regex(value: Any) -> str:
-    try:
-        re.compile(text(value))
-    except re.error as exc:
-        raise bad(value, f"a regular expression ({exc})") from None
-    return value
-
-
-def command_line(value: Any) -> tuple[str, ...]:
-    """A command line split into words (no shell), refusing options that weaken ssh's checks."""
-    value = text(value)
-    if INSECURE_SSH_OPTION.search(value):
-        raise bad(value, "no option that weakens key or host-key checking (hosts are verified against "
-                         "hpc.known_hosts_file)")
-    try:
-        words = tuple(shlex.split(value))
-    except ValueError as exc:
-        raise bad(value, f"a command line ({exc})") from None
-    if not words:
-        raise bad(value, "a command line")
-    return words
 
 
 def command_template(value: Any) -> str:
@@ -131,51 +113,15 @@ def relative_globs(value: Any) -> tuple[str, ...]:
 
 
 def host_name(value: Any) -> str:
-    if not isinstance(value, str) or not GROUP_NAME.match(value):
+    if not isinstance(value, str) or not NAME.match(value):
         raise bad(value, "a host name of letters, digits, '_', '-', '.'")
     return value
 
 
 def host_list(value: Any) -> list:
     if not isinstance(value, list) or not value:
-        raise bad(value, "a list of hosts, each with a name, ssh settings and groups (pueue) or partitions (Slurm)")
-    return value
-
-
-def gpu_index(value: Any) -> str:
-    if isinstance(value, bool) or not re.fullmatch(r"[0-9A-Za-z,:-]+", str(value)):
-        raise bad(value, "a GPU index such as 0 or '0,1'")
-    return str(value)
-
-
-def progress_regex(value: Any) -> str:
-    if not {"done", "total"} <= set(re.compile(regex(value)).groupindex):
-        raise bad(value, "named groups 'done' and 'total'")
-    return value
-
-
-def slurm_word(value: Any) -> str:
-    if not isinstance(value, str) or not SLURM_WORD.match(value):
-        raise bad(value, "one word of letters, digits and _ . : + = -")
-    return value
-
-
-def sbatch_lines(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
-        raise bad(value, "a list of options such as --mem=16G")
-    for line in value:
-        try:
-            sbatch_line(line)
-        except ValueError:
-            raise bad(line, "one sbatch option such as --mem=16G or '#SBATCH --cpus-per-task=4'") from None
-    return tuple(value)
-
-
-def hpc_folder(value: Any) -> str:
-    if value is None:
-        return ""
-    if not text(value).startswith("/"):
-        raise bad(value, "an absolute folder on the HPC")
+        slots = " or ".join(f"{_first_key(keys)} ({keys.noun})" for keys in SLOT_KEYS)
+        raise bad(value, f"a list of hosts, each with a name, ssh settings and {slots}")
     return value
 
 
@@ -258,7 +204,7 @@ class HpcConfig:
     remote_base_dir: str = setting(
         remote_path, help="absolute or `~/…` (expanded on the HPC); letters, digits, `_ . / + -`")
     backend: str = setting(
-        choice(*BACKENDS), "pueue", "`pueue` (slots are `pueue.groups`), `slurm` (slots are `slurm.partitions`, "
+        choice(*BACKENDS), DEFAULT, "`pueue` (slots are `pueue.groups`), `slurm` (slots are `slurm.partitions`, "
                                     "see \"Running on a Slurm cluster\") or `direct` (no scheduler; slots are "
                                     "`pueue.groups`, see \"Running on one GPU box without a scheduler\")")
     ssh_command: tuple[str, ...] = setting(
@@ -267,7 +213,6 @@ class HpcConfig:
     scp_command: tuple[str, ...] = setting(
         command_line, "scp", "as `ssh_command`, for scp; `scp -O` (legacy protocol) where the HPC's sshd has no SFTP "
                         "server")
-    pueue_command: tuple[str, ...] = setting(command_line, "pueue", "path of pueue on the HPC (pueue only)")
     connect_timeout_seconds: float = setting(number(positive=True), 10, "ssh connect timeout")
     command_timeout_seconds: float = setting(number(positive=True), 60, "limit for one remote command")
     upload_timeout_seconds: float = setting(number(positive=True), 3600, "limit for one upload")
@@ -302,67 +247,8 @@ class HpcConfig:
         "the `data` extraction filter runs as well where Python has it (3.11.4+)")
 
 
-@dataclass(frozen=True, kw_only=True)
-class GroupConfig:
-    """One pueue group of ours: an entry of ``pueue.groups`` (or of a host's ``groups``)."""
-    name: str
-    gpu: str | None = setting(optional(gpu_index), None,
-                              "pins `CUDA_VISIBLE_DEVICES` to this GPU index (e.g. `0`, or `'0,1'`)")
-    parallel: int = setting(number(minimum=1, integer=True), 1, "how many tasks pueue runs at once in the group")
-    depth: int = setting(
-        number(minimum=1, integer=True), 1,
-        "how many of our cases the group holds at once, running or queued in pueue behind each other (`depth: 2` "
-        "puts the next case in the group's queue while one runs, so pueue starts it the moment the GPU frees)")
-
-
-GROUPS = Setting(
-    Entries(GroupConfig, "group name", GROUP_NAME, "a non-empty mapping of group names", names_alone=True),
-    {"default": {}},
-    "a pueue host's slots, its GPU groups by name, e.g. `{gpu_a: {gpu: 0}, gpu_b: {gpu: 1}}` (a list of names "
-    "takes every default). Refused with `hpc.backend: slurm` and with `hosts:` (each host has its own `groups`)")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PartitionConfig:
-    """One slot of ours on a Slurm cluster: the partition its jobs go to, and how."""
-    name: str
-    partition: str = setting(slurm_word, help="the partition its jobs go to (several slots may name the same one)")
-    account: str | None = setting(optional(slurm_word), None, "`sbatch --account`")
-    qos: str | None = setting(optional(slurm_word), None, "`sbatch --qos`")
-    gres: str | None = setting(optional(slurm_word), None, "`sbatch --gres`, e.g. `gpu:1`")
-    extra_sbatch: tuple[str, ...] = setting(
-        sbatch_lines, [], "more `sbatch` options, one per item, such as `--mem=16G` (a leading `#SBATCH` is accepted)")
-    depth: int = setting(number(minimum=1, integer=True), 1,
-                         "how many of our cases the slot holds at a time, running or pending in Slurm's queue")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SlurmConfig:
-    """A Slurm host's slots (the ``slurm`` section, or the ``partitions`` and ``bin_dir`` of a ``hosts`` entry)."""
-    partitions: tuple[PartitionConfig, ...] = setting(
-        Entries(PartitionConfig, "slot name", GROUP_NAME, "a mapping of slot names to partition settings, e.g. "
-                                                          "{gpu_a: {partition: gpu, gres: 'gpu:1'}}"),
-        None, "our slots by name, e.g. `{gpu_a: {partition: gpu, gres: 'gpu:1'}}`; every value a single word of "
-              "letters, digits, `_ . : + = -`. Refused with `hpc.backend: pueue` and with `hosts:`",
-        shown="required with `hpc.backend: slurm`")
-    bin_dir: str = setting(hpc_folder, None, "absolute folder of `sbatch`, `squeue`, `scancel`, `sinfo` on the HPC",
-                           shown="none (the PATH)")
-
-
-@dataclass(frozen=True)
-class SlotConfig:
-    """A slot of ours on one host, whatever the backend: a pueue group or a Slurm partition entry.
-
-    ``depth`` is how many of our cases it holds at once, running or queued behind each
-    other on the HPC (each is one seat row in the database). ``gpu`` pins a device
-    (pueue: ``CUDA_VISIBLE_DEVICES``); ``gres`` asks Slurm for one.
-    """
-    name: str
-    gpu: str | None = None
-    gres: str | None = None
-    parallel: int = 1
-    depth: int = 1
-
+# ``hpc`` holds the keys every scheduler adds to it (such as where its command is) after its own.
+HpcConfig = joined(HpcConfig, keys=[entry.host_keys for entry in SCHEDULERS if entry.host_keys is not None])
 
 HOST_NAME = Setting(host_name, DEFAULT_HOST_NAME, "the host's name in the database, logs, metrics and "
                                                   "`mqic drain` (a config without `hosts:`)")
@@ -373,11 +259,16 @@ HOSTS = Setting(host_list, None, "several hosts: a list of entries, each with `n
 
 @dataclass(frozen=True)
 class HostConfig:
-    """One HPC host: how to reach it (``hpc``), its scheduler and its slots."""
+    """One HPC host: how to reach it (``hpc``), its scheduler and its slots.
+
+    ``slot_config`` holds the keys that configure its slots, read as its scheduler's
+    ``slot_keys`` declare them (None when its backend is unknown); they are also read as the
+    host's own attributes (``host.groups`` on a pueue host). ``slots`` are the same, in our
+    words.
+    """
     name: str
     hpc: HpcConfig
-    groups: tuple[GroupConfig, ...] = ()
-    slurm: SlurmConfig | None = None
+    slot_config: Any = None
 
     @property
     def backend(self) -> str:
@@ -385,20 +276,14 @@ class HostConfig:
 
     @property
     def slots(self) -> tuple[SlotConfig, ...]:
-        """The Slurm partition entries on a Slurm host, else the pueue groups."""
-        if self.slurm is not None:
-            return tuple(SlotConfig(name=p.name, gres=p.gres, depth=p.depth) for p in self.slurm.partitions)
-        return tuple(SlotConfig(name=g.name, gpu=g.gpu, parallel=g.parallel, depth=g.depth) for g in self.groups)
+        """Its slots in our words, whatever its scheduler calls them."""
+        return () if self.slot_config is None else self.slot_config.slots()
 
-
-@dataclass(frozen=True, kw_only=True)
-class PueueConfig:
-    resume_paused_groups: bool = setting(flag, False, "resume groups that a pueued restart paused")
-    log_lines: int = setting(number(minimum=1, integer=True), 15,
-                             "log lines read per pass and kept as a failed case's log tail (Slurm too)")
-    progress_pattern: str = setting(progress_regex, DEFAULT_PROGRESS_PATTERN,
-                                    "regex with named groups `done` and `total` (Slurm too)",
-                                    shown="MOQUI's `Generating particles for (i of N batches)`")
+    def __getattr__(self, name: str) -> Any:
+        slot_config = self.__dict__.get("slot_config")
+        if name.startswith("_") or slot_config is None or name not in settings(type(slot_config)):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(slot_config, name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -596,7 +481,6 @@ class Config:
     source: Path
     scanner: ScannerConfig
     hosts: tuple[HostConfig, ...]
-    pueue: PueueConfig
     main_loop: MainLoopConfig
     database: DatabaseConfig
     spool: SpoolConfig
@@ -636,14 +520,20 @@ class Config:
         return sum(slot.depth for host in self.hosts for slot in host.slots)
 
 
+# The config holds the sections the schedulers declare too, each under its name (``config.<name>``).
+Config = joined(Config, fields=SCHEDULER_SECTIONS.items())
+
+
 # -- reading the file ----------------------------------------------------------------------------
 
-SECTIONS = ("root_dir", "scanner", "hpc", "hosts", "pueue", "slurm", "main_loop", "database", "spool",
-            "logging", "metrics", "health", "scheduling", "results", "retention", "notify", "web", "gpus")
-PLAIN_SECTIONS = {"pueue": PueueConfig, "main_loop": MainLoopConfig, "database": DatabaseConfig,
-                  "spool": SpoolConfig, "logging": LoggingConfig, "metrics": MetricsConfig, "health": HealthConfig,
+PLAIN_SECTIONS = {"main_loop": MainLoopConfig, "database": DatabaseConfig, "spool": SpoolConfig,
+                  "logging": LoggingConfig, "metrics": MetricsConfig, "health": HealthConfig,
                   "scheduling": SchedulingConfig, "results": ResultsConfig, "retention": RetentionConfig,
                   "notify": NotifyConfig, "web": WebConfig, "gpus": GpusConfig}
+# The sections of the schedulers, each entry's slot section then its own: they come after ``hosts``.
+SCHEDULER_SECTION_NAMES = tuple(dict.fromkeys(name for entry in SCHEDULERS
+                                              for name in (entry.slot_keys.section, *entry.sections)))
+SECTIONS = ("root_dir", "scanner", "hpc", "hosts", *SCHEDULER_SECTION_NAMES, *PLAIN_SECTIONS)
 
 
 def _refuse_secrets(data: Any, problems: Problems, prefix: str = "") -> None:
@@ -665,55 +555,78 @@ def _secret(key: str) -> bool:
     return SECRET_KEY.search(key) is not None
 
 
-def _groups(s: Section, default: Any = None) -> tuple[GroupConfig, ...]:
-    """A pueue host's slots: the ``groups`` key of ``s`` (``pueue``, or a ``hosts`` entry)."""
-    return s.get("groups", GROUPS, default)
+def _first_key(keys: SlotKeys) -> str:
+    """The key that names a host's slots (``groups``, ``partitions``)."""
+    return next(iter(settings(keys.keys)))
 
 
-def _slurm(s: Section) -> SlurmConfig:
-    """A Slurm host's slots: ``partitions`` and ``bin_dir`` of ``s`` (``slurm``, or a ``hosts`` entry)."""
-    return read(SlurmConfig, s)
+def _alone(keys: SlotKeys) -> bool:
+    """True when the section of ``keys`` holds nothing else (no scheduler declares it as a section)."""
+    return keys.section not in SCHEDULER_SECTIONS
+
+
+def _owners(keys: SlotKeys) -> str:
+    return " or ".join(entry.name for entry in SCHEDULERS if entry.slot_keys == keys)
+
+
+def _unused_slot_keys(keys: SlotKeys, section: Section, why: str | None) -> None:
+    """The slot keys of ``keys`` in ``section``, which this config does not use: record ``why`` for each
+    one given (for the section, when it holds them alone); ``why`` None: record nothing."""
+    names = list(section.data) if _alone(keys) else list(settings(keys.keys))
+    section.used.update(names)
+    given = [name for name in names if name in section.data]
+    if why is None or not given:
+        return
+    if _alone(keys):
+        section.problems.add(section.name, why)
+    else:
+        for name in given:
+            section.problem(name, why)
 
 
 def _host(name: str, s: Section) -> HostConfig:
-    """A ``hosts`` entry: its ssh and command keys, and its slots as its backend reads them."""
+    """A ``hosts`` entry: its ssh and command keys, and its slots as its backend reads them.
+
+    Each host names its own slots: a key of named entries (its groups, its partitions) has no
+    default here.
+    """
     hpc = read(HpcConfig, s)
     if hpc.backend is BAD:  # its problem is recorded; the slots cannot be told apart
-        s.used.update(("groups", *settings(SlurmConfig)))
+        s.used.update(key for keys in SLOT_KEYS for key in settings(keys.keys))
         return HostConfig(name=name, hpc=hpc)
-    if hpc.backend == "slurm":
-        return HostConfig(name=name, hpc=hpc, slurm=_slurm(s))
-    return HostConfig(name=name, hpc=hpc, groups=_groups(s))
+    keys = scheduler_entry(hpc.backend).slot_keys
+    named = {key: None for key, declared in settings(keys.keys).items() if isinstance(declared.kind, Entries)}
+    return HostConfig(name=name, hpc=hpc, slot_config=read(keys.keys, s, defaults=named))
 
 
 def _single_host(sections: dict[str, Section]) -> HostConfig:
-    """The one host of a config without ``hosts:``: ``hpc`` with ``pueue.groups`` or ``slurm``."""
-    hpc_section, pueue, slurm = sections["hpc"], sections["pueue"], sections["slurm"]
+    """The one host of a config without ``hosts:``: ``hpc``, with its slots from its backend's section."""
+    hpc_section = sections["hpc"]
     name = hpc_section.get("name", HOST_NAME)
     hpc = read(HpcConfig, hpc_section)
-    pueue.used.add("groups")
-    if hpc.backend == "slurm":
-        if "groups" in pueue.data:
-            pueue.problem("groups", "not used with hpc.backend slurm: the slots are slurm.partitions")
-        return HostConfig(name=name, hpc=hpc, slurm=_slurm(slurm))
-    slurm.used.update(slurm.data)  # refused whole below, or its backend is unknown
-    if hpc.backend is BAD:  # its problem is recorded; the slots cannot be told apart
+    chosen = None if hpc.backend is BAD else scheduler_entry(hpc.backend).slot_keys
+    for keys in SLOT_KEYS:
+        if keys == chosen:
+            continue
+        if chosen is None:  # its problem is recorded; the slots cannot be told apart
+            why = None
+        elif _alone(keys):
+            why = f"given, but hpc.backend is {hpc.backend!r} (set hpc.backend: {_owners(keys)} to use it)"
+        else:
+            why = f"not used with hpc.backend {hpc.backend}: the slots are {chosen.section}.{_first_key(chosen)}"
+        _unused_slot_keys(keys, sections[keys.section], why)
+    if chosen is None:
         return HostConfig(name=name, hpc=hpc)
-    if slurm.data:
-        slurm.problems.add("slurm", f"given, but hpc.backend is {hpc.backend!r} (set hpc.backend: slurm to use it)")
-    return HostConfig(name=name, hpc=hpc, groups=_groups(pueue, GROUPS.default))
+    return HostConfig(name=name, hpc=hpc, slot_config=read(chosen.keys, sections[chosen.section]))
 
 
 def _hosts(raw: Any, sections: dict[str, Section]) -> tuple[HostConfig, ...]:
     """The ``hosts:`` list; each entry is ``hpc:`` (the defaults) overridden by the entry's own keys."""
-    defaults, pueue, slurm = sections["hpc"], sections["pueue"], sections["slurm"]
+    defaults = sections["hpc"]
     defaults.used.update(defaults.data)  # the hosts' defaults, checked in each host
-    slurm.used.update(slurm.data)
-    pueue.used.add("groups")
-    if slurm.data:
-        slurm.problems.add("slurm", "not used with hosts: give each Slurm host its partitions and bin_dir")
-    if "groups" in pueue.data:
-        pueue.problem("groups", "not used with hosts: give each pueue host its groups")
+    for keys in SLOT_KEYS:
+        _unused_slot_keys(keys, sections[keys.section], f"not used with hosts: give each {keys.noun} host its "
+                                                        f"{' and '.join(settings(keys.keys))}")
     try:
         entries = HOSTS.kind(raw)
     except Invalid as exc:
@@ -818,7 +731,7 @@ def parse_config(data: Any, source: Path) -> Config:
                 for name in SECTIONS if name not in ("root_dir", "hosts")}
     scanner = read(ScannerConfig, sections["scanner"])  # problems are listed in the order of the sections
     hosts = _hosts(data["hosts"], sections) if "hosts" in data else (_single_host(sections),)
-    plain = {name: read(cls, sections[name]) for name, cls in PLAIN_SECTIONS.items()}
+    plain = {name: read(cls, sections[name]) for name, cls in {**SCHEDULER_SECTIONS, **PLAIN_SECTIONS}.items()}
     for section in sections.values():
         section.finish(ignore=_secret)
     config = Config(root_dir=root, source=source, scanner=scanner, hosts=hosts, **plain)
@@ -852,7 +765,7 @@ def default_config_path() -> str:
 
 # -- README's configuration table ------------------------------------------------------------------
 
-TABLE_BEGIN = "<!-- config-table: generated from the declarations in shared/config.py by scripts/config-table.py -->"
+TABLE_BEGIN = "<!-- config-table: generated from the config key declarations by scripts/config-table.py -->"
 TABLE_END = "<!-- /config-table -->"
 
 
@@ -866,7 +779,12 @@ def config_table() -> str:
     return markdown_table([
         ("root_dir", ROOT_DIR), *rows("scanner", ScannerConfig),
         ("hpc.name", HOST_NAME), *rows("hpc", HpcConfig), ("hosts", HOSTS),
-        ("pueue.groups", GROUPS), *rows("pueue.groups.<name>", GroupConfig), *rows("pueue", PueueConfig),
-        *rows("slurm", SlurmConfig), *rows("slurm.partitions.<name>", PartitionConfig),
-        *[row for name, cls in PLAIN_SECTIONS.items() if name != "pueue" for row in rows(name, cls)],
+        *[row for name in SCHEDULER_SECTION_NAMES for row in _scheduler_rows(name)],
+        *[row for name, cls in PLAIN_SECTIONS.items() for row in rows(name, cls)],
     ])
+
+
+def _scheduler_rows(name: str) -> list[tuple[str, Setting]]:
+    """The rows of a scheduler's section: the slot keys read from it, then the keys it declares."""
+    slot_rows = [row for keys in SLOT_KEYS if keys.section == name for row in rows(name, keys.keys)]
+    return slot_rows + (rows(name, SCHEDULER_SECTIONS[name]) if name in SCHEDULER_SECTIONS else [])

@@ -6,7 +6,8 @@ raises ``Invalid`` saying what was expected, ``default`` is the value as one wou
 in YAML (it goes through ``kind`` like a given value, and ``kind(default)`` is the field's
 own default), ``help`` is README's text. ``read(cls, section)`` reads every such field;
 ``rows(prefix, cls)`` gives README's table rows. Any module (a backend too) can declare a
-section this way.
+section this way, and ``joined`` makes one section of keys that several modules declare
+(each scheduler adds its own keys to ``hpc``).
 
 Reading never stops at a mistake: a ``Section`` records each problem, named by its key, in
 the ``Problems`` of the whole file and gives ``BAD`` for that key; the loader raises one
@@ -18,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -39,6 +42,7 @@ class _Marker:
 REQUIRED = _Marker("REQUIRED")  # a key with no default: missing is a problem
 BAD = _Marker("BAD")            # the value of a key whose problem was recorded
 _UNSET = _Marker("UNSET")
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a host's or a slot's name
 
 
 class Invalid(Exception):
@@ -172,10 +176,32 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"did you mean {close[0]}? " if close else "check the spelling; "
 
 
-def read(cls: type, section: Section, **given: Any) -> Any:
-    """``cls`` built from every key it declares, read from ``section``; ``given`` are its other fields."""
-    values = {name: section.get(name, declared) for name, declared in settings(cls).items()}
+def read(cls: type, section: Section, *, defaults: dict[str, Any] | None = None, **given: Any) -> Any:
+    """``cls`` built from every key it declares, read from ``section``; ``given`` are its other fields.
+
+    ``defaults`` replaces the declared default of the keys it names (None: no default, the
+    key's kind says what was expected).
+    """
+    defaults = defaults or {}
+    values = {name: section.get(name, declared, defaults.get(name, _UNSET)) for name, declared in settings(cls).items()}
     return cls(**values, **given)
+
+
+def joined(cls: type, keys: Iterable[type] = (), fields: Iterable[tuple[str, type]] = ()) -> type:
+    """``cls`` (a frozen, keyword-only dataclass) with more fields after its own, under its own name.
+
+    ``keys``: dataclasses whose settings join ``cls``'s (one section whose keys several
+    modules declare); ``fields``: more ``(name, type)`` fields, each a section read apart.
+    """
+    bases = tuple(dict.fromkeys(reversed(tuple(keys))))  # dataclass fields come in reverse MRO order
+    fields = list(fields)
+    names = [f.name for base in (cls, *bases) for f in dataclasses.fields(base)] + [name for name, _ in fields]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise TypeError(f"{cls.__name__}: declared twice: {', '.join(twice)}")  # one would hide the other
+    made = dataclasses.make_dataclass(cls.__name__, fields, bases=(*bases, cls), frozen=True, kw_only=True,
+                                      namespace={"__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    made.__module__ = cls.__module__  # where it is found by name, as ``cls`` was
+    return made
 
 
 class Entries:
@@ -207,8 +233,14 @@ class Entries:
 
 
 def rows(prefix: str, cls: type) -> list[tuple[str, Setting]]:
-    """README's rows for the keys ``cls`` declares, each named ``<prefix>.<key>``."""
-    return [(f"{prefix}.{name}", declared) for name, declared in settings(cls).items()]
+    """README's rows for the keys ``cls`` declares, each named ``<prefix>.<key>``; a key of named
+    entries is followed by the keys of one entry, ``<prefix>.<key>.<name>.<entry key>``."""
+    found = []
+    for name, declared in settings(cls).items():
+        found.append((f"{prefix}.{name}", declared))
+        if isinstance(declared.kind, Entries):
+            found.extend(rows(f"{prefix}.{name}.<name>", declared.kind.cls))
+    return found
 
 
 def markdown_table(table: Iterable[tuple[str, Setting]]) -> str:
@@ -249,6 +281,35 @@ def flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise bad(value, "true or false")
     return value
+
+
+def regex(value: Any) -> str:
+    """A regular expression (Python ``re``)."""
+    try:
+        re.compile(text(value))
+    except re.error as exc:
+        raise bad(value, f"a regular expression ({exc})") from None
+    return value
+
+
+INSECURE_SSH_OPTION = re.compile(
+    r"StrictHostKeyChecking\s*=?\s*(no|off|accept-new)|PasswordAuthentication\s*=?\s*yes|"
+    r"BatchMode\s*=?\s*no|UserKnownHostsFile\s*=?\s*/dev/null", re.IGNORECASE)
+
+
+def command_line(value: Any) -> tuple[str, ...]:
+    """A command line split into words (no shell), refusing options that weaken ssh's checks."""
+    value = text(value)
+    if INSECURE_SSH_OPTION.search(value):
+        raise bad(value, "no option that weakens key or host-key checking (hosts are verified against "
+                         "hpc.known_hosts_file)")
+    try:
+        words = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise bad(value, f"a command line ({exc})") from None
+    if not words:
+        raise bad(value, "a command line")
+    return words
 
 
 def local_path(value: Any) -> Path:

@@ -40,13 +40,6 @@ def slot_from_row(row: sqlite3.Row) -> Slot:
     return Slot(**data)
 
 
-def get_slot(conn: sqlite3.Connection, group: str, *, host: str = "hpc", seat: int = 0) -> Slot | None:
-    """Seat ``seat`` of ``group`` on ``host`` (the default names the one host of a config without ``hosts:``)."""
-    row = conn.execute("SELECT * FROM gpu_resources WHERE host = ? AND pueue_group = ? AND seat = ?",
-                       (host, group, seat)).fetchone()
-    return None if row is None else slot_from_row(row)
-
-
 def slot_of_case(conn: sqlite3.Connection, case_id: int) -> Slot | None:
     """The seat that names ``case_id`` (assigned to it, or a zombie left by it)."""
     row = conn.execute("SELECT * FROM gpu_resources WHERE assigned_case_id = ? ORDER BY slot_id LIMIT 1",

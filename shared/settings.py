@@ -32,14 +32,6 @@ def delete_setting(conn: sqlite3.Connection, key: str) -> None:
         conn.execute("DELETE FROM settings WHERE key = ?", (key,))
 
 
-def swap_setting(conn: sqlite3.Connection, key: str, old: Any, new: Any, *, now: float) -> bool:
-    """Compare-and-set: ``key`` becomes ``new`` only if it still holds ``old``."""
-    with transaction(conn):
-        cursor = conn.execute("UPDATE settings SET value = ?, updated_at = ? WHERE key = ? AND value IS ?",
-                              (new, now, key, old))
-        return cursor.rowcount == 1
-
-
 def bump(conn: sqlite3.Connection, name: str, *, now: float, by: int = 1) -> None:
     """Add ``by`` to the counter ``name`` (joins the caller's transaction if one is open)."""
     with transaction(conn):

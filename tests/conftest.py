@@ -190,6 +190,20 @@ def hpc(tmp_path, sshd):
         item.close()
 
 
+@pytest.fixture
+def memory_hpc(tmp_path):
+    """Builder ``memory_hpc(groups=..., hosts=..., programs=..., **sections)`` of a sandbox whose HPC
+    lives in memory (``tests/memory_hpc.py``) on an injected clock: the fast tier's worker tests."""
+    from tests.memory_hpc import MemorySandbox
+    made = []
+
+    def build(**settings):
+        made.append(MemorySandbox(tmp_path / f"memory{len(made)}", **settings))
+        return made[-1]
+
+    return build
+
+
 # -- Slurm: a real single-node cluster for the session, one config per test --------------------
 
 def skip_unless_slurm_can_run() -> None:
@@ -445,3 +459,11 @@ def cli(capsys, config, *args: str) -> tuple[int, str, str]:
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def get_slot(conn, slot: str, *, host: str = "hpc", seat: int = 0):
+    """Seat ``seat`` of ``slot`` on ``host`` (the default names the one host of a config without ``hosts:``)."""
+    from shared.seats import slot_from_row
+    row = conn.execute("SELECT * FROM gpu_resources WHERE host = ? AND pueue_group = ? AND seat = ?",
+                       (host, slot, seat)).fetchone()
+    return None if row is None else slot_from_row(row)

@@ -2,7 +2,9 @@
 
 Run against the pueue stand-in (the ``hpc`` fixture), a real single-node Slurm (the
 ``slurm_hpc`` fixture) and a box without a scheduler (``direct_hpc``), all over the session's
-real sshd. Each backend's slot holds one task at a time, so the next one waits. The Slurm runs
+real sshd (the system tier), and against the HPC in memory of the fast tier
+(``tests/memory_hpc.py``, no process: its programs below stand for the shell commands here,
+and each call costs one second of its clock, which the waits below let pass). Each backend's slot holds one task at a time, so the next one waits. The Slurm runs
 skip, saying why, only where Slurm cannot run here (not root, packages missing).
 """
 from __future__ import annotations
@@ -19,8 +21,6 @@ from shared.config import Config
 from shared.errors import RemoteError
 from shared.remote import Remote
 from tests.conftest import wait_until
-
-pytestmark = pytest.mark.system  # every test here starts real processes
 
 SLOT = "gpu_a"
 
@@ -60,8 +60,50 @@ class Host:
                    message=f"task {task_id} ended")
 
 
-@pytest.fixture(params=["pueue", "slurm", "direct"])
+def _sleeps(seconds: float, say=(), code: int = 0):
+    def program(run):
+        for line in say if not run.memory.get("said") else ():
+            run.say(line.format(pwd=run.workdir))
+        run.memory["said"] = True
+        return code if run.elapsed >= seconds else None
+    return program
+
+
+def _where_then(code: int):
+    def program(run):
+        Path(run.workdir, "where.txt").write_text(
+            f"{run.env['MQIC_CASE_ID']}:{run.env['MQIC_CASE_NAME']}:{run.workdir}\n")
+        return code
+    return program
+
+
+# The memory HPC runs Python programs: one for each command this suite submits.
+MEMORY_PROGRAMS = {
+    "sleep 30": _sleeps(30), "sleep 60": _sleeps(60), "true": _sleeps(0),
+    'echo "$MQIC_CASE_ID:$MQIC_CASE_NAME:$PWD" > where.txt; true': _where_then(0),
+    'echo "$MQIC_CASE_ID:$MQIC_CASE_NAME:$PWD" > where.txt; exit 3': _where_then(3),
+    "for i in 1 2 3 4 5; do echo line $i; done; sleep 30": _sleeps(30, [f"line {i}" for i in range(1, 6)]),
+    'echo "in $PWD"; sleep 3; exit 4': _sleeps(3, ["in {pwd}"], code=4),
+}
+
+
+def memory_host(request) -> Host:
+    sandbox = request.getfixturevalue("memory_hpc")(groups={SLOT: {"gpu": 0}}, programs=MEMORY_PROGRAMS)
+    sandbox.clock.now = time.time()        # the test compares the HPC's clock with ours
+    sandbox.hpc.seconds_per_call = 1.0      # time passes on the HPC while the waits below look
+    [made] = sandbox.hosts().values()
+    return Host(sandbox.config, made.remote, made.backend)
+
+
+@pytest.fixture(params=[pytest.param("pueue", marks=pytest.mark.system),
+                        pytest.param("slurm", marks=pytest.mark.system),
+                        pytest.param("direct", marks=pytest.mark.system), "memory"])
 def host(request):
+    if request.param == "memory":  # the fast tier's: no process
+        made = memory_host(request)
+        made.base.mkdir(parents=True, exist_ok=True)
+        made.backend.ensure_slots({SLOT: 1})
+        return made
     if request.param == "pueue":
         config = request.getfixturevalue("hpc")(groups={SLOT: {"gpu": 0}}).config
     elif request.param == "direct":  # no scheduler: its slot is one GPU of the box, one task at a time
@@ -175,5 +217,6 @@ def test_a_failed_submit_says_what_failed_in_the_backends_words(host):
     said = str(caught.value)
     assert said.startswith(f"{host.backend.words.submit} failed (exit 89: the submit could not be prepared")
     assert "mkdir" in said and "flock" not in said and "\n" not in said and len(said) < 400
-    others = {"pueue": ("sbatch",), "slurm": ("pueue",), "direct": ("sbatch", "pueue")}[host.backend.kind]
+    others = {"pueue": ("sbatch",), "slurm": ("pueue",), "direct": ("sbatch", "pueue"),
+              "memory": ("sbatch",)}[host.backend.kind]
     assert not [other for other in others if other in said.lower()]

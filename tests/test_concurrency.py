@@ -1,8 +1,9 @@
 """Two of each worker on one database: no double submission, no lost update, no stray folder.
 
 Real processes (``python -m workers.X --name X_i``) against the sandbox HPC, then contention
-on the database itself (threads, each with its own connection), then the two races between
-pollers that the chaos run found (see docs/chaos.md), pinned down deterministically.
+on the database itself (threads, each with its own connection), then the races between
+pollers that the chaos run found (see docs/chaos.md), pinned down deterministically on the
+HPC in memory (``tests/memory_hpc.py``, the fast tier).
 """
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import dataclasses
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+import pytest
 
 from bench.chaos import Expected, chain_problems, check_final_state
 from sandbox.casegen import make_case
 from shared import tasks, verdicts
-from shared.backends import model, pueue
+from shared.backends import model
 from shared.claims import claim_next_case
 from shared.db import connect
 from shared.seats import SeatSpec, sync_slots
 from shared.states import ALLOWED, CaseStatus, SlotStatus
 from shared.store import get_case, register_case, transition
-from shared.worker import build_context
 from tests.conftest import wait_until
 from workers import poller, reaper, scanner, submitter
 
@@ -144,17 +145,19 @@ def test_concurrent_moves_of_one_case_have_exactly_one_winner(tmp_path):
 
 # -- the poller races the chaos run found -----------------------------------------------------------
 
-def running_case_with_finished_task(h, name: str):
-    ctx = build_context(h.config, "poller_1")
-    make_case(h.config.scanner.watch_path, name, atomic=True, seconds=0.1, batches=1, deliveries=1,
+def running_case_with_finished_task(sandbox, name: str):
+    """A case running on the HPC in memory whose task has just finished, and what a look says of it."""
+    ctx = sandbox.context("poller_1")
+    make_case(sandbox.config.scanner.watch_path, name, atomic=True, seconds=0.1, batches=1, deliveries=1,
               layers_per_delivery=1)
-    scanner.tick(ctx, time.time())
-    scanner.tick(ctx, time.time() + 100)
-    submitter.tick(ctx, time.time())
+    scanner.tick(ctx, ctx.clock() - 100)
+    scanner.tick(ctx, ctx.clock())
+    submitter.tick(ctx, ctx.clock())
     case = get_case(ctx.conn, 1)
     assert case.status is CaseStatus.RUNNING
-    wait_until(lambda: h.tasks_labelled(case.label)[0]["status"].get("Done"), message="task done")
-    link = tasks.resolve(case, pueue.statuses(ctx.hosts["hpc"].remote, list(ctx.config.hosts[0].hpc.pueue_command)))
+    sandbox.clock.advance(1)
+    link = tasks.resolve(case, ctx.hosts["hpc"].snapshot())
+    assert link.found is tasks.Found.FINISHED
     return ctx, case, link
 
 
@@ -162,30 +165,30 @@ def stage_entries(ctx, stage: str) -> list[str]:
     return sorted(p.name for p in ctx.spool.stage_dir(stage).iterdir())
 
 
-def test_a_second_poller_finishing_the_same_case_leaves_no_stray_folder(hpc):
+def test_a_second_poller_finishing_the_same_case_leaves_no_stray_folder(memory_hpc):
     """Bug: complete() downloads into case.case_path before its compare-and-set; the poller
     that loses the race re-creates ``spool/active/<case>/output`` after the winner moved it."""
-    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    h = memory_hpc(groups={"gpu_a": {"gpu": 0}})
     ctx_a, case, task = running_case_with_finished_task(h, "raced")
-    ctx_b = build_context(h.config, "poller_2")
-    assert poller.complete(ctx_a, ctx_a.hosts["hpc"], case, task, time.time())
-    assert not poller.complete(ctx_b, ctx_b.hosts["hpc"], case, task, time.time())     # read before A moved it: stale
+    ctx_b = h.context("poller_2")
+    assert poller.complete(ctx_a, ctx_a.hosts["hpc"], case, task, h.clock())
+    assert not poller.complete(ctx_b, ctx_b.hosts["hpc"], case, task, h.clock())     # read before A moved it: stale
     done = get_case(ctx_a.conn, case.case_id)
     assert done.status is CaseStatus.COMPLETED and list(Path(done.case_path, "output").iterdir())
     assert stage_entries(ctx_a, "active") == []
 
 
-def test_results_land_in_the_case_folder_even_when_its_row_lags_behind_the_folder(hpc):
+def test_results_land_in_the_case_folder_even_when_its_row_lags_behind_the_folder(memory_hpc):
     """Bug: settle_folder renames first and records the new path after; a poller reading the row in
     between (or after a crash there) downloads into the old path. The case completes without its
     results, and its input folder is left behind in a stage."""
-    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    h = memory_hpc(groups={"gpu_a": {"gpu": 0}})
     ctx, case, task = running_case_with_finished_task(h, "lagging")
     queued = ctx.spool.stage_dir("queued") / case.folder_name
     ctx.conn.execute("UPDATE cases SET spool_stage = 'queued', case_path = ? WHERE case_id = ?",
                      (str(queued), case.case_id))                 # the folder is already in active
     stale = get_case(ctx.conn, case.case_id)
-    assert poller.apply(ctx, ctx.hosts["hpc"], stale, task, model.Snapshot({}, {}), {}, time.time())
+    assert poller.apply(ctx, ctx.hosts["hpc"], stale, task, model.Snapshot({}, {}), {}, h.clock())
     done = get_case(ctx.conn, case.case_id)
     assert done.status is CaseStatus.COMPLETED
     assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"
@@ -193,19 +196,19 @@ def test_results_land_in_the_case_folder_even_when_its_row_lags_behind_the_folde
     assert (stage_entries(ctx, "queued"), stage_entries(ctx, "active")) == ([], [])
 
 
-def test_a_reconcile_during_the_download_does_not_split_the_case(hpc):
+def test_a_reconcile_during_the_download_does_not_split_the_case(memory_hpc):
     """A crash right after a status commit leaves the folder behind; the reconcile that moves it
     may run while the poller downloads into the path it read before."""
     from shared.spool import reconcile
-    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    h = memory_hpc(groups={"gpu_a": {"gpu": 0}})
     ctx, case, task = running_case_with_finished_task(h, "moved")
     queued = ctx.spool.stage_dir("queued") / case.folder_name
     Path(case.case_path).rename(queued)                           # row says running, folder still queued
     ctx.conn.execute("UPDATE cases SET spool_stage = 'queued', case_path = ? WHERE case_id = ?",
                      (str(queued), case.case_id))
     stale = get_case(ctx.conn, case.case_id)                      # the poller reads ...
-    assert reconcile(ctx.conn, ctx.spool, now=time.time(), worker="reaper_1") == 1   # ... the reaper moves
-    assert poller.complete(ctx, ctx.hosts["hpc"], stale, task, time.time())
+    assert reconcile(ctx.conn, ctx.spool, now=h.clock(), worker="reaper_1") == 1   # ... the reaper moves
+    assert poller.complete(ctx, ctx.hosts["hpc"], stale, task, h.clock())
     done = get_case(ctx.conn, case.case_id)
     assert done.status is CaseStatus.COMPLETED and (Path(done.case_path) / "mqi_fake.json").is_file()
     assert list(Path(done.case_path, "output").iterdir()), "the results must be in the done folder"
@@ -213,12 +216,13 @@ def test_a_reconcile_during_the_download_does_not_split_the_case(hpc):
     assert ctx.conn.execute("SELECT status FROM gpu_resources").fetchone()[0] == SlotStatus.AVAILABLE.value
 
 
-def test_a_poller_killed_while_downloading_leaves_no_staging_folder_for_good(hpc):
+@pytest.mark.system  # it starts a process, for the pid of a dead one
+def test_a_poller_killed_while_downloading_leaves_no_staging_folder_for_good(memory_hpc):
     """Found by the long chaos run. Results are fetched into ``spool/.staging/results-<id>.<pid>``
     and removed in a ``finally``; a SIGKILL skips that, and nothing ever removes the folder
     (result files can be large). Housekeeping must sweep scratch folders of dead processes."""
-    h = hpc(groups={"gpu_a": {"gpu": 0}})
-    ctx = build_context(h.config, "reaper_1")
+    h = memory_hpc(groups={"gpu_a": {"gpu": 0}})
+    ctx = h.context("reaper_1")
     dead = subprocess.Popen(["true"])
     dead.wait()
     leftover = ctx.spool.root / ".staging" / f"results-7.{dead.pid}"
@@ -226,30 +230,31 @@ def test_a_poller_killed_while_downloading_leaves_no_staging_folder_for_good(hpc
     (leftover / "output" / "dose.raw").write_bytes(b"\0" * 1024)
     mine = ctx.spool.staging_dir("results-8")                  # a live process's folder stays
     mine.mkdir(parents=True)
-    reaper.tick(ctx, time.time())
+    reaper.tick(ctx, h.clock())
     assert not leftover.exists(), "a dead poller's staging folder was never swept"
     assert mine.exists()
 
 
-def test_a_poller_that_read_a_case_before_its_requeue_cannot_touch_its_next_run(hpc):
+def test_a_poller_that_read_a_case_before_its_requeue_cannot_touch_its_next_run(memory_hpc):
     """Bug (two-host chaos, depth 2): poller B read case 22 running as task 21; poller A requeued it
     (killed by a signal we did not send) and a submitter ran it again as task 33; B's stale pass then
     moved the NEW run back to submitted ("task 21 vanished"), a second submitter re-uploaded the
     folder under the running task 33, and the case failed. Every poller change is now guarded on
     the run it read (``running_since``, task id)."""
-    h = hpc(groups={"gpu_a": {"gpu": 0}})
+    h = memory_hpc(groups={"gpu_a": {"gpu": 0}})
     ctx, first_run, link = running_case_with_finished_task(h, "requeued")
     host = ctx.hosts["hpc"]
     killed = verdicts.verdict_for(dataclasses.replace(link, result=model.TaskState.KILLED), verdicts.Phase.RUNNING)
-    assert poller.run_again(ctx, first_run, killed, "killed by someone", time.time())
+    assert poller.run_again(ctx, first_run, killed, "killed by someone", h.clock())
     host.backend.remove([first_run.task_id])
-    submitter.tick(ctx, time.time() + 60)                              # the next run, after the backoff
+    h.clock.advance(60)
+    submitter.tick(ctx, h.clock())                                     # the next run, after the backoff
     next_run = get_case(ctx.conn, first_run.case_id)
     assert next_run.status is CaseStatus.RUNNING and next_run.running_since != first_run.running_since
     gone = tasks.Link(tasks.Found.ABSENT, detail="read before the requeue")
-    assert not poller.apply(ctx, host, first_run, gone, model.Snapshot({}, {}), {}, time.time())
-    assert not poller.complete(ctx, host, first_run, link, time.time())
-    assert not poller.update_progress(ctx, first_run, link, "Generating particles for (1 of 2 batches)", time.time())
+    assert not poller.apply(ctx, host, first_run, gone, model.Snapshot({}, {}), {}, h.clock())
+    assert not poller.complete(ctx, host, first_run, link, h.clock())
+    assert not poller.update_progress(ctx, first_run, link, "Generating particles for (1 of 2 batches)", h.clock())
     now = get_case(ctx.conn, first_run.case_id)
     assert (now.status, now.task_id, now.running_since, now.progress) == \
         (CaseStatus.RUNNING, next_run.task_id, next_run.running_since, next_run.progress)

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.config import PLAIN_SECTIONS, load_config, parse_config, readme_with_config_table
-from shared.config_keys import Problems, Section, markdown_table, number, read, rows, setting, text
+from shared import backends
+from shared.backends import Scheduler, SlotConfig, SlotKeys, pueue, slurm
+from shared.config import PLAIN_SECTIONS, SCHEDULER_SECTIONS, load_config, parse_config, readme_with_config_table
+from shared.config_keys import (NAME, Entries, Problems, Section, command_line, joined, markdown_table, number, read,
+                                rows, setting, settings, text)
 from shared.errors import ConfigError
 from tests.conftest import base_config_data, make_config
 
@@ -139,8 +142,9 @@ def slurm_data(tmp_path: Path, partitions=None, **slurm) -> dict:
 
 def test_slurm_partitions_are_our_slots(tmp_path):
     config = parse_config(slurm_data(tmp_path, bin_dir="/opt/slurm/bin"), tmp_path / "c.yaml")
-    assert config.hosts[0].hpc.backend == "slurm" and config.hosts[0].slurm.bin_dir == "/opt/slurm/bin"
-    first = config.hosts[0].slurm.partitions[0]
+    assert isinstance(config.hosts[0].slot_config, slurm.SlurmConfig)
+    assert config.hosts[0].hpc.backend == "slurm" and config.hosts[0].slot_config.bin_dir == "/opt/slurm/bin"
+    first = config.hosts[0].slot_config.partitions[0]
     assert (first.name, first.partition, first.account, first.qos, first.gres) == ("gpu_a", "gpu", "physics", "normal", "gpu:1")
     assert first.extra_sbatch == ("--mem=16G", "#SBATCH --cpus-per-task=4")
     assert [(s.name, s.gpu, s.gres, s.parallel) for s in config.hosts[0].slots] == [("gpu_a", None, "gpu:1", 1),
@@ -149,7 +153,11 @@ def test_slurm_partitions_are_our_slots(tmp_path):
 
 def test_pueue_groups_are_our_slots_by_default(tmp_path):
     config = make_config(tmp_path)
-    assert config.hosts[0].hpc.backend == "pueue" and config.hosts[0].slurm is None
+    host = config.hosts[0]
+    assert host.hpc.backend == "pueue" and isinstance(host.slot_config, pueue.GroupsConfig)
+    assert [g.name for g in host.groups] == ["gpu_a", "gpu_b"]  # its slot keys, read as the host's own
+    with pytest.raises(AttributeError):
+        host.partitions  # noqa: B018 -- a key of another scheduler's slots
     assert [(s.name, s.gpu, s.gres) for s in config.hosts[0].slots] == [("gpu_a", "0", None), ("gpu_b", "1", None)]
 
 
@@ -211,7 +219,7 @@ def test_hosts_take_their_defaults_from_hpc_and_name_their_own_slots(tmp_path):
     gpu1, cluster = config.hosts
     assert (gpu1.name, gpu1.hpc.host, gpu1.hpc.user, gpu1.backend) == ("gpu1", "gpu1.example.org", "root", "pueue")
     assert [(s.name, s.gpu, s.depth) for s in gpu1.slots] == [("gpu_a", "0", 2), ("gpu_b", "1", 1)]
-    assert (cluster.hpc.user, cluster.backend, cluster.slurm.bin_dir) == ("physics", "slurm", "/opt/slurm/bin")
+    assert (cluster.hpc.user, cluster.backend, cluster.bin_dir) == ("physics", "slurm", "/opt/slurm/bin")
     assert [(s.name, s.gres, s.depth) for s in cluster.slots] == [("a100", "gpu:1", 4)]
     assert cluster.hpc.identity_file == gpu1.hpc.identity_file      # from hpc:, the defaults
     assert config.seat_count == 7 and config.host("cluster") is cluster and config.host("nope") is None
@@ -223,7 +231,8 @@ def test_the_one_host_of_an_hpc_section_is_named_hpc_unless_named(tmp_path):
 
 
 @pytest.mark.parametrize("hosts, message", [
-    ([], "hosts: got [], expected a list of hosts"),
+    ([], "hosts: got [], expected a list of hosts, each with a name, ssh settings and groups (pueue) or partitions "
+         "(Slurm)"),
     ([{"host": "x", "groups": ["g"]}], "hosts[0].name: got None, expected a host name"),
     ([{"name": "a b", "groups": ["g"]}], "hosts[0].name: got 'a b', expected a host name"),
     ([{"name": "a", "groups": ["g"]}, {"name": "a", "groups": ["g"]}], "hosts[1].name: got 'a', expected a name no other"),
@@ -242,6 +251,43 @@ def test_hosts_refuse_the_single_host_slot_sections(tmp_path):
     data = {**base_config_data(tmp_path), "hosts": [{"name": "a", "groups": ["g"]}]}
     with pytest.raises(ConfigError, match="pueue.groups: not used with hosts"):
         parse_config(data, tmp_path / "c.yaml")
+    data = {**hosts_data(tmp_path, [{"name": "a", "groups": ["g"]}]), "slurm": {"bin_dir": "/opt/slurm/bin"}}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, tmp_path / "c.yaml")
+    assert str(caught.value).splitlines() == [
+        "slurm: not used with hosts: give each Slurm host its partitions and bin_dir"]
+
+
+def test_a_direct_host_takes_the_pueue_groups_and_refuses_a_slurm_section(tmp_path):
+    config = make_config(tmp_path, hpc={"backend": "direct"})
+    assert [(s.name, s.gpu) for s in config.hosts[0].slots] == [("gpu_a", "0"), ("gpu_b", "1")]
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, hpc={"backend": "direct"}, slurm={"partitions": {"a": {"partition": "gpu"}}})
+    assert str(caught.value).splitlines() == [
+        "slurm: given, but hpc.backend is 'direct' (set hpc.backend: slurm to use it)"]
+
+
+def test_an_unknown_backend_is_its_one_problem_not_its_slots(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, hpc={"backend": "sge"}, slurm={"partitions": {"a": {"partition": "gpu"}}})
+    assert [line.split(", expected")[0] for line in str(caught.value).splitlines()] == ["hpc.backend: got 'sge'"]
+    hosts = [{"name": "a", "backend": "sge", "groups": ["g"], "partitions": {"p": {"partition": "gpu"}}}]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(hosts_data(tmp_path, hosts), tmp_path / "c.yaml")
+    assert [line.split(", expected")[0] for line in str(caught.value).splitlines()] == ["hosts.a.backend: got 'sge'"]
+
+
+def test_the_keys_a_scheduler_adds_to_hpc_are_read_on_every_host(tmp_path):
+    """``pueue_command`` is pueue's, declared in its module; as before, any host may give it."""
+    config = parse_config(hosts_data(tmp_path, [
+        {"name": "box", "groups": ["g"], "pueue_command": "/opt/pueue/bin/pueue --color never"},
+        {"name": "cluster", "backend": "slurm", "partitions": {"a": {"partition": "gpu"}}}]), tmp_path / "c.yaml")
+    box, cluster = config.hosts
+    assert box.hpc.pueue_command == ("/opt/pueue/bin/pueue", "--color", "never")
+    assert cluster.hpc.pueue_command == ("pueue",) and cluster.partitions[0].partition == "gpu"
+    with pytest.raises(ConfigError, match="hosts.box.pueue_command: got 'ssh -o BatchMode=no'"):
+        parse_config(hosts_data(tmp_path, [{"name": "box", "groups": ["g"], "pueue_command": "ssh -o BatchMode=no"}]),
+                     tmp_path / "c.yaml")
 
 
 # -- every key declared once; every problem in one run ---------------------------------------------
@@ -302,7 +348,7 @@ def test_a_password_inside_a_hosts_entry_is_refused(tmp_path):
 
 def test_the_dataclass_defaults_are_the_loaders_defaults(tmp_path):
     config = make_config(tmp_path)
-    for name, cls in PLAIN_SECTIONS.items():
+    for name, cls in {**SCHEDULER_SECTIONS, **PLAIN_SECTIONS}.items():
         if not any(isinstance(f.default, Path) for f in dataclasses.fields(cls)):  # paths: taken from root_dir
             assert getattr(config, name) == cls(), name
     hpc = config.hosts[0].hpc
@@ -310,6 +356,7 @@ def test_the_dataclass_defaults_are_the_loaders_defaults(tmp_path):
     assert (config.database_path, config.spool_path, config.logging.file, config.unhealthy_after_seconds) == (
         tmp_path / "db" / "test.db", tmp_path / "spool", tmp_path / "logs" / "test.log", 300)
     assert make_config(tmp_path, hpc={"name": "x"}).hosts[0].groups[0].depth == 1
+    assert hpc.pueue_command == ("pueue",)  # a key pueue adds to hpc, declared in its module
 
 
 def test_a_module_declares_its_own_section_with_the_same_mechanism(tmp_path):
@@ -327,6 +374,120 @@ def test_a_module_declares_its_own_section_with_the_same_mechanism(tmp_path):
     assert Plugin(label="x").speed == 3
     assert markdown_table(rows("plugin", Plugin)).splitlines()[2:] == [
         "| `plugin.speed` | 3 | how fast |", "| `plugin.label` | required | its name |"]
+
+
+# -- a scheduler's part of the config: declared in its module, read by the registry -------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lane:
+    name: str
+    width: int = setting(number(minimum=1, integer=True), 1, "cases the lane holds at once")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lanes:
+    lanes: tuple[Lane, ...] = setting(Entries(Lane, "lane name", NAME, "a mapping of lane names"), None, "its lanes")
+    queue: str | None = setting(lambda value: value, None, "its queue")
+
+    def slots(self) -> tuple[SlotConfig, ...]:
+        return tuple(SlotConfig(name=lane.name, depth=lane.width) for lane in self.lanes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FarmKeys:
+    farm_command: tuple[str, ...] = setting(command_line, "farm", "where farm is on the HPC")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FarmConfig:
+    patience: int = setting(number(integer=True), 3, "how patient farm is")
+
+
+@pytest.fixture
+def config_with_farm(monkeypatch):
+    """shared/config.py, loaded afresh as its own module, with a fourth scheduler ``farm`` in the registry
+    that declares its slots (``farm.lanes``, ``farm.queue``), a section (``barn``) and a key of ``hpc``."""
+    import importlib.util
+    import types
+    module = types.ModuleType("tests.farm_scheduler")
+    module.SCHEDULER = Scheduler(
+        name="farm", words=pueue.WORDS, build=lambda *args: None, doctor_checks=lambda *args: [],
+        check_names=("farm",), slot_keys=SlotKeys(section="farm", keys=Lanes, noun="farm"),
+        sections={"barn": FarmConfig}, host_keys=FarmKeys)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(backends.MODULES, "farm", module.__name__)
+    monkeypatch.setattr(backends, "NAMES", tuple(backends.MODULES))
+    spec = importlib.util.spec_from_file_location("config_with_farm", REPO / "shared" / "config.py")
+    probe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, probe)
+    spec.loader.exec_module(probe)
+    return probe
+
+
+def test_a_new_scheduler_brings_its_config_with_no_edit_of_the_config_reader(tmp_path, config_with_farm):
+    data = base_config_data(tmp_path)
+    del data["pueue"]
+    data["hpc"].update(backend="farm", farm_command="/opt/farm -q")
+    data["farm"] = {"lanes": {"l1": {"width": 2}, "l2": {}}, "queue": "night"}
+    data["barn"] = {"patience": 7}
+    config = config_with_farm.parse_config(data, tmp_path / "c.yaml")
+    host = config.hosts[0]
+    assert [(s.name, s.depth) for s in host.slots] == [("l1", 2), ("l2", 1)] and host.queue == "night"
+    assert host.hpc.farm_command == ("/opt/farm", "-q") and config.barn.patience == 7
+    assert config.pueue.log_lines == 15  # the other schedulers' sections are still read
+    table = config_with_farm.config_table()
+    for row in ("| `hpc.farm_command` | `farm` |", "| `farm.lanes` | none | its lanes |",
+                "| `farm.lanes.<name>.width` | 1 |", "| `farm.queue` | none |", "| `barn.patience` | 3 |"):
+        assert row in table
+    assert "farm" not in (REPO / "shared" / "config.py").read_text()
+
+
+def test_a_new_schedulers_slots_are_refused_where_they_do_not_belong(tmp_path, config_with_farm):
+    data = base_config_data(tmp_path) | {"farm": {"lanes": ["l1"]}, "barn": {"patience": "x"}}
+    with pytest.raises(ConfigError) as caught:
+        config_with_farm.parse_config(data, tmp_path / "c.yaml")
+    assert str(caught.value).splitlines() == [
+        "farm: given, but hpc.backend is 'pueue' (set hpc.backend: farm to use it)",
+        "barn.patience: got 'x', expected an integer"]
+    hosts = hosts_data(tmp_path, [{"name": "f", "backend": "farm"}]) | {"farm": {"queue": "q"}}
+    with pytest.raises(ConfigError) as caught:
+        config_with_farm.parse_config(hosts, tmp_path / "c.yaml")
+    assert str(caught.value).splitlines() == [
+        "farm: not used with hosts: give each farm host its lanes and queue",
+        "hosts.f.lanes: got None, expected a mapping of lane names"]
+    with pytest.raises(ConfigError, match="hpc.backend: got 'sge', expected one of pueue, slurm, direct, farm"):
+        config_with_farm.parse_config(base_config_data(tmp_path) | {"hpc": {"backend": "sge"}}, tmp_path / "c.yaml")
+
+
+def test_joined_sections_keep_their_keys_and_refuse_one_declared_twice():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Base:
+        speed: int = setting(number(), 1, "how fast")
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Extra:
+        colour: str = setting(text, "red", "which colour")
+
+    made = joined(Base, keys=[Extra], fields=[("more", int)])
+    assert made.__name__ == "Base" and list(settings(made)) == ["speed", "colour"]
+    assert made(more=2) == made(speed=1, colour="red", more=2)
+    with pytest.raises(TypeError, match="Base: declared twice: speed"):
+        joined(Base, keys=[dataclasses.make_dataclass("Twin", [("speed", int, setting(number(), 2, ""))],
+                                                      frozen=True, kw_only=True)])
+    with pytest.raises(TypeError, match="declared twice: colour"):
+        joined(Base, keys=[Extra], fields=[("colour", str)])
+
+
+def test_no_backend_module_imports_the_config_reader():
+    """shared.config reads every registry entry when it is imported: a backend importing it would be a cycle."""
+    import ast
+    for path in sorted((REPO / "shared" / "backends").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert "shared.config" not in imported, path.name
+        assert not any(isinstance(node, ast.ImportFrom) and node.module == "shared"
+                       and any(alias.name == "config" for alias in node.names) for node in ast.walk(tree)), path.name
 
 
 def test_readme_configuration_table_is_the_one_the_declarations_give():

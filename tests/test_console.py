@@ -24,11 +24,11 @@ from shared.db import connect, transaction
 from shared.lifecycle import move_case
 from shared.liveness import beat
 from shared.remote import Remote
-from shared.seats import get_slot, seat_specs, sync_slots
+from shared.seats import seat_specs, sync_slots
 from shared.spool import Spool, settle_folder
 from shared.states import CaseStatus, Outcome, SlotStatus
 from shared.store import case_label, flag_for_review, get_case, register_case
-from tests.conftest import base_config_data, cli, make_config, wait_until
+from tests.conftest import base_config_data, cli, get_slot, make_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 

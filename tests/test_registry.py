@@ -224,35 +224,50 @@ SCHEDULER_WORD = re.compile(r"pueue|slurm", re.IGNORECASE)
 # The database keeps the seed's column names (issue 17); SQL may name them, code says task_id and slot
 # (``shared.store.FIELD_COLUMNS`` maps the two).
 SEED_COLUMNS = re.compile(r"pueue_task_id|pueue_group")
-# Where a scheduler may be named: its own folder, the config reader (its sections are named
-# after the schedulers) and the sandbox command, which starts a pueue stand-in or a real Slurm.
-ALLOWED_FILES = {"shared/config.py"}
+# Where a scheduler may be named: its own folder, and the sandbox command, which starts a pueue
+# stand-in or a real Slurm. The config reader is scanned like the rest: what a scheduler needs of
+# the config is declared in its module (its registry entry's slot keys, sections and host keys);
+# only the help texts of config keys (README's table) and docstrings may name one.
 ALLOWED_FUNCTIONS = {"console/cli.py": {"cmd_sandbox", "add_sandbox_parser"}}
+# A config key's declaration, ``setting(kind, default, help, shown=...)`` or ``Setting(...)``:
+# its help and shown texts are documentation (README's configuration table), its default is code.
+DECLARATIONS = {"setting", "Setting"}
+TEXTS = tuple(getattr(tokenize, name) for name in ("NAME", "STRING", "FSTRING_MIDDLE") if hasattr(tokenize, name))
 
 
 def generic_modules() -> list[Path]:
     found = [*ROOT.glob("shared/*.py"), *ROOT.glob("workers/*.py"), *ROOT.glob("console/**/*.py")]
-    return sorted(path for path in found if path.relative_to(ROOT).as_posix() not in ALLOWED_FILES)
+    return sorted(found)
 
 
-def scheduler_words_in_code(source: str, allowed: set[str] = frozenset()) -> list[str]:
-    """``line: token`` for each name or string literal naming a scheduler (docstrings, comments, seed
-    columns and the functions in ``allowed`` aside)."""
-    tree = ast.parse(source)
-    docstrings, allowed_lines = set(), set()
+def documentation(tree: ast.AST) -> list[ast.expr]:
+    """The docstrings of ``tree``, and the help and shown texts of its config key declarations."""
+    found = []
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
                 and isinstance(body[0].value.value, str):
-            docstrings.add((body[0].lineno, body[0].col_offset))
+            found.append(body[0].value)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in DECLARATIONS:
+            found += [*node.args[2:4], *(k.value for k in node.keywords if k.arg in ("help", "shown"))]
+    return found
+
+
+def scheduler_words_in_code(source: str, allowed: set[str] = frozenset()) -> list[str]:
+    """``line: token`` for each name or string literal naming a scheduler (docstrings, help texts of
+    config keys, comments, seed columns in strings and the functions in ``allowed`` aside)."""
+    tree = ast.parse(source)
+    spans = [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in documentation(tree)]
+    allowed_lines = set()
+    for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef) and node.name in allowed:
             allowed_lines.update(range(node.lineno, node.end_lineno + 1))
     found = []
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type not in (tokenize.NAME, tokenize.STRING) or token.start in docstrings:
+        if token.type not in TEXTS or any(start <= token.start < end for start, end in spans):
             continue
-        text = SEED_COLUMNS.sub("", token.string) if token.type == tokenize.STRING else token.string
+        text = token.string if token.type == tokenize.NAME else SEED_COLUMNS.sub("", token.string)
         if token.start[0] in allowed_lines or not SCHEDULER_WORD.search(text):
             continue
         found.append(f"{token.start[0]}: {token.string[:80]}")
@@ -266,6 +281,7 @@ def test_no_module_outside_the_backends_names_a_scheduler_in_code():
         if words := scheduler_words_in_code(path.read_text(), ALLOWED_FUNCTIONS.get(name, set())):
             named[name] = words
     assert named == {}, "name the scheduler through the registry (shared.backends) or backend.words"
+    assert ROOT / "shared" / "config.py" in generic_modules()  # the config reader too (issue 17)
 
 
 def test_the_name_check_sees_what_it_should():
@@ -277,3 +293,20 @@ def test_the_name_check_sees_what_it_should():
     found = scheduler_words_in_code(source, {"sandbox"})
     assert [line.split(":")[0] for line in found] == ["3", "5", "6"]
     assert len(scheduler_words_in_code(source)) == 4
+
+
+def test_the_name_check_reads_a_config_keys_help_as_documentation_and_the_rest_as_code():
+    source = ('command: str = setting(command_line, "pueue", "path of pueue (pueue only)",\n'
+              '                       shown="`pueue`")\n'
+              'other = Setting(kind, None, "the slurm partitions "\n'
+              '                "of a Slurm host")\n'
+              'x = setting(kind, None, help=f"{y} slurm")\n'
+              'sections["slurm"] = read(SlurmConfig, s)\n'
+              'why = f"not used with hpc.backend {b}: the slots are slurm.partitions"\n'
+              'def f(c):\n    return c.pueue.log_lines\n')
+    found = scheduler_words_in_code(source)
+    assert [line.split(": ", 1)[1] for line in found] == [
+        '"pueue"', '"slurm"', "SlurmConfig",
+        *(['f"not used with hpc.backend {b}: the slots are slurm.partitions"'] if len(TEXTS) == 2 else
+          [": the slots are slurm.partitions"]),
+        "pueue"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from shared import db, spool
 from shared.priority import PRIORITIES
@@ -32,3 +33,16 @@ def test_the_priority_check_names_every_priority():
 def test_status_literals_for_sql_are_the_quoted_values():
     assert CaseStatus.COMPLETED.sql == "'completed'"
     assert sql_list(CaseStatus.RUNNING, SlotStatus.ZOMBIE) == "'running', 'zombie'"
+
+
+STATUS_LITERAL = re.compile(r"status\s*(?:=|<>|IN\s*\()[^\n]*'(?:%s)'" % "|".join(
+    [s.value for s in CaseStatus] + [s.value for s in SlotStatus]))
+
+
+def test_no_query_outside_the_schema_spells_a_status_name():
+    """Queries take status names from states.py (``.sql``, ``sql_list``); only db.py's frozen migrations spell them."""
+    root = Path(__file__).resolve().parents[1]
+    spelled = [f"{path.relative_to(root)}:{number}" for folder in ("shared", "workers", "console")
+               for path in sorted((root / folder).rglob("*.py")) if path.name != "db.py"
+               for number, line in enumerate(path.read_text().splitlines(), 1) if STATUS_LITERAL.search(line)]
+    assert spelled == []

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from shared.backends import slurm
-from shared.seats import get_slot
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case
-from tests.conftest import skip_unless_slurm_can_run, wait_until
+from tests.conftest import get_slot, skip_unless_slurm_can_run, wait_until
 from tests.test_workers import ctx_for, poll_until_final, submitted
 from workers import poller, reaper, submitter
 

@@ -12,9 +12,10 @@ from shared.db import (
     MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version)
 from shared.errors import ForbiddenTransition, UnknownStatus
 from shared.liveness import note_remote
-from shared.seats import adopt_unnamed_host, get_slot, release_slot_of, SeatSpec, sync_slots, transition_slot
+from shared.seats import adopt_unnamed_host, release_slot_of, SeatSpec, sync_slots, transition_slot
 from shared.states import ALLOWED, SLOT_ALLOWED, CaseStatus, SlotStatus
 from shared.store import case_events, case_from_row, get_case, register_case, transition
+from tests.conftest import get_slot
 
 NOW = 1_700_000_000.0
 

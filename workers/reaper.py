@@ -35,7 +35,7 @@ from shared.recovery import recover_expired_claims
 from shared.retention import apply_retention
 from shared.seats import all_slots, Slot, transition_slot
 from shared.spool import reconcile, sweep_staging
-from shared.states import SlotStatus
+from shared.states import CaseStatus, SlotStatus, sql_list
 from shared.store import Case, case_from_row, flag_for_review
 from shared.worker import Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop, worker_main
 
@@ -130,7 +130,7 @@ def reclaim_zombies(ctx: Context, zombies: list[Slot], snapshot: model.Snapshot,
 
 def flag_stuck(ctx: Context, now: float) -> int:
     limit = now - ctx.config.main_loop.stuck_after_minutes * 60
-    rows = ctx.conn.execute("SELECT * FROM cases WHERE status IN ('submitting', 'running')"
+    rows = ctx.conn.execute(f"SELECT * FROM cases WHERE status IN ({sql_list(CaseStatus.SUBMITTING, CaseStatus.RUNNING)})"
                             " AND needs_review = 0 AND status_updated_at < ?", (limit,)).fetchall()
     flagged = 0
     for case in map(case_from_row, rows):

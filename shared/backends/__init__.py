@@ -5,15 +5,20 @@ remove, slots) and reports what the HPC said, or raises a ``RemoteFailure`` when
 could not tell. It never decides a case's fate: ``shared.tasks`` and the workers do.
 
 Each scheduler's module defines ONE ``Scheduler`` entry, ``SCHEDULER``: its name as
-``hpc.backend`` takes it, how to build its Backend, its doctor checks and what it can do.
-``MODULES`` names those modules, one line each; adding a scheduler is one module and one
-line there. Nothing outside this folder branches on a scheduler's name or reads its text:
-backends raise the typed errors of ``shared.errors``.
+``hpc.backend`` takes it, how to build its Backend, its doctor checks, what it can do and
+its part of the config (where its slots are configured and how they are read, the sections
+and host keys it declares, all with ``shared.config_keys``). ``MODULES`` names those
+modules, one line each; adding a scheduler is one module and one line there, and no edit
+of ``shared.config``. Nothing outside this folder branches on a scheduler's name or reads
+its text: backends raise the typed errors of ``shared.errors``.
+
+A backend module must not import ``shared.config`` (which reads every entry's config part
+when it is imported): it declares its keys with ``shared.config_keys`` alone.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
@@ -26,6 +31,7 @@ MODULES: dict[str, str] = {
     "direct": "shared.backends.direct",
 }
 NAMES = tuple(MODULES)
+DEFAULT = "pueue"  # ``hpc.backend`` when the config does not say
 
 
 class Backend(Protocol):
@@ -73,6 +79,38 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
+class SlotConfig:
+    """A slot of ours on one host, whatever the backend: a pueue group or a Slurm partition entry.
+
+    ``depth`` is how many of our cases it holds at once, running or queued behind each
+    other on the HPC (each is one seat row in the database). ``gpu`` pins a device
+    (pueue: ``CUDA_VISIBLE_DEVICES``); ``gres`` asks Slurm for one.
+    """
+    name: str
+    gpu: str | None = None
+    gres: str | None = None
+    parallel: int = 1
+    depth: int = 1
+
+
+@dataclass(frozen=True)
+class SlotKeys:
+    """Where a scheduler's slots are configured, and how they are read.
+
+    ``keys`` is a frozen, keyword-only dataclass whose fields (made with
+    ``shared.config_keys.setting``) are the keys that hold a host's slots: in the top-level
+    ``section`` of a config without ``hosts:``, or in each ``hosts`` entry. Its method
+    ``slots()`` gives our ``SlotConfig`` for each. ``noun`` names the hosts in messages
+    ("give each Slurm host its partitions and bin_dir"). A section no entry declares with
+    ``sections`` holds these keys alone: given for another backend, it is refused whole.
+    Several schedulers may share one ``SlotKeys`` (direct's slots are pueue's groups).
+    """
+    section: str
+    keys: type
+    noun: str
+
+
+@dataclass(frozen=True)
 class Scheduler:
     """One registry entry: everything generic code may know of a scheduler.
 
@@ -81,6 +119,12 @@ class Scheduler:
     lines), and ``check_names`` names those lines, for when ssh does not answer.
     ``pauses_slots``: the scheduler may pause a slot by itself and ``resume_slot`` resumes it.
     ``gpus_visible``: nvidia-smi in the host's login session sees its tasks' GPUs (``shared.gpus``).
+
+    Its part of the config (``shared.config`` reads it; none names a scheduler there):
+    ``slot_keys`` says where a host's slots are configured and how they are read;
+    ``sections`` are top-level sections it declares (name -> dataclass of settings), read
+    whatever the backend and found as ``config.<name>``; ``host_keys`` is a dataclass of
+    settings added to ``hpc`` and to every ``hosts`` entry, found as ``host.hpc.<key>``.
     """
 
     name: str
@@ -88,6 +132,9 @@ class Scheduler:
     build: Callable[..., Backend]
     doctor_checks: Callable[..., list]
     check_names: tuple[str, ...]
+    slot_keys: SlotKeys
+    sections: Mapping[str, type] = field(default_factory=dict)
+    host_keys: type | None = None
     pauses_slots: bool = False
     gpus_visible: bool = False
 
@@ -98,6 +145,11 @@ def scheduler(name: str) -> Scheduler:
     if module is None:
         raise ConfigError(f"hpc.backend: got {name!r}, expected one of: {', '.join(NAMES)}")
     return importlib.import_module(module).SCHEDULER
+
+
+def schedulers() -> tuple[Scheduler, ...]:
+    """Every registry entry, in ``MODULES`` order (each scheduler's module is imported)."""
+    return tuple(scheduler(name) for name in NAMES)
 
 
 def scheduler_of(host) -> Scheduler:

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Mapping, Sequence
 
 from shared.backends import Scheduler
+from shared.backends.pueue import GROUPS
 from shared.backends.common import (CLOCK_PREFIX, LOCKED_SUBMIT_PRELUDE, add_lands_within, checked_label,
                                     failure_text, split_clock, submit_refusal, with_exit_codes, with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, TaskState, Words
@@ -315,7 +316,7 @@ class DirectBackend:
 
     @classmethod
     def from_config(cls, config, host, runner: Runner) -> DirectBackend:
-        return cls(runner, host.hpc.remote_base_dir, {group.name: group.gpu for group in host.groups},
+        return cls(runner, host.hpc.remote_base_dir, {group.name: group.gpu for group in host.slot_config.groups},
                    host.hpc.command_timeout_seconds)
 
     def _run(self, script: str, *args: str) -> str:
@@ -421,5 +422,6 @@ def doctor_checks(config, host, runner: Runner) -> list[Check]:
 SCHEDULER = Scheduler(
     name="direct", words=WORDS, build=DirectBackend.from_config, doctor_checks=doctor_checks,
     check_names=("direct", "direct slots"),
+    slot_keys=GROUPS,    # configured like pueue's groups (``pueue.groups`` or a hosts entry's ``groups``)
     gpus_visible=True,   # tasks run on the host we log into: nvidia-smi there sees their GPUs
 )

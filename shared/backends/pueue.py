@@ -11,23 +11,31 @@ database. Failures are typed, never ``None``:
   is ``SubmitUncertain``;
 - ``BadOutput``: pueue answered something we could not read.
 
-``SCHEDULER`` is this module's one entry in the registry (``shared.backends``).
+``SCHEDULER`` is this module's one entry in the registry (``shared.backends``), with its
+part of the config: the slots are ``groups`` (of the ``pueue`` section, or of a ``hosts``
+entry), ``hpc.pueue_command`` says where pueue is, and the ``pueue`` section holds the
+settings of every scheduler's task output (``log_lines``, ``progress_pattern``, read through
+``shared.backends``) and ``resume_paused_groups``.
 """
 from __future__ import annotations
 
 import re
 import shlex
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
-from shared.backends import Scheduler
-from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, add_lands_within,
-                                    checked_label, failure_text, submit_refusal, with_exit_codes, with_text)
+from shared.backends import Scheduler, SlotConfig, SlotKeys
+from shared.backends.common import (CLOCK_PREFIX, CLOCKED, DEFAULT_PROGRESS_PATTERN, LOCKED_SUBMIT_PRELUDE,
+                                    add_lands_within, checked_label, failure_text, submit_refusal, with_exit_codes,
+                                    with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
 from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
                                          _checked_env, _is_int, _parse_id_reply, add_answer_lost, add_argv,
                                          classify_error, parse_clocked_status, parse_groups, parse_log,
                                          parse_status_groups, parse_task_id, parse_version)
-from shared.checks import Check, attempt, one_line, setting
+from shared.checks import Check, attempt, one_line
+from shared.checks import setting as key_name
+from shared.config_keys import NAME, Entries, bad, command_line, flag, number, optional, regex, setting
 from shared.errors import RemoteError, RemoteFailure, SubmitUncertain
 
 _ALREADY_EXISTS = "already exists"
@@ -269,7 +277,7 @@ def doctor_checks(config, host, runner: Runner) -> list[Check]:
     """pueue answers with its version; every group of ours exists on the host and is not paused."""
     cmd, timeout = list(host.hpc.pueue_command), host.hpc.command_timeout_seconds
     return [attempt("pueue", lambda: f"version {version(runner, cmd, timeout=timeout)}",
-                    f"install pueue on the HPC and start it (pueued -d); {setting(config, host, 'pueue_command')}"
+                    f"install pueue on the HPC and start it (pueued -d); {key_name(config, host, 'pueue_command')}"
                     f" is {shlex.join(cmd)}"),
             check_groups(host, runner, cmd, timeout)]
 
@@ -279,11 +287,12 @@ def check_groups(host, runner: Runner, cmd: list[str], timeout: float) -> Check:
         groups = parse_status_groups(_run(runner, [*cmd, "status", "--json"], timeout))
     except (RemoteFailure, OSError) as exc:
         return Check("pueue groups", False, one_line(exc), "start the pueue daemon: pueued -d")
-    wanted = [g.name for g in host.groups]
+    ours = host.slot_config.groups
+    wanted = [g.name for g in ours]
     missing = [name for name in wanted if name not in groups]
     paused = [name for name in wanted if name in groups and groups[name].paused]
     if missing:
-        adds = "; ".join(f"pueue group add {g.name} -p {g.parallel}" for g in host.groups if g.name in missing)
+        adds = "; ".join(f"pueue group add {g.name} -p {g.parallel}" for g in ours if g.name in missing)
         return Check("pueue groups", False, f"missing on the HPC: {', '.join(missing)}",
                      f"the submitter creates them when it starts, or run: {adds}")
     if paused:
@@ -292,9 +301,69 @@ def check_groups(host, runner: Runner, cmd: list[str], timeout: float) -> Check:
     return Check("pueue groups", True, ", ".join(wanted))
 
 
+# -- its part of the config ------------------------------------------------------------------------
+
+def gpu_index(value: Any) -> str:
+    if isinstance(value, bool) or not re.fullmatch(r"[0-9A-Za-z,:-]+", str(value)):
+        raise bad(value, "a GPU index such as 0 or '0,1'")
+    return str(value)
+
+
+def progress_regex(value: Any) -> str:
+    if not {"done", "total"} <= set(re.compile(regex(value)).groupindex):
+        raise bad(value, "named groups 'done' and 'total'")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupConfig:
+    """One pueue group of ours: an entry of ``pueue.groups`` (or of a host's ``groups``)."""
+    name: str
+    gpu: str | None = setting(optional(gpu_index), None,
+                              "pins `CUDA_VISIBLE_DEVICES` to this GPU index (e.g. `0`, or `'0,1'`)")
+    parallel: int = setting(number(minimum=1, integer=True), 1, "how many tasks pueue runs at once in the group")
+    depth: int = setting(
+        number(minimum=1, integer=True), 1,
+        "how many of our cases the group holds at once, running or queued in pueue behind each other (`depth: 2` "
+        "puts the next case in the group's queue while one runs, so pueue starts it the moment the GPU frees)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupsConfig:
+    """A pueue host's slots: ``pueue.groups`` (one host), or a ``hosts`` entry's ``groups``."""
+    groups: tuple[GroupConfig, ...] = setting(
+        Entries(GroupConfig, "group name", NAME, "a non-empty mapping of group names", names_alone=True),
+        {"default": {}},
+        "a pueue host's slots, its GPU groups by name, e.g. `{gpu_a: {gpu: 0}, gpu_b: {gpu: 1}}` (a list of names "
+        "takes every default). Refused with `hpc.backend: slurm` and with `hosts:` (each host has its own `groups`)")
+
+    def slots(self) -> tuple[SlotConfig, ...]:
+        return tuple(SlotConfig(name=g.name, gpu=g.gpu, parallel=g.parallel, depth=g.depth) for g in self.groups)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PueueHostKeys:
+    """What ``hpc`` (and each ``hosts`` entry) says of pueue, whatever the host's backend."""
+    pueue_command: tuple[str, ...] = setting(command_line, "pueue", "path of pueue on the HPC (pueue only)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PueueConfig:
+    """The ``pueue`` section: its ``groups`` aside (``GroupsConfig``), read whatever the backend."""
+    resume_paused_groups: bool = setting(flag, False, "resume groups that a pueued restart paused")
+    log_lines: int = setting(number(minimum=1, integer=True), 15,
+                             "log lines read per pass and kept as a failed case's log tail (Slurm too)")
+    progress_pattern: str = setting(progress_regex, DEFAULT_PROGRESS_PATTERN,
+                                    "regex with named groups `done` and `total` (Slurm too)",
+                                    shown="MOQUI's `Generating particles for (i of N batches)`")
+
+
+GROUPS = SlotKeys(section="pueue", keys=GroupsConfig, noun="pueue")
+
 SCHEDULER = Scheduler(
     name="pueue", words=WORDS, build=PueueBackend.from_config, doctor_checks=doctor_checks,
     check_names=("pueue", "pueue groups"),
+    slot_keys=GROUPS, sections={"pueue": PueueConfig}, host_keys=PueueHostKeys,
     pauses_slots=True,   # a daemon restart pauses groups with queued tasks; ``start -g`` resumes one
     gpus_visible=True,   # tasks run on the host we log into: nvidia-smi there sees their GPUs
 )

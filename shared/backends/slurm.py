@@ -16,23 +16,28 @@ Failures are typed, never ``None``: ``Unreachable`` (raised by the runner), ``Sl
 Slurm could not take a submit, e.g. slurmctld is down: no job was made and no attempt is used
 up), ``SubmitUncertain`` (the submit may have landed), ``BadOutput``.
 
-``SCHEDULER`` is this module's one entry in the registry (``shared.backends``).
+``SCHEDULER`` is this module's one entry in the registry (``shared.backends``), with its
+part of the config: a host's slots are ``partitions`` and ``bin_dir`` (the ``slurm``
+section, or a ``hosts`` entry).
 """
 from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from shared.backends import Scheduler
+from shared.backends import Scheduler, SlotConfig, SlotKeys
 from shared.backends import slurm_parse as sp
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, LOOKUP_FAILED_EXIT,
                                     PREPARE_FAILED_EXIT, SUBMIT_EXIT_MEANINGS, add_lands_within, answer_lost,
                                     checked_label, failure_text, split_clock, submit_refusal, with_exit_codes,
                                     with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, TaskState, Words
-from shared.checks import Check, attempt, setting
+from shared.checks import Check, attempt
+from shared.checks import setting as key_name
+from shared.config_keys import NAME, Entries, bad, number, optional, setting, text
 from shared.errors import RemoteError, ResourceShortage, SchedulerOutage, SubmitUncertain
 
 # Read with a marker drawn fresh for each call (``sp.MarkedFormat``): the work dir holds the
@@ -180,7 +185,7 @@ def settings_from_config(config, host) -> dict[str, sp.SubmitSettings]:
     return {slot.name: sp.SubmitSettings(partition=slot.partition, account=slot.account, qos=slot.qos,
                                          gres=slot.gres, time_limit_seconds=limit,
                                          extra_sbatch_lines=slot.extra_sbatch)
-            for slot in host.slurm.partitions}
+            for slot in host.slot_config.partitions}
 
 
 # -- the backend ----------------------------------------------------------------------------------------
@@ -197,7 +202,7 @@ class SlurmBackend:
     @classmethod
     def from_config(cls, config, host, runner: Runner) -> SlurmBackend:
         return cls(runner, settings_from_config(config, host), host.hpc.command_timeout_seconds,
-                   host.slurm.bin_dir)
+                   host.slot_config.bin_dir)
 
     def _run(self, argv: Sequence[str]) -> str:
         try:
@@ -331,8 +336,8 @@ def _submit_failure(error: RemoteError, label: str, workdir: str) -> Exception:
 def doctor_checks(config, host, runner: Runner) -> list[Check]:
     """sbatch answers with its version; every slot's partition exists and allows our time limit."""
     backend = SlurmBackend.from_config(config, host, runner)
-    slurm = host.slurm
-    bin_dir = setting(config, host, "bin_dir", "slurm")
+    slurm = host.slot_config
+    bin_dir = key_name(config, host, "bin_dir", "slurm")
     where = f"{bin_dir} is {slurm.bin_dir}" if slurm.bin_dir else f"set {bin_dir} if they are not on the PATH"
     slots = ", ".join(f"{p.name} -> {p.partition}" for p in slurm.partitions)
 
@@ -343,13 +348,76 @@ def doctor_checks(config, host, runner: Runner) -> list[Check]:
     return [attempt("slurm", lambda: f"sbatch {backend.version()}",
                     f"install the Slurm client commands (sbatch, squeue, scancel, sinfo) on the HPC; {where}"),
             attempt("slurm partitions", partitions,
-                    f"fix {setting(config, host, 'partitions', 'slurm')} (sinfo lists the"
+                    f"fix {key_name(config, host, 'partitions', 'slurm')} (sinfo lists the"
                     f" partitions) or lower main_loop.running_case_timeout_hours")]
 
+
+# -- its part of the config ------------------------------------------------------------------------
+
+SLURM_WORD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,127}$")
+
+
+def slurm_word(value: Any) -> str:
+    if not isinstance(value, str) or not SLURM_WORD.match(value):
+        raise bad(value, "one word of letters, digits and _ . : + = -")
+    return value
+
+
+def sbatch_lines(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
+        raise bad(value, "a list of options such as --mem=16G")
+    for line in value:
+        try:
+            sp.sbatch_line(line)
+        except ValueError:
+            raise bad(line, "one sbatch option such as --mem=16G or '#SBATCH --cpus-per-task=4'") from None
+    return tuple(value)
+
+
+def hpc_folder(value: Any) -> str:
+    if value is None:
+        return ""
+    if not text(value).startswith("/"):
+        raise bad(value, "an absolute folder on the HPC")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionConfig:
+    """One slot of ours on a Slurm cluster: the partition its jobs go to, and how."""
+    name: str
+    partition: str = setting(slurm_word, help="the partition its jobs go to (several slots may name the same one)")
+    account: str | None = setting(optional(slurm_word), None, "`sbatch --account`")
+    qos: str | None = setting(optional(slurm_word), None, "`sbatch --qos`")
+    gres: str | None = setting(optional(slurm_word), None, "`sbatch --gres`, e.g. `gpu:1`")
+    extra_sbatch: tuple[str, ...] = setting(
+        sbatch_lines, [], "more `sbatch` options, one per item, such as `--mem=16G` (a leading `#SBATCH` is accepted)")
+    depth: int = setting(number(minimum=1, integer=True), 1,
+                         "how many of our cases the slot holds at a time, running or pending in Slurm's queue")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmConfig:
+    """A Slurm host's slots (the ``slurm`` section, or the ``partitions`` and ``bin_dir`` of a ``hosts`` entry)."""
+    partitions: tuple[PartitionConfig, ...] = setting(
+        Entries(PartitionConfig, "slot name", NAME, "a mapping of slot names to partition settings, e.g. "
+                                                    "{gpu_a: {partition: gpu, gres: 'gpu:1'}}"),
+        None, "our slots by name, e.g. `{gpu_a: {partition: gpu, gres: 'gpu:1'}}`; every value a single word of "
+              "letters, digits, `_ . : + = -`. Refused with `hpc.backend: pueue` and with `hosts:`",
+        shown="required with `hpc.backend: slurm`")
+    bin_dir: str = setting(hpc_folder, None, "absolute folder of `sbatch`, `squeue`, `scancel`, `sinfo` on the HPC",
+                           shown="none (the PATH)")
+
+    def slots(self) -> tuple[SlotConfig, ...]:
+        return tuple(SlotConfig(name=p.name, gres=p.gres, depth=p.depth) for p in self.partitions)
+
+
+PARTITIONS = SlotKeys(section="slurm", keys=SlurmConfig, noun="Slurm")
 
 SCHEDULER = Scheduler(
     name="slurm", words=WORDS, build=SlurmBackend.from_config, doctor_checks=doctor_checks,
     check_names=("slurm", "slurm partitions"),
+    slot_keys=PARTITIONS,
     pauses_slots=False,   # Slurm never pauses a partition of ours by itself
     gpus_visible=False,   # jobs run on compute nodes: the login session sees none of their GPUs
 )
