@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from shared.db import transaction
+from shared.processes import pid_alive
 from shared.seats import Slot, slot_from_row, transition_slot
 from shared.states import CaseStatus, SlotStatus
 from shared.store import Case, case_from_row, record_case_event, update_case
@@ -238,6 +239,18 @@ def release_staging(conn: sqlite3.Connection, case_id: int, *, worker: str) -> b
 
 
 def expired_leases(conn: sqlite3.Connection, now: float, limit: int = 100) -> list[Case]:
-    rows = conn.execute(f"SELECT * FROM cases WHERE status = {CaseStatus.SUBMITTING.sql} AND lease_until < ?"
-                        " ORDER BY case_id LIMIT ?", (now, limit))
-    return [case_from_row(r) for r in rows]
+    """Claims whose lease ran out, or whose owner process is gone (a SIGKILLed submitter renews
+    nothing: its claims need not hold their seats until the lease ends). Every worker runs on this
+    workstation, so a claim's pid (``<worker>:<pid>``) is a process here; a pid reused by another
+    process only makes the claim wait for its lease, as before."""
+    rows = conn.execute(f"SELECT * FROM cases WHERE status = {CaseStatus.SUBMITTING.sql}"
+                        " AND (lease_until < :now OR claimed_by IS NOT NULL) ORDER BY case_id",
+                        {"now": now})
+    cases = [case_from_row(r) for r in rows]
+    return [c for c in cases if (c.lease_until or 0) < now or owner_gone(c.claimed_by)][:limit]
+
+
+def owner_gone(claimed_by: str | None) -> bool:
+    """True when ``claimed_by`` names a process id that no longer exists here."""
+    pid = (claimed_by or "").rpartition(":")[2]
+    return pid.isdigit() and not pid_alive(int(pid))
