@@ -716,6 +716,7 @@ class ChaosRun:
 
     def _kill_claimer(self, claimed_by: str, case_id: int) -> bool:
         name, _, pid_text = claimed_by.rpartition(":")
+        name = name.partition("@")[0]  # a host's claim loop (<process>@<host>) is a thread of its process
         pid = int(pid_text) if pid_text.isdigit() else 0
         if self.supervisor.running_pids().get(name) != pid:
             return False

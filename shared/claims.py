@@ -2,7 +2,8 @@
 
 A claim is one compare-and-set (``submitted -> submitting``) that also takes a free seat; the
 claim order (urgent or aged first, then the oldest) and a seat's usability (host not drained,
-reachable, its GPU not blocked) are SQL fragments kept here, in one place.
+reachable, its GPU not blocked) are SQL fragments kept here, in one place, and so is which free
+seat a case takes (``seat_rank``), also when each host claims for itself (``claim_next_case(host=)``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from shared.db import transaction
+from shared.processes import pid_alive
 from shared.seats import Slot, slot_from_row, transition_slot
 from shared.states import CaseStatus, SlotStatus
 from shared.store import Case, case_from_row, record_case_event, update_case
@@ -45,10 +47,11 @@ SEAT_USABLE = ("host NOT IN (SELECT host FROM drains)"
 
 
 # Fill idle GPUs before queueing behind a running case; then the case's own host (where
-# it may be pre-uploaded); then the seat free longest.
-SEAT_ORDER = ("(SELECT COUNT(*) FROM gpu_resources AS b WHERE b.host = gpu_resources.host"
-              f" AND b.pueue_group = gpu_resources.pueue_group AND b.status <> {SlotStatus.AVAILABLE.sql}),"
-              " host IS NOT :case_host, updated_at, host, pueue_group, seat")
+# it may be pre-uploaded); then the seat free longest. ``busy`` is how many seats of the seat's
+# slot are taken (counted by ``_free_seats``).
+def seat_rank(seat: Slot, busy: int, case_host: str | None) -> tuple:
+    """Where ``seat`` stands among the free seats for a case whose folder is on ``case_host`` (lowest first)."""
+    return busy, seat.host != case_host, seat.updated_at, seat.host, seat.slot, seat.seat
 
 
 def _aged(now: float, max_wait_seconds: float | None) -> float | None:
@@ -84,32 +87,42 @@ class Claim:
 
 def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_seconds: float,
                     seats: Iterable[tuple[str, str]] | None = None,
-                    max_wait_seconds: float | None = None) -> Claim | None:
+                    max_wait_seconds: float | None = None, host: str | None = None) -> Claim | None:
     """Atomically take the next eligible ``submitted`` case (its folder in spool/queued) and a free seat for it.
 
     Next means urgent first, oldest first within a priority, a normal case waiting
     longer than ``max_wait_seconds`` counting as urgent (``URGENT_FIRST``). The seat
     is one of ``seats`` ((host, group) pairs; None: any) on a host that is neither
-    drained nor last seen unreachable, in ``SEAT_ORDER``. In one ``BEGIN IMMEDIATE``:
+    drained nor last seen unreachable, the first in ``seat_rank``. In one ``BEGIN IMMEDIATE``:
     the case moves to ``submitting`` with a lease for ``worker`` and that host, and
     the seat to ``assigned``. Returns None (and changes nothing) when there is no
     eligible case or no usable seat.
+
+    ``host``: the claim of that host's own loop (hosts claim in parallel). The waiting cases
+    are handed the free seats of ``seats`` in claim order as one claim after another would
+    (each its best seat); the first case handed a seat of ``host`` is taken, the cases before
+    it are left to the hosts of their better seats. So a case goes to whichever host has the
+    best room for it, as with one claim at a time, and no host waits for another's claims.
     """
     allowed = None if seats is None else set(seats)
     if not _any(conn, f"SELECT 1 FROM cases WHERE {CLAIMABLE}") or \
-            not _any(conn, f"SELECT 1 FROM gpu_resources WHERE status = {SlotStatus.AVAILABLE.sql} AND {SEAT_USABLE}"):
+            not _any(conn, f"SELECT 1 FROM gpu_resources WHERE status = {SlotStatus.AVAILABLE.sql} AND {SEAT_USABLE}"
+                           + ("" if host is None else " AND host = :host"), {"host": host}):
         return None  # nothing to do: no write lock taken
     with transaction(conn):
-        if not _free_seats(conn, allowed, None):
+        free, busy = _free_seats(conn, allowed)
+        if not free:
             return None
-        row = conn.execute(
+        rows = conn.execute(
             f"SELECT * FROM cases WHERE {CLAIMABLE}"
             " AND (next_attempt_at IS NULL OR next_attempt_at <= :now)"
             " AND (claimed_by IS NULL OR lease_until < :now)"
-            f" ORDER BY {URGENT_FIRST} LIMIT 1", {"now": now, "aged": _aged(now, max_wait_seconds)}).fetchone()
-        if row is None:
+            f" ORDER BY {URGENT_FIRST} LIMIT :n",
+            {"now": now, "aged": _aged(now, max_wait_seconds), "n": 1 if host is None else len(free)}).fetchall()
+        planned = _first_planned(rows, free, busy, host)
+        if planned is None:
             return None
-        slot = _free_seats(conn, allowed, row["host"])[0]
+        row, slot = planned
         row = conn.execute(
             f"UPDATE cases SET status = {CaseStatus.SUBMITTING.sql}, status_updated_at = :now, claimed_by = :w,"
             " lease_until = :lease, pueue_group = :g, host = :h,"
@@ -127,14 +140,36 @@ def claim_next_case(conn: sqlite3.Connection, *, worker: str, now: float, lease_
         return Claim(case=case, slot=slot)
 
 
-def _any(conn: sqlite3.Connection, query: str) -> bool:
-    return conn.execute(f"SELECT EXISTS({query})").fetchone()[0] == 1
+def _first_planned(rows: list[sqlite3.Row], free: list[Slot], busy: dict[tuple[str, str], int],
+                   host: str | None) -> tuple[sqlite3.Row, Slot] | None:
+    """The first (case, seat) of the plan that gives each case in ``rows`` its best free seat in
+    turn whose seat is on ``host`` (any host: the first case's)."""
+    free, busy = list(free), dict(busy)
+    for row in rows:
+        if not free:
+            return None
+        best = min(free, key=lambda seat: seat_rank(seat, busy[(seat.host, seat.slot)], row["host"]))
+        if host is None or best.host == host:
+            return row, best
+        free.remove(best)  # that case goes to the other host's seat: the next case is planned without it
+        busy[(best.host, best.slot)] += 1
+    return None
 
 
-def _free_seats(conn: sqlite3.Connection, allowed: set[tuple[str, str]] | None, case_host: str | None) -> list[Slot]:
+def _any(conn: sqlite3.Connection, query: str, params: dict | None = None) -> bool:
+    return conn.execute(f"SELECT EXISTS({query})", params or {}).fetchone()[0] == 1
+
+
+def _free_seats(conn: sqlite3.Connection,
+                allowed: set[tuple[str, str]] | None) -> tuple[list[Slot], dict[tuple[str, str], int]]:
+    """The seats that can be handed out (of ``allowed``), and per (host, slot) how many of its seats are taken."""
+    busy = {(r["host"], r["pueue_group"]): r["taken"] for r in conn.execute(
+        f"SELECT host, pueue_group, SUM(status <> {SlotStatus.AVAILABLE.sql}) AS taken FROM gpu_resources"
+        " GROUP BY host, pueue_group")}
     rows = conn.execute(f"SELECT * FROM gpu_resources WHERE status = {SlotStatus.AVAILABLE.sql} AND {SEAT_USABLE}"
-                        f" ORDER BY {SEAT_ORDER}", {"case_host": case_host}).fetchall()
-    return [slot_from_row(r) for r in rows if allowed is None or (r["host"], r["pueue_group"]) in allowed]
+                        " ORDER BY host, pueue_group, seat").fetchall()
+    free = [slot_from_row(r) for r in rows if allowed is None or (r["host"], r["pueue_group"]) in allowed]
+    return free, busy
 
 
 def renew_lease(conn: sqlite3.Connection, case_id: int, *, worker: str, now: float,
@@ -146,7 +181,7 @@ def renew_lease(conn: sqlite3.Connection, case_id: int, *, worker: str, now: flo
 
 def free_slots(conn: sqlite3.Connection, seats: Iterable[tuple[str, str]] | None = None) -> int:
     """How many seats (of ``seats``, (host, group) pairs; None: any) could be handed out now."""
-    return len(_free_seats(conn, None if seats is None else set(seats), None))
+    return len(_free_seats(conn, None if seats is None else set(seats))[0])
 
 
 def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:
@@ -204,6 +239,18 @@ def release_staging(conn: sqlite3.Connection, case_id: int, *, worker: str) -> b
 
 
 def expired_leases(conn: sqlite3.Connection, now: float, limit: int = 100) -> list[Case]:
-    rows = conn.execute(f"SELECT * FROM cases WHERE status = {CaseStatus.SUBMITTING.sql} AND lease_until < ?"
-                        " ORDER BY case_id LIMIT ?", (now, limit))
-    return [case_from_row(r) for r in rows]
+    """Claims whose lease ran out, or whose owner process is gone (a SIGKILLed submitter renews
+    nothing: its claims need not hold their seats until the lease ends). Every worker runs on this
+    workstation, so a claim's pid (``<worker>:<pid>``) is a process here; a pid reused by another
+    process only makes the claim wait for its lease, as before."""
+    rows = conn.execute(f"SELECT * FROM cases WHERE status = {CaseStatus.SUBMITTING.sql}"
+                        " AND (lease_until < :now OR claimed_by IS NOT NULL) ORDER BY case_id",
+                        {"now": now})
+    cases = [case_from_row(r) for r in rows]
+    return [c for c in cases if (c.lease_until or 0) < now or owner_gone(c.claimed_by)][:limit]
+
+
+def owner_gone(claimed_by: str | None) -> bool:
+    """True when ``claimed_by`` names a process id that no longer exists here."""
+    pid = (claimed_by or "").rpartition(":")[2]
+    return pid.isdigit() and not pid_alive(int(pid))

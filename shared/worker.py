@@ -13,7 +13,9 @@ import signal
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
+from functools import partial
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -44,9 +46,14 @@ class Memory:
     notices_sending: dict[int, Any] = field(default_factory=dict)  # shared.notify: notice id -> its child
     # the scanner: folder name -> what it last saw of it (quiescence)
     pending: dict[str, Any] = field(default_factory=dict)
-    # the submitter: hosts whose slots were made sure of (shared with its stager); the stager's doorbell
+    # a process's loops (main, per host, stagers): their wake events, so that any loop can wake the others
+    loop_wakes: dict[str, threading.Event] = field(default_factory=dict)
+    # the submitter: hosts whose slots were made sure of (shared by all its loops); per host, how long
+    # its recent uploads took (seconds, newest last); when its pace was last read; pre-uploads held back
     hosts_ready: set[str] = field(default_factory=set)
-    stager_wake: threading.Event | None = None
+    upload_seconds: dict[str, deque] = field(default_factory=dict)
+    paces: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    staging_paused_until: dict[str, float] = field(default_factory=dict)
     # the poller: host -> the slots its scheduler had paused at the last look
     paused_slots: dict[str, list[str]] = field(default_factory=dict)
     # the reaper: host -> when its orphans were last looked for; workers already reported stale
@@ -198,6 +205,7 @@ def install_signal_handlers(ctx: Context) -> None:
     def request_stop(signum: int, _frame: object) -> None:
         ctx.stop.set()
         ctx.wake.set()
+        wake_loops(ctx)  # the helper loops too, so each ends after the step in hand, not its interval
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -226,11 +234,18 @@ def run_worker(ctx: Context, tick: Callable[[Context, float], int], *,
 
 def worker_main(program: str, name: str, tick: Callable[[Context, float], int], argv=None, *,
                 prepare: Callable[[Context], None] | None = None,
-                idle_wait: Callable[[Context], float] | None = None, drain: bool = False) -> int:
-    """Entry point shared by the worker programs: config, logging, context, loop."""
+                idle_wait: Callable[[Context], float] | None = None, drain: bool = False,
+                one_pass: Callable[[Context, float], int] | None = None) -> int:
+    """Entry point shared by the worker programs: config, logging, context, loop.
+
+    ``one_pass``: what ``--once`` runs instead of ``tick`` when a process does its work in helper
+    loops (one per host): the whole pass in this thread, and ``prepare`` (which starts them) is skipped.
+    """
     from shared.app import load_or_exit, worker_args
 
     args = worker_args(program, argv)
+    if args.once and one_pass is not None:
+        tick, prepare = one_pass, None
     config = load_or_exit(args.config, program)
     worker_name = args.name or name
     log = setup_logging(config.logging, worker_name)
@@ -241,6 +256,7 @@ def worker_main(program: str, name: str, tick: Callable[[Context, float], int], 
         prepare(ctx)
     code = run_worker(ctx, tick, idle_wait=idle_wait, once=args.once, drain=drain)
     ctx.stop.set()  # after --once too: the helper loops end with the main one
+    wake_loops(ctx)
     for helper in ctx.memory.helper_threads:
         helper.join()  # each finishes the step in hand, then sees the stop event
     ctx.log.info("%s stopped", ctx.name)  # the process's last line, after its helpers'
@@ -248,23 +264,26 @@ def worker_main(program: str, name: str, tick: Callable[[Context, float], int], 
 
 
 def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], int], *,
-                      drain: bool = False, shared: tuple[str, ...] = ()) -> Context:
+                      drain: bool = False, shared: tuple[str, ...] = (),
+                      idle_wait: Callable[[Context], float] | None = None) -> Context:
     """Run ``tick`` in a thread of this process with its own connection, name and wake event.
 
     Its ``memory`` is its own, but for the ``shared`` fields (the same objects as the main loop's,
     which keeps them up to date for it, e.g. which hosts are ready). It shares the stop event, so SIGTERM ends both loops;
-    ``worker_main`` joins it.
+    ``worker_main`` joins it. Its wake event is listed in ``memory.loop_wakes`` (``wake_loops``).
     If the helper dies (say, a database error), the whole process stops and exits 1,
     so supervisord restarts it.
     """
-    memory = Memory(**{key: getattr(ctx.memory, key) for key in shared})
+    memory = Memory(**{key: getattr(ctx.memory, key) for key in ("loop_wakes", *shared)})
     helper = replace(ctx, name=name, wake=threading.Event(), memory=memory, log=logging.getLogger(f"mqic.{name}"))
+    ctx.memory.loop_wakes.setdefault(ctx.name, ctx.wake)
+    ctx.memory.loop_wakes[name] = helper.wake
 
     def loop() -> None:
         helper.conn = connect(ctx.config.database_path, migrate=False)  # sqlite: one per thread
         helper.log.info("%s started (pid %d)", name, os.getpid())
         try:
-            run_worker(helper, tick, drain=drain)
+            run_worker(helper, tick, drain=drain, idle_wait=idle_wait)
             helper.log.info("%s stopped", name)
         except BaseException:
             helper.log.exception("%s died; stopping the process", name)
@@ -278,6 +297,28 @@ def start_helper_loop(ctx: Context, name: str, tick: Callable[[Context, float], 
     ctx.memory.helper_threads.append(thread)
     thread.start()
     return helper
+
+
+def start_host_loops(ctx: Context, name: str, tick_on: Callable[[Context, Host, float], int], *,
+                     drain: bool = False, shared: tuple[str, ...] = (),
+                     idle_wait: Callable[[Context], float] | None = None) -> list[Context]:
+    """One helper loop per configured host (``<name>@<host>``), each calling ``tick_on(ctx, host, now)``
+    for its own host only: a slow host (every remote call taking seconds) slows its own loop, never
+    another host's. Each loop has its own database connection (``start_helper_loop``)."""
+    return [start_helper_loop(ctx, f"{name}@{host.name}", partial(_on_host, tick_on, host.name), drain=drain,
+                              shared=shared, idle_wait=idle_wait)
+            for host in ctx.hosts.values()]
+
+
+def _on_host(tick_on: Callable[[Context, Host, float], int], host_name: str, ctx: Context, now: float) -> int:
+    return tick_on(ctx, ctx.hosts[host_name], now)
+
+
+def wake_loops(ctx: Context, *, containing: str = "") -> None:
+    """Wake this process's loops (those whose name contains ``containing``) but the caller's own."""
+    for name, wake in list(ctx.memory.loop_wakes.items()):
+        if name != ctx.name and containing in name:
+            wake.set()
 
 
 # A condition that keeps coming up is logged again at most this often (``worth_logging``).

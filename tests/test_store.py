@@ -114,6 +114,23 @@ def test_claim_takes_oldest_case_and_a_slot_atomically(conn):
     assert get_case(conn, newer.case_id).status is CaseStatus.SUBMITTED
 
 
+def test_a_claim_whose_owner_process_is_gone_is_recovered_before_its_lease_ends(conn):
+    """A SIGKILLed submitter held its seats for the whole lease (the two-host chaos run: seats held by
+    dead claims most of an outage). A live owner's claim, or one naming no pid, waits for its lease."""
+    import os
+    from shared.claims import expired_leases
+    sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0), SeatSpec("hpc", "gpu_b", 0), SeatSpec("hpc", "gpu_c", 0)],
+               now=NOW, worker="t")
+    dead_pid = int(open("/proc/sys/kernel/pid_max").read()) + 7  # no process can have it
+    owners = [f"submitter@gpu1:{dead_pid}", f"submitter@gpu1:{os.getpid()}", "sub-1"]
+    claims = []
+    for owner in owners:
+        new_case(conn, owner)
+        claims.append(claim_next_case(conn, worker=owner, now=NOW + 10, lease_seconds=60))
+    assert [c.case_id for c in expired_leases(conn, NOW + 20)] == [claims[0].case.case_id]
+    assert [c.case_id for c in expired_leases(conn, NOW + 71)] == [c.case.case_id for c in claims]
+
+
 def test_claim_respects_backoff(conn):
     sync_slots(conn, [SeatSpec("hpc", "gpu_a", 0)], now=NOW, worker="t")
     case = new_case(conn)

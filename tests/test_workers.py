@@ -20,7 +20,7 @@ from shared.liveness import down_hosts
 from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus, SlotStatus
 from shared.store import case_events, get_case
-from shared.worker import build_context
+from shared.worker import build_context, wake_loops
 from tests.conftest import get_slot, wait_until
 from tests.memory_hpc import MOQUI_COMMAND, sleeps
 from workers import poller, reaper, scanner, submitter
@@ -555,13 +555,13 @@ def test_the_stager_thread_of_the_process_pre_uploads_while_every_gpu_is_busy(hp
     submitted(ctx, "busy", seconds=5)
     waiting = registered(ctx, "waiting")
     assert submitter.tick(ctx, time.time()) == 0            # no free seat: the main loop leaves it
-    submitter.start_stager_and_doorbell(ctx)                # the stager as the process runs it
+    submitter.start_loops(ctx)                              # the stager as the process runs it
     try:
         staged = wait_until(lambda: get_case(ctx.conn, waiting.case_id).staged_at, timeout=20,
                             message="the stager thread pre-uploads the waiting case")
     finally:
         ctx.stop.set()
-        ctx.memory.stager_wake.set()
+        wake_loops(ctx)
         for thread in ctx.memory.helper_threads:
             thread.join(timeout=30)
     assert staged and get_case(ctx.conn, waiting.case_id).host == "hpc"

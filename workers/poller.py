@@ -1,7 +1,10 @@
 """poller: follows every ``running`` case with one status and one log call per host per pass.
 
-Hosts are polled one after the other; a host last seen unreachable is skipped (its
-cases wait, the reaper probes it), so it never holds up the others.
+The process polls each host in a loop of its own (a thread with its own database connection),
+so a host whose every remote call takes seconds never delays another host's polls; ``tick``
+polls every host in turn in one thread (tests, one pass). A host last seen unreachable is
+skipped (its cases wait, the reaper probes it). Whatever a pass records is stamped with the
+time the host's answer was seen (``seen_at``), not the time the pass began.
 
 What became of each case's task is found by ``shared.tasks.resolve`` from that one
 fresh snapshot (and, for a task pueue no longer lists, from its exit record in the
@@ -41,7 +44,7 @@ from shared.states import CaseStatus, SlotStatus
 from shared.store import Case, cases_with_status, flag_for_review, get_case, update_case
 from shared.verdicts import Action, Phase, Verdict
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, forget_logged, note_reach, on_reachable_hosts, per_item,
-                           start_helper_loop, worker_main, worth_logging)
+                           reachable_hosts, start_helper_loop, start_host_loops, worker_main, worth_logging)
 
 WAITING_REFRESH_SHARE_OF_STUCK = 0.5  # see waiting_refresh_seconds
 
@@ -331,20 +334,44 @@ def needs_log(link: tasks.Link, verdict: Verdict) -> bool:
 
 
 def tick(ctx: Context, now: float) -> int:
-    """One pass over all running cases, host by host (a host that was last seen down is skipped)."""
+    """One pass over all running cases in this thread, host by host (a host that was last seen down is
+    skipped). The process runs ``poll_on`` in a loop per host instead."""
     running = cases_with_status(ctx.conn, CaseStatus.RUNNING, limit=10_000)
     return sum(poll_host(ctx, host, cases, now)
                for host, cases in on_reachable_hosts(ctx, running, now, "running case(s)"))
 
 
+def poll_on(ctx: Context, host: Host, now: float) -> int:
+    """A host's poll loop: its running cases, unless it was last seen down."""
+    if host.name not in {h.name for h in reachable_hosts(ctx)}:
+        return 0
+    running = [case for case in cases_with_status(ctx.conn, CaseStatus.RUNNING, limit=10_000) if case.host == host.name]
+    return poll_host(ctx, host, running, now) if running else 0
+
+
+def watch_tick(ctx: Context, now: float) -> int:
+    """The process's main loop: says now and then that running cases wait for a host the config no longer has."""
+    on_reachable_hosts(ctx, cases_with_status(ctx.conn, CaseStatus.RUNNING, limit=10_000), now, "running case(s)")
+    return 0
+
+
+def seen_at(ctx: Context, now: float, started: float) -> float:
+    """``now`` moved on by the time the remote calls since ``started`` took on ``ctx.clock``: when
+    their answer was seen. A stamp (``completed_at``, progress) is that, not the pass's start,
+    which may be a slow call (or a whole pass) earlier."""
+    return now + max(0.0, ctx.clock() - started)
+
+
 def poll_host(ctx: Context, host: Host, running: list[Case], now: float) -> int:
     """One host's running cases: one status call, one log call (plus exit records if needed)."""
+    started = ctx.clock()
     snapshot = fetch_snapshot(ctx, host)
     if snapshot is None:
         return 0
-    handle_paused_slots(ctx, host, snapshot, now)
     forgotten = [case for case in running if tasks.needs_record(case, snapshot)]
     records = fetch_records(ctx, host, forgotten) if forgotten else {}
+    seen = seen_at(ctx, now, started)
+    handle_paused_slots(ctx, host, snapshot, seen)
     links, rulings = {}, {}
     for case in running:  # an Unlisted verdict is logged for its case (never a default); the others go on
         with per_item(ctx, case.case_id, "verdict"):
@@ -355,13 +382,14 @@ def poll_host(ctx: Context, host: Host, running: list[Case], now: float) -> int:
     for case in decided:  # completions first, so freed GPUs are handed on before the log call
         if rulings[case.case_id].action is Action.COMPLETE:
             with per_item(ctx, case.case_id, "poll"):
-                changed += complete(ctx, host, case, links[case.case_id], now, rulings[case.case_id])
+                changed += complete(ctx, host, case, links[case.case_id], seen, rulings[case.case_id])
     wanted = [links[c.case_id].task for c in decided if needs_log(links[c.case_id], rulings[c.case_id])]
     outputs = fetch_logs(ctx, host, wanted) if wanted else {}
+    seen = seen_at(ctx, now, started)
     for case in decided:
         if rulings[case.case_id].action is not Action.COMPLETE:
             with per_item(ctx, case.case_id, "poll"):
-                changed += carry_out(ctx, host, case, links[case.case_id], rulings[case.case_id], outputs, now)
+                changed += carry_out(ctx, host, case, links[case.case_id], rulings[case.case_id], outputs, seen)
     return changed
 
 
@@ -369,8 +397,10 @@ def poll_interval(ctx: Context) -> float:
     return ctx.config.main_loop.poll_interval_seconds
 
 
-def listen_for_work(ctx: Context) -> None:
-    listen(ctx.spool.root, "poller", ctx.wake)
+def start_host_polls(ctx: Context) -> None:
+    """A poll loop per host; the doorbell wakes each (a submit, a cancel)."""
+    loops = start_host_loops(ctx, ctx.name, poll_on, idle_wait=poll_interval)
+    listen(ctx.spool.root, "poller", ctx.wake, *(loop.wake for loop in loops))
 
 
 def start_gpu_telemetry(ctx: Context) -> None:
@@ -383,12 +413,13 @@ def start_gpu_telemetry(ctx: Context) -> None:
 
 
 def prepare(ctx: Context) -> None:
-    listen_for_work(ctx)
+    start_host_polls(ctx)
     start_gpu_telemetry(ctx)
 
 
 def main(argv=None) -> int:
-    return worker_main("mqic-poller", "poller", tick, argv, prepare=prepare, idle_wait=poll_interval)
+    return worker_main("mqic-poller", "poller", watch_tick, argv, prepare=prepare, idle_wait=poll_interval,
+                       one_pass=tick)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ picks it: idle GPUs first, then the host the case was pre-uploaded to). Each hos
 its own connection and readiness, so a host that is down or not ready only loses its
 own seats.
 
+The process runs one claim loop and one stager loop per host (threads, each with its own
+database connection): a host whose every remote call takes seconds slows only its own
+claims, uploads, submits and pre-uploads. The main loop recovers expired claims. ``tick``
+and ``stage_tick`` do the same work in one thread, all hosts in turn (tests, one pass).
+
 Exactly-once rule: a failure *before* the submit was sent (upload, verify) sends
 the case back to ``submitted`` at once; a failure *at or after* it (the submit may
 have landed) leaves the case ``submitting`` with its lease cut short, so that
@@ -16,27 +21,36 @@ from __future__ import annotations
 import shlex
 import sys
 import threading
+import math
+import statistics
+import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from shared import tasks
+from shared import eta, tasks
 from shared.claims import (
     Claim, claim_for_staging, claim_next_case, free_slots, mark_staged, release_staging, renew_lease,
     staged_waiting)
 from shared.db import connect
 from shared.doorbell import listen, ring
-from shared.errors import (HostKeyMismatch, MqicError, RemoteError, RemoteFailure, SlotLost, Unreachable,
-                           WorkdirMissing)
+from shared.errors import (HostKeyMismatch, MqicError, RemoteError, RemoteFailure, ResourceShortage, SlotLost,
+                           Unreachable, WorkdirMissing)
 from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.maintenance import is_drained
 from shared.recovery import recover_expired_claims
 from shared.states import CaseStatus
-from shared.store import Case, SUBMIT_CLEARS, update_case
-from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, note_reach, per_item, reachable_hosts, start_helper_loop,
-                           worker_main, worth_logging)
+from shared.store import Case, SUBMIT_CLEARS, cases_with_status, update_case
+from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, note_reach, per_item, reachable_hosts, start_host_loops,
+                           wake_loops, worker_main, worth_logging)
+
+STAGER = "stager"             # the stager loops are named <worker>-stager@<host>
+UPLOADS_TIMED = 20            # a host's upload time is the median of its last uploads in this process
+PACE_READ_EVERY = 60.0        # seconds: a host's run time (shared.eta.host_paces) is read again this often
+SPACE_PAUSE_SECONDS = 300.0   # a pre-upload refused for space: no pre-upload to that host for this long
 
 
 
@@ -93,44 +107,85 @@ def lease_keeper(ctx: Context, case_id: int, status: CaseStatus) -> Iterator[thr
 def upload(ctx: Context, host: Host, case: Case, status: CaseStatus = CaseStatus.SUBMITTING) -> str:
     """Upload the case folder to ``host`` (verified, atomic) while keeping the claim's lease alive."""
     with lease_keeper(ctx, case.case_id, status) as lost:
+        started = time.monotonic()
         try:
             result = host.remote.upload(Path(case.case_path), case.folder_name, case_id=case.case_id)
         except (Unreachable, HostKeyMismatch) as exc:
             note_reach(ctx, host, exc)  # no new claims for this host until it answers again
             raise
+        ctx.memory.upload_seconds.setdefault(host.name, deque(maxlen=UPLOADS_TIMED)).append(
+            time.monotonic() - started)
     if lost.is_set():
         raise LeaseLost(f"case {case.case_id}: claim lost during upload")
     return result.remote_dir
 
 
-def staging_host(ctx: Context) -> Host | None:
-    """The ready, undrained host with the most room for pre-uploads, if any has room.
-
-    A host's room: one pre-upload per free seat (the claim then needs one remote call, not an
-    upload, so a slot of depth 2 keeps its queue full) plus one per slot (the case that follows
-    when a seat frees), less the cases already pre-uploaded there.
-    """
+def staging_host(ctx: Context, now: float) -> Host | None:
+    """The ready host with the most room for pre-uploads (``staging_room``), if any has room."""
     best, best_room = None, 0
     for host in ready_hosts(ctx):
-        if is_drained(ctx.conn, host.name):
-            continue
-        slots = ready_seats([host])
-        room = free_slots(ctx.conn, slots) + len(slots) - staged_waiting(ctx.conn, host.name)
+        room = staging_room(ctx, host, now)
         if room > best_room:
             best, best_room = host, room
     return best
 
 
-def stage_tick(ctx: Context, now: float) -> int:
-    """The stager's pass: upload a waiting case ahead to a host with room (``staging_host``).
+def staging_room(ctx: Context, host: Host, now: float) -> int:
+    """How many more cases to pre-upload to ``host`` now: none while it is not ready, drained, or held
+    back for space; else one per free seat (each claim then needs one remote call, not an upload)
+    plus ``pre_upload_depth`` (the cases that follow as seats free), less those already there, and
+    never past the host's seats (the space rule)."""
+    if host.name not in {h.name for h in ready_hosts(ctx)} or is_drained(ctx.conn, host.name) or \
+            ctx.memory.staging_paused_until.get(host.name, 0.0) > now:
+        return 0
+    wanted = free_slots(ctx.conn, ready_seats([host])) + pre_upload_depth(ctx, host, now)
+    return min(wanted, host_seats(host)) - staged_waiting(ctx.conn, host.name)
 
-    Runs in its own thread of the submitter process, beside the main loop's claims, so a
-    seat is handed a case that is already on the HPC, and a freed seat its next case at
-    once even while an upload is under way. It leaves the cases at the head of the queue
-    that the free seats take next to the main loop.
+
+def host_seats(host: Host) -> int:
+    return sum(slot.depth for slot in host.config.slots)
+
+
+def pre_upload_depth(ctx: Context, host: Host, now: float) -> int:
+    """How many cases ``host`` keeps uploaded ahead for the seats that free next: those its GPUs
+    free while one more case goes up (GPUs × upload time / run time), at least one per slot.
+
+    Run time: the host's pace (``shared.eta.host_paces``: its recent runs, else all hosts', else
+    the running cases' progress). Upload time: the median of this process's recent uploads to it,
+    else the pace's measured hand-off (claim to task on the HPC)."""
+    pace = host_pace(ctx, host, now)
+    timed = ctx.memory.upload_seconds.get(host.name)
+    upload = statistics.median(timed) if timed else pace.handoff_seconds
+    gpus = sum(slot.parallel for slot in host.config.slots)
+    freeing = math.ceil(gpus * upload / max(pace.run_seconds, 1.0))
+    return max(len(host.config.slots), freeing)
+
+
+def host_pace(ctx: Context, host: Host, now: float) -> eta.Pace:
+    """The host's pace, read again at most every ``PACE_READ_EVERY`` seconds."""
+    read_at, pace = ctx.memory.paces.get(host.name, (None, None))
+    if pace is None or now - read_at >= PACE_READ_EVERY or now < read_at:
+        running = cases_with_status(ctx.conn, CaseStatus.RUNNING, limit=eta.RECENT_RUNS)
+        pace = eta.host_paces(ctx.conn, [host.name], now, running)[host.name]
+        ctx.memory.paces[host.name] = (now, pace)
+    return pace
+
+
+def stage_tick(ctx: Context, now: float) -> int:
+    """One pre-upload to the host with the most room (``staging_host``), in this thread: a pass
+    over all hosts for tests; the process runs ``stage_on`` in a loop per host instead."""
+    host = staging_host(ctx, now)
+    return 0 if host is None else stage_on(ctx, host, now)
+
+
+def stage_on(ctx: Context, host: Host, now: float) -> int:
+    """A host's stager pass: upload the next waiting case ahead to ``host`` if it has room.
+
+    Runs beside the claim loops, so a seat is handed a case that is already on the HPC, and a
+    freed seat its next case at once even while an upload is under way. It leaves the cases at
+    the head of the queue that the free seats take next to the claims.
     """
-    host = staging_host(ctx)
-    if host is None:
+    if staging_room(ctx, host, now) <= 0:
         return 0
     case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
                              lease_seconds=ctx.config.main_loop.lease_seconds,
@@ -144,6 +199,8 @@ def stage_tick(ctx: Context, now: float) -> int:
         release_staging(ctx.conn, case.case_id, worker=ctx.worker_id)
         ctx.log.warning("case %d: pre-upload failed (%s); it will be uploaded when claimed", case.case_id,
                         exc, extra=for_case(case.case_id, "prestage", exc))
+        if isinstance(exc, ResourceShortage):  # no room on the HPC: hold the pre-uploads there back
+            ctx.memory.staging_paused_until[host.name] = now + SPACE_PAUSE_SECONDS
         return 0
     if mark_staged(ctx.conn, case, host=host.name, remote_dir=remote_dir, worker=ctx.worker_id, now=ctx.clock(),
                    detail=f"pre-uploaded to {host.name}:{remote_dir}"):
@@ -285,40 +342,60 @@ def ready_seats(hosts: list[Host]) -> list[tuple[str, str]]:
 
 
 def tick(ctx: Context, now: float) -> int:
-    """One pass: recover dead claims, then claim and submit at most one case."""
+    """One pass in this thread, all hosts in turn: recover dead claims, make the hosts ready, then
+    claim and submit at most one case on any of them (tests; the process runs ``recover_tick``
+    and a ``claim_on`` loop per host)."""
     done = recover_expired_claims(ctx, now)
     ready = [host for host in reachable_hosts(ctx) if host_ready(ctx, host)]
-    if not ready:
-        return done
+    return done + (claim_and_submit(ctx, now) if ready else 0)
+
+
+def recover_tick(ctx: Context, now: float) -> int:
+    """The process's main loop: expired claims, each resolved from one snapshot of its host."""
+    return recover_expired_claims(ctx, now)
+
+
+def claim_on(ctx: Context, host: Host, now: float) -> int:
+    """A host's claim loop: make it ready, then claim and submit at most one case on a seat of it."""
+    if host.name not in {h.name for h in reachable_hosts(ctx)} or not host_ready(ctx, host):
+        return 0
+    return claim_and_submit(ctx, now, host)
+
+
+def claim_and_submit(ctx: Context, now: float, host: Host | None = None) -> int:
+    """Claim the next case for a free seat (of ``host``: see ``claim_next_case``; else of any ready
+    host) and submit it; 1 when a case was claimed."""
     claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
                             lease_seconds=ctx.config.main_loop.lease_seconds,
-                            seats=ready_seats(ready),
+                            seats=ready_seats(ready_hosts(ctx)), host=host and host.name,
                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
     if claim is None:
-        wake_stager(ctx)
-        return done
+        wake_stagers(ctx)
+        return 0
     ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.slot.name,
                  claim.case.attempts + 1, extra=for_case(claim.case.case_id, "claim"))
-    wake_stager(ctx)  # a seat was taken: the stager may upload the case after this one meanwhile
+    wake_loops(ctx)  # a seat was taken: stagers may upload ahead, the other hosts' claims look again
     with per_item(ctx, claim.case.case_id, "submit"):  # on a crash the lease expires; recovery takes over
         process_claim(ctx, ctx.hosts[claim.host], claim, now)
-    return done + 1
+    return 1
 
 
-def wake_stager(ctx: Context) -> None:
-    if ctx.memory.stager_wake is not None:
-        ctx.memory.stager_wake.set()
+def wake_stagers(ctx: Context) -> None:
+    wake_loops(ctx, containing=f"-{STAGER}@")  # a wake is only a hint: waking one more loop costs a pass
 
 
-def start_stager_and_doorbell(ctx: Context) -> None:
-    # one set: the main loop makes hosts ready for both
-    stager = start_helper_loop(ctx, f"{ctx.name}-stager", stage_tick, drain=True, shared=("hosts_ready",))
-    ctx.memory.stager_wake = stager.wake
-    listen(ctx.spool.root, "submitter", ctx.wake, stager.wake)
+def start_loops(ctx: Context) -> None:
+    """The process's loops: per host a claim loop and a stager, all sharing which hosts are ready
+    and how long uploads take; the doorbell wakes every one."""
+    shared = ("hosts_ready", "upload_seconds")
+    loops = start_host_loops(ctx, ctx.name, claim_on, drain=True, shared=shared)
+    loops += start_host_loops(ctx, f"{ctx.name}-{STAGER}", stage_on, drain=True, shared=shared)
+    listen(ctx.spool.root, "submitter", ctx.wake, *(loop.wake for loop in loops))
 
 
 def main(argv=None) -> int:
-    return worker_main("mqic-submitter", "submitter", tick, argv, prepare=start_stager_and_doorbell, drain=True)
+    return worker_main("mqic-submitter", "submitter", recover_tick, argv, prepare=start_loops, drain=True,
+                       one_pass=tick)
 
 
 if __name__ == "__main__":
