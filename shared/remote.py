@@ -37,15 +37,17 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from filelock import FileLock
 from plumbum import local
 from plumbum.commands.processes import ProcessTimedOut
 
-from shared.config import HpcConfig
 from shared.errors import (BadOutput, HostKeyMismatch, HpcTrouble, LocalFailure, RemoteError, RemoteFailure,
                            ResourceShortage, Unreachable)
+
+if TYPE_CHECKING:  # annotations only: the backends import this module, and the config imports them
+    from shared.config import HpcConfig
 
 SSH_UNREACHABLE = 255
 UPLOAD_PREFIX = ".mqic-upload-"

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 from shared.backends.model import Runner, Words
 from shared.errors import (AlreadySubmitted, BadOutput, RemoteError, RemoteFailure, SchedulerOutage,
                            SubmitLockBusy, SubmitUncertain, WorkdirMissing)
+from shared.remote import remote_error
 
 CLOCK_PREFIX = "mqic-clock "
 CLOCKED = 'printf \'%s%s\\n\' "$1" "$(date +%s)"; shift; exec "$@"'
@@ -269,9 +270,7 @@ def parse_batch(text: str, mark: str) -> dict[int, ItemAnswer]:
 
 def item_error(argv: Sequence[str], answer: ItemAnswer) -> RemoteError:
     """The failure of one item as the runner would have raised it for a call of its own."""
-    # The OS's words ("No space left on device") are read in one place, the remote layer; it
-    # imports the config, which imports this package, so it is imported here, when first needed.
-    from shared.remote import remote_error
+    # The OS's words ("No space left on device") are read in one place: the remote layer.
     return remote_error(list(argv), answer.code, answer.stderr, answer.stdout)
 
 
@@ -320,7 +319,7 @@ def batch_timeout(timeout: float | None, count: int) -> float | None:
 def _outcome(how: BatchScript, call: ItemCall, answer: ItemAnswer | None, failed: RemoteFailure | None,
              limit: int) -> SubmitOutcome:
     if answer is None:
-        why = f"no answer for it ({first_line(str(failed))})" if failed is not None else "its answer was cut short"
+        why = f"no answer for it ({_call_failure(failed)})" if failed is not None else "its answer was cut short"
         uncertain = SubmitUncertain(f"{how.words.submit}: {why}; the {how.words.task} may have been made: "
                                     f"looking for {call.label}")
         uncertain.__cause__ = failed
@@ -335,6 +334,14 @@ def _outcome(how: BatchScript, call: ItemCall, answer: ItemAnswer | None, failed
         return how.read_id(answer.stdout)
     except BadOutput as error:
         return error
+
+
+def _call_failure(error: RemoteFailure) -> str:
+    """How the batch call itself failed, in a few words (never its script)."""
+    if isinstance(error, RemoteError):
+        said = first_line(error.stderr) or first_line(error.stdout)
+        return f"the batch exited {error.exit_code}" + (f": {said}" if said else "")
+    return first_line(str(error))
 
 
 def settled(outcome: SubmitOutcome) -> int:
