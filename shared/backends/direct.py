@@ -13,7 +13,8 @@ Everything lives in a state folder of ours alone on the host, ``<remote_base_dir
                       boot id), runner (its pid), started/ (who may start it: the runner or
                       a remove, whoever makes it first), pgid, start, exit, end, output
 
-``submit`` is ONE ssh call: the per-label lock and workdir check of
+``submit_batch`` is ONE ssh call for several tasks (``common.run_batch``; ``submit`` is its batch
+of one); for each, in turn: the per-label lock and workdir check of
 ``common.LOCKED_SUBMIT_PRELUDE``, the refusal of a label that already has a task, the id,
 the record, and a runner started with ``setsid`` (it outlives the ssh connection). The
 runner waits for the slot, starts the (already wrapped) command in its own process group

@@ -2,7 +2,8 @@
 
 Each driver function makes ONE runner call, parses its stdout with
 ``shared.backends.pueue_parse`` and returns a typed value: no retries, no sleeps, no
-database. Failures are typed, never ``None``:
+database. ``submit_batch`` adds several tasks in that one call (``common.run_batch``), one
+outcome per task; ``submit`` is its batch of one. Failures are typed, never ``None``:
 
 - ``Unreachable``: the host could not be reached (raised by the runner);
 - ``RemoteError``: pueue ran and exited non-zero, typed by what pueue said

@@ -2,8 +2,8 @@
 
 Each slot of ours is an entry of ``slurm.partitions`` in the config: a partition with
 its account, QOS, gres and extra ``#SBATCH`` lines (``slurm_parse.SubmitSettings``). A
-case is one batch job named by its label ``mqic_case_<id>``, started in the case folder,
-its output in ``.mqic/slurm-<job id>.out``. The job's comment names its slot
+case is one batch job named by its label ``mqic_case_<id>``, started in the case folder
+by its own ``sbatch`` (several cases' in ONE ssh call: ``submit_batch``), its output in ``.mqic/slurm-<job id>.out``. The job's comment names its slot
 (``mqic_slot=<slot>``), so several slots may share one partition.
 
 The command the submitter passes is already wrapped by ``shared.tasks.wrap_command``,
