@@ -3,7 +3,7 @@
 Two cases: the realistic one (about 220 files, 45 MB) and a large one (4 files of random
 data, about 1 GB; 200 MB with --quick). Ours is ``shared.remote.Remote.upload`` with each
 ``hpc.transfer`` method: it lands under a temporary name, is verified by file count and
-bytes, and renamed into place; the verify+rename step (``finalize_upload``) is also timed
+bytes, and renamed into place; the verify+rename step (``finalize_many``) is also timed
 on its own. Plain ``scp -r`` opens a fresh connection like the naive way; the raw
 ``tar -cf - | ssh 'tar -xf -'`` stream over the shared connection is the floor. Every
 figure is the median of the repeats; the remote copy is removed between runs (not timed).
@@ -62,17 +62,17 @@ class Methods:
 
     def ours(self, method: str):
         remote = self.remotes[method]
-        original = Remote.finalize_upload
+        original = Remote.finalize_many
         spent = []
 
-        def finalize(temp, final, files, size):
+        def finalize(moves):
             start = time.perf_counter()
             try:
-                return original(remote, temp, final, files, size)
+                return original(remote, moves)
             finally:
                 spent.append(time.perf_counter() - start)
 
-        remote.finalize_upload = finalize
+        remote.finalize_many = finalize
 
         def run(local: Path, name: str) -> tuple[float, float]:
             spent.clear()

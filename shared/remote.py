@@ -29,7 +29,6 @@ import pwd
 import re
 import secrets
 import shlex
-import signal
 import stat
 import subprocess
 import tarfile
@@ -37,15 +36,17 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from filelock import FileLock
 from plumbum import local
 from plumbum.commands.processes import ProcessTimedOut
 
-from shared.config import HpcConfig
 from shared.errors import (BadOutput, HostKeyMismatch, HpcTrouble, LocalFailure, RemoteError, RemoteFailure,
                            ResourceShortage, Unreachable)
+
+if TYPE_CHECKING:  # annotations only: the backends import this module, and the config imports them
+    from shared.config import HpcConfig
 
 SSH_UNREACHABLE = 255
 UPLOAD_PREFIX = ".mqic-upload-"
@@ -153,6 +154,58 @@ class UploadResult:
     remote_dir: str
     files: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class UploadCase:
+    """One case folder of ``Remote.upload_many``: ``local_dir`` lands as ``<base>/<folder_name>``."""
+
+    local_dir: Path
+    folder_name: str
+    case_id: int
+
+
+# What became of one case of ``upload_many``: where it landed, or its own failure.
+UploadOutcome = UploadResult | RemoteFailure
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """One case on its way up: where it lands first and last, and what it must hold."""
+
+    index: int
+    case: UploadCase
+    temp: str
+    final: str
+    files: int
+    size: int
+
+
+def _write_archive(stream, pairs: Sequence[tuple[Path, str]], names: Sequence[str]) -> LocalFailure | None:
+    """Write every local folder of ``pairs`` into ``stream`` as one tar archive, each under its name.
+
+    Returns the LocalFailure of a folder that could not be read here (the archive is then
+    left unfinished), None otherwise; the other end closing first is left to its exit code.
+    """
+    current = pairs[0][0] if pairs else None
+    try:
+        with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+            for (local_dir, _temp), name in zip(pairs, names):
+                current = local_dir
+                archive.add(str(local_dir), arcname=name)
+    except BrokenPipeError:
+        return None
+    except OSError as exc:
+        return LocalFailure(f"tar upload: our local tar of {current} failed: {exc.strerror or exc}"
+                            + (f": {exc.filename}" if exc.filename else ""))
+    return None
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except BrokenPipeError:
+        pass  # the other end ended first: its exit code says why
 
 
 def folder_manifest(folder: Path) -> tuple[int, int]:
@@ -289,15 +342,43 @@ def extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path
         raise UnsafeMember(member.name, str(exc)) from None
 
 
-# Verify an upload by file count and bytes, then rename it into place; exit 4 on mismatch.
+# Verify each upload by file count and bytes, then rename it into place. $1 a marker, then four
+# words per upload (temporary folder, final folder, files, bytes); for each, one record:
+# <M>F<index><M><stderr><M><exit><M> and a newline (exit 4: mismatch, 3: unreadable, 1: rename).
 FINALIZE_SCRIPT = r"""
-tmp=$1 final=$2 want="$3 $4"
-got=$(cd -- "$tmp" && find . -type f -printf '%s\n' | awk '{n++; b+=$1} END {printf "%.0f %.0f", n, b}') || exit 3
-if [ "$got" != "$want" ]; then echo "upload mismatch: got files/bytes $got, want $want" >&2; exit 4; fi
-rm -rf -- "$final" && mv -- "$tmp" "$final" || exit 1
-rm -rf -- "${tmp%-*}"-*  # temporaries of earlier, interrupted attempts at this case
-printf 'moved:%s' "$final"
+mark=$1; shift
+one() {
+  tmp=$1 final=$2 want="$3 $4"
+  got=$(cd -- "$tmp" && find . -type f -printf '%s\n' | awk '{n++; b+=$1} END {printf "%.0f %.0f", n, b}') || return 3
+  if [ "$got" != "$want" ]; then echo "upload mismatch: got files/bytes $got, want $want" >&2; return 4; fi
+  rm -rf -- "$final" && mv -- "$tmp" "$final" || return 1
+  rm -rf -- "${tmp%-*}"-*  # temporaries of earlier, interrupted attempts at this case
+}
+index=0
+while [ $# -ge 4 ]; do
+  printf '%sF%s%s' "$mark" "$index" "$mark"
+  err=$(one "$1" "$2" "$3" "$4" 2>&1 >/dev/null); code=$?
+  printf '%s%s%s%s\n' "$err" "$mark" "$code" "$mark"
+  shift 4
+  index=$((index + 1))
+done
 """
+VERIFY_MISMATCH_EXIT = 4
+_FINALIZE_TOKENS = 4  # F<index>, stderr, exit code, what follows the closing marker
+
+
+def parse_finalize(text: str, mark: str) -> dict[int, tuple[int, str]]:
+    """(exit code, stderr) of each whole record of FINALIZE_SCRIPT's answer, by index from 0;
+    a record cut short, and all after a record that does not fit, are left out."""
+    found: dict[int, tuple[int, str]] = {}
+    _head, *tokens = (text or "").split(mark)
+    for start in range(0, len(tokens) - _FINALIZE_TOKENS + 1, _FINALIZE_TOKENS):
+        tag, err, code, after = tokens[start:start + _FINALIZE_TOKENS]
+        if tag != f"F{len(found)}" or not code.isdigit() or after.strip():
+            break
+        found[len(found)] = (int(code), err)
+    return found
+
 
 # Why an upload failed: the folder's write error, or its free space in KB.
 DIAGNOSE_SCRIPT = r"""
@@ -471,29 +552,84 @@ class Remote:
     # -- transfers ----------------------------------------------------------------------------
     def upload(self, local_dir: Path, folder_name: str, *, case_id: int,
                timeout: float | None = None) -> UploadResult:
-        """Copy ``local_dir`` to ``<base>/<folder_name>`` so that it is complete or absent.
+        """Copy ``local_dir`` to ``<base>/<folder_name>`` so that it is complete or absent: the
+        batch of one (``upload_many``). Two remote calls: copy, then verify-and-rename.
 
-        The copy lands under a temporary name, is verified by file count and bytes,
-        and only then renamed into place (replacing an earlier partial attempt, whose
-        temporaries the same remote call removes). Two remote calls: copy, then
-        verify-and-rename.
-        Raises Unreachable, RemoteError (TransferUnsupported: scp against an HPC
-        without SFTP) or VerifyFailed.
+        Raises LocalFailure, Unreachable, RemoteError (TransferUnsupported: scp against an
+        HPC without SFTP) or VerifyFailed.
         """
-        files, size = folder_manifest(local_dir)
-        base = self.base_dir()
-        temp = f"{base}/{UPLOAD_PREFIX}{case_id}-{secrets.token_hex(4)}"
-        limit = timeout or self.hpc.upload_timeout_seconds
-        transfer = {"tar": self._upload_tar, "rsync": self._upload_rsync}.get(self.hpc.transfer, self._upload_scp)
-        try:
-            transfer(local_dir, temp, limit)
-        except TransferUnsupported:
-            raise
-        except RemoteError as exc:
-            raise self._explain(exc, base, size) from None
-        final = f"{base}/{folder_name}"
-        self.finalize_upload(temp, final, files, size)
-        return UploadResult(remote_dir=final, files=files, bytes=size)
+        outcome = self.upload_many([UploadCase(Path(local_dir), folder_name, case_id)], timeout=timeout)[0]
+        if isinstance(outcome, RemoteFailure):
+            raise outcome
+        return outcome
+
+    def upload_many(self, cases: Sequence[UploadCase], *, timeout: float | None = None) -> list[UploadOutcome]:
+        """Copy each case folder to ``<base>/<folder_name>`` so that it is complete or absent.
+
+        Each copy lands under a temporary name (``.mqic-upload-<case id>-<random>``); with
+        ``transfer: tar`` all go up in ONE stream, with scp or rsync one copy each. Then ONE
+        remote call verifies each by file count and bytes and renames it into place, removing
+        the temporaries of that case's earlier attempts. One outcome per case, in order: its
+        UploadResult, or its own failure: LocalFailure (its folder here), VerifyFailed (the
+        others stand), or the failure of a copy or call it was part of. A cut stream or copy
+        renames nothing: it leaves temporaries, which the next upload of the case removes.
+        ``timeout`` (default ``upload_timeout_seconds``) is per case. ValueError for a case
+        id given twice.
+        """
+        if len({case.case_id for case in cases}) != len(cases):
+            raise ValueError(f"upload_many: a case id given twice: {[case.case_id for case in cases]}")
+        outcomes: dict[int, UploadOutcome] = {}
+        manifests: dict[int, tuple[int, int]] = {}
+        for index, case in enumerate(cases):
+            try:
+                manifests[index] = folder_manifest(case.local_dir)
+            except LocalFailure as exc:
+                outcomes[index] = exc
+        if manifests:
+            try:
+                base = self.base_dir()
+            except RemoteFailure as exc:
+                outcomes.update(dict.fromkeys(manifests, exc))
+            else:
+                staged = [_Staged(index, cases[index], f"{base}/{UPLOAD_PREFIX}{cases[index].case_id}-"
+                                  f"{secrets.token_hex(4)}", f"{base}/{cases[index].folder_name}", *manifests[index])
+                          for index in manifests]
+                outcomes.update(self._send(staged, base, timeout or self.hpc.upload_timeout_seconds))
+                outcomes.update(self._finalize_staged([s for s in staged if s.index not in outcomes]))
+        return [outcomes[index] for index in range(len(cases))]
+
+    def _send(self, staged: list[_Staged], base: str, limit: float) -> dict[int, RemoteFailure]:
+        """Copy each staged case into its temporary folder; the failures, by index."""
+        if self.hpc.transfer == "tar":
+            try:
+                self._upload_tar_many([(s.case.local_dir, s.temp) for s in staged], base, limit * len(staged))
+            except TransferUnsupported as exc:
+                return dict.fromkeys((s.index for s in staged), exc)
+            except RemoteError as exc:
+                return dict.fromkeys((s.index for s in staged), self._explain(exc, base, sum(s.size for s in staged)))
+            except RemoteFailure as exc:
+                return dict.fromkeys((s.index for s in staged), exc)
+            return {}
+        failures: dict[int, RemoteFailure] = {}
+        transfer = self._upload_rsync if self.hpc.transfer == "rsync" else self._upload_scp
+        for position, item in enumerate(staged):
+            try:
+                transfer(item.case.local_dir, item.temp, limit)
+            except (TransferUnsupported, Unreachable, HostKeyMismatch) as exc:  # the rest would fail alike
+                failures.update(dict.fromkeys((s.index for s in staged[position:]), exc))
+                break
+            except RemoteError as exc:
+                failures[item.index] = self._explain(exc, base, item.size)
+            except RemoteFailure as exc:
+                failures[item.index] = exc
+        return failures
+
+    def _finalize_staged(self, staged: list[_Staged]) -> dict[int, UploadOutcome]:
+        if not staged:
+            return {}
+        failures = self.finalize_many([(s.temp, s.final, s.files, s.size) for s in staged])
+        return {s.index: failure or UploadResult(remote_dir=s.final, files=s.files, bytes=s.size)
+                for s, failure in zip(staged, failures)}
 
     def _explain(self, error: RemoteError, base: str, size: int) -> RemoteError:
         """scp over SFTP says only "Failure": ask the HPC whether the folder is writable and has room."""
@@ -511,15 +647,36 @@ class Remote:
         return remote_error(error.argv, error.exit_code, f"{error.stderr.strip()}\n{reason}", error.stdout)
 
     def finalize_upload(self, temp: str, final: str, files: int, size: int) -> None:
-        """Verify ``temp`` holds ``files`` files of ``size`` bytes, then rename it to ``final``."""
+        """Verify ``temp`` holds ``files`` files of ``size`` bytes, then rename it to ``final``: the
+        batch of one (``finalize_many``). Raises VerifyFailed, or the call's typed failure."""
+        failure = self.finalize_many([(temp, final, files, size)])[0]
+        if failure is not None:
+            raise failure
+
+    def finalize_many(self, moves: Sequence[tuple[str, str, int, int]]) -> list[RemoteFailure | None]:
+        """For each ``(temp, final, files, bytes)``: verify ``temp`` by file count and bytes, then rename
+        it to ``final``, all in ONE remote call. One result per move, in order: None when it is in
+        place, else its failure: VerifyFailed (``temp`` is left; the other moves stand), the
+        typed RemoteError of its rename, or, for a move the call did not report, the call's own
+        failure (BadOutput when it answered without that move's record)."""
+        mark = f"~mqic-finalize-{secrets.token_hex(12)}~"
+        failed: RemoteFailure | None = None
         try:
-            out = self.run_script(FINALIZE_SCRIPT, temp, final, str(files), str(size))
+            text = self.run_script(FINALIZE_SCRIPT, mark, *(str(word) for move in moves for word in move))
         except RemoteError as exc:
-            if exc.exit_code == 4:
-                raise VerifyFailed(exc.stderr.strip()) from None
-            raise
-        if not out.endswith(f"moved:{final}"):
-            raise BadOutput(f"upload finalize printed {out[-200:]!r}")
+            failed, text = exc, exc.stdout
+        except RemoteFailure as exc:
+            failed, text = exc, ""
+        said = parse_finalize(text, mark)
+        results: list[RemoteFailure | None] = []
+        for index, (temp, final, _files, _size) in enumerate(moves):
+            if index not in said:
+                results.append(failed or BadOutput(f"upload finalize: no record for {final} in {text[-200:]!r}"))
+                continue
+            code, err = said[index]
+            results.append(None if code == 0 else VerifyFailed(err.strip()) if code == VERIFY_MISMATCH_EXIT
+                           else remote_error(["upload finalize", temp, final], code, err))
+        return results
 
     def _transfer(self, command, limit: float, what: str) -> None:
         try:
@@ -550,38 +707,43 @@ class Remote:
         return True
 
     def _upload_tar(self, local_dir: Path, temp: str, limit: float) -> None:
-        """``tar -c | ssh tar -x``; our tar failing (the folder vanished or unreadable) is a LocalFailure."""
-        self.ensure_master()
-        remote = f"mkdir -p -- {shlex.quote(temp)} && tar -C {shlex.quote(temp)} -xf -"
-        ssh = self.ssh_command()[self.destination, "--", remote].formulate()
-        with tempfile.TemporaryFile() as tar_err:
-            tar = subprocess.Popen(["tar", "-C", str(local_dir), "-cf", "-", "."], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=tar_err, start_new_session=True)
-            with tar:
-                code, err = self._stream_into(ssh, tar, limit)
-            tar_err.seek(0)
-            if tar.returncode not in (0, -signal.SIGPIPE):  # SIGPIPE: ssh ended first and says why
-                detail = tar_err.read().decode("utf-8", "replace").strip()[-300:]
-                raise LocalFailure(f"tar upload: our local tar of {local_dir} failed (exit {tar.returncode}): {detail}")
-        if code != 0:
-            raise transfer_failure("tar upload", code, err, host=self.hpc.host)
+        """One folder as a stream of one (``_upload_tar_many``)."""
+        self._upload_tar_many([(local_dir, temp)], temp.rsplit("/", 1)[0], limit)
 
-    @staticmethod
-    def _stream_into(argv: list[str], source: subprocess.Popen, limit: float) -> tuple[int, str]:
-        """Run ``argv`` reading ``source``'s output; (exit code, stderr). Unreachable after ``limit``."""
-        proc = subprocess.Popen(argv, stdin=source.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        source.stdout.close()  # ssh holds the pipe now: tar gets SIGPIPE if ssh dies
-        try:
-            _out, err = proc.communicate(timeout=limit)
-        except subprocess.TimeoutExpired:
-            for child in (proc, source):
-                child.kill()
-            proc.communicate()
-            source.wait()
-            raise Unreachable(f"tar upload: no progress within {limit:g}s") from None
-        source.wait()
-        return proc.returncode, err.decode("utf-8", "replace")
+    def _upload_tar_many(self, pairs: Sequence[tuple[Path, str]], base: str, limit: float) -> None:
+        """ONE tar stream over ssh for every ``(local folder, temporary folder in base)``.
+
+        The archive is written here, folder after folder, links kept as links (as tar(1)
+        writes them); each lands whole under its temporary name. A folder that cannot be read
+        here is a LocalFailure (the stream is cut: the remote tar fails); the remote side's
+        failure is typed by ``transfer_failure``; Unreachable after ``limit`` seconds.
+        """
+        self.ensure_master()
+        names = [temp.rsplit("/", 1)[1] for _local, temp in pairs]
+        remote = f"cd -- {shlex.quote(base)} && mkdir -p -- {' '.join(map(shlex.quote, names))} && tar -xf -"
+        ssh = self.ssh_command()[self.destination, "--", remote].formulate()
+        expired = threading.Event()
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(ssh, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+            timer = threading.Timer(limit, lambda: (expired.set(), proc.kill()))
+            timer.start()
+            try:
+                ours = _write_archive(proc.stdin, pairs, names)
+                if ours is not None:
+                    proc.kill()  # the stream is cut: nothing of it may look whole
+                _close_quietly(proc.stdin)
+                code = proc.wait()
+            finally:
+                timer.cancel()
+            err.seek(0)
+            said = err.read().decode("utf-8", "replace")
+        if ours is not None:
+            raise ours
+        if expired.is_set():
+            raise Unreachable(f"tar upload: no progress within {limit:g}s")
+        if code != 0:
+            raise transfer_failure("tar upload", code, said, host=self.hpc.host)
 
     def _upload_rsync(self, local_dir: Path, temp: str, limit: float) -> None:
         self.ensure_master()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from shared import errors, tasks
-from shared.backends import Backend, backend_for, model
+from shared.backends import Backend, SubmitItem, backend_for, model
 from shared.config import Config
 from shared.errors import RemoteError
 from shared.remote import Remote
@@ -46,6 +46,17 @@ class Host:
                                    command=tasks.wrap_command(command), require_workdir=require_workdir,
                                    env={"MQIC_CASE_ID": str(case_id), "MQIC_CASE_NAME": f"case {case_id}",
                                         "MQIC_REMOTE_DIR": workdir})
+
+    def item(self, case_id: int, command: str, *, workdir: str | None = None,
+             require_workdir: bool = False) -> SubmitItem:
+        """One case of a batch, as ``submit`` would send it."""
+        workdir = workdir or self.case_dir(f"case_{case_id}")
+        return SubmitItem(slot=SLOT, label=f"mqic_case_{case_id}", workdir=workdir, command=tasks.wrap_command(command),
+                          env={"MQIC_CASE_ID": str(case_id), "MQIC_CASE_NAME": f"case {case_id}",
+                               "MQIC_REMOTE_DIR": workdir}, require_workdir=require_workdir)
+
+    def labelled(self, case_id: int) -> list[int]:
+        return [task.id for task in self.backend.snapshot().by_label(f"mqic_case_{case_id}")]
 
     def task(self, task_id: int) -> model.TaskInfo | None:
         return self.backend.snapshot().tasks.get(task_id)
@@ -220,3 +231,45 @@ def test_a_failed_submit_says_what_failed_in_the_backends_words(host):
     others = {"pueue": ("sbatch",), "slurm": ("pueue",), "direct": ("sbatch", "pueue"),
               "memory": ("sbatch",)}[host.backend.kind]
     assert not [other for other in others if other in said.lower()]
+
+
+# -- batches: several submits in ONE remote call (issue 19) ------------------------------------------
+
+def test_a_batch_gives_each_case_its_own_outcome_and_a_second_batch_adds_nothing(host):
+    """One label already has a task, one workdir is missing: one id, AlreadySubmitted, WorkdirMissing."""
+    existing = host.submit(21, "sleep 60")
+    batch = [host.item(20, "sleep 60"), host.item(21, "true"),
+             host.item(22, "true", workdir=str(host.base / "gone"), require_workdir=True)]
+    added, refused, missing = host.backend.submit_batch(batch)
+    assert isinstance(added, int) and type(refused) is errors.AlreadySubmitted and type(missing) is errors.WorkdirMissing
+    assert (host.labelled(20), host.labelled(21), host.labelled(22)) == ([added], [existing], [])
+    again = host.backend.submit_batch(batch)
+    assert [type(o) for o in again] == [errors.AlreadySubmitted, errors.AlreadySubmitted, errors.WorkdirMissing]
+    assert (host.labelled(20), host.labelled(21), host.labelled(22)) == ([added], [existing], [])
+
+
+def test_each_item_of_a_batch_takes_its_own_lock_and_label_check(host):
+    """The same case twice in one batch: the second item sees the first one's task."""
+    first, second = host.backend.submit_batch([host.item(23, "sleep 60"), host.item(23, "sleep 60")])
+    assert isinstance(first, int) and type(second) is errors.AlreadySubmitted and host.labelled(23) == [first]
+
+
+class CutAfterFirstItem:
+    """The real runner, but the batch's answer is lost after the first item's record."""
+
+    def __init__(self, remote: Remote):
+        self.remote = remote
+
+    def run(self, argv, *, timeout=None):
+        text = self.remote.run(argv, timeout=timeout)
+        return text[:text.index(f"{argv[4]}S1")]
+
+
+def test_items_whose_answer_was_cut_are_uncertain_and_found_by_label(host):
+    cut = backend_for(host.config, host.config.hosts[0], CutAfterFirstItem(host.remote))
+    first, second, third = cut.submit_batch([host.item(24, "sleep 60"), host.item(25, "sleep 60"),
+                                             host.item(26, "true", workdir=str(host.base / "gone"),
+                                                       require_workdir=True)])
+    assert isinstance(first, int) and host.labelled(24) == [first]
+    assert type(second) is errors.SubmitUncertain and type(third) is errors.SubmitUncertain
+    assert len(host.labelled(25)) == 1 and host.labelled(26) == []   # recovery's look by label tells each apart

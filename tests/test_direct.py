@@ -18,6 +18,7 @@ from shared.backends.common import CLOCK_PREFIX, LABEL_EXISTS_EXIT, LOCK_BUSY_EX
 from shared.backends.direct import DirectBackend, Record, SlotProblem, task_of_record
 from shared.errors import BadOutput, RemoteError
 from shared.remote import Remote
+from tests import batch_fakes
 from tests.conftest import make_config, wait_until
 
 MARK = "--mqic-direct-0123--"
@@ -115,6 +116,8 @@ class Recorder:
         self.answer, self.error, self.calls = answer, error, []
 
     def run(self, argv, *, timeout=None):
+        if batch_fakes.is_batch(argv):  # a submit batch: each item answers as a call of its own
+            return batch_fakes.run_items(argv, lambda item: self.run(item, timeout=timeout))
         self.calls.append(list(argv))
         if self.error is not None:
             raise self.error

@@ -12,6 +12,7 @@ from shared.backends import model, pueue, pueue_parse
 from shared.backends.common import parse_progress
 from shared.errors import BadOutput, RemoteError, Unreachable
 from shared.backends.model import TaskState
+from tests import batch_fakes
 
 DATA = Path(__file__).parent / "data" / "pueue"
 PUEUE = ["/opt/bin/pueue"]
@@ -70,6 +71,8 @@ class FakeRunner:
         self.calls: list[tuple[list[str], float | None]] = []
 
     def run(self, argv, *, timeout=None):
+        if batch_fakes.is_batch(argv):  # a submit batch: each item answers as a call of its own
+            return batch_fakes.run_items(argv, lambda item: self.run(item, timeout=timeout))
         self.calls.append((list(argv), timeout))
         reply = self.replies.pop(0)
         if isinstance(reply, BaseException):

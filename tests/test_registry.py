@@ -27,6 +27,7 @@ from shared.errors import (AlreadySubmitted, ConfigError, RemoteError, ResourceS
                            WorkdirMissing)
 from shared.lifecycle import is_transient
 from shared.remote import remote_error, transfer_failure
+from tests import batch_fakes
 from tests.conftest import make_config, make_hosts_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,8 @@ class FakeRunner:
         self.reply, self.argvs = reply, []
 
     def run(self, argv, *, timeout=None):
+        if batch_fakes.is_batch(argv):  # a submit batch: each item answers as a call of its own
+            return batch_fakes.run_items(argv, lambda item: self.run(item, timeout=timeout))
         self.argvs.append(list(argv))
         if isinstance(self.reply, BaseException):
             raise self.reply

@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from sandbox.sshd import SandboxSshd
-from shared.errors import BadOutput, HostKeyMismatch, RemoteError, Unreachable
-from shared.remote import Remote, UnsafeMember, VerifyFailed, folder_manifest
+from shared.errors import BadOutput, HostKeyMismatch, LocalFailure, RemoteError, Unreachable
+from shared.remote import Remote, UnsafeMember, UploadCase, UploadResult, VerifyFailed, folder_manifest
 from tests.conftest import hpc_overrides, make_config
 
 HOSTILE = ["plain", "with space", "quote'single", 'quote"double', "dollar $(touch pwned) ${HOME}",
@@ -275,3 +276,106 @@ def test_a_host_busy_opening_its_connection_does_not_hold_up_another_at_the_same
         connecting.join()
         silent.close()
         Remote(live).close()
+
+
+# -- upload_many: k cases in one stream, verified and renamed in one call (issue 19) -----------------
+
+def many_config(tmp_path, sshd, transfer="tar"):
+    return make_config(tmp_path, hpc=hpc_overrides(sshd.endpoint, tmp_path / "remote", tmp_path / "cm",
+                                                   transfer=transfer))
+
+
+def leftovers(base) -> list[str]:
+    return sorted(p for p in os.listdir(base) if p.startswith(".mqic-upload"))
+
+
+@pytest.mark.parametrize("transfer", ["tar", "scp", "rsync"])
+def test_upload_many_lands_each_case_whole_and_a_missing_folder_is_its_own_failure(tmp_path, sshd, transfer):
+    remote = Remote(many_config(tmp_path, sshd, transfer).hosts[0].hpc)
+    base = tmp_path / "remote"
+    names = ["1_plain", "2_with space'quote", "3_유니코드 $(touch pwned)"]
+    cases = [UploadCase(make_case(tmp_path / "local" / name, files=i + 1), name, i + 1) for i, name in enumerate(names)]
+    cases.insert(1, UploadCase(tmp_path / "local" / "not-there", "9_gone", 9))
+    remote.base_dir()
+    before = sshd.sessions_started()
+    outcomes = remote.upload_many(cases)
+    assert isinstance(outcomes[1], LocalFailure) and "not-there" in str(outcomes[1])
+    for case, outcome in zip(cases[:1] + cases[2:], outcomes[:1] + outcomes[2:]):
+        assert outcome == UploadResult(f"{base}/{case.folder_name}", *folder_manifest(case.local_dir))
+        assert folder_manifest(base / case.folder_name) == folder_manifest(case.local_dir)
+    if transfer == "tar":
+        assert sshd.sessions_started() - before == 2   # one stream for the three, one verify-and-rename
+    assert leftovers(base) == [] and not (base / "9_gone").exists() and not os.path.exists("pwned")
+    remote.close()
+
+
+class TamperedOnArrival(Remote):
+    """The real remote, but one case's copy gains a file on the HPC before it is verified."""
+
+    def __init__(self, hpc, tampered: str):
+        super().__init__(hpc)
+        self.tampered = tampered
+
+    def _send(self, staged, base, limit):
+        failures = super()._send(staged, base, limit)
+        temp = next(item.temp for item in staged if item.case.folder_name == self.tampered)
+        Path(temp, "stray.bin").write_bytes(b"x" * 10)   # the HPC is this machine
+        return failures
+
+
+def test_a_case_that_fails_its_verify_fails_alone(tmp_path, sshd):
+    remote = TamperedOnArrival(many_config(tmp_path, sshd).hosts[0].hpc, "2_b")
+    base = tmp_path / "remote"
+    cases = [UploadCase(make_case(tmp_path / "local" / name), name, i) for i, name in enumerate(["1_a", "2_b", "3_c"], 1)]
+    first, second, third = remote.upload_many(cases)
+    assert isinstance(second, VerifyFailed) and "upload mismatch" in str(second) and "want 4 " in str(second)
+    assert not (base / "2_b").exists() and [p.startswith(".mqic-upload-2-") for p in leftovers(base)] == [True]
+    assert isinstance(first, UploadResult) and isinstance(third, UploadResult)
+    assert folder_manifest(base / "1_a") == folder_manifest(cases[0].local_dir)
+    assert folder_manifest(base / "3_c") == folder_manifest(cases[2].local_dir)
+    assert isinstance(Remote(remote.hpc).upload_many(cases[1:2])[0], UploadResult)   # the next upload lands it
+    assert leftovers(base) == []
+
+
+def test_a_cut_stream_renames_nothing_and_the_next_upload_cleans_up(tmp_path, sshd):
+    import threading
+    from tests.conftest import wait_until
+    remote = Remote(many_config(tmp_path, sshd).hosts[0].hpc)
+    base = tmp_path / "remote"
+    cases = [UploadCase(make_case(tmp_path / "local" / name), name, i) for i, name in enumerate(["1_a", "2_b", "3_c"], 1)]
+    with open(cases[1].local_dir / "big.ptn", "wb") as handle:
+        handle.truncate(400 * 1024 * 1024)  # sparse here, 400 MB on the wire: the cut comes inside case 2
+    remote.base_dir()
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("many", remote.upload_many(cases)))
+    worker.start()
+
+    def big_arriving():
+        found = [p for p in leftovers(base) if p.startswith(".mqic-upload-2-")]
+        return found and (base / found[0] / "big.ptn").exists()
+
+    wait_until(big_arriving, timeout=30, interval=0.01, message="case 2 on its way")
+    sshd.stop(kill_sessions=True)
+    worker.join(60)
+    sshd.start()
+    assert [type(o) for o in outcome["many"]] == [Unreachable] * 3
+    assert [name for name in os.listdir(base) if not name.startswith(".")] == []   # nothing looks complete
+    assert len(leftovers(base)) == 3
+    (cases[1].local_dir / "big.ptn").unlink()
+    assert all(isinstance(o, UploadResult) for o in remote.upload_many(cases))
+    assert leftovers(base) == []
+    remote.close()
+
+
+def test_the_verify_answer_is_read_whole_or_not_at_all():
+    """Fast: each move's record between the call's markers; a cut answer or forged text leaves it unreported."""
+    from shared.remote import parse_finalize
+    mark = "~mqic-finalize-00~"
+    forged = "~mqic-finalize-11~F1~mqic-finalize-11~~mqic-finalize-11~0~mqic-finalize-11~"
+    text = (f"{mark}F0{mark}{mark}0{mark}\n{mark}F1{mark}upload mismatch {forged}\n{mark}4{mark}\n"
+            f"{mark}F2{mark}{mark}0{mark}\n")
+    assert parse_finalize(text, mark) == {0: (0, ""), 1: (4, f"upload mismatch {forged}\n"), 2: (0, "")}
+    for cut in range(len(text)):
+        found = parse_finalize(text[:cut], mark)
+        assert list(found) == list(range(len(found))) and all(found[i] == parse_finalize(text, mark)[i] for i in found)
+    assert parse_finalize(text[:text.rindex(mark)], mark).keys() == {0, 1}

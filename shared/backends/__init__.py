@@ -21,8 +21,12 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
+from shared.backends.common import SubmitItem, SubmitOutcome
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
 from shared.errors import ConfigError
+
+__all__ = ["Backend", "MODULES", "NAMES", "Scheduler", "SubmitItem", "SubmitOutcome", "backend_for", "scheduler",
+           "scheduler_of"]
 
 # The registry: the name ``hpc.backend`` takes -> the module whose ``SCHEDULER`` it is.
 MODULES: dict[str, str] = {
@@ -52,7 +56,21 @@ class Backend(Protocol):
         RemoteFailure, which proves that no task was made (a ``SchedulerOutage`` uses no
         attempt); after Unreachable the add may still land until ``add_lands_within`` has
         passed. A failure's text is short: what failed, the exit code's meaning and the first
-        line of stderr (never the submit script).
+        line of stderr (never the submit script). The batch of one: ``submit_batch``.
+        """
+
+    def submit_batch(self, items: Sequence[SubmitItem]) -> list[SubmitOutcome]:
+        """``submit`` for each item, in order, in ONE remote call; one outcome per item, in order.
+
+        An outcome is the task id, or the failure that item's own ``submit`` would have
+        raised (AlreadySubmitted, WorkdirMissing, SubmitLockBusy, SubmitUncertain, SlotLost,
+        a SchedulerOutage...): one item's failure never touches another's. An item whose
+        answer did not come back whole (the call failed, its answer was lost or cut) is
+        SubmitUncertain: recovery finds it by its label. An item not started because the
+        batch had used ``command_timeout_seconds`` to start its items is a SchedulerOutage
+        (nothing was sent for it). Every add lands within ``add_lands_within`` of the call.
+        ValueError, before anything is sent, for an item no submit could take (its slot,
+        label or variables) or a batch too long for one command line (``common.MAX_BATCH_CHARS``).
         """
 
     def add_lands_within(self) -> float:

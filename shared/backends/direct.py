@@ -13,7 +13,8 @@ Everything lives in a state folder of ours alone on the host, ``<remote_base_dir
                       boot id), runner (its pid), started/ (who may start it: the runner or
                       a remove, whoever makes it first), pgid, start, exit, end, output
 
-``submit`` is ONE ssh call: the per-label lock and workdir check of
+``submit_batch`` is ONE ssh call for several tasks (``common.run_batch``; ``submit`` is its batch
+of one); for each, in turn: the per-label lock and workdir check of
 ``common.LOCKED_SUBMIT_PRELUDE``, the refusal of a label that already has a task, the id,
 the record, and a runner started with ``setsid`` (it outlives the ssh connection). The
 runner waits for the slot, starts the (already wrapped) command in its own process group
@@ -38,11 +39,12 @@ from typing import Mapping, Sequence
 
 from shared.backends import Scheduler
 from shared.backends.pueue import GROUPS
-from shared.backends.common import (CLOCK_PREFIX, LOCKED_SUBMIT_PRELUDE, add_lands_within, checked_label,
-                                    failure_text, split_clock, submit_refusal, with_exit_codes, with_text)
+from shared.backends.common import (CLOCK_PREFIX, LOCKED_SUBMIT_PRELUDE, BatchScript, ItemCall, SubmitItem,
+                                    SubmitOutcome, add_lands_within, checked_label, failure_text, run_batch,
+                                    settled, split_clock, submit_refusal, with_exit_codes, with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, TaskState, Words
 from shared.checks import Check, attempt
-from shared.errors import BadOutput, RemoteError
+from shared.errors import BadOutput, RemoteError, RemoteFailure
 
 STATE_FOLDER = ".mqic-direct"
 RUNNER_NAME = "mqic-direct-runner"  # the runner's $0: how a live pid is told from a reused one
@@ -330,25 +332,30 @@ class DirectBackend:
 
     def submit(self, *, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str],
                require_workdir: bool = False) -> int:
-        """One task per label, in ONE call (see SUBMIT_SCRIPT); the task id.
+        """One task per label, in ONE call (see SUBMIT_SCRIPT); the task id: the batch of one.
 
         ``CUDA_VISIBLE_DEVICES`` comes from the slot's ``gpu`` unless ``env`` sets it.
         """
-        checked_label(label)
-        if slot not in self.slots:
-            raise ValueError(f"no direct slot is configured as {slot!r}")
-        gpu = self.slots[slot]
-        words = checked_env({**({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}), **env})
-        try:
-            out = self._run(SUBMIT_SCRIPT, label, workdir, str(int(require_workdir)), slot, command,
-                            RUNNER_SCRIPT, *words)
-        except RemoteError as error:
-            refusal = submit_refusal(error, label, workdir)
-            raise (refusal if refusal is not error else with_text(error, failure_text(WORDS.submit, error))) from None
-        task_id = out.strip().splitlines()[-1] if out.strip() else ""
-        if not task_id.isdigit():
-            raise BadOutput(f"{WORDS.submit}: expected the task id, got {out[-200:]!r}")
-        return int(task_id)
+        item = SubmitItem(slot=slot, label=label, workdir=workdir, command=command, env=env,
+                          require_workdir=require_workdir)
+        return settled(self.submit_batch([item])[0])
+
+    def submit_batch(self, items: Sequence[SubmitItem]) -> list[SubmitOutcome]:
+        """SUBMIT_SCRIPT for each item in order, in ONE call: one outcome per item. ValueError, before
+        anything is sent, for a slot that is not configured or a variable name bash cannot export."""
+        limit = str(max(1, int(self.timeout)))
+        calls = [ItemCall(item.label, item.workdir, self._submit_words(item, limit)) for item in items]
+        return run_batch(self.runner, SUBMIT_BATCH, calls, limit=limit, timeout=self.timeout)
+
+    def _submit_words(self, item: SubmitItem, limit: str) -> tuple[str, ...]:
+        """SUBMIT_SCRIPT's words for one item (after ``$0``), its prologue's first."""
+        checked_label(item.label)
+        if item.slot not in self.slots:
+            raise ValueError(f"no direct slot is configured as {item.slot!r}")
+        gpu = self.slots[item.slot]
+        words = checked_env({**({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}), **item.env})
+        return (self.base_dir, limit, item.label, item.workdir, str(int(item.require_workdir)), item.slot,
+                item.command, RUNNER_SCRIPT, *words)
 
     def add_lands_within(self) -> float:
         return add_lands_within(self.timeout)
@@ -393,6 +400,24 @@ class DirectBackend:
         if not out or not out[0].isdigit():
             raise BadOutput(f"direct: expected bash's version, got {out[:200]!r}")
         return f"{out.splitlines()[0]} (bash, direct: no scheduler)"
+
+
+def read_task_id(out: str) -> int:
+    """The id SUBMIT_SCRIPT prints last; BadOutput otherwise."""
+    task_id = out.strip().splitlines()[-1] if out.strip() else ""
+    if not task_id.isdigit():
+        raise BadOutput(f"{WORDS.submit}: expected the task id, got {out[-200:]!r}")
+    return int(task_id)
+
+
+def _submit_failure(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
+    """What a failed SUBMIT_SCRIPT means: a refusal, else the error said in a few words."""
+    refusal = submit_refusal(error, label, workdir)
+    return refusal if refusal is not error else with_text(error, failure_text(WORDS.submit, error))
+
+
+SUBMIT_BATCH = BatchScript(shell="bash", script=SUBMIT_SCRIPT, words=WORDS, read_id=read_task_id,
+                           failure=_submit_failure)
 
 
 def _checked_ids(task_ids: Sequence[int]) -> list[int]:

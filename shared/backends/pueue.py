@@ -2,7 +2,8 @@
 
 Each driver function makes ONE runner call, parses its stdout with
 ``shared.backends.pueue_parse`` and returns a typed value: no retries, no sleeps, no
-database. Failures are typed, never ``None``:
+database. ``submit_batch`` adds several tasks in that one call (``common.run_batch``), one
+outcome per task; ``submit`` is its batch of one. Failures are typed, never ``None``:
 
 - ``Unreachable``: the host could not be reached (raised by the runner);
 - ``RemoteError``: pueue ran and exited non-zero, typed by what pueue said
@@ -26,8 +27,9 @@ from typing import Any, Mapping, Sequence
 
 from shared.backends import Scheduler, SlotConfig, SlotKeys
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, DEFAULT_PROGRESS_PATTERN, LOCKED_SUBMIT_PRELUDE,
-                                    add_lands_within, checked_label, failure_text, submit_refusal, with_exit_codes,
-                                    with_text)
+                                    BatchScript, ItemCall, SubmitItem, SubmitOutcome, add_lands_within,
+                                    checked_label, failure_text, run_batch, settled, submit_refusal,
+                                    with_exit_codes, with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
 from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
                                          _checked_env, _is_int, _parse_id_reply, add_answer_lost, add_argv,
@@ -61,26 +63,39 @@ def submit(
     command: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
     require_workdir: bool = False,
 ) -> int:
-    """Add one task, at most one per label, and return its pueue id.
+    """Add one task, at most one per label, and return its pueue id: the batch of one.
 
     One remote call: under a lock per label (``<parent of workdir>/.mqic-locks``) it
     adds the task only if no task carries ``label`` (AlreadySubmitted otherwise) and
     kills its own pueue client after ``timeout`` seconds, so an add whose answer was
     lost can no longer land once that time has passed. ``require_workdir`` checks that
     ``workdir`` exists first (WorkdirMissing). SubmitUncertain when the answer was lost
-    (``pueue_parse.add_answer_lost``); other runner errors propagate, typed; BadOutput if no id.
+    (``pueue_parse.add_answer_lost``, or no answer at all); other failures are raised
+    typed; BadOutput if no id.
     """
-    checked_label(label)
-    add = add_argv(["pueue"], group=group, label=label, workdir=workdir, command=command)
+    item = SubmitItem(slot=group, label=label, workdir=workdir, command=command, env=env or {},
+                      require_workdir=require_workdir)
+    return settled(submit_batch(runner, pueue_cmd, [item], timeout=timeout)[0])
+
+
+def submit_batch(runner: Runner, pueue_cmd: Sequence[str], items: Sequence[SubmitItem],
+                 timeout: float | None = None) -> list[SubmitOutcome]:
+    """``submit`` for each item in order, in ONE remote call (``common.run_batch``): one outcome
+    per item, its task id or its typed failure. ValueError, before anything is sent, for an
+    item that could not be added (a label or variable name the script cannot take)."""
     limit = str(max(1, int(timeout or 60)))
-    env_words = [f"{name}={value}" for name, value in _checked_env(env or {}).items()]
     pueue_words = " ".join(shlex.quote(word) for word in pueue_cmd)
-    argv = ["sh", "-c", ADD_SCRIPT, "sh", pueue_words, label, limit, workdir, str(int(require_workdir)),
-            *env_words, "--mqic-add--", *add[1:]]
-    try:
-        return parse_task_id(runner.run(argv, timeout=timeout))
-    except RemoteError as error:
-        raise _submit_failure(error, label, workdir) from None
+    calls = [ItemCall(item.label, item.workdir, _add_words(pueue_words, limit, item)) for item in items]
+    return run_batch(runner, ADD_BATCH, calls, limit=limit, timeout=timeout)
+
+
+def _add_words(pueue_words: str, limit: str, item: SubmitItem) -> tuple[str, ...]:
+    """ADD_SCRIPT's words for one item (after ``$0``)."""
+    checked_label(item.label)
+    add = add_argv(["pueue"], group=item.slot, label=item.label, workdir=item.workdir, command=item.command)
+    env_words = [f"{name}={value}" for name, value in _checked_env(item.env or {}).items()]
+    return (pueue_words, item.label, limit, item.workdir, str(int(item.require_workdir)), *env_words,
+            "--mqic-add--", *add[1:])
 
 
 def _submit_failure(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
@@ -92,6 +107,9 @@ def _submit_failure(error: RemoteError, label: str, workdir: str) -> RemoteFailu
     if add_answer_lost(error):
         return SubmitUncertain(f"{text}; the task may have been added: looking for {label}")
     return with_text(classify_error(error), text)
+
+
+ADD_BATCH = BatchScript(shell="sh", script=ADD_SCRIPT, words=WORDS, read_id=parse_task_id, failure=_submit_failure)
 
 
 def _run(runner: Runner, argv: Sequence[str], timeout: float | None) -> str:
@@ -248,6 +266,9 @@ class PueueBackend:
                require_workdir: bool = False) -> int:
         return submit(self.runner, self.pueue_cmd, group=slot, label=label, workdir=workdir, command=command,
                       env=env, timeout=self.timeout, require_workdir=require_workdir)
+
+    def submit_batch(self, items: Sequence[SubmitItem]) -> list[SubmitOutcome]:
+        return submit_batch(self.runner, self.pueue_cmd, items, timeout=self.timeout)
 
     def add_lands_within(self) -> float:
         return add_lands_within(self.timeout)

@@ -2,8 +2,8 @@
 
 Each slot of ours is an entry of ``slurm.partitions`` in the config: a partition with
 its account, QOS, gres and extra ``#SBATCH`` lines (``slurm_parse.SubmitSettings``). A
-case is one batch job named by its label ``mqic_case_<id>``, started in the case folder,
-its output in ``.mqic/slurm-<job id>.out``. The job's comment names its slot
+case is one batch job named by its label ``mqic_case_<id>``, started in the case folder
+by its own ``sbatch`` (several cases' in ONE ssh call: ``submit_batch``), its output in ``.mqic/slurm-<job id>.out``. The job's comment names its slot
 (``mqic_slot=<slot>``), so several slots may share one partition.
 
 The command the submitter passes is already wrapped by ``shared.tasks.wrap_command``,
@@ -31,14 +31,14 @@ from typing import Any, Mapping, Sequence
 from shared.backends import Scheduler, SlotConfig, SlotKeys
 from shared.backends import slurm_parse as sp
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, LOOKUP_FAILED_EXIT,
-                                    PREPARE_FAILED_EXIT, SUBMIT_EXIT_MEANINGS, add_lands_within, answer_lost,
-                                    checked_label, failure_text, split_clock, submit_refusal, with_exit_codes,
-                                    with_text)
+                                    PREPARE_FAILED_EXIT, SUBMIT_EXIT_MEANINGS, BatchScript, ItemCall, SubmitItem,
+                                    SubmitOutcome, add_lands_within, answer_lost, checked_label, failure_text,
+                                    run_batch, settled, split_clock, submit_refusal, with_exit_codes, with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, TaskState, Words
 from shared.checks import Check, attempt
 from shared.checks import setting as key_name
 from shared.config_keys import NAME, Entries, bad, number, optional, setting, text
-from shared.errors import RemoteError, ResourceShortage, SchedulerOutage, SubmitUncertain
+from shared.errors import RemoteError, RemoteFailure, ResourceShortage, SchedulerOutage, SubmitUncertain
 
 # Read with a marker drawn fresh for each call (``sp.MarkedFormat``): the work dir holds the
 # case's folder name, and no character in it may shift a field.
@@ -220,21 +220,30 @@ class SlurmBackend:
 
     def submit(self, *, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str],
                require_workdir: bool = False) -> int:
-        """One job per label, in ONE call (see SUBMIT_SCRIPT); the job id."""
-        case_id = sp.case_id_from_job_name(checked_label(label))
-        if case_id is None or sp.job_name(case_id) != label:
-            raise ValueError(f"a Slurm job name must be mqic_case_<id>: {label!r}")
-        settings = self._settings(slot)
-        script = sp.batch_script(case_id, workdir, command, settings, env)
-        sbatch = sp.sbatch_argv(case_id, workdir, settings, script_path=f"{workdir.rstrip('/')}/{JOB_SCRIPT}",
-                                bin_dir=self.bin_dir, comment=f"{SLOT_COMMENT}{slot}")
+        """One job per label, in ONE call (see SUBMIT_SCRIPT); the job id: the batch of one."""
+        item = SubmitItem(slot=slot, label=label, workdir=workdir, command=command, env=env,
+                          require_workdir=require_workdir)
+        return settled(self.submit_batch([item])[0])
+
+    def submit_batch(self, items: Sequence[SubmitItem]) -> list[SubmitOutcome]:
+        """SUBMIT_SCRIPT for each item in order (one ``sbatch`` each), in ONE call: one outcome per
+        item. ValueError, before anything is sent, for a label that is no job name of ours or a
+        slot without a partition."""
         limit = str(max(1, int(self.timeout)))
-        argv = ["sh", "-c", SUBMIT_SCRIPT, "sh", label, limit, workdir, str(int(require_workdir)),
-                self._command("squeue"), script, *sbatch]
-        try:
-            return sp.parse_sbatch(self.runner.run(argv, timeout=self.timeout))
-        except RemoteError as error:
-            raise _submit_failure(error, label, workdir) from None
+        calls = [ItemCall(item.label, item.workdir, self._submit_words(item, limit)) for item in items]
+        return run_batch(self.runner, SUBMIT_BATCH, calls, limit=limit, timeout=self.timeout)
+
+    def _submit_words(self, item: SubmitItem, limit: str) -> tuple[str, ...]:
+        """SUBMIT_SCRIPT's words for one item (after ``$0``): its job script, then its sbatch argv."""
+        case_id = sp.case_id_from_job_name(checked_label(item.label))
+        if case_id is None or sp.job_name(case_id) != item.label:
+            raise ValueError(f"a Slurm job name must be mqic_case_<id>: {item.label!r}")
+        settings = self._settings(item.slot)
+        workdir = item.workdir
+        script = sp.batch_script(case_id, workdir, item.command, settings, item.env)
+        sbatch = sp.sbatch_argv(case_id, workdir, settings, script_path=f"{workdir.rstrip('/')}/{JOB_SCRIPT}",
+                                bin_dir=self.bin_dir, comment=f"{SLOT_COMMENT}{item.slot}")
+        return (item.label, limit, workdir, str(int(item.require_workdir)), self._command("squeue"), script, *sbatch)
 
     def _settings(self, slot: str) -> sp.SubmitSettings:
         try:
@@ -311,7 +320,7 @@ def _partition_problem(slot: str, settings: sp.SubmitSettings, partitions: Mappi
     return ""
 
 
-def _submit_failure(error: RemoteError, label: str, workdir: str) -> Exception:
+def _submit_failure(error: RemoteError, label: str, workdir: str) -> RemoteFailure:
     """What a failed SUBMIT_SCRIPT means: a refusal, an outage, an uncertain submit, or a SlurmError.
 
     Each says in a few words what failed (``sbatch failed (exit 1: Slurm controller
@@ -329,6 +338,10 @@ def _submit_failure(error: RemoteError, label: str, workdir: str) -> Exception:
         return SubmitUncertain(f"{text}; the job may have been made: looking for {label}")
     # The HPC's system ran short (disk, processes: ``shared.remote`` said so): that passes.
     return with_text(error if isinstance(error, ResourceShortage) else slurm, text)
+
+
+SUBMIT_BATCH = BatchScript(shell="sh", script=SUBMIT_SCRIPT, words=WORDS, read_id=sp.parse_sbatch,
+                           failure=_submit_failure)
 
 
 # -- mqic doctor --------------------------------------------------------------------------------------
