@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from shared import tasks
-from shared.backends.common import (LOCK_FOLDER, PREPARE_FAILED_EXIT, add_lands_within, checked_label,
-                                    failure_text, with_text)
+from shared.backends.common import (LOCK_FOLDER, PREPARE_FAILED_EXIT, SubmitItem, SubmitOutcome, add_lands_within,
+                                    checked_label, failure_text, with_text)
 from shared.backends.model import KillResult, Snapshot, TaskInfo, TaskState
 from shared.backends.pueue import WORDS
 from shared.errors import (AlreadySubmitted, HostKeyMismatch, RemoteError, RemoteFailure,
                            SchedulerOutage, SlotLost, SubmitLockBusy, Unreachable, WorkdirMissing)
-from shared.remote import UPLOAD_PREFIX, UnsafeMember, UploadResult, folder_manifest
+from shared.remote import UPLOAD_PREFIX, UnsafeMember, UploadCase, UploadOutcome, UploadResult, folder_manifest
 from shared.retention import REMOVE_SCRIPT
 
 # The command the memory configs run (``hpc.remote_command``): the fake MOQUI of ``fake_moqui``.
@@ -274,27 +274,53 @@ class MemoryHpc:
         checked_label(label)
         with self._lock:
             late = self._call("submit", scheduler=True)
-            lockdir = Path(workdir).parent / LOCK_FOLDER
-            if lockdir.exists() and not lockdir.is_dir():
-                error = RemoteError(["sh", "-c", "<submit script>"], PREPARE_FAILED_EXIT,
-                                    f"mkdir: cannot create directory '{lockdir}': File exists\n")
-                raise with_text(error, failure_text(WORDS.submit, error))
-            if label in self.locks:
-                raise SubmitLockBusy(f"another submission of {label} is still in flight on the HPC")
-            if require_workdir and not Path(workdir).is_dir():
-                raise WorkdirMissing(f"working directory {workdir} does not exist on the HPC")
-            if any(t.label == label for t in self.tasks.values()):
-                raise AlreadySubmitted(f"a task labelled {label} already exists on the HPC")
-            if slot not in self.slots:
-                error = SlotLost(["pueue", "add"], 1, f"Error: Group {slot} doesn't exists. Use one of these: "
-                                                      f"{sorted(self.slots)}")
-                raise with_text(error, failure_text(WORDS.submit, error))
-            lockdir.mkdir(parents=True, exist_ok=True)
-            (lockdir / f"{label}.lock").touch()
-            task_id = self._add(slot, label, workdir, command, env)
+            task_id = self._submit_one(slot, label, workdir, command, env, require_workdir)
             if late:
                 raise late[0]
             return task_id
+
+    def submit_batch(self, items: Sequence[SubmitItem]) -> list[SubmitOutcome]:
+        """Every item in ONE call, each with its own lock and label check. A failure the test queued
+        for the call is every item's outcome (before: none was added; after: each was)."""
+        for item in items:
+            checked_label(item.label)
+        if not items:
+            return []
+        with self._lock:
+            try:
+                late = self._call("submit", scheduler=True)
+            except RemoteFailure as failure:
+                return [failure for _ in items]
+            outcomes: list[SubmitOutcome] = []
+            for item in items:
+                try:
+                    outcomes.append(self._submit_one(item.slot, item.label, item.workdir, item.command,
+                                                     dict(item.env), item.require_workdir))
+                except RemoteFailure as failure:
+                    outcomes.append(failure)
+            return [late[0] for _ in items] if late else outcomes
+
+    def _submit_one(self, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str],
+                    require_workdir: bool) -> int:
+        """One item of a submit call (the call's lock held): its lock and label check, then the add."""
+        lockdir = Path(workdir).parent / LOCK_FOLDER
+        if lockdir.exists() and not lockdir.is_dir():
+            error = RemoteError(["sh", "-c", "<submit script>"], PREPARE_FAILED_EXIT,
+                                f"mkdir: cannot create directory '{lockdir}': File exists\n")
+            raise with_text(error, failure_text(WORDS.submit, error))
+        if label in self.locks:
+            raise SubmitLockBusy(f"another submission of {label} is still in flight on the HPC")
+        if require_workdir and not Path(workdir).is_dir():
+            raise WorkdirMissing(f"working directory {workdir} does not exist on the HPC")
+        if any(t.label == label for t in self.tasks.values()):
+            raise AlreadySubmitted(f"a task labelled {label} already exists on the HPC")
+        if slot not in self.slots:
+            error = SlotLost(["pueue", "add"], 1, f"Error: Group {slot} doesn't exists. Use one of these: "
+                                                  f"{sorted(self.slots)}")
+            raise with_text(error, failure_text(WORDS.submit, error))
+        lockdir.mkdir(parents=True, exist_ok=True)
+        (lockdir / f"{label}.lock").touch()
+        return self._add(slot, label, workdir, command, env)
 
     def _add(self, slot: str, label: str, workdir: str, command: str, env: Mapping[str, str]) -> int:
         inner = command[len(_WRAP_HEAD):-len(_WRAP_TAIL)] if self._wrapped(command) else command
@@ -420,21 +446,46 @@ class MemoryHpc:
             return str(self.base.resolve())
 
     def upload(self, local_dir: Path, folder_name: str, case_id: int) -> UploadResult:
-        files, size = folder_manifest(local_dir)  # LocalFailure: the trouble is ours
-        base = self.base_dir()
-        with self._lock:
-            late = self._call("upload")
-            temp = Path(base, f"{UPLOAD_PREFIX}{case_id}-{os.urandom(4).hex()}")
-            shutil.copytree(local_dir, temp, symlinks=True)
-            final = Path(base, folder_name)
-            if final.exists():
-                shutil.rmtree(final)
-            temp.rename(final)
-            for stale in Path(base).glob(f"{UPLOAD_PREFIX}{case_id}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if late:
-                raise late[0]
-            return UploadResult(remote_dir=str(final), files=files, bytes=size)
+        outcome = self.upload_many([UploadCase(local_dir, folder_name, case_id)])[0]
+        if isinstance(outcome, RemoteFailure):
+            raise outcome
+        return outcome
+
+    def upload_many(self, cases: Sequence[UploadCase]) -> list[UploadOutcome]:
+        """Every case in ONE upload call (as one stream and one verify-and-rename), each landing
+        complete or not at all. A case whose folder here cannot be read fails alone (LocalFailure);
+        a failure the test queued for the call is every case's outcome (after: each landed)."""
+        outcomes: dict[int, UploadOutcome] = {}
+        manifests = {}
+        for index, case in enumerate(cases):
+            try:
+                manifests[index] = folder_manifest(case.local_dir)  # LocalFailure: the trouble is ours
+            except RemoteFailure as failure:
+                outcomes[index] = failure
+        if manifests:
+            try:
+                base = self.base_dir()
+                with self._lock:
+                    late = self._call("upload")
+                    for index, (files, size) in manifests.items():
+                        outcomes[index] = self._land(base, cases[index], files, size)
+            except RemoteFailure as failure:
+                outcomes.update((index, failure) for index in manifests)
+            else:
+                if late:
+                    outcomes.update((index, late[0]) for index in manifests)
+        return [outcomes[index] for index in range(len(cases))]
+
+    def _land(self, base: str, case: UploadCase, files: int, size: int) -> UploadResult:
+        temp = Path(base, f"{UPLOAD_PREFIX}{case.case_id}-{os.urandom(4).hex()}")
+        shutil.copytree(case.local_dir, temp, symlinks=True)
+        final = Path(base, case.folder_name)
+        if final.exists():
+            shutil.rmtree(final)
+        temp.rename(final)
+        for stale in Path(base).glob(f"{UPLOAD_PREFIX}{case.case_id}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return UploadResult(remote_dir=str(final), files=files, bytes=size)
 
     def download_results(self, remote_dir: str, patterns: Sequence[str], local_dir: Path) -> list[str]:
         if not patterns:
@@ -484,6 +535,9 @@ class MemoryBackend:
                require_workdir: bool = False) -> int:
         return self.hpc.submit(slot, label, workdir, command, dict(env), require_workdir)
 
+    def submit_batch(self, items: Sequence[SubmitItem]) -> list[SubmitOutcome]:
+        return self.hpc.submit_batch(items)
+
     def add_lands_within(self) -> float:
         return add_lands_within(self.timeout)
 
@@ -528,6 +582,9 @@ class MemoryRemote:
 
     def upload(self, local_dir: Path, folder_name: str, *, case_id: int, timeout: float | None = None) -> UploadResult:
         return self.memory.upload(Path(local_dir), folder_name, case_id)
+
+    def upload_many(self, cases: Sequence[UploadCase], *, timeout: float | None = None) -> list[UploadOutcome]:
+        return self.memory.upload_many(cases)
 
     def download_results(self, remote_dir: str, patterns: Sequence[str], local_dir: Path, *,
                          timeout: float | None = None) -> list[str]:

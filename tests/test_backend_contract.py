@@ -266,6 +266,8 @@ class CutAfterFirstItem:
 
 
 def test_items_whose_answer_was_cut_are_uncertain_and_found_by_label(host):
+    if host.backend.kind == "memory":
+        pytest.skip("cuts the real batch script's answer: the memory HPC runs no script")
     cut = backend_for(host.config, host.config.hosts[0], CutAfterFirstItem(host.remote))
     first, second, third = cut.submit_batch([host.item(24, "sleep 60"), host.item(25, "sleep 60"),
                                              host.item(26, "true", workdir=str(host.base / "gone"),

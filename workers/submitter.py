@@ -28,9 +28,10 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from shared import eta, tasks
+from shared.backends import SubmitItem
 from shared.claims import (
     Claim, claim_for_staging, claim_next_case, free_slots, mark_staged, release_staging, renew_lease,
     staged_waiting)
@@ -42,6 +43,7 @@ from shared.lifecycle import move_case, retry_or_fail
 from shared.logs import for_case
 from shared.maintenance import is_drained
 from shared.recovery import recover_expired_claims
+from shared.remote import UploadCase
 from shared.states import CaseStatus
 from shared.store import Case, SUBMIT_CLEARS, cases_with_status, update_case
 from shared.worker import (REPEAT_LOG_SECONDS, Context, Host, note_reach, per_item, reachable_hosts, start_host_loops,
@@ -51,6 +53,7 @@ STAGER = "stager"             # the stager loops are named <worker>-stager@<host
 UPLOADS_TIMED = 20            # a host's upload time is the median of its last uploads in this process
 PACE_READ_EVERY = 60.0        # seconds: a host's run time (shared.eta.host_paces) is read again this often
 SPACE_PAUSE_SECONDS = 300.0   # a pre-upload refused for space: no pre-upload to that host for this long
+BATCH_MOST = 16               # cases a host's claim loop takes at once: up in one stream, submitted in one call
 
 
 
@@ -76,26 +79,24 @@ def task_env(case: Case, remote_dir: str, gpu: str | None) -> dict[str, str]:
 
 
 @contextmanager
-def lease_keeper(ctx: Context, case_id: int, status: CaseStatus) -> Iterator[threading.Event]:
-    """Renew the claim's lease in the background while a long upload runs.
+def lease_keeper(ctx: Context, case_ids: Sequence[int], status: CaseStatus) -> Iterator[set[int]]:
+    """Renew the claims' leases in the background while a long upload runs.
 
-    Yields an event that is set if the lease was lost (someone recovered the claim).
+    Yields the set of the case ids whose lease was lost (someone recovered that claim).
     """
-    stop, lost = threading.Event(), threading.Event()
+    stop, lost = threading.Event(), set()
     lease = ctx.config.main_loop.lease_seconds
 
     def renew() -> None:
         conn = connect(ctx.config.database_path, migrate=False)
         try:
-            while not stop.wait(lease / 3):
-                if not renew_lease(conn, case_id, worker=ctx.worker_id, now=ctx.clock(),
-                                   lease_seconds=lease, status=status):
-                    lost.set()
-                    return
+            while len(lost) < len(case_ids) and not stop.wait(lease / 3):
+                lost.update(case_id for case_id in case_ids if case_id not in lost and not renew_lease(
+                    conn, case_id, worker=ctx.worker_id, now=ctx.clock(), lease_seconds=lease, status=status))
         finally:
             conn.close()
 
-    thread = threading.Thread(target=renew, name=f"lease-{case_id}", daemon=True)
+    thread = threading.Thread(target=renew, name=f"lease-{case_ids[0]}", daemon=True)
     thread.start()
     try:
         yield lost
@@ -104,20 +105,34 @@ def lease_keeper(ctx: Context, case_id: int, status: CaseStatus) -> Iterator[thr
         thread.join()
 
 
-def upload(ctx: Context, host: Host, case: Case, status: CaseStatus = CaseStatus.SUBMITTING) -> str:
-    """Upload the case folder to ``host`` (verified, atomic) while keeping the claim's lease alive."""
-    with lease_keeper(ctx, case.case_id, status) as lost:
+# What became of one case's upload: its folder on the HPC, or why it is not there.
+UploadDone = str | RemoteFailure | LeaseLost
+
+
+def upload_cases(ctx: Context, host: Host, cases: Sequence[Case],
+                 status: CaseStatus = CaseStatus.SUBMITTING) -> dict[int, UploadDone]:
+    """Upload the case folders to ``host`` in ONE stream, each verified and renamed into place on its
+    own (``Remote.upload_many``), while keeping their claims' leases alive. Per case id: its folder
+    on the HPC, its own failure, or LeaseLost when its claim was recovered meanwhile."""
+    with lease_keeper(ctx, [case.case_id for case in cases], status) as lost:
         started = time.monotonic()
-        try:
-            result = host.remote.upload(Path(case.case_path), case.folder_name, case_id=case.case_id)
-        except (Unreachable, HostKeyMismatch) as exc:
-            note_reach(ctx, host, exc)  # no new claims for this host until it answers again
-            raise
-        ctx.memory.upload_seconds.setdefault(host.name, deque(maxlen=UPLOADS_TIMED)).append(
-            time.monotonic() - started)
-    if lost.is_set():
-        raise LeaseLost(f"case {case.case_id}: claim lost during upload")
-    return result.remote_dir
+        outcomes = host.remote.upload_many([UploadCase(Path(case.case_path), case.folder_name, case.case_id)
+                                            for case in cases])
+        took = time.monotonic() - started
+    cut_off = [outcome for outcome in outcomes if isinstance(outcome, (Unreachable, HostKeyMismatch))]
+    if cut_off:
+        note_reach(ctx, host, cut_off[0])  # no new claims for this host until it answers again
+    if any(not isinstance(outcome, RemoteFailure) for outcome in outcomes):
+        ctx.memory.upload_seconds.setdefault(host.name, deque(maxlen=UPLOADS_TIMED)).append(took / len(cases))
+    done: dict[int, UploadDone] = {}
+    for case, outcome in zip(cases, outcomes):
+        if isinstance(outcome, RemoteFailure):
+            done[case.case_id] = outcome
+        elif case.case_id in lost:
+            done[case.case_id] = LeaseLost(f"case {case.case_id}: claim lost during upload")
+        else:
+            done[case.case_id] = outcome.remote_dir
+    return done
 
 
 def staging_host(ctx: Context, now: float) -> Host | None:
@@ -175,55 +190,99 @@ def stage_tick(ctx: Context, now: float) -> int:
     """One pre-upload to the host with the most room (``staging_host``), in this thread: a pass
     over all hosts for tests; the process runs ``stage_on`` in a loop per host instead."""
     host = staging_host(ctx, now)
-    return 0 if host is None else stage_on(ctx, host, now)
+    return 0 if host is None else stage_on(ctx, host, now, most=1)
 
 
-def stage_on(ctx: Context, host: Host, now: float) -> int:
-    """A host's stager pass: upload the next waiting case ahead to ``host`` if it has room.
+def stage_on(ctx: Context, host: Host, now: float, *, most: int = BATCH_MOST) -> int:
+    """A host's stager pass: upload the next waiting cases ahead to ``host``, as many as it has room
+    for (up to ``most``), in one stream.
 
     Runs beside the claim loops, so a seat is handed a case that is already on the HPC, and a
     freed seat its next case at once even while an upload is under way. It leaves the cases at
     the head of the queue that the free seats take next to the claims.
     """
-    if staging_room(ctx, host, now) <= 0:
+    room = staging_room(ctx, host, now)
+    cases = claim_for_staging_many(ctx, now, min(room, most)) if room > 0 else []
+    if not cases:
         return 0
-    case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
-                             lease_seconds=ctx.config.main_loop.lease_seconds,
-                             max_wait_seconds=ctx.config.scheduling.max_wait_seconds,
-                             skip=free_slots(ctx.conn, ready_seats(ready_hosts(ctx))))
-    if case is None:
-        return 0
-    try:
-        remote_dir = upload(ctx, host, case, CaseStatus.SUBMITTED)
-    except (RemoteFailure, LeaseLost) as exc:
+    uploads = upload_cases(ctx, host, cases, CaseStatus.SUBMITTED)
+    for case in cases:
+        with per_item(ctx, case.case_id, "prestage"):
+            staged(ctx, host, case, uploads[case.case_id], now)
+    return len(cases)
+
+
+def claim_for_staging_many(ctx: Context, now: float, most: int) -> list[Case]:
+    """Up to ``most`` cases taken for a pre-upload, past those the free seats take next."""
+    skip = free_slots(ctx.conn, ready_seats(ready_hosts(ctx)))
+    cases: list[Case] = []
+    while len(cases) < most:
+        case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
+                                 lease_seconds=ctx.config.main_loop.lease_seconds,
+                                 max_wait_seconds=ctx.config.scheduling.max_wait_seconds, skip=skip)
+        if case is None:
+            break
+        cases.append(case)
+    return cases
+
+
+def staged(ctx: Context, host: Host, case: Case, done: UploadDone, now: float) -> None:
+    """Record a pre-upload, or let the case go back to the queue to be uploaded when it is claimed."""
+    if not isinstance(done, str):
         release_staging(ctx.conn, case.case_id, worker=ctx.worker_id)
         ctx.log.warning("case %d: pre-upload failed (%s); it will be uploaded when claimed", case.case_id,
-                        exc, extra=for_case(case.case_id, "prestage", exc))
-        if isinstance(exc, ResourceShortage):  # no room on the HPC: hold the pre-uploads there back
+                        done, extra=for_case(case.case_id, "prestage", done))
+        if isinstance(done, ResourceShortage):  # no room on the HPC: hold the pre-uploads there back
             ctx.memory.staging_paused_until[host.name] = now + SPACE_PAUSE_SECONDS
-        return 0
-    if mark_staged(ctx.conn, case, host=host.name, remote_dir=remote_dir, worker=ctx.worker_id, now=ctx.clock(),
-                   detail=f"pre-uploaded to {host.name}:{remote_dir}"):
+        return
+    if mark_staged(ctx.conn, case, host=host.name, remote_dir=done, worker=ctx.worker_id, now=ctx.clock(),
+                   detail=f"pre-uploaded to {host.name}:{done}"):
         ctx.log.info("case %d pre-uploaded to %s", case.case_id, host.name,
                      extra=for_case(case.case_id, "prestage"))
-    return 1
 
 
-def submit_task(ctx: Context, host: Host, claim: Claim, remote_dir: str, *, staged: bool) -> int:
-    """Send the submit (``backend.words.submit``); first make sure our claim still stands (with a fresh lease).
+def submit_claims(ctx: Context, host: Host, ready: Sequence[tuple[Claim, str, bool]]) -> None:
+    """Submit the claimed cases whose folders are on ``host`` ((claim, remote_dir, pre-uploaded)) in
+    ONE remote call (``Backend.submit_batch``), each with its own lock and label check.
 
-    For a pre-uploaded case the same remote call first checks that its folder is
-    still there (WorkdirMissing otherwise), so a staged case costs one round trip.
+    First each claim is made sure of (with a fresh lease and the time its add can land by): a claim
+    recovered meanwhile is left alone. A pre-uploaded case's item first checks that its folder is
+    still there (WorkdirMissing otherwise): it is uploaded again and submitted on its own.
     """
-    case = claim.case
+    sending = [(claim, remote_dir, staged) for claim, remote_dir, staged in ready
+               if still_ours(ctx, host, claim.case, remote_dir)]
+    if not sending:
+        return
+    items = [SubmitItem(slot=claim.group, label=claim.case.label, workdir=remote_dir,
+                        command=render_command(host.config.hpc.remote_command, claim.case, remote_dir),
+                        env=task_env(claim.case, remote_dir, claim.gpu), require_workdir=staged)
+             for claim, remote_dir, staged in sending]
+    outcomes = host.backend.submit_batch(items)
+    seen = ctx.clock()  # what failed is recorded when the answer came: after the remote call
+    for (claim, remote_dir, _), outcome in zip(sending, outcomes):
+        case = claim.case
+        with per_item(ctx, case.case_id, "submit"):
+            if isinstance(outcome, WorkdirMissing):  # the pre-uploaded folder vanished: upload it now
+                ctx.log.warning("case %d: %s; uploading again", case.case_id, outcome,
+                                extra=for_case(case.case_id, "submit", outcome))
+                process_claims(ctx, host, [replace(claim, case=replace(case, staged_at=None))])
+            elif isinstance(outcome, RemoteFailure):
+                submit_failed(ctx, host, case, outcome, seen)
+            else:
+                record_running(ctx, claim, outcome, remote_dir, ctx.clock())
+
+
+def still_ours(ctx: Context, host: Host, case: Case, remote_dir: str) -> bool:
+    """Make sure our claim still stands before its submit is sent: a fresh lease, and the time by
+    which the add can land (``add_uncertain_until``), recorded before the add may happen."""
     now = ctx.clock()
     fields = {"remote_dir": remote_dir, "lease_until": now + ctx.config.main_loop.lease_seconds,
               "add_uncertain_until": now + host.backend.add_lands_within()}
-    if not update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, fields, guard={"claimed_by": ctx.worker_id}):
-        raise LeaseLost(f"case {case.case_id}: claim lost before {host.backend.words.submit}")
-    return host.backend.submit(slot=claim.group, label=case.label, workdir=remote_dir,
-                               command=render_command(host.config.hpc.remote_command, case, remote_dir),
-                               env=task_env(case, remote_dir, claim.gpu), require_workdir=staged)
+    if update_case(ctx.conn, case.case_id, CaseStatus.SUBMITTING, fields, guard={"claimed_by": ctx.worker_id}):
+        return True
+    ctx.log.warning("case %d: claim lost before %s", case.case_id, host.backend.words.submit,
+                    extra=for_case(case.case_id, "submit"))
+    return False
 
 
 def record_running(ctx: Context, claim: Claim, task_id: int, remote_dir: str, now: float) -> None:
@@ -260,35 +319,34 @@ def leave_for_recovery(ctx: Context, case: Case, error: Exception, now: float) -
                     error, extra=for_case(case.case_id, "submit", error))
 
 
-def process_claim(ctx: Context, host: Host, claim: Claim, now: float) -> None:
-    case = claim.case
-    guard = {"claimed_by": ctx.worker_id}
-    staged = case.staged_at is not None and bool(case.remote_dir)  # on this host (the claim cleared others)
-    try:
-        remote_dir = case.remote_dir if staged else upload(ctx, host, case)
-        now = ctx.clock()
-    except LeaseLost as exc:
+def process_claims(ctx: Context, host: Host, claims: Sequence[Claim]) -> None:
+    """Bring the claimed cases to ``host`` and submit them: the folders not pre-uploaded go up in
+    one stream (``upload_cases``), then every case whose folder is there is submitted in one call
+    (``submit_claims``). Each case's failure is its own."""
+    staged = {claim.case.case_id for claim in claims if claim.case.staged_at is not None and claim.case.remote_dir}
+    missing = [claim.case for claim in claims if claim.case.case_id not in staged]
+    uploads = upload_cases(ctx, host, missing) if missing else {}
+    ready = []
+    for claim in claims:
+        case = claim.case
+        done = case.remote_dir if case.case_id in staged else uploads[case.case_id]
+        if isinstance(done, str):
+            ready.append((claim, done, case.case_id in staged))
+        else:
+            with per_item(ctx, case.case_id, "upload"):
+                upload_failed(ctx, case, done)
+    submit_claims(ctx, host, ready)
+
+
+def upload_failed(ctx: Context, case: Case, exc: RemoteFailure | LeaseLost) -> None:
+    """Nothing was sent to the scheduler: the case goes back to the queue (or fails for good)."""
+    if isinstance(exc, LeaseLost):
         ctx.log.warning("%s", exc, extra=for_case(case.case_id, "upload", exc))
         return
-    except RemoteFailure as exc:  # recorded when it happened: an upload can take minutes
-        status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=ctx.clock(),
-                               worker=ctx.name, operation="upload", guard=guard)
-        ctx.log.warning("case %d: upload failed (%s); case is now %s", case.case_id, exc,
-                        status and status.value, extra=for_case(case.case_id, "upload", exc))
-        return
-    try:
-        task_id = submit_task(ctx, host, claim, remote_dir, staged=staged)
-    except WorkdirMissing as exc:  # the pre-uploaded folder vanished: upload it now
-        ctx.log.warning("case %d: %s; uploading again", case.case_id, exc, extra=for_case(case.case_id, "submit", exc))
-        unstaged = replace(case, staged_at=None)
-        return process_claim(ctx, host, replace(claim, case=unstaged), now)
-    except LeaseLost as exc:
-        ctx.log.warning("%s", exc, extra=for_case(case.case_id, "submit", exc))
-        return
-    except RemoteFailure as exc:
-        submit_failed(ctx, host, case, exc, ctx.clock())  # recorded when it happened: after the remote call
-        return
-    record_running(ctx, claim, task_id, remote_dir, ctx.clock())
+    status = retry_or_fail(ctx.conn, ctx.spool, case, ctx.config.main_loop, exc, now=ctx.clock(),
+                           worker=ctx.name, operation="upload", guard={"claimed_by": ctx.worker_id})
+    ctx.log.warning("case %d: upload failed (%s); case is now %s", case.case_id, exc,
+                    status and status.value, extra=for_case(case.case_id, "upload", exc))
 
 
 def submit_failed(ctx: Context, host: Host, case: Case, exc: RemoteFailure, now: float) -> None:
@@ -355,29 +413,43 @@ def recover_tick(ctx: Context, now: float) -> int:
     return recover_expired_claims(ctx, now)
 
 
-def claim_on(ctx: Context, host: Host, now: float) -> int:
-    """A host's claim loop: make it ready, then claim and submit at most one case on a seat of it."""
+def claim_on(ctx: Context, host: Host, now: float, *, most: int = BATCH_MOST) -> int:
+    """A host's claim loop: make it ready, then claim and submit up to ``most`` cases on its seats."""
     if host.name not in {h.name for h in reachable_hosts(ctx)} or not host_ready(ctx, host):
         return 0
-    return claim_and_submit(ctx, now, host)
+    return claim_and_submit(ctx, now, host, most=most)
 
 
-def claim_and_submit(ctx: Context, now: float, host: Host | None = None) -> int:
-    """Claim the next case for a free seat (of ``host``: see ``claim_next_case``; else of any ready
-    host) and submit it; 1 when a case was claimed."""
-    claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
-                            lease_seconds=ctx.config.main_loop.lease_seconds,
-                            seats=ready_seats(ready_hosts(ctx)), host=host and host.name,
-                            max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
-    if claim is None:
+def claim_and_submit(ctx: Context, now: float, host: Host | None = None, *, most: int = 1) -> int:
+    """Claim up to ``most`` cases for free seats (of ``host``: see ``claim_next_case``; else of any
+    ready host) and submit them, those of one host together; how many cases were claimed."""
+    claims = claim_cases(ctx, now, host, most)
+    if not claims:
         wake_stagers(ctx)
         return 0
-    ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.slot.name,
-                 claim.case.attempts + 1, extra=for_case(claim.case.case_id, "claim"))
-    wake_loops(ctx)  # a seat was taken: stagers may upload ahead, the other hosts' claims look again
-    with per_item(ctx, claim.case.case_id, "submit"):  # on a crash the lease expires; recovery takes over
-        process_claim(ctx, ctx.hosts[claim.host], claim, now)
-    return 1
+    wake_loops(ctx)  # seats were taken: stagers may upload ahead, the other hosts' claims look again
+    for host_name in dict.fromkeys(claim.host for claim in claims):
+        together = [claim for claim in claims if claim.host == host_name]
+        only = together[0].case.case_id if len(together) == 1 else None  # an error of a batch is no one case's
+        with per_item(ctx, only, "submit"):  # on a crash the leases expire; recovery takes over
+            process_claims(ctx, ctx.hosts[host_name], together)
+    return len(claims)
+
+
+def claim_cases(ctx: Context, now: float, host: Host | None, most: int) -> list[Claim]:
+    """Up to ``most`` claims, one compare-and-set each, in claim order."""
+    claims: list[Claim] = []
+    while len(claims) < most:
+        claim = claim_next_case(ctx.conn, worker=ctx.worker_id, now=now,
+                                lease_seconds=ctx.config.main_loop.lease_seconds,
+                                seats=ready_seats(ready_hosts(ctx)), host=host and host.name,
+                                max_wait_seconds=ctx.config.scheduling.max_wait_seconds)
+        if claim is None:
+            break
+        ctx.log.info("case %d claimed with slot %s (attempt %d)", claim.case.case_id, claim.slot.name,
+                     claim.case.attempts + 1, extra=for_case(claim.case.case_id, "claim"))
+        claims.append(claim)
+    return claims
 
 
 def wake_stagers(ctx: Context) -> None:

@@ -1,0 +1,110 @@
+"""A host's claim loop and stager take several cases at once (issue 19): their folders go up in
+one stream and their tasks are added in one call, each case keeping its own outcome.
+
+Fast tier, on the HPC in memory (each ``upload``/``submit`` in ``MemoryHpc.calls`` is one remote
+call). The batch scripts themselves, over a real sshd against every scheduler, are proven in
+``test_submit_batch.py``, ``test_backend_contract.py`` and ``test_remote.py``.
+"""
+from __future__ import annotations
+
+import shutil
+
+from shared.errors import SubmitUncertain, Unreachable
+from shared.states import CaseStatus, SlotStatus
+from shared.store import get_case
+from tests.conftest import get_slot
+from tests.test_hosts import register
+from tests.test_workers import run_until_final
+from workers import submitter
+
+FOUR_GPUS = {f"gpu_{n}": {"gpu": n} for n in range(4)}
+
+
+def statuses(ctx, cases):
+    return [get_case(ctx.conn, case.case_id).status for case in cases]
+
+
+def test_a_claim_loop_uploads_its_cases_in_one_call_and_submits_them_in_one(memory_hpc):
+    sandbox = memory_hpc(groups=FOUR_GPUS)
+    ctx = sandbox.context()
+    cases = register(ctx, "a", "b", "c", "d", "e")
+    hpc, host = sandbox.hpc, ctx.hosts[sandbox.hpc.name]
+    submitter.host_ready(ctx, host)
+    before = len(hpc.calls)
+
+    assert submitter.claim_on(ctx, host, ctx.clock()) == 4                 # four free seats: four claims
+    assert hpc.calls[before:].count("upload") == 1 and hpc.calls[before:].count("submit") == 1
+    assert statuses(ctx, cases) == [CaseStatus.RUNNING] * 4 + [CaseStatus.SUBMITTED]
+    assert sorted(get_case(ctx.conn, c.case_id).slot for c in cases[:4]) == sorted(FOUR_GPUS)
+    for case in cases[:4]:
+        assert [t.path for t in sandbox.tasks_labelled(case.label)] == [get_case(ctx.conn, case.case_id).remote_dir]
+        assert run_until_final(ctx, case.case_id).status is CaseStatus.COMPLETED
+
+
+def test_the_stager_pre_uploads_as_many_as_there_is_room_for_in_one_call(memory_hpc):
+    sandbox = memory_hpc(groups={"gpu_a": {"gpu": 0, "depth": 2}})
+    ctx = sandbox.context()
+    busy, *waiting = register(ctx, "busy", "next-1", "next-2", "next-3", seconds=20)
+    submitter.tick(ctx, ctx.clock())                                         # one seat taken, one free
+    hpc, host = sandbox.hpc, ctx.hosts[sandbox.hpc.name]
+    before = len(hpc.calls)
+    assert submitter.stage_on(ctx, host, ctx.clock()) == 2
+    assert hpc.calls[before:].count("upload") == 1
+    staged = [c.case_id for c in waiting if get_case(ctx.conn, c.case_id).staged_at]
+    assert staged == [c.case_id for c in waiting[1:]]                        # the free seat takes next-1 itself
+
+
+def test_pre_uploaded_cases_are_submitted_together_and_a_vanished_folder_is_uploaded_again(memory_hpc):
+    sandbox = memory_hpc(groups=FOUR_GPUS)
+    ctx = sandbox.context()
+    busy = register(ctx, "b1", "b2", "b3", "b4", seconds=20)
+    for _ in busy:
+        submitter.tick(ctx, ctx.clock())
+    waiting = register(ctx, "w1", "w2", "w3")[4:]
+    host = ctx.hosts[sandbox.hpc.name]
+    assert submitter.stage_on(ctx, host, ctx.clock()) == 3                   # no seat free: all three go ahead
+    gone = get_case(ctx.conn, waiting[1].case_id)
+    shutil.rmtree(gone.remote_dir)                                           # someone removed it on the HPC
+    for case in busy:
+        run_until_final(ctx, case.case_id)                                   # every seat free again
+    before = len(sandbox.hpc.calls)
+    assert submitter.claim_on(ctx, host, ctx.clock()) == 3
+    assert sandbox.hpc.calls[before:].count("submit") == 2                   # the batch, then w2 alone
+    assert sandbox.hpc.calls[before:].count("upload") == 1                   # w2 again, alone
+    assert statuses(ctx, waiting) == [CaseStatus.RUNNING] * 3
+    for case in waiting:
+        assert [t.path for t in sandbox.tasks_labelled(case.label)] == [get_case(ctx.conn, case.case_id).remote_dir]
+        assert run_until_final(ctx, case.case_id).status is CaseStatus.COMPLETED
+
+
+def test_a_batch_whose_answer_was_lost_leaves_each_case_to_recovery_by_label(memory_hpc):
+    sandbox = memory_hpc(groups=FOUR_GPUS)
+    ctx = sandbox.context()
+    cases = register(ctx, "a", "b", "c")
+    hpc, host = sandbox.hpc, ctx.hosts[sandbox.hpc.name]
+    submitter.host_ready(ctx, host)
+    hpc.fail_next("submit", SubmitUncertain("the connection was cut after the adds"), after=True)
+
+    assert submitter.claim_on(ctx, host, ctx.clock()) == 3
+    assert statuses(ctx, cases) == [CaseStatus.SUBMITTING] * 3               # could not tell: no guess
+    assert all(len(sandbox.tasks_labelled(c.label)) == 1 for c in cases)     # each add did land
+    sandbox.clock.advance(1)
+    submitter.recover_tick(ctx, ctx.clock())                                 # recovery finds each by its label
+    assert statuses(ctx, cases) == [CaseStatus.RUNNING] * 3
+    for case in cases:
+        assert run_until_final(ctx, case.case_id).status is CaseStatus.COMPLETED
+        assert len(sandbox.tasks_labelled(case.label)) == 1                  # none run twice
+
+
+def test_an_upload_cut_off_sends_every_case_of_the_batch_back_and_frees_their_seats(memory_hpc):
+    sandbox = memory_hpc(groups=FOUR_GPUS)
+    ctx = sandbox.context()
+    cases = register(ctx, "a", "b")
+    hpc, host = sandbox.hpc, ctx.hosts[sandbox.hpc.name]
+    submitter.host_ready(ctx, host)
+    hpc.fail_next("upload", Unreachable("ssh: connect to host gpu port 22: Connection timed out"), times=2)
+
+    assert submitter.claim_on(ctx, host, ctx.clock()) == 2
+    assert statuses(ctx, cases) == [CaseStatus.SUBMITTED] * 2 and "submit" not in hpc.calls
+    assert {get_slot(ctx.conn, name).status for name in FOUR_GPUS} == {SlotStatus.AVAILABLE}
+    assert all(not sandbox.tasks_labelled(c.label) for c in cases)
