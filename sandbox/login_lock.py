@@ -51,7 +51,7 @@ def keep_free(user: str) -> None:
     """Sweep ``user``'s rehash lock now, then every ``SWEEP_INTERVAL_S`` in a daemon thread (one per
     process and lock) for as long as this process lives. Nothing happens where pyenv is absent."""
     lock = lock_of(user)
-    if not lock.parent.is_dir():
+    if not os.path.isdir(lock.parent):  # also False where we may not look (another user's PYENV_ROOT)
         return
     remove_if_stale(lock, time.time())
     with _watched_guard:
