@@ -359,6 +359,7 @@ class ChaosResult:
     done: Disturbances
     zone_hits: dict[str, int]
     zone_taken: dict[str, int]
+    zone_batch_hits: dict[str, int]
     lost_adds: Counter
     elapsed: float
     settled: bool
@@ -399,8 +400,9 @@ class ChaosResult:
              f"{d.sigkills} ({d.sigkills - d.group_kills} / {d.group_kills})"),
             ("owner of a `submitting` case SIGKILLed", d.owner_kills),
         ]
-        rows += [(f"danger zone `{zone}`: deaths / taken / armed",
-                  f"{self.zone_hits.get(zone, 0)} / {self.zone_taken.get(zone, 0)} / {d.tokens[zone]}")
+        rows += [(f"danger zone `{zone}`: deaths (inside a batch of 2+ cases) / taken / armed",
+                  f"{self.zone_hits.get(zone, 0)} ({self.zone_batch_hits.get(zone, 0)}) / "
+                  f"{self.zone_taken.get(zone, 0)} / {d.tokens[zone]}")
                  for zone in ZONES]
         rows += [
             ("sshd outages: new logins only / all sessions (ControlMaster cut)",
@@ -738,6 +740,15 @@ class ChaosRun:
 
     def zone_records(self, folder: str) -> dict[str, int]:
         found = Counter(entry.name.split("-", 1)[0] for entry in (self.supervisor.home / folder).iterdir())
+        return {zone: found.get(zone, 0) for zone in ZONES}
+
+    def deaths_in_batches(self) -> dict[str, int]:
+        """Per zone, the deaths inside a call that carried two cases or more (a batch)."""
+        found: Counter = Counter()
+        for entry in (self.supervisor.home / "hits").iterdir():
+            first = entry.read_text().partition("\n")[0].split()
+            if len(first) == 2 and first[0] == "cases" and first[1].isdigit() and int(first[1]) >= 2:
+                found[entry.name.split("-", 1)[0]] += 1
         return {zone: found.get(zone, 0) for zone in ZONES}
 
     # -- the link to the HPC --------------------------------------------------------------------------
@@ -1210,7 +1221,7 @@ class ChaosRun:
                                     self.config.scanner.watch_path, self.final_status(), self.expected(),
                                     groups=self.groups)
         return ChaosResult(plan=self.plan, verdict=verdict, done=self.done, zone_hits=self.zone_records("hits"),
-                           zone_taken=self.zone_records("taken"), lost_adds=self.lost_adds(),
+                           zone_taken=self.zone_records("taken"), zone_batch_hits=self.deaths_in_batches(), lost_adds=self.lost_adds(),
                            elapsed=time.monotonic() - self.t0, settled=settled)
 
     def tear_down(self) -> None:

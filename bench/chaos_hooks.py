@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -52,6 +53,14 @@ def is_add(argv: list[str]) -> bool:
     return "--print-task-id" in text or (" add " in text and "mqic_case_" in text)
 
 
+CASE_WORDS = re.compile(r"mqic_case_(\d+)|\.mqic-upload-(\d+)-")
+
+
+def cases_in(argv: list[str]) -> int:
+    """How many cases one add, upload or finalize call carries (a batch: more than one)."""
+    return len({a or b for a, b in CASE_WORDS.findall(command_text(argv))})
+
+
 def install_crash_hooks(tokens_dir: str, hits_dir: str, taken_dir: str | None = None) -> None:
     """Make this process SIGKILL itself in a danger zone whenever a token for that zone exists.
 
@@ -84,24 +93,25 @@ def install_crash_hooks(tokens_dir: str, hits_dir: str, taken_dir: str | None = 
             return True
         return False
 
-    def note(folder: str | None, zone: str) -> None:
+    def note(folder: str | None, zone: str, cases: int = 0) -> None:
         if folder is not None:
             with open(os.path.join(folder, f"{zone}-{os.getpid()}-{threading.get_ident()}"), "w") as record:
-                record.write(" ".join(sys.argv))
+                record.write(f"cases {cases}\n" + " ".join(sys.argv))
 
-    def die(zone: str) -> None:
-        note(hits_dir, zone)
+    def die(zone: str, cases: int) -> None:
+        note(hits_dir, zone, cases)  # cases: how many the call it died in carried (2+: inside a batch)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def on_popen(args: tuple) -> None:
         argv = [str(word) for word in (args[1] or [])]
         if is_add(argv):
             state["add_sent"] = True
+            local.add_cases = cases_in(argv)
         elif is_finalize(argv) and take("before_finalize"):
-            die("before_finalize")
+            die("before_finalize", cases_in(argv))
         elif is_upload(argv) and take("mid_upload"):
             state["dying"] = True
-            threading.Timer(random.uniform(0.005, 0.08), die, args=("mid_upload",)).start()
+            threading.Timer(random.uniform(0.005, 0.08), die, args=("mid_upload", cases_in(argv))).start()
 
     def on_event(event: str, args: tuple) -> None:
         if event == "subprocess.Popen":
@@ -109,10 +119,10 @@ def install_crash_hooks(tokens_dir: str, hits_dir: str, taken_dir: str | None = 
         elif event == "open" and state["add_sent"] and str(args[0]).endswith(".spool.lock"):
             state["add_sent"] = False
             if take("after_add"):
-                die("after_add")
+                die("after_add", getattr(local, "add_cases", 0))
         elif event == "os.rename" and os.path.basename(os.path.dirname(str(args[1]))) in SPOOL_STAGES:
             if take("before_move"):
-                die("before_move")
+                die("before_move", 0)
 
     def hook(event: str, args: tuple) -> None:
         if getattr(local, "busy", False) or event not in ("subprocess.Popen", "open", "os.rename"):

@@ -18,11 +18,12 @@ from bench.chaos import (HOST_NAMES, BusySample, ChaosPlan, busy_figure, idle_re
                          run_chaos, two_hosts_config)
 from bench.chaos_check import (EXIT_STATUS_RECORD, Expected, Verdict, check_foreign_tasks, exit_status_record,
                                read_starts, recording_starts)
-from bench.chaos_hooks import ZONES, is_add, is_finalize, is_upload
+from bench.chaos_hooks import ZONES, cases_in, is_add, is_finalize, is_upload
 from sandbox.casegen import make_case
-from shared.backends import pueue_parse
+from shared.backends import SubmitItem, pueue_parse
+from shared.backends.pueue import submit_batch
 from shared.config import parse_config
-from shared.remote import Remote
+from shared.remote import Remote, UploadCase
 from shared.states import CaseStatus
 from shared.store import get_case
 from shared.worker import build_context
@@ -181,6 +182,36 @@ def test_the_upload_zones_see_the_upload_whatever_the_transfer(remote_config, tm
     assert sum(map(is_upload, seen)) == 1, seen
     assert sum(map(is_finalize, seen)) == 1, seen
     assert not any(map(is_add, seen))
+
+
+def test_a_batch_upload_is_one_upload_and_one_finalize_carrying_each_case(remote_config, tmp_path):
+    """The kills inside a batch: mid_upload and before_finalize see one call that carries both cases."""
+    global SEEN
+    remote = Remote(remote_config.hosts[0].hpc)
+    cases = [make_case(tmp_path / "cases", f"patient {n}", deliveries=1, layers_per_delivery=1) for n in (1, 2)]
+    remote.base_dir()
+    SEEN = []
+    try:
+        remote.upload_many([UploadCase(case, case.name, case_id) for case_id, case in enumerate(cases, start=7)])
+    finally:
+        seen, SEEN = SEEN, None
+    [upload] = [argv for argv in seen if is_upload(argv)]
+    [finalize] = [argv for argv in seen if is_finalize(argv)]
+    assert (cases_in(upload), cases_in(finalize)) == (2, 2)
+
+
+class CaptureArgv:
+    argv: list[str] = []
+
+    def run(self, argv, *, timeout=None):
+        self.argv = list(argv)
+        return ""
+
+
+def test_the_after_add_zone_sees_a_batch_of_adds_and_how_many_cases_it_carries():
+    runner = CaptureArgv()
+    submit_batch(runner, ["pueue"], [SubmitItem("gpu_a", f"mqic_case_{n}", f"/x/{n}", "run") for n in (3, 4)])
+    assert is_add(runner.argv) and cases_in(runner.argv) == 2
 
 
 def test_the_after_add_zone_sees_our_pueue_add():
