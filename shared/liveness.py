@@ -7,6 +7,7 @@ import socket
 import sqlite3
 
 from shared.db import transaction
+from shared.processes import pid_alive
 
 
 def beat(conn: sqlite3.Connection, name: str, *, now: float) -> None:
@@ -19,6 +20,20 @@ def beat(conn: sqlite3.Connection, name: str, *, now: float) -> None:
             " started_at = CASE WHEN workers.pid = excluded.pid THEN workers.started_at"
             "                   ELSE excluded.started_at END",
             (name, os.getpid(), socket.gethostname(), now, now))
+
+
+def forget_retired_loops(conn: sqlite3.Connection, process: str, running: set[str]) -> list[str]:
+    """Remove the heartbeat rows of ``process``'s loops (``<process>@<host>``, ``<process>-<part>...``)
+    that it no longer runs (a host taken out of the config, a loop renamed by an upgrade), so
+    that they are not reported stale for ever. A row written by another live process (a second
+    submitter named ``submitter-2``) is not ours and stays. Returns the names removed."""
+    with transaction(conn):
+        rows = conn.execute("SELECT name, pid FROM workers"
+                            " WHERE substr(name, 1, length(:p) + 1) IN (:p || '@', :p || '-')", {"p": process})
+        retired = [name for name, pid in rows
+                   if name not in running and (pid == os.getpid() or not pid_alive(pid))]
+        conn.executemany("DELETE FROM workers WHERE name = ?", [(name,) for name in retired])
+    return retired
 
 
 def note_remote(conn: sqlite3.Connection, host: str, name: str, *, ok: bool, now: float,

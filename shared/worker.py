@@ -23,7 +23,7 @@ from shared.backends import Backend, backend_for
 from shared.config import Config, HostConfig
 from shared.db import check_integrity, connect
 from shared.errors import HostKeyMismatch, LocalFailure, Unreachable
-from shared.liveness import beat, down_hosts, HOST_KEY, note_remote
+from shared.liveness import beat, down_hosts, forget_retired_loops, HOST_KEY, note_remote
 from shared.logs import for_case, setup_logging
 from shared.remote import Remote
 from shared.seats import adopt_unnamed_host, seat_specs, sync_slots
@@ -254,6 +254,8 @@ def worker_main(program: str, name: str, tick: Callable[[Context, float], int], 
     ctx.log.info("%s started (pid %d)", ctx.name, os.getpid())
     if prepare:
         prepare(ctx)
+    for retired in forget_retired_loops(ctx.conn, ctx.name, set(ctx.memory.loop_wakes)):
+        ctx.log.info("%s: heartbeat row of %s removed (no longer run)", ctx.name, retired)
     code = run_worker(ctx, tick, idle_wait=idle_wait, once=args.once, drain=drain)
     ctx.stop.set()  # after --once too: the helper loops end with the main one
     wake_loops(ctx)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import multiprocessing
 import sqlite3
 
@@ -11,7 +12,7 @@ from shared.claims import claim_for_staging, claim_next_case, mark_staged, relea
 from shared.db import (
     MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, check_integrity, connect, migrate_schema, schema_version)
 from shared.errors import ForbiddenTransition, UnknownStatus
-from shared.liveness import note_remote
+from shared.liveness import forget_retired_loops, note_remote
 from shared.seats import adopt_unnamed_host, release_slot_of, SeatSpec, sync_slots, transition_slot
 from shared.states import ALLOWED, SLOT_ALLOWED, CaseStatus, SlotStatus
 from shared.store import case_events, case_from_row, get_case, register_case, transition
@@ -334,3 +335,21 @@ def test_the_per_attempt_resets_name_case_columns_and_widen_in_order():
     from shared.store import ATTEMPT_CLEARS, CASE_FIELDS, CLAIM_CLEARS, RETRY_CLEARS, SUBMIT_CLEARS
     assert set(RETRY_CLEARS) <= CASE_FIELDS
     assert set(CLAIM_CLEARS) < set(SUBMIT_CLEARS) < set(ATTEMPT_CLEARS) < set(RETRY_CLEARS)
+
+
+def test_a_process_forgets_the_heartbeats_of_loops_it_no_longer_runs(conn):
+    """Bug: after a host left the config (or an upgrade renamed the stager loop), its loop's row
+    stayed and the reaper and `mqic health` reported a stale worker for ever."""
+    dead_pid = 2 ** 22 + 12345  # above Linux's pid_max: never a live process
+    for name, pid in [("submitter@gpu1", os.getpid()), ("submitter@gone", os.getpid()),
+                      ("submitter-stager", dead_pid), ("submitter-2", os.getppid()),
+                      ("submitter", os.getpid()), ("poller@gone", dead_pid)]:
+        conn.execute("INSERT INTO workers (name, pid, host, started_at, heartbeat) VALUES (?, ?, 'ws', 0, 0)",
+                     (name, pid))
+    conn.commit()
+
+    retired = forget_retired_loops(conn, "submitter", {"submitter", "submitter@gpu1"})
+
+    assert sorted(retired) == ["submitter-stager", "submitter@gone"]
+    left = {row[0] for row in conn.execute("SELECT name FROM workers")}
+    assert left == {"submitter", "submitter@gpu1", "submitter-2", "poller@gone"}  # another live process's, another family's
