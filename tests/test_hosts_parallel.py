@@ -261,9 +261,11 @@ def test_a_slow_host_delays_neither_the_claims_and_submits_nor_the_pre_uploads_o
     [slow_case] = [c for c, h in host_of.items() if h == "gpu1"]
     fast_cases = [c for c, h in host_of.items() if h == "gpu2"]
     assert len(fast_cases) == 4
-    # claimed after the slow host's claim, submitted before the slow host's submit was through
-    overtaking = [c for c in fast_cases if claimed[slow_case] < claimed[c] and running[c] < running[slow_case]]
-    assert overtaking, (claimed, running)
+    # whichever host claimed first, the fast host's cases (one batch) were all running within less
+    # than two of the slow host's calls after the first claim, long before the slow host's submit
+    first_claim = min(claimed.values())
+    assert max(running[c] for c in fast_cases) - first_claim < 2 * SLOW, (claimed, running)
+    assert all(running[c] < running[slow_case] for c in fast_cases), (claimed, running)
     staged_fast = sorted(event_times(ctx.conn, "submitted", "pre-uploaded to gpu2:%").values())
     staged_slow = sorted(event_times(ctx.conn, "submitted", "pre-uploaded to gpu1:%").values())
     assert len(staged_fast) >= 2                           # gpu2: one case ahead per slot
