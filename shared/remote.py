@@ -29,13 +29,14 @@ import pwd
 import re
 import secrets
 import shlex
+import shutil
 import stat
 import subprocess
 import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Sequence
 
 from filelock import FileLock
@@ -394,6 +395,27 @@ cd -- "$1" || exit 3
 shift
 for pattern in "$@"; do
   for f in $pattern; do [ -e "$f" ] && printf '%s\0' "$f"; done
+done | tar --null -T - -cf -
+"""
+
+
+# The results of several case folders under one parent folder ($1) in ONE tar stream: $2 is how
+# many folder names follow, then the patterns. Each member is named <folder>/<file>; a folder that
+# is missing or holds no match adds nothing (the caller downloads such a case on its own).
+RESULTS_MANY_SCRIPT = r"""
+cd -- "$1" || exit 3
+count=$2; shift 2
+k=0
+for d; do
+  k=$((k + 1)); [ "$k" -gt "$count" ] && break
+  (
+    cd -- "$d" 2>/dev/null || exit 0
+    j=0
+    for pattern; do
+      j=$((j + 1)); [ "$j" -le "$count" ] && continue
+      for f in $pattern; do [ -e "$f" ] && printf '%s\0' "$d/$f"; done
+    done
+  )
 done | tar --null -T - -cf -
 """
 
@@ -789,6 +811,68 @@ class Remote:
         except tarfile.TarError as exc:
             proc.wait()
             self._raise_for(proc, "download results", exc)
+        finally:
+            timer.cancel()
+        proc.wait()
+        self._raise_for(proc, "download results", None)
+        return names
+
+    def download_many(self, wanted: Sequence[tuple[str, Path]], patterns: Sequence[str], *,
+                      timeout: float | None = None) -> dict[int, list[str]]:
+        """``download_results`` for several case folders ((remote folder, local folder) pairs) in ONE
+        stream per parent folder on the HPC (one, for the cases of one ``remote_base_dir``).
+
+        All or nothing per stream: returns, per index into ``wanted``, the names extracted into its
+        local folder, for every folder of a stream that was read whole; a folder with nothing to
+        fetch (no match, or missing) is left out, as is every folder of a stream that failed (cut,
+        refused member, error), whose local folders are emptied again: such cases are fetched on
+        their own with ``download_results``, which tells what is wrong.
+        """
+        groups: dict[str, list[int]] = {}
+        for index, (remote_dir, _) in enumerate(wanted):
+            path = PurePosixPath(remote_dir)
+            if path.name and path.name not in (".", ".."):
+                groups.setdefault(str(path.parent), []).append(index)
+        fetched: dict[int, list[str]] = {}
+        for parent, indices in groups.items():
+            locals_by_name = {PurePosixPath(wanted[i][0]).name: (i, wanted[i][1]) for i in indices}
+            try:
+                fetched.update(self._download_stream(parent, locals_by_name, patterns, timeout))
+            except (RemoteFailure, OSError):
+                for _, local_dir in locals_by_name.values():
+                    shutil.rmtree(local_dir, ignore_errors=True)
+        return fetched
+
+    def _download_stream(self, parent: str, locals_by_name: dict[str, tuple[int, Path]], patterns: Sequence[str],
+                         timeout: float | None) -> dict[int, list[str]]:
+        self.ensure_master()
+        command = " ".join(shlex.quote(w) for w in ("sh", "-c", RESULTS_MANY_SCRIPT, "sh", parent,
+                                                     str(len(locals_by_name)), *locals_by_name, *patterns))
+        proc = self.ssh_command()[self.destination, "--", command].popen(
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, new_session=True)
+        names: dict[int, list[str]] = {}
+        timer = threading.Timer((timeout or self.hpc.command_timeout_seconds) * max(1, len(locals_by_name)),
+                                proc.kill)
+        timer.start()
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
+                for member in archive:
+                    folder, _, rest = member.name.partition("/")
+                    if folder not in locals_by_name or not rest:
+                        raise UnsafeMember(member.name, "not inside one of the folders asked for")
+                    index, local_dir = locals_by_name[folder]
+                    member.name = rest
+                    local_dir.mkdir(parents=True, exist_ok=True)
+                    extract_member(archive, member, local_dir)
+                    names.setdefault(index, []).append(rest)
+        except tarfile.TarError as exc:
+            proc.kill()
+            proc.wait()
+            self._raise_for(proc, "download results", exc)
+        except BaseException:
+            proc.kill()
+            proc.communicate()
+            raise
         finally:
             timer.cancel()
         proc.wait()

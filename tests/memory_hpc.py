@@ -492,20 +492,37 @@ class MemoryHpc:
             return []
         with self._lock:
             self._call("download")
-            folder = Path(remote_dir)
-            if not folder.is_dir():
-                raise RemoteError(["download results"], 3, f"sh: cd: can't cd to {remote_dir}")
-            names = []
-            for path in sorted(p for p in folder.rglob("*") if any(
-                    fnmatch.fnmatch(str(p.relative_to(folder)), pattern) for pattern in patterns)):
-                name = str(path.relative_to(folder))
-                if path.is_symlink():
-                    raise UnsafeMember(name, f"symbolic link to {os.readlink(path)!r}; links are never fetched")
-                if path.is_file():
-                    (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, local_dir / name)
-                    names.append(name)
-            return names
+            return self._fetch(remote_dir, patterns, local_dir)
+
+    def download_many(self, wanted: Sequence[tuple[str, Path]], patterns: Sequence[str]) -> dict[int, list[str]]:
+        """Every folder in ONE download call; a folder with nothing fetched is left out, and all are
+        when the call fails (as ``Remote.download_many``)."""
+        with self._lock:
+            try:
+                self._call("download")
+                fetched = {index: self._fetch(remote_dir, patterns, Path(local_dir))
+                           for index, (remote_dir, local_dir) in enumerate(wanted) if Path(remote_dir).is_dir()}
+            except RemoteFailure:
+                for _, local_dir in wanted:
+                    shutil.rmtree(local_dir, ignore_errors=True)
+                return {}
+            return {index: names for index, names in fetched.items() if names}
+
+    def _fetch(self, remote_dir: str, patterns: Sequence[str], local_dir: Path) -> list[str]:
+        folder = Path(remote_dir)
+        if not folder.is_dir():
+            raise RemoteError(["download results"], 3, f"sh: cd: can't cd to {remote_dir}")
+        names = []
+        for path in sorted(p for p in folder.rglob("*") if any(
+                fnmatch.fnmatch(str(p.relative_to(folder)), pattern) for pattern in patterns)):
+            name = str(path.relative_to(folder))
+            if path.is_symlink():
+                raise UnsafeMember(name, f"symbolic link to {os.readlink(path)!r}; links are never fetched")
+            if path.is_file():
+                (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, local_dir / name)
+                names.append(name)
+        return names
 
     def check_host_key(self) -> None:
         with self._lock:
@@ -589,6 +606,10 @@ class MemoryRemote:
     def download_results(self, remote_dir: str, patterns: Sequence[str], local_dir: Path, *,
                          timeout: float | None = None) -> list[str]:
         return self.memory.download_results(remote_dir, patterns, Path(local_dir))
+
+    def download_many(self, wanted: Sequence[tuple[str, Path]], patterns: Sequence[str], *,
+                      timeout: float | None = None) -> dict[int, list[str]]:
+        return self.memory.download_many(wanted, patterns)
 
     def check_host_key(self, *, timeout: float | None = None) -> None:
         self.memory.check_host_key()

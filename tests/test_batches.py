@@ -15,7 +15,7 @@ from shared.store import get_case
 from tests.conftest import get_slot
 from tests.test_hosts import register
 from tests.test_workers import run_until_final
-from workers import submitter
+from workers import poller, submitter
 
 FOUR_GPUS = {f"gpu_{n}": {"gpu": n} for n in range(4)}
 
@@ -108,3 +108,22 @@ def test_an_upload_cut_off_sends_every_case_of_the_batch_back_and_frees_their_se
     assert statuses(ctx, cases) == [CaseStatus.SUBMITTED] * 2 and "submit" not in hpc.calls
     assert {get_slot(ctx.conn, name).status for name in FOUR_GPUS} == {SlotStatus.AVAILABLE}
     assert all(not sandbox.tasks_labelled(c.label) for c in cases)
+
+
+def test_the_results_of_cases_one_pass_completes_come_in_one_download(memory_hpc):
+    sandbox = memory_hpc(groups=FOUR_GPUS)
+    ctx = sandbox.context()
+    cases = register(ctx, "a", "b", "c", seconds=1)
+    host = ctx.hosts[sandbox.hpc.name]
+    submitter.host_ready(ctx, host)
+    assert submitter.claim_on(ctx, host, ctx.clock()) == 3
+    sandbox.clock.advance(5)                                                 # all three ended meanwhile
+    before = len(sandbox.hpc.calls)
+
+    assert poller.tick(ctx, ctx.clock()) == 3
+
+    assert sandbox.hpc.calls[before:].count("download") == 1
+    for case in cases:
+        done = get_case(ctx.conn, case.case_id)
+        assert done.status is CaseStatus.COMPLETED and done.result_checksums
+        assert (ctx.spool.path_for(done) / "output").is_dir()

@@ -105,6 +105,49 @@ def test_download_results_fetches_globs_and_stays_inside(remote_config, tmp_path
     assert (dest / "output" / "dose.raw").stat().st_size == 100 and not (dest / "other.txt").exists()
 
 
+def results_folder(base, name, files):
+    folder = base / name
+    for relative, data in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+    return folder
+
+
+def test_download_many_fetches_several_folders_in_one_stream_and_leaves_out_what_it_cannot(remote_config, tmp_path):
+    """Issue 19: the results of the cases one pass completes come in one call, not one each."""
+    remote = Remote(remote_config.hosts[0].hpc)
+    base = tmp_path / "remote"
+    odd = results_folder(base, "6_it's a \"case\" $(x) & more", {"output/dose.raw": b"\1" * 10, "Dose.mhd": b"h"})
+    plain = results_folder(base, "5_case", {"output/dose.raw": b"\0" * 100, "other.txt": b"no"})
+    empty = results_folder(base, "7_none", {"other.txt": b"no"})
+    wanted = [(str(plain), tmp_path / "l5"), (str(base / "8_gone"), tmp_path / "l8"), (str(odd), tmp_path / "l6"),
+              (str(empty), tmp_path / "l7")]
+    streams = []
+    stream = remote._download_stream
+    remote._download_stream = lambda *args: streams.append(args[0]) or stream(*args)
+
+    fetched = remote.download_many(wanted, ["output/*.raw", "*.mhd"])
+
+    assert streams == [str(base)]                                            # one remote command for all
+    assert {index: sorted(names) for index, names in fetched.items()} == {
+        0: ["output/dose.raw"], 2: ["Dose.mhd", "output/dose.raw"]}          # the missing and the empty left out
+    assert (tmp_path / "l5" / "output" / "dose.raw").read_bytes() == b"\0" * 100
+    assert (tmp_path / "l6" / "Dose.mhd").read_bytes() == b"h" and not (tmp_path / "l5" / "other.txt").exists()
+
+
+def test_download_many_is_all_or_nothing_when_one_folder_holds_a_link(remote_config, tmp_path):
+    remote = Remote(remote_config.hosts[0].hpc)
+    base = tmp_path / "remote"
+    good = results_folder(base, "5_good", {"output/dose.raw": b"\0" * 10})
+    bad = results_folder(base, "6_bad", {"output/dose.raw": b"\0" * 10})
+    (bad / "output" / "etc").symlink_to("/etc")
+    wanted = [(str(good), tmp_path / "l5"), (str(bad), tmp_path / "l6")]
+
+    assert remote.download_many(wanted, ["output/*"]) == {}
+    assert not (tmp_path / "l5").exists() and not (tmp_path / "l6").exists()  # each is fetched alone later
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("l")] == []
+
+
 def plant_escaping_symlink(out):
     """output/escape -> ../../victim, and a file through it: the HPC side resolves it to a
     folder next to the case; extracted blindly it would write next to the local folder."""

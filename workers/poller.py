@@ -112,10 +112,12 @@ def handle_paused_slots(ctx: Context, host: Host, snapshot: model.Snapshot, now:
                 ctx.log.warning("could not resume %s: %s", slot, exc, extra=for_case(None, "resume", exc))
 
 
-def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float, verdict: Verdict | None = None) -> bool:
+def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float, verdict: Verdict | None = None,
+             *, prefetched: bool = False) -> bool:
     """Fetch results into a private folder, then, only if this worker wins the move, file them.
 
     ``verdict``: the link's row of the verdict table (looked up when not given), which must say complete.
+    ``prefetched``: the results are in that folder already (``prefetch_results``).
     """
     verdict = verdict or verdicts.verdict_for(link, Phase.RUNNING)
     if verdict.action is not Action.COMPLETE:
@@ -125,7 +127,7 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float,
     try:
         if host.config.hpc.result_files:
             free_gpu_early(ctx, case, verdict.slot, now)
-            if not fetch_results(ctx, host, case, link, staging):
+            if not prefetched and not fetch_results(ctx, host, case, link, staging):
                 return False
         record = json.dumps(fetched_record(staging), sort_keys=True) if staging.exists() else None
         with ctx.spool.lock():
@@ -158,9 +160,35 @@ def free_gpu_early(ctx: Context, case: Case, slot_to: SlotStatus, now: float) ->
         ring(ctx.spool.root, "submitter")
 
 
+def prefetch_results(ctx: Context, host: Host, completing: list[Case], links: dict[int, tasks.Link],
+                     rulings: dict[int, Verdict], now: float) -> set[int]:
+    """The results of the cases a pass completes, in ONE download (``Remote.download_many``), each
+    into the private folder ``complete`` uses; their GPUs are handed on first. The case ids
+    fetched; a case left out (nothing to fetch, or the stream failed) is fetched by ``complete``
+    on its own, which tells what is wrong."""
+    if len(completing) < 2 or not host.config.hpc.result_files:
+        return set()
+    wanted = []
+    for case in completing:
+        free_gpu_early(ctx, case, rulings[case.case_id].slot, now)
+        staging = ctx.spool.staging_dir(f"results-{case.case_id}")
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier attempt's leftovers are not these results
+        wanted.append((result_folder(case, links[case.case_id]), staging))
+    fetched = host.remote.download_many(wanted, host.config.hpc.result_files)
+    for index, names in fetched.items():
+        case_id = completing[index].case_id
+        ctx.log.info("case %d: fetched %d result files", case_id, len(names), extra=for_case(case_id, "download"))
+    return {completing[index].case_id for index in fetched}
+
+
+def result_folder(case: Case, link: tasks.Link) -> str:
+    """Where the task ran on the HPC: the scheduler's working folder, else the one we recorded."""
+    return (link.task.path if link.task else "") or case.remote_dir
+
+
 def fetch_results(ctx: Context, host: Host, case: Case, link: tasks.Link, staging: Path) -> bool:
     staging.mkdir(parents=True, exist_ok=True)
-    folder = (link.task.path if link.task else "") or case.remote_dir
+    folder = result_folder(case, link)
     try:
         names = host.remote.download_results(folder, host.config.hpc.result_files, staging)
     except UnsafeMember as exc:  # never extracted; an operator must look at the remote folder
@@ -379,10 +407,14 @@ def poll_host(ctx: Context, host: Host, running: list[Case], now: float) -> int:
             rulings[case.case_id] = verdict_of(ctx, case, link, snapshot)
     decided = [case for case in running if case.case_id in rulings]
     changed = 0
-    for case in decided:  # completions first, so freed GPUs are handed on before the log call
-        if rulings[case.case_id].action is Action.COMPLETE:
-            with per_item(ctx, case.case_id, "poll"):
-                changed += complete(ctx, host, case, links[case.case_id], seen, rulings[case.case_id])
+    completing = [case for case in decided if rulings[case.case_id].action is Action.COMPLETE]
+    prefetched: set[int] = set()
+    with per_item(ctx, None, "download"):  # nothing fetched here: each case fetches its own below
+        prefetched = prefetch_results(ctx, host, completing, links, rulings, seen)
+    for case in completing:  # completions first, so freed GPUs are handed on before the log call
+        with per_item(ctx, case.case_id, "poll"):
+            changed += complete(ctx, host, case, links[case.case_id], seen, rulings[case.case_id],
+                                prefetched=case.case_id in prefetched)
     wanted = [links[c.case_id].task for c in decided if needs_log(links[c.case_id], rulings[c.case_id])]
     outputs = fetch_logs(ctx, host, wanted) if wanted else {}
     seen = seen_at(ctx, now, started)
