@@ -127,3 +127,18 @@ def test_the_results_of_cases_one_pass_completes_come_in_one_download(memory_hpc
         done = get_case(ctx.conn, case.case_id)
         assert done.status is CaseStatus.COMPLETED and done.result_checksums
         assert (ctx.spool.path_for(done) / "output").is_dir()
+
+
+def test_with_many_seats_free_the_stager_uploads_the_cases_after_the_next_claim_pass(memory_hpc):
+    """Bench (many_gpus): with every seat free the stager left all waiting cases to the claims, so
+    at a start 48 GPUs were filled one claim pass (upload, then submit) after another."""
+    twenty = {f"gpu_{n}": {"gpu": n} for n in range(20)}
+    sandbox = memory_hpc(groups=twenty)
+    ctx = sandbox.context()
+    cases = register(ctx, *(f"case-{n}" for n in range(20)))
+    host = ctx.hosts[sandbox.hpc.name]
+    submitter.host_ready(ctx, host)
+
+    assert submitter.stage_on(ctx, host, ctx.clock()) == 20 - submitter.BATCH_MOST
+    staged = [c.case_id for c in cases if get_case(ctx.conn, c.case_id).staged_at]
+    assert staged == [c.case_id for c in cases[submitter.BATCH_MOST:]]     # the head is the next claim pass's

@@ -199,7 +199,7 @@ def stage_on(ctx: Context, host: Host, now: float, *, most: int = BATCH_MOST) ->
 
     Runs beside the claim loops, so a seat is handed a case that is already on the HPC, and a
     freed seat its next case at once even while an upload is under way. It leaves the cases at
-    the head of the queue that the free seats take next to the claims.
+    the head of the queue that the next claim pass takes to the claims.
     """
     room = staging_room(ctx, host, now)
     cases = claim_for_staging_many(ctx, now, min(room, most)) if room > 0 else []
@@ -213,8 +213,10 @@ def stage_on(ctx: Context, host: Host, now: float, *, most: int = BATCH_MOST) ->
 
 
 def claim_for_staging_many(ctx: Context, now: float, most: int) -> list[Case]:
-    """Up to ``most`` cases taken for a pre-upload, past those the free seats take next."""
-    skip = free_slots(ctx.conn, ready_seats(ready_hosts(ctx)))
+    """Up to ``most`` cases taken for a pre-upload, past those the next claim pass takes (as many as
+    there are free seats, up to ``BATCH_MOST``): with many seats free (a start, a new host) the
+    cases after that pass go up while its own upload and submit run, not after them."""
+    skip = min(free_slots(ctx.conn, ready_seats(ready_hosts(ctx))), BATCH_MOST)
     cases: list[Case] = []
     while len(cases) < most:
         case = claim_for_staging(ctx.conn, worker=ctx.worker_id, now=now,
