@@ -46,6 +46,8 @@ def extra_args(parser) -> None:
     parser.add_argument("--cases", type=int, help=f"cases for our system (default {CASES}, issue 19's figure; quick 40)")
     parser.add_argument("--naive-cases", type=int, help="cases for the naive way (default 40, quick 16)")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--depth", type=int, default=1,
+                        help="seats per group for our system (default 1; 2 keeps each group's next case queued)")
 
 
 def names(count: int) -> list[str]:
@@ -108,7 +110,8 @@ def pre_uploaded(ws: Workspace) -> int:
 
 
 def run_ours(args, cases: int) -> dict:
-    with Workspace("tput", groups=common.groups_of(GROUPS), keep=args.keep) as ws:
+    groups = {name: {**group, "depth": args.depth} for name, group in common.groups_of(GROUPS).items()}
+    with Workspace("tput", groups=groups, keep=args.keep) as ws:
         calls_log = ws.install_pueue_counter()
         staged = common.stage_cases(ws.staging, names(cases), make_case, **TINY)
         ws.start_system()
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
     ours = run_ours(args, cases)
     theirs = None if args.skip_naive else run_naive(args, naive_cases)
     print()
-    print(f"Throughput: tiny cases, 0 s simulation, {GROUPS} groups; ours: {ours['cadence']};"
+    print(f"Throughput: tiny cases, 0 s simulation, {GROUPS} groups (ours: depth {args.depth}); ours: {ours['cadence']};"
           f" successes ours {ours['ok']}/{cases}"
           + (f", naive {theirs['ok']}/{naive_cases} in {theirs['passes']} passes" if theirs else ""))
     headers = ["metric", f"ours ({cases} cases)"] + ([f"naive ({naive_cases} cases)", "ours vs naive"] if theirs else [])
