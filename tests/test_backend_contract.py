@@ -9,6 +9,7 @@ skip, saying why, only where Slurm cannot run here (not root, packages missing).
 """
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from shared import errors, tasks
-from shared.backends import Backend, SubmitItem, backend_for, model
+from shared.backends import Backend, SubmitItem, backend_for, model, pueue
 from shared.config import Config
 from shared.errors import RemoteError
 from shared.remote import Remote
@@ -275,3 +276,53 @@ def test_items_whose_answer_was_cut_are_uncertain_and_found_by_label(host):
     assert isinstance(first, int) and host.labelled(24) == [first]
     assert type(second) is errors.SubmitUncertain and type(third) is errors.SubmitUncertain
     assert len(host.labelled(25)) == 1 and host.labelled(26) == []   # recovery's look by label tells each apart
+
+
+# -- pueue: one label lookup per batch, and only where it cannot miss a task ---------------------
+
+COUNTING_PUEUE = """#!/bin/sh
+# Logs each call; after the first `status` answer, "another submitter" adds {sneak} (its lock taken).
+echo "$1" >> {log}
+if [ "$1" = status ] && [ ! -e {once} ]; then
+  {real} "$@"; code=$?
+  : > {once}
+  {real} add --group {slot} --label {sneak} -- sleep 60 > /dev/null
+  exit $code
+fi
+exec {real} "$@"
+"""
+
+
+@pytest.fixture
+def pueue_host(request):
+    config = request.getfixturevalue("hpc")(groups={SLOT: {"gpu": 0}}).config
+    remote = Remote(config.hosts[0].hpc)
+    made = Host(config, remote, backend_for(config, config.hosts[0], remote))
+    made.base.mkdir(parents=True, exist_ok=True)
+    made.backend.ensure_slots({SLOT: 1})
+    return made
+
+
+@pytest.mark.system
+def test_a_batch_of_new_cases_looks_the_labels_up_once_but_an_earlier_submit_is_looked_up_afresh(pueue_host, tmp_path):
+    """Issue 19: one `pueue status` for a batch of labels never submitted before. A label whose
+    submit began before (its lock file exists: a retry, a recovery, another submitter) is looked up
+    afresh under its lock: here another submitter adds mqic_case_43 right after the batch's lookup,
+    and the batch must not add it a second time."""
+    host = pueue_host
+    log, once = tmp_path / "calls.log", tmp_path / "once"
+    real = " ".join(shlex.quote(word) for word in host.config.hosts[0].hpc.pueue_command)
+    wrapper = tmp_path / "pueue"
+    wrapper.write_text(COUNTING_PUEUE.format(log=shlex.quote(str(log)), once=shlex.quote(str(once)), real=real,
+                                             slot=SLOT, sneak="mqic_case_43"))
+    wrapper.chmod(0o755)
+    (host.base / ".mqic-locks").mkdir(exist_ok=True)
+    (host.base / ".mqic-locks" / "mqic_case_43.lock").touch()         # its submit began before
+
+    outcomes = pueue.submit_batch(host.remote, [str(wrapper)],
+                                  [host.item(40, "sleep 60"), host.item(41, "sleep 60"), host.item(43, "sleep 60"),
+                                   host.item(42, "sleep 60")], timeout=30)
+
+    assert [type(o) for o in outcomes] == [int, int, errors.AlreadySubmitted, int], outcomes
+    assert [len(host.labelled(n)) for n in (40, 41, 42, 43)] == [1, 1, 1, 1]    # none twice
+    assert log.read_text().split().count("status") == 2                       # the batch's, and 43's own

@@ -57,7 +57,9 @@ def with_exit_codes(script: str) -> str:
 # Expects $label, $limit, $workdir and $need_dir set by the script it starts.
 LOCKED_SUBMIT_PRELUDE = with_exit_codes(r"""
 lockdir=${workdir%/*}/LOCKS
-mkdir -p -- "$lockdir" && exec 9>>"$lockdir/$label.lock" || exit @PREPARE_FAILED_EXIT@
+mkdir -p -- "$lockdir" || exit @PREPARE_FAILED_EXIT@
+first=0; (set -C; : > "$lockdir/$label.lock") 2>/dev/null && first=1
+exec 9>>"$lockdir/$label.lock" || exit @PREPARE_FAILED_EXIT@
 flock -w "$limit" 9 || { echo "another submission of $label holds its lock" >&2; exit @LOCK_BUSY_EXIT@; }
 [ "$need_dir" = 0 ] || [ -d "$workdir" ] || exit @WORKDIR_MISSING_EXIT@
 """).replace("LOCKS", LOCK_FOLDER)
@@ -203,6 +205,9 @@ class ItemAnswer:
 # its first ``n`` words, copied onto the end of the list then shifted off the front (no eval).
 BATCH_SCRIPT = with_exit_codes(r"""
 mark=$1 limit=$2 shell=$3 script=$4; shift 4
+MQIC_BATCH_CACHE=$(mktemp "${TMPDIR:-/tmp}/mqic-batch.XXXXXX" 2>/dev/null) || MQIC_BATCH_CACHE=
+export MQIC_BATCH_CACHE
+trap '[ -z "$MQIC_BATCH_CACHE" ] || rm -f -- "$MQIC_BATCH_CACHE"' EXIT
 cutoff=$(( $(date +%s) + limit )) index=0
 item() {
   _n=$1 _i=0; shift

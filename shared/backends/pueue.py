@@ -48,12 +48,22 @@ WORDS = Words(scheduler="pueue", task="task", submit="pueue add", status="pueue 
 
 # Idempotent add: under a per-label lock on the HPC, add only when no task carries the
 # label; the client is killed after ``limit`` seconds, so an add can never land later
-# than ``limit`` after the script started.
+# than ``limit`` after the script started. The look for the label is one `pueue status`
+# per batch, shared through BATCH_SCRIPT's cache file, for a label whose lock file this
+# submit created (``first``): no submit of it ever began before, and any that begins now
+# finds the file and looks afresh under the lock, so a lookup taken earlier in the batch
+# cannot miss a task of it. Every other label (a retry, a recovery) is looked up afresh.
 ADD_SCRIPT = with_exit_codes(r"""
 pueue=$1 label=$2 limit=$3 workdir=$4 need_dir=$5; shift 5""" + LOCKED_SUBMIT_PRELUDE.rstrip("\n") + r"""
 while [ "$1" != --mqic-add-- ]; do export "$1" || exit @PREPARE_FAILED_EXIT@; shift; done; shift
-tasks=$(eval "$pueue status --json") || exit @LOOKUP_FAILED_EXIT@
+if [ "$first" = 1 ] && [ -s "${MQIC_BATCH_CACHE:-/nonexistent}" ]; then
+  tasks=$(cat -- "$MQIC_BATCH_CACHE") || exit @LOOKUP_FAILED_EXIT@
+else
+  tasks=$(eval "$pueue status --json") || exit @LOOKUP_FAILED_EXIT@
+  [ -z "$MQIC_BATCH_CACHE" ] || printf '%s' "$tasks" > "$MQIC_BATCH_CACHE" || : > "$MQIC_BATCH_CACHE"
+fi
 case $tasks in *"\"label\":\"$label\""*) echo "$label already has a task" >&2; exit @LABEL_EXISTS_EXIT@;; esac
+unset MQIC_BATCH_CACHE
 eval "exec timeout -s KILL $limit $pueue \"\$@\""
 """)
 
