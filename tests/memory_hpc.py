@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from shared import tasks
-from shared.backends.common import (LOCK_FOLDER, PREPARE_FAILED_EXIT, SubmitItem, SubmitOutcome, add_lands_within,
-                                    checked_label, failure_text, with_text)
-from shared.backends.model import KillResult, Snapshot, TaskInfo, TaskState
+from shared.backends.common import (LOCK_FOLDER, PREPARE_FAILED_EXIT, add_lands_within, checked_label,
+                                    failure_text, with_text)
+from shared.backends.model import KillResult, Snapshot, SubmitItem, SubmitOutcome, TaskInfo, TaskState
 from shared.backends.pueue import WORDS
 from shared.errors import (AlreadySubmitted, HostKeyMismatch, RemoteError, RemoteFailure,
                            SchedulerOutage, SlotLost, SubmitLockBusy, Unreachable, WorkdirMissing)

@@ -21,8 +21,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
-from shared.backends.common import SubmitItem, SubmitOutcome
-from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
+from shared.backends.model import KillResult, Runner, Snapshot, SubmitItem, SubmitOutcome, TaskInfo, Words
 from shared.errors import ConfigError
 
 __all__ = ["Backend", "MODULES", "NAMES", "Scheduler", "SubmitItem", "SubmitOutcome", "backend_for", "scheduler",

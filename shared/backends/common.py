@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from shared.backends.model import Runner, Words
+from shared.backends.model import Runner, SubmitOutcome, Words
 from shared.errors import (AlreadySubmitted, BadOutput, RemoteError, RemoteFailure, SchedulerOutage,
                            SubmitLockBusy, SubmitUncertain, WorkdirMissing)
 from shared.remote import remote_error
@@ -162,20 +162,6 @@ def parse_progress(output: str, pattern: str | re.Pattern[str] = DEFAULT_PROGRES
 
 # -- batches: several submits in ONE remote call -----------------------------------------------------
 
-@dataclass(frozen=True)
-class SubmitItem:
-    """One submit of a batch (``Backend.submit_batch``): what ``Backend.submit`` takes for one case."""
-
-    slot: str
-    label: str
-    workdir: str
-    command: str
-    env: Mapping[str, str] = field(default_factory=dict)
-    require_workdir: bool = False
-
-
-# What became of one item: its task id, or the typed failure its own submit would have raised.
-SubmitOutcome = int | RemoteFailure
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,10 @@ from typing import Mapping, Sequence
 
 from shared.backends import Scheduler
 from shared.backends.pueue import GROUPS
-from shared.backends.common import (CLOCK_PREFIX, LOCKED_SUBMIT_PRELUDE, BatchScript, ItemCall, SubmitItem,
-                                    SubmitOutcome, add_lands_within, checked_label, failure_text, run_batch,
-                                    settled, split_clock, submit_refusal, with_exit_codes, with_text)
-from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, TaskState, Words
+from shared.backends.common import (CLOCK_PREFIX, LOCKED_SUBMIT_PRELUDE, BatchScript, ItemCall, add_lands_within,
+                                    checked_label, failure_text, run_batch, settled, split_clock, submit_refusal,
+                                    with_exit_codes, with_text)
+from shared.backends.model import KillResult, Runner, Snapshot, SubmitItem, SubmitOutcome, TaskInfo, TaskState, Words
 from shared.checks import Check, attempt
 from shared.errors import BadOutput, RemoteError, RemoteFailure
 

@@ -8,10 +8,12 @@ scheduler's own word for a state we fold into ours (a held or stashed task is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
+
+from shared.errors import RemoteFailure
 
 
 class Runner(Protocol):
@@ -140,3 +142,18 @@ class KillResult:
     killed: tuple[int, ...]
     failed: tuple[int, ...]
 
+
+@dataclass(frozen=True)
+class SubmitItem:
+    """One submit of a batch (``Backend.submit_batch``): what ``Backend.submit`` takes for one case."""
+
+    slot: str
+    label: str
+    workdir: str
+    command: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    require_workdir: bool = False
+
+
+# What became of one item: its task id, or the typed failure its own submit would have raised.
+SubmitOutcome = int | RemoteFailure

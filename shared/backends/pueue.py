@@ -27,10 +27,9 @@ from typing import Any, Mapping, Sequence
 
 from shared.backends import Scheduler, SlotConfig, SlotKeys
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, DEFAULT_PROGRESS_PATTERN, LOCKED_SUBMIT_PRELUDE,
-                                    BatchScript, ItemCall, SubmitItem, SubmitOutcome, add_lands_within,
-                                    checked_label, failure_text, run_batch, settled, submit_refusal,
-                                    with_exit_codes, with_text)
-from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, Words
+                                    BatchScript, ItemCall, add_lands_within, checked_label, failure_text,
+                                    run_batch, settled, submit_refusal, with_exit_codes, with_text)
+from shared.backends.model import KillResult, Runner, Snapshot, SubmitItem, SubmitOutcome, TaskInfo, Words
 from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
                                          _checked_env, _is_int, _parse_id_reply, add_answer_lost, add_argv,
                                          classify_error, parse_clocked_status, parse_groups, parse_log,

@@ -31,10 +31,10 @@ from typing import Any, Mapping, Sequence
 from shared.backends import Scheduler, SlotConfig, SlotKeys
 from shared.backends import slurm_parse as sp
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, LOCKED_SUBMIT_PRELUDE, LOOKUP_FAILED_EXIT,
-                                    PREPARE_FAILED_EXIT, SUBMIT_EXIT_MEANINGS, BatchScript, ItemCall, SubmitItem,
-                                    SubmitOutcome, add_lands_within, answer_lost, checked_label, failure_text,
-                                    run_batch, settled, split_clock, submit_refusal, with_exit_codes, with_text)
-from shared.backends.model import KillResult, Runner, Snapshot, TaskInfo, TaskState, Words
+                                    PREPARE_FAILED_EXIT, SUBMIT_EXIT_MEANINGS, BatchScript, ItemCall,
+                                    add_lands_within, answer_lost, checked_label, failure_text, run_batch,
+                                    settled, split_clock, submit_refusal, with_exit_codes, with_text)
+from shared.backends.model import KillResult, Runner, Snapshot, SubmitItem, SubmitOutcome, TaskInfo, TaskState, Words
 from shared.checks import Check, attempt
 from shared.checks import setting as key_name
 from shared.config_keys import NAME, Entries, bad, number, optional, setting, text
