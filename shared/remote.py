@@ -37,7 +37,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from filelock import FileLock
 from plumbum import local
@@ -788,34 +788,10 @@ class Remote:
         """
         if not patterns:
             return []
-        self.ensure_master()
-        command = " ".join(shlex.quote(w) for w in ("sh", "-c", RESULTS_SCRIPT, "sh", remote_dir, *patterns))
-        ssh = self.ssh_command()[self.destination, "--", command]
-        proc = ssh.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, new_session=True)
-        names = []
-        timer = threading.Timer(timeout or self.hpc.command_timeout_seconds, proc.kill)
-        timer.start()
-        try:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
-                for member in archive:
-                    extract_member(archive, member, local_dir)
-                    names.append(member.name)
-        except UnsafeMember:
-            proc.kill()
-            proc.communicate()
-            raise
-        except OSError as exc:  # writing here failed (local disk full, folder gone): not the host's doing
-            proc.kill()
-            proc.communicate()
-            raise LocalFailure(f"download results into {local_dir}: {exc.strerror or exc}") from None
-        except tarfile.TarError as exc:
-            proc.wait()
-            self._raise_for(proc, "download results", exc)
-        finally:
-            timer.cancel()
-        proc.wait()
-        self._raise_for(proc, "download results", None)
-        return names
+        landed = self._extract_stream(("sh", "-c", RESULTS_SCRIPT, "sh", remote_dir, *patterns),
+                                      timeout or self.hpc.command_timeout_seconds, lambda member: local_dir,
+                                      where=str(local_dir))
+        return [name for _, name in landed]
 
     def download_many(self, wanted: Sequence[tuple[str, Path]], patterns: Sequence[str], *,
                       timeout: float | None = None) -> dict[int, list[str]]:
@@ -845,39 +821,61 @@ class Remote:
 
     def _download_stream(self, parent: str, locals_by_name: dict[str, tuple[int, Path]], patterns: Sequence[str],
                          timeout: float | None) -> dict[int, list[str]]:
-        self.ensure_master()
-        command = " ".join(shlex.quote(w) for w in ("sh", "-c", RESULTS_MANY_SCRIPT, "sh", parent,
-                                                     str(len(locals_by_name)), *locals_by_name, *patterns))
-        proc = self.ssh_command()[self.destination, "--", command].popen(
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, new_session=True)
+        def place(member: tarfile.TarInfo) -> Path:
+            folder, _, rest = member.name.partition("/")
+            if folder not in locals_by_name or not rest:
+                raise UnsafeMember(member.name, "not inside one of the folders asked for")
+            member.name = rest
+            local_dir = locals_by_name[folder][1]
+            local_dir.mkdir(parents=True, exist_ok=True)
+            return local_dir
+
+        words = ("sh", "-c", RESULTS_MANY_SCRIPT, "sh", parent, str(len(locals_by_name)), *locals_by_name, *patterns)
+        landed = self._extract_stream(words, (timeout or self.hpc.command_timeout_seconds) * max(1, len(locals_by_name)),
+                                      place, where="the cases' local folders")
+        index_of = {local_dir: index for index, local_dir in locals_by_name.values()}
         names: dict[int, list[str]] = {}
-        timer = threading.Timer((timeout or self.hpc.command_timeout_seconds) * max(1, len(locals_by_name)),
-                                proc.kill)
+        for local_dir, name in landed:
+            names.setdefault(index_of[local_dir], []).append(name)
+        return names
+
+    def _extract_stream(self, words: Sequence[str], timeout: float, place: Callable[[tarfile.TarInfo], Path], *,
+                        where: str) -> list[tuple[Path, str]]:
+        """Run ``words`` on the HPC over the shared connection and extract the tar archive it writes,
+        member by member through ``extract_member``, each into the folder ``place`` gives it (``place``
+        may rename the member, or refuse it with UnsafeMember). Returns (folder, name) per member.
+        Raises UnsafeMember naming the first refused member (members before it may already be
+        extracted), LocalFailure when writing ``where`` failed (not the host's doing), or the call's
+        own failure; the call is killed after ``timeout`` seconds."""
+        self.ensure_master()
+        command = " ".join(shlex.quote(w) for w in words)
+        ssh = self.ssh_command()[self.destination, "--", command]
+        proc = ssh.popen(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, new_session=True)
+        landed: list[tuple[Path, str]] = []
+        timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
             with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
                 for member in archive:
-                    folder, _, rest = member.name.partition("/")
-                    if folder not in locals_by_name or not rest:
-                        raise UnsafeMember(member.name, "not inside one of the folders asked for")
-                    index, local_dir = locals_by_name[folder]
-                    member.name = rest
-                    local_dir.mkdir(parents=True, exist_ok=True)
-                    extract_member(archive, member, local_dir)
-                    names.setdefault(index, []).append(rest)
-        except tarfile.TarError as exc:
-            proc.kill()
-            proc.wait()
-            self._raise_for(proc, "download results", exc)
-        except BaseException:
+                    folder = place(member)
+                    extract_member(archive, member, folder)
+                    landed.append((folder, member.name))
+        except UnsafeMember:
             proc.kill()
             proc.communicate()
             raise
+        except OSError as exc:  # writing here failed (local disk full, folder gone): not the host's doing
+            proc.kill()
+            proc.communicate()
+            raise LocalFailure(f"download results into {where}: {exc.strerror or exc}") from None
+        except tarfile.TarError as exc:
+            proc.wait()
+            self._raise_for(proc, "download results", exc)
         finally:
             timer.cancel()
         proc.wait()
         self._raise_for(proc, "download results", None)
-        return names
+        return landed
 
     def _raise_for(self, proc, what: str, problem: Exception | None) -> None:
         err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""

@@ -122,7 +122,7 @@ def complete(ctx: Context, host: Host, case: Case, link: tasks.Link, now: float,
     verdict = verdict or verdicts.verdict_for(link, Phase.RUNNING)
     if verdict.action is not Action.COMPLETE:
         raise ValueError(f"case {case.case_id}: the verdict is {verdict.action.value}, not complete")
-    staging = ctx.spool.staging_dir(f"results-{case.case_id}")
+    staging = results_staging(ctx, case)
     task_id = link.task.id if link.task else case.task_id
     try:
         if host.config.hpc.result_files:
@@ -171,7 +171,7 @@ def prefetch_results(ctx: Context, host: Host, completing: list[Case], links: di
     wanted = []
     for case in completing:
         free_gpu_early(ctx, case, rulings[case.case_id].slot, now)
-        staging = ctx.spool.staging_dir(f"results-{case.case_id}")
+        staging = results_staging(ctx, case)
         shutil.rmtree(staging, ignore_errors=True)  # an earlier attempt's leftovers are not these results
         wanted.append((result_folder(case, links[case.case_id]), staging))
     fetched = host.remote.download_many(wanted, host.config.hpc.result_files)
@@ -179,6 +179,11 @@ def prefetch_results(ctx: Context, host: Host, completing: list[Case], links: di
         case_id = completing[index].case_id
         ctx.log.info("case %d: fetched %d result files", case_id, len(names), extra=for_case(case_id, "download"))
     return {completing[index].case_id for index in fetched}
+
+
+def results_staging(ctx: Context, case: Case) -> Path:
+    """The private folder a case's results are fetched into before ``complete`` files them."""
+    return ctx.spool.staging_dir(f"results-{case.case_id}")
 
 
 def result_folder(case: Case, link: tasks.Link) -> str:
