@@ -208,7 +208,7 @@ def stage_on(ctx: Context, host: Host, now: float, *, most: int = BATCH_MOST) ->
     uploads = upload_cases(ctx, host, cases, CaseStatus.SUBMITTED)
     for case in cases:
         with per_item(ctx, case.case_id, "prestage"):
-            staged(ctx, host, case, uploads[case.case_id], now)
+            record_pre_upload(ctx, host, case, uploads[case.case_id], now)
     return len(cases)
 
 
@@ -228,7 +228,7 @@ def claim_for_staging_many(ctx: Context, now: float, most: int) -> list[Case]:
     return cases
 
 
-def staged(ctx: Context, host: Host, case: Case, done: UploadDone, now: float) -> None:
+def record_pre_upload(ctx: Context, host: Host, case: Case, done: UploadDone, now: float) -> None:
     """Record a pre-upload, or let the case go back to the queue to be uploaded when it is claimed."""
     if not isinstance(done, str):
         release_staging(ctx.conn, case.case_id, worker=ctx.worker_id)
