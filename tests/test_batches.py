@@ -142,3 +142,23 @@ def test_with_many_seats_free_the_stager_uploads_the_cases_after_the_next_claim_
     assert submitter.stage_on(ctx, host, ctx.clock()) == 20 - submitter.BATCH_MOST
     staged = [c.case_id for c in cases if get_case(ctx.conn, c.case_id).staged_at]
     assert staged == [c.case_id for c in cases[submitter.BATCH_MOST:]]     # the head is the next claim pass's
+
+
+def test_a_claim_made_after_a_slow_first_contact_is_stamped_and_leased_from_when_it_was_made(memory_hpc):
+    sandbox = memory_hpc(groups=FOUR_GPUS)
+    ctx = sandbox.context()
+    case = register(ctx, "a")[0]
+    host = ctx.hosts[sandbox.hpc.name]
+    lease = ctx.config.main_loop.lease_seconds
+    make_slots = host.backend.ensure_slots
+
+    def slow_make_slots(wanted):                    # 48 groups on a busy login node: longer than a lease
+        sandbox.clock.advance(lease + 10)
+        return make_slots(wanted)
+
+    host.backend.ensure_slots = slow_make_slots
+    pass_began = ctx.clock()
+    assert submitter.claim_on(ctx, host, pass_began) == 1
+    claimed_at = ctx.conn.execute("SELECT at FROM case_events WHERE case_id = ? AND to_status = ?",
+                                  (case.case_id, CaseStatus.SUBMITTING.value)).fetchone()[0]
+    assert claimed_at >= pass_began + lease + 10    # not the pass's start: its lease would be born expired

@@ -407,7 +407,7 @@ def tick(ctx: Context, now: float) -> int:
     and a ``claim_on`` loop per host)."""
     done = recover_expired_claims(ctx, now)
     ready = [host for host in reachable_hosts(ctx) if host_ready(ctx, host)]
-    return done + (claim_and_submit(ctx, now) if ready else 0)
+    return done + (claim_and_submit(ctx, ctx.clock()) if ready else 0)
 
 
 def recover_tick(ctx: Context, now: float) -> int:
@@ -419,7 +419,8 @@ def claim_on(ctx: Context, host: Host, now: float, *, most: int = BATCH_MOST) ->
     """A host's claim loop: make it ready, then claim and submit up to ``most`` cases on its seats."""
     if host.name not in {h.name for h in reachable_hosts(ctx)} or not host_ready(ctx, host):
         return 0
-    return claim_and_submit(ctx, now, host, most=most)
+    # Making a host ready is remote work that can outlast a lease: claims start from the clock now.
+    return claim_and_submit(ctx, ctx.clock(), host, most=most)
 
 
 def claim_and_submit(ctx: Context, now: float, host: Host | None = None, *, most: int = 1) -> int:
