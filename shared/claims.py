@@ -184,6 +184,12 @@ def free_slots(conn: sqlite3.Connection, seats: Iterable[tuple[str, str]] | None
     return len(_free_seats(conn, None if seats is None else set(seats))[0])
 
 
+def idle_slots(conn: sqlite3.Connection, host: str | None = None) -> set[tuple[str, str]]:
+    """The (host, slot) pairs (of ``host``, or of every host) with no seat taken: a GPU with nothing on it."""
+    _free, busy = _free_seats(conn, None)
+    return {pair for pair, taken in busy.items() if not taken and (host is None or pair[0] == host)}
+
+
 def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:
     """How many ``submitted`` cases are already uploaded (to ``host``, or anywhere) and wait for a seat."""
     return conn.execute(f"SELECT COUNT(*) FROM cases WHERE status = {CaseStatus.SUBMITTED.sql}"

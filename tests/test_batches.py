@@ -8,7 +8,9 @@ call). The batch scripts themselves, over a real sshd against every scheduler, a
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
+from shared.claims import idle_slots
 from shared.errors import SubmitUncertain, Unreachable
 from shared.states import CaseStatus, SlotStatus
 from shared.store import get_case
@@ -162,3 +164,40 @@ def test_a_claim_made_after_a_slow_first_contact_is_stamped_and_leased_from_when
     claimed_at = ctx.conn.execute("SELECT at FROM case_events WHERE case_id = ? AND to_status = ?",
                                   (case.case_id, CaseStatus.SUBMITTING.value)).fetchone()[0]
     assert claimed_at >= pass_began + lease + 10    # not the pass's start: its lease would be born expired
+
+
+def test_cases_for_idle_gpus_go_up_and_are_submitted_before_the_cases_that_will_only_queue(memory_hpc):
+    sandbox = memory_hpc(groups={"gpu_a": {"gpu": 0, "depth": 2}, "gpu_b": {"gpu": 1, "depth": 2}})
+    ctx = sandbox.context()
+    cases = register(ctx, "a1", "b1", "a2", "b2")
+    host = ctx.hosts[sandbox.hpc.name]
+    submitter.host_ready(ctx, host)
+    uploaded, upload_many = [], host.remote.upload_many
+
+    def recorded(batch, **options):
+        uploaded.append(sorted(item.case_id for item in batch))
+        return upload_many(batch, **options)
+
+    host.remote.upload_many = recorded
+    before = len(sandbox.hpc.calls)
+    assert submitter.claim_on(ctx, host, ctx.clock()) == 4
+    ids = [case.case_id for case in cases]
+    assert uploaded == [ids[:2], ids[2:]]                       # one case per idle GPU first, then their queue
+    assert sandbox.hpc.calls[before:].count("submit") == 2
+    first_two = {get_case(ctx.conn, i).slot for i in ids[:2]}
+    assert first_two == {"gpu_a", "gpu_b"} and statuses(ctx, cases) == [CaseStatus.RUNNING] * 4
+
+
+def test_pre_uploaded_cases_for_idle_and_busy_gpus_still_go_in_one_submit(memory_hpc):
+    sandbox = memory_hpc(groups={"gpu_a": {"gpu": 0, "depth": 2}, "gpu_b": {"gpu": 1, "depth": 2}})
+    ctx = sandbox.context()
+    register(ctx, "a1", "b1", "a2", "b2")
+    host = ctx.hosts[sandbox.hpc.name]
+    submitter.host_ready(ctx, host)
+    idle = idle_slots(ctx.conn, host.name)
+    claims = submitter.claim_cases(ctx, ctx.clock(), host, 4)
+    assert idle == {(host.name, "gpu_a"), (host.name, "gpu_b")}
+    assert [len(batch) for batch in submitter.idle_gpus_first(claims, idle)] == [2, 2]
+    staged = [replace(claim, case=replace(claim.case, staged_at=ctx.clock())) for claim in claims]
+    assert submitter.idle_gpus_first(claims[:2] + staged[2:], idle) == [claims[:2] + staged[2:]]  # nothing to wait for
+    assert submitter.idle_gpus_first(claims, set()) == [claims]                                   # no GPU idle

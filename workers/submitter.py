@@ -33,8 +33,8 @@ from typing import Iterator, Sequence
 from shared import eta, tasks
 from shared.backends import SubmitItem
 from shared.claims import (
-    Claim, claim_for_staging, claim_next_case, free_slots, mark_staged, release_staging, renew_lease,
-    staged_waiting)
+    Claim, claim_for_staging, claim_next_case, free_slots, idle_slots, mark_staged, release_staging,
+    renew_lease, staged_waiting)
 from shared.db import connect
 from shared.doorbell import listen, ring
 from shared.errors import (HostKeyMismatch, MqicError, RemoteError, RemoteFailure, ResourceShortage, SlotLost,
@@ -426,17 +426,33 @@ def claim_on(ctx: Context, host: Host, now: float, *, most: int = BATCH_MOST) ->
 def claim_and_submit(ctx: Context, now: float, host: Host | None = None, *, most: int = 1) -> int:
     """Claim up to ``most`` cases for free seats (of ``host``: see ``claim_next_case``; else of any
     ready host) and submit them, those of one host together; how many cases were claimed."""
+    idle = idle_slots(ctx.conn, host and host.name)
     claims = claim_cases(ctx, now, host, most)
     if not claims:
         wake_stagers(ctx)
         return 0
     wake_loops(ctx)  # seats were taken: stagers may upload ahead, the other hosts' claims look again
     for host_name in dict.fromkeys(claim.host for claim in claims):
-        together = [claim for claim in claims if claim.host == host_name]
-        only = together[0].case.case_id if len(together) == 1 else None  # an error of a batch is no one case's
-        with per_item(ctx, only, "submit"):  # on a crash the leases expire; recovery takes over
-            process_claims(ctx, ctx.hosts[host_name], together)
+        for together in idle_gpus_first([claim for claim in claims if claim.host == host_name], idle):
+            only = together[0].case.case_id if len(together) == 1 else None  # an error of a batch is no one case's
+            with per_item(ctx, only, "submit"):  # on a crash the leases expire; recovery takes over
+                process_claims(ctx, ctx.hosts[host_name], together)
     return len(claims)
+
+
+def idle_gpus_first(claims: Sequence[Claim], idle: set[tuple[str, str]]) -> list[list[Claim]]:
+    """One host's claims as the batches to send: the first claim of each slot that had nothing on it
+    (``idle``) goes in a batch before the others when those still have folders to upload, so an idle
+    GPU does not wait for the upload of cases that will only queue behind a running one."""
+    first: list[Claim] = []
+    later: list[Claim] = []
+    for claim in claims:
+        pair = (claim.host, claim.group)
+        fresh = pair in idle and all((c.host, c.group) != pair for c in first)
+        (first if fresh else later).append(claim)
+    if not first or not later or all(claim.case.staged_at is not None for claim in later):
+        return [list(claims)]
+    return [first, later]
 
 
 def claim_cases(ctx: Context, now: float, host: Host | None, most: int) -> list[Claim]:
