@@ -26,6 +26,7 @@ pytestmark = pytest.mark.system  # every test here starts real processes
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "sandbox" / "pueue_standin.py"
+QUICK_CLIENT = REPO / "sandbox" / "pueue_client.py"
 FAKE_MOQUI = REPO / "sandbox" / "fake_moqui"
 SAMPLES = Path(__file__).parent / "data" / "pueue"
 PY = sys.executable
@@ -53,6 +54,15 @@ class Standin:
 
     def run(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
             ) -> subprocess.CompletedProcess:
+        """Its client as ``bin/pueue`` runs it (the quick client, which hands what it does not
+        answer to the full one); the daemon and the controls as ``pueued`` and the ctl do."""
+        program = [str(STANDIN)] if args[:1] in (("--daemon",), ("--ctl",)) else ["-S", str(QUICK_CLIENT)]
+        return subprocess.run([PY, *program, *args], env=env or self.env(), cwd=cwd,
+                              capture_output=True, text=True, timeout=30)
+
+    def full(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+             ) -> subprocess.CompletedProcess:
+        """The full client alone (``pueue_standin.py``), never the quick one."""
         return subprocess.run([PY, str(STANDIN), *args], env=env or self.env(), cwd=cwd,
                               capture_output=True, text=True, timeout=30)
 
@@ -677,3 +687,36 @@ def test_casegen_realistic_preset_is_about_220_files_and_45_mb(tmp_path: Path):
     files = [p for p in case.rglob("*") if p.is_file()]
     assert 200 <= len(files) <= 240
     assert 40e6 <= sum(p.stat().st_size for p in files) <= 50e6
+
+
+# -- the quick client (sandbox/pueue_client.py) --------------------------------------------------
+
+def test_the_quick_client_answers_add_and_status_without_starting_the_full_client(standin, tmp_path):
+    (tmp_path / "work" / "sub").mkdir(parents=True)
+    imports = subprocess.run([PY, "-S", "-X", "importtime", str(QUICK_CLIENT), "add", "-p", "-w", "sub", "--", "true"],
+                             env=standin.env(), cwd=tmp_path / "work", capture_output=True, text=True, timeout=30)
+    assert imports.returncode == 0, imports.stderr
+    assert "pueue_standin" not in imports.stderr                      # the 2,000 lines were never imported
+    task = standin.task(int(imports.stdout.strip()))
+    assert task["path"] == str((tmp_path / "work" / "sub").resolve())  # relative -w: the client's folder, not the daemon's
+    assert task["envs"].get("PUEUE_STANDIN_DIR") is None and task["envs"]["PATH"] == os.environ["PATH"]
+
+
+def test_the_quick_and_the_full_client_print_the_same(standin, tmp_path):
+    standin.add("echo one", "-l", "first")
+    for words in (["status", "--json"], ["status"], ["status", "--json", "label=first"], ["status", "nonsense=1"],
+                  ["add", "-w", str(tmp_path / "missing"), "--", "true"], ["add", "--bogus"]):
+        quick, full = standin.run(*words), standin.full(*words)
+        assert (quick.returncode, quick.stderr) == (full.returncode, full.stderr), words
+        if words[:2] != ["status", "--json"]:
+            assert quick.stdout == full.stdout, words
+
+
+def test_the_quick_client_hands_over_when_the_daemon_is_down_and_when_an_answer_is_to_be_lost(standin):
+    standin.ctl("lose-add", "1", "--hang", "0")                        # needs the full client's hold on stdout
+    standin.ok("add", "-l", "lost_one", "--", "true")                  # our reader stayed: the answer comes late
+    assert "lose-add: the answer to the add labelled lost_one is lost" in (standin.data_dir / "daemon.log").read_text()
+    assert [t["label"] for t in standin.status()["tasks"].values()] == ["lost_one"]  # stored once
+    standin.ctl("stop")
+    quick, full = standin.run("status", "--json"), standin.full("status", "--json")
+    assert quick.returncode == full.returncode == 1 and quick.stderr == full.stderr and "connecting to daemon" in quick.stderr
