@@ -230,7 +230,7 @@ class Workspace:
     def __init__(self, name: str, *, groups: dict | None = None, keep: bool = False,
                  slurm: dict | None = None, partitions: dict | None = None, second_groups: dict | None = None,
                  login_delays: dict[str, float] | None = None, **sections: dict):
-        self.name, self.keep = name, keep
+        self.name, self.keep, self.uses_slurm = name, keep, slurm is not None
         self.root = Path(tempfile.mkdtemp(prefix=f"mqic-bench-{name}-", dir="/tmp"))
         sections = {key: dict(value) for key, value in sections.items()}
         sections["main_loop"] = {**PRODUCT_MAIN_LOOP, **sections.get("main_loop", {})}
@@ -477,6 +477,85 @@ def run_seconds(tasks: Iterable[model.TaskInfo]) -> list[float]:
 # -- processes -------------------------------------------------------------------------------------
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_table() -> dict[int, tuple[int, float, str]]:
+    """Every process now: pid -> (parent pid, CPU seconds of it and of the children it reaped, command line)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # it ended meanwhile
+        used = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+        table[int(entry.name)] = (int(fields[1]), used, command)
+    return table
+
+
+def _tree_seconds(table: dict[int, tuple[int, float, str]], roots: Iterable[int]) -> float:
+    """CPU seconds of ``roots`` and every live descendant (the ended ones are in their parents' share)."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _used, _command) in table.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo, seen = 0.0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        total += table[pid][1]
+        todo += children.get(pid, [])
+    return total
+
+
+class CpuMeter:
+    """CPU seconds each side of a run spends: the sandbox HPC (its sshd, so every remote command with
+    its login shell, and the scheduler's daemon with its tasks) and the workstation (the workers
+    under supervisord with their ssh clients, and the shared ssh connections they started).
+
+    On this machine both sides share its cores, so the sum per case bounds the rate: ``cores /
+    seconds per case`` cases per second at most, whatever the design does with its time.
+    """
+
+    def __init__(self, ws: "Workspace"):
+        self.ws = ws
+        self.start: dict[str, float] = {}
+
+    def read(self) -> dict[str, float]:
+        ws, table = self.ws, _process_table()
+        sshd = int((ws.root / "hpc" / "sshd" / "sshd.pid").read_text().split()[0])
+        daemon = [int(ws.sandbox.ctl("pid").strip())] if not ws.uses_slurm else []
+        workers = list(ws.supervisor.pids().values()) if ws.supervisor else []
+        masters = [pid for pid, (_p, _u, command) in table.items()
+                   if "ControlMaster=yes" in command and str(ws.root) in command]
+        return {"hpc: remote commands (sshd: logins, pueue clients, transfers)": _tree_seconds(table, [sshd]),
+                "hpc: the scheduler's daemon and its tasks": _tree_seconds(table, daemon),
+                "workstation: our workers and their ssh": _tree_seconds(table, workers),
+                "workstation: shared ssh connections": _tree_seconds(table, masters)}
+
+    def __enter__(self) -> "CpuMeter":
+        self.start = self.read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.used = {key: value - self.start.get(key, 0.0) for key, value in self.read().items()}
+
+
+def login_cpu_seconds(ws: "Workspace", samples: int = 5) -> float:
+    """CPU seconds the sandbox HPC spends on one remote ``true`` over the shared connection:
+    its login shell (root's ~/.bashrc runs ``pyenv init``, as a cluster login runs ``module``)."""
+    from shared.remote import Remote
+    remote = Remote(ws.config.hosts[0].hpc)
+    remote.ensure_master()
+    sshd = int((ws.root / "hpc" / "sshd" / "sshd.pid").read_text().split()[0])
+    before = _tree_seconds(_process_table(), [sshd])
+    for _ in range(samples):
+        remote.run(["true"])
+    time.sleep(0.2)  # the session's process reaps its shell
+    return (_tree_seconds(_process_table(), [sshd]) - before) / samples
 
 
 def cpu_seconds(pid: int) -> float:

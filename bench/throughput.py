@@ -20,6 +20,7 @@ naive way, <= 2 remote commands per case at steady state.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -119,10 +120,11 @@ def run_ours(args, cases: int) -> dict:
                           what="worker heartbeats")
         calls_log.unlink(missing_ok=True)  # start-up calls (group creation) are not per case
         before = common.sshd_counts(ws.sshd_log)
-        with Sampler(ws) as sampler:
+        with Sampler(ws) as sampler, common.CpuMeter(ws) as cpu:
             drop_at = common.drop(staged, ws.watch)
             common.wait_until(lambda: ws.count_final() >= cases, timeout=300 + cases * 3, interval=0.5,
                               what=f"{cases} cases final")
+        login = common.login_cpu_seconds(ws)
         rows = ws.case_rows()
         finished = max(r["completed_at"] for r in rows if r["completed_at"])
         used = common.sshd_counts(ws.sshd_log) - before
@@ -130,7 +132,7 @@ def run_ours(args, cases: int) -> dict:
                 "connections": used.connections, "sessions": used.sessions,
                 "calls": common.pueue_call_counts(calls_log), "pre_uploaded": pre_uploaded(ws),
                 "ok": sum(1 for r in rows if r["outcome"] == "success"),
-                "cadence": common.cadence(ws.config)} | steady_state(sampler.samples, cases)
+                "cadence": common.cadence(ws.config), "cpu": cpu.used, "login_cpu": login} | steady_state(sampler.samples, cases)
 
 
 def run_naive(args, cases: int) -> dict:
@@ -148,6 +150,22 @@ def run_naive(args, cases: int) -> dict:
         return {"cases": cases, "hosts": 1, "wall": finished - drop_at, "connections": used.connections,
                 "sessions": used.sessions, "calls": common.pueue_call_counts(calls_log),
                 "ok": sum(1 for c in loop.cases.values() if c.result == "Success"), "passes": loop.passes}
+
+
+def cpu_rows(ours: dict) -> list[list]:
+    """CPU seconds per case on each side, and the rate this machine's cores allow at that cost."""
+    cases, cpu = ours["cases"], ours["cpu"]
+    rows = [[f"{side} (s per case)", seconds / cases] for side, seconds in cpu.items()]
+    hpc = sum(seconds for side, seconds in cpu.items() if side.startswith("hpc"))
+    total = sum(cpu.values())
+    logins = ours["sessions"] * ours["login_cpu"]
+    cores = os.cpu_count() or 1
+    rows += [["  of the remote commands: their login shells (s per case)", logins / cases],
+             ["one login's CPU on the HPC (s)", ours["login_cpu"]],
+             ["both sides (s per case)", total / cases],
+             [f"cases/s the {cores} cores allow at that cost (cores / s per case)", cores * cases / total],
+             [f"cases/s the {cores} cores allow for the HPC side alone", cores * cases / hpc]]
+    return rows
 
 
 def advantage(ratio: float | None) -> str:
@@ -221,6 +239,8 @@ def main(argv=None) -> int:
     print(table(["pueue subcommand (calls per case)", "ours"] + (["naive"] if theirs else []),
                 [[name, ours["calls"].get(name, 0) / cases] +
                  ([theirs["calls"].get(name, 0) / naive_cases] if theirs else []) for name in subcommands]))
+    print()
+    print(table(["CPU of the whole run (both sides share this machine's cores)", "ours"], cpu_rows(ours)))
     print()
     print(table([f"issue 19 ({cases} tiny cases)", "figure", "target", ""], issue19_rows(ours, theirs)))
     print(common.machine_line("end"))

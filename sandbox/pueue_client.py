@@ -1,4 +1,4 @@
-"""The stand-in's quick client: ``pueue add`` and ``pueue status`` answered by the daemon itself.
+"""The stand-in's quick client: ``pueue ...`` answered by the daemon itself.
 
 Real pueue's client is a compiled program that answers in milliseconds. The stand-in's full
 client (``pueue_standin.py``) is a Python file of 2,000 lines whose start alone took ~75 ms, more
@@ -8,8 +8,8 @@ directory and environment, and the daemon reads them exactly as the full client 
 (``pueue_standin.client_request``) and sends back what to print.
 
 It hands over to the full client when the daemon cannot be reached (which then prints pueue's
-own error), when the daemon says so (a chaos control is pending for this call), and for every
-other subcommand. Once its request is sent it never hands over: the daemon may have acted.
+own error, or answers ``--version`` alone) and when the daemon says so (a chaos control is
+pending for this call). Once its request is sent it never hands over: the daemon may have acted.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import socket
 import sys
 
 STANDIN_ENV = "PUEUE_STANDIN_DIR"
-QUICK = ("add", "status")
 FULL_CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pueue_standin.py")
 _DIR_FDS: dict[str, int] = {}
 
@@ -43,11 +42,6 @@ def unix_address(path: str) -> str:
     if parent not in _DIR_FDS:
         _DIR_FDS[parent] = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     return f"/proc/self/fd/{_DIR_FDS[parent]}/{name}"
-
-
-def _subcommand(argv: list[str]) -> str | None:
-    """The subcommand when the words start with it (top-level options go to the full client)."""
-    return argv[0] if argv and argv[0] in QUICK else None
 
 
 def ask(root: str, argv: list[str]) -> dict | None:
@@ -81,7 +75,7 @@ def _cwd() -> str | None:
 
 def main(argv: list[str]) -> int:
     root = os.environ.get(STANDIN_ENV, "")
-    if root and _subcommand(argv):
+    if root:
         try:
             reply = ask(root, argv)
         except (OSError, ValueError) as err:  # sent, then no answer: never ask twice

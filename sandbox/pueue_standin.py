@@ -62,9 +62,10 @@ Controls (``--ctl``, for tests and chaos):
 
 Deliberate differences from real pueue, all in the caller's favour or harmless:
 
-- ``bin/pueue`` starts the quick client (``pueue_client.py``), which sends ``add`` and ``status``
-  to the daemon to be read there exactly as this file reads them, and hands anything else to this
-  file: a Python start of ~30 ms instead of ~75 ms (real pueue's client: a few ms);
+- ``bin/pueue`` starts the quick client (``pueue_client.py``), which sends its words to the
+  daemon to be read there exactly as this file reads them (this file answers when the daemon is
+  down or a ``lose-add`` needs the client's stdout): a Python start of ~30 ms instead of ~75 ms
+  (real pueue's client: a few ms);
 
 - ``pueued -d`` returns once the daemon accepts connections (up to 5 s), and the
   child is detached from stdio (real pueued inherits stdout/stderr);
@@ -699,7 +700,10 @@ class Daemon:
                     return
                 request = json.loads(data)
                 time.sleep(request.get("late_seconds") or 0)  # lose-add --late: the store comes late
-                answer = self._answer_client(request) if request.get("cmd") == "client" else self.handle(request)
+                if request.get("cmd") == "client":  # a quick client's words: read them as its request
+                    request, answer = self._answer_client(request)
+                else:
+                    answer = self.handle(request)
                 conn.sendall(json.dumps(answer if isinstance(answer, dict) else dataclasses.asdict(answer)).encode())
             except (OSError, ValueError) as err:
                 _log(self.paths, f"request failed: {err!r}")
@@ -707,19 +711,20 @@ class Daemon:
         if request.get("cmd") == "shutdown":
             self.request_stop()
 
-    def _answer_client(self, words: dict[str, Any]) -> Reply | dict[str, bool]:
-        """A quick client's words (``pueue_client``): the Reply it prints, or ``{"delegate": True}``."""
+    def _answer_client(self, words: dict[str, Any]) -> tuple[dict[str, Any], Reply | dict[str, bool]]:
+        """A quick client's words (``pueue_client``): (the request they made, the Reply it prints
+        or ``{"delegate": True}``)."""
         request = client_request(self.paths, words["argv"], words.get("cwd"), words.get("env") or {})
         if request is None:
-            return {"delegate": True}
+            return words, {"delegate": True}
         if isinstance(request, Reply):
-            return request
+            return words, request
         reply = self.handle(request)
         if request["cmd"] == "status" and request["json"] and reply.exit == 0:
             pending = take_garbage(self.paths)
             if pending:
                 reply = dataclasses.replace(reply, stdout=garbage_text(reply.stdout, pending))
-        return reply
+        return request, reply
 
     def handle(self, request: dict[str, Any]) -> Reply:
         """Run one client request under the state lock and return what to print."""
@@ -1980,7 +1985,7 @@ def write_wrappers(bin_dir: Path, data_dir: Path, python: str = sys.executable) 
     Each is ``#!/bin/sh`` + ``PUEUE_STANDIN_DIR=<data_dir> exec <python> <program> ...``,
     so a remote shell can run ``bin_dir/pueue status --json`` like the real client. ``pueue``
     starts the quick client (``pueue_client``, with ``-S``: it needs no site packages), which
-    hands anything it does not answer to this file. Returns the paths by name.
+    hands what the daemon cannot answer to this file. Returns the paths by name.
     """
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)

@@ -720,3 +720,9 @@ def test_the_quick_client_hands_over_when_the_daemon_is_down_and_when_an_answer_
     standin.ctl("stop")
     quick, full = standin.run("status", "--json"), standin.full("status", "--json")
     assert quick.returncode == full.returncode == 1 and quick.stderr == full.stderr and "connecting to daemon" in quick.stderr
+
+
+def test_pueue_shutdown_through_the_quick_client_stops_the_daemon(standin):
+    assert standin.run("shutdown").returncode == 0
+    wait_for(lambda: standin.run("--ctl", "pid").returncode == 1, what="the daemon to stop")
+    assert "connecting to daemon" in standin.run("status").stderr
