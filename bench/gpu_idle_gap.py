@@ -268,9 +268,26 @@ def summarize(runs: list[Run], drop_at: float, finished_at: float, cases: int, s
         "wall_ratio": wall / ideal, "wall_ratio_measured": wall / ideal_measured if ideal_measured else float("nan"),
         "busy": sum(lengths) / (gpus * wall) * 100 if wall > 0 else 0.0,
         "busy_span": busy_span(runs, gpus),
+        "floor": scheduler_floor(runs, own or sched), "floor_ratio": scheduler_floor(runs, own or sched) / ideal,
         "feed": feed_interval(runs), "demand": median(lengths) / gpus,
         "most_on_hpc": f"{most_on_hpc(runs)} of {seats}" if seats else "-",
     }
+
+
+def scheduler_floor(runs: list[Run], gaps: list[Gap]) -> float:
+    """The scheduler's own share of the wall: on the GPU where it is largest, its tasks' run times
+    plus the gaps whose next case was already queued there (its pass and its start-up: nothing of
+    ours was left to do). A wall cannot be shorter whatever feeds it, so ``floor / ideal`` is the
+    least ``wall / ideal`` this scheduler allows here."""
+    per_gpu: dict[str, float] = {}
+    for run in runs:
+        start, end = (run.proc_start, run.proc_end) if run.proc_start and run.proc_end else (run.start, run.end)
+        if start is not None and end is not None:
+            per_gpu[run.gpu] = per_gpu.get(run.gpu, 0.0) + end - start
+    for gap in gaps:
+        if gap.queued_ahead:
+            per_gpu[gap.gpu] = per_gpu.get(gap.gpu, 0.0) + max(0.0, gap.seconds)
+    return max(per_gpu.values(), default=float("nan"))
 
 
 def busy_span(runs: list[Run], gpus: int) -> float:
@@ -396,6 +413,8 @@ METRICS = (
     ("wall_ratio", "wall / ideal"), ("ideal_measured", "ideal with the measured run times (s)"),
     ("wall_ratio_measured", "wall / ideal with measured run times"), ("busy", "GPU busy share (%)"),
     ("busy_span", "GPUs busy, first start -> last end (%)"),
+    ("floor", "scheduler's floor: its run times + its gaps with the next case queued, busiest GPU (s)"),
+    ("floor_ratio", "  ... / ideal: the least wall / ideal this scheduler allows here"),
     ("load_line", "machine load (1 min), run start -> end"),
 )
 STEPS = {"detect": "A ends -> start of the poller pass that freed A's seat (poll cadence)",
@@ -443,7 +462,7 @@ def issue19_rows(results: dict, columns: dict[str, Mode]) -> list[list]:
         figures = results[title]
         rows.append([title, figures["gap_median"], f"<= {gap_target:g}", _met(figures["gap_median"] <= gap_target),
                      figures["wall_ratio"], f"<= {wall_target:g}", _met(figures["wall_ratio"] <= wall_target),
-                     figures["load_line"]])
+                     figures["floor_ratio"], figures["load_line"]])
     return rows
 
 
@@ -497,7 +516,7 @@ def main(argv=None) -> int:
     if targets:
         print()
         print(table(["issue 19 (30 cases of 2 s, 3 GPUs)", "median gap s", "target", "", "wall / ideal", "target", "",
-                     "load 1 min, start -> end"], targets))
+                     "scheduler's floor / ideal", "load 1 min, start -> end"], targets))
     print(common.machine_line("end"))
     return 0
 

@@ -13,6 +13,12 @@ Steady state: while the run goes, the sshd log and the completed rows are sample
 cases were completed (no start-up, no tail). How many cases were pre-uploaded (on the HPC
 before a seat took them) is counted from our own events.
 
+CPU: both sides of the run share this machine's cores (the sandbox HPC's sshd with every remote
+command and its login shell, the scheduler's daemon with its tasks; our workers with their ssh
+clients and the shared connections), so the CPU seconds each side spends per case are printed,
+with the rate the cores allow at that cost: no design can run faster here than cores / (CPU
+seconds per case), and the HPC side's share alone bounds it too.
+
 Issue 19's targets are printed beside the figures: >= 10 cases/s per host, >= 20 x the
 naive way, <= 2 remote commands per case at steady state.
 
