@@ -201,3 +201,5 @@ def test_pre_uploaded_cases_for_idle_and_busy_gpus_still_go_in_one_submit(memory
     staged = [replace(claim, case=replace(claim.case, staged_at=ctx.clock())) for claim in claims]
     assert submitter.idle_gpus_first(claims[:2] + staged[2:], idle) == [claims[:2] + staged[2:]]  # nothing to wait for
     assert submitter.idle_gpus_first(claims, set()) == [claims]                                   # no GPU idle
+    one_idle = {(host.name, "gpu_a")}                          # one queue ran dry among busy GPUs: one call
+    assert submitter.idle_gpus_first([claims[0], claims[2]], one_idle) == [[claims[0], claims[2]]]

@@ -441,16 +441,18 @@ def claim_and_submit(ctx: Context, now: float, host: Host | None = None, *, most
 
 
 def idle_gpus_first(claims: Sequence[Claim], idle: set[tuple[str, str]]) -> list[list[Claim]]:
-    """One host's claims as the batches to send: the first claim of each slot that had nothing on it
-    (``idle``) goes in a batch before the others when those still have folders to upload, so an idle
-    GPU does not wait for the upload of cases that will only queue behind a running one."""
+    """One host's claims as the batches to send: when several GPUs had nothing on them (``idle``: a
+    start, a host back), the first claim of each goes in a batch before the others if those still
+    have folders to upload, so the idle GPUs do not wait for the uploads of cases that will only
+    queue. One idle GPU among busy ones (its queue ran dry) keeps one batch: a second remote call
+    costs about what it would save, and under load those calls are what slows the pace."""
     first: list[Claim] = []
     later: list[Claim] = []
     for claim in claims:
         pair = (claim.host, claim.group)
         fresh = pair in idle and all((c.host, c.group) != pair for c in first)
         (first if fresh else later).append(claim)
-    if not first or not later or all(claim.case.staged_at is not None for claim in later):
+    if len(first) < 2 or not later or all(claim.case.staged_at is not None for claim in later):
         return [list(claims)]
     return [first, later]
 
