@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from shared.backends.common import BATCH_SCRIPT
+from shared.backends.common import BATCH_SCRIPT, EXEC_ITEM
 from shared.errors import RemoteError
 
 # ["sh", "-c", BATCH_SCRIPT, "sh", mark, limit, shell, script, n, words..., n, words...]
@@ -25,12 +25,14 @@ def mark_of(argv: Sequence[str]) -> str:
 
 
 def item_argvs(argv: Sequence[str]) -> list[list[str]]:
-    """Each item's argv, as a call of its own: ``[shell, "-c", script, shell, *words]``."""
+    """Each item's argv, as a call of its own: ``[shell, "-c", script, shell, *words]``, or the
+    words alone for an item that only runs them (``EXEC_ITEM``: ``run_each``)."""
     shell, script = argv[6], argv[7]
     rest, items = list(argv[_HEAD:]), []
     while rest:
         count, rest = int(rest[0]), rest[1:]
-        items.append([shell, "-c", script, shell, *rest[:count]])
+        words = rest[:count]
+        items.append(words if script == EXEC_ITEM else [shell, "-c", script, shell, *words])
         rest = rest[count:]
     return items
 

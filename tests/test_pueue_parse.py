@@ -9,7 +9,7 @@ import pytest
 
 from shared import errors
 from shared.backends import model, pueue, pueue_parse
-from shared.backends.common import parse_progress
+from shared.backends.common import BATCH_SCRIPT, parse_progress
 from shared.errors import BadOutput, RemoteError, Unreachable
 from shared.backends.model import TaskState
 from tests import batch_fakes
@@ -525,6 +525,30 @@ def test_ensure_groups_creates_missing_and_fixes_limits(version):
         ["/opt/bin/pueue", "parallel", "3", "-g", "gpu_b"],
         ["/opt/bin/pueue", "group", "add", "gpu_c", "-p", "2"],
     ]
+
+
+def test_ensure_groups_makes_every_missing_group_in_one_remote_call():
+    runner = FakeRunner('{"default":{"status":"Running","parallel_tasks":1}}',
+                        *[cli("group_add_new", "v4")["stdout"]] * 48)
+    sent = []
+    run = runner.run
+    runner.run = lambda argv, *, timeout=None: sent.append(argv) or run(argv, timeout=timeout)
+    created = pueue.ensure_groups(runner, PUEUE, {f"gpu_{n}": 1 for n in range(48)})
+    assert created == [f"gpu_{n}" for n in range(48)]
+    remote_calls = [argv for argv in sent if argv[:2] == ["sh", "-c"] or argv[1:] == ["group", "--json"]]
+    assert len(remote_calls) == 2 and batch_fakes.is_batch(remote_calls[1])  # group --json, then the 48 adds
+    assert runner.argvs[1:] == [["/opt/bin/pueue", "group", "add", f"gpu_{n}", "-p", "1"] for n in range(48)]
+
+
+def test_ensure_groups_asks_again_when_the_answer_was_cut_short():
+    class CutRunner(FakeRunner):
+        def run(self, argv, *, timeout=None):
+            answer = super().run(argv, timeout=timeout)
+            return answer[: len(answer) // 2] if len(argv) > 2 and argv[2] == BATCH_SCRIPT else answer
+
+    runner = CutRunner('{"default":{"status":"Running","parallel_tasks":1}}', *["ok"] * 4)
+    with pytest.raises(BadOutput):
+        pueue.ensure_groups(runner, PUEUE, {f"gpu_{n}": 1 for n in range(4)})
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -406,8 +406,9 @@ def tick(ctx: Context, now: float) -> int:
     claim and submit at most one case on any of them (tests; the process runs ``recover_tick``
     and a ``claim_on`` loop per host)."""
     done = recover_expired_claims(ctx, now)
+    began = ctx.clock()
     ready = [host for host in reachable_hosts(ctx) if host_ready(ctx, host)]
-    return done + (claim_and_submit(ctx, ctx.clock()) if ready else 0)
+    return done + (claim_and_submit(ctx, now + ctx.clock() - began) if ready else 0)
 
 
 def recover_tick(ctx: Context, now: float) -> int:
@@ -417,10 +418,11 @@ def recover_tick(ctx: Context, now: float) -> int:
 
 def claim_on(ctx: Context, host: Host, now: float, *, most: int = BATCH_MOST) -> int:
     """A host's claim loop: make it ready, then claim and submit up to ``most`` cases on its seats."""
+    began = ctx.clock()
     if host.name not in {h.name for h in reachable_hosts(ctx)} or not host_ready(ctx, host):
         return 0
-    # Making a host ready is remote work that can outlast a lease: claims start from the clock now.
-    return claim_and_submit(ctx, ctx.clock(), host, most=most)
+    # Making a host ready is remote work that can outlast a lease: the claims' time moves on with it.
+    return claim_and_submit(ctx, now + ctx.clock() - began, host, most=most)
 
 
 def claim_and_submit(ctx: Context, now: float, host: Host | None = None, *, most: int = 1) -> int:

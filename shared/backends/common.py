@@ -259,6 +259,32 @@ def parse_batch(text: str, mark: str) -> dict[int, ItemAnswer]:
     return found
 
 
+# The script of an item that is one plain command: its words are the command's argv.
+EXEC_ITEM = 'exec "$@"'
+
+
+def run_each(runner: Runner, commands: Sequence[Sequence[str]], *, timeout: float | None) -> list[ItemAnswer]:
+    """Run each command (an argv) in turn in ONE remote call (``BATCH_SCRIPT``); the answer of each.
+
+    For commands that are safe to send again (making sure of a slot): when the call failed or its
+    answer was cut short before every command had its record, that failure is raised (a
+    ``SchedulerOutage`` for a command the batch no longer started), so the caller asks again."""
+    if not commands:
+        return []
+    limit = str(max(1, int(timeout or 60)))
+    mark = fresh_mark()
+    calls = [ItemCall("", "", tuple(str(word) for word in command)) for command in commands]
+    text = runner.run(batch_argv(mark, limit, "sh", EXEC_ITEM, calls), timeout=batch_timeout(timeout, len(calls)))
+    answers = parse_batch(text, mark)
+    if len(answers) < len(commands):
+        raise BadOutput(f"the answer to {len(commands)} commands in one call was cut short after {len(answers)}")
+    for command, answer in zip(commands, answers.values()):
+        if answer.code == NOT_STARTED_EXIT:
+            said = f"not sent: the call had used its {limit} s before this command's turn"
+            raise with_text(SchedulerOutage(list(command), answer.code, said), said)
+    return list(answers.values())
+
+
 def item_error(argv: Sequence[str], answer: ItemAnswer) -> RemoteError:
     """The failure of one item as the runner would have raised it for a call of its own."""
     # The OS's words ("No space left on device") are read in one place: the remote layer.

@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 from shared.backends import Scheduler, SlotConfig, SlotKeys
 from shared.backends.common import (CLOCK_PREFIX, CLOCKED, DEFAULT_PROGRESS_PATTERN, LOCKED_SUBMIT_PRELUDE,
                                     BatchScript, ItemCall, add_lands_within, checked_label, failure_text,
-                                    run_batch, settled, submit_refusal, with_exit_codes, with_text)
+                                    item_error, run_batch, run_each, settled, submit_refusal, with_exit_codes,
+                                    with_text)
 from shared.backends.model import KillResult, Runner, Snapshot, SubmitItem, SubmitOutcome, TaskInfo, Words
 from shared.backends.pueue_parse import (_KILL_FAILED_LINE, _KILLED_LINE, _REMOVED_LINE,
                                          _checked_env, _is_int, _parse_id_reply, add_answer_lost, add_argv,
@@ -209,33 +210,26 @@ def ensure_groups(
 ) -> list[str]:
     """Make every group in ``wanted`` exist with its parallel limit; return the names created.
 
-    Reads ``group --json`` once, runs ``group add NAME -p N`` for missing groups
-    and ``parallel N -g NAME`` where the limit differs. A concurrent creation
-    ("already exists") is not an error; the limit is then set explicitly.
-    Note: v3 creates groups asynchronously, so a task added right after may race.
+    Reads ``group --json`` once, then in ONE remote call (``run_each``) runs ``group add NAME -p N``
+    for each missing group and ``parallel N -g NAME`` where the limit differs (48 groups on a slow
+    login cost 48 logins one by one). A concurrent creation ("already exists") is not an error; the
+    limit is then set explicitly. Note: v3 creates groups asynchronously, so a task added right
+    after may race.
     """
     existing = parse_groups(_run(runner, [*pueue_cmd, "group", "--json"], timeout))
+    changes = {name: parallel for name, parallel in wanted.items()
+               if name not in existing or existing[name].parallel_tasks != parallel}
+    commands = [[*pueue_cmd, "group", "add", name, "-p", str(parallel)] if name not in existing
+                else [*pueue_cmd, "parallel", str(parallel), "-g", name] for name, parallel in changes.items()]
     created = []
-    for name, parallel in wanted.items():
-        if name in existing:
-            if existing[name].parallel_tasks != parallel:
-                set_parallel(runner, pueue_cmd, name, parallel, timeout=timeout)
-        elif _add_group(runner, pueue_cmd, name, parallel, timeout):
-            created.append(name)
+    for (name, parallel), command, answer in zip(changes.items(), commands, run_each(runner, commands, timeout=timeout)):
+        if answer.code == 0:
+            created += [name] if name not in existing else []
+        elif name not in existing and _ALREADY_EXISTS in f"{answer.stdout}\n{answer.stderr}":
+            set_parallel(runner, pueue_cmd, name, parallel, timeout=timeout)  # someone else made it meanwhile
         else:
-            set_parallel(runner, pueue_cmd, name, parallel, timeout=timeout)
+            raise classify_error(item_error(command, answer))
     return created
-
-
-def _add_group(runner: Runner, pueue_cmd: Sequence[str], name: str, parallel: int, timeout: float | None) -> bool:
-    """True if we created the group, False if someone else already had."""
-    try:
-        _run(runner, [*pueue_cmd, "group", "add", name, "-p", str(parallel)], timeout)
-    except RemoteError as error:
-        if _ALREADY_EXISTS not in f"{error.stdout}\n{error.stderr}":
-            raise
-        return False
-    return True
 
 
 def set_parallel(
