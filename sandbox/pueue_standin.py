@@ -274,17 +274,20 @@ class LostAdd:
     hang: float
 
 
+def _lost_add_applies(settings: Settings, label: str | None) -> bool:
+    return settings.lose_add > 0 and (label or "").startswith(settings.lose_add_label)
+
+
 def lost_add_pending(paths: Paths, label: str | None) -> bool:
     """True when a ``lose-add`` waits for an add labelled ``label`` (nothing is consumed)."""
-    settings = load_settings(paths)
-    return settings.lose_add > 0 and (label or "").startswith(settings.lose_add_label)
+    return _lost_add_applies(load_settings(paths), label)
 
 
 def take_lost_add(paths: Paths, label: str | None) -> LostAdd | None:
     """Consume one pending ``lose-add`` for an add labelled ``label``; None when none applies."""
     with file_lock(paths):
         settings = load_settings(paths)
-        if settings.lose_add <= 0 or not (label or "").startswith(settings.lose_add_label):
+        if not _lost_add_applies(settings, label):
             return None
         remaining = dataclasses.replace(settings, lose_add=settings.lose_add - 1)
         _write_atomically(paths.settings, json.dumps(dataclasses.asdict(remaining)))
@@ -719,12 +722,7 @@ class Daemon:
             return words, {"delegate": True}
         if isinstance(request, Reply):
             return words, request
-        reply = self.handle(request)
-        if request["cmd"] == "status" and request["json"] and reply.exit == 0:
-            pending = take_garbage(self.paths)
-            if pending:
-                reply = dataclasses.replace(reply, stdout=garbage_text(reply.stdout, pending))
-        return request, reply
+        return request, with_garbage(self.paths, request, self.handle(request))
 
     def handle(self, request: dict[str, Any]) -> Reply:
         """Run one client request under the state lock and return what to print."""
@@ -1634,18 +1632,25 @@ def garbage_text(real_stdout: str, pending: int) -> str:
     return kinds[(pending - 1) % len(kinds)]
 
 
+def parsed_or_reply(argv: list[str], settings: Settings) -> dict[str, Any] | Reply:
+    """pueue's words as a request for the daemon, or the Reply the client prints without one
+    (a usage error, exit 2; ``--version``, ``--help``)."""
+    try:
+        request = parse_command_line(argv, settings)
+    except UsageError as err:
+        return Reply(stderr=err.text, exit=2)
+    return Reply(stdout=request.stdout) if isinstance(request, LocalOutput) else request
+
+
 def client_request(paths: Paths, argv: list[str], cwd: str | None,
                    environ: dict[str, str]) -> dict[str, Any] | Reply | None:
     """What a quick client's words ask the daemon (``pueue_client``), read exactly as
     ``client_main`` reads them: the request, or the Reply to print at once, or None when the
     full client must answer (a ``lose-add`` is pending for this add: it needs the client's stdout)."""
     settings = load_settings(paths)
-    try:
-        request = parse_command_line(argv, settings)
-    except UsageError as err:
-        return Reply(stderr=err.text, exit=2)
-    if isinstance(request, LocalOutput):
-        return Reply(stdout=request.stdout)
+    request = parsed_or_reply(argv, settings)
+    if isinstance(request, Reply):
+        return request
     if request["cmd"] == "add" and lost_add_pending(paths, request["label"]):
         return None
     if cwd is None:
@@ -1660,14 +1665,11 @@ def client_main(argv: list[str]) -> int:
     """``pueue ARGS``: parse, talk to the daemon, print like the real client."""
     paths = paths_from_env()
     settings = load_settings(paths)
-    try:
-        request = parse_command_line(argv, settings)
-    except UsageError as err:
-        sys.stderr.write(err.text)
-        return 2
-    if isinstance(request, LocalOutput):
+    request = parsed_or_reply(argv, settings)
+    if isinstance(request, Reply):  # a usage error, or --version/--help: no daemon needed
         sys.stdout.write(request.stdout)
-        return 0
+        sys.stderr.write(request.stderr)
+        return request.exit
     if not paths.config.exists():
         sys.stderr.write(never_started_text(settings.format))
         return 1
@@ -1728,13 +1730,19 @@ def _ask_daemon(paths: Paths, request: dict[str, Any], fmt: str) -> Reply:
             return Reply(stderr=text, exit=1)
 
 
-def _print_reply(paths: Paths, request: dict[str, Any], reply: Reply) -> int:
-    stdout = reply.stdout
+def with_garbage(paths: Paths, request: dict[str, Any], reply: Reply) -> Reply:
+    """``reply``, or garbage in place of its stdout when a ``garbage`` answer is pending for this
+    successful ``status --json`` (one is consumed)."""
     if request["cmd"] == "status" and request["json"] and reply.exit == 0:
         pending = take_garbage(paths)
         if pending:
-            stdout = garbage_text(stdout, pending)
-    sys.stdout.write(stdout)
+            return dataclasses.replace(reply, stdout=garbage_text(reply.stdout, pending))
+    return reply
+
+
+def _print_reply(paths: Paths, request: dict[str, Any], reply: Reply) -> int:
+    reply = with_garbage(paths, request, reply)
+    sys.stdout.write(reply.stdout)
     sys.stdout.flush()
     sys.stderr.write(reply.stderr)
     return reply.exit
