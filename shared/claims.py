@@ -163,9 +163,7 @@ def _any(conn: sqlite3.Connection, query: str, params: dict | None = None) -> bo
 def _free_seats(conn: sqlite3.Connection,
                 allowed: set[tuple[str, str]] | None) -> tuple[list[Slot], dict[tuple[str, str], int]]:
     """The seats that can be handed out (of ``allowed``), and per (host, slot) how many of its seats are taken."""
-    busy = {(r["host"], r["pueue_group"]): r["taken"] for r in conn.execute(
-        f"SELECT host, pueue_group, SUM(status <> {SlotStatus.AVAILABLE.sql}) AS taken FROM gpu_resources"
-        " GROUP BY host, pueue_group")}
+    busy = _taken_per_slot(conn)
     rows = conn.execute(f"SELECT * FROM gpu_resources WHERE status = {SlotStatus.AVAILABLE.sql} AND {SEAT_USABLE}"
                         " ORDER BY host, pueue_group, seat").fetchall()
     free = [slot_from_row(r) for r in rows if allowed is None or (r["host"], r["pueue_group"]) in allowed]
@@ -184,10 +182,16 @@ def free_slots(conn: sqlite3.Connection, seats: Iterable[tuple[str, str]] | None
     return len(_free_seats(conn, None if seats is None else set(seats))[0])
 
 
+def _taken_per_slot(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    """Per (host, slot): how many of its seats are taken."""
+    return {(r["host"], r["pueue_group"]): r["taken"] for r in conn.execute(
+        f"SELECT host, pueue_group, SUM(status <> {SlotStatus.AVAILABLE.sql}) AS taken FROM gpu_resources"
+        " GROUP BY host, pueue_group")}
+
+
 def idle_slots(conn: sqlite3.Connection, host: str | None = None) -> set[tuple[str, str]]:
     """The (host, slot) pairs (of ``host``, or of every host) with no seat taken: a GPU with nothing on it."""
-    _free, busy = _free_seats(conn, None)
-    return {pair for pair, taken in busy.items() if not taken and (host is None or pair[0] == host)}
+    return {pair for pair, taken in _taken_per_slot(conn).items() if not taken and (host is None or pair[0] == host)}
 
 
 def staged_waiting(conn: sqlite3.Connection, host: str | None = None) -> int:
