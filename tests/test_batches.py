@@ -198,7 +198,8 @@ def test_pre_uploaded_cases_for_idle_and_busy_gpus_still_go_in_one_submit(memory
     claims = submitter.claim_cases(ctx, ctx.clock(), host, 4)
     assert idle == {(host.name, "gpu_a"), (host.name, "gpu_b")}
     assert [len(batch) for batch in submitter.idle_gpus_first(claims, idle)] == [2, 2]
-    staged = [replace(claim, case=replace(claim.case, staged_at=ctx.clock())) for claim in claims]
+    staged = [replace(claim, case=replace(claim.case, staged_at=ctx.clock(), remote_dir=f"/hpc/{claim.case.case_id}"))
+              for claim in claims]
     assert submitter.idle_gpus_first(claims[:2] + staged[2:], idle) == [claims[:2] + staged[2:]]  # nothing to wait for
     assert submitter.idle_gpus_first(claims, set()) == [claims]                                   # no GPU idle
     one_idle = {(host.name, "gpu_a")}                          # one queue ran dry among busy GPUs: one call

@@ -325,7 +325,7 @@ def process_claims(ctx: Context, host: Host, claims: Sequence[Claim]) -> None:
     """Bring the claimed cases to ``host`` and submit them: the folders not pre-uploaded go up in
     one stream (``upload_cases``), then every case whose folder is there is submitted in one call
     (``submit_claims``). Each case's failure is its own."""
-    staged = {claim.case.case_id for claim in claims if claim.case.staged_at is not None and claim.case.remote_dir}
+    staged = {claim.case.case_id for claim in claims if pre_uploaded(claim.case)}
     missing = [claim.case for claim in claims if claim.case.case_id not in staged]
     uploads = upload_cases(ctx, host, missing) if missing else {}
     ready = []
@@ -338,6 +338,11 @@ def process_claims(ctx: Context, host: Host, claims: Sequence[Claim]) -> None:
             with per_item(ctx, case.case_id, "upload"):
                 upload_failed(ctx, case, done)
     submit_claims(ctx, host, ready)
+
+
+def pre_uploaded(case: Case) -> bool:
+    """The case's folder is already on its host: a claim submits it without an upload."""
+    return case.staged_at is not None and bool(case.remote_dir)
 
 
 def upload_failed(ctx: Context, case: Case, exc: RemoteFailure | LeaseLost) -> None:
@@ -454,7 +459,7 @@ def idle_gpus_first(claims: Sequence[Claim], idle: set[tuple[str, str]]) -> list
         pair = (claim.host, claim.group)
         fresh = pair in idle and all((c.host, c.group) != pair for c in first)
         (first if fresh else later).append(claim)
-    if len(first) < 2 or not later or all(claim.case.staged_at is not None for claim in later):
+    if len(first) < 2 or not later or all(pre_uploaded(claim.case) for claim in later):
         return [list(claims)]
     return [first, later]
 
