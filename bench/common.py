@@ -301,6 +301,11 @@ class Workspace:
     def sshd_log(self) -> Path:
         return self.root / "hpc" / "sshd" / "sshd.log"
 
+    @property
+    def sshd_pid(self) -> int:
+        """The sandbox sshd's listener: every remote command's session descends from it."""
+        return int((self.root / "hpc" / "sshd" / "sshd.pid").read_text().split()[0])
+
     def ssh_argv(self, *, fresh: bool = True) -> list[str]:
         """ssh argv ending in user@host: a fresh connection (no ControlMaster) by default."""
         argv = self.sandbox.endpoint.ssh_base_argv()
@@ -526,7 +531,7 @@ class CpuMeter:
 
     def read(self) -> dict[str, float]:
         ws, table = self.ws, _process_table()
-        sshd = int((ws.root / "hpc" / "sshd" / "sshd.pid").read_text().split()[0])
+        sshd = ws.sshd_pid
         daemon = [int(ws.sandbox.ctl("pid").strip())] if not ws.uses_slurm else []
         workers = list(ws.supervisor.pids().values()) if ws.supervisor else []
         masters = [pid for pid, (_p, _u, command) in table.items()
@@ -550,7 +555,7 @@ def login_cpu_seconds(ws: "Workspace", samples: int = 5) -> float:
     from shared.remote import Remote
     remote = Remote(ws.config.hosts[0].hpc)
     remote.ensure_master()
-    sshd = int((ws.root / "hpc" / "sshd" / "sshd.pid").read_text().split()[0])
+    sshd = ws.sshd_pid
     before = _tree_seconds(_process_table(), [sshd])
     for _ in range(samples):
         remote.run(["true"])

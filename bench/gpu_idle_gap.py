@@ -281,7 +281,7 @@ def scheduler_floor(runs: list[Run], gaps: list[Gap]) -> float:
     least ``wall / ideal`` this scheduler allows here."""
     per_gpu: dict[str, float] = {}
     for run in runs:
-        start, end = (run.proc_start, run.proc_end) if run.proc_start and run.proc_end else (run.start, run.end)
+        start, end = span(run)
         if start is not None and end is not None:
             per_gpu[run.gpu] = per_gpu.get(run.gpu, 0.0) + end - start
     for gap in gaps:
@@ -290,9 +290,14 @@ def scheduler_floor(runs: list[Run], gaps: list[Gap]) -> float:
     return max(per_gpu.values(), default=float("nan"))
 
 
+def span(run: Run) -> tuple[float | None, float | None]:
+    """A run's start and end: the timeline's when it has both, else the scheduler's."""
+    return (run.proc_start, run.proc_end) if run.proc_start and run.proc_end else (run.start, run.end)
+
+
 def busy_span(runs: list[Run], gpus: int) -> float:
     """GPUs busy (%) from the first task's start to the last task's end (the timeline's, else the scheduler's)."""
-    spans = [(r.proc_start, r.proc_end) if r.proc_start and r.proc_end else (r.start, r.end) for r in runs]
+    spans = [span(r) for r in runs]
     spans = [(a, b) for a, b in spans if a is not None and b is not None]
     if not spans:
         return float("nan")
