@@ -517,6 +517,7 @@ def test_ensure_groups_creates_missing_and_fixes_limits(version):
         cli("group_json", version)["stdout"],
         "Parallel tasks setting for group \"gpu_b\" adjusted\n",
         cli("group_add_new", version)["stdout"],
+        LISTED_C,
     )
     created = pueue.ensure_groups(runner, PUEUE, {"gpu_a": 2, "gpu_b": 3, "gpu_c": 2})
     assert created == ["gpu_c"]
@@ -524,20 +525,33 @@ def test_ensure_groups_creates_missing_and_fixes_limits(version):
         ["/opt/bin/pueue", "group", "--json"],
         ["/opt/bin/pueue", "parallel", "3", "-g", "gpu_b"],
         ["/opt/bin/pueue", "group", "add", "gpu_c", "-p", "2"],
+        ["/opt/bin/pueue", "group", "--json"],                  # it returns once gpu_c is listed
     ]
 
 
+LISTED_C = '{"default":{"status":"Running","parallel_tasks":1},"gpu_c":{"status":"Running","parallel_tasks":2}}'
+
+
+def test_ensure_groups_returns_only_once_a_v3_group_is_listed(monkeypatch):
+    monkeypatch.setattr(pueue.time, "sleep", lambda seconds: None)
+    none = '{"default":{"status":"Running","parallel_tasks":1}}'
+    runner = FakeRunner(none, cli("group_add_new", "v3")["stdout"], none, none, LISTED_C)  # v3: made 0.2 s later
+    assert pueue.ensure_groups(runner, PUEUE, {"gpu_c": 2}) == ["gpu_c"]
+    assert runner.argvs[-3:] == [["/opt/bin/pueue", "group", "--json"]] * 3
+
+
 def test_ensure_groups_makes_every_missing_group_in_one_remote_call():
+    every = {f"gpu_{n}": {"status": "Running", "parallel_tasks": 1} for n in range(48)}
     runner = FakeRunner('{"default":{"status":"Running","parallel_tasks":1}}',
-                        *[cli("group_add_new", "v4")["stdout"]] * 48)
+                        *[cli("group_add_new", "v4")["stdout"]] * 48, json.dumps(every))
     sent = []
     run = runner.run
     runner.run = lambda argv, *, timeout=None: sent.append(argv) or run(argv, timeout=timeout)
     created = pueue.ensure_groups(runner, PUEUE, {f"gpu_{n}": 1 for n in range(48)})
     assert created == [f"gpu_{n}" for n in range(48)]
     remote_calls = [argv for argv in sent if argv[:2] == ["sh", "-c"] or argv[1:] == ["group", "--json"]]
-    assert len(remote_calls) == 2 and batch_fakes.is_batch(remote_calls[1])  # group --json, then the 48 adds
-    assert runner.argvs[1:] == [["/opt/bin/pueue", "group", "add", f"gpu_{n}", "-p", "1"] for n in range(48)]
+    assert len(remote_calls) == 3 and batch_fakes.is_batch(remote_calls[1])  # group --json, the 48 adds, listed?
+    assert runner.argvs[1:-1] == [["/opt/bin/pueue", "group", "add", f"gpu_{n}", "-p", "1"] for n in range(48)]
 
 
 def test_ensure_groups_asks_again_when_the_answer_was_cut_short():

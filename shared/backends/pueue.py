@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -213,8 +214,8 @@ def ensure_groups(
     Reads ``group --json`` once, then in ONE remote call (``run_each``) runs ``group add NAME -p N``
     for each missing group and ``parallel N -g NAME`` where the limit differs (48 groups on a slow
     login cost 48 logins one by one). A concurrent creation ("already exists") is not an error; the
-    limit is then set explicitly. Note: v3 creates groups asynchronously, so a task added right
-    after may race.
+    limit is then set explicitly. Returns once the groups it made are listed (v3 makes them
+    asynchronously: ``_wait_listed``).
     """
     existing = parse_groups(_run(runner, [*pueue_cmd, "group", "--json"], timeout))
     changes = {name: parallel for name, parallel in wanted.items()
@@ -229,7 +230,21 @@ def ensure_groups(
             set_parallel(runner, pueue_cmd, name, parallel, timeout=timeout)  # someone else made it meanwhile
         else:
             raise classify_error(item_error(command, answer))
+    if created:
+        _wait_listed(runner, pueue_cmd, created, timeout)
     return created
+
+
+def _wait_listed(runner: Runner, pueue_cmd: Sequence[str], names: Sequence[str], timeout: float | None,
+                 reads: int = 10) -> None:
+    """Return once ``group --json`` lists every group of ``names``: pueue v3 makes a group about
+    0.2 s after answering ``group add``, and an add to it before then fails. At most ``reads``
+    reads, 0.2 s apart; a group still missing then shows as SlotLost at its first add."""
+    for read in range(reads):
+        if set(names) <= set(parse_groups(_run(runner, [*pueue_cmd, "group", "--json"], timeout))):
+            return
+        if read + 1 < reads:
+            time.sleep(0.2)
 
 
 def set_parallel(
